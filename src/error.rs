@@ -1,0 +1,60 @@
+//! The crate's error types. Each module boundary has its own enum; [`Error`] gathers them for the
+//! public API.
+
+use crate::types::LogIndex;
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A field holds a value that is out of range or inconsistent with another.
+    #[error("invalid {field} = {value}: {reason}")]
+    Invalid {
+        /// The field's name as the builder and TOML file spell it.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// What it should be.
+        reason: &'static str,
+    },
+}
+
+/// A log store failed. The node must not go on running on a store in an unknown state.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The underlying storage failed.
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored record does not decode or breaks the log's invariants.
+    #[error("corrupt record at {location}: {detail}")]
+    Corrupt {
+        /// Which record (e.g. "log index 17" or "hard state").
+        location: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A write would leave a gap or rewrite history below the given index.
+    #[error("non-contiguous log write: expected index {expected}, got {got}")]
+    NonContiguous {
+        /// The index the store expected next.
+        expected: LogIndex,
+        /// The index it was given.
+        got: LogIndex,
+    },
+    /// A backend-specific failure.
+    #[error("storage backend: {0}")]
+    Backend(String),
+}
+
+/// Errors of the public API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// See [`ConfigError`].
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// See [`StorageError`].
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Shorthand for results of the public API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,10 @@
+//! GPU batch work (vote aggregation, signature verification) on wgpu, each with a CPU twin that
+//! gives identical answers.
+
+pub mod context;
+pub mod sigverify;
+pub mod votes;
+
+// ---- re-exports of context.rs and votes.rs ----
+
+// ---- re-exports of sigverify.rs ----

@@ -1,0 +1,18 @@
+//! # stratoswarm-consensus
+//!
+//! Replicated state consensus: Raft, PBFT and a GPU-optimized Raft over one log store and one
+//! transport, with batch vote aggregation and signature checks running as WGSL compute shaders on
+//! any GPU wgpu reaches, and an exact CPU path everywhere else.
+//!
+//! The protocol cores in [`protocol`] are sans-IO state machines; the engine drives them with real
+//! clocks, sockets and disks, and the test simulator drives the very same cores deterministically.
+
+pub mod error;
+pub mod gpu;
+pub mod protocol;
+pub mod storage;
+pub mod transport;
+pub mod types;
+
+pub use error::{ConfigError, Error, Result, StorageError};
+pub use types::{ConsensusResult, Entry, LogIndex, NodeId, Payload, Proposal, ProposalTag, Term};

@@ -1,0 +1,137 @@
+//! Settings of one Raft node, in ticks and counts (the engine converts durations to ticks).
+
+use std::collections::BTreeMap;
+
+use crate::error::ConfigError;
+use crate::types::NodeId;
+
+/// Deliberate protocol bugs, for proving that the simulator's checkers catch them. Every switch is
+/// off by default; no production configuration turns one on.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjectedBugs {
+    /// Grant a vote to every candidate of the current term, even after voting for another.
+    pub vote_twice_in_a_term: bool,
+    /// Commit by counting replicas even when the entry is from an earlier term (the Raft paper's
+    /// Figure 8 bug).
+    pub commit_previous_term_by_counting: bool,
+}
+
+/// Settings of one Raft node.
+#[derive(Clone, Debug)]
+pub struct RaftConfig {
+    /// This node.
+    pub id: NodeId,
+    /// Every voting member, this node included.
+    pub voters: Vec<NodeId>,
+    /// A follower that hears nothing from a leader for a random number of ticks in
+    /// `[election_timeout_ticks, 2 * election_timeout_ticks)` starts an election.
+    pub election_timeout_ticks: u32,
+    /// A leader sends heartbeats every this many ticks. Must be below `election_timeout_ticks`.
+    pub heartbeat_interval_ticks: u32,
+    /// Run a pre-vote round before a real election (Raft thesis §9.6).
+    pub pre_vote: bool,
+    /// A leader steps down when it has not heard from a quorum for an election timeout, and
+    /// followers that heard from a leader within an election timeout refuse to vote for others.
+    pub check_quorum: bool,
+    /// When set, a leader hands leadership to a caught-up voter whose priority is higher than its
+    /// own, so the highest-priority reachable node ends up leading.
+    pub priority_based: bool,
+    /// Election priority per node; absent nodes have priority 0.
+    pub priorities: BTreeMap<NodeId, u32>,
+    /// Append messages in flight (sent, not yet acknowledged) per follower.
+    pub max_inflight_appends: usize,
+    /// Upper bound on entries per append message.
+    pub max_entries_per_append: usize,
+    /// Upper bound on payload bytes per append message (one larger entry is still sent alone).
+    pub max_bytes_per_append: usize,
+    /// Buffer proposals on the leader and append them together; when off, every proposal is
+    /// appended as soon as it arrives.
+    pub enable_batching: bool,
+    /// Append the buffer once it holds this many proposals.
+    pub batch_size: usize,
+    /// Append the buffer once its oldest proposal has waited this many ticks.
+    pub batch_timeout_ticks: u32,
+    /// Append the buffer once it holds this many bytes; also the largest proposal accepted.
+    pub max_batch_bytes: usize,
+    /// Bound on proposals buffered and not yet appended; more are refused as overloaded.
+    pub max_pending_proposals: usize,
+    /// A follower passes proposals on to the leader it knows instead of refusing them.
+    pub forward_proposals: bool,
+    /// Seeds the election-timeout randomness. Give each node its own.
+    pub seed: u64,
+    #[doc(hidden)]
+    pub injected_bugs: InjectedBugs,
+}
+
+impl RaftConfig {
+    /// Settings with the usual values: election timeout 10 ticks, heartbeat every 2, pre-vote and
+    /// check-quorum on, 64 appends in flight, batches of up to 1,024 proposals or 1 MiB.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
+        RaftConfig {
+            id,
+            voters,
+            election_timeout_ticks: 10,
+            heartbeat_interval_ticks: 2,
+            pre_vote: true,
+            check_quorum: true,
+            priority_based: false,
+            priorities: BTreeMap::new(),
+            max_inflight_appends: 64,
+            max_entries_per_append: 4096,
+            max_bytes_per_append: 1 << 20,
+            enable_batching: true,
+            batch_size: 1024,
+            batch_timeout_ticks: 1,
+            max_batch_bytes: 1 << 20,
+            max_pending_proposals: 65_536,
+            forward_proposals: true,
+            seed: 0,
+            injected_bugs: InjectedBugs::default(),
+        }
+    }
+
+    /// The priority of `node` (0 when not configured).
+    pub fn priority_of(&self, node: NodeId) -> u32 {
+        self.priorities.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, value: String, reason: &'static str| {
+            Err(ConfigError::Invalid { field, value, reason })
+        };
+        if !self.voters.contains(&self.id) {
+            return invalid("voters", format!("{:?}", self.voters), "must include this node's id");
+        }
+        let mut sorted = self.voters.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != self.voters.len() {
+            return invalid("voters", format!("{:?}", self.voters), "must not repeat a node");
+        }
+        if self.heartbeat_interval_ticks == 0 {
+            return invalid("heartbeat_interval_ticks", "0".into(), "must be at least 1");
+        }
+        if self.election_timeout_ticks <= self.heartbeat_interval_ticks {
+            return invalid(
+                "election_timeout_ticks",
+                self.election_timeout_ticks.to_string(),
+                "must exceed the heartbeat interval",
+            );
+        }
+        for (field, value) in [
+            ("max_inflight_appends", self.max_inflight_appends),
+            ("max_entries_per_append", self.max_entries_per_append),
+            ("max_bytes_per_append", self.max_bytes_per_append),
+            ("batch_size", self.batch_size),
+            ("max_batch_bytes", self.max_batch_bytes),
+            ("max_pending_proposals", self.max_pending_proposals),
+        ] {
+            if value == 0 {
+                return invalid(field, "0".into(), "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}

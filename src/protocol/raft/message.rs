@@ -1,0 +1,149 @@
+//! Messages Raft nodes exchange. Every message carries the sender's term so that a stale node learns
+//! of a newer term from whatever it receives first.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Entry, LogIndex, NodeId, Term};
+
+/// A message with its addressing, as the core emits it and the transport delivers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Sender.
+    pub from: NodeId,
+    /// Recipient.
+    pub to: NodeId,
+    /// What is said.
+    pub message: Message,
+}
+
+/// Hint a follower returns with a rejected append, so the leader can skip a whole conflicting term
+/// in one round trip instead of probing one index at a time (Raft §5.3, "fast back-off").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictHint {
+    /// The term of the follower's entry at the rejected `prev_log_index`, if it had one.
+    pub conflict_term: Option<Term>,
+    /// The first index the leader should try next: the start of `conflict_term` in the follower's
+    /// log, or one past the follower's last entry when the follower's log was too short.
+    pub first_index: LogIndex,
+}
+
+/// The Raft protocol messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// "Would you vote for me at `term`?" Sent before a real election, without bumping the
+    /// sender's term, so that a node cut off from the cluster cannot disrupt it on rejoining.
+    PreVote {
+        /// The term the candidate would campaign in (its current term + 1).
+        term: Term,
+        /// Index of the candidate's last log entry.
+        last_log_index: LogIndex,
+        /// Term of the candidate's last log entry.
+        last_log_term: Term,
+    },
+    /// Answer to [`Message::PreVote`].
+    PreVoteResponse {
+        /// The term of the pre-vote being answered (when granted) or the responder's term.
+        term: Term,
+        /// Whether the responder would vote for the candidate.
+        granted: bool,
+    },
+    /// A real vote request (Raft §5.2).
+    RequestVote {
+        /// The candidate's term.
+        term: Term,
+        /// Index of the candidate's last log entry.
+        last_log_index: LogIndex,
+        /// Term of the candidate's last log entry.
+        last_log_term: Term,
+        /// Set when the election was asked for by the current leader ([`Message::TimeoutNow`]): voters
+        /// then grant even though they heard from a live leader recently.
+        leadership_transfer: bool,
+    },
+    /// Answer to [`Message::RequestVote`].
+    RequestVoteResponse {
+        /// The responder's term.
+        term: Term,
+        /// Whether the vote was granted.
+        granted: bool,
+    },
+    /// Log replication (Raft §5.3). Carries no entries only when probing.
+    AppendEntries {
+        /// The leader's term.
+        term: Term,
+        /// Index of the entry just before `entries`.
+        prev_log_index: LogIndex,
+        /// Term of the entry at `prev_log_index`.
+        prev_log_term: Term,
+        /// Entries to store, in index order starting at `prev_log_index + 1`.
+        entries: Vec<Entry>,
+        /// The leader's commit index.
+        leader_commit: LogIndex,
+    },
+    /// Answer to [`Message::AppendEntries`].
+    AppendEntriesResponse {
+        /// The responder's term.
+        term: Term,
+        /// On success, the index up to which the follower's log now matches the leader's.
+        /// On rejection, the `prev_log_index` that did not match.
+        index: LogIndex,
+        /// `None` on success, the back-off hint on rejection.
+        reject: Option<ConflictHint>,
+    },
+    /// Leader liveness and commit propagation, sent every heartbeat interval.
+    Heartbeat {
+        /// The leader's term.
+        term: Term,
+        /// The leader's commit index, capped at what the follower is known to hold.
+        commit: LogIndex,
+    },
+    /// Answer to [`Message::Heartbeat`]; lets the leader count the follower as live (check-quorum)
+    /// and resume replication to a follower it was probing.
+    HeartbeatResponse {
+        /// The responder's term.
+        term: Term,
+    },
+    /// Sent by a leader handing over leadership: the recipient starts an election at once.
+    TimeoutNow {
+        /// The leader's term.
+        term: Term,
+    },
+    /// Client proposals a follower received, passed on to the leader it knows.
+    ForwardProposals {
+        /// The follower's term, so a leader of a different term can drop stale forwards.
+        term: Term,
+        /// `(request_id, data)` pairs; the proposer is the envelope's sender.
+        proposals: Vec<(u64, Bytes)>,
+    },
+}
+
+impl Message {
+    /// The term the message carries.
+    pub fn term(&self) -> Term {
+        match self {
+            Message::PreVote { term, .. }
+            | Message::PreVoteResponse { term, .. }
+            | Message::RequestVote { term, .. }
+            | Message::RequestVoteResponse { term, .. }
+            | Message::AppendEntries { term, .. }
+            | Message::AppendEntriesResponse { term, .. }
+            | Message::Heartbeat { term, .. }
+            | Message::HeartbeatResponse { term }
+            | Message::TimeoutNow { term }
+            | Message::ForwardProposals { term, .. } => *term,
+        }
+    }
+
+    /// Payload bytes, for size limits and accounting.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Message::AppendEntries { entries, .. } => {
+                entries.iter().map(|e| e.payload.size_bytes() + 16).sum::<usize>() + 32
+            }
+            Message::ForwardProposals { proposals, .. } => {
+                proposals.iter().map(|(_, d)| d.len() + 8).sum::<usize>() + 16
+            }
+            _ => 32,
+        }
+    }
+}

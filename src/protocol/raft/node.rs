@@ -1,0 +1,222 @@
+//! The [`RaftNode`] state and its input dispatch. Election handlers live in `election.rs`,
+//! replication and commit in `replication.rs`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::ConfigError;
+use crate::protocol::raft::config::RaftConfig;
+use crate::protocol::raft::log::RaftLog;
+use crate::protocol::raft::message::{Envelope, Message};
+use crate::protocol::raft::output::{Event, Output};
+use crate::protocol::raft::progress::Progress;
+use crate::protocol::raft::Input;
+use crate::storage::{HardState, RecoveredState};
+use crate::types::{LogIndex, NodeId, Term};
+
+/// The part a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Asking for pre-votes; has not bumped its term.
+    PreCandidate,
+    /// Campaigning in its current term.
+    Candidate,
+    /// Leads its current term.
+    Leader,
+}
+
+/// Proposals waiting on the leader to be appended together.
+#[derive(Debug, Default)]
+pub(crate) struct ProposalBatch {
+    pub(crate) proposals: Vec<(crate::types::ProposalTag, Bytes)>,
+    pub(crate) bytes: usize,
+    /// Ticks since the oldest buffered proposal arrived.
+    pub(crate) age_ticks: u32,
+}
+
+/// Leader-only state.
+#[derive(Debug)]
+pub(crate) struct LeaderState {
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    pub(crate) batch: ProposalBatch,
+    /// Target and elapsed ticks of a leadership transfer in progress.
+    pub(crate) transfer: Option<(NodeId, u32)>,
+    /// Ticks since the last check-quorum round.
+    pub(crate) check_quorum_elapsed: u32,
+}
+
+/// One Raft node's protocol state. See the [module documentation](crate::protocol::raft).
+#[derive(Debug)]
+pub struct RaftNode {
+    pub(crate) config: RaftConfig,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) role: Role,
+    pub(crate) term: Term,
+    pub(crate) voted_for: Option<NodeId>,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) log: RaftLog,
+    pub(crate) commit_index: LogIndex,
+    /// Ticks since the last election-timer reset.
+    pub(crate) election_elapsed: u32,
+    /// The randomized timeout for the current wait.
+    pub(crate) election_timeout: u32,
+    /// Ticks since the last heartbeat (leader).
+    pub(crate) heartbeat_elapsed: u32,
+    /// Votes (or pre-votes) received in the current campaign: voter → granted.
+    pub(crate) votes: BTreeMap<NodeId, bool>,
+    pub(crate) leader_state: Option<LeaderState>,
+}
+
+impl RaftNode {
+    /// A node starting from what its log store recovered.
+    pub fn new(config: RaftConfig, recovered: RecoveredState) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut node = RaftNode {
+            rng,
+            role: Role::Follower,
+            term: recovered.hard_state.term,
+            voted_for: recovered.hard_state.voted_for,
+            leader: None,
+            log: RaftLog::from_entries(recovered.entries),
+            commit_index: 0,
+            election_elapsed: 0,
+            election_timeout: config.election_timeout_ticks,
+            heartbeat_elapsed: 0,
+            votes: BTreeMap::new(),
+            leader_state: None,
+            config,
+        };
+        node.reset_election_timer();
+        Ok(node)
+    }
+
+    /// Feeds one input; what the driver must do is appended to `out`.
+    pub fn step(&mut self, input: Input, out: &mut Output) {
+        #[cfg(debug_assertions)]
+        let before = (self.term, self.commit_index);
+        match input {
+            Input::Tick => self.tick(out),
+            Input::Message(envelope) => self.receive(envelope, out),
+            Input::Propose { request_id, data } => self.propose(request_id, data, out),
+            Input::TransferLeadership { to } => self.transfer_leadership(to, out),
+            Input::FlushProposals => self.flush_proposals(out),
+        }
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(self.term >= before.0, "term went backwards");
+            debug_assert!(self.commit_index >= before.1, "commit index went backwards");
+            debug_assert!(self.commit_index <= self.log.last_index(), "commit past the log");
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The settings the node runs with.
+    pub fn config(&self) -> &RaftConfig {
+        &self.config
+    }
+
+    /// The node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The node's current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Who this node voted for in its current term.
+    pub fn voted_for(&self) -> Option<NodeId> {
+        self.voted_for
+    }
+
+    /// The leader of the current term, as far as this node knows.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// True if this node leads its current term.
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+
+    /// Highest index known to be committed.
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit_index
+    }
+
+    /// The log (including entries not yet made durable by the driver).
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+
+    /// Replication progress of `peer`, when this node is leader.
+    pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
+        self.leader_state.as_ref()?.progress.get(&peer)
+    }
+
+    /// The peer a leadership transfer is handing over to, if one is in progress.
+    pub fn transfer_target(&self) -> Option<NodeId> {
+        self.leader_state.as_ref()?.transfer.map(|(to, _)| to)
+    }
+
+    /// The current hard state.
+    pub fn hard_state(&self) -> HardState {
+        HardState { term: self.term, voted_for: self.voted_for }
+    }
+
+    pub(crate) fn quorum(&self) -> usize {
+        self.config.voters.len() / 2 + 1
+    }
+
+    pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let me = self.config.id;
+        self.config.voters.iter().copied().filter(move |&id| id != me)
+    }
+
+    pub(crate) fn send(&self, to: NodeId, message: Message, out: &mut Output) {
+        out.messages.push(Envelope { from: self.config.id, to, message });
+    }
+
+    pub(crate) fn save_hard_state(&self, out: &mut Output) {
+        out.hard_state = Some(self.hard_state());
+    }
+
+    pub(crate) fn reset_election_timer(&mut self) {
+        self.election_elapsed = 0;
+        let base = self.config.election_timeout_ticks;
+        self.election_timeout = base + self.rng.random_range(0..base);
+    }
+
+    pub(crate) fn set_leader(&mut self, leader: Option<NodeId>, out: &mut Output) {
+        if self.leader != leader {
+            self.leader = leader;
+            out.events.push(Event::LeaderChanged { term: self.term, leader });
+        }
+    }
+
+    fn tick(&mut self, out: &mut Output) {
+        if self.role == Role::Leader {
+            self.tick_leader(out);
+        } else {
+            self.election_elapsed += 1;
+            if self.election_elapsed >= self.election_timeout && self.is_voter() {
+                self.start_campaign(false, out);
+            }
+        }
+    }
+
+    pub(crate) fn is_voter(&self) -> bool {
+        self.config.voters.contains(&self.config.id)
+    }
+}

@@ -1,0 +1,156 @@
+//! What a leader knows about one follower's log, and how much it may send it.
+
+use std::collections::VecDeque;
+
+use crate::types::LogIndex;
+
+/// How the leader is replicating to a follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressState {
+    /// The follower's match point is unknown: one append at a time until one succeeds.
+    Probe,
+    /// The follower is in step: appends are pipelined, up to the in-flight bound.
+    Replicate,
+}
+
+/// Replication progress of one follower (the shape of raft-rs's `Progress`).
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Highest index known to match the leader's log.
+    pub match_index: LogIndex,
+    /// Next index to send.
+    pub next_index: LogIndex,
+    /// Probe or pipelined replication.
+    pub state: ProgressState,
+    /// In probe state: an append is outstanding, wait for its answer or the next heartbeat.
+    pub probe_sent: bool,
+    /// Heard from the follower since the last check-quorum round.
+    pub recently_active: bool,
+    /// Last index of each append in flight, oldest first.
+    inflight: VecDeque<LogIndex>,
+    max_inflight: usize,
+}
+
+impl Progress {
+    /// Progress of a follower about which nothing is known, when the leader's last index is
+    /// `last_index`.
+    pub fn new(last_index: LogIndex, max_inflight: usize) -> Self {
+        Progress {
+            match_index: 0,
+            next_index: last_index + 1,
+            state: ProgressState::Probe,
+            probe_sent: false,
+            recently_active: false,
+            inflight: VecDeque::with_capacity(max_inflight),
+            max_inflight,
+        }
+    }
+
+    /// Whether another append may be sent now.
+    pub fn can_send(&self) -> bool {
+        match self.state {
+            ProgressState::Probe => !self.probe_sent,
+            ProgressState::Replicate => self.inflight.len() < self.max_inflight,
+        }
+    }
+
+    /// Appends in flight.
+    pub fn inflight_count(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Records an append carrying entries up to `last_sent_index` (equal to `next_index - 1` for an
+    /// empty probe).
+    pub fn on_append_sent(&mut self, last_sent_index: LogIndex) {
+        match self.state {
+            ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Replicate => {
+                self.next_index = last_sent_index + 1;
+                self.inflight.push_back(last_sent_index);
+            }
+        }
+    }
+
+    /// The follower acknowledged a match up to `index`. Returns true if that was news.
+    pub fn on_match(&mut self, index: LogIndex) -> bool {
+        while self.inflight.front().is_some_and(|&sent| sent <= index) {
+            self.inflight.pop_front();
+        }
+        let advanced = index > self.match_index;
+        if advanced {
+            self.match_index = index;
+        }
+        self.next_index = self.next_index.max(index + 1);
+        if self.state == ProgressState::Probe {
+            self.state = ProgressState::Replicate;
+            self.probe_sent = false;
+            self.inflight.clear();
+        }
+        advanced
+    }
+
+    /// The follower refused an append whose previous index was `rejected_prev_index`; the next try
+    /// starts at `retry_from`. Returns false for a stale refusal that must be ignored.
+    pub fn on_reject(&mut self, rejected_prev_index: LogIndex, retry_from: LogIndex) -> bool {
+        if rejected_prev_index <= self.match_index {
+            return false; // an old append answered late: the log matches there, we know better
+        }
+        if self.state == ProgressState::Probe && rejected_prev_index + 1 != self.next_index {
+            return false; // not the probe we are waiting for
+        }
+        self.next_index = retry_from.clamp(self.match_index + 1, rejected_prev_index.max(1));
+        self.become_probe();
+        true
+    }
+
+    /// Falls back to probing (after a rejection, or when the follower seems lost).
+    pub fn become_probe(&mut self) {
+        self.state = ProgressState::Probe;
+        self.probe_sent = false;
+        self.inflight.clear();
+        self.next_index = self.next_index.max(self.match_index + 1);
+    }
+
+    /// A heartbeat answer arrived: a probing leader may try again.
+    pub fn on_heartbeat_response(&mut self) {
+        self.probe_sent = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelining_is_bounded_and_acks_free_the_window() {
+        let mut p = Progress::new(10, 2);
+        assert!(p.can_send());
+        p.on_append_sent(10);
+        assert!(!p.can_send(), "probe allows one outstanding append");
+        assert!(p.on_match(10));
+        assert_eq!(p.state, ProgressState::Replicate);
+        p.on_append_sent(12);
+        p.on_append_sent(14);
+        assert!(!p.can_send());
+        assert_eq!(p.next_index, 15);
+        p.on_match(12);
+        assert!(p.can_send());
+        assert_eq!(p.inflight_count(), 1);
+    }
+
+    #[test]
+    fn rejection_backs_off_and_stale_rejections_are_ignored() {
+        let mut p = Progress::new(20, 4);
+        p.on_match(5);
+        p.on_append_sent(10);
+        p.on_append_sent(20);
+        assert!(p.on_reject(10, 7));
+        assert_eq!(p.next_index, 7);
+        assert_eq!(p.state, ProgressState::Probe);
+        assert!(!p.on_reject(3, 2), "below the match index");
+        assert!(!p.on_reject(10, 8), "answers a probe we are not waiting for");
+        assert_eq!(p.next_index, 7);
+        assert!(p.on_reject(6, 1));
+        assert_eq!(p.next_index, 6, "never below match + 1");
+    }
+}

@@ -1,0 +1,14 @@
+//! How messages leave a node. The engine hands every outgoing message to a [`Transport`]; inbound
+//! messages arrive on a channel the transport was built with.
+
+use crate::types::NodeId;
+
+/// Sends messages to peers, fire and forget: delivery may fail, be delayed, reordered or
+/// duplicated, and the protocols tolerate all of that. Implementations batch per peer and bound
+/// their queues, dropping (and counting) what does not fit rather than blocking the node.
+pub trait Transport<M>: Send + Sync {
+    /// Queues `message` for `to`.
+    fn send(&self, to: NodeId, message: M);
+}
+
+pub mod simulated;

@@ -1,0 +1,149 @@
+//! The vocabulary shared by every layer: node ids, terms, log positions, entries, proposals and their
+//! results.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A Raft term (or PBFT view). Starts at 0 and never decreases on a node.
+pub type Term = u64;
+
+/// A position in the replicated log. Index 0 is the empty prefix; the first entry has index 1.
+pub type LogIndex = u64;
+
+/// Identifies one member of a cluster. Stable across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+impl From<u64> for NodeId {
+    fn from(id: u64) -> Self {
+        NodeId(id)
+    }
+}
+
+/// Who proposed an entry: the node that accepted the client's request and a request number unique on
+/// that node. The proposer answers its client when it applies the entry carrying this tag, so a
+/// proposal forwarded from a follower to the leader needs no reply message of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProposalTag {
+    /// The node whose client is waiting for this entry.
+    pub proposer: NodeId,
+    /// Unique per proposer for the proposer's lifetime (the engine keeps it monotonic).
+    pub request_id: u64,
+}
+
+/// What a log entry carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Appended by every new leader so that it can commit entries of earlier terms (Raft §5.4.2).
+    Blank,
+    /// A client command, opaque to consensus.
+    Command {
+        /// Who is waiting for this entry to be applied.
+        tag: ProposalTag,
+        /// The command bytes given to [`StateMachine::apply`](crate::StateMachine::apply).
+        data: Bytes,
+    },
+}
+
+impl Payload {
+    /// Bytes this payload contributes to batch and message size limits.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Payload::Blank => 0,
+            Payload::Command { data, .. } => data.len() + 16,
+        }
+    }
+}
+
+/// One replicated log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The term of the leader that created the entry.
+    pub term: Term,
+    /// The entry's position in the log.
+    pub index: LogIndex,
+    /// What the entry carries.
+    pub payload: Payload,
+}
+
+/// A value to replicate, as in the seed's `Proposal::new("key", "value")`.
+///
+/// Consensus treats the payload as opaque bytes; [`Proposal::new`] encodes a key and value so that
+/// the simple key-value use of the seed works without a state machine of one's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proposal {
+    /// The bytes to replicate.
+    pub data: Bytes,
+}
+
+impl Proposal {
+    /// A key/value proposal. The encoding is `u32 key length (big-endian) ‖ key ‖ value`, so that
+    /// any key and value round-trip through [`Proposal::key_value`].
+    pub fn new(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        let mut data = Vec::with_capacity(4 + key.len() + value.len());
+        let key_len = u32::try_from(key.len()).expect("keys over 4 GiB are not representable");
+        data.extend_from_slice(&key_len.to_be_bytes());
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        Proposal { data: data.into() }
+    }
+
+    /// A proposal of raw bytes, for state machines with their own command encoding.
+    pub fn from_bytes(data: impl Into<Bytes>) -> Self {
+        Proposal { data: data.into() }
+    }
+
+    /// The key and value of a proposal made with [`Proposal::new`], or `None` if the bytes are not
+    /// in that encoding.
+    pub fn key_value(&self) -> Option<(&[u8], &[u8])> {
+        let len_bytes: [u8; 4] = self.data.get(..4)?.try_into().ok()?;
+        let key_len = usize::try_from(u32::from_be_bytes(len_bytes)).ok()?;
+        let rest = &self.data[4..];
+        (key_len <= rest.len()).then(|| rest.split_at(key_len))
+    }
+}
+
+/// The outcome of a proposal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsensusResult {
+    /// The proposal is durably replicated on a quorum at this log position.
+    Committed {
+        /// Where the proposal sits in the log.
+        index: LogIndex,
+        /// The term of the leader that appended it.
+        term: Term,
+    },
+    /// The proposal was never appended to the log and never will be.
+    Rejected {
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_round_trips_including_empty_and_binary() {
+        for (k, v) in [(&b""[..], &b""[..]), (b"key", b"value"), (b"\x00\xff", b"\x00")] {
+            let p = Proposal::new(k, v);
+            assert_eq!(p.key_value(), Some((k, v)));
+        }
+    }
+
+    #[test]
+    fn key_value_refuses_bytes_not_in_its_encoding() {
+        assert_eq!(Proposal::from_bytes(&b"\x00\x00"[..]).key_value(), None);
+        assert_eq!(Proposal::from_bytes(&b"\x00\x00\x00\x09abc"[..]).key_value(), None);
+    }
+}

@@ -48,7 +48,7 @@ impl Cluster {
             self.committed
                 .entry(id)
                 .or_default()
-                .extend(out.committed.drain(..));
+                .append(&mut out.committed);
             self.rejected.append(&mut out.rejected);
             for envelope in out.messages.drain(..) {
                 if !self.cut.contains(&(envelope.from, envelope.to)) {

@@ -16,6 +16,20 @@ pub enum ConfigError {
         /// What it should be.
         reason: &'static str,
     },
+    /// A configuration file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A configuration file is not valid TOML for our keys.
+    #[error("invalid config file: {reason}")]
+    Toml {
+        /// The parser's explanation, naming the key.
+        reason: String,
+    },
 }
 
 /// A log store failed. The node must not go on running on a store in an unknown state.
@@ -54,6 +68,32 @@ pub enum Error {
     /// See [`StorageError`].
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A feature or algorithm this version does not provide.
+    #[error("{what} is not supported: {reason}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be had.
+        reason: &'static str,
+    },
+    /// The call does not fit the engine's state (e.g. propose before start).
+    #[error("invalid state: {0}")]
+    InvalidState(&'static str),
+    /// The proposal was refused and never appended.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The deadline passed before the outcome was known: the proposal may or may not commit.
+    #[error("timed out; the outcome is unknown")]
+    Timeout,
+    /// The engine stopped before answering.
+    #[error("engine stopped: {0}")]
+    Stopped(String),
+    /// Encoding a command, decoding it, or the response type, went wrong.
+    #[error("state machine: {0}")]
+    StateMachine(String),
+    /// An operating-system call failed.
+    #[error("I/O: {0}")]
+    Io(String),
 }
 
 /// Shorthand for results of the public API.

@@ -7,12 +7,20 @@
 //! The protocol cores in [`protocol`] are sans-IO state machines; the engine drives them with real
 //! clocks, sockets and disks, and the test simulator drives the very same cores deterministically.
 
+pub mod config;
+pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod metrics;
 pub mod protocol;
+pub mod state_machine;
 pub mod storage;
 pub mod transport;
 pub mod types;
 
+pub use config::{Algorithm, ConsensusConfig, ElectionConfig};
+pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};
+pub use metrics::MetricsSnapshot;
+pub use state_machine::StateMachine;
 pub use types::{ConsensusResult, Entry, LogIndex, NodeId, Payload, Proposal, ProposalTag, Term};

@@ -22,6 +22,23 @@ impl fmt::Display for NodeId {
     }
 }
 
+impl NodeId {
+    /// The id of a node named in configuration. A name that is a decimal number is that number
+    /// (so `"3"` and `NodeId(3)` agree); any other name maps to its 64-bit FNV-1a hash, which is
+    /// stable across runs, platforms and versions.
+    pub fn from_name(name: &str) -> NodeId {
+        if let Ok(number) = name.parse::<u64>() {
+            return NodeId(number);
+        }
+        const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+        let hash = name.bytes().fold(FNV_OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+        });
+        NodeId(hash)
+    }
+}
+
 impl From<u64> for NodeId {
     fn from(id: u64) -> Self {
         NodeId(id)
@@ -143,6 +160,15 @@ mod tests {
             let p = Proposal::new(k, v);
             assert_eq!(p.key_value(), Some((k, v)));
         }
+    }
+
+    #[test]
+    fn node_names_map_to_stable_ids() {
+        assert_eq!(NodeId::from_name("7"), NodeId(7));
+        assert_eq!(NodeId::from_name("node-001"), NodeId::from_name("node-001"));
+        assert_ne!(NodeId::from_name("node-001"), NodeId::from_name("node-002"));
+        // FNV-1a of "a" (a published test vector), so ids never change between versions.
+        assert_eq!(NodeId::from_name("a"), NodeId(0xaf63_dc4c_8601_ec8c));
     }
 
     #[test]

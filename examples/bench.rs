@@ -1,0 +1,240 @@
+//! In-process cluster benchmark, shaped like openraft's own minimal benchmark so that the two can
+//! be compared on one machine: MEMBERS engines running the real protocol core and driver loop,
+//! the memory log store, an in-process network (function calls and channels, no sockets), and a
+//! state machine that only counts what it applies.
+//!
+//! ```text
+//! cargo run --release --example bench -- [-c CLIENTS] [-n OPERATIONS] [-m MEMBERS] [-b BATCH]
+//!     [--server-workers N] [--client-workers N]
+//! ```
+//! CLIENTS tasks submit OPERATIONS empty proposals in total, BATCH per call, each waiting for its
+//! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
+//! run every member must have applied every operation; otherwise the program fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use consensus::{ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal};
+
+/// Counts applied commands; the command is `()`, which encodes to zero bytes.
+struct CountingStateMachine(Arc<AtomicU64>);
+
+impl consensus::StateMachine for CountingStateMachine {
+    type Command = ();
+    type Response = ();
+    fn apply(&mut self, _: ()) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Options {
+    clients: u64,
+    operations: u64,
+    members: u64,
+    batch: u64,
+    server_workers: usize,
+    client_workers: usize,
+}
+
+fn parse_count(text: &str) -> Result<u64, String> {
+    let lower = text.to_ascii_lowercase();
+    let (digits, scale) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1_000),
+        None => match lower.strip_suffix('m') {
+            Some(d) => (d, 1_000_000),
+            None => (lower.as_str(), 1),
+        },
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("not a count: {text:?} (examples: 64, 100k, 2m)"))
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        clients: 1,
+        operations: 100_000,
+        members: 3,
+        batch: 1,
+        server_workers: 2,
+        client_workers: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "-c" | "--clients" => options.clients = parse_count(&value()?)?,
+            "-n" | "--operations" => options.operations = parse_count(&value()?)?,
+            "-m" | "--members" => options.members = parse_count(&value()?)?,
+            "-b" | "--batch" => options.batch = parse_count(&value()?)?,
+            "--server-workers" => options.server_workers = parse_count(&value()?)? as usize,
+            "--client-workers" => options.client_workers = parse_count(&value()?)? as usize,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if ![1, 3, 5].contains(&options.members) {
+        return Err(format!("members must be 1, 3 or 5, not {}", options.members));
+    }
+    if options.clients == 0 || options.batch == 0 || options.operations == 0 {
+        return Err("clients, operations and batch must be at least 1".into());
+    }
+    if options.client_workers == 0 || options.server_workers == 0 {
+        return Err("worker counts must be at least 1".into());
+    }
+    Ok(options)
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn main() {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("bench: {message}");
+            std::process::exit(2);
+        }
+    };
+    // Each member's protocol driver is its own OS thread; `--server-workers` sizes the runtime
+    // that hosts the engines' async side (start, stop), so both flags of openraft's bench exist.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.server_workers)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_workers)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+
+    let names: Vec<String> = (1..=options.members).map(|i| format!("member-{i}")).collect();
+    let network = LocalNetwork::new();
+    let counters: Vec<Arc<AtomicU64>> =
+        names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let engines: Vec<Arc<ConsensusEngine>> = server.block_on(async {
+        let mut engines = Vec::new();
+        for (name, counter) in names.iter().zip(&counters) {
+            let peers: Vec<&String> = names.iter().filter(|n| *n != name).collect();
+            let config = ConsensusConfig::default()
+                .node_id(name.as_str())
+                .peers(peers.iter().map(|s| s.as_str()))
+                .request_timeout(Duration::from_secs(30))
+                .batch_size(4096);
+            let mut engine =
+                ConsensusEngine::new(config).expect("config").with_local_network(&network);
+            engine.set_state_machine(CountingStateMachine(counter.clone())).expect("before start");
+            engine.start().await.expect("start");
+            engines.push(Arc::new(engine));
+        }
+        engines
+    });
+    let leader = client.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(leader) = engines.iter().find(|e| e.is_leader()) {
+                return leader.clone();
+            }
+            assert!(Instant::now() < deadline, "no leader elected within 10 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+
+    let per_client = options.operations / options.clients;
+    let remainder = options.operations % options.clients;
+    let started = Instant::now();
+    let timings: Vec<(Vec<Duration>, Vec<Duration>)> = client.block_on(async {
+        let mut tasks = Vec::new();
+        for client_index in 0..options.clients {
+            let leader = leader.clone();
+            let operations = per_client + u64::from(client_index < remainder);
+            let batch = options.batch;
+            tasks.push(tokio::spawn(async move {
+                let mut to_commit = Vec::with_capacity(operations as usize);
+                let mut to_apply = Vec::with_capacity(operations as usize);
+                let mut done = 0;
+                while done < operations {
+                    let size = batch.min(operations - done);
+                    let calls = (0..size).map(|_| leader.propose_timed(Proposal::from_bytes(&[][..])));
+                    for outcome in futures::future::join_all(calls).await {
+                        match outcome {
+                            Ok((ConsensusResult::Committed { .. }, Some(t))) => {
+                                to_commit.push(t.committed - t.submitted);
+                                to_apply.push(t.applied - t.committed);
+                            }
+                            other => panic!("operation failed: {other:?}"),
+                        }
+                    }
+                    done += size;
+                }
+                (to_commit, to_apply)
+            }));
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.expect("client task"));
+        }
+        results
+    });
+    let elapsed = started.elapsed();
+
+    // A benchmark that loses operations is wrong, not fast: every member must apply them all.
+    let all_applied = client.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            if counts.iter().all(|&c| c == options.operations) {
+                return Ok(counts);
+            }
+            if Instant::now() > deadline || counts.iter().any(|&c| c > options.operations) {
+                return Err(counts);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let (mut to_commit, mut to_apply): (Vec<Duration>, Vec<Duration>) =
+        timings.into_iter().fold((Vec::new(), Vec::new()), |(mut c, mut a), (tc, ta)| {
+            c.extend(tc);
+            a.extend(ta);
+            (c, a)
+        });
+    to_commit.sort_unstable();
+    to_apply.sort_unstable();
+    let show = |name: &str, sorted: &[Duration]| {
+        println!(
+            "{name}: p50 {:?}, p90 {:?}, p99 {:?}",
+            percentile(sorted, 0.50),
+            percentile(sorted, 0.90),
+            percentile(sorted, 0.99)
+        );
+    };
+    show("submit->commit", &to_commit);
+    show("commit->apply", &to_apply);
+    match all_applied {
+        Ok(counts) => println!("verified: every member applied {} operations {counts:?}", options.operations),
+        Err(counts) => {
+            eprintln!("bench: members applied {counts:?}, expected {} each", options.operations);
+            std::process::exit(1);
+        }
+    }
+    let seconds = elapsed.as_secs_f64();
+    let ns_per_op = elapsed.as_nanos() as f64 / options.operations as f64;
+    let ops_per_ms = options.operations as f64 / (seconds * 1000.0);
+    println!(
+        "clients: {}, n: {}, batch: {}, members: {}: time: {:.3}s, ns/op: {:.0}, op/ms: {:.0}",
+        options.clients, options.operations, options.batch, options.members, seconds, ns_per_op,
+        ops_per_ms
+    );
+    drop(engines);
+    drop(leader);
+    server.shutdown_background();
+    client.shutdown_background();
+}

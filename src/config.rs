@@ -1,0 +1,557 @@
+//! [`ConsensusConfig`]: the builder of the seed and its `[consensus]` TOML table, validated into
+//! typed errors that name the bad key and value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::protocol::raft::RaftConfig;
+use crate::types::NodeId;
+
+/// Which protocol a cluster runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Raft (CPU).
+    Raft,
+    /// Practical Byzantine Fault Tolerance with ed25519-signed messages.
+    Pbft,
+    /// Raft whose votes and acknowledgements are signed and checked/tallied in GPU batches.
+    GpuOptimizedRaft,
+}
+
+impl Algorithm {
+    /// The spelling used in TOML files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Raft => "raft",
+            Algorithm::Pbft => "pbft",
+            Algorithm::GpuOptimizedRaft => "gpu_optimized_raft",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "raft" => Some(Algorithm::Raft),
+            "pbft" => Some(Algorithm::Pbft),
+            "gpu_optimized_raft" => Some(Algorithm::GpuOptimizedRaft),
+            _ => None,
+        }
+    }
+}
+
+/// Leader election timing, as in the seed's `ElectionConfig`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElectionConfig {
+    /// Minimum time without a leader before a follower campaigns (randomized up to twice this).
+    pub election_timeout: Duration,
+    /// How often a leader sends heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Hand leadership to the caught-up node of highest priority.
+    pub priority_based: bool,
+    /// Priority per node name (absent: 0). Only used with `priority_based`.
+    pub priorities: BTreeMap<String, u32>,
+}
+
+impl Default for ElectionConfig {
+    fn default() -> Self {
+        ElectionConfig {
+            election_timeout: Duration::from_millis(150),
+            heartbeat_interval: Duration::from_millis(50),
+            priority_based: false,
+            priorities: BTreeMap::new(),
+        }
+    }
+}
+
+impl ElectionConfig {
+    /// Sets the election timeout.
+    pub fn election_timeout(mut self, timeout: Duration) -> Self {
+        self.election_timeout = timeout;
+        self
+    }
+    /// Sets the heartbeat interval.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+    /// Turns priority-based elections on or off.
+    pub fn priority_based(mut self, enabled: bool) -> Self {
+        self.priority_based = enabled;
+        self
+    }
+    /// Sets the priority of the node named `node`.
+    pub fn priority(mut self, node: impl Into<String>, priority: u32) -> Self {
+        self.priorities.insert(node.into(), priority);
+        self
+    }
+}
+
+/// Configuration of one node. Every setter of the seed is here; see each field for its meaning.
+///
+/// The default algorithm is [`Algorithm::Raft`], not the seed's GPU-optimized Raft: an engine
+/// refuses an algorithm that is not built yet rather than silently running another, and a default
+/// that fails to start would be a trap.
+#[derive(Clone, Debug)]
+pub struct ConsensusConfig {
+    /// The protocol.
+    pub algorithm: Algorithm,
+    /// This node's name (`"node-001"`); its [`NodeId`] is [`NodeId::from_name`] of it.
+    pub node_id: String,
+    /// Where this node listens for peers.
+    pub bind_address: String,
+    /// The other members: names for in-process clusters, or `host:port` / `name@host:port` for
+    /// TCP (TOML: `bootstrap_peers`).
+    pub peers: Vec<String>,
+    /// Smallest cluster this node will run in (members including itself).
+    pub min_cluster_size: usize,
+    /// Election timing.
+    pub election: ElectionConfig,
+    /// Deadline of every client call (propose, execute_command, forwarding).
+    pub request_timeout: Duration,
+    /// Use the GPU for vote aggregation and signature batches.
+    pub gpu_enabled: bool,
+    /// Which wgpu adapter (index in enumeration order).
+    pub gpu_device: u32,
+    /// GPU buffer pool bound in bytes.
+    pub gpu_memory_pool: u64,
+    /// Append at most this many proposals per batch.
+    pub batch_size: usize,
+    /// How long a proposal may wait for others to share its batch; zero appends whatever queued
+    /// up as soon as the engine's input queue drains (lowest latency, still batched under load).
+    pub batch_timeout: Duration,
+    /// Upper bound on a batch's bytes, and on one proposal.
+    pub max_batch_bytes: usize,
+    /// Batch proposals at all.
+    pub enable_batching: bool,
+    /// Directory of the durable log and state; `None` keeps everything in memory (tests only:
+    /// a restart loses the node's votes and log).
+    pub persistent_state: Option<PathBuf>,
+    /// Log entries between snapshots.
+    pub snapshot_interval: u64,
+    /// PBFT: how long a replica waits for progress before asking for a view change.
+    pub view_change_timeout: Duration,
+    /// PBFT: requests between checkpoints.
+    pub checkpoint_interval: u64,
+    /// Run with Byzantine fault tolerance.
+    pub byzantine_fault_tolerance: bool,
+    /// Fraction of members that may be Byzantine.
+    pub byzantine_threshold: f64,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        ConsensusConfig {
+            algorithm: Algorithm::Raft,
+            node_id: "node-001".into(),
+            bind_address: "127.0.0.1:7000".into(),
+            peers: Vec::new(),
+            min_cluster_size: 1,
+            election: ElectionConfig::default(),
+            request_timeout: Duration::from_secs(1),
+            gpu_enabled: false,
+            gpu_device: 0,
+            gpu_memory_pool: 1 << 30,
+            batch_size: 1024,
+            batch_timeout: Duration::ZERO,
+            max_batch_bytes: 1 << 20,
+            enable_batching: true,
+            persistent_state: None,
+            snapshot_interval: 1000,
+            view_change_timeout: Duration::from_secs(5),
+            checkpoint_interval: 100,
+            byzantine_fault_tolerance: false,
+            byzantine_threshold: 0.33,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$name = value;
+                self
+            }
+        )*
+    };
+}
+
+impl ConsensusConfig {
+    setters! {
+        /// Sets [`ConsensusConfig::algorithm`].
+        algorithm: Algorithm,
+        /// Sets [`ConsensusConfig::gpu_device`].
+        gpu_device: u32,
+        /// Sets [`ConsensusConfig::batch_size`].
+        batch_size: usize,
+        /// Sets [`ConsensusConfig::batch_timeout`].
+        batch_timeout: Duration,
+        /// Sets [`ConsensusConfig::max_batch_bytes`].
+        max_batch_bytes: usize,
+        /// Sets [`ConsensusConfig::enable_batching`].
+        enable_batching: bool,
+        /// Sets [`ConsensusConfig::gpu_memory_pool`] (bytes).
+        gpu_memory_pool: u64,
+        /// Sets [`ConsensusConfig::view_change_timeout`].
+        view_change_timeout: Duration,
+        /// Sets [`ConsensusConfig::checkpoint_interval`].
+        checkpoint_interval: u64,
+        /// Sets [`ConsensusConfig::request_timeout`].
+        request_timeout: Duration,
+        /// Sets [`ConsensusConfig::election`].
+        election: ElectionConfig,
+        /// Sets [`ConsensusConfig::min_cluster_size`].
+        min_cluster_size: usize,
+        /// Sets [`ConsensusConfig::gpu_enabled`].
+        gpu_enabled: bool,
+        /// Sets [`ConsensusConfig::snapshot_interval`].
+        snapshot_interval: u64,
+    }
+
+    /// Sets [`ConsensusConfig::node_id`].
+    pub fn node_id(mut self, name: impl Into<String>) -> Self {
+        self.node_id = name.into();
+        self
+    }
+
+    /// Sets [`ConsensusConfig::bind_address`].
+    pub fn bind_address(mut self, address: impl Into<String>) -> Self {
+        self.bind_address = address.into();
+        self
+    }
+
+    /// Sets [`ConsensusConfig::peers`].
+    pub fn peers<S: Into<String>>(mut self, peers: impl IntoIterator<Item = S>) -> Self {
+        self.peers = peers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`ConsensusConfig::persistent_state`]: the node's data directory.
+    pub fn persistent_state(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.persistent_state = Some(dir.into());
+        self
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        NodeId::from_name(&self.node_id)
+    }
+
+    /// The peers' names (the part before `@`, or the whole entry when it has none).
+    pub fn peer_names(&self) -> Vec<&str> {
+        self.peers.iter().map(|p| p.split_once('@').map_or(p.as_str(), |(name, _)| name)).collect()
+    }
+
+    /// Every voter's id, this node's included, in a stable order.
+    pub fn voter_ids(&self) -> Vec<NodeId> {
+        let mut voters: Vec<NodeId> =
+            self.peer_names().into_iter().map(NodeId::from_name).collect();
+        voters.push(self.id());
+        voters.sort();
+        voters
+    }
+
+    /// The tick the engine drives the core with: a fifth of the heartbeat interval (at least
+    /// 1 ms), fine enough that timeouts land within 20% of their configured length.
+    pub fn tick(&self) -> Duration {
+        (self.election.heartbeat_interval / 5).max(Duration::from_millis(1))
+    }
+
+    /// Checks every field and their combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, value: String, reason: &'static str| {
+            Err(ConfigError::Invalid { field, value, reason })
+        };
+        if self.node_id.is_empty() {
+            return invalid("node_id", String::new(), "must not be empty");
+        }
+        let voters = self.voter_ids();
+        let mut distinct = voters.clone();
+        distinct.dedup();
+        if distinct.len() != voters.len() {
+            return invalid(
+                "bootstrap_peers",
+                format!("{:?}", self.peers),
+                "names must be distinct and differ from node_id",
+            );
+        }
+        if voters.len() < self.min_cluster_size {
+            return invalid(
+                "min_cluster_size",
+                self.min_cluster_size.to_string(),
+                "exceeds the members configured (node_id plus bootstrap_peers)",
+            );
+        }
+        let election = &self.election;
+        if election.heartbeat_interval.is_zero() {
+            return invalid("heartbeat_interval_ms", "0".into(), "must be at least 1 ms");
+        }
+        if election.election_timeout < election.heartbeat_interval * 2 {
+            return invalid(
+                "election_timeout_ms",
+                election.election_timeout.as_millis().to_string(),
+                "must be at least twice heartbeat_interval_ms",
+            );
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("request_timeout_ms", "0".into(), "must be at least 1 ms");
+        }
+        for (field, value) in [
+            ("batch_size", self.batch_size as u64),
+            ("max_batch_bytes", self.max_batch_bytes as u64),
+            ("snapshot_interval", self.snapshot_interval),
+            ("checkpoint_interval", self.checkpoint_interval),
+            ("gpu_memory_pool_mb", self.gpu_memory_pool),
+        ] {
+            if value == 0 {
+                return invalid(field, "0".into(), "must be at least 1");
+            }
+        }
+        if !(0.0..1.0 / 3.0 + 1e-9).contains(&self.byzantine_threshold) {
+            return invalid(
+                "byzantine_threshold",
+                self.byzantine_threshold.to_string(),
+                "must be in [0, 1/3]: BFT needs n >= 3f + 1",
+            );
+        }
+        Ok(())
+    }
+
+    /// The core's settings for this node.
+    pub fn raft_config(&self) -> RaftConfig {
+        let tick = self.tick().as_nanos().max(1);
+        let ticks = |d: Duration| u32::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u32::MAX);
+        let mut raft = RaftConfig::new(self.id(), self.voter_ids());
+        raft.election_timeout_ticks = ticks(self.election.election_timeout).max(2);
+        raft.heartbeat_interval_ticks = ticks(self.election.heartbeat_interval).max(1);
+        raft.priority_based = self.election.priority_based;
+        raft.priorities = self
+            .election
+            .priorities
+            .iter()
+            .map(|(name, &priority)| (NodeId::from_name(name), priority))
+            .collect();
+        raft.enable_batching = self.enable_batching;
+        raft.batch_size = self.batch_size;
+        raft.batch_timeout_ticks = ticks(self.batch_timeout).max(1);
+        raft.max_batch_bytes = self.max_batch_bytes;
+        raft.max_bytes_per_append = raft.max_bytes_per_append.max(self.max_batch_bytes);
+        raft
+    }
+
+    /// Reads the `[consensus]` table of a TOML file (the seed's keys; unknown keys are errors so
+    /// that a typo is not silently ignored).
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses the `[consensus]` table of a TOML document. Other tables are ignored (a node's
+    /// file also has `[http]`).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let document: TomlDocument = toml::from_str(text).map_err(|error| {
+            // One line naming the offending line of the file, which shows the key and value.
+            let line = error.span().map(|span| {
+                let number = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let content = text.lines().nth(number - 1).unwrap_or("").trim();
+                format!(" (line {number}: `{content}`)")
+            });
+            ConfigError::Toml { reason: format!("{}{}", error.message(), line.unwrap_or_default()) }
+        })?;
+        let table = document.consensus.ok_or(ConfigError::Toml {
+            reason: "missing [consensus] table".to_string(),
+        })?;
+        table.into_config()
+    }
+}
+
+#[derive(Deserialize)]
+struct TomlDocument {
+    consensus: Option<TomlConsensus>,
+}
+
+/// The seed's `[consensus]` keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlConsensus {
+    algorithm: Option<String>,
+    node_id: Option<String>,
+    bind_address: Option<String>,
+    bootstrap_peers: Option<Vec<String>>,
+    min_cluster_size: Option<u64>,
+    election_timeout_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    gpu_enabled: Option<bool>,
+    gpu_device_id: Option<u32>,
+    gpu_memory_pool_mb: Option<u64>,
+    state_dir: Option<PathBuf>,
+    snapshot_interval: Option<u64>,
+    byzantine_fault_tolerance: Option<bool>,
+    byzantine_threshold: Option<f64>,
+    batch_size: Option<u64>,
+    batch_timeout_ms: Option<u64>,
+    max_batch_bytes: Option<u64>,
+    enable_batching: Option<bool>,
+    priority_based: Option<bool>,
+    view_change_timeout_ms: Option<u64>,
+    checkpoint_interval: Option<u64>,
+}
+
+impl TomlConsensus {
+    fn into_config(self) -> Result<ConsensusConfig, ConfigError> {
+        let mut config = ConsensusConfig::default();
+        if let Some(name) = self.algorithm {
+            config.algorithm = Algorithm::parse(&name).ok_or(ConfigError::Invalid {
+                field: "algorithm",
+                value: name,
+                reason: "expected raft, pbft or gpu_optimized_raft",
+            })?;
+        }
+        let size = |field: &'static str, value: u64| {
+            usize::try_from(value).map_err(|_| ConfigError::Invalid {
+                field,
+                value: value.to_string(),
+                reason: "too large for this platform",
+            })
+        };
+        let millis = Duration::from_millis;
+        config.node_id = self.node_id.unwrap_or(config.node_id);
+        config.bind_address = self.bind_address.unwrap_or(config.bind_address);
+        config.peers = self.bootstrap_peers.unwrap_or_default();
+        if let Some(value) = self.min_cluster_size {
+            config.min_cluster_size = size("min_cluster_size", value)?;
+        }
+        if let Some(ms) = self.election_timeout_ms {
+            config.election.election_timeout = millis(ms);
+        }
+        if let Some(ms) = self.heartbeat_interval_ms {
+            config.election.heartbeat_interval = millis(ms);
+        }
+        if let Some(ms) = self.request_timeout_ms {
+            config.request_timeout = millis(ms);
+        }
+        config.election.priority_based = self.priority_based.unwrap_or(false);
+        config.gpu_enabled = self.gpu_enabled.unwrap_or(config.gpu_enabled);
+        config.gpu_device = self.gpu_device_id.unwrap_or(config.gpu_device);
+        if let Some(mb) = self.gpu_memory_pool_mb {
+            config.gpu_memory_pool = mb.checked_mul(1 << 20).ok_or(ConfigError::Invalid {
+                field: "gpu_memory_pool_mb",
+                value: mb.to_string(),
+                reason: "too large",
+            })?;
+        }
+        config.persistent_state = self.state_dir;
+        config.snapshot_interval = self.snapshot_interval.unwrap_or(config.snapshot_interval);
+        config.byzantine_fault_tolerance =
+            self.byzantine_fault_tolerance.unwrap_or(config.byzantine_fault_tolerance);
+        config.byzantine_threshold = self.byzantine_threshold.unwrap_or(config.byzantine_threshold);
+        if let Some(value) = self.batch_size {
+            config.batch_size = size("batch_size", value)?;
+        }
+        if let Some(ms) = self.batch_timeout_ms {
+            config.batch_timeout = millis(ms);
+        }
+        if let Some(value) = self.max_batch_bytes {
+            config.max_batch_bytes = size("max_batch_bytes", value)?;
+        }
+        config.enable_batching = self.enable_batching.unwrap_or(config.enable_batching);
+        if let Some(ms) = self.view_change_timeout_ms {
+            config.view_change_timeout = millis(ms);
+        }
+        config.checkpoint_interval = self.checkpoint_interval.unwrap_or(config.checkpoint_interval);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_TOML: &str = r#"
+[consensus]
+algorithm = "gpu_optimized_raft"
+node_id = "node-001"
+bind_address = "0.0.0.0:7000"
+bootstrap_peers = ["node-002:7000", "node-003:7000"]
+min_cluster_size = 3
+election_timeout_ms = 150
+heartbeat_interval_ms = 50
+request_timeout_ms = 1000
+gpu_enabled = true
+gpu_device_id = 0
+gpu_memory_pool_mb = 1024
+state_dir = "/var/lib/stratoswarm/consensus"
+snapshot_interval = 1000
+byzantine_fault_tolerance = true
+byzantine_threshold = 0.33
+
+[http]
+address = "127.0.0.1:8080"
+"#;
+
+    #[test]
+    fn the_seed_file_parses_with_every_key() {
+        let config = ConsensusConfig::from_toml_str(SEED_TOML).unwrap();
+        assert_eq!(config.algorithm, Algorithm::GpuOptimizedRaft);
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(config.min_cluster_size, 3);
+        assert_eq!(config.election.election_timeout, Duration::from_millis(150));
+        assert_eq!(config.gpu_memory_pool, 1024 << 20);
+        assert_eq!(config.persistent_state.unwrap(), PathBuf::from("/var/lib/stratoswarm/consensus"));
+        assert!(config.byzantine_fault_tolerance);
+    }
+
+    #[test]
+    fn a_bad_value_is_named_in_the_error() {
+        let text = SEED_TOML.replace("heartbeat_interval_ms = 50", "heartbeat_interval_ms = 100");
+        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(error.contains("election_timeout_ms") && error.contains("150"), "{error}");
+        let text = SEED_TOML.replace("\"gpu_optimized_raft\"", "\"paxos\"");
+        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(error.contains("algorithm") && error.contains("paxos"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_key_or_wrong_type_is_an_error() {
+        let text = SEED_TOML.replace("snapshot_interval", "snapshot_intervall");
+        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(error.contains("snapshot_intervall"), "{error}");
+        let text = SEED_TOML.replace("min_cluster_size = 3", "min_cluster_size = \"three\"");
+        assert!(ConsensusConfig::from_toml_str(&text).is_err());
+    }
+
+    #[test]
+    fn builder_sets_seed_fields_and_converts_to_ticks() {
+        let config = ConsensusConfig::default()
+            .node_id("a")
+            .peers(vec!["b", "c"])
+            .batch_size(10)
+            .batch_timeout(Duration::from_millis(10))
+            .max_batch_bytes(4096)
+            .enable_batching(true)
+            .view_change_timeout(Duration::from_secs(5))
+            .checkpoint_interval(100);
+        config.validate().unwrap();
+        let raft = config.raft_config();
+        assert_eq!(raft.voters.len(), 3);
+        assert_eq!((raft.election_timeout_ticks, raft.heartbeat_interval_ticks), (15, 5));
+        assert_eq!(raft.batch_timeout_ticks, 1);
+        assert_eq!(raft.batch_size, 10);
+    }
+
+    #[test]
+    fn duplicate_members_are_refused() {
+        let config = ConsensusConfig::default().node_id("a").peers(vec!["a"]);
+        assert!(config.validate().is_err());
+    }
+}

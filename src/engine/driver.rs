@@ -1,0 +1,276 @@
+//! The driver: one OS thread per engine that owns the protocol core, the log store, the state
+//! machine and the pending client requests, and carries out the core's [`Output`] in the order
+//! its contract demands (persist, then send, then apply).
+//!
+//! A dedicated thread (not a tokio task) because the log store's fsync blocks, and because a
+//! thread woken by a channel answers in microseconds without competing with client tasks.
+//! Everything that reaches the core passes through one bounded channel, so inputs are totally
+//! ordered and back-pressure is explicit.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use crate::metrics::Metrics;
+use crate::protocol::raft::{Envelope, Event, Input, Message, Output, RaftNode, Role};
+use crate::state_machine::ErasedStateMachine;
+use crate::storage::LogStore;
+use crate::transport::Transport;
+use crate::types::{LogIndex, NodeId, Payload, Term};
+
+/// What the driver answers a client with.
+pub(crate) type Reply = Result<Applied, DriverError>;
+
+/// A committed and applied proposal.
+pub(crate) struct Applied {
+    pub(crate) index: LogIndex,
+    pub(crate) term: Term,
+    /// When the driver learned the entry was committed, and when it finished applying it.
+    pub(crate) committed_at: Instant,
+    pub(crate) applied_at: Instant,
+    /// The state machine's response, or why the entry did not decode as its command; `None` when
+    /// no state machine is set.
+    pub(crate) response: Option<Result<Box<dyn Any + Send>, String>>,
+}
+
+/// Why a request got no commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DriverError {
+    /// Never appended; will never commit.
+    Rejected(String),
+    /// Unknown outcome: the deadline passed first.
+    TimedOut,
+    /// The engine stopped (or failed) before the outcome was known.
+    Stopped(String),
+}
+
+/// Everything that reaches the driver thread.
+pub(crate) enum DriverInput {
+    Propose { data: Bytes, deadline: Instant, reply: oneshot::Sender<Reply> },
+    Peer { from: NodeId, message: Message },
+    TransferLeadership { to: NodeId },
+    Shutdown,
+}
+
+/// Who leads, as the driver last saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// The term this is true in.
+    pub term: Term,
+    /// The leader, if known.
+    pub leader: Option<NodeId>,
+    /// Whether this node is that leader.
+    pub is_leader: bool,
+}
+
+/// Callbacks run on leader changes.
+pub(crate) type LeaderCallbacks = Arc<Mutex<Vec<Box<dyn Fn(Option<NodeId>) + Send>>>>;
+
+/// Where peers' messages for this node go in. Cheap to clone; never blocks: when the driver's
+/// queue is full the message is dropped, which the protocol tolerates like any network loss.
+#[derive(Clone)]
+pub struct Inbox {
+    pub(crate) sender: SyncSender<DriverInput>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inbox")
+    }
+}
+
+impl Inbox {
+    /// Delivers a message from `from`. Returns false if it was dropped (queue full or engine
+    /// stopped).
+    pub fn deliver(&self, from: NodeId, message: Message) -> bool {
+        match self.sender.try_send(DriverInput::Peer { from, message }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    submitted: Instant,
+    deadline: Instant,
+}
+
+/// Settings the driver needs beyond the core's.
+pub(crate) struct DriverSettings {
+    pub(crate) tick: Duration,
+    /// Flush the proposal batch whenever the input queue drains (batch timeout zero).
+    pub(crate) flush_on_drain: bool,
+    /// Inputs handled between two persists, to bound the latency one busy burst adds.
+    pub(crate) max_inputs_per_round: usize,
+}
+
+pub(crate) struct Driver {
+    pub(crate) node: RaftNode,
+    pub(crate) store: Box<dyn LogStore>,
+    pub(crate) transport: Arc<dyn Transport<Message>>,
+    pub(crate) state_machine: Option<Box<dyn ErasedStateMachine>>,
+    pub(crate) inputs: Receiver<DriverInput>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) leader: watch::Sender<LeaderInfo>,
+    pub(crate) leader_callbacks: LeaderCallbacks,
+    pub(crate) settings: DriverSettings,
+    /// Request ids start at a random base so that entries proposed before a restart never match
+    /// a request made after it.
+    pub(crate) next_request_id: u64,
+    pub(crate) applied_index: LogIndex,
+}
+
+impl Driver {
+    /// Runs until shutdown or a storage failure; the error is what stopped it.
+    pub(crate) fn run(mut self) -> Result<(), String> {
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut out = Output::default();
+        let mut next_tick = Instant::now() + self.settings.tick;
+        self.publish_leader();
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.inputs.recv_timeout(wait) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut shutdown = false;
+            if let Some(input) = first {
+                shutdown |= self.handle(input, &mut pending, &mut out);
+                for _ in 1..self.settings.max_inputs_per_round {
+                    match self.inputs.try_recv() {
+                        Ok(input) => shutdown |= self.handle(input, &mut pending, &mut out),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.step(Input::Tick, &mut out);
+                next_tick = now + self.settings.tick;
+                expire(&mut pending, now);
+            }
+            if self.settings.flush_on_drain {
+                self.node.step(Input::FlushProposals, &mut out);
+            }
+            if let Err(error) = self.carry_out(&mut out, &mut pending) {
+                let reason = format!("log store failed: {error}");
+                tracing::error!(node = %self.node.id(), %reason, "engine stopping");
+                fail_all(&mut pending, &reason);
+                return Err(reason);
+            }
+            if shutdown {
+                break;
+            }
+        }
+        fail_all(&mut pending, "engine stopped");
+        Ok(())
+    }
+
+    /// Feeds one input to the core; true on shutdown.
+    fn handle(
+        &mut self,
+        input: DriverInput,
+        pending: &mut HashMap<u64, Pending>,
+        out: &mut Output,
+    ) -> bool {
+        match input {
+            DriverInput::Propose { data, deadline, reply } => {
+                let request_id = self.next_request_id;
+                self.next_request_id = self.next_request_id.wrapping_add(1);
+                pending.insert(request_id, Pending { reply, submitted: Instant::now(), deadline });
+                self.node.step(Input::Propose { request_id, data }, out);
+            }
+            DriverInput::Peer { from, message } => {
+                let envelope = Envelope { from, to: self.node.id(), message };
+                self.node.step(Input::Message(envelope), out);
+            }
+            DriverInput::TransferLeadership { to } => {
+                self.node.step(Input::TransferLeadership { to }, out);
+            }
+            DriverInput::Shutdown => return true,
+        }
+        false
+    }
+
+    /// The core's contract: persist, then send, then apply.
+    fn carry_out(
+        &mut self,
+        out: &mut Output,
+        pending: &mut HashMap<u64, Pending>,
+    ) -> Result<(), crate::error::StorageError> {
+        self.store.persist(out)?;
+        for envelope in out.messages.drain(..) {
+            self.transport.send(envelope.to, envelope.message);
+        }
+        let me = self.node.id();
+        let committed_at = Instant::now();
+        for entry in out.committed.drain(..) {
+            self.applied_index = entry.index;
+            let Payload::Command { tag, data } = entry.payload else {
+                continue;
+            };
+            let response = self.state_machine.as_mut().map(|sm| sm.apply_bytes(&data));
+            if tag.proposer != me {
+                continue;
+            }
+            if let Some(request) = pending.remove(&tag.request_id) {
+                let applied_at = Instant::now();
+                self.metrics.record_commit(applied_at - request.submitted);
+                let (index, term) = (entry.index, entry.term);
+                let applied = Applied { index, term, committed_at, applied_at, response };
+                let _ = request.reply.send(Ok(applied)); // the client may have given up
+            }
+        }
+        self.metrics.set_applied_index(self.applied_index);
+        for rejection in out.rejected.drain(..) {
+            if let Some(request) = pending.remove(&rejection.request_id) {
+                self.metrics.record_rejection();
+                let _ = request.reply.send(Err(DriverError::Rejected(rejection.reason.to_string())));
+            }
+        }
+        let leader_changed = out.events.iter().any(|e| matches!(e, Event::LeaderChanged { .. }));
+        out.clear();
+        self.metrics.set_term(self.node.term());
+        self.metrics.set_committed_index(self.node.commit_index());
+        if leader_changed {
+            self.metrics.record_leader_change();
+            self.publish_leader();
+        }
+        Ok(())
+    }
+
+    fn publish_leader(&self) {
+        let info = LeaderInfo {
+            term: self.node.term(),
+            leader: self.node.leader(),
+            is_leader: self.node.role() == Role::Leader,
+        };
+        self.leader.send_replace(info);
+        if let Ok(callbacks) = self.leader_callbacks.lock() {
+            for callback in callbacks.iter() {
+                callback(info.leader);
+            }
+        }
+    }
+}
+
+/// Answers requests whose deadline passed (outcome unknown) and forgets those whose client left.
+fn expire(pending: &mut HashMap<u64, Pending>, now: Instant) {
+    let expired = pending.extract_if(|_, r| r.deadline <= now || r.reply.is_closed());
+    for (_, request) in expired {
+        let _ = request.reply.send(Err(DriverError::TimedOut));
+    }
+}
+
+fn fail_all(pending: &mut HashMap<u64, Pending>, reason: &str) {
+    for (_, request) in pending.drain() {
+        let _ = request.reply.send(Err(DriverError::Stopped(reason.to_string())));
+    }
+}

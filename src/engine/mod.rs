@@ -1,0 +1,381 @@
+//! [`ConsensusEngine`]: the public face of a node. It owns the clocks, sockets, disk and threads,
+//! and drives the same sans-IO core that the simulator drives.
+//!
+//! Every client call has a deadline ([`ConsensusConfig::request_timeout`]): a call answers with a
+//! commit, a definite refusal ([`ConsensusResult::Rejected`]: never appended, never will be), or
+//! [`Error::Timeout`] when the outcome is unknown. It never hangs.
+
+mod driver;
+mod local;
+
+pub use driver::{Inbox, LeaderInfo};
+pub use local::{LocalNetwork, LocalTransport};
+
+use std::sync::mpsc::{TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::{Algorithm, ConsensusConfig};
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::protocol::raft::{Message, RaftNode};
+use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
+use crate::storage::{LogStore, MemoryLogStore};
+use crate::transport::Transport;
+use crate::types::{ConsensusResult, NodeId, Proposal};
+
+use driver::{Applied, Driver, DriverError, DriverInput, DriverSettings, LeaderCallbacks};
+
+/// Bound on the driver's input queue; beyond it proposals are refused as overloaded and peer
+/// messages dropped (the protocol retransmits).
+const INPUT_QUEUE_CAPACITY: usize = 1 << 16;
+
+/// How the engine reaches its peers.
+enum Network {
+    /// In-process, through a [`LocalNetwork`].
+    Local(LocalNetwork),
+}
+
+/// What runs once [`ConsensusEngine::start`] succeeded.
+struct Running {
+    inputs: std::sync::mpsc::SyncSender<DriverInput>,
+    thread: Option<JoinHandle<std::result::Result<(), String>>>,
+}
+
+/// One consensus node.
+pub struct ConsensusEngine {
+    config: ConsensusConfig,
+    /// Held until start; behind a mutex only so that the engine is `Sync` (stores and state
+    /// machines need only be `Send`), never contended.
+    store: Mutex<Option<Box<dyn LogStore>>>,
+    network: Option<Network>,
+    state_machine: Mutex<Option<Box<dyn ErasedStateMachine>>>,
+    metrics: Arc<Metrics>,
+    leader: watch::Sender<LeaderInfo>,
+    leader_callbacks: LeaderCallbacks,
+    running: Option<Running>,
+}
+
+impl std::fmt::Debug for ConsensusEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsensusEngine")
+            .field("node_id", &self.config.node_id)
+            .field("running", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsensusEngine {
+    /// Validates `config` and prepares a node. Nothing runs until [`ConsensusEngine::start`].
+    ///
+    /// Refuses an algorithm that is not available yet with [`Error::Unsupported`], rather than
+    /// silently running another one.
+    pub fn new(config: ConsensusConfig) -> Result<Self> {
+        config.validate()?;
+        if config.algorithm != Algorithm::Raft {
+            return Err(Error::Unsupported {
+                what: format!("algorithm {}", config.algorithm.as_str()),
+                reason: "only raft is available in this version",
+            });
+        }
+        Ok(ConsensusEngine {
+            config,
+            store: Mutex::new(None),
+            network: None,
+            state_machine: Mutex::new(None),
+            metrics: Arc::new(Metrics::new()),
+            leader: watch::Sender::new(LeaderInfo::default()),
+            leader_callbacks: Arc::new(Mutex::new(Vec::new())),
+            running: None,
+        })
+    }
+
+    /// Uses `store` for the log and hard state instead of the one the configuration implies.
+    pub fn with_log_store(mut self, store: impl LogStore + 'static) -> Self {
+        self.store = Mutex::new(Some(Box::new(store)));
+        self
+    }
+
+    /// Joins an in-process network (no sockets) instead of TCP.
+    pub fn with_local_network(mut self, network: &LocalNetwork) -> Self {
+        self.network = Some(Network::Local(network.clone()));
+        self
+    }
+
+    /// Sets the replicated state machine. It must be set before [`ConsensusEngine::start`], so
+    /// that it sees every committed command from the first: a state machine attached later would
+    /// miss history and diverge from its replicas.
+    pub fn set_state_machine<S: StateMachine>(&mut self, state_machine: S) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::InvalidState("set_state_machine must be called before start"));
+        }
+        self.state_machine = Mutex::new(Some(Box::new(state_machine)));
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.config.id()
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &ConsensusConfig {
+        &self.config
+    }
+
+    /// Recovers the log store and starts the protocol.
+    pub async fn start(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::InvalidState("engine already started"));
+        }
+        let mut store = match self.store.get_mut().ok().and_then(Option::take) {
+            Some(store) => store,
+            None => Box::new(MemoryLogStore::new()),
+        };
+        let recovered = store.recover()?;
+        let mut raft_config = self.config.raft_config();
+        raft_config.seed = rand::random();
+        let node = RaftNode::new(raft_config, recovered)?;
+        let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
+        let transport: Arc<dyn Transport<Message>> = match &self.network {
+            Some(Network::Local(network)) => {
+                network.register(self.node_id(), Inbox { sender: inputs.clone() });
+                Arc::new(network.transport(self.node_id()))
+            }
+            None => {
+                return Err(Error::InvalidState(
+                    "no network: call with_local_network (TCP arrives with the tarpc transport)",
+                ));
+            }
+        };
+        let driver = Driver {
+            node,
+            store,
+            transport,
+            state_machine: self.state_machine.get_mut().ok().and_then(Option::take),
+            inputs: receiver,
+            metrics: self.metrics.clone(),
+            leader: self.leader.clone(),
+            leader_callbacks: self.leader_callbacks.clone(),
+            settings: DriverSettings {
+                tick: self.config.tick(),
+                flush_on_drain: self.config.batch_timeout.is_zero() || !self.config.enable_batching,
+                max_inputs_per_round: 4096,
+            },
+            next_request_id: rand::random::<u64>() >> 1,
+            applied_index: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("consensus-{}", self.config.node_id))
+            .spawn(move || driver.run())
+            .map_err(|error| Error::Io(error.to_string()))?;
+        self.running = Some(Running { inputs, thread: Some(thread) });
+        Ok(())
+    }
+
+    /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.
+    pub async fn stop(&mut self) -> Result<()> {
+        let Some(mut running) = self.running.take() else {
+            return Ok(());
+        };
+        if let Some(Network::Local(network)) = &self.network {
+            network.disconnect(self.node_id());
+        }
+        let _ = running.inputs.send(DriverInput::Shutdown);
+        if let Some(thread) = running.thread.take() {
+            let outcome = tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|error| Error::Io(error.to_string()))?;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(Error::Stopped(reason)),
+                Err(_) => return Err(Error::Stopped("driver thread panicked".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicates `proposal`; answers once it is committed and applied on this node.
+    pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
+        match self.submit(proposal.data).await {
+            Ok(applied) => Ok(ConsensusResult::Committed { index: applied.index, term: applied.term }),
+            Err(Error::Rejected(reason)) => Ok(ConsensusResult::Rejected { reason }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Like [`ConsensusEngine::propose`], with the moments the proposal was submitted, seen
+    /// committed, and applied on this node (for latency breakdowns).
+    pub async fn propose_timed(
+        &self,
+        proposal: Proposal,
+    ) -> Result<(ConsensusResult, Option<ProposalTimings>)> {
+        let submitted = Instant::now();
+        match self.submit(proposal.data).await {
+            Ok(applied) => {
+                let timings = ProposalTimings {
+                    submitted,
+                    committed: applied.committed_at,
+                    applied: applied.applied_at,
+                };
+                let result = ConsensusResult::Committed { index: applied.index, term: applied.term };
+                Ok((result, Some(timings)))
+            }
+            Err(Error::Rejected(reason)) => Ok((ConsensusResult::Rejected { reason }, None)),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Replicates a command of the state machine `S` and returns what applying it answered.
+    ///
+    /// The state machine's type is named at the call (`execute_command::<MyStore>(..)`): the
+    /// engine holds it type-erased, so the seed's turbofish-free form cannot know the response
+    /// type. A mismatch is reported as [`Error::StateMachine`], never a panic.
+    pub async fn execute_command<S: StateMachine>(&self, command: S::Command) -> Result<S::Response> {
+        let data = encode_command(&command).map_err(Error::StateMachine)?;
+        let applied = self.submit(Bytes::from(data)).await?;
+        match applied.response {
+            Some(Ok(response)) => response.downcast::<S::Response>().map(|r| *r).map_err(|_| {
+                Error::StateMachine("the engine's state machine is not of the type named".into())
+            }),
+            Some(Err(reason)) => Err(Error::StateMachine(reason)),
+            None => Err(Error::InvalidState("no state machine is set")),
+        }
+    }
+
+    async fn submit(&self, data: Bytes) -> Result<Applied> {
+        let running = self.running.as_ref().ok_or(Error::InvalidState("engine not started"))?;
+        let deadline = Instant::now() + self.config.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        match running.inputs.try_send(DriverInput::Propose { data, deadline, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Error::Rejected("engine input queue is full".into()));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Stopped("engine is not running".into()));
+            }
+        }
+        // The driver answers by the deadline; the extra margin only covers a dead driver.
+        let margin = self.config.tick() * 2;
+        match tokio::time::timeout(self.config.request_timeout + margin, answer).await {
+            Ok(Ok(Ok(applied))) => Ok(applied),
+            Ok(Ok(Err(DriverError::Rejected(reason)))) => Err(Error::Rejected(reason)),
+            Ok(Ok(Err(DriverError::TimedOut))) | Err(_) => Err(Error::Timeout),
+            Ok(Ok(Err(DriverError::Stopped(reason)))) => Err(Error::Stopped(reason)),
+            Ok(Err(_)) => Err(Error::Stopped("engine stopped".into())),
+        }
+    }
+
+    /// Asks the leader to hand leadership to `to` (only meaningful on the leader).
+    pub fn transfer_leadership(&self, to: NodeId) -> Result<()> {
+        let running = self.running.as_ref().ok_or(Error::InvalidState("engine not started"))?;
+        running
+            .inputs
+            .try_send(DriverInput::TransferLeadership { to })
+            .map_err(|_| Error::Rejected("engine input queue is full".into()))
+    }
+
+    /// A metrics snapshot (term, last committed index, throughput, latency, ...).
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// The Prometheus text exposition of this node's metrics.
+    pub fn prometheus_metrics(&self) -> String {
+        self.metrics.encode_prometheus()
+    }
+
+    /// Leader status and notifications for this node.
+    pub fn leader_election(&self) -> LeaderElection {
+        LeaderElection { info: self.leader.subscribe(), callbacks: self.leader_callbacks.clone() }
+    }
+
+    /// True if this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader.borrow().is_leader
+    }
+
+    /// The leader this node knows of.
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.leader.borrow().leader
+    }
+}
+
+impl Drop for ConsensusEngine {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            if let Some(Network::Local(network)) = &self.network {
+                network.disconnect(self.node_id());
+            }
+            // The thread exits on its own; joining here could block an async runtime.
+            let _ = running.inputs.try_send(DriverInput::Shutdown);
+        }
+    }
+}
+
+/// When a proposal passed each stage, as seen on the proposing node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProposalTimings {
+    /// The client handed it to the engine.
+    pub submitted: Instant,
+    /// The engine learned it was committed.
+    pub committed: Instant,
+    /// The state machine finished applying it.
+    pub applied: Instant,
+}
+
+/// Leader status of one engine, as in the seed's `LeaderElection`.
+///
+/// The seed constructs it standalone from an `ElectionConfig`; an election needs a cluster, so
+/// here the election settings go into [`ConsensusConfig::election`] and the handle comes from
+/// [`ConsensusEngine::leader_election`].
+#[derive(Clone)]
+pub struct LeaderElection {
+    info: watch::Receiver<LeaderInfo>,
+    callbacks: LeaderCallbacks,
+}
+
+impl std::fmt::Debug for LeaderElection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderElection").field("info", &*self.info.borrow()).finish()
+    }
+}
+
+impl LeaderElection {
+    /// True if this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.info.borrow().is_leader
+    }
+
+    /// The leader this node knows of.
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.info.borrow().leader
+    }
+
+    /// Term and leader as last seen.
+    pub fn info(&self) -> LeaderInfo {
+        *self.info.borrow()
+    }
+
+    /// Runs `callback` with the new leader (or `None` during an election) at every change. It
+    /// runs on the engine's driver thread: keep it short.
+    pub fn on_leader_change(&self, callback: impl Fn(Option<NodeId>) + Send + 'static) {
+        if let Ok(mut callbacks) = self.callbacks.lock() {
+            callbacks.push(Box::new(callback));
+        }
+    }
+
+    /// Waits until some node is known as leader, or `timeout` passes.
+    pub async fn wait_for_leader(&mut self, timeout: std::time::Duration) -> Option<NodeId> {
+        let wait = self.info.wait_for(|info| info.leader.is_some());
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(info)) => info.leader,
+            _ => None,
+        }
+    }
+}

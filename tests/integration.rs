@@ -1,0 +1,171 @@
+//! Engines driving the real core end to end: in-process clusters over a `LocalNetwork`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use consensus::{
+    ConsensusConfig, ConsensusEngine, ConsensusResult, Error, LocalNetwork, NodeId, Proposal,
+    StateMachine,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum KvCommand {
+    Set(String, String),
+    Get(String),
+}
+
+/// A key-value store that also records the order it applied commands in, shared with the test.
+#[derive(Clone, Default)]
+struct KvStore {
+    data: BTreeMap<String, String>,
+    applied: Arc<Mutex<Vec<String>>>,
+}
+
+impl StateMachine for KvStore {
+    type Command = KvCommand;
+    type Response = Option<String>;
+
+    fn apply(&mut self, command: KvCommand) -> Option<String> {
+        match command {
+            KvCommand::Set(key, value) => {
+                self.applied.lock().unwrap().push(format!("{key}={value}"));
+                self.data.insert(key, value)
+            }
+            KvCommand::Get(key) => self.data.get(&key).cloned(),
+        }
+    }
+}
+
+struct Cluster {
+    engines: Vec<ConsensusEngine>,
+    applied: Vec<Arc<Mutex<Vec<String>>>>,
+}
+
+async fn start_cluster(names: &[&str]) -> Cluster {
+    let network = LocalNetwork::new();
+    let mut engines = Vec::new();
+    let mut applied = Vec::new();
+    for name in names {
+        let peers: Vec<&str> = names.iter().copied().filter(|n| n != name).collect();
+        let config = ConsensusConfig::default()
+            .node_id(*name)
+            .peers(peers)
+            .request_timeout(Duration::from_secs(2));
+        let mut engine = ConsensusEngine::new(config).unwrap().with_local_network(&network);
+        let store = KvStore::default();
+        applied.push(store.applied.clone());
+        engine.set_state_machine(store).unwrap();
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    Cluster { engines, applied }
+}
+
+impl Cluster {
+    async fn leader(&self, deadline: Duration) -> usize {
+        let until = Instant::now() + deadline;
+        loop {
+            let leaders: Vec<usize> =
+                (0..self.engines.len()).filter(|&i| self.engines[i].is_leader()).collect();
+            if let [only] = leaders[..] {
+                return only;
+            }
+            assert!(Instant::now() < until, "no single leader within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_applied(&self, count: usize, skip: Option<usize>) {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let done = (0..self.applied.len())
+                .filter(|&i| Some(i) != skip)
+                .all(|i| self.applied[i].lock().unwrap().len() >= count);
+            if done {
+                return;
+            }
+            assert!(Instant::now() < until, "replicas did not apply {count} commands");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_commit_and_every_state_machine_agrees() {
+    let cluster = start_cluster(&["a", "b", "c"]).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    for i in 0..20 {
+        let engine = &cluster.engines[(leader + i) % 3]; // followers forward to the leader
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        let previous = engine.execute_command::<KvStore>(command).await.unwrap();
+        assert_eq!(previous, None);
+    }
+    let read = cluster.engines[leader].execute_command::<KvStore>(KvCommand::Get("k7".into()));
+    assert_eq!(read.await.unwrap(), Some("v7".into()));
+    cluster.wait_applied(20, None).await;
+    let histories: Vec<Vec<String>> =
+        cluster.applied.iter().map(|a| a.lock().unwrap().clone()).collect();
+    assert_eq!(histories[0], histories[1]);
+    assert_eq!(histories[1], histories[2]);
+    let metrics = cluster.engines[leader].metrics();
+    assert!(metrics.current_term() >= 1);
+    assert!(metrics.last_committed_index() >= 21);
+    assert!(cluster.engines[leader].prometheus_metrics().contains("consensus_term_current"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_survives_the_leader_stopping() {
+    let mut cluster = start_cluster(&["a", "b", "c"]).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    let result = cluster.engines[leader].propose(Proposal::new("x", "1")).await.unwrap();
+    assert!(matches!(result, ConsensusResult::Committed { .. }), "{result:?}");
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let survivor = (leader + 1) % 3;
+    let seen = changes.clone();
+    cluster.engines[survivor]
+        .leader_election()
+        .on_leader_change(move |leader| seen.lock().unwrap().push(leader));
+    cluster.engines[leader].stop().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    let new_leader = loop {
+        let leaders: Vec<usize> =
+            (0..3).filter(|&i| i != leader && cluster.engines[i].is_leader()).collect();
+        if let [only] = leaders[..] {
+            break only;
+        }
+        assert!(Instant::now() < until, "no new leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let result = cluster.engines[new_leader].propose(Proposal::new("y", "2")).await.unwrap();
+    assert!(matches!(result, ConsensusResult::Committed { .. }), "{result:?}");
+    assert!(changes.lock().unwrap().iter().any(|l| *l == Some(cluster.engines[new_leader].node_id())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_a_call_ends_by_its_deadline() {
+    let network = LocalNetwork::new();
+    let config = ConsensusConfig::default()
+        .node_id("lonely")
+        .peers(vec!["gone-1", "gone-2"])
+        .request_timeout(Duration::from_millis(300));
+    let mut engine = ConsensusEngine::new(config).unwrap().with_local_network(&network);
+    engine.start().await.unwrap();
+    let started = Instant::now();
+    match engine.propose(Proposal::new("k", "v")).await {
+        Ok(ConsensusResult::Rejected { reason }) => assert!(reason.contains("leader"), "{reason}"),
+        Err(Error::Timeout) => {}
+        other => panic!("expected a rejection or a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(engine.current_leader(), None::<NodeId>);
+}
+
+#[test]
+fn an_algorithm_not_built_yet_is_refused_at_new() {
+    let config = ConsensusConfig::default().algorithm(consensus::Algorithm::Pbft);
+    let error = ConsensusEngine::new(config).unwrap_err();
+    assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+    assert!(error.to_string().contains("pbft"));
+}

@@ -512,7 +512,8 @@ mod tests {
             Err(ConfigError::Invalid { field, .. }) => field,
             Ok(()) => "valid",
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut TcpTransportConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut TcpTransportConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("cluster_id", Box::new(|c| c.cluster_id.clear())),
             ("max_frame_bytes", Box::new(|c| c.max_frame_bytes = 100)),
             ("max_frame_bytes", Box::new(|c| c.max_frame_bytes = 2 << 30)),

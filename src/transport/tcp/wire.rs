@@ -209,7 +209,7 @@ mod tests {
                 assert_eq!(decoded, messages, "compress = {compress}");
             }
         }
-        let large_payload = seal_payload(body_of(&vec!["x".repeat(4096)]), true);
+        let large_payload = seal_payload(body_of(&["x".repeat(4096)]), true);
         assert_eq!(
             large_payload[0], FLAG_LZ4,
             "a repetitive large body is compressed"
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_errors_not_panics() {
-        let good = seal_payload(body_of(&vec!["y".repeat(2000)]), true);
+        let good = seal_payload(body_of(&["y".repeat(2000)]), true);
         assert!(matches!(
             open_payload::<String>(&[], 100),
             Err(BatchError::Empty)

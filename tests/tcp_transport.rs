@@ -8,11 +8,13 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use consensus::NodeId;
+use bytes::Bytes;
+use consensus::protocol::raft::Message;
 use consensus::transport::Transport;
 use consensus::transport::tcp::{
     NetworkConfig, PeerAddress, TcpTransport, TcpTransportConfig, TransportError,
 };
+use consensus::{Entry, NodeId, Payload, ProposalTag};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{Instant, timeout};
@@ -432,6 +434,72 @@ async fn a_full_peer_queue_drops_and_counts_instead_of_blocking() {
         (8, 12),
         "{stats:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_cross_the_wire_intact() {
+    init_logs();
+    let (a, _a_rx) = TcpTransport::<Message>::start(config(1, loopback()), vec![])
+        .await
+        .unwrap();
+    let (b, mut b_rx) = TcpTransport::<Message>::start(config(2, loopback()), vec![])
+        .await
+        .unwrap();
+    a.add_peer(PeerAddress::with_id(
+        NodeId(2),
+        "127.0.0.1",
+        b.local_addr().port(),
+    ));
+    let entries = vec![
+        Entry {
+            term: 3,
+            index: 10,
+            payload: Payload::Blank,
+        },
+        Entry {
+            term: 3,
+            index: 11,
+            payload: Payload::Command {
+                tag: ProposalTag {
+                    proposer: NodeId(1),
+                    request_id: 99,
+                },
+                data: Bytes::from_static(b"\x00key\xffvalue"),
+            },
+        },
+    ];
+    let sent = vec![
+        Message::AppendEntries {
+            term: 3,
+            prev_log_index: 9,
+            prev_log_term: 2,
+            entries,
+            leader_commit: 9,
+        },
+        Message::Heartbeat {
+            term: 3,
+            commit: 11,
+        },
+        Message::ForwardProposals {
+            term: 3,
+            proposals: vec![(7, Bytes::from_static(b"p"))],
+        },
+    ];
+    // The first messages may be queued before the connection is up; they are sent once it is.
+    for message in &sent {
+        a.send(NodeId(2), message.clone());
+    }
+    for expected in &sent {
+        let (from, got) = timeout(DEADLINE, b_rx.recv()).await.unwrap().unwrap();
+        assert_eq!((from, &got), (NodeId(1), expected));
+    }
+}
+
+#[test]
+fn starting_outside_a_tokio_runtime_is_an_error() {
+    let start = TcpTransport::<TestMessage>::start(config(1, loopback()), vec![]);
+    let err = futures::executor::block_on(start).unwrap_err();
+    assert!(matches!(err, TransportError::NoRuntime), "{err}");
 }
 
 #[tokio::test]

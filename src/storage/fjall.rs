@@ -340,6 +340,10 @@ impl LogStore for FjallLogStore {
             .map_err(|e| fjall_error(e, "journal sync"))
     }
 
+    /// Reads and validates the whole store. Meant for start-up: on a store that has been written
+    /// since it was opened, writes not yet synced are returned too. When a snapshot compacted the
+    /// log, `entries` starts after the snapshot (see [`FjallLogStore::snapshot_meta`]) instead of
+    /// at index 1.
     fn recover(&mut self) -> Result<RecoveredState, StorageError> {
         let hard_state = match self
             .meta

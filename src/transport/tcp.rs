@@ -225,6 +225,9 @@ pub enum TransportError {
     /// See [`ConfigError`].
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// [`TcpTransport::start`] was awaited outside a tokio runtime; the transport's tasks need one.
+    #[error("the TCP transport must be started inside a tokio runtime")]
+    NoRuntime,
     /// The listening socket could not be set up.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -334,6 +337,8 @@ where
         peers: Vec<PeerAddress>,
     ) -> Result<(Self, mpsc::Receiver<(NodeId, M)>), TransportError> {
         config.validate()?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
         let listener = server::listen(&config).map_err(|source| TransportError::Bind {
             address: config.bind_address,
             source,
@@ -352,7 +357,7 @@ where
             inbound,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            runtime: tokio::runtime::Handle::current(),
+            runtime,
         });
         spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
         let transport = TcpTransport { shared, local_addr };

@@ -676,7 +676,7 @@ mod tests {
             payload: Payload::Command {
                 tag: ProposalTag {
                     proposer: NodeId(3),
-                    request_id: index * 7,
+                    request_id: index.wrapping_mul(7),
                 },
                 data: Bytes::copy_from_slice(data),
             },

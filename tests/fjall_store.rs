@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use consensus::protocol::raft::Output;
 use consensus::storage::{
-    FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, META_KEYSPACE, SnapshotMeta,
-    SyncPolicy,
+    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, META_KEYSPACE,
+    SnapshotMeta, SyncPolicy,
 };
 use consensus::{Entry, LogIndex, NodeId, Payload, ProposalTag, StorageError, Term};
 
@@ -247,6 +247,27 @@ fn snapshot_metadata_and_compaction_survive_reopen() {
 }
 
 #[test]
+fn a_database_left_half_created_by_a_crash_is_rebuilt() {
+    // A process killed while fjall was creating its files leaves some of them (found by the
+    // SIGKILL test); only the staging directory can hold such leftovers.
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join(format!("{DATABASE_DIR}.creating"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("lock"), b"").unwrap();
+    {
+        let mut store = open(dir.path());
+        assert_eq!(store.recover().unwrap(), Default::default());
+        store.append(&entries(1..=3, 1)).unwrap();
+        store.sync().unwrap();
+    }
+    assert!(!staging.exists());
+    assert_eq!(
+        open(dir.path()).recover().unwrap().entries,
+        entries(1..=3, 1)
+    );
+}
+
+#[test]
 fn a_directory_in_use_is_refused_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path());
@@ -275,7 +296,9 @@ fn recover_after_damage(
         store.sync().unwrap();
     }
     {
-        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let db = fjall::Database::builder(dir.path().join(DATABASE_DIR))
+            .open()
+            .unwrap();
         let log = db
             .keyspace(LOG_KEYSPACE, fjall::KeyspaceCreateOptions::default)
             .unwrap();
@@ -430,6 +453,16 @@ fn crash_child() {
     }
 }
 
+/// The child's report in a line of its stdout: the test harness may have written the start of
+/// the line ("test crash_child ... ").
+fn child_report(line: &str) -> &str {
+    ["READY", "INTENT", "ACK", "ERROR"]
+        .iter()
+        .filter_map(|keyword| line.find(keyword))
+        .min()
+        .map_or("", |start| &line[start..])
+}
+
 /// What the parent knows is durable: acknowledged entries, the acknowledged hard state term, and
 /// a truncation under a new term that was announced but not acknowledged (which may or may not
 /// have happened).
@@ -442,7 +475,7 @@ struct Model {
 
 impl Model {
     fn apply(&mut self, line: &str) {
-        let words: Vec<&str> = line.split_whitespace().collect();
+        let words: Vec<&str> = child_report(line).split_whitespace().collect();
         match words.as_slice() {
             ["INTENT", from, term] => {
                 self.pending_truncation = Some((from.parse().unwrap(), term.parse().unwrap()));
@@ -520,6 +553,9 @@ fn crash_trials(trials: usize, policy: &str, base_seed: u64) {
     let mut rng = SplitMix(base_seed);
     let mut model = Model::default();
     let mut acknowledged_total = 0;
+    // Where the kills landed: before the child finished recovering, and between announcing a
+    // truncation and its acknowledgement.
+    let (mut killed_starting, mut killed_truncating) = (0, 0);
     for trial in 0..trials {
         let seed = rng.next();
         let mut child = Command::new(&exe)
@@ -538,24 +574,42 @@ fn crash_trials(trials: usize, policy: &str, base_seed: u64) {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
             let mut reader = BufReader::new(stdout);
             let mut line = Vec::new();
             // A line cut by the kill has no newline and is ignored: it acknowledged nothing.
             while reader.read_until(b'\n', &mut line).unwrap() > 0 {
                 if line.ends_with(b"\n") {
-                    lines.push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                    let _ = line_tx.send(String::from_utf8_lossy(&line).trim_end().to_owned());
                 }
                 line.clear();
             }
-            lines
         });
-        // Start-up (exec, open, recovery) takes some of this, so some kills land in recovery.
-        std::thread::sleep(Duration::from_millis(5 + rng.below(70)));
+        let mut lines = Vec::new();
+        if trial % 4 == 0 {
+            // Counted from the spawn: start-up (exec, open, recovery) takes some of this, so
+            // these kills often land in the child's own recovery.
+            std::thread::sleep(Duration::from_millis(rng.below(60)));
+        } else {
+            // Counted from the end of recovery, which grows with the log: these land in writes.
+            let ready_by = Instant::now() + Duration::from_secs(20);
+            while !lines
+                .iter()
+                .any(|l: &String| child_report(l).starts_with("READY"))
+            {
+                let left = ready_by.saturating_duration_since(Instant::now());
+                match line_rx.recv_timeout(left) {
+                    Ok(line) => lines.push(line),
+                    Err(e) => panic!("trial {trial} seed {seed}: child never got ready: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(25)));
+        }
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        reader.join().unwrap();
+        lines.extend(line_rx.try_iter());
         assert!(
             status.code().is_none_or(|code| code == 0),
             "trial {trial} seed {seed}: child exited {status}: {lines:?}"
@@ -563,13 +617,17 @@ fn crash_trials(trials: usize, policy: &str, base_seed: u64) {
         for line in &lines {
             model.apply(line);
         }
-        acknowledged_total += lines.iter().filter(|l| l.starts_with("ACK")).count();
+        let reports: Vec<&str> = lines.iter().map(|l| child_report(l)).collect();
+        acknowledged_total += reports.iter().filter(|r| r.starts_with("ACK")).count();
+        killed_starting += usize::from(!reports.iter().any(|r| r.starts_with("READY")));
+        killed_truncating += usize::from(model.pending_truncation.is_some());
         let mut store = FjallLogStore::open(dir.path(), SyncPolicy::EveryBatch)
             .unwrap_or_else(|e| panic!("trial {trial} seed {seed}: reopen failed: {e}"));
         model.check_and_adopt(&mut store, trial);
     }
     eprintln!(
-        "{trials} trials ({policy}), {acknowledged_total} acknowledged persists, final log of {} entries",
+        "{trials} trials ({policy}): {acknowledged_total} acknowledged persists, {killed_starting} \
+         kills during start-up, {killed_truncating} during a truncation, final log of {} entries",
         model.terms.len()
     );
     assert!(

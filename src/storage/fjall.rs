@@ -2,7 +2,7 @@
 //! under the node's `state_dir`.
 //!
 //! # Layout
-//! Two keyspaces. [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
+//! The fjall database lives in `state_dir/`[`DATABASE_DIR`]. Two keyspaces: [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
 //! index order) to one entry record. [`META_KEYSPACE`] holds the hard state under
 //! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`].
 //!
@@ -35,6 +35,10 @@ use crate::protocol::raft::Output;
 use crate::storage::{HardState, LogStore, RecoveredState};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
+/// Subdirectory of the state directory that holds the fjall database.
+pub const DATABASE_DIR: &str = "fjall";
+/// Where a new database is built before it is renamed to [`DATABASE_DIR`].
+const STAGING_DIR: &str = "fjall.creating";
 /// Name of the keyspace holding the log.
 pub const LOG_KEYSPACE: &str = "raft_log";
 /// Name of the keyspace holding the hard state and snapshot metadata.
@@ -134,11 +138,7 @@ impl FjallLogStore {
         sync_policy: SyncPolicy,
     ) -> Result<Self, StorageError> {
         let path = state_dir.as_ref().to_path_buf();
-        let db = Database::builder(&path)
-            // Writes must reach the OS only at `sync`, so that one persist is one journal flush.
-            .manual_journal_persist(true)
-            .open()
-            .map_err(|e| fjall_error(e, "database"))?;
+        let db = open_database(&path)?;
         let log = db
             .keyspace(LOG_KEYSPACE, KeyspaceCreateOptions::default)
             .map_err(|e| fjall_error(e, "log keyspace"))?;
@@ -414,6 +414,47 @@ impl LogStore for FjallLogStore {
         self.commit(batch, bounds)?;
         self.sync()
     }
+}
+
+fn database_builder(path: &Path) -> ::fjall::DatabaseBuilder<Database> {
+    // Writes must reach the OS only at `sync`, so that one persist is one journal flush.
+    Database::builder(path).manual_journal_persist(true)
+}
+
+/// Opens the database in `state_dir`, creating it first if there is none.
+///
+/// fjall creates a database in several steps (lock file, journal, version marker) and refuses a
+/// directory where a killed process left only some of them. So a new database is built in a
+/// staging directory, closed, and renamed into place: a crash during creation leaves only the
+/// staging directory, which held no acknowledged write and is discarded on the next open.
+fn open_database(state_dir: &Path) -> Result<Database, StorageError> {
+    let live = state_dir.join(DATABASE_DIR);
+    if !live.try_exists()? {
+        std::fs::create_dir_all(state_dir)?;
+        let staging = state_dir.join(STAGING_DIR);
+        if staging.try_exists()? {
+            tracing::warn!(path = %staging.display(), "removing a database left half-created by a crash");
+            std::fs::remove_dir_all(&staging)?;
+        }
+        {
+            let db = database_builder(&staging)
+                .open()
+                .map_err(|e| fjall_error(e, "new database"))?;
+            for name in [LOG_KEYSPACE, META_KEYSPACE] {
+                db.keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(|e| fjall_error(e, "new keyspace"))?;
+            }
+            db.persist(PersistMode::SyncAll)
+                .map_err(|e| fjall_error(e, "new database"))?;
+            // Dropping the handles closes the database (and stops its threads) before the rename.
+        }
+        std::fs::rename(&staging, &live)?;
+        // The rename is durable once the directory holding both names is synced.
+        std::fs::File::open(state_dir)?.sync_all()?;
+    }
+    database_builder(&live)
+        .open()
+        .map_err(|e| fjall_error(e, "database"))
 }
 
 fn corrupt(location: impl Into<String>, detail: impl Into<String>) -> StorageError {

@@ -8,8 +8,8 @@ mod fjall;
 mod memory;
 
 pub use self::fjall::{
-    FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, SNAPSHOT_KEY, SnapshotMeta,
-    SyncPolicy,
+    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, SNAPSHOT_KEY,
+    SnapshotMeta, SyncPolicy,
 };
 pub use memory::MemoryLogStore;
 

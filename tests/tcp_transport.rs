@@ -148,10 +148,74 @@ async fn two_transports_exchange_messages_both_ways() {
     a.0.add_peer(address_of(&b, true));
     stream_in_order(&a.0, NodeId(2), &mut b.1, 500).await;
     stream_in_order(&b.0, NodeId(1), &mut a.1, 500).await;
-    let stats = a.0.stats();
-    assert_eq!(stats.messages_delivered, 500, "{stats:?}");
-    assert!(stats.batches_delivered <= 500, "{stats:?}");
+    wait_until("all acknowledged", || a.0.stats().messages_delivered == 500).await;
     assert_eq!(b.0.stats().messages_received, 500);
+}
+
+/// On a single-threaded runtime the peer's task cannot run while the test sends, so what it finds
+/// queued is exactly what was sent: one batch when it fits a frame, several cut at the frame
+/// limit when it does not, and a message larger than a frame is dropped on its own.
+#[tokio::test(flavor = "current_thread")]
+async fn queued_messages_go_as_one_batch_or_are_cut_at_the_frame_limit() {
+    init_logs();
+    let mut a = start(config(1, loopback()), vec![]).await;
+    let mut b = start(config(2, loopback()), vec![]).await;
+    a.0.add_peer(address_of(&b, true));
+    send_until_received(&a.0, NodeId(2), &mut b.1).await;
+    let delivered = |a: &Node| a.0.stats().messages_delivered;
+    wait_until("the first message is acknowledged", || delivered(&a) >= 1).await;
+    let before = a.0.stats();
+
+    // 1000 small messages: about 40 KB, one frame.
+    stream_in_order(&a.0, NodeId(2), &mut b.1, 1000).await;
+    wait_until("all acknowledged", || {
+        delivered(&a) == before.messages_delivered + 1000
+    })
+    .await;
+    let after_small = a.0.stats();
+    assert_eq!(
+        after_small.batches_delivered,
+        before.batches_delivered + 1,
+        "{after_small:?}"
+    );
+
+    // 600 messages of 1 KB: about 600 KB, cut into frames of at most 64 KiB.
+    let body = "b".repeat(1000);
+    for seq in 0..600 {
+        a.0.send(
+            NodeId(2),
+            TestMessage {
+                from: 1,
+                seq,
+                body: body.clone(),
+            },
+        );
+    }
+    // Larger than a frame: dropped and counted, and what follows still goes.
+    a.0.send(
+        NodeId(2),
+        TestMessage {
+            from: 1,
+            seq: 600,
+            body: "x".repeat(MAX_FRAME),
+        },
+    );
+    a.0.send(NodeId(2), message(1, 601));
+    for seq in (0..600).chain([601]) {
+        let got = receive_matching(&mut b.1, |_, _| true).await;
+        assert_eq!(got.seq, seq);
+    }
+    wait_until("all acknowledged", || {
+        delivered(&a) == after_small.messages_delivered + 601
+    })
+    .await;
+    let after_large = a.0.stats();
+    let batches = after_large.batches_delivered - after_small.batches_delivered;
+    assert!(
+        (10..=13).contains(&batches),
+        "600 KB in {batches} batches: {after_large:?}"
+    );
+    assert_eq!(after_large.dropped_undelivered, 1, "{after_large:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,13 @@
 //! everything in memory but models durability exactly (what was not synced is lost in a crash),
 //! which is what the simulator needs.
 
+mod fjall;
 mod memory;
 
+pub use self::fjall::{
+    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, SNAPSHOT_KEY,
+    SnapshotMeta, SyncPolicy,
+};
 pub use memory::MemoryLogStore;
 
 use serde::{Deserialize, Serialize};

@@ -12,3 +12,4 @@ pub trait Transport<M>: Send + Sync {
 }
 
 pub mod simulated;
+pub mod tcp;

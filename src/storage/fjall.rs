@@ -1,0 +1,793 @@
+//! The durable [`LogStore`]: the log, the hard state and snapshot metadata in a fjall database
+//! under the node's `state_dir`.
+//!
+//! # Layout
+//! The fjall database lives in `state_dir/`[`DATABASE_DIR`]. Two keyspaces: [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
+//! index order) to one entry record. [`META_KEYSPACE`] holds the hard state under
+//! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`].
+//!
+//! # Records
+//! Every value is a record: a 10-byte header — format version, record kind, body length
+//! (`u32` LE), CRC-32 (`u32` LE) over the version, kind, length and body — then the body. A record
+//! whose checksum, length, kind or version does not match, or whose body does not decode, is
+//! reported as [`StorageError::Corrupt`] naming the record, and so is a log that is not a
+//! contiguous run of indexes or an entry stored under another index's key. fjall's journal and
+//! tables carry their own checksums; ours also catches records that are intact for fjall but wrong
+//! for us (a bug, a misdirected write, a byte flipped in memory before it was written).
+//!
+//! # Durability and crash safety
+//! Each write call commits one fjall write batch, which fjall's journal makes atomic: after a crash
+//! the store holds a prefix of the committed batches, never part of one. Writes reach the OS and
+//! the disk only at [`LogStore::sync`], as [`SyncPolicy`] says. [`FjallLogStore::persist`] puts a
+//! whole core [`Output`] (hard state, truncation, appends) into a single batch followed by a single
+//! sync, so concurrent proposals the engine gathered into one `Output` share one fsync (group
+//! commit) and a crash leaves either all of it or none. A truncation deletes the suffix in the same
+//! batch as whatever follows it, so no crash point can leave a gap in the log.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+use bytes::Bytes;
+
+use crate::error::StorageError;
+use crate::protocol::raft::Output;
+use crate::storage::{HardState, LogStore, RecoveredState};
+use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
+
+/// Subdirectory of the state directory that holds the fjall database.
+pub const DATABASE_DIR: &str = "fjall";
+/// Where a new database is built before it is renamed to [`DATABASE_DIR`].
+const STAGING_DIR: &str = "fjall.creating";
+/// Name of the keyspace holding the log.
+pub const LOG_KEYSPACE: &str = "raft_log";
+/// Name of the keyspace holding the hard state and snapshot metadata.
+pub const META_KEYSPACE: &str = "raft_meta";
+/// Key of the hard state record in [`META_KEYSPACE`].
+pub const HARD_STATE_KEY: &[u8] = b"hard_state";
+/// Key of the snapshot metadata record in [`META_KEYSPACE`].
+pub const SNAPSHOT_KEY: &[u8] = b"snapshot";
+
+/// Version byte of every record this code writes.
+const RECORD_VERSION: u8 = 1;
+/// Header bytes before a record's body: version, kind, body length, CRC-32.
+const HEADER_LEN: usize = 1 + 1 + 4 + 4;
+
+/// What a record holds; part of the header so that a record stored under the wrong key is caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum RecordKind {
+    Entry = 1,
+    HardState = 2,
+    Snapshot = 3,
+}
+
+/// When the store forces its writes to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Every [`LogStore::sync`] (one per [`LogStore::persist`]) fsyncs the journal: what was
+    /// acknowledged survives a power cut. The default.
+    #[default]
+    EveryBatch,
+    /// Never fsync: each sync hands the writes to the OS, which writes them out when it likes. A
+    /// crash of the process loses nothing; a power cut or kernel crash may lose the latest writes.
+    /// For benchmarks and throwaway clusters.
+    Never,
+}
+
+impl SyncPolicy {
+    fn persist_mode(self) -> PersistMode {
+        match self {
+            SyncPolicy::EveryBatch => PersistMode::SyncAll,
+            SyncPolicy::Never => PersistMode::Buffer,
+        }
+    }
+}
+
+/// Metadata of the latest snapshot: the log position it covers and an opaque blob (e.g. the state
+/// machine's serialized snapshot or a pointer to it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// The index of the last entry the snapshot includes.
+    pub last_included_index: LogIndex,
+    /// The term of that entry.
+    pub last_included_term: Term,
+    /// Opaque bytes stored with the metadata, whole.
+    pub data: Bytes,
+}
+
+/// Where the log stands after the writes made so far (durable or not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bounds {
+    /// The lowest index the log may hold: 1, or one past a compacted prefix.
+    first_index: LogIndex,
+    /// One past the last entry.
+    next_index: LogIndex,
+}
+
+/// A [`LogStore`] on fjall. See the module documentation for layout and guarantees.
+pub struct FjallLogStore {
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    sync_policy: SyncPolicy,
+    path: PathBuf,
+    bounds: Bounds,
+    snapshot: Option<SnapshotMeta>,
+}
+
+impl std::fmt::Debug for FjallLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallLogStore")
+            .field("path", &self.path)
+            .field("sync_policy", &self.sync_policy)
+            .field("first_index", &self.bounds.first_index)
+            .field("next_index", &self.bounds.next_index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FjallLogStore {
+    /// Opens (creating if needed) the store in `state_dir`.
+    ///
+    /// Reads only what it needs to accept writes (the last log key and the snapshot metadata);
+    /// [`LogStore::recover`] reads and validates everything and must be called before the node
+    /// serves. A directory another open store holds is refused (fjall locks it).
+    pub fn open(
+        state_dir: impl AsRef<Path>,
+        sync_policy: SyncPolicy,
+    ) -> Result<Self, StorageError> {
+        let path = state_dir.as_ref().to_path_buf();
+        let db = open_database(&path)?;
+        let log = db
+            .keyspace(LOG_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(|e| fjall_error(e, "log keyspace"))?;
+        let meta = db
+            .keyspace(META_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(|e| fjall_error(e, "meta keyspace"))?;
+        let snapshot = match meta
+            .get(SNAPSHOT_KEY)
+            .map_err(|e| fjall_error(e, "snapshot"))?
+        {
+            Some(value) => Some(decode_snapshot(&value)?),
+            None => None,
+        };
+        let floor = snapshot.as_ref().map_or(1, |s| s.last_included_index + 1);
+        let first_key = match log.first_key_value() {
+            Some(guard) => Some(decode_key(
+                &guard.key().map_err(|e| fjall_error(e, "log"))?,
+            )?),
+            None => None,
+        };
+        let last_key = match log.last_key_value() {
+            Some(guard) => Some(decode_key(
+                &guard.key().map_err(|e| fjall_error(e, "log"))?,
+            )?),
+            None => None,
+        };
+        let bounds = match (first_key, last_key) {
+            (Some(first), Some(last)) => Bounds {
+                first_index: first,
+                next_index: last + 1,
+            },
+            _ => Bounds {
+                first_index: floor,
+                next_index: floor,
+            },
+        };
+        Ok(FjallLogStore {
+            db,
+            log,
+            meta,
+            sync_policy,
+            path,
+            bounds,
+            snapshot,
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The sync policy the store was opened with.
+    pub fn sync_policy(&self) -> SyncPolicy {
+        self.sync_policy
+    }
+
+    /// One past the last entry, as the writes so far leave the log.
+    pub fn next_index(&self) -> LogIndex {
+        self.bounds.next_index
+    }
+
+    /// Records snapshot metadata, replacing any earlier one; durable at the next sync.
+    ///
+    /// A snapshot older than the current one is refused: it would let a later compaction lose
+    /// entries the older snapshot does not cover.
+    pub fn save_snapshot_meta(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        if let Some(current) = &self.snapshot
+            && meta.last_included_index < current.last_included_index
+        {
+            return Err(StorageError::NonContiguous {
+                expected: current.last_included_index,
+                got: meta.last_included_index,
+            });
+        }
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, SNAPSHOT_KEY, encode_snapshot(meta));
+        batch.commit().map_err(|e| fjall_error(e, "snapshot"))?;
+        self.snapshot = Some(meta.clone());
+        Ok(())
+    }
+
+    /// The latest snapshot metadata written, if any.
+    pub fn snapshot_meta(&self) -> Option<&SnapshotMeta> {
+        self.snapshot.as_ref()
+    }
+
+    /// Deletes every entry with index `<= through`, which the snapshot must cover. If the log ends
+    /// before `through`, the whole log goes and the next append must be `through + 1`.
+    /// Durable at the next sync.
+    pub fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
+        let covered = self.snapshot.as_ref().map_or(0, |s| s.last_included_index);
+        if through > covered {
+            return Err(StorageError::Backend(format!(
+                "cannot compact through index {through}: the snapshot covers only up to {covered}"
+            )));
+        }
+        if through < self.bounds.first_index {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        let end = (through + 1).min(self.bounds.next_index);
+        for index in (self.bounds.first_index..end).rev() {
+            batch.remove(&self.log, encode_key(index));
+        }
+        batch.commit().map_err(|e| fjall_error(e, "log"))?;
+        self.bounds = Bounds {
+            first_index: through + 1,
+            next_index: self.bounds.next_index.max(through + 1),
+        };
+        Ok(())
+    }
+
+    /// Stages the removal of entries `>= from`; returns the bounds it leaves.
+    fn stage_truncate(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        bounds: Bounds,
+        from: LogIndex,
+    ) -> Result<Bounds, StorageError> {
+        let from = from.max(1);
+        if let Some(snapshot) = &self.snapshot
+            && from <= snapshot.last_included_index
+        {
+            // The snapshot holds only committed entries, and committed entries are never removed.
+            return Err(StorageError::NonContiguous {
+                expected: snapshot.last_included_index + 1,
+                got: from,
+            });
+        }
+        let doomed: Range<LogIndex> = from.max(bounds.first_index)..bounds.next_index;
+        // Highest first: fjall applies a batch atomically, but should a batch ever be split, a
+        // prefix of this order still leaves a contiguous log.
+        for index in doomed.rev() {
+            batch.remove(&self.log, encode_key(index));
+        }
+        Ok(Bounds {
+            first_index: bounds.first_index.min(from),
+            next_index: bounds.next_index.min(from),
+        })
+    }
+
+    /// Stages `entries` after the log as `bounds` leaves it; returns the new bounds.
+    fn stage_append(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        bounds: Bounds,
+        entries: &[Entry],
+    ) -> Result<Bounds, StorageError> {
+        let mut expected = bounds.next_index;
+        for entry in entries {
+            if entry.index != expected {
+                return Err(StorageError::NonContiguous {
+                    expected,
+                    got: entry.index,
+                });
+            }
+            batch.insert(&self.log, encode_key(entry.index), encode_entry(entry));
+            expected += 1;
+        }
+        Ok(Bounds {
+            first_index: bounds.first_index,
+            next_index: expected,
+        })
+    }
+
+    fn commit(&mut self, batch: OwnedWriteBatch, bounds: Bounds) -> Result<(), StorageError> {
+        batch.commit().map_err(|e| fjall_error(e, "write batch"))?;
+        self.bounds = bounds;
+        Ok(())
+    }
+}
+
+impl LogStore for FjallLogStore {
+    fn save_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, HARD_STATE_KEY, encode_hard_state(hard_state));
+        self.commit(batch, self.bounds)
+    }
+
+    fn truncate_from(&mut self, from: LogIndex) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        let bounds = self.stage_truncate(&mut batch, self.bounds, from)?;
+        self.commit(batch, bounds)
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        let bounds = self.stage_append(&mut batch, self.bounds, entries)?;
+        self.commit(batch, bounds)
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.db
+            .persist(self.sync_policy.persist_mode())
+            .map_err(|e| fjall_error(e, "journal sync"))
+    }
+
+    /// Reads and validates the whole store. Meant for start-up: on a store that has been written
+    /// since it was opened, writes not yet synced are returned too. When a snapshot compacted the
+    /// log, `entries` starts after the snapshot (see [`FjallLogStore::snapshot_meta`]) instead of
+    /// at index 1.
+    fn recover(&mut self) -> Result<RecoveredState, StorageError> {
+        let hard_state = match self
+            .meta
+            .get(HARD_STATE_KEY)
+            .map_err(|e| fjall_error(e, "hard state"))?
+        {
+            Some(value) => decode_hard_state(&value)?,
+            None => HardState::default(),
+        };
+        let snapshot_index = self.snapshot.as_ref().map(|s| s.last_included_index);
+        let mut entries = Vec::new();
+        let mut expected: Option<LogIndex> = None;
+        for guard in self.log.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| fjall_error(e, "log"))?;
+            let key_index = decode_key(&key)?;
+            let location = format!("log index {key_index}");
+            let entry = decode_entry(&value, &location)?;
+            if entry.index != key_index {
+                return Err(corrupt(
+                    location,
+                    format!("record holds the entry of index {}", entry.index),
+                ));
+            }
+            match expected {
+                Some(expected) if key_index != expected => {
+                    return Err(corrupt(
+                        location,
+                        format!("gap: expected index {expected} next"),
+                    ));
+                }
+                None => {
+                    // The log starts at 1, or anywhere up to just past the snapshot (a compaction
+                    // may have stopped early); a later start would leave a hole nothing covers.
+                    let latest_start = snapshot_index.map_or(1, |s| s + 1);
+                    if key_index == 0 || key_index > latest_start {
+                        return Err(corrupt(
+                            location,
+                            format!("log starts at {key_index}, expected at most {latest_start}"),
+                        ));
+                    }
+                }
+                Some(_) => {}
+            }
+            expected = Some(key_index + 1);
+            entries.push(entry);
+        }
+        Ok(RecoveredState {
+            hard_state,
+            entries,
+        })
+    }
+
+    /// One batch and one sync for the whole output: see the module documentation.
+    fn persist(&mut self, output: &Output) -> Result<(), StorageError> {
+        if output.hard_state.is_none() && output.truncate_from.is_none() && output.append.is_empty()
+        {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        let mut bounds = self.bounds;
+        if let Some(hard_state) = output.hard_state {
+            batch.insert(&self.meta, HARD_STATE_KEY, encode_hard_state(hard_state));
+        }
+        if let Some(from) = output.truncate_from {
+            bounds = self.stage_truncate(&mut batch, bounds, from)?;
+        }
+        bounds = self.stage_append(&mut batch, bounds, &output.append)?;
+        self.commit(batch, bounds)?;
+        self.sync()
+    }
+}
+
+fn database_builder(path: &Path) -> ::fjall::DatabaseBuilder<Database> {
+    // Writes must reach the OS only at `sync`, so that one persist is one journal flush.
+    Database::builder(path).manual_journal_persist(true)
+}
+
+/// Opens the database in `state_dir`, creating it first if there is none.
+///
+/// fjall creates a database in several steps (lock file, journal, version marker) and refuses a
+/// directory where a killed process left only some of them. So a new database is built in a
+/// staging directory, closed, and renamed into place: a crash during creation leaves only the
+/// staging directory, which held no acknowledged write and is discarded on the next open.
+fn open_database(state_dir: &Path) -> Result<Database, StorageError> {
+    let live = state_dir.join(DATABASE_DIR);
+    if !live.try_exists()? {
+        std::fs::create_dir_all(state_dir)?;
+        let staging = state_dir.join(STAGING_DIR);
+        if staging.try_exists()? {
+            tracing::warn!(path = %staging.display(), "removing a database left half-created by a crash");
+            std::fs::remove_dir_all(&staging)?;
+        }
+        {
+            let db = database_builder(&staging)
+                .open()
+                .map_err(|e| fjall_error(e, "new database"))?;
+            for name in [LOG_KEYSPACE, META_KEYSPACE] {
+                db.keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(|e| fjall_error(e, "new keyspace"))?;
+            }
+            db.persist(PersistMode::SyncAll)
+                .map_err(|e| fjall_error(e, "new database"))?;
+            // Dropping the handles closes the database (and stops its threads) before the rename.
+        }
+        std::fs::rename(&staging, &live)?;
+        // The rename is durable once the directory holding both names is synced.
+        std::fs::File::open(state_dir)?.sync_all()?;
+    }
+    database_builder(&live)
+        .open()
+        .map_err(|e| fjall_error(e, "database"))
+}
+
+fn corrupt(location: impl Into<String>, detail: impl Into<String>) -> StorageError {
+    StorageError::Corrupt {
+        location: location.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Sorts fjall's failures: damaged data is `Corrupt` (the node must not start on it), a failing
+/// device is `Io`, the rest (a locked directory, a poisoned database) is `Backend`.
+fn fjall_error(error: ::fjall::Error, location: &str) -> StorageError {
+    match error {
+        ::fjall::Error::Io(e) => StorageError::Io(e),
+        ::fjall::Error::Storage(::fjall::LsmError::Io(e)) => StorageError::Io(e),
+        ::fjall::Error::Storage(inner) => corrupt(location, format!("fjall table: {inner:?}")),
+        e @ (::fjall::Error::JournalRecovery(_)
+        | ::fjall::Error::InvalidVersion(_)
+        | ::fjall::Error::Decompress(_)
+        | ::fjall::Error::InvalidTrailer
+        | ::fjall::Error::InvalidTag(_)
+        | ::fjall::Error::Unrecoverable) => corrupt(location, format!("fjall: {e:?}")),
+        other => StorageError::Backend(format!("{location}: {other:?}")),
+    }
+}
+
+fn encode_key(index: LogIndex) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode_key(key: &[u8]) -> Result<LogIndex, StorageError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| corrupt("log key", format!("key of {} bytes, expected 8", key.len())))?;
+    Ok(LogIndex::from_be_bytes(bytes))
+}
+
+fn record_crc(kind: RecordKind, body: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&[RECORD_VERSION, kind as u8]);
+    // Bodies are far below 4 GiB: fjall refuses values that large before we get here.
+    hasher.update(&(body.len() as u32).to_le_bytes());
+    hasher.update(body);
+    hasher.finalize()
+}
+
+fn seal(kind: RecordKind, body: Vec<u8>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(HEADER_LEN + body.len());
+    record.push(RECORD_VERSION);
+    record.push(kind as u8);
+    record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    record.extend_from_slice(&record_crc(kind, &body).to_le_bytes());
+    record.extend_from_slice(&body);
+    record
+}
+
+/// Checks a record's header and checksum and returns its body.
+fn open_record<'a>(
+    record: &'a [u8],
+    kind: RecordKind,
+    location: &str,
+) -> Result<&'a [u8], StorageError> {
+    let Some((header, body)) = record.split_at_checked(HEADER_LEN) else {
+        return Err(corrupt(
+            location,
+            format!(
+                "record of {} bytes is shorter than its header",
+                record.len()
+            ),
+        ));
+    };
+    if header[0] != RECORD_VERSION {
+        return Err(corrupt(
+            location,
+            format!("unknown record version {}", header[0]),
+        ));
+    }
+    if header[1] != kind as u8 {
+        return Err(corrupt(
+            location,
+            format!(
+                "record kind {} where {} was expected",
+                header[1], kind as u8
+            ),
+        ));
+    }
+    let length = u32::from_le_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if length != body.len() {
+        return Err(corrupt(
+            location,
+            format!(
+                "record body is {} bytes, header says {length} (truncated or extended)",
+                body.len()
+            ),
+        ));
+    }
+    let stored = u32::from_le_bytes([header[6], header[7], header[8], header[9]]);
+    let computed = record_crc(kind, body);
+    if stored != computed {
+        return Err(corrupt(
+            location,
+            format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"),
+        ));
+    }
+    Ok(body)
+}
+
+/// Reads fixed-size fields off a record body.
+struct BodyReader<'a> {
+    rest: &'a [u8],
+    location: &'a str,
+}
+
+impl<'a> BodyReader<'a> {
+    fn u8(&mut self, field: &str) -> Result<u8, StorageError> {
+        let Some((&byte, rest)) = self.rest.split_first() else {
+            return Err(corrupt(self.location, format!("body ends before {field}")));
+        };
+        self.rest = rest;
+        Ok(byte)
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, StorageError> {
+        let Some((bytes, rest)) = self.rest.split_first_chunk::<8>() else {
+            return Err(corrupt(self.location, format!("body ends before {field}")));
+        };
+        self.rest = rest;
+        Ok(u64::from_le_bytes(*bytes))
+    }
+
+    fn finish(self) -> Result<(), StorageError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(corrupt(
+                self.location,
+                format!("{} unexpected bytes after the body", self.rest.len()),
+            ))
+        }
+    }
+}
+
+const PAYLOAD_BLANK: u8 = 0;
+const PAYLOAD_COMMAND: u8 = 1;
+
+/// Entry body: term, index, payload tag, then for a command the tag's proposer and request id and
+/// the data (the rest of the body).
+fn encode_entry(entry: &Entry) -> Vec<u8> {
+    let mut body = Vec::with_capacity(17 + entry.payload.size_bytes());
+    body.extend_from_slice(&entry.term.to_le_bytes());
+    body.extend_from_slice(&entry.index.to_le_bytes());
+    match &entry.payload {
+        Payload::Blank => body.push(PAYLOAD_BLANK),
+        Payload::Command { tag, data } => {
+            body.push(PAYLOAD_COMMAND);
+            body.extend_from_slice(&tag.proposer.0.to_le_bytes());
+            body.extend_from_slice(&tag.request_id.to_le_bytes());
+            body.extend_from_slice(data);
+        }
+    }
+    seal(RecordKind::Entry, body)
+}
+
+fn decode_entry(record: &[u8], location: &str) -> Result<Entry, StorageError> {
+    let body = open_record(record, RecordKind::Entry, location)?;
+    let mut reader = BodyReader {
+        rest: body,
+        location,
+    };
+    let term = reader.u64("term")?;
+    let index = reader.u64("index")?;
+    let payload = match reader.u8("payload tag")? {
+        PAYLOAD_BLANK => {
+            reader.finish()?;
+            Payload::Blank
+        }
+        PAYLOAD_COMMAND => {
+            let proposer = NodeId(reader.u64("proposer")?);
+            let request_id = reader.u64("request id")?;
+            let data = Bytes::copy_from_slice(reader.rest);
+            Payload::Command {
+                tag: ProposalTag {
+                    proposer,
+                    request_id,
+                },
+                data,
+            }
+        }
+        other => return Err(corrupt(location, format!("unknown payload tag {other}"))),
+    };
+    Ok(Entry {
+        term,
+        index,
+        payload,
+    })
+}
+
+fn encode_hard_state(hard_state: HardState) -> Vec<u8> {
+    let mut body = Vec::with_capacity(17);
+    body.extend_from_slice(&hard_state.term.to_le_bytes());
+    match hard_state.voted_for {
+        None => body.push(0),
+        Some(node) => {
+            body.push(1);
+            body.extend_from_slice(&node.0.to_le_bytes());
+        }
+    }
+    seal(RecordKind::HardState, body)
+}
+
+fn decode_hard_state(record: &[u8]) -> Result<HardState, StorageError> {
+    let location = "hard state";
+    let body = open_record(record, RecordKind::HardState, location)?;
+    let mut reader = BodyReader {
+        rest: body,
+        location,
+    };
+    let term = reader.u64("term")?;
+    let voted_for = match reader.u8("vote tag")? {
+        0 => None,
+        1 => Some(NodeId(reader.u64("vote")?)),
+        other => return Err(corrupt(location, format!("unknown vote tag {other}"))),
+    };
+    reader.finish()?;
+    Ok(HardState { term, voted_for })
+}
+
+fn encode_snapshot(meta: &SnapshotMeta) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + meta.data.len());
+    body.extend_from_slice(&meta.last_included_index.to_le_bytes());
+    body.extend_from_slice(&meta.last_included_term.to_le_bytes());
+    body.extend_from_slice(&meta.data);
+    seal(RecordKind::Snapshot, body)
+}
+
+fn decode_snapshot(record: &[u8]) -> Result<SnapshotMeta, StorageError> {
+    let location = "snapshot metadata";
+    let body = open_record(record, RecordKind::Snapshot, location)?;
+    let mut reader = BodyReader {
+        rest: body,
+        location,
+    };
+    let last_included_index = reader.u64("last included index")?;
+    let last_included_term = reader.u64("last included term")?;
+    Ok(SnapshotMeta {
+        last_included_index,
+        last_included_term,
+        data: Bytes::copy_from_slice(reader.rest),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(index: LogIndex, term: Term, data: &[u8]) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: Payload::Command {
+                tag: ProposalTag {
+                    proposer: NodeId(3),
+                    request_id: index.wrapping_mul(7),
+                },
+                data: Bytes::copy_from_slice(data),
+            },
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for entry in [
+            command(1, 1, b""),
+            command(u64::MAX, 9, b"\x00\xffpayload"),
+            Entry {
+                index: 5,
+                term: 2,
+                payload: Payload::Blank,
+            },
+        ] {
+            assert_eq!(decode_entry(&encode_entry(&entry), "t").unwrap(), entry);
+        }
+        for hard_state in [
+            HardState::default(),
+            HardState {
+                term: 7,
+                voted_for: Some(NodeId(u64::MAX)),
+            },
+        ] {
+            assert_eq!(
+                decode_hard_state(&encode_hard_state(hard_state)).unwrap(),
+                hard_state
+            );
+        }
+        let snapshot = SnapshotMeta {
+            last_included_index: 10,
+            last_included_term: 3,
+            data: Bytes::from_static(b"blob"),
+        };
+        assert_eq!(
+            decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),
+            snapshot
+        );
+    }
+
+    #[test]
+    fn every_single_byte_flip_and_truncation_is_detected() {
+        let record = encode_entry(&command(4, 2, b"some command bytes"));
+        for position in 0..record.len() {
+            let mut damaged = record.clone();
+            damaged[position] ^= 0x20;
+            let err = decode_entry(&damaged, "log index 4").unwrap_err();
+            assert!(
+                matches!(err, StorageError::Corrupt { .. }),
+                "flip at {position}: {err}"
+            );
+        }
+        for length in 0..record.len() {
+            let err = decode_entry(&record[..length], "log index 4").unwrap_err();
+            assert!(
+                matches!(err, StorageError::Corrupt { .. }),
+                "cut at {length}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_of_another_kind_is_refused() {
+        let record = encode_hard_state(HardState {
+            term: 1,
+            voted_for: None,
+        });
+        let err = decode_entry(&record, "log index 1").unwrap_err();
+        assert!(err.to_string().contains("kind"), "{err}");
+    }
+}

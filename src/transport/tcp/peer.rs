@@ -1,0 +1,357 @@
+//! The task that owns one outbound peer: dial, handshake, send batches, redial with backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
+use tarpc::client::RpcError;
+use tarpc::tokio_serde::formats::Bincode;
+use tokio::sync::mpsc;
+use tokio_util::codec::LengthDelimitedCodec;
+
+use super::wire::{self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal};
+use super::{PeerAddress, Shared, bump, configure_stream, new_socket};
+use crate::types::NodeId;
+
+/// Exponential backoff with jitter, so that nodes restarted together do not redial in lockstep.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The wait before the next attempt: the current step plus up to a quarter more.
+    fn next_wait(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        step + step.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}
+
+/// tarpc's client half of a connection: writes requests, reads responses. It runs inside the
+/// peer's task rather than as a task of its own, which saves a task wake-up per batch and per
+/// acknowledgement; it ends when the connection breaks, and dropping it closes the socket.
+type Dispatch = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A dialed connection that completed the handshake.
+struct Connection {
+    client: PeerServiceClient,
+    peer_id: NodeId,
+    dispatch: Dispatch,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot resolve: {0}")]
+    Resolve(std::io::Error),
+    #[error("resolves to no address")]
+    NoAddress,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed during the handshake")]
+    Closed,
+    #[error("handshake failed: {0}")]
+    Rpc(#[from] RpcError),
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("answered as {got}, but is configured as {expected}")]
+    WrongId { expected: NodeId, got: NodeId },
+    #[error("is this node itself")]
+    Itself,
+}
+
+/// Runs the peer until the transport shuts down (the caller drops this future then).
+pub(super) async fn run<M>(
+    shared: Arc<Shared<M>>,
+    address: PeerAddress,
+    queue_tx: mpsc::Sender<M>,
+    mut queue: mpsc::Receiver<M>,
+) where
+    M: Serialize + Send + 'static,
+{
+    let config = &shared.config;
+    let mut backoff = Backoff::new(config.reconnect_backoff_min, config.reconnect_backoff_max);
+    let mut learned_id = address.node_id;
+    let mut failures_in_a_row = 0u32;
+    // A message taken off the queue that did not fit in the previous batch.
+    let mut carry: Option<Vec<u8>> = None;
+    loop {
+        let connection = match tokio::time::timeout(
+            config.handshake_timeout,
+            dial(&shared, &address),
+        )
+        .await
+        .unwrap_or(Err(DialError::Timeout))
+        {
+            Ok(connection) => connection,
+            Err(DialError::Itself) => {
+                tracing::error!(peer = %address, "peer address points at this node; not dialing it");
+                if let Some(id) = learned_id.filter(|_| address.node_id.is_none()) {
+                    shared.routes_write().remove(&id);
+                }
+                return;
+            }
+            Err(error) => {
+                bump(&shared.counters.dial_failures, 1);
+                failures_in_a_row += 1;
+                // The first failure of a streak is news; the rest are the same news.
+                if failures_in_a_row == 1 {
+                    tracing::warn!(peer = %address, %error, "cannot reach peer; will redial");
+                } else {
+                    tracing::debug!(peer = %address, %error, failures_in_a_row, "redial failed");
+                }
+                tokio::time::sleep(backoff.next_wait()).await;
+                continue;
+            }
+        };
+        failures_in_a_row = 0;
+        backoff.reset();
+        bump(&shared.counters.connections_established, 1);
+        if learned_id != Some(connection.peer_id) {
+            let mut routes = shared.routes_write();
+            if let Some(old) = learned_id {
+                routes.remove(&old);
+            }
+            routes.insert(connection.peer_id, queue_tx.clone());
+            learned_id = Some(connection.peer_id);
+        }
+        let peer_id = connection.peer_id;
+        tracing::debug!(peer = %address, id = %peer_id, "connected");
+        send_batches(&shared, connection, &mut queue, &mut carry).await;
+        tracing::debug!(peer = %address, id = %peer_id, "connection lost; redialing");
+        tokio::time::sleep(backoff.next_wait()).await;
+    }
+}
+
+/// Resolves, connects, sets the socket options, starts tarpc's dispatch and shakes hands.
+async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Connection, DialError> {
+    let config = &shared.config;
+    let mut last_error = DialError::NoAddress;
+    let candidates = tokio::net::lookup_host((address.host.as_str(), address.port))
+        .await
+        .map_err(DialError::Resolve)?;
+    let mut stream = None;
+    for candidate in candidates {
+        let attempt = async {
+            let socket = new_socket(candidate, &config.network)?;
+            socket.connect(candidate).await
+        };
+        match attempt.await {
+            Ok(connected) => {
+                stream = Some(connected);
+                break;
+            }
+            Err(e) => last_error = DialError::Connect(e),
+        }
+    }
+    let stream = stream.ok_or(last_error)?;
+    configure_stream(&stream, &config.network).map_err(DialError::Connect)?;
+    let framed = LengthDelimitedCodec::builder()
+        .max_frame_length(config.max_frame_bytes)
+        .new_framed(stream);
+    let transport = tarpc::serde_transport::new(framed, Bincode::default());
+    let client_config = {
+        let mut c = tarpc::client::Config::default();
+        // Our own window bounds what is in flight; tarpc's must not be the tighter one.
+        c.max_in_flight_requests = config.max_in_flight_per_peer + 1;
+        c.pending_request_buffer = config.max_in_flight_per_peer + 1;
+        c
+    };
+    let new_client = PeerServiceClient::new(client_config, transport);
+    let peer = address.to_string();
+    let dispatch = new_client.dispatch;
+    let mut dispatch: Dispatch = Box::pin(async move {
+        if let Err(error) = dispatch.await {
+            tracing::debug!(%peer, %error, "outbound connection ended");
+        }
+    });
+    let client = new_client.client;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.node_id,
+    };
+    let reply = tokio::select! {
+        reply = client.hello(deadline_in(config.handshake_timeout), hello) => reply??,
+        () = &mut dispatch => return Err(DialError::Closed),
+    };
+    if reply.protocol_version != PROTOCOL_VERSION {
+        return Err(Refusal::ProtocolVersion {
+            expected: PROTOCOL_VERSION,
+            got: reply.protocol_version,
+        }
+        .into());
+    }
+    if reply.cluster_id != config.cluster_id {
+        return Err(Refusal::WrongCluster {
+            expected: config.cluster_id.clone(),
+            got: reply.cluster_id,
+        }
+        .into());
+    }
+    if reply.node_id == config.node_id {
+        return Err(DialError::Itself);
+    }
+    if let Some(expected) = address.node_id
+        && expected != reply.node_id
+    {
+        return Err(DialError::WrongId {
+            expected,
+            got: reply.node_id,
+        });
+    }
+    Ok(Connection {
+        client,
+        peer_id: reply.node_id,
+        dispatch,
+    })
+}
+
+fn deadline_in(timeout: Duration) -> tarpc::context::Context {
+    let mut context = tarpc::context::current();
+    context.deadline = Instant::now() + timeout;
+    context
+}
+
+/// Sends batches until the connection breaks. Several batches may be in flight; each takes
+/// everything queued that fits in a frame.
+async fn send_batches<M>(
+    shared: &Arc<Shared<M>>,
+    connection: Connection,
+    queue: &mut mpsc::Receiver<M>,
+    carry: &mut Option<Vec<u8>>,
+) where
+    M: Serialize,
+{
+    let config = &shared.config;
+    let counters = &shared.counters;
+    let max_body = config.max_frame_bytes - FRAME_OVERHEAD;
+    let Connection {
+        client,
+        peer_id,
+        mut dispatch,
+    } = connection;
+    let mut in_flight = FuturesUnordered::new();
+    // Messages in batches sent but not yet acknowledged; lost if the connection breaks.
+    let mut unacknowledged = 0u64;
+    loop {
+        let window_open = in_flight.len() < config.max_in_flight_per_peer;
+        tokio::select! {
+            // In this order: a batch pushed in the previous round is first polled (handed to the
+            // dispatch) and then written by the dispatch in the same round.
+            biased;
+            Some((count, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                unacknowledged -= count;
+                match result {
+                    Ok(Ok(())) => {
+                        bump(&counters.messages_delivered, count);
+                        bump(&counters.batches_delivered, 1);
+                    }
+                    Ok(Err(refusal)) => {
+                        bump(&counters.dropped_undelivered, count);
+                        tracing::error!(peer = %peer_id, %refusal, "peer refused a batch; reconnecting");
+                        break;
+                    }
+                    Err(RpcError::DeadlineExceeded) => {
+                        // The peer is slow, not gone: keep the connection.
+                        bump(&counters.dropped_undelivered, count);
+                        tracing::debug!(peer = %peer_id, "batch delivery timed out");
+                    }
+                    Err(error) => {
+                        bump(&counters.dropped_undelivered, count);
+                        tracing::debug!(peer = %peer_id, %error, "batch delivery failed");
+                        break;
+                    }
+                }
+            }
+            () = &mut dispatch => break,
+            first = next_encoded(queue, carry, max_body, counters), if window_open => {
+                let Some(first) = first else { break };
+                let mut body = first;
+                let mut count = 1u64;
+                // Take whatever else is queued, up to the frame limit.
+                while let Ok(message) = queue.try_recv() {
+                    let Some(encoded) = encode(&message, max_body, counters) else { continue };
+                    if body.len() + encoded.len() > max_body {
+                        *carry = Some(encoded);
+                        break;
+                    }
+                    body.extend_from_slice(&encoded);
+                    count += 1;
+                }
+                let payload = wire::seal_payload(body, config.network.message_compression);
+                let call = client.deliver(deadline_in(config.request_timeout), payload);
+                in_flight.push(async move { (count, call.await) });
+                unacknowledged += count;
+            }
+        }
+    }
+    bump(&counters.dropped_undelivered, unacknowledged);
+}
+
+/// The next message to send, encoded: the carried-over one or the next from the queue. `None`
+/// when the queue is closed (the transport is shutting down).
+async fn next_encoded<M: Serialize>(
+    queue: &mut mpsc::Receiver<M>,
+    carry: &mut Option<Vec<u8>>,
+    max_body: usize,
+    counters: &super::Counters,
+) -> Option<Vec<u8>> {
+    if let Some(encoded) = carry.take() {
+        return Some(encoded);
+    }
+    loop {
+        let message = queue.recv().await?;
+        if let Some(encoded) = encode(&message, max_body, counters) {
+            return Some(encoded);
+        }
+    }
+}
+
+/// Encodes a message for a batch body, or counts and logs it as dropped when it cannot be
+/// encoded or would not fit in `max_body` bytes on its own.
+fn encode<M: Serialize>(
+    message: &M,
+    max_body: usize,
+    counters: &super::Counters,
+) -> Option<Vec<u8>> {
+    match wire::encode_message(message) {
+        Ok(encoded) if encoded.len() <= max_body => Some(encoded),
+        Ok(encoded) => {
+            bump(&counters.dropped_undelivered, 1);
+            tracing::error!(
+                bytes = encoded.len(),
+                max_body,
+                "message larger than a frame; dropped"
+            );
+            None
+        }
+        Err(error) => {
+            bump(&counters.dropped_undelivered, 1);
+            tracing::error!(%error, "message does not serialize; dropped");
+            None
+        }
+    }
+}

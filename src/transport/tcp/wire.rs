@@ -1,0 +1,246 @@
+//! What travels between nodes: the tarpc service (a handshake and batch delivery) and the
+//! encoding of a batch of messages.
+//!
+//! A batch payload is one flag byte, then the body: `0` = the body as is; `1` = a little-endian
+//! `u32` of the body's length followed by the body compressed as one LZ4 block. The body is a run
+//! of messages, each a little-endian `u32` length and the message in bincode (varint integers).
+//! Payloads are compressed only when the sender enables `message_compression`, the body is at
+//! least [`COMPRESSION_THRESHOLD`] bytes, and compression makes it smaller; a receiver decodes
+//! both forms whatever its own setting.
+
+use bincode::Options;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::types::NodeId;
+
+/// Version of this wire protocol; a peer speaking another one is refused in the handshake.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Bodies shorter than this go uncompressed: LZ4 gains little on them and costs a copy.
+pub(crate) const COMPRESSION_THRESHOLD: usize = 512;
+
+/// Bytes of a delivery frame that are not the payload (tarpc's request envelope: ids, deadline,
+/// trace context, enum tags), with room to spare; batches are cut to the frame limit minus this.
+pub(crate) const FRAME_OVERHEAD: usize = 1024;
+
+const FLAG_RAW: u8 = 0;
+const FLAG_LZ4: u8 = 1;
+
+/// What each side of a connection says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub(crate) protocol_version: u32,
+    /// The cluster the sender belongs to; nodes of different clusters never talk.
+    pub(crate) cluster_id: String,
+    /// The sender's node id.
+    pub(crate) node_id: NodeId,
+}
+
+/// Why a server refused a call. The client closes the connection on any refusal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// The peers speak different protocol versions.
+    #[error("protocol version {got} is not {expected}")]
+    ProtocolVersion { expected: u32, got: u32 },
+    /// The peers belong to different clusters.
+    #[error("cluster {got:?} is not {expected:?}")]
+    WrongCluster { expected: String, got: String },
+    /// The caller claims the server's own node id (a misconfiguration, or a node dialing itself).
+    #[error("node id {0} is the server's own")]
+    SameNodeId(NodeId),
+    /// A second hello on one connection with another id.
+    #[error("connection already introduced as {0}")]
+    AlreadyIntroduced(NodeId),
+    /// A delivery before the hello.
+    #[error("deliver before hello")]
+    NotIntroduced,
+    /// The batch payload does not decode.
+    #[error("malformed batch: {0}")]
+    MalformedBatch(String),
+}
+
+/// The RPCs between two nodes. The dialing node calls `hello` once, then `deliver` for each batch.
+#[tarpc::service]
+pub(crate) trait PeerService {
+    /// Introduces the caller; the answer introduces the server.
+    async fn hello(hello: Hello) -> Result<Hello, Refusal>;
+    /// Delivers one batch payload (see the module documentation) from the introduced caller.
+    async fn deliver(payload: Bytes) -> Result<(), Refusal>;
+}
+
+fn bincode_options() -> impl Options + Copy {
+    bincode::DefaultOptions::new()
+}
+
+/// Why a batch payload does not decode.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BatchError {
+    #[error("empty payload")]
+    Empty,
+    #[error("unknown payload flag {0}")]
+    UnknownFlag(u8),
+    #[error("compressed payload claims {claimed} bytes, the limit is {limit}")]
+    TooLarge { claimed: usize, limit: usize },
+    #[error("payload ends inside {0}")]
+    Truncated(&'static str),
+    #[error("LZ4 block does not decompress: {0}")]
+    Decompress(String),
+    #[error("message {index} does not decode: {source}")]
+    Message {
+        index: usize,
+        source: bincode::Error,
+    },
+}
+
+/// Serializes one message as it goes into a batch body: length prefix and bincode bytes.
+pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, bincode::Error> {
+    let options = bincode_options();
+    let size = options.serialized_size(message)?;
+    let size = u32::try_from(size).map_err(|_| {
+        Box::new(bincode::ErrorKind::Custom(format!(
+            "message of {size} bytes exceeds 4 GiB"
+        )))
+    })?;
+    let mut encoded = Vec::with_capacity(4 + size as usize);
+    encoded.extend_from_slice(&size.to_le_bytes());
+    options.serialize_into(&mut encoded, message)?;
+    Ok(encoded)
+}
+
+/// Turns a body of encoded messages into a payload, compressing it when that is asked and pays.
+pub(crate) fn seal_payload(body: Vec<u8>, compress: bool) -> Bytes {
+    if compress && body.len() >= COMPRESSION_THRESHOLD {
+        let compressed = lz4_flex::block::compress(&body);
+        if compressed.len() + 5 < body.len() + 1 {
+            let mut payload = Vec::with_capacity(compressed.len() + 5);
+            payload.push(FLAG_LZ4);
+            // The body is cut below the frame limit, itself below 4 GiB (checked by validation).
+            payload.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&compressed);
+            return payload.into();
+        }
+    }
+    let mut payload = Vec::with_capacity(body.len() + 1);
+    payload.push(FLAG_RAW);
+    payload.extend_from_slice(&body);
+    payload.into()
+}
+
+/// Decodes a payload into its messages. `max_body_bytes` bounds what a compressed payload may
+/// expand to, so that a small frame cannot make the receiver allocate without limit.
+pub(crate) fn open_payload<M: DeserializeOwned>(
+    payload: &[u8],
+    max_body_bytes: usize,
+) -> Result<Vec<M>, BatchError> {
+    let (&flag, rest) = payload.split_first().ok_or(BatchError::Empty)?;
+    let decompressed;
+    let body = match flag {
+        FLAG_RAW => rest,
+        FLAG_LZ4 => {
+            let (length, compressed) = rest
+                .split_first_chunk::<4>()
+                .ok_or(BatchError::Truncated("the length"))?;
+            let claimed = u32::from_le_bytes(*length) as usize;
+            if claimed > max_body_bytes {
+                return Err(BatchError::TooLarge {
+                    claimed,
+                    limit: max_body_bytes,
+                });
+            }
+            decompressed = lz4_flex::block::decompress(compressed, claimed)
+                .map_err(|e| BatchError::Decompress(e.to_string()))?;
+            if decompressed.len() != claimed {
+                return Err(BatchError::Decompress(format!(
+                    "{} bytes, the header says {claimed}",
+                    decompressed.len()
+                )));
+            }
+            &decompressed[..]
+        }
+        other => return Err(BatchError::UnknownFlag(other)),
+    };
+    let options = bincode_options();
+    let mut messages = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (length, after) = rest
+            .split_first_chunk::<4>()
+            .ok_or(BatchError::Truncated("a message length"))?;
+        let length = u32::from_le_bytes(*length) as usize;
+        let (encoded, after) = after
+            .split_at_checked(length)
+            .ok_or(BatchError::Truncated("a message"))?;
+        let message = options
+            .deserialize(encoded)
+            .map_err(|source| BatchError::Message {
+                index: messages.len(),
+                source,
+            })?;
+        messages.push(message);
+        rest = after;
+    }
+    Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(messages: &[String]) -> Vec<u8> {
+        messages
+            .iter()
+            .flat_map(|m| encode_message(m).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn batches_round_trip_compressed_or_not() {
+        let small = vec!["a".to_owned(), String::new()];
+        let large: Vec<String> = (0..200)
+            .map(|i| format!("message number {i} ").repeat(5))
+            .collect();
+        for messages in [small, large] {
+            for compress in [false, true] {
+                let payload = seal_payload(body_of(&messages), compress);
+                let decoded: Vec<String> = open_payload(&payload, 1 << 20).unwrap();
+                assert_eq!(decoded, messages, "compress = {compress}");
+            }
+        }
+        let large_payload = seal_payload(body_of(&["x".repeat(4096)]), true);
+        assert_eq!(
+            large_payload[0], FLAG_LZ4,
+            "a repetitive large body is compressed"
+        );
+        assert!(large_payload.len() < 200);
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        let good = seal_payload(body_of(&["y".repeat(2000)]), true);
+        assert!(matches!(
+            open_payload::<String>(&[], 100),
+            Err(BatchError::Empty)
+        ));
+        assert!(matches!(
+            open_payload::<String>(&[7, 1], 100),
+            Err(BatchError::UnknownFlag(7))
+        ));
+        assert!(matches!(
+            open_payload::<String>(&good, 100),
+            Err(BatchError::TooLarge { .. })
+        ));
+        assert!(open_payload::<String>(&good[..good.len() - 3], 1 << 20).is_err());
+        assert!(matches!(
+            open_payload::<String>(&[0, 9, 0, 0, 0, 1], 100),
+            Err(BatchError::Truncated(_))
+        ));
+        // A length that fits but bytes that are not a String.
+        assert!(matches!(
+            open_payload::<String>(&[0, 2, 0, 0, 0, 5, 0xff], 100),
+            Err(BatchError::Message { index: 0, .. })
+        ));
+    }
+}

@@ -6,4 +6,8 @@
 //! one suite are expected.
 #![allow(dead_code)]
 
+pub mod invariants;
+pub mod kv;
 pub mod linearizability;
+pub mod scenario;
+pub mod sim;

@@ -135,7 +135,11 @@ mod tests {
 
     #[test]
     fn key_value_round_trips_including_empty_and_binary() {
-        for (k, v) in [(&b""[..], &b""[..]), (b"key", b"value"), (b"\x00\xff", b"\x00")] {
+        for (k, v) in [
+            (&b""[..], &b""[..]),
+            (b"key", b"value"),
+            (b"\x00\xff", b"\x00"),
+        ] {
             let p = Proposal::new(k, v);
             assert_eq!(p.key_value(), Some((k, v)));
         }
@@ -144,6 +148,9 @@ mod tests {
     #[test]
     fn key_value_refuses_bytes_not_in_its_encoding() {
         assert_eq!(Proposal::from_bytes(&b"\x00\x00"[..]).key_value(), None);
-        assert_eq!(Proposal::from_bytes(&b"\x00\x00\x00\x09abc"[..]).key_value(), None);
+        assert_eq!(
+            Proposal::from_bytes(&b"\x00\x00\x00\x09abc"[..]).key_value(),
+            None
+        );
     }
 }

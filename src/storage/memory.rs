@@ -92,14 +92,23 @@ mod tests {
     use crate::types::Payload;
 
     fn entry(index: LogIndex, term: u64) -> Entry {
-        Entry { index, term, payload: Payload::Blank }
+        Entry {
+            index,
+            term,
+            payload: Payload::Blank,
+        }
     }
 
     #[test]
     fn crash_loses_only_unsynced_writes() {
         let mut store = MemoryLogStore::new();
         store.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        store.save_hard_state(HardState { term: 1, voted_for: None }).unwrap();
+        store
+            .save_hard_state(HardState {
+                term: 1,
+                voted_for: None,
+            })
+            .unwrap();
         store.sync().unwrap();
         store.append(&[entry(3, 1)]).unwrap();
         store.truncate_from(2).unwrap();
@@ -112,17 +121,28 @@ mod tests {
     #[test]
     fn truncate_then_append_replaces_the_suffix() {
         let mut store = MemoryLogStore::new();
-        store.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        store
+            .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
+            .unwrap();
         store.truncate_from(2).unwrap();
         store.append(&[entry(2, 2)]).unwrap();
         store.sync().unwrap();
-        assert_eq!(store.recover().unwrap().entries, vec![entry(1, 1), entry(2, 2)]);
+        assert_eq!(
+            store.recover().unwrap().entries,
+            vec![entry(1, 1), entry(2, 2)]
+        );
     }
 
     #[test]
     fn a_gap_is_refused() {
         let mut store = MemoryLogStore::new();
         let err = store.append(&[entry(2, 1)]).unwrap_err();
-        assert!(matches!(err, StorageError::NonContiguous { expected: 1, got: 2 }));
+        assert!(matches!(
+            err,
+            StorageError::NonContiguous {
+                expected: 1,
+                got: 2
+            }
+        ));
     }
 }

@@ -99,16 +99,28 @@ impl RaftConfig {
     /// Checks that the settings can work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid { field, value, reason })
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                reason,
+            })
         };
         if !self.voters.contains(&self.id) {
-            return invalid("voters", format!("{:?}", self.voters), "must include this node's id");
+            return invalid(
+                "voters",
+                format!("{:?}", self.voters),
+                "must include this node's id",
+            );
         }
         let mut sorted = self.voters.clone();
         sorted.sort();
         sorted.dedup();
         if sorted.len() != self.voters.len() {
-            return invalid("voters", format!("{:?}", self.voters), "must not repeat a node");
+            return invalid(
+                "voters",
+                format!("{:?}", self.voters),
+                "must not repeat a node",
+            );
         }
         if self.heartbeat_interval_ticks == 0 {
             return invalid("heartbeat_interval_ticks", "0".into(), "must be at least 1");

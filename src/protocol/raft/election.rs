@@ -1,10 +1,354 @@
-//! Elections: pre-vote, votes, check-quorum leases, leadership transfer and priority hand-over.
-use crate::protocol::raft::node::RaftNode;
-use crate::protocol::raft::message::Envelope;
-use crate::protocol::raft::output::Output;
-use crate::types::NodeId;
+//! Elections: pre-vote, votes, check-quorum leases, leadership transfer, priority hand-over, and
+//! the term rules every incoming message passes through first.
+
+use std::collections::BTreeMap;
+
+use crate::protocol::raft::message::{Envelope, Message};
+use crate::protocol::raft::node::{LeaderState, ProposalBatch, RaftNode, Role};
+use crate::protocol::raft::output::{Output, RejectReason, Rejection};
+use crate::protocol::raft::progress::Progress;
+use crate::types::{Entry, NodeId, Payload, Term};
+
 impl RaftNode {
-    pub(crate) fn start_campaign(&mut self, _transfer: bool, _out: &mut Output) {}
-    pub(crate) fn receive(&mut self, _e: Envelope, _out: &mut Output) {}
-    pub(crate) fn transfer_leadership(&mut self, _to: NodeId, _out: &mut Output) {}
+    /// Entry point for peer messages: applies the term rules, then hands the message to its
+    /// handler.
+    pub(crate) fn receive(&mut self, envelope: Envelope, out: &mut Output) {
+        let Envelope { from, to, message } = envelope;
+        if to != self.config.id || from == self.config.id || !self.config.voters.contains(&from) {
+            return; // misrouted, or from a stranger: nothing in it can be trusted to apply here
+        }
+        let message_term = message.term();
+        if message_term > self.term {
+            match &message {
+                // Pre-votes are asked and granted at the proposed term without anyone moving to it.
+                Message::PreVote { .. } | Message::PreVoteResponse { granted: true, .. } => {}
+                Message::RequestVote {
+                    leadership_transfer: false,
+                    ..
+                } if self.in_lease() => {
+                    // A live leader was heard from within an election timeout: this candidate is
+                    // the disruptive kind (partitioned and back). Ignore it, term included.
+                    return;
+                }
+                Message::AppendEntries { .. }
+                | Message::Heartbeat { .. }
+                | Message::TimeoutNow { .. } => {
+                    self.become_follower(message_term, Some(from), out);
+                }
+                _ => self.become_follower(message_term, None, out),
+            }
+        } else if message_term < self.term {
+            self.answer_stale(from, &message, out);
+            return;
+        }
+
+        match message {
+            Message::PreVote {
+                term,
+                last_log_index,
+                last_log_term,
+            } => {
+                let granted = term > self.term
+                    && !self.in_lease()
+                    && self.log.is_up_to_date(last_log_index, last_log_term);
+                let term = if granted { term } else { self.term };
+                self.send(from, Message::PreVoteResponse { term, granted }, out);
+            }
+            Message::RequestVote {
+                last_log_index,
+                last_log_term,
+                ..
+            } => {
+                self.handle_request_vote(from, last_log_index, last_log_term, out);
+            }
+            Message::PreVoteResponse { term, granted } => {
+                let expected_term = if granted { self.term + 1 } else { self.term };
+                if self.role == Role::PreCandidate && term == expected_term {
+                    self.record_vote(from, granted, out);
+                }
+            }
+            Message::RequestVoteResponse { granted, .. } => {
+                if self.role == Role::Candidate {
+                    self.record_vote(from, granted, out);
+                }
+            }
+            Message::TimeoutNow { .. } => {
+                if self.role != Role::Leader && self.is_voter() {
+                    self.start_campaign(true, out);
+                }
+            }
+            Message::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+                ..
+            } => {
+                self.follow(from, out);
+                self.handle_append_entries(
+                    from,
+                    prev_log_index,
+                    prev_log_term,
+                    entries,
+                    leader_commit,
+                    out,
+                );
+            }
+            Message::Heartbeat { commit, .. } => {
+                self.follow(from, out);
+                self.handle_heartbeat(from, commit, out);
+            }
+            Message::AppendEntriesResponse { index, reject, .. } => {
+                self.handle_append_response(from, index, reject, out);
+            }
+            Message::HeartbeatResponse { .. } => self.handle_heartbeat_response(from, out),
+            Message::ForwardProposals { proposals, .. } => {
+                self.handle_forwarded_proposals(from, proposals, out);
+            }
+        }
+    }
+
+    /// A message from an older term. Answer the ones whose sender is waiting on us, so that it
+    /// learns the newer term: a deposed leader steps down, a pre-candidate gives up.
+    fn answer_stale(&mut self, from: NodeId, message: &Message, out: &mut Output) {
+        let term = self.term;
+        match message {
+            Message::AppendEntries { .. } | Message::Heartbeat { .. } => {
+                self.send(from, Message::HeartbeatResponse { term }, out);
+            }
+            Message::PreVote { .. } => {
+                self.send(
+                    from,
+                    Message::PreVoteResponse {
+                        term,
+                        granted: false,
+                    },
+                    out,
+                );
+            }
+            Message::RequestVote { .. } => {
+                self.send(
+                    from,
+                    Message::RequestVoteResponse {
+                        term,
+                        granted: false,
+                    },
+                    out,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// True while this node has reason to believe a leader is alive: it heard from one (or, as
+    /// leader, confirmed a quorum) within the last election timeout. Only meaningful with
+    /// check-quorum, which is what makes the leader's side of the lease hold.
+    pub(crate) fn in_lease(&self) -> bool {
+        self.config.check_quorum
+            && self.leader.is_some()
+            && self.election_elapsed < self.config.election_timeout_ticks
+    }
+
+    fn handle_request_vote(
+        &mut self,
+        from: NodeId,
+        last_log_index: u64,
+        last_log_term: Term,
+        out: &mut Output,
+    ) {
+        let free_to_vote = self.voted_for == Some(from)
+            || (self.voted_for.is_none() && self.leader.is_none())
+            || (self.config.injected_bugs.vote_twice_in_a_term && self.role != Role::Leader);
+        let granted = free_to_vote && self.log.is_up_to_date(last_log_index, last_log_term);
+        if granted {
+            self.voted_for = Some(from);
+            self.save_hard_state(out);
+            self.reset_election_timer();
+        }
+        let term = self.term;
+        self.send(from, Message::RequestVoteResponse { term, granted }, out);
+    }
+
+    /// Counts a (pre-)vote and moves on once the outcome is decided.
+    fn record_vote(&mut self, from: NodeId, granted: bool, out: &mut Output) {
+        self.votes.entry(from).or_insert(granted);
+        let quorum = self.quorum();
+        let yes = self.votes.values().filter(|&&g| g).count();
+        let no = self.votes.len() - yes;
+        if yes >= quorum {
+            match self.role {
+                Role::PreCandidate => self.campaign(false, out),
+                Role::Candidate => self.become_leader(out),
+                _ => {}
+            }
+        } else if no >= quorum {
+            let term = self.term;
+            self.become_follower(term, None, out);
+        }
+    }
+
+    /// The election timer fired (or a transfer asked for it): campaign, with a pre-vote round
+    /// first unless this is a leadership transfer.
+    pub(crate) fn start_campaign(&mut self, leadership_transfer: bool, out: &mut Output) {
+        if self.config.pre_vote && !leadership_transfer {
+            self.role = Role::PreCandidate;
+            self.leader_state = None;
+            self.set_leader(None, out);
+            self.reset_election_timer();
+            self.votes.clear();
+            let (term, last_log_index, last_log_term) =
+                (self.term + 1, self.log.last_index(), self.log.last_term());
+            for peer in self.peers().collect::<Vec<_>>() {
+                let message = Message::PreVote {
+                    term,
+                    last_log_index,
+                    last_log_term,
+                };
+                self.send(peer, message, out);
+            }
+            self.record_vote(self.config.id, true, out);
+        } else {
+            self.campaign(leadership_transfer, out);
+        }
+    }
+
+    /// A real election: bump the term, vote for ourselves, ask everyone.
+    fn campaign(&mut self, leadership_transfer: bool, out: &mut Output) {
+        self.role = Role::Candidate;
+        self.leader_state = None;
+        self.term += 1;
+        self.voted_for = Some(self.config.id);
+        self.save_hard_state(out);
+        self.set_leader(None, out);
+        self.reset_election_timer();
+        self.votes.clear();
+        let (term, last_log_index, last_log_term) =
+            (self.term, self.log.last_index(), self.log.last_term());
+        for peer in self.peers().collect::<Vec<_>>() {
+            let message = Message::RequestVote {
+                term,
+                last_log_index,
+                last_log_term,
+                leadership_transfer,
+            };
+            self.send(peer, message, out);
+        }
+        self.record_vote(self.config.id, true, out);
+    }
+
+    /// Moves to `term` (when newer) as a follower of `leader`.
+    pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>, out: &mut Output) {
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.save_hard_state(out);
+        }
+        if let Some(state) = self.leader_state.take() {
+            // Buffered proposals were never appended: refusing them is exact.
+            for (tag, _) in state.batch.proposals {
+                let reason = RejectReason::NotLeader { leader };
+                out.rejected.push(Rejection {
+                    request_id: tag.request_id,
+                    reason,
+                });
+            }
+        }
+        self.role = Role::Follower;
+        self.votes.clear();
+        self.set_leader(leader, out);
+        self.reset_election_timer();
+    }
+
+    /// A message from the leader of our current term arrived: make sure we follow it and that
+    /// our election timer knows it is alive.
+    fn follow(&mut self, leader: NodeId, out: &mut Output) {
+        if self.role == Role::Leader {
+            // Two leaders in one term would be an election-safety violation; the simulator's
+            // checker reports it, and we refuse to follow a rival.
+            return;
+        }
+        if self.role != Role::Follower || self.leader != Some(leader) {
+            let term = self.term;
+            self.become_follower(term, Some(leader), out);
+        }
+        self.election_elapsed = 0;
+    }
+
+    fn become_leader(&mut self, out: &mut Output) {
+        debug_assert_eq!(self.role, Role::Candidate);
+        self.role = Role::Leader;
+        self.votes.clear();
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let last_index = self.log.last_index();
+        let max_inflight = self.config.max_inflight_appends;
+        let progress: BTreeMap<NodeId, Progress> = self
+            .peers()
+            .map(|peer| (peer, Progress::new(last_index, max_inflight)))
+            .collect();
+        self.leader_state = Some(LeaderState {
+            progress,
+            batch: ProposalBatch::default(),
+            transfer: None,
+        });
+        let id = self.config.id;
+        self.set_leader(Some(id), out);
+        // A blank entry of the new term lets earlier-term entries commit (Raft §5.4.2, §8).
+        let blank = Entry {
+            term: self.term,
+            index: last_index + 1,
+            payload: Payload::Blank,
+        };
+        self.append_to_own_log(vec![blank], out);
+    }
+
+    /// Starts handing leadership to `to` (Raft thesis §3.10): stop taking proposals, bring `to`
+    /// up to date, then tell it to campaign at once. Abandoned after an election timeout.
+    pub(crate) fn transfer_leadership(&mut self, to: NodeId, out: &mut Output) {
+        if self.role != Role::Leader || to == self.config.id || !self.config.voters.contains(&to) {
+            return;
+        }
+        if self.transfer_target() == Some(to) {
+            return;
+        }
+        self.flush_proposals(out);
+        if let Some(state) = self.leader_state.as_mut() {
+            state.transfer = Some((to, 0));
+        }
+        self.send_timeout_now_if_caught_up(to, out);
+    }
+
+    /// Sends [`Message::TimeoutNow`] to the transfer target once its log matches ours.
+    pub(crate) fn send_timeout_now_if_caught_up(&mut self, peer: NodeId, out: &mut Output) {
+        if self.transfer_target() != Some(peer) {
+            return;
+        }
+        let caught_up = self
+            .progress(peer)
+            .is_some_and(|p| p.match_index == self.log.last_index());
+        if caught_up {
+            let term = self.term;
+            self.send(peer, Message::TimeoutNow { term }, out);
+        } else {
+            self.send_appends(peer, out);
+        }
+    }
+
+    /// With priority-based elections, the caught-up, live voter of highest priority above ours.
+    pub(crate) fn preferred_leader(&self) -> Option<NodeId> {
+        if !self.config.priority_based {
+            return None;
+        }
+        let state = self.leader_state.as_ref()?;
+        let my_priority = self.config.priority_of(self.config.id);
+        let last_index = self.log.last_index();
+        state
+            .progress
+            .iter()
+            .filter(|(_, p)| p.recently_active && p.match_index == last_index)
+            .map(|(&peer, _)| (self.config.priority_of(peer), peer))
+            .filter(|&(priority, _)| priority > my_priority)
+            .max()
+            .map(|(_, peer)| peer)
+    }
 }

@@ -13,7 +13,10 @@ impl RaftLog {
     /// A log holding `entries`, which must be contiguous from index 1.
     pub(crate) fn from_entries(entries: Vec<Entry>) -> Self {
         assert!(
-            entries.iter().enumerate().all(|(i, e)| e.index == i as LogIndex + 1),
+            entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.index == i as LogIndex + 1),
             "recovered entries must be contiguous from index 1"
         );
         RaftLog { entries }
@@ -47,7 +50,11 @@ impl RaftLog {
     pub fn slice(&self, from: LogIndex, to: LogIndex) -> &[Entry] {
         let start = (from.max(1) - 1) as usize;
         let end = (to.min(self.last_index())) as usize;
-        if start >= end { &[] } else { &self.entries[start..end] }
+        if start >= end {
+            &[]
+        } else {
+            &self.entries[start..end]
+        }
     }
 
     /// True if a log whose last entry is (`last_term`, `last_index`) is at least as up to date as
@@ -71,7 +78,11 @@ impl RaftLog {
 
     /// The last index whose entry has term `term`, if the log has any.
     pub fn last_index_of_term(&self, term: Term) -> Option<LogIndex> {
-        self.entries.iter().rev().find(|e| e.term == term).map(|e| e.index)
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.term == term)
+            .map(|e| e.index)
     }
 
     /// Appends one entry; it must follow the last.
@@ -96,7 +107,11 @@ mod tests {
             terms
                 .iter()
                 .enumerate()
-                .map(|(i, &term)| Entry { index: i as u64 + 1, term, payload: Payload::Blank })
+                .map(|(i, &term)| Entry {
+                    index: i as u64 + 1,
+                    term,
+                    payload: Payload::Blank,
+                })
                 .collect(),
         )
     }

@@ -138,7 +138,11 @@ impl Message {
     pub fn size_bytes(&self) -> usize {
         match self {
             Message::AppendEntries { entries, .. } => {
-                entries.iter().map(|e| e.payload.size_bytes() + 16).sum::<usize>() + 32
+                entries
+                    .iter()
+                    .map(|e| e.payload.size_bytes() + 16)
+                    .sum::<usize>()
+                    + 32
             }
             Message::ForwardProposals { proposals, .. } => {
                 proposals.iter().map(|(_, d)| d.len() + 8).sum::<usize>() + 16

@@ -70,3 +70,6 @@ pub enum Input {
     /// proposals that arrived together go out together without waiting for the batch timeout.
     FlushProposals,
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,12 +8,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::ConfigError;
+use crate::protocol::raft::Input;
 use crate::protocol::raft::config::RaftConfig;
 use crate::protocol::raft::log::RaftLog;
 use crate::protocol::raft::message::{Envelope, Message};
 use crate::protocol::raft::output::{Event, Output};
 use crate::protocol::raft::progress::Progress;
-use crate::protocol::raft::Input;
 use crate::storage::{HardState, RecoveredState};
 use crate::types::{LogIndex, NodeId, Term};
 
@@ -46,8 +46,6 @@ pub(crate) struct LeaderState {
     pub(crate) batch: ProposalBatch,
     /// Target and elapsed ticks of a leadership transfer in progress.
     pub(crate) transfer: Option<(NodeId, u32)>,
-    /// Ticks since the last check-quorum round.
-    pub(crate) check_quorum_elapsed: u32,
 }
 
 /// One Raft node's protocol state. See the [module documentation](crate::protocol::raft).
@@ -111,7 +109,10 @@ impl RaftNode {
         {
             debug_assert!(self.term >= before.0, "term went backwards");
             debug_assert!(self.commit_index >= before.1, "commit index went backwards");
-            debug_assert!(self.commit_index <= self.log.last_index(), "commit past the log");
+            debug_assert!(
+                self.commit_index <= self.log.last_index(),
+                "commit past the log"
+            );
         }
     }
 
@@ -172,7 +173,10 @@ impl RaftNode {
 
     /// The current hard state.
     pub fn hard_state(&self) -> HardState {
-        HardState { term: self.term, voted_for: self.voted_for }
+        HardState {
+            term: self.term,
+            voted_for: self.voted_for,
+        }
     }
 
     pub(crate) fn quorum(&self) -> usize {
@@ -181,11 +185,19 @@ impl RaftNode {
 
     pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         let me = self.config.id;
-        self.config.voters.iter().copied().filter(move |&id| id != me)
+        self.config
+            .voters
+            .iter()
+            .copied()
+            .filter(move |&id| id != me)
     }
 
     pub(crate) fn send(&self, to: NodeId, message: Message, out: &mut Output) {
-        out.messages.push(Envelope { from: self.config.id, to, message });
+        out.messages.push(Envelope {
+            from: self.config.id,
+            to,
+            message,
+        });
     }
 
     pub(crate) fn save_hard_state(&self, out: &mut Output) {
@@ -201,7 +213,10 @@ impl RaftNode {
     pub(crate) fn set_leader(&mut self, leader: Option<NodeId>, out: &mut Output) {
         if self.leader != leader {
             self.leader = leader;
-            out.events.push(Event::LeaderChanged { term: self.term, leader });
+            out.events.push(Event::LeaderChanged {
+                term: self.term,
+                leader,
+            });
         }
     }
 

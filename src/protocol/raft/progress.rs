@@ -26,6 +26,8 @@ pub struct Progress {
     pub probe_sent: bool,
     /// Heard from the follower since the last check-quorum round.
     pub recently_active: bool,
+    /// The match index advanced since the last heartbeat was sent.
+    pub acked_since_heartbeat: bool,
     /// Last index of each append in flight, oldest first.
     inflight: VecDeque<LogIndex>,
     max_inflight: usize,
@@ -41,6 +43,7 @@ impl Progress {
             state: ProgressState::Probe,
             probe_sent: false,
             recently_active: false,
+            acked_since_heartbeat: false,
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }
@@ -79,6 +82,7 @@ impl Progress {
         let advanced = index > self.match_index;
         if advanced {
             self.match_index = index;
+            self.acked_since_heartbeat = true;
         }
         self.next_index = self.next_index.max(index + 1);
         if self.state == ProgressState::Probe {
@@ -111,9 +115,16 @@ impl Progress {
         self.next_index = self.next_index.max(self.match_index + 1);
     }
 
-    /// A heartbeat answer arrived: a probing leader may try again.
-    pub fn on_heartbeat_response(&mut self) {
+    /// A heartbeat answer arrived while the follower lags `leader_last_index`. A probing leader
+    /// may try again; a pipeline that saw no acknowledgement for a whole heartbeat interval has
+    /// probably lost an append, so replication restarts from the match point.
+    pub fn on_heartbeat_response(&mut self, leader_last_index: LogIndex) {
         self.probe_sent = false;
+        let stalled = self.state == ProgressState::Replicate && !self.acked_since_heartbeat;
+        if stalled && self.match_index < leader_last_index {
+            self.become_probe();
+            self.next_index = self.match_index + 1;
+        }
     }
 }
 
@@ -148,9 +159,30 @@ mod tests {
         assert_eq!(p.next_index, 7);
         assert_eq!(p.state, ProgressState::Probe);
         assert!(!p.on_reject(3, 2), "below the match index");
-        assert!(!p.on_reject(10, 8), "answers a probe we are not waiting for");
+        assert!(
+            !p.on_reject(10, 8),
+            "answers a probe we are not waiting for"
+        );
         assert_eq!(p.next_index, 7);
         assert!(p.on_reject(6, 1));
         assert_eq!(p.next_index, 6, "never below match + 1");
+    }
+
+    #[test]
+    fn a_stalled_pipeline_restarts_from_the_match_point() {
+        let mut p = Progress::new(0, 8);
+        p.on_match(3);
+        p.on_append_sent(6);
+        p.on_append_sent(9);
+        p.acked_since_heartbeat = true;
+        p.on_heartbeat_response(9);
+        assert_eq!(
+            (p.state, p.next_index),
+            (ProgressState::Replicate, 10),
+            "acks are flowing"
+        );
+        p.acked_since_heartbeat = false;
+        p.on_heartbeat_response(9);
+        assert_eq!((p.state, p.next_index), (ProgressState::Probe, 4));
     }
 }

@@ -1,9 +1,483 @@
-//! Replication: proposals and batching, pipelined appends, heartbeats, back-off and commit.
+//! Replication: proposals and batching, pipelined appends, heartbeats, back-off, commit, and the
+//! leader's periodic duties (heartbeats, check-quorum, transfer timeouts, priority hand-over).
+
 use bytes::Bytes;
-use crate::protocol::raft::node::RaftNode;
-use crate::protocol::raft::output::Output;
+
+use crate::protocol::raft::message::{ConflictHint, Message};
+use crate::protocol::raft::node::{RaftNode, Role};
+use crate::protocol::raft::output::{Output, RejectReason, Rejection};
+use crate::protocol::raft::progress::ProgressState;
+use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag};
+
 impl RaftNode {
-    pub(crate) fn tick_leader(&mut self, _out: &mut Output) {}
-    pub(crate) fn propose(&mut self, _r: u64, _d: Bytes, _out: &mut Output) {}
-    pub(crate) fn flush_proposals(&mut self, _out: &mut Output) {}
+    /// A client proposal arrived at this node.
+    pub(crate) fn propose(&mut self, request_id: u64, data: Bytes, out: &mut Output) {
+        if self.role != Role::Leader {
+            let reject = |reason| Rejection { request_id, reason };
+            match self.leader {
+                Some(leader) if self.config.forward_proposals => {
+                    let term = self.term;
+                    let message = Message::ForwardProposals {
+                        term,
+                        proposals: vec![(request_id, data)],
+                    };
+                    self.send(leader, message, out);
+                }
+                Some(leader) => {
+                    out.rejected.push(reject(RejectReason::NotLeader {
+                        leader: Some(leader),
+                    }));
+                }
+                None => out.rejected.push(reject(RejectReason::NoLeader)),
+            }
+            return;
+        }
+        let tag = ProposalTag {
+            proposer: self.config.id,
+            request_id,
+        };
+        if let Err(reason) = self.buffer_proposal(tag, data, out) {
+            out.rejected.push(Rejection { request_id, reason });
+        }
+    }
+
+    /// Proposals a follower passed on. Refusals are not reported back: the proposer's client
+    /// times out, which is exact (the entry was never appended).
+    pub(crate) fn handle_forwarded_proposals(
+        &mut self,
+        from: NodeId,
+        proposals: Vec<(u64, Bytes)>,
+        out: &mut Output,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        for (request_id, data) in proposals {
+            let tag = ProposalTag {
+                proposer: from,
+                request_id,
+            };
+            if self.buffer_proposal(tag, data, out).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Adds a proposal to the leader's batch, appending the batch when it is full.
+    fn buffer_proposal(
+        &mut self,
+        tag: ProposalTag,
+        data: Bytes,
+        out: &mut Output,
+    ) -> Result<(), RejectReason> {
+        let size = data.len() + 16;
+        let (limit_bytes, limit_pending) = (
+            self.config.max_batch_bytes,
+            self.config.max_pending_proposals,
+        );
+        let (batch_size, batching) = (self.config.batch_size, self.config.enable_batching);
+        let Some(state) = self.leader_state.as_mut() else {
+            return Err(RejectReason::NoLeader);
+        };
+        if state.transfer.is_some() {
+            return Err(RejectReason::TransferInProgress);
+        }
+        if size > limit_bytes {
+            return Err(RejectReason::TooLarge {
+                size,
+                limit: limit_bytes,
+            });
+        }
+        if state.batch.proposals.len() >= limit_pending {
+            return Err(RejectReason::Overloaded {
+                limit: limit_pending,
+            });
+        }
+        if state.batch.proposals.is_empty() {
+            state.batch.age_ticks = 0;
+        }
+        state.batch.proposals.push((tag, data));
+        state.batch.bytes += size;
+        let full = state.batch.proposals.len() >= batch_size || state.batch.bytes >= limit_bytes;
+        if full || !batching {
+            self.flush_proposals(out);
+        }
+        Ok(())
+    }
+
+    /// Appends every buffered proposal to the log and starts replicating them.
+    pub(crate) fn flush_proposals(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_mut() else {
+            return;
+        };
+        if state.batch.proposals.is_empty() {
+            return;
+        }
+        let proposals = std::mem::take(&mut state.batch.proposals);
+        state.batch.bytes = 0;
+        state.batch.age_ticks = 0;
+        let (term, first_index) = (self.term, self.log.last_index() + 1);
+        let entries = proposals
+            .into_iter()
+            .zip(first_index..)
+            .map(|((tag, data), index)| Entry {
+                term,
+                index,
+                payload: Payload::Command { tag, data },
+            })
+            .collect();
+        self.append_to_own_log(entries, out);
+    }
+
+    /// The leader appends entries of its own term and replicates them.
+    pub(crate) fn append_to_own_log(&mut self, entries: Vec<Entry>, out: &mut Output) {
+        debug_assert!(self.role == Role::Leader);
+        out.write_log(None, &entries);
+        for entry in entries {
+            self.log.push(entry);
+        }
+        self.maybe_commit(out);
+        for peer in self.peers().collect::<Vec<_>>() {
+            self.send_appends(peer, out);
+        }
+    }
+
+    /// Sends `peer` as many appends as its progress allows.
+    pub(crate) fn send_appends(&mut self, peer: NodeId, out: &mut Output) {
+        let (term, commit) = (self.term, self.commit_index);
+        let last_index = self.log.last_index();
+        let (max_entries, max_bytes) = (
+            self.config.max_entries_per_append as u64,
+            self.config.max_bytes_per_append,
+        );
+        loop {
+            let Some(progress) = self
+                .leader_state
+                .as_mut()
+                .and_then(|s| s.progress.get_mut(&peer))
+            else {
+                return;
+            };
+            if !progress.can_send() {
+                return;
+            }
+            let next = progress.next_index;
+            if next > last_index && progress.state == ProgressState::Replicate {
+                return; // in step and nothing new: heartbeats keep it alive
+            }
+            let prev_log_index = next - 1;
+            let prev_log_term = self
+                .log
+                .term_at(prev_log_index)
+                .expect("next_index never passes last_index + 1");
+            let mut bytes = 0;
+            let mut entries = Vec::new();
+            for entry in self
+                .log
+                .slice(next, (next + max_entries - 1).min(last_index))
+            {
+                bytes += entry.payload.size_bytes();
+                if bytes > max_bytes && !entries.is_empty() {
+                    break;
+                }
+                entries.push(entry.clone());
+            }
+            let last_sent = prev_log_index + entries.len() as u64;
+            progress.on_append_sent(last_sent);
+            let probing = progress.state == ProgressState::Probe;
+            let message = Message::AppendEntries {
+                term,
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit: commit,
+            };
+            self.send(peer, message, out);
+            if probing {
+                return;
+            }
+        }
+    }
+
+    /// Follower side of [`Message::AppendEntries`].
+    pub(crate) fn handle_append_entries(
+        &mut self,
+        leader: NodeId,
+        prev_log_index: LogIndex,
+        prev_log_term: u64,
+        entries: Vec<Entry>,
+        leader_commit: LogIndex,
+        out: &mut Output,
+    ) {
+        let term = self.term;
+        if self.role == Role::Leader {
+            return;
+        }
+        if self.log.term_at(prev_log_index) != Some(prev_log_term) {
+            let hint = match self.log.term_at(prev_log_index) {
+                None => ConflictHint {
+                    conflict_term: None,
+                    first_index: self.log.last_index() + 1,
+                },
+                Some(conflict_term) => ConflictHint {
+                    conflict_term: Some(conflict_term),
+                    first_index: self.log.first_index_of_term_at(prev_log_index),
+                },
+            };
+            let message = Message::AppendEntriesResponse {
+                term,
+                index: prev_log_index,
+                reject: Some(hint),
+            };
+            self.send(leader, message, out);
+            return;
+        }
+        let last_new_index = prev_log_index + entries.len() as u64;
+        // Skip what we already hold; the first differing entry and all after it are replaced.
+        let mut first_new = entries.len();
+        let mut truncate_from = None;
+        for (position, entry) in entries.iter().enumerate() {
+            match self.log.term_at(entry.index) {
+                Some(existing) if existing == entry.term => continue,
+                Some(_) => {
+                    assert!(
+                        entry.index > self.commit_index,
+                        "leader {leader} rewrites committed index {} (commit {})",
+                        entry.index,
+                        self.commit_index
+                    );
+                    truncate_from = Some(entry.index);
+                }
+                None => {}
+            }
+            first_new = position;
+            break;
+        }
+        if let Some(from) = truncate_from {
+            self.log.truncate_from(from);
+        }
+        let new_entries = &entries[first_new..];
+        if truncate_from.is_some() || !new_entries.is_empty() {
+            out.write_log(truncate_from, new_entries);
+            for entry in new_entries {
+                self.log.push(entry.clone());
+            }
+        }
+        self.commit_to(leader_commit.min(last_new_index), out);
+        let message = Message::AppendEntriesResponse {
+            term,
+            index: last_new_index,
+            reject: None,
+        };
+        self.send(leader, message, out);
+    }
+
+    /// Follower side of [`Message::Heartbeat`]. The leader caps `commit` at what it knows we
+    /// hold, so everything up to it matches the leader's log.
+    pub(crate) fn handle_heartbeat(&mut self, leader: NodeId, commit: LogIndex, out: &mut Output) {
+        if self.role == Role::Leader {
+            return;
+        }
+        self.commit_to(commit.min(self.log.last_index()), out);
+        let term = self.term;
+        self.send(leader, Message::HeartbeatResponse { term }, out);
+    }
+
+    /// Leader side of [`Message::AppendEntriesResponse`].
+    pub(crate) fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        index: LogIndex,
+        reject: Option<ConflictHint>,
+        out: &mut Output,
+    ) {
+        let retry_from = reject.map(|hint| match hint.conflict_term {
+            Some(term) => self
+                .log
+                .last_index_of_term(term)
+                .map_or(hint.first_index, |i| i + 1),
+            None => hint.first_index,
+        });
+        let Some(progress) = self
+            .leader_state
+            .as_mut()
+            .and_then(|s| s.progress.get_mut(&from))
+        else {
+            return;
+        };
+        progress.recently_active = true;
+        match retry_from {
+            None => {
+                if progress.on_match(index) {
+                    self.maybe_commit(out);
+                }
+                self.send_appends(from, out);
+                self.send_timeout_now_if_caught_up(from, out);
+            }
+            Some(retry_from) => {
+                if progress.on_reject(index, retry_from) {
+                    self.send_appends(from, out);
+                }
+            }
+        }
+    }
+
+    /// Leader side of [`Message::HeartbeatResponse`].
+    pub(crate) fn handle_heartbeat_response(&mut self, from: NodeId, out: &mut Output) {
+        let last_index = self.log.last_index();
+        let Some(progress) = self
+            .leader_state
+            .as_mut()
+            .and_then(|s| s.progress.get_mut(&from))
+        else {
+            return;
+        };
+        progress.recently_active = true;
+        progress.on_heartbeat_response(last_index);
+        if progress.match_index < last_index {
+            self.send_appends(from, out);
+        }
+    }
+
+    /// Advances the commit index to the highest index stored on a quorum, provided that entry is
+    /// of the current term (Raft §5.4.2: earlier-term entries commit only indirectly).
+    pub(crate) fn maybe_commit(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let mut matched: Vec<LogIndex> = state.progress.values().map(|p| p.match_index).collect();
+        matched.push(self.log.last_index());
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_index = matched[self.quorum() - 1];
+        if quorum_index <= self.commit_index {
+            return;
+        }
+        let of_current_term = self.log.term_at(quorum_index) == Some(self.term);
+        if of_current_term || self.config.injected_bugs.commit_previous_term_by_counting {
+            self.commit_to(quorum_index, out);
+            self.notify_idle_followers_of_commit(out);
+        }
+    }
+
+    /// Followers with nothing in flight would otherwise learn the new commit index only at the
+    /// next heartbeat; their clients (forwarded proposals) should not wait that long.
+    fn notify_idle_followers_of_commit(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let last_index = self.log.last_index();
+        let idle: Vec<NodeId> = state
+            .progress
+            .iter()
+            .filter(|(_, p)| {
+                p.state == ProgressState::Replicate
+                    && p.inflight_count() == 0
+                    && p.match_index == last_index
+            })
+            .map(|(&peer, _)| peer)
+            .collect();
+        let (term, commit) = (self.term, self.commit_index);
+        for peer in idle {
+            self.send(
+                peer,
+                Message::Heartbeat {
+                    term,
+                    commit: commit.min(last_index),
+                },
+                out,
+            );
+        }
+    }
+
+    /// Marks everything up to `index` committed and hands it out for applying.
+    pub(crate) fn commit_to(&mut self, index: LogIndex, out: &mut Output) {
+        if index <= self.commit_index {
+            return;
+        }
+        debug_assert!(index <= self.log.last_index());
+        out.committed
+            .extend_from_slice(self.log.slice(self.commit_index + 1, index));
+        self.commit_index = index;
+    }
+
+    /// The leader's share of a tick: heartbeats, check-quorum, transfer timeout, batch timeout,
+    /// priority hand-over.
+    pub(crate) fn tick_leader(&mut self, out: &mut Output) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        let election_timeout = self.config.election_timeout_ticks;
+        let batch_timeout = self.config.batch_timeout_ticks;
+        let Some(state) = self.leader_state.as_mut() else {
+            return;
+        };
+        if let Some((_, elapsed)) = state.transfer.as_mut() {
+            *elapsed += 1;
+            if *elapsed >= election_timeout {
+                state.transfer = None; // the target did not take over in time: lead on
+            }
+        }
+        let batch_due = !state.batch.proposals.is_empty() && {
+            state.batch.age_ticks += 1;
+            state.batch.age_ticks >= batch_timeout
+        };
+        if batch_due {
+            self.flush_proposals(out);
+        }
+        if self.election_elapsed >= election_timeout {
+            self.election_elapsed = 0;
+            if self.config.check_quorum && !self.check_quorum_round() {
+                let term = self.term;
+                self.become_follower(term, None, out);
+                return;
+            }
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeats(out);
+            if self.transfer_target().is_none()
+                && let Some(preferred) = self.preferred_leader()
+            {
+                self.transfer_leadership(preferred, out);
+            }
+        }
+    }
+
+    /// True if a quorum (ourselves included) was heard from since the last round; starts a new
+    /// round.
+    fn check_quorum_round(&mut self) -> bool {
+        let quorum = self.quorum();
+        let Some(state) = self.leader_state.as_mut() else {
+            return false;
+        };
+        let active = 1 + state
+            .progress
+            .values()
+            .filter(|p| p.recently_active)
+            .count();
+        for progress in state.progress.values_mut() {
+            progress.recently_active = false;
+        }
+        active >= quorum
+    }
+
+    fn broadcast_heartbeats(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let (term, commit) = (self.term, self.commit_index);
+        let beats: Vec<(NodeId, LogIndex)> = state
+            .progress
+            .iter()
+            .map(|(&peer, p)| (peer, p.match_index.min(commit)))
+            .collect();
+        if let Some(state) = self.leader_state.as_mut() {
+            state
+                .progress
+                .values_mut()
+                .for_each(|p| p.acked_since_heartbeat = false);
+        }
+        for (peer, commit) in beats {
+            self.send(peer, Message::Heartbeat { term, commit }, out);
+        }
+    }
 }

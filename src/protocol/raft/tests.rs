@@ -1,0 +1,491 @@
+//! Unit tests of the core with instant, lossless delivery. The simulator (`tests/chaos.rs`) covers
+//! faults; these pin down single behaviours.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::storage::RecoveredState;
+use crate::types::{Entry, LogIndex, Payload, ProposalTag};
+
+/// Nodes that deliver every message at once, unless its link is cut.
+struct Cluster {
+    nodes: BTreeMap<NodeId, RaftNode>,
+    committed: BTreeMap<NodeId, Vec<Entry>>,
+    rejected: Vec<Rejection>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+}
+
+impl Cluster {
+    fn new(size: u64, tweak: impl Fn(&mut RaftConfig)) -> Self {
+        let voters: Vec<NodeId> = (1..=size).map(NodeId).collect();
+        let nodes = voters
+            .iter()
+            .map(|&id| {
+                let mut config = RaftConfig::new(id, voters.clone());
+                config.seed = id.0;
+                tweak(&mut config);
+                (
+                    id,
+                    RaftNode::new(config, RecoveredState::default()).unwrap(),
+                )
+            })
+            .collect();
+        Cluster {
+            nodes,
+            committed: BTreeMap::new(),
+            rejected: Vec::new(),
+            cut: BTreeSet::new(),
+        }
+    }
+
+    fn step(&mut self, id: NodeId, input: Input) {
+        let mut queue = VecDeque::from([(id, input)]);
+        while let Some((id, input)) = queue.pop_front() {
+            let mut out = Output::default();
+            self.nodes.get_mut(&id).unwrap().step(input, &mut out);
+            self.committed
+                .entry(id)
+                .or_default()
+                .append(&mut out.committed);
+            self.rejected.append(&mut out.rejected);
+            for envelope in out.messages.drain(..) {
+                if !self.cut.contains(&(envelope.from, envelope.to)) {
+                    queue.push_back((envelope.to, Input::Message(envelope)));
+                }
+            }
+        }
+    }
+
+    fn tick_all(&mut self, ticks: usize) {
+        for _ in 0..ticks {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.step(id, Input::Tick);
+            }
+        }
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.is_leader())
+            .map(|n| n.id())
+            .collect()
+    }
+
+    fn elect(&mut self) -> NodeId {
+        for _ in 0..100 {
+            self.tick_all(1);
+            if let [leader] = self.leaders()[..] {
+                return leader;
+            }
+        }
+        panic!("no leader after 100 ticks");
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        for &other in self.nodes.keys() {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn propose(&mut self, at: NodeId, request_id: u64, data: &'static str) {
+        self.step(
+            at,
+            Input::Propose {
+                request_id,
+                data: Bytes::from_static(data.as_bytes()),
+            },
+        );
+        self.step(at, Input::FlushProposals);
+    }
+
+    fn commands_applied(&self, id: NodeId) -> Vec<Bytes> {
+        self.committed
+            .get(&id)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| match &e.payload {
+                        Payload::Command { data, .. } => Some(data.clone()),
+                        Payload::Blank => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn a_single_node_elects_itself_and_commits() {
+    let mut cluster = Cluster::new(1, |_| {});
+    let leader = cluster.elect();
+    cluster.propose(leader, 1, "a");
+    assert_eq!(
+        cluster.commands_applied(leader),
+        vec![Bytes::from_static(b"a")]
+    );
+}
+
+#[test]
+fn three_nodes_elect_one_leader_and_replicate_to_all() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    for i in 0..10 {
+        cluster.propose(leader, i, "x");
+    }
+    cluster.tick_all(3); // heartbeats carry the final commit index to followers
+    for id in 1..=3 {
+        assert_eq!(cluster.commands_applied(NodeId(id)).len(), 10, "node {id}");
+    }
+    let terms: BTreeSet<u64> = cluster.nodes.values().map(|n| n.term()).collect();
+    assert_eq!(terms.len(), 1);
+}
+
+#[test]
+fn a_follower_forwards_proposals_to_the_leader() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let follower = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.propose(follower, 7, "forwarded");
+    cluster.step(leader, Input::FlushProposals);
+    cluster.tick_all(3);
+    let applied = &cluster.committed[&follower];
+    let tag = applied.iter().find_map(|e| match &e.payload {
+        Payload::Command { tag, .. } => Some(*tag),
+        Payload::Blank => None,
+    });
+    assert_eq!(
+        tag,
+        Some(ProposalTag {
+            proposer: follower,
+            request_id: 7
+        })
+    );
+}
+
+#[test]
+fn without_a_leader_a_proposal_is_rejected_not_lost() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.propose(NodeId(2), 9, "nobody leads");
+    assert_eq!(
+        cluster.rejected,
+        vec![Rejection {
+            request_id: 9,
+            reason: RejectReason::NoLeader
+        }]
+    );
+}
+
+#[test]
+fn a_rejoining_partitioned_node_does_not_depose_the_leader() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let term = cluster.nodes[&leader].term();
+    let loner = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.isolate(loner);
+    cluster.tick_all(200); // the loner campaigns over and over, but pre-vote keeps its term
+    assert_eq!(cluster.nodes[&loner].term(), term);
+    cluster.heal();
+    cluster.tick_all(50);
+    assert_eq!(cluster.leaders(), vec![leader]);
+    assert_eq!(cluster.nodes[&leader].term(), term);
+}
+
+#[test]
+fn an_isolated_leader_steps_down_by_check_quorum() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    cluster.isolate(leader);
+    cluster.tick_all(40);
+    assert!(!cluster.nodes[&leader].is_leader());
+    let leaders = cluster.leaders();
+    assert_eq!(leaders.len(), 1);
+    assert_ne!(leaders[0], leader);
+}
+
+#[test]
+fn leadership_transfer_hands_over_and_the_target_leads() {
+    let mut cluster = Cluster::new(5, |_| {});
+    let leader = cluster.elect();
+    cluster.propose(leader, 1, "before");
+    let target = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.step(leader, Input::TransferLeadership { to: target });
+    cluster.tick_all(2);
+    assert_eq!(cluster.leaders(), vec![target]);
+}
+
+#[test]
+fn proposals_during_a_transfer_are_refused() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let target = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.isolate(target); // the transfer cannot finish
+    cluster.step(leader, Input::TransferLeadership { to: target });
+    cluster.propose(leader, 3, "during");
+    assert_eq!(
+        cluster.rejected,
+        vec![Rejection {
+            request_id: 3,
+            reason: RejectReason::TransferInProgress
+        }]
+    );
+}
+
+#[test]
+fn priority_based_election_ends_with_the_highest_priority_node_leading() {
+    let mut cluster = Cluster::new(5, |config| {
+        config.priority_based = true;
+        config.priorities.insert(NodeId(4), 10);
+        config.priorities.insert(NodeId(2), 5);
+    });
+    cluster.elect();
+    cluster.tick_all(30);
+    assert_eq!(cluster.leaders(), vec![NodeId(4)]);
+}
+
+#[test]
+fn batching_appends_a_full_batch_at_once_and_the_rest_at_the_timeout() {
+    let mut cluster = Cluster::new(3, |config| {
+        config.batch_size = 4;
+        config.batch_timeout_ticks = 3;
+    });
+    let leader = cluster.elect();
+    let last_before = cluster.nodes[&leader].log().last_index();
+    for i in 0..6 {
+        cluster.step(
+            leader,
+            Input::Propose {
+                request_id: i,
+                data: Bytes::from_static(b"p"),
+            },
+        );
+    }
+    let after_first_batch = cluster.nodes[&leader].log().last_index();
+    assert_eq!(
+        after_first_batch,
+        last_before + 4,
+        "a full batch is appended at once"
+    );
+    cluster.tick_all(3);
+    assert_eq!(cluster.nodes[&leader].log().last_index(), last_before + 6);
+}
+
+#[test]
+fn oversized_and_excess_proposals_are_refused_with_reasons() {
+    let mut cluster = Cluster::new(1, |config| {
+        config.max_batch_bytes = 64;
+        config.max_pending_proposals = 2;
+        config.batch_size = 100;
+        config.batch_timeout_ticks = 100;
+    });
+    let leader = cluster.elect();
+    let big = Bytes::from(vec![0u8; 100]);
+    cluster.step(
+        leader,
+        Input::Propose {
+            request_id: 1,
+            data: big,
+        },
+    );
+    for request_id in 2..=4 {
+        cluster.step(
+            leader,
+            Input::Propose {
+                request_id,
+                data: Bytes::from_static(b"s"),
+            },
+        );
+    }
+    let reasons: Vec<(u64, RejectReason)> = cluster
+        .rejected
+        .iter()
+        .map(|r| (r.request_id, r.reason.clone()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                1,
+                RejectReason::TooLarge {
+                    size: 116,
+                    limit: 64
+                }
+            ),
+            (4, RejectReason::Overloaded { limit: 2 }),
+        ]
+    );
+}
+
+#[test]
+fn a_lagging_follower_catches_up_through_fast_back_off() {
+    let mut cluster = Cluster::new(3, |config| config.max_entries_per_append = 3);
+    let leader = cluster.elect();
+    let lagger = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.cut.insert((leader, lagger));
+    for i in 0..20 {
+        cluster.propose(leader, i, "y");
+    }
+    cluster.heal();
+    cluster.tick_all(20);
+    let leader_log: Vec<(LogIndex, u64)> = cluster.nodes[&leader]
+        .log()
+        .slice(1, 100)
+        .iter()
+        .map(|e| (e.index, e.term))
+        .collect();
+    let lagger_log: Vec<(LogIndex, u64)> = cluster.nodes[&lagger]
+        .log()
+        .slice(1, 100)
+        .iter()
+        .map(|e| (e.index, e.term))
+        .collect();
+    assert_eq!(leader_log, lagger_log);
+    assert_eq!(cluster.commands_applied(lagger).len(), 20);
+}
+
+#[test]
+fn the_commit_rule_waits_for_an_entry_of_the_current_term() {
+    // A leader whose only uncommitted entry is from an earlier term must not count it committed
+    // until an entry of its own term is replicated.
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let old = |index| Entry {
+        term: 1,
+        index,
+        payload: Payload::Blank,
+    };
+    let recovered = RecoveredState {
+        hard_state: crate::storage::HardState {
+            term: 2,
+            voted_for: None,
+        },
+        entries: vec![old(1), old(2)],
+    };
+    let mut config = RaftConfig::new(NodeId(1), voters);
+    config.pre_vote = false;
+    let mut node = RaftNode::new(config, recovered).unwrap();
+    let mut out = Output::default();
+    for _ in 0..40 {
+        node.step(Input::Tick, &mut out);
+        if node.role() == Role::Candidate {
+            break;
+        }
+    }
+    assert_eq!(node.role(), Role::Candidate);
+    let term = node.term();
+    let vote = Message::RequestVoteResponse {
+        term,
+        granted: true,
+    };
+    node.step(
+        Input::Message(Envelope {
+            from: NodeId(2),
+            to: NodeId(1),
+            message: vote,
+        }),
+        &mut out,
+    );
+    assert!(node.is_leader());
+    // Node 2 acknowledges index 2 (the old entries) but not the new blank entry at index 3.
+    let ack = Message::AppendEntriesResponse {
+        term,
+        index: 2,
+        reject: None,
+    };
+    node.step(
+        Input::Message(Envelope {
+            from: NodeId(2),
+            to: NodeId(1),
+            message: ack,
+        }),
+        &mut out,
+    );
+    assert_eq!(
+        node.commit_index(),
+        0,
+        "an earlier-term entry was committed by counting"
+    );
+    let ack = Message::AppendEntriesResponse {
+        term,
+        index: 3,
+        reject: None,
+    };
+    node.step(
+        Input::Message(Envelope {
+            from: NodeId(2),
+            to: NodeId(1),
+            message: ack,
+        }),
+        &mut out,
+    );
+    assert_eq!(node.commit_index(), 3);
+}
+
+#[test]
+fn a_node_votes_once_per_term() {
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut node = RaftNode::new(
+        RaftConfig::new(NodeId(1), voters),
+        RecoveredState::default(),
+    )
+    .unwrap();
+    let mut out = Output::default();
+    for candidate in [2, 3] {
+        let ask = Message::RequestVote {
+            term: 5,
+            last_log_index: 0,
+            last_log_term: 0,
+            leadership_transfer: false,
+        };
+        let envelope = Envelope {
+            from: NodeId(candidate),
+            to: NodeId(1),
+            message: ask,
+        };
+        node.step(Input::Message(envelope), &mut out);
+    }
+    let grants: Vec<bool> = out
+        .messages
+        .iter()
+        .filter_map(|e| match e.message {
+            Message::RequestVoteResponse { granted, .. } => Some(granted),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(grants, vec![true, false]);
+    assert_eq!(out.hard_state.unwrap().voted_for, Some(NodeId(2)));
+}

@@ -267,6 +267,60 @@ fn an_operation_invoked_at_the_instant_another_returns_overlaps_it() {
     ]);
 }
 
+#[test]
+fn an_unobserved_pending_write_can_explain_a_failed_cas() {
+    assert_linearizable(&[
+        done(1, put(X, 1), 0, 10, KvOutput::Put),
+        pending(2, put(X, 7), 15),
+        done(1, cas(X, Some(1), 2), 20, 30, KvOutput::Cas(false)),
+    ]);
+}
+
+#[test]
+fn observed_pending_writes_keep_their_identity() {
+    // Both pending writes are seen, in the order 6 then 5: each must take effect once.
+    assert_linearizable(&[
+        pending(1, put(X, 5), 0),
+        pending(2, put(X, 6), 0),
+        done(3, get(X), 10, 20, KvOutput::Get(Some(6))),
+        done(3, get(X), 30, 40, KvOutput::Get(Some(5))),
+    ]);
+    assert_not_linearizable(&[
+        pending(1, put(X, 5), 0),
+        pending(2, put(X, 6), 0),
+        done(3, get(X), 10, 20, KvOutput::Get(Some(6))),
+        done(3, get(X), 30, 40, KvOutput::Get(Some(5))),
+        done(3, get(X), 50, 60, KvOutput::Get(Some(6))),
+    ]);
+}
+
+#[test]
+fn many_pending_writes_are_decided_within_a_small_budget() {
+    // Forty writes that never returned (as a long partition of the leader leaves behind) would be
+    // 2^40 subsets to the plain search.
+    let mut history: Vec<Op> = (0..40)
+        .map(|i| pending(i, put(X, 100 + i), i * 10))
+        .collect();
+    history.push(done(50, put(X, 1), 1_000, 1_010, KvOutput::Put));
+    history.push(done(50, get(X), 1_100, 1_110, KvOutput::Get(Some(117))));
+    history.push(done(
+        50,
+        cas(X, Some(1), 2),
+        1_200,
+        1_210,
+        KvOutput::Cas(false),
+    ));
+    let (outcome, stats) = check_kv(&history, 20_000).unwrap();
+    assert_eq!(outcome, CheckOutcome::Linearizable, "{stats:?}");
+    // A read of "absent" after a completed write has no explanation, pending writes or not.
+    history.push(done(50, get(X), 1_300, 1_310, KvOutput::Get(None)));
+    let (outcome, stats) = check_kv(&history, 20_000).unwrap();
+    assert!(
+        matches!(outcome, CheckOutcome::NotLinearizable { .. }),
+        "{outcome:?} {stats:?}"
+    );
+}
+
 // ---- malformed input and the step budget ----
 
 #[test]
@@ -445,4 +499,107 @@ fn rejects_generated_histories_with_a_read_moved_after_a_later_write() {
         }
     }
     assert!(rejected >= 20, "only {rejected} histories could be mutated");
+}
+
+// ---- differential test against brute force ----
+
+/// Every order of every subset of the pending operations together with all completed ones that
+/// respects real time: the definition, searched without any pruning.
+fn brute_force_linearizable(history: &[Op]) -> bool {
+    fn search(history: &[Op], placed: &mut Vec<bool>, state: Option<u64>) -> bool {
+        use common::linearizability::Model;
+        let unplaced_completed: Vec<usize> = (0..history.len())
+            .filter(|&j| !placed[j] && history[j].response.is_some())
+            .collect();
+        if unplaced_completed.is_empty() {
+            return true;
+        }
+        for i in 0..history.len() {
+            if placed[i] {
+                continue;
+            }
+            let must_wait = unplaced_completed.iter().any(|&j| {
+                j != i
+                    && history[j]
+                        .response
+                        .is_some_and(|(ret, _)| ret < history[i].call_us)
+            });
+            if must_wait {
+                continue;
+            }
+            let output = history[i].response.as_ref().map(|(_, o)| o);
+            if let Some(next) = KvModel.step(&state, &history[i].input, output) {
+                placed[i] = true;
+                if search(history, placed, next) {
+                    return true;
+                }
+                placed[i] = false;
+            }
+        }
+        false
+    }
+    search(history, &mut vec![false; history.len()], None)
+}
+
+/// A small random single-key history with random (often wrong) answers over few values.
+fn random_small_history(rng: &mut ChaCha8Rng) -> Vec<Op> {
+    let len = rng.random_range(1..8);
+    // Writes draw from more values than reads return, so some written values go unobserved.
+    let value = |rng: &mut ChaCha8Rng| rng.random_range(1..6u64);
+    (0..len)
+        .map(|client| {
+            let input = match rng.random_range(0..3) {
+                0 => put(X, value(rng)),
+                1 => get(X),
+                _ => {
+                    let expected = if rng.random_bool(0.2) {
+                        None
+                    } else {
+                        Some(rng.random_range(1..4))
+                    };
+                    cas(X, expected, value(rng))
+                }
+            };
+            let call = rng.random_range(0..20);
+            if rng.random_bool(0.3) {
+                return pending(client, input, call);
+            }
+            let ret = call + rng.random_range(0..10);
+            let output = match input {
+                KvInput::Put { .. } => KvOutput::Put,
+                KvInput::Get { .. } => KvOutput::Get(if rng.random_bool(0.2) {
+                    None
+                } else {
+                    Some(value(rng))
+                }),
+                KvInput::Cas { .. } => KvOutput::Cas(rng.random_bool(0.5)),
+            };
+            done(client, input, call, ret, output)
+        })
+        .collect()
+}
+
+#[test]
+fn agrees_with_brute_force_on_random_small_histories() {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let (mut accepted, mut rejected) = (0, 0);
+    for case in 0..20_000 {
+        let history = random_small_history(&mut rng);
+        let expected = brute_force_linearizable(&history);
+        let outcome = verdict(&history);
+        assert_eq!(
+            outcome == CheckOutcome::Linearizable,
+            expected,
+            "case {case}: checker says {outcome:?}, brute force says {expected}: {history:#?}"
+        );
+        if expected {
+            accepted += 1
+        } else {
+            rejected += 1
+        }
+    }
+    assert!(
+        accepted > 2_000 && rejected > 2_000,
+        "accepted {accepted}, rejected {rejected}"
+    );
 }

@@ -16,7 +16,7 @@
 //! together with the model state is memoized, so each configuration is explored once. Every search
 //! has a step budget: a history too hard to decide within it is reported as such, never passed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 
@@ -24,8 +24,9 @@ use std::hash::Hash;
 pub trait Model {
     /// The state of one partition (one key).
     type State: Clone + Eq + Hash + Debug;
-    /// What a client asks.
-    type Input: Clone + Debug;
+    /// What a client asks. Equal inputs have equal effects (the search relies on it to treat
+    /// identical operations that never returned as interchangeable).
+    type Input: Clone + Debug + Eq + Hash;
     /// What a client is answered.
     type Output: Clone + Debug + PartialEq;
 
@@ -276,6 +277,24 @@ fn search<M: Model>(
         list.events[0].next = 1;
     }
 
+    // Operations that never returned, grouped by identical input. Once invoked before the earliest
+    // remaining return, such an operation stays a candidate for good, so two of one group are
+    // interchangeable: only the first of each group still in the list is ever tried.
+    let mut group_of = vec![NONE; ops.len()];
+    let mut groups: Vec<BTreeSet<usize>> = Vec::new();
+    let mut group_ids: HashMap<&M::Input, usize> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        if op.response.is_none() {
+            let next_id = groups.len();
+            let id = *group_ids.entry(&op.input).or_insert(next_id);
+            if id == next_id {
+                groups.push(BTreeSet::new());
+            }
+            group_of[i] = id;
+            groups[id].insert(call_event[i]);
+        }
+    }
+
     let completed = ops.iter().filter(|op| op.response.is_some()).count();
     let mut remaining_completed = completed;
     let words = ops.len().div_ceil(64);
@@ -305,7 +324,16 @@ fn search<M: Model>(
             Some(event) if event.is_call => {
                 let op = ops[event.op];
                 let output = op.response.as_ref().map(|(_, output)| output);
-                if let Some(next_state) = model.step(&state, &op.input, output) {
+                let group = group_of[event.op];
+                if group != NONE && groups[group].first() != Some(&cursor) {
+                    cursor = event.next; // an identical earlier one was tried at this depth
+                    continue;
+                }
+                let next_state = model.step(&state, &op.input, output);
+                // Placing an operation that never returned where it changes nothing only removes
+                // options: leaving it out is always at least as good.
+                let dominated = group != NONE && next_state.as_ref() == Some(&state);
+                if let Some(next_state) = next_state.filter(|_| !dominated) {
                     let (word, bit) = (event.op / 64, 1u64 << (event.op % 64));
                     linearized[word] |= bit;
                     if seen.insert((linearized.clone(), next_state.clone())) {
@@ -313,6 +341,8 @@ fn search<M: Model>(
                         list.lift(cursor);
                         if op.response.is_some() {
                             remaining_completed -= 1;
+                        } else {
+                            groups[group].remove(&cursor);
                         }
                         longest = longest.max(stack.len());
                         cursor = list.events[0].next;
@@ -334,6 +364,8 @@ fn search<M: Model>(
                 list.unlift(call);
                 if ops[op].response.is_some() {
                     remaining_completed += 1;
+                } else {
+                    groups[group_of[op]].insert(call);
                 }
                 cursor = list.events[call].next;
             }
@@ -444,10 +476,64 @@ impl Model for KvModel {
 /// A key-value history, as the simulator records it.
 pub type KvHistory = Vec<Operation<KvInput, KvOutput>>;
 
-/// Checks a key-value history.
+/// The value given to writes that never returned and whose value nobody observed.
+const UNOBSERVED: u64 = u64::MAX;
+
+/// Rewrites the value of every write that never returned to [`UNOBSERVED`] when no operation
+/// could tell that value apart from another such one: no read returned it and no
+/// compare-and-swap expected it. Such values only ever make a read or a swap fail, whichever
+/// they are, so the rewrite keeps the verdict and lets the search treat those writes as
+/// interchangeable. Keys where some operation uses `u64::MAX` itself are left alone.
+pub fn canonicalize_kv(
+    history: &[Operation<KvInput, KvOutput>],
+) -> Vec<Operation<KvInput, KvOutput>> {
+    let mut observed: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut uses_sentinel: BTreeSet<u64> = BTreeSet::new();
+    for op in history {
+        let key = op.input.key();
+        match op.input {
+            KvInput::Put { value, .. } if value == UNOBSERVED => {
+                uses_sentinel.insert(key);
+            }
+            KvInput::Cas { expected, new, .. } => {
+                if let Some(expected) = expected {
+                    observed.insert((key, expected));
+                }
+                if new == UNOBSERVED || expected == Some(UNOBSERVED) {
+                    uses_sentinel.insert(key);
+                }
+            }
+            _ => {}
+        }
+        if let Some((_, KvOutput::Get(Some(value)))) = op.response {
+            observed.insert((key, value));
+            if value == UNOBSERVED {
+                uses_sentinel.insert(key);
+            }
+        }
+    }
+    let mut canonical = history.to_vec();
+    for op in canonical.iter_mut().filter(|op| op.response.is_none()) {
+        let key = op.input.key();
+        if uses_sentinel.contains(&key) {
+            continue;
+        }
+        match &mut op.input {
+            KvInput::Put { value, .. } | KvInput::Cas { new: value, .. } => {
+                if !observed.contains(&(key, *value)) {
+                    *value = UNOBSERVED;
+                }
+            }
+            KvInput::Get { .. } => {}
+        }
+    }
+    canonical
+}
+
+/// Checks a key-value history (after [`canonicalize_kv`]).
 pub fn check_kv(
     history: &[Operation<KvInput, KvOutput>],
     step_budget: u64,
 ) -> Result<(CheckOutcome, CheckStats), HistoryError> {
-    check(&KvModel, history, step_budget)
+    check(&KvModel, &canonicalize_kv(history), step_budget)
 }

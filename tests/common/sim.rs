@@ -174,8 +174,8 @@ impl SimConfig {
         let mut config = SimConfig::new(seed, nodes);
         config.faults = FaultProfile::chaos();
         config.faults.mean_interval_us = rng.random_range(150_000..500_000);
-        config.fault_phase_us = rng.random_range(2_000_000..4_000_000);
-        config.clients = rng.random_range(2..6);
+        config.fault_phase_us = rng.random_range(2_000_000..6_000_000);
+        config.clients = rng.random_range(2..8);
         config.keys = rng.random_range(2..7);
         config.think_us = (
             rng.random_range(2_000..10_000),
@@ -189,6 +189,10 @@ impl SimConfig {
             tail_max_us: 8_000,
         };
         let raft = &mut config.raft;
+        raft.pre_vote = rng.random_bool(0.8);
+        raft.check_quorum = rng.random_bool(0.8);
+        raft.election_timeout_ticks = rng.random_range(5..=20);
+        raft.heartbeat_interval_ticks = rng.random_range(1..=raft.election_timeout_ticks / 3);
         raft.enable_batching = rng.random_bool(0.7);
         raft.batch_size = rng.random_range(1..16);
         raft.batch_timeout_ticks = rng.random_range(1..3);

@@ -140,6 +140,9 @@ pub struct SimConfig {
     /// Chance that a node is told to flush its proposal batch right after receiving proposals
     /// (otherwise the batch timeout appends them).
     pub flush_probability: f64,
+    /// Group commit: the chance that a step's output waits (up to the given simulated
+    /// microseconds) so that the node's next steps are persisted, sent and applied with it.
+    pub group_commit: (f64, u64),
 }
 
 impl SimConfig {
@@ -163,6 +166,7 @@ impl SimConfig {
             client_timeout_us: 1_000_000,
             checker_budget: 2_000_000,
             flush_probability: 0.5,
+            group_commit: (0.0, 0),
         }
     }
 
@@ -199,7 +203,16 @@ impl SimConfig {
         raft.max_inflight_appends = rng.random_range(1..8);
         raft.max_entries_per_append = rng.random_range(1..32);
         raft.forward_proposals = rng.random_bool(0.8);
+        if rng.random_bool(0.2) {
+            raft.priority_based = true;
+            for id in 1..=nodes as u64 {
+                raft.priorities.insert(NodeId(id), rng.random_range(0..4));
+            }
+        }
         config.flush_probability = rng.random_range(0.0..1.0);
+        if rng.random_bool(0.5) {
+            config.group_commit = (rng.random_range(0.0..0.8), rng.random_range(0..3_000));
+        }
         config
     }
 }
@@ -274,6 +287,7 @@ enum Action {
     Heal,
     RestoreWeather,
     Fault,
+    Flush { node: usize, incarnation: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,6 +338,10 @@ struct SimNode {
     next_tick_us: u64,
     /// Requests this node holds for clients: request id → (client, op).
     waiting: BTreeMap<u64, (usize, usize)>,
+    /// Output of steps not yet carried out (group commit).
+    out: Output,
+    /// A flush of `out` is scheduled.
+    flush_scheduled: bool,
 }
 
 /// A leader crash whose replacement the failover measurement waits for.
@@ -356,7 +374,6 @@ pub struct Sim {
     duplicate_entries: usize,
     failover: Option<FailoverWatch>,
     failover_samples: Vec<u64>,
-    out: Output,
 }
 
 impl Sim {
@@ -382,6 +399,8 @@ impl Sim {
                 incarnation: 0,
                 next_tick_us: rng.random_range(1..=TICK_US),
                 waiting: BTreeMap::new(),
+                out: Output::default(),
+                flush_scheduled: false,
             })
             .collect();
         let clients = (0..=config.clients)
@@ -417,7 +436,6 @@ impl Sim {
             duplicate_entries: 0,
             failover: None,
             failover_samples: Vec::new(),
-            out: Output::default(),
             config,
         };
         for node in 0..sim.nodes.len() {
@@ -623,19 +641,55 @@ impl Sim {
                 }
             }
             Action::Fault => self.inject_fault(),
+            Action::Flush { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation {
+                    self.flush(node);
+                }
+            }
         }
     }
 
-    /// Feeds `input` to node `index` and carries out the output.
+    /// Feeds `input` to node `index` and carries out the output, now or (group commit) a little
+    /// later together with the outputs of the node's next steps.
     pub fn step(&mut self, index: usize, input: Input) {
-        let mut out = std::mem::take(&mut self.out);
         let node = &mut self.nodes[index];
         let Some(raft) = node.raft.as_mut() else {
-            self.out = out;
             return; // a crashed node hears nothing
         };
-        raft.step(input, &mut out);
+        raft.step(input, &mut node.out);
+        let observed = self.monitor.observe_node(raft);
+        let flush_scheduled = node.flush_scheduled;
+        if let Err(violation) = observed {
+            self.fail(violation);
+        }
+        if flush_scheduled {
+            return;
+        }
+        let (probability, max_delay_us) = self.config.group_commit;
+        if probability > 0.0 && self.rng.random_bool(probability) {
+            let node = &mut self.nodes[index];
+            node.flush_scheduled = true;
+            let action = Action::Flush {
+                node: index,
+                incarnation: node.incarnation,
+            };
+            let at = self.now_us + self.rng.random_range(0..=max_delay_us);
+            self.schedule(at, action);
+            return;
+        }
+        self.flush(index);
+    }
+
+    /// Carries out the node's accumulated output as the driver contract says: persist and sync,
+    /// then send, then apply (answering this node's clients), then hand back refusals.
+    fn flush(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        node.flush_scheduled = false;
+        let Some(raft) = node.raft.as_ref() else {
+            return;
+        };
         let (id, term, is_leader) = (node.id, raft.term(), raft.is_leader());
+        let mut out = std::mem::take(&mut node.out);
         // 1. Persist and sync before anything leaves the node.
         if let Err(e) = node.store.persist(&out) {
             self.fail(Violation::Storage {
@@ -643,7 +697,7 @@ impl Sim {
                 detail: e.to_string(),
             });
             out.clear();
-            self.out = out;
+            self.nodes[index].out = out;
             return;
         }
         // 2. Send.
@@ -699,12 +753,7 @@ impl Sim {
             }
         }
         out.clear();
-        self.out = out;
-        if let Some(raft) = self.nodes[index].raft.as_ref()
-            && let Err(violation) = self.monitor.observe_node(raft)
-        {
-            self.fail(violation);
-        }
+        self.nodes[index].out = out;
     }
 
     fn maybe_flush(&mut self, node: usize) {
@@ -774,6 +823,8 @@ impl Sim {
         let node = &mut self.nodes[index];
         node.store.crash();
         node.raft = None;
+        node.out.clear(); // never persisted, never sent
+        node.flush_scheduled = false;
         node.kv = KvStateMachine::new();
         let waiting = std::mem::take(&mut node.waiting);
         for (_, (client, op)) in waiting {

@@ -60,7 +60,7 @@ fn chaos_seeds() {
     let sum = |f: fn(&common::sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     eprintln!(
         "chaos: {} seeds in {:.1} s wall; {} passed; ops completed {}, pending {}, abandoned {}; \
-         crashes {}; leader terms {}; entries committed {}; duplicate entries {}; checker steps {}; \
+         crashes {}; leader terms {}; entries committed {}; duplicate applications {}; checker steps {}; \
          messages sent {}, dropped {}, duplicated {}",
         result.seeds,
         result.elapsed.as_secs_f64(),
@@ -71,7 +71,7 @@ fn chaos_seeds() {
         sum(|r| r.crashes as u64),
         sum(|r| r.leader_terms as u64),
         sum(|r| r.committed),
-        sum(|r| r.duplicate_entries as u64),
+        sum(|r| r.duplicate_applies as u64),
         sum(|r| r.checker_steps),
         sum(|r| r.network.sent),
         sum(|r| r.network.dropped_random

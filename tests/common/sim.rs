@@ -240,8 +240,9 @@ pub struct SimReport {
     pub max_term: Term,
     /// Entries applied (the longest committed prefix).
     pub committed: LogIndex,
-    /// Proposals appended more than once (applied once, thanks to the store's de-duplication).
-    pub duplicate_entries: usize,
+    /// Applications of an entry whose proposal was already applied (a forwarded proposal the
+    /// network duplicated gets appended twice); counted per node, skipped by the store.
+    pub duplicate_applies: usize,
     /// Steps the linearizability search took.
     pub checker_steps: u64,
     /// Network counters.
@@ -371,7 +372,7 @@ pub struct Sim {
     failure: Option<SimFailure>,
     last_full_check_us: u64,
     crashes: usize,
-    duplicate_entries: usize,
+    duplicate_applies: usize,
     failover: Option<FailoverWatch>,
     failover_samples: Vec<u64>,
 }
@@ -433,7 +434,7 @@ impl Sim {
             failure: None,
             last_full_check_us: 0,
             crashes: 0,
-            duplicate_entries: 0,
+            duplicate_applies: 0,
             failover: None,
             failover_samples: Vec::new(),
             config,
@@ -525,7 +526,7 @@ impl Sim {
                 .next_back()
                 .copied()
                 .unwrap_or(0),
-            duplicate_entries: self.duplicate_entries,
+            duplicate_applies: self.duplicate_applies,
             checker_steps: 0,
             network: self.network.stats(),
         }
@@ -724,7 +725,7 @@ impl Sim {
                         self.complete(client, op, index, output, entry.index);
                     }
                 }
-                Ok(Applied::Duplicate { .. }) => self.duplicate_entries += 1,
+                Ok(Applied::Duplicate { .. }) => self.duplicate_applies += 1,
                 Ok(_) => {}
                 Err(e) => self.fail(Violation::Apply {
                     node: id,

@@ -331,3 +331,106 @@ fn injected_bug_vote_twice_in_a_term_is_caught() {
 fn injected_bug_commit_previous_term_by_counting_is_caught() {
     assert_bug_is_caught("commit_previous_term_by_counting", 300, figure8_config);
 }
+
+// ---- the checkers themselves, on crafted states ----
+
+fn node_with_log(
+    id: u64,
+    voters: &[u64],
+    terms: &[(u64, &'static [u8])],
+) -> consensus::protocol::raft::RaftNode {
+    use consensus::storage::{HardState, RecoveredState};
+    use consensus::{Entry, Payload, ProposalTag};
+    let entries = terms
+        .iter()
+        .enumerate()
+        .map(|(i, &(term, data))| Entry {
+            term,
+            index: i as u64 + 1,
+            payload: Payload::Command {
+                tag: ProposalTag {
+                    proposer: NodeId(1),
+                    request_id: i as u64,
+                },
+                data: bytes::Bytes::from_static(data),
+            },
+        })
+        .collect();
+    let term = terms.last().map_or(0, |t| t.0);
+    let recovered = RecoveredState {
+        hard_state: HardState {
+            term,
+            voted_for: None,
+        },
+        entries,
+    };
+    let config = consensus::protocol::raft::RaftConfig::new(
+        NodeId(id),
+        voters.iter().copied().map(NodeId).collect(),
+    );
+    consensus::protocol::raft::RaftNode::new(config, recovered).expect("valid settings")
+}
+
+#[test]
+fn log_matching_check_flags_logs_that_agree_on_a_term_but_differ_below() {
+    use common::invariants::check_log_matching;
+    let a = node_with_log(1, &[1, 2, 3], &[(1, b"x"), (1, b"y"), (2, b"z")]);
+    let b = node_with_log(2, &[1, 2, 3], &[(1, b"x"), (1, b"Y"), (2, b"z")]);
+    let c = node_with_log(3, &[1, 2, 3], &[(1, b"x"), (1, b"y"), (3, b"w")]);
+    let verdict = check_log_matching(&[(a.id(), a.log()), (b.id(), b.log())]);
+    assert!(
+        matches!(
+            verdict,
+            Err(Violation::LogMatching {
+                agree_at: 3,
+                differ_at: 2,
+                ..
+            })
+        ),
+        "{verdict:?}"
+    );
+    // Diverging after a common prefix is what Raft allows.
+    assert_eq!(
+        check_log_matching(&[(a.id(), a.log()), (c.id(), c.log())]),
+        Ok(())
+    );
+}
+
+#[test]
+fn state_machine_safety_and_leader_completeness_checks_flag_conflicts() {
+    use common::invariants::SafetyMonitor;
+    use consensus::protocol::raft::{Input, Output};
+    let mut monitor = SafetyMonitor::new();
+    let original = node_with_log(1, &[1], &[(1, b"x")]);
+    let other = node_with_log(2, &[2], &[(1, b"other")]);
+    let committed = original.log().entry(1).expect("entry 1").clone();
+    monitor
+        .observe_applied(NodeId(1), 1, &committed)
+        .expect("first application");
+    monitor
+        .observe_applied(NodeId(3), 1, &committed)
+        .expect("the same entry again");
+    let conflict = other.log().entry(1).expect("entry 1").clone();
+    assert!(matches!(
+        monitor.observe_applied(NodeId(2), 2, &conflict),
+        Err(Violation::StateMachineSafety { index: 1, .. })
+    ));
+    // A single-voter node whose log lacks the committed entry elects itself: flagged at once.
+    let mut leader = node_with_log(2, &[2], &[(1, b"other")]);
+    let mut out = Output::default();
+    for _ in 0..100 {
+        leader.step(Input::Tick, &mut out);
+        if leader.is_leader() {
+            break;
+        }
+    }
+    assert!(leader.is_leader(), "a single voter elects itself");
+    assert!(matches!(
+        monitor.observe_node(&leader),
+        Err(Violation::LeaderCompleteness {
+            index: 1,
+            committed_in: 1,
+            ..
+        })
+    ));
+}

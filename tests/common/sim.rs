@@ -2,7 +2,8 @@
 //! [`SimulatedNetwork`], a replicated key-value store on every node, concurrent clients, and a
 //! fault injector, all driven by one seeded random generator over simulated time.
 //!
-//! Time is in simulated microseconds. Each node ticks every [`TICK_US`] (10 ms), at its own phase.
+//! Time is in simulated microseconds. Each node ticks every [`TICK_US`] (10 ms), at its own phase
+//! (and, when [`SimConfig::clock_skew`] is set, at its own slightly wrong rate).
 //! One loop takes the earliest of: a scheduled action (client invocation, retry or timeout, fault,
 //! restart, heal), a network delivery, or a tick, and processes it; ties go in that order, then by
 //! node and send order, so a seed replays bit for bit. After every step of a node the driver
@@ -143,6 +144,9 @@ pub struct SimConfig {
     /// Group commit: the chance that a step's output waits (up to the given simulated
     /// microseconds) so that the node's next steps are persisted, sent and applied with it.
     pub group_commit: (f64, u64),
+    /// Each node's clock runs at a rate drawn from `1 ± clock_skew` (0: every tick is exactly
+    /// [`TICK_US`]).
+    pub clock_skew: f64,
 }
 
 impl SimConfig {
@@ -167,6 +171,7 @@ impl SimConfig {
             checker_budget: 2_000_000,
             flush_probability: 0.5,
             group_commit: (0.0, 0),
+            clock_skew: 0.0,
         }
     }
 
@@ -210,6 +215,9 @@ impl SimConfig {
             }
         }
         config.flush_probability = rng.random_range(0.0..1.0);
+        if rng.random_bool(0.5) {
+            config.clock_skew = rng.random_range(0.0..0.2);
+        }
         if rng.random_bool(0.5) {
             config.group_commit = (rng.random_range(0.0..0.8), rng.random_range(0..3_000));
         }
@@ -339,6 +347,8 @@ struct SimNode {
     next_tick_us: u64,
     /// Requests this node holds for clients: request id → (client, op).
     waiting: BTreeMap<u64, (usize, usize)>,
+    /// This node's tick interval (its clock's rate).
+    tick_us: u64,
     /// Output of steps not yet carried out (group commit).
     out: Output,
     /// A flush of `out` is scheduled.
@@ -402,6 +412,7 @@ impl Sim {
                 waiting: BTreeMap::new(),
                 out: Output::default(),
                 flush_scheduled: false,
+                tick_us: TICK_US,
             })
             .collect();
         let clients = (0..=config.clients)
@@ -439,7 +450,12 @@ impl Sim {
             failover_samples: Vec::new(),
             config,
         };
+        let skew = sim.config.clock_skew;
         for node in 0..sim.nodes.len() {
+            if skew > 0.0 {
+                let rate = 1.0 + sim.rng.random_range(-skew..skew);
+                sim.nodes[node].tick_us = (TICK_US as f64 * rate) as u64;
+            }
             sim.start_node(node);
         }
         match sim.failure.take() {
@@ -615,7 +631,7 @@ impl Sim {
                     }
                 }
             } else if let Some((_, node)) = next_tick {
-                self.nodes[node].next_tick_us += TICK_US;
+                self.nodes[node].next_tick_us += self.nodes[node].tick_us;
                 self.step(node, Input::Tick);
             }
             if self.now_us >= self.last_full_check_us + FULL_CHECK_EVERY_US {

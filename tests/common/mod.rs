@@ -3,8 +3,8 @@
 //! linearizability checker.
 //!
 //! Each suite compiles this module on its own and uses a different part of it, so items unused by
-//! one suite are expected.
-#![allow(dead_code)]
+//! one suite (and re-exports unused by it) are expected.
+#![allow(dead_code, unused_imports)]
 
 pub mod invariants;
 pub mod kv;

@@ -12,6 +12,26 @@
 //!
 //! The network is shared through an `Arc<Mutex<_>>` only so that endpoints can satisfy
 //! `Transport: Send + Sync`; a simulation drives it from one thread.
+//!
+//! ```
+//! use consensus::NodeId;
+//! use consensus::transport::Transport;
+//! use consensus::transport::simulated::{LatencyModel, NetworkConfig, SimulatedNetwork};
+//!
+//! let config = NetworkConfig { latency: LatencyModel::uniform(100, 900), ..NetworkConfig::default() };
+//! let network = SimulatedNetwork::new(42, config)?;
+//! let (a, b) = (NodeId(1), NodeId(2));
+//! network.endpoint(a).send(b, "hello");
+//! network.block(b, a); // one way: b can no longer reach a
+//! network.endpoint(b).send(a, "lost");
+//! // The driver advances simulated time to the next delivery and hands the message over.
+//! let at = network.next_delivery_at().expect("one message in flight");
+//! network.advance_to(at);
+//! let delivery = network.pop_due(at).expect("due now");
+//! assert_eq!((delivery.from, delivery.to, delivery.message), (a, b, "hello"));
+//! assert!(network.next_delivery_at().is_none());
+//! # Ok::<(), consensus::ConfigError>(())
+//! ```
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};

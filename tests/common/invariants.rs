@@ -1,0 +1,279 @@
+//! Raft's safety properties (Raft paper, Figure 3), checked by the simulator as the run goes:
+//!
+//! - election safety: at most one leader per term, over the whole run;
+//! - log matching: two logs holding an entry with the same index and term are identical up to it;
+//! - leader completeness: an entry committed in term T is in the log of every leader of a term > T;
+//! - state-machine safety: no two nodes apply different entries at one index (a global map of
+//!   index → first applied entry, across crashes and restarts).
+//!
+//! Each check returns the first [`Violation`] it finds; the simulator stops there and reports the
+//! seed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use consensus::protocol::raft::{RaftLog, RaftNode};
+use consensus::{Entry, LogIndex, NodeId, Term};
+
+/// A broken property, with what is needed to understand it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// Two nodes led the same term.
+    ElectionSafety {
+        /// The term.
+        term: Term,
+        /// The leader seen first.
+        first: NodeId,
+        /// The other one.
+        second: NodeId,
+    },
+    /// Two logs agree on an entry's term but differ below it.
+    LogMatching {
+        /// One node.
+        a: NodeId,
+        /// The other.
+        b: NodeId,
+        /// The highest index where their terms agree.
+        agree_at: LogIndex,
+        /// An index below it where the entries differ.
+        differ_at: LogIndex,
+    },
+    /// A leader lacks an entry committed in an earlier term.
+    LeaderCompleteness {
+        /// The leader.
+        leader: NodeId,
+        /// Its term.
+        term: Term,
+        /// The committed entry's index.
+        index: LogIndex,
+        /// The term in which the entry was first seen committed.
+        committed_in: Term,
+    },
+    /// Two different entries were applied at one index.
+    StateMachineSafety {
+        /// The index.
+        index: LogIndex,
+        /// The node applying the second, different entry.
+        node: NodeId,
+        /// What was applied there first (term, debug rendering).
+        first: String,
+        /// What `node` applied.
+        second: String,
+    },
+    /// A node's state machine refused an entry (gap, reordering or an undecodable command).
+    Apply {
+        /// The node.
+        node: NodeId,
+        /// The refusal.
+        detail: String,
+    },
+    /// The log store refused the core's writes.
+    Storage {
+        /// The node.
+        node: NodeId,
+        /// The error.
+        detail: String,
+    },
+    /// The healed cluster did not make progress in time.
+    Liveness {
+        /// What did not happen.
+        detail: String,
+    },
+    /// The client history has no linearization.
+    Linearizability {
+        /// The checker's verdict.
+        detail: String,
+    },
+    /// The linearizability checker could not decide within its step budget.
+    CheckerBudget {
+        /// The checker's report.
+        detail: String,
+    },
+    /// A scenario's own expectation failed (e.g. a rejoining node deposed the leader).
+    Scenario {
+        /// What was expected.
+        detail: String,
+    },
+}
+
+impl Violation {
+    /// True for the properties Raft promises regardless of timing (as opposed to progress, checker
+    /// budget or a scenario's expectation).
+    pub fn is_safety(&self) -> bool {
+        matches!(
+            self,
+            Violation::ElectionSafety { .. }
+                | Violation::LogMatching { .. }
+                | Violation::LeaderCompleteness { .. }
+                | Violation::StateMachineSafety { .. }
+                | Violation::Linearizability { .. }
+        )
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::ElectionSafety {
+                term,
+                first,
+                second,
+            } => {
+                write!(
+                    f,
+                    "election safety: {first} and {second} both led term {term}"
+                )
+            }
+            Violation::LogMatching {
+                a,
+                b,
+                agree_at,
+                differ_at,
+            } => write!(
+                f,
+                "log matching: {a} and {b} agree on the term at index {agree_at} but differ at {differ_at}"
+            ),
+            Violation::LeaderCompleteness {
+                leader,
+                term,
+                index,
+                committed_in,
+            } => write!(
+                f,
+                "leader completeness: {leader}, leader of term {term}, lacks index {index} committed in term {committed_in}"
+            ),
+            Violation::StateMachineSafety {
+                index,
+                node,
+                first,
+                second,
+            } => write!(
+                f,
+                "state-machine safety: {node} applied {second} at index {index}, where {first} was applied before"
+            ),
+            Violation::Apply { node, detail } => write!(f, "apply on {node}: {detail}"),
+            Violation::Storage { node, detail } => write!(f, "storage on {node}: {detail}"),
+            Violation::Liveness { detail } => write!(f, "liveness: {detail}"),
+            Violation::Linearizability { detail } => write!(f, "linearizability: {detail}"),
+            Violation::CheckerBudget { detail } => {
+                write!(f, "linearizability checker budget: {detail}")
+            }
+            Violation::Scenario { detail } => write!(f, "scenario: {detail}"),
+        }
+    }
+}
+
+/// The record of the run the checks compare against.
+#[derive(Debug, Default)]
+pub struct SafetyMonitor {
+    /// Term → the node seen leading it.
+    leaders: BTreeMap<Term, NodeId>,
+    /// Index → (first entry applied there, term of the node that first applied it). A node learns
+    /// that an entry is committed only from a leader of its own term, so that term is at least the
+    /// term in which the entry was committed; taking the first observation keeps it tight.
+    applied: BTreeMap<LogIndex, (Entry, Term)>,
+}
+
+impl SafetyMonitor {
+    /// A monitor that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Terms that had a leader, with the leader.
+    pub fn leaders(&self) -> &BTreeMap<Term, NodeId> {
+        &self.leaders
+    }
+
+    /// The entry first applied at each index.
+    pub fn applied(&self) -> &BTreeMap<LogIndex, (Entry, Term)> {
+        &self.applied
+    }
+
+    /// Called after every step of `node`: election safety, and leader completeness the first time
+    /// a leader is seen in its term (a leader's log only grows during its term, so once suffices).
+    pub fn observe_node(&mut self, node: &RaftNode) -> Result<(), Violation> {
+        if !node.is_leader() {
+            return Ok(());
+        }
+        let (term, id) = (node.term(), node.id());
+        match self.leaders.get(&term) {
+            Some(&first) if first != id => {
+                return Err(Violation::ElectionSafety {
+                    term,
+                    first,
+                    second: id,
+                });
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        self.leaders.insert(term, id);
+        self.check_leader_completeness(node)
+    }
+
+    /// Every entry seen committed in a term below the leader's is in its log.
+    pub fn check_leader_completeness(&self, node: &RaftNode) -> Result<(), Violation> {
+        if !node.is_leader() {
+            return Ok(());
+        }
+        let term = node.term();
+        for (&index, (entry, committed_in)) in &self.applied {
+            if *committed_in < term && node.log().entry(index) != Some(entry) {
+                return Err(Violation::LeaderCompleteness {
+                    leader: node.id(),
+                    term,
+                    index,
+                    committed_in: *committed_in,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Called for every entry a node applies, with the node's term at that moment.
+    pub fn observe_applied(
+        &mut self,
+        node: NodeId,
+        term: Term,
+        entry: &Entry,
+    ) -> Result<(), Violation> {
+        match self.applied.get(&entry.index) {
+            Some((first, _)) if first != entry => Err(Violation::StateMachineSafety {
+                index: entry.index,
+                node,
+                first: format!("{first:?}"),
+                second: format!("{entry:?}"),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.applied.insert(entry.index, (entry.clone(), term));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Log matching over every pair of `logs`.
+pub fn check_log_matching(logs: &[(NodeId, &RaftLog)]) -> Result<(), Violation> {
+    for (i, &(a, log_a)) in logs.iter().enumerate() {
+        for &(b, log_b) in &logs[i + 1..] {
+            let common = log_a.last_index().min(log_b.last_index());
+            let Some(agree_at) = (1..=common)
+                .rev()
+                .find(|&k| log_a.term_at(k) == log_b.term_at(k))
+            else {
+                continue;
+            };
+            if let Some(differ_at) = (1..=agree_at).find(|&k| log_a.entry(k) != log_b.entry(k)) {
+                return Err(Violation::LogMatching {
+                    a,
+                    b,
+                    agree_at,
+                    differ_at,
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Whole runs built on the [`Sim`]: the chaos run (faults, then heal and check liveness and every
+//! safety property), the failover measurement, and the runner that spreads seeds over threads and
+//! prints how to replay a failure.
+
+use std::time::{Duration, Instant};
+
+use consensus::NodeId;
+
+use crate::common::invariants::Violation;
+use crate::common::sim::{Sim, SimConfig, SimFailure, SimReport, mix};
+
+/// One chaos run: clients and faults for the fault phase, then everything heals; a leader must
+/// commit a fresh write and every node catch up within the liveness deadline; then log matching,
+/// leader completeness and linearizability are checked (election and state-machine safety are
+/// checked all along).
+pub fn run_chaos(config: SimConfig) -> Result<SimReport, SimFailure> {
+    let mut sim = Sim::new(config)?;
+    sim.start_clients();
+    sim.start_faults();
+    let fault_end = sim.config().fault_phase_us;
+    sim.run_until(fault_end)?;
+    finish(&mut sim)
+}
+
+/// Heals the cluster, checks liveness, runs the final checks and reports.
+pub fn finish(sim: &mut Sim) -> Result<SimReport, SimFailure> {
+    sim.stop_clients();
+    sim.heal_everything();
+    sim.start_probe();
+    let deadline = sim.now_us() + sim.config().liveness_deadline_us;
+    let settled = sim.run_until_or(deadline, |s| {
+        s.clients_quiet()
+            && s.probe_index()
+                .is_some_and(|index| s.min_applied() >= index)
+    })?;
+    if !settled {
+        let detail = format!(
+            "{} us after healing: leader {:?}, probe committed at {:?}, lowest applied index {}, clients quiet {}",
+            sim.config().liveness_deadline_us,
+            sim.leader(),
+            sim.probe_index(),
+            sim.min_applied(),
+            sim.clients_quiet()
+        );
+        return Err(failure(sim, Violation::Liveness { detail }));
+    }
+    sim.full_check()
+        .map_err(|violation| failure(sim, violation))?;
+    let steps = sim.check_linearizability()?;
+    let mut report = sim.report();
+    report.checker_steps = steps;
+    Ok(report)
+}
+
+fn failure(sim: &Sim, violation: Violation) -> SimFailure {
+    SimFailure {
+        seed: sim.config().seed,
+        at_us: sim.now_us(),
+        violation,
+    }
+}
+
+/// Crashes the leader of a healthy `nodes`-node cluster `crashes` times, each after a stable
+/// period, and returns the simulated time from each crash until a leader of a later term commits
+/// an entry. The crashed node restarts 100–400 ms later. The client history is checked at the end.
+pub fn measure_failover(seed: u64, nodes: usize, crashes: usize) -> Result<Vec<u64>, SimFailure> {
+    let mut config = SimConfig::new(seed, nodes);
+    config.clients = 2;
+    config.think_us = (20_000, 60_000);
+    let mut sim = Sim::new(config)?;
+    sim.start_clients();
+    for round in 0..crashes as u64 {
+        let stable_us = 400_000 + mix(seed, round) % 400_000;
+        sim.run_until(sim.now_us() + stable_us)?;
+        let has_leader = sim.run_until_or(sim.now_us() + 5_000_000, |s| s.leader().is_some())?;
+        let Some(crashed) = has_leader.then(|| sim.crash_leader_and_watch()).flatten() else {
+            return Err(failure(
+                &sim,
+                Violation::Liveness {
+                    detail: "no leader to crash".into(),
+                },
+            ));
+        };
+        let repaired = sim.run_until_or(sim.now_us() + 5_000_000, |s| !s.failover_pending())?;
+        if !repaired {
+            let detail = format!("no new leader committed within 5 s of crashing {crashed}");
+            return Err(failure(&sim, Violation::Liveness { detail }));
+        }
+        let down_us = 100_000 + mix(seed, round + 1_000) % 300_000;
+        sim.run_until(sim.now_us() + down_us)?;
+        sim.restart_node(crashed);
+    }
+    finish(&mut sim)?;
+    Ok(sim.failover_samples().to_vec())
+}
+
+/// The outcome of many seeds.
+#[derive(Debug, Default)]
+pub struct SeedSweep {
+    /// Seeds run.
+    pub seeds: u64,
+    /// Reports of the passing runs.
+    pub reports: Vec<SimReport>,
+    /// Failures, by seed.
+    pub failures: Vec<SimFailure>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Runs `config_for(seed)` for every seed in `seeds` over `threads` threads (seed `i` of the list
+/// goes to thread `i % threads`); each run is independent, so the results do not depend on the
+/// thread count.
+pub fn sweep(
+    seeds: &[u64],
+    threads: usize,
+    config_for: impl Fn(u64) -> SimConfig + Sync,
+) -> SeedSweep {
+    let started = Instant::now();
+    let threads = threads.max(1);
+    let results: Vec<Vec<Result<SimReport, SimFailure>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let config_for = &config_for;
+                scope.spawn(move || {
+                    seeds
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&seed| run_chaos(config_for(seed)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut sweep = SeedSweep {
+        seeds: seeds.len() as u64,
+        ..SeedSweep::default()
+    };
+    for result in results.into_iter().flatten() {
+        match result {
+            Ok(report) => sweep.reports.push(report),
+            Err(failure) => sweep.failures.push(failure),
+        }
+    }
+    sweep.failures.sort_by_key(|f| f.seed);
+    sweep.elapsed = started.elapsed();
+    sweep
+}
+
+/// The command that replays `seed` of the chaos suite's `test` exactly.
+pub fn replay_command(test: &str, seed: u64) -> String {
+    format!("SIM_SEED={seed} cargo test --test chaos -- {test} --exact --nocapture")
+}
+
+/// Node ids `1..=n`.
+pub fn ids(n: u64) -> Vec<NodeId> {
+    (1..=n).map(NodeId).collect()
+}

@@ -1,0 +1,247 @@
+//! The simulator's settings, fault profiles, and what a run reports.
+
+use consensus::NodeId;
+use consensus::protocol::raft::RaftConfig;
+use consensus::transport::simulated::{LatencyModel, NetworkConfig, NetworkStats};
+use consensus::{LogIndex, Term};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::common::invariants::Violation;
+use crate::common::sim::mix;
+
+/// Which faults the injector chooses from, and how often. Weights are relative; zero disables.
+#[derive(Clone, Debug)]
+pub struct FaultProfile {
+    /// Mean simulated time between fault events; 0 turns the injector off.
+    pub mean_interval_us: u64,
+    /// Crash a random live node (restarted after up to `max_down_us`).
+    pub crash: u32,
+    /// Crash the current leader.
+    pub crash_leader: u32,
+    /// Split the cluster in two, both ways.
+    pub partition: u32,
+    /// Block a few directed links.
+    pub one_way: u32,
+    /// Cut the current leader off from everyone.
+    pub isolate_leader: u32,
+    /// Bad weather: random drop, duplication and long-tail delay for a while.
+    pub weather: u32,
+    /// Ask the leader to hand over to a random voter.
+    pub transfer: u32,
+    /// Longest downtime of a crashed node.
+    pub max_down_us: u64,
+    /// Longest partition or bad-weather spell.
+    pub max_fault_us: u64,
+}
+
+impl FaultProfile {
+    /// No faults at all.
+    pub fn none() -> Self {
+        FaultProfile {
+            mean_interval_us: 0,
+            crash: 0,
+            crash_leader: 0,
+            partition: 0,
+            one_way: 0,
+            isolate_leader: 0,
+            weather: 0,
+            transfer: 0,
+            max_down_us: 0,
+            max_fault_us: 0,
+        }
+    }
+
+    /// Everything, a fault every 300 ms on average.
+    pub fn chaos() -> Self {
+        FaultProfile {
+            mean_interval_us: 300_000,
+            crash: 3,
+            crash_leader: 3,
+            partition: 3,
+            one_way: 2,
+            isolate_leader: 2,
+            weather: 3,
+            transfer: 1,
+            max_down_us: 1_000_000,
+            max_fault_us: 1_200_000,
+        }
+    }
+
+    pub(super) fn total_weight(&self) -> u32 {
+        self.crash
+            + self.crash_leader
+            + self.partition
+            + self.one_way
+            + self.isolate_leader
+            + self.weather
+            + self.transfer
+    }
+}
+
+/// Everything a run depends on besides its seed's random draws.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed; every random choice of the run derives from it.
+    pub seed: u64,
+    /// Cluster size.
+    pub nodes: usize,
+    /// Settings for every node; `id`, `voters` and `seed` are filled in per node and incarnation.
+    pub raft: RaftConfig,
+    /// The healthy network (bad weather departs from it and returns to it).
+    pub network: NetworkConfig,
+    /// Fault injection during the fault phase.
+    pub faults: FaultProfile,
+    /// Length of the fault phase; then everything heals.
+    pub fault_phase_us: u64,
+    /// After healing, a leader must commit the probe and every node catch up within this.
+    pub liveness_deadline_us: u64,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Keys the clients use (0..keys).
+    pub keys: u64,
+    /// Pause between a client's operations (inclusive range).
+    pub think_us: (u64, u64),
+    /// A client gives up on an operation this long after invoking it.
+    pub client_timeout_us: u64,
+    /// Step budget of the linearizability search, per key.
+    pub checker_budget: u64,
+    /// Chance that a node is told to flush its proposal batch right after receiving proposals
+    /// (otherwise the batch timeout appends them).
+    pub flush_probability: f64,
+    /// Group commit: the chance that a step's output waits (up to the given simulated
+    /// microseconds) so that the node's next steps are persisted, sent and applied with it.
+    pub group_commit: (f64, u64),
+    /// Each node's clock runs at a rate drawn from `1 ± clock_skew` (0: every tick is exactly
+    /// [`TICK_US`]).
+    pub clock_skew: f64,
+}
+
+impl SimConfig {
+    /// A healthy `nodes`-node cluster with election timeout 150 ms and heartbeat 50 ms, three
+    /// clients, and no faults.
+    pub fn new(seed: u64, nodes: usize) -> Self {
+        let mut raft = RaftConfig::new(NodeId(1), vec![NodeId(1)]);
+        raft.election_timeout_ticks = 15;
+        raft.heartbeat_interval_ticks = 5;
+        SimConfig {
+            seed,
+            nodes,
+            raft,
+            network: NetworkConfig::default(),
+            faults: FaultProfile::none(),
+            fault_phase_us: 3_000_000,
+            liveness_deadline_us: 10_000_000,
+            clients: 3,
+            keys: 4,
+            think_us: (5_000, 40_000),
+            client_timeout_us: 1_000_000,
+            checker_budget: 2_000_000,
+            flush_probability: 0.5,
+            group_commit: (0.0, 0),
+            clock_skew: 0.0,
+        }
+    }
+
+    /// The chaos suite's configuration for `seed`: 3, 5 or 7 nodes, every fault, and settings of
+    /// the core (batching, pipelining window, append sizes) drawn from the seed too.
+    pub fn chaos(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xc4a0));
+        let nodes = [3, 3, 5, 5, 7][rng.random_range(0..5)];
+        let mut config = SimConfig::new(seed, nodes);
+        config.faults = FaultProfile::chaos();
+        config.faults.mean_interval_us = rng.random_range(150_000..500_000);
+        config.fault_phase_us = rng.random_range(2_000_000..6_000_000);
+        config.clients = rng.random_range(2..8);
+        config.keys = rng.random_range(2..7);
+        config.think_us = (
+            rng.random_range(2_000..10_000),
+            rng.random_range(20_000..80_000),
+        );
+        config.client_timeout_us = rng.random_range(300_000..1_500_000);
+        config.network.latency = LatencyModel {
+            min_us: rng.random_range(100..1_000),
+            max_us: rng.random_range(1_000..8_000),
+            tail_probability: 0.0,
+            tail_max_us: 8_000,
+        };
+        let raft = &mut config.raft;
+        raft.pre_vote = rng.random_bool(0.8);
+        raft.check_quorum = rng.random_bool(0.8);
+        raft.election_timeout_ticks = rng.random_range(5..=20);
+        raft.heartbeat_interval_ticks = rng.random_range(1..=raft.election_timeout_ticks / 3);
+        raft.enable_batching = rng.random_bool(0.7);
+        raft.batch_size = rng.random_range(1..16);
+        raft.batch_timeout_ticks = rng.random_range(1..3);
+        raft.max_inflight_appends = rng.random_range(1..8);
+        raft.max_entries_per_append = rng.random_range(1..32);
+        raft.forward_proposals = rng.random_bool(0.8);
+        if rng.random_bool(0.2) {
+            raft.priority_based = true;
+            for id in 1..=nodes as u64 {
+                raft.priorities.insert(NodeId(id), rng.random_range(0..4));
+            }
+        }
+        config.flush_probability = rng.random_range(0.0..1.0);
+        if rng.random_bool(0.5) {
+            config.clock_skew = rng.random_range(0.0..0.2);
+        }
+        if rng.random_bool(0.5) {
+            config.group_commit = (rng.random_range(0.0..0.8), rng.random_range(0..3_000));
+        }
+        config
+    }
+}
+
+/// What a finished run looked like.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// Cluster size.
+    pub nodes: usize,
+    /// Simulated time at the end.
+    pub end_us: u64,
+    /// Operations that returned.
+    pub ops_completed: usize,
+    /// Operations that never returned (pending forever).
+    pub ops_pending: usize,
+    /// Operations refused until their deadline (no effect, left out of the history).
+    pub ops_abandoned: usize,
+    /// Crashes injected.
+    pub crashes: usize,
+    /// Terms that had a leader.
+    pub leader_terms: usize,
+    /// Highest term reached.
+    pub max_term: Term,
+    /// Entries applied (the longest committed prefix).
+    pub committed: LogIndex,
+    /// Applications of an entry whose proposal was already applied (a forwarded proposal the
+    /// network duplicated gets appended twice); counted per node, skipped by the store.
+    pub duplicate_applies: usize,
+    /// Steps the linearizability search took.
+    pub checker_steps: u64,
+    /// Network counters.
+    pub network: NetworkStats,
+}
+
+/// A failed run: the seed, when, and what broke.
+#[derive(Clone, Debug)]
+pub struct SimFailure {
+    /// The seed to replay.
+    pub seed: u64,
+    /// Simulated time of the violation.
+    pub at_us: u64,
+    /// What broke.
+    pub violation: Violation,
+}
+
+impl std::fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at {} us: {}",
+            self.seed, self.at_us, self.violation
+        )
+    }
+}

@@ -1,0 +1,144 @@
+//! The fault injector: crashes, partitions, one-way links, leader isolation, bad weather and
+//! leadership transfers during the fault phase, and healing at its end.
+
+use consensus::NodeId;
+use rand::RngExt;
+
+use crate::common::invariants::Violation;
+use crate::common::sim::{Action, Sim};
+
+impl Sim {
+    /// Turns the fault injector on (if the profile has any faults).
+    pub fn start_faults(&mut self) {
+        if self.config.faults.mean_interval_us > 0 && self.config.faults.total_weight() > 0 {
+            self.faults_active = true;
+            self.schedule_next_fault();
+        }
+    }
+
+    pub(super) fn schedule_next_fault(&mut self) {
+        let mean = self.config.faults.mean_interval_us;
+        let at = self.now_us + self.rng.random_range(mean / 4..=mean * 7 / 4);
+        self.schedule(at, Action::Fault);
+    }
+
+    pub(super) fn random_duration(&mut self, max_us: u64) -> u64 {
+        self.rng.random_range(max_us / 10..=max_us.max(1))
+    }
+
+    pub(super) fn inject_fault(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        self.schedule_next_fault();
+        let f = self.config.faults.clone();
+        let mut pick = self.rng.random_range(0..f.total_weight());
+        let mut chosen = 0;
+        for (i, weight) in [
+            f.crash,
+            f.crash_leader,
+            f.partition,
+            f.one_way,
+            f.isolate_leader,
+            f.weather,
+            f.transfer,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if pick < weight {
+                chosen = i;
+                break;
+            }
+            pick -= weight;
+        }
+        let n = self.nodes.len();
+        let leader = self.leader();
+        match chosen {
+            0 | 1 => {
+                let target = if chosen == 1 { leader } else { None }
+                    .unwrap_or_else(|| NodeId(self.rng.random_range(1..=n as u64)));
+                if self.node(target).is_some() {
+                    self.crash(target);
+                    let at = self.now_us + self.random_duration(f.max_down_us);
+                    self.schedule(
+                        at,
+                        Action::Restart {
+                            node: target.0 as usize - 1,
+                        },
+                    );
+                }
+            }
+            2 => {
+                let mut ids = self.node_ids();
+                for i in (1..ids.len()).rev() {
+                    ids.swap(i, self.rng.random_range(0..=i));
+                }
+                let cut = self.rng.random_range(1..n);
+                self.network.partition(&ids[..cut], &ids[cut..]);
+                let at = self.now_us + self.random_duration(f.max_fault_us);
+                self.schedule(at, Action::Heal);
+            }
+            3 => {
+                for _ in 0..self.rng.random_range(1..=n) {
+                    let from = NodeId(self.rng.random_range(1..=n as u64));
+                    let to = NodeId(self.rng.random_range(1..=n as u64));
+                    if from != to {
+                        self.network.block(from, to);
+                    }
+                }
+                let at = self.now_us + self.random_duration(f.max_fault_us);
+                self.schedule(at, Action::Heal);
+            }
+            4 => {
+                if let Some(leader) = leader {
+                    self.network.isolate(leader);
+                    let at = self.now_us + self.random_duration(f.max_fault_us);
+                    self.schedule(at, Action::Heal);
+                }
+            }
+            5 => {
+                let mut weather = self.config.network;
+                weather.drop_probability = self.rng.random_range(0.0..0.3);
+                weather.duplicate_probability = self.rng.random_range(0.0..0.2);
+                weather.latency.tail_probability = self.rng.random_range(0.0..0.2);
+                weather.latency.tail_max_us =
+                    weather.latency.max_us + self.rng.random_range(0..300_000);
+                if let Err(e) = self.network.set_config(weather) {
+                    self.fail(Violation::Scenario {
+                        detail: format!("weather: {e}"),
+                    });
+                }
+                let at = self.now_us + self.random_duration(f.max_fault_us);
+                self.schedule(at, Action::RestoreWeather);
+            }
+            _ => {
+                if let Some(leader) = leader {
+                    let to = NodeId(self.rng.random_range(1..=n as u64));
+                    self.transfer_leadership(leader, to);
+                }
+            }
+        }
+    }
+
+    /// Ends the fault phase: no more faults, every link restored, the healthy network back, every
+    /// crashed node restarted.
+    pub fn heal_everything(&mut self) {
+        self.faults_active = false;
+        self.agenda.retain(|_, action| {
+            !matches!(
+                action,
+                Action::Fault | Action::Heal | Action::RestoreWeather | Action::Restart { .. }
+            )
+        });
+        self.network.heal();
+        if let Err(e) = self.network.set_config(self.config.network) {
+            self.fail(Violation::Scenario {
+                detail: format!("network settings: {e}"),
+            });
+        }
+        for index in 0..self.nodes.len() {
+            self.restart(index);
+        }
+    }
+}

@@ -76,7 +76,10 @@ fn parse_options() -> Result<Options, String> {
         }
     }
     if ![1, 3, 5].contains(&options.members) {
-        return Err(format!("members must be 1, 3 or 5, not {}", options.members));
+        return Err(format!(
+            "members must be 1, 3 or 5, not {}",
+            options.members
+        ));
     }
     if options.clients == 0 || options.batch == 0 || options.operations == 0 {
         return Err("clients, operations and batch must be at least 1".into());
@@ -116,10 +119,11 @@ fn main() {
         .build()
         .expect("client runtime");
 
-    let names: Vec<String> = (1..=options.members).map(|i| format!("member-{i}")).collect();
+    let names: Vec<String> = (1..=options.members)
+        .map(|i| format!("member-{i}"))
+        .collect();
     let network = LocalNetwork::new();
-    let counters: Vec<Arc<AtomicU64>> =
-        names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let counters: Vec<Arc<AtomicU64>> = names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
     let engines: Vec<Arc<ConsensusEngine>> = server.block_on(async {
         let mut engines = Vec::new();
         for (name, counter) in names.iter().zip(&counters) {
@@ -129,9 +133,12 @@ fn main() {
                 .peers(peers.iter().map(|s| s.as_str()))
                 .request_timeout(Duration::from_secs(30))
                 .batch_size(4096);
-            let mut engine =
-                ConsensusEngine::new(config).expect("config").with_local_network(&network);
-            engine.set_state_machine(CountingStateMachine(counter.clone())).expect("before start");
+            let mut engine = ConsensusEngine::new(config)
+                .expect("config")
+                .with_local_network(&network);
+            engine
+                .set_state_machine(CountingStateMachine(counter.clone()))
+                .expect("before start");
             engine.start().await.expect("start");
             engines.push(Arc::new(engine));
         }
@@ -163,7 +170,8 @@ fn main() {
                 let mut done = 0;
                 while done < operations {
                     let size = batch.min(operations - done);
-                    let calls = (0..size).map(|_| leader.propose_timed(Proposal::from_bytes(&[][..])));
+                    let calls =
+                        (0..size).map(|_| leader.propose_timed(Proposal::from_bytes(&[][..])));
                     for outcome in futures::future::join_all(calls).await {
                         match outcome {
                             Ok((ConsensusResult::Committed { .. }, Some(t))) => {
@@ -201,11 +209,13 @@ fn main() {
         }
     });
     let (mut to_commit, mut to_apply): (Vec<Duration>, Vec<Duration>) =
-        timings.into_iter().fold((Vec::new(), Vec::new()), |(mut c, mut a), (tc, ta)| {
-            c.extend(tc);
-            a.extend(ta);
-            (c, a)
-        });
+        timings
+            .into_iter()
+            .fold((Vec::new(), Vec::new()), |(mut c, mut a), (tc, ta)| {
+                c.extend(tc);
+                a.extend(ta);
+                (c, a)
+            });
     to_commit.sort_unstable();
     to_apply.sort_unstable();
     let show = |name: &str, sorted: &[Duration]| {
@@ -219,9 +229,15 @@ fn main() {
     show("submit->commit", &to_commit);
     show("commit->apply", &to_apply);
     match all_applied {
-        Ok(counts) => println!("verified: every member applied {} operations {counts:?}", options.operations),
+        Ok(counts) => println!(
+            "verified: every member applied {} operations {counts:?}",
+            options.operations
+        ),
         Err(counts) => {
-            eprintln!("bench: members applied {counts:?}, expected {} each", options.operations);
+            eprintln!(
+                "bench: members applied {counts:?}, expected {} each",
+                options.operations
+            );
             std::process::exit(1);
         }
     }
@@ -230,7 +246,12 @@ fn main() {
     let ops_per_ms = options.operations as f64 / (seconds * 1000.0);
     println!(
         "clients: {}, n: {}, batch: {}, members: {}: time: {:.3}s, ns/op: {:.0}, op/ms: {:.0}",
-        options.clients, options.operations, options.batch, options.members, seconds, ns_per_op,
+        options.clients,
+        options.operations,
+        options.batch,
+        options.members,
+        seconds,
+        ns_per_op,
         ops_per_ms
     );
     drop(engines);

@@ -243,13 +243,19 @@ impl ConsensusConfig {
 
     /// The peers' names (the part before `@`, or the whole entry when it has none).
     pub fn peer_names(&self) -> Vec<&str> {
-        self.peers.iter().map(|p| p.split_once('@').map_or(p.as_str(), |(name, _)| name)).collect()
+        self.peers
+            .iter()
+            .map(|p| p.split_once('@').map_or(p.as_str(), |(name, _)| name))
+            .collect()
     }
 
     /// Every voter's id, this node's included, in a stable order.
     pub fn voter_ids(&self) -> Vec<NodeId> {
-        let mut voters: Vec<NodeId> =
-            self.peer_names().into_iter().map(NodeId::from_name).collect();
+        let mut voters: Vec<NodeId> = self
+            .peer_names()
+            .into_iter()
+            .map(NodeId::from_name)
+            .collect();
         voters.push(self.id());
         voters.sort();
         voters
@@ -264,7 +270,11 @@ impl ConsensusConfig {
     /// Checks every field and their combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid { field, value, reason })
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                reason,
+            })
         };
         if self.node_id.is_empty() {
             return invalid("node_id", String::new(), "must not be empty");
@@ -364,7 +374,9 @@ impl ConsensusConfig {
                 let content = text.lines().nth(number - 1).unwrap_or("").trim();
                 format!(" (line {number}: `{content}`)")
             });
-            ConfigError::Toml { reason: format!("{}{}", error.message(), line.unwrap_or_default()) }
+            ConfigError::Toml {
+                reason: format!("{}{}", error.message(), line.unwrap_or_default()),
+            }
         })?;
         let table = document.consensus.ok_or(ConfigError::Toml {
             reason: "missing [consensus] table".to_string(),
@@ -451,9 +463,12 @@ impl TomlConsensus {
         }
         config.persistent_state = self.state_dir;
         config.snapshot_interval = self.snapshot_interval.unwrap_or(config.snapshot_interval);
-        config.byzantine_fault_tolerance =
-            self.byzantine_fault_tolerance.unwrap_or(config.byzantine_fault_tolerance);
-        config.byzantine_threshold = self.byzantine_threshold.unwrap_or(config.byzantine_threshold);
+        config.byzantine_fault_tolerance = self
+            .byzantine_fault_tolerance
+            .unwrap_or(config.byzantine_fault_tolerance);
+        config.byzantine_threshold = self
+            .byzantine_threshold
+            .unwrap_or(config.byzantine_threshold);
         if let Some(value) = self.batch_size {
             config.batch_size = size("batch_size", value)?;
         }
@@ -467,7 +482,9 @@ impl TomlConsensus {
         if let Some(ms) = self.view_change_timeout_ms {
             config.view_change_timeout = millis(ms);
         }
-        config.checkpoint_interval = self.checkpoint_interval.unwrap_or(config.checkpoint_interval);
+        config.checkpoint_interval = self
+            .checkpoint_interval
+            .unwrap_or(config.checkpoint_interval);
         config.validate()?;
         Ok(config)
     }
@@ -507,24 +524,39 @@ address = "127.0.0.1:8080"
         assert_eq!(config.min_cluster_size, 3);
         assert_eq!(config.election.election_timeout, Duration::from_millis(150));
         assert_eq!(config.gpu_memory_pool, 1024 << 20);
-        assert_eq!(config.persistent_state.unwrap(), PathBuf::from("/var/lib/stratoswarm/consensus"));
+        assert_eq!(
+            config.persistent_state.unwrap(),
+            PathBuf::from("/var/lib/stratoswarm/consensus")
+        );
         assert!(config.byzantine_fault_tolerance);
     }
 
     #[test]
     fn a_bad_value_is_named_in_the_error() {
         let text = SEED_TOML.replace("heartbeat_interval_ms = 50", "heartbeat_interval_ms = 100");
-        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
-        assert!(error.contains("election_timeout_ms") && error.contains("150"), "{error}");
+        let error = ConsensusConfig::from_toml_str(&text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("election_timeout_ms") && error.contains("150"),
+            "{error}"
+        );
         let text = SEED_TOML.replace("\"gpu_optimized_raft\"", "\"paxos\"");
-        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
-        assert!(error.contains("algorithm") && error.contains("paxos"), "{error}");
+        let error = ConsensusConfig::from_toml_str(&text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("algorithm") && error.contains("paxos"),
+            "{error}"
+        );
     }
 
     #[test]
     fn an_unknown_key_or_wrong_type_is_an_error() {
         let text = SEED_TOML.replace("snapshot_interval", "snapshot_intervall");
-        let error = ConsensusConfig::from_toml_str(&text).unwrap_err().to_string();
+        let error = ConsensusConfig::from_toml_str(&text)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("snapshot_intervall"), "{error}");
         let text = SEED_TOML.replace("min_cluster_size = 3", "min_cluster_size = \"three\"");
         assert!(ConsensusConfig::from_toml_str(&text).is_err());
@@ -544,7 +576,10 @@ address = "127.0.0.1:8080"
         config.validate().unwrap();
         let raft = config.raft_config();
         assert_eq!(raft.voters.len(), 3);
-        assert_eq!((raft.election_timeout_ticks, raft.heartbeat_interval_ticks), (15, 5));
+        assert_eq!(
+            (raft.election_timeout_ticks, raft.heartbeat_interval_ticks),
+            (15, 5)
+        );
         assert_eq!(raft.batch_timeout_ticks, 1);
         assert_eq!(raft.batch_size, 10);
     }

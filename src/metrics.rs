@@ -55,7 +55,11 @@ impl Metrics {
         let proposals_committed = Counter::default();
         let proposals_rejected = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
-        registry.register("consensus_term_current", "Current term (or view)", term.clone());
+        registry.register(
+            "consensus_term_current",
+            "Current term (or view)",
+            term.clone(),
+        );
         registry.register(
             "consensus_committed_index",
             "Highest committed log index",
@@ -126,11 +130,13 @@ impl Metrics {
     }
 
     pub(crate) fn set_committed_index(&self, index: u64) {
-        self.committed_index.set(i64::try_from(index).unwrap_or(i64::MAX));
+        self.committed_index
+            .set(i64::try_from(index).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn set_applied_index(&self, index: u64) {
-        self.applied_index.set(i64::try_from(index).unwrap_or(i64::MAX));
+        self.applied_index
+            .set(i64::try_from(index).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn record_commit(&self, latency: Duration) {
@@ -171,7 +177,12 @@ impl Metrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         let average = |total: &AtomicU64, count: &AtomicU64| {
             let count = count.load(Ordering::Relaxed);
-            Duration::from_nanos(total.load(Ordering::Relaxed).checked_div(count).unwrap_or(0))
+            Duration::from_nanos(
+                total
+                    .load(Ordering::Relaxed)
+                    .checked_div(count)
+                    .unwrap_or(0),
+            )
         };
         let committed = self.proposals_committed.get();
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
@@ -265,8 +276,14 @@ mod tests {
             "consensus_leader_changes_total",
             "consensus_byzantine_detections_total",
         ] {
-            assert!(text.contains(&format!("# TYPE {name}")) || text.contains(name), "{name}");
-            assert!(text.lines().any(|l| l.starts_with(name)), "{name} has no sample:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name}")) || text.contains(name),
+                "{name}"
+            );
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} has no sample:\n{text}"
+            );
         }
     }
 

@@ -53,7 +53,9 @@ async fn start_cluster(names: &[&str]) -> Cluster {
             .node_id(*name)
             .peers(peers)
             .request_timeout(Duration::from_secs(2));
-        let mut engine = ConsensusEngine::new(config).unwrap().with_local_network(&network);
+        let mut engine = ConsensusEngine::new(config)
+            .unwrap()
+            .with_local_network(&network);
         let store = KvStore::default();
         applied.push(store.applied.clone());
         engine.set_state_machine(store).unwrap();
@@ -67,12 +69,16 @@ impl Cluster {
     async fn leader(&self, deadline: Duration) -> usize {
         let until = Instant::now() + deadline;
         loop {
-            let leaders: Vec<usize> =
-                (0..self.engines.len()).filter(|&i| self.engines[i].is_leader()).collect();
+            let leaders: Vec<usize> = (0..self.engines.len())
+                .filter(|&i| self.engines[i].is_leader())
+                .collect();
             if let [only] = leaders[..] {
                 return only;
             }
-            assert!(Instant::now() < until, "no single leader within {deadline:?}");
+            assert!(
+                Instant::now() < until,
+                "no single leader within {deadline:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -86,7 +92,10 @@ impl Cluster {
             if done {
                 return;
             }
-            assert!(Instant::now() < until, "replicas did not apply {count} commands");
+            assert!(
+                Instant::now() < until,
+                "replicas did not apply {count} commands"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -105,22 +114,35 @@ async fn proposals_commit_and_every_state_machine_agrees() {
     let read = cluster.engines[leader].execute_command::<KvStore>(KvCommand::Get("k7".into()));
     assert_eq!(read.await.unwrap(), Some("v7".into()));
     cluster.wait_applied(20, None).await;
-    let histories: Vec<Vec<String>> =
-        cluster.applied.iter().map(|a| a.lock().unwrap().clone()).collect();
+    let histories: Vec<Vec<String>> = cluster
+        .applied
+        .iter()
+        .map(|a| a.lock().unwrap().clone())
+        .collect();
     assert_eq!(histories[0], histories[1]);
     assert_eq!(histories[1], histories[2]);
     let metrics = cluster.engines[leader].metrics();
     assert!(metrics.current_term() >= 1);
     assert!(metrics.last_committed_index() >= 21);
-    assert!(cluster.engines[leader].prometheus_metrics().contains("consensus_term_current"));
+    assert!(
+        cluster.engines[leader]
+            .prometheus_metrics()
+            .contains("consensus_term_current")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_survives_the_leader_stopping() {
     let mut cluster = start_cluster(&["a", "b", "c"]).await;
     let leader = cluster.leader(Duration::from_secs(5)).await;
-    let result = cluster.engines[leader].propose(Proposal::new("x", "1")).await.unwrap();
-    assert!(matches!(result, ConsensusResult::Committed { .. }), "{result:?}");
+    let result = cluster.engines[leader]
+        .propose(Proposal::new("x", "1"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, ConsensusResult::Committed { .. }),
+        "{result:?}"
+    );
     let changes = Arc::new(Mutex::new(Vec::new()));
     let survivor = (leader + 1) % 3;
     let seen = changes.clone();
@@ -130,17 +152,30 @@ async fn the_cluster_survives_the_leader_stopping() {
     cluster.engines[leader].stop().await.unwrap();
     let until = Instant::now() + Duration::from_secs(5);
     let new_leader = loop {
-        let leaders: Vec<usize> =
-            (0..3).filter(|&i| i != leader && cluster.engines[i].is_leader()).collect();
+        let leaders: Vec<usize> = (0..3)
+            .filter(|&i| i != leader && cluster.engines[i].is_leader())
+            .collect();
         if let [only] = leaders[..] {
             break only;
         }
         assert!(Instant::now() < until, "no new leader");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let result = cluster.engines[new_leader].propose(Proposal::new("y", "2")).await.unwrap();
-    assert!(matches!(result, ConsensusResult::Committed { .. }), "{result:?}");
-    assert!(changes.lock().unwrap().iter().any(|l| *l == Some(cluster.engines[new_leader].node_id())));
+    let result = cluster.engines[new_leader]
+        .propose(Proposal::new("y", "2"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, ConsensusResult::Committed { .. }),
+        "{result:?}"
+    );
+    assert!(
+        changes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| *l == Some(cluster.engines[new_leader].node_id()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +185,9 @@ async fn without_a_quorum_a_call_ends_by_its_deadline() {
         .node_id("lonely")
         .peers(vec!["gone-1", "gone-2"])
         .request_timeout(Duration::from_millis(300));
-    let mut engine = ConsensusEngine::new(config).unwrap().with_local_network(&network);
+    let mut engine = ConsensusEngine::new(config)
+        .unwrap()
+        .with_local_network(&network);
     engine.start().await.unwrap();
     let started = Instant::now();
     match engine.propose(Proposal::new("k", "v")).await {

@@ -158,7 +158,7 @@ async fn two_transports_exchange_messages_both_ways() {
 #[tokio::test(flavor = "current_thread")]
 async fn queued_messages_go_as_one_batch_or_are_cut_at_the_frame_limit() {
     init_logs();
-    let mut a = start(config(1, loopback()), vec![]).await;
+    let a = start(config(1, loopback()), vec![]).await;
     let mut b = start(config(2, loopback()), vec![]).await;
     a.0.add_peer(address_of(&b, true));
     send_until_received(&a.0, NodeId(2), &mut b.1).await;

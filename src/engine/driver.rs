@@ -51,9 +51,18 @@ pub(crate) enum DriverError {
 
 /// Everything that reaches the driver thread.
 pub(crate) enum DriverInput {
-    Propose { data: Bytes, deadline: Instant, reply: oneshot::Sender<Reply> },
-    Peer { from: NodeId, message: Message },
-    TransferLeadership { to: NodeId },
+    Propose {
+        data: Bytes,
+        deadline: Instant,
+        reply: oneshot::Sender<Reply>,
+    },
+    Peer {
+        from: NodeId,
+        message: Message,
+    },
+    TransferLeadership {
+        to: NodeId,
+    },
     Shutdown,
 }
 
@@ -181,14 +190,29 @@ impl Driver {
         out: &mut Output,
     ) -> bool {
         match input {
-            DriverInput::Propose { data, deadline, reply } => {
+            DriverInput::Propose {
+                data,
+                deadline,
+                reply,
+            } => {
                 let request_id = self.next_request_id;
                 self.next_request_id = self.next_request_id.wrapping_add(1);
-                pending.insert(request_id, Pending { reply, submitted: Instant::now(), deadline });
+                pending.insert(
+                    request_id,
+                    Pending {
+                        reply,
+                        submitted: Instant::now(),
+                        deadline,
+                    },
+                );
                 self.node.step(Input::Propose { request_id, data }, out);
             }
             DriverInput::Peer { from, message } => {
-                let envelope = Envelope { from, to: self.node.id(), message };
+                let envelope = Envelope {
+                    from,
+                    to: self.node.id(),
+                    message,
+                };
                 self.node.step(Input::Message(envelope), out);
             }
             DriverInput::TransferLeadership { to } => {
@@ -224,7 +248,13 @@ impl Driver {
                 let applied_at = Instant::now();
                 self.metrics.record_commit(applied_at - request.submitted);
                 let (index, term) = (entry.index, entry.term);
-                let applied = Applied { index, term, committed_at, applied_at, response };
+                let applied = Applied {
+                    index,
+                    term,
+                    committed_at,
+                    applied_at,
+                    response,
+                };
                 let _ = request.reply.send(Ok(applied)); // the client may have given up
             }
         }
@@ -232,10 +262,15 @@ impl Driver {
         for rejection in out.rejected.drain(..) {
             if let Some(request) = pending.remove(&rejection.request_id) {
                 self.metrics.record_rejection();
-                let _ = request.reply.send(Err(DriverError::Rejected(rejection.reason.to_string())));
+                let _ = request
+                    .reply
+                    .send(Err(DriverError::Rejected(rejection.reason.to_string())));
             }
         }
-        let leader_changed = out.events.iter().any(|e| matches!(e, Event::LeaderChanged { .. }));
+        let leader_changed = out
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::LeaderChanged { .. }));
         out.clear();
         self.metrics.set_term(self.node.term());
         self.metrics.set_committed_index(self.node.commit_index());
@@ -271,6 +306,8 @@ fn expire(pending: &mut HashMap<u64, Pending>, now: Instant) {
 
 fn fail_all(pending: &mut HashMap<u64, Pending>, reason: &str) {
     for (_, request) in pending.drain() {
-        let _ = request.reply.send(Err(DriverError::Stopped(reason.to_string())));
+        let _ = request
+            .reply
+            .send(Err(DriverError::Stopped(reason.to_string())));
     }
 }

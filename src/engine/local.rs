@@ -24,7 +24,10 @@ impl LocalNetwork {
 
     /// The sending side for `node`.
     pub fn transport(&self, node: NodeId) -> LocalTransport {
-        LocalTransport { from: node, network: self.clone() }
+        LocalTransport {
+            from: node,
+            network: self.clone(),
+        }
     }
 
     /// Makes `node` reachable through `inbox` (replacing an earlier registration, as a restarted
@@ -52,7 +55,12 @@ pub struct LocalTransport {
 
 impl Transport<Message> for LocalTransport {
     fn send(&self, to: NodeId, message: Message) {
-        let inbox = self.network.inboxes.read().ok().and_then(|inboxes| inboxes.get(&to).cloned());
+        let inbox = self
+            .network
+            .inboxes
+            .read()
+            .ok()
+            .and_then(|inboxes| inboxes.get(&to).cloned());
         if let Some(inbox) = inbox {
             inbox.deliver(self.from, message);
         }

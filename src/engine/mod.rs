@@ -111,7 +111,9 @@ impl ConsensusEngine {
     /// miss history and diverge from its replicas.
     pub fn set_state_machine<S: StateMachine>(&mut self, state_machine: S) -> Result<()> {
         if self.running.is_some() {
-            return Err(Error::InvalidState("set_state_machine must be called before start"));
+            return Err(Error::InvalidState(
+                "set_state_machine must be called before start",
+            ));
         }
         self.state_machine = Mutex::new(Some(Box::new(state_machine)));
         Ok(())
@@ -143,7 +145,12 @@ impl ConsensusEngine {
         let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
         let transport: Arc<dyn Transport<Message>> = match &self.network {
             Some(Network::Local(network)) => {
-                network.register(self.node_id(), Inbox { sender: inputs.clone() });
+                network.register(
+                    self.node_id(),
+                    Inbox {
+                        sender: inputs.clone(),
+                    },
+                );
                 Arc::new(network.transport(self.node_id()))
             }
             None => {
@@ -173,7 +180,10 @@ impl ConsensusEngine {
             .name(format!("consensus-{}", self.config.node_id))
             .spawn(move || driver.run())
             .map_err(|error| Error::Io(error.to_string()))?;
-        self.running = Some(Running { inputs, thread: Some(thread) });
+        self.running = Some(Running {
+            inputs,
+            thread: Some(thread),
+        });
         Ok(())
     }
 
@@ -202,7 +212,10 @@ impl ConsensusEngine {
     /// Replicates `proposal`; answers once it is committed and applied on this node.
     pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
         match self.submit(proposal.data).await {
-            Ok(applied) => Ok(ConsensusResult::Committed { index: applied.index, term: applied.term }),
+            Ok(applied) => Ok(ConsensusResult::Committed {
+                index: applied.index,
+                term: applied.term,
+            }),
             Err(Error::Rejected(reason)) => Ok(ConsensusResult::Rejected { reason }),
             Err(error) => Err(error),
         }
@@ -222,7 +235,10 @@ impl ConsensusEngine {
                     committed: applied.committed_at,
                     applied: applied.applied_at,
                 };
-                let result = ConsensusResult::Committed { index: applied.index, term: applied.term };
+                let result = ConsensusResult::Committed {
+                    index: applied.index,
+                    term: applied.term,
+                };
                 Ok((result, Some(timings)))
             }
             Err(Error::Rejected(reason)) => Ok((ConsensusResult::Rejected { reason }, None)),
@@ -235,7 +251,10 @@ impl ConsensusEngine {
     /// The state machine's type is named at the call (`execute_command::<MyStore>(..)`): the
     /// engine holds it type-erased, so the seed's turbofish-free form cannot know the response
     /// type. A mismatch is reported as [`Error::StateMachine`], never a panic.
-    pub async fn execute_command<S: StateMachine>(&self, command: S::Command) -> Result<S::Response> {
+    pub async fn execute_command<S: StateMachine>(
+        &self,
+        command: S::Command,
+    ) -> Result<S::Response> {
         let data = encode_command(&command).map_err(Error::StateMachine)?;
         let applied = self.submit(Bytes::from(data)).await?;
         match applied.response {
@@ -248,10 +267,17 @@ impl ConsensusEngine {
     }
 
     async fn submit(&self, data: Bytes) -> Result<Applied> {
-        let running = self.running.as_ref().ok_or(Error::InvalidState("engine not started"))?;
+        let running = self
+            .running
+            .as_ref()
+            .ok_or(Error::InvalidState("engine not started"))?;
         let deadline = Instant::now() + self.config.request_timeout;
         let (reply, answer) = oneshot::channel();
-        match running.inputs.try_send(DriverInput::Propose { data, deadline, reply }) {
+        match running.inputs.try_send(DriverInput::Propose {
+            data,
+            deadline,
+            reply,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Error::Rejected("engine input queue is full".into()));
@@ -273,7 +299,10 @@ impl ConsensusEngine {
 
     /// Asks the leader to hand leadership to `to` (only meaningful on the leader).
     pub fn transfer_leadership(&self, to: NodeId) -> Result<()> {
-        let running = self.running.as_ref().ok_or(Error::InvalidState("engine not started"))?;
+        let running = self
+            .running
+            .as_ref()
+            .ok_or(Error::InvalidState("engine not started"))?;
         running
             .inputs
             .try_send(DriverInput::TransferLeadership { to })
@@ -292,7 +321,10 @@ impl ConsensusEngine {
 
     /// Leader status and notifications for this node.
     pub fn leader_election(&self) -> LeaderElection {
-        LeaderElection { info: self.leader.subscribe(), callbacks: self.leader_callbacks.clone() }
+        LeaderElection {
+            info: self.leader.subscribe(),
+            callbacks: self.leader_callbacks.clone(),
+        }
     }
 
     /// True if this node currently leads.
@@ -342,7 +374,9 @@ pub struct LeaderElection {
 
 impl std::fmt::Debug for LeaderElection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaderElection").field("info", &*self.info.borrow()).finish()
+        f.debug_struct("LeaderElection")
+            .field("info", &*self.info.borrow())
+            .finish()
     }
 }
 

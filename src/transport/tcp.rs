@@ -515,6 +515,7 @@ mod tests {
         base.validate().unwrap();
         let field_of = |config: TcpTransportConfig| match config.validate() {
             Err(ConfigError::Invalid { field, .. }) => field,
+            Err(other) => panic!("validation gave a non-field error: {other}"),
             Ok(()) => "valid",
         };
         type Change = Box<dyn Fn(&mut TcpTransportConfig)>;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::gpu::context::GpuConfig;
 use crate::protocol::raft::RaftConfig;
+use crate::transport::tcp::NetworkConfig;
 use crate::types::NodeId;
 
 /// Which protocol a cluster runs.
@@ -102,6 +104,12 @@ pub struct ConsensusConfig {
     pub node_id: String,
     /// Where this node listens for peers.
     pub bind_address: String,
+    /// Names the cluster; nodes of another cluster are refused in the handshake.
+    pub cluster_id: String,
+    /// Socket and compression options of the TCP transport.
+    pub network_config: NetworkConfig,
+    /// GPU adapter and memory settings.
+    pub gpu_config: GpuConfig,
     /// The other members: names for in-process clusters, or `host:port` / `name@host:port` for
     /// TCP (TOML: `bootstrap_peers`).
     pub peers: Vec<String>,
@@ -147,6 +155,9 @@ impl Default for ConsensusConfig {
             algorithm: Algorithm::Raft,
             node_id: "node-001".into(),
             bind_address: "127.0.0.1:7000".into(),
+            cluster_id: "stratoswarm".into(),
+            network_config: NetworkConfig::default(),
+            gpu_config: GpuConfig::default(),
             peers: Vec::new(),
             min_cluster_size: 1,
             election: ElectionConfig::default(),
@@ -210,6 +221,16 @@ impl ConsensusConfig {
         gpu_enabled: bool,
         /// Sets [`ConsensusConfig::snapshot_interval`].
         snapshot_interval: u64,
+        /// Sets [`ConsensusConfig::network_config`].
+        network_config: NetworkConfig,
+        /// Sets [`ConsensusConfig::gpu_config`].
+        gpu_config: GpuConfig,
+    }
+
+    /// Sets [`ConsensusConfig::cluster_id`].
+    pub fn cluster_id(mut self, id: impl Into<String>) -> Self {
+        self.cluster_id = id.into();
+        self
     }
 
     /// Sets [`ConsensusConfig::node_id`].
@@ -320,6 +341,10 @@ impl ConsensusConfig {
             if value == 0 {
                 return invalid(field, "0".into(), "must be at least 1");
             }
+        }
+        self.network_config.validate()?;
+        if self.cluster_id.is_empty() {
+            return invalid("cluster_id", String::new(), "must not be empty");
         }
         if !(0.0..1.0 / 3.0 + 1e-9).contains(&self.byzantine_threshold) {
             return invalid(

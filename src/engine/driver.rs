@@ -17,7 +17,9 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::protocol::raft::{Envelope, Event, Input, Message, Output, RaftNode, Role};
+use crate::protocol::raft::{
+    AppliedProposals, Envelope, Event, Input, Message, Output, RaftNode, Role,
+};
 use crate::state_machine::ErasedStateMachine;
 use crate::storage::LogStore;
 use crate::transport::Transport;
@@ -133,6 +135,7 @@ pub(crate) struct Driver {
     /// a request made after it.
     pub(crate) next_request_id: u64,
     pub(crate) applied_index: LogIndex,
+    pub(crate) applied_proposals: AppliedProposals,
 }
 
 impl Driver {
@@ -240,6 +243,9 @@ impl Driver {
             let Payload::Command { tag, data } = entry.payload else {
                 continue;
             };
+            if !self.applied_proposals.first_application(tag) {
+                continue; // a duplicate of a proposal applied (and answered) before
+            }
             let response = self.state_machine.as_mut().map(|sm| sm.apply_bytes(&data));
             if tag.proposer != me {
                 continue;

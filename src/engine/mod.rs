@@ -24,8 +24,10 @@ use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::raft::{Message, RaftNode};
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
-use crate::storage::{LogStore, MemoryLogStore};
+use crate::error::ConfigError;
+use crate::storage::{FjallLogStore, LogStore, MemoryLogStore, SyncPolicy};
 use crate::transport::Transport;
+use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use driver::{Applied, Driver, DriverError, DriverInput, DriverSettings, LeaderCallbacks};
@@ -40,10 +42,15 @@ enum Network {
     Local(LocalNetwork),
 }
 
+/// How long [`ConsensusEngine::start`] waits for `host:port` peers to tell their ids.
+const PEER_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What runs once [`ConsensusEngine::start`] succeeded.
 struct Running {
     inputs: std::sync::mpsc::SyncSender<DriverInput>,
     thread: Option<JoinHandle<std::result::Result<(), String>>>,
+    /// The TCP transport and the task feeding its inbound messages to the driver.
+    tcp: Option<(Arc<TcpTransport<Message>>, tokio::task::JoinHandle<()>)>,
 }
 
 /// One consensus node.
@@ -175,6 +182,7 @@ impl ConsensusEngine {
             },
             next_request_id: rand::random::<u64>() >> 1,
             applied_index: 0,
+            applied_proposals: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("consensus-{}", self.config.node_id))
@@ -196,6 +204,12 @@ impl ConsensusEngine {
             network.disconnect(self.node_id());
         }
         let _ = running.inputs.send(DriverInput::Shutdown);
+        if let Some((transport, forwarder)) = running.tcp.take() {
+            forwarder.abort();
+            if let Ok(transport) = Arc::try_unwrap(transport) {
+                transport.shutdown().await; // frees the port for a restart
+            }
+        }
         if let Some(thread) = running.thread.take() {
             let outcome = tokio::task::spawn_blocking(move || thread.join())
                 .await
@@ -336,6 +350,29 @@ impl ConsensusEngine {
     pub fn current_leader(&self) -> Option<NodeId> {
         self.leader.borrow().leader
     }
+}
+
+/// Parses a configured peer: `name@host:port` (id from the name, as [`NodeId::from_name`]) or
+/// `host:port` (id learned in the handshake).
+fn parse_peer(entry: &str) -> Result<PeerAddress> {
+    let bad = |reason: &'static str| ConfigError::Invalid {
+        field: "bootstrap_peers",
+        value: entry.to_string(),
+        reason,
+    };
+    let (name, address) = match entry.split_once('@') {
+        Some((name, address)) => (Some(name), address),
+        None => (None, entry),
+    };
+    let parsed: PeerAddress =
+        address.parse().map_err(|_| bad("expected host:port or name@host:port"))?;
+    Ok(match name {
+        Some(name) if !name.is_empty() => {
+            PeerAddress::with_id(NodeId::from_name(name), parsed.host, parsed.port)
+        }
+        Some(_) => return Err(bad("empty name before @").into()),
+        None => parsed,
+    })
 }
 
 impl Drop for ConsensusEngine {

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
+use consensus::protocol::raft::AppliedProposals;
 use consensus::{Entry, LogIndex, Payload, ProposalTag};
 
 use crate::common::linearizability::{KvInput, KvModel, KvOutput};
@@ -112,7 +113,8 @@ pub enum Applied {
 #[derive(Clone, Debug, Default)]
 pub struct KvStateMachine {
     values: BTreeMap<u64, u64>,
-    applied_tags: BTreeSet<(u64, u64)>,
+    /// The library's apply-time filter, so the simulator exercises what the engine runs.
+    applied_proposals: AppliedProposals,
     last_applied: LogIndex,
 }
 
@@ -148,7 +150,7 @@ impl KvStateMachine {
                     index: entry.index,
                     len: data.len(),
                 })?;
-                if !self.applied_tags.insert((tag.proposer.0, tag.request_id)) {
+                if !self.applied_proposals.first_application(*tag) {
                     return Ok(Applied::Duplicate { tag: *tag });
                 }
                 let key = input.key();

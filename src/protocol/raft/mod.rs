@@ -25,6 +25,7 @@
 //! the leader's own term are committed by counting replicas).
 
 mod config;
+mod dedup;
 mod election;
 mod log;
 mod message;
@@ -34,6 +35,7 @@ mod progress;
 mod replication;
 
 pub use config::{InjectedBugs, RaftConfig};
+pub use dedup::{AppliedProposals, DEDUP_WINDOW_PER_PROPOSER};
 pub use log::RaftLog;
 pub use message::{ConflictHint, Envelope, Message};
 pub use node::{RaftNode, Role};

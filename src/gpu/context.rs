@@ -1,1 +1,860 @@
-//! (to be written)
+//! The GPU runtime shared by every batch kernel: adapter choice, one device and queue, compute
+//! pipelines compiled once, a bounded pool of device and staging buffers, and bounded waits.
+//!
+//! A [`GpuContext`] is built from a [`GpuConfig`]. It enumerates the wgpu adapters in a
+//! deterministic order (see [`GpuContext::adapters`]), opens the one `device_id` names with the
+//! adapter's own limits (so large storage buffers are allowed), and logs the chosen adapter's name.
+//! Kernels built on it (vote aggregation, signature verification) get their pipelines from
+//! [`GpuContext::compute_pipeline`], their buffers from [`GpuContext::buffers`] and wait for the GPU
+//! only through [`GpuContext::wait_for_submission`] / [`GpuContext::read_back`], which give up
+//! after `kernel_launch_timeout` with [`GpuError::Timeout`]. When a caller answers such a call on
+//! the CPU instead it records that with [`GpuContext::record_cpu_fallback`], a counter readable
+//! through [`GpuContext::metrics`] and registrable with Prometheus.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+/// Bytes in one mebibyte, for sizes in this module.
+const MIB: u64 = 1 << 20;
+
+/// Requests below this are rounded up to a power of two so that buffers of similar sizes are
+/// interchangeable in the pool; above it they are rounded to [`LARGE_BUFFER_GRANULE`] so that a
+/// 300 MiB request does not take 512 MiB.
+const POWER_OF_TWO_CLASS_LIMIT: u64 = 64 * MIB;
+
+/// Size granule of large pooled buffers.
+const LARGE_BUFFER_GRANULE: u64 = 16 * MIB;
+
+/// Smallest pooled buffer, in bytes.
+const MIN_POOLED_BUFFER: u64 = 256;
+
+/// How a [`GpuContext`] is set up. Field names follow the seed's `GpuConfig`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Index of the adapter to use, in the order [`GpuContext::adapters`] lists them.
+    pub device_id: u32,
+    /// Upper bound, in bytes, on all buffers the context's pool holds at once (in use and idle).
+    pub memory_pool_size: u64,
+    /// Longest wait for one submission or one read-back before the call gives up with
+    /// [`GpuError::Timeout`].
+    pub kernel_launch_timeout: Duration,
+    /// Peer access between GPUs (a CUDA notion). wgpu has no equivalent: the flag is accepted,
+    /// stored, and logged as not applied.
+    pub enable_peer_access: bool,
+}
+
+impl Default for GpuConfig {
+    /// Adapter 0, a 1 GiB pool (the seed's `gpu_memory_pool_mb = 1024`), a 10 s wait bound (large
+    /// enough for software Vulkan on a laptop-class CPU; set it lower on real GPUs), no peer access.
+    fn default() -> Self {
+        Self {
+            device_id: 0,
+            memory_pool_size: 1 << 30,
+            kernel_launch_timeout: Duration::from_secs(10),
+            enable_peer_access: false,
+        }
+    }
+}
+
+/// What went wrong on the GPU side. Every variant carries the values needed to act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuError {
+    /// wgpu found no adapter at all (no Vulkan/Metal/DX12/GL driver).
+    #[error("no GPU adapter found (backends tried: {backends})")]
+    NoAdapter {
+        /// The backends wgpu searched.
+        backends: String,
+    },
+    /// `device_id` is past the end of the adapter list.
+    #[error("device_id {device_id} is out of range: {adapter_count} adapter(s) found")]
+    DeviceIdOutOfRange {
+        /// The requested index.
+        device_id: u32,
+        /// How many adapters exist.
+        adapter_count: usize,
+    },
+    /// The adapter refused to open a device.
+    #[error("requesting a device from adapter {adapter:?} failed: {reason}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's message.
+        reason: String,
+    },
+    /// The GPU did not finish within `kernel_launch_timeout`.
+    #[error("GPU work did not complete within {waited:?}")]
+    Timeout {
+        /// The bound that was exceeded.
+        waited: Duration,
+    },
+    /// The device was lost (driver reset, GPU removed, or destroyed).
+    #[error("GPU device lost: {reason}")]
+    DeviceLost {
+        /// wgpu's reason and message.
+        reason: String,
+    },
+    /// A buffer request does not fit in what is left of `memory_pool_size`.
+    #[error(
+        "GPU buffer pool exhausted: {requested} bytes requested, {in_use} of {capacity} in use"
+    )]
+    PoolExhausted {
+        /// Bytes requested (after rounding to the pool's size class).
+        requested: u64,
+        /// Bytes held by buffers currently lent out.
+        in_use: u64,
+        /// The pool's bound (`memory_pool_size`).
+        capacity: u64,
+    },
+    /// A single buffer larger than the device allows.
+    #[error("buffer of {requested} bytes exceeds the device's max_buffer_size {max}")]
+    BufferTooLarge {
+        /// Bytes requested.
+        requested: u64,
+        /// The device limit.
+        max: u64,
+    },
+    /// A WGSL module or pipeline failed to compile or validate.
+    #[error("shader {label:?} failed to compile: {message}")]
+    Shader {
+        /// The pipeline's label.
+        label: String,
+        /// wgpu's / naga's message.
+        message: String,
+    },
+    /// wgpu rejected a command (a bug in a kernel's host code or an input past a device limit).
+    #[error("GPU validation error: {0}")]
+    Validation(String),
+    /// Mapping a buffer for read-back failed.
+    #[error("mapping a GPU buffer failed: {0}")]
+    Map(String),
+    /// Polling the device failed for a reason other than a timeout.
+    #[error("polling the GPU failed: {0}")]
+    Poll(String),
+    /// An input is larger than a kernel can take even after splitting.
+    #[error("input too large for the GPU: {detail}")]
+    InputTooLarge {
+        /// What limit was hit.
+        detail: String,
+    },
+}
+
+impl GpuError {
+    /// Whether a CPU backend should answer the call instead: the GPU is slow or gone, not the
+    /// input or the program wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            GpuError::Timeout { .. } | GpuError::DeviceLost { .. } | GpuError::PoolExhausted { .. }
+        )
+    }
+}
+
+/// One adapter as [`GpuContext::adapters`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterSummary {
+    /// Its `device_id` in a [`GpuConfig`].
+    pub index: u32,
+    /// The adapter's name, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub name: String,
+    /// Backend (Vulkan, Metal, Dx12, Gl).
+    pub backend: wgpu::Backend,
+    /// Discrete, integrated, virtual, CPU or other.
+    pub device_type: wgpu::DeviceType,
+    /// Driver name and version as reported.
+    pub driver: String,
+}
+
+/// Counters of a context, as a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpuMetrics {
+    /// Calls that a CPU backend answered because the GPU timed out or was lost.
+    pub cpu_fallbacks: u64,
+    /// Waits that hit `kernel_launch_timeout`.
+    pub timeouts: u64,
+    /// Command buffers submitted through [`GpuContext::submit`].
+    pub submissions: u64,
+    /// Buffers the pool created.
+    pub buffer_allocations: u64,
+    /// Buffer requests the pool served from idle buffers.
+    pub buffer_reuses: u64,
+    /// Bytes held by the pool now (in use and idle).
+    pub pool_bytes: u64,
+}
+
+/// The GPU runtime: device, queue, pipelines, buffer pool, bounded waits and metrics.
+///
+/// It is `Send + Sync`; share it in an [`Arc`] between kernels.
+pub struct GpuContext {
+    config: GpuConfig,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    pool: BufferPool,
+    lost: Arc<DeviceLostState>,
+    cpu_fallbacks: Counter,
+    timeouts: Counter,
+    submissions: AtomicU64,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Set by wgpu's device-lost and uncaptured-error callbacks, read before and after every wait.
+#[derive(Default)]
+struct DeviceLostState {
+    lost: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+/// Locks a mutex, recovering the data if another thread panicked while holding it: every value
+/// guarded here (caches, counters, idle lists) stays consistent at each await-free step.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn backend_rank(backend: wgpu::Backend) -> u8 {
+    match backend {
+        wgpu::Backend::Vulkan => 0,
+        wgpu::Backend::Metal => 1,
+        wgpu::Backend::Dx12 => 2,
+        wgpu::Backend::Gl => 3,
+        _ => 4,
+    }
+}
+
+fn device_type_rank(device_type: wgpu::DeviceType) -> u8 {
+    match device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn instance_descriptor() -> wgpu::InstanceDescriptor {
+    wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+}
+
+/// Enumerates adapters sorted deterministically: by backend (Vulkan, Metal, DX12, GL, others),
+/// then device type (discrete, integrated, virtual, CPU), keeping the driver's order among equals
+/// (a stable sort), so `device_id` 0 is the best real GPU and identical cards keep their bus order.
+fn sorted_adapters(instance: &wgpu::Instance, backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    adapters.sort_by_key(|adapter| {
+        let info = adapter.get_info();
+        (
+            backend_rank(info.backend),
+            device_type_rank(info.device_type),
+        )
+    });
+    adapters
+}
+
+fn summary(index: usize, info: &wgpu::AdapterInfo) -> AdapterSummary {
+    AdapterSummary {
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        name: info.name.clone(),
+        backend: info.backend,
+        device_type: info.device_type,
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_owned(),
+    }
+}
+
+impl GpuContext {
+    /// Lists the adapters wgpu finds, in the order `device_id` indexes them.
+    pub fn adapters() -> Vec<AdapterSummary> {
+        let descriptor = instance_descriptor();
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        sorted_adapters(&instance, backends)
+            .iter()
+            .enumerate()
+            .map(|(index, adapter)| summary(index, &adapter.get_info()))
+            .collect()
+    }
+
+    /// Opens the adapter `config.device_id` names (blocking; call it from a blocking context or at
+    /// start-up). The device gets the adapter's full limits.
+    pub fn new(config: GpuConfig) -> Result<Self, GpuError> {
+        let descriptor = instance_descriptor();
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        let adapters = sorted_adapters(&instance, backends);
+        if adapters.is_empty() {
+            return Err(GpuError::NoAdapter {
+                backends: format!("{backends:?}"),
+            });
+        }
+        let adapter =
+            adapters
+                .get(config.device_id as usize)
+                .ok_or(GpuError::DeviceIdOutOfRange {
+                    device_id: config.device_id,
+                    adapter_count: adapters.len(),
+                })?;
+        let info = adapter.get_info();
+        let adapter_limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("consensus-gpu"),
+            required_limits: adapter_limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|error| GpuError::RequestDevice {
+            adapter: info.name.clone(),
+            reason: error.to_string(),
+        })?;
+        let limits = device.limits();
+        tracing::info!(
+            adapter = %info.name,
+            backend = ?info.backend,
+            device_type = ?info.device_type,
+            device_id = config.device_id,
+            max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size,
+            max_buffer_size = limits.max_buffer_size,
+            "GPU context opened"
+        );
+        if config.enable_peer_access {
+            tracing::warn!(
+                "enable_peer_access = true is not applied: wgpu has no peer access between GPUs"
+            );
+        }
+
+        let lost = Arc::new(DeviceLostState::default());
+        let lost_for_callback = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            tracing::error!(?reason, %message, "GPU device lost");
+            *lock(&lost_for_callback.reason) = Some(format!("{reason:?}: {message}"));
+            lost_for_callback.lost.store(true, Ordering::SeqCst);
+        });
+        // wgpu's default handler panics; errors outside an error scope are logged instead, and the
+        // calls that could raise them run inside scopes and turn them into `GpuError`s.
+        device.on_uncaptured_error(Arc::new(|error: wgpu::Error| {
+            tracing::error!(%error, "uncaptured wgpu error");
+        }));
+
+        let pool = BufferPool::new(
+            device.clone(),
+            config.memory_pool_size,
+            limits.max_buffer_size,
+        );
+        Ok(Self {
+            config,
+            info,
+            limits,
+            device,
+            queue,
+            pipelines: Mutex::new(HashMap::new()),
+            pool,
+            lost,
+            cpu_fallbacks: Counter::default(),
+            timeouts: Counter::default(),
+            submissions: AtomicU64::new(0),
+        })
+    }
+
+    /// The chosen adapter's name as wgpu reports it.
+    pub fn adapter_name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Everything wgpu reports about the chosen adapter.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The limits the device was opened with (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The configuration the context was built from.
+    pub fn config(&self) -> &GpuConfig {
+        &self.config
+    }
+
+    /// The buffer pool.
+    pub fn buffers(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    /// Largest storage buffer binding, in bytes, clamped to what a `u32` byte offset can address.
+    pub fn max_storage_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+            .min(u64::from(u32::MAX))
+    }
+
+    /// Returns the compute pipeline for `entry_point` of the WGSL `source`, compiling it on first
+    /// use. Pipelines use wgpu's automatic layout; bind groups come from
+    /// `pipeline.get_bind_group_layout(0)`. `label` must name one source: the cache key is
+    /// `(label, entry_point)`.
+    pub fn compute_pipeline(
+        &self,
+        label: &'static str,
+        source: &'static str,
+        entry_point: &'static str,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        let mut pipelines = lock(&self.pipelines);
+        if let Some(pipeline) = pipelines.get(&(label, entry_point)) {
+            return Ok(Arc::clone(pipeline));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry_point),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Shader {
+                label: format!("{label}::{entry_point}"),
+                message: error.to_string(),
+            });
+        }
+        let pipeline = Arc::new(pipeline);
+        pipelines.insert((label, entry_point), Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+
+    /// Runs `encode` inside a validation error scope and turns a captured error into
+    /// [`GpuError::Validation`]. Use it around bind group creation and encoding, where a wrong
+    /// size or a limit would otherwise only be logged.
+    pub fn validated<T>(&self, encode: impl FnOnce() -> T) -> Result<T, GpuError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = encode();
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(GpuError::Validation(error.to_string())),
+            None => Ok(value),
+        }
+    }
+
+    /// Submits command buffers and counts the submission.
+    pub fn submit(
+        &self,
+        commands: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> Result<wgpu::SubmissionIndex, GpuError> {
+        self.check_not_lost()?;
+        self.submissions.fetch_add(1, Ordering::Relaxed);
+        Ok(self.queue.submit(commands))
+    }
+
+    /// Fails with [`GpuError::DeviceLost`] once wgpu has reported the device lost.
+    pub fn check_not_lost(&self) -> Result<(), GpuError> {
+        if self.lost.lost.load(Ordering::SeqCst) {
+            let reason = lock(&self.lost.reason)
+                .clone()
+                .unwrap_or_else(|| "unknown".to_owned());
+            return Err(GpuError::DeviceLost { reason });
+        }
+        Ok(())
+    }
+
+    /// Blocks until `submission` (or, with `None`, everything submitted so far) has completed,
+    /// for at most `kernel_launch_timeout`.
+    pub fn wait_for_submission(
+        &self,
+        submission: Option<wgpu::SubmissionIndex>,
+    ) -> Result<(), GpuError> {
+        self.check_not_lost()?;
+        let waited = self.config.kernel_launch_timeout;
+        let result = self.device.poll(wgpu::PollType::Wait {
+            submission_index: submission,
+            timeout: Some(waited),
+        });
+        match result {
+            Ok(_) => self.check_not_lost(),
+            Err(wgpu::PollError::Timeout) => {
+                self.timeouts.inc();
+                tracing::warn!(?waited, adapter = %self.info.name, "GPU wait timed out");
+                Err(GpuError::Timeout { waited })
+            }
+            Err(error) => Err(GpuError::Poll(error.to_string())),
+        }
+    }
+
+    /// Maps the first `bytes` of a `MAP_READ` buffer, copies them out as `T`s and unmaps it,
+    /// waiting at most `kernel_launch_timeout`. `bytes` must be a multiple of 4 and of
+    /// `size_of::<T>()`.
+    pub fn read_back<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<T>, GpuError> {
+        let mut out = Vec::new();
+        self.read_back_into(buffer, bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`GpuContext::read_back`], but replaces the contents of `out`, reusing its
+    /// allocation.
+    pub fn read_back_into<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+        out: &mut Vec<T>,
+    ) -> Result<(), GpuError> {
+        out.clear();
+        if bytes == 0 {
+            return Ok(());
+        }
+        let element = std::mem::size_of::<T>() as u64;
+        if !bytes.is_multiple_of(4)
+            || element == 0
+            || !bytes.is_multiple_of(element)
+            || bytes > buffer.size()
+        {
+            return Err(GpuError::Map(format!(
+                "cannot read {bytes} bytes as {element}-byte elements from a {}-byte buffer",
+                buffer.size()
+            )));
+        }
+        let slice = buffer.slice(0..bytes);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver outlives the wait below; if it is gone the result is moot.
+            let _ = sender.send(result);
+        });
+        self.wait_for_submission(None)?;
+        match receiver.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(GpuError::Map(error.to_string())),
+            Err(_) => {
+                return Err(GpuError::Timeout {
+                    waited: self.config.kernel_launch_timeout,
+                });
+            }
+        }
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|error| GpuError::Map(error.to_string()))?;
+            out.extend_from_slice(bytemuck::cast_slice(&view));
+        }
+        buffer.unmap();
+        Ok(())
+    }
+
+    /// Counts one call answered by a CPU backend because of `error` (a timeout or a lost device).
+    pub fn record_cpu_fallback(&self, error: &GpuError) {
+        self.cpu_fallbacks.inc();
+        tracing::warn!(%error, adapter = %self.info.name, "GPU call answered by the CPU backend");
+    }
+
+    /// Calls answered by a CPU backend so far.
+    pub fn cpu_fallback_count(&self) -> u64 {
+        self.cpu_fallbacks.get()
+    }
+
+    /// A snapshot of the context's counters.
+    pub fn metrics(&self) -> GpuMetrics {
+        let pool = self.pool.stats();
+        GpuMetrics {
+            cpu_fallbacks: self.cpu_fallbacks.get(),
+            timeouts: self.timeouts.get(),
+            submissions: self.submissions.load(Ordering::Relaxed),
+            buffer_allocations: pool.allocations,
+            buffer_reuses: pool.reuses,
+            pool_bytes: pool.allocated_bytes,
+        }
+    }
+
+    /// Registers `consensus_gpu_cpu_fallbacks` and `consensus_gpu_timeouts` (counters; the
+    /// exporter appends `_total`) in a Prometheus registry. The registry shares the counters, so
+    /// it stays current.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "consensus_gpu_cpu_fallbacks",
+            "GPU calls answered by the CPU backend after a timeout or device loss",
+            self.cpu_fallbacks.clone(),
+        );
+        registry.register(
+            "consensus_gpu_timeouts",
+            "GPU waits that exceeded kernel_launch_timeout",
+            self.timeouts.clone(),
+        );
+    }
+}
+
+/// Pool statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Bytes of all buffers the pool holds (lent out and idle).
+    pub allocated_bytes: u64,
+    /// Bytes of buffers lent out now.
+    pub in_use_bytes: u64,
+    /// Buffers created so far.
+    pub allocations: u64,
+    /// Requests served by an idle buffer.
+    pub reuses: u64,
+}
+
+struct IdleBuffer {
+    buffer: wgpu::Buffer,
+    usage: wgpu::BufferUsages,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<IdleBuffer>,
+    stats: PoolStats,
+    clock: u64,
+}
+
+struct PoolShared {
+    device: wgpu::Device,
+    capacity: u64,
+    max_buffer_size: u64,
+    state: Mutex<PoolState>,
+}
+
+/// Device and staging buffers reused across calls. All buffers it holds, lent out or idle, stay
+/// within `memory_pool_size` bytes: a request that does not fit evicts idle buffers (least
+/// recently used first) and fails with [`GpuError::PoolExhausted`] if that is not enough.
+///
+/// Requests are rounded up to a size class, so a buffer is usually larger than asked for: bind
+/// it with an explicit size.
+#[derive(Clone)]
+pub struct BufferPool {
+    shared: Arc<PoolShared>,
+}
+
+impl BufferPool {
+    fn new(device: wgpu::Device, capacity: u64, max_buffer_size: u64) -> Self {
+        Self {
+            shared: Arc::new(PoolShared {
+                device,
+                capacity,
+                max_buffer_size,
+                state: Mutex::new(PoolState::default()),
+            }),
+        }
+    }
+
+    /// The size class a request of `bytes` is rounded to.
+    pub fn size_class(bytes: u64) -> u64 {
+        let bytes = bytes.max(MIN_POOLED_BUFFER);
+        if bytes <= POWER_OF_TWO_CLASS_LIMIT {
+            bytes.next_power_of_two()
+        } else {
+            bytes.div_ceil(LARGE_BUFFER_GRANULE) * LARGE_BUFFER_GRANULE
+        }
+    }
+
+    /// The pool's bound in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.shared.capacity
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> PoolStats {
+        lock(&self.shared.state).stats
+    }
+
+    /// Lends a buffer of at least `bytes` bytes with exactly `usage`. It returns to the pool when
+    /// dropped. Its contents are whatever the last user left: initialise what you read.
+    pub fn acquire(
+        &self,
+        label: &'static str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<PooledBuffer, GpuError> {
+        let mut size = Self::size_class(bytes);
+        if size > self.shared.max_buffer_size {
+            // The rounding must not push a request that fits over the device limit.
+            size = bytes.div_ceil(4) * 4;
+        }
+        if size > self.shared.max_buffer_size {
+            return Err(GpuError::BufferTooLarge {
+                requested: bytes,
+                max: self.shared.max_buffer_size,
+            });
+        }
+        let mut state = lock(&self.shared.state);
+        state.clock += 1;
+        let position = state
+            .idle
+            .iter()
+            .position(|idle| idle.usage == usage && idle.buffer.size() == size);
+        if let Some(position) = position {
+            let idle = state.idle.swap_remove(position);
+            state.stats.reuses += 1;
+            state.stats.in_use_bytes += size;
+            return Ok(PooledBuffer {
+                buffer: Some(idle.buffer),
+                usage,
+                pool: Arc::clone(&self.shared),
+            });
+        }
+        while state.stats.allocated_bytes + size > self.shared.capacity && !state.idle.is_empty() {
+            let oldest = state
+                .idle
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, idle)| idle.last_used)
+                .map(|(index, _)| index)
+                .unwrap_or(0);
+            let evicted = state.idle.swap_remove(oldest);
+            state.stats.allocated_bytes -= evicted.buffer.size();
+            evicted.buffer.destroy();
+        }
+        if state.stats.allocated_bytes + size > self.shared.capacity {
+            return Err(GpuError::PoolExhausted {
+                requested: size,
+                in_use: state.stats.in_use_bytes,
+                capacity: self.shared.capacity,
+            });
+        }
+        let buffer = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
+        state.stats.allocations += 1;
+        state.stats.allocated_bytes += size;
+        state.stats.in_use_bytes += size;
+        Ok(PooledBuffer {
+            buffer: Some(buffer),
+            usage,
+            pool: Arc::clone(&self.shared),
+        })
+    }
+
+    /// Drops every idle buffer (e.g. after a burst of large calls).
+    pub fn trim(&self) {
+        let mut state = lock(&self.shared.state);
+        for idle in std::mem::take(&mut state.idle) {
+            state.stats.allocated_bytes -= idle.buffer.size();
+            idle.buffer.destroy();
+        }
+    }
+}
+
+/// A buffer lent by a [`BufferPool`]; dereferences to [`wgpu::Buffer`] and goes back to the pool
+/// when dropped.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    usage: wgpu::BufferUsages,
+    pool: Arc<PoolShared>,
+}
+
+impl PooledBuffer {
+    /// Removes the buffer from the pool for good instead of returning it: for buffers that work
+    /// still in flight (after a timeout) may yet write to. wgpu frees it once that work is done.
+    pub fn discard(mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            let mut state = lock(&self.pool.state);
+            state.stats.in_use_bytes -= buffer.size();
+            state.stats.allocated_bytes -= buffer.size();
+        }
+    }
+}
+
+impl Deref for PooledBuffer {
+    type Target = wgpu::Buffer;
+
+    fn deref(&self) -> &wgpu::Buffer {
+        // Invariant: `buffer` is `Some` until `discard` or `drop`, both of which consume `self`.
+        self.buffer
+            .as_ref()
+            .expect("pooled buffer used after release")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            let mut state = lock(&self.pool.state);
+            state.clock += 1;
+            let last_used = state.clock;
+            state.stats.in_use_bytes -= buffer.size();
+            state.idle.push(IdleBuffer {
+                buffer,
+                usage: self.usage,
+                last_used,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_round_up_and_stay_close_for_large_requests() {
+        assert_eq!(BufferPool::size_class(0), MIN_POOLED_BUFFER);
+        assert_eq!(BufferPool::size_class(257), 512);
+        assert_eq!(BufferPool::size_class(64 * MIB), 64 * MIB);
+        assert_eq!(BufferPool::size_class(64 * MIB + 1), 80 * MIB);
+        assert_eq!(BufferPool::size_class(300 * MIB), 304 * MIB);
+    }
+
+    #[test]
+    fn default_config_matches_the_seed_defaults() {
+        let config = GpuConfig::default();
+        assert_eq!(config.device_id, 0);
+        assert_eq!(config.memory_pool_size, 1 << 30);
+        assert!(!config.enable_peer_access);
+    }
+
+    #[test]
+    fn transient_errors_are_the_ones_a_cpu_backend_should_answer() {
+        assert!(
+            GpuError::Timeout {
+                waited: Duration::from_millis(1)
+            }
+            .is_transient()
+        );
+        assert!(GpuError::DeviceLost { reason: "x".into() }.is_transient());
+        assert!(!GpuError::Validation("x".into()).is_transient());
+        let message = GpuError::DeviceIdOutOfRange {
+            device_id: 3,
+            adapter_count: 2,
+        }
+        .to_string();
+        assert!(message.contains("2 adapter"), "{message}");
+    }
+}

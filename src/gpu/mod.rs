@@ -6,5 +6,6 @@ pub mod sigverify;
 pub mod votes;
 
 // ---- re-exports of context.rs and votes.rs ----
+pub use context::{AdapterSummary, GpuConfig, GpuContext, GpuError, GpuMetrics};
 
 // ---- re-exports of sigverify.rs ----

@@ -1,0 +1,70 @@
+//! GPU test helper shared by the suites that run kernels: opens one [`GpuContext`] per test binary
+//! and applies the project's environment rule.
+//!
+//! With `CONSENSUS_REQUIRE_GPU=1`, having no working adapter is a test failure (panic with the
+//! reason). Without it, a GPU test prints why it skips (`eprintln!`) and returns early. A GPU test
+//! must never pass by quietly using the CPU.
+//!
+//! Include it standalone with `#[path = "common/gpu.rs"] mod gpu_common;`; it uses nothing else
+//! from `tests/common`.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use consensus::gpu::context::{GpuConfig, GpuContext};
+
+/// Name of the variable that makes a missing GPU adapter a failure.
+pub const REQUIRE_GPU_VAR: &str = "CONSENSUS_REQUIRE_GPU";
+
+/// Whether `CONSENSUS_REQUIRE_GPU` is set to `1` (or `true`).
+pub fn gpu_required() -> bool {
+    matches!(
+        std::env::var(REQUIRE_GPU_VAR).as_deref().map(str::trim),
+        Ok("1") | Ok("true")
+    )
+}
+
+/// The configuration tests use: adapter 0, a 3 GiB pool (room for inputs over 2^24 votes) and a
+/// wait bound generous enough for software Vulkan on two shared cores, so a slow adapter fails
+/// loudly instead of timing out into a CPU answer.
+pub fn test_gpu_config() -> GpuConfig {
+    GpuConfig {
+        device_id: 0,
+        memory_pool_size: 3 << 30,
+        kernel_launch_timeout: Duration::from_secs(300),
+        enable_peer_access: false,
+    }
+}
+
+fn shared_context() -> &'static Result<Arc<GpuContext>, String> {
+    static CONTEXT: OnceLock<Result<Arc<GpuContext>, String>> = OnceLock::new();
+    CONTEXT.get_or_init(|| {
+        GpuContext::new(test_gpu_config())
+            .map(Arc::new)
+            .map_err(|error| error.to_string())
+    })
+}
+
+/// Returns the shared test context, or `None` (after printing why `test_name` skips) when no
+/// adapter works and `CONSENSUS_REQUIRE_GPU` is not `1`.
+///
+/// # Panics
+/// When no adapter works and `CONSENSUS_REQUIRE_GPU=1`.
+pub fn gpu_context_or_skip(test_name: &str) -> Option<Arc<GpuContext>> {
+    match shared_context() {
+        Ok(context) => Some(Arc::clone(context)),
+        Err(reason) if gpu_required() => panic!(
+            "{test_name}: {REQUIRE_GPU_VAR}=1 but no GPU adapter works: {reason} \
+             (install mesa-vulkan-drivers for software Vulkan, or unset {REQUIRE_GPU_VAR})"
+        ),
+        Err(reason) => {
+            eprintln!(
+                "skipping {test_name}: no usable GPU adapter ({reason}); \
+                 set {REQUIRE_GPU_VAR}=1 to make this a failure"
+            );
+            None
+        }
+    }
+}

@@ -206,3 +206,152 @@ fn an_algorithm_not_built_yet_is_refused_at_new() {
     assert!(matches!(error, Error::Unsupported { .. }), "{error}");
     assert!(error.to_string().contains("pbft"));
 }
+
+// ---- Engines over real TCP (tarpc) on loopback, with fjall data directories ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct TcpNode {
+    name: String,
+    bind: String,
+    peers: Vec<String>,
+    dir: std::path::PathBuf,
+}
+
+impl TcpNode {
+    async fn start(&self) -> (ConsensusEngine, Arc<Mutex<Vec<String>>>) {
+        let config = ConsensusConfig::default()
+            .node_id(self.name.as_str())
+            .bind_address(self.bind.as_str())
+            .peers(self.peers.clone())
+            .persistent_state(&self.dir)
+            .request_timeout(Duration::from_secs(3));
+        let mut engine = ConsensusEngine::new(config).unwrap();
+        let store = KvStore::default();
+        let applied = store.applied.clone();
+        engine.set_state_machine(store).unwrap();
+        engine.start().await.unwrap();
+        (engine, applied)
+    }
+}
+
+fn tcp_nodes(dir: &std::path::Path) -> Vec<TcpNode> {
+    let names = ["alpha", "bravo", "charlie"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| TcpNode {
+            name: name.to_string(),
+            bind: format!("127.0.0.1:{port}"),
+            peers: names
+                .iter()
+                .zip(&ports)
+                .filter(|(other, _)| *other != name)
+                .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
+                .collect(),
+            dir: dir.join(name),
+        })
+        .collect()
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_cluster_with_fjall_commits_fails_over_and_a_restarted_node_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = tcp_nodes(dir.path());
+    let mut engines = Vec::new();
+    let mut applied = Vec::new();
+    let started = futures::future::join_all(nodes.iter().map(|n| n.start())).await;
+    for (engine, log) in started {
+        engines.push(Some(engine));
+        applied.push(log);
+    }
+    let leader_of = |engines: &Vec<Option<ConsensusEngine>>| {
+        engines
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| e.is_leader()))
+    };
+    wait_until("a leader known to all", Duration::from_secs(10), || {
+        leader_of(&engines).is_some()
+            && engines
+                .iter()
+                .flatten()
+                .all(|e| e.current_leader().is_some())
+    })
+    .await;
+    let leader = leader_of(&engines).unwrap();
+    for i in 0..10 {
+        let engine = engines[(leader + i) % 3].as_ref().unwrap();
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        engine.execute_command::<KvStore>(command).await.unwrap();
+    }
+    wait_until("every replica to apply 10", Duration::from_secs(10), || {
+        applied.iter().all(|a| a.lock().unwrap().len() >= 10)
+    })
+    .await;
+    let first = applied[0].lock().unwrap().clone();
+    assert!(
+        applied.iter().all(|a| *a.lock().unwrap() == first),
+        "replicas disagree"
+    );
+
+    // Stop the leader; the other two elect a new one and keep committing.
+    engines[leader].take().unwrap().stop().await.unwrap();
+    wait_until("a new leader", Duration::from_secs(10), || {
+        leader_of(&engines).is_some()
+    })
+    .await;
+    let new_leader = leader_of(&engines).unwrap();
+    for i in 10..20 {
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        engines[new_leader]
+            .as_ref()
+            .unwrap()
+            .execute_command::<KvStore>(command)
+            .await
+            .unwrap();
+    }
+
+    // The stopped node restarts from its data directory and catches up.
+    let (restarted, restarted_log) = nodes[leader].start().await;
+    engines[leader] = Some(restarted);
+    wait_until(
+        "the restarted node to catch up",
+        Duration::from_secs(15),
+        || restarted_log.lock().unwrap().len() >= 20,
+    )
+    .await;
+    let survivor_log = applied[new_leader].lock().unwrap().clone();
+    assert_eq!(*restarted_log.lock().unwrap(), survivor_log);
+    for engine in engines.iter_mut().flatten() {
+        engine.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_peer_address_is_a_config_error_naming_it() {
+    let config = ConsensusConfig::default()
+        .node_id("a")
+        .bind_address(format!("127.0.0.1:{}", free_port()))
+        .peers(vec!["b@nowhere"]);
+    let mut engine = ConsensusEngine::new(config).unwrap();
+    let error = engine.start().await.unwrap_err().to_string();
+    assert!(
+        error.contains("bootstrap_peers") && error.contains("b@nowhere"),
+        "{error}"
+    );
+}

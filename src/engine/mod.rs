@@ -20,11 +20,11 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Algorithm, ConsensusConfig};
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::raft::{Message, RaftNode};
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
-use crate::error::ConfigError;
 use crate::storage::{FjallLogStore, LogStore, MemoryLogStore, SyncPolicy};
 use crate::transport::Transport;
 use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
@@ -141,31 +141,34 @@ impl ConsensusEngine {
         if self.running.is_some() {
             return Err(Error::InvalidState("engine already started"));
         }
-        let mut store = match self.store.get_mut().ok().and_then(Option::take) {
+        let mut store: Box<dyn LogStore> = match self.store.get_mut().ok().and_then(Option::take) {
             Some(store) => store,
-            None => Box::new(MemoryLogStore::new()),
+            None => match &self.config.persistent_state {
+                Some(dir) => Box::new(FjallLogStore::open(dir, SyncPolicy::EveryBatch)?),
+                None => Box::new(MemoryLogStore::new()),
+            },
         };
         let recovered = store.recover()?;
-        let mut raft_config = self.config.raft_config();
-        raft_config.seed = rand::random();
-        let node = RaftNode::new(raft_config, recovered)?;
         let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
+        let inbox = Inbox {
+            sender: inputs.clone(),
+        };
+        let mut raft_config = self.config.raft_config();
+        let mut tcp = None;
         let transport: Arc<dyn Transport<Message>> = match &self.network {
             Some(Network::Local(network)) => {
-                network.register(
-                    self.node_id(),
-                    Inbox {
-                        sender: inputs.clone(),
-                    },
-                );
+                network.register(self.node_id(), inbox);
                 Arc::new(network.transport(self.node_id()))
             }
             None => {
-                return Err(Error::InvalidState(
-                    "no network: call with_local_network (TCP arrives with the tarpc transport)",
-                ));
+                let (transport, voters, forwarder) = self.start_tcp(inbox).await?;
+                raft_config.voters = voters;
+                tcp = Some((transport.clone(), forwarder));
+                transport
             }
         };
+        raft_config.seed = rand::random();
+        let node = RaftNode::new(raft_config, recovered)?;
         let driver = Driver {
             node,
             store,
@@ -191,8 +194,70 @@ impl ConsensusEngine {
         self.running = Some(Running {
             inputs,
             thread: Some(thread),
+            tcp,
         });
         Ok(())
+    }
+
+    /// Starts the tarpc transport, learns the ids of peers given as `host:port` by handshake,
+    /// and feeds inbound messages to the driver. Returns the voters (this node included).
+    async fn start_tcp(
+        &self,
+        inbox: Inbox,
+    ) -> Result<(
+        Arc<TcpTransport<Message>>,
+        Vec<NodeId>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        let bind: std::net::SocketAddr =
+            self.config
+                .bind_address
+                .parse()
+                .map_err(|_| ConfigError::Invalid {
+                    field: "bind_address",
+                    value: self.config.bind_address.clone(),
+                    reason: "expected ip:port",
+                })?;
+        let mut peers = Vec::new();
+        for entry in &self.config.peers {
+            peers.push(parse_peer(entry)?);
+        }
+        let mut transport_config =
+            TcpTransportConfig::new(self.node_id(), self.config.cluster_id.clone(), bind);
+        transport_config.network = self.config.network_config;
+        transport_config.request_timeout = self.config.request_timeout;
+        let (transport, mut inbound) = TcpTransport::start(transport_config, peers.clone())
+            .await
+            .map_err(|error| Error::Io(error.to_string()))?;
+        let transport = Arc::new(transport);
+        // Peers named in the configuration are voters at once; the others once they said who
+        // they are. The voter set must be known before the protocol starts.
+        let named: Vec<NodeId> = peers.iter().filter_map(|p| p.node_id).collect();
+        let unnamed = peers.len() - named.len();
+        let deadline = Instant::now() + PEER_DISCOVERY_TIMEOUT;
+        let mut voters = loop {
+            let known = transport.known_peers();
+            let learned = known.iter().filter(|id| !named.contains(id)).count();
+            if learned >= unnamed {
+                break known;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Io(format!(
+                    "{unnamed} peer(s) given as host:port did not complete a handshake within \
+                     {PEER_DISCOVERY_TIMEOUT:?}; give them as name@host:port to start without them"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        voters.push(self.node_id());
+        voters.sort();
+        voters.dedup();
+        let forwarder = tokio::spawn(async move {
+            while let Some((from, message)) = inbound.recv().await {
+                inbox.deliver(from, message);
+            }
+        });
+        Ok((transport, voters, forwarder))
     }
 
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.
@@ -364,8 +429,9 @@ fn parse_peer(entry: &str) -> Result<PeerAddress> {
         Some((name, address)) => (Some(name), address),
         None => (None, entry),
     };
-    let parsed: PeerAddress =
-        address.parse().map_err(|_| bad("expected host:port or name@host:port"))?;
+    let parsed: PeerAddress = address
+        .parse()
+        .map_err(|_| bad("expected host:port or name@host:port"))?;
     Ok(match name {
         Some(name) if !name.is_empty() => {
             PeerAddress::with_id(NodeId::from_name(name), parsed.host, parsed.port)

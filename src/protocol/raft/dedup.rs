@@ -80,7 +80,7 @@ mod tests {
             DEDUP_WINDOW_PER_PROPOSER
         );
         assert!(
-            !applied.first_application(tag(1, 100_000)),
+            !applied.first_application(tag(1, DEDUP_WINDOW_PER_PROPOSER as u64 + 5)),
             "recent ids are remembered"
         );
     }

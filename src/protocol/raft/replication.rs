@@ -354,38 +354,46 @@ impl RaftNode {
         }
         let of_current_term = self.log.term_at(quorum_index) == Some(self.term);
         if of_current_term || self.config.injected_bugs.commit_previous_term_by_counting {
+            let newly_committed = self.commit_index + 1;
             self.commit_to(quorum_index, out);
-            self.notify_idle_followers_of_commit(out);
+            self.notify_waiting_proposers(newly_committed, out);
         }
     }
 
-    /// Followers with nothing in flight would otherwise learn the new commit index only at the
-    /// next heartbeat; their clients (forwarded proposals) should not wait that long.
-    fn notify_idle_followers_of_commit(&mut self, out: &mut Output) {
-        let Some(state) = self.leader_state.as_ref() else {
-            return;
-        };
-        let last_index = self.log.last_index();
-        let idle: Vec<NodeId> = state
-            .progress
+    /// A follower whose client proposal (forwarded to us) just committed answers its client only
+    /// when it learns the commit. If nothing is in flight to it, that would wait for the next
+    /// heartbeat, so tell it now. Followers with no proposal waiting learn the commit from the
+    /// next append or heartbeat: notifying everyone on every commit would double the messages.
+    fn notify_waiting_proposers(&mut self, from_index: LogIndex, out: &mut Output) {
+        let me = self.config.id;
+        let mut waiting: Vec<NodeId> = self
+            .log
+            .slice(from_index, self.commit_index)
             .iter()
-            .filter(|(_, p)| {
-                p.state == ProgressState::Replicate
-                    && p.inflight_count() == 0
-                    && p.match_index == last_index
+            .filter_map(|entry| match &entry.payload {
+                Payload::Command { tag, .. } if tag.proposer != me => Some(tag.proposer),
+                _ => None,
             })
-            .map(|(&peer, _)| peer)
             .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.sort_unstable();
+        waiting.dedup();
         let (term, commit) = (self.term, self.commit_index);
-        for peer in idle {
-            self.send(
-                peer,
-                Message::Heartbeat {
-                    term,
-                    commit: commit.min(last_index),
-                },
-                out,
-            );
+        for peer in waiting {
+            let Some(progress) = self
+                .leader_state
+                .as_ref()
+                .and_then(|s| s.progress.get(&peer))
+            else {
+                continue;
+            };
+            let idle = progress.state == ProgressState::Replicate && progress.inflight_count() == 0;
+            if idle {
+                let commit = commit.min(progress.match_index);
+                self.send(peer, Message::Heartbeat { term, commit }, out);
+            }
         }
     }
 

@@ -8,12 +8,12 @@
 //! ordered and back-pressure is explicit.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use tokio::sync::{oneshot, watch};
 
 use crate::metrics::Metrics;
@@ -141,7 +141,8 @@ pub(crate) struct Driver {
 impl Driver {
     /// Runs until shutdown or a storage failure; the error is what stopped it.
     pub(crate) fn run(mut self) -> Result<(), String> {
-        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        // Request ids are sequential: a cheap hash is enough and the hot path feels SipHash.
+        let mut pending: FxHashMap<u64, Pending> = FxHashMap::default();
         let mut out = Output::default();
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
@@ -189,7 +190,7 @@ impl Driver {
     fn handle(
         &mut self,
         input: DriverInput,
-        pending: &mut HashMap<u64, Pending>,
+        pending: &mut FxHashMap<u64, Pending>,
         out: &mut Output,
     ) -> bool {
         match input {
@@ -230,7 +231,7 @@ impl Driver {
     fn carry_out(
         &mut self,
         out: &mut Output,
-        pending: &mut HashMap<u64, Pending>,
+        pending: &mut FxHashMap<u64, Pending>,
     ) -> Result<(), crate::error::StorageError> {
         self.store.persist(out)?;
         for envelope in out.messages.drain(..) {
@@ -303,14 +304,14 @@ impl Driver {
 }
 
 /// Answers requests whose deadline passed (outcome unknown) and forgets those whose client left.
-fn expire(pending: &mut HashMap<u64, Pending>, now: Instant) {
+fn expire(pending: &mut FxHashMap<u64, Pending>, now: Instant) {
     let expired = pending.extract_if(|_, r| r.deadline <= now || r.reply.is_closed());
     for (_, request) in expired {
         let _ = request.reply.send(Err(DriverError::TimedOut));
     }
 }
 
-fn fail_all(pending: &mut HashMap<u64, Pending>, reason: &str) {
+fn fail_all(pending: &mut FxHashMap<u64, Pending>, reason: &str) {
     for (_, request) in pending.drain() {
         let _ = request
             .reply

@@ -35,7 +35,7 @@ mod progress;
 mod replication;
 
 pub use config::{InjectedBugs, RaftConfig};
-pub use dedup::{AppliedProposals, DEDUP_WINDOW_PER_PROPOSER};
+pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use log::RaftLog;
 pub use message::{ConflictHint, Envelope, Message};
 pub use node::{RaftNode, Role};

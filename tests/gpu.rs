@@ -154,3 +154,25 @@ fn pool_is_bounded_by_memory_pool_size() {
     assert!(context.buffers().stats().allocated_bytes <= 1 << 20);
     drop(other);
 }
+
+mod smoke {
+    use super::*;
+    use consensus::gpu::votes::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn smoke_gpu_equals_cpu() {
+        let Some(context) = gpu_context_or_skip("smoke") else { return };
+        let gpu = GpuVoteAggregator::with_context(Arc::clone(&context)).unwrap();
+        let cpu = CpuVoteAggregator::new(Threshold::default());
+        let mut state = 99u64;
+        let mut next = || { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); state >> 33 };
+        for n in [1usize, 3, 255, 257, 5000, 100_000] {
+            let votes: Vec<Vote> = (0..n).map(|_| Vote::new((next() % (n as u64 / 2 + 1)) as u32, next() % 3, next() % 2 == 0).in_term(next() % 2).with_weight((next() % 5) as u32)).collect();
+            let a = cpu.aggregate_blocking(&votes).unwrap();
+            let b = gpu.aggregate_blocking(&votes).unwrap();
+            assert_eq!(a, b, "n={n}");
+            eprintln!("n={n} tallies={} equivocations={}", a.tallies.len(), a.equivocations.len());
+        }
+    }
+}

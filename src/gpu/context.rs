@@ -11,6 +11,7 @@
 //! the CPU instead it records that with [`GpuContext::record_cpu_fallback`], a counter readable
 //! through [`GpuContext::metrics`] and registrable with Prometheus.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,6 +198,7 @@ pub struct GpuContext {
     device: wgpu::Device,
     queue: wgpu::Queue,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    shared: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     pool: BufferPool,
     lost: Arc<DeviceLostState>,
     cpu_fallbacks: Counter,
@@ -364,6 +366,7 @@ impl GpuContext {
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
             pool,
             lost,
             cpu_fallbacks: Counter::default(),
@@ -425,6 +428,28 @@ impl GpuContext {
         source: &'static str,
         entry_point: &'static str,
     ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        self.build_pipeline(label, source, entry_point, None)
+    }
+
+    /// Like [`GpuContext::compute_pipeline`], with an explicit pipeline layout, so that several
+    /// pipelines can share one bind group. `label` must name one source and one layout.
+    pub fn compute_pipeline_with_layout(
+        &self,
+        label: &'static str,
+        source: &'static str,
+        entry_point: &'static str,
+        layout: &wgpu::PipelineLayout,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        self.build_pipeline(label, source, entry_point, Some(layout))
+    }
+
+    fn build_pipeline(
+        &self,
+        label: &'static str,
+        source: &'static str,
+        entry_point: &'static str,
+        layout: Option<&wgpu::PipelineLayout>,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
         let mut pipelines = lock(&self.pipelines);
         if let Some(pipeline) = pipelines.get(&(label, entry_point)) {
             return Ok(Arc::clone(pipeline));
@@ -440,7 +465,7 @@ impl GpuContext {
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
-                layout: None,
+                layout,
                 module: &module,
                 entry_point: Some(entry_point),
                 compilation_options: Default::default(),
@@ -455,6 +480,24 @@ impl GpuContext {
         let pipeline = Arc::new(pipeline);
         pipelines.insert((label, entry_point), Arc::clone(&pipeline));
         Ok(pipeline)
+    }
+
+    /// Returns the context's one value of type `T`, building it with `init` on first use. Kernels
+    /// keep their pipelines and bind group layouts here, so that every aggregator or verifier on
+    /// one context shares them (bind groups built for one fit the pipelines of all).
+    pub fn shared_state<T: Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> Result<T, GpuError>,
+    ) -> Result<Arc<T>, GpuError> {
+        let mut shared = lock(&self.shared);
+        if let Some(existing) = shared.get(&TypeId::of::<T>()) {
+            if let Ok(value) = Arc::clone(existing).downcast::<T>() {
+                return Ok(value);
+            }
+        }
+        let value = Arc::new(init()?);
+        shared.insert(TypeId::of::<T>(), Arc::clone(&value) as Arc<dyn Any + Send + Sync>);
+        Ok(value)
     }
 
     /// Runs `encode` inside a validation error scope and turns a captured error into

@@ -1,0 +1,449 @@
+//! The CPU backend: one pass over the votes on one core, the reference the GPU backend is tested
+//! against.
+//!
+//! Each ballot `(term, voter)` has a state word: empty, the index of its first vote, or that index
+//! with [`FLAG`] set once a different vote showed up. The first vote of a ballot is added to its
+//! proposal's tally at once; when the ballot turns out to equivocate, that vote is taken back out
+//! and the ballot's two smallest distinct votes are tracked from then on. When the terms are few
+//! and voter indices small (the usual case) the states live in a flat array indexed by
+//! `term_slot * (max_voter + 1) + voter`; otherwise in a hash map.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use futures::future::BoxFuture;
+
+use super::{Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish};
+
+/// Ballot state: no vote yet.
+const EMPTY: u32 = u32::MAX;
+/// Ballot state bit: the ballot equivocates.
+const FLAG: u32 = 1 << 31;
+/// Most votes one call takes: a vote index must fit beside [`FLAG`] without reaching [`EMPTY`].
+pub(crate) const MAX_CPU_VOTES: usize = (FLAG - 1) as usize;
+/// Most distinct terms for the flat ballot array.
+const MAX_DENSE_TERMS: usize = 8;
+/// Flat ballot arrays may be this many slots larger than 4 per vote (small batches from sparse
+/// voter indices stay cheap).
+const DENSE_SLACK_SLOTS: u64 = 1 << 16;
+
+/// A multiply-rotate hasher for the integer keys of this module (std's SipHash costs more than the
+/// rest of the per-vote work). Not flood-resistant: inputs come from the node's own batches.
+#[derive(Default, Clone, Copy)]
+struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+
+/// Where ballot states live.
+trait BallotStates {
+    fn state(&mut self, term: u64, voter: u32) -> &mut u32;
+}
+
+/// Flat array for few terms and small voter indices.
+struct DenseBallots {
+    terms: Vec<u64>,
+    width: usize,
+    last_term: u64,
+    last_offset: usize,
+    states: Vec<u32>,
+}
+
+impl BallotStates for DenseBallots {
+    #[inline(always)]
+    fn state(&mut self, term: u64, voter: u32) -> &mut u32 {
+        if term != self.last_term {
+            // Invariant: the pre-scan put every term of the batch in `terms`.
+            let slot = self.terms.iter().position(|&known| known == term).unwrap_or(0);
+            self.last_term = term;
+            self.last_offset = slot * self.width;
+        }
+        &mut self.states[self.last_offset + voter as usize]
+    }
+}
+
+/// Hash map for everything else.
+struct SparseBallots {
+    states: IntMap<(u64, u32), u32>,
+}
+
+impl BallotStates for SparseBallots {
+    #[inline(always)]
+    fn state(&mut self, term: u64, voter: u32) -> &mut u32 {
+        self.states.entry((term, voter)).or_insert(EMPTY)
+    }
+}
+
+/// Tallies by `(term, proposal_id)`, with a one-entry cache for runs of the same proposal.
+#[derive(Default)]
+struct Tallies {
+    ids: IntMap<(u64, u64), usize>,
+    keys: Vec<(u64, u64)>,
+    /// `[rejections, approvals]` counts and weights, indexed by `approve as usize` so that the
+    /// hot loop has no data-dependent branch.
+    counts: Vec<[u64; 2]>,
+    weights: Vec<[u64; 2]>,
+    last_key: Option<(u64, u64)>,
+    last_id: usize,
+}
+
+impl Tallies {
+    #[inline(always)]
+    fn id(&mut self, term: u64, proposal_id: u64) -> usize {
+        let key = (term, proposal_id);
+        if self.last_key == Some(key) {
+            return self.last_id;
+        }
+        let next = self.keys.len();
+        let id = *self.ids.entry(key).or_insert(next);
+        if id == next {
+            self.keys.push(key);
+            self.counts.push([0; 2]);
+            self.weights.push([0; 2]);
+        }
+        self.last_key = Some(key);
+        self.last_id = id;
+        id
+    }
+
+    #[inline(always)]
+    fn add(&mut self, id: usize, vote: &Vote) {
+        let side = usize::from(vote.approve);
+        self.counts[id][side] += 1;
+        self.weights[id][side] += u64::from(vote.weight);
+    }
+
+    fn remove(&mut self, vote: &Vote) {
+        let id = self.ids[&(vote.term, vote.proposal_id)];
+        let side = usize::from(vote.approve);
+        self.counts[id][side] -= 1;
+        self.weights[id][side] -= u64::from(vote.weight);
+    }
+
+    fn into_raw(self) -> Vec<RawTally> {
+        self.keys
+            .iter()
+            .zip(self.counts.iter().zip(&self.weights))
+            .map(|(&(term, proposal_id), (counts, weights))| RawTally {
+                term,
+                proposal_id,
+                yes_count: counts[1],
+                no_count: counts[0],
+                yes_weight: weights[1],
+                no_weight: weights[0],
+            })
+            .collect()
+    }
+}
+
+/// The two smallest distinct votes of an equivocating ballot seen so far (`first < second`).
+fn track_smallest(pair: &mut (Vote, Vote), vote: &Vote) {
+    let key = vote.ballot_order_key();
+    if key == pair.0.ballot_order_key() || key == pair.1.ballot_order_key() {
+        return;
+    }
+    if key < pair.0.ballot_order_key() {
+        pair.1 = pair.0;
+        pair.0 = *vote;
+    } else if key < pair.1.ballot_order_key() {
+        pair.1 = *vote;
+    }
+}
+
+fn ordered(a: Vote, b: Vote) -> (Vote, Vote) {
+    if a.ballot_order_key() <= b.ballot_order_key() {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+fn aggregate_with<B: BallotStates>(
+    votes: &[Vote],
+    ballots: &mut B,
+    threshold: Threshold,
+) -> VoteOutcome {
+    let mut tallies = Tallies::default();
+    let mut evidence: IntMap<(u64, u32), (Vote, Vote)> = IntMap::default();
+    for (index, vote) in votes.iter().enumerate() {
+        let id = tallies.id(vote.term, vote.proposal_id);
+        let state = ballots.state(vote.term, vote.voter);
+        if *state == EMPTY {
+            // `index` < MAX_CPU_VOTES, checked by the caller.
+            *state = index as u32;
+            tallies.add(id, vote);
+        } else if *state & FLAG == 0 {
+            let first = &votes[*state as usize];
+            if first != vote {
+                *state |= FLAG;
+                tallies.remove(first);
+                evidence.insert((vote.term, vote.voter), ordered(*first, *vote));
+            }
+        } else if let Some(pair) = evidence.get_mut(&(vote.term, vote.voter)) {
+            track_smallest(pair, vote);
+        }
+    }
+    let equivocations = evidence
+        .into_iter()
+        .map(|((term, voter), (first, second))| Equivocation {
+            voter,
+            term,
+            first,
+            second,
+        })
+        .collect();
+    finish(tallies.into_raw(), equivocations, threshold)
+}
+
+/// Chooses the flat array when the batch has at most [`MAX_DENSE_TERMS`] terms and the array
+/// would not be much larger than the batch.
+fn dense_ballots(votes: &[Vote]) -> Option<DenseBallots> {
+    let mut terms: Vec<u64> = Vec::with_capacity(MAX_DENSE_TERMS);
+    let mut max_voter = 0u32;
+    let mut last_term = None;
+    for vote in votes {
+        max_voter = max_voter.max(vote.voter);
+        if last_term != Some(vote.term) {
+            last_term = Some(vote.term);
+            if !terms.contains(&vote.term) {
+                if terms.len() == MAX_DENSE_TERMS {
+                    return None;
+                }
+                terms.push(vote.term);
+            }
+        }
+    }
+    let width = u64::from(max_voter) + 1;
+    let slots = width * terms.len() as u64;
+    if slots > 4 * votes.len() as u64 + DENSE_SLACK_SLOTS {
+        return None;
+    }
+    Some(DenseBallots {
+        last_term: terms.first().copied().unwrap_or(0),
+        last_offset: 0,
+        terms,
+        width: width as usize,
+        states: vec![EMPTY; slots as usize],
+    })
+}
+
+/// The CPU backend. See the [module documentation](super) for the semantics.
+#[derive(Debug, Clone, Default)]
+pub struct CpuVoteAggregator {
+    threshold: Threshold,
+}
+
+impl CpuVoteAggregator {
+    /// An aggregator judging tallies by `threshold`.
+    pub fn new(threshold: Threshold) -> Self {
+        Self { threshold }
+    }
+
+    /// The threshold.
+    pub fn threshold(&self) -> Threshold {
+        self.threshold
+    }
+
+    /// Aggregates on the calling thread.
+    pub fn aggregate_blocking(&self, votes: &[Vote]) -> Result<VoteOutcome, VoteError> {
+        if votes.len() > MAX_CPU_VOTES {
+            return Err(VoteError::TooManyVotes {
+                votes: votes.len(),
+                max: MAX_CPU_VOTES,
+            });
+        }
+        Ok(match dense_ballots(votes) {
+            Some(mut ballots) => aggregate_with(votes, &mut ballots, self.threshold),
+            None => {
+                let mut ballots = SparseBallots {
+                    states: IntMap::default(),
+                };
+                aggregate_with(votes, &mut ballots, self.threshold)
+            }
+        })
+    }
+}
+
+impl VoteAggregator for CpuVoteAggregator {
+    fn aggregate_votes<'a>(
+        &'a self,
+        votes: &'a [Vote],
+    ) -> BoxFuture<'a, Result<VoteOutcome, VoteError>> {
+        Box::pin(async move { self.aggregate_blocking(votes) })
+    }
+
+    fn threshold(&self) -> Threshold {
+        self.threshold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(votes: &[Vote], threshold: Threshold) -> VoteOutcome {
+        CpuVoteAggregator::new(threshold).aggregate_blocking(votes).unwrap()
+    }
+
+    #[test]
+    fn seed_example_counts_and_passes() {
+        let votes = [Vote::new(1, 7, true), Vote::new(2, 7, true), Vote::new(3, 7, false)];
+        let summary = run(&votes, Threshold::default()).summary().unwrap();
+        assert!(summary.passed);
+        assert_eq!((summary.yes_count, summary.no_count), (2, 1));
+        assert_eq!(summary.tally.voters, 3);
+        assert_eq!(summary.equivocations, 0);
+    }
+
+    #[test]
+    fn empty_input_gives_empty_outcome() {
+        assert_eq!(run(&[], Threshold::default()), VoteOutcome::default());
+    }
+
+    #[test]
+    fn exact_duplicates_count_once() {
+        let vote = Vote::new(4, 1, true).with_weight(5);
+        let outcome = run(&[vote, vote, vote], Threshold::Majority { electorate: 1 });
+        let tally = outcome.tally(0, 1).unwrap();
+        assert_eq!((tally.yes_count, tally.yes_weight, tally.voters), (1, 5, 1));
+        assert!(tally.passed);
+        assert!(outcome.equivocations.is_empty());
+    }
+
+    #[test]
+    fn yes_and_no_from_one_voter_is_evidence_and_counts_for_nothing() {
+        let votes = [
+            Vote::new(9, 1, true),
+            Vote::new(2, 1, true),
+            Vote::new(9, 1, false),
+            Vote::new(9, 1, true),
+        ];
+        let outcome = run(&votes, Threshold::Majority { electorate: 3 });
+        let tally = outcome.tally(0, 1).unwrap();
+        assert_eq!((tally.yes_count, tally.no_count), (1, 0));
+        assert!(!tally.passed, "1 of 3 is no majority once the equivocator is dropped");
+        assert_eq!(
+            outcome.equivocations,
+            vec![Equivocation {
+                voter: 9,
+                term: 0,
+                first: Vote::new(9, 1, false),
+                second: Vote::new(9, 1, true),
+            }]
+        );
+    }
+
+    #[test]
+    fn two_proposals_in_one_term_names_the_two_smallest_votes() {
+        let votes = [
+            Vote::new(3, 30, true).in_term(5),
+            Vote::new(3, 20, true).in_term(5),
+            Vote::new(3, 10, false).in_term(5),
+            Vote::new(3, 20, true).in_term(5),
+            Vote::new(3, 10, false).in_term(6),
+        ];
+        let outcome = run(&votes, Threshold::default());
+        assert_eq!(outcome.equivocations.len(), 1);
+        let evidence = outcome.equivocations[0];
+        assert_eq!((evidence.voter, evidence.term), (3, 5));
+        assert_eq!(evidence.first.proposal_id, 10);
+        assert_eq!(evidence.second.proposal_id, 20);
+        // Every proposal named in the input has a tally; only the term-6 vote counts.
+        let keys: Vec<_> = outcome
+            .tallies
+            .iter()
+            .map(|t| (t.term, t.proposal_id, t.no_count + t.yes_count))
+            .collect();
+        assert_eq!(keys, vec![(5, 10, 0), (5, 20, 0), (5, 30, 0), (6, 10, 1)]);
+    }
+
+    #[test]
+    fn different_weights_for_the_same_choice_are_an_equivocation() {
+        let votes = [Vote::new(1, 1, true).with_weight(2), Vote::new(1, 1, true)];
+        let outcome = run(&votes, Threshold::default());
+        assert_eq!(outcome.equivocations[0].first.weight, 1);
+        assert_eq!(outcome.equivocations[0].second.weight, 2);
+        assert_eq!(outcome.tallies[0].voters, 0);
+    }
+
+    #[test]
+    fn byzantine_threshold_edges_on_a_batch() {
+        // n = 7 = 3f + 1 with f = 2: 5 approvals pass, 4 do not.
+        let threshold = Threshold::ByzantineQuorum { replicas: 7 };
+        let votes: Vec<Vote> = (0..7).map(|voter| Vote::new(voter, 1, voter < 4)).collect();
+        assert!(!run(&votes, threshold).summary().unwrap().passed);
+        let votes: Vec<Vote> = (0..7).map(|voter| Vote::new(voter, 1, voter < 5)).collect();
+        assert!(run(&votes, threshold).summary().unwrap().passed);
+    }
+
+    #[test]
+    fn weights_sum_exactly_past_u32() {
+        let votes: Vec<Vote> = (0..4)
+            .map(|voter| Vote::new(voter, 1, true).with_weight(u32::MAX))
+            .collect();
+        let tally = run(
+            &votes,
+            Threshold::WeightedMajority {
+                total_weight: 8 * u64::from(u32::MAX),
+            },
+        )
+        .tallies[0];
+        assert_eq!(tally.yes_weight, 4 * u64::from(u32::MAX));
+        assert!(!tally.passed, "exactly half is not a majority");
+    }
+
+    #[test]
+    fn dense_and_sparse_ballot_states_agree() {
+        // Sparse voter indices and many terms force the hash map; the same votes with small
+        // indices and one term use the flat array.
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let votes: Vec<Vote> = (0..5000)
+            .map(|_| {
+                Vote::new((next() % 300) as u32, next() % 4, next() % 2 == 0).in_term(next() % 3)
+            })
+            .collect();
+        let dense = run(&votes, Threshold::default());
+        let spread: Vec<Vote> = votes
+            .iter()
+            .map(|v| Vote {
+                voter: v.voter * 10_000_000,
+                ..*v
+            })
+            .collect();
+        assert!(dense_ballots(&spread).is_none());
+        assert!(dense_ballots(&votes).is_some());
+        let sparse = run(&spread, Threshold::default());
+        assert_eq!(dense.tallies, sparse.tallies);
+        let rescale = |e: &Equivocation| (e.term, e.voter / 10_000_000, e.first.proposal_id);
+        let expected: Vec<_> = dense
+            .equivocations
+            .iter()
+            .map(|e| (e.term, e.voter, e.first.proposal_id))
+            .collect();
+        assert_eq!(sparse.equivocations.iter().map(rescale).collect::<Vec<_>>(), expected);
+        assert!(!dense.equivocations.is_empty());
+    }
+}

@@ -1,0 +1,935 @@
+//! The wgpu backend: `shaders/votes.wgsl` run on a [`GpuContext`].
+//!
+//! One *pass* takes up to [`GpuVoteAggregator::max_votes_per_pass`] votes resident on the device:
+//! `insert` claims every ballot and every `(term, proposal)` in two hash tables and flags ballots
+//! whose votes differ, `tally` counts each unflagged ballot's first vote, and eight short
+//! `evidence` passes (skipped by an indirect dispatch when nothing equivocates) find the two
+//! smallest distinct votes of each flagged ballot. The host reads back only the counters and the
+//! compact result records.
+//!
+//! Larger inputs are split by a hash of the ballot `(term, voter)`, so no ballot spans two passes
+//! and equivocations are found exactly; the passes' tallies are then summed per proposal on the
+//! host (a merge of result records, not of votes). If the result arrays sized for a pass turn out
+//! too small (many proposals or equivocations), the pass is rerun with exact sizes.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use futures::future::BoxFuture;
+
+use super::{Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish};
+use crate::gpu::context::{GpuConfig, GpuContext, GpuError, PooledBuffer};
+
+/// The WGSL source.
+const SHADER: &str = include_str!("../../../shaders/votes.wgsl");
+/// Pipeline cache label of the kernels sharing the main layout.
+const LABEL: &str = "votes";
+/// Pipeline cache label of `prepare` (its own automatic layout).
+const PREPARE_LABEL: &str = "votes-prepare";
+/// Invocations per workgroup, as `@workgroup_size` in the shader.
+const WORKGROUP_SIZE: u32 = 256;
+/// u32 words per tally record (`TALLY_WORDS` in the shader).
+const TALLY_WORDS: usize = 10;
+/// u32 words per evidence record (`EVIDENCE_WORDS` in the shader).
+const EVIDENCE_WORDS: usize = 12;
+/// Bytes of the counters buffer (two counters, padded).
+const COUNTER_BYTES: u64 = 16;
+/// Records of each kind read back with the counters in the first read-back; more take a second.
+const FIRST_READBACK_RECORDS: usize = 256;
+/// Largest vote index a table slot can hold beside the equivocation flag.
+const MAX_INDEX: usize = (1 << 31) - 2;
+
+/// A vote as the shader reads it: `struct Vote` in `shaders/votes.wgsl`, 7 words, 28 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct GpuVote {
+    /// Voter index.
+    pub voter: u32,
+    /// Weight.
+    pub weight: u32,
+    /// 1 for approve, 0 for reject.
+    pub approve: u32,
+    /// Low word of the proposal id.
+    pub proposal_lo: u32,
+    /// High word of the proposal id.
+    pub proposal_hi: u32,
+    /// Low word of the term.
+    pub term_lo: u32,
+    /// High word of the term.
+    pub term_hi: u32,
+}
+
+/// Size of `struct Vote` in the shader, which [`GpuVote`] must match.
+pub const WGSL_VOTE_BYTES: usize = 28;
+
+impl From<&Vote> for GpuVote {
+    #[inline]
+    fn from(vote: &Vote) -> Self {
+        Self {
+            voter: vote.voter,
+            weight: vote.weight,
+            approve: u32::from(vote.approve),
+            proposal_lo: vote.proposal_id as u32,
+            proposal_hi: (vote.proposal_id >> 32) as u32,
+            term_lo: vote.term as u32,
+            term_hi: (vote.term >> 32) as u32,
+        }
+    }
+}
+
+/// `struct Params` in the shader.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct Params {
+    vote_count: u32,
+    table_mask: u32,
+    tally_capacity: u32,
+    evidence_capacity: u32,
+    evidence_workgroups: u32,
+    pad: [u32; 3],
+}
+
+/// Tuning of the GPU backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuVoteOptions {
+    /// Most votes per pass; `None` takes the most the device's binding limits allow. Smaller
+    /// values exercise the split path in tests.
+    pub max_votes_per_pass: Option<usize>,
+    /// Tally and evidence records a pass reserves at first (a pass that finds more reruns).
+    pub initial_result_capacity: usize,
+    /// Most workgroups per dispatch; invocations loop over the rest with a grid stride.
+    pub max_workgroups: u32,
+}
+
+impl Default for GpuVoteOptions {
+    fn default() -> Self {
+        Self {
+            max_votes_per_pass: None,
+            initial_result_capacity: 1 << 16,
+            max_workgroups: 4096,
+        }
+    }
+}
+
+struct Kernels {
+    layout: wgpu::BindGroupLayout,
+    insert: Arc<wgpu::ComputePipeline>,
+    prepare: Arc<wgpu::ComputePipeline>,
+    tally: Arc<wgpu::ComputePipeline>,
+    evidence: Vec<Arc<wgpu::ComputePipeline>>,
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl Kernels {
+    fn build(context: &GpuContext) -> Result<Self, GpuError> {
+        let device = context.device();
+        let (layout, pipeline_layout) = context.validated(|| {
+            let mut entries = vec![storage_entry(0, true)];
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+            entries.extend((2..=8).map(|binding| storage_entry(binding, false)));
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("votes"),
+                entries: &entries,
+            });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("votes"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            (layout, pipeline_layout)
+        })?;
+        let with_layout = |entry: &'static str| {
+            context.compute_pipeline_with_layout(LABEL, SHADER, entry, &pipeline_layout)
+        };
+        const EVIDENCE_ENTRIES: [&str; 8] = [
+            "evidence0",
+            "evidence1",
+            "evidence2",
+            "evidence3",
+            "evidence4",
+            "evidence5",
+            "evidence6",
+            "evidence7",
+        ];
+        Ok(Self {
+            insert: with_layout("insert")?,
+            tally: with_layout("tally")?,
+            evidence: EVIDENCE_ENTRIES
+                .iter()
+                .map(|entry| with_layout(entry))
+                .collect::<Result<_, _>>()?,
+            prepare: context.compute_pipeline(PREPARE_LABEL, SHADER, "prepare")?,
+            layout,
+        })
+    }
+}
+
+/// Votes uploaded once and aggregated many times (the "resident" benchmark).
+pub struct ResidentVotes {
+    votes: PooledBuffer,
+    count: usize,
+}
+
+impl ResidentVotes {
+    /// Number of votes.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// What one pass found.
+struct PassResult {
+    tallies: Vec<RawTally>,
+    equivocations: Vec<Equivocation>,
+}
+
+/// Buffers of one pass; on failure they are discarded, not pooled, because work still in flight
+/// may write to them.
+struct PassBuffers {
+    buffers: Vec<PooledBuffer>,
+}
+
+impl PassBuffers {
+    fn get(&self, at: usize) -> &wgpu::Buffer {
+        &self.buffers[at]
+    }
+
+    fn discard(self) {
+        self.buffers.into_iter().for_each(PooledBuffer::discard);
+    }
+}
+
+fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: NonZeroU64::new(bytes.max(4)),
+    })
+}
+
+fn word_pair(low: u32, high: u32) -> u64 {
+    u64::from(low) | (u64::from(high) << 32)
+}
+
+fn parse_tally(words: &[u32]) -> RawTally {
+    RawTally {
+        term: word_pair(words[0], words[1]),
+        proposal_id: word_pair(words[2], words[3]),
+        yes_count: u64::from(words[4]),
+        no_count: u64::from(words[5]),
+        yes_weight: word_pair(words[6], words[7]),
+        no_weight: word_pair(words[8], words[9]),
+    }
+}
+
+fn parse_evidence(words: &[u32]) -> Equivocation {
+    let voter = words[0];
+    let term = word_pair(words[1], words[2]);
+    // The order words are stored inverted (minimum by atomicMax).
+    let vote = |at: usize| Vote {
+        voter,
+        term,
+        proposal_id: word_pair(!words[at + 1], !words[at]),
+        approve: !words[at + 2] != 0,
+        weight: !words[at + 3],
+    };
+    Equivocation {
+        voter,
+        term,
+        first: vote(3),
+        second: vote(7),
+    }
+}
+
+/// Ballot hash for splitting inputs into passes (host side; independent of the shader's hash).
+#[inline]
+fn ballot_part(vote: &Vote, parts: u64) -> u16 {
+    let mut x = vote.term ^ (u64::from(vote.voter) << 17) ^ u64::from(vote.voter);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    // `parts` <= u16::MAX + 1, so the remainder fits.
+    (x % parts) as u16
+}
+
+/// The wgpu backend. See the [module documentation](super) for the semantics. It never answers
+/// from the CPU: a timeout or lost device is returned as [`VoteError::Gpu`]; the
+/// [`AdaptiveVoteAggregator`](super::AdaptiveVoteAggregator) turns those into CPU answers.
+pub struct GpuVoteAggregator {
+    context: Arc<GpuContext>,
+    kernels: Arc<Kernels>,
+    threshold: Threshold,
+    options: GpuVoteOptions,
+}
+
+impl std::fmt::Debug for GpuVoteAggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuVoteAggregator")
+            .field("adapter", &self.context.adapter_name())
+            .field("threshold", &self.threshold)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuVoteAggregator {
+    /// Opens adapter `device_id` with otherwise default [`GpuConfig`], as the seed's
+    /// `GpuVoteAggregator::new(gpu_device)`.
+    pub fn new(device_id: u32) -> Result<Self, VoteError> {
+        let context = GpuContext::new(GpuConfig {
+            device_id,
+            ..GpuConfig::default()
+        })?;
+        Self::with_context(Arc::new(context))
+    }
+
+    /// Uses an existing context (pipelines are compiled here, once per context).
+    pub fn with_context(context: Arc<GpuContext>) -> Result<Self, VoteError> {
+        let kernels = context.shared_state(|| Kernels::build(&context))?;
+        Ok(Self {
+            context,
+            kernels,
+            threshold: Threshold::default(),
+            options: GpuVoteOptions::default(),
+        })
+    }
+
+    /// Sets the threshold.
+    pub fn with_threshold(mut self, threshold: Threshold) -> Result<Self, VoteError> {
+        self.threshold = threshold.validate()?;
+        Ok(self)
+    }
+
+    /// Sets the tuning options.
+    pub fn with_options(mut self, options: GpuVoteOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.context
+    }
+
+    /// The threshold.
+    pub fn threshold(&self) -> Threshold {
+        self.threshold
+    }
+
+    /// Most votes one pass takes: bounded by the storage binding limit (28-byte votes, 40-byte
+    /// tally records in the worst case of one proposal per vote, a hash table of
+    /// `next_power_of_two(1.5 n)` u32 slots) and by [`GpuVoteOptions::max_votes_per_pass`].
+    pub fn max_votes_per_pass(&self) -> usize {
+        let binding = self.context.max_storage_binding_bytes();
+        let by_records = binding / (TALLY_WORDS as u64 * 4);
+        // The largest power of two of u32 slots one binding holds, filled to at most 2/3.
+        let table_slots = 1u64 << (63 - (binding / 4).max(1).leading_zeros());
+        let by_table = table_slots * 2 / 3;
+        let limit = by_records.min(by_table).min(MAX_INDEX as u64) as usize;
+        match self.options.max_votes_per_pass {
+            Some(requested) => requested.clamp(1, limit.max(1)),
+            None => limit.max(1),
+        }
+    }
+
+    /// Uploads votes to the device for repeated [`GpuVoteAggregator::aggregate_resident`] calls.
+    /// They must fit one pass.
+    pub fn upload(&self, votes: &[Vote]) -> Result<ResidentVotes, VoteError> {
+        let max = self.max_votes_per_pass();
+        if votes.len() > max {
+            return Err(VoteError::TooManyVotes {
+                votes: votes.len(),
+                max,
+            });
+        }
+        let bytes = (votes.len().max(1) * WGSL_VOTE_BYTES) as u64;
+        let pool = self.context.buffers();
+        let device_votes = pool.acquire(
+            "votes",
+            bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let staging = self.fill_staging(bytes, votes.iter().map(GpuVote::from))?;
+        let mut encoder = self
+            .context
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-upload") });
+        encoder.copy_buffer_to_buffer(&staging, 0, &device_votes, 0, bytes);
+        let submission = self.context.submit([encoder.finish()])?;
+        if let Err(error) = self.context.wait_for_submission(Some(submission)) {
+            staging.discard();
+            device_votes.discard();
+            return Err(error.into());
+        }
+        Ok(ResidentVotes {
+            votes: device_votes,
+            count: votes.len(),
+        })
+    }
+
+    /// Aggregates votes already on the device (no upload; tally and read-back only).
+    pub fn aggregate_resident(&self, resident: &ResidentVotes) -> Result<VoteOutcome, VoteError> {
+        if resident.count == 0 {
+            return Ok(finish(Vec::new(), Vec::new(), self.threshold));
+        }
+        let result = self.run_pass(&resident.votes, resident.count)?;
+        Ok(finish(result.tallies, result.equivocations, self.threshold))
+    }
+
+    /// Aggregates on the GPU, blocking the calling thread.
+    pub fn aggregate_blocking(&self, votes: &[Vote]) -> Result<VoteOutcome, VoteError> {
+        if votes.is_empty() {
+            // Nothing to dispatch: the empty outcome is the definition's answer.
+            return Ok(finish(Vec::new(), Vec::new(), self.threshold));
+        }
+        let max = self.max_votes_per_pass();
+        if votes.len() <= max {
+            let result = self.upload_and_run(votes.len(), votes.iter().map(GpuVote::from))?;
+            return Ok(finish(result.tallies, result.equivocations, self.threshold));
+        }
+        let (parts, part_of, sizes) = self.split(votes, max)?;
+        let mut tallies = Vec::new();
+        let mut equivocations = Vec::new();
+        for part in 0..parts {
+            let size = sizes[part];
+            if size == 0 {
+                continue;
+            }
+            let selected = votes
+                .iter()
+                .zip(&part_of)
+                .filter(|(_, owner)| usize::from(**owner) == part)
+                .map(|(vote, _)| GpuVote::from(vote));
+            let result = self.upload_and_run(size, selected)?;
+            tallies.extend(result.tallies);
+            equivocations.extend(result.equivocations);
+        }
+        Ok(finish(tallies, equivocations, self.threshold))
+    }
+
+    /// Assigns each vote to a pass by its ballot hash, with enough passes that each fits; doubles
+    /// the pass count a few times if the hash spreads unevenly.
+    fn split(&self, votes: &[Vote], max: usize) -> Result<(usize, Vec<u16>, Vec<usize>), VoteError> {
+        // Aim at 3/4 of the limit so that ordinary hash variance never overflows a pass.
+        let mut parts = votes.len().div_ceil(max * 3 / 4 + 1).max(2);
+        for _ in 0..4 {
+            if parts > usize::from(u16::MAX) + 1 {
+                break;
+            }
+            let mut sizes = vec![0usize; parts];
+            let part_of: Vec<u16> = votes
+                .iter()
+                .map(|vote| {
+                    let part = ballot_part(vote, parts as u64);
+                    sizes[usize::from(part)] += 1;
+                    part
+                })
+                .collect();
+            if sizes.iter().all(|&size| size <= max) {
+                return Ok((parts, part_of, sizes));
+            }
+            parts *= 2;
+        }
+        Err(GpuError::InputTooLarge {
+            detail: format!(
+                "{} votes cannot be split into passes of at most {max} votes by ballot \
+                 (too many votes in a few ballots)",
+                votes.len()
+            ),
+        }
+        .into())
+    }
+
+    /// Fills a pooled `MAP_WRITE` staging buffer of `bytes` bytes through `fill`.
+    fn fill_staging(
+        &self,
+        bytes: u64,
+        votes: impl Iterator<Item = GpuVote>,
+    ) -> Result<PooledBuffer, GpuError> {
+        let staging = self.context.buffers().acquire(
+            "votes-staging",
+            bytes,
+            wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        let slice = staging.slice(0..bytes);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Write, move |result| {
+            let _ = sender.send(result);
+        });
+        if let Err(error) = self.context.wait_for_submission(None) {
+            staging.discard();
+            return Err(error);
+        }
+        match receiver.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(GpuError::Map(error.to_string())),
+            Err(_) => {
+                staging.discard();
+                return Err(GpuError::Timeout {
+                    waited: self.context.config().kernel_launch_timeout,
+                });
+            }
+        }
+        {
+            let mut view = slice
+                .get_mapped_range_mut()
+                .map_err(|error| GpuError::Map(error.to_string()))?;
+            // Mapped memory may be write-combined: write each record once, never read it.
+            let (records, _) = view.slice(..).into_chunks::<WGSL_VOTE_BYTES>();
+            records.write_iter(votes.map(|vote| bytemuck::cast::<GpuVote, [u8; WGSL_VOTE_BYTES]>(vote)));
+        }
+        staging.unmap();
+        Ok(staging)
+    }
+
+    fn upload_and_run(
+        &self,
+        count: usize,
+        votes: impl Iterator<Item = GpuVote>,
+    ) -> Result<PassResult, GpuError> {
+        let bytes = (count * WGSL_VOTE_BYTES) as u64;
+        let device_votes = self.context.buffers().acquire(
+            "votes",
+            bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let staging = self.fill_staging(bytes, votes)?;
+        let mut encoder = self
+            .context
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-upload") });
+        encoder.copy_buffer_to_buffer(&staging, 0, &device_votes, 0, bytes);
+        // The copy is submitted on its own and ordered before the pass by the queue, so the pass
+        // can be retried without uploading again.
+        self.context.submit([encoder.finish()])?;
+        match self.run_pass(&device_votes, count) {
+            Ok(result) => Ok(result),
+            Err(error) => {
+                staging.discard();
+                device_votes.discard();
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs the kernels over `count` votes in `votes` and reads the results back, resizing the
+    /// result arrays and rerunning once if they were too small.
+    fn run_pass(&self, votes: &wgpu::Buffer, count: usize) -> Result<PassResult, GpuError> {
+        let initial = self.options.initial_result_capacity.max(1);
+        let mut tally_capacity = count.min(initial);
+        let mut evidence_capacity = (count / 2).clamp(1, initial);
+        loop {
+            let (counts, buffers) =
+                self.dispatch_pass(votes, count, tally_capacity, evidence_capacity)?;
+            let (tally_count, evidence_count, result) = counts;
+            if tally_count <= tally_capacity && evidence_count <= evidence_capacity {
+                drop(buffers);
+                return Ok(result);
+            }
+            drop(buffers);
+            tally_capacity = tally_capacity.max(tally_count);
+            evidence_capacity = evidence_capacity.max(evidence_count);
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn dispatch_pass(
+        &self,
+        votes: &wgpu::Buffer,
+        count: usize,
+        tally_capacity: usize,
+        evidence_capacity: usize,
+    ) -> Result<((usize, usize, PassResult), PassBuffers), GpuError> {
+        if count > MAX_INDEX {
+            return Err(GpuError::InputTooLarge {
+                detail: format!("{count} votes in one pass (at most {MAX_INDEX})"),
+            });
+        }
+        let context = &self.context;
+        let pool = context.buffers();
+        let storage = wgpu::BufferUsages::STORAGE;
+        let table_slots = (count + count / 2).max(16).next_power_of_two() as u64;
+        let table_bytes = table_slots * 4;
+        let tally_bytes = (tally_capacity * TALLY_WORDS * 4) as u64;
+        let evidence_bytes = (evidence_capacity * EVIDENCE_WORDS * 4) as u64;
+        let first_tallies = tally_capacity.min(FIRST_READBACK_RECORDS);
+        let first_evidence = evidence_capacity.min(FIRST_READBACK_RECORDS);
+        let first_tally_bytes = (first_tallies * TALLY_WORDS * 4) as u64;
+        let first_evidence_bytes = (first_evidence * EVIDENCE_WORDS * 4) as u64;
+        let readback_bytes = COUNTER_BYTES + first_tally_bytes + first_evidence_bytes;
+
+        let mut held = Vec::with_capacity(10);
+        let mut take = |label, bytes, usage| -> Result<usize, GpuError> {
+            held.push(pool.acquire(label, bytes, usage)?);
+            Ok(held.len() - 1)
+        };
+        let clearable = storage | wgpu::BufferUsages::COPY_DST;
+        let readable = storage | wgpu::BufferUsages::COPY_SRC;
+        let params_at = take("votes-params", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        let ballots_at = take("votes-ballots", table_bytes, clearable)?;
+        let ballot_aux_at = take("votes-ballot-aux", table_bytes, storage)?;
+        let proposals_at = take("votes-proposals", table_bytes, clearable)?;
+        let proposal_ids_at = take("votes-proposal-ids", table_bytes, storage)?;
+        let counters_at = take("votes-counters", COUNTER_BYTES, clearable | readable)?;
+        let tallies_at = take("votes-tallies", tally_bytes, readable)?;
+        let evidence_at = take("votes-evidence", evidence_bytes, readable)?;
+        let indirect_at = take("votes-indirect", 16, storage | wgpu::BufferUsages::INDIRECT)?;
+        let readback_at = take(
+            "votes-readback",
+            readback_bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let buffers = PassBuffers { buffers: held };
+        let buffer = |at: usize| buffers.get(at);
+
+        let groups = (count as u32)
+            .div_ceil(WORKGROUP_SIZE)
+            .clamp(1, self.options.max_workgroups.max(1))
+            .min(context.limits().max_compute_workgroups_per_dimension);
+        let params = Params {
+            vote_count: count as u32,
+            table_mask: (table_slots - 1) as u32,
+            tally_capacity: tally_capacity as u32,
+            evidence_capacity: evidence_capacity as u32,
+            evidence_workgroups: groups,
+            pad: [0; 3],
+        };
+
+        let encoded = context.validated(|| {
+            let device = context.device();
+            context
+                .queue()
+                .write_buffer(buffer(params_at), 0, bytemuck::bytes_of(&params));
+            let main = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("votes"),
+                layout: &self.kernels.layout,
+                entries: &[
+                    (0, binding(votes, (count * WGSL_VOTE_BYTES) as u64)),
+                    (1, binding(buffer(params_at), 32)),
+                    (2, binding(buffer(ballots_at), table_bytes)),
+                    (3, binding(buffer(ballot_aux_at), table_bytes)),
+                    (4, binding(buffer(proposals_at), table_bytes)),
+                    (5, binding(buffer(proposal_ids_at), table_bytes)),
+                    (6, binding(buffer(counters_at), COUNTER_BYTES)),
+                    (7, binding(buffer(tallies_at), tally_bytes)),
+                    (8, binding(buffer(evidence_at), evidence_bytes)),
+                ]
+                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource }),
+            });
+            let prepare_main = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("votes-prepare"),
+                layout: &self.kernels.prepare.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(buffer(params_at), 32),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 6,
+                        resource: binding(buffer(counters_at), COUNTER_BYTES),
+                    },
+                ],
+            });
+            let prepare_indirect = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("votes-indirect"),
+                layout: &self.kernels.prepare.get_bind_group_layout(1),
+                entries: &[wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: binding(buffer(indirect_at), 16),
+                }],
+            });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("votes"),
+            });
+            encoder.clear_buffer(buffer(ballots_at), 0, Some(table_bytes));
+            encoder.clear_buffer(buffer(proposals_at), 0, Some(table_bytes));
+            encoder.clear_buffer(buffer(counters_at), 0, Some(COUNTER_BYTES));
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("votes-insert"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&self.kernels.insert);
+                pass.set_bind_group(0, &main, &[]);
+                pass.dispatch_workgroups(groups, 1, 1);
+                pass.set_pipeline(&self.kernels.prepare);
+                pass.set_bind_group(0, &prepare_main, &[]);
+                pass.set_bind_group(1, &prepare_indirect, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+            {
+                // A new pass, so that `indirect` is no longer bound as storage when it is read
+                // as dispatch arguments.
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("votes-tally"),
+                    timestamp_writes: None,
+                });
+                pass.set_bind_group(0, &main, &[]);
+                pass.set_pipeline(&self.kernels.tally);
+                pass.dispatch_workgroups(groups, 1, 1);
+                for stage in &self.kernels.evidence {
+                    pass.set_pipeline(stage);
+                    pass.dispatch_workgroups_indirect(buffer(indirect_at), 0);
+                }
+            }
+            let readback = buffer(readback_at);
+            encoder.copy_buffer_to_buffer(buffer(counters_at), 0, readback, 0, COUNTER_BYTES);
+            encoder.copy_buffer_to_buffer(
+                buffer(tallies_at),
+                0,
+                readback,
+                COUNTER_BYTES,
+                first_tally_bytes,
+            );
+            encoder.copy_buffer_to_buffer(
+                buffer(evidence_at),
+                0,
+                readback,
+                COUNTER_BYTES + first_tally_bytes,
+                first_evidence_bytes,
+            );
+            encoder.finish()
+        });
+        let commands = match encoded {
+            Ok(commands) => commands,
+            Err(error) => {
+                buffers.discard();
+                return Err(error);
+            }
+        };
+        let read = context.submit([commands]).and_then(|submission| {
+            context.wait_for_submission(Some(submission))?;
+            context.read_back::<u32>(buffer(readback_at), readback_bytes)
+        });
+        let words = match read {
+            Ok(words) => words,
+            Err(error) => {
+                buffers.discard();
+                return Err(error);
+            }
+        };
+        let tally_count = words[0] as usize;
+        let evidence_count = words[1] as usize;
+        if tally_count > tally_capacity || evidence_count > evidence_capacity {
+            return Ok(((tally_count, evidence_count, PassResult::empty()), buffers));
+        }
+        let tally_words = &words[4..4 + first_tallies * TALLY_WORDS];
+        let evidence_words = &words[4 + first_tallies * TALLY_WORDS..];
+        let mut tallies: Vec<RawTally> = tally_words
+            .chunks_exact(TALLY_WORDS)
+            .take(tally_count)
+            .map(parse_tally)
+            .collect();
+        let mut equivocations: Vec<Equivocation> = evidence_words
+            .chunks_exact(EVIDENCE_WORDS)
+            .take(evidence_count)
+            .map(parse_evidence)
+            .collect();
+        if tally_count > first_tallies || evidence_count > first_evidence {
+            let rest = self.read_rest(
+                &buffers,
+                (tallies_at, first_tallies, tally_count),
+                (evidence_at, first_evidence, evidence_count),
+            );
+            match rest {
+                Ok((more_tallies, more_evidence)) => {
+                    tallies.extend(more_tallies);
+                    equivocations.extend(more_evidence);
+                }
+                Err(error) => {
+                    buffers.discard();
+                    return Err(error);
+                }
+            }
+        }
+        Ok((
+            (
+                tally_count,
+                evidence_count,
+                PassResult {
+                    tallies,
+                    equivocations,
+                },
+            ),
+            buffers,
+        ))
+    }
+
+    /// Reads records `[read, count)` of the tally and evidence arrays that the first read-back
+    /// did not cover.
+    #[allow(clippy::type_complexity)]
+    fn read_rest(
+        &self,
+        buffers: &PassBuffers,
+        (tallies_at, tallies_read, tally_count): (usize, usize, usize),
+        (evidence_at, evidence_read, evidence_count): (usize, usize, usize),
+    ) -> Result<(Vec<RawTally>, Vec<Equivocation>), GpuError> {
+        let tally_range = (
+            (tallies_read * TALLY_WORDS * 4) as u64,
+            (tally_count.saturating_sub(tallies_read) * TALLY_WORDS * 4) as u64,
+        );
+        let evidence_range = (
+            (evidence_read * EVIDENCE_WORDS * 4) as u64,
+            (evidence_count.saturating_sub(evidence_read) * EVIDENCE_WORDS * 4) as u64,
+        );
+        let total = tally_range.1 + evidence_range.1;
+        let readback = self.context.buffers().acquire(
+            "votes-readback-rest",
+            total,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder = self
+            .context
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-rest") });
+        if tally_range.1 > 0 {
+            encoder.copy_buffer_to_buffer(
+                &buffers.buffers[tallies_at],
+                tally_range.0,
+                &readback,
+                0,
+                tally_range.1,
+            );
+        }
+        if evidence_range.1 > 0 {
+            encoder.copy_buffer_to_buffer(
+                &buffers.buffers[evidence_at],
+                evidence_range.0,
+                &readback,
+                tally_range.1,
+                evidence_range.1,
+            );
+        }
+        let submission = self.context.submit([encoder.finish()])?;
+        let words = self
+            .context
+            .wait_for_submission(Some(submission))
+            .and_then(|()| self.context.read_back::<u32>(&readback, total));
+        let words = match words {
+            Ok(words) => words,
+            Err(error) => {
+                readback.discard();
+                return Err(error);
+            }
+        };
+        let split = (tally_range.1 / 4) as usize;
+        Ok((
+            words[..split].chunks_exact(TALLY_WORDS).map(parse_tally).collect(),
+            words[split..]
+                .chunks_exact(EVIDENCE_WORDS)
+                .map(parse_evidence)
+                .collect(),
+        ))
+    }
+}
+
+impl PassResult {
+    fn empty() -> Self {
+        Self {
+            tallies: Vec::new(),
+            equivocations: Vec::new(),
+        }
+    }
+}
+
+impl VoteAggregator for GpuVoteAggregator {
+    fn aggregate_votes<'a>(
+        &'a self,
+        votes: &'a [Vote],
+    ) -> BoxFuture<'a, Result<VoteOutcome, VoteError>> {
+        Box::pin(async move { self.aggregate_blocking(votes) })
+    }
+
+    fn threshold(&self) -> Threshold {
+        self.threshold
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_vote_matches_the_wgsl_struct() {
+        // `struct Vote` in shaders/votes.wgsl: seven u32 fields.
+        assert_eq!(std::mem::size_of::<GpuVote>(), WGSL_VOTE_BYTES);
+        assert!(SHADER.contains("struct Vote {"));
+        let fields = SHADER
+            .split("struct Vote {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .map(|body| body.matches(": u32").count());
+        assert_eq!(fields, Some(WGSL_VOTE_BYTES / 4));
+        assert_eq!(std::mem::size_of::<Params>(), 32);
+    }
+
+    #[test]
+    fn gpu_vote_splits_64_bit_fields() {
+        let vote = Vote {
+            voter: 7,
+            proposal_id: 0x0102_0304_0506_0708,
+            term: 0xffff_0000_0000_0001,
+            approve: true,
+            weight: 9,
+        };
+        let gpu = GpuVote::from(&vote);
+        assert_eq!((gpu.proposal_lo, gpu.proposal_hi), (0x0506_0708, 0x0102_0304));
+        assert_eq!((gpu.term_lo, gpu.term_hi), (1, 0xffff_0000));
+        assert_eq!(gpu.approve, 1);
+    }
+
+    #[test]
+    fn evidence_records_decode_inverted_words() {
+        let mut words = [0u32; EVIDENCE_WORDS];
+        words[0] = 5;
+        words[1] = 2;
+        words[2] = 1;
+        let first = [0u32, 3, 0, 1];
+        let second = [0u32, 3, 1, 1];
+        for k in 0..4 {
+            words[3 + k] = !first[k];
+            words[7 + k] = !second[k];
+        }
+        let evidence = parse_evidence(&words);
+        assert_eq!(evidence.term, (1 << 32) | 2);
+        assert_eq!(evidence.first, Vote::new(5, 3, false).in_term((1 << 32) | 2));
+        assert_eq!(evidence.second, Vote::new(5, 3, true).in_term((1 << 32) | 2));
+    }
+
+    #[test]
+    fn ballot_parts_are_in_range() {
+        for voter in 0..1000 {
+            let vote = Vote::new(voter, 1, true).in_term(u64::from(voter) * 7);
+            assert!(u64::from(ballot_part(&vote, 3)) < 3);
+        }
+    }
+}

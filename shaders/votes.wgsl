@@ -181,10 +181,18 @@ fn insert_proposal(i: u32, v: Vote) {
 
 @compute @workgroup_size(256)
 fn insert(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    // Runs of votes on one proposal (the common case) touch the shared proposal slot once per
+    // invocation instead of once per vote.
+    var previous = Vote(0u, 0u, 0u, 0u, 0u, 0u, 0u);
+    var has_previous = false;
     for (var i = id.x; i < params.vote_count; i += stride(groups)) {
         let v = votes[i];
         insert_ballot(i, v);
-        insert_proposal(i, v);
+        if !has_previous || !same_proposal(previous, v) {
+            insert_proposal(i, v);
+        }
+        previous = v;
+        has_previous = true;
     }
 }
 
@@ -238,6 +246,9 @@ fn add_wide(at: u32, lo: u32, hi: u32) {
 @compute @workgroup_size(256)
 fn tally(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     var current = NONE;
+    // The last (term, proposal) looked up and its record, to skip the table for runs of one.
+    var cached_vote = Vote(0u, 0u, 0u, 0u, 0u, 0u, 0u);
+    var cached_record = NONE;
     var yes = 0u;
     var no = 0u;
     var yes_lo = 0u;
@@ -250,7 +261,11 @@ fn tally(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) 
         if ballot.x == NONE || ballot.y != i + 1u {
             continue; // a later copy, or the ballot equivocates (FLAG set)
         }
-        let record = find_tally(i, v);
+        if cached_record == NONE || !same_proposal(cached_vote, v) {
+            cached_record = find_tally(i, v);
+            cached_vote = v;
+        }
+        let record = cached_record;
         if record >= params.tally_capacity {
             continue;
         }

@@ -490,13 +490,16 @@ impl GpuContext {
         init: impl FnOnce() -> Result<T, GpuError>,
     ) -> Result<Arc<T>, GpuError> {
         let mut shared = lock(&self.shared);
-        if let Some(existing) = shared.get(&TypeId::of::<T>()) {
-            if let Ok(value) = Arc::clone(existing).downcast::<T>() {
-                return Ok(value);
-            }
+        if let Some(existing) = shared.get(&TypeId::of::<T>())
+            && let Ok(value) = Arc::clone(existing).downcast::<T>()
+        {
+            return Ok(value);
         }
         let value = Arc::new(init()?);
-        shared.insert(TypeId::of::<T>(), Arc::clone(&value) as Arc<dyn Any + Send + Sync>);
+        shared.insert(
+            TypeId::of::<T>(),
+            Arc::clone(&value) as Arc<dyn Any + Send + Sync>,
+        );
         Ok(value)
     }
 
@@ -593,21 +596,7 @@ impl GpuContext {
             )));
         }
         let slice = buffer.slice(0..bytes);
-        let (sender, receiver) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |result| {
-            // The receiver outlives the wait below; if it is gone the result is moot.
-            let _ = sender.send(result);
-        });
-        self.wait_for_submission(None)?;
-        match receiver.try_recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(GpuError::Map(error.to_string())),
-            Err(_) => {
-                return Err(GpuError::Timeout {
-                    waited: self.config.kernel_launch_timeout,
-                });
-            }
-        }
+        self.map_and_wait(&slice, wgpu::MapMode::Read)?;
         {
             let view = slice
                 .get_mapped_range()
@@ -616,6 +605,53 @@ impl GpuContext {
         }
         buffer.unmap();
         Ok(())
+    }
+
+    /// Maps `slice` and waits, at most `kernel_launch_timeout`, until the mapping is ready. Polls
+    /// in short steps: when several threads share the device, another thread's poll may be the
+    /// one that runs this mapping's callback.
+    pub fn map_and_wait(
+        &self,
+        slice: &wgpu::BufferSlice<'_>,
+        mode: wgpu::MapMode,
+    ) -> Result<(), GpuError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(mode, move |result| {
+            // The receiver lives until this function returns; later results are moot.
+            let _ = sender.send(result);
+        });
+        let waited = self.config.kernel_launch_timeout;
+        let deadline = std::time::Instant::now() + waited;
+        loop {
+            self.check_not_lost()?;
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let step = remaining.min(Duration::from_millis(5));
+            match self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(step),
+            }) {
+                Ok(_) | Err(wgpu::PollError::Timeout) => {}
+                Err(error) => return Err(GpuError::Poll(error.to_string())),
+            }
+            match receiver.recv_timeout(step.max(Duration::from_micros(50))) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(error)) => {
+                    // A destroyed or lost device fails pending mappings; report the cause.
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    self.check_not_lost()?;
+                    return Err(GpuError::Map(error.to_string()));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(GpuError::Map("mapping callback dropped".to_owned()));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                self.timeouts.inc();
+                tracing::warn!(?waited, adapter = %self.info.name, "GPU buffer mapping timed out");
+                return Err(GpuError::Timeout { waited });
+            }
+        }
     }
 
     /// Counts one call answered by a CPU backend because of `error` (a timeout or a lost device).

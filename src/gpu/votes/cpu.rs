@@ -13,7 +13,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use futures::future::BoxFuture;
 
-use super::{Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish};
+use super::{
+    Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish,
+};
 
 /// Ballot state: no vote yet.
 const EMPTY: u32 = u32::MAX;
@@ -73,7 +75,11 @@ impl BallotStates for DenseBallots {
     fn state(&mut self, term: u64, voter: u32) -> &mut u32 {
         if term != self.last_term {
             // Invariant: the pre-scan put every term of the batch in `terms`.
-            let slot = self.terms.iter().position(|&known| known == term).unwrap_or(0);
+            let slot = self
+                .terms
+                .iter()
+                .position(|&known| known == term)
+                .unwrap_or(0);
             self.last_term = term;
             self.last_offset = slot * self.width;
         }
@@ -301,12 +307,18 @@ mod tests {
     use super::*;
 
     fn run(votes: &[Vote], threshold: Threshold) -> VoteOutcome {
-        CpuVoteAggregator::new(threshold).aggregate_blocking(votes).unwrap()
+        CpuVoteAggregator::new(threshold)
+            .aggregate_blocking(votes)
+            .unwrap()
     }
 
     #[test]
     fn seed_example_counts_and_passes() {
-        let votes = [Vote::new(1, 7, true), Vote::new(2, 7, true), Vote::new(3, 7, false)];
+        let votes = [
+            Vote::new(1, 7, true),
+            Vote::new(2, 7, true),
+            Vote::new(3, 7, false),
+        ];
         let summary = run(&votes, Threshold::default()).summary().unwrap();
         assert!(summary.passed);
         assert_eq!((summary.yes_count, summary.no_count), (2, 1));
@@ -340,7 +352,10 @@ mod tests {
         let outcome = run(&votes, Threshold::Majority { electorate: 3 });
         let tally = outcome.tally(0, 1).unwrap();
         assert_eq!((tally.yes_count, tally.no_count), (1, 0));
-        assert!(!tally.passed, "1 of 3 is no majority once the equivocator is dropped");
+        assert!(
+            !tally.passed,
+            "1 of 3 is no majority once the equivocator is dropped"
+        );
         assert_eq!(
             outcome.equivocations,
             vec![Equivocation {
@@ -417,7 +432,9 @@ mod tests {
         // indices and one term use the flat array.
         let mut state = 12345u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             state >> 33
         };
         let votes: Vec<Vote> = (0..5000)
@@ -443,7 +460,10 @@ mod tests {
             .iter()
             .map(|e| (e.term, e.voter, e.first.proposal_id))
             .collect();
-        assert_eq!(sparse.equivocations.iter().map(rescale).collect::<Vec<_>>(), expected);
+        assert_eq!(
+            sparse.equivocations.iter().map(rescale).collect::<Vec<_>>(),
+            expected
+        );
         assert!(!dense.equivocations.is_empty());
     }
 }

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 use futures::future::BoxFuture;
 
-use super::{Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish};
+use super::{
+    Equivocation, RawTally, Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, finish,
+};
 use crate::gpu::context::{GpuConfig, GpuContext, GpuError, PooledBuffer};
 
 /// The WGSL source.
@@ -29,6 +31,9 @@ const LABEL: &str = "votes";
 const PREPARE_LABEL: &str = "votes-prepare";
 /// Invocations per workgroup, as `@workgroup_size` in the shader.
 const WORKGROUP_SIZE: u32 = 256;
+/// Votes each invocation walks (grid stride) before more workgroups are launched: enough that
+/// the per-invocation run sums of `tally` save most atomics, few enough to fill a large GPU.
+const VOTES_PER_INVOCATION: u32 = 8;
 /// u32 words per tally record (`TALLY_WORDS` in the shader).
 const TALLY_WORDS: usize = 10;
 /// u32 words per evidence record (`EVIDENCE_WORDS` in the shader).
@@ -268,17 +273,17 @@ fn parse_evidence(words: &[u32]) -> Equivocation {
     }
 }
 
-/// Ballot hash for splitting inputs into passes (host side; independent of the shader's hash).
+/// 64-bit ballot hash for splitting inputs into passes (host side; independent of the shader's
+/// table hash).
 #[inline]
-fn ballot_part(vote: &Vote, parts: u64) -> u16 {
-    let mut x = vote.term ^ (u64::from(vote.voter) << 17) ^ u64::from(vote.voter);
+fn ballot_hash(vote: &Vote) -> u64 {
+    let mut x =
+        vote.term.rotate_left(29) ^ u64::from(vote.voter).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^= x >> 33;
-    // `parts` <= u16::MAX + 1, so the remainder fits.
-    (x % parts) as u16
+    x ^ (x >> 33)
 }
 
 /// The wgpu backend. See the [module documentation](super) for the semantics. It never answers
@@ -379,10 +384,12 @@ impl GpuVoteAggregator {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let staging = self.fill_staging(bytes, votes.iter().map(GpuVote::from))?;
-        let mut encoder = self
-            .context
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-upload") });
+        let mut encoder =
+            self.context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("votes-upload"),
+                });
         encoder.copy_buffer_to_buffer(&staging, 0, &device_votes, 0, bytes);
         let submission = self.context.submit([encoder.finish()])?;
         if let Err(error) = self.context.wait_for_submission(Some(submission)) {
@@ -416,57 +423,91 @@ impl GpuVoteAggregator {
             let result = self.upload_and_run(votes.len(), votes.iter().map(GpuVote::from))?;
             return Ok(finish(result.tallies, result.equivocations, self.threshold));
         }
-        let (parts, part_of, sizes) = self.split(votes, max)?;
+        let (order, bounds) = self.split(votes, max)?;
         let mut tallies = Vec::new();
         let mut equivocations = Vec::new();
-        for part in 0..parts {
-            let size = sizes[part];
-            if size == 0 {
+        for part in bounds.windows(2) {
+            let members = &order[part[0]..part[1]];
+            if members.is_empty() {
                 continue;
             }
-            let selected = votes
+            let selected = members
                 .iter()
-                .zip(&part_of)
-                .filter(|(_, owner)| usize::from(**owner) == part)
-                .map(|(vote, _)| GpuVote::from(vote));
-            let result = self.upload_and_run(size, selected)?;
+                .map(|&index| GpuVote::from(&votes[index as usize]));
+            let result = self.upload_and_run(members.len(), selected)?;
             tallies.extend(result.tallies);
             equivocations.extend(result.equivocations);
         }
         Ok(finish(tallies, equivocations, self.threshold))
     }
 
-    /// Assigns each vote to a pass by its ballot hash, with enough passes that each fits; doubles
-    /// the pass count a few times if the hash spreads unevenly.
-    fn split(&self, votes: &[Vote], max: usize) -> Result<(usize, Vec<u16>, Vec<usize>), VoteError> {
-        // Aim at 3/4 of the limit so that ordinary hash variance never overflows a pass.
-        let mut parts = votes.len().div_ceil(max * 3 / 4 + 1).max(2);
-        for _ in 0..4 {
-            if parts > usize::from(u16::MAX) + 1 {
-                break;
+    /// Groups the votes into passes of at most `max` votes such that no ballot spans two passes.
+    /// Returns vote indices ordered by pass and the passes' start offsets (plus the end).
+    ///
+    /// First by a ballot hash modulo a pass count sized for 3/4 full passes (one counting sort);
+    /// if the hash spreads unevenly (tiny `max`, or heavy repetition of some ballots), by sorting
+    /// the votes on their 64-bit ballot hash and cutting between distinct hashes. That fails only
+    /// when one ballot alone holds more than `max` votes.
+    fn split(&self, votes: &[Vote], max: usize) -> Result<(Vec<u32>, Vec<usize>), VoteError> {
+        let parts = votes.len().div_ceil((max * 3 / 4).max(1)).max(2);
+        let mut sizes = vec![0usize; parts];
+        let part_of: Vec<u32> = votes
+            .iter()
+            .map(|vote| {
+                // `parts` <= votes.len() < 2^31, so the remainder fits.
+                let part = (ballot_hash(vote) % parts as u64) as u32;
+                sizes[part as usize] += 1;
+                part
+            })
+            .collect();
+        if sizes.iter().all(|&size| size <= max) {
+            let mut bounds = Vec::with_capacity(parts + 1);
+            bounds.push(0);
+            for size in &sizes {
+                bounds.push(bounds.last().copied().unwrap_or(0) + size);
             }
-            let mut sizes = vec![0usize; parts];
-            let part_of: Vec<u16> = votes
-                .iter()
-                .map(|vote| {
-                    let part = ballot_part(vote, parts as u64);
-                    sizes[usize::from(part)] += 1;
-                    part
-                })
-                .collect();
-            if sizes.iter().all(|&size| size <= max) {
-                return Ok((parts, part_of, sizes));
+            let mut next = bounds[..parts].to_vec();
+            let mut order = vec![0u32; votes.len()];
+            for (index, &part) in part_of.iter().enumerate() {
+                order[next[part as usize]] = index as u32;
+                next[part as usize] += 1;
             }
-            parts *= 2;
+            return Ok((order, bounds));
         }
-        Err(GpuError::InputTooLarge {
-            detail: format!(
-                "{} votes cannot be split into passes of at most {max} votes by ballot \
-                 (too many votes in a few ballots)",
-                votes.len()
-            ),
+        drop(part_of);
+        let mut keyed: Vec<(u64, u32)> = votes
+            .iter()
+            .enumerate()
+            .map(|(index, vote)| (ballot_hash(vote), index as u32))
+            .collect();
+        keyed.sort_unstable();
+        let mut bounds = vec![0usize];
+        let mut run_start = 0usize;
+        for position in 1..=keyed.len() {
+            let run_ends = position == keyed.len() || keyed[position].0 != keyed[run_start].0;
+            if !run_ends {
+                continue;
+            }
+            let run = position - run_start;
+            if run > max {
+                return Err(GpuError::InputTooLarge {
+                    detail: format!(
+                        "ballot (term {}, voter {}) alone has {run} votes, more than the {max} \
+                         votes of one pass",
+                        votes[keyed[run_start].1 as usize].term,
+                        votes[keyed[run_start].1 as usize].voter
+                    ),
+                }
+                .into());
+            }
+            let part_start = bounds.last().copied().unwrap_or(0);
+            if position - part_start > max {
+                bounds.push(run_start);
+            }
+            run_start = position;
         }
-        .into())
+        bounds.push(keyed.len());
+        Ok((keyed.into_iter().map(|(_, index)| index).collect(), bounds))
     }
 
     /// Fills a pooled `MAP_WRITE` staging buffer of `bytes` bytes through `fill`.
@@ -481,23 +522,9 @@ impl GpuVoteAggregator {
             wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
         )?;
         let slice = staging.slice(0..bytes);
-        let (sender, receiver) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Write, move |result| {
-            let _ = sender.send(result);
-        });
-        if let Err(error) = self.context.wait_for_submission(None) {
+        if let Err(error) = self.context.map_and_wait(&slice, wgpu::MapMode::Write) {
             staging.discard();
             return Err(error);
-        }
-        match receiver.try_recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(GpuError::Map(error.to_string())),
-            Err(_) => {
-                staging.discard();
-                return Err(GpuError::Timeout {
-                    waited: self.context.config().kernel_launch_timeout,
-                });
-            }
         }
         {
             let mut view = slice
@@ -505,7 +532,7 @@ impl GpuVoteAggregator {
                 .map_err(|error| GpuError::Map(error.to_string()))?;
             // Mapped memory may be write-combined: write each record once, never read it.
             let (records, _) = view.slice(..).into_chunks::<WGSL_VOTE_BYTES>();
-            records.write_iter(votes.map(|vote| bytemuck::cast::<GpuVote, [u8; WGSL_VOTE_BYTES]>(vote)));
+            records.write_iter(votes.map(bytemuck::cast::<GpuVote, [u8; WGSL_VOTE_BYTES]>));
         }
         staging.unmap();
         Ok(staging)
@@ -523,10 +550,12 @@ impl GpuVoteAggregator {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         )?;
         let staging = self.fill_staging(bytes, votes)?;
-        let mut encoder = self
-            .context
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-upload") });
+        let mut encoder =
+            self.context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("votes-upload"),
+                });
         encoder.copy_buffer_to_buffer(&staging, 0, &device_votes, 0, bytes);
         // The copy is submitted on its own and ordered before the pass by the queue, so the pass
         // can be retried without uploading again.
@@ -594,7 +623,11 @@ impl GpuVoteAggregator {
         };
         let clearable = storage | wgpu::BufferUsages::COPY_DST;
         let readable = storage | wgpu::BufferUsages::COPY_SRC;
-        let params_at = take("votes-params", 32, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        let params_at = take(
+            "votes-params",
+            32,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
         let ballots_at = take("votes-ballots", table_bytes, clearable)?;
         let ballot_aux_at = take("votes-ballot-aux", table_bytes, storage)?;
         let proposals_at = take("votes-proposals", table_bytes, clearable)?;
@@ -612,7 +645,7 @@ impl GpuVoteAggregator {
         let buffer = |at: usize| buffers.get(at);
 
         let groups = (count as u32)
-            .div_ceil(WORKGROUP_SIZE)
+            .div_ceil(WORKGROUP_SIZE * VOTES_PER_INVOCATION)
             .clamp(1, self.options.max_workgroups.max(1))
             .min(context.limits().max_compute_workgroups_per_dimension);
         let params = Params {
@@ -807,10 +840,12 @@ impl GpuVoteAggregator {
             total,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         )?;
-        let mut encoder = self
-            .context
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("votes-rest") });
+        let mut encoder =
+            self.context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("votes-rest"),
+                });
         if tally_range.1 > 0 {
             encoder.copy_buffer_to_buffer(
                 &buffers.buffers[tallies_at],
@@ -843,7 +878,10 @@ impl GpuVoteAggregator {
         };
         let split = (tally_range.1 / 4) as usize;
         Ok((
-            words[..split].chunks_exact(TALLY_WORDS).map(parse_tally).collect(),
+            words[..split]
+                .chunks_exact(TALLY_WORDS)
+                .map(parse_tally)
+                .collect(),
             words[split..]
                 .chunks_exact(EVIDENCE_WORDS)
                 .map(parse_evidence)
@@ -902,7 +940,10 @@ mod tests {
             weight: 9,
         };
         let gpu = GpuVote::from(&vote);
-        assert_eq!((gpu.proposal_lo, gpu.proposal_hi), (0x0506_0708, 0x0102_0304));
+        assert_eq!(
+            (gpu.proposal_lo, gpu.proposal_hi),
+            (0x0506_0708, 0x0102_0304)
+        );
         assert_eq!((gpu.term_lo, gpu.term_hi), (1, 0xffff_0000));
         assert_eq!(gpu.approve, 1);
     }
@@ -921,15 +962,21 @@ mod tests {
         }
         let evidence = parse_evidence(&words);
         assert_eq!(evidence.term, (1 << 32) | 2);
-        assert_eq!(evidence.first, Vote::new(5, 3, false).in_term((1 << 32) | 2));
-        assert_eq!(evidence.second, Vote::new(5, 3, true).in_term((1 << 32) | 2));
+        assert_eq!(
+            evidence.first,
+            Vote::new(5, 3, false).in_term((1 << 32) | 2)
+        );
+        assert_eq!(
+            evidence.second,
+            Vote::new(5, 3, true).in_term((1 << 32) | 2)
+        );
     }
 
     #[test]
-    fn ballot_parts_are_in_range() {
-        for voter in 0..1000 {
-            let vote = Vote::new(voter, 1, true).in_term(u64::from(voter) * 7);
-            assert!(u64::from(ballot_part(&vote, 3)) < 3);
-        }
+    fn ballot_hash_ignores_everything_but_the_ballot() {
+        let vote = Vote::new(4, 1, true).in_term(9);
+        let other_choice = Vote::new(4, 2, false).in_term(9).with_weight(3);
+        assert_eq!(ballot_hash(&vote), ballot_hash(&other_choice));
+        assert_ne!(ballot_hash(&vote), ballot_hash(&vote.in_term(10)));
     }
 }

@@ -80,11 +80,13 @@ impl Vote {
     }
 }
 
-/// When a proposal passes. All comparisons are exact (`u128` arithmetic).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// When a proposal passes. All comparisons are exact (`u128` arithmetic). The default is
+/// [`Threshold::MajorityOfVotesCast`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Threshold {
     /// More yes than no among the votes counted (`yes_count > no_count`): the seed's behaviour,
     /// for callers that do not know the electorate.
+    #[default]
     MajorityOfVotesCast,
     /// More than half of an electorate of `electorate` voters approve (`2 * yes_count >
     /// electorate`); abstentions count against.
@@ -109,12 +111,6 @@ pub enum Threshold {
         /// Total weight of the electorate (at least 1).
         total_weight: u64,
     },
-}
-
-impl Default for Threshold {
-    fn default() -> Self {
-        Threshold::MajorityOfVotesCast
-    }
 }
 
 impl Threshold {
@@ -149,7 +145,9 @@ impl Threshold {
         match self {
             Threshold::MajorityOfVotesCast => yes_count > no_count,
             Threshold::Majority { electorate } => 2 * yes > u128::from(electorate),
-            Threshold::ByzantineQuorum { replicas } => yes_count >= Self::byzantine_quorum(replicas),
+            Threshold::ByzantineQuorum { replicas } => {
+                yes_count >= Self::byzantine_quorum(replicas)
+            }
             Threshold::WeightedMajority { total_weight } => {
                 2 * yes_weight > u128::from(total_weight)
             }
@@ -238,7 +236,9 @@ impl VoteOutcome {
     /// The tally of `(term, proposal_id)`, if any vote named it.
     pub fn tally(&self, term: u64, proposal_id: u64) -> Option<&ProposalTally> {
         self.tallies
-            .binary_search_by_key(&(term, proposal_id), |tally| (tally.term, tally.proposal_id))
+            .binary_search_by_key(&(term, proposal_id), |tally| {
+                (tally.term, tally.proposal_id)
+            })
             .ok()
             .map(|index| &self.tallies[index])
     }
@@ -259,7 +259,10 @@ pub(crate) struct RawTally {
 impl RawTally {
     /// Adds another partial sum of the same `(term, proposal_id)`.
     pub(crate) fn merge(&mut self, other: &RawTally) {
-        debug_assert_eq!((self.term, self.proposal_id), (other.term, other.proposal_id));
+        debug_assert_eq!(
+            (self.term, self.proposal_id),
+            (other.term, other.proposal_id)
+        );
         self.yes_count += other.yes_count;
         self.no_count += other.no_count;
         self.yes_weight += other.yes_weight;
@@ -378,7 +381,10 @@ pub struct AdaptiveVoteAggregator {
 impl fmt::Debug for AdaptiveVoteAggregator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdaptiveVoteAggregator")
-            .field("gpu", &self.gpu.as_ref().map(|gpu| gpu.context().adapter_name()))
+            .field(
+                "gpu",
+                &self.gpu.as_ref().map(|gpu| gpu.context().adapter_name()),
+            )
             .field("crossover_votes", &self.crossover_votes)
             .finish()
     }
@@ -541,7 +547,10 @@ mod tests {
         assert!(!weighted.passes(9, 0, 5));
         assert!(weighted.passes(1, 9, 6));
         let weighted_bft = Threshold::WeightedByzantine { total_weight: 9 };
-        assert!(!weighted_bft.passes(1, 0, 6), "exactly two thirds is not enough");
+        assert!(
+            !weighted_bft.passes(1, 0, 6),
+            "exactly two thirds is not enough"
+        );
         assert!(weighted_bft.passes(1, 0, 7));
         let huge = Threshold::WeightedMajority {
             total_weight: u64::MAX,
@@ -558,8 +567,16 @@ mod tests {
             Threshold::Majority { electorate: 0 }.validate(),
             Err(VoteError::InvalidThreshold { .. })
         ));
-        assert!(Threshold::ByzantineQuorum { replicas: 0 }.validate().is_err());
-        assert!(Threshold::WeightedByzantine { total_weight: 1 }.validate().is_ok());
+        assert!(
+            Threshold::ByzantineQuorum { replicas: 0 }
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Threshold::WeightedByzantine { total_weight: 1 }
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -576,7 +593,11 @@ mod tests {
             Vec::new(),
             Threshold::Majority { electorate: 7 },
         );
-        let keys: Vec<_> = outcome.tallies.iter().map(|t| (t.term, t.proposal_id)).collect();
+        let keys: Vec<_> = outcome
+            .tallies
+            .iter()
+            .map(|t| (t.term, t.proposal_id))
+            .collect();
         assert_eq!(keys, vec![(1, 9), (2, 1)]);
         assert_eq!(outcome.tallies[1].yes_count, 4);
         assert!(outcome.tallies[1].passed);

@@ -243,8 +243,20 @@ fn add_wide(at: u32, lo: u32, hi: u32) {
 
 // Counts each ballot's first vote unless the ballot equivocates. Each invocation sums its run of
 // votes for one tally locally and flushes with atomics when the tally changes.
+//
+// Workgroup memory of `tally` (zero-initialised): the highest tally record + 1 and the bit-inverted
+// lowest record that the group's invocations end on, and the group's sums of one shared record
+// (yes, no, yes_weight lo/hi, no_weight lo/hi).
+var<workgroup> group_highest: atomic<u32>;
+var<workgroup> group_lowest_inverted: atomic<u32>;
+var<workgroup> group_sums: array<atomic<u32>, 6>;
+
 @compute @workgroup_size(256)
-fn tally(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+fn tally(
+    @builtin(global_invocation_id) id: vec3<u32>,
+    @builtin(local_invocation_index) local_index: u32,
+    @builtin(num_workgroups) groups: vec3<u32>,
+) {
     var current = NONE;
     // The last (term, proposal) looked up and its record, to skip the table for runs of one.
     var cached_vote = Vote(0u, 0u, 0u, 0u, 0u, 0u, 0u);
@@ -271,11 +283,7 @@ fn tally(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) 
         }
         if record != current {
             if current != NONE {
-                let base = current * TALLY_WORDS;
-                if yes != 0u { atomicAdd(&tallies[base + 4u], yes); }
-                if no != 0u { atomicAdd(&tallies[base + 5u], no); }
-                add_wide(base + 6u, yes_lo, yes_hi);
-                add_wide(base + 8u, no_lo, no_hi);
+                flush(current, vec2<u32>(yes, no), vec4<u32>(yes_lo, yes_hi, no_lo, no_hi));
             }
             current = record;
             yes = 0u;
@@ -295,13 +303,55 @@ fn tally(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) 
             no_hi += select(0u, 1u, no_lo < v.weight);
         }
     }
+    // Usually every invocation of a workgroup ends on the same tally (one proposal): sum the
+    // runs in workgroup memory and flush once per workgroup instead of once per invocation.
     if current != NONE {
-        let base = current * TALLY_WORDS;
-        if yes != 0u { atomicAdd(&tallies[base + 4u], yes); }
-        if no != 0u { atomicAdd(&tallies[base + 5u], no); }
-        add_wide(base + 6u, yes_lo, yes_hi);
-        add_wide(base + 8u, no_lo, no_hi);
+        atomicMax(&group_highest, current + 1u);
+        atomicMax(&group_lowest_inverted, ~current);
     }
+    workgroupBarrier();
+    let highest = atomicLoad(&group_highest);
+    let lowest = ~atomicLoad(&group_lowest_inverted);
+    let one_run = highest != 0u && highest - 1u == lowest;
+    if current != NONE {
+        if one_run {
+            if yes != 0u { atomicAdd(&group_sums[0], yes); }
+            if no != 0u { atomicAdd(&group_sums[1], no); }
+            add_wide_in_group(2u, yes_lo, yes_hi);
+            add_wide_in_group(4u, no_lo, no_hi);
+        } else {
+            flush(current, vec2<u32>(yes, no), vec4<u32>(yes_lo, yes_hi, no_lo, no_hi));
+        }
+    }
+    workgroupBarrier();
+    if one_run && local_index == 0u {
+        flush(
+            lowest,
+            vec2<u32>(atomicLoad(&group_sums[0]), atomicLoad(&group_sums[1])),
+            vec4<u32>(
+                atomicLoad(&group_sums[2]),
+                atomicLoad(&group_sums[3]),
+                atomicLoad(&group_sums[4]),
+                atomicLoad(&group_sums[5]),
+            ),
+        );
+    }
+}
+
+// Adds counts (yes, no) and weights (yes_lo, yes_hi, no_lo, no_hi) to tally record `record`.
+fn flush(record: u32, counts: vec2<u32>, weights: vec4<u32>) {
+    let base = record * TALLY_WORDS;
+    if counts.x != 0u { atomicAdd(&tallies[base + 4u], counts.x); }
+    if counts.y != 0u { atomicAdd(&tallies[base + 5u], counts.y); }
+    add_wide(base + 6u, weights.x, weights.y);
+    add_wide(base + 8u, weights.z, weights.w);
+}
+
+// `add_wide` on the workgroup sums.
+fn add_wide_in_group(at: u32, lo: u32, hi: u32) {
+    let before = atomicAdd(&group_sums[at], lo);
+    let carry = select(0u, 1u, before + lo < before);
+    atomicAdd(&group_sums[at + 1u], hi + carry);
 }
 
 // Skips the eight evidence passes entirely when no ballot equivocates.

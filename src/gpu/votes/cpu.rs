@@ -4,9 +4,10 @@
 //! Each ballot `(term, voter)` has a state word: empty, the index of its first vote, or that index
 //! with [`FLAG`] set once a different vote showed up. The first vote of a ballot is added to its
 //! proposal's tally at once; when the ballot turns out to equivocate, that vote is taken back out
-//! and the ballot's two smallest distinct votes are tracked from then on. When the terms are few
-//! and voter indices small (the usual case) the states live in a flat array indexed by
-//! `term_slot * (max_voter + 1) + voter`; otherwise in a hash map.
+//! and the ballot's two smallest distinct votes are tracked from then on. While the batch has few
+//! terms and small voter indices (the usual case) the states live in one array per term indexed
+//! by voter, grown on demand; the first vote that breaks that shape moves them to a hash map and
+//! the pass goes on from there.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -27,7 +28,7 @@ pub(crate) const MAX_CPU_VOTES: usize = (FLAG - 1) as usize;
 const MAX_DENSE_TERMS: usize = 8;
 /// Flat ballot arrays may be this many slots larger than 4 per vote (small batches from sparse
 /// voter indices stay cheap).
-const DENSE_SLACK_SLOTS: u64 = 1 << 16;
+const DENSE_SLACK_SLOTS: usize = 1 << 16;
 
 /// A multiply-rotate hasher for the integer keys of this module (std's SipHash costs more than the
 /// rest of the per-vote work). Not flood-resistant: inputs come from the node's own batches.
@@ -58,32 +59,92 @@ type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
 /// Where ballot states live.
 trait BallotStates {
-    fn state(&mut self, term: u64, voter: u32) -> &mut u32;
+    /// The state word of ballot `(term, voter)`, or `None` if this store cannot hold it (the
+    /// caller then moves to a store that can).
+    fn state(&mut self, term: u64, voter: u32) -> Option<&mut u32>;
 }
 
-/// Flat array for few terms and small voter indices.
+/// One array per term, indexed by voter, for at most [`MAX_DENSE_TERMS`] terms and at most
+/// `max_slots` slots in all.
 struct DenseBallots {
     terms: Vec<u64>,
-    width: usize,
-    last_term: u64,
-    last_offset: usize,
-    states: Vec<u32>,
+    states: Vec<Vec<u32>>,
+    current: usize,
+    slots: usize,
+    max_slots: usize,
+}
+
+impl DenseBallots {
+    fn new(max_slots: usize) -> Self {
+        Self {
+            terms: Vec::with_capacity(MAX_DENSE_TERMS),
+            states: Vec::with_capacity(MAX_DENSE_TERMS),
+            current: usize::MAX,
+            slots: 0,
+            max_slots,
+        }
+    }
+
+    #[cold]
+    fn select_term(&mut self, term: u64) -> Option<()> {
+        if let Some(slot) = self.terms.iter().position(|&known| known == term) {
+            self.current = slot;
+            return Some(());
+        }
+        if self.terms.len() == MAX_DENSE_TERMS {
+            return None;
+        }
+        self.terms.push(term);
+        self.states.push(Vec::new());
+        self.current = self.terms.len() - 1;
+        Some(())
+    }
+
+    #[cold]
+    fn grow(&mut self, voter: usize) -> Option<()> {
+        let states = &mut self.states[self.current];
+        let needed = voter + 1;
+        let doubled = needed.max(2 * states.len()).max(1024);
+        let length = if self.slots - states.len() + doubled <= self.max_slots {
+            doubled
+        } else if self.slots - states.len() + needed <= self.max_slots {
+            needed
+        } else {
+            return None;
+        };
+        self.slots = self.slots - states.len() + length;
+        states.resize(length, EMPTY);
+        Some(())
+    }
+
+    /// Moves every state into a hash map.
+    fn into_sparse(self) -> SparseBallots {
+        let mut sparse = SparseBallots {
+            states: IntMap::default(),
+        };
+        for (term, states) in self.terms.iter().zip(&self.states) {
+            for (voter, &state) in states.iter().enumerate() {
+                if state != EMPTY {
+                    // `voter` < states.len() <= u32::MAX + 1 slots were indexed by a u32.
+                    sparse.states.insert((*term, voter as u32), state);
+                }
+            }
+        }
+        sparse
+    }
 }
 
 impl BallotStates for DenseBallots {
     #[inline(always)]
-    fn state(&mut self, term: u64, voter: u32) -> &mut u32 {
-        if term != self.last_term {
-            // Invariant: the pre-scan put every term of the batch in `terms`.
-            let slot = self
-                .terms
-                .iter()
-                .position(|&known| known == term)
-                .unwrap_or(0);
-            self.last_term = term;
-            self.last_offset = slot * self.width;
+    fn state(&mut self, term: u64, voter: u32) -> Option<&mut u32> {
+        if self.current >= self.terms.len() || self.terms[self.current] != term {
+            self.select_term(term)?;
         }
-        &mut self.states[self.last_offset + voter as usize]
+        let voter = voter as usize;
+        if voter >= self.states[self.current].len() {
+            self.grow(voter)?;
+        }
+        Some(&mut self.states[self.current][voter])
     }
 }
 
@@ -94,8 +155,8 @@ struct SparseBallots {
 
 impl BallotStates for SparseBallots {
     #[inline(always)]
-    fn state(&mut self, term: u64, voter: u32) -> &mut u32 {
-        self.states.entry((term, voter)).or_insert(EMPTY)
+    fn state(&mut self, term: u64, voter: u32) -> Option<&mut u32> {
+        Some(self.states.entry((term, voter)).or_insert(EMPTY))
     }
 }
 
@@ -183,73 +244,73 @@ fn ordered(a: Vote, b: Vote) -> (Vote, Vote) {
     }
 }
 
-fn aggregate_with<B: BallotStates>(
-    votes: &[Vote],
-    ballots: &mut B,
-    threshold: Threshold,
-) -> VoteOutcome {
-    let mut tallies = Tallies::default();
-    let mut evidence: IntMap<(u64, u32), (Vote, Vote)> = IntMap::default();
-    for (index, vote) in votes.iter().enumerate() {
-        let id = tallies.id(vote.term, vote.proposal_id);
-        let state = ballots.state(vote.term, vote.voter);
-        if *state == EMPTY {
-            // `index` < MAX_CPU_VOTES, checked by the caller.
-            *state = index as u32;
-            tallies.add(id, vote);
-        } else if *state & FLAG == 0 {
-            let first = &votes[*state as usize];
-            if first != vote {
-                *state |= FLAG;
-                tallies.remove(first);
-                evidence.insert((vote.term, vote.voter), ordered(*first, *vote));
-            }
-        } else if let Some(pair) = evidence.get_mut(&(vote.term, vote.voter)) {
-            track_smallest(pair, vote);
-        }
-    }
-    let equivocations = evidence
-        .into_iter()
-        .map(|((term, voter), (first, second))| Equivocation {
-            voter,
-            term,
-            first,
-            second,
-        })
-        .collect();
-    finish(tallies.into_raw(), equivocations, threshold)
+/// Everything one pass accumulates besides the ballot states.
+#[derive(Default)]
+struct Pass {
+    tallies: Tallies,
+    evidence: IntMap<(u64, u32), (Vote, Vote)>,
 }
 
-/// Chooses the flat array when the batch has at most [`MAX_DENSE_TERMS`] terms and the array
-/// would not be much larger than the batch.
-fn dense_ballots(votes: &[Vote]) -> Option<DenseBallots> {
-    let mut terms: Vec<u64> = Vec::with_capacity(MAX_DENSE_TERMS);
-    let mut max_voter = 0u32;
-    let mut last_term = None;
-    for vote in votes {
-        max_voter = max_voter.max(vote.voter);
-        if last_term != Some(vote.term) {
-            last_term = Some(vote.term);
-            if !terms.contains(&vote.term) {
-                if terms.len() == MAX_DENSE_TERMS {
-                    return None;
+impl Pass {
+    /// Processes `votes[start..]`; stops early and returns the index of the first vote `ballots`
+    /// cannot hold.
+    fn run<B: BallotStates>(
+        &mut self,
+        votes: &[Vote],
+        start: usize,
+        ballots: &mut B,
+    ) -> Option<usize> {
+        for (index, vote) in votes.iter().enumerate().skip(start) {
+            let id = self.tallies.id(vote.term, vote.proposal_id);
+            let Some(state) = ballots.state(vote.term, vote.voter) else {
+                return Some(index);
+            };
+            if *state == EMPTY {
+                // `index` < MAX_CPU_VOTES, checked by the caller.
+                *state = index as u32;
+                self.tallies.add(id, vote);
+            } else if *state & FLAG == 0 {
+                let first = &votes[*state as usize];
+                if first != vote {
+                    *state |= FLAG;
+                    self.tallies.remove(first);
+                    self.evidence
+                        .insert((vote.term, vote.voter), ordered(*first, *vote));
                 }
-                terms.push(vote.term);
+            } else if let Some(pair) = self.evidence.get_mut(&(vote.term, vote.voter)) {
+                track_smallest(pair, vote);
             }
         }
+        None
     }
-    let width = u64::from(max_voter) + 1;
-    let slots = width * terms.len() as u64;
-    if slots > 4 * votes.len() as u64 + DENSE_SLACK_SLOTS {
-        return None;
+
+    fn finish(self, threshold: Threshold) -> VoteOutcome {
+        let equivocations = self
+            .evidence
+            .into_iter()
+            .map(|((term, voter), (first, second))| Equivocation {
+                voter,
+                term,
+                first,
+                second,
+            })
+            .collect();
+        finish(self.tallies.into_raw(), equivocations, threshold)
     }
-    Some(DenseBallots {
-        last_term: terms.first().copied().unwrap_or(0),
-        last_offset: 0,
-        terms,
-        width: width as usize,
-        states: vec![EMPTY; slots as usize],
-    })
+}
+
+/// Runs the pass with per-term arrays, moving to a hash map at the first vote that does not fit
+/// them (a ninth term, or voter indices far beyond the batch size).
+fn aggregate(votes: &[Vote], threshold: Threshold) -> VoteOutcome {
+    let mut pass = Pass::default();
+    let max_slots = 4 * votes.len() + DENSE_SLACK_SLOTS;
+    let mut dense = DenseBallots::new(max_slots);
+    if let Some(stopped) = pass.run(votes, 0, &mut dense) {
+        let mut sparse = dense.into_sparse();
+        let finished = pass.run(votes, stopped, &mut sparse);
+        debug_assert!(finished.is_none(), "the hash map holds every ballot");
+    }
+    pass.finish(threshold)
 }
 
 /// The CPU backend. See the [module documentation](super) for the semantics.
@@ -277,15 +338,7 @@ impl CpuVoteAggregator {
                 max: MAX_CPU_VOTES,
             });
         }
-        Ok(match dense_ballots(votes) {
-            Some(mut ballots) => aggregate_with(votes, &mut ballots, self.threshold),
-            None => {
-                let mut ballots = SparseBallots {
-                    states: IntMap::default(),
-                };
-                aggregate_with(votes, &mut ballots, self.threshold)
-            }
-        })
+        Ok(aggregate(votes, self.threshold))
     }
 }
 
@@ -428,8 +481,8 @@ mod tests {
 
     #[test]
     fn dense_and_sparse_ballot_states_agree() {
-        // Sparse voter indices and many terms force the hash map; the same votes with small
-        // indices and one term use the flat array.
+        // The same votes with small voter indices (per-term arrays), with huge ones (hash map
+        // from the start), and with one huge index in the middle (move to the map mid-pass).
         let mut state = 12345u64;
         let mut next = || {
             state = state
@@ -443,27 +496,43 @@ mod tests {
             })
             .collect();
         let dense = run(&votes, Threshold::default());
+        assert!(!dense.equivocations.is_empty());
+        let mut mixed = votes.clone();
+        mixed[2500].voter = u32::MAX;
+        mixed[2500].term = 99;
+        let mut expected = votes.clone();
+        expected[2500] = mixed[2500];
+        assert_eq!(
+            run(&mixed, Threshold::default()),
+            run(&expected, Threshold::default())
+        );
+        let scale = 10_000_000;
         let spread: Vec<Vote> = votes
             .iter()
             .map(|v| Vote {
-                voter: v.voter * 10_000_000,
+                voter: v.voter * scale,
                 ..*v
             })
             .collect();
-        assert!(dense_ballots(&spread).is_none());
-        assert!(dense_ballots(&votes).is_some());
         let sparse = run(&spread, Threshold::default());
         assert_eq!(dense.tallies, sparse.tallies);
-        let rescale = |e: &Equivocation| (e.term, e.voter / 10_000_000, e.first.proposal_id);
-        let expected: Vec<_> = dense
-            .equivocations
-            .iter()
-            .map(|e| (e.term, e.voter, e.first.proposal_id))
-            .collect();
+        let unscale = |e: &Equivocation| {
+            (
+                e.term,
+                e.voter / scale,
+                e.first.proposal_id,
+                e.second.proposal_id,
+            )
+        };
+        let key = |e: &Equivocation| (e.term, e.voter, e.first.proposal_id, e.second.proposal_id);
         assert_eq!(
-            sparse.equivocations.iter().map(rescale).collect::<Vec<_>>(),
-            expected
+            sparse.equivocations.iter().map(unscale).collect::<Vec<_>>(),
+            dense.equivocations.iter().map(key).collect::<Vec<_>>()
         );
-        assert!(!dense.equivocations.is_empty());
+        // Nine terms also leave the arrays.
+        let terms: Vec<Vote> = (0..9)
+            .map(|term| Vote::new(1, 1, true).in_term(term))
+            .collect();
+        assert_eq!(run(&terms, Threshold::default()).tallies.len(), 9);
     }
 }

@@ -931,6 +931,34 @@ mod tests {
     }
 
     #[test]
+    fn shader_validates_and_its_structs_match_the_rust_layouts() {
+        let module = naga::front::wgsl::parse_str(SHADER).expect("votes.wgsl parses");
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .expect("votes.wgsl validates");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let size_of = |name: &str| {
+            module
+                .types
+                .iter()
+                .find(|(_, ty)| ty.name.as_deref() == Some(name))
+                .map(|(handle, _)| layouter[handle].size as usize)
+        };
+        assert_eq!(size_of("Vote"), Some(std::mem::size_of::<GpuVote>()));
+        assert_eq!(size_of("Params"), Some(std::mem::size_of::<Params>()));
+        for entry in ["insert", "prepare", "tally", "evidence0", "evidence7"] {
+            assert!(
+                module.entry_points.iter().any(|point| point.name == entry),
+                "entry point {entry}"
+            );
+        }
+    }
+
+    #[test]
     fn gpu_vote_splits_64_bit_fields() {
         let vote = Vote {
             voter: 7,

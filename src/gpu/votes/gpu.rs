@@ -42,6 +42,9 @@ const EVIDENCE_WORDS: usize = 12;
 const COUNTER_BYTES: u64 = 16;
 /// Records of each kind read back with the counters in the first read-back; more take a second.
 const FIRST_READBACK_RECORDS: usize = 256;
+/// Pool bytes one vote of a pass needs before size-class rounding: 28 on the device, 28 in
+/// staging, 4 tables of up to 3 slots of 4 bytes.
+const POOL_BYTES_PER_VOTE: u64 = 2 * WGSL_VOTE_BYTES as u64 + 4 * 3 * 4;
 /// Largest vote index a table slot can hold beside the equivocation flag.
 const MAX_INDEX: usize = (1 << 31) - 2;
 
@@ -352,14 +355,22 @@ impl GpuVoteAggregator {
 
     /// Most votes one pass takes: bounded by the storage binding limit (28-byte votes, 40-byte
     /// tally records in the worst case of one proposal per vote, a hash table of
-    /// `next_power_of_two(1.5 n)` u32 slots) and by [`GpuVoteOptions::max_votes_per_pass`].
+    /// `next_power_of_two(1.5 n)` u32 slots), by the context's `memory_pool_size` (about 200
+    /// bytes per vote with rounding) and by [`GpuVoteOptions::max_votes_per_pass`].
     pub fn max_votes_per_pass(&self) -> usize {
         let binding = self.context.max_storage_binding_bytes();
         let by_records = binding / (TALLY_WORDS as u64 * 4);
         // The largest power of two of u32 slots one binding holds, filled to at most 2/3.
         let table_slots = 1u64 << (63 - (binding / 4).max(1).leading_zeros());
         let by_table = table_slots * 2 / 3;
-        let limit = by_records.min(by_table).min(MAX_INDEX as u64) as usize;
+        // A pass holds the votes twice (device and staging), four tables of at most 3 slots per
+        // vote and the result arrays; size classes may round each buffer up to twice its size.
+        let pool = self.context.buffers().capacity();
+        let reserved = (self.options.initial_result_capacity as u64)
+            * 4
+            * (TALLY_WORDS + EVIDENCE_WORDS) as u64;
+        let by_pool = pool.saturating_sub(2 * reserved) / (2 * POOL_BYTES_PER_VOTE);
+        let limit = by_records.min(by_table).min(by_pool).min(MAX_INDEX as u64) as usize;
         match self.options.max_votes_per_pass {
             Some(requested) => requested.clamp(1, limit.max(1)),
             None => limit.max(1),

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 
@@ -24,7 +25,9 @@ const EMPTY: u32 = u32::MAX;
 const FLAG: u32 = 1 << 31;
 /// Most votes one call takes: a vote index must fit beside [`FLAG`] without reaching [`EMPTY`].
 pub(crate) const MAX_CPU_VOTES: usize = (FLAG - 1) as usize;
-/// Most distinct terms for the flat ballot array.
+/// Most ballot slots kept between calls (64 MiB).
+pub const MAX_RECYCLED_SLOTS: usize = 1 << 24;
+/// Most distinct terms for the per-term ballot arrays.
 const MAX_DENSE_TERMS: usize = 8;
 /// Flat ballot arrays may be this many slots larger than 4 per vote (small batches from sparse
 /// voter indices stay cheap).
@@ -69,34 +72,57 @@ trait BallotStates {
 struct DenseBallots {
     terms: Vec<u64>,
     states: Vec<Vec<u32>>,
+    /// Index in `terms` of the term of the previous vote, and that term (`None` before the
+    /// first vote), so that a run of one term costs one comparison.
     current: usize,
+    current_term: Option<u64>,
     slots: usize,
     max_slots: usize,
+    /// All-empty arrays of an earlier call, reused for new terms (saves page faults).
+    recycled: Vec<Vec<u32>>,
 }
 
 impl DenseBallots {
-    fn new(max_slots: usize) -> Self {
+    fn new(max_slots: usize, recycled: Vec<Vec<u32>>) -> Self {
         Self {
             terms: Vec::with_capacity(MAX_DENSE_TERMS),
             states: Vec::with_capacity(MAX_DENSE_TERMS),
-            current: usize::MAX,
+            current: 0,
+            current_term: None,
             slots: 0,
             max_slots,
+            recycled,
         }
+    }
+
+    /// Resets the arrays to empty and hands them back for the next call, if they are small
+    /// enough to keep.
+    fn recycle(mut self) -> Vec<Vec<u32>> {
+        if self.slots > MAX_RECYCLED_SLOTS {
+            return Vec::new();
+        }
+        for states in &mut self.states {
+            states.fill(EMPTY);
+        }
+        self.states.append(&mut self.recycled);
+        self.states
     }
 
     #[cold]
     fn select_term(&mut self, term: u64) -> Option<()> {
         if let Some(slot) = self.terms.iter().position(|&known| known == term) {
             self.current = slot;
-            return Some(());
-        }
-        if self.terms.len() == MAX_DENSE_TERMS {
+        } else if self.terms.len() == MAX_DENSE_TERMS {
             return None;
+        } else {
+            let mut states = self.recycled.pop().unwrap_or_default();
+            states.truncate(self.max_slots.saturating_sub(self.slots));
+            self.slots += states.len();
+            self.terms.push(term);
+            self.states.push(states);
+            self.current = self.terms.len() - 1;
         }
-        self.terms.push(term);
-        self.states.push(Vec::new());
-        self.current = self.terms.len() - 1;
+        self.current_term = Some(term);
         Some(())
     }
 
@@ -137,14 +163,14 @@ impl DenseBallots {
 impl BallotStates for DenseBallots {
     #[inline(always)]
     fn state(&mut self, term: u64, voter: u32) -> Option<&mut u32> {
-        if self.current >= self.terms.len() || self.terms[self.current] != term {
+        if self.current_term != Some(term) {
             self.select_term(term)?;
         }
         let voter = voter as usize;
         if voter >= self.states[self.current].len() {
             self.grow(voter)?;
         }
-        Some(&mut self.states[self.current][voter])
+        self.states[self.current].get_mut(voter)
     }
 }
 
@@ -165,10 +191,9 @@ impl BallotStates for SparseBallots {
 struct Tallies {
     ids: IntMap<(u64, u64), usize>,
     keys: Vec<(u64, u64)>,
-    /// `[rejections, approvals]` counts and weights, indexed by `approve as usize` so that the
-    /// hot loop has no data-dependent branch.
-    counts: Vec<[u64; 2]>,
-    weights: Vec<[u64; 2]>,
+    /// `[no_count, yes_count, no_weight, yes_weight]`, indexed by `approve as usize` (+ 2 for
+    /// weights) so that the hot loop has no data-dependent branch.
+    sums: Vec<[u64; 4]>,
     last_key: Option<(u64, u64)>,
     last_id: usize,
 }
@@ -184,8 +209,7 @@ impl Tallies {
         let id = *self.ids.entry(key).or_insert(next);
         if id == next {
             self.keys.push(key);
-            self.counts.push([0; 2]);
-            self.weights.push([0; 2]);
+            self.sums.push([0; 4]);
         }
         self.last_key = Some(key);
         self.last_id = id;
@@ -195,28 +219,30 @@ impl Tallies {
     #[inline(always)]
     fn add(&mut self, id: usize, vote: &Vote) {
         let side = usize::from(vote.approve);
-        self.counts[id][side] += 1;
-        self.weights[id][side] += u64::from(vote.weight);
+        let sums = &mut self.sums[id];
+        sums[side] += 1;
+        sums[side + 2] += u64::from(vote.weight);
     }
 
     fn remove(&mut self, vote: &Vote) {
         let id = self.ids[&(vote.term, vote.proposal_id)];
         let side = usize::from(vote.approve);
-        self.counts[id][side] -= 1;
-        self.weights[id][side] -= u64::from(vote.weight);
+        let sums = &mut self.sums[id];
+        sums[side] -= 1;
+        sums[side + 2] -= u64::from(vote.weight);
     }
 
     fn into_raw(self) -> Vec<RawTally> {
         self.keys
             .iter()
-            .zip(self.counts.iter().zip(&self.weights))
-            .map(|(&(term, proposal_id), (counts, weights))| RawTally {
+            .zip(&self.sums)
+            .map(|(&(term, proposal_id), sums)| RawTally {
                 term,
                 proposal_id,
-                yes_count: counts[1],
-                no_count: counts[0],
-                yes_weight: weights[1],
-                no_weight: weights[0],
+                yes_count: sums[1],
+                no_count: sums[0],
+                yes_weight: sums[3],
+                no_weight: sums[2],
             })
             .collect()
     }
@@ -301,28 +327,48 @@ impl Pass {
 
 /// Runs the pass with per-term arrays, moving to a hash map at the first vote that does not fit
 /// them (a ninth term, or voter indices far beyond the batch size).
-fn aggregate(votes: &[Vote], threshold: Threshold) -> VoteOutcome {
+fn aggregate(votes: &[Vote], threshold: Threshold, scratch: &Mutex<Vec<Vec<u32>>>) -> VoteOutcome {
     let mut pass = Pass::default();
     let max_slots = 4 * votes.len() + DENSE_SLACK_SLOTS;
-    let mut dense = DenseBallots::new(max_slots);
-    if let Some(stopped) = pass.run(votes, 0, &mut dense) {
-        let mut sparse = dense.into_sparse();
-        let finished = pass.run(votes, stopped, &mut sparse);
-        debug_assert!(finished.is_none(), "the hash map holds every ballot");
+    // A concurrent call keeps the scratch arrays; this one then allocates its own.
+    let recycled = scratch
+        .try_lock()
+        .map(|mut kept| std::mem::take(&mut *kept))
+        .unwrap_or_default();
+    let mut dense = DenseBallots::new(max_slots, recycled);
+    match pass.run(votes, 0, &mut dense) {
+        None => {
+            let arrays = dense.recycle();
+            if let Ok(mut kept) = scratch.try_lock() {
+                *kept = arrays;
+            }
+        }
+        Some(stopped) => {
+            let mut sparse = dense.into_sparse();
+            let finished = pass.run(votes, stopped, &mut sparse);
+            debug_assert!(finished.is_none(), "the hash map holds every ballot");
+        }
     }
     pass.finish(threshold)
 }
 
 /// The CPU backend. See the [module documentation](super) for the semantics.
+///
+/// It keeps the per-term ballot arrays of its last call (at most [`MAX_RECYCLED_SLOTS`] slots,
+/// 4 bytes each) to reuse them; clones share them.
 #[derive(Debug, Clone, Default)]
 pub struct CpuVoteAggregator {
     threshold: Threshold,
+    scratch: Arc<Mutex<Vec<Vec<u32>>>>,
 }
 
 impl CpuVoteAggregator {
     /// An aggregator judging tallies by `threshold`.
     pub fn new(threshold: Threshold) -> Self {
-        Self { threshold }
+        Self {
+            threshold,
+            scratch: Arc::default(),
+        }
     }
 
     /// The threshold.
@@ -338,7 +384,7 @@ impl CpuVoteAggregator {
                 max: MAX_CPU_VOTES,
             });
         }
-        Ok(aggregate(votes, self.threshold))
+        Ok(aggregate(votes, self.threshold, &self.scratch))
     }
 }
 
@@ -477,6 +523,32 @@ mod tests {
         .tallies[0];
         assert_eq!(tally.yes_weight, 4 * u64::from(u32::MAX));
         assert!(!tally.passed, "exactly half is not a majority");
+    }
+
+    #[test]
+    fn reused_ballot_arrays_start_empty() {
+        let reused = CpuVoteAggregator::new(Threshold::default());
+        let batches: Vec<Vec<Vote>> = vec![
+            (0..3000)
+                .map(|voter| Vote::new(voter, 1, true).in_term(2))
+                .collect(),
+            (0..10)
+                .map(|voter| Vote::new(voter, 1, false).in_term(2))
+                .collect(),
+            (0..5000)
+                .map(|voter| Vote::new(voter % 7, 2, voter % 2 == 0))
+                .collect(),
+            (0..100)
+                .map(|voter| Vote::new(voter, 3, true).in_term(voter.into()))
+                .collect(),
+            Vec::new(),
+        ];
+        for batch in batches.iter().chain(&batches) {
+            assert_eq!(
+                reused.aggregate_blocking(batch).unwrap(),
+                run(batch, Threshold::default())
+            );
+        }
     }
 
     #[test]

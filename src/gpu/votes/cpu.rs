@@ -29,8 +29,8 @@ pub(crate) const MAX_CPU_VOTES: usize = (FLAG - 1) as usize;
 pub const MAX_RECYCLED_SLOTS: usize = 1 << 24;
 /// Most distinct terms for the per-term ballot arrays.
 const MAX_DENSE_TERMS: usize = 8;
-/// Flat ballot arrays may be this many slots larger than 4 per vote (small batches from sparse
-/// voter indices stay cheap).
+/// The per-term ballot arrays may hold [`MAX_DENSE_TERMS`] slots per vote plus this many (small
+/// batches with voter indices up to 65535 stay in arrays).
 const DENSE_SLACK_SLOTS: usize = 1 << 16;
 
 /// A multiply-rotate hasher for the integer keys of this module (std's SipHash costs more than the
@@ -108,7 +108,7 @@ impl DenseBallots {
         self.states
     }
 
-    #[cold]
+    #[inline]
     fn select_term(&mut self, term: u64) -> Option<()> {
         if let Some(slot) = self.terms.iter().position(|&known| known == term) {
             self.current = slot;
@@ -130,7 +130,10 @@ impl DenseBallots {
     fn grow(&mut self, voter: usize) -> Option<()> {
         let states = &mut self.states[self.current];
         let needed = voter + 1;
-        let doubled = needed.max(2 * states.len()).max(1024);
+        // Doubling stops at a per-term share of the bound, so that eight terms of voters up to
+        // the batch size all fit.
+        let share = self.max_slots / MAX_DENSE_TERMS;
+        let doubled = needed.max((2 * states.len()).max(1024).min(share));
         let length = if self.slots - states.len() + doubled <= self.max_slots {
             doubled
         } else if self.slots - states.len() + needed <= self.max_slots {
@@ -329,7 +332,9 @@ impl Pass {
 /// them (a ninth term, or voter indices far beyond the batch size).
 fn aggregate(votes: &[Vote], threshold: Threshold, scratch: &Mutex<Vec<Vec<u32>>>) -> VoteOutcome {
     let mut pass = Pass::default();
-    let max_slots = 4 * votes.len() + DENSE_SLACK_SLOTS;
+    // Room for every term to index voters up to the batch size: voters numbered 0..n over a
+    // few terms (the usual shape) never leave the arrays.
+    let max_slots = MAX_DENSE_TERMS * votes.len() + DENSE_SLACK_SLOTS;
     // A concurrent call keeps the scratch arrays; this one then allocates its own.
     let recycled = scratch
         .try_lock()

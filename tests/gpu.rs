@@ -536,3 +536,31 @@ fn resident_votes_aggregate_like_uploaded_ones() {
         assert_eq!(gpu.aggregate_resident(&resident).unwrap(), expected);
     }
 }
+
+#[test]
+fn inputs_the_gpu_cannot_split_are_answered_by_the_cpu() {
+    let Some(_shared) = gpu_context_or_skip("inputs_the_gpu_cannot_split") else {
+        return;
+    };
+    let context = Arc::new(GpuContext::new(GpuConfig::default()).unwrap());
+    let gpu = GpuVoteAggregator::with_context(Arc::clone(&context))
+        .unwrap()
+        .with_options(GpuVoteOptions {
+            max_votes_per_pass: Some(10),
+            ..GpuVoteOptions::default()
+        });
+    // One voter, 50 distinct votes in one term: a ballot larger than a pass.
+    let votes: Vec<Vote> = (0..50)
+        .map(|proposal| Vote::new(7, proposal, true))
+        .collect();
+    let error = gpu.aggregate_blocking(&votes).unwrap_err();
+    assert!(
+        matches!(error, VoteError::Gpu(GpuError::InputTooLarge { .. })),
+        "{error}"
+    );
+    let adaptive = AdaptiveVoteAggregator::new(gpu).with_crossover(Some(1));
+    let outcome = adaptive.aggregate_blocking(&votes).unwrap();
+    assert_eq!(outcome, cpu_outcome(&votes, Threshold::default()));
+    assert_eq!(outcome.equivocations.len(), 1);
+    assert_eq!(context.cpu_fallback_count(), 1);
+}

@@ -370,8 +370,9 @@ pub trait VoteAggregator: Send + Sync {
 pub const DEFAULT_GPU_CROSSOVER_VOTES: usize = 1 << 20;
 
 /// Picks the CPU backend below a crossover batch size and the GPU above it. When the GPU times
-/// out, loses its device or runs out of pool memory, the CPU backend answers that call and the
-/// context's fallback counter ([`GpuContext::cpu_fallback_count`]) counts it.
+/// out, loses its device, runs out of pool memory or cannot split an input (one ballot with more
+/// votes than a pass holds), the CPU backend answers that call and the context's fallback counter
+/// ([`GpuContext::cpu_fallback_count`]) counts it.
 pub struct AdaptiveVoteAggregator {
     cpu: CpuVoteAggregator,
     gpu: Option<GpuVoteAggregator>,
@@ -496,7 +497,13 @@ impl AdaptiveVoteAggregator {
             _ => return self.cpu.aggregate_blocking(votes),
         };
         match gpu.aggregate_blocking(votes) {
-            Err(VoteError::Gpu(error)) if error.is_transient() => {
+            Err(VoteError::Gpu(error))
+                if error.is_transient()
+                    || matches!(
+                        error,
+                        GpuError::InputTooLarge { .. } | GpuError::BufferTooLarge { .. }
+                    ) =>
+            {
                 gpu.context().record_cpu_fallback(&error);
                 self.cpu.aggregate_blocking(votes)
             }

@@ -11,6 +11,7 @@
 //! the CPU instead it records that with [`GpuContext::record_cpu_fallback`], a counter readable
 //! through [`GpuContext::metrics`] and registrable with Prometheus.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,6 +198,7 @@ pub struct GpuContext {
     device: wgpu::Device,
     queue: wgpu::Queue,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    shared: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     pool: BufferPool,
     lost: Arc<DeviceLostState>,
     cpu_fallbacks: Counter,
@@ -364,6 +366,7 @@ impl GpuContext {
             device,
             queue,
             pipelines: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
             pool,
             lost,
             cpu_fallbacks: Counter::default(),
@@ -425,6 +428,28 @@ impl GpuContext {
         source: &'static str,
         entry_point: &'static str,
     ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        self.build_pipeline(label, source, entry_point, None)
+    }
+
+    /// Like [`GpuContext::compute_pipeline`], with an explicit pipeline layout, so that several
+    /// pipelines can share one bind group. `label` must name one source and one layout.
+    pub fn compute_pipeline_with_layout(
+        &self,
+        label: &'static str,
+        source: &'static str,
+        entry_point: &'static str,
+        layout: &wgpu::PipelineLayout,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        self.build_pipeline(label, source, entry_point, Some(layout))
+    }
+
+    fn build_pipeline(
+        &self,
+        label: &'static str,
+        source: &'static str,
+        entry_point: &'static str,
+        layout: Option<&wgpu::PipelineLayout>,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
         let mut pipelines = lock(&self.pipelines);
         if let Some(pipeline) = pipelines.get(&(label, entry_point)) {
             return Ok(Arc::clone(pipeline));
@@ -440,7 +465,7 @@ impl GpuContext {
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
-                layout: None,
+                layout,
                 module: &module,
                 entry_point: Some(entry_point),
                 compilation_options: Default::default(),
@@ -455,6 +480,27 @@ impl GpuContext {
         let pipeline = Arc::new(pipeline);
         pipelines.insert((label, entry_point), Arc::clone(&pipeline));
         Ok(pipeline)
+    }
+
+    /// Returns the context's one value of type `T`, building it with `init` on first use. Kernels
+    /// keep their pipelines and bind group layouts here, so that every aggregator or verifier on
+    /// one context shares them (bind groups built for one fit the pipelines of all).
+    pub fn shared_state<T: Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> Result<T, GpuError>,
+    ) -> Result<Arc<T>, GpuError> {
+        let mut shared = lock(&self.shared);
+        if let Some(existing) = shared.get(&TypeId::of::<T>())
+            && let Ok(value) = Arc::clone(existing).downcast::<T>()
+        {
+            return Ok(value);
+        }
+        let value = Arc::new(init()?);
+        shared.insert(
+            TypeId::of::<T>(),
+            Arc::clone(&value) as Arc<dyn Any + Send + Sync>,
+        );
+        Ok(value)
     }
 
     /// Runs `encode` inside a validation error scope and turns a captured error into
@@ -550,21 +596,7 @@ impl GpuContext {
             )));
         }
         let slice = buffer.slice(0..bytes);
-        let (sender, receiver) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |result| {
-            // The receiver outlives the wait below; if it is gone the result is moot.
-            let _ = sender.send(result);
-        });
-        self.wait_for_submission(None)?;
-        match receiver.try_recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(GpuError::Map(error.to_string())),
-            Err(_) => {
-                return Err(GpuError::Timeout {
-                    waited: self.config.kernel_launch_timeout,
-                });
-            }
-        }
+        self.map_and_wait(&slice, wgpu::MapMode::Read)?;
         {
             let view = slice
                 .get_mapped_range()
@@ -573,6 +605,53 @@ impl GpuContext {
         }
         buffer.unmap();
         Ok(())
+    }
+
+    /// Maps `slice` and waits, at most `kernel_launch_timeout`, until the mapping is ready. Polls
+    /// in short steps: when several threads share the device, another thread's poll may be the
+    /// one that runs this mapping's callback.
+    pub fn map_and_wait(
+        &self,
+        slice: &wgpu::BufferSlice<'_>,
+        mode: wgpu::MapMode,
+    ) -> Result<(), GpuError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(mode, move |result| {
+            // The receiver lives until this function returns; later results are moot.
+            let _ = sender.send(result);
+        });
+        let waited = self.config.kernel_launch_timeout;
+        let deadline = std::time::Instant::now() + waited;
+        loop {
+            self.check_not_lost()?;
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let step = remaining.min(Duration::from_millis(5));
+            match self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(step),
+            }) {
+                Ok(_) | Err(wgpu::PollError::Timeout) => {}
+                Err(error) => return Err(GpuError::Poll(error.to_string())),
+            }
+            match receiver.recv_timeout(step.max(Duration::from_micros(50))) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(error)) => {
+                    // A destroyed or lost device fails pending mappings; report the cause.
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    self.check_not_lost()?;
+                    return Err(GpuError::Map(error.to_string()));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(GpuError::Map("mapping callback dropped".to_owned()));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                self.timeouts.inc();
+                tracing::warn!(?waited, adapter = %self.info.name, "GPU buffer mapping timed out");
+                return Err(GpuError::Timeout { waited });
+            }
+        }
     }
 
     /// Counts one call answered by a CPU backend because of `error` (a timeout or a lost device).

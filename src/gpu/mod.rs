@@ -7,5 +7,9 @@ pub mod votes;
 
 // ---- re-exports of context.rs and votes.rs ----
 pub use context::{AdapterSummary, GpuConfig, GpuContext, GpuError, GpuMetrics};
+pub use votes::{
+    AdaptiveVoteAggregator, CpuVoteAggregator, Equivocation, GpuVoteAggregator, ProposalTally,
+    Threshold, Vote, VoteAggregator, VoteError, VoteOutcome, VoteSummary,
+};
 
 // ---- re-exports of sigverify.rs ----

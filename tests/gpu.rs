@@ -400,7 +400,7 @@ fn more_than_two_to_the_24_votes() {
     let mut votes: Vec<Vote> = Vec::with_capacity(count);
     for index in 0..count {
         let bits = random.next();
-        let vote = if index > 0 && bits % 1000 == 0 {
+        let vote = if index > 0 && bits.is_multiple_of(1000) {
             let earlier = votes[(bits >> 10) as usize % index];
             Vote {
                 approve: earlier.approve ^ ((bits >> 20) & 1 == 1),

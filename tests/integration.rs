@@ -355,3 +355,46 @@ async fn a_bad_peer_address_is_a_config_error_naming_it() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_given_as_host_port_are_identified_by_handshake() {
+    let names = ["east", "west", "north"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let starts = names.iter().zip(&ports).map(|(name, port)| {
+        let peers: Vec<String> = ports
+            .iter()
+            .filter(|p| *p != port)
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let config = ConsensusConfig::default()
+            .node_id(*name)
+            .bind_address(format!("127.0.0.1:{port}"))
+            .peers(peers);
+        async move {
+            let mut engine = ConsensusEngine::new(config).unwrap();
+            engine.start().await.unwrap();
+            engine
+        }
+    });
+    // Each start waits for its unnamed peers' handshakes, so they must start together.
+    let mut engines = futures::future::join_all(starts).await;
+    let any_leader = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
+    wait_until("a leader", Duration::from_secs(10), || {
+        any_leader(&engines).is_some()
+    })
+    .await;
+    let leader = any_leader(&engines).unwrap();
+    let result = engines[leader]
+        .propose(Proposal::new("k", "v"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, ConsensusResult::Committed { .. }),
+        "{result:?}"
+    );
+    let expected: Vec<NodeId> = names.iter().map(|n| NodeId::from_name(n)).collect();
+    assert!(expected.contains(&engines[leader].node_id()));
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}

@@ -9,3 +9,7 @@ pub mod votes;
 pub use context::{AdapterSummary, GpuConfig, GpuContext, GpuError, GpuMetrics};
 
 // ---- re-exports of sigverify.rs ----
+pub use sigverify::{
+    AutoSignatureVerifier, CpuSignatureVerifier, GPU_CROSSOVER_BATCH, GpuSignatureVerifier,
+    GpuVerifierOptions, SigVerifyError, SignatureItem, SignatureVerifier,
+};

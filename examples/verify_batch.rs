@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use consensus::gpu::sigverify::verify_lines;
 use consensus::gpu::{
-    CpuSignatureVerifier, GpuConfig, GpuContext, GpuSignatureVerifier, SignatureVerifier,
+    CpuSignatureVerifier, GpuConfig, GpuContext, GpuSignatureVerifier, SigVerifyError,
+    SignatureVerifier,
 };
 
 const USAGE: &str = "usage: verify_batch --backend gpu|cpu FILE";
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         "cpu" => Box::new(CpuSignatureVerifier::new()),
         "gpu" => {
             let built = GpuContext::new(GpuConfig::default())
+                .map_err(SigVerifyError::from)
                 .map(Arc::new)
                 .and_then(GpuSignatureVerifier::new);
             match built {

@@ -53,7 +53,8 @@ fn pt_from_completed(x: Fe, y: Fe, z: Fe, t: Fe) -> Ext {
 fn pt_double(p: Ext) -> Ext {
     let xx = fe_sq(p.X);
     let yy = fe_sq(p.Y);
-    let zz2 = fe_add(fe_sq(p.Z), fe_sq(p.Z));
+    let zz = fe_sq(p.Z);
+    let zz2 = fe_add(zz, zz);
     let xy2 = fe_sub(fe_sq(fe_add(p.X, p.Y)), fe_add(yy, xx));
     let y_sum = fe_add(yy, xx);
     let y_diff = fe_sub(yy, xx);
@@ -85,7 +86,11 @@ fn pt_is_identity(p: Ext) -> bool {
 
 // [8]P = identity, as curve25519-dalek's is_small_order.
 fn pt_is_small_order(p: Ext) -> bool {
-    return pt_is_identity(pt_double(pt_double(pt_double(p))));
+    var q = p;
+    for (var i = 0u; i < 3u; i++) {
+        q = pt_double(q);
+    }
+    return pt_is_identity(q);
 }
 
 struct SqrtRatio {

@@ -9,6 +9,18 @@
 // encodings. Reduction uses 2^260 = 32 * 2^255 = 32 * 19 = 608 (mod p).
 //
 // Every function returns a carried (loose) element, so any result may feed `fe_mul` directly.
+//
+// Limb loops run to `limb_count()`, the uniform `params.limbs` (always 20; every kernel binds
+// `params`), a value the compiler cannot see. Why: drivers inline every function, and with
+// a constant bound they also unroll every limb loop at each of the hundreds of inlined call
+// sites; llvmpipe then spends many minutes compiling the verify kernel. With a runtime bound each
+// call site stays a small loop. (A fully unrolled variant is a later optimisation for real GPUs;
+// see benches/SIGVERIFY_NOTES.md.)
+// (A `var<private>` copy of the bound set once at entry was clobbered during long loops on
+// llvmpipe, leaving 1-limb arithmetic; reading the uniform each time is cheap and robust.)
+fn limb_count() -> u32 {
+    return params.limbs;
+}
 
 alias Fe = array<u32, 20>;
 
@@ -45,13 +57,14 @@ const FE_BASE_T: Fe = array<u32, 20>(7587u, 3518u, 3305u, 7445u, 5853u, 2426u, 7
 // carry out of limb 19 into limb 0; after the second the fold is at most 1 * 608.
 fn fe_carry(input: Fe) -> Fe {
     var a = input;
-    for (var pass = 0u; pass < 2u; pass++) {
-        for (var i = 0u; i < 19u; i++) {
+    let last = limb_count() - 1u;
+    for (var round = 0u; round < 2u; round++) {
+        for (var i = 0u; i < last; i++) {
             a[i + 1u] += a[i] >> LIMB_BITS;
             a[i] &= LIMB_MASK;
         }
-        let top = a[19] >> LIMB_BITS;
-        a[19] &= LIMB_MASK;
+        let top = a[last] >> LIMB_BITS;
+        a[last] &= LIMB_MASK;
         a[0] += top * FOLD_260;
     }
     return a;
@@ -59,7 +72,7 @@ fn fe_carry(input: Fe) -> Fe {
 
 fn fe_add(a: Fe, b: Fe) -> Fe {
     var r: Fe;
-    for (var i = 0u; i < 20u; i++) {
+    for (var i = 0u; i < limb_count(); i++) {
         r[i] = a[i] + b[i];
     }
     return fe_carry(r);
@@ -67,8 +80,9 @@ fn fe_add(a: Fe, b: Fe) -> Fe {
 
 fn fe_sub(a: Fe, b: Fe) -> Fe {
     var r: Fe;
-    for (var i = 0u; i < 20u; i++) {
-        r[i] = a[i] + FE_P64[i] - b[i];
+    let p64 = FE_P64;
+    for (var i = 0u; i < limb_count(); i++) {
+        r[i] = a[i] + p64[i] - b[i];
     }
     return fe_carry(r);
 }
@@ -80,26 +94,33 @@ fn fe_neg(a: Fe) -> Fe {
 // Schoolbook product: 39 column sums (each < 20 * 8799^2 < 2^31), one carry sweep into 40
 // limbs of 13 bits, fold of the high 20 limbs with 2^260 = 608, and a final carry.
 fn fe_mul(a: Fe, b: Fe) -> Fe {
+    let n = limb_count();
+    // Zeroed by explicit stores, not by the declaration: after inlining into a loop, relying on
+    // the implicit zero-initialisation left stale columns from the previous call on llvmpipe.
     var t: array<u32, 39>;
-    for (var i = 0u; i < 20u; i++) {
+    for (var k = 0u; k < 2u * n - 1u; k++) {
+        t[k] = 0u;
+    }
+    for (var i = 0u; i < n; i++) {
         let ai = a[i];
-        for (var j = 0u; j < 20u; j++) {
+        for (var j = 0u; j < n; j++) {
             t[i + j] += ai * b[j];
         }
     }
     var low: Fe;
-    var carry = 0u;
-    for (var k = 0u; k < 20u; k++) {
+    var carry: u32;
+    carry = 0u;
+    for (var k = 0u; k < n; k++) {
         let v = t[k] + carry;
         low[k] = v & LIMB_MASK;
         carry = v >> LIMB_BITS;
     }
-    for (var k = 20u; k < 39u; k++) {
+    for (var k = n; k < 2u * n - 1u; k++) {
         let v = t[k] + carry;
-        low[k - 20u] += (v & LIMB_MASK) * FOLD_260;
+        low[k - n] += (v & LIMB_MASK) * FOLD_260;
         carry = v >> LIMB_BITS;
     }
-    low[19] += carry * FOLD_260;
+    low[n - 1u] += carry * FOLD_260;
     return fe_carry(low);
 }
 
@@ -116,48 +137,47 @@ fn fe_pow2k(a: Fe, k: u32) -> Fe {
     return r;
 }
 
-// The shared chain of inversion and square root: returns (a^(2^250 - 1), a^11).
-struct Pow22501 {
-    t250: Fe,
-    t11: Fe,
+// a^e for the exponents used here, e = 2^(top + 1) - 2^low_bits + low_value: bits low_bits..top
+// are all 1 and the low bits are `low_value`. Square-and-multiply from the top bit. An addition
+// chain would save ~40% of these multiplications, but each of its steps is a separate inlined
+// copy of fe_mul; one loop keeps the kernels small enough to compile quickly. (The exponent is
+// described by three numbers rather than an array because a dynamically indexed constant array
+// argument produced wrong bits on llvmpipe.)
+fn fe_pow_ones(a: Fe, top: u32, low_bits: u32, low_value: u32) -> Fe {
+    // The top bit is set, so after it r = a; starting there also avoids initialising from the
+    // FE_ONE constant, which gave wrong results inside this loop on llvmpipe.
+    var r = a;
+    for (var b = top; b > 0u; b--) {
+        let bit = b - 1u;
+        r = fe_sq(r);
+        let with_a = fe_mul(r, a);
+        let take = bit >= low_bits || ((low_value >> bit) & 1u) == 1u;
+        if (take) {
+            r = with_a;
+        }
+    }
+    return r;
 }
 
-fn fe_pow22501(a: Fe) -> Pow22501 {
-    let t0 = fe_sq(a);                         // 2
-    let t1 = fe_mul(a, fe_pow2k(t0, 2u));      // 9
-    let t11 = fe_mul(t0, t1);                  // 11
-    let t31 = fe_mul(t1, fe_sq(t11));          // 2^5 - 1
-    let t10 = fe_mul(fe_pow2k(t31, 5u), t31);  // 2^10 - 1
-    let t20 = fe_mul(fe_pow2k(t10, 10u), t10); // 2^20 - 1
-    let t40 = fe_mul(fe_pow2k(t20, 20u), t20); // 2^40 - 1
-    let t50 = fe_mul(fe_pow2k(t40, 10u), t10); // 2^50 - 1
-    let t100 = fe_mul(fe_pow2k(t50, 50u), t50); // 2^100 - 1
-    let t200 = fe_mul(fe_pow2k(t100, 100u), t100); // 2^200 - 1
-    let t250 = fe_mul(fe_pow2k(t200, 50u), t50); // 2^250 - 1
-    return Pow22501(t250, t11);
-}
-
-// a^(p - 2) = a^(2^255 - 21); 0 maps to 0.
+// a^(p - 2) = a^(2^255 - 21): bits 254..5 set, low five bits 01011. The inverse; 0 for 0.
 fn fe_invert(a: Fe) -> Fe {
-    let c = fe_pow22501(a);
-    return fe_mul(fe_pow2k(c.t250, 5u), c.t11);
+    return fe_pow_ones(a, 254u, 5u, 11u);
 }
 
-// a^((p - 5) / 8) = a^(2^252 - 3).
+// a^((p - 5) / 8) = a^(2^252 - 3): bits 251..2 set, low two bits 01. The core of the square root.
 fn fe_pow_p58(a: Fe) -> Fe {
-    let c = fe_pow22501(a);
-    return fe_mul(fe_pow2k(c.t250, 2u), a);
+    return fe_pow_ones(a, 251u, 2u, 1u);
 }
 
 // The unique representative in [0, p), limbs exactly 13 bits (limb 19 <= 255).
 fn fe_canonical(input: Fe) -> Fe {
     var x = fe_carry(input);
     // Fold bits >= 255 (2^255 = 19) twice: value < 2^255 afterwards.
-    for (var pass = 0u; pass < 2u; pass++) {
+    for (var round = 0u; round < 2u; round++) {
         let high = x[19] >> 8u;
         x[19] &= 0xffu;
         x[0] += high * 19u;
-        for (var i = 0u; i < 19u; i++) {
+        for (var i = 0u; i < limb_count() - 1u; i++) {
             x[i + 1u] += x[i] >> LIMB_BITS;
             x[i] &= LIMB_MASK;
         }
@@ -165,7 +185,7 @@ fn fe_canonical(input: Fe) -> Fe {
     // x in [0, 2^255): x >= p exactly when x + 19 >= 2^255, and then x - p = x + 19 - 2^255.
     var t = x;
     t[0] += 19u;
-    for (var i = 0u; i < 19u; i++) {
+    for (var i = 0u; i < limb_count() - 1u; i++) {
         t[i + 1u] += t[i] >> LIMB_BITS;
         t[i] &= LIMB_MASK;
     }
@@ -178,8 +198,9 @@ fn fe_canonical(input: Fe) -> Fe {
 
 fn fe_is_zero(a: Fe) -> bool {
     let c = fe_canonical(a);
-    var acc = 0u;
-    for (var i = 0u; i < 20u; i++) {
+    var acc: u32;
+    acc = 0u;
+    for (var i = 0u; i < limb_count(); i++) {
         acc |= c[i];
     }
     return acc == 0u;
@@ -217,6 +238,9 @@ fn fe_from_words(words_in: array<u32, 8>) -> Fe {
 fn fe_to_words(a: Fe) -> array<u32, 8> {
     let c = fe_canonical(a);
     var words: array<u32, 8>;
+    for (var w = 0u; w < 8u; w++) {
+        words[w] = 0u;
+    }
     for (var i = 0u; i < 20u; i++) {
         let bit = i * LIMB_BITS;
         let w = bit / 32u;

@@ -33,6 +33,9 @@ fn sc_sub_l(a: array<u32, 8>) -> array<u32, 8> {
 // few percent of one verification.
 fn sc_reduce_512(h: array<u32, 16>) -> array<u32, 8> {
     var r: array<u32, 8>;
+    for (var w = 0u; w < 8u; w++) {
+        r[w] = 0u;
+    }
     for (var b = 512u; b > 0u; b--) {
         let bit_index = b - 1u;
         let bit = (h[bit_index / 32u] >> (bit_index % 32u)) & 1u;

@@ -1,8 +1,9 @@
 // ed25519_table.wgsl: builds the base-point table once: entry (w * 16 + j) = [j * 16^w] B as
 // affine Niels (y+x, y-x, 2d*x*y), 60 words (three 20-limb elements). 1024 invocations, one per
-// entry. Needs ed25519_field/curve.wgsl before it.
+// entry. Needs field, curve and batch (for `Params`) before it.
 
 @group(0) @binding(0) var<storage, read_write> table_out: array<u32>;
+@group(0) @binding(1) var<uniform> params: Params;
 
 @compute @workgroup_size(64)
 fn build_table_main(@builtin(global_invocation_id) gid: vec3<u32>) {

@@ -1,5 +1,6 @@
 //! The wgpu backend: SHA-512 of `R ‖ A ‖ M` on CPU threads (rayon), everything else in WGSL
-//! (`shaders/ed25519_*.wgsl`), one invocation per signature.
+//! (`shaders/ed25519_*.wgsl`): three kernels (decode, ladder, finish), one invocation per
+//! signature each, passing a per-item state record along in a pooled storage buffer.
 //!
 //! A call splits the batch into dispatches of at most
 //! [`GpuVerifierOptions::max_items_per_dispatch`] items. For each dispatch it packs the items
@@ -15,18 +16,35 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha512};
 
 use super::super::context::{GpuContext, GpuError, PooledBuffer};
-use super::{SigVerifyError, SignatureItem, SignatureVerifier};
+use super::vectors::{self, OwnedItem};
+use super::{SigVerifyError, SignatureItem, SignatureVerifier, verify_strict_reference};
 
-/// The verify kernel: field, curve and scalar code, then the entry point.
-const VERIFY_SHADER: &str = concat!(
-    include_str!("../../../shaders/ed25519_field.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_curve.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_scalar.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_verify.wgsl"),
-);
+/// Field, curve, scalar and batch-layout code shared by the three verification kernels.
+macro_rules! verify_kernel {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../../shaders/ed25519_field.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_curve.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_scalar.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_batch.wgsl"),
+            "\n",
+            include_str!($file),
+        )
+    };
+}
+
+/// Kernel 1: s < L, decode A and R, small-order checks, k = h mod L.
+const DECODE_SHADER: &str = verify_kernel!("../../../shaders/ed25519_decode.wgsl");
+/// Kernel 2: [s]B - [k]A.
+const LADDER_SHADER: &str = verify_kernel!("../../../shaders/ed25519_ladder.wgsl");
+/// Kernel 3: encode and compare with R.
+const FINISH_SHADER: &str = verify_kernel!("../../../shaders/ed25519_finish.wgsl");
+
+/// Building-block kernels for the tests (field, point, scalar); see [`run_building_block`].
+const SELFTEST_SHADER: &str = verify_kernel!("../../../shaders/ed25519_selftest.wgsl");
 
 /// The one-off base-point table kernel.
 const TABLE_SHADER: &str = concat!(
@@ -34,11 +52,17 @@ const TABLE_SHADER: &str = concat!(
     "\n",
     include_str!("../../../shaders/ed25519_curve.wgsl"),
     "\n",
+    include_str!("../../../shaders/ed25519_batch.wgsl"),
+    "\n",
     include_str!("../../../shaders/ed25519_table.wgsl"),
 );
 
-/// Words per packed item; must match `ITEM_WORDS` in `ed25519_verify.wgsl`.
+/// Words per packed item; `ITEM_WORDS` in `ed25519_batch.wgsl`.
 pub(crate) const ITEM_WORDS: usize = 40;
+/// Words of per-item state between the kernels; `STATE_WORDS` in `ed25519_batch.wgsl`.
+const STATE_WORDS: usize = 105;
+/// Limbs per field element; the kernels read it from the uniform (`Params::limbs`).
+const FIELD_LIMBS: u32 = 20;
 /// Entries of the base-point table (64 windows × 16 digits).
 const TABLE_ENTRIES: u64 = 1024;
 /// Words per table entry (three 20-limb field elements); `NIELS_WORDS` in the shader.
@@ -67,7 +91,9 @@ impl Default for GpuVerifierOptions {
 /// ed25519 `verify_strict` in WGSL on the context's device.
 pub struct GpuSignatureVerifier {
     context: Arc<GpuContext>,
-    verify_pipeline: Arc<wgpu::ComputePipeline>,
+    decode_pipeline: Arc<wgpu::ComputePipeline>,
+    ladder_pipeline: Arc<wgpu::ComputePipeline>,
+    finish_pipeline: Arc<wgpu::ComputePipeline>,
     base_table: wgpu::Buffer,
     max_items_per_dispatch: usize,
 }
@@ -90,14 +116,19 @@ struct InFlight {
     _items: PooledBuffer,
     _verdicts: PooledBuffer,
     _params: PooledBuffer,
+    _state: PooledBuffer,
 }
 
 impl GpuSignatureVerifier {
-    /// Compiles the kernels and builds the base-point table with default options.
+    /// Compiles the kernels, builds the base-point table and runs a known-answer self-check
+    /// against the CPU reference, with default options.
     ///
     /// # Errors
-    /// A [`GpuError`] when a shader does not compile or the table build fails.
-    pub fn new(context: Arc<GpuContext>) -> Result<Self, GpuError> {
+    /// [`SigVerifyError::Gpu`] when a shader does not compile, the table build or a dispatch
+    /// fails or times out; [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
+    /// that differs from `verify_strict` on the self-check batch. Either way the caller should use
+    /// the CPU backend.
+    pub fn new(context: Arc<GpuContext>) -> Result<Self, SigVerifyError> {
         Self::with_options(context, GpuVerifierOptions::default())
     }
 
@@ -108,19 +139,66 @@ impl GpuSignatureVerifier {
     pub fn with_options(
         context: Arc<GpuContext>,
         options: GpuVerifierOptions,
-    ) -> Result<Self, GpuError> {
-        let verify_pipeline =
-            context.compute_pipeline("ed25519_verify", VERIFY_SHADER, "verify_main")?;
+    ) -> Result<Self, SigVerifyError> {
+        let decode_pipeline =
+            context.compute_pipeline("ed25519_decode", DECODE_SHADER, "decode_main")?;
+        let ladder_pipeline =
+            context.compute_pipeline("ed25519_ladder", LADDER_SHADER, "ladder_main")?;
+        let finish_pipeline =
+            context.compute_pipeline("ed25519_finish", FINISH_SHADER, "finish_main")?;
         let base_table = build_base_table(&context)?;
-        let by_binding = context.max_storage_binding_bytes() / (ITEM_WORDS as u64 * 4);
+        let by_binding = context.max_storage_binding_bytes() / (STATE_WORDS as u64 * 4);
         let by_workgroups = 65_535 * u64::from(WORKGROUP_SIZE);
         let limit = by_binding.min(by_workgroups).max(1) as usize;
-        Ok(Self {
+        let verifier = Self {
             context,
-            verify_pipeline,
+            decode_pipeline,
+            ladder_pipeline,
+            finish_pipeline,
             base_table,
             max_items_per_dispatch: options.max_items_per_dispatch.clamp(1, limit),
-        })
+        };
+        verifier.self_check()?;
+        Ok(verifier)
+    }
+
+    /// Known-answer check: honest signatures, tampered ones, a small-order key and a
+    /// non-canonical s, compared with the CPU reference. A GPU stack that miscompiles the
+    /// kernels must not give consensus wrong verdicts, so any difference refuses the backend.
+    fn self_check(&self) -> Result<(), SigVerifyError> {
+        let mut items = vectors::random_valid_items(0x5e1f, 6, 64);
+        let mut tampered = items.clone();
+        for (index, item) in tampered.iter_mut().enumerate() {
+            match index % 3 {
+                0 => item.message[index] ^= 1,
+                1 => item.signature[index] ^= 0x10,
+                _ => item.signature[63] |= 0x20,
+            }
+        }
+        items.extend(tampered);
+        let mut weak = items[0].clone();
+        weak.public_key = vectors::small_order_encodings()[0];
+        items.push(weak);
+        let refs: Vec<SignatureItem<'_>> = items.iter().map(OwnedItem::as_item).collect();
+        let expected: Vec<bool> = refs.iter().map(verify_strict_reference).collect();
+        let got = self.verify_batch(&refs)?;
+        let mismatches = expected
+            .iter()
+            .zip(&got)
+            .filter(|(expected, got)| expected != got)
+            .count();
+        if mismatches > 0 || got.len() != expected.len() {
+            tracing::error!(
+                mismatches,
+                adapter = %self.context.adapter_name(),
+                "ed25519 GPU kernels disagree with verify_strict; GPU backend refused"
+            );
+            return Err(SigVerifyError::SelfCheckFailed {
+                mismatches,
+                checked: expected.len(),
+            });
+        }
+        Ok(())
     }
 
     /// The context this verifier runs on.
@@ -144,12 +222,12 @@ impl GpuSignatureVerifier {
             bytes,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         )?;
-        let mut encoder = self
-            .context
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("ed25519 table read"),
-            });
+        let mut encoder =
+            self.context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 table read"),
+                });
         encoder.copy_buffer_to_buffer(&self.base_table, 0, &staging, 0, bytes);
         self.context.submit([encoder.finish()])?;
         self.context.read_back(&staging, bytes)
@@ -157,7 +235,8 @@ impl GpuSignatureVerifier {
 
     /// Hashes and packs items into the kernel's 40-word records, on all cores.
     fn pack(items: &[SignatureItem<'_>]) -> Vec<u32> {
-        let records: Vec<[u32; ITEM_WORDS]> = items.par_iter().with_min_len(64).map(pack_one).collect();
+        let records: Vec<[u32; ITEM_WORDS]> =
+            items.par_iter().with_min_len(64).map(pack_one).collect();
         records.into_iter().flatten().collect()
     }
 
@@ -187,51 +266,78 @@ impl GpuSignatureVerifier {
             16,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
+        let state_bytes = (count * STATE_WORDS * 4) as u64;
+        let state = pool.acquire("ed25519 state", state_bytes, wgpu::BufferUsages::STORAGE)?;
         let queue = context.queue();
         queue.write_buffer(&items, 0, bytemuck::cast_slice(packed));
         let count_u32 = u32::try_from(count).map_err(|_| GpuError::InputTooLarge {
             detail: format!("{count} items in one dispatch"),
         })?;
-        queue.write_buffer(&params, 0, bytemuck::cast_slice(&[count_u32, 0, 0, 0]));
+        queue.write_buffer(
+            &params,
+            0,
+            bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
+        );
         let commands = context.validated(|| {
-            let bind_group = context
-                .device()
-                .create_bind_group(&wgpu::BindGroupDescriptor {
+            let device = context.device();
+            let bind = |pipeline: &wgpu::ComputePipeline,
+                        resources: [wgpu::BindingResource<'_>; 3]| {
+                let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+                    .into_iter()
+                    .enumerate()
+                    .map(|(slot, resource)| wgpu::BindGroupEntry {
+                        binding: slot as u32,
+                        resource,
+                    })
+                    .collect();
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("ed25519 verify"),
-                    layout: &self.verify_pipeline.get_bind_group_layout(0),
-                    entries: &[
-                        wgpu::BindGroupEntry {
-                            binding: 0,
-                            resource: binding(&items, item_bytes),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 1,
-                            resource: binding(&verdicts, verdict_bytes),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 2,
-                            resource: self.base_table.as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 3,
-                            resource: binding(&params, 16),
-                        },
-                    ],
-                });
-            let mut encoder =
-                context
-                    .device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("ed25519 verify"),
-                    });
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            };
+            let decode = bind(
+                &self.decode_pipeline,
+                [
+                    binding(&items, item_bytes),
+                    binding(&state, state_bytes),
+                    binding(&params, 16),
+                ],
+            );
+            let ladder = bind(
+                &self.ladder_pipeline,
+                [
+                    binding(&state, state_bytes),
+                    self.base_table.as_entire_binding(),
+                    binding(&params, 16),
+                ],
+            );
+            let finish = bind(
+                &self.finish_pipeline,
+                [
+                    binding(&state, state_bytes),
+                    binding(&verdicts, verdict_bytes),
+                    binding(&params, 16),
+                ],
+            );
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("ed25519 verify"),
+            });
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("ed25519 verify"),
                     timestamp_writes: None,
                 });
-                pass.set_pipeline(&self.verify_pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(count_u32.div_ceil(WORKGROUP_SIZE), 1, 1);
+                let workgroups = count_u32.div_ceil(WORKGROUP_SIZE);
+                for (pipeline, bind_group) in [
+                    (&self.decode_pipeline, &decode),
+                    (&self.ladder_pipeline, &ladder),
+                    (&self.finish_pipeline, &finish),
+                ] {
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(workgroups, 1, 1);
+                }
             }
             encoder.copy_buffer_to_buffer(&verdicts, 0, &staging, 0, verdict_bytes);
             encoder.finish()
@@ -243,6 +349,7 @@ impl GpuSignatureVerifier {
             _items: items,
             _verdicts: verdicts,
             _params: params,
+            _state: state,
         })
     }
 
@@ -294,6 +401,16 @@ fn pack_one(item: &SignatureItem<'_>) -> [u32; ITEM_WORDS] {
 fn build_base_table(context: &GpuContext) -> Result<wgpu::Buffer, GpuError> {
     let pipeline = context.compute_pipeline("ed25519_table", TABLE_SHADER, "build_table_main")?;
     let bytes = TABLE_ENTRIES * NIELS_WORDS * 4;
+    let params = context.buffers().acquire(
+        "ed25519 table params",
+        16,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    )?;
+    context.queue().write_buffer(
+        &params,
+        0,
+        bytemuck::cast_slice(&[TABLE_ENTRIES as u32, FIELD_LIMBS, 0, 0]),
+    );
     let (table, commands) = context.validated(|| {
         let table = context.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("ed25519 base table"),
@@ -306,16 +423,23 @@ fn build_base_table(context: &GpuContext) -> Result<wgpu::Buffer, GpuError> {
             .create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("ed25519 base table"),
                 layout: &pipeline.get_bind_group_layout(0),
-                entries: &[wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: table.as_entire_binding(),
-                }],
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: table.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(&params, 16),
+                    },
+                ],
             });
-        let mut encoder = context
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("ed25519 base table"),
-            });
+        let mut encoder =
+            context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 base table"),
+                });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("ed25519 base table"),
@@ -330,6 +454,134 @@ fn build_base_table(context: &GpuContext) -> Result<wgpu::Buffer, GpuError> {
     let submission = context.submit([commands])?;
     context.wait_for_submission(Some(submission))?;
     Ok(table)
+}
+
+/// A building block of the verification kernels, exposed so tests can compare it with a CPU
+/// reference on its own (the layouts are in `shaders/ed25519_selftest.wgsl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildingBlock {
+    /// 16 words in (a, b) → 32 out: a·b, a+b, a−b, a^4, canonical, mod p.
+    Field,
+    /// 16 words in (a, unused) → 16 out: 1/a and a^(2^200) (long multiplication loops).
+    FieldPow,
+    /// 16 words in (P, Q encodings) → 26 out: flags (bit 0 P decodes, bit 1 Q decodes, bit 2 P
+    /// has small order), then the encodings of P, P+Q and 2P.
+    Point,
+    /// 16 words in (h) → 9 out: h mod L, and whether the low 8 words are ≥ L.
+    Scalar,
+}
+
+impl BuildingBlock {
+    fn entry_point(self) -> &'static str {
+        match self {
+            Self::Field => "field_main",
+            Self::FieldPow => "field_pow_main",
+            Self::Point => "point_main",
+            Self::Scalar => "scalar_main",
+        }
+    }
+
+    /// Output words per case.
+    pub fn output_words(self) -> usize {
+        match self {
+            Self::Field => 32,
+            Self::FieldPow => 16,
+            Self::Point => 26,
+            Self::Scalar => 9,
+        }
+    }
+}
+
+/// Runs one building-block kernel over `inputs` (16 words per case) and returns its outputs.
+///
+/// # Errors
+/// A [`GpuError`] when the kernel does not compile or the dispatch fails.
+pub fn run_building_block(
+    context: &GpuContext,
+    block: BuildingBlock,
+    inputs: &[u32],
+) -> Result<Vec<u32>, GpuError> {
+    let count = inputs.len() / 16;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let pipeline =
+        context.compute_pipeline("ed25519_selftest", SELFTEST_SHADER, block.entry_point())?;
+    let pool = context.buffers();
+    let input_bytes = (count * 16 * 4) as u64;
+    let output_bytes = (count * block.output_words() * 4) as u64;
+    let input = pool.acquire(
+        "ed25519 selftest in",
+        input_bytes,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let output = pool.acquire(
+        "ed25519 selftest out",
+        output_bytes,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    let staging = pool.acquire(
+        "ed25519 selftest staging",
+        output_bytes,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let params = pool.acquire(
+        "ed25519 selftest params",
+        16,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let count_u32 = u32::try_from(count).map_err(|_| GpuError::InputTooLarge {
+        detail: format!("{count} self-test cases"),
+    })?;
+    context
+        .queue()
+        .write_buffer(&input, 0, bytemuck::cast_slice(&inputs[..count * 16]));
+    context.queue().write_buffer(
+        &params,
+        0,
+        bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
+    );
+    let commands = context.validated(|| {
+        let bind_group = context
+            .device()
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("ed25519 selftest"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: binding(&input, input_bytes),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(&output, output_bytes),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: binding(&params, 16),
+                    },
+                ],
+            });
+        let mut encoder =
+            context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 selftest"),
+                });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("ed25519 selftest"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(count_u32.div_ceil(WORKGROUP_SIZE), 1, 1);
+        }
+        encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, output_bytes);
+        encoder.finish()
+    })?;
+    context.submit([commands])?;
+    context.read_back(&staging, output_bytes)
 }
 
 impl SignatureVerifier for GpuSignatureVerifier {

@@ -31,7 +31,7 @@ pub enum ParseItemError {
 /// Decodes a hex string (either case) into bytes.
 fn decode_hex(text: &str, field: &'static str) -> Result<Vec<u8>, ParseItemError> {
     let digits = text.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(ParseItemError::Hex { field });
     }
     let nibble = |digit: u8| -> Result<u8, ParseItemError> {

@@ -28,7 +28,7 @@ mod input;
 pub mod vectors;
 
 pub use cpu::CpuSignatureVerifier;
-pub use gpu::{GpuSignatureVerifier, GpuVerifierOptions};
+pub use gpu::{BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, run_building_block};
 pub use input::{ParseItemError, VerifyLinesError, parse_item_line, verify_lines};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,6 +96,15 @@ pub enum SigVerifyError {
     /// The GPU backend failed (no adapter, shader compile, timeout, device lost, readback).
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// The GPU kernels disagreed with the CPU reference on the known-answer check run when the
+    /// GPU verifier is built, so the GPU backend is refused.
+    #[error("GPU self-check failed: {mismatches} of {checked} verdicts differ from the CPU")]
+    SelfCheckFailed {
+        /// Verdicts that differed.
+        mismatches: usize,
+        /// Verdicts compared.
+        checked: usize,
+    },
 }
 
 /// Verifies batches of ed25519 signatures.
@@ -160,7 +169,9 @@ impl SignatureVerifier for AutoSignatureVerifier {
                 Err(error) => {
                     self.gpu_fallbacks.fetch_add(1, Ordering::Relaxed);
                     match &error {
-                        SigVerifyError::Gpu(gpu_error) => gpu.context().record_cpu_fallback(gpu_error),
+                        SigVerifyError::Gpu(gpu_error) => {
+                            gpu.context().record_cpu_fallback(gpu_error)
+                        }
                         other => {
                             tracing::warn!(error = %other, "GPU signature batch failed; CPU answers")
                         }

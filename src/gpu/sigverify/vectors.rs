@@ -267,17 +267,20 @@ pub fn adversarial_items(seed: u64) -> Vec<LabeledItem> {
 
     // Mixed-order keys and R (torsion components of every order): valid under verify_strict
     // exactly when the torsion cancels in the cofactorless equation.
-    for torsion_index in 1..8 {
+    for (torsion_index, torsion) in EIGHT_TORSION.iter().enumerate().skip(1) {
         let a = random_scalar(&mut rng);
         let r = random_scalar(&mut rng);
-        let a_bytes = (ED25519_BASEPOINT_POINT * a + EIGHT_TORSION[torsion_index])
+        let a_bytes = (ED25519_BASEPOINT_POINT * a + torsion)
             .compress()
             .to_bytes();
         for holds in [true, false] {
             if let Some(item) = grind_equation(a_bytes, a, basepoint_mul(r), r, b"mxA", holds) {
-                push(format!("mixed-order A (T{torsion_index}), equation {holds}"), item);
+                push(
+                    format!("mixed-order A (T{torsion_index}), equation {holds}"),
+                    item,
+                );
             }
-            let r_bytes = (ED25519_BASEPOINT_POINT * r + EIGHT_TORSION[torsion_index])
+            let r_bytes = (ED25519_BASEPOINT_POINT * r + torsion)
                 .compress()
                 .to_bytes();
             if let Some(item) = grind_equation(a_bytes, a, r_bytes, r, b"mxAR", holds) {
@@ -417,7 +420,10 @@ mod tests {
         assert!(verdict("small-order").iter().all(|&ok| !ok));
         assert!(verdict("small-order A").len() >= 14);
         // Mixed-order keys verify exactly when the equation holds.
-        for case in items.iter().filter(|case| case.label.starts_with("mixed-order A")) {
+        for case in items
+            .iter()
+            .filter(|case| case.label.starts_with("mixed-order A"))
+        {
             let ok = verify_strict_reference(&case.item.as_item());
             assert_eq!(ok, case.label.ends_with("equation true"), "{}", case.label);
         }

@@ -10,14 +10,14 @@
 //
 // Every function returns a carried (loose) element, so any result may feed `fe_mul` directly.
 //
-// Limb loops run to `limb_count()`, the uniform `params.limbs` (always 20; every kernel binds
-// `params`), a value the compiler cannot see. Why: drivers inline every function, and with
-// a constant bound they also unroll every limb loop at each of the hundreds of inlined call
-// sites; llvmpipe then spends many minutes compiling the verify kernel. With a runtime bound each
-// call site stays a small loop. (A fully unrolled variant is a later optimisation for real GPUs;
-// see benches/SIGVERIFY_NOTES.md.)
-// (A `var<private>` copy of the bound set once at entry was clobbered during long loops on
-// llvmpipe, leaving 1-limb arithmetic; reading the uniform each time is cheap and robust.)
+// Loop bounds, a compromise forced by the software adapter (llvmpipe) used in CI:
+// - `fe_mul` and `fe_carry` use constant bounds, so drivers unroll them: llvmpipe silently exits
+//   every loop once an invocation has run 65535 loop iterations in total (gallivm's loop
+//   limiter), and an exponentiation alone runs ~500 multiplications.
+// - The cheaper limb loops (add, sub, canonical form, zero test) run to `limb_count()`, the
+//   uniform `params.limbs` (always 20; every kernel binds `params`), which the compiler cannot
+//   see: drivers inline every function, and unrolling every loop at every inlined call site made
+//   the first version of the verify kernel compile for more than ten minutes on llvmpipe.
 fn limb_count() -> u32 {
     return params.limbs;
 }
@@ -57,14 +57,13 @@ const FE_BASE_T: Fe = array<u32, 20>(7587u, 3518u, 3305u, 7445u, 5853u, 2426u, 7
 // carry out of limb 19 into limb 0; after the second the fold is at most 1 * 608.
 fn fe_carry(input: Fe) -> Fe {
     var a = input;
-    let last = limb_count() - 1u;
     for (var round = 0u; round < 2u; round++) {
-        for (var i = 0u; i < last; i++) {
+        for (var i = 0u; i < 19u; i++) {
             a[i + 1u] += a[i] >> LIMB_BITS;
             a[i] &= LIMB_MASK;
         }
-        let top = a[last] >> LIMB_BITS;
-        a[last] &= LIMB_MASK;
+        let top = a[19] >> LIMB_BITS;
+        a[19] &= LIMB_MASK;
         a[0] += top * FOLD_260;
     }
     return a;
@@ -94,33 +93,33 @@ fn fe_neg(a: Fe) -> Fe {
 // Schoolbook product: 39 column sums (each < 20 * 8799^2 < 2^31), one carry sweep into 40
 // limbs of 13 bits, fold of the high 20 limbs with 2^260 = 608, and a final carry.
 fn fe_mul(a: Fe, b: Fe) -> Fe {
-    let n = limb_count();
-    // Zeroed by explicit stores, not by the declaration: after inlining into a loop, relying on
-    // the implicit zero-initialisation left stale columns from the previous call on llvmpipe.
+    // The 400 limb products use constant bounds so they unroll: llvmpipe caps the loop
+    // iterations of one invocation at 65535 in total (gallivm's loop limiter) and silently exits
+    // every loop after that, and a verification runs ~5000 multiplications.
     var t: array<u32, 39>;
-    for (var k = 0u; k < 2u * n - 1u; k++) {
+    for (var k = 0u; k < 39u; k++) {
         t[k] = 0u;
     }
-    for (var i = 0u; i < n; i++) {
+    for (var i = 0u; i < 20u; i++) {
         let ai = a[i];
-        for (var j = 0u; j < n; j++) {
+        for (var j = 0u; j < 20u; j++) {
             t[i + j] += ai * b[j];
         }
     }
     var low: Fe;
     var carry: u32;
     carry = 0u;
-    for (var k = 0u; k < n; k++) {
+    for (var k = 0u; k < 20u; k++) {
         let v = t[k] + carry;
         low[k] = v & LIMB_MASK;
         carry = v >> LIMB_BITS;
     }
-    for (var k = n; k < 2u * n - 1u; k++) {
+    for (var k = 20u; k < 39u; k++) {
         let v = t[k] + carry;
-        low[k - n] += (v & LIMB_MASK) * FOLD_260;
+        low[k - 20u] += (v & LIMB_MASK) * FOLD_260;
         carry = v >> LIMB_BITS;
     }
-    low[n - 1u] += carry * FOLD_260;
+    low[19] += carry * FOLD_260;
     return fe_carry(low);
 }
 

@@ -145,9 +145,10 @@ fn main() {
             show(gpu_rate)
         );
     }
-    match crossover {
-        Some(size) => println!("crossover: the GPU is faster from a batch of {size}"),
-        None => println!("crossover: the GPU was not faster at any measured batch size"),
+    match (crossover, gpu.is_some()) {
+        (Some(size), _) => println!("crossover: the GPU is faster from a batch of {size}"),
+        (None, true) => println!("crossover: the GPU was not faster at any measured batch size"),
+        (None, false) => println!("crossover: not measured (no GPU backend)"),
     }
     criterion.final_summary();
 }

@@ -8,7 +8,9 @@
 //!   mod 2^255-19 on 13-bit limbs, point decompression, reduction of the 512-bit hash mod L, a
 //!   double-scalar multiplication with a precomputed base-point table, and the final comparison of
 //!   the canonical encoding of `[s]B - [k]A` with the signature's `R` bytes. SHA-512 of `R‖A‖M`
-//!   runs on CPU threads.
+//!   runs on CPU threads. It checks itself against the CPU reference when built and refuses to
+//!   exist if any verdict differs. Status: its building blocks are tested on llvmpipe; the full
+//!   kernels have not yet run to completion on any adapter (see `benches/SIGVERIFY_NOTES.md`).
 //! - [`AutoSignatureVerifier`]: the CPU below [`GPU_CROSSOVER_BATCH`] items, the GPU above, and the
 //!   CPU again (counted) when the GPU fails.
 //!
@@ -41,10 +43,11 @@ pub const PUBLIC_KEY_BYTES: usize = 32;
 pub const SIGNATURE_BYTES: usize = 64;
 
 /// Batch size from which [`AutoSignatureVerifier`] sends a batch to the GPU; smaller batches go
-/// to the CPU. Measured with `cargo bench --bench sigverify` (see `benches/SIGVERIFY_NOTES.md`):
-/// on the software adapter of the development machine (llvmpipe, 2 cores) the GPU path never
-/// beats the CPU, so this value only matters on real GPUs, where upload, dispatch and readback
-/// latency make batches below a few thousand items faster on the CPU.
+/// to the CPU. Provisional: it has not been measured on a hardware GPU yet (the development
+/// machine has only llvmpipe, where the full kernels cannot run; see
+/// `benches/SIGVERIFY_NOTES.md`). `cargo bench --bench sigverify` prints the measured crossover
+/// on a GPU host; set this constant from it. 4096 is the order of magnitude at which upload,
+/// dispatch and read-back latency (~ms) is amortised against ~25 µs per item per CPU core.
 pub const GPU_CROSSOVER_BATCH: usize = 4096;
 
 /// One signature to check: the signer's public key, the signed message and the signature bytes.

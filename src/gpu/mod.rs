@@ -13,3 +13,7 @@ pub use votes::{
 };
 
 // ---- re-exports of sigverify.rs ----
+pub use sigverify::{
+    AutoSignatureVerifier, CpuSignatureVerifier, GPU_CROSSOVER_BATCH, GpuSignatureVerifier,
+    GpuVerifierOptions, SigVerifyError, SignatureItem, SignatureVerifier,
+};

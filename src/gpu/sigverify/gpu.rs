@@ -1,0 +1,644 @@
+//! The wgpu backend: SHA-512 of `R ‖ A ‖ M` on CPU threads (rayon), everything else in WGSL
+//! (`shaders/ed25519_*.wgsl`): three kernels (decode, ladder, finish), one invocation per
+//! signature each, passing a per-item state record along in a pooled storage buffer.
+//!
+//! A call splits the batch into dispatches of at most
+//! [`GpuVerifierOptions::max_items_per_dispatch`] items. For each dispatch it packs the items
+//! (40 words each: `A`, `R`, `s`, digest), writes them into pooled buffers, dispatches, and while
+//! the GPU works it already hashes and packs the next dispatch; then it reads the verdicts back
+//! through a pooled staging buffer. The base-point table (`[j·16^w]B`, 1024 affine points, 240 KiB)
+//! is computed on the GPU once, when the verifier is built, and stays resident.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha512};
+
+use super::super::context::{GpuContext, GpuError, PooledBuffer};
+use super::vectors::{self, OwnedItem};
+use super::{SigVerifyError, SignatureItem, SignatureVerifier, verify_strict_reference};
+
+/// Field, curve, scalar and batch-layout code shared by the three verification kernels.
+macro_rules! verify_kernel {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../../shaders/ed25519_field.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_curve.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_scalar.wgsl"),
+            "\n",
+            include_str!("../../../shaders/ed25519_batch.wgsl"),
+            "\n",
+            include_str!($file),
+        )
+    };
+}
+
+/// Kernel 1: s < L, decode A and R, small-order checks, k = h mod L.
+const DECODE_SHADER: &str = verify_kernel!("../../../shaders/ed25519_decode.wgsl");
+/// Kernel 2: [s]B - [k]A.
+const LADDER_SHADER: &str = verify_kernel!("../../../shaders/ed25519_ladder.wgsl");
+/// Kernel 3: encode and compare with R.
+const FINISH_SHADER: &str = verify_kernel!("../../../shaders/ed25519_finish.wgsl");
+
+/// Building-block kernels for the tests (field, point, scalar); see [`run_building_block`].
+const SELFTEST_SHADER: &str = verify_kernel!("../../../shaders/ed25519_selftest.wgsl");
+
+/// The one-off base-point table kernel.
+const TABLE_SHADER: &str = concat!(
+    include_str!("../../../shaders/ed25519_field.wgsl"),
+    "\n",
+    include_str!("../../../shaders/ed25519_curve.wgsl"),
+    "\n",
+    include_str!("../../../shaders/ed25519_batch.wgsl"),
+    "\n",
+    include_str!("../../../shaders/ed25519_table.wgsl"),
+);
+
+/// Words per packed item; `ITEM_WORDS` in `ed25519_batch.wgsl`.
+pub(crate) const ITEM_WORDS: usize = 40;
+/// Words of per-item state between the kernels; `STATE_WORDS` in `ed25519_batch.wgsl`.
+const STATE_WORDS: usize = 105;
+/// Limbs per field element; the kernels read it from the uniform (`Params::limbs`).
+const FIELD_LIMBS: u32 = 20;
+/// Entries of the base-point table (64 windows × 16 digits).
+const TABLE_ENTRIES: u64 = 1024;
+/// Words per table entry (three 20-limb field elements); `NIELS_WORDS` in the shader.
+const NIELS_WORDS: u64 = 60;
+/// `@workgroup_size` of both kernels.
+const WORKGROUP_SIZE: u32 = 64;
+
+/// Tuning of [`GpuSignatureVerifier`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuVerifierOptions {
+    /// Most items in one dispatch; larger batches are split. Bounded further by the device's
+    /// storage-binding limit and by 65 535 workgroups.
+    pub max_items_per_dispatch: usize,
+}
+
+impl Default for GpuVerifierOptions {
+    /// 65 536 items (10 MiB of input) per dispatch: large enough to fill an H100, small enough
+    /// that one dispatch stays well inside a watchdog or `kernel_launch_timeout` on slow adapters.
+    fn default() -> Self {
+        Self {
+            max_items_per_dispatch: 1 << 16,
+        }
+    }
+}
+
+/// ed25519 `verify_strict` in WGSL on the context's device.
+pub struct GpuSignatureVerifier {
+    context: Arc<GpuContext>,
+    decode_pipeline: Arc<wgpu::ComputePipeline>,
+    ladder_pipeline: Arc<wgpu::ComputePipeline>,
+    finish_pipeline: Arc<wgpu::ComputePipeline>,
+    base_table: wgpu::Buffer,
+    max_items_per_dispatch: usize,
+}
+
+impl std::fmt::Debug for GpuSignatureVerifier {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("GpuSignatureVerifier")
+            .field("adapter", &self.context.adapter_name())
+            .field("max_items_per_dispatch", &self.max_items_per_dispatch)
+            .finish()
+    }
+}
+
+/// One submitted dispatch whose verdicts are not read yet; the pooled buffers go back to the
+/// pool when it is dropped.
+struct InFlight {
+    count: usize,
+    staging: PooledBuffer,
+    _items: PooledBuffer,
+    _verdicts: PooledBuffer,
+    _params: PooledBuffer,
+    _state: PooledBuffer,
+}
+
+impl GpuSignatureVerifier {
+    /// Compiles the kernels, builds the base-point table and runs a known-answer self-check
+    /// against the CPU reference, with default options.
+    ///
+    /// # Errors
+    /// [`SigVerifyError::Gpu`] when a shader does not compile, the table build or a dispatch
+    /// fails or times out; [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
+    /// that differs from `verify_strict` on the self-check batch. Either way the caller should use
+    /// the CPU backend.
+    pub fn new(context: Arc<GpuContext>) -> Result<Self, SigVerifyError> {
+        Self::with_options(context, GpuVerifierOptions::default())
+    }
+
+    /// As [`Self::new`] with explicit options.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn with_options(
+        context: Arc<GpuContext>,
+        options: GpuVerifierOptions,
+    ) -> Result<Self, SigVerifyError> {
+        let decode_pipeline =
+            context.compute_pipeline("ed25519_decode", DECODE_SHADER, "decode_main")?;
+        let ladder_pipeline =
+            context.compute_pipeline("ed25519_ladder", LADDER_SHADER, "ladder_main")?;
+        let finish_pipeline =
+            context.compute_pipeline("ed25519_finish", FINISH_SHADER, "finish_main")?;
+        let base_table = build_base_table(&context)?;
+        let by_binding = context.max_storage_binding_bytes() / (STATE_WORDS as u64 * 4);
+        let by_workgroups = 65_535 * u64::from(WORKGROUP_SIZE);
+        let limit = by_binding.min(by_workgroups).max(1) as usize;
+        let verifier = Self {
+            context,
+            decode_pipeline,
+            ladder_pipeline,
+            finish_pipeline,
+            base_table,
+            max_items_per_dispatch: options.max_items_per_dispatch.clamp(1, limit),
+        };
+        verifier.self_check()?;
+        Ok(verifier)
+    }
+
+    /// Known-answer check: honest signatures, tampered ones, a small-order key and a
+    /// non-canonical s, compared with the CPU reference. A GPU stack that miscompiles the
+    /// kernels must not give consensus wrong verdicts, so any difference refuses the backend.
+    fn self_check(&self) -> Result<(), SigVerifyError> {
+        let mut items = vectors::random_valid_items(0x5e1f, 6, 64);
+        let mut tampered = items.clone();
+        for (index, item) in tampered.iter_mut().enumerate() {
+            match index % 3 {
+                0 => item.message[index] ^= 1,
+                1 => item.signature[index] ^= 0x10,
+                _ => item.signature[63] |= 0x20,
+            }
+        }
+        items.extend(tampered);
+        let mut weak = items[0].clone();
+        weak.public_key = vectors::small_order_encodings()[0];
+        items.push(weak);
+        let refs: Vec<SignatureItem<'_>> = items.iter().map(OwnedItem::as_item).collect();
+        let expected: Vec<bool> = refs.iter().map(verify_strict_reference).collect();
+        let got = self.verify_batch(&refs)?;
+        let mismatches = expected
+            .iter()
+            .zip(&got)
+            .filter(|(expected, got)| expected != got)
+            .count();
+        if mismatches > 0 || got.len() != expected.len() {
+            tracing::error!(
+                mismatches,
+                adapter = %self.context.adapter_name(),
+                "ed25519 GPU kernels disagree with verify_strict; GPU backend refused"
+            );
+            return Err(SigVerifyError::SelfCheckFailed {
+                mismatches,
+                checked: expected.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The context this verifier runs on.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.context
+    }
+
+    /// The effective dispatch size after the device limits.
+    pub fn max_items_per_dispatch(&self) -> usize {
+        self.max_items_per_dispatch
+    }
+
+    /// Reads the base-point table back (1024 entries × 60 words), for tests and diagnostics.
+    ///
+    /// # Errors
+    /// A [`GpuError`] when the copy or the read-back fails.
+    pub fn base_table_words(&self) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.base_table.size();
+        let staging = self.context.buffers().acquire(
+            "ed25519 table staging",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut encoder =
+            self.context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 table read"),
+                });
+        encoder.copy_buffer_to_buffer(&self.base_table, 0, &staging, 0, bytes);
+        self.context.submit([encoder.finish()])?;
+        self.context.read_back(&staging, bytes)
+    }
+
+    /// Hashes and packs items into the kernel's 40-word records, on all cores.
+    fn pack(items: &[SignatureItem<'_>]) -> Vec<u32> {
+        let records: Vec<[u32; ITEM_WORDS]> =
+            items.par_iter().with_min_len(64).map(pack_one).collect();
+        records.into_iter().flatten().collect()
+    }
+
+    /// Writes one packed dispatch into pooled buffers and submits it.
+    fn submit_dispatch(&self, packed: &[u32], count: usize) -> Result<InFlight, GpuError> {
+        let context = &self.context;
+        let pool = context.buffers();
+        let item_bytes = (count * ITEM_WORDS * 4) as u64;
+        let verdict_bytes = (count * 4) as u64;
+        let items = pool.acquire(
+            "ed25519 items",
+            item_bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let verdicts = pool.acquire(
+            "ed25519 verdicts",
+            verdict_bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        let staging = pool.acquire(
+            "ed25519 verdict staging",
+            verdict_bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let params = pool.acquire(
+            "ed25519 params",
+            16,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let state_bytes = (count * STATE_WORDS * 4) as u64;
+        let state = pool.acquire("ed25519 state", state_bytes, wgpu::BufferUsages::STORAGE)?;
+        let queue = context.queue();
+        queue.write_buffer(&items, 0, bytemuck::cast_slice(packed));
+        let count_u32 = u32::try_from(count).map_err(|_| GpuError::InputTooLarge {
+            detail: format!("{count} items in one dispatch"),
+        })?;
+        queue.write_buffer(
+            &params,
+            0,
+            bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
+        );
+        let commands = context.validated(|| {
+            let device = context.device();
+            let bind = |pipeline: &wgpu::ComputePipeline,
+                        resources: [wgpu::BindingResource<'_>; 3]| {
+                let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+                    .into_iter()
+                    .enumerate()
+                    .map(|(slot, resource)| wgpu::BindGroupEntry {
+                        binding: slot as u32,
+                        resource,
+                    })
+                    .collect();
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("ed25519 verify"),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            };
+            let decode = bind(
+                &self.decode_pipeline,
+                [
+                    binding(&items, item_bytes),
+                    binding(&state, state_bytes),
+                    binding(&params, 16),
+                ],
+            );
+            let ladder = bind(
+                &self.ladder_pipeline,
+                [
+                    binding(&state, state_bytes),
+                    self.base_table.as_entire_binding(),
+                    binding(&params, 16),
+                ],
+            );
+            let finish = bind(
+                &self.finish_pipeline,
+                [
+                    binding(&state, state_bytes),
+                    binding(&verdicts, verdict_bytes),
+                    binding(&params, 16),
+                ],
+            );
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("ed25519 verify"),
+            });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("ed25519 verify"),
+                    timestamp_writes: None,
+                });
+                let workgroups = count_u32.div_ceil(WORKGROUP_SIZE);
+                for (pipeline, bind_group) in [
+                    (&self.decode_pipeline, &decode),
+                    (&self.ladder_pipeline, &ladder),
+                    (&self.finish_pipeline, &finish),
+                ] {
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
+                    pass.dispatch_workgroups(workgroups, 1, 1);
+                }
+            }
+            encoder.copy_buffer_to_buffer(&verdicts, 0, &staging, 0, verdict_bytes);
+            encoder.finish()
+        })?;
+        context.submit([commands])?;
+        Ok(InFlight {
+            count,
+            staging,
+            _items: items,
+            _verdicts: verdicts,
+            _params: params,
+            _state: state,
+        })
+    }
+
+    /// Waits for a dispatch and appends its verdicts.
+    fn finish_dispatch(&self, in_flight: InFlight, out: &mut Vec<bool>) -> Result<(), GpuError> {
+        let words: Vec<u32> = self
+            .context
+            .read_back(&in_flight.staging, (in_flight.count * 4) as u64)?;
+        out.extend(words.into_iter().map(|word| word == 1));
+        Ok(())
+    }
+}
+
+/// The first `bytes` of `buffer` as a binding.
+fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: NonZeroU64::new(bytes),
+    })
+}
+
+/// One item as the kernel reads it: `A`, `R`, `s` as little-endian words, then
+/// SHA-512(R ‖ A ‖ M) over the bytes exactly as given.
+fn pack_one(item: &SignatureItem<'_>) -> [u32; ITEM_WORDS] {
+    let mut hasher = Sha512::new();
+    hasher.update(&item.signature[..32]);
+    hasher.update(item.public_key);
+    hasher.update(item.message);
+    let digest: [u8; 64] = hasher.finalize().into();
+    let mut record = [0u32; ITEM_WORDS];
+    let sources: [&[u8]; 4] = [
+        &item.public_key,
+        &item.signature[..32],
+        &item.signature[32..],
+        &digest,
+    ];
+    let mut words = record.iter_mut();
+    for source in sources {
+        // The source goes first in the zip so that its end does not consume a word.
+        for (chunk, word) in source.chunks_exact(4).zip(words.by_ref()) {
+            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+    }
+    record
+}
+
+/// Computes the base-point table on the GPU (1024 invocations) into a resident buffer.
+fn build_base_table(context: &GpuContext) -> Result<wgpu::Buffer, GpuError> {
+    let pipeline = context.compute_pipeline("ed25519_table", TABLE_SHADER, "build_table_main")?;
+    let bytes = TABLE_ENTRIES * NIELS_WORDS * 4;
+    let params = context.buffers().acquire(
+        "ed25519 table params",
+        16,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    )?;
+    context.queue().write_buffer(
+        &params,
+        0,
+        bytemuck::cast_slice(&[TABLE_ENTRIES as u32, FIELD_LIMBS, 0, 0]),
+    );
+    let (table, commands) = context.validated(|| {
+        let table = context.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("ed25519 base table"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let bind_group = context
+            .device()
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("ed25519 base table"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: table.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(&params, 16),
+                    },
+                ],
+            });
+        let mut encoder =
+            context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 base table"),
+                });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("ed25519 base table"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups((TABLE_ENTRIES as u32).div_ceil(WORKGROUP_SIZE), 1, 1);
+        }
+        (table, encoder.finish())
+    })?;
+    let submission = context.submit([commands])?;
+    context.wait_for_submission(Some(submission))?;
+    Ok(table)
+}
+
+/// A building block of the verification kernels, exposed so tests can compare it with a CPU
+/// reference on its own (the layouts are in `shaders/ed25519_selftest.wgsl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildingBlock {
+    /// 16 words in (a, b) → 32 out: a·b, a+b, a−b, a^4, canonical, mod p.
+    Field,
+    /// 16 words in (a, unused) → 16 out: 1/a and a^(2^200) (long multiplication loops).
+    FieldPow,
+    /// 16 words in (P, Q encodings) → 26 out: flags (bit 0 P decodes, bit 1 Q decodes, bit 2 P
+    /// has small order), then the encodings of P, P+Q and 2P.
+    Point,
+    /// 16 words in (h) → 9 out: h mod L, and whether the low 8 words are ≥ L.
+    Scalar,
+}
+
+impl BuildingBlock {
+    fn entry_point(self) -> &'static str {
+        match self {
+            Self::Field => "field_main",
+            Self::FieldPow => "field_pow_main",
+            Self::Point => "point_main",
+            Self::Scalar => "scalar_main",
+        }
+    }
+
+    /// Output words per case.
+    pub fn output_words(self) -> usize {
+        match self {
+            Self::Field => 32,
+            Self::FieldPow => 16,
+            Self::Point => 26,
+            Self::Scalar => 9,
+        }
+    }
+}
+
+/// Runs one building-block kernel over `inputs` (16 words per case) and returns its outputs.
+///
+/// # Errors
+/// A [`GpuError`] when the kernel does not compile or the dispatch fails.
+pub fn run_building_block(
+    context: &GpuContext,
+    block: BuildingBlock,
+    inputs: &[u32],
+) -> Result<Vec<u32>, GpuError> {
+    let count = inputs.len() / 16;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let pipeline =
+        context.compute_pipeline("ed25519_selftest", SELFTEST_SHADER, block.entry_point())?;
+    let pool = context.buffers();
+    let input_bytes = (count * 16 * 4) as u64;
+    let output_bytes = (count * block.output_words() * 4) as u64;
+    let input = pool.acquire(
+        "ed25519 selftest in",
+        input_bytes,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let output = pool.acquire(
+        "ed25519 selftest out",
+        output_bytes,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    let staging = pool.acquire(
+        "ed25519 selftest staging",
+        output_bytes,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let params = pool.acquire(
+        "ed25519 selftest params",
+        16,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    )?;
+    let count_u32 = u32::try_from(count).map_err(|_| GpuError::InputTooLarge {
+        detail: format!("{count} self-test cases"),
+    })?;
+    context
+        .queue()
+        .write_buffer(&input, 0, bytemuck::cast_slice(&inputs[..count * 16]));
+    context.queue().write_buffer(
+        &params,
+        0,
+        bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
+    );
+    let commands = context.validated(|| {
+        let bind_group = context
+            .device()
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("ed25519 selftest"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: binding(&input, input_bytes),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(&output, output_bytes),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: binding(&params, 16),
+                    },
+                ],
+            });
+        let mut encoder =
+            context
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("ed25519 selftest"),
+                });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("ed25519 selftest"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(count_u32.div_ceil(WORKGROUP_SIZE), 1, 1);
+        }
+        encoder.copy_buffer_to_buffer(&output, 0, &staging, 0, output_bytes);
+        encoder.finish()
+    })?;
+    context.submit([commands])?;
+    context.read_back(&staging, output_bytes)
+}
+
+impl SignatureVerifier for GpuSignatureVerifier {
+    fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError> {
+        let mut verdicts = Vec::with_capacity(items.len());
+        let mut chunks = items.chunks(self.max_items_per_dispatch).peekable();
+        let Some(first) = chunks.peek() else {
+            return Ok(verdicts);
+        };
+        let mut packed = Self::pack(first);
+        while let Some(chunk) = chunks.next() {
+            let in_flight = self.submit_dispatch(&packed, chunk.len())?;
+            // Overlap: hash and pack the next dispatch while the GPU runs this one.
+            if let Some(next) = chunks.peek() {
+                packed = Self::pack(next);
+            }
+            self.finish_dispatch(in_flight, &mut verdicts)?;
+        }
+        Ok(verdicts)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "gpu"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_layout_matches_the_shader_header() {
+        let item = SignatureItem {
+            public_key: [1; 32],
+            message: b"m",
+            signature: {
+                let mut signature = [2; 64];
+                signature[32..].fill(3);
+                signature
+            },
+        };
+        let record = pack_one(&item);
+        assert_eq!(record[0], 0x0101_0101);
+        assert_eq!(record[8], 0x0202_0202);
+        assert_eq!(record[16], 0x0303_0303);
+        let mut hasher = Sha512::new();
+        hasher.update([2u8; 32]);
+        hasher.update([1u8; 32]);
+        hasher.update(b"m");
+        let digest: [u8; 64] = hasher.finalize().into();
+        assert_eq!(
+            record[24],
+            u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
+        );
+        assert_eq!(
+            record[39],
+            u32::from_le_bytes([digest[60], digest[61], digest[62], digest[63]])
+        );
+    }
+}

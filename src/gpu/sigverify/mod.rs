@@ -1,0 +1,230 @@
+//! Batch ed25519 signature verification with one contract for every backend: each verdict equals
+//! `ed25519_dalek::VerifyingKey::from_bytes(key)` followed by `verify_strict(message, signature)`
+//! for that item, on every input, adversarial ones included.
+//!
+//! Backends:
+//! - [`CpuSignatureVerifier`]: ed25519-dalek on all cores (rayon), the reference.
+//! - [`GpuSignatureVerifier`]: WGSL compute shaders (`shaders/ed25519_*.wgsl`): field arithmetic
+//!   mod 2^255-19 on 13-bit limbs, point decompression, reduction of the 512-bit hash mod L, a
+//!   double-scalar multiplication with a precomputed base-point table, and the final comparison of
+//!   the canonical encoding of `[s]B - [k]A` with the signature's `R` bytes. SHA-512 of `R‖A‖M`
+//!   runs on CPU threads. It checks itself against the CPU reference when built and refuses to
+//!   exist if any verdict differs. Status: its building blocks are tested on llvmpipe; the full
+//!   kernels have not yet run to completion on any adapter (see `benches/SIGVERIFY_NOTES.md`).
+//! - [`AutoSignatureVerifier`]: the CPU below [`GPU_CROSSOVER_BATCH`] items, the GPU above, and the
+//!   CPU again (counted) when the GPU fails.
+//!
+//! What `verify_strict` accepts, spelled out (the GPU kernel mirrors each point):
+//! - the key decodes as curve25519-dalek's `CompressedEdwardsY::decompress` does: bit 255 is the
+//!   sign of x, y is read mod p (so the 19 encodings y ≥ p are read as y - p), a y with no x is
+//!   rejected, and x = 0 with the sign bit set is *accepted* (negating 0 changes nothing);
+//! - `R` decodes the same way, `s < L` (a set bit 255 is rejected too);
+//! - neither `A` nor `R` has small order (`[8]P = identity`); points of mixed order pass;
+//! - `k = SHA-512(R_bytes ‖ A_bytes ‖ M) mod L` with the bytes as given (non-canonical key
+//!   encodings are hashed as they are), and the canonical encoding of `[s]B - [k]A` equals the
+//!   32 `R` bytes exactly (so a non-canonical `R` encoding never verifies).
+
+mod cpu;
+mod gpu;
+mod input;
+pub mod vectors;
+
+pub use cpu::CpuSignatureVerifier;
+pub use gpu::{BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, run_building_block};
+pub use input::{ParseItemError, VerifyLinesError, parse_item_line, verify_lines};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::context::GpuError;
+
+/// Length in bytes of an ed25519 public key.
+pub const PUBLIC_KEY_BYTES: usize = 32;
+/// Length in bytes of an ed25519 signature (`R ‖ s`).
+pub const SIGNATURE_BYTES: usize = 64;
+
+/// Batch size from which [`AutoSignatureVerifier`] sends a batch to the GPU; smaller batches go
+/// to the CPU. Provisional: it has not been measured on a hardware GPU yet (the development
+/// machine has only llvmpipe, where the full kernels cannot run; see
+/// `benches/SIGVERIFY_NOTES.md`). `cargo bench --bench sigverify` prints the measured crossover
+/// on a GPU host; set this constant from it. 4096 is the order of magnitude at which upload,
+/// dispatch and read-back latency (~ms) is amortised against ~25 µs per item per CPU core.
+pub const GPU_CROSSOVER_BATCH: usize = 4096;
+
+/// One signature to check: the signer's public key, the signed message and the signature bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignatureItem<'a> {
+    /// The public key `A` as sent (possibly not a valid encoding).
+    pub public_key: [u8; PUBLIC_KEY_BYTES],
+    /// The message that was signed.
+    pub message: &'a [u8],
+    /// The signature `R ‖ s` as sent.
+    pub signature: [u8; SIGNATURE_BYTES],
+}
+
+impl<'a> SignatureItem<'a> {
+    /// Builds an item from byte slices of any length.
+    ///
+    /// # Errors
+    /// [`SigVerifyError::KeyLength`] or [`SigVerifyError::SignatureLength`] when a slice has the
+    /// wrong length; callers that must answer per item treat such an item as invalid.
+    pub fn from_slices(
+        public_key: &[u8],
+        signature: &[u8],
+        message: &'a [u8],
+    ) -> Result<Self, SigVerifyError> {
+        let public_key: [u8; PUBLIC_KEY_BYTES] = public_key
+            .try_into()
+            .map_err(|_| SigVerifyError::KeyLength(public_key.len()))?;
+        let signature: [u8; SIGNATURE_BYTES] = signature
+            .try_into()
+            .map_err(|_| SigVerifyError::SignatureLength(signature.len()))?;
+        Ok(Self {
+            public_key,
+            message,
+            signature,
+        })
+    }
+}
+
+/// What can go wrong while verifying a batch. An invalid signature is not an error: it is a
+/// `false` verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum SigVerifyError {
+    /// A public key slice was not 32 bytes long.
+    #[error("public key must be {PUBLIC_KEY_BYTES} bytes, got {0}")]
+    KeyLength(usize),
+    /// A signature slice was not 64 bytes long.
+    #[error("signature must be {SIGNATURE_BYTES} bytes, got {0}")]
+    SignatureLength(usize),
+    /// The GPU backend failed (no adapter, shader compile, timeout, device lost, readback).
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The GPU kernels disagreed with the CPU reference on the known-answer check run when the
+    /// GPU verifier is built, so the GPU backend is refused.
+    #[error("GPU self-check failed: {mismatches} of {checked} verdicts differ from the CPU")]
+    SelfCheckFailed {
+        /// Verdicts that differed.
+        mismatches: usize,
+        /// Verdicts compared.
+        checked: usize,
+    },
+}
+
+/// Verifies batches of ed25519 signatures.
+///
+/// Contract: `verify_batch(items)[i]` is `true` exactly when
+/// `VerifyingKey::from_bytes(&items[i].public_key)` succeeds and `verify_strict(items[i].message,
+/// &Signature::from_bytes(&items[i].signature))` returns `Ok`; the result has one verdict per item,
+/// in order. The call blocks until all verdicts are known (run it on a blocking thread from async
+/// code).
+pub trait SignatureVerifier: Send + Sync {
+    /// Checks every item; see the trait documentation for the exact meaning of a verdict.
+    ///
+    /// # Errors
+    /// Only a backend failure (GPU lost, timed out, unmappable); never an invalid signature.
+    fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError>;
+
+    /// A short name for logs and metrics ("cpu", "gpu", "auto").
+    fn backend_name(&self) -> &'static str;
+}
+
+/// Picks the CPU for batches below a crossover size and the GPU above it; when the GPU fails the
+/// CPU answers instead and [`AutoSignatureVerifier::gpu_fallbacks`] counts it.
+pub struct AutoSignatureVerifier {
+    cpu: CpuSignatureVerifier,
+    gpu: Option<GpuSignatureVerifier>,
+    crossover_batch: usize,
+    gpu_fallbacks: AtomicU64,
+}
+
+impl AutoSignatureVerifier {
+    /// An engine with the given GPU backend (or none: CPU only) and [`GPU_CROSSOVER_BATCH`].
+    pub fn new(gpu: Option<GpuSignatureVerifier>) -> Self {
+        Self::with_crossover(gpu, GPU_CROSSOVER_BATCH)
+    }
+
+    /// As [`Self::new`] with an explicit crossover batch size (at least 1).
+    pub fn with_crossover(gpu: Option<GpuSignatureVerifier>, crossover_batch: usize) -> Self {
+        Self {
+            cpu: CpuSignatureVerifier::new(),
+            gpu,
+            crossover_batch: crossover_batch.max(1),
+            gpu_fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    /// How many batches meant for the GPU were answered by the CPU because the GPU failed.
+    pub fn gpu_fallbacks(&self) -> u64 {
+        self.gpu_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Whether a batch of `batch_len` items would go to the GPU.
+    pub fn uses_gpu_for(&self, batch_len: usize) -> bool {
+        self.gpu.is_some() && batch_len >= self.crossover_batch
+    }
+}
+
+impl SignatureVerifier for AutoSignatureVerifier {
+    fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError> {
+        if let Some(gpu) = self.gpu.as_ref().filter(|_| self.uses_gpu_for(items.len())) {
+            match gpu.verify_batch(items) {
+                Ok(verdicts) => return Ok(verdicts),
+                Err(error) => {
+                    self.gpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    match &error {
+                        SigVerifyError::Gpu(gpu_error) => {
+                            gpu.context().record_cpu_fallback(gpu_error)
+                        }
+                        other => {
+                            tracing::warn!(error = %other, "GPU signature batch failed; CPU answers")
+                        }
+                    }
+                }
+            }
+        }
+        self.cpu.verify_batch(items)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "auto"
+    }
+}
+
+/// The reference verdict for one item: ed25519-dalek's strict verification.
+pub fn verify_strict_reference(item: &SignatureItem<'_>) -> bool {
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&item.public_key) else {
+        return false;
+    };
+    let signature = ed25519_dalek::Signature::from_bytes(&item.signature);
+    key.verify_strict(item.message, &signature).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_slices_rejects_wrong_lengths() {
+        assert!(matches!(
+            SignatureItem::from_slices(&[0; 31], &[0; 64], b""),
+            Err(SigVerifyError::KeyLength(31))
+        ));
+        assert!(matches!(
+            SignatureItem::from_slices(&[0; 32], &[0; 65], b""),
+            Err(SigVerifyError::SignatureLength(65))
+        ));
+        let item = SignatureItem::from_slices(&[7; 32], &[9; 64], b"m").expect("right lengths");
+        assert_eq!(item.public_key, [7; 32]);
+        assert_eq!(item.signature, [9; 64]);
+    }
+
+    #[test]
+    fn auto_without_gpu_uses_cpu() {
+        let auto = AutoSignatureVerifier::with_crossover(None, 1);
+        assert!(!auto.uses_gpu_for(1_000_000));
+        let items = vectors::random_valid_items(3, 4, 7);
+        let refs: Vec<_> = items.iter().map(|item| item.as_item()).collect();
+        assert_eq!(auto.verify_batch(&refs).expect("cpu"), vec![true; 4]);
+        assert_eq!(auto.gpu_fallbacks(), 0);
+    }
+}

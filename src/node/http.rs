@@ -179,7 +179,11 @@ async fn cas_key(
             previous,
         }) => {
             let current = previous.map(|value| String::from_utf8_lossy(&value).into_owned());
-            (StatusCode::CONFLICT, axum::Json(json!({ "current": current }))).into_response()
+            (
+                StatusCode::CONFLICT,
+                axum::Json(json!({ "current": current })),
+            )
+                .into_response()
         }
         Ok(other) => unexpected(&other),
         Err(answer) => answer,

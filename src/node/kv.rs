@@ -175,7 +175,10 @@ mod tests {
                 previous: Some(b"v1".to_vec())
             }
         );
-        assert_eq!(get(&mut store, "k"), KvResponse::Value(Some(b"v2".to_vec())));
+        assert_eq!(
+            get(&mut store, "k"),
+            KvResponse::Value(Some(b"v2".to_vec()))
+        );
     }
 
     #[test]

@@ -152,15 +152,14 @@ fn parse_args(args: &[OsString]) -> Result<(PathBuf, Option<String>), NodeError>
 /// one-line message on stderr).
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
-    let config = match parse_args(&args)
-        .and_then(|(path, http)| NodeConfig::load(&path, http.as_deref()))
-    {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("consensus-node: {error}");
-            return ExitCode::from(error.exit_code());
-        }
-    };
+    let config =
+        match parse_args(&args).and_then(|(path, http)| NodeConfig::load(&path, http.as_deref())) {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("consensus-node: {error}");
+                return ExitCode::from(error.exit_code());
+            }
+        };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -295,7 +294,10 @@ address = "127.0.0.1:8001"
         let typo = CONFIG.replace("address =", "adress =");
         let error = NodeConfig::parse(&typo, None).unwrap_err();
         assert!(error.to_string().contains("adress"), "{error}");
-        let bad_value = CONFIG.replace("node_id = \"a\"", "node_id = \"a\"\nelection_timeout_ms = 1");
+        let bad_value = CONFIG.replace(
+            "node_id = \"a\"",
+            "node_id = \"a\"\nelection_timeout_ms = 1",
+        );
         let error = NodeConfig::parse(&bad_value, None).unwrap_err();
         assert!(error.to_string().contains("election_timeout_ms"), "{error}");
         for error in [
@@ -310,7 +312,10 @@ address = "127.0.0.1:8001"
     #[test]
     fn command_line_needs_config_and_values() {
         let (path, http) = parse_args(&args(&["--config", "f.toml", "--http", "h:1"])).unwrap();
-        assert_eq!((path, http.as_deref()), (PathBuf::from("f.toml"), Some("h:1")));
+        assert_eq!(
+            (path, http.as_deref()),
+            (PathBuf::from("f.toml"), Some("h:1"))
+        );
         for bad in [&[][..], &["--config"][..], &["--verbose"][..]] {
             let error = parse_args(&args(bad)).unwrap_err();
             assert_eq!(error.exit_code(), EXIT_CONFIG, "{error}");

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod state_machine;
 pub mod storage;

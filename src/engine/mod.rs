@@ -51,6 +51,8 @@ struct Running {
     thread: Option<JoinHandle<std::result::Result<(), String>>>,
     /// The TCP transport and the task feeding its inbound messages to the driver.
     tcp: Option<(Arc<TcpTransport<Message>>, tokio::task::JoinHandle<()>)>,
+    /// The voters the protocol started with (this node included), for [`ConsensusEngine::members`].
+    voters: Vec<NodeId>,
 }
 
 /// One consensus node.
@@ -131,6 +133,16 @@ impl ConsensusEngine {
         self.config.id()
     }
 
+    /// The cluster's voting members, this node included, sorted. Once started these are the
+    /// voters the protocol runs with (peers given as `host:port` are known by their handshake
+    /// ids); before start, the ids the configuration names.
+    pub fn members(&self) -> Vec<NodeId> {
+        match &self.running {
+            Some(running) => running.voters.clone(),
+            None => self.config.voter_ids(),
+        }
+    }
+
     /// The configuration the engine runs with.
     pub fn config(&self) -> &ConsensusConfig {
         &self.config
@@ -168,6 +180,7 @@ impl ConsensusEngine {
             }
         };
         raft_config.seed = rand::random();
+        let voters = raft_config.voters.clone();
         let node = RaftNode::new(raft_config, recovered)?;
         let driver = Driver {
             node,
@@ -195,6 +208,7 @@ impl ConsensusEngine {
             inputs,
             thread: Some(thread),
             tcp,
+            voters,
         });
         Ok(())
     }

@@ -1,0 +1,585 @@
+//! The project's main demonstration: a local three-node replicated key-value cluster.
+//!
+//! `cargo run --release --example kv_cluster [-- --ops N --clients C --data-dir DIR]` starts three
+//! `consensus-node` processes (this program re-run as `kv_cluster node --config FILE`, so it needs
+//! no separately built binary) over TCP on loopback with fjall logs, waits for a leader, runs a
+//! mixed workload (puts, gets, compare-and-swaps, deletes) through every node with a progress
+//! bar, SIGKILLs the leader halfway and restarts it once a new leader is elected, then checks that
+//! every acknowledged write is readable through every node and prints throughput, latency and
+//! failover time. It exits non-zero if any check fails.
+//!
+//! Each client owns its keys and writes unique values, so it knows what every key must hold: the
+//! last acknowledged value, or (after a request whose outcome is unknown: a timeout or a dropped
+//! connection) one of the values of those requests.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use consensus::node::client::{self, HttpResponse};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+const NODES: usize = 3;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Options {
+    ops: usize,
+    clients: usize,
+    keys: usize,
+    data_dir: Option<PathBuf>,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        ops: 20_000,
+        clients: 16,
+        keys: 32,
+        data_dir: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |text: String| {
+            text.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{flag}: expected a positive number, got {text:?}"))
+        };
+        match flag.as_str() {
+            "--ops" => options.ops = number(value()?)?,
+            "--clients" => options.clients = number(value()?)?,
+            "--keys" => options.keys = number(value()?)?,
+            "--data-dir" => options.data_dir = Some(PathBuf::from(value()?)),
+            other => {
+                return Err(format!(
+                    "unexpected argument {other:?}; expected --ops N --clients C --keys K \
+                     --data-dir DIR"
+                ));
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// One node process and how to reach it.
+struct Node {
+    name: String,
+    http: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Node {
+    fn spawn(&self) -> std::io::Result<Child> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        Command::new(std::env::current_exe()?)
+            .arg("node")
+            .arg("--config")
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+    }
+}
+
+/// Writes three node configurations into `dir`.
+fn configure(dir: &Path) -> Result<Vec<Node>, String> {
+    let listeners: Vec<TcpListener> = (0..2 * NODES)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("no free port: {e}"))?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    drop(listeners);
+    let names: Vec<String> = (1..=NODES).map(|i| format!("node-{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let peers: Vec<String> = (0..NODES)
+            .filter(|&j| j != i)
+            .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
+            .collect();
+        let http: SocketAddr = ([127, 0, 0, 1], ports[NODES + i]).into();
+        let text = format!(
+            "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
+             bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
+             request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
+            ports[i],
+            peers.join(", "),
+            dir.join(name).display(),
+        );
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        nodes.push(Node {
+            name: name.clone(),
+            http,
+            config,
+            log: dir.join(format!("{name}.log")),
+        });
+    }
+    Ok(nodes)
+}
+
+async fn call(address: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<HttpResponse> {
+    client::request(address, method, path, body, CLIENT_TIMEOUT)
+        .await
+        .ok()
+}
+
+/// Waits until the nodes `among` agree on a leader that is one of them.
+async fn agreed_leader(nodes: &[Node], among: &[usize], within: Duration) -> Option<usize> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut leaders = Vec::new();
+        let mut ids = Vec::new();
+        for &i in among {
+            let status: Option<Value> = call(nodes[i].http, "GET", "/status", b"")
+                .await
+                .and_then(|r| serde_json::from_slice(&r.body).ok());
+            leaders.push(
+                status
+                    .as_ref()
+                    .and_then(|s| s["leader"].as_str().map(String::from)),
+            );
+            ids.push(
+                status
+                    .as_ref()
+                    .and_then(|s| s["node_id"].as_str().map(String::from)),
+            );
+        }
+        if let Some(Some(leader)) = leaders.first()
+            && leaders.iter().all(|l| l.as_ref() == Some(leader))
+            && let Some(position) = ids.iter().position(|id| id.as_ref() == Some(leader))
+        {
+            return Some(among[position]);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// What one key may hold, as its owning client knows it.
+#[derive(Clone, Default)]
+struct KeyState {
+    /// The last acknowledged value (`None`: absent).
+    known: Option<String>,
+    /// Values of requests whose outcome is unknown: any of them may have taken effect.
+    uncertain: BTreeSet<Option<String>>,
+}
+
+impl KeyState {
+    fn allows(&self, value: &Option<String>) -> bool {
+        *value == self.known || self.uncertain.contains(value)
+    }
+}
+
+/// A client's counters and findings.
+#[derive(Default)]
+struct ClientReport {
+    latencies: Vec<Duration>,
+    unknown: usize,
+    violations: Vec<String>,
+    keys: Vec<(String, KeyState)>,
+}
+
+/// Shared between clients and the failover coordinator.
+struct Shared {
+    nodes: Vec<Node>,
+    next_op: AtomicUsize,
+    done: AtomicUsize,
+    ops: usize,
+    killed_at: Mutex<Option<Instant>>,
+    first_write_after_kill: Mutex<Option<Instant>>,
+    progress: ProgressBar,
+}
+
+/// A small deterministic generator (xorshift64*): the workload mix needs no quality randomness.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn value_of(response: &HttpResponse) -> Option<String> {
+    (response.status == 200).then(|| response.text())
+}
+
+async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport {
+    let mut report = ClientReport::default();
+    let mut state: Vec<KeyState> = vec![KeyState::default(); keys];
+    let mut mix = Mix(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
+    let mut node = id % NODES;
+    let mut sequence = 0u64;
+    while shared.next_op.fetch_add(1, Ordering::Relaxed) < shared.ops {
+        let slot = (mix.next() % keys as u64) as usize;
+        let key = format!("c{id}-k{slot}");
+        let path = format!("/kv/{key}");
+        let kind = mix.next() % 100;
+        sequence += 1;
+        let fresh = format!("c{id}-v{sequence}");
+        let address = shared.nodes[node].http;
+        let started = Instant::now();
+        let entry = &mut state[slot];
+        let (answered, is_write) = if kind < 40 {
+            let response = call(address, "PUT", &path, fresh.as_bytes()).await;
+            match response.map(|r| r.status) {
+                Some(200) => {
+                    entry.known = Some(fresh);
+                    (true, true)
+                }
+                _ => {
+                    entry.uncertain.insert(Some(fresh));
+                    (false, true)
+                }
+            }
+        } else if kind < 80 {
+            match call(address, "GET", &path, b"").await {
+                Some(response) if response.status == 200 || response.status == 404 => {
+                    let seen = value_of(&response);
+                    if !entry.allows(&seen) {
+                        report.violations.push(format!(
+                            "read {key} = {seen:?}, expected {:?} or one of {:?}",
+                            entry.known, entry.uncertain
+                        ));
+                    }
+                    entry.known = seen;
+                    (true, false)
+                }
+                _ => (false, false),
+            }
+        } else if kind < 95 {
+            let body = serde_json::json!({ "from": entry.known, "to": fresh }).to_string();
+            match call(address, "POST", &format!("{path}/cas"), body.as_bytes()).await {
+                Some(response) if response.status == 200 => {
+                    entry.known = Some(fresh);
+                    (true, true)
+                }
+                Some(response) if response.status == 409 => {
+                    let current: Option<String> = serde_json::from_slice::<Value>(&response.body)
+                        .ok()
+                        .and_then(|v| v["current"].as_str().map(String::from));
+                    if !entry.allows(&current) || entry.uncertain.is_empty() {
+                        report.violations.push(format!(
+                            "cas on {key} refused with current {current:?}, expected {:?}",
+                            entry.known
+                        ));
+                    }
+                    entry.known = current;
+                    (true, true)
+                }
+                _ => {
+                    entry.uncertain.insert(Some(fresh));
+                    (false, true)
+                }
+            }
+        } else {
+            match call(address, "DELETE", &path, b"").await.map(|r| r.status) {
+                Some(200) => {
+                    entry.known = None;
+                    (true, true)
+                }
+                _ => {
+                    entry.uncertain.insert(None);
+                    (false, true)
+                }
+            }
+        };
+        if answered {
+            report.latencies.push(started.elapsed());
+            let after_kill = shared
+                .killed_at
+                .lock()
+                .ok()
+                .and_then(|at| *at)
+                .is_some_and(|at| started > at);
+            if is_write && after_kill {
+                let mut first = shared.first_write_after_kill.lock().unwrap();
+                first.get_or_insert_with(Instant::now);
+            }
+        } else {
+            report.unknown += 1;
+            node = (node + 1) % NODES; // that node may be down: try the next one
+        }
+        shared.done.fetch_add(1, Ordering::Relaxed);
+        shared.progress.inc(1);
+    }
+    report.keys = state
+        .into_iter()
+        .enumerate()
+        .map(|(slot, state)| (format!("c{id}-k{slot}"), state))
+        .collect();
+    report
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn stop_all(children: &mut [Option<Child>]) {
+    for child in children.iter_mut().flatten() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for child in children.iter_mut() {
+        if let Some(mut process) = child.take() {
+            while Instant::now() < deadline && matches!(process.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+async fn cluster_run(options: Options, dir: &Path) -> Result<(), String> {
+    let nodes = configure(dir)?;
+    let mut children: Vec<Option<Child>> = Vec::new();
+    for node in &nodes {
+        children.push(Some(
+            node.spawn()
+                .map_err(|e| format!("cannot start {}: {e}", node.name))?,
+        ));
+    }
+    let children = Arc::new(Mutex::new(children));
+    let outcome = workload(options, nodes, children.clone()).await;
+    stop_all(&mut children.lock().unwrap());
+    outcome.map_err(|error| format!("{error}\n(node logs are in {})", dir.display()))
+}
+
+async fn workload(
+    options: Options,
+    nodes: Vec<Node>,
+    children: Arc<Mutex<Vec<Option<Child>>>>,
+) -> Result<(), String> {
+    let all: Vec<usize> = (0..NODES).collect();
+    let started = Instant::now();
+    let leader = agreed_leader(&nodes, &all, Duration::from_secs(30))
+        .await
+        .ok_or("no leader within 30 s")?;
+    println!(
+        "3 nodes up, leader {} elected in {:.2?}; running {} operations with {} clients",
+        nodes[leader].name,
+        started.elapsed(),
+        options.ops,
+        options.clients
+    );
+    let progress = ProgressBar::new(options.ops as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} ops {per_sec} eta {eta} {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let shared = Arc::new(Shared {
+        nodes,
+        next_op: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        ops: options.ops,
+        killed_at: Mutex::new(None),
+        first_write_after_kill: Mutex::new(None),
+        progress: progress.clone(),
+    });
+
+    // Halfway: SIGKILL the leader, wait for a new one, restart the old leader.
+    let coordinator = {
+        let shared = shared.clone();
+        let children = children.clone();
+        tokio::spawn(async move {
+            while shared.done.load(Ordering::Relaxed) < shared.ops / 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let all: Vec<usize> = (0..NODES).collect();
+            let leader = agreed_leader(&shared.nodes, &all, Duration::from_secs(20))
+                .await
+                .ok_or("no agreed leader at the failover point")?;
+            let killed = Instant::now();
+            if let Some(child) = children.lock().unwrap()[leader].as_mut() {
+                child.kill().map_err(|e| e.to_string())?;
+                let _ = child.wait();
+            }
+            *shared.killed_at.lock().unwrap() = Some(killed);
+            shared
+                .progress
+                .set_message(format!("killed leader {}", shared.nodes[leader].name));
+            let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+            agreed_leader(&shared.nodes, &survivors, Duration::from_secs(20))
+                .await
+                .ok_or("no new leader within 20 s of killing the old one")?;
+            let elected = killed.elapsed();
+            let restarted = shared.nodes[leader]
+                .spawn()
+                .map_err(|e| format!("cannot restart: {e}"))?;
+            children.lock().unwrap()[leader] = Some(restarted);
+            shared
+                .progress
+                .set_message(format!("restarted {}", shared.nodes[leader].name));
+            Ok::<(usize, Instant, Duration), String>((leader, killed, elected))
+        })
+    };
+
+    let workload_started = Instant::now();
+    let clients: Vec<_> = (0..options.clients)
+        .map(|id| tokio::spawn(run_client(shared.clone(), id, options.keys)))
+        .collect();
+    let mut reports = Vec::new();
+    for client in clients {
+        reports.push(client.await.map_err(|e| e.to_string())?);
+    }
+    let elapsed = workload_started.elapsed();
+    progress.finish();
+    let (killed, killed_at, elected) = coordinator.await.map_err(|e| e.to_string())??;
+    let first_write = *shared.first_write_after_kill.lock().unwrap();
+
+    // Every acknowledged write must be readable through every node, the restarted one included.
+    agreed_leader(&shared.nodes, &all, Duration::from_secs(30))
+        .await
+        .ok_or("the restarted node did not rejoin within 30 s")?;
+    let mut violations: Vec<String> = reports.iter().flat_map(|r| r.violations.clone()).collect();
+    let mut checked = 0;
+    for report in &reports {
+        for (key, state) in &report.keys {
+            for node in &shared.nodes {
+                let mut answer = None;
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while answer.is_none() && Instant::now() < deadline {
+                    answer = call(node.http, "GET", &format!("/kv/{key}"), b"")
+                        .await
+                        .filter(|r| r.status == 200 || r.status == 404);
+                    if answer.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                match answer {
+                    Some(response) => {
+                        let seen = value_of(&response);
+                        if !state.allows(&seen) {
+                            violations.push(format!(
+                                "{key} on {}: {seen:?}, expected {:?} or one of {:?}",
+                                node.name, state.known, state.uncertain
+                            ));
+                        }
+                        checked += 1;
+                    }
+                    None => violations.push(format!("{key} on {}: no answer", node.name)),
+                }
+            }
+        }
+    }
+
+    let mut latencies: Vec<Duration> = reports.iter().flat_map(|r| r.latencies.clone()).collect();
+    latencies.sort();
+    let unknown: usize = reports.iter().map(|r| r.unknown).sum();
+    println!("--- kv_cluster summary ---");
+    println!(
+        "operations:  {} ({} acknowledged, {} with unknown outcome during failover)",
+        options.ops,
+        latencies.len(),
+        unknown
+    );
+    println!(
+        "throughput:  {:.0} ops/s over {:.2?} ({} clients)",
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        elapsed,
+        options.clients
+    );
+    println!(
+        "latency:     (acknowledged) p50 {:.2?}  p99 {:.2?}  max {:.2?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+    println!(
+        "failover:    killed {} (SIGKILL); new leader agreed after {:.2?}; first acknowledged \
+         write after {}",
+        shared.nodes[killed].name,
+        elected,
+        first_write.map_or("none".to_string(), |at| format!(
+            "{:.2?}",
+            at.duration_since(killed_at)
+        ))
+    );
+    println!(
+        "verified:    {checked} reads of {} keys across {NODES} nodes, {} violations",
+        reports.iter().map(|r| r.keys.len()).sum::<usize>(),
+        violations.len()
+    );
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        for violation in violations.iter().take(20) {
+            eprintln!("violation: {violation}");
+        }
+        Err(format!("{} violations", violations.len()))
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "node") {
+        return consensus::node::main(args.skip(1));
+    }
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("kv_cluster: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let temporary;
+    let dir = match &options.data_dir {
+        Some(dir) => {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                eprintln!("kv_cluster: {}: {error}", dir.display());
+                return ExitCode::from(2);
+            }
+            dir.clone()
+        }
+        None => match tempfile::tempdir() {
+            Ok(dir) => {
+                temporary = dir;
+                temporary.path().to_path_buf()
+            }
+            Err(error) => {
+                eprintln!("kv_cluster: no temp dir: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kv_cluster: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cluster_run(options, &dir)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kv_cluster: FAILED: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! `consensus-node --config FILE [--http ADDR]`: one replicated key-value node over HTTP.
+//! Everything lives in [`consensus::node`]; see it for the configuration and the API.
+
+fn main() -> std::process::ExitCode {
+    consensus::node::main(std::env::args_os().skip(1))
+}

@@ -1,0 +1,227 @@
+//! The node's HTTP API (axum): the key-value routes, `/status` and `/metrics`.
+//!
+//! Every key-value request becomes one command through the log, reads included, so any node
+//! answers any request linearizably (a follower's engine forwards the proposal to the leader).
+//! A 2xx answer means the command committed and was applied; when the engine cannot say
+//! (no leader, deadline passed) the answer is 503/504 with a JSON reason, never 2xx.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::kv::{KvCommand, KvResponse, KvStore};
+use crate::engine::ConsensusEngine;
+use crate::error::Error;
+
+/// The largest request body accepted (1 MiB); larger ones get 413 Payload Too Large.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The routes, serving `engine` (which must run a [`KvStore`]).
+pub fn router(engine: Arc<ConsensusEngine>) -> Router {
+    Router::new()
+        .route("/kv/{key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/kv/{key}/cas", post(cas_key))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(engine)
+}
+
+/// The body of `POST /kv/{key}/cas`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasRequest {
+    /// The expected value; `null` expects the key to be absent.
+    from: Option<String>,
+    /// The value to set.
+    to: String,
+}
+
+/// The body of `GET /status`.
+#[derive(Debug, Serialize)]
+struct Status {
+    node_id: String,
+    name: String,
+    role: &'static str,
+    term: u64,
+    leader: Option<String>,
+    commit_index: u64,
+    applied_index: u64,
+    members: Vec<String>,
+}
+
+/// A JSON error answer.
+fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
+    let body = json!({ "error": error, "reason": reason.into() });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Runs `command` through the log; maps engine errors to the non-2xx answers above.
+async fn execute(engine: &ConsensusEngine, command: KvCommand) -> Result<KvResponse, Response> {
+    match engine.execute_command::<KvStore>(command).await {
+        Ok(response) => Ok(response),
+        Err(Error::Timeout) if engine.current_leader().is_none() => Err(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no leader was reachable within the request deadline; the request may or may not \
+             take effect",
+        )),
+        Err(Error::Timeout) => Err(failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the request did not commit within the deadline; it may or may not take effect",
+        )),
+        Err(Error::Rejected(reason)) => Err(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rejected",
+            format!("refused, never applied: {reason}"),
+        )),
+        Err(Error::Stopped(reason)) => Err(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopped",
+            format!("the node is shutting down: {reason}"),
+        )),
+        Err(error) => {
+            tracing::error!(%error, "command failed");
+            Err(failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                error.to_string(),
+            ))
+        }
+    }
+}
+
+/// The answer for a response of an unexpected shape (a bug, never a client error).
+fn unexpected(response: &KvResponse) -> Response {
+    tracing::error!(?response, "state machine answered an unexpected response");
+    failure(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "unexpected state machine response",
+    )
+}
+
+async fn get_key(State(engine): State<Arc<ConsensusEngine>>, Path(key): Path<String>) -> Response {
+    let command = KvCommand::Get {
+        key: key.into_bytes(),
+    };
+    match execute(&engine, command).await {
+        Ok(KvResponse::Value(Some(value))) => (StatusCode::OK, value).into_response(),
+        Ok(KvResponse::Value(None)) => failure(StatusCode::NOT_FOUND, "not_found", "no such key"),
+        Ok(other) => unexpected(&other),
+        Err(answer) => answer,
+    }
+}
+
+async fn put_key(
+    State(engine): State<Arc<ConsensusEngine>>,
+    Path(key): Path<String>,
+    value: Bytes,
+) -> Response {
+    let command = KvCommand::Put {
+        key: key.into_bytes(),
+        value: value.to_vec(),
+    };
+    match execute(&engine, command).await {
+        Ok(KvResponse::Done) => StatusCode::OK.into_response(),
+        Ok(other) => unexpected(&other),
+        Err(answer) => answer,
+    }
+}
+
+async fn delete_key(
+    State(engine): State<Arc<ConsensusEngine>>,
+    Path(key): Path<String>,
+) -> Response {
+    let command = KvCommand::Delete {
+        key: key.into_bytes(),
+    };
+    match execute(&engine, command).await {
+        Ok(KvResponse::Done) => StatusCode::OK.into_response(),
+        Ok(other) => unexpected(&other),
+        Err(answer) => answer,
+    }
+}
+
+/// Parsed from the raw body so that clients need not send a JSON content type.
+async fn cas_key(
+    State(engine): State<Arc<ConsensusEngine>>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: CasRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"from\": string or null, \"to\": string}}: {error}"),
+            );
+        }
+    };
+    let command = KvCommand::Cas {
+        key: key.into_bytes(),
+        from: request.from.map(String::into_bytes),
+        to: request.to.into_bytes(),
+    };
+    match execute(&engine, command).await {
+        Ok(KvResponse::Cas { swapped: true, .. }) => StatusCode::OK.into_response(),
+        Ok(KvResponse::Cas {
+            swapped: false,
+            previous,
+        }) => {
+            let current = previous.map(|value| String::from_utf8_lossy(&value).into_owned());
+            (
+                StatusCode::CONFLICT,
+                axum::Json(json!({ "current": current })),
+            )
+                .into_response()
+        }
+        Ok(other) => unexpected(&other),
+        Err(answer) => answer,
+    }
+}
+
+async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
+    let info = engine.leader_election().info();
+    let metrics = engine.metrics();
+    // The engine publishes who leads, not the candidate state: without a known leader this
+    // node is electing (a candidate or a follower waiting to hear from one).
+    let role = if info.is_leader {
+        "leader"
+    } else if info.leader.is_some() {
+        "follower"
+    } else {
+        "electing"
+    };
+    let body = Status {
+        node_id: engine.node_id().to_string(),
+        name: engine.config().node_id.clone(),
+        role,
+        term: info.term,
+        leader: info.leader.map(|id| id.to_string()),
+        commit_index: metrics.last_committed_index(),
+        applied_index: metrics.last_applied_index,
+        members: engine.members().iter().map(ToString::to_string).collect(),
+    };
+    axum::Json(body).into_response()
+}
+
+async fn metrics(State(engine): State<Arc<ConsensusEngine>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        engine.prometheus_metrics(),
+    )
+        .into_response()
+}

@@ -1,0 +1,324 @@
+//! `consensus-node`: a replicated key-value node over HTTP, built from the engine, the
+//! [`kv::KvStore`] state machine and the [`http`] routes.
+//!
+//! The configuration file is the seed's TOML: the `[consensus]` table (read by
+//! [`ConsensusConfig::from_toml_str`]) plus an `[http]` table with `address`. [`main`] is the
+//! whole command line (`consensus-node --config FILE [--http ADDR]`); the binary and the
+//! `kv_cluster` example both call it.
+
+pub mod client;
+pub mod http;
+pub mod kv;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ConsensusConfig;
+use crate::engine::ConsensusEngine;
+use crate::error::{ConfigError, Error};
+
+/// Exit code for a bad command line or configuration.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for a failure while starting or running.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// How long shutdown waits for in-flight requests to let go of the engine before stopping it
+/// anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the node could not be configured or run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The command line is not `--config FILE [--http ADDR]`.
+    #[error("usage: {0}; expected: consensus-node --config FILE [--http ADDR]")]
+    Usage(String),
+    /// The configuration file is unreadable or invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The HTTP address is missing or not `ip:port`.
+    #[error("invalid http.address {value:?}: {reason}")]
+    HttpAddress {
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The engine refused to start or failed.
+    #[error("engine: {0}")]
+    Engine(#[from] Error),
+    /// The HTTP listener or the runtime failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl NodeError {
+    /// The process exit code for this error: 2 for configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            NodeError::Usage(_)
+            | NodeError::Config(_)
+            | NodeError::HttpAddress { .. }
+            | NodeError::Engine(Error::Config(_) | Error::Unsupported { .. }) => EXIT_CONFIG,
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+/// A node's whole configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The engine's configuration (`[consensus]`).
+    pub consensus: ConsensusConfig,
+    /// Where the HTTP API listens (`[http] address`, or `--http`).
+    pub http_address: SocketAddr,
+}
+
+#[derive(Deserialize)]
+struct HttpDocument {
+    http: Option<HttpTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpTable {
+    address: Option<String>,
+}
+
+impl NodeConfig {
+    /// Reads `path`; `http_override` (from `--http`) replaces `[http] address`.
+    pub fn load(path: &Path, http_override: Option<&str>) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+        Self::parse(&text, http_override)
+    }
+
+    /// Parses a configuration document.
+    pub fn parse(text: &str, http_override: Option<&str>) -> Result<Self, NodeError> {
+        let consensus = ConsensusConfig::from_toml_str(text)?;
+        let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
+            reason: format!("[http]: {}", error.message()),
+        })?;
+        let configured = document.http.and_then(|table| table.address);
+        let address = http_override
+            .map(str::to_string)
+            .or(configured)
+            .ok_or_else(|| NodeError::HttpAddress {
+                value: String::new(),
+                reason: "missing: set [http] address or pass --http",
+            })?;
+        let http_address = address.parse().map_err(|_| NodeError::HttpAddress {
+            value: address.clone(),
+            reason: "expected ip:port",
+        })?;
+        Ok(NodeConfig {
+            consensus,
+            http_address,
+        })
+    }
+}
+
+/// Parses `--config FILE [--http ADDR]` (without the program name).
+fn parse_args(args: &[OsString]) -> Result<(PathBuf, Option<String>), NodeError> {
+    let mut config = None;
+    let mut http = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let flag = arg.to_string_lossy();
+        let mut value = || {
+            rest.next()
+                .cloned()
+                .ok_or_else(|| NodeError::Usage(format!("{flag} needs a value")))
+        };
+        match flag.as_ref() {
+            "--config" => config = Some(PathBuf::from(value()?)),
+            "--http" => http = Some(value()?.to_string_lossy().into_owned()),
+            other => return Err(NodeError::Usage(format!("unexpected argument {other:?}"))),
+        }
+    }
+    let config = config.ok_or_else(|| NodeError::Usage("--config is required".into()))?;
+    Ok((config, http))
+}
+
+/// The command line: parses `args` (without the program name), runs the node until SIGTERM or
+/// Ctrl-C, and returns the exit code (2 for a bad command line or configuration, with a
+/// one-line message on stderr).
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let config =
+        match parse_args(&args).and_then(|(path, http)| NodeConfig::load(&path, http.as_deref())) {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("consensus-node: {error}");
+                return ExitCode::from(error.exit_code());
+            }
+        };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("consensus-node: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("consensus-node: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the node");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs a node until `shutdown` resolves: stops accepting HTTP requests, lets in-flight ones
+/// finish (each is bounded by the request deadline), then stops the engine.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    if config.consensus.persistent_state.is_none() {
+        tracing::warn!(
+            "no state_dir: the log lives in memory and a restarted node starts empty; \
+             set state_dir for a durable node"
+        );
+    }
+    let mut engine = ConsensusEngine::new(config.consensus.clone())?;
+    engine.set_state_machine(kv::KvStore::new())?;
+    let listener = tokio::net::TcpListener::bind(config.http_address).await?;
+    engine.start().await?;
+    let engine = Arc::new(engine);
+    tracing::info!(
+        node = %config.consensus.node_id,
+        id = %engine.node_id(),
+        raft = %config.consensus.bind_address,
+        http = %listener.local_addr()?,
+        "node started"
+    );
+    let served = axum::serve(listener, http::router(engine.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!("HTTP stopped; stopping the engine");
+    let mut engine = engine;
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let stopped = loop {
+        match Arc::try_unwrap(engine) {
+            Ok(mut owned) => break owned.stop().await,
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                engine = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                // Dropping the last handle still asks the driver to stop.
+                tracing::warn!("requests still hold the engine; leaving it to stop on exit");
+                break Ok(());
+            }
+        }
+    };
+    served?;
+    stopped?;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[consensus]
+node_id = "a"
+bind_address = "127.0.0.1:7001"
+bootstrap_peers = ["b@127.0.0.1:7002"]
+
+[http]
+address = "127.0.0.1:8001"
+"#;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn reads_both_tables_and_the_override_wins() {
+        let config = NodeConfig::parse(CONFIG, None).unwrap();
+        assert_eq!(config.http_address, "127.0.0.1:8001".parse().unwrap());
+        assert_eq!(config.consensus.node_id, "a");
+        let config = NodeConfig::parse(CONFIG, Some("127.0.0.1:9000")).unwrap();
+        assert_eq!(config.http_address.port(), 9000);
+    }
+
+    #[test]
+    fn configuration_errors_name_the_problem_and_exit_2() {
+        let missing = CONFIG.replace("address = \"127.0.0.1:8001\"", "");
+        let error = NodeConfig::parse(&missing, None).unwrap_err();
+        assert!(error.to_string().contains("http.address"), "{error}");
+        let bad = CONFIG.replace("127.0.0.1:8001", "nowhere");
+        let error = NodeConfig::parse(&bad, None).unwrap_err();
+        assert!(error.to_string().contains("nowhere"), "{error}");
+        let typo = CONFIG.replace("address =", "adress =");
+        let error = NodeConfig::parse(&typo, None).unwrap_err();
+        assert!(error.to_string().contains("adress"), "{error}");
+        let bad_value = CONFIG.replace(
+            "node_id = \"a\"",
+            "node_id = \"a\"\nelection_timeout_ms = 1",
+        );
+        let error = NodeConfig::parse(&bad_value, None).unwrap_err();
+        assert!(error.to_string().contains("election_timeout_ms"), "{error}");
+        for error in [
+            NodeConfig::parse(&missing, None).unwrap_err(),
+            NodeConfig::load(Path::new("/nonexistent/node.toml"), None).unwrap_err(),
+        ] {
+            assert_eq!(error.exit_code(), EXIT_CONFIG);
+            assert!(!error.to_string().contains('\n'), "one line: {error}");
+        }
+    }
+
+    #[test]
+    fn command_line_needs_config_and_values() {
+        let (path, http) = parse_args(&args(&["--config", "f.toml", "--http", "h:1"])).unwrap();
+        assert_eq!(
+            (path, http.as_deref()),
+            (PathBuf::from("f.toml"), Some("h:1"))
+        );
+        for bad in [&[][..], &["--config"][..], &["--verbose"][..]] {
+            let error = parse_args(&args(bad)).unwrap_err();
+            assert_eq!(error.exit_code(), EXIT_CONFIG, "{error}");
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Black-box tests of the `consensus-node` binary: real processes on loopback, each test with its
+//! own ports and temp dirs, driven over HTTP.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use consensus::node::client::{self, HttpResponse};
+use serde_json::Value;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_consensus-node");
+/// Per-request client timeout: above the nodes' 2 s request deadline.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `count` ports free at the time of asking (all held at once, so they differ).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+struct Node {
+    name: String,
+    http: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BINARY)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what the node already synced.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+impl Cluster {
+    /// Writes the configurations of `size` nodes and starts them.
+    fn start(size: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2 * size);
+        let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let peers: Vec<String> = (0..size)
+                .filter(|&j| j != i)
+                .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
+                .collect();
+            let http: SocketAddr = format!("127.0.0.1:{}", ports[size + i]).parse().unwrap();
+            let text = format!(
+                "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
+                 bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
+                 request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
+                ports[i],
+                peers.join(", "),
+                dir.path().join(name).display(),
+            );
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&config, text).unwrap();
+            let mut node = Node {
+                name: name.clone(),
+                http,
+                config,
+                log: dir.path().join(format!("{name}.log")),
+                child: None,
+            };
+            node.spawn();
+            nodes.push(node);
+        }
+        Cluster { _dir: dir, nodes }
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    n.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn call(
+        &self,
+        node: usize,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Option<HttpResponse> {
+        client::request(self.nodes[node].http, method, path, body, CLIENT_TIMEOUT)
+            .await
+            .ok()
+    }
+
+    async fn status(&self, node: usize) -> Option<Value> {
+        let response = self.call(node, "GET", "/status", b"").await?;
+        assert_eq!(response.status, 200, "{}", response.text());
+        serde_json::from_slice(&response.body).ok()
+    }
+
+    /// Waits until every node in `among` names the same leader, itself one of `among`.
+    async fn leader(&self, among: &[usize], within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut statuses = Vec::new();
+            for &i in among {
+                statuses.push(self.status(i).await);
+            }
+            let leaders: Vec<Option<&str>> = statuses
+                .iter()
+                .map(|s| s.as_ref().and_then(|s| s["leader"].as_str()))
+                .collect();
+            if let Some(Some(leader)) = leaders.first()
+                && leaders.iter().all(|l| *l == Some(leader))
+                && let Some(position) = statuses
+                    .iter()
+                    .position(|s| s.as_ref().and_then(|s| s["node_id"].as_str()) == Some(leader))
+            {
+                return among[position];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among {among:?} within {within:?}: {statuses:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends the request until it gets a non-5xx answer or `within` passes; a 5xx or no answer
+    /// means the outcome is unknown, so only idempotent requests are retried this way.
+    async fn until_answered(
+        &self,
+        nodes: &[usize],
+        method: &str,
+        path: &str,
+        body: &[u8],
+        within: Duration,
+    ) -> HttpResponse {
+        let deadline = Instant::now() + within;
+        let mut attempt = 0;
+        loop {
+            let node = nodes[attempt % nodes.len()];
+            attempt += 1;
+            match self.call(node, method, path, body).await {
+                Some(response) if response.status < 500 => return response,
+                last => assert!(
+                    Instant::now() < deadline,
+                    "{method} {path}: no answer within {within:?}, last {last:?}\n{}",
+                    self.logs()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Every acknowledged write is there, read through `node`.
+async fn check_acknowledged(
+    cluster: &Cluster,
+    node: usize,
+    acked: &BTreeMap<String, Option<String>>,
+) {
+    for (key, value) in acked {
+        let response = cluster
+            .until_answered(
+                &[node],
+                "GET",
+                &format!("/kv/{key}"),
+                b"",
+                Duration::from_secs(15),
+            )
+            .await;
+        match value {
+            Some(value) => {
+                assert_eq!(
+                    response.status,
+                    200,
+                    "{key} on node {node}: {}",
+                    response.text()
+                );
+                assert_eq!(response.text(), *value, "{key} on node {node}");
+            }
+            None => assert_eq!(
+                response.status,
+                404,
+                "{key} on node {node}: {}",
+                response.text()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_serves_fails_over_and_a_restarted_node_has_every_write() {
+    let mut cluster = Cluster::start(3);
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let mut acked: BTreeMap<String, Option<String>> = BTreeMap::new();
+
+    // Write through a follower, read through another node.
+    for i in 0..10 {
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        let response = cluster
+            .until_answered(
+                &[follower],
+                "PUT",
+                &format!("/kv/{key}"),
+                value.as_bytes(),
+                Duration::from_secs(15),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        acked.insert(key, Some(value));
+    }
+    let read = cluster.call(other, "GET", "/kv/k3", b"").await.unwrap();
+    assert_eq!((read.status, read.text().as_str()), (200, "v3"));
+    let missing = cluster
+        .call(other, "GET", "/kv/nothing", b"")
+        .await
+        .unwrap();
+    assert_eq!(missing.status, 404);
+
+    // Compare-and-swap: a match swaps; a stale one is 409 with the current value.
+    let swap = cluster
+        .call(
+            other,
+            "POST",
+            "/kv/k1/cas",
+            br#"{"from": "v1", "to": "w1"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(swap.status, 200, "{}", swap.text());
+    acked.insert("k1".into(), Some("w1".into()));
+    let stale = cluster
+        .call(
+            follower,
+            "POST",
+            "/kv/k1/cas",
+            br#"{"from": "v1", "to": "x1"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale.status, 409);
+    let current: Value = serde_json::from_slice(&stale.body).unwrap();
+    assert_eq!(current["current"], "w1");
+    let create = cluster
+        .call(
+            leader,
+            "POST",
+            "/kv/fresh/cas",
+            br#"{"from": null, "to": "new"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(create.status, 200, "{}", create.text());
+    acked.insert("fresh".into(), Some("new".into()));
+    let bad = cluster
+        .call(leader, "POST", "/kv/k1/cas", b"{\"to\": 3}")
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    // Delete, absent keys too.
+    for key in ["k2", "never-written"] {
+        let response = cluster
+            .call(follower, "DELETE", &format!("/kv/{key}"), b"")
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        acked.insert(key.into(), None);
+    }
+
+    // Status and metrics.
+    let status = cluster.status(other).await.unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    // Role and leader agree (a re-election may have happened since, so either role is valid).
+    let leads = status["leader"] == status["node_id"];
+    assert_eq!(
+        status["role"],
+        if leads { "leader" } else { "follower" },
+        "{status}"
+    );
+    assert!(status["commit_index"].as_u64().unwrap() >= 14, "{status}");
+    let metrics = cluster
+        .call(follower, "GET", "/metrics", b"")
+        .await
+        .unwrap();
+    for name in [
+        "consensus_term_current",
+        "consensus_committed_index",
+        "consensus_proposal_latency_seconds",
+        "consensus_vote_processing_duration_seconds",
+        "consensus_leader_changes",
+        "consensus_byzantine_detections",
+    ] {
+        assert!(metrics.text().contains(name), "{name} missing");
+    }
+
+    // SIGKILL the leader; keep writing through the survivors.
+    cluster.nodes[leader].kill();
+    let survivors = [follower, other];
+    for i in 0..10 {
+        let (key, value) = (format!("after{i}"), format!("a{i}"));
+        // A PUT of the same value is idempotent: retrying after an unknown outcome is safe.
+        let response = cluster
+            .until_answered(
+                &survivors,
+                "PUT",
+                &format!("/kv/{key}"),
+                value.as_bytes(),
+                Duration::from_secs(20),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        acked.insert(key, Some(value));
+    }
+    let new_leader = cluster.leader(&survivors, Duration::from_secs(20)).await;
+    assert_ne!(new_leader, leader);
+
+    // Restart the old leader from its data dir: it rejoins and serves every acknowledged write.
+    cluster.nodes[leader].spawn();
+    cluster.leader(&all, Duration::from_secs(20)).await;
+    for node in all {
+        check_acknowledged(&cluster, node, &acked).await;
+    }
+    // Its own state machine caught up by replay, not only through reads routed to the leader.
+    let target = cluster.status(new_leader).await.unwrap()["commit_index"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let applied = cluster
+            .status(leader)
+            .await
+            .and_then(|s| s["applied_index"].as_u64());
+        if applied >= Some(target) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted node applied {applied:?} < {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_413_and_sigterm_stops_the_node_cleanly() {
+    let mut cluster = Cluster::start(1);
+    cluster.leader(&[0], Duration::from_secs(20)).await;
+    let ok = cluster
+        .until_answered(&[0], "PUT", "/kv/small", b"fits", Duration::from_secs(15))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let huge = vec![b'x'; consensus::node::http::MAX_BODY_BYTES + 1];
+    let refused = cluster.call(0, "PUT", "/kv/huge", &huge).await.unwrap();
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    let refused = cluster
+        .call(0, "POST", "/kv/huge/cas", &huge)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    // The node still serves, and the refused value was never written.
+    let missing = cluster.call(0, "GET", "/kv/huge", b"").await.unwrap();
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    let read = cluster.call(0, "GET", "/kv/small", b"").await.unwrap();
+    assert_eq!((read.status, read.text().as_str()), (200, "fits"));
+
+    // SIGTERM: the node stops on its own, with success.
+    let mut child = cluster.nodes[0].child.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after SIGTERM\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}\n{}", cluster.logs());
+    assert!(
+        cluster.logs().contains("node stopped"),
+        "{}",
+        cluster.logs()
+    );
+}
+
+/// Runs the binary on `config` and returns its exit code and stderr.
+fn run_with_config(dir: &Path, config: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let path = dir.join("node.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(BINARY)
+        .arg("--config")
+        .arg(&path)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_malformed_config_exits_2_with_one_line_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "[consensus]\nnode_id = \"a\"\nbind_address = \"127.0.0.1:1\"\n\
+                election_timeout_ms = 300\nheartbeat_interval_ms = 50\n\n[http]\naddress = \"127.0.0.1:2\"\n";
+    let cases = [
+        (
+            good.replace("heartbeat_interval_ms = 50", "heartbeat_interval_ms = 500"),
+            "heartbeat_interval_ms",
+        ),
+        (
+            good.replace("election_timeout_ms", "election_timout_ms"),
+            "election_timout_ms",
+        ),
+        (good.replace("node_id = \"a\"", "node_id = "), "line 2"),
+        (
+            good.replace("127.0.0.1:2", "not-an-address"),
+            "not-an-address",
+        ),
+        (
+            good.replace("address = \"127.0.0.1:2\"", ""),
+            "http.address",
+        ),
+        (good.replace("[consensus]", "[consenssus]"), "[consensus]"),
+    ];
+    for (config, named) in cases {
+        let (code, stderr) = run_with_config(dir.path(), &config, &[]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(named), "expected {named:?} in {stderr:?}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    }
+    let (code, stderr) = run_with_config(dir.path(), good, &["--http", "bad"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("bad"), "{stderr}");
+    let output = Command::new(BINARY)
+        .args(["--config", "/nonexistent/node.toml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/node.toml"), "{stderr}");
+    let output = Command::new(BINARY).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}

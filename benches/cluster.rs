@@ -7,7 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Setup, start_cluster};
-use consensus::{ConsensusResult, Proposal};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {
@@ -34,24 +33,7 @@ fn bench(c: &mut Criterion) {
                     async move {
                         let started = Instant::now();
                         for _ in 0..iterations {
-                            let tasks: Vec<_> = (0..clients)
-                                .map(|_| {
-                                    let leader = leader.clone();
-                                    tokio::spawn(async move {
-                                        for _ in 0..PER_CLIENT {
-                                            let result =
-                                                leader.propose(Proposal::from_bytes(&[][..])).await;
-                                            assert!(matches!(
-                                                result,
-                                                Ok(ConsensusResult::Committed { .. })
-                                            ));
-                                        }
-                                    })
-                                })
-                                .collect();
-                            for task in tasks {
-                                task.await.unwrap();
-                            }
+                            common::propose_concurrently(&leader, clients, PER_CLIENT, &[]).await;
                         }
                         started.elapsed()
                     }

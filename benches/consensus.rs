@@ -68,24 +68,8 @@ fn bench(c: &mut Criterion) {
                 async move {
                     let started = Instant::now();
                     for _ in 0..iterations {
-                        let tasks: Vec<_> = (0..PROPOSERS)
-                            .map(|_| {
-                                let leader = leader.clone();
-                                tokio::spawn(async move {
-                                    for _ in 0..PER_PROPOSER {
-                                        let proposal = Proposal::from_bytes(&PAYLOAD[..]);
-                                        let result = leader.propose(proposal).await;
-                                        assert!(matches!(
-                                            result,
-                                            Ok(ConsensusResult::Committed { .. })
-                                        ));
-                                    }
-                                })
-                            })
-                            .collect();
-                        for task in tasks {
-                            task.await.unwrap();
-                        }
+                        common::propose_concurrently(&leader, PROPOSERS, PER_PROPOSER, &PAYLOAD)
+                            .await;
                     }
                     started.elapsed()
                 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consensus::{ConsensusConfig, ConsensusEngine, LocalNetwork};
+use consensus::{ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal};
 
 /// Where the members talk and keep their logs.
 #[derive(Clone, Copy, Debug)]
@@ -99,4 +99,31 @@ pub fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     }
     let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// `proposers` concurrent tasks each propose `payload` `per_proposer` times, one after another,
+/// asserting every proposal commits; returns when all are done.
+pub async fn propose_concurrently(
+    leader: &Arc<ConsensusEngine>,
+    proposers: u64,
+    per_proposer: u64,
+    payload: &'static [u8],
+) {
+    let tasks: Vec<_> = (0..proposers)
+        .map(|_| {
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_proposer {
+                    let result = leader.propose(Proposal::from_bytes(payload)).await;
+                    assert!(
+                        matches!(result, Ok(ConsensusResult::Committed { .. })),
+                        "{result:?}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
 }

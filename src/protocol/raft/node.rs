@@ -166,6 +166,13 @@ impl RaftNode {
         self.leader_state.as_ref()?.progress.get(&peer)
     }
 
+    /// A leader heard from `peer`: marks it live for check-quorum and returns its progress.
+    pub(crate) fn progress_heard_from(&mut self, peer: NodeId) -> Option<&mut Progress> {
+        let progress = self.leader_state.as_mut()?.progress.get_mut(&peer)?;
+        progress.recently_active = true;
+        Some(progress)
+    }
+
     /// The peer a leadership transfer is handing over to, if one is in progress.
     pub fn transfer_target(&self) -> Option<NodeId> {
         self.leader_state.as_ref()?.transfer.map(|(to, _)| to)

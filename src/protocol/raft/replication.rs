@@ -298,14 +298,9 @@ impl RaftNode {
                 .map_or(hint.first_index, |i| i + 1),
             None => hint.first_index,
         });
-        let Some(progress) = self
-            .leader_state
-            .as_mut()
-            .and_then(|s| s.progress.get_mut(&from))
-        else {
+        let Some(progress) = self.progress_heard_from(from) else {
             return;
         };
-        progress.recently_active = true;
         match retry_from {
             None => {
                 if progress.on_match(index) {
@@ -325,14 +320,9 @@ impl RaftNode {
     /// Leader side of [`Message::HeartbeatResponse`].
     pub(crate) fn handle_heartbeat_response(&mut self, from: NodeId, out: &mut Output) {
         let last_index = self.log.last_index();
-        let Some(progress) = self
-            .leader_state
-            .as_mut()
-            .and_then(|s| s.progress.get_mut(&from))
-        else {
+        let Some(progress) = self.progress_heard_from(from) else {
             return;
         };
-        progress.recently_active = true;
         progress.on_heartbeat_response(last_index);
         if progress.match_index < last_index {
             self.send_appends(from, out);

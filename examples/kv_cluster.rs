@@ -106,31 +106,17 @@ fn configure(dir: &Path) -> Result<Vec<Node>, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     drop(listeners);
-    let names: Vec<String> = (1..=NODES).map(|i| format!("node-{i}")).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let peers: Vec<String> = (0..NODES)
-            .filter(|&j| j != i)
-            .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
-            .collect();
-        let http: SocketAddr = ([127, 0, 0, 1], ports[NODES + i]).into();
-        let text = format!(
-            "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
-             bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
-            ports[i],
-            peers.join(", "),
-            dir.join(name).display(),
-        );
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
-        nodes.push(Node {
-            name: name.clone(),
-            http,
-            config,
-            log: dir.join(format!("{name}.log")),
-        });
-    }
+    let files = consensus::node::write_loopback_cluster(dir, &ports)
+        .map_err(|e| format!("cannot write node configurations in {}: {e}", dir.display()))?;
+    let nodes = files
+        .into_iter()
+        .map(|f| Node {
+            name: f.name,
+            http: f.http,
+            config: f.config,
+            log: f.log,
+        })
+        .collect();
     Ok(nodes)
 }
 

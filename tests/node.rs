@@ -79,29 +79,14 @@ impl Cluster {
     fn start(size: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * size);
-        let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+        let files = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
         let mut nodes = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let peers: Vec<String> = (0..size)
-                .filter(|&j| j != i)
-                .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
-                .collect();
-            let http: SocketAddr = format!("127.0.0.1:{}", ports[size + i]).parse().unwrap();
-            let text = format!(
-                "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
-                 bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
-                 request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
-                ports[i],
-                peers.join(", "),
-                dir.path().join(name).display(),
-            );
-            let config = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config, text).unwrap();
+        for files in files {
             let mut node = Node {
-                name: name.clone(),
-                http,
-                config,
-                log: dir.path().join(format!("{name}.log")),
+                name: files.name,
+                http: files.http,
+                config: files.config,
+                log: files.log,
                 child: None,
             };
             node.spawn();

@@ -147,6 +147,57 @@ fn parse_args(args: &[OsString]) -> Result<(PathBuf, Option<String>), NodeError>
     Ok((config, http))
 }
 
+/// The files of one member of a loopback cluster written by [`write_loopback_cluster`].
+#[derive(Clone, Debug)]
+pub struct LoopbackNodeFiles {
+    /// The node's name (`node-1`, ...).
+    pub name: String,
+    /// Where its HTTP API listens.
+    pub http: SocketAddr,
+    /// Its TOML configuration file.
+    pub config: PathBuf,
+    /// Where a runner may send its stderr.
+    pub log: PathBuf,
+}
+
+/// Writes the configurations of a cluster on 127.0.0.1 into `dir`: one node per pair of
+/// `ports` (the first half are the peer ports, the second half the HTTP ports), peers named
+/// `node-N@127.0.0.1:PORT`, a 300 ms election timeout, 50 ms heartbeats, a 2 s request deadline
+/// and a fjall data dir `dir/node-N`. Used by the `kv_cluster` example and the node tests.
+pub fn write_loopback_cluster(
+    dir: &Path,
+    ports: &[u16],
+) -> std::io::Result<Vec<LoopbackNodeFiles>> {
+    let size = ports.len() / 2;
+    let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let peers: Vec<String> = (0..size)
+            .filter(|&j| j != i)
+            .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
+            .collect();
+        let http: SocketAddr = ([127, 0, 0, 1], ports[size + i]).into();
+        let text = format!(
+            "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
+             bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
+             request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
+            ports[i],
+            peers.join(", "),
+            dir.join(name).display(),
+        );
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text)?;
+        let log = dir.join(format!("{name}.log"));
+        nodes.push(LoopbackNodeFiles {
+            name: name.clone(),
+            http,
+            config,
+            log,
+        });
+    }
+    Ok(nodes)
+}
+
 /// The command line: parses `args` (without the program name), runs the node until SIGTERM or
 /// Ctrl-C, and returns the exit code (2 for a bad command line or configuration, with a
 /// one-line message on stderr).

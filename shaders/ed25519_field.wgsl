@@ -10,14 +10,14 @@
 //
 // Every function returns a carried (loose) element, so any result may feed `fe_mul` directly.
 //
-// Loop bounds, a compromise forced by the software adapter (llvmpipe) used in CI:
-// - `fe_mul` and `fe_carry` use constant bounds, so drivers unroll them: llvmpipe silently exits
-//   every loop once an invocation has run 65535 loop iterations in total (gallivm's loop
-//   limiter), and an exponentiation alone runs ~500 multiplications.
-// - The cheaper limb loops (add, sub, canonical form, zero test) run to `limb_count()`, the
-//   uniform `params.limbs` (always 20; every kernel binds `params`), which the compiler cannot
-//   see: drivers inline every function, and unrolling every loop at every inlined call site made
-//   the first version of the verify kernel compile for more than ten minutes on llvmpipe.
+// Loop bounds, chosen for the software adapter (llvmpipe) used in CI, which silently exits every
+// loop once an invocation has run 65535 loop iterations in total (gallivm's loop limiter):
+// - `fe_mul`, `fe_carry`, `fe_add` and `fe_sub` use constant bounds, so drivers unroll them. The
+//   verification kernel (ed25519_verify.wgsl) calls each from one place only, so the unrolled
+//   code exists once.
+// - The rarer limb loops (canonical form, zero test) run to `limb_count()`, the uniform
+//   `params.limbs` (always 20; every kernel binds `params`), which the compiler cannot see, so
+//   they stay loops in the small test kernels that call them from several places.
 fn limb_count() -> u32 {
     return params.limbs;
 }
@@ -71,7 +71,7 @@ fn fe_carry(input: Fe) -> Fe {
 
 fn fe_add(a: Fe, b: Fe) -> Fe {
     var r: Fe;
-    for (var i = 0u; i < limb_count(); i++) {
+    for (var i = 0u; i < 20u; i++) {
         r[i] = a[i] + b[i];
     }
     return fe_carry(r);
@@ -80,7 +80,7 @@ fn fe_add(a: Fe, b: Fe) -> Fe {
 fn fe_sub(a: Fe, b: Fe) -> Fe {
     var r: Fe;
     let p64 = FE_P64;
-    for (var i = 0u; i < limb_count(); i++) {
+    for (var i = 0u; i < 20u; i++) {
         r[i] = a[i] + p64[i] - b[i];
     }
     return fe_carry(r);

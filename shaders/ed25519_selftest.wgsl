@@ -1,12 +1,10 @@
 // ed25519_selftest.wgsl: small kernels that expose the building blocks of the verification
-// kernels (field arithmetic, point decoding/encoding/addition/doubling, scalar reduction) so the
-// tests can compare each with a CPU reference. Needs field, curve, scalar and batch before it.
+// kernel (field arithmetic, exponentiation, scalar reduction) so the tests can compare each with
+// a CPU reference on its own. Needs field, scalar and batch before it.
 //
 // Bindings: 0 `inputs` (read), 1 `outputs` (read_write), 2 `params` (uniform; `count` cases).
 // field_main:  16 words in (a, b as 32-byte strings) -> 32 out: a*b, a+b, a-b, a^4 (canonical).
 // field_pow_main: 16 words in (a, unused) -> 16 out: 1/a, a^(2^200) (long multiplication loops).
-// point_main:  16 words in (P, Q encodings) -> 26 out: flags (bit 0 P decodes, bit 1 Q decodes,
-//              bit 2 P small order), enc(P), enc(P+Q), enc(2P) (8 words each), 1 unused word.
 // scalar_main: 16 words in (h) -> 9 out: h mod L (8 words), [h < 2^256 part] >= L flag.
 
 @group(0) @binding(0) var<storage, read> inputs: array<u32>;
@@ -52,33 +50,6 @@ fn field_pow_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let out = index * 16u;
     store_words8(out, fe_to_words(fe_invert(a)));
     store_words8(out + 8u, fe_to_words(fe_pow2k(a, 200u)));
-}
-
-@compute @workgroup_size(64)
-fn point_main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let index = gid.x;
-    if (index >= params.count) {
-        return;
-    }
-    var points: array<Ext, 2>;
-    var flags: u32;
-    flags = 0u;
-    for (var which = 0u; which < 2u; which++) {
-        let decoded = pt_decompress(input_words8(index * 16u + which * 8u));
-        points[which] = decoded.point;
-        flags |= select(0u, 1u << which, decoded.ok);
-    }
-    let p = points[0];
-    flags |= select(0u, 4u, pt_is_small_order(p));
-    let out = index * 26u;
-    outputs[out] = flags;
-    var results: array<Ext, 3>;
-    results[0] = p;
-    results[1] = pt_add_cached(p, pt_to_cached(points[1]));
-    results[2] = pt_double(p);
-    for (var r = 0u; r < 3u; r++) {
-        store_words8(out + 1u + r * 8u, pt_compress(results[r]));
-    }
 }
 
 @compute @workgroup_size(64)

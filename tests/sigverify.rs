@@ -19,7 +19,6 @@ use consensus::gpu::{
     AutoSignatureVerifier, CpuSignatureVerifier, GpuSignatureVerifier, GpuVerifierOptions,
     SignatureVerifier,
 };
-use curve25519_dalek::edwards::CompressedEdwardsY;
 use curve25519_dalek::scalar::Scalar;
 use ed25519_dalek::{Signer, SigningKey};
 use proptest::prelude::*;
@@ -134,31 +133,9 @@ fn rfc_items() -> Vec<(&'static str, OwnedItem)> {
         .collect()
 }
 
-/// Set to `1` to run the full-verifier GPU tests on a software adapter too.
-const FULL_ON_SOFTWARE_VAR: &str = "SIGVERIFY_FULL_GPU_ON_SOFTWARE";
-
 /// The context for a test of the complete GPU verifier, or `None` (with the reason printed).
-///
-/// On a software adapter (llvmpipe) the three verification kernels are JIT-compiled by LLVM at
-/// their first dispatch, which takes longer than five minutes on two cores, and a verification
-/// runs more than the 65535 loop iterations per invocation after which llvmpipe silently exits
-/// every loop (measured; see benches/SIGVERIFY_NOTES.md), so the GPU verifier's construction
-/// self-check would refuse it there. These tests therefore skip on software adapters unless
-/// `SIGVERIFY_FULL_GPU_ON_SOFTWARE=1`; the building-block tests below run on llvmpipe. On a
-/// hardware adapter they always run.
 fn full_verifier_context(test_name: &str) -> Option<Arc<GpuContext>> {
-    let context = gpu_common::gpu_context_or_skip(test_name)?;
-    let software = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
-    let forced = std::env::var(FULL_ON_SOFTWARE_VAR).is_ok_and(|value| value.trim() == "1");
-    if software && !forced {
-        eprintln!(
-            "skipping {test_name}: software adapter {:?} needs minutes to JIT the full ed25519 \
-             kernels; set {FULL_ON_SOFTWARE_VAR}=1 to run it anyway",
-            context.adapter_name()
-        );
-        return None;
-    }
-    Some(context)
+    gpu_common::gpu_context_or_skip(test_name)
 }
 
 /// The GPU verifier on the shared test context, built once per test binary (the base table and
@@ -276,6 +253,7 @@ fn batches_split_across_dispatches_keep_order() {
         context,
         GpuVerifierOptions {
             max_items_per_dispatch: 7,
+            ..GpuVerifierOptions::default()
         },
     )
     .expect("verifier");
@@ -709,76 +687,6 @@ fn field_exponentiation_kernel_matches_cpu_reference() {
         }
     }
     assert_eq!(failures, 0, "{failures} of {} cases differ", cases.len());
-}
-
-/// Encodings for the point kernel: random points, mixed-order points, every small-order encoding,
-/// the y >= p encodings and random strings (most of which do not decode).
-fn point_cases() -> Vec<[u8; 32]> {
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
-    let mut encodings = vectors::small_order_encodings();
-    encodings.extend(vectors::y_at_least_p_encodings());
-    for index in 0..24u64 {
-        let mut wide = [0u8; 64];
-        rng.fill_bytes(&mut wide);
-        let point = curve25519_dalek::constants::ED25519_BASEPOINT_POINT
-            * Scalar::from_bytes_mod_order_wide(&wide)
-            + curve25519_dalek::constants::EIGHT_TORSION[(index % 8) as usize];
-        encodings.push(point.compress().to_bytes());
-        let mut random = [0u8; 32];
-        rng.fill_bytes(&mut random);
-        encodings.push(random);
-    }
-    encodings
-}
-
-/// Runs on hardware adapters; ignored by default because on llvmpipe this kernel (two decodings,
-/// three encodings: ~2600 multiplications) exceeds llvmpipe's 65535 loop iterations per invocation
-/// and gives wrong values, after ~6 minutes of JIT compilation.
-#[test]
-#[ignore = "exceeds llvmpipe's per-invocation loop limit; run with --include-ignored on a hardware GPU"]
-fn point_kernel_matches_curve25519_dalek() {
-    let Some(context) = gpu_common::gpu_context_or_skip("point_kernel_matches_curve25519_dalek")
-    else {
-        return;
-    };
-    let encodings = point_cases();
-    let pairs: Vec<([u8; 32], [u8; 32])> = encodings
-        .iter()
-        .enumerate()
-        .map(|(index, p)| (*p, encodings[(index * 7 + 3) % encodings.len()]))
-        .collect();
-    let inputs: Vec<u32> = pairs
-        .iter()
-        .flat_map(|(p, q)| words_of(p).into_iter().chain(words_of(q)))
-        .collect();
-    let outputs = run_building_block(&context, BuildingBlock::Point, &inputs).expect("kernel");
-    let mut decodable = 0;
-    for (index, (p_bytes, q_bytes)) in pairs.iter().enumerate() {
-        let got = &outputs[index * 26..index * 26 + 26];
-        let p = CompressedEdwardsY(*p_bytes).decompress();
-        let q = CompressedEdwardsY(*q_bytes).decompress();
-        let label = format!("P {} Q {}", to_hex(p_bytes), to_hex(q_bytes));
-        assert_eq!(got[0] & 1 == 1, p.is_some(), "P decodes: {label}");
-        assert_eq!(got[0] & 2 == 2, q.is_some(), "Q decodes: {label}");
-        let (Some(p), Some(q)) = (p, q) else {
-            continue;
-        };
-        decodable += 1;
-        assert_eq!(got[0] & 4 == 4, p.is_small_order(), "small order: {label}");
-        let expected = [p.compress(), (p + q).compress(), (p + p).compress()];
-        for (slot, (name, value)) in ["enc(P)", "enc(P+Q)", "enc(2P)"]
-            .iter()
-            .zip(expected)
-            .enumerate()
-        {
-            assert_eq!(
-                &got[1 + slot * 8..9 + slot * 8],
-                words_of(value.as_bytes()).as_slice(),
-                "{name}: {label}"
-            );
-        }
-    }
-    assert!(decodable > 40, "only {decodable} decodable pairs");
 }
 
 #[test]

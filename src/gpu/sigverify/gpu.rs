@@ -1,13 +1,14 @@
-//! The wgpu backend: SHA-512 of `R ‖ A ‖ M` on CPU threads (rayon), everything else in WGSL
-//! (`shaders/ed25519_*.wgsl`): three kernels (decode, ladder, finish), one invocation per
-//! signature each, passing a per-item state record along in a pooled storage buffer.
+//! The wgpu backend: SHA-512 of `R ‖ A ‖ M` on CPU threads (rayon), everything else in one WGSL
+//! kernel (`shaders/ed25519_verify.wgsl`), one invocation per signature, which interprets the
+//! verification program of [`super::program`] (one call site per field operation; see there why).
 //!
 //! A call splits the batch into dispatches of at most
 //! [`GpuVerifierOptions::max_items_per_dispatch`] items. For each dispatch it packs the items
 //! (40 words each: `A`, `R`, `s`, digest), writes them into pooled buffers, dispatches, and while
 //! the GPU works it already hashes and packs the next dispatch; then it reads the verdicts back
-//! through a pooled staging buffer. The base-point table (`[j·16^w]B`, 1024 affine points, 240 KiB)
-//! is computed on the GPU once, when the verifier is built, and stays resident.
+//! through a pooled staging buffer. The program (~24 KiB) and the base-point table (`[j·16^w]B`,
+//! 1024 affine points, 240 KiB, computed exactly on the CPU) are uploaded once, when the verifier
+//! is built, and stay resident.
 
 use std::num::NonZeroU64;
 use std::sync::Arc;
@@ -16,16 +17,15 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha512};
 
 use super::super::context::{GpuContext, GpuError, PooledBuffer};
+use super::program::STATE_WORDS;
 use super::vectors::{self, OwnedItem};
 use super::{SigVerifyError, SignatureItem, SignatureVerifier, verify_strict_reference};
 
-/// Field, curve, scalar and batch-layout code shared by the three verification kernels.
-macro_rules! verify_kernel {
+/// Field, scalar and batch-layout code, then the kernel file.
+macro_rules! ed25519_kernel {
     ($file:literal) => {
         concat!(
             include_str!("../../../shaders/ed25519_field.wgsl"),
-            "\n",
-            include_str!("../../../shaders/ed25519_curve.wgsl"),
             "\n",
             include_str!("../../../shaders/ed25519_scalar.wgsl"),
             "\n",
@@ -36,39 +36,23 @@ macro_rules! verify_kernel {
     };
 }
 
-/// Kernel 1: s < L, decode A and R, small-order checks, k = h mod L.
-const DECODE_SHADER: &str = verify_kernel!("../../../shaders/ed25519_decode.wgsl");
-/// Kernel 2: [s]B - [k]A.
-const LADDER_SHADER: &str = verify_kernel!("../../../shaders/ed25519_ladder.wgsl");
-/// Kernel 3: encode and compare with R.
-const FINISH_SHADER: &str = verify_kernel!("../../../shaders/ed25519_finish.wgsl");
+/// The verification kernel (the program interpreter).
+const VERIFY_SHADER: &str = ed25519_kernel!("../../../shaders/ed25519_verify.wgsl");
 
-/// Building-block kernels for the tests (field, point, scalar); see [`run_building_block`].
-const SELFTEST_SHADER: &str = verify_kernel!("../../../shaders/ed25519_selftest.wgsl");
-
-/// The one-off base-point table kernel.
-const TABLE_SHADER: &str = concat!(
-    include_str!("../../../shaders/ed25519_field.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_curve.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_batch.wgsl"),
-    "\n",
-    include_str!("../../../shaders/ed25519_table.wgsl"),
-);
+/// Building-block kernels for the tests (field, scalar); see [`run_building_block`].
+const SELFTEST_SHADER: &str = ed25519_kernel!("../../../shaders/ed25519_selftest.wgsl");
 
 /// Words per packed item; `ITEM_WORDS` in `ed25519_batch.wgsl`.
 pub(crate) const ITEM_WORDS: usize = 40;
-/// Words of per-item state between the kernels; `STATE_WORDS` in `ed25519_batch.wgsl`.
-const STATE_WORDS: usize = 105;
 /// Limbs per field element; the kernels read it from the uniform (`Params::limbs`).
 const FIELD_LIMBS: u32 = 20;
-/// Entries of the base-point table (64 windows × 16 digits).
-const TABLE_ENTRIES: u64 = 1024;
-/// Words per table entry (three 20-limb field elements); `NIELS_WORDS` in the shader.
-const NIELS_WORDS: u64 = 60;
-/// `@workgroup_size` of both kernels.
+/// `@workgroup_size` of every kernel.
 const WORKGROUP_SIZE: u32 = 64;
+
+/// Program ops per dispatch on CPU-type adapters (llvmpipe), which silently exit every loop of
+/// an invocation after 65 535 iterations: ~50 iterations per op were measured there, plus ~2 000
+/// to load and store the state between segments.
+pub const SOFTWARE_ADAPTER_OPS_PER_DISPATCH: usize = 512;
 
 /// Tuning of [`GpuSignatureVerifier`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +60,20 @@ pub struct GpuVerifierOptions {
     /// Most items in one dispatch; larger batches are split. Bounded further by the device's
     /// storage-binding limit and by 65 535 workgroups.
     pub max_items_per_dispatch: usize,
+    /// Program ops per dispatch: `None` runs the whole program (~6 700 ops) in one dispatch on
+    /// hardware adapters and [`SOFTWARE_ADAPTER_OPS_PER_DISPATCH`] on CPU-type adapters. Shorter
+    /// segments pass each invocation's 8 KiB state through memory between dispatches.
+    pub ops_per_dispatch: Option<usize>,
 }
 
 impl Default for GpuVerifierOptions {
     /// 65 536 items (10 MiB of input) per dispatch: large enough to fill an H100, small enough
-    /// that one dispatch stays well inside a watchdog or `kernel_launch_timeout` on slow adapters.
+    /// that one dispatch stays well inside a watchdog or `kernel_launch_timeout` on slow adapters;
+    /// automatic segmenting of the program.
     fn default() -> Self {
         Self {
             max_items_per_dispatch: 1 << 16,
+            ops_per_dispatch: None,
         }
     }
 }
@@ -91,9 +81,12 @@ impl Default for GpuVerifierOptions {
 /// ed25519 `verify_strict` in WGSL on the context's device.
 pub struct GpuSignatureVerifier {
     context: Arc<GpuContext>,
-    decode_pipeline: Arc<wgpu::ComputePipeline>,
-    ladder_pipeline: Arc<wgpu::ComputePipeline>,
-    finish_pipeline: Arc<wgpu::ComputePipeline>,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    program: wgpu::Buffer,
+    /// `[begin, end)` ops of each dispatch of one batch, covering the program in order.
+    segments: Vec<(u32, u32)>,
+    /// Byte stride between the segments' parameter blocks (the uniform offset alignment).
+    params_stride: u64,
     base_table: wgpu::Buffer,
     max_items_per_dispatch: usize,
 }
@@ -120,12 +113,13 @@ struct InFlight {
 }
 
 impl GpuSignatureVerifier {
-    /// Compiles the kernels, builds the base-point table and runs a known-answer self-check
+    /// Compiles the kernel, uploads the program and the base-point table and runs a known-answer
+    /// self-check
     /// against the CPU reference, with default options.
     ///
     /// # Errors
-    /// [`SigVerifyError::Gpu`] when a shader does not compile, the table build or a dispatch
-    /// fails or times out; [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
+    /// [`SigVerifyError::Gpu`] when the shader does not compile, an upload or a dispatch fails
+    /// or times out; [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
     /// that differs from `verify_strict` on the self-check batch. Either way the caller should use
     /// the CPU backend.
     pub fn new(context: Arc<GpuContext>) -> Result<Self, SigVerifyError> {
@@ -140,21 +134,48 @@ impl GpuSignatureVerifier {
         context: Arc<GpuContext>,
         options: GpuVerifierOptions,
     ) -> Result<Self, SigVerifyError> {
-        let decode_pipeline =
-            context.compute_pipeline("ed25519_decode", DECODE_SHADER, "decode_main")?;
-        let ladder_pipeline =
-            context.compute_pipeline("ed25519_ladder", LADDER_SHADER, "ladder_main")?;
-        let finish_pipeline =
-            context.compute_pipeline("ed25519_finish", FINISH_SHADER, "finish_main")?;
-        let base_table = build_base_table(&context)?;
-        let by_binding = context.max_storage_binding_bytes() / (STATE_WORDS as u64 * 4);
+        let pipeline = context.compute_pipeline("ed25519_verify", VERIFY_SHADER, "verify_main")?;
+        let program_words = super::program::verify_program();
+        let program_len =
+            u32::try_from(program_words.len()).map_err(|_| GpuError::InputTooLarge {
+                detail: "verification program".to_string(),
+            })?;
+        let program = upload(&context, "ed25519 program", program_words)?;
+        let base_table = upload(
+            &context,
+            "ed25519 base table",
+            &super::base_table::table_words(),
+        )?;
+        let software = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let ops_per_dispatch = match options.ops_per_dispatch {
+            Some(ops) => ops.max(1),
+            None if software => SOFTWARE_ADAPTER_OPS_PER_DISPATCH,
+            None => program_words.len(),
+        };
+        let segments: Vec<(u32, u32)> = (0..program_len)
+            .step_by(ops_per_dispatch)
+            .map(|begin| {
+                (
+                    begin,
+                    program_len.min(begin.saturating_add(ops_per_dispatch as u32)),
+                )
+            })
+            .collect();
+        let item_bytes = if segments.len() > 1 {
+            (STATE_WORDS * 4) as u64
+        } else {
+            (ITEM_WORDS * 4) as u64
+        };
+        let params_stride = u64::from(context.limits().min_uniform_buffer_offset_alignment).max(16);
+        let by_binding = context.max_storage_binding_bytes() / item_bytes;
         let by_workgroups = 65_535 * u64::from(WORKGROUP_SIZE);
         let limit = by_binding.min(by_workgroups).max(1) as usize;
         let verifier = Self {
             context,
-            decode_pipeline,
-            ladder_pipeline,
-            finish_pipeline,
+            pipeline,
+            program,
+            segments,
+            params_stride,
             base_table,
             max_items_per_dispatch: options.max_items_per_dispatch.clamp(1, limit),
         };
@@ -206,31 +227,14 @@ impl GpuSignatureVerifier {
         &self.context
     }
 
+    /// How many dispatches one batch's program is split into (1 on hardware adapters).
+    pub fn program_segments(&self) -> usize {
+        self.segments.len()
+    }
+
     /// The effective dispatch size after the device limits.
     pub fn max_items_per_dispatch(&self) -> usize {
         self.max_items_per_dispatch
-    }
-
-    /// Reads the base-point table back (1024 entries × 60 words), for tests and diagnostics.
-    ///
-    /// # Errors
-    /// A [`GpuError`] when the copy or the read-back fails.
-    pub fn base_table_words(&self) -> Result<Vec<u32>, GpuError> {
-        let bytes = self.base_table.size();
-        let staging = self.context.buffers().acquire(
-            "ed25519 table staging",
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        )?;
-        let mut encoder =
-            self.context
-                .device()
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("ed25519 table read"),
-                });
-        encoder.copy_buffer_to_buffer(&self.base_table, 0, &staging, 0, bytes);
-        self.context.submit([encoder.finish()])?;
-        self.context.read_back(&staging, bytes)
     }
 
     /// Hashes and packs items into the kernel's 40-word records, on all cores.
@@ -263,63 +267,65 @@ impl GpuSignatureVerifier {
         )?;
         let params = pool.acquire(
             "ed25519 params",
-            16,
+            self.params_stride * self.segments.len() as u64,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
-        let state_bytes = (count * STATE_WORDS * 4) as u64;
+        // Only a segmented program passes state between dispatches; otherwise a token binding.
+        let state_bytes = if self.segments.len() > 1 {
+            (count * STATE_WORDS * 4) as u64
+        } else {
+            4
+        };
         let state = pool.acquire("ed25519 state", state_bytes, wgpu::BufferUsages::STORAGE)?;
         let queue = context.queue();
         queue.write_buffer(&items, 0, bytemuck::cast_slice(packed));
         let count_u32 = u32::try_from(count).map_err(|_| GpuError::InputTooLarge {
             detail: format!("{count} items in one dispatch"),
         })?;
-        queue.write_buffer(
-            &params,
-            0,
-            bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
-        );
+        let mut params_bytes = vec![0u8; (self.params_stride as usize) * self.segments.len()];
+        for (block, &(begin, end)) in params_bytes
+            .chunks_exact_mut(self.params_stride as usize)
+            .zip(&self.segments)
+        {
+            block[..16].copy_from_slice(bytemuck::cast_slice(&[
+                count_u32,
+                FIELD_LIMBS,
+                begin,
+                end,
+            ]));
+        }
+        queue.write_buffer(&params, 0, &params_bytes);
         let commands = context.validated(|| {
             let device = context.device();
-            let bind = |pipeline: &wgpu::ComputePipeline,
-                        resources: [wgpu::BindingResource<'_>; 3]| {
-                let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-                    .into_iter()
-                    .enumerate()
-                    .map(|(slot, resource)| wgpu::BindGroupEntry {
-                        binding: slot as u32,
-                        resource,
+            let bind_groups: Vec<wgpu::BindGroup> = (0..self.segments.len())
+                .map(|segment| {
+                    let resources = [
+                        binding(&items, item_bytes),
+                        self.program.as_entire_binding(),
+                        self.base_table.as_entire_binding(),
+                        binding(&verdicts, verdict_bytes),
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params,
+                            offset: segment as u64 * self.params_stride,
+                            size: NonZeroU64::new(16),
+                        }),
+                        binding(&state, state_bytes),
+                    ];
+                    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+                        .into_iter()
+                        .enumerate()
+                        .map(|(slot, resource)| wgpu::BindGroupEntry {
+                            binding: slot as u32,
+                            resource,
+                        })
+                        .collect();
+                    device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("ed25519 verify"),
+                        layout: &self.pipeline.get_bind_group_layout(0),
+                        entries: &entries,
                     })
-                    .collect();
-                device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("ed25519 verify"),
-                    layout: &pipeline.get_bind_group_layout(0),
-                    entries: &entries,
                 })
-            };
-            let decode = bind(
-                &self.decode_pipeline,
-                [
-                    binding(&items, item_bytes),
-                    binding(&state, state_bytes),
-                    binding(&params, 16),
-                ],
-            );
-            let ladder = bind(
-                &self.ladder_pipeline,
-                [
-                    binding(&state, state_bytes),
-                    self.base_table.as_entire_binding(),
-                    binding(&params, 16),
-                ],
-            );
-            let finish = bind(
-                &self.finish_pipeline,
-                [
-                    binding(&state, state_bytes),
-                    binding(&verdicts, verdict_bytes),
-                    binding(&params, 16),
-                ],
-            );
+                .collect();
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("ed25519 verify"),
             });
@@ -328,15 +334,10 @@ impl GpuSignatureVerifier {
                     label: Some("ed25519 verify"),
                     timestamp_writes: None,
                 });
-                let workgroups = count_u32.div_ceil(WORKGROUP_SIZE);
-                for (pipeline, bind_group) in [
-                    (&self.decode_pipeline, &decode),
-                    (&self.ladder_pipeline, &ladder),
-                    (&self.finish_pipeline, &finish),
-                ] {
-                    pass.set_pipeline(pipeline);
+                pass.set_pipeline(&self.pipeline);
+                for bind_group in &bind_groups {
                     pass.set_bind_group(0, bind_group, &[]);
-                    pass.dispatch_workgroups(workgroups, 1, 1);
+                    pass.dispatch_workgroups(count_u32.div_ceil(WORKGROUP_SIZE), 1, 1);
                 }
             }
             encoder.copy_buffer_to_buffer(&verdicts, 0, &staging, 0, verdict_bytes);
@@ -397,66 +398,23 @@ fn pack_one(item: &SignatureItem<'_>) -> [u32; ITEM_WORDS] {
     record
 }
 
-/// Computes the base-point table on the GPU (1024 invocations) into a resident buffer.
-fn build_base_table(context: &GpuContext) -> Result<wgpu::Buffer, GpuError> {
-    let pipeline = context.compute_pipeline("ed25519_table", TABLE_SHADER, "build_table_main")?;
-    let bytes = TABLE_ENTRIES * NIELS_WORDS * 4;
-    let params = context.buffers().acquire(
-        "ed25519 table params",
-        16,
-        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-    )?;
-    context.queue().write_buffer(
-        &params,
-        0,
-        bytemuck::cast_slice(&[TABLE_ENTRIES as u32, FIELD_LIMBS, 0, 0]),
-    );
-    let (table, commands) = context.validated(|| {
-        let table = context.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("ed25519 base table"),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+/// A resident read-only storage buffer holding `words`.
+fn upload(context: &GpuContext, label: &str, words: &[u32]) -> Result<wgpu::Buffer, GpuError> {
+    let buffer = context.validated(|| {
+        context.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (words.len() * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        });
-        let bind_group = context
-            .device()
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("ed25519 base table"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: table.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: binding(&params, 16),
-                    },
-                ],
-            });
-        let mut encoder =
-            context
-                .device()
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("ed25519 base table"),
-                });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("ed25519 base table"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups((TABLE_ENTRIES as u32).div_ceil(WORKGROUP_SIZE), 1, 1);
-        }
-        (table, encoder.finish())
+        })
     })?;
-    let submission = context.submit([commands])?;
-    context.wait_for_submission(Some(submission))?;
-    Ok(table)
+    context
+        .queue()
+        .write_buffer(&buffer, 0, bytemuck::cast_slice(words));
+    Ok(buffer)
 }
 
-/// A building block of the verification kernels, exposed so tests can compare it with a CPU
+/// A building block of the verification kernel, exposed so tests can compare it with a CPU
 /// reference on its own (the layouts are in `shaders/ed25519_selftest.wgsl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BuildingBlock {
@@ -464,9 +422,6 @@ pub enum BuildingBlock {
     Field,
     /// 16 words in (a, unused) → 16 out: 1/a and a^(2^200) (long multiplication loops).
     FieldPow,
-    /// 16 words in (P, Q encodings) → 26 out: flags (bit 0 P decodes, bit 1 Q decodes, bit 2 P
-    /// has small order), then the encodings of P, P+Q and 2P.
-    Point,
     /// 16 words in (h) → 9 out: h mod L, and whether the low 8 words are ≥ L.
     Scalar,
 }
@@ -476,7 +431,6 @@ impl BuildingBlock {
         match self {
             Self::Field => "field_main",
             Self::FieldPow => "field_pow_main",
-            Self::Point => "point_main",
             Self::Scalar => "scalar_main",
         }
     }
@@ -486,7 +440,6 @@ impl BuildingBlock {
         match self {
             Self::Field => 32,
             Self::FieldPow => 16,
-            Self::Point => 26,
             Self::Scalar => 9,
         }
     }
@@ -611,6 +564,29 @@ impl SignatureVerifier for GpuSignatureVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both shaders parse and validate without a GPU, and the interpreter's register and flag
+    /// counts are the program's.
+    #[test]
+    fn shaders_validate_and_agree_with_the_program() {
+        for (name, source) in [("verify", VERIFY_SHADER), ("selftest", SELFTEST_SHADER)] {
+            let module = naga::front::wgsl::parse_str(source)
+                .unwrap_or_else(|error| panic!("{name}: {}", error.emit_to_string(source)));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::empty(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|error| panic!("{name}: {error:?}"));
+        }
+        let registers = format!(
+            "const REGISTERS: u32 = {}u;",
+            super::super::program::REGISTERS
+        );
+        let flags = format!("const FLAGS: u32 = {}u;", super::super::program::FLAGS);
+        assert!(VERIFY_SHADER.contains(&registers), "{registers}");
+        assert!(VERIFY_SHADER.contains(&flags), "{flags}");
+    }
 
     #[test]
     fn pack_layout_matches_the_shader_header() {

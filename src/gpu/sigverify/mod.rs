@@ -4,13 +4,14 @@
 //!
 //! Backends:
 //! - [`CpuSignatureVerifier`]: ed25519-dalek on all cores (rayon), the reference.
-//! - [`GpuSignatureVerifier`]: WGSL compute shaders (`shaders/ed25519_*.wgsl`): field arithmetic
-//!   mod 2^255-19 on 13-bit limbs, point decompression, reduction of the 512-bit hash mod L, a
-//!   double-scalar multiplication with a precomputed base-point table, and the final comparison of
-//!   the canonical encoding of `[s]B - [k]A` with the signature's `R` bytes. SHA-512 of `R‖A‖M`
-//!   runs on CPU threads. It checks itself against the CPU reference when built and refuses to
-//!   exist if any verdict differs. Status: its building blocks are tested on llvmpipe; the full
-//!   kernels have not yet run to completion on any adapter (see `benches/SIGVERIFY_NOTES.md`).
+//! - [`GpuSignatureVerifier`]: one WGSL kernel (`shaders/ed25519_verify.wgsl`) that interprets a
+//!   straight-line program of field operations mod 2^255-19 on 13-bit limbs: point decompression,
+//!   small-order checks, a double-scalar multiplication with a precomputed base-point table, and
+//!   the comparison of the canonical encoding of `[s]B - [k]A` with the signature's `R` bytes;
+//!   the reduction of the 512-bit hash mod L and the `s < L` check run before the program. The
+//!   program is generated and checked on the CPU (`program.rs`); SHA-512 of `R‖A‖M` runs on CPU
+//!   threads, overlapped with the previous dispatch. It checks itself against the CPU reference
+//!   when built and refuses to exist if any verdict differs.
 //! - [`AutoSignatureVerifier`]: the CPU below [`GPU_CROSSOVER_BATCH`] items, the GPU above, and the
 //!   CPU again (counted) when the GPU fails.
 //!
@@ -24,9 +25,11 @@
 //!   encodings are hashed as they are), and the canonical encoding of `[s]B - [k]A` equals the
 //!   32 `R` bytes exactly (so a non-canonical `R` encoding never verifies).
 
+mod base_table;
 mod cpu;
 mod gpu;
 mod input;
+mod program;
 pub mod vectors;
 
 pub use cpu::CpuSignatureVerifier;

@@ -10,14 +10,12 @@
 //
 // Every function returns a carried (loose) element, so any result may feed `fe_mul` directly.
 //
-// Loop bounds, chosen for the software adapter (llvmpipe) used in CI, which silently exits every
-// loop once an invocation has run 65535 loop iterations in total (gallivm's loop limiter):
-// - `fe_mul`, `fe_carry`, `fe_add` and `fe_sub` use constant bounds, so drivers unroll them. The
-//   verification kernel (ed25519_verify.wgsl) calls each from one place only, so the unrolled
-//   code exists once.
-// - The rarer limb loops (canonical form, zero test) run to `limb_count()`, the uniform
-//   `params.limbs` (always 20; every kernel binds `params`), which the compiler cannot see, so
-//   they stay loops in the small test kernels that call them from several places.
+// `fe_carry`, `fe_add`, `fe_sub` and `fe_mul` are in ed25519_field_unrolled.wgsl, generated as
+// straight-line code (see there why); this file must be followed by that one.
+//
+// The rarer limb loops here (canonical form, zero test) run to `limb_count()`, the uniform
+// `params.limbs` (always 20; every kernel binds `params`), which the compiler cannot see, so they
+// stay loops rather than being unrolled at every inlined call site.
 fn limb_count() -> u32 {
     return params.limbs;
 }
@@ -53,74 +51,8 @@ const FE_BASE_Y: Fe = array<u32, 20>(1624u, 4915u, 6553u, 3276u, 1638u, 4915u, 6
 const FE_BASE_T: Fe = array<u32, 20>(7587u, 3518u, 3305u, 7445u, 5853u, 2426u, 7493u, 4110u,
     4255u, 2311u, 6367u, 2391u, 2278u, 5415u, 5531u, 3788u, 6027u, 6270u, 471u, 207u);
 
-// Brings limbs (each < 2^31) back to the loose bound. Two passes: the first may fold a large
-// carry out of limb 19 into limb 0; after the second the fold is at most 1 * 608.
-fn fe_carry(input: Fe) -> Fe {
-    var a = input;
-    for (var round = 0u; round < 2u; round++) {
-        for (var i = 0u; i < 19u; i++) {
-            a[i + 1u] += a[i] >> LIMB_BITS;
-            a[i] &= LIMB_MASK;
-        }
-        let top = a[19] >> LIMB_BITS;
-        a[19] &= LIMB_MASK;
-        a[0] += top * FOLD_260;
-    }
-    return a;
-}
-
-fn fe_add(a: Fe, b: Fe) -> Fe {
-    var r: Fe;
-    for (var i = 0u; i < 20u; i++) {
-        r[i] = a[i] + b[i];
-    }
-    return fe_carry(r);
-}
-
-fn fe_sub(a: Fe, b: Fe) -> Fe {
-    var r: Fe;
-    let p64 = FE_P64;
-    for (var i = 0u; i < 20u; i++) {
-        r[i] = a[i] + p64[i] - b[i];
-    }
-    return fe_carry(r);
-}
-
 fn fe_neg(a: Fe) -> Fe {
     return fe_sub(FE_ZERO, a);
-}
-
-// Schoolbook product: 39 column sums (each < 20 * 8799^2 < 2^31), one carry sweep into 40
-// limbs of 13 bits, fold of the high 20 limbs with 2^260 = 608, and a final carry.
-fn fe_mul(a: Fe, b: Fe) -> Fe {
-    // The 400 limb products use constant bounds so they unroll: llvmpipe caps the loop
-    // iterations of one invocation at 65535 in total (gallivm's loop limiter) and silently exits
-    // every loop after that, and a verification runs ~5000 multiplications.
-    var t: array<u32, 39>;
-    for (var k = 0u; k < 39u; k++) {
-        t[k] = 0u;
-    }
-    for (var i = 0u; i < 20u; i++) {
-        let ai = a[i];
-        for (var j = 0u; j < 20u; j++) {
-            t[i + j] += ai * b[j];
-        }
-    }
-    var low: Fe;
-    var carry: u32;
-    carry = 0u;
-    for (var k = 0u; k < 20u; k++) {
-        let v = t[k] + carry;
-        low[k] = v & LIMB_MASK;
-        carry = v >> LIMB_BITS;
-    }
-    for (var k = 20u; k < 39u; k++) {
-        let v = t[k] + carry;
-        low[k - 20u] += (v & LIMB_MASK) * FOLD_260;
-        carry = v >> LIMB_BITS;
-    }
-    low[19] += carry * FOLD_260;
-    return fe_carry(low);
 }
 
 fn fe_sq(a: Fe) -> Fe {

@@ -27,6 +27,8 @@ macro_rules! ed25519_kernel {
         concat!(
             include_str!("../../../shaders/ed25519_field.wgsl"),
             "\n",
+            include_str!("../../../shaders/ed25519_field_unrolled.wgsl"),
+            "\n",
             include_str!("../../../shaders/ed25519_scalar.wgsl"),
             "\n",
             include_str!("../../../shaders/ed25519_batch.wgsl"),

@@ -26,6 +26,8 @@
 //!   32 `R` bytes exactly (so a non-canonical `R` encoding never verifies).
 
 mod base_table;
+#[cfg(test)]
+mod codegen;
 mod cpu;
 mod gpu;
 mod input;

@@ -31,13 +31,32 @@ const REGISTERS: u32 = 104u;
 const FLAGS: u32 = 16u;
 const NIELS_WORDS: u32 = 60u;
 // Registers, flags, the verdict so far, k.
-const STATE_FLAGS: u32 = REGISTERS * 20u;
+const STATE_FLAGS: u32 = REGISTERS * PACKED_WORDS;
 const STATE_OK: u32 = STATE_FLAGS + FLAGS;
 const STATE_K: u32 = STATE_OK + 1u;
 const STATE_WORDS: u32 = STATE_K + 8u;
 
 fn state_at(word: u32, index: u32) -> u32 {
     return word * params.count + index;
+}
+
+// The register file holds elements with two limbs per word: every value stored is carried (limbs
+// < 2^14), and halving the bytes matters because the file lives in (local) memory, indexed by op.
+const PACKED_WORDS: u32 = 10u;
+alias Packed = array<u32, 10>;
+
+fn fe_pack(a: Fe) -> Packed {
+    return Packed(a[0] | (a[1] << 16u), a[2] | (a[3] << 16u), a[4] | (a[5] << 16u),
+        a[6] | (a[7] << 16u), a[8] | (a[9] << 16u), a[10] | (a[11] << 16u),
+        a[12] | (a[13] << 16u), a[14] | (a[15] << 16u), a[16] | (a[17] << 16u),
+        a[18] | (a[19] << 16u));
+}
+
+fn fe_unpack(p: Packed) -> Fe {
+    let m = 0xffffu;
+    return Fe(p[0] & m, p[0] >> 16u, p[1] & m, p[1] >> 16u, p[2] & m, p[2] >> 16u, p[3] & m,
+        p[3] >> 16u, p[4] & m, p[4] >> 16u, p[5] & m, p[5] >> 16u, p[6] & m, p[6] >> 16u,
+        p[7] & m, p[7] >> 16u, p[8] & m, p[8] >> 16u, p[9] & m, p[9] >> 16u);
 }
 
 fn fe_constant(which: u32) -> Fe {
@@ -84,7 +103,7 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < 8u; i++) {
         s[i] = items[base + 16u + i];
     }
-    var regs: array<Fe, REGISTERS>;
+    var regs: array<Packed, REGISTERS>;
     var flags: array<u32, FLAGS>;
     var k: array<u32, 8>;
     var ok: bool;
@@ -97,8 +116,8 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         ok = !sc_at_least_l(s);
     } else {
         for (var r = 0u; r < REGISTERS; r++) {
-            for (var i = 0u; i < 20u; i++) {
-                regs[r][i] = state[state_at(r * 20u + i, index)];
+            for (var i = 0u; i < PACKED_WORDS; i++) {
+                regs[r][i] = state[state_at(r * PACKED_WORDS + i, index)];
             }
         }
         for (var f = 0u; f < FLAGS; f++) {
@@ -118,29 +137,29 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let b = op >> 24u;
         switch code {
             case 0u: {
-                regs[d] = fe_mul(regs[a], regs[b]);
+                regs[d] = fe_pack(fe_mul(fe_unpack(regs[a]), fe_unpack(regs[b])));
             }
             case 1u: {
-                regs[d] = fe_add(regs[a], regs[b]);
+                regs[d] = fe_pack(fe_add(fe_unpack(regs[a]), fe_unpack(regs[b])));
             }
             case 2u: {
-                regs[d] = fe_sub(regs[a], regs[b]);
+                regs[d] = fe_pack(fe_sub(fe_unpack(regs[a]), fe_unpack(regs[b])));
             }
             case 3u: {
-                regs[d] = fe_canonical(regs[a]);
+                regs[d] = fe_pack(fe_canonical(fe_unpack(regs[a])));
             }
             case 4u: {
-                regs[d] = fe_constant(a);
+                regs[d] = fe_pack(fe_constant(a));
             }
             case 5u: {
                 var words: array<u32, 8>;
                 for (var i = 0u; i < 8u; i++) {
                     words[i] = encodings[a * 8u + i];
                 }
-                regs[d] = fe_from_words(words);
+                regs[d] = fe_pack(fe_from_words(words));
             }
             case 6u: {
-                flags[d] = select(0u, 1u, fe_limbs_zero(regs[a]));
+                flags[d] = select(0u, 1u, fe_limbs_zero(fe_unpack(regs[a])));
             }
             case 7u: {
                 flags[d] = regs[a][0] & 1u;
@@ -162,7 +181,7 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let take = flags[b] == 1u;
                 let source = regs[a];
                 var into = regs[d];
-                for (var i = 0u; i < 20u; i++) {
+                for (var i = 0u; i < PACKED_WORDS; i++) {
                     into[i] = select(into[i], source[i], take);
                 }
                 regs[d] = into;
@@ -178,10 +197,10 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
             case 15u: {
                 let entry = (a * 16u + sc_nibble(s, a)) * NIELS_WORDS;
-                regs[d] = table_fe(entry);
-                regs[d + 1u] = table_fe(entry + 20u);
-                regs[d + 2u] = FE_ONE;
-                regs[d + 3u] = table_fe(entry + 40u);
+                regs[d] = fe_pack(table_fe(entry));
+                regs[d + 1u] = fe_pack(table_fe(entry + 20u));
+                regs[d + 2u] = fe_pack(FE_ONE);
+                regs[d + 3u] = fe_pack(table_fe(entry + 40u));
             }
             case 16u: {
                 var r_words: array<u32, 8>;
@@ -189,7 +208,7 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
                     r_words[i] = encodings[8u + i];
                 }
                 let r_y = fe_from_words(r_words);
-                let y = regs[d];
+                let y = fe_unpack(regs[d]);
                 var same = (r_words[7] >> 31u) == flags[a];
                 for (var i = 0u; i < 20u; i++) {
                     same = same && y[i] == r_y[i];
@@ -201,8 +220,8 @@ fn verify_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     if (params.op_end < arrayLength(&program)) {
         for (var r = 0u; r < REGISTERS; r++) {
-            for (var i = 0u; i < 20u; i++) {
-                state[state_at(r * 20u + i, index)] = regs[r][i];
+            for (var i = 0u; i < PACKED_WORDS; i++) {
+                state[state_at(r * PACKED_WORDS + i, index)] = regs[r][i];
             }
         }
         for (var f = 0u; f < FLAGS; f++) {

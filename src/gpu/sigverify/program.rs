@@ -467,8 +467,8 @@ fn build() -> Vec<u32> {
 }
 
 /// Words of one invocation's state between program segments (`STATE_WORDS` in the shader):
-/// registers, flags, the verdict so far, and k.
-pub(crate) const STATE_WORDS: usize = REGISTERS as usize * 20 + FLAGS as usize + 1 + 8;
+/// registers (two 13-bit limbs per word), flags, the verdict so far, and k.
+pub(crate) const STATE_WORDS: usize = REGISTERS as usize * 10 + FLAGS as usize + 1 + 8;
 
 /// The verification program (built once).
 pub(crate) fn verify_program() -> &'static [u32] {

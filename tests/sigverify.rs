@@ -270,6 +270,32 @@ fn batches_split_across_dispatches_keep_order() {
     assert!(gpu.verify_batch(&[]).expect("empty batch").is_empty());
 }
 
+/// The program cut into odd-sized segments (one dispatch each, state through memory): the
+/// boundaries fall between ops that pass their result along in registers.
+#[test]
+fn odd_program_segments_keep_verdicts() {
+    let Some(context) = full_verifier_context("odd_program_segments_keep_verdicts") else {
+        return;
+    };
+    let gpu = GpuSignatureVerifier::with_options(
+        context,
+        GpuVerifierOptions {
+            ops_per_dispatch: Some(97),
+            ..GpuVerifierOptions::default()
+        },
+    )
+    .expect("verifier");
+    assert!(gpu.program_segments() > 60, "{}", gpu.program_segments());
+    let mut items = vectors::random_valid_items(31, 10, 48);
+    items[3].message[0] ^= 1;
+    items[7].signature[5] ^= 2;
+    let labels: Vec<String> = (0..items.len())
+        .map(|index| format!("item {index}"))
+        .collect();
+    let verdicts = assert_gpu_matches_cpu(&gpu, &items, &labels);
+    assert_eq!(verdicts.iter().filter(|&&ok| !ok).count(), 2);
+}
+
 #[test]
 fn auto_verifier_routes_by_crossover() {
     let Some(context) = full_verifier_context("auto_verifier_routes_by_crossover") else {

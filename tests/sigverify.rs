@@ -301,6 +301,17 @@ fn auto_verifier_routes_by_crossover() {
     let Some(context) = full_verifier_context("auto_verifier_routes_by_crossover") else {
         return;
     };
+    let software = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let default_auto = AutoSignatureVerifier::new(Some(
+        GpuSignatureVerifier::new(Arc::clone(&context)).expect("verifier"),
+    ));
+    // The measured crossover on hardware; never the GPU on a software adapter.
+    assert_eq!(default_auto.uses_gpu_for(1 << 20), !software);
+    assert_eq!(
+        default_auto.uses_gpu_for(consensus::gpu::sigverify::GPU_CROSSOVER_BATCH),
+        !software
+    );
+    assert!(!default_auto.uses_gpu_for(consensus::gpu::sigverify::GPU_CROSSOVER_BATCH - 1));
     let gpu = GpuSignatureVerifier::new(Arc::clone(&context)).expect("verifier");
     let auto = AutoSignatureVerifier::with_crossover(Some(gpu), 8);
     assert!(!auto.uses_gpu_for(7));

@@ -47,12 +47,10 @@ pub const PUBLIC_KEY_BYTES: usize = 32;
 /// Length in bytes of an ed25519 signature (`R ‖ s`).
 pub const SIGNATURE_BYTES: usize = 64;
 
-/// Batch size from which [`AutoSignatureVerifier`] sends a batch to the GPU; smaller batches go
-/// to the CPU. Provisional: it has not been measured on a hardware GPU yet (the development
-/// machine has only llvmpipe, where the full kernels cannot run; see
-/// `benches/SIGVERIFY_NOTES.md`). `cargo bench --bench sigverify` prints the measured crossover
-/// on a GPU host; set this constant from it. 4096 is the order of magnitude at which upload,
-/// dispatch and read-back latency (~ms) is amortised against ~25 µs per item per CPU core.
+/// Batch size from which [`AutoSignatureVerifier`] sends a batch to a hardware GPU; smaller
+/// batches go to the CPU. Measured with `cargo bench --bench sigverify` on an NVIDIA H100 against
+/// its host's 16 cores (`benches/SIGVERIFY_NOTES.md`): the GPU answers a batch in no less than
+/// ~5 ms, so it loses at 1024 items (0.9× the CPU) and wins from 4096 (3×) on.
 pub const GPU_CROSSOVER_BATCH: usize = 4096;
 
 /// One signature to check: the signer's public key, the signed message and the signature bytes.
@@ -144,8 +142,19 @@ pub struct AutoSignatureVerifier {
 
 impl AutoSignatureVerifier {
     /// An engine with the given GPU backend (or none: CPU only) and [`GPU_CROSSOVER_BATCH`].
+    ///
+    /// A GPU backend on a software adapter (llvmpipe: the CPU emulating a GPU, ~100 times slower
+    /// than the CPU backend) is kept but never chosen; use [`Self::with_crossover`] to force it.
     pub fn new(gpu: Option<GpuSignatureVerifier>) -> Self {
-        Self::with_crossover(gpu, GPU_CROSSOVER_BATCH)
+        let software = gpu
+            .as_ref()
+            .is_some_and(|gpu| gpu.context().adapter_info().device_type == wgpu::DeviceType::Cpu);
+        let crossover = if software {
+            usize::MAX
+        } else {
+            GPU_CROSSOVER_BATCH
+        };
+        Self::with_crossover(gpu, crossover)
     }
 
     /// As [`Self::new`] with an explicit crossover batch size (at least 1).

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustc_hash::FxHashMap;
 use tokio::sync::{oneshot, watch};
 
+use crate::engine::pending::PendingTable;
 use crate::metrics::Metrics;
 use crate::protocol::raft::{
     AppliedProposals, Envelope, Event, Input, Message, Output, RaftNode, Role,
@@ -143,9 +143,9 @@ pub(crate) struct Driver {
     pub(crate) leader: watch::Sender<LeaderInfo>,
     pub(crate) leader_callbacks: LeaderCallbacks,
     pub(crate) settings: DriverSettings,
-    /// Request ids start at a random base so that entries proposed before a restart never match
-    /// a request made after it.
-    pub(crate) next_request_id: u64,
+    /// The first request id. Ids start at a random base so that entries proposed before a
+    /// restart never match a request made after it.
+    pub(crate) first_request_id: u64,
     pub(crate) applied_index: LogIndex,
     pub(crate) applied_proposals: AppliedProposals,
     /// Scratch space for [`Driver::apply_committed`], kept to reuse its allocation.
@@ -164,8 +164,7 @@ pub(crate) type Answer = (
 impl Driver {
     /// Runs until shutdown or a storage failure; the error is what stopped it.
     pub(crate) fn run(mut self) -> Result<(), String> {
-        // Request ids are sequential: a cheap hash is enough and the hot path feels SipHash.
-        let mut pending: FxHashMap<u64, Pending> = FxHashMap::default();
+        let mut pending = PendingTable::new(self.first_request_id);
         let mut out = Output::default();
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
@@ -246,7 +245,7 @@ impl Driver {
         &mut self,
         input: DriverInput,
         now: Instant,
-        pending: &mut FxHashMap<u64, Pending>,
+        pending: &mut PendingTable<Pending>,
         out: &mut Output,
     ) -> bool {
         match input {
@@ -255,16 +254,11 @@ impl Driver {
                 deadline,
                 reply,
             } => {
-                let request_id = self.next_request_id;
-                self.next_request_id = self.next_request_id.wrapping_add(1);
-                pending.insert(
-                    request_id,
-                    Pending {
-                        reply,
-                        submitted: now,
-                        deadline,
-                    },
-                );
+                let request_id = pending.push(Pending {
+                    reply,
+                    submitted: now,
+                    deadline,
+                });
                 self.node.step(Input::Propose { request_id, data }, out);
             }
             DriverInput::Peer { from, message } => {
@@ -287,7 +281,7 @@ impl Driver {
     fn carry_out(
         &mut self,
         out: &mut Output,
-        pending: &mut FxHashMap<u64, Pending>,
+        pending: &mut PendingTable<Pending>,
     ) -> Result<(), crate::error::StorageError> {
         self.store.persist(out)?;
         for envelope in out.messages.drain(..) {
@@ -297,7 +291,7 @@ impl Driver {
             self.apply_committed(out, pending);
         }
         for rejection in out.rejected.drain(..) {
-            if let Some(request) = pending.remove(&rejection.request_id) {
+            if let Some(request) = pending.remove(rejection.request_id) {
                 self.metrics.record_rejection();
                 let _ = request
                     .reply
@@ -321,7 +315,7 @@ impl Driver {
     /// Applies the newly committed entries and answers their proposers on this node. The
     /// answers go out after the whole batch is applied, all stamped with one clock reading:
     /// the state machine has finished with each of them by then.
-    fn apply_committed(&mut self, out: &mut Output, pending: &mut FxHashMap<u64, Pending>) {
+    fn apply_committed(&mut self, out: &mut Output, pending: &mut PendingTable<Pending>) {
         let me = self.node.id();
         let committed_at = Instant::now();
         let mut answered = std::mem::take(&mut self.answered);
@@ -337,7 +331,7 @@ impl Driver {
             if tag.proposer != me {
                 continue;
             }
-            if let Some(request) = pending.remove(&tag.request_id) {
+            if let Some(request) = pending.remove(tag.request_id) {
                 answered.push((request, entry.index, entry.term, response));
             }
         }
@@ -373,15 +367,17 @@ impl Driver {
 }
 
 /// Answers requests whose deadline passed (outcome unknown) and forgets those whose client left.
-fn expire(pending: &mut FxHashMap<u64, Pending>, now: Instant) {
-    let expired = pending.extract_if(|_, r| r.deadline <= now || r.reply.is_closed());
-    for (_, request) in expired {
-        let _ = request.reply.send(Err(DriverError::TimedOut));
-    }
+fn expire(pending: &mut PendingTable<Pending>, now: Instant) {
+    pending.remove_if(
+        |r| r.deadline <= now || r.reply.is_closed(),
+        |request| {
+            let _ = request.reply.send(Err(DriverError::TimedOut));
+        },
+    );
 }
 
-fn fail_all(pending: &mut FxHashMap<u64, Pending>, reason: &str) {
-    for (_, request) in pending.drain() {
+fn fail_all(pending: &mut PendingTable<Pending>, reason: &str) {
+    for request in pending.drain() {
         let _ = request
             .reply
             .send(Err(DriverError::Stopped(reason.to_string())));

@@ -9,6 +9,7 @@
 
 mod driver;
 mod local;
+mod pending;
 
 pub use driver::{Inbox, LeaderInfo};
 pub use local::{LocalNetwork, LocalTransport};
@@ -204,7 +205,7 @@ impl ConsensusEngine {
                 max_inputs_per_round: 4096,
                 spin: DRIVER_SPIN,
             },
-            next_request_id: rand::random::<u64>() >> 1,
+            first_request_id: rand::random::<u64>() >> 1,
             applied_index: 0,
             applied_proposals: Default::default(),
             answered: Vec::new(),

@@ -336,8 +336,19 @@ impl Driver {
             }
         }
         let applied_at = Instant::now();
+        // Requests received in one round share their submit time, hence their latency:
+        // subtracting `Instant`s once per round instead of once per request.
+        let mut latency_of: Option<(Instant, Duration)> = None;
         for (request, index, term, response) in answered.drain(..) {
-            self.metrics.record_commit(applied_at - request.submitted);
+            let latency = match latency_of {
+                Some((submitted, latency)) if submitted == request.submitted => latency,
+                _ => {
+                    let latency = applied_at.saturating_duration_since(request.submitted);
+                    latency_of = Some((request.submitted, latency));
+                    latency
+                }
+            };
+            self.metrics.record_commit(latency);
             let applied = Applied {
                 index,
                 term,

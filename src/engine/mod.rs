@@ -542,3 +542,63 @@ impl LeaderElection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::ElectionConfig;
+
+    /// The client side keeps no timer of its own: a call that cannot commit must still end at
+    /// its deadline, answered by the driver's tick.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_cut_off_from_its_followers_answers_timeout_at_the_deadline() {
+        let names = ["cut-1", "cut-2", "cut-3"];
+        let network = LocalNetwork::new();
+        let mut engines = Vec::new();
+        for name in names {
+            let peers: Vec<&str> = names.iter().copied().filter(|n| *n != name).collect();
+            // A long election timeout keeps the cut-off leader in office (check-quorum steps it
+            // down only after a whole timeout without a quorum) well past the request deadline.
+            let config = ConsensusConfig::default()
+                .node_id(name)
+                .peers(peers)
+                .election(
+                    ElectionConfig::default()
+                        .election_timeout(Duration::from_millis(600))
+                        .heartbeat_interval(Duration::from_millis(50)),
+                )
+                .request_timeout(Duration::from_millis(200));
+            let mut engine = ConsensusEngine::new(config)
+                .unwrap()
+                .with_local_network(&network);
+            engine.start().await.unwrap();
+            engines.push(engine);
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        let leader = loop {
+            if let Some(leader) = engines.iter().find(|e| e.is_leader()) {
+                break leader;
+            }
+            assert!(Instant::now() < until, "no leader elected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let committed = leader.propose(Proposal::new("k", "1")).await.unwrap();
+        assert!(matches!(committed, ConsensusResult::Committed { .. }));
+        for follower in engines.iter().filter(|e| !e.is_leader()) {
+            network.disconnect(follower.node_id());
+        }
+        let started = Instant::now();
+        let call = leader.propose(Proposal::new("k", "2"));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the call outlived its deadline by seconds");
+        let waited = started.elapsed();
+        assert!(matches!(outcome, Err(Error::Timeout)), "{outcome:?}");
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(1),
+            "answered after {waited:?}, deadline 200 ms"
+        );
+    }
+}

@@ -20,13 +20,19 @@ use consensus::{
 };
 
 /// Counts applied commands; the command is `()`, which encodes to zero bytes.
-struct CountingStateMachine(Arc<AtomicU64>);
+struct CountingStateMachine(Arc<Counter>);
+
+/// One member's count, alone on its cache lines: the members' counters are allocated together,
+/// and sharing a line would make every apply on one driver thread stall the others.
+#[repr(align(128))]
+#[derive(Default)]
+struct Counter(AtomicU64);
 
 impl consensus::StateMachine for CountingStateMachine {
     type Command = ();
     type Response = ();
     fn apply(&mut self, _: ()) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -125,7 +131,7 @@ fn main() {
         .map(|i| format!("member-{i}"))
         .collect();
     let network = LocalNetwork::new();
-    let counters: Vec<Arc<AtomicU64>> = names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let counters: Vec<Arc<Counter>> = names.iter().map(|_| Arc::default()).collect();
     let engines: Vec<Arc<ConsensusEngine>> = server.block_on(async {
         let mut engines = Vec::new();
         for (name, counter) in names.iter().zip(&counters) {
@@ -206,7 +212,10 @@ fn main() {
     let all_applied = client.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let counts: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            let counts: Vec<u64> = counters
+                .iter()
+                .map(|c| c.0.load(Ordering::Relaxed))
+                .collect();
             if counts.iter().all(|&c| c == options.operations) {
                 return Ok(counts);
             }

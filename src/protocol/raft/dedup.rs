@@ -25,6 +25,20 @@ pub const DEDUP_RUNS_PER_PROPOSER: usize = 4096;
 #[derive(Clone, Debug, Default)]
 pub struct AppliedProposals {
     per_proposer: BTreeMap<NodeId, IdRuns>,
+    /// The newest run of the proposer seen last, extended here without a map look-up while ids
+    /// keep coming in sequence from that proposer (the common case: a profile put two map
+    /// searches per applied entry at a tenth of the driver's work). The map's copy of this run
+    /// may end lower until [`AppliedProposals::settle`] writes it back.
+    hot: Option<HotRun>,
+}
+
+/// The run [`AppliedProposals::hot`] extends: always its proposer's newest (highest) run, so
+/// the id after its end cannot be in any run.
+#[derive(Clone, Copy, Debug)]
+struct HotRun {
+    proposer: NodeId,
+    start: u64,
+    end: u64,
 }
 
 /// Disjoint runs of ids: start → end (inclusive).
@@ -87,10 +101,34 @@ impl AppliedProposals {
     /// Records `tag` and returns true the first time it is seen (apply the entry), false for a
     /// duplicate (skip it).
     pub fn first_application(&mut self, tag: ProposalTag) -> bool {
-        self.per_proposer
-            .entry(tag.proposer)
-            .or_default()
-            .insert(tag.request_id)
+        if let Some(hot) = self.hot.as_mut()
+            && hot.proposer == tag.proposer
+            && hot.end.checked_add(1) == Some(tag.request_id)
+        {
+            hot.end = tag.request_id;
+            return true;
+        }
+        self.settle();
+        let runs = self.per_proposer.entry(tag.proposer).or_default();
+        let first = runs.insert(tag.request_id);
+        self.hot = runs.runs.last_key_value().map(|(&start, &end)| HotRun {
+            proposer: tag.proposer,
+            start,
+            end,
+        });
+        first
+    }
+
+    /// Writes the hot run's end back into the map.
+    fn settle(&mut self) {
+        if let Some(hot) = self.hot.take()
+            && let Some(end) = self
+                .per_proposer
+                .get_mut(&hot.proposer)
+                .and_then(|runs| runs.runs.get_mut(&hot.start))
+        {
+            *end = hot.end;
+        }
     }
 }
 
@@ -135,6 +173,44 @@ mod tests {
         }
         assert!(runs.insert(8));
         assert_eq!(runs.runs.len(), 3, "8 joins 4..=7 and 9");
+    }
+
+    #[test]
+    fn interleaved_proposers_and_late_duplicates_are_told_apart() {
+        let mut applied = AppliedProposals::new();
+        for id in 100..110 {
+            assert!(applied.first_application(tag(1, id)));
+        }
+        assert!(
+            applied.first_application(tag(2, 105)),
+            "same id, other proposer"
+        );
+        assert!(
+            !applied.first_application(tag(1, 109)),
+            "proposer 1's run was kept"
+        );
+        assert!(applied.first_application(tag(1, 110)));
+        assert!(
+            !applied.first_application(tag(1, 100)),
+            "duplicate of the run's start"
+        );
+        assert!(
+            applied.first_application(tag(1, 200)),
+            "a gap starts a new run"
+        );
+        assert!(applied.first_application(tag(1, 201)));
+        assert!(applied.first_application(tag(1, 150)), "inside the gap");
+        for id in [100, 105, 110, 150, 200, 201] {
+            assert!(!applied.first_application(tag(1, id)), "{id} again");
+        }
+        assert!(!applied.first_application(tag(2, 105)));
+        applied.settle();
+        let runs: Vec<(u64, u64)> = applied.per_proposer[&NodeId(1)]
+            .runs
+            .iter()
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        assert_eq!(runs, vec![(100, 110), (150, 150), (200, 201)]);
     }
 
     #[test]

@@ -361,11 +361,12 @@ pub trait VoteAggregator: Send + Sync {
 /// Batch size (votes) from which [`AdaptiveVoteAggregator`] sends work to a real GPU unless
 /// calibrated otherwise.
 ///
-/// Measured here only on software Vulkan (llvmpipe, 2 cores), where the GPU path never beat the
-/// CPU backend at any size up to 2^24 votes, so adapters of type `Cpu` get no crossover at all
-/// (always CPU). For hardware adapters no measurement was possible in this session; 2^20 is a
-/// conservative estimate from the per-call overhead (several submissions and one read-back, ~1 ms
-/// on a discrete GPU) against the CPU backend's ~150-250 M votes/s. Use
+/// On software Vulkan (llvmpipe, 2 cores) the GPU path never beat the CPU backend at any size up
+/// to 2^24 votes, so adapters of type `Cpu` get no crossover at all (always CPU). On an NVIDIA
+/// H100 (`cargo run --release --example gpu_votes -- --max 100000000`, medians of 5, one
+/// proposal) the GPU end to end tied the CPU at 10^5 votes (151 vs 155 M/s) and won at 10^6
+/// (311 vs 140 M/s) and 10^7 (218 vs 119 M/s), so 2^20 stands. Beyond one pass (41 M votes
+/// there) the split makes the GPU lose again (10^8: 39 vs 94 M/s). Use
 /// [`AdaptiveVoteAggregator::calibrate`] to measure it on the machine at hand.
 pub const DEFAULT_GPU_CROSSOVER_VOTES: usize = 1 << 20;
 

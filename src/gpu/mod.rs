@@ -1,6 +1,7 @@
 //! GPU batch work (vote aggregation, signature verification) on wgpu, each with a CPU twin that
 //! gives identical answers.
 
+mod buffer_pool;
 pub mod context;
 pub mod sigverify;
 pub mod votes;

@@ -5,7 +5,7 @@
 // Why an interpreter: drivers inline every function, so structured code with several point
 // doublings, additions and exponentiations holds dozens of copies of the unrolled field
 // multiplication; llvmpipe needed minutes to compile that and stops all loops of an invocation
-// after 65535 iterations. Here each field operation has one call site, the program (~6000 ops) is
+// after 65535 iterations. Here each field operation has one call site, the program (6655 ops) is
 // data that every invocation reads at the same index at the same time (no divergence).
 //
 // One dispatch runs the ops [params.op_begin, params.op_end). On hardware GPUs that is the whole

@@ -6,9 +6,10 @@
 //! copies of the unrolled 400-product field multiplication. llvmpipe (the software adapter CI
 //! uses) then spends minutes in LLVM and, worse, stops every loop of an invocation after 65 535
 //! iterations in total. The interpreter holds exactly one `fe_mul`, one `fe_add`, one `fe_sub`
-//! and one canonicalisation; the ~6 000 operations of a verification are data in a storage buffer
+//! and one canonicalisation; the 6 655 operations of a verification are data in a storage buffer
 //! that every invocation reads in lockstep (the same op at the same time, so no divergence on a
-//! real GPU), and the whole verification is one loop of ~6 000 iterations.
+//! real GPU), and the whole verification is one loop over them (on llvmpipe, split over several
+//! dispatches; see `gpu.rs`).
 //!
 //! Each op is one `u32`: `code | d << 8 | a << 16 | b << 24`. Registers hold field elements (see
 //! [`REGISTERS`]), flags hold booleans (see [`FLAGS`]). The item's `A`, `R` and `s` words and
@@ -592,7 +593,7 @@ mod tests {
                 _ => {}
             }
         }
-        // About 6 000 operations: the figure the kernel's loop-limit reasoning relies on.
+        // 6 655 operations today: the figure the segment size for llvmpipe was chosen from.
         assert!(program.len() < 8_000, "{} ops", program.len());
     }
 

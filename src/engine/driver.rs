@@ -336,9 +336,10 @@ impl Driver {
         }
         let applied_at = Instant::now();
         // Requests received in one round share their submit time, hence their latency: one
-        // subtraction and one metrics update per run of such requests, not per request.
+        // subtraction and one metrics update per run of such requests, not per request. The
+        // metrics go first, so that a client reading them after its answer sees its commit.
         let mut run: Option<(Instant, u64)> = None;
-        for (request, index, term, response) in answered.drain(..) {
+        for (request, ..) in &answered {
             match &mut run {
                 Some((submitted, count)) if *submitted == request.submitted => *count += 1,
                 _ => {
@@ -349,6 +350,12 @@ impl Driver {
                     run = Some((request.submitted, 1));
                 }
             }
+        }
+        if let Some((submitted, count)) = run {
+            let latency = applied_at.saturating_duration_since(submitted);
+            self.metrics.record_commits(latency, count);
+        }
+        for (request, index, term, response) in answered.drain(..) {
             let applied = Applied {
                 index,
                 term,
@@ -357,10 +364,6 @@ impl Driver {
                 response,
             };
             let _ = request.reply.send(Ok(applied)); // the client may have given up
-        }
-        if let Some((submitted, count)) = run {
-            let latency = applied_at.saturating_duration_since(submitted);
-            self.metrics.record_commits(latency, count);
         }
         self.answered = answered;
         self.metrics.set_applied_index(self.applied_index);

@@ -589,6 +589,8 @@ mod tests {
         };
         let committed = leader.propose(Proposal::new("k", "1")).await.unwrap();
         assert!(matches!(committed, ConsensusResult::Committed { .. }));
+        // The driver counts a commit before it answers, so the caller sees it at once.
+        assert_eq!(leader.metrics().proposals_committed, 1);
         for follower in engines.iter().filter(|e| !e.is_leader()) {
             network.disconnect(follower.node_id());
         }

@@ -53,9 +53,10 @@ pub(crate) enum DriverError {
 
 /// Everything that reaches the driver thread.
 pub(crate) enum DriverInput {
+    /// A client's proposal. Its deadline counts from when the driver takes it in (one clock
+    /// reading per round of inputs), so that a call reads no clock on the client's side.
     Propose {
         data: Bytes,
-        deadline: Instant,
         reply: oneshot::Sender<Reply>,
     },
     Peer {
@@ -115,6 +116,8 @@ pub(crate) struct Pending {
 /// Settings the driver needs beyond the core's.
 pub(crate) struct DriverSettings {
     pub(crate) tick: Duration,
+    /// How long a proposal may wait for its answer, from when the driver takes it in.
+    pub(crate) request_timeout: Duration,
     /// Flush the proposal batch whenever the input queue drains (batch timeout zero).
     pub(crate) flush_on_drain: bool,
     /// Inputs handled between two persists, to bound the latency one busy burst adds.
@@ -249,15 +252,11 @@ impl Driver {
         out: &mut Output,
     ) -> bool {
         match input {
-            DriverInput::Propose {
-                data,
-                deadline,
-                reply,
-            } => {
+            DriverInput::Propose { data, reply } => {
                 let request_id = pending.push(Pending {
                     reply,
                     submitted: now,
-                    deadline,
+                    deadline: now + self.settings.request_timeout,
                 });
                 self.node.step(Input::Propose { request_id, data }, out);
             }
@@ -336,19 +335,27 @@ impl Driver {
             }
         }
         let applied_at = Instant::now();
-        // Requests received in one round share their submit time, hence their latency:
-        // subtracting `Instant`s once per round instead of once per request.
-        let mut latency_of: Option<(Instant, Duration)> = None;
-        for (request, index, term, response) in answered.drain(..) {
-            let latency = match latency_of {
-                Some((submitted, latency)) if submitted == request.submitted => latency,
+        // Requests received in one round share their submit time, hence their latency: one
+        // subtraction and one metrics update per run of such requests, not per request. The
+        // metrics go first, so that a client reading them after its answer sees its commit.
+        let mut run: Option<(Instant, u64)> = None;
+        for (request, ..) in &answered {
+            match &mut run {
+                Some((submitted, count)) if *submitted == request.submitted => *count += 1,
                 _ => {
-                    let latency = applied_at.saturating_duration_since(request.submitted);
-                    latency_of = Some((request.submitted, latency));
-                    latency
+                    if let Some((submitted, count)) = run {
+                        let latency = applied_at.saturating_duration_since(submitted);
+                        self.metrics.record_commits(latency, count);
+                    }
+                    run = Some((request.submitted, 1));
                 }
-            };
-            self.metrics.record_commit(latency);
+            }
+        }
+        if let Some((submitted, count)) = run {
+            let latency = applied_at.saturating_duration_since(submitted);
+            self.metrics.record_commits(latency, count);
+        }
+        for (request, index, term, response) in answered.drain(..) {
             let applied = Applied {
                 index,
                 term,

@@ -170,18 +170,21 @@ impl RaftNode {
                 .log
                 .term_at(prev_log_index)
                 .expect("next_index never passes last_index + 1");
-            let mut bytes = 0;
-            let mut entries = Vec::new();
-            for entry in self
+            // As many entries as fit in `max_bytes`, but at least one: counted first, then
+            // copied into a vector of exactly that size (pushing one by one regrew it
+            // log2(n) times per append, which showed in the leader's profile).
+            let candidates = self
                 .log
-                .slice(next, (next + max_entries - 1).min(last_index))
-            {
-                bytes += entry.payload.size_bytes();
-                if bytes > max_bytes && !entries.is_empty() {
-                    break;
-                }
-                entries.push(entry.clone());
-            }
+                .slice(next, (next + max_entries - 1).min(last_index));
+            let mut bytes = 0;
+            let fitting = candidates
+                .iter()
+                .take_while(|entry| {
+                    bytes += entry.payload.size_bytes();
+                    bytes <= max_bytes
+                })
+                .count();
+            let entries = candidates[..fitting.max(candidates.len().min(1))].to_vec();
             let last_sent = prev_log_index + entries.len() as u64;
             progress.on_append_sent(last_sent);
             let probing = progress.state == ProgressState::Probe;

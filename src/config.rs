@@ -290,13 +290,7 @@ impl ConsensusConfig {
 
     /// Checks every field and their combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid {
-                field,
-                value,
-                reason,
-            })
-        };
+        let invalid = ConfigError::invalid::<()>;
         if self.node_id.is_empty() {
             return invalid("node_id", String::new(), "must not be empty");
         }

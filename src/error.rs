@@ -32,6 +32,21 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// `Err(ConfigError::Invalid { .. })`, the answer of every `validate` in the crate.
+    pub(crate) fn invalid<T>(
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            field,
+            value,
+            reason,
+        })
+    }
+}
+
 /// A log store failed. The node must not go on running on a store in an unknown state.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -121,13 +121,7 @@ impl NetworkConfig {
     /// Checks that the settings describe a network (probabilities in `[0, 1]`, ordered latency
     /// bounds, room for at least one message per link).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid {
-                field,
-                value,
-                reason,
-            })
-        };
+        let invalid = ConfigError::invalid::<()>;
         for (field, p) in [
             ("drop_probability", self.drop_probability),
             ("duplicate_probability", self.duplicate_probability),

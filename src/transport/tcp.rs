@@ -162,13 +162,7 @@ impl TcpTransportConfig {
 
     /// Checks every bound; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid {
-                field,
-                value,
-                reason,
-            })
-        };
+        let invalid = ConfigError::invalid::<()>;
         if self.cluster_id.is_empty() || self.cluster_id.len() > 255 {
             return invalid(
                 "cluster_id",

@@ -98,13 +98,7 @@ impl RaftConfig {
 
     /// Checks that the settings can work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, value: String, reason: &'static str| {
-            Err(ConfigError::Invalid {
-                field,
-                value,
-                reason,
-            })
-        };
+        let invalid = ConfigError::invalid::<()>;
         if !self.voters.contains(&self.id) {
             return invalid(
                 "voters",

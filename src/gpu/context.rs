@@ -212,6 +212,15 @@ struct DeviceLostState {
 
 /// Locks a mutex, recovering the data if another thread panicked while holding it: every value
 /// guarded here (caches, counters, idle lists) stays consistent at each await-free step.
+/// The first `bytes` of `buffer` as a binding (at least 4 bytes: wgpu refuses an empty one).
+pub(crate) fn buffer_binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: std::num::NonZeroU64::new(bytes.max(4)),
+    })
+}
+
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()

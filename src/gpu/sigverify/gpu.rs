@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use sha2::{Digest, Sha512};
 
-use super::super::context::{GpuContext, GpuError, PooledBuffer};
+use super::super::context::{GpuContext, GpuError, PooledBuffer, buffer_binding as binding};
 use super::program::STATE_WORDS;
 use super::vectors::{self, OwnedItem};
 use super::{SigVerifyError, SignatureItem, SignatureVerifier, verify_strict_reference};
@@ -301,7 +301,7 @@ impl GpuSignatureVerifier {
             let device = context.device();
             let bind_groups: Vec<wgpu::BindGroup> = (0..self.segments.len())
                 .map(|segment| {
-                    let resources = [
+                    let resources = vec![
                         binding(&items, item_bytes),
                         self.program.as_entire_binding(),
                         self.base_table.as_entire_binding(),
@@ -313,19 +313,7 @@ impl GpuSignatureVerifier {
                         }),
                         binding(&state, state_bytes),
                     ];
-                    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-                        .into_iter()
-                        .enumerate()
-                        .map(|(slot, resource)| wgpu::BindGroupEntry {
-                            binding: slot as u32,
-                            resource,
-                        })
-                        .collect();
-                    device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("ed25519 verify"),
-                        layout: &self.pipeline.get_bind_group_layout(0),
-                        entries: &entries,
-                    })
+                    bind_group(device, "ed25519 verify", &self.pipeline, resources)
                 })
                 .collect();
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -366,12 +354,25 @@ impl GpuSignatureVerifier {
     }
 }
 
-/// The first `bytes` of `buffer` as a binding.
-fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer,
-        offset: 0,
-        size: NonZeroU64::new(bytes),
+/// A bind group for group 0 of `pipeline` whose binding `i` is `resources[i]`.
+fn bind_group(
+    device: &wgpu::Device,
+    label: &str,
+    pipeline: &wgpu::ComputePipeline,
+    resources: Vec<wgpu::BindingResource<'_>>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+        .into_iter()
+        .enumerate()
+        .map(|(slot, resource)| wgpu::BindGroupEntry {
+            binding: slot as u32,
+            resource,
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
     })
 }
 
@@ -497,26 +498,16 @@ pub fn run_building_block(
         bytemuck::cast_slice(&[count_u32, FIELD_LIMBS, 0, 0]),
     );
     let commands = context.validated(|| {
-        let bind_group = context
-            .device()
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("ed25519 selftest"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: binding(&input, input_bytes),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: binding(&output, output_bytes),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: binding(&params, 16),
-                    },
-                ],
-            });
+        let bind_group = bind_group(
+            context.device(),
+            "ed25519 selftest",
+            &pipeline,
+            vec![
+                binding(&input, input_bytes),
+                binding(&output, output_bytes),
+                binding(&params, 16),
+            ],
+        );
         let mut encoder =
             context
                 .device()

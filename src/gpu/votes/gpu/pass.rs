@@ -1,13 +1,12 @@
 //! One pass of the GPU vote kernels: the pipelines and their shared bind group layout, the
 //! buffers of a pass, the dispatches, and decoding of the result records read back.
 
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
 use super::{GpuVoteAggregator, MAX_INDEX, SHADER, WGSL_VOTE_BYTES};
-use crate::gpu::context::{GpuContext, GpuError, PooledBuffer};
+use crate::gpu::context::{GpuContext, GpuError, PooledBuffer, buffer_binding as binding};
 use crate::gpu::votes::{Equivocation, RawTally, Vote};
 
 /// Pipeline cache label of the kernels sharing the main layout.
@@ -133,14 +132,6 @@ impl PassBuffers {
     fn discard(self) {
         self.buffers.into_iter().for_each(PooledBuffer::discard);
     }
-}
-
-fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer,
-        offset: 0,
-        size: NonZeroU64::new(bytes.max(4)),
-    })
 }
 
 fn word_pair(low: u32, high: u32) -> u64 {

@@ -134,8 +134,9 @@ pub struct ConsensusConfig {
     pub max_batch_bytes: usize,
     /// Batch proposals at all.
     pub enable_batching: bool,
-    /// Directory of the durable log and state; `None` keeps everything in memory (tests only:
-    /// a restart loses the node's votes and log).
+    /// Directory of the durable log and state. `None` keeps everything in memory, once (in the
+    /// protocol core): an engine stopped and started again in the same process recovers its
+    /// votes and log, but nothing survives the process (benchmarks and tests).
     pub persistent_state: Option<PathBuf>,
     /// Log entries between snapshots.
     pub snapshot_interval: u64,

@@ -179,6 +179,52 @@ async fn the_cluster_survives_the_leader_stopping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_engines_stopped_and_started_again_keep_their_log() {
+    let mut cluster = start_cluster(&["a", "b", "c"]).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    for i in 0..10 {
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        cluster.engines[leader]
+            .execute_command::<KvStore>(command)
+            .await
+            .unwrap();
+    }
+    cluster.wait_applied(10, None).await;
+    let before = cluster.applied[0].lock().unwrap().clone();
+    let term_before = cluster.engines[leader].metrics().current_term();
+    for engine in &mut cluster.engines {
+        engine.stop().await.unwrap();
+    }
+    // Fresh state machines: whatever they apply comes from the retained logs.
+    for (engine, applied) in cluster.engines.iter_mut().zip(&mut cluster.applied) {
+        let store = KvStore::default();
+        *applied = store.applied.clone();
+        engine.set_state_machine(store).unwrap();
+        engine.start().await.unwrap();
+    }
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    let previous = cluster.engines[leader]
+        .execute_command::<KvStore>(KvCommand::Set("k3".into(), "again".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        previous,
+        Some("v3".into()),
+        "the old entries were applied again"
+    );
+    cluster.wait_applied(11, None).await;
+    for applied in &cluster.applied {
+        let history = applied.lock().unwrap().clone();
+        assert_eq!(history[..10], before[..], "every member kept its log");
+        assert_eq!(history[10], "k3=again");
+    }
+    assert!(
+        cluster.engines[leader].metrics().current_term() > term_before,
+        "terms carry on from the retained ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_a_call_ends_by_its_deadline() {
     let network = LocalNetwork::new();
     let config = ConsensusConfig::default()

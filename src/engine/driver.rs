@@ -16,6 +16,8 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::engine::pending::PendingTable;
+use crate::engine::reply::ReplyPoster;
+use crate::engine::retained::RetainedState;
 use crate::metrics::Metrics;
 use crate::protocol::raft::{
     AppliedProposals, Envelope, Event, Input, Message, Output, RaftNode, Role,
@@ -58,6 +60,8 @@ pub(crate) enum DriverInput {
     Propose {
         data: Bytes,
         reply: oneshot::Sender<Reply>,
+        /// Where the answer goes (see [`crate::engine::reply`]).
+        route: u32,
     },
     Peer {
         from: NodeId,
@@ -109,6 +113,7 @@ impl Inbox {
 
 pub(crate) struct Pending {
     reply: oneshot::Sender<Reply>,
+    route: u32,
     submitted: Instant,
     deadline: Instant,
 }
@@ -153,6 +158,11 @@ pub(crate) struct Driver {
     pub(crate) applied_proposals: AppliedProposals,
     /// Scratch space for [`Driver::apply_committed`], kept to reuse its allocation.
     pub(crate) answered: Vec<Answer>,
+    /// Delivers the answers of applied requests.
+    pub(crate) replies: ReplyPoster,
+    /// Where an engine without a durable store keeps the node's state between a stop and the
+    /// next start (see [`crate::engine::retained`]); `None` with a real store.
+    pub(crate) retain: Option<RetainedState>,
 }
 
 /// A request whose entry was applied, waiting for its answer: the request, the entry's index and
@@ -209,6 +219,11 @@ impl Driver {
             }
         }
         fail_all(&mut pending, "engine stopped");
+        // Every output was carried out before the loop ended, so the core's state is what a
+        // durable store would now hold.
+        if let Some(retain) = self.retain {
+            retain.keep(self.node.into_recovered_state());
+        }
         Ok(())
     }
 
@@ -252,9 +267,10 @@ impl Driver {
         out: &mut Output,
     ) -> bool {
         match input {
-            DriverInput::Propose { data, reply } => {
+            DriverInput::Propose { data, reply, route } => {
                 let request_id = pending.push(Pending {
                     reply,
+                    route,
                     submitted: now,
                     deadline: now + self.settings.request_timeout,
                 });
@@ -355,7 +371,7 @@ impl Driver {
             let latency = applied_at.saturating_duration_since(submitted);
             self.metrics.record_commits(latency, count);
         }
-        for (request, index, term, response) in answered.drain(..) {
+        let deliveries = answered.drain(..).map(|(request, index, term, response)| {
             let applied = Applied {
                 index,
                 term,
@@ -363,8 +379,9 @@ impl Driver {
                 applied_at,
                 response,
             };
-            let _ = request.reply.send(Ok(applied)); // the client may have given up
-        }
+            (request.route, (request.reply, Ok(applied)))
+        });
+        self.replies.post(deliveries);
         self.answered = answered;
         self.metrics.set_applied_index(self.applied_index);
     }
@@ -384,10 +401,13 @@ impl Driver {
     }
 }
 
-/// Answers requests whose deadline passed (outcome unknown) and forgets those whose client left.
+/// Answers requests whose deadline passed (outcome unknown). Deadlines grow with the request id
+/// (one timeout, counted from a clock that does not go back), so only the front of the table is
+/// looked at: scanning every waiting request each tick pulled each reply channel across cores.
+/// A request whose caller gave up stays until it is answered or expires, like any other.
 fn expire(pending: &mut PendingTable<Pending>, now: Instant) {
-    pending.remove_if(
-        |r| r.deadline <= now || r.reply.is_closed(),
+    pending.expire_front(
+        |r| r.deadline <= now,
         |request| {
             let _ = request.reply.send(Err(DriverError::TimedOut));
         },

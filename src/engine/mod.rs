@@ -12,6 +12,8 @@
 mod driver;
 mod local;
 mod pending;
+mod reply;
+mod retained;
 
 pub use driver::{Inbox, LeaderInfo};
 pub use local::{LocalNetwork, LocalTransport};
@@ -30,12 +32,14 @@ use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::raft::{Message, RaftNode};
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
-use crate::storage::{FjallLogStore, LogStore, MemoryLogStore, SyncPolicy};
+use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
 use crate::transport::Transport;
 use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use driver::{Applied, Driver, DriverError, DriverInput, DriverSettings, LeaderCallbacks};
+use reply::{ReplyPoster, ReplyRouter};
+use retained::{CoreHeldLog, RetainedState};
 
 /// Bound on the driver's input queue; beyond it proposals are refused as overloaded and peer
 /// messages dropped (the protocol retransmits).
@@ -76,6 +80,10 @@ pub struct ConsensusEngine {
     metrics: Arc<Metrics>,
     leader: watch::Sender<LeaderInfo>,
     leader_callbacks: LeaderCallbacks,
+    /// Hands the driver's answers to dispatcher tasks on the callers' runtimes.
+    replies: Arc<ReplyRouter>,
+    /// Without a durable store: the node's state between a stop and the next start.
+    retained: RetainedState,
     running: Option<Running>,
 }
 
@@ -109,6 +117,8 @@ impl ConsensusEngine {
             metrics: Arc::new(Metrics::new()),
             leader: watch::Sender::new(LeaderInfo::default()),
             leader_callbacks: Arc::new(Mutex::new(Vec::new())),
+            replies: Arc::new(ReplyRouter::default()),
+            retained: RetainedState::default(),
             running: None,
         })
     }
@@ -163,14 +173,22 @@ impl ConsensusEngine {
         if self.running.is_some() {
             return Err(Error::InvalidState("engine already started"));
         }
-        let mut store: Box<dyn LogStore> = match self.store.get_mut().ok().and_then(Option::take) {
-            Some(store) => store,
-            None => match &self.config.persistent_state {
-                Some(dir) => Box::new(FjallLogStore::open(dir, SyncPolicy::EveryBatch)?),
-                None => Box::new(MemoryLogStore::new()),
-            },
-        };
-        let recovered = store.recover()?;
+        // Without a store of the caller's or a data directory, the core's own log is the only
+        // copy (a second one in memory was never read), and it is retained across a stop.
+        let given_store = self.store.get_mut().ok().and_then(Option::take);
+        let (store, recovered, retain): (Box<dyn LogStore>, _, _) =
+            match (given_store, &self.config.persistent_state) {
+                (Some(mut store), _) => {
+                    let recovered = store.recover()?;
+                    (store, Some(recovered), None)
+                }
+                (None, Some(dir)) => {
+                    let mut store = FjallLogStore::open(dir, SyncPolicy::EveryBatch)?;
+                    let recovered = store.recover()?;
+                    (Box::new(store), Some(recovered), None)
+                }
+                (None, None) => (Box::new(CoreHeldLog), None, Some(self.retained.clone())),
+            };
         let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
         let inbox = Inbox {
             sender: inputs.clone(),
@@ -191,6 +209,15 @@ impl ConsensusEngine {
         };
         raft_config.seed = rand::random();
         let voters = raft_config.voters.clone();
+        // Checked before the retained state is taken, so that a refused start keeps it.
+        raft_config.validate()?;
+        let recovered = match recovered {
+            Some(recovered) => recovered,
+            None => self.retained.take().ok_or(Error::InvalidState(
+                "this engine keeps its state in memory and lost it when its driver failed; \
+                 starting blank could vote twice in a term: use a new node id, or persistent_state",
+            ))?,
+        };
         let node = RaftNode::new(raft_config, recovered)?;
         let driver = Driver {
             node,
@@ -212,6 +239,8 @@ impl ConsensusEngine {
             applied_index: 0,
             applied_proposals: Default::default(),
             answered: Vec::new(),
+            replies: ReplyPoster::new(self.replies.clone()),
+            retain,
         };
         let thread = std::thread::Builder::new()
             .name(format!("consensus-{}", self.config.node_id))
@@ -381,9 +410,10 @@ impl ConsensusEngine {
             .as_ref()
             .ok_or(Error::InvalidState("engine not started"))?;
         let (reply, answer) = oneshot::channel();
+        let route = self.replies.route_here();
         match running
             .inputs
-            .try_send(DriverInput::Propose { data, reply })
+            .try_send(DriverInput::Propose { data, reply, route })
         {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

@@ -49,20 +49,25 @@ impl<T> PendingTable<T> {
         Some(request)
     }
 
-    /// Takes out every request for which `expired` holds and hands each to `each`.
-    pub(crate) fn remove_if(
+    /// Takes out the requests at the front for which `expired` holds, up to the first for which
+    /// it does not, and hands each to `each`. For a predicate that holds of a request whenever it
+    /// holds of every later one (a deadline, when deadlines grow with the id), that is every
+    /// request it holds of, found without touching the others.
+    pub(crate) fn expire_front(
         &mut self,
         mut expired: impl FnMut(&T) -> bool,
         mut each: impl FnMut(T),
     ) {
-        for slot in self.slots.iter_mut() {
-            if slot.as_ref().is_some_and(&mut expired)
-                && let Some(request) = slot.take()
-            {
+        while let Some(Some(front)) = self.slots.front() {
+            if !expired(front) {
+                break;
+            }
+            if let Some(Some(request)) = self.slots.pop_front() {
                 each(request);
             }
+            self.first_id = self.first_id.wrapping_add(1);
+            self.trim_front();
         }
-        self.trim_front();
     }
 
     /// Takes out every request.
@@ -125,19 +130,26 @@ mod tests {
     }
 
     #[test]
-    fn remove_if_and_drain_take_what_they_say() {
+    fn expire_front_and_drain_take_what_they_say() {
         let mut table = PendingTable::new(0);
         for request in 0..6 {
             table.push(request);
         }
+        assert_eq!(table.remove(1), Some(1));
         let mut expired = Vec::new();
-        table.remove_if(|&r| r % 2 == 0, |r| expired.push(r));
-        assert_eq!(expired, vec![0, 2, 4]);
-        assert_eq!(table.len(), 3);
-        assert_eq!(table.first_id, 1, "the front slot was emptied and dropped");
-        assert_eq!(table.remove(3), Some(3));
+        table.expire_front(|&r| r < 4, |r| expired.push(r));
+        assert_eq!(
+            expired,
+            vec![0, 2, 3],
+            "stops at the first it does not hold of"
+        );
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.first_id, 4, "the emptied front slots were dropped");
+        table.expire_front(|&r| r == 5, |r| expired.push(r));
+        assert_eq!(expired.len(), 3, "a later match behind a miss stays");
+        assert_eq!(table.remove(4), Some(4));
         let rest: Vec<i32> = table.drain().collect();
-        assert_eq!(rest, vec![1, 5]);
+        assert_eq!(rest, vec![5]);
         assert_eq!(table.len(), 0);
         assert_eq!(table.remove(5), None);
         assert_eq!(table.push(9), 6);

@@ -85,6 +85,11 @@ impl RaftLog {
             .map(|e| e.index)
     }
 
+    /// The entries, given up.
+    pub(crate) fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
     /// Appends one entry; it must follow the last.
     pub(crate) fn push(&mut self, entry: Entry) {
         debug_assert_eq!(entry.index, self.last_index() + 1);

@@ -259,11 +259,11 @@ impl RaftNode {
         if let Some(from) = truncate_from {
             self.log.truncate_from(from);
         }
-        let new_entries = &entries[first_new..];
-        if truncate_from.is_some() || !new_entries.is_empty() {
-            out.write_log(truncate_from, new_entries);
-            for entry in new_entries {
-                self.log.push(entry.clone());
+        if truncate_from.is_some() || first_new < entries.len() {
+            out.write_log(truncate_from, &entries[first_new..]);
+            // Moved, not cloned: the message is ours, and a clone per entry showed in profiles.
+            for entry in entries.into_iter().skip(first_new) {
+                self.log.push(entry);
             }
         }
         self.commit_to(leader_commit.min(last_new_index), out);

@@ -558,9 +558,52 @@ fn inputs_the_gpu_cannot_split_are_answered_by_the_cpu() {
         matches!(error, VoteError::Gpu(GpuError::InputTooLarge { .. })),
         "{error}"
     );
-    let adaptive = AdaptiveVoteAggregator::new(gpu).with_crossover(Some(1));
+    // Unbounded, so that the batch reaches the GPU and comes back as one it cannot split.
+    let adaptive = AdaptiveVoteAggregator::new(gpu)
+        .with_crossover(Some(1))
+        .with_gpu_max_votes(None);
     let outcome = adaptive.aggregate_blocking(&votes).unwrap();
     assert_eq!(outcome, cpu_outcome(&votes, Threshold::default()));
     assert_eq!(outcome.equivocations.len(), 1);
     assert_eq!(context.cpu_fallback_count(), 1);
+}
+
+#[test]
+fn batches_beyond_one_gpu_pass_go_to_the_cpu_by_default() {
+    let Some(_shared) = gpu_context_or_skip("batches_beyond_one_gpu_pass") else {
+        return;
+    };
+    let context = Arc::new(GpuContext::new(GpuConfig::default()).unwrap());
+    let gpu = GpuVoteAggregator::with_context(Arc::clone(&context))
+        .unwrap()
+        .with_options(GpuVoteOptions {
+            max_votes_per_pass: Some(10),
+            ..GpuVoteOptions::default()
+        });
+    let adaptive = AdaptiveVoteAggregator::new(gpu).with_crossover(Some(1));
+    assert_eq!(
+        adaptive.gpu_max_votes(),
+        Some(10),
+        "one pass of the GPU backend"
+    );
+    assert_eq!(adaptive.backend_for(10), VoteBackend::Gpu);
+    assert_eq!(adaptive.backend_for(11), VoteBackend::Cpu);
+    // Distinct voters: a batch the GPU could split, but the split path loses to the CPU.
+    let votes: Vec<Vote> = (0..50u32)
+        .map(|voter| Vote::new(voter, 1, voter % 4 != 0))
+        .collect();
+    let outcome = adaptive.aggregate_blocking(&votes).unwrap();
+    assert_eq!(outcome, cpu_outcome(&votes, Threshold::default()));
+    assert_eq!(
+        context.cpu_fallback_count(),
+        0,
+        "routed to the CPU up front, not fallen back"
+    );
+    let unbounded = adaptive.with_gpu_max_votes(None);
+    assert_eq!(unbounded.backend_for(50), VoteBackend::Gpu);
+    assert_eq!(
+        unbounded.aggregate_blocking(&votes).unwrap(),
+        outcome,
+        "split on the GPU, same answer"
+    );
 }

@@ -366,18 +366,22 @@ pub trait VoteAggregator: Send + Sync {
 /// H100 (`cargo run --release --example gpu_votes -- --max 100000000`, medians of 5, one
 /// proposal) the GPU end to end tied the CPU at 10^5 votes (151 vs 155 M/s) and won at 10^6
 /// (311 vs 140 M/s) and 10^7 (218 vs 119 M/s), so 2^20 stands. Beyond one pass (41 M votes
-/// there) the split makes the GPU lose again (10^8: 39 vs 94 M/s). Use
-/// [`AdaptiveVoteAggregator::calibrate`] to measure it on the machine at hand.
+/// there) the split makes the GPU lose again (10^8: 39 vs 94 M/s), so by default such batches go
+/// to the CPU ([`AdaptiveVoteAggregator::with_gpu_max_votes`]). Use
+/// [`AdaptiveVoteAggregator::calibrate`] to measure the crossover on the machine at hand.
 pub const DEFAULT_GPU_CROSSOVER_VOTES: usize = 1 << 20;
 
-/// Picks the CPU backend below a crossover batch size and the GPU above it. When the GPU times
-/// out, loses its device, runs out of pool memory or cannot split an input (one ballot with more
+/// Picks the CPU backend below a crossover batch size and the GPU from it up to what one GPU pass
+/// holds (larger batches, which the GPU must split, go back to the CPU unless
+/// [`AdaptiveVoteAggregator::with_gpu_max_votes`] says otherwise). When the GPU times out, loses its device, runs out of pool memory or cannot split an input (one ballot with more
 /// votes than a pass holds), the CPU backend answers that call and the context's fallback counter
 /// ([`GpuContext::cpu_fallback_count`]) counts it.
 pub struct AdaptiveVoteAggregator {
     cpu: CpuVoteAggregator,
     gpu: Option<GpuVoteAggregator>,
     crossover_votes: Option<usize>,
+    /// The largest batch sent to the GPU; `None`: no bound.
+    gpu_max_votes: Option<usize>,
 }
 
 impl fmt::Debug for AdaptiveVoteAggregator {
@@ -388,12 +392,14 @@ impl fmt::Debug for AdaptiveVoteAggregator {
                 &self.gpu.as_ref().map(|gpu| gpu.context().adapter_name()),
             )
             .field("crossover_votes", &self.crossover_votes)
+            .field("gpu_max_votes", &self.gpu_max_votes)
             .finish()
     }
 }
 
 impl AdaptiveVoteAggregator {
-    /// Uses `gpu` above the default crossover for its adapter type (none for CPU adapters).
+    /// Uses `gpu` from the default crossover for its adapter type (none for CPU adapters) up to
+    /// one pass of `gpu`.
     pub fn new(gpu: GpuVoteAggregator) -> Self {
         let crossover_votes = match gpu.context().adapter_info().device_type {
             wgpu::DeviceType::Cpu => None,
@@ -401,6 +407,7 @@ impl AdaptiveVoteAggregator {
         };
         Self {
             cpu: CpuVoteAggregator::new(gpu.threshold()),
+            gpu_max_votes: Some(gpu.max_votes_per_pass()),
             gpu: Some(gpu),
             crossover_votes,
         }
@@ -427,6 +434,7 @@ impl AdaptiveVoteAggregator {
             cpu: CpuVoteAggregator::new(threshold),
             gpu: None,
             crossover_votes: None,
+            gpu_max_votes: None,
         }
     }
 
@@ -434,6 +442,19 @@ impl AdaptiveVoteAggregator {
     pub fn with_crossover(mut self, crossover_votes: Option<usize>) -> Self {
         self.crossover_votes = crossover_votes;
         self
+    }
+
+    /// Sets the largest batch sent to the GPU (`None`: no bound, batches beyond one pass are
+    /// split on the GPU). The default is one pass of the GPU backend: on the H100 a split batch
+    /// ran at 0.4 of the CPU's rate (see [`DEFAULT_GPU_CROSSOVER_VOTES`]).
+    pub fn with_gpu_max_votes(mut self, gpu_max_votes: Option<usize>) -> Self {
+        self.gpu_max_votes = gpu_max_votes;
+        self
+    }
+
+    /// The largest batch sent to the GPU, if bounded.
+    pub fn gpu_max_votes(&self) -> Option<usize> {
+        self.gpu_max_votes
     }
 
     /// The batch size from which the GPU is used, if ever.
@@ -448,8 +469,9 @@ impl AdaptiveVoteAggregator {
 
     /// Which backend a batch of `votes` votes goes to.
     pub fn backend_for(&self, votes: usize) -> VoteBackend {
+        let within_bound = self.gpu_max_votes.is_none_or(|max| votes <= max);
         match self.crossover_votes() {
-            Some(crossover) if votes >= crossover => VoteBackend::Gpu,
+            Some(crossover) if votes >= crossover && within_bound => VoteBackend::Gpu,
             _ => VoteBackend::Cpu,
         }
     }

@@ -537,11 +537,9 @@ fn resident_votes_aggregate_like_uploaded_ones() {
     }
 }
 
-#[test]
-fn inputs_the_gpu_cannot_split_are_answered_by_the_cpu() {
-    let Some(_shared) = gpu_context_or_skip("inputs_the_gpu_cannot_split") else {
-        return;
-    };
+/// A context of the test's own (its fallback counter starts at zero) and a GPU backend whose
+/// passes hold 10 votes.
+fn own_context_with_ten_vote_passes() -> (Arc<GpuContext>, GpuVoteAggregator) {
     let context = Arc::new(GpuContext::new(GpuConfig::default()).unwrap());
     let gpu = GpuVoteAggregator::with_context(Arc::clone(&context))
         .unwrap()
@@ -549,6 +547,15 @@ fn inputs_the_gpu_cannot_split_are_answered_by_the_cpu() {
             max_votes_per_pass: Some(10),
             ..GpuVoteOptions::default()
         });
+    (context, gpu)
+}
+
+#[test]
+fn inputs_the_gpu_cannot_split_are_answered_by_the_cpu() {
+    let Some(_shared) = gpu_context_or_skip("inputs_the_gpu_cannot_split") else {
+        return;
+    };
+    let (context, gpu) = own_context_with_ten_vote_passes();
     // One voter, 50 distinct votes in one term: a ballot larger than a pass.
     let votes: Vec<Vote> = (0..50)
         .map(|proposal| Vote::new(7, proposal, true))
@@ -573,13 +580,7 @@ fn batches_beyond_one_gpu_pass_go_to_the_cpu_by_default() {
     let Some(_shared) = gpu_context_or_skip("batches_beyond_one_gpu_pass") else {
         return;
     };
-    let context = Arc::new(GpuContext::new(GpuConfig::default()).unwrap());
-    let gpu = GpuVoteAggregator::with_context(Arc::clone(&context))
-        .unwrap()
-        .with_options(GpuVoteOptions {
-            max_votes_per_pass: Some(10),
-            ..GpuVoteOptions::default()
-        });
+    let (context, gpu) = own_context_with_ten_vote_passes();
     let adaptive = AdaptiveVoteAggregator::new(gpu).with_crossover(Some(1));
     assert_eq!(
         adaptive.gpu_max_votes(),

@@ -10,9 +10,9 @@
 //! tasks on one worker) this doubled the requests a worker completes per second; see
 //! `examples/bench.rs` for the engine figures.
 //!
-//! Routes: a call finds (or starts) the dispatcher of the runtime it runs on and passes its
-//! route, a small index, with the request. A call made outside any tokio runtime, or whose
-//! dispatcher has gone (its runtime shut down), is answered directly by the driver, as before.
+//! Routes: a call finds (or starts) the dispatcher of the multi-threaded runtime it runs on and
+//! passes its route, a small index, with the request. A call made outside such a runtime, or
+//! whose dispatcher has gone (its runtime shut down), is answered directly by the driver.
 //! A dispatcher that is dropped hands back what it still holds by answering it directly, so no
 //! answer is ever lost.
 
@@ -20,7 +20,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::runtime::{self, Handle};
+use tokio::runtime::{self, Handle, RuntimeFlavor};
 use tokio::sync::{Notify, oneshot};
 
 use crate::engine::driver::Reply;
@@ -140,11 +140,19 @@ impl Default for ReplyRouter {
 
 impl ReplyRouter {
     /// The route for a call made here: the current runtime's dispatcher, started if need be,
-    /// or [`DIRECT`] outside a tokio runtime.
+    /// or [`DIRECT`] outside a multi-threaded tokio runtime.
+    ///
+    /// Only a multi-threaded runtime runs its tasks for as long as it lives. A current-thread
+    /// runtime runs them only inside its `block_on`, so a call polled by another executor under
+    /// its `enter()` guard would wait for a dispatcher that never runs; such calls, and calls on
+    /// a current-thread runtime generally, are answered directly.
     pub(crate) fn route_here(&self) -> u32 {
         let Ok(handle) = Handle::try_current() else {
             return DIRECT;
         };
+        if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+            return DIRECT;
+        }
         let runtime = handle.id();
         if let Some((router, cached_runtime, route)) = LAST_ROUTE.get()
             && router == self.id
@@ -268,10 +276,24 @@ mod tests {
         (reply, Err(DriverError::TimedOut))
     }
 
+    fn multi_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap()
+    }
+
     #[test]
-    fn outside_a_runtime_calls_are_answered_directly() {
+    fn outside_a_multi_threaded_runtime_calls_are_answered_directly() {
         let router = Arc::new(ReplyRouter::default());
         assert_eq!(router.route_here(), DIRECT);
+        let current_thread = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            current_thread.block_on(async { router.route_here() }),
+            DIRECT
+        );
         let mut poster = ReplyPoster::new(router);
         let (reply, mut answer_rx) = oneshot::channel();
         poster.post([(DIRECT, answer(reply))]);
@@ -284,13 +306,7 @@ mod tests {
     #[test]
     fn each_runtime_gets_its_own_dispatcher_and_answers_arrive() {
         let router = Arc::new(ReplyRouter::default());
-        let first = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let second = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
+        let (first, second) = (multi_thread_runtime(), multi_thread_runtime());
         let route_a = first.block_on(async { router.route_here() });
         let route_b = second.block_on(async { router.route_here() });
         assert_ne!(route_a, DIRECT);
@@ -319,34 +335,44 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_runtime_closes_its_mailbox_and_answers_still_arrive() {
-        let router = Arc::new(ReplyRouter::default());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let route = runtime.block_on(async {
-            let route = router.route_here();
-            tokio::task::yield_now().await; // let the dispatcher start waiting
-            route
-        });
-        let mut poster = ReplyPoster::new(router.clone());
+    fn closing_a_mailbox_answers_what_it_held_and_later_posts_directly() {
+        let mailbox = Mailbox {
+            state: Mutex::new(MailboxState {
+                closed: false,
+                answers: Vec::new(),
+            }),
+            notify: Notify::new(),
+        };
         let (held, mut held_rx) = oneshot::channel();
+        mailbox.post(std::iter::once(answer(held)));
+        assert!(held_rx.try_recv().is_err(), "waits for a dispatcher");
+        mailbox.close();
+        assert!(matches!(held_rx.try_recv(), Ok(Err(DriverError::TimedOut))));
+        let (late, mut late_rx) = oneshot::channel();
+        mailbox.post(std::iter::once(answer(late)));
+        assert!(matches!(late_rx.try_recv(), Ok(Err(DriverError::TimedOut))));
+    }
+
+    #[test]
+    fn a_dead_runtime_closes_its_mailbox_and_the_next_runtime_reuses_it() {
+        let router = Arc::new(ReplyRouter::default());
+        let runtime = multi_thread_runtime();
+        let route = runtime.block_on(async { router.route_here() });
+        let mut poster = ReplyPoster::new(router.clone());
+        let (held, held_rx) = oneshot::channel();
         poster.post([(route, answer(held))]);
-        drop(runtime); // drops the dispatcher with the answer still in its mailbox
-        assert!(
-            matches!(held_rx.try_recv(), Ok(Err(DriverError::TimedOut))),
-            "the dropped dispatcher answers what it held"
-        );
+        drop(runtime); // its dispatcher answered, or answers as it is dropped
+        assert!(matches!(
+            held_rx.blocking_recv(),
+            Ok(Err(DriverError::TimedOut))
+        ));
         let (late, mut late_rx) = oneshot::channel();
         poster.post([(route, answer(late))]);
         assert!(
             matches!(late_rx.try_recv(), Ok(Err(DriverError::TimedOut))),
             "a closed mailbox answers directly"
         );
-
-        let next = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let next = multi_thread_runtime();
         assert_eq!(
             next.block_on(async { router.route_here() }),
             route,

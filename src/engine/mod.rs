@@ -8,6 +8,12 @@
 //! backed up), so that a call reads no clock of its own. The driver answers each call by its
 //! deadline (it checks them every tick), so a call never hangs; only a driver held up inside the
 //! log store or the state machine answers late, once that call returns.
+//!
+//! A call made on a multi-threaded tokio runtime is answered through a dispatcher task the engine
+//! starts on that runtime, which takes each round's answers in one hand-off (see `reply.rs`);
+//! other calls are answered by the driver thread directly. Without a data directory the log is
+//! kept once, in the protocol core, and survives a stop and start of the same engine
+//! (see `retained.rs`).
 
 mod driver;
 mod local;

@@ -35,7 +35,10 @@ mod program;
 pub mod vectors;
 
 pub use cpu::CpuSignatureVerifier;
-pub use gpu::{BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, run_building_block};
+pub use gpu::{
+    BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, SOFTWARE_ADAPTER_OPS_PER_DISPATCH,
+    run_building_block,
+};
 pub use input::{ParseItemError, VerifyLinesError, parse_item_line, verify_lines};
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 
-pub use cpu::CpuVoteAggregator;
+pub use cpu::{CpuVoteAggregator, MAX_RECYCLED_SLOTS};
 pub use gpu::{GpuVote, GpuVoteAggregator, GpuVoteOptions, ResidentVotes, WGSL_VOTE_BYTES};
 
 use crate::gpu::context::{GpuConfig, GpuContext, GpuError};

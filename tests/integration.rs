@@ -202,11 +202,25 @@ async fn in_memory_engines_stopped_and_started_again_keep_their_log() {
         engine.set_state_machine(store).unwrap();
         engine.start().await.unwrap();
     }
-    let leader = cluster.leader(Duration::from_secs(5)).await;
-    let previous = cluster.engines[leader]
-        .execute_command::<KvStore>(KvCommand::Set("k3".into(), "again".into()))
-        .await
-        .unwrap();
+    // Three nodes starting at once may need more than one election: a leader seen here can
+    // have stepped down by the time the command reaches it. A refusal was never appended, so
+    // trying again cannot apply the command twice.
+    let until = Instant::now() + Duration::from_secs(10);
+    let (leader, previous) = loop {
+        let leader = cluster.leader(Duration::from_secs(5)).await;
+        let command = KvCommand::Set("k3".into(), "again".into());
+        match cluster.engines[leader]
+            .execute_command::<KvStore>(command)
+            .await
+        {
+            Ok(previous) => break (leader, previous),
+            Err(Error::Rejected(reason)) if Instant::now() < until => {
+                eprintln!("refused ({reason}); finding the leader again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("the command failed: {error}"),
+        }
+    };
     assert_eq!(
         previous,
         Some("v3".into()),

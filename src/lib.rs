@@ -16,6 +16,7 @@ pub mod node;
 pub mod protocol;
 pub mod state_machine;
 pub mod storage;
+mod sync;
 pub mod transport;
 pub mod types;
 

@@ -18,24 +18,19 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use tokio::runtime::{self, Handle, RuntimeFlavor};
 use tokio::sync::{Notify, oneshot};
 
 use crate::engine::driver::Reply;
+use crate::sync::lock;
 
 /// The route of a call answered directly by the driver.
 pub(crate) const DIRECT: u32 = u32::MAX;
 
 /// A reply channel with its answer.
 type Delivery = (oneshot::Sender<Reply>, Reply);
-
-/// Locks `mutex`, recovering from poisoning: every critical section here leaves the data
-/// consistent (a push, a swap, a flag), so a panic elsewhere does not invalidate it.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Answers waiting for one runtime's dispatcher.
 struct Mailbox {

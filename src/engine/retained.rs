@@ -14,10 +14,11 @@
 //! [`ConsensusEngine::stop`]: crate::ConsensusEngine::stop
 //! [`ConsensusEngine::start`]: crate::ConsensusEngine::start
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::error::StorageError;
 use crate::storage::{HardState, LogStore, RecoveredState};
+use crate::sync::lock;
 use crate::types::{Entry, LogIndex};
 
 /// A node's state between a stop and the next start; empty before the first start.
@@ -36,7 +37,7 @@ struct Retained {
 impl RetainedState {
     /// Keeps `state` for the next start.
     pub(crate) fn keep(&self, state: RecoveredState) {
-        let mut retained = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut retained = lock(&self.0);
         retained.state = state;
         retained.lent = false;
     }
@@ -44,7 +45,7 @@ impl RetainedState {
     /// Takes what was kept for a start (an empty state before the first), or `None` if the
     /// previous start's driver never handed its state back.
     pub(crate) fn take(&self) -> Option<RecoveredState> {
-        let mut retained = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut retained = lock(&self.0);
         if retained.lent {
             return None;
         }

@@ -4,7 +4,8 @@
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-use super::context::{GpuError, lock};
+use super::context::GpuError;
+use crate::sync::lock;
 
 /// Bytes in one mebibyte.
 const MIB: u64 = 1 << 20;

@@ -14,13 +14,15 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use super::buffer_pool::{BufferPool, PoolStats, PooledBuffer};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+
+use crate::sync::lock;
 
 /// How a [`GpuContext`] is set up. Field names follow the seed's `GpuConfig`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,12 +221,6 @@ pub(crate) fn buffer_binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::Binding
         offset: 0,
         size: std::num::NonZeroU64::new(bytes.max(4)),
     })
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn backend_rank(backend: wgpu::Backend) -> u8 {

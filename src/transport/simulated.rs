@@ -35,12 +35,13 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::ConfigError;
+use crate::sync::lock;
 use crate::transport::Transport;
 use crate::types::NodeId;
 
@@ -304,14 +305,6 @@ impl<M: Clone + Send> Transport<M> for SimulatedEndpoint<M> {
     fn send(&self, to: NodeId, message: M) {
         lock(&self.state).send(self.node, to, message);
     }
-}
-
-/// Locks the state. A panic while holding the lock cannot leave the state half-updated in a way
-/// that matters to a test (every mutation is a few field writes), so poisoning is ignored.
-fn lock<M>(state: &Mutex<NetworkState<M>>) -> MutexGuard<'_, NetworkState<M>> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<M: Clone + Send> SimulatedNetwork<M> {

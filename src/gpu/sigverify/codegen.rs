@@ -26,6 +26,18 @@ fn unpack(out: &mut String, name: &str) {
     }
 }
 
+/// A function of `header` (its comment, signature and any setup lines) whose limbs start as
+/// `limb` (with `{i}` standing for the limb index) and are then carried and returned.
+fn limbwise_then_carry(out: &mut String, header: &str, limb: &str) {
+    out.push_str(header);
+    for i in 0..LIMBS {
+        let value = limb.replace("{i}", &i.to_string());
+        writeln!(out, "    var l{i} = {value};").expect("write");
+    }
+    carry_and_return(out);
+    out.push_str("}\n\n");
+}
+
 /// Two carry passes over the locals `l0..l19` (each < 2^31 on entry), folding the carry out of
 /// limb 19 into limb 0 with 2^260 = 608 (mod p); then returns them.
 fn carry_and_return(out: &mut String) {
@@ -51,30 +63,21 @@ pub(crate) fn field_unrolled_wgsl() -> String {
          // loose (limbs <= 8799), results are carried (limbs <= 8191, limb 0 <= 8799).\n\n",
     );
 
-    out.push_str(
+    limbwise_then_carry(
+        &mut out,
         "// Brings limbs (each < 2^31) back to the loose bound.\nfn fe_carry(a: Fe) -> Fe {\n",
+        "a[{i}]",
     );
-    for i in 0..LIMBS {
-        writeln!(out, "    var l{i} = a[{i}];").expect("write");
-    }
-    carry_and_return(&mut out);
-    out.push_str("}\n\n");
-
-    out.push_str("fn fe_add(a: Fe, b: Fe) -> Fe {\n");
-    for i in 0..LIMBS {
-        writeln!(out, "    var l{i} = a[{i}] + b[{i}];").expect("write");
-    }
-    carry_and_return(&mut out);
-    out.push_str("}\n\n");
-
-    out.push_str(
+    limbwise_then_carry(
+        &mut out,
+        "fn fe_add(a: Fe, b: Fe) -> Fe {\n",
+        "a[{i}] + b[{i}]",
+    );
+    limbwise_then_carry(
+        &mut out,
         "// a + 64p - b, never negative for a carried b.\nfn fe_sub(a: Fe, b: Fe) -> Fe {\n    let p64 = FE_P64;\n",
+        "a[{i}] + p64[{i}] - b[{i}]",
     );
-    for i in 0..LIMBS {
-        writeln!(out, "    var l{i} = a[{i}] + p64[{i}] - b[{i}];").expect("write");
-    }
-    carry_and_return(&mut out);
-    out.push_str("}\n\n");
 
     out.push_str(
         "// Schoolbook product: 39 column sums (each < 20 * 8799^2 < 2^31), one carry sweep into 40\n\

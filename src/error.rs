@@ -1,6 +1,7 @@
 //! The crate's error types. Each module boundary has its own enum; [`Error`] gathers them for the
 //! public API.
 
+use crate::protocol::RejectReason;
 use crate::types::LogIndex;
 
 /// A configuration that cannot work.
@@ -96,7 +97,7 @@ pub enum Error {
     InvalidState(&'static str),
     /// The proposal was refused and never appended.
     #[error("rejected: {0}")]
-    Rejected(String),
+    Rejected(RejectReason),
     /// The deadline passed before the outcome was known: the proposal may or may not commit.
     #[error("timed out; the outcome is unknown")]
     Timeout,

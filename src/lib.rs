@@ -14,6 +14,8 @@ pub mod gpu;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod state_machine;
 pub mod storage;
 mod sync;

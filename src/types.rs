@@ -130,6 +130,8 @@ impl Proposal {
 }
 
 /// The outcome of a proposal.
+///
+/// [`RejectReason::NotLeader`]: crate::protocol::RejectReason::NotLeader
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsensusResult {
     /// The proposal is durably replicated on a quorum at this log position.
@@ -141,8 +143,9 @@ pub enum ConsensusResult {
     },
     /// The proposal was never appended to the log and never will be.
     Rejected {
-        /// Why, for people.
-        reason: String,
+        /// Why, matchable (e.g. [`RejectReason::NotLeader`] names the leader to redirect to);
+        /// its `Display` is the message for people.
+        reason: crate::protocol::RejectReason,
     },
 }
 

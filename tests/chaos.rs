@@ -11,10 +11,10 @@
 
 mod common;
 
-use common::invariants::Violation;
 use common::scenario::{measure_failover, replay_command, run_chaos, sweep};
-use common::sim::{FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::NodeId;
+use consensus::sim::Violation;
+use consensus::sim::{FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::transport::simulated::LatencyModel;
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -57,7 +57,7 @@ fn chaos_seeds() {
     let seeds: Vec<u64> = (start..start + count).collect();
     let result = sweep(&seeds, 2, SimConfig::chaos);
     let reports = &result.reports;
-    let sum = |f: fn(&common::sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
+    let sum = |f: fn(&consensus::sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     eprintln!(
         "chaos: {} seeds in {:.1} s wall; {} passed; ops completed {}, pending {}, abandoned {}; \
          crashes {}; leader terms {}; entries committed {}; duplicate applications {}; checker steps {}; \
@@ -93,7 +93,7 @@ fn chaos_seeds() {
 #[test]
 fn the_same_seed_replays_bit_for_bit() {
     let run = |seed| {
-        let mut sim = Sim::new(SimConfig::chaos(seed)).expect("valid settings");
+        let mut sim: Sim = Sim::new(SimConfig::chaos(seed)).expect("valid settings");
         sim.start_clients();
         sim.start_faults();
         sim.run_until(2_000_000).expect("no violation");
@@ -108,7 +108,7 @@ fn the_same_seed_replays_bit_for_bit() {
 
 /// A stable cluster with a leader, after `warmup_us`.
 fn stable_cluster(config: SimConfig, warmup_us: u64) -> Sim {
-    let mut sim = Sim::new(config).expect("valid settings");
+    let mut sim: Sim = Sim::new(config).expect("valid settings");
     sim.start_clients();
     sim.run_until(warmup_us)
         .expect("no violation while warming up");
@@ -120,8 +120,8 @@ fn stable_cluster(config: SimConfig, warmup_us: u64) -> Sim {
 fn a_rejoining_partitioned_node_does_not_depose_a_healthy_leader() {
     for seed in 0..20 {
         let mut config = SimConfig::new(seed, 5);
-        config.raft.pre_vote = true;
-        config.raft.check_quorum = true;
+        config.protocol.pre_vote = true;
+        config.protocol.check_quorum = true;
         let mut sim = stable_cluster(config, 1_000_000);
         let leader = sim.leader().expect("a leader");
         let term = sim.node(leader).expect("leader is up").term();
@@ -179,10 +179,10 @@ fn leadership_transfer_hands_over_to_the_target() {
 fn priority_based_election_settles_on_the_highest_priority_node() {
     for seed in 0..20 {
         let mut config = SimConfig::new(seed, 5);
-        config.raft.priority_based = true;
+        config.protocol.priority_based = true;
         let favourite = NodeId(seed % 5 + 1);
-        config.raft.priorities.insert(favourite, 10);
-        let mut sim = Sim::new(config).expect("valid settings");
+        config.protocol.priorities.insert(favourite, 10);
+        let mut sim: Sim = Sim::new(config).expect("valid settings");
         sim.start_clients();
         // Keep the favourite away at first so that someone else wins the first election.
         sim.network().isolate(favourite);
@@ -265,9 +265,9 @@ fn first_safety_violation(
 /// Many elections: short timeouts against slow, lossy links, no pre-vote, frequent partitions.
 fn vote_twice_config(seed: u64) -> SimConfig {
     let mut config = SimConfig::chaos(seed);
-    config.raft.injected_bugs.vote_twice_in_a_term = true;
-    config.raft.pre_vote = false;
-    config.raft.check_quorum = false;
+    config.protocol.injected_bugs.vote_twice_in_a_term = true;
+    config.protocol.pre_vote = false;
+    config.protocol.check_quorum = false;
     config.faults = FaultProfile {
         mean_interval_us: 150_000,
         ..FaultProfile::chaos()
@@ -282,11 +282,14 @@ fn vote_twice_config(seed: u64) -> SimConfig {
 fn figure8_config(seed: u64) -> SimConfig {
     let mut config = SimConfig::chaos(seed);
     config.nodes = 3;
-    config.raft.injected_bugs.commit_previous_term_by_counting = true;
-    config.raft.max_entries_per_append = 1;
-    config.raft.max_inflight_appends = 1;
-    config.raft.election_timeout_ticks = 5;
-    config.raft.heartbeat_interval_ticks = 1;
+    config
+        .protocol
+        .injected_bugs
+        .commit_previous_term_by_counting = true;
+    config.protocol.max_entries_per_append = 1;
+    config.protocol.max_inflight_appends = 1;
+    config.protocol.election_timeout_ticks = 5;
+    config.protocol.heartbeat_interval_ticks = 1;
     config.network.latency = LatencyModel::uniform(1_000, 30_000);
     config.network.drop_probability = 0.2;
     config.faults = FaultProfile {
@@ -312,7 +315,8 @@ fn assert_bug_is_caught(name: &str, limit: u64, with_bug: fn(u64) -> SimConfig) 
     };
     eprintln!("{name} caught: {failure}");
     let mut control = with_bug(failure.seed);
-    control.raft.injected_bugs = Default::default();
+    control.protocol.injected_bugs = Default::default();
+    control.apply_bugs = Default::default();
     if let Err(control_failure) = run_chaos(control) {
         panic!(
             "seed {} fails without the bug too: {control_failure}",
@@ -335,6 +339,22 @@ fn injected_bug_vote_twice_in_a_term_is_caught() {
 #[test]
 fn injected_bug_commit_previous_term_by_counting_is_caught() {
     assert_bug_is_caught("commit_previous_term_by_counting", 300, figure8_config);
+}
+
+/// Forwarded proposals duplicated by the network, so that the log often holds two copies of one
+/// proposal: the apply stage must run only the first.
+fn apply_duplicates_config(seed: u64) -> SimConfig {
+    let mut config = SimConfig::chaos(seed);
+    config.apply_bugs.apply_duplicates = true;
+    config.protocol.forward_proposals = true;
+    config.network.duplicate_probability = 0.3;
+    config
+}
+
+/// The apply stage is the engine's own, so a bug in it is a bug the chaos suite must catch.
+#[test]
+fn injected_apply_stage_bug_apply_duplicates_is_caught() {
+    assert_bug_is_caught("apply_duplicates", 200, apply_duplicates_config);
 }
 
 // ---- the checkers themselves, on crafted states ----
@@ -378,7 +398,7 @@ fn node_with_log(
 
 #[test]
 fn log_matching_check_flags_logs_that_agree_on_a_term_but_differ_below() {
-    use common::invariants::check_log_matching;
+    use consensus::sim::invariants::check_log_matching;
     let a = node_with_log(1, &[1, 2, 3], &[(1, b"x"), (1, b"y"), (2, b"z")]);
     let b = node_with_log(2, &[1, 2, 3], &[(1, b"x"), (1, b"Y"), (2, b"z")]);
     let c = node_with_log(3, &[1, 2, 3], &[(1, b"x"), (1, b"y"), (3, b"w")]);
@@ -403,8 +423,8 @@ fn log_matching_check_flags_logs_that_agree_on_a_term_but_differ_below() {
 
 #[test]
 fn state_machine_safety_and_leader_completeness_checks_flag_conflicts() {
-    use common::invariants::SafetyMonitor;
     use consensus::protocol::raft::{Input, Output};
+    use consensus::sim::SafetyMonitor;
     let mut monitor = SafetyMonitor::new();
     let original = node_with_log(1, &[1], &[(1, b"x")]);
     let other = node_with_log(2, &[2], &[(1, b"other")]);

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use consensus::protocol::raft::Output;
+use consensus::storage::LogWrite;
 use consensus::storage::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, META_KEYSPACE,
     SnapshotMeta, SyncPolicy,
@@ -164,21 +164,21 @@ fn persist_writes_a_whole_output_in_one_batch() {
         let mut store = open(dir.path());
         store.append(&entries(1..=6, 1)).unwrap();
         store.sync().unwrap();
-        let output = Output {
+        let output = LogWrite {
             hard_state: Some(hard_state),
             truncate_from: Some(4),
             append: entries(4..=9, 5),
-            ..Output::default()
+            ..Default::default()
         };
         store.persist(&output).unwrap();
         // A bad output is refused as a whole: nothing of it is written.
-        let bad = Output {
+        let bad = LogWrite {
             hard_state: Some(HardState {
                 term: 9,
                 voted_for: None,
             }),
             append: vec![entry(11, 9)],
-            ..Output::default()
+            ..Default::default()
         };
         assert!(matches!(
             store.persist(&bad),
@@ -430,7 +430,7 @@ fn crash_child() {
     say(&format!("READY {next}"));
     let give_up = Instant::now() + Duration::from_secs(5);
     while Instant::now() < give_up {
-        let mut output = Output::default();
+        let mut output = LogWrite::default();
         let mut from = next;
         if next > 3 && rng.below(6) == 0 {
             from = next - 1 - rng.below(3);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::linearizability::{
+use consensus::sim::linearizability::{
     CheckOutcome, HistoryError, KvInput, KvModel, KvOutput, Operation, check_kv,
 };
 use rand::{RngExt, SeedableRng};
@@ -507,7 +507,7 @@ fn rejects_generated_histories_with_a_read_moved_after_a_later_write() {
 /// respects real time: the definition, searched without any pruning.
 fn brute_force_linearizable(history: &[Op]) -> bool {
     fn search(history: &[Op], placed: &mut Vec<bool>, state: Option<u64>) -> bool {
-        use common::linearizability::Model;
+        use consensus::sim::linearizability::Model;
         let unplaced_completed: Vec<usize> = (0..history.len())
             .filter(|&j| !placed[j] && history[j].response.is_some())
             .collect();

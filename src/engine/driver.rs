@@ -1,13 +1,12 @@
 //! The driver: one OS thread per engine that owns the protocol core, the log store, the state
-//! machine and the pending client requests, and carries out the core's [`Output`] in the order
-//! its contract demands (persist, then send, then apply).
+//! machine and the pending client requests (the apply stage), and carries out the core's
+//! [`Output`] in the order the protocol contract demands.
 //!
 //! A dedicated thread (not a tokio task) because the log store's fsync blocks, and because a
 //! thread woken by a channel answers in microseconds without competing with client tasks.
 //! Everything that reaches the core passes through one bounded channel, so inputs are totally
 //! ordered and back-pressure is explicit.
 
-use std::any::Any;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,20 +14,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use crate::engine::pending::PendingTable;
+use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
+use crate::error::StorageError;
 use crate::metrics::Metrics;
-use crate::protocol::raft::{
-    AppliedProposals, Envelope, Event, Input, Message, Output, RaftNode, Role,
-};
-use crate::state_machine::ErasedStateMachine;
+use crate::protocol::{Envelope, Event, Input, Output, Protocol};
 use crate::storage::LogStore;
+use crate::sync::lock;
 use crate::transport::Transport;
-use crate::types::{LogIndex, NodeId, Payload, Term};
+use crate::types::{LogIndex, NodeId, Term};
 
 /// What the driver answers a client with.
-pub(crate) type Reply = Result<Applied, DriverError>;
+pub(crate) type Reply = Result<Applied, Unanswered>;
 
 /// A committed and applied proposal.
 pub(crate) struct Applied {
@@ -37,24 +35,15 @@ pub(crate) struct Applied {
     /// When the driver learned the entry was committed, and when it finished applying it.
     pub(crate) committed_at: Instant,
     pub(crate) applied_at: Instant,
-    /// The state machine's response, or why the entry did not decode as its command; `None` when
-    /// no state machine is set.
-    pub(crate) response: Option<Result<Box<dyn Any + Send>, String>>,
+    /// The state machine's response.
+    pub(crate) response: Response,
 }
 
-/// Why a request got no commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum DriverError {
-    /// Never appended; will never commit.
-    Rejected(String),
-    /// Unknown outcome: the deadline passed first.
-    TimedOut,
-    /// The engine stopped (or failed) before the outcome was known.
-    Stopped(String),
-}
+/// Where one answer goes: the caller's reply channel and its dispatcher route.
+pub(crate) type ReplyTo = (oneshot::Sender<Reply>, u32);
 
-/// Everything that reaches the driver thread.
-pub(crate) enum DriverInput {
+/// Everything that reaches the driver thread of a core `P`.
+pub(crate) enum DriverInput<P: Protocol> {
     /// A client's proposal. Its deadline counts from when the driver takes it in (one clock
     /// reading per round of inputs), so that a call reads no clock on the client's side.
     Propose {
@@ -65,11 +54,9 @@ pub(crate) enum DriverInput {
     },
     Peer {
         from: NodeId,
-        message: Message,
+        message: P::Message,
     },
-    TransferLeadership {
-        to: NodeId,
-    },
+    Control(P::Control),
     Shutdown,
 }
 
@@ -89,33 +76,33 @@ pub(crate) type LeaderCallbacks = Arc<Mutex<Vec<Box<dyn Fn(Option<NodeId>) + Sen
 
 /// Where peers' messages for this node go in. Cheap to clone; never blocks: when the driver's
 /// queue is full the message is dropped, which the protocol tolerates like any network loss.
-#[derive(Clone)]
-pub struct Inbox {
-    pub(crate) sender: SyncSender<DriverInput>,
+pub struct Inbox<P: Protocol> {
+    pub(crate) sender: SyncSender<DriverInput<P>>,
 }
 
-impl std::fmt::Debug for Inbox {
+impl<P: Protocol> Clone for Inbox<P> {
+    fn clone(&self) -> Self {
+        Inbox {
+            sender: self.sender.clone(),
+        }
+    }
+}
+
+impl<P: Protocol> std::fmt::Debug for Inbox<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Inbox")
     }
 }
 
-impl Inbox {
+impl<P: Protocol> Inbox<P> {
     /// Delivers a message from `from`. Returns false if it was dropped (queue full or engine
     /// stopped).
-    pub fn deliver(&self, from: NodeId, message: Message) -> bool {
+    pub fn deliver(&self, from: NodeId, message: P::Message) -> bool {
         match self.sender.try_send(DriverInput::Peer { from, message }) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
     }
-}
-
-pub(crate) struct Pending {
-    reply: oneshot::Sender<Reply>,
-    route: u32,
-    submitted: Instant,
-    deadline: Instant,
 }
 
 /// Settings the driver needs beyond the core's.
@@ -135,29 +122,25 @@ pub(crate) struct DriverSettings {
 }
 
 /// What the driver's wait for work ended with.
-enum Wait {
-    Input(DriverInput),
+enum Wait<P: Protocol> {
+    Input(DriverInput<P>),
     TickDue,
     Disconnected,
 }
 
-pub(crate) struct Driver {
-    pub(crate) node: RaftNode,
+pub(crate) struct Driver<P: Protocol> {
+    pub(crate) node: P,
     pub(crate) store: Box<dyn LogStore>,
-    pub(crate) transport: Arc<dyn Transport<Message>>,
-    pub(crate) state_machine: Option<Box<dyn ErasedStateMachine>>,
-    pub(crate) inputs: Receiver<DriverInput>,
+    pub(crate) transport: Arc<dyn Transport<P::Message>>,
+    pub(crate) inputs: Receiver<DriverInput<P>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) leader: watch::Sender<LeaderInfo>,
     pub(crate) leader_callbacks: LeaderCallbacks,
     pub(crate) settings: DriverSettings,
-    /// The first request id. Ids start at a random base so that entries proposed before a
-    /// restart never match a request made after it.
-    pub(crate) first_request_id: u64,
-    pub(crate) applied_index: LogIndex,
-    pub(crate) applied_proposals: AppliedProposals,
-    /// Scratch space for [`Driver::apply_committed`], kept to reuse its allocation.
-    pub(crate) answered: Vec<Answer>,
+    /// Pending requests, dedup and the state machine: the stage the simulator runs too.
+    pub(crate) apply: ApplyStage<ReplyTo, Instant>,
+    /// Scratch space for the apply stage's answers, kept to reuse its allocation.
+    pub(crate) answers: Vec<Answer<ReplyTo, Instant>>,
     /// Delivers the answers of applied requests.
     pub(crate) replies: ReplyPoster,
     /// Where an engine without a durable store keeps the node's state between a stop and the
@@ -165,19 +148,9 @@ pub(crate) struct Driver {
     pub(crate) retain: Option<RetainedState>,
 }
 
-/// A request whose entry was applied, waiting for its answer: the request, the entry's index and
-/// term, and the state machine's response.
-pub(crate) type Answer = (
-    Pending,
-    LogIndex,
-    Term,
-    Option<Result<Box<dyn Any + Send>, String>>,
-);
-
-impl Driver {
+impl<P: Protocol> Driver<P> {
     /// Runs until shutdown or a storage failure; the error is what stopped it.
-    pub(crate) fn run(mut self) -> Result<(), String> {
-        let mut pending = PendingTable::new(self.first_request_id);
+    pub(crate) fn run(mut self) -> Result<(), StorageError> {
         let mut out = Output::default();
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
@@ -192,10 +165,10 @@ impl Driver {
             let now = Instant::now();
             let mut shutdown = false;
             if let Some(input) = first {
-                shutdown |= self.handle(input, now, &mut pending, &mut out);
+                shutdown |= self.handle(input, now, &mut out);
                 for _ in 1..self.settings.max_inputs_per_round {
                     match self.inputs.try_recv() {
-                        Ok(input) => shutdown |= self.handle(input, now, &mut pending, &mut out),
+                        Ok(input) => shutdown |= self.handle(input, now, &mut out),
                         Err(_) => break,
                     }
                 }
@@ -203,22 +176,21 @@ impl Driver {
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);
                 next_tick = now + self.settings.tick;
-                expire(&mut pending, now);
+                self.apply.expire(now, &mut self.answers);
             }
             if self.settings.flush_on_drain {
                 self.node.step(Input::FlushProposals, &mut out);
             }
-            if let Err(error) = self.carry_out(&mut out, &mut pending) {
-                let reason = format!("log store failed: {error}");
-                tracing::error!(node = %self.node.id(), %reason, "engine stopping");
-                fail_all(&mut pending, &reason);
-                return Err(reason);
+            if let Err(error) = self.carry_out(&mut out) {
+                tracing::error!(node = %self.node.id(), %error, "log store failed; engine stopping");
+                self.fail_all(&format!("log store failed: {error}"));
+                return Err(error);
             }
             if shutdown {
                 break;
             }
         }
-        fail_all(&mut pending, "engine stopped");
+        self.fail_all("engine stopped");
         // Every output was carried out before the loop ended, so the core's state is what a
         // durable store would now hold.
         if let Some(retain) = self.retain {
@@ -231,7 +203,7 @@ impl Driver {
     /// for [`DriverSettings::spin`] before parking (see there why), yielding the processor
     /// between polls so that the threads it waits for (on a machine with few cores they may
     /// share its core) run first.
-    fn wait(&self, next_tick: Instant) -> Wait {
+    fn wait(&self, next_tick: Instant) -> Wait<P> {
         if !self.settings.spin.is_zero() {
             let spin_until = Instant::now() + self.settings.spin;
             loop {
@@ -261,19 +233,14 @@ impl Driver {
     /// Feeds one input, received at `now`, to the core; true on shutdown.
     fn handle(
         &mut self,
-        input: DriverInput,
+        input: DriverInput<P>,
         now: Instant,
-        pending: &mut PendingTable<Pending>,
-        out: &mut Output,
+        out: &mut Output<P::Message>,
     ) -> bool {
         match input {
             DriverInput::Propose { data, reply, route } => {
-                let request_id = pending.push(Pending {
-                    reply,
-                    route,
-                    submitted: now,
-                    deadline: now + self.settings.request_timeout,
-                });
+                let deadline = now + self.settings.request_timeout;
+                let request_id = self.apply.submit((reply, route), now, deadline);
                 self.node.step(Input::Propose { request_id, data }, out);
             }
             DriverInput::Peer { from, message } => {
@@ -284,86 +251,81 @@ impl Driver {
                 };
                 self.node.step(Input::Message(envelope), out);
             }
-            DriverInput::TransferLeadership { to } => {
-                self.node.step(Input::TransferLeadership { to }, out);
-            }
+            DriverInput::Control(control) => self.node.step(Input::Control(control), out),
             DriverInput::Shutdown => return true,
         }
         false
     }
 
-    /// The core's contract: persist, then send, then apply.
-    fn carry_out(
-        &mut self,
-        out: &mut Output,
-        pending: &mut PendingTable<Pending>,
-    ) -> Result<(), crate::error::StorageError> {
-        self.store.persist(out)?;
-        for envelope in out.messages.drain(..) {
-            self.transport.send(envelope.to, envelope.message);
-        }
-        if !out.committed.is_empty() {
-            self.apply_committed(out, pending);
-        }
-        for rejection in out.rejected.drain(..) {
-            if let Some(request) = pending.remove(rejection.request_id) {
-                self.metrics.record_rejection();
-                let _ = request
-                    .reply
-                    .send(Err(DriverError::Rejected(rejection.reason.to_string())));
+    /// The core's contract (see [`crate::protocol`]): send what may go at once, persist, send
+    /// what waited for the write, apply and answer, then tell the core what is durable, and
+    /// carry out what that step asked for in turn.
+    fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
+        loop {
+            for envelope in out.messages.drain(..) {
+                self.transport.send(envelope.to, envelope.message);
+            }
+            self.store.persist(&out.write)?;
+            let durable = out.write.last_appended();
+            for envelope in out.messages_after_write.drain(..) {
+                self.transport.send(envelope.to, envelope.message);
+            }
+            if !out.committed.is_empty() {
+                self.apply_committed(out);
+            }
+            self.apply.reject(out.rejected.drain(..), &mut self.answers);
+            let leader_changed = out
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::LeaderChanged { .. }));
+            out.clear();
+            if !self.answers.is_empty() {
+                self.answer(None);
+            }
+            let status = self.node.status();
+            self.metrics.set_term(status.term);
+            self.metrics.set_committed_index(status.commit_index);
+            if leader_changed {
+                self.metrics.record_leader_change();
+                self.publish_leader();
+            }
+            match durable {
+                Some((index, term)) => self.node.step(Input::Durable { index, term }, out),
+                None => return Ok(()),
+            }
+            if out.is_empty() {
+                return Ok(());
             }
         }
-        let leader_changed = out
-            .events
-            .iter()
-            .any(|e| matches!(e, Event::LeaderChanged { .. }));
-        out.clear();
-        self.metrics.set_term(self.node.term());
-        self.metrics.set_committed_index(self.node.commit_index());
-        if leader_changed {
-            self.metrics.record_leader_change();
-            self.publish_leader();
-        }
-        Ok(())
     }
 
     /// Applies the newly committed entries and answers their proposers on this node. The
     /// answers go out after the whole batch is applied, all stamped with one clock reading:
     /// the state machine has finished with each of them by then.
-    fn apply_committed(&mut self, out: &mut Output, pending: &mut PendingTable<Pending>) {
-        let me = self.node.id();
+    fn apply_committed(&mut self, out: &mut Output<P::Message>) {
         let committed_at = Instant::now();
-        let mut answered = std::mem::take(&mut self.answered);
-        for entry in out.committed.drain(..) {
-            self.applied_index = entry.index;
-            let Payload::Command { tag, data } = entry.payload else {
-                continue;
-            };
-            if !self.applied_proposals.first_application(tag) {
-                continue; // a duplicate of a proposal applied (and answered) before
-            }
-            let response = self.state_machine.as_mut().map(|sm| sm.apply_bytes(&data));
-            if tag.proposer != me {
-                continue;
-            }
-            if let Some(request) = pending.remove(tag.request_id) {
-                answered.push((request, entry.index, entry.term, response));
-            }
-        }
+        self.apply.apply(out.committed.drain(..), &mut self.answers);
+        self.answer(Some(committed_at));
+        self.metrics.set_applied_index(self.apply.applied_index());
+    }
+
+    /// Delivers the stage's answers. Applied ones record their commit latency first, so that a
+    /// client reading the metrics after its answer sees its commit.
+    fn answer(&mut self, committed_at: Option<Instant>) {
         let applied_at = Instant::now();
+        let committed_at = committed_at.unwrap_or(applied_at);
         // Requests received in one round share their submit time, hence their latency: one
-        // subtraction and one metrics update per run of such requests, not per request. The
-        // metrics go first, so that a client reading them after its answer sees its commit.
+        // subtraction and one metrics update per run of such requests, not per request.
         let mut run: Option<(Instant, u64)> = None;
-        for (request, ..) in &answered {
+        for answer in self.answers.iter().filter(|a| a.outcome.is_ok()) {
             match &mut run {
-                Some((submitted, count)) if *submitted == request.submitted => *count += 1,
+                Some((submitted, count)) if *submitted == answer.submitted => *count += 1,
                 _ => {
                     if let Some((submitted, count)) = run {
                         let latency = applied_at.saturating_duration_since(submitted);
                         self.metrics.record_commits(latency, count);
                     }
-                    run = Some((request.submitted, 1));
+                    run = Some((answer.submitted, 1));
                 }
             }
         }
@@ -371,53 +333,44 @@ impl Driver {
             let latency = applied_at.saturating_duration_since(submitted);
             self.metrics.record_commits(latency, count);
         }
-        let deliveries = answered.drain(..).map(|(request, index, term, response)| {
-            let applied = Applied {
-                index,
-                term,
-                committed_at,
-                applied_at,
-                response,
+        let metrics = &self.metrics;
+        let deliveries = self.answers.drain(..).map(|answer| {
+            let (reply, route) = answer.reply;
+            let outcome = match answer.outcome {
+                Ok(entry) => Ok(Applied {
+                    index: entry.index,
+                    term: entry.term,
+                    committed_at,
+                    applied_at,
+                    response: entry.response,
+                }),
+                Err(unanswered) => {
+                    if matches!(unanswered, Unanswered::Rejected(_)) {
+                        metrics.record_rejection();
+                    }
+                    Err(unanswered)
+                }
             };
-            (request.route, (request.reply, Ok(applied)))
+            (route, (reply, outcome))
         });
         self.replies.post(deliveries);
-        self.answered = answered;
-        self.metrics.set_applied_index(self.applied_index);
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        self.apply.fail_all(reason, &mut self.answers);
+        self.answer(None);
     }
 
     fn publish_leader(&self) {
+        let status = self.node.status();
         let info = LeaderInfo {
-            term: self.node.term(),
-            leader: self.node.leader(),
-            is_leader: self.node.role() == Role::Leader,
+            term: status.term,
+            leader: status.leader,
+            is_leader: status.is_leader,
         };
         self.leader.send_replace(info);
-        if let Ok(callbacks) = self.leader_callbacks.lock() {
-            for callback in callbacks.iter() {
-                callback(info.leader);
-            }
+        for callback in lock(&self.leader_callbacks).iter() {
+            callback(info.leader);
         }
-    }
-}
-
-/// Answers requests whose deadline passed (outcome unknown). Deadlines grow with the request id
-/// (one timeout, counted from a clock that does not go back), so only the front of the table is
-/// looked at: scanning every waiting request each tick pulled each reply channel across cores.
-/// A request whose caller gave up stays until it is answered or expires, like any other.
-fn expire(pending: &mut PendingTable<Pending>, now: Instant) {
-    pending.expire_front(
-        |r| r.deadline <= now,
-        |request| {
-            let _ = request.reply.send(Err(DriverError::TimedOut));
-        },
-    );
-}
-
-fn fail_all(pending: &mut PendingTable<Pending>, reason: &str) {
-    for request in pending.drain() {
-        let _ = request
-            .reply
-            .send(Err(DriverError::Stopped(reason.to_string())));
     }
 }

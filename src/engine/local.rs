@@ -6,24 +6,50 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::engine::driver::Inbox;
-use crate::protocol::raft::Message;
+use crate::protocol::Protocol;
+use crate::protocol::raft::RaftNode;
+use crate::sync::{read, write};
 use crate::transport::Transport;
 use crate::types::NodeId;
 
-/// Connects the engines of one process. Clone it freely: clones share the same members.
-#[derive(Clone, Debug, Default)]
-pub struct LocalNetwork {
-    inboxes: Arc<RwLock<HashMap<NodeId, Inbox>>>,
+/// Connects the engines of one process that run core `P`. Clone it freely: clones share the
+/// same members.
+pub struct LocalNetwork<P: Protocol = RaftNode> {
+    inboxes: Arc<RwLock<HashMap<NodeId, Inbox<P>>>>,
 }
 
-impl LocalNetwork {
+impl<P: Protocol> Clone for LocalNetwork<P> {
+    fn clone(&self) -> Self {
+        LocalNetwork {
+            inboxes: self.inboxes.clone(),
+        }
+    }
+}
+
+impl<P: Protocol> Default for LocalNetwork<P> {
+    fn default() -> Self {
+        LocalNetwork {
+            inboxes: Arc::default(),
+        }
+    }
+}
+
+impl<P: Protocol> std::fmt::Debug for LocalNetwork<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNetwork")
+            .field("members", &read(&self.inboxes).len())
+            .finish()
+    }
+}
+
+impl<P: Protocol> LocalNetwork<P> {
     /// An empty network.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The sending side for `node`.
-    pub fn transport(&self, node: NodeId) -> LocalTransport {
+    pub fn transport(&self, node: NodeId) -> LocalTransport<P> {
         LocalTransport {
             from: node,
             network: self.clone(),
@@ -32,35 +58,26 @@ impl LocalNetwork {
 
     /// Makes `node` reachable through `inbox` (replacing an earlier registration, as a restarted
     /// node does).
-    pub(crate) fn register(&self, node: NodeId, inbox: Inbox) {
-        if let Ok(mut inboxes) = self.inboxes.write() {
-            inboxes.insert(node, inbox);
-        }
+    pub(crate) fn register(&self, node: NodeId, inbox: Inbox<P>) {
+        write(&self.inboxes).insert(node, inbox);
     }
 
     /// Makes `node` unreachable, as if its process stopped.
     pub fn disconnect(&self, node: NodeId) {
-        if let Ok(mut inboxes) = self.inboxes.write() {
-            inboxes.remove(&node);
-        }
+        write(&self.inboxes).remove(&node);
     }
 }
 
 /// One node's handle on a [`LocalNetwork`].
 #[derive(Clone, Debug)]
-pub struct LocalTransport {
+pub struct LocalTransport<P: Protocol = RaftNode> {
     from: NodeId,
-    network: LocalNetwork,
+    network: LocalNetwork<P>,
 }
 
-impl Transport<Message> for LocalTransport {
-    fn send(&self, to: NodeId, message: Message) {
-        let inbox = self
-            .network
-            .inboxes
-            .read()
-            .ok()
-            .and_then(|inboxes| inboxes.get(&to).cloned());
+impl<P: Protocol> Transport<P::Message> for LocalTransport<P> {
+    fn send(&self, to: NodeId, message: P::Message) {
+        let inbox = read(&self.network.inboxes).get(&to).cloned();
         if let Some(inbox) = inbox {
             inbox.deliver(self.from, message);
         }

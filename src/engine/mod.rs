@@ -15,6 +15,7 @@
 //! kept once, in the protocol core, and survives a stop and start of the same engine
 //! (see `retained.rs`).
 
+pub(crate) mod apply;
 mod driver;
 mod local;
 mod pending;
@@ -36,14 +37,17 @@ use crate::config::{Algorithm, ConsensusConfig};
 use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::protocol::raft::{Message, RaftNode};
+use crate::protocol::RejectReason;
+use crate::protocol::raft::{Control, Message, RaftNode};
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
 use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
+use crate::sync::lock;
 use crate::transport::Transport;
 use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
-use driver::{Applied, Driver, DriverError, DriverInput, DriverSettings, LeaderCallbacks};
+use apply::{ApplyStage, Unanswered};
+use driver::{Applied, Driver, DriverInput, DriverSettings, LeaderCallbacks};
 use reply::{ReplyPoster, ReplyRouter};
 use retained::{CoreHeldLog, RetainedState};
 
@@ -67,8 +71,8 @@ const PEER_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 
 /// What runs once [`ConsensusEngine::start`] succeeded.
 struct Running {
-    inputs: std::sync::mpsc::SyncSender<DriverInput>,
-    thread: Option<JoinHandle<std::result::Result<(), String>>>,
+    inputs: std::sync::mpsc::SyncSender<DriverInput<RaftNode>>,
+    thread: Option<JoinHandle<std::result::Result<(), crate::error::StorageError>>>,
     /// The TCP transport and the task feeding its inbound messages to the driver.
     tcp: Option<(Arc<TcpTransport<Message>>, tokio::task::JoinHandle<()>)>,
     /// The voters the protocol started with (this node included), for [`ConsensusEngine::members`].
@@ -224,12 +228,23 @@ impl ConsensusEngine {
                  starting blank could vote twice in a term: use a new node id, or persistent_state",
             ))?,
         };
+        if recovered.entries.first().is_some_and(|e| e.index > 1) {
+            // The core reads such a log, but the state machine would need the snapshot that
+            // replaced the missing prefix, and snapshots cannot be installed yet: refusing beats
+            // a replica that silently diverges.
+            return Err(Error::Unsupported {
+                what: "starting on a compacted log".into(),
+                reason: "restoring the state machine from a snapshot is not built yet",
+            });
+        }
         let node = RaftNode::new(raft_config, recovered)?;
+        let state_machine = self.state_machine.get_mut().ok().and_then(Option::take);
         let driver = Driver {
+            apply: ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine),
+            answers: Vec::new(),
             node,
             store,
             transport,
-            state_machine: self.state_machine.get_mut().ok().and_then(Option::take),
             inputs: receiver,
             metrics: self.metrics.clone(),
             leader: self.leader.clone(),
@@ -241,10 +256,6 @@ impl ConsensusEngine {
                 max_inputs_per_round: 4096,
                 spin: DRIVER_SPIN,
             },
-            first_request_id: rand::random::<u64>() >> 1,
-            applied_index: 0,
-            applied_proposals: Default::default(),
-            answered: Vec::new(),
             replies: ReplyPoster::new(self.replies.clone()),
             retain,
         };
@@ -265,7 +276,7 @@ impl ConsensusEngine {
     /// and feeds inbound messages to the driver. Returns the voters (this node included).
     async fn start_tcp(
         &self,
-        inbox: Inbox,
+        inbox: Inbox<RaftNode>,
     ) -> Result<(
         Arc<TcpTransport<Message>>,
         Vec<NodeId>,
@@ -343,7 +354,7 @@ impl ConsensusEngine {
                 .map_err(|error| Error::Io(error.to_string()))?;
             match outcome {
                 Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(Error::Stopped(reason)),
+                Ok(Err(error)) => return Err(Error::Storage(error)),
                 Err(_) => return Err(Error::Stopped("driver thread panicked".into())),
             }
         }
@@ -423,7 +434,7 @@ impl ConsensusEngine {
         {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(Error::Rejected("engine input queue is full".into()));
+                return Err(Error::Rejected(RejectReason::QueueFull));
             }
             Err(TrySendError::Disconnected(_)) => {
                 return Err(Error::Stopped("engine is not running".into()));
@@ -434,9 +445,9 @@ impl ConsensusEngine {
         // this wait too. A tokio timer per call was a seventh of the client's cost per proposal.
         match answer.await {
             Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(DriverError::Rejected(reason))) => Err(Error::Rejected(reason)),
-            Ok(Err(DriverError::TimedOut)) => Err(Error::Timeout),
-            Ok(Err(DriverError::Stopped(reason))) => Err(Error::Stopped(reason)),
+            Ok(Err(Unanswered::Rejected(reason))) => Err(Error::Rejected(reason)),
+            Ok(Err(Unanswered::TimedOut)) => Err(Error::Timeout),
+            Ok(Err(Unanswered::Stopped(reason))) => Err(Error::Stopped(reason)),
             Err(_) => Err(Error::Stopped("engine stopped".into())),
         }
     }
@@ -449,8 +460,8 @@ impl ConsensusEngine {
             .ok_or(Error::InvalidState("engine not started"))?;
         running
             .inputs
-            .try_send(DriverInput::TransferLeadership { to })
-            .map_err(|_| Error::Rejected("engine input queue is full".into()))
+            .try_send(DriverInput::Control(Control::TransferLeadership { to }))
+            .map_err(|_| Error::Rejected(RejectReason::QueueFull))
     }
 
     /// A metrics snapshot (term, last committed index, throughput, latency, ...).
@@ -567,9 +578,7 @@ impl LeaderElection {
     /// Runs `callback` with the new leader (or `None` during an election) at every change. It
     /// runs on the engine's driver thread: keep it short.
     pub fn on_leader_change(&self, callback: impl Fn(Option<NodeId>) + Send + 'static) {
-        if let Ok(mut callbacks) = self.callbacks.lock() {
-            callbacks.push(Box::new(callback));
-        }
+        lock(&self.callbacks).push(Box::new(callback));
     }
 
     /// Waits until some node is known as leader, or `timeout` passes.

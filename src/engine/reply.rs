@@ -265,10 +265,10 @@ impl ReplyPoster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::driver::DriverError;
+    use crate::engine::apply::Unanswered;
 
     fn answer(reply: oneshot::Sender<Reply>) -> Delivery {
-        (reply, Err(DriverError::TimedOut))
+        (reply, Err(Unanswered::TimedOut))
     }
 
     fn multi_thread_runtime() -> tokio::runtime::Runtime {
@@ -294,7 +294,7 @@ mod tests {
         poster.post([(DIRECT, answer(reply))]);
         assert!(matches!(
             answer_rx.try_recv(),
-            Ok(Err(DriverError::TimedOut))
+            Ok(Err(Unanswered::TimedOut))
         ));
     }
 
@@ -317,7 +317,7 @@ mod tests {
         let answered = first.block_on(async {
             let mut answered = 0;
             for receiver in receivers {
-                if matches!(receiver.await, Ok(Err(DriverError::TimedOut))) {
+                if matches!(receiver.await, Ok(Err(Unanswered::TimedOut))) {
                     answered += 1;
                 }
             }
@@ -342,10 +342,10 @@ mod tests {
         mailbox.post(std::iter::once(answer(held)));
         assert!(held_rx.try_recv().is_err(), "waits for a dispatcher");
         mailbox.close();
-        assert!(matches!(held_rx.try_recv(), Ok(Err(DriverError::TimedOut))));
+        assert!(matches!(held_rx.try_recv(), Ok(Err(Unanswered::TimedOut))));
         let (late, mut late_rx) = oneshot::channel();
         mailbox.post(std::iter::once(answer(late)));
-        assert!(matches!(late_rx.try_recv(), Ok(Err(DriverError::TimedOut))));
+        assert!(matches!(late_rx.try_recv(), Ok(Err(Unanswered::TimedOut))));
     }
 
     #[test]
@@ -359,12 +359,12 @@ mod tests {
         drop(runtime); // its dispatcher answered, or answers as it is dropped
         assert!(matches!(
             held_rx.blocking_recv(),
-            Ok(Err(DriverError::TimedOut))
+            Ok(Err(Unanswered::TimedOut))
         ));
         let (late, mut late_rx) = oneshot::channel();
         poster.post([(route, answer(late))]);
         assert!(
-            matches!(late_rx.try_recv(), Ok(Err(DriverError::TimedOut))),
+            matches!(late_rx.try_recv(), Ok(Err(Unanswered::TimedOut))),
             "a closed mailbox answers directly"
         );
         let next = multi_thread_runtime();

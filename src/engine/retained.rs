@@ -81,7 +81,7 @@ impl LogStore for CoreHeldLog {
     }
 
     /// Nothing to persist: the core's log is the store.
-    fn persist(&mut self, _: &crate::protocol::raft::Output) -> Result<(), StorageError> {
+    fn persist(&mut self, _: &crate::storage::LogWrite) -> Result<(), StorageError> {
         Ok(())
     }
 }

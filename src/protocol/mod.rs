@@ -1,4 +1,225 @@
 //! The sans-IO protocol cores: messages and ticks in, actions out. Nothing in here touches a
 //! clock, a socket, a disk or a global random number generator.
+//!
+//! # The seam every core plugs into
+//! A core implements [`Protocol`]: the driver thread (and the simulator, and unit tests) feeds it
+//! one [`Input`] at a time and carries out the [`Output`] it accumulates. What varies between
+//! protocols is the message type and the control requests ([`Protocol::Message`],
+//! [`Protocol::Control`]); what a driver does with an output does not, so the output, the
+//! refusals and the events are shared types, and so is the durable write ([`LogWrite`]).
+//!
+//! Why one durable-write type rather than one per protocol: every core keeps a totally ordered
+//! log of commands plus a small hard state, and the crate promises one log store for all of them
+//! (`fjall` on disk, memory in tests). A core that needs more durable state than a log and a
+//! [`HardState`](crate::storage::HardState) extends [`LogWrite`] and the store together, so that
+//! every store keeps honouring every core.
+//!
+//! # The driver's contract
+//! After one or more calls to [`Protocol::step`] that wrote into the same [`Output`]:
+//! 1. [`Output::messages`] may be sent at once, before the write is durable (a leader's appends
+//!    go out while its own fsync runs);
+//! 2. persist [`Output::write`] and make it durable;
+//! 3. then send [`Output::messages_after_write`] (votes and acknowledgements: a promise that
+//!    must survive a crash);
+//! 4. then apply [`Output::committed`], in order, and answer [`Output::rejected`];
+//! 5. then tell the core what is durable with [`Input::Durable`] (the last entry the write
+//!    appended), and carry out whatever that step outputs the same way.
+//!
+//! The core never counts its own entries toward a quorum before step 5 told it they are on
+//! disk, so a driver that persists asynchronously stays safe.
 
 pub mod raft;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use crate::storage::LogWrite;
+use crate::storage::RecoveredState;
+use crate::types::{Entry, LogIndex, NodeId, Term};
+
+/// A message with its sender and receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<M> {
+    /// The sender.
+    pub from: NodeId,
+    /// The receiver.
+    pub to: NodeId,
+    /// The payload.
+    pub message: M,
+}
+
+/// One thing that happens to a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input<M, C> {
+    /// One unit of logical time passed. Timeouts are counted in ticks; the driver decides how
+    /// long a tick is.
+    Tick,
+    /// A message from a peer.
+    Message(Envelope<M>),
+    /// A client's proposal, identified by a request id unique on this node. When the entry
+    /// carrying it is committed it shows up in [`Output::committed`] tagged with this node and
+    /// this id; if it cannot be accepted, a [`Rejection`] with this id is emitted instead.
+    Propose {
+        /// Unique on this node; chosen by the driver.
+        request_id: u64,
+        /// The command bytes.
+        data: Bytes,
+    },
+    /// A protocol-specific request from the operator (e.g. Raft's leadership transfer).
+    Control(C),
+    /// Append buffered proposals now. The engine sends this when its input queue is drained, so
+    /// proposals that arrived together go out together without waiting for the batch timeout.
+    FlushProposals,
+    /// The log is durable through `index`, whose entry has `term` (the term guards against an
+    /// acknowledgement of entries that a later truncation already replaced).
+    Durable {
+        /// The last durable index.
+        index: LogIndex,
+        /// The term of the entry at `index` when it was written.
+        term: Term,
+    },
+}
+
+/// Why a proposal was refused. A refused proposal was never appended to any log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    /// This node is not the leader and knows of none to forward to.
+    #[error("no leader is known")]
+    NoLeader,
+    /// This node is not the leader and does not forward proposals.
+    #[error("not the leader; the leader is {leader:?}")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader: Option<NodeId>,
+    },
+    /// The leader is handing over leadership and accepts no proposals until that ends.
+    #[error("leadership transfer in progress")]
+    TransferInProgress,
+    /// The buffer of proposals waiting to be appended is full.
+    #[error("too many pending proposals (limit {limit})")]
+    Overloaded {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The proposal is larger than one batch may be.
+    #[error("proposal of {size} bytes exceeds max_batch_bytes {limit}")]
+    TooLarge {
+        /// The proposal's size.
+        size: usize,
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The engine's input queue is full: the driver thread is behind. Retry later.
+    #[error("engine input queue is full")]
+    QueueFull,
+}
+
+/// A refused proposal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The id given in [`Input::Propose`].
+    pub request_id: u64,
+    /// Why.
+    pub reason: RejectReason,
+}
+
+/// Something the driver may want to tell the world about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The node learned of a new leader, or lost track of the old one.
+    LeaderChanged {
+        /// The term in which this is so.
+        term: Term,
+        /// The leader, or `None` while an election is on.
+        leader: Option<NodeId>,
+    },
+}
+
+/// Actions for the driver, accumulated over one or more steps. See the module documentation for
+/// the order in which they must be carried out.
+#[derive(Debug)]
+pub struct Output<M> {
+    /// What to make durable.
+    pub write: LogWrite,
+    /// Messages that may leave before [`Output::write`] is durable.
+    pub messages: Vec<Envelope<M>>,
+    /// Messages that may leave only once [`Output::write`] is durable.
+    pub messages_after_write: Vec<Envelope<M>>,
+    /// Newly committed entries, in index order, to apply once the write is durable.
+    pub committed: Vec<Entry>,
+    /// Proposals refused.
+    pub rejected: Vec<Rejection>,
+    /// Notifications.
+    pub events: Vec<Event>,
+}
+
+impl<M> Default for Output<M> {
+    fn default() -> Self {
+        Output {
+            write: LogWrite::default(),
+            messages: Vec::new(),
+            messages_after_write: Vec::new(),
+            committed: Vec::new(),
+            rejected: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+}
+
+impl<M> Output<M> {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.write.is_empty()
+            && self.messages.is_empty()
+            && self.messages_after_write.is_empty()
+            && self.committed.is_empty()
+            && self.rejected.is_empty()
+            && self.events.is_empty()
+    }
+
+    /// Empties every field, keeping allocations for reuse.
+    pub fn clear(&mut self) {
+        self.write.clear();
+        self.messages.clear();
+        self.messages_after_write.clear();
+        self.committed.clear();
+        self.rejected.clear();
+        self.events.clear();
+    }
+}
+
+/// Who leads and how far the log is committed, as one node sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The node's current term (a PBFT replica's view).
+    pub term: Term,
+    /// The leader (primary) this node knows of.
+    pub leader: Option<NodeId>,
+    /// True if this node is that leader.
+    pub is_leader: bool,
+    /// Highest index known to be committed.
+    pub commit_index: LogIndex,
+}
+
+/// A sans-IO consensus core. See the [module documentation](self) for the driver's contract.
+pub trait Protocol: Send + 'static {
+    /// What nodes of this protocol send each other.
+    type Message: Clone + std::fmt::Debug + Send + 'static;
+    /// Operator requests beyond proposals (e.g. a leadership transfer).
+    type Control: Clone + std::fmt::Debug + Send + 'static;
+
+    /// This node's id.
+    fn id(&self) -> NodeId;
+
+    /// Feeds one input; what the driver must do is appended to `out`.
+    fn step(&mut self, input: Input<Self::Message, Self::Control>, out: &mut Output<Self::Message>);
+
+    /// Who leads and how far the log is committed.
+    fn status(&self) -> Status;
+
+    /// What a store holding every write this node asked for would recover. For a driver that
+    /// stops after carrying out every output, that is exactly its durable state.
+    fn into_recovered_state(self) -> RecoveredState
+    where
+        Self: Sized;
+}

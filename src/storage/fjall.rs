@@ -19,8 +19,8 @@
 //! Each write call commits one fjall write batch, which fjall's journal makes atomic: after a crash
 //! the store holds a prefix of the committed batches, never part of one. Writes reach the OS and
 //! the disk only at [`LogStore::sync`], as [`SyncPolicy`] says. [`FjallLogStore::persist`] puts a
-//! whole core [`Output`] (hard state, truncation, appends) into a single batch followed by a single
-//! sync, so concurrent proposals the engine gathered into one `Output` share one fsync (group
+//! whole [`LogWrite`](crate::storage::LogWrite) (hard state, truncation, appends) into a single batch followed by a single
+//! sync, so concurrent proposals the engine gathered into one write share one fsync (group
 //! commit) and a crash leaves either all of it or none. A truncation deletes the suffix in the same
 //! batch as whatever follows it, so no crash point can leave a gap in the log.
 
@@ -31,8 +31,7 @@ use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, Persis
 use bytes::Bytes;
 
 use crate::error::StorageError;
-use crate::protocol::raft::Output;
-use crate::storage::{HardState, LogStore, RecoveredState};
+use crate::storage::{HardState, LogStore, LogWrite, RecoveredState};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
 /// Subdirectory of the state directory that holds the fjall database.
@@ -397,9 +396,8 @@ impl LogStore for FjallLogStore {
     }
 
     /// One batch and one sync for the whole output: see the module documentation.
-    fn persist(&mut self, output: &Output) -> Result<(), StorageError> {
-        if output.hard_state.is_none() && output.truncate_from.is_none() && output.append.is_empty()
-        {
+    fn persist(&mut self, output: &LogWrite) -> Result<(), StorageError> {
+        if output.is_empty() {
             return Ok(());
         }
         let mut batch = self.db.batch();

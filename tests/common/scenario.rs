@@ -6,15 +6,14 @@ use std::time::{Duration, Instant};
 
 use consensus::NodeId;
 
-use crate::common::invariants::Violation;
-use crate::common::sim::{Sim, SimConfig, SimFailure, SimReport, mix};
+use consensus::sim::{Sim, SimConfig, SimFailure, SimReport, Violation, mix};
 
 /// One chaos run: clients and faults for the fault phase, then everything heals; a leader must
 /// commit a fresh write and every node catch up within the liveness deadline; then log matching,
 /// leader completeness and linearizability are checked (election and state-machine safety are
 /// checked all along).
 pub fn run_chaos(config: SimConfig) -> Result<SimReport, SimFailure> {
-    let mut sim = Sim::new(config)?;
+    let mut sim: Sim = Sim::new(config)?;
     sim.start_clients();
     sim.start_faults();
     let fault_end = sim.config().fault_phase_us;
@@ -67,7 +66,7 @@ pub fn measure_failover(seed: u64, nodes: usize, crashes: usize) -> Result<Vec<u
     let mut config = SimConfig::new(seed, nodes);
     config.clients = 2;
     config.think_us = (20_000, 60_000);
-    let mut sim = Sim::new(config)?;
+    let mut sim: Sim = Sim::new(config)?;
     sim.start_clients();
     for round in 0..crashes as u64 {
         let stable_us = 400_000 + mix(seed, round) % 400_000;

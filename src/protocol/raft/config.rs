@@ -6,8 +6,7 @@ use crate::error::ConfigError;
 use crate::types::NodeId;
 
 /// Deliberate protocol bugs, for proving that the simulator's checkers catch them. Every switch is
-/// off by default; no production configuration turns one on.
-#[doc(hidden)]
+/// off by default; only builds with the `sim` feature (and the crate's own tests) can turn one on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjectedBugs {
     /// Grant a vote to every candidate of the current term, even after voting for another.
@@ -60,7 +59,8 @@ pub struct RaftConfig {
     pub forward_proposals: bool,
     /// Seeds the election-timeout randomness. Give each node its own.
     pub seed: u64,
-    #[doc(hidden)]
+    /// Deliberate bugs for the simulator's self-tests (feature `sim`).
+    #[cfg(any(test, feature = "sim"))]
     pub injected_bugs: InjectedBugs,
 }
 
@@ -87,8 +87,17 @@ impl RaftConfig {
             max_pending_proposals: 65_536,
             forward_proposals: true,
             seed: 0,
+            #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),
         }
+    }
+
+    /// The injected bugs in force: none outside simulator builds.
+    pub(crate) fn bugs(&self) -> InjectedBugs {
+        #[cfg(any(test, feature = "sim"))]
+        return self.injected_bugs;
+        #[cfg(not(any(test, feature = "sim")))]
+        InjectedBugs::default()
     }
 
     /// The priority of `node` (0 when not configured).

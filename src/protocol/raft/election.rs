@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::protocol::raft::message::{Envelope, Message};
+use crate::protocol::raft::message::Message;
 use crate::protocol::raft::node::{LeaderState, ProposalBatch, RaftNode, Role};
-use crate::protocol::raft::output::{Output, RejectReason, Rejection};
 use crate::protocol::raft::progress::Progress;
+use crate::protocol::raft::{Envelope, Output, RejectReason, Rejection};
 use crate::types::{Entry, NodeId, Payload, Term};
 
 impl RaftNode {
@@ -158,7 +158,7 @@ impl RaftNode {
     ) {
         let free_to_vote = self.voted_for == Some(from)
             || (self.voted_for.is_none() && self.leader.is_none())
-            || (self.config.injected_bugs.vote_twice_in_a_term && self.role != Role::Leader);
+            || (self.config.bugs().vote_twice_in_a_term && self.role != Role::Leader);
         let granted = free_to_vote && self.log.is_up_to_date(last_log_index, last_log_term);
         if granted {
             self.voted_for = Some(from);

@@ -3,53 +3,77 @@
 
 use crate::types::{Entry, LogIndex, Term};
 
-/// The log as the core sees it. Indexes start at 1; index 0 is the empty prefix with term 0.
+/// The log as the core sees it. Index 0 is the empty prefix with term 0. The log may start past
+/// index 1 when the entries before it were compacted into a snapshot: then it knows the index
+/// just before its first entry, and that entry's term only when the store told it.
 #[derive(Clone, Debug, Default)]
 pub struct RaftLog {
+    /// The index just before the first entry (0 for a log that starts at 1).
+    offset: LogIndex,
+    /// The term of the entry at `offset`, when known (always known at offset 0).
+    offset_term: Option<Term>,
     entries: Vec<Entry>,
 }
 
 impl RaftLog {
-    /// A log holding `entries`, which must be contiguous from index 1.
-    pub(crate) fn from_entries(entries: Vec<Entry>) -> Self {
-        assert!(
-            entries
-                .iter()
-                .enumerate()
-                .all(|(i, e)| e.index == i as LogIndex + 1),
-            "recovered entries must be contiguous from index 1"
-        );
-        RaftLog { entries }
+    /// A log holding `entries`, which must be contiguous; the first may have any index above 0.
+    /// Returns why not otherwise.
+    pub(crate) fn from_entries(entries: Vec<Entry>) -> Result<Self, &'static str> {
+        let offset = match entries.first() {
+            None => 0,
+            Some(first) if first.index == 0 => return Err("a log entry has index 0"),
+            Some(first) => first.index - 1,
+        };
+        if !entries
+            .iter()
+            .zip(offset + 1..)
+            .all(|(entry, index)| entry.index == index)
+        {
+            return Err("recovered entries are not contiguous");
+        }
+        Ok(RaftLog {
+            offset,
+            offset_term: (offset == 0).then_some(0),
+            entries,
+        })
     }
 
-    /// The index of the last entry (0 when empty).
+    /// The index of the first entry held (1 for a log never compacted, also when empty).
+    pub fn first_index(&self) -> LogIndex {
+        self.offset + 1
+    }
+
+    /// The index of the last entry (`first_index() - 1` when empty).
     pub fn last_index(&self) -> LogIndex {
-        self.entries.len() as LogIndex
+        self.offset + self.entries.len() as LogIndex
     }
 
-    /// The term of the last entry (0 when empty).
+    /// The term of the last entry (0 when the log is empty and never compacted).
     pub fn last_term(&self) -> Term {
-        self.entries.last().map_or(0, |e| e.term)
+        self.entries
+            .last()
+            .map_or(self.offset_term.unwrap_or(0), |e| e.term)
     }
 
-    /// The term of the entry at `index`; `Some(0)` for index 0, `None` past the end.
+    /// The term of the entry at `index`; `Some(0)` for index 0, `None` past the end, before
+    /// the start, and at the compacted prefix's last index when its term is unknown.
     pub fn term_at(&self, index: LogIndex) -> Option<Term> {
-        if index == 0 {
-            return Some(0);
+        if index == self.offset {
+            return self.offset_term;
         }
         self.entry(index).map(|e| e.term)
     }
 
     /// The entry at `index`.
     pub fn entry(&self, index: LogIndex) -> Option<&Entry> {
-        let position = usize::try_from(index.checked_sub(1)?).ok()?;
+        let position = usize::try_from(index.checked_sub(self.offset + 1)?).ok()?;
         self.entries.get(position)
     }
 
     /// Entries with indexes in `from..=to` (clamped to the log).
     pub fn slice(&self, from: LogIndex, to: LogIndex) -> &[Entry] {
-        let start = (from.max(1) - 1) as usize;
-        let end = (to.min(self.last_index())) as usize;
+        let start = (from.max(self.first_index()) - self.first_index()) as usize;
+        let end = (to.min(self.last_index()).saturating_sub(self.offset)) as usize;
         if start >= end {
             &[]
         } else {
@@ -70,7 +94,7 @@ impl RaftLog {
             return index;
         };
         let mut first = index;
-        while first > 1 && self.term_at(first - 1) == Some(term) {
+        while first > self.first_index() && self.term_at(first - 1) == Some(term) {
             first -= 1;
         }
         first
@@ -98,7 +122,9 @@ impl RaftLog {
 
     /// Drops every entry with index `>= from`.
     pub(crate) fn truncate_from(&mut self, from: LogIndex) {
-        self.entries.truncate((from.max(1) - 1) as usize);
+        debug_assert!(from > self.offset, "truncating into the compacted prefix");
+        self.entries
+            .truncate(from.saturating_sub(self.first_index()) as usize);
     }
 }
 
@@ -108,17 +134,22 @@ mod tests {
     use crate::types::Payload;
 
     fn log_of_terms(terms: &[Term]) -> RaftLog {
+        log_from(1, terms)
+    }
+
+    fn log_from(first: LogIndex, terms: &[Term]) -> RaftLog {
         RaftLog::from_entries(
             terms
                 .iter()
                 .enumerate()
                 .map(|(i, &term)| Entry {
-                    index: i as u64 + 1,
+                    index: first + i as u64,
                     term,
                     payload: Payload::Blank,
                 })
                 .collect(),
         )
+        .unwrap()
     }
 
     #[test]
@@ -143,5 +174,47 @@ mod tests {
         assert!(log.is_up_to_date(1, 3));
         assert!(!log.is_up_to_date(10, 1));
         assert!(!log.is_up_to_date(2, 2));
+    }
+
+    #[test]
+    fn a_log_recovered_past_index_1_answers_by_absolute_index() {
+        let mut log = log_from(101, &[3, 3, 4]);
+        assert_eq!(log.first_index(), 101);
+        assert_eq!(log.last_index(), 103);
+        assert_eq!(log.last_term(), 4);
+        assert_eq!(log.term_at(102), Some(3));
+        assert_eq!(
+            log.term_at(100),
+            None,
+            "the compacted prefix's term is unknown"
+        );
+        assert_eq!(log.term_at(50), None);
+        assert_eq!(log.entry(101).map(|e| e.index), Some(101));
+        assert_eq!(log.slice(1, 102).len(), 2);
+        assert_eq!(log.first_index_of_term_at(102), 101);
+        assert_eq!(log.last_index_of_term(3), Some(102));
+        assert!(log.is_up_to_date(103, 4));
+        assert!(!log.is_up_to_date(200, 3));
+        log.truncate_from(103);
+        assert_eq!(log.last_index(), 102);
+        log.push(Entry {
+            index: 103,
+            term: 5,
+            payload: Payload::Blank,
+        });
+        assert_eq!(log.term_at(103), Some(5));
+    }
+
+    #[test]
+    fn a_log_with_a_hole_or_index_0_is_refused() {
+        let entry = |index| Entry {
+            index,
+            term: 1,
+            payload: Payload::Blank,
+        };
+        assert!(RaftLog::from_entries(vec![entry(1), entry(3)]).is_err());
+        assert!(RaftLog::from_entries(vec![entry(0)]).is_err());
+        assert!(RaftLog::from_entries(vec![entry(7), entry(8)]).is_ok());
+        assert!(RaftLog::from_entries(Vec::new()).is_ok());
     }
 }

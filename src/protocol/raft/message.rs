@@ -4,18 +4,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Entry, LogIndex, NodeId, Term};
-
-/// A message with its addressing, as the core emits it and the transport delivers it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Envelope {
-    /// Sender.
-    pub from: NodeId,
-    /// Recipient.
-    pub to: NodeId,
-    /// What is said.
-    pub message: Message,
-}
+use crate::types::{Entry, LogIndex, Term};
 
 /// Hint a follower returns with a rejected append, so the leader can skip a whole conflicting term
 /// in one round trip instead of probing one index at a time (Raft §5.3, "fast back-off").
@@ -149,5 +138,22 @@ impl Message {
             }
             _ => 32,
         }
+    }
+}
+
+impl Message {
+    /// True for messages that promise nothing about the sender's durable state, so they may
+    /// leave before the write of the same output is durable: a leader's appends, heartbeats and
+    /// hand-over, a follower's forwarded proposals, and a pre-vote request (which changes no
+    /// state). Votes and acknowledgements wait for the write.
+    pub fn may_precede_write(&self) -> bool {
+        matches!(
+            self,
+            Message::AppendEntries { .. }
+                | Message::Heartbeat { .. }
+                | Message::TimeoutNow { .. }
+                | Message::ForwardProposals { .. }
+                | Message::PreVote { .. }
+        )
     }
 }

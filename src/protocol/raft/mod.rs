@@ -7,15 +7,10 @@
 //! the async engine, under the deterministic simulator and in unit tests, so a failing simulation
 //! seed replays exactly.
 //!
-//! # The driver's contract
-//! After one or more calls to [`RaftNode::step`] that wrote into the same [`Output`]:
-//! 1. persist [`Output::hard_state`], then apply [`Output::truncate_from`] and [`Output::append`] to
-//!    the log store, and make them durable;
-//! 2. only then send [`Output::messages`];
-//! 3. then apply [`Output::committed`] to the state machine, in order.
-//!
-//! Persisting before sending is what lets a vote or an acknowledgement be trusted after a crash;
-//! batching several steps into one persist is how the engine gets group commit.
+//! The driver's contract is the one of every core, in the [`protocol`](crate::protocol) module:
+//! a leader's appends may leave while its own write is being made durable, votes and
+//! acknowledgements only after, and the leader counts its own entries toward a quorum only once
+//! [`Input::Durable`](crate::protocol::Input::Durable) said they are on disk.
 //!
 //! The core implements randomized election timeouts, pre-vote and check-quorum (a node cut off
 //! from the cluster cannot depose a healthy leader when it returns), priority-based elections
@@ -30,48 +25,37 @@ mod election;
 mod log;
 mod message;
 mod node;
-mod output;
 mod progress;
 mod replication;
 
-pub use config::{InjectedBugs, RaftConfig};
+#[cfg(any(test, feature = "sim"))]
+pub use config::InjectedBugs;
+pub use config::RaftConfig;
 pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use log::RaftLog;
-pub use message::{ConflictHint, Envelope, Message};
+pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
-pub use output::{Event, Output, RejectReason, Rejection};
-pub use progress::{Progress, ProgressState};
 
-use bytes::Bytes;
+pub use crate::protocol::{Event, RejectReason, Rejection};
 
 use crate::types::NodeId;
 
-/// One thing that happens to a node.
+/// Raft's operator requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Input {
-    /// One unit of logical time passed. Election timeouts, heartbeats and batch timeouts are
-    /// counted in ticks; the driver decides how long a tick is.
-    Tick,
-    /// A message from a peer.
-    Message(Envelope),
-    /// A client's proposal, identified by a request id unique on this node. When the entry carrying
-    /// it is committed it shows up in [`Output::committed`] tagged with this node and this id; if
-    /// it cannot be accepted, a [`Rejection`] with this id is emitted instead.
-    Propose {
-        /// Unique on this node; chosen by the driver.
-        request_id: u64,
-        /// The command bytes.
-        data: Bytes,
-    },
+pub enum Control {
     /// Ask the leader to hand leadership to `to` (Raft thesis §3.10).
     TransferLeadership {
         /// The voter that should become leader.
         to: NodeId,
     },
-    /// Append buffered proposals now. The engine sends this when its input queue is drained, so
-    /// proposals that arrived together go out together without waiting for the batch timeout.
-    FlushProposals,
 }
+
+/// One thing that happens to a Raft node.
+pub type Input = crate::protocol::Input<Message, Control>;
+/// What one or more steps of a Raft node ask the driver to do.
+pub type Output = crate::protocol::Output<Message>;
+/// A Raft message with its sender and receiver.
+pub type Envelope = crate::protocol::Envelope<Message>;
 
 #[cfg(test)]
 mod tests;

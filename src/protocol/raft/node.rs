@@ -8,12 +8,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::ConfigError;
-use crate::protocol::raft::Input;
 use crate::protocol::raft::config::RaftConfig;
 use crate::protocol::raft::log::RaftLog;
-use crate::protocol::raft::message::{Envelope, Message};
-use crate::protocol::raft::output::{Event, Output};
+use crate::protocol::raft::message::Message;
 use crate::protocol::raft::progress::Progress;
+use crate::protocol::raft::{Control, Envelope, Input, Output};
+use crate::protocol::{Event, Protocol, Status};
 use crate::storage::{HardState, RecoveredState};
 use crate::types::{LogIndex, NodeId, Term};
 
@@ -58,6 +58,9 @@ pub struct RaftNode {
     pub(crate) voted_for: Option<NodeId>,
     pub(crate) leader: Option<NodeId>,
     pub(crate) log: RaftLog,
+    /// The last index the driver reported durable ([`Input::Durable`]) that is still in the
+    /// log. A leader counts itself toward a quorum only up to here.
+    pub(crate) durable_index: LogIndex,
     pub(crate) commit_index: LogIndex,
     /// Ticks since the last election-timer reset.
     pub(crate) election_elapsed: u32,
@@ -71,18 +74,31 @@ pub struct RaftNode {
 }
 
 impl RaftNode {
-    /// A node starting from what its log store recovered.
+    /// A node starting from what its log store recovered. The recovered log may start past
+    /// index 1 (a compacted store); it must be contiguous, or the store is corrupt and this
+    /// refuses with [`ConfigError::Invalid`] naming `recovered.entries`.
     pub fn new(config: RaftConfig, recovered: RecoveredState) -> Result<Self, ConfigError> {
         config.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let log =
+            RaftLog::from_entries(recovered.entries).map_err(|reason| ConfigError::Invalid {
+                field: "recovered.entries",
+                value: String::new(),
+                reason,
+            })?;
+        // Everything recovered is durable; entries before the log's start were compacted
+        // into a snapshot, so they were committed.
+        let durable_index = log.last_index();
+        let commit_index = log.first_index().saturating_sub(1);
         let mut node = RaftNode {
             rng,
             role: Role::Follower,
             term: recovered.hard_state.term,
             voted_for: recovered.hard_state.voted_for,
             leader: None,
-            log: RaftLog::from_entries(recovered.entries),
-            commit_index: 0,
+            log,
+            durable_index,
+            commit_index,
             election_elapsed: 0,
             election_timeout: config.election_timeout_ticks,
             heartbeat_elapsed: 0,
@@ -102,8 +118,9 @@ impl RaftNode {
             Input::Tick => self.tick(out),
             Input::Message(envelope) => self.receive(envelope, out),
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
-            Input::TransferLeadership { to } => self.transfer_leadership(to, out),
+            Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
             Input::FlushProposals => self.flush_proposals(out),
+            Input::Durable { index, term } => self.on_durable(index, term, out),
         }
         #[cfg(debug_assertions)]
         {
@@ -112,6 +129,10 @@ impl RaftNode {
             debug_assert!(
                 self.commit_index <= self.log.last_index(),
                 "commit past the log"
+            );
+            debug_assert!(
+                self.durable_index <= self.log.last_index(),
+                "durable past the log"
             );
         }
     }
@@ -209,8 +230,15 @@ impl RaftNode {
             .filter(move |&id| id != me)
     }
 
+    /// Queues `message` for `to`, before or after the output's write as the message allows
+    /// ([`Message::may_precede_write`]).
     pub(crate) fn send(&self, to: NodeId, message: Message, out: &mut Output) {
-        out.messages.push(Envelope {
+        let queue = if message.may_precede_write() {
+            &mut out.messages
+        } else {
+            &mut out.messages_after_write
+        };
+        queue.push(Envelope {
             from: self.config.id,
             to,
             message,
@@ -218,7 +246,25 @@ impl RaftNode {
     }
 
     pub(crate) fn save_hard_state(&self, out: &mut Output) {
-        out.hard_state = Some(self.hard_state());
+        out.write.hard_state = Some(self.hard_state());
+    }
+
+    /// The driver made the log durable through `index`. Ignored when the entry there is no
+    /// longer the one written (a later truncation replaced it; its own write will be
+    /// acknowledged in turn).
+    fn on_durable(&mut self, index: LogIndex, term: crate::types::Term, out: &mut Output) {
+        if index <= self.durable_index || self.log.term_at(index) != Some(term) {
+            return;
+        }
+        self.durable_index = index;
+        if self.role == Role::Leader {
+            self.maybe_commit(out);
+        }
+    }
+
+    /// The last index this node has reported durable.
+    pub fn durable_index(&self) -> LogIndex {
+        self.durable_index
     }
 
     pub(crate) fn reset_election_timer(&mut self) {
@@ -250,5 +296,31 @@ impl RaftNode {
 
     pub(crate) fn is_voter(&self) -> bool {
         self.config.voters.contains(&self.config.id)
+    }
+}
+
+impl Protocol for RaftNode {
+    type Message = Message;
+    type Control = Control;
+
+    fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    fn step(&mut self, input: Input, out: &mut Output) {
+        RaftNode::step(self, input, out)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            term: self.term,
+            leader: self.leader,
+            is_leader: self.role == Role::Leader,
+            commit_index: self.commit_index,
+        }
+    }
+
+    fn into_recovered_state(self) -> RecoveredState {
+        RaftNode::into_recovered_state(self)
     }
 }

@@ -5,8 +5,8 @@ use bytes::Bytes;
 
 use crate::protocol::raft::message::{ConflictHint, Message};
 use crate::protocol::raft::node::{RaftNode, Role};
-use crate::protocol::raft::output::{Output, RejectReason, Rejection};
 use crate::protocol::raft::progress::ProgressState;
+use crate::protocol::raft::{Output, RejectReason, Rejection};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag};
 
 impl RaftNode {
@@ -132,7 +132,7 @@ impl RaftNode {
     /// The leader appends entries of its own term and replicates them.
     pub(crate) fn append_to_own_log(&mut self, entries: Vec<Entry>, out: &mut Output) {
         debug_assert!(self.role == Role::Leader);
-        out.write_log(None, &entries);
+        out.write.merge_log(None, &entries);
         for entry in entries {
             self.log.push(entry);
         }
@@ -166,10 +166,11 @@ impl RaftNode {
                 return; // in step and nothing new: heartbeats keep it alive
             }
             let prev_log_index = next - 1;
-            let prev_log_term = self
-                .log
-                .term_at(prev_log_index)
-                .expect("next_index never passes last_index + 1");
+            // next_index never passes last_index + 1, so the term is missing only for an index
+            // compacted away: such a follower needs a snapshot, which this core cannot send yet.
+            let Some(prev_log_term) = self.log.term_at(prev_log_index) else {
+                return;
+            };
             // As many entries as fit in `max_bytes`, but at least one: counted first, then
             // copied into a vector of exactly that size (pushing one by one regrew it
             // log2(n) times per append, which showed in the leader's profile).
@@ -258,9 +259,10 @@ impl RaftNode {
         }
         if let Some(from) = truncate_from {
             self.log.truncate_from(from);
+            self.durable_index = self.durable_index.min(from - 1);
         }
         if truncate_from.is_some() || first_new < entries.len() {
-            out.write_log(truncate_from, &entries[first_new..]);
+            out.write.merge_log(truncate_from, &entries[first_new..]);
             // Moved, not cloned: the message is ours, and a clone per entry showed in profiles.
             for entry in entries.into_iter().skip(first_new) {
                 self.log.push(entry);
@@ -339,14 +341,14 @@ impl RaftNode {
             return;
         };
         let mut matched: Vec<LogIndex> = state.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.log.last_index());
+        matched.push(self.durable_index); // this node counts only what is on its disk
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let quorum_index = matched[self.quorum() - 1];
         if quorum_index <= self.commit_index {
             return;
         }
         let of_current_term = self.log.term_at(quorum_index) == Some(self.term);
-        if of_current_term || self.config.injected_bugs.commit_previous_term_by_counting {
+        if of_current_term || self.config.bugs().commit_previous_term_by_counting {
             let newly_committed = self.commit_index + 1;
             self.commit_to(quorum_index, out);
             self.notify_waiting_proposers(newly_committed, out);

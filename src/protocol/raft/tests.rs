@@ -44,13 +44,22 @@ impl Cluster {
         let mut queue = VecDeque::from([(id, input)]);
         while let Some((id, input)) = queue.pop_front() {
             let mut out = Output::default();
-            self.nodes.get_mut(&id).unwrap().step(input, &mut out);
+            let node = self.nodes.get_mut(&id).unwrap();
+            node.step(input, &mut out);
+            // The write is durable at once here: acknowledge it, as a driver does after its fsync.
+            if let Some((index, term)) = out.write.last_appended() {
+                node.step(Input::Durable { index, term }, &mut out);
+            }
             self.committed
                 .entry(id)
                 .or_default()
                 .append(&mut out.committed);
             self.rejected.append(&mut out.rejected);
-            for envelope in out.messages.drain(..) {
+            let messages = out
+                .messages
+                .drain(..)
+                .chain(out.messages_after_write.drain(..));
+            for envelope in messages {
                 if !self.cut.contains(&(envelope.from, envelope.to)) {
                     queue.push_back((envelope.to, Input::Message(envelope)));
                 }
@@ -234,7 +243,10 @@ fn leadership_transfer_hands_over_and_the_target_leads() {
         .copied()
         .find(|&id| id != leader)
         .unwrap();
-    cluster.step(leader, Input::TransferLeadership { to: target });
+    cluster.step(
+        leader,
+        Input::Control(Control::TransferLeadership { to: target }),
+    );
     cluster.tick_all(2);
     assert_eq!(cluster.leaders(), vec![target]);
 }
@@ -250,7 +262,10 @@ fn proposals_during_a_transfer_are_refused() {
         .find(|&id| id != leader)
         .unwrap();
     cluster.isolate(target); // the transfer cannot finish
-    cluster.step(leader, Input::TransferLeadership { to: target });
+    cluster.step(
+        leader,
+        Input::Control(Control::TransferLeadership { to: target }),
+    );
     cluster.propose(leader, 3, "during");
     assert_eq!(
         cluster.rejected,
@@ -452,6 +467,12 @@ fn the_commit_rule_waits_for_an_entry_of_the_current_term() {
         }),
         &mut out,
     );
+    assert_eq!(
+        node.commit_index(),
+        0,
+        "the leader counted its own entry before it was durable"
+    );
+    node.step(Input::Durable { index: 3, term }, &mut out);
     assert_eq!(node.commit_index(), 3);
 }
 
@@ -478,8 +499,9 @@ fn a_node_votes_once_per_term() {
         };
         node.step(Input::Message(envelope), &mut out);
     }
+    assert!(out.messages.is_empty(), "a vote waits for the write");
     let grants: Vec<bool> = out
-        .messages
+        .messages_after_write
         .iter()
         .filter_map(|e| match e.message {
             Message::RequestVoteResponse { granted, .. } => Some(granted),
@@ -487,5 +509,113 @@ fn a_node_votes_once_per_term() {
         })
         .collect();
     assert_eq!(grants, vec![true, false]);
-    assert_eq!(out.hard_state.unwrap().voted_for, Some(NodeId(2)));
+    assert_eq!(out.write.hard_state.unwrap().voted_for, Some(NodeId(2)));
+}
+
+#[test]
+fn a_leader_sends_appends_before_its_write_is_durable_but_commits_only_after() {
+    let mut node = RaftNode::new(
+        RaftConfig::new(NodeId(1), vec![NodeId(1)]),
+        RecoveredState::default(),
+    )
+    .unwrap();
+    let mut out = Output::default();
+    while !node.is_leader() {
+        node.step(Input::Tick, &mut out);
+    }
+    let (blank_index, term) = out.write.last_appended().expect("the leader's blank entry");
+    assert_eq!(
+        node.commit_index(),
+        0,
+        "a single voter waits for its own fsync"
+    );
+    out.clear();
+    node.step(
+        Input::Propose {
+            request_id: 7,
+            data: Bytes::from_static(b"x"),
+        },
+        &mut out,
+    );
+    node.step(Input::FlushProposals, &mut out);
+    assert_eq!(node.commit_index(), 0);
+    // An acknowledgement of an entry no longer in the log (other term) is ignored.
+    node.step(
+        Input::Durable {
+            index: blank_index,
+            term: term + 1,
+        },
+        &mut out,
+    );
+    assert_eq!(node.commit_index(), 0);
+    node.step(
+        Input::Durable {
+            index: blank_index + 1,
+            term,
+        },
+        &mut out,
+    );
+    assert_eq!(node.commit_index(), blank_index + 1);
+    assert_eq!(node.durable_index(), blank_index + 1);
+    assert_eq!(out.committed.len(), 2);
+
+    // With peers: the appends go out in `messages`, before the write.
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let mut out = Output::default();
+    let node = cluster.nodes.get_mut(&leader).unwrap();
+    node.step(
+        Input::Propose {
+            request_id: 1,
+            data: Bytes::from_static(b"y"),
+        },
+        &mut out,
+    );
+    node.step(Input::FlushProposals, &mut out);
+    assert!(!out.write.append.is_empty());
+    let appends = out
+        .messages
+        .iter()
+        .filter(|e| matches!(e.message, Message::AppendEntries { .. }))
+        .count();
+    assert_eq!(appends, voters.len() - 1);
+}
+
+#[test]
+fn a_node_recovered_from_a_compacted_log_starts_past_index_1() {
+    let entries: Vec<Entry> = (41..=45)
+        .map(|index| Entry {
+            index,
+            term: 3,
+            payload: Payload::Blank,
+        })
+        .collect();
+    let recovered = RecoveredState {
+        hard_state: crate::storage::HardState {
+            term: 3,
+            voted_for: None,
+        },
+        entries,
+    };
+    let node = RaftNode::new(RaftConfig::new(NodeId(1), vec![NodeId(1)]), recovered).unwrap();
+    assert_eq!(node.log().first_index(), 41);
+    assert_eq!(node.log().last_index(), 45);
+    assert_eq!(node.commit_index(), 40, "what was compacted was committed");
+    let gap = RecoveredState {
+        entries: vec![
+            Entry {
+                index: 41,
+                term: 3,
+                payload: Payload::Blank,
+            },
+            Entry {
+                index: 43,
+                term: 3,
+                payload: Payload::Blank,
+            },
+        ],
+        ..RecoveredState::default()
+    };
+    assert!(RaftNode::new(RaftConfig::new(NodeId(1), vec![NodeId(1)]), gap).is_err());
 }

@@ -1,4 +1,5 @@
-//! Raft's safety properties (Raft paper, Figure 3), checked by the simulator as the run goes:
+//! The safety properties the simulator checks as the run goes (Raft paper, Figure 3; the first
+//! and the last hold for every core, the middle two are Raft's own, see [`SimProtocol`]):
 //!
 //! - election safety: at most one leader per term, over the whole run;
 //! - log matching: two logs holding an entry with the same index and term are identical up to it;
@@ -12,8 +13,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use consensus::protocol::raft::{RaftLog, RaftNode};
-use consensus::{Entry, LogIndex, NodeId, Term};
+use crate::protocol::raft::RaftLog;
+use crate::sim::SimProtocol;
+use crate::{Entry, LogIndex, NodeId, Term};
 
 /// A broken property, with what is needed to understand it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,13 +192,14 @@ impl SafetyMonitor {
         &self.applied
     }
 
-    /// Called after every step of `node`: election safety, and leader completeness the first time
-    /// a leader is seen in its term (a leader's log only grows during its term, so once suffices).
-    pub fn observe_node(&mut self, node: &RaftNode) -> Result<(), Violation> {
-        if !node.is_leader() {
+    /// Called after every step of `node`: election safety, and the core's own check the first
+    /// time a leader is seen in its term.
+    pub fn observe_node<P: SimProtocol>(&mut self, node: &P) -> Result<(), Violation> {
+        let status = node.status();
+        if !status.is_leader {
             return Ok(());
         }
-        let (term, id) = (node.term(), node.id());
+        let (term, id) = (status.term, node.id());
         match self.leaders.get(&term) {
             Some(&first) if first != id => {
                 return Err(Violation::ElectionSafety {
@@ -209,26 +212,7 @@ impl SafetyMonitor {
             None => {}
         }
         self.leaders.insert(term, id);
-        self.check_leader_completeness(node)
-    }
-
-    /// Every entry seen committed in a term below the leader's is in its log.
-    pub fn check_leader_completeness(&self, node: &RaftNode) -> Result<(), Violation> {
-        if !node.is_leader() {
-            return Ok(());
-        }
-        let term = node.term();
-        for (&index, (entry, committed_in)) in &self.applied {
-            if *committed_in < term && node.log().entry(index) != Some(entry) {
-                return Err(Violation::LeaderCompleteness {
-                    leader: node.id(),
-                    term,
-                    index,
-                    committed_in: *committed_in,
-                });
-            }
-        }
-        Ok(())
+        P::check_new_leader(node, self)
     }
 
     /// Called for every entry a node applies, with the node's term at that moment.

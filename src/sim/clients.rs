@@ -1,15 +1,16 @@
 //! The simulated clients: invocation, node choice, retries on refusal, deadlines, answers, and
 //! the liveness probe.
 
-use consensus::LogIndex;
-use consensus::protocol::raft::Input;
+use bytes::Bytes;
 use rand::RngExt;
 
-use crate::common::kv::encode;
-use crate::common::linearizability::{KvInput, KvOutput, Operation};
-use crate::common::sim::{Action, ClientState, OpMeta, PROBE_KEY, Sim};
+use crate::LogIndex;
+use crate::protocol::Input;
+use crate::sim::linearizability::{KvInput, KvOutput, Operation};
+use crate::sim::{Action, ClientState, OpMeta, PROBE_KEY, Sim, SimProtocol};
+use crate::state_machine::encode_command;
 
-impl Sim {
+impl<P: SimProtocol> Sim<P> {
     pub(super) fn think_time(&mut self) -> u64 {
         let (low, high) = self.config.think_us;
         self.rng.random_range(low..=high.max(low))
@@ -112,7 +113,8 @@ impl Sim {
             response: None,
         });
         self.ops.push(OpMeta {
-            data: encode(&input),
+            // Encoded as the engine encodes a `StateMachine` command.
+            data: Bytes::from(encode_command(&input).unwrap_or_default()),
             deadline_us,
             abandoned: false,
             index: None,
@@ -152,9 +154,10 @@ impl Sim {
             self.schedule(at, Action::Retry { client, op });
             return;
         }
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
-        self.nodes[node].waiting.insert(request_id, (client, op));
+        let deadline = self.now_us + self.config.client_timeout_us;
+        let request_id = self.nodes[node]
+            .apply
+            .submit((client, op), self.now_us, deadline);
         self.clients[client].state = ClientState::Waiting {
             op,
             node,
@@ -207,13 +210,9 @@ impl Sim {
     pub(super) fn deadline(&mut self, client: usize, op: usize) {
         match self.clients[client].state {
             ClientState::Backoff { op: current } if current == op => self.abandon(client, op),
-            ClientState::Waiting {
-                op: current,
-                node,
-                request_id,
-            } if current == op => {
-                // Silence: the operation may still take effect, but nobody will hear of it.
-                self.nodes[node].waiting.remove(&request_id);
+            ClientState::Waiting { op: current, .. } if current == op => {
+                // Silence: the operation may still take effect, but nobody will hear of it (the
+                // node's apply stage still holds the request until its own deadline).
                 self.clients[client].state = ClientState::Idle;
                 self.clients[client].preferred = None;
                 let at = self.now_us + self.think_time();

@@ -1,15 +1,62 @@
-//! The deterministic cluster simulator: real [`RaftNode`]s, [`MemoryLogStore`]s and the
-//! [`SimulatedNetwork`], a replicated key-value store on every node, concurrent clients, and a
-//! fault injector, all driven by one seeded random generator over simulated time.
+//! The deterministic cluster simulator (feature `sim`): real protocol cores, [`MemoryLogStore`]s
+//! and the [`SimulatedNetwork`], the engine's own apply stage with a [`StateMachine`](crate::StateMachine) on every
+//! node, concurrent clients, and a fault injector, all driven by one seeded random generator over
+//! simulated time.
+//!
+//! It is generic over the core ([`SimProtocol`], implemented by [`RaftNode`]). The invariants
+//! are split: the shared ones (one leader per term, state-machine safety, linearizability of
+//! the client history) are checked for every core; each core adds its own
+//! ([`SimProtocol::check_new_leader`], [`SimProtocol::check_all`]: leader completeness and log
+//! matching for Raft).
+//!
+//! The clients run a key-value workload ([`KvInput`], checked against [`KvModel`]). The
+//! replicated state machine is [`KvStateMachine`] unless [`SimConfig::with_state_machine`] names
+//! another: a library user can run their own implementation of that workload under faults and
+//! have its answers checked for linearizability.
+//!
+//! ```
+//! use std::collections::HashMap;
+//!
+//! use consensus::StateMachine;
+//! use consensus::sim::{KvInput, KvModel, KvOutput, Sim, SimConfig};
+//!
+//! /// The user's own store: a hash map.
+//! #[derive(Default)]
+//! struct MyStore(HashMap<u64, u64>);
+//!
+//! impl StateMachine for MyStore {
+//!     type Command = KvInput;
+//!     type Response = KvOutput;
+//!     fn apply(&mut self, command: KvInput) -> KvOutput {
+//!         let key = command.key();
+//!         let (value, output) = KvModel::apply(self.0.get(&key).copied(), &command);
+//!         if let Some(value) = value {
+//!             self.0.insert(key, value);
+//!         }
+//!         output
+//!     }
+//! }
+//!
+//! let config = SimConfig::chaos(7).with_state_machine(MyStore::default);
+//! let mut sim: Sim = Sim::new(config).unwrap();
+//! sim.start_clients();
+//! sim.start_faults();
+//! sim.run_until(1_000_000).unwrap();
+//! sim.heal_everything();
+//! sim.stop_clients();
+//! sim.run_until(3_000_000).unwrap();
+//! sim.check_linearizability().unwrap();
+//! ```
 //!
 //! Time is in simulated microseconds. Each node ticks every [`TICK_US`] (10 ms), at its own phase
 //! (and, when [`SimConfig::clock_skew`] is set, at its own slightly wrong rate).
 //! One loop takes the earliest of: a scheduled action (client invocation, retry or timeout, fault,
 //! restart, heal), a network delivery, or a tick, and processes it; ties go in that order, then by
-//! node and send order, so a seed replays bit for bit. After every step of a node the driver
-//! carries out the core's [`Output`] as the contract in `protocol::raft` says (persist and sync,
-//! then send, then apply) and runs the cheap invariant checks; every 100 ms of simulated time it
-//! runs the pairwise ones. The first violation stops the run.
+//! node and send order, so a seed replays bit for bit. After every step of a node the simulator
+//! carries out the core's [`Output`] as the contract in [`crate::protocol`] says (send what may
+//! go at once, persist and sync, send the rest, apply through the apply stage, acknowledge the
+//! write with [`Input::Durable`]) and runs the cheap invariant checks; every 100 ms of simulated
+//! time it runs the pairwise ones. The first violation stops the run.
 //!
 //! Clients have at most one operation outstanding. A definite refusal (the core's rejection, or a
 //! node that is down) makes the client retry the same operation on another node; a refusal that
@@ -21,23 +68,33 @@
 mod clients;
 mod config;
 mod faults;
+pub mod invariants;
+mod kv;
+pub mod linearizability;
+mod protocol;
 
+pub use crate::engine::apply::ApplyBugs;
 pub use config::{FaultProfile, SimConfig, SimFailure, SimReport};
+pub use invariants::{SafetyMonitor, Violation};
+pub use kv::KvStateMachine;
+pub use linearizability::{KvInput, KvModel, KvOutput};
+pub use protocol::SimProtocol;
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use consensus::protocol::raft::{Envelope, Input, Output, RaftNode, RejectReason};
-use consensus::storage::{LogStore, MemoryLogStore};
-use consensus::transport::Transport;
-use consensus::transport::simulated::{SimulatedEndpoint, SimulatedNetwork};
-use consensus::{LogIndex, NodeId, Term};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::invariants::{SafetyMonitor, Violation, check_log_matching};
-use crate::common::kv::{Applied, KvStateMachine};
-use crate::common::linearizability::{CheckOutcome, KvInput, KvOutput, Operation, check_kv};
+use crate::engine::apply::{Answer, ApplyStage, Unanswered};
+use crate::protocol::raft::RaftNode;
+use crate::protocol::{Envelope, Input, Output, Protocol, RejectReason};
+use crate::storage::{LogStore, MemoryLogStore};
+use crate::transport::Transport;
+use crate::transport::simulated::{SimulatedEndpoint, SimulatedNetwork};
+use crate::{LogIndex, NodeId, Term};
+
+use crate::sim::linearizability::{CheckOutcome, Operation, check_kv};
 
 /// Simulated microseconds per tick.
 pub const TICK_US: u64 = 10_000;
@@ -53,6 +110,9 @@ pub fn mix(seed: u64, salt: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// Where an answer of a node's apply stage goes: (client, history operation).
+type ClientOp = (usize, usize);
 
 /// Something scheduled at a simulated time.
 #[derive(Clone, Debug)]
@@ -106,19 +166,18 @@ struct OpMeta {
     index: Option<LogIndex>,
 }
 
-struct SimNode {
+struct SimNode<P: Protocol> {
     id: NodeId,
-    raft: Option<RaftNode>,
+    raft: Option<P>,
     store: MemoryLogStore,
-    kv: KvStateMachine,
+    /// The engine's apply stage: this node's clients' requests, dedup and the state machine.
+    apply: ApplyStage<ClientOp, u64>,
     incarnation: u64,
     next_tick_us: u64,
-    /// Requests this node holds for clients: request id → (client, op).
-    waiting: BTreeMap<u64, (usize, usize)>,
     /// This node's tick interval (its clock's rate).
     tick_us: u64,
     /// Output of steps not yet carried out (group commit).
-    out: Output,
+    out: Output<P::Message>,
     /// A flush of `out` is scheduled.
     flush_scheduled: bool,
 }
@@ -130,34 +189,36 @@ struct FailoverWatch {
     crashed_at_us: u64,
 }
 
-/// A running simulation. See the module documentation.
-pub struct Sim {
-    config: SimConfig,
+/// A running simulation of core `P`. See the module documentation.
+pub struct Sim<P: SimProtocol = RaftNode> {
+    config: SimConfig<P::Settings>,
     rng: ChaCha8Rng,
     now_us: u64,
-    network: SimulatedNetwork<Envelope>,
-    endpoints: Vec<SimulatedEndpoint<Envelope>>,
-    nodes: Vec<SimNode>,
+    network: SimulatedNetwork<Envelope<P::Message>>,
+    endpoints: Vec<SimulatedEndpoint<Envelope<P::Message>>>,
+    nodes: Vec<SimNode<P>>,
     clients: Vec<Client>,
     history: Vec<Operation<KvInput, KvOutput>>,
     ops: Vec<OpMeta>,
     monitor: SafetyMonitor,
     agenda: BTreeMap<(u64, u64), Action>,
     agenda_sequence: u64,
-    next_request_id: u64,
     next_value: u64,
     faults_active: bool,
     failure: Option<SimFailure>,
     last_full_check_us: u64,
     crashes: usize,
-    duplicate_applies: usize,
+    /// Copies of applied proposals skipped by the apply stages of nodes since crashed.
+    duplicate_applies: u64,
     failover: Option<FailoverWatch>,
     failover_samples: Vec<u64>,
+    /// Scratch space for the apply stages' answers.
+    answers: Vec<Answer<ClientOp, u64>>,
 }
 
-impl Sim {
+impl<P: SimProtocol> Sim<P> {
     /// A cluster at time 0 with every node up, no client active and no fault scheduled.
-    pub fn new(config: SimConfig) -> Result<Self, SimFailure> {
+    pub fn new(config: SimConfig<P::Settings>) -> Result<Self, SimFailure> {
         let fail = |detail: String| SimFailure {
             seed: config.seed,
             at_us: 0,
@@ -174,10 +235,9 @@ impl Sim {
                 id,
                 raft: None,
                 store: MemoryLogStore::new(),
-                kv: KvStateMachine::new(),
+                apply: ApplyStage::new(id, 1, None),
                 incarnation: 0,
                 next_tick_us: rng.random_range(1..=TICK_US),
-                waiting: BTreeMap::new(),
                 out: Output::default(),
                 flush_scheduled: false,
                 tick_us: TICK_US,
@@ -207,7 +267,6 @@ impl Sim {
             monitor: SafetyMonitor::new(),
             agenda: BTreeMap::new(),
             agenda_sequence: 0,
-            next_request_id: 1,
             next_value: 1,
             faults_active: false,
             failure: None,
@@ -216,6 +275,7 @@ impl Sim {
             duplicate_applies: 0,
             failover: None,
             failover_samples: Vec::new(),
+            answers: Vec::new(),
             config,
         };
         let skew = sim.config.clock_skew;
@@ -240,17 +300,17 @@ impl Sim {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &SimConfig {
+    pub fn config(&self) -> &SimConfig<P::Settings> {
         &self.config
     }
 
     /// The network, for scenario-specific faults.
-    pub fn network(&self) -> &SimulatedNetwork<Envelope> {
+    pub fn network(&self) -> &SimulatedNetwork<Envelope<P::Message>> {
         &self.network
     }
 
     /// The node `id`, when it is up.
-    pub fn node(&self, id: NodeId) -> Option<&RaftNode> {
+    pub fn node(&self, id: NodeId) -> Option<&P> {
         self.nodes.get(id.0.checked_sub(1)? as usize)?.raft.as_ref()
     }
 
@@ -264,9 +324,10 @@ impl Sim {
         self.nodes
             .iter()
             .filter_map(|n| n.raft.as_ref())
-            .filter(|r| r.is_leader())
-            .max_by_key(|r| r.term())
-            .map(|r| r.id())
+            .map(|r| (r.id(), r.status()))
+            .filter(|(_, status)| status.is_leader)
+            .max_by_key(|(_, status)| status.term)
+            .map(|(id, _)| id)
     }
 
     /// The client history so far (operations refused until their deadline left out).
@@ -300,7 +361,7 @@ impl Sim {
                 .nodes
                 .iter()
                 .filter_map(|n| n.raft.as_ref())
-                .map(|r| r.term())
+                .map(|r| r.status().term)
                 .max()
                 .unwrap_or(0),
             committed: self
@@ -310,7 +371,12 @@ impl Sim {
                 .next_back()
                 .copied()
                 .unwrap_or(0),
-            duplicate_applies: self.duplicate_applies,
+            duplicate_applies: (self.duplicate_applies
+                + self
+                    .nodes
+                    .iter()
+                    .map(|n| n.apply.duplicates_skipped())
+                    .sum::<u64>()) as usize,
             checker_steps: 0,
             network: self.network.stats(),
         }
@@ -350,7 +416,7 @@ impl Sim {
     pub fn run_until_or(
         &mut self,
         until_us: u64,
-        mut done: impl FnMut(&Sim) -> bool,
+        mut done: impl FnMut(&Sim<P>) -> bool,
     ) -> Result<bool, SimFailure> {
         loop {
             self.check_failure()?;
@@ -389,10 +455,7 @@ impl Sim {
             } else if next_delivery == Some(at) {
                 if let Some(delivery) = self.network.pop_due(at) {
                     let node = delivery.to.0 as usize - 1;
-                    let from_proposer = matches!(
-                        delivery.message.message,
-                        consensus::protocol::raft::Message::ForwardProposals { .. }
-                    );
+                    let from_proposer = P::carries_proposals(&delivery.message.message);
                     self.step(node, Input::Message(delivery.message));
                     if from_proposer {
                         self.maybe_flush(node);
@@ -401,6 +464,11 @@ impl Sim {
             } else if let Some((_, node)) = next_tick {
                 self.nodes[node].next_tick_us += self.nodes[node].tick_us;
                 self.step(node, Input::Tick);
+                let now = self.now_us;
+                let mut answers = std::mem::take(&mut self.answers);
+                self.nodes[node].apply.expire(now, &mut answers);
+                self.deliver_answers(node, &mut answers);
+                self.answers = answers;
             }
             if self.now_us >= self.last_full_check_us + FULL_CHECK_EVERY_US {
                 self.last_full_check_us = self.now_us;
@@ -436,12 +504,16 @@ impl Sim {
 
     /// Feeds `input` to node `index` and carries out the output, now or (group commit) a little
     /// later together with the outputs of the node's next steps.
-    pub fn step(&mut self, index: usize, input: Input) {
+    pub fn step(&mut self, index: usize, input: Input<P::Message, P::Control>) {
         let node = &mut self.nodes[index];
         let Some(raft) = node.raft.as_mut() else {
             return; // a crashed node hears nothing
         };
         raft.step(input, &mut node.out);
+        // What may leave before the write is durable leaves now, as the engine sends it.
+        for envelope in node.out.messages.drain(..) {
+            self.endpoints[index].send(envelope.to, envelope);
+        }
         let observed = self.monitor.observe_node(raft);
         let flush_scheduled = node.flush_scheduled;
         if let Err(violation) = observed {
@@ -466,17 +538,18 @@ impl Sim {
     }
 
     /// Carries out the node's accumulated output as the driver contract says: persist and sync,
-    /// then send, then apply (answering this node's clients), then hand back refusals.
+    /// send what waited for the write, apply through the apply stage (answering this node's
+    /// clients), hand back refusals, then acknowledge the write to the core.
     fn flush(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         node.flush_scheduled = false;
         let Some(raft) = node.raft.as_ref() else {
             return;
         };
-        let (id, term, is_leader) = (node.id, raft.term(), raft.is_leader());
+        let (id, status) = (node.id, raft.status());
         let mut out = std::mem::take(&mut node.out);
-        // 1. Persist and sync before anything leaves the node.
-        if let Err(e) = node.store.persist(&out) {
+        // 1. Persist and sync; only then may votes and acknowledgements leave.
+        if let Err(e) = node.store.persist(&out.write) {
             self.fail(Violation::Storage {
                 node: id,
                 detail: e.to_string(),
@@ -485,60 +558,84 @@ impl Sim {
             self.nodes[index].out = out;
             return;
         }
-        // 2. Send.
-        for envelope in out.messages.drain(..) {
+        let durable = out.write.last_appended();
+        for envelope in out.messages_after_write.drain(..) {
             self.endpoints[index].send(envelope.to, envelope);
         }
-        // 3. Apply, answering this node's clients.
+        // 2. Apply through the engine's apply stage, answering this node's clients.
         for entry in &out.committed {
-            if let Err(violation) = self.monitor.observe_applied(id, term, entry) {
+            if let Err(violation) = self.monitor.observe_applied(id, status.term, entry) {
                 self.fail(violation);
-            }
-            match self.nodes[index].kv.apply(entry) {
-                Ok(Applied::Command { tag, input, output }) if tag.proposer == id => {
-                    if let Some((client, op)) = self.nodes[index].waiting.remove(&tag.request_id) {
-                        if self.history[op].input != input {
-                            self.fail(Violation::Apply {
-                                node: id,
-                                detail: format!(
-                                    "request {} applied as {input:?}, sent as {:?}",
-                                    tag.request_id, self.history[op].input
-                                ),
-                            });
-                        }
-                        self.complete(client, op, index, output, entry.index);
-                    }
-                }
-                Ok(Applied::Duplicate { .. }) => self.duplicate_applies += 1,
-                Ok(_) => {}
-                Err(e) => self.fail(Violation::Apply {
-                    node: id,
-                    detail: e.to_string(),
-                }),
             }
         }
         if let Some(watch) = self.failover
-            && is_leader
-            && term > watch.crashed_term
+            && status.is_leader
+            && status.term > watch.crashed_term
             && !out.committed.is_empty()
         {
             self.failover_samples
                 .push(self.now_us - watch.crashed_at_us);
             self.failover = None;
         }
-        for rejection in out.rejected.drain(..) {
-            if let Some((client, op)) = self.nodes[index].waiting.remove(&rejection.request_id) {
-                let hint = match rejection.reason {
-                    RejectReason::NotLeader {
-                        leader: Some(leader),
-                    } => Some(leader.0 as usize - 1),
-                    _ => None,
-                };
-                self.refused(client, op, hint);
-            }
-        }
+        let mut answers = std::mem::take(&mut self.answers);
+        let node = &mut self.nodes[index];
+        node.apply.apply(out.committed.drain(..), &mut answers);
+        node.apply.reject(out.rejected.drain(..), &mut answers);
+        self.deliver_answers(index, &mut answers);
+        self.answers = answers;
         out.clear();
         self.nodes[index].out = out;
+        // 3. Tell the core what is durable.
+        if let Some((index_durable, term)) = durable {
+            self.step(
+                index,
+                Input::Durable {
+                    index: index_durable,
+                    term,
+                },
+            );
+        }
+    }
+
+    /// Hands the apply stage's answers of node `index` to the clients still waiting for them.
+    fn deliver_answers(&mut self, index: usize, answers: &mut Vec<Answer<ClientOp, u64>>) {
+        for answer in answers.drain(..) {
+            let (client, op) = answer.reply;
+            let waiting_here = matches!(self.clients[client].state,
+                ClientState::Waiting { op: o, node, .. } if o == op && node == index);
+            if !waiting_here {
+                continue; // the client gave up on this request (its deadline passed)
+            }
+            match answer.outcome {
+                Ok(applied) => {
+                    let output = match applied.response {
+                        Some(Ok(response)) => response.downcast::<KvOutput>().map(|o| *o).ok(),
+                        _ => None,
+                    };
+                    match output {
+                        Some(output) => self.complete(client, op, index, output, applied.index),
+                        None => self.fail(Violation::Apply {
+                            node: self.nodes[index].id,
+                            detail: format!(
+                                "request of operation {op} applied at {} without a KvOutput",
+                                applied.index
+                            ),
+                        }),
+                    }
+                }
+                Err(Unanswered::Rejected(reason)) => {
+                    let hint = match reason {
+                        RejectReason::NotLeader {
+                            leader: Some(leader),
+                        } => self.nodes.iter().position(|n| n.id == leader),
+                        _ => None,
+                    };
+                    self.refused(client, op, hint);
+                }
+                // Silence as far as the client knows: its own deadline handles it.
+                Err(Unanswered::TimedOut | Unanswered::Stopped(_)) => {}
+            }
+        }
     }
 
     fn maybe_flush(&mut self, node: usize) {
@@ -549,20 +646,11 @@ impl Sim {
         }
     }
 
-    /// The pairwise checks: log matching between every two live nodes, and leader completeness
-    /// of every live leader against everything applied so far.
+    /// The pairwise checks of the core (for Raft: log matching between every two live nodes,
+    /// and leader completeness of every live leader against everything applied so far).
     pub fn full_check(&self) -> Result<(), Violation> {
-        let logs: Vec<_> = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.raft.as_ref())
-            .map(|r| (r.id(), r.log()))
-            .collect();
-        check_log_matching(&logs)?;
-        for raft in self.nodes.iter().filter_map(|n| n.raft.as_ref()) {
-            self.monitor.check_leader_completeness(raft)?;
-        }
-        Ok(())
+        let live: Vec<&P> = self.nodes.iter().filter_map(|n| n.raft.as_ref()).collect();
+        P::check_all(&live, &self.monitor)
     }
 
     // ---- nodes ----
@@ -580,14 +668,16 @@ impl Sim {
                 return;
             }
         };
-        let mut config = self.config.raft.clone();
-        config.id = node.id;
-        config.voters = (1..=self.config.nodes as u64).map(NodeId).collect();
-        config.seed = mix(self.config.seed, (node.id.0 << 32) | node.incarnation);
-        match RaftNode::new(config, recovered) {
+        let voters: Vec<NodeId> = (1..=self.config.nodes as u64).map(NodeId).collect();
+        let seed = mix(self.config.seed, (node.id.0 << 32) | node.incarnation);
+        match P::start(&self.config.protocol, node.id, voters, seed, recovered) {
             Ok(raft) => {
                 node.raft = Some(raft);
-                node.kv = KvStateMachine::new();
+                // A fresh state machine replays the log from the start, as a restarted engine.
+                let first_request_id = mix(seed, 0x1d) >> 1;
+                node.apply =
+                    ApplyStage::new(node.id, first_request_id, Some(self.config.new_machine()));
+                node.apply.bugs = self.config.apply_bugs;
                 node.next_tick_us = self.now_us + self.rng.random_range(1..=TICK_US);
             }
             Err(e) => {
@@ -610,9 +700,12 @@ impl Sim {
         node.raft = None;
         node.out.clear(); // never persisted, never sent
         node.flush_scheduled = false;
-        node.kv = KvStateMachine::new();
-        let waiting = std::mem::take(&mut node.waiting);
-        for (_, (client, op)) in waiting {
+        self.duplicate_applies += node.apply.duplicates_skipped();
+        let mut waiting = Vec::new();
+        node.apply.fail_all("crashed", &mut waiting);
+        node.apply = ApplyStage::new(node.id, 1, None);
+        for answer in waiting {
+            let (client, op) = answer.reply;
             // Outcome unknown: the operation stays pending forever; the client moves on.
             if matches!(self.clients[client].state,
                 ClientState::Waiting { op: o, node, .. } if o == op && node == index)
@@ -642,9 +735,9 @@ impl Sim {
         self.start_node(index);
     }
 
-    /// Asks node `id` (normally the leader) to transfer leadership to `to`.
-    pub fn transfer_leadership(&mut self, id: NodeId, to: NodeId) {
-        self.step(id.0 as usize - 1, Input::TransferLeadership { to });
+    /// Hands node `id` an operator request (e.g. a Raft leadership transfer).
+    pub fn control(&mut self, id: NodeId, control: P::Control) {
+        self.step(id.0 as usize - 1, Input::Control(control));
     }
 
     /// Starts watching for the crash of the leader of `term` at `now` to be repaired.
@@ -659,7 +752,7 @@ impl Sim {
     /// Returns the crashed leader, or `None` if there was no leader.
     pub fn crash_leader_and_watch(&mut self) -> Option<NodeId> {
         let leader = self.leader()?;
-        let term = self.node(leader)?.term();
+        let term = self.node(leader)?.status().term;
         self.watch_failover(term);
         self.crash(leader);
         Some(leader)
@@ -676,7 +769,7 @@ impl Sim {
             .iter()
             .map(|n| {
                 if n.raft.is_some() {
-                    n.kv.last_applied()
+                    n.apply.applied_index()
                 } else {
                     0
                 }
@@ -723,5 +816,15 @@ impl Sim {
                 }))
             }
         }
+    }
+}
+
+impl Sim<RaftNode> {
+    /// Asks node `id` (normally the leader) to transfer leadership to `to`.
+    pub fn transfer_leadership(&mut self, id: NodeId, to: NodeId) {
+        self.control(
+            id,
+            crate::protocol::raft::Control::TransferLeadership { to },
+        );
     }
 }

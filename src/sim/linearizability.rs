@@ -374,7 +374,7 @@ fn search<M: Model>(
 }
 
 /// Operations on the replicated key-value store of the simulator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum KvInput {
     /// Sets `key` to `value`.
     Put {

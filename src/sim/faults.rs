@@ -1,13 +1,13 @@
 //! The fault injector: crashes, partitions, one-way links, leader isolation, bad weather and
 //! leadership transfers during the fault phase, and healing at its end.
 
-use consensus::NodeId;
+use crate::NodeId;
 use rand::RngExt;
 
-use crate::common::invariants::Violation;
-use crate::common::sim::{Action, Sim};
+use crate::sim::invariants::Violation;
+use crate::sim::{Action, Sim, SimProtocol};
 
-impl Sim {
+impl<P: SimProtocol> Sim<P> {
     /// Turns the fault injector on (if the profile has any faults).
     pub fn start_faults(&mut self) {
         if self.config.faults.mean_interval_us > 0 && self.config.faults.total_weight() > 0 {
@@ -115,7 +115,9 @@ impl Sim {
             _ => {
                 if let Some(leader) = leader {
                     let to = NodeId(self.rng.random_range(1..=n as u64));
-                    self.transfer_leadership(leader, to);
+                    if let Some(control) = P::transfer_to(to) {
+                        self.control(leader, control);
+                    }
                 }
             }
         }

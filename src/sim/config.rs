@@ -1,14 +1,19 @@
 //! The simulator's settings, fault profiles, and what a run reports.
 
-use consensus::NodeId;
-use consensus::protocol::raft::RaftConfig;
-use consensus::transport::simulated::{LatencyModel, NetworkConfig, NetworkStats};
-use consensus::{LogIndex, Term};
+use crate::NodeId;
+use crate::protocol::raft::RaftConfig;
+use crate::transport::simulated::{LatencyModel, NetworkConfig, NetworkStats};
+use crate::{LogIndex, Term};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::invariants::Violation;
-use crate::common::sim::mix;
+use std::sync::Arc;
+
+use crate::engine::apply::ApplyBugs;
+use crate::sim::invariants::Violation;
+use crate::sim::linearizability::{KvInput, KvOutput};
+use crate::sim::{KvStateMachine, mix};
+use crate::state_machine::{ErasedStateMachine, StateMachine};
 
 /// Which faults the injector chooses from, and how often. Weights are relative; zero disables.
 #[derive(Clone, Debug)]
@@ -79,15 +84,31 @@ impl FaultProfile {
     }
 }
 
-/// Everything a run depends on besides its seed's random draws.
+/// Builds each node's state machine (at start and at every restart).
+#[derive(Clone)]
+pub(crate) struct MachineFactory(Arc<dyn Fn() -> Box<dyn ErasedStateMachine> + Send + Sync>);
+
+impl std::fmt::Debug for MachineFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MachineFactory")
+    }
+}
+
+/// Everything a run depends on besides its seed's random draws. `S` is the core's settings
+/// ([`RaftConfig`] for Raft).
 #[derive(Clone, Debug)]
-pub struct SimConfig {
+pub struct SimConfig<S = RaftConfig> {
     /// The seed; every random choice of the run derives from it.
     pub seed: u64,
     /// Cluster size.
     pub nodes: usize,
-    /// Settings for every node; `id`, `voters` and `seed` are filled in per node and incarnation.
-    pub raft: RaftConfig,
+    /// Settings for every node; per-node fields (for Raft `id`, `voters` and `seed`) are filled
+    /// in per node and incarnation.
+    pub protocol: S,
+    /// Deliberate bugs in the apply stage, for proving that the checks catch them.
+    pub apply_bugs: ApplyBugs,
+    /// Builds each node's replicated state machine; [`KvStateMachine`] by default.
+    pub(crate) machine: MachineFactory,
     /// The healthy network (bad weather departs from it and returns to it).
     pub network: NetworkConfig,
     /// Fault injection during the fault phase.
@@ -117,7 +138,23 @@ pub struct SimConfig {
     pub clock_skew: f64,
 }
 
-impl SimConfig {
+impl<S> SimConfig<S> {
+    /// Runs `make()`'s state machine on every node instead of [`KvStateMachine`]: the user's own
+    /// implementation of the key-value workload, checked under faults like the default one.
+    pub fn with_state_machine<M>(mut self, make: impl Fn() -> M + Send + Sync + 'static) -> Self
+    where
+        M: StateMachine<Command = KvInput, Response = KvOutput>,
+    {
+        self.machine = MachineFactory(Arc::new(move || Box::new(make())));
+        self
+    }
+
+    pub(crate) fn new_machine(&self) -> Box<dyn ErasedStateMachine> {
+        (self.machine.0)()
+    }
+}
+
+impl SimConfig<RaftConfig> {
     /// A healthy `nodes`-node cluster with election timeout 150 ms and heartbeat 50 ms, three
     /// clients, and no faults.
     pub fn new(seed: u64, nodes: usize) -> Self {
@@ -127,7 +164,9 @@ impl SimConfig {
         SimConfig {
             seed,
             nodes,
-            raft,
+            protocol: raft,
+            apply_bugs: ApplyBugs::default(),
+            machine: MachineFactory(Arc::new(|| Box::new(KvStateMachine::new()))),
             network: NetworkConfig::default(),
             faults: FaultProfile::none(),
             fault_phase_us: 3_000_000,
@@ -165,7 +204,7 @@ impl SimConfig {
             tail_probability: 0.0,
             tail_max_us: 8_000,
         };
-        let raft = &mut config.raft;
+        let raft = &mut config.protocol;
         raft.pre_vote = rng.random_bool(0.8);
         raft.check_quorum = rng.random_bool(0.8);
         raft.election_timeout_ticks = rng.random_range(5..=20);

@@ -1,0 +1,308 @@
+//! The apply stage: what happens to committed entries and to the clients waiting on them. It is
+//! sans-IO like the cores (time is a value passed in, answers are returned as data), so the
+//! driver thread and the simulator run the very same code, and a bug in answering, dedup or
+//! deadlines shows up in simulation.
+//!
+//! It holds the requests made on this node (keyed by the request ids it hands out), the filter
+//! that applies each proposal at most once ([`AppliedProposals`]), and the state machine.
+//! Entries are applied in index order; a request is answered only after its entry was applied,
+//! with what the state machine answered; a refused request is answered with the core's typed
+//! reason; a request whose deadline passed is answered "outcome unknown".
+
+use std::any::Any;
+
+use crate::engine::pending::PendingTable;
+use crate::protocol::raft::AppliedProposals;
+use crate::protocol::{RejectReason, Rejection};
+use crate::state_machine::ErasedStateMachine;
+use crate::types::{Entry, LogIndex, NodeId, Payload, Term};
+
+/// What the state machine answered for one entry: its response, or why the entry did not
+/// decode as its command; `None` when no state machine is set.
+pub(crate) type Response = Option<Result<Box<dyn Any + Send>, String>>;
+
+/// A request whose entry was applied.
+pub(crate) struct AppliedEntry {
+    pub(crate) index: LogIndex,
+    pub(crate) term: Term,
+    pub(crate) response: Response,
+}
+
+/// Why a request got no commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unanswered {
+    /// Never appended; will never commit.
+    Rejected(RejectReason),
+    /// Unknown outcome: the deadline passed first.
+    TimedOut,
+    /// The engine stopped (or failed) before the outcome was known.
+    Stopped(String),
+}
+
+/// One answer for the caller of [`ApplyStage::submit`]: where it goes (`reply`), when the request
+/// was made, and the outcome.
+pub(crate) struct Answer<R, T> {
+    pub(crate) reply: R,
+    pub(crate) submitted: T,
+    pub(crate) outcome: Result<AppliedEntry, Unanswered>,
+}
+
+struct Waiting<R, T> {
+    reply: R,
+    submitted: T,
+    deadline: T,
+}
+
+/// Deliberate apply-stage bugs, for proving that the simulator catches them (feature `sim`).
+#[cfg(any(test, feature = "sim"))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyBugs {
+    /// Apply every copy of a proposal, not only the first (a forwarded proposal duplicated by
+    /// the network then runs twice).
+    pub apply_duplicates: bool,
+}
+
+/// See the [module documentation](self). `R` is what an answer is delivered to (a reply channel
+/// in the engine, a client number in the simulator); `T` is a moment (an `Instant` in the
+/// engine, simulated microseconds in the simulator).
+pub(crate) struct ApplyStage<R, T> {
+    me: NodeId,
+    pending: PendingTable<Waiting<R, T>>,
+    applied_proposals: AppliedProposals,
+    state_machine: Option<Box<dyn ErasedStateMachine>>,
+    applied_index: LogIndex,
+    duplicates_skipped: u64,
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) bugs: ApplyBugs,
+}
+
+impl<R, T: Copy + Ord> ApplyStage<R, T> {
+    /// A stage for node `me` whose request ids start at `first_request_id`. Start the ids at a
+    /// random base in the engine, so that entries proposed before a restart never match a
+    /// request made after it.
+    pub(crate) fn new(
+        me: NodeId,
+        first_request_id: u64,
+        state_machine: Option<Box<dyn ErasedStateMachine>>,
+    ) -> Self {
+        ApplyStage {
+            me,
+            pending: PendingTable::new(first_request_id),
+            applied_proposals: AppliedProposals::default(),
+            state_machine,
+            applied_index: 0,
+            duplicates_skipped: 0,
+            #[cfg(any(test, feature = "sim"))]
+            bugs: ApplyBugs::default(),
+        }
+    }
+
+    /// Records a request made at `submitted` that must be answered by `deadline`; returns the
+    /// request id to propose it under. Deadlines must not decrease from one call to the next
+    /// (one timeout counted from a clock that does not go back), which is what lets
+    /// [`ApplyStage::expire`] look only at the oldest requests.
+    pub(crate) fn submit(&mut self, reply: R, submitted: T, deadline: T) -> u64 {
+        self.pending.push(Waiting {
+            reply,
+            submitted,
+            deadline,
+        })
+    }
+
+    /// Applies newly committed entries, in index order, and answers this node's requests among
+    /// them (in `answers`, after every entry of the batch was applied).
+    pub(crate) fn apply(
+        &mut self,
+        committed: impl IntoIterator<Item = Entry>,
+        answers: &mut Vec<Answer<R, T>>,
+    ) {
+        for entry in committed {
+            debug_assert!(
+                self.applied_index == 0 || entry.index == self.applied_index + 1,
+                "entries applied out of order: {} after {}",
+                entry.index,
+                self.applied_index
+            );
+            self.applied_index = entry.index;
+            let Payload::Command { tag, data } = entry.payload else {
+                continue;
+            };
+            if !self.applied_proposals.first_application(tag) && !self.applies_duplicates() {
+                self.duplicates_skipped += 1;
+                continue; // a duplicate of a proposal applied (and answered) before
+            }
+            let response = self.state_machine.as_mut().map(|sm| sm.apply_bytes(&data));
+            if tag.proposer != self.me {
+                continue;
+            }
+            if let Some(waiting) = self.pending.remove(tag.request_id) {
+                answers.push(Answer {
+                    reply: waiting.reply,
+                    submitted: waiting.submitted,
+                    outcome: Ok(AppliedEntry {
+                        index: entry.index,
+                        term: entry.term,
+                        response,
+                    }),
+                });
+            }
+        }
+    }
+
+    /// Answers refused requests with the core's reason.
+    pub(crate) fn reject(
+        &mut self,
+        rejected: impl IntoIterator<Item = Rejection>,
+        answers: &mut Vec<Answer<R, T>>,
+    ) {
+        for rejection in rejected {
+            if let Some(waiting) = self.pending.remove(rejection.request_id) {
+                answers.push(Answer {
+                    reply: waiting.reply,
+                    submitted: waiting.submitted,
+                    outcome: Err(Unanswered::Rejected(rejection.reason)),
+                });
+            }
+        }
+    }
+
+    /// Answers "outcome unknown" to every request whose deadline is at or before `now`.
+    pub(crate) fn expire(&mut self, now: T, answers: &mut Vec<Answer<R, T>>) {
+        self.pending.expire_front(
+            |waiting| waiting.deadline <= now,
+            |waiting| {
+                answers.push(Answer {
+                    reply: waiting.reply,
+                    submitted: waiting.submitted,
+                    outcome: Err(Unanswered::TimedOut),
+                })
+            },
+        );
+    }
+
+    /// Answers every waiting request with [`Unanswered::Stopped`].
+    pub(crate) fn fail_all(&mut self, reason: &str, answers: &mut Vec<Answer<R, T>>) {
+        for waiting in self.pending.drain() {
+            answers.push(Answer {
+                reply: waiting.reply,
+                submitted: waiting.submitted,
+                outcome: Err(Unanswered::Stopped(reason.to_string())),
+            });
+        }
+    }
+
+    /// The index of the last entry applied (0 before any).
+    pub(crate) fn applied_index(&self) -> LogIndex {
+        self.applied_index
+    }
+
+    /// Copies of already-applied proposals skipped so far.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn duplicates_skipped(&self) -> u64 {
+        self.duplicates_skipped
+    }
+
+    fn applies_duplicates(&self) -> bool {
+        #[cfg(any(test, feature = "sim"))]
+        return self.bugs.apply_duplicates;
+        #[cfg(not(any(test, feature = "sim")))]
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::state_machine::StateMachine;
+    use crate::types::ProposalTag;
+
+    /// Sums the numbers it is given and answers the running total.
+    struct Sum(u64);
+
+    impl StateMachine for Sum {
+        type Command = u64;
+        type Response = u64;
+        fn apply(&mut self, command: u64) -> u64 {
+            self.0 += command;
+            self.0
+        }
+    }
+
+    fn command(proposer: u64, request_id: u64, index: LogIndex, value: u64) -> Entry {
+        let data = crate::state_machine::encode_command(&value).unwrap();
+        Entry {
+            index,
+            term: 1,
+            payload: Payload::Command {
+                tag: ProposalTag {
+                    proposer: NodeId(proposer),
+                    request_id,
+                },
+                data: Bytes::from(data),
+            },
+        }
+    }
+
+    fn total(answer: &Answer<&'static str, u64>) -> u64 {
+        let applied = answer.outcome.as_ref().ok().unwrap();
+        let response = applied.response.as_ref().unwrap().as_ref().unwrap();
+        *response.downcast_ref::<u64>().unwrap()
+    }
+
+    #[test]
+    fn answers_after_applying_once_and_only_its_own_requests() {
+        let mut stage = ApplyStage::new(NodeId(1), 100, Some(Box::new(Sum(0))));
+        let a = stage.submit("a", 0, 50);
+        let b = stage.submit("b", 1, 51);
+        assert_eq!((a, b), (100, 101));
+        let mut answers = Vec::new();
+        stage.apply(
+            [
+                command(1, a, 1, 5),
+                command(2, a, 2, 7), // another node's request with the same id
+                command(1, a, 3, 5), // a duplicate: not applied again, not answered again
+                command(1, b, 4, 1),
+            ],
+            &mut answers,
+        );
+        let replies: Vec<_> = answers.iter().map(|a| (a.reply, total(a))).collect();
+        assert_eq!(replies, vec![("a", 5), ("b", 13)]);
+        assert_eq!(stage.applied_index(), 4);
+        assert_eq!(stage.duplicates_skipped(), 1);
+    }
+
+    #[test]
+    fn refusals_and_deadlines_answer_what_they_say() {
+        let mut stage: ApplyStage<&str, u64> = ApplyStage::new(NodeId(1), 0, None);
+        let refused = stage.submit("refused", 0, 10);
+        stage.submit("late", 1, 11);
+        stage.submit("later", 2, 30);
+        let mut answers = Vec::new();
+        let reason = RejectReason::NotLeader {
+            leader: Some(NodeId(2)),
+        };
+        stage.reject(
+            [Rejection {
+                request_id: refused,
+                reason: reason.clone(),
+            }],
+            &mut answers,
+        );
+        stage.expire(20, &mut answers);
+        stage.fail_all("stopping", &mut answers);
+        let outcomes: Vec<_> = answers
+            .iter()
+            .map(|a| (a.reply, a.outcome.as_ref().err().cloned()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ("refused", Some(Unanswered::Rejected(reason))),
+                ("late", Some(Unanswered::TimedOut)),
+                ("later", Some(Unanswered::Stopped("stopping".into()))),
+            ]
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! The replicated key-value state machine the simulator runs on every node by default: put, get
+//! and compare-and-swap on `u64` keys and values, answering exactly what [`KvModel`] says. Reads
+//! go through the log like writes, so their answers are linearizable when the core is.
+//!
+//! Exactly-once execution of a proposal duplicated by the network is not its job here: the
+//! engine's apply stage, which the simulator runs, filters copies out before they reach it.
+
+use std::collections::BTreeMap;
+
+use crate::sim::linearizability::{KvInput, KvModel, KvOutput};
+use crate::state_machine::StateMachine;
+
+/// One replica of the store.
+#[derive(Clone, Debug, Default)]
+pub struct KvStateMachine {
+    values: BTreeMap<u64, u64>,
+}
+
+impl KvStateMachine {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: u64) -> Option<u64> {
+        self.values.get(&key).copied()
+    }
+}
+
+impl StateMachine for KvStateMachine {
+    type Command = KvInput;
+    type Response = KvOutput;
+
+    fn apply(&mut self, command: KvInput) -> KvOutput {
+        let key = command.key();
+        let (value, output) = KvModel::apply(self.get(key), &command);
+        if let Some(value) = value {
+            self.values.insert(key, value);
+        }
+        output
+    }
+}

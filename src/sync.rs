@@ -1,4 +1,4 @@
-//! Small helpers for the standard library's locks.
+//! The crate's two lock helpers (a `Mutex`'s and an `RwLock`'s), used for every lock it takes.
 
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

@@ -168,7 +168,6 @@ fn persist_writes_a_whole_output_in_one_batch() {
             hard_state: Some(hard_state),
             truncate_from: Some(4),
             append: entries(4..=9, 5),
-            ..Default::default()
         };
         store.persist(&output).unwrap();
         // A bad output is refused as a whole: nothing of it is written.

@@ -291,17 +291,11 @@ struct Shared<M> {
 
 impl<M> Shared<M> {
     fn routes_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, mpsc::Sender<M>>> {
-        // A panic while holding this lock leaves the map itself consistent (single inserts and
-        // removes), so a poisoned lock is still usable.
-        self.routes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::read(&self.routes)
     }
 
     fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, mpsc::Sender<M>>> {
-        self.routes
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::write(&self.routes)
     }
 }
 

@@ -7,6 +7,9 @@
 //! The protocol cores in [`protocol`] are sans-IO state machines; the engine drives them with real
 //! clocks, sockets and disks, and the test simulator drives the very same cores deterministically.
 
+// Nothing here needs `unsafe`: bytes cross to the GPU through bytemuck's checked casts.
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod engine;
 pub mod error;

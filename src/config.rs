@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
-use crate::gpu::context::GpuConfig;
+use crate::gpu::GpuConfig;
 use crate::protocol::raft::RaftConfig;
 use crate::transport::tcp::NetworkConfig;
 use crate::types::NodeId;

@@ -7,7 +7,8 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Setup, percentile, start_cluster};
+use common::latency::Latencies;
+use common::{Setup, start_cluster};
 use consensus::{ConsensusResult, Proposal};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -30,7 +31,7 @@ fn bench(c: &mut Criterion) {
             .sample_size(20)
             .measurement_time(Duration::from_secs(5));
 
-        let samples = Mutex::new(Vec::new());
+        let samples = Mutex::new(Latencies::new());
         group.throughput(Throughput::Elements(1));
         group.bench_function("sequential_64B", |b| {
             b.to_async(&runtime).iter_custom(|iterations| {
@@ -43,20 +44,19 @@ fn bench(c: &mut Criterion) {
                         let result = leader.propose(Proposal::from_bytes(&PAYLOAD[..])).await;
                         let took = started.elapsed();
                         assert!(matches!(result, Ok(ConsensusResult::Committed { .. })));
-                        samples.lock().unwrap().push(took);
+                        samples.lock().unwrap().record(took);
                         total += took;
                     }
                     total
                 }
             });
         });
-        let mut sorted = samples.into_inner().unwrap();
-        sorted.sort_unstable();
+        let latencies = samples.into_inner().unwrap();
         println!(
             "{label}/sequential_64B latency over {} proposals: p50 {:?}, p99 {:?}",
-            sorted.len(),
-            percentile(&sorted, 0.5),
-            percentile(&sorted, 0.99)
+            latencies.len(),
+            latencies.quantile(0.5),
+            latencies.quantile(0.99)
         );
 
         const PROPOSERS: u64 = 256;

@@ -23,6 +23,12 @@ use consensus::{
     ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal, ProposalTimings,
 };
 
+// The benches' latency record: one way to compute percentiles for every program here.
+#[path = "../benches/common/latency.rs"]
+mod latency;
+
+use latency::Latencies;
+
 /// Each client times one call in this many. The sample spreads evenly over the run and over
 /// the clients, so its percentiles estimate those of every call.
 const LATENCY_SAMPLE_EVERY: u64 = 8;
@@ -110,14 +116,6 @@ fn parse_options() -> Result<Options, String> {
         return Err("worker counts must be at least 1".into());
     }
     Ok(options)
-}
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn main() {
@@ -257,18 +255,18 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    let all = timings.iter().flatten();
-    let mut to_commit: Vec<Duration> = all.clone().map(|t| t.committed - t.submitted).collect();
-    let mut to_apply: Vec<Duration> = all.map(|t| t.applied - t.committed).collect();
-    drop(timings);
-    to_commit.sort_unstable();
-    to_apply.sort_unstable();
-    let show = |name: &str, sorted: &[Duration]| {
+    let mut to_commit = Latencies::new();
+    let mut to_apply = Latencies::new();
+    for timing in timings.iter().flatten() {
+        to_commit.record(timing.committed - timing.submitted);
+        to_apply.record(timing.applied - timing.committed);
+    }
+    let show = |name: &str, latencies: &Latencies| {
         println!(
             "{name}: p50 {:?}, p90 {:?}, p99 {:?}",
-            percentile(sorted, 0.50),
-            percentile(sorted, 0.90),
-            percentile(sorted, 0.99)
+            latencies.quantile(0.50),
+            latencies.quantile(0.90),
+            latencies.quantile(0.99)
         );
     };
     println!(

@@ -24,6 +24,12 @@ use consensus::node::client::{self, HttpResponse};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+// The benches' latency record: one way to compute percentiles for every program here.
+#[path = "../benches/common/latency.rs"]
+mod latency;
+
+use latency::Latencies;
+
 const NODES: usize = 3;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -176,7 +182,7 @@ impl KeyState {
 /// A client's counters and findings.
 #[derive(Default)]
 struct ClientReport {
-    latencies: Vec<Duration>,
+    latencies: Latencies,
     unknown: usize,
     violations: Vec<String>,
     keys: Vec<(String, KeyState)>,
@@ -290,7 +296,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             }
         };
         if answered {
-            report.latencies.push(started.elapsed());
+            report.latencies.record(started.elapsed());
             let after_kill = shared
                 .killed_at
                 .lock()
@@ -314,14 +320,6 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
         .map(|(slot, state)| (format!("c{id}-k{slot}"), state))
         .collect();
     report
-}
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn stop_all(children: &mut [Option<Child>]) {
@@ -475,8 +473,10 @@ async fn workload(
         }
     }
 
-    let mut latencies: Vec<Duration> = reports.iter().flat_map(|r| r.latencies.clone()).collect();
-    latencies.sort();
+    let mut latencies = Latencies::new();
+    for report in &reports {
+        latencies.merge(&report.latencies);
+    }
     let unknown: usize = reports.iter().map(|r| r.unknown).sum();
     println!("--- kv_cluster summary ---");
     println!(
@@ -493,9 +493,9 @@ async fn workload(
     );
     println!(
         "latency:     (acknowledged) p50 {:.2?}  p99 {:.2?}  max {:.2?}",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or_default()
+        latencies.quantile(0.50),
+        latencies.quantile(0.99),
+        latencies.max()
     );
     println!(
         "failover:    killed {} (SIGKILL); new leader agreed after {:.2?}; first acknowledged \

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::ConfigError;
-use crate::gpu::context::GpuConfig;
+use crate::gpu::GpuConfig;
 use crate::protocol::raft::RaftConfig;
 use crate::transport::tcp::NetworkConfig;
 use crate::types::NodeId;
@@ -93,6 +93,10 @@ impl ElectionConfig {
 
 /// Configuration of one node. Every setter of the seed is here; see each field for its meaning.
 ///
+/// Some settings the spec names are accepted and validated before the code that would act on
+/// them exists (snapshots, PBFT, Byzantine fault tolerance, the GPU path); each field says which
+/// issue will use it, and [`ConsensusConfig::unread_settings`] lists those a caller changed.
+///
 /// The default algorithm is [`Algorithm::Raft`], not the seed's GPU-optimized Raft: an engine
 /// refuses an algorithm that is not built yet rather than silently running another, and a default
 /// that fails to start would be a trap.
@@ -109,6 +113,9 @@ pub struct ConsensusConfig {
     /// Socket and compression options of the TCP transport.
     pub network_config: NetworkConfig,
     /// GPU adapter and memory settings.
+    ///
+    /// Accepted but not used yet: the GPU-optimized Raft issue opens the engine's GPU context
+    /// from it.
     pub gpu_config: GpuConfig,
     /// The other members: names for in-process clusters, or `host:port` / `name@host:port` for
     /// TCP (TOML: `bootstrap_peers`).
@@ -120,10 +127,17 @@ pub struct ConsensusConfig {
     /// Deadline of every client call (propose, execute_command, forwarding).
     pub request_timeout: Duration,
     /// Use the GPU for vote aggregation and signature batches.
+    ///
+    /// Accepted but not used yet: the GPU-optimized Raft issue reads it.
     pub gpu_enabled: bool,
-    /// Which wgpu adapter (index in enumeration order).
+    /// Which wgpu adapter (index in enumeration order; TOML `gpu_device_id`).
+    ///
+    /// Accepted but not used yet: the GPU-optimized Raft issue reads it.
     pub gpu_device: u32,
-    /// GPU buffer pool bound in bytes.
+    /// GPU buffer pool bound in bytes (TOML `gpu_memory_pool_mb`, in MiB).
+    ///
+    /// Accepted and validated (at least 1) but not used yet: the GPU-optimized Raft issue reads
+    /// it.
     pub gpu_memory_pool: u64,
     /// Append at most this many proposals per batch.
     pub batch_size: usize,
@@ -139,14 +153,27 @@ pub struct ConsensusConfig {
     /// votes and log, but nothing survives the process (benchmarks and tests).
     pub persistent_state: Option<PathBuf>,
     /// Log entries between snapshots.
+    ///
+    /// Accepted and validated (at least 1) but not used yet: the snapshots and membership issue
+    /// takes snapshots at this interval.
     pub snapshot_interval: u64,
-    /// PBFT: how long a replica waits for progress before asking for a view change.
+    /// PBFT: how long a replica waits for progress before asking for a view change (TOML
+    /// `view_change_timeout_ms`).
+    ///
+    /// Accepted but not used yet: the PBFT issue reads it.
     pub view_change_timeout: Duration,
     /// PBFT: requests between checkpoints.
+    ///
+    /// Accepted and validated (at least 1) but not used yet: the PBFT issue reads it.
     pub checkpoint_interval: u64,
     /// Run with Byzantine fault tolerance.
+    ///
+    /// Accepted but not used yet: the Byzantine-detection issue reads it.
     pub byzantine_fault_tolerance: bool,
     /// Fraction of members that may be Byzantine.
+    ///
+    /// Accepted and validated (in `[0, 1/3]`) but not used yet: the Byzantine-detection issue
+    /// reads it.
     pub byzantine_threshold: f64,
 }
 
@@ -256,6 +283,51 @@ impl ConsensusConfig {
     pub fn persistent_state(mut self, dir: impl Into<PathBuf>) -> Self {
         self.persistent_state = Some(dir.into());
         self
+    }
+
+    /// The settings set to something other than their default that nothing reads yet, in field
+    /// order: `snapshot_interval`, `view_change_timeout`, `checkpoint_interval`,
+    /// `byzantine_fault_tolerance`, `byzantine_threshold`, `gpu_enabled`, `gpu_device`,
+    /// `gpu_memory_pool` and `gpu_config`. The names are the fields' (and setters'); TOML spells
+    /// three of them with their unit (`view_change_timeout_ms`, `gpu_device_id`,
+    /// `gpu_memory_pool_mb`), and `gpu_config` has no TOML key.
+    ///
+    /// Meant to be logged when an engine starts, so that a setting that does nothing yet is not
+    /// mistaken for one that works.
+    pub fn unread_settings(&self) -> Vec<&'static str> {
+        let default = ConsensusConfig::default();
+        [
+            (
+                "snapshot_interval",
+                self.snapshot_interval != default.snapshot_interval,
+            ),
+            (
+                "view_change_timeout",
+                self.view_change_timeout != default.view_change_timeout,
+            ),
+            (
+                "checkpoint_interval",
+                self.checkpoint_interval != default.checkpoint_interval,
+            ),
+            (
+                "byzantine_fault_tolerance",
+                self.byzantine_fault_tolerance != default.byzantine_fault_tolerance,
+            ),
+            (
+                "byzantine_threshold",
+                self.byzantine_threshold != default.byzantine_threshold,
+            ),
+            ("gpu_enabled", self.gpu_enabled != default.gpu_enabled),
+            ("gpu_device", self.gpu_device != default.gpu_device),
+            (
+                "gpu_memory_pool",
+                self.gpu_memory_pool != default.gpu_memory_pool,
+            ),
+            ("gpu_config", self.gpu_config != default.gpu_config),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// This node's id.
@@ -602,6 +674,49 @@ address = "127.0.0.1:8080"
         );
         assert_eq!(raft.batch_timeout_ticks, 1);
         assert_eq!(raft.batch_size, 10);
+    }
+
+    #[test]
+    fn unread_settings_names_only_the_changed_ones() {
+        assert!(ConsensusConfig::default().unread_settings().is_empty());
+        // The seed file leaves every unread key at its default except these two.
+        let seed = ConsensusConfig::from_toml_str(SEED_TOML).unwrap();
+        assert_eq!(
+            seed.unread_settings(),
+            vec!["byzantine_fault_tolerance", "gpu_enabled"]
+        );
+        // Settings that are read do not count.
+        let used = ConsensusConfig::default()
+            .batch_size(7)
+            .request_timeout(Duration::from_secs(9));
+        assert!(used.unread_settings().is_empty());
+        let mut all = ConsensusConfig::default()
+            .snapshot_interval(5)
+            .view_change_timeout(Duration::from_secs(1))
+            .checkpoint_interval(7)
+            .gpu_enabled(true)
+            .gpu_device(1)
+            .gpu_memory_pool(1 << 20)
+            .gpu_config(GpuConfig {
+                device_id: 2,
+                ..GpuConfig::default()
+            });
+        all.byzantine_fault_tolerance = true;
+        all.byzantine_threshold = 0.2;
+        assert_eq!(
+            all.unread_settings(),
+            vec![
+                "snapshot_interval",
+                "view_change_timeout",
+                "checkpoint_interval",
+                "byzantine_fault_tolerance",
+                "byzantine_threshold",
+                "gpu_enabled",
+                "gpu_device",
+                "gpu_memory_pool",
+                "gpu_config",
+            ]
+        );
     }
 
     #[test]

@@ -7,11 +7,28 @@
 //! The protocol cores in [`protocol`] are sans-IO state machines; the engine drives them with real
 //! clocks, sockets and disks, and the test simulator drives the very same cores deterministically.
 
+//!
+//! # Cargo features
+//!
+//! - `gpu` (default): the wgpu runtime and the GPU backends of [`gpu::votes`] and
+//!   [`gpu::sigverify`]. Without it the CPU backends answer everything.
+//! - `server` (default): the HTTP key-value node in `node` and the `consensus-node` binary.
+//! - `sim`: reserved for the deterministic simulator; it enables nothing yet.
+
+// Nothing here needs `unsafe`: bytes cross to the GPU through bytemuck's checked casts.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// CPU-only docs still name the GPU items (saying which feature brings them); those links resolve
+// in the full build, which is the one docs.rs publishes.
+#![cfg_attr(not(feature = "gpu"), allow(rustdoc::broken_intra_doc_links))]
+
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod node;
 pub mod protocol;
 #[cfg(feature = "sim")]

@@ -2,6 +2,8 @@
 // Each bench uses part of these helpers.
 #![allow(dead_code)]
 
+pub mod latency;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,15 +92,6 @@ pub async fn start_cluster(members: usize, setup: Setup) -> Cluster {
         engines: started,
         _dir: dir,
     }
-}
-
-/// The value at `fraction` (0..=1) of sorted samples.
-pub fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// `proposers` concurrent tasks each propose `payload` `per_proposer` times, one after another,

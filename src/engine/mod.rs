@@ -238,6 +238,12 @@ impl ConsensusEngine {
             });
         }
         let node = RaftNode::new(raft_config, recovered)?;
+        for setting in self.config.unread_settings() {
+            tracing::warn!(
+                setting,
+                "configured but not used by this version; see its rustdoc"
+            );
+        }
         let state_machine = self.state_machine.get_mut().ok().and_then(Option::take);
         let driver = Driver {
             apply: ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine),

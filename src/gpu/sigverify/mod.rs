@@ -15,6 +15,9 @@
 //! - [`AutoSignatureVerifier`]: the CPU below [`GPU_CROSSOVER_BATCH`] items, the GPU above, and the
 //!   CPU again (counted) when the GPU fails.
 //!
+//! The GPU and automatic backends need the `gpu` feature; the CPU backend, the reference, the
+//! test vectors and the text format are always built.
+//!
 //! What `verify_strict` accepts, spelled out (the GPU kernel mirrors each point):
 //! - the key decodes as curve25519-dalek's `CompressedEdwardsY::decompress` does: bit 255 is the
 //!   sign of x, y is read mod p (so the 19 encodings y ≥ p are read as y - p), a y with no x is
@@ -25,36 +28,40 @@
 //!   encodings are hashed as they are), and the canonical encoding of `[s]B - [k]A` equals the
 //!   32 `R` bytes exactly (so a non-canonical `R` encoding never verifies).
 
+#[cfg(feature = "gpu")]
+mod auto;
+// Everything the wgpu backend alone needs: the base-point table, the generated verification
+// program and the generator of the unrolled field WGSL.
+#[cfg(feature = "gpu")]
 mod base_table;
-#[cfg(test)]
+#[cfg(all(test, feature = "gpu"))]
 mod codegen;
 mod cpu;
+#[cfg(feature = "gpu")]
 mod gpu;
 mod input;
+#[cfg(feature = "gpu")]
 mod program;
 pub mod vectors;
 
+#[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
+pub use auto::{AutoSignatureVerifier, GPU_CROSSOVER_BATCH};
 pub use cpu::CpuSignatureVerifier;
+#[cfg(feature = "gpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gpu")))]
 pub use gpu::{
     BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, SOFTWARE_ADAPTER_OPS_PER_DISPATCH,
     run_building_block,
 };
 pub use input::{ParseItemError, VerifyLinesError, parse_item_line, verify_lines};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use super::context::GpuError;
+use super::GpuError;
 
 /// Length in bytes of an ed25519 public key.
 pub const PUBLIC_KEY_BYTES: usize = 32;
 /// Length in bytes of an ed25519 signature (`R ‖ s`).
 pub const SIGNATURE_BYTES: usize = 64;
-
-/// Batch size from which [`AutoSignatureVerifier`] sends a batch to a hardware GPU; smaller
-/// batches go to the CPU. Measured with `cargo bench --bench sigverify` on an NVIDIA H100 against
-/// its host's 16 cores (`benches/SIGVERIFY_NOTES.md`): the GPU answers a batch in no less than
-/// ~5 ms, so it loses at 1024 items (0.9× the CPU) and wins from 4096 (3×) on.
-pub const GPU_CROSSOVER_BATCH: usize = 4096;
 
 /// One signature to check: the signer's public key, the signed message and the signature bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,79 +141,6 @@ pub trait SignatureVerifier: Send + Sync {
     fn backend_name(&self) -> &'static str;
 }
 
-/// Picks the CPU for batches below a crossover size and the GPU above it; when the GPU fails the
-/// CPU answers instead and [`AutoSignatureVerifier::gpu_fallbacks`] counts it.
-pub struct AutoSignatureVerifier {
-    cpu: CpuSignatureVerifier,
-    gpu: Option<GpuSignatureVerifier>,
-    crossover_batch: usize,
-    gpu_fallbacks: AtomicU64,
-}
-
-impl AutoSignatureVerifier {
-    /// An engine with the given GPU backend (or none: CPU only) and [`GPU_CROSSOVER_BATCH`].
-    ///
-    /// A GPU backend on a software adapter (llvmpipe: the CPU emulating a GPU, ~100 times slower
-    /// than the CPU backend) is kept but never chosen; use [`Self::with_crossover`] to force it.
-    pub fn new(gpu: Option<GpuSignatureVerifier>) -> Self {
-        let software = gpu
-            .as_ref()
-            .is_some_and(|gpu| gpu.context().adapter_info().device_type == wgpu::DeviceType::Cpu);
-        let crossover = if software {
-            usize::MAX
-        } else {
-            GPU_CROSSOVER_BATCH
-        };
-        Self::with_crossover(gpu, crossover)
-    }
-
-    /// As [`Self::new`] with an explicit crossover batch size (at least 1).
-    pub fn with_crossover(gpu: Option<GpuSignatureVerifier>, crossover_batch: usize) -> Self {
-        Self {
-            cpu: CpuSignatureVerifier::new(),
-            gpu,
-            crossover_batch: crossover_batch.max(1),
-            gpu_fallbacks: AtomicU64::new(0),
-        }
-    }
-
-    /// How many batches meant for the GPU were answered by the CPU because the GPU failed.
-    pub fn gpu_fallbacks(&self) -> u64 {
-        self.gpu_fallbacks.load(Ordering::Relaxed)
-    }
-
-    /// Whether a batch of `batch_len` items would go to the GPU.
-    pub fn uses_gpu_for(&self, batch_len: usize) -> bool {
-        self.gpu.is_some() && batch_len >= self.crossover_batch
-    }
-}
-
-impl SignatureVerifier for AutoSignatureVerifier {
-    fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError> {
-        if let Some(gpu) = self.gpu.as_ref().filter(|_| self.uses_gpu_for(items.len())) {
-            match gpu.verify_batch(items) {
-                Ok(verdicts) => return Ok(verdicts),
-                Err(error) => {
-                    self.gpu_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    match &error {
-                        SigVerifyError::Gpu(gpu_error) => {
-                            gpu.context().record_cpu_fallback(gpu_error)
-                        }
-                        other => {
-                            tracing::warn!(error = %other, "GPU signature batch failed; CPU answers")
-                        }
-                    }
-                }
-            }
-        }
-        self.cpu.verify_batch(items)
-    }
-
-    fn backend_name(&self) -> &'static str {
-        "auto"
-    }
-}
-
 /// The reference verdict for one item: ed25519-dalek's strict verification.
 pub fn verify_strict_reference(item: &SignatureItem<'_>) -> bool {
     let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&item.public_key) else {
@@ -233,15 +167,5 @@ mod tests {
         let item = SignatureItem::from_slices(&[7; 32], &[9; 64], b"m").expect("right lengths");
         assert_eq!(item.public_key, [7; 32]);
         assert_eq!(item.signature, [9; 64]);
-    }
-
-    #[test]
-    fn auto_without_gpu_uses_cpu() {
-        let auto = AutoSignatureVerifier::with_crossover(None, 1);
-        assert!(!auto.uses_gpu_for(1_000_000));
-        let items = vectors::random_valid_items(3, 4, 7);
-        let refs: Vec<_> = items.iter().map(|item| item.as_item()).collect();
-        assert_eq!(auto.verify_batch(&refs).expect("cpu"), vec![true; 4]);
-        assert_eq!(auto.gpu_fallbacks(), 0);
     }
 }

@@ -53,6 +53,17 @@ struct Waiting<R, T> {
     deadline: T,
 }
 
+impl<R, T> Waiting<R, T> {
+    /// This request's answer.
+    fn answer(self, outcome: Result<AppliedEntry, Unanswered>) -> Answer<R, T> {
+        Answer {
+            reply: self.reply,
+            submitted: self.submitted,
+            outcome,
+        }
+    }
+}
+
 /// Deliberate apply-stage bugs, for proving that the simulator catches them (feature `sim`).
 #[cfg(any(test, feature = "sim"))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,15 +147,11 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
                 continue;
             }
             if let Some(waiting) = self.pending.remove(tag.request_id) {
-                answers.push(Answer {
-                    reply: waiting.reply,
-                    submitted: waiting.submitted,
-                    outcome: Ok(AppliedEntry {
-                        index: entry.index,
-                        term: entry.term,
-                        response,
-                    }),
-                });
+                answers.push(waiting.answer(Ok(AppliedEntry {
+                    index: entry.index,
+                    term: entry.term,
+                    response,
+                })));
             }
         }
     }
@@ -157,11 +164,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
     ) {
         for rejection in rejected {
             if let Some(waiting) = self.pending.remove(rejection.request_id) {
-                answers.push(Answer {
-                    reply: waiting.reply,
-                    submitted: waiting.submitted,
-                    outcome: Err(Unanswered::Rejected(rejection.reason)),
-                });
+                answers.push(waiting.answer(Err(Unanswered::Rejected(rejection.reason))));
             }
         }
     }
@@ -170,24 +173,14 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
     pub(crate) fn expire(&mut self, now: T, answers: &mut Vec<Answer<R, T>>) {
         self.pending.expire_front(
             |waiting| waiting.deadline <= now,
-            |waiting| {
-                answers.push(Answer {
-                    reply: waiting.reply,
-                    submitted: waiting.submitted,
-                    outcome: Err(Unanswered::TimedOut),
-                })
-            },
+            |waiting| answers.push(waiting.answer(Err(Unanswered::TimedOut))),
         );
     }
 
     /// Answers every waiting request with [`Unanswered::Stopped`].
     pub(crate) fn fail_all(&mut self, reason: &str, answers: &mut Vec<Answer<R, T>>) {
         for waiting in self.pending.drain() {
-            answers.push(Answer {
-                reply: waiting.reply,
-                submitted: waiting.submitted,
-                outcome: Err(Unanswered::Stopped(reason.to_string())),
-            });
+            answers.push(waiting.answer(Err(Unanswered::Stopped(reason.to_string()))));
         }
     }
 

@@ -73,6 +73,29 @@ pub enum StorageError {
     /// A backend-specific failure.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The store does not keep a core's records (it relies on the default
+    /// [`LogStore::write_records`](crate::storage::LogStore::write_records)), so the core that
+    /// asked to write some cannot run on it: forgetting them could break its safety.
+    #[error(
+        "this log store does not keep records, but the protocol core asked to write some: \
+         use a store that implements LogStore::write_records"
+    )]
+    RecordsUnsupported,
+    /// A record's key or value is over the bounds every store keeps
+    /// ([`MAX_RECORD_KEY_BYTES`](crate::storage::MAX_RECORD_KEY_BYTES),
+    /// [`MAX_RECORD_VALUE_BYTES`](crate::storage::MAX_RECORD_VALUE_BYTES)).
+    #[error(
+        "record too large: key of {key_bytes} bytes (at most {}), value of {value_bytes} bytes \
+         (at most {})",
+        crate::storage::MAX_RECORD_KEY_BYTES,
+        crate::storage::MAX_RECORD_VALUE_BYTES
+    )]
+    RecordTooLarge {
+        /// The key's length.
+        key_bytes: usize,
+        /// The value's length (0 for a delete).
+        value_bytes: usize,
+    },
 }
 
 /// Errors of the public API.

@@ -388,6 +388,7 @@ fn node_with_log(
             voted_for: None,
         },
         entries,
+        ..Default::default()
     };
     let config = consensus::protocol::raft::RaftConfig::new(
         NodeId(id),

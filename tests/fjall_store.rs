@@ -8,10 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use consensus::storage::LogWrite;
 use consensus::storage::{
-    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, META_KEYSPACE,
-    SnapshotMeta, SyncPolicy,
+    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, LogWrite,
+    MAX_RECORD_KEY_BYTES, META_KEYSPACE, RECORDS_KEYSPACE, RecordWrite, SnapshotMeta, SyncPolicy,
 };
 use consensus::{Entry, LogIndex, NodeId, Payload, ProposalTag, StorageError, Term};
 
@@ -168,6 +167,7 @@ fn persist_writes_a_whole_output_in_one_batch() {
             hard_state: Some(hard_state),
             truncate_from: Some(4),
             append: entries(4..=9, 5),
+            ..Default::default()
         };
         store.persist(&output).unwrap();
         // A bad output is refused as a whole: nothing of it is written.
@@ -378,6 +378,267 @@ fn damaged_records_are_typed_corruption_errors() {
         matches!(bad_key, Err(StorageError::Corrupt { .. })),
         "{bad_key:?}"
     );
+}
+
+// ---- records ------------------------------------------------------------------------------------
+
+type Records = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn records(pairs: &[(&str, &str)]) -> Records {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.as_bytes().to_vec(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+fn put(key: &str, value: &str) -> RecordWrite {
+    RecordWrite::Put {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn records_put_delete_and_range_delete_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = open(dir.path());
+        store
+            .write_records(&[
+                put("cert/01", "a"),
+                put("cert/02", "b"),
+                put("cert/03", "c"),
+                put("cert/04", "d"),
+                put("view", "1"),
+                put("zz", ""),
+            ])
+            .unwrap();
+        store.sync().unwrap();
+    }
+    {
+        let mut store = open(dir.path());
+        assert_eq!(
+            store.recover().unwrap().records,
+            records(&[
+                ("cert/01", "a"),
+                ("cert/02", "b"),
+                ("cert/03", "c"),
+                ("cert/04", "d"),
+                ("view", "1"),
+                ("zz", ""),
+            ])
+        );
+        // In one batch, the last change to a key wins, and a range delete takes the keys put
+        // before it in the same write as well as the stored ones.
+        let mut write = LogWrite::default();
+        write.put_record("view", "2");
+        write.delete_record("view");
+        write.put_record("view", "3");
+        write.put_record("cert/025", "early");
+        write.delete_record_range("cert/02", "cert/04");
+        write.put_record("cert/03", "late");
+        write.delete_record("zz");
+        write.delete_record("never stored");
+        write.delete_record_range("zz", "a");
+        store.persist(&write).unwrap();
+    }
+    let mut store = open(dir.path());
+    assert_eq!(
+        store.recover().unwrap().records,
+        records(&[
+            ("cert/01", "a"),
+            ("cert/03", "late"),
+            ("cert/04", "d"),
+            ("view", "3"),
+        ])
+    );
+    // Separate calls before one sync keep their order too.
+    store.write_records(&[put("k", "1")]).unwrap();
+    store
+        .write_records(&[RecordWrite::Delete { key: b"k".to_vec() }])
+        .unwrap();
+    store
+        .write_records(&[RecordWrite::DeleteRange {
+            from: Vec::new(),
+            to: b"d".to_vec(),
+        }])
+        .unwrap();
+    store.sync().unwrap();
+    drop(store);
+    assert_eq!(
+        open(dir.path()).recover().unwrap().records,
+        records(&[("view", "3")])
+    );
+}
+
+#[test]
+fn records_share_one_persist_with_the_log_and_the_hard_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let hard_state = HardState {
+        term: 4,
+        voted_for: Some(NodeId(1)),
+    };
+    {
+        let mut store = open(dir.path());
+        store.append(&entries(1..=5, 1)).unwrap();
+        store.sync().unwrap();
+        let mut write = LogWrite {
+            hard_state: Some(hard_state),
+            truncate_from: Some(4),
+            append: entries(4..=6, 4),
+            ..Default::default()
+        };
+        write.put_record("checkpoint", "proof");
+        store.persist(&write).unwrap();
+        // A write refused as a whole leaves its records out too.
+        let mut bad = LogWrite {
+            append: vec![entry(9, 4)],
+            ..Default::default()
+        };
+        bad.put_record("lost", "x");
+        bad.delete_record("checkpoint");
+        assert!(matches!(
+            store.persist(&bad),
+            Err(StorageError::NonContiguous { .. })
+        ));
+        store.sync().unwrap();
+    }
+    let recovered = open(dir.path()).recover().unwrap();
+    assert_eq!(recovered.hard_state, hard_state);
+    assert_eq!(
+        recovered.entries,
+        [entries(1..=3, 1), entries(4..=6, 4)].concat()
+    );
+    assert_eq!(recovered.records, records(&[("checkpoint", "proof")]));
+}
+
+#[test]
+fn an_oversized_record_is_refused_without_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let mut write = LogWrite {
+        append: entries(1..=1, 1),
+        ..Default::default()
+    };
+    write.put_record("fine", "v");
+    write.put_record(vec![b'k'; MAX_RECORD_KEY_BYTES + 1], "v");
+    let err = store.persist(&write).unwrap_err();
+    assert!(
+        matches!(err, StorageError::RecordTooLarge { key_bytes, .. } if key_bytes == MAX_RECORD_KEY_BYTES + 1),
+        "{err}"
+    );
+    store.sync().unwrap();
+    let recovered = store.recover().unwrap();
+    assert!(recovered.entries.is_empty());
+    assert!(recovered.records.is_empty());
+}
+
+#[test]
+fn a_database_from_before_records_opens_with_none() {
+    // An old database holds only the log and meta keyspaces: copy those of a store written now
+    // into a database made with just them.
+    let current = tempfile::tempdir().unwrap();
+    let hard_state = HardState {
+        term: 2,
+        voted_for: Some(NodeId(3)),
+    };
+    {
+        let mut store = open(current.path());
+        store.save_hard_state(hard_state).unwrap();
+        store.append(&entries(1..=4, 2)).unwrap();
+        store.sync().unwrap();
+    }
+    let old = tempfile::tempdir().unwrap();
+    {
+        let from = fjall::Database::builder(current.path().join(DATABASE_DIR))
+            .open()
+            .unwrap();
+        let to = fjall::Database::builder(old.path().join(DATABASE_DIR))
+            .open()
+            .unwrap();
+        for name in [LOG_KEYSPACE, META_KEYSPACE] {
+            let source = from
+                .keyspace(name, fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            let target = to
+                .keyspace(name, fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            for guard in source.iter() {
+                let (key, value) = guard.into_inner().unwrap();
+                target.insert(key, value).unwrap();
+            }
+        }
+        to.persist(fjall::PersistMode::SyncAll).unwrap();
+        assert!(!to.keyspace_exists(RECORDS_KEYSPACE));
+    }
+    {
+        let mut store = open(old.path());
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.hard_state, hard_state);
+        assert_eq!(recovered.entries, entries(1..=4, 2));
+        assert!(recovered.records.is_empty());
+        let mut write = LogWrite {
+            append: entries(5..=5, 2),
+            ..Default::default()
+        };
+        write.put_record("new", "record");
+        store.persist(&write).unwrap();
+    }
+    let recovered = open(old.path()).recover().unwrap();
+    assert_eq!(recovered.entries, entries(1..=5, 2));
+    assert_eq!(recovered.records, records(&[("new", "record")]));
+}
+
+#[test]
+fn a_damaged_record_is_a_typed_corruption_error() {
+    let damage = |change: &dyn Fn(&fjall::Keyspace)| -> Result<Records, StorageError> {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = open(dir.path());
+            store
+                .write_records(&[put("cert/7", "signatures"), put("view", "vc")])
+                .unwrap();
+            store.sync().unwrap();
+        }
+        {
+            let db = fjall::Database::builder(dir.path().join(DATABASE_DIR))
+                .open()
+                .unwrap();
+            let records = db
+                .keyspace(RECORDS_KEYSPACE, fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            change(&records);
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        open(dir.path())
+            .recover()
+            .map(|recovered| recovered.records)
+    };
+    assert_eq!(
+        damage(&|_| {}).unwrap(),
+        records(&[("cert/7", "signatures"), ("view", "vc")])
+    );
+    let flipped = damage(&|records| {
+        let mut value = records.get("view").unwrap().unwrap().to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        records.insert("view", value).unwrap();
+    });
+    assert_corrupt(flipped.map(drop), "record view", "checksum");
+    let garbage = damage(&|records| records.insert("cert/7", b"junk".to_vec()).unwrap());
+    assert_corrupt(
+        garbage.map(drop),
+        "record cert/7",
+        "shorter than its header",
+    );
+    // A log entry stored as a record has the wrong kind.
+    let misplaced = damage(&|records| {
+        let db_value = records.get("cert/7").unwrap().unwrap().to_vec();
+        let mut value = db_value;
+        value[1] = 1;
+        records.insert("view", value).unwrap();
+    });
+    assert_corrupt(misplaced.map(drop), "record view", "kind");
 }
 
 // ---- the crash test ------------------------------------------------------------------------------

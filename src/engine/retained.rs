@@ -6,8 +6,8 @@
 //! second copy of every entry that nothing read back: on a busy leader the copying and the
 //! fresh pages it touched were about a tenth of the engine's work. Instead the driver writes
 //! nothing while it runs ([`CoreHeldLog`]) and, when it stops cleanly (having carried out every
-//! output, so the core's state is exactly what a store would hold), hands the core's hard state
-//! and log to [`RetainedState`], which the next start recovers from. Nothing survives the
+//! output, so the core's state is exactly what a store would hold), hands the core's hard state,
+//! log and records to [`RetainedState`], which the next start recovers from. Nothing survives the
 //! process. A driver that dies of a panic retains nothing, and the engine then refuses to start
 //! again rather than come back with a blank memory (see [`RetainedState::take`]).
 //!
@@ -17,7 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, RecoveredState};
+use crate::storage::{HardState, LogStore, RecordWrite, RecoveredState};
 use crate::sync::lock;
 use crate::types::{Entry, LogIndex};
 
@@ -71,6 +71,11 @@ impl LogStore for CoreHeldLog {
         Ok(())
     }
 
+    /// The core keeps its records in memory too, and hands them back with its log.
+    fn write_records(&mut self, _: &[RecordWrite]) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<(), StorageError> {
         Ok(())
     }
@@ -107,6 +112,7 @@ mod tests {
                 voted_for: None,
             },
             entries: Vec::new(),
+            records: [(b"view change".to_vec(), b"signed".to_vec())].into(),
         };
         retained.keep(state.clone());
         assert_eq!(retained.take(), Some(state));

@@ -10,9 +10,11 @@
 //!
 //! Why one durable-write type rather than one per protocol: every core keeps a totally ordered
 //! log of commands plus a small hard state, and the crate promises one log store for all of them
-//! (`fjall` on disk, memory in tests). A core that needs more durable state than a log and a
-//! [`HardState`](crate::storage::HardState) extends [`LogWrite`] and the store together, so that
-//! every store keeps honouring every core.
+//! (`fjall` on disk, memory in tests). Durable state that is neither (a certificate, a checkpoint
+//! proof, a view-change message) goes in the core's records, a small ordered key-value map
+//! written through the same [`LogWrite`] ([`RecordWrite`](crate::storage::RecordWrite)). A core
+//! that needs yet another kind of durable state extends [`LogWrite`] and the store together, so
+//! that every store keeps honouring every core.
 //!
 //! # The driver's contract
 //! After one or more calls to [`Protocol::step`] that wrote into the same [`Output`]:
@@ -217,8 +219,9 @@ pub trait Protocol: Send + 'static {
     /// Who leads and how far the log is committed.
     fn status(&self) -> Status;
 
-    /// What a store holding every write this node asked for would recover. For a driver that
-    /// stops after carrying out every output, that is exactly its durable state.
+    /// What a store holding every write this node asked for would recover: hard state, log and
+    /// records. For a driver that stops after carrying out every output, that is exactly its
+    /// durable state (an engine without a data dir restarts from it).
     fn into_recovered_state(self) -> RecoveredState
     where
         Self: Sized;

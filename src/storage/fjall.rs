@@ -1,12 +1,15 @@
-//! The durable [`LogStore`]: the log, the hard state and snapshot metadata in a fjall database
-//! under the node's `state_dir`.
+//! The durable [`LogStore`]: the log, the hard state, a core's records and snapshot metadata in a
+//! fjall database under the node's `state_dir`.
 //!
 //! # Layout
-//! The fjall database lives in `state_dir/`[`DATABASE_DIR`]. Two keyspaces: [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
+//! The fjall database lives in `state_dir/`[`DATABASE_DIR`]. Three keyspaces: [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
 //! index order) to one entry record. [`META_KEYSPACE`] holds the hard state under
-//! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`].
+//! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`]. [`RECORDS_KEYSPACE`] holds
+//! a core's records ([`RecordWrite`]): each key as the core gave it, each value sealed in a
+//! record of its own kind. A database made before records existed lacks that keyspace; opening
+//! it creates it empty.
 //!
-//! # Records
+//! # Record format
 //! Every value is a record: a 10-byte header — format version, record kind, body length
 //! (`u32` LE), CRC-32 (`u32` LE) over the version, kind, length and body — then the body. A record
 //! whose checksum, length, kind or version does not match, or whose body does not decode, is
@@ -19,19 +22,20 @@
 //! Each write call commits one fjall write batch, which fjall's journal makes atomic: after a crash
 //! the store holds a prefix of the committed batches, never part of one. Writes reach the OS and
 //! the disk only at [`LogStore::sync`], as [`SyncPolicy`] says. [`FjallLogStore::persist`] puts a
-//! whole [`LogWrite`](crate::storage::LogWrite) (hard state, truncation, appends) into a single batch followed by a single
+//! whole [`LogWrite`](crate::storage::LogWrite) (hard state, record changes, truncation, appends) into a single batch followed by a single
 //! sync, so concurrent proposals the engine gathered into one write share one fsync (group
 //! commit) and a crash leaves either all of it or none. A truncation deletes the suffix in the same
 //! batch as whatever follows it, so no crash point can leave a gap in the log.
 
-use std::ops::Range;
+use std::collections::BTreeMap;
+use std::ops::{Bound, Range};
 use std::path::{Path, PathBuf};
 
 use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 use bytes::Bytes;
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, LogWrite, RecoveredState};
+use crate::storage::{HardState, LogStore, LogWrite, RecordWrite, RecoveredState};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
 /// Subdirectory of the state directory that holds the fjall database.
@@ -42,6 +46,8 @@ const STAGING_DIR: &str = "fjall.creating";
 pub const LOG_KEYSPACE: &str = "raft_log";
 /// Name of the keyspace holding the hard state and snapshot metadata.
 pub const META_KEYSPACE: &str = "raft_meta";
+/// Name of the keyspace holding a core's records ([`RecordWrite`]).
+pub const RECORDS_KEYSPACE: &str = "records";
 /// Key of the hard state record in [`META_KEYSPACE`].
 pub const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Key of the snapshot metadata record in [`META_KEYSPACE`].
@@ -59,6 +65,8 @@ enum RecordKind {
     Entry = 1,
     HardState = 2,
     Snapshot = 3,
+    /// A value in [`RECORDS_KEYSPACE`]: the body is the core's value, whole.
+    CoreRecord = 4,
 }
 
 /// When the store forces its writes to disk.
@@ -109,6 +117,7 @@ pub struct FjallLogStore {
     db: Database,
     log: Keyspace,
     meta: Keyspace,
+    records: Keyspace,
     sync_policy: SyncPolicy,
     path: PathBuf,
     bounds: Bounds,
@@ -144,6 +153,11 @@ impl FjallLogStore {
         let meta = db
             .keyspace(META_KEYSPACE, KeyspaceCreateOptions::default)
             .map_err(|e| fjall_error(e, "meta keyspace"))?;
+        // Created here, not only with a new database, so that a database from before records
+        // existed opens too.
+        let records = db
+            .keyspace(RECORDS_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(|e| fjall_error(e, "records keyspace"))?;
         let snapshot = match meta
             .get(SNAPSHOT_KEY)
             .map_err(|e| fjall_error(e, "snapshot"))?
@@ -178,6 +192,7 @@ impl FjallLogStore {
             db,
             log,
             meta,
+            records,
             sync_policy,
             path,
             bounds,
@@ -304,6 +319,58 @@ impl FjallLogStore {
         })
     }
 
+    /// Stages record changes; checks them all first, so that a refused change stages nothing.
+    ///
+    /// fjall gives every item of a batch the same sequence number, so two items for one key would
+    /// not keep their order: the changes are folded into the last one per key before staging, and
+    /// a range delete also takes the keys put earlier in the same changes.
+    fn stage_records(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        records: &[RecordWrite],
+    ) -> Result<(), StorageError> {
+        for record in records {
+            record.check_size()?;
+        }
+        // The last change per key: a value to store, or `None` to remove the key.
+        let mut last: BTreeMap<Vec<u8>, Option<&[u8]>> = BTreeMap::new();
+        for record in records {
+            match record {
+                RecordWrite::Put { key, value } => {
+                    last.insert(key.clone(), Some(value));
+                }
+                RecordWrite::Delete { key } => {
+                    last.insert(key.clone(), None);
+                }
+                RecordWrite::DeleteRange { from, to } => {
+                    if from >= to {
+                        continue;
+                    }
+                    let range = (
+                        Bound::Included(from.as_slice()),
+                        Bound::Excluded(to.as_slice()),
+                    );
+                    for (_, change) in last.range_mut::<[u8], _>(range) {
+                        *change = None;
+                    }
+                    for guard in self.records.range::<&[u8], _>(range) {
+                        let key = guard.key().map_err(|e| fjall_error(e, "records"))?;
+                        last.insert(key.to_vec(), None);
+                    }
+                }
+            }
+        }
+        for (key, change) in last {
+            match change {
+                Some(value) => {
+                    batch.insert(&self.records, key, seal(RecordKind::CoreRecord, value));
+                }
+                None => batch.remove(&self.records, key),
+            }
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, batch: OwnedWriteBatch, bounds: Bounds) -> Result<(), StorageError> {
         batch.commit().map_err(|e| fjall_error(e, "write batch"))?;
         self.bounds = bounds;
@@ -331,6 +398,16 @@ impl LogStore for FjallLogStore {
         let mut batch = self.db.batch();
         let bounds = self.stage_append(&mut batch, self.bounds, entries)?;
         self.commit(batch, bounds)
+    }
+
+    /// One batch per call, like every other write; durable at the next sync.
+    fn write_records(&mut self, records: &[RecordWrite]) -> Result<(), StorageError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        self.stage_records(&mut batch, records)?;
+        self.commit(batch, self.bounds)
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
@@ -389,9 +466,17 @@ impl LogStore for FjallLogStore {
             expected = Some(key_index + 1);
             entries.push(entry);
         }
+        let mut records = BTreeMap::new();
+        for guard in self.records.iter() {
+            let (key, value) = guard.into_inner().map_err(|e| fjall_error(e, "records"))?;
+            let location = format!("record {}", key.escape_ascii());
+            let body = open_record(&value, RecordKind::CoreRecord, &location)?;
+            records.insert(key.to_vec(), body.to_vec());
+        }
         Ok(RecoveredState {
             hard_state,
             entries,
+            records,
         })
     }
 
@@ -405,6 +490,7 @@ impl LogStore for FjallLogStore {
         if let Some(hard_state) = output.hard_state {
             batch.insert(&self.meta, HARD_STATE_KEY, encode_hard_state(hard_state));
         }
+        self.stage_records(&mut batch, &output.records)?;
         if let Some(from) = output.truncate_from {
             bounds = self.stage_truncate(&mut batch, bounds, from)?;
         }
@@ -438,7 +524,7 @@ fn open_database(state_dir: &Path) -> Result<Database, StorageError> {
             let db = database_builder(&staging)
                 .open()
                 .map_err(|e| fjall_error(e, "new database"))?;
-            for name in [LOG_KEYSPACE, META_KEYSPACE] {
+            for name in [LOG_KEYSPACE, META_KEYSPACE, RECORDS_KEYSPACE] {
                 db.keyspace(name, KeyspaceCreateOptions::default)
                     .map_err(|e| fjall_error(e, "new keyspace"))?;
             }
@@ -493,19 +579,20 @@ fn decode_key(key: &[u8]) -> Result<LogIndex, StorageError> {
 fn record_crc(kind: RecordKind, body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&[RECORD_VERSION, kind as u8]);
-    // Bodies are far below 4 GiB: fjall refuses values that large before we get here.
+    // Bodies are far below 4 GiB: fjall refuses values that large before we get here, and a
+    // core's record values are bounded by `MAX_RECORD_VALUE_BYTES`.
     hasher.update(&(body.len() as u32).to_le_bytes());
     hasher.update(body);
     hasher.finalize()
 }
 
-fn seal(kind: RecordKind, body: Vec<u8>) -> Vec<u8> {
+fn seal(kind: RecordKind, body: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(HEADER_LEN + body.len());
     record.push(RECORD_VERSION);
     record.push(kind as u8);
     record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    record.extend_from_slice(&record_crc(kind, &body).to_le_bytes());
-    record.extend_from_slice(&body);
+    record.extend_from_slice(&record_crc(kind, body).to_le_bytes());
+    record.extend_from_slice(body);
     record
 }
 
@@ -613,7 +700,7 @@ fn encode_entry(entry: &Entry) -> Vec<u8> {
             body.extend_from_slice(data);
         }
     }
-    seal(RecordKind::Entry, body)
+    seal(RecordKind::Entry, &body)
 }
 
 fn decode_entry(record: &[u8], location: &str) -> Result<Entry, StorageError> {
@@ -660,7 +747,7 @@ fn encode_hard_state(hard_state: HardState) -> Vec<u8> {
             body.extend_from_slice(&node.0.to_le_bytes());
         }
     }
-    seal(RecordKind::HardState, body)
+    seal(RecordKind::HardState, &body)
 }
 
 fn decode_hard_state(record: &[u8]) -> Result<HardState, StorageError> {
@@ -685,7 +772,7 @@ fn encode_snapshot(meta: &SnapshotMeta) -> Vec<u8> {
     body.extend_from_slice(&meta.last_included_index.to_le_bytes());
     body.extend_from_slice(&meta.last_included_term.to_le_bytes());
     body.extend_from_slice(&meta.data);
-    seal(RecordKind::Snapshot, body)
+    seal(RecordKind::Snapshot, &body)
 }
 
 fn decode_snapshot(record: &[u8]) -> Result<SnapshotMeta, StorageError> {

@@ -2,7 +2,7 @@
 //! simulated crash ([`MemoryLogStore::crash`]) loses exactly the unsynced writes.
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, RecoveredState};
+use crate::storage::{HardState, LogStore, RecordWrite, RecoveredState};
 use crate::types::{Entry, LogIndex};
 
 /// A write not yet made durable.
@@ -11,6 +11,7 @@ enum PendingWrite {
     HardState(HardState),
     TruncateFrom(LogIndex),
     Append(Vec<Entry>),
+    Records(Vec<RecordWrite>),
 }
 
 /// In-memory log store with crash semantics.
@@ -19,8 +20,8 @@ pub struct MemoryLogStore {
     /// What survives a crash, except for the unsynced tail of `durable.entries` that
     /// [`MemoryLogStore::unsynced_from`] marks.
     durable: RecoveredState,
-    /// Unsynced writes to replay in order at the next sync: hard states, truncations, and the
-    /// appends that come after a truncation.
+    /// Unsynced writes to replay in order at the next sync: hard states, record changes,
+    /// truncations, and the appends that come after a truncation.
     pending: Vec<PendingWrite>,
     /// Where the entries appended since the last sync start in `durable.entries`, if any were
     /// appended in place. Appends with no truncation pending (the common case: the driver appends
@@ -56,6 +57,7 @@ impl MemoryLogStore {
         RecoveredState {
             hard_state: self.durable.hard_state,
             entries: self.durable.entries[..synced].to_vec(),
+            records: self.durable.records.clone(),
         }
     }
 }
@@ -99,6 +101,18 @@ impl LogStore for MemoryLogStore {
         Ok(())
     }
 
+    /// Checks every change first, so that a refused call leaves nothing pending.
+    fn write_records(&mut self, records: &[RecordWrite]) -> Result<(), StorageError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        for record in records {
+            record.check_size()?;
+        }
+        self.pending.push(PendingWrite::Records(records.to_vec()));
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<(), StorageError> {
         self.unsynced_from = None;
         self.truncation_pending = false;
@@ -109,6 +123,11 @@ impl LogStore for MemoryLogStore {
                     self.durable.entries.retain(|e| e.index < from);
                 }
                 PendingWrite::Append(entries) => self.durable.entries.extend(entries),
+                PendingWrite::Records(records) => {
+                    for record in &records {
+                        record.apply(&mut self.durable.records);
+                    }
+                }
             }
         }
         Ok(())
@@ -123,6 +142,7 @@ impl LogStore for MemoryLogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::LogWrite;
     use crate::types::Payload;
 
     fn entry(index: LogIndex, term: u64) -> Entry {
@@ -209,6 +229,130 @@ mod tests {
             store.recover().unwrap().entries,
             vec![entry(1, 1), entry(2, 3), entry(3, 3), entry(4, 4)]
         );
+    }
+
+    fn records(pairs: &[(&[u8], &[u8])]) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(key, value)| (key.to_vec(), value.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn records_survive_sync_and_recover() {
+        let mut store = MemoryLogStore::new();
+        let mut write = LogWrite {
+            hard_state: Some(HardState {
+                term: 2,
+                voted_for: None,
+            }),
+            append: vec![entry(1, 2)],
+            ..Default::default()
+        };
+        write.put_record(b"cert/1".as_slice(), b"one".as_slice());
+        write.put_record(b"view".as_slice(), b"change".as_slice());
+        store.persist(&write).unwrap();
+        let expected = records(&[(b"cert/1", b"one"), (b"view", b"change")]);
+        assert_eq!(store.durable().records, expected);
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.records, expected);
+        assert_eq!(recovered.entries, vec![entry(1, 2)]);
+        assert_eq!(recovered.hard_state.term, 2);
+    }
+
+    #[test]
+    fn unsynced_record_changes_are_lost_in_a_crash() {
+        let mut store = MemoryLogStore::new();
+        store
+            .write_records(&[RecordWrite::Put {
+                key: b"a".to_vec(),
+                value: b"1".to_vec(),
+            }])
+            .unwrap();
+        store.sync().unwrap();
+        store
+            .write_records(&[
+                RecordWrite::Put {
+                    key: b"b".to_vec(),
+                    value: b"2".to_vec(),
+                },
+                RecordWrite::Delete { key: b"a".to_vec() },
+            ])
+            .unwrap();
+        assert_eq!(
+            store.durable().records,
+            records(&[(b"a", b"1")]),
+            "not durable before the sync"
+        );
+        store.crash();
+        assert_eq!(store.recover().unwrap().records, records(&[(b"a", b"1")]));
+        // What the crash lost is not replayed by a later sync either.
+        store.sync().unwrap();
+        assert_eq!(store.recover().unwrap().records, records(&[(b"a", b"1")]));
+    }
+
+    #[test]
+    fn record_changes_of_one_write_apply_in_order() {
+        let mut store = MemoryLogStore::new();
+        let mut write = LogWrite::default();
+        write.put_record(b"k".as_slice(), b"old".as_slice());
+        write.delete_record(b"k".as_slice());
+        write.put_record(b"k".as_slice(), b"new".as_slice());
+        write.put_record(b"gone".as_slice(), b"x".as_slice());
+        write.delete_record(b"gone".as_slice());
+        write.delete_record(b"never there".as_slice());
+        store.persist(&write).unwrap();
+        assert_eq!(store.recover().unwrap().records, records(&[(b"k", b"new")]));
+    }
+
+    #[test]
+    fn a_range_delete_removes_exactly_its_half_open_range() {
+        let mut store = MemoryLogStore::new();
+        let mut write = LogWrite::default();
+        for key in [b"s/1".as_slice(), b"s/2", b"s/3", b"s/4", b"t"] {
+            write.put_record(key, b"v".as_slice());
+        }
+        store.persist(&write).unwrap();
+        write.clear();
+        // A key put before the range delete in the same write goes with it; one after stays.
+        write.put_record(b"s/25".as_slice(), b"early".as_slice());
+        write.delete_record_range(b"s/2".as_slice(), b"s/4".as_slice());
+        write.put_record(b"s/3".as_slice(), b"late".as_slice());
+        // Backwards and empty ranges remove nothing.
+        write.delete_record_range(b"t".as_slice(), b"s/1".as_slice());
+        write.delete_record_range(b"t".as_slice(), b"t".as_slice());
+        store.persist(&write).unwrap();
+        assert_eq!(
+            store.recover().unwrap().records,
+            records(&[
+                (b"s/1", b"v"),
+                (b"s/3", b"late"),
+                (b"s/4", b"v"),
+                (b"t", b"v")
+            ])
+        );
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_and_nothing_of_the_call_is_kept() {
+        let mut store = MemoryLogStore::new();
+        let err = store
+            .write_records(&[
+                RecordWrite::Put {
+                    key: b"fine".to_vec(),
+                    value: Vec::new(),
+                },
+                RecordWrite::Delete {
+                    key: vec![0; crate::storage::MAX_RECORD_KEY_BYTES + 1],
+                },
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::RecordTooLarge { value_bytes: 0, .. }),
+            "{err}"
+        );
+        store.sync().unwrap();
+        assert!(store.recover().unwrap().records.is_empty());
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Durable state of a node: the log and the hard state (current term and vote).
+//! Durable state of a node: the log, the hard state (current term and vote), and a core's
+//! records (a small ordered key-value map for anything else a core must never forget, such as
+//! PBFT's certificates, checkpoint proofs and view-change message).
 //!
 //! [`LogStore`] is the small trait the engine and the simulator drive; [`MemoryLogStore`] keeps
 //! everything in memory but models durability exactly (what was not synced is lost in a crash),
@@ -9,10 +11,12 @@ mod fjall;
 mod memory;
 
 pub use self::fjall::{
-    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, SNAPSHOT_KEY,
-    SnapshotMeta, SyncPolicy,
+    DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, RECORDS_KEYSPACE,
+    SNAPSHOT_KEY, SnapshotMeta, SyncPolicy,
 };
 pub use memory::MemoryLogStore;
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,13 +41,94 @@ pub struct RecoveredState {
     /// Every durable log entry, in index order and contiguous. The first need not be index 1:
     /// a compacted store starts after its snapshot.
     pub entries: Vec<Entry>,
+    /// Every durable record of the core (see [`RecordWrite`]); empty for a core that keeps none.
+    pub records: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
-/// One durable write a protocol core asks for: a new hard state, a truncation of the log's
-/// tail, and entries to append, carried out in that order as one unit.
+/// The longest record key a store accepts: fjall's limit on a key, kept by every store so that
+/// the simulator refuses what the disk would.
+pub const MAX_RECORD_KEY_BYTES: usize = u16::MAX as usize;
+/// The largest record value a store accepts. Records are small by design (a certificate, a
+/// proof, one message); a bound keeps a runaway value from reaching the journal.
+pub const MAX_RECORD_VALUE_BYTES: usize = 64 << 20;
+
+/// One change to a core's durable records: a small ordered key-value map kept beside the log for
+/// state a core must never forget that is neither a log entry nor the hard state.
+///
+/// Keys are ordered byte-wise, so a core that puts a big-endian sequence number after a fixed
+/// prefix can drop a whole stretch of them with one [`RecordWrite::DeleteRange`]. A store refuses
+/// (with [`StorageError::RecordTooLarge`], before writing anything) a key longer than
+/// [`MAX_RECORD_KEY_BYTES`] or a value larger than [`MAX_RECORD_VALUE_BYTES`]; the bounds of a
+/// range are not limited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordWrite {
+    /// Store `value` under `key`, replacing what was there.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value stored under it.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (no error if absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Remove every key in `[from, to)` (byte-wise order).
+    DeleteRange {
+        /// The first key removed, if present.
+        from: Vec<u8>,
+        /// The first key past the range (kept). A range with `to <= from` is empty.
+        to: Vec<u8>,
+    },
+}
+
+impl RecordWrite {
+    /// Carries out this change on an in-memory copy of the records: what a store does, for a core
+    /// that mirrors its records (to answer [`Protocol::into_recovered_state`], say).
+    ///
+    /// [`Protocol::into_recovered_state`]: crate::protocol::Protocol::into_recovered_state
+    pub fn apply(&self, records: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
+        match self {
+            RecordWrite::Put { key, value } => {
+                records.insert(key.clone(), value.clone());
+            }
+            RecordWrite::Delete { key } => {
+                records.remove(key);
+            }
+            RecordWrite::DeleteRange { from, to } => {
+                // Cut out [from, to) and glue the rest back. With `to <= from` the second cut
+                // takes everything the first did, so nothing is lost.
+                let mut from_onwards = records.split_off(from.as_slice());
+                let mut after = from_onwards.split_off(to.as_slice());
+                records.append(&mut after);
+            }
+        }
+    }
+
+    /// Refuses a change no store can hold; see the type's documentation.
+    pub(crate) fn check_size(&self) -> Result<(), StorageError> {
+        let (key_bytes, value_bytes) = match self {
+            RecordWrite::Put { key, value } => (key.len(), value.len()),
+            RecordWrite::Delete { key } => (key.len(), 0),
+            RecordWrite::DeleteRange { .. } => return Ok(()),
+        };
+        if key_bytes > MAX_RECORD_KEY_BYTES || value_bytes > MAX_RECORD_VALUE_BYTES {
+            return Err(StorageError::RecordTooLarge {
+                key_bytes,
+                value_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One durable write a protocol core asks for: a new hard state, changes to the core's records,
+/// a truncation of the log's tail, and entries to append, carried out in that order as one unit.
 ///
 /// A core accumulates the writes of several steps into one `LogWrite` (group commit);
-/// [`LogWrite::merge_log`] keeps the result equal to doing them one after another.
+/// [`LogWrite::merge_log`] keeps the result equal to doing them one after another, and so does
+/// pushing record changes in the order the steps make them (a later change to a key wins).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogWrite {
     /// Persist this hard state (term, vote).
@@ -52,12 +137,17 @@ pub struct LogWrite {
     pub truncate_from: Option<LogIndex>,
     /// Entries to append to the log, in index order.
     pub append: Vec<Entry>,
+    /// Changes to the core's records, carried out in order.
+    pub records: Vec<RecordWrite>,
 }
 
 impl LogWrite {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.hard_state.is_none() && self.truncate_from.is_none() && self.append.is_empty()
+        self.hard_state.is_none()
+            && self.truncate_from.is_none()
+            && self.append.is_empty()
+            && self.records.is_empty()
     }
 
     /// Empties every field, keeping allocations for reuse.
@@ -65,6 +155,28 @@ impl LogWrite {
         self.hard_state = None;
         self.truncate_from = None;
         self.append.clear();
+        self.records.clear();
+    }
+
+    /// Adds a [`RecordWrite::Put`] after the record changes already held.
+    pub fn put_record(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.records.push(RecordWrite::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    /// Adds a [`RecordWrite::Delete`] after the record changes already held.
+    pub fn delete_record(&mut self, key: impl Into<Vec<u8>>) {
+        self.records.push(RecordWrite::Delete { key: key.into() });
+    }
+
+    /// Adds a [`RecordWrite::DeleteRange`] of `[from, to)` after the record changes already held.
+    pub fn delete_record_range(&mut self, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.records.push(RecordWrite::DeleteRange {
+            from: from.into(),
+            to: to.into(),
+        });
     }
 
     /// The last entry this write appends: its index and term.
@@ -91,7 +203,7 @@ impl LogWrite {
     }
 }
 
-/// Storage of the log and the hard state.
+/// Storage of the log, the hard state and a core's records.
 ///
 /// Writes may be buffered; only [`LogStore::sync`] promises durability: when it returns `Ok`,
 /// every earlier write survives a crash. Writes are applied in call order.
@@ -107,14 +219,30 @@ pub trait LogStore: Send {
     /// Reads back the durable state.
     fn recover(&mut self) -> Result<RecoveredState, StorageError>;
 
+    /// Applies record changes in order (made durable by the next `sync`). The default refuses any
+    /// non-empty change with a typed error ([`StorageError::RecordsUnsupported`]), so a store
+    /// written before records existed fails loudly rather than forgetting them; both stores in
+    /// this crate implement it.
+    fn write_records(&mut self, records: &[RecordWrite]) -> Result<(), StorageError> {
+        if records.is_empty() {
+            Ok(())
+        } else {
+            Err(StorageError::RecordsUnsupported)
+        }
+    }
+
     /// Carries out one [`LogWrite`] and syncs it: when it returns `Ok` the whole write is
-    /// durable. Does nothing (not even a sync) when the write is empty.
+    /// durable. The parts go in this order: hard state, records, truncation, append, then one
+    /// sync. Does nothing (not even a sync) when the write is empty.
     fn persist(&mut self, write: &LogWrite) -> Result<(), StorageError> {
         if write.is_empty() {
             return Ok(());
         }
         if let Some(hard_state) = write.hard_state {
             self.save_hard_state(hard_state)?;
+        }
+        if !write.records.is_empty() {
+            self.write_records(&write.records)?;
         }
         if let Some(from) = write.truncate_from {
             self.truncate_from(from)?;
@@ -123,5 +251,122 @@ pub trait LogStore: Send {
             self.append(&write.append)?;
         }
         self.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before records existed: it implements only the required methods.
+    #[derive(Default)]
+    struct LogOnlyStore {
+        syncs: usize,
+    }
+
+    impl LogStore for LogOnlyStore {
+        fn save_hard_state(&mut self, _: HardState) -> Result<(), StorageError> {
+            Ok(())
+        }
+
+        fn truncate_from(&mut self, _: LogIndex) -> Result<(), StorageError> {
+            Ok(())
+        }
+
+        fn append(&mut self, _: &[Entry]) -> Result<(), StorageError> {
+            Ok(())
+        }
+
+        fn sync(&mut self) -> Result<(), StorageError> {
+            self.syncs += 1;
+            Ok(())
+        }
+
+        fn recover(&mut self) -> Result<RecoveredState, StorageError> {
+            Ok(RecoveredState::default())
+        }
+    }
+
+    #[test]
+    fn the_default_write_records_refuses_changes_and_accepts_none() {
+        let mut store = LogOnlyStore::default();
+        store.write_records(&[]).unwrap();
+        let err = store
+            .write_records(&[RecordWrite::Delete { key: b"k".to_vec() }])
+            .unwrap_err();
+        assert!(matches!(err, StorageError::RecordsUnsupported), "{err}");
+        assert!(err.to_string().contains("write_records"), "{err}");
+
+        // Through `persist`: a write without records goes through, one with records fails
+        // before it is synced.
+        store
+            .persist(&LogWrite {
+                hard_state: Some(HardState::default()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(store.syncs, 1);
+        let mut write = LogWrite::default();
+        write.put_record(b"k".as_slice(), b"v".as_slice());
+        assert!(matches!(
+            store.persist(&write),
+            Err(StorageError::RecordsUnsupported)
+        ));
+        assert_eq!(store.syncs, 1, "a refused write is not synced");
+    }
+
+    #[test]
+    fn record_changes_count_in_is_empty_and_clear() {
+        let mut write = LogWrite::default();
+        assert!(write.is_empty());
+        write.delete_record_range(b"a".as_slice(), b"b".as_slice());
+        assert!(!write.is_empty());
+        write.clear();
+        assert!(write.is_empty());
+        assert!(write.records.is_empty());
+    }
+
+    #[test]
+    fn pushers_keep_the_order_of_the_steps() {
+        let mut write = LogWrite::default();
+        write.delete_record(b"k".as_slice());
+        write.put_record(b"k".as_slice(), b"v".as_slice());
+        write.delete_record_range(b"a".as_slice(), b"z".as_slice());
+        assert_eq!(
+            write.records,
+            vec![
+                RecordWrite::Delete { key: b"k".to_vec() },
+                RecordWrite::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                },
+                RecordWrite::DeleteRange {
+                    from: b"a".to_vec(),
+                    to: b"z".to_vec(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn apply_deletes_a_half_open_range_and_ignores_a_backwards_one() {
+        let mut records: BTreeMap<Vec<u8>, Vec<u8>> = [b"a", b"b", b"c", b"d"]
+            .into_iter()
+            .map(|key| (key.to_vec(), key.to_vec()))
+            .collect();
+        let range = |from: &[u8], to: &[u8]| RecordWrite::DeleteRange {
+            from: from.to_vec(),
+            to: to.to_vec(),
+        };
+        range(b"d", b"a").apply(&mut records);
+        range(b"b", b"b").apply(&mut records);
+        assert_eq!(records.len(), 4);
+        range(b"b", b"d").apply(&mut records);
+        assert_eq!(
+            records.keys().cloned().collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"d".to_vec()]
+        );
+        range(b"", b"\xff").apply(&mut records);
+        assert!(records.is_empty());
     }
 }

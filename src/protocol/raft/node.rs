@@ -208,12 +208,13 @@ impl RaftNode {
     }
 
     /// What a store holding every write this node asked for would recover: its hard state and
-    /// its whole log. For a driver that stops after carrying out every output, that is exactly
-    /// its durable state.
+    /// its whole log (Raft writes no records). For a driver that stops after carrying out every
+    /// output, that is exactly its durable state.
     pub fn into_recovered_state(self) -> RecoveredState {
         RecoveredState {
             hard_state: self.hard_state(),
             entries: self.log.into_entries(),
+            records: Default::default(),
         }
     }
 

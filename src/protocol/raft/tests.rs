@@ -409,6 +409,7 @@ fn the_commit_rule_waits_for_an_entry_of_the_current_term() {
             voted_for: None,
         },
         entries: vec![old(1), old(2)],
+        ..Default::default()
     };
     let mut config = RaftConfig::new(NodeId(1), voters);
     config.pre_vote = false;
@@ -597,6 +598,7 @@ fn a_node_recovered_from_a_compacted_log_starts_past_index_1() {
             voted_for: None,
         },
         entries,
+        ..Default::default()
     };
     let node = RaftNode::new(RaftConfig::new(NodeId(1), vec![NodeId(1)]), recovered).unwrap();
     assert_eq!(node.log().first_index(), 41);

@@ -48,7 +48,7 @@ impl From<u64> for NodeId {
 /// Who proposed an entry: the node that accepted the client's request and a request number unique on
 /// that node. The proposer answers its client when it applies the entry carrying this tag, so a
 /// proposal forwarded from a follower to the leader needs no reply message of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ProposalTag {
     /// The node whose client is waiting for this entry.
     pub proposer: NodeId,

@@ -152,6 +152,8 @@ impl<P: Protocol> Driver<P> {
     /// Runs until shutdown or a storage failure; the error is what stopped it.
     pub(crate) fn run(mut self) -> Result<(), StorageError> {
         let mut out = Output::default();
+        // A round's peer messages, authenticated together before any is stepped.
+        let mut peer_messages: Vec<Envelope<P::Message>> = Vec::new();
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
         loop {
@@ -165,12 +167,20 @@ impl<P: Protocol> Driver<P> {
             let now = Instant::now();
             let mut shutdown = false;
             if let Some(input) = first {
-                shutdown |= self.handle(input, now, &mut out);
+                shutdown |= self.handle(input, now, &mut out, &mut peer_messages);
                 for _ in 1..self.settings.max_inputs_per_round {
                     match self.inputs.try_recv() {
-                        Ok(input) => shutdown |= self.handle(input, now, &mut out),
+                        Ok(input) => {
+                            shutdown |= self.handle(input, now, &mut out, &mut peer_messages)
+                        }
                         Err(_) => break,
                     }
+                }
+            }
+            if !peer_messages.is_empty() {
+                self.node.authenticate(&mut peer_messages);
+                for envelope in peer_messages.drain(..) {
+                    self.node.step(Input::Message(envelope), &mut out);
                 }
             }
             if now >= next_tick {
@@ -230,12 +240,14 @@ impl<P: Protocol> Driver<P> {
         }
     }
 
-    /// Feeds one input, received at `now`, to the core; true on shutdown.
+    /// Feeds one input, received at `now`, to the core (a peer message goes to `peer_messages`
+    /// instead, to be authenticated with the rest of the round's); true on shutdown.
     fn handle(
         &mut self,
         input: DriverInput<P>,
         now: Instant,
         out: &mut Output<P::Message>,
+        peer_messages: &mut Vec<Envelope<P::Message>>,
     ) -> bool {
         match input {
             DriverInput::Propose { data, reply, route } => {
@@ -243,14 +255,11 @@ impl<P: Protocol> Driver<P> {
                 let request_id = self.apply.submit((reply, route), now, deadline);
                 self.node.step(Input::Propose { request_id, data }, out);
             }
-            DriverInput::Peer { from, message } => {
-                let envelope = Envelope {
-                    from,
-                    to: self.node.id(),
-                    message,
-                };
-                self.node.step(Input::Message(envelope), out);
-            }
+            DriverInput::Peer { from, message } => peer_messages.push(Envelope {
+                from,
+                to: self.node.id(),
+                message,
+            }),
             DriverInput::Control(control) => self.node.step(Input::Control(control), out),
             DriverInput::Shutdown => return true,
         }

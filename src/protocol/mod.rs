@@ -30,6 +30,7 @@
 //! The core never counts its own entries toward a quorum before step 5 told it they are on
 //! disk, so a driver that persists asynchronously stays safe.
 
+pub mod pbft;
 pub mod raft;
 
 use bytes::Bytes;
@@ -215,6 +216,16 @@ pub trait Protocol: Send + 'static {
 
     /// Feeds one input; what the driver must do is appended to `out`.
     fn step(&mut self, input: Input<Self::Message, Self::Control>, out: &mut Output<Self::Message>);
+
+    /// Checks the authenticity of a round of peer messages in one batch, before any of them is
+    /// stepped, and removes those that fail; returns how many it removed. A core whose messages
+    /// carry signatures (PBFT) checks them all here at once, so that a GPU verifier sees whole
+    /// batches; a core that trusts its transport (Raft) keeps everything, which is the default.
+    /// A driver must pass every peer message through it.
+    fn authenticate(&mut self, messages: &mut Vec<Envelope<Self::Message>>) -> usize {
+        let _ = messages;
+        0
+    }
 
     /// Who leads and how far the log is committed.
     fn status(&self) -> Status;

@@ -146,7 +146,7 @@ impl<P: SimProtocol> Sim<P> {
     }
 
     pub(super) fn attempt(&mut self, client: usize, op: usize, node: usize) {
-        if self.nodes[node].raft.is_none() {
+        if self.nodes[node].core.is_none() {
             // Connection refused: a definite refusal.
             self.clients[client].state = ClientState::Backoff { op };
             self.clients[client].preferred = None;

@@ -1,6 +1,7 @@
 //! The simulator's settings, fault profiles, and what a run reports.
 
 use crate::NodeId;
+use crate::protocol::pbft::{PbftConfig, test_signing_key, test_validators};
 use crate::protocol::raft::RaftConfig;
 use crate::transport::simulated::{LatencyModel, NetworkConfig, NetworkStats};
 use crate::{LogIndex, Term};
@@ -282,5 +283,71 @@ impl std::fmt::Display for SimFailure {
             "seed {} failed at {} us: {}",
             self.seed, self.at_us, self.violation
         )
+    }
+}
+
+impl SimConfig<PbftConfig> {
+    /// A healthy PBFT cluster of `nodes` replicas (at least 4) with checkpoints every 16
+    /// sequence numbers, a view change after 200 ms without progress, three clients, and no
+    /// faults.
+    pub fn pbft(seed: u64, nodes: usize) -> Self {
+        let first = NodeId(1);
+        let mut pbft = PbftConfig::new(
+            first,
+            vec![first],
+            test_signing_key(first),
+            test_validators(&[first]),
+        );
+        pbft.verifier = Arc::new(crate::sim::MemoizingVerifier::default());
+        pbft.checkpoint_interval = 16;
+        pbft.batch_size = 64;
+        pbft.view_change_timeout_ticks = 20;
+        pbft.retransmit_ticks = 5;
+        let raft = SimConfig::new(seed, nodes);
+        SimConfig {
+            seed,
+            nodes,
+            protocol: pbft,
+            apply_bugs: raft.apply_bugs,
+            machine: raft.machine,
+            network: raft.network,
+            faults: raft.faults,
+            fault_phase_us: raft.fault_phase_us,
+            liveness_deadline_us: raft.liveness_deadline_us,
+            clients: raft.clients,
+            keys: raft.keys,
+            think_us: raft.think_us,
+            client_timeout_us: raft.client_timeout_us,
+            checker_budget: raft.checker_budget,
+            flush_probability: raft.flush_probability,
+            group_commit: raft.group_commit,
+            clock_skew: raft.clock_skew,
+        }
+    }
+
+    /// The PBFT chaos suite's configuration for `seed`: 4, 7 or 10 replicas, every fault, and
+    /// the replica's settings (batch size, checkpoint interval, timeouts) drawn from the seed.
+    pub fn pbft_chaos(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xbf7));
+        let nodes = [4, 4, 7, 7, 10][rng.random_range(0..5)];
+        let raft = SimConfig::chaos(seed);
+        let mut config = SimConfig::pbft(seed, nodes);
+        config.faults = raft.faults;
+        config.fault_phase_us = raft.fault_phase_us;
+        config.clients = raft.clients;
+        config.keys = raft.keys;
+        config.think_us = raft.think_us;
+        config.client_timeout_us = raft.client_timeout_us;
+        config.network = raft.network;
+        config.flush_probability = raft.flush_probability;
+        config.clock_skew = raft.clock_skew;
+        config.group_commit = raft.group_commit;
+        let pbft = &mut config.protocol;
+        pbft.checkpoint_interval = [2, 4, 8, 16, 32][rng.random_range(0..5)];
+        pbft.batch_size = rng.random_range(1..16);
+        pbft.batch_timeout_ticks = rng.random_range(0..3);
+        pbft.view_change_timeout_ticks = rng.random_range(10..30);
+        pbft.retransmit_ticks = rng.random_range(2..8);
+        config
     }
 }

@@ -62,6 +62,16 @@ pub enum Violation {
         /// What `node` applied.
         second: String,
     },
+    /// Two replicas executed through one sequence number into different states: they executed
+    /// different batches somewhere (PBFT agreement).
+    Agreement {
+        /// One replica.
+        a: NodeId,
+        /// The other.
+        b: NodeId,
+        /// The sequence number both executed through.
+        seq: u64,
+    },
     /// A node's state machine refused an entry (gap, reordering or an undecodable command).
     Apply {
         /// The node.
@@ -108,6 +118,7 @@ impl Violation {
                 | Violation::LogMatching { .. }
                 | Violation::LeaderCompleteness { .. }
                 | Violation::StateMachineSafety { .. }
+                | Violation::Agreement { .. }
                 | Violation::Linearizability { .. }
         )
     }
@@ -160,6 +171,10 @@ impl fmt::Display for Violation {
             Violation::CheckerBudget { detail } => {
                 write!(f, "linearizability checker budget: {detail}")
             }
+            Violation::Agreement { a, b, seq } => write!(
+                f,
+                "agreement: {a} and {b} executed through sequence {seq} into different states"
+            ),
             Violation::Scenario { detail } => write!(f, "scenario: {detail}"),
         }
     }

@@ -72,6 +72,7 @@ pub mod invariants;
 mod kv;
 pub mod linearizability;
 mod protocol;
+mod verifier;
 
 pub use crate::engine::apply::ApplyBugs;
 pub use config::{FaultProfile, SimConfig, SimFailure, SimReport};
@@ -79,6 +80,7 @@ pub use invariants::{SafetyMonitor, Violation};
 pub use kv::KvStateMachine;
 pub use linearizability::{KvInput, KvModel, KvOutput};
 pub use protocol::SimProtocol;
+pub use verifier::MemoizingVerifier;
 
 use std::collections::BTreeMap;
 
@@ -168,7 +170,7 @@ struct OpMeta {
 
 struct SimNode<P: Protocol> {
     id: NodeId,
-    raft: Option<P>,
+    core: Option<P>,
     store: MemoryLogStore,
     /// The engine's apply stage: this node's clients' requests, dedup and the state machine.
     apply: ApplyStage<ClientOp, u64>,
@@ -233,7 +235,7 @@ impl<P: SimProtocol> Sim<P> {
             .iter()
             .map(|&id| SimNode {
                 id,
-                raft: None,
+                core: None,
                 store: MemoryLogStore::new(),
                 apply: ApplyStage::new(id, 1, None),
                 incarnation: 0,
@@ -311,7 +313,7 @@ impl<P: SimProtocol> Sim<P> {
 
     /// The node `id`, when it is up.
     pub fn node(&self, id: NodeId) -> Option<&P> {
-        self.nodes.get(id.0.checked_sub(1)? as usize)?.raft.as_ref()
+        self.nodes.get(id.0.checked_sub(1)? as usize)?.core.as_ref()
     }
 
     /// Every node id.
@@ -323,7 +325,7 @@ impl<P: SimProtocol> Sim<P> {
     pub fn leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
+            .filter_map(|n| n.core.as_ref())
             .map(|r| (r.id(), r.status()))
             .filter(|(_, status)| status.is_leader)
             .max_by_key(|(_, status)| status.term)
@@ -360,7 +362,7 @@ impl<P: SimProtocol> Sim<P> {
             max_term: self
                 .nodes
                 .iter()
-                .filter_map(|n| n.raft.as_ref())
+                .filter_map(|n| n.core.as_ref())
                 .map(|r| r.status().term)
                 .max()
                 .unwrap_or(0),
@@ -429,7 +431,7 @@ impl<P: SimProtocol> Sim<P> {
                 .nodes
                 .iter()
                 .enumerate()
-                .filter(|(_, n)| n.raft.is_some())
+                .filter(|(_, n)| n.core.is_some())
                 .map(|(i, n)| (n.next_tick_us, i))
                 .min();
             let Some(at) = [next_agenda, next_delivery, next_tick.map(|(t, _)| t)]
@@ -506,15 +508,27 @@ impl<P: SimProtocol> Sim<P> {
     /// later together with the outputs of the node's next steps.
     pub fn step(&mut self, index: usize, input: Input<P::Message, P::Control>) {
         let node = &mut self.nodes[index];
-        let Some(raft) = node.raft.as_mut() else {
+        let Some(core) = node.core.as_mut() else {
             return; // a crashed node hears nothing
         };
-        raft.step(input, &mut node.out);
+        // A peer message passes the core's authentication first, as in the engine's driver.
+        let input = match input {
+            Input::Message(envelope) => {
+                let mut round = vec![envelope];
+                core.authenticate(&mut round);
+                match round.pop() {
+                    Some(envelope) => Input::Message(envelope),
+                    None => return,
+                }
+            }
+            other => other,
+        };
+        core.step(input, &mut node.out);
         // What may leave before the write is durable leaves now, as the engine sends it.
         for envelope in node.out.messages.drain(..) {
             self.endpoints[index].send(envelope.to, envelope);
         }
-        let observed = self.monitor.observe_node(raft);
+        let observed = self.monitor.observe_node(core);
         let flush_scheduled = node.flush_scheduled;
         if let Err(violation) = observed {
             self.fail(violation);
@@ -543,10 +557,10 @@ impl<P: SimProtocol> Sim<P> {
     fn flush(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         node.flush_scheduled = false;
-        let Some(raft) = node.raft.as_ref() else {
+        let Some(core) = node.core.as_ref() else {
             return;
         };
-        let (id, status) = (node.id, raft.status());
+        let (id, status) = (node.id, core.status());
         let mut out = std::mem::take(&mut node.out);
         // 1. Persist and sync; only then may votes and acknowledgements leave.
         if let Err(e) = node.store.persist(&out.write) {
@@ -649,7 +663,7 @@ impl<P: SimProtocol> Sim<P> {
     /// The pairwise checks of the core (for Raft: log matching between every two live nodes,
     /// and leader completeness of every live leader against everything applied so far).
     pub fn full_check(&self) -> Result<(), Violation> {
-        let live: Vec<&P> = self.nodes.iter().filter_map(|n| n.raft.as_ref()).collect();
+        let live: Vec<&P> = self.nodes.iter().filter_map(|n| n.core.as_ref()).collect();
         P::check_all(&live, &self.monitor)
     }
 
@@ -671,8 +685,8 @@ impl<P: SimProtocol> Sim<P> {
         let voters: Vec<NodeId> = (1..=self.config.nodes as u64).map(NodeId).collect();
         let seed = mix(self.config.seed, (node.id.0 << 32) | node.incarnation);
         match P::start(&self.config.protocol, node.id, voters, seed, recovered) {
-            Ok(raft) => {
-                node.raft = Some(raft);
+            Ok(core) => {
+                node.core = Some(core);
                 // A fresh state machine replays the log from the start, as a restarted engine.
                 let first_request_id = mix(seed, 0x1d) >> 1;
                 node.apply =
@@ -691,13 +705,13 @@ impl<P: SimProtocol> Sim<P> {
     /// and the clients waiting on it learn nothing about their operations.
     pub fn crash(&mut self, id: NodeId) {
         let index = id.0 as usize - 1;
-        if self.nodes[index].raft.is_none() {
+        if self.nodes[index].core.is_none() {
             return;
         }
         self.crashes += 1;
         let node = &mut self.nodes[index];
         node.store.crash();
-        node.raft = None;
+        node.core = None;
         node.out.clear(); // never persisted, never sent
         node.flush_scheduled = false;
         self.duplicate_applies += node.apply.duplicates_skipped();
@@ -728,7 +742,7 @@ impl<P: SimProtocol> Sim<P> {
     }
 
     fn restart(&mut self, index: usize) {
-        if self.nodes[index].raft.is_some() {
+        if self.nodes[index].core.is_some() {
             return;
         }
         self.nodes[index].incarnation += 1;
@@ -768,7 +782,7 @@ impl<P: SimProtocol> Sim<P> {
         self.nodes
             .iter()
             .map(|n| {
-                if n.raft.is_some() {
+                if n.core.is_some() {
                     n.apply.applied_index()
                 } else {
                     0

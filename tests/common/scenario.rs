@@ -6,14 +6,22 @@ use std::time::{Duration, Instant};
 
 use consensus::NodeId;
 
-use consensus::sim::{Sim, SimConfig, SimFailure, SimReport, Violation, mix};
+use consensus::protocol::raft::RaftNode;
+use consensus::sim::{Sim, SimConfig, SimFailure, SimProtocol, SimReport, Violation, mix};
 
 /// One chaos run: clients and faults for the fault phase, then everything heals; a leader must
 /// commit a fresh write and every node catch up within the liveness deadline; then log matching,
 /// leader completeness and linearizability are checked (election and state-machine safety are
 /// checked all along).
 pub fn run_chaos(config: SimConfig) -> Result<SimReport, SimFailure> {
-    let mut sim: Sim = Sim::new(config)?;
+    run_chaos_of::<RaftNode>(config)
+}
+
+/// [`run_chaos`] for any core.
+pub fn run_chaos_of<P: SimProtocol>(
+    config: SimConfig<P::Settings>,
+) -> Result<SimReport, SimFailure> {
+    let mut sim: Sim<P> = Sim::new(config)?;
     sim.start_clients();
     sim.start_faults();
     let fault_end = sim.config().fault_phase_us;
@@ -22,7 +30,7 @@ pub fn run_chaos(config: SimConfig) -> Result<SimReport, SimFailure> {
 }
 
 /// Heals the cluster, checks liveness, runs the final checks and reports.
-pub fn finish(sim: &mut Sim) -> Result<SimReport, SimFailure> {
+pub fn finish<P: SimProtocol>(sim: &mut Sim<P>) -> Result<SimReport, SimFailure> {
     sim.stop_clients();
     sim.heal_everything();
     sim.start_probe();
@@ -51,7 +59,7 @@ pub fn finish(sim: &mut Sim) -> Result<SimReport, SimFailure> {
     Ok(report)
 }
 
-fn failure(sim: &Sim, violation: Violation) -> SimFailure {
+fn failure<P: SimProtocol>(sim: &Sim<P>, violation: Violation) -> SimFailure {
     SimFailure {
         seed: sim.config().seed,
         at_us: sim.now_us(),
@@ -114,6 +122,15 @@ pub fn sweep(
     threads: usize,
     config_for: impl Fn(u64) -> SimConfig + Sync,
 ) -> SeedSweep {
+    sweep_of::<RaftNode>(seeds, threads, config_for)
+}
+
+/// [`sweep`] for any core.
+pub fn sweep_of<P: SimProtocol>(
+    seeds: &[u64],
+    threads: usize,
+    config_for: impl Fn(u64) -> SimConfig<P::Settings> + Sync,
+) -> SeedSweep {
     let started = Instant::now();
     let threads = threads.max(1);
     let results: Vec<Vec<Result<SimReport, SimFailure>>> = std::thread::scope(|scope| {
@@ -125,7 +142,7 @@ pub fn sweep(
                         .iter()
                         .skip(t)
                         .step_by(threads)
-                        .map(|&seed| run_chaos(config_for(seed)))
+                        .map(|&seed| run_chaos_of::<P>(config_for(seed)))
                         .collect::<Vec<_>>()
                 })
             })
@@ -155,7 +172,12 @@ pub fn sweep(
 
 /// The command that replays `seed` of the chaos suite's `test` exactly.
 pub fn replay_command(test: &str, seed: u64) -> String {
-    format!("SIM_SEED={seed} cargo test --test chaos -- {test} --exact --nocapture")
+    replay_command_in("chaos", test, seed)
+}
+
+/// The command that replays `seed` of `test` in the test suite `suite` exactly.
+pub fn replay_command_in(suite: &str, test: &str, seed: u64) -> String {
+    format!("SIM_SEED={seed} cargo test --test {suite} -- {test} --exact --nocapture")
 }
 
 /// Node ids `1..=n`.

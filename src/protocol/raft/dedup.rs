@@ -119,6 +119,22 @@ impl AppliedProposals {
         first
     }
 
+    /// True if `tag` was applied (without recording anything).
+    pub fn contains(&self, tag: ProposalTag) -> bool {
+        if let Some(hot) = &self.hot
+            && hot.proposer == tag.proposer
+            && (hot.start..=hot.end).contains(&tag.request_id)
+        {
+            return true;
+        }
+        self.per_proposer.get(&tag.proposer).is_some_and(|runs| {
+            runs.runs
+                .range(..=tag.request_id)
+                .next_back()
+                .is_some_and(|(_, &end)| tag.request_id <= end)
+        })
+    }
+
     /// Writes the hot run's end back into the map.
     fn settle(&mut self) {
         if let Some(hot) = self.hot.take()
@@ -156,6 +172,8 @@ mod tests {
             applied.first_application(tag(1, 4)),
             "out-of-order ids are fine"
         );
+        assert!(applied.contains(tag(1, 4)) && applied.contains(tag(1, 5)));
+        assert!(!applied.contains(tag(1, 6)) && !applied.contains(tag(3, 5)));
     }
 
     #[test]

@@ -1,0 +1,684 @@
+//! [`PbftNode`]: the replica's state, its start from durable state, and the dispatch of inputs.
+//! The rules live beside the state they change: `normal.rs` (pre-prepare, prepare, commit,
+//! execution), `checkpoint.rs` (checkpoints, garbage collection, catch-up) and
+//! `view_change.rs` (view-change and new-view).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::error::ConfigError;
+use crate::gpu::SignatureItem;
+use crate::gpu::sigverify::verify_strict_reference;
+use crate::protocol::raft::AppliedProposals;
+use crate::protocol::{Envelope, Event, Input, Output, Protocol, Status};
+use crate::storage::{HardState, RecordWrite, RecoveredState};
+use crate::types::{Entry, LogIndex, NodeId, Payload};
+
+use super::config::{InjectedBugs, PbftConfig};
+use super::message::{
+    Batch, CheckpointProof, CommittedBatch, Digest, Message, PreparedCertificate, Request, Seq,
+    Signed, Statement, View, decode, encode,
+};
+use super::{Control, records};
+
+/// What a replica knows about one sequence number.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Slot {
+    /// The view `accepted`, `prepares` and `commits` belong to.
+    pub(super) view: View,
+    /// The pre-prepare accepted in `view`, with its batch.
+    pub(super) accepted: Option<Accepted>,
+    /// Prepares of `view`, one per signer.
+    pub(super) prepares: BTreeMap<NodeId, Signed>,
+    /// Commits of `view`, one per signer.
+    pub(super) commits: BTreeMap<NodeId, Signed>,
+    /// The certificate of the highest view this slot prepared in (kept across views: a
+    /// view-change must carry it).
+    pub(super) prepared: Option<PreparedCertificate>,
+    /// This replica sent its commit in `view`.
+    pub(super) commit_sent: bool,
+    /// Committed locally: the batch and its commit certificate.
+    pub(super) committed: Option<CommittedBatch>,
+    /// The tick at which `accepted` was set (retransmission waits a while before repeating).
+    pub(super) accepted_at: u64,
+}
+
+/// An accepted pre-prepare.
+#[derive(Clone, Debug)]
+pub(super) struct Accepted {
+    pub(super) pre_prepare: Signed,
+    pub(super) batch: Batch,
+    pub(super) digest: Digest,
+}
+
+/// A PBFT replica (Castro and Liskov, OSDI '99), as a sans-IO state machine.
+///
+/// Drive it like every core (see [`crate::protocol`]), with one more duty: every peer message
+/// passes through [`Protocol::authenticate`] (a round's messages in one batch) before it is
+/// stepped, because the core trusts the signatures of what it is stepped with.
+pub struct PbftNode {
+    pub(super) config: PbftConfig,
+    /// Members ranked by id; the primary of view `v` is `members[v mod n]`.
+    pub(super) members: Vec<NodeId>,
+    /// Faulty replicas tolerated: n = 3f + 1 (or more; extra replicas add no tolerance).
+    pub(super) f: usize,
+    pub(super) bugs: InjectedBugs,
+
+    pub(super) view: View,
+    /// False while this replica is changing to `view` (it sent a view-change and has not
+    /// accepted a new-view yet).
+    pub(super) view_active: bool,
+    pub(super) slots: BTreeMap<Seq, Slot>,
+    /// The primary's next sequence number to assign.
+    pub(super) next_seq: Seq,
+    /// Requests waiting at the primary for a batch.
+    pub(super) queue: VecDeque<Request>,
+    pub(super) queue_bytes: usize,
+    pub(super) queue_wait_ticks: u32,
+
+    /// Executed entries from index 1 (an entry's `term` is its batch's sequence number).
+    pub(super) log: Vec<Entry>,
+    pub(super) applied: AppliedProposals,
+    pub(super) executed: Seq,
+    /// The state chain after `executed`.
+    pub(super) state: Digest,
+    /// Entries not yet handed to the driver as committed (replayed after a restart).
+    pub(super) replay_from: Option<LogIndex>,
+
+    /// The latest stable checkpoint: the low watermark.
+    pub(super) stable: CheckpointProof,
+    /// Every stable checkpoint proof this replica holds, for replicas that catch up.
+    pub(super) proofs: BTreeMap<Seq, CheckpointProof>,
+    pub(super) checkpoint_votes: BTreeMap<Seq, BTreeMap<NodeId, Signed>>,
+    /// This replica's state at each checkpoint it executed and that is not stable yet.
+    pub(super) own_checkpoints: BTreeMap<Seq, Digest>,
+
+    /// Valid view-changes received, by view and signer.
+    pub(super) view_changes: BTreeMap<View, BTreeMap<NodeId, Signed>>,
+    /// This replica's view-change for `view` (while changing, and after, for retransmission).
+    pub(super) own_view_change: Option<Signed>,
+    /// The new-view that started `view`, if one did.
+    pub(super) new_view: Option<Signed>,
+    /// View changes since the last execution: the view-change timeout doubles with each.
+    pub(super) failed_views: u32,
+    /// Ticks without execution progress while work is outstanding.
+    pub(super) idle_ticks: u32,
+    pub(super) ticks: u64,
+    /// Requests received here, by request id, until they execute (re-forwarded to each new
+    /// primary).
+    pub(super) own_pending: BTreeMap<u64, (Request, u64)>,
+    /// Other replicas' requests this replica heard of and has not seen execute, by tag: a
+    /// backup that waits on them suspects the primary as a client of PBFT would, and a new
+    /// primary orders them.
+    pub(super) watched: BTreeMap<crate::types::ProposalTag, Request>,
+    /// The highest sequence number each peer proved it executed (by a checkpoint or a commit).
+    pub(super) peers_executed: BTreeMap<NodeId, Seq>,
+    /// `executed` at the last retransmission: unchanged since means stalled.
+    pub(super) executed_at_retransmit: Seq,
+
+    /// The durable records as the store holds them once the pending write is durable.
+    pub(super) records: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Messages dropped because a signature did not verify.
+    pub(super) invalid_messages: u64,
+    /// The leader last announced in an event.
+    pub(super) announced: Option<(View, Option<NodeId>)>,
+}
+
+impl std::fmt::Debug for PbftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PbftNode")
+            .field("id", &self.config.id)
+            .field("view", &self.view)
+            .field("view_active", &self.view_active)
+            .field("executed", &self.executed)
+            .field("stable", &self.stable.seq)
+            .field("next_seq", &self.next_seq)
+            .field("queued", &self.queue.len())
+            .field("own_pending", &self.own_pending.len())
+            .field("watched", &self.watched.len())
+            .field("failed_views", &self.failed_views)
+            .field("idle_ticks", &self.idle_ticks)
+            .field(
+                "unexecuted_slots",
+                &self
+                    .slots
+                    .range(self.executed + 1..)
+                    .take(4)
+                    .map(|(seq, slot)| {
+                        format!(
+                            "{seq}: view {} accepted {} prepares {} commits {} prepared {} committed {}",
+                            slot.view,
+                            slot.accepted.is_some(),
+                            slot.prepares.len(),
+                            slot.commits.len(),
+                            slot.prepared.is_some(),
+                            slot.committed.is_some()
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "view_changes",
+                &self
+                    .view_changes
+                    .iter()
+                    .map(|(view, by)| (*view, by.keys().copied().collect::<Vec<_>>()))
+                    .collect::<Vec<_>>(),
+            )
+            .field("peers_executed", &self.peers_executed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the `view` record holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct ViewRecord {
+    pub(super) active: bool,
+    pub(super) own_view_change: Option<Signed>,
+    pub(super) new_view: Option<Signed>,
+}
+
+/// What a `slot/` record holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct SlotRecord {
+    /// The accepted pre-prepare of the slot's view, with its batch.
+    pub(super) accepted: Option<(Signed, Batch)>,
+    pub(super) prepared: Option<PreparedCertificate>,
+    /// Once executed: the batch with its commit certificate, so that a replica restarted from
+    /// its store can still prove to others what it executed since the stable checkpoint.
+    pub(super) committed: Option<CommittedBatch>,
+}
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        field: "persistent_state",
+        value: format!("{what} record: {detail}"),
+        reason: "the store holds a corrupt PBFT record",
+    }
+}
+
+impl PbftNode {
+    /// Starts a replica from what its store recovered.
+    ///
+    /// # Errors
+    /// Invalid settings, or recovered records that do not decode or contradict each other.
+    pub fn new(config: PbftConfig, recovered: RecoveredState) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut members = config.members.clone();
+        members.sort();
+        let f = (members.len() - 1) / 3;
+        let bugs = config.bugs();
+        let mut node = PbftNode {
+            config,
+            members,
+            f,
+            bugs,
+            view: recovered.hard_state.term,
+            view_active: true,
+            slots: BTreeMap::new(),
+            next_seq: 1,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            queue_wait_ticks: 0,
+            log: Vec::new(),
+            applied: AppliedProposals::new(),
+            executed: 0,
+            state: Digest::default(),
+            replay_from: None,
+            stable: CheckpointProof::default(),
+            proofs: BTreeMap::new(),
+            checkpoint_votes: BTreeMap::new(),
+            own_checkpoints: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            own_view_change: None,
+            new_view: None,
+            failed_views: 0,
+            idle_ticks: 0,
+            ticks: 0,
+            own_pending: BTreeMap::new(),
+            watched: BTreeMap::new(),
+            peers_executed: BTreeMap::new(),
+            executed_at_retransmit: 0,
+            records: recovered.records.clone(),
+            invalid_messages: 0,
+            announced: None,
+        };
+        node.recover(recovered)?;
+        Ok(node)
+    }
+
+    fn recover(&mut self, recovered: RecoveredState) -> Result<(), ConfigError> {
+        if let Some(first) = recovered.entries.first()
+            && first.index != 1
+        {
+            return Err(corrupt("log", "a PBFT log starts at index 1"));
+        }
+        for entry in &recovered.entries {
+            if let Payload::Command { tag, .. } = &entry.payload {
+                self.applied.first_application(*tag);
+            }
+        }
+        self.log = recovered.entries;
+        if !self.log.is_empty() {
+            self.replay_from = Some(1);
+        }
+        if let Some(bytes) = self.records.get(records::EXECUTED) {
+            let (executed, state): (Seq, Digest) =
+                decode(bytes).map_err(|e| corrupt("executed", e))?;
+            self.executed = executed;
+            self.state = state;
+        }
+        if self.log.last().is_some_and(|e| e.term > self.executed) {
+            return Err(corrupt("executed", "the log holds entries past it"));
+        }
+        for (key, bytes) in self.records.range(records::CHECKPOINT_PREFIX.to_vec()..) {
+            if !key.starts_with(records::CHECKPOINT_PREFIX) {
+                break;
+            }
+            let proof: CheckpointProof = decode(bytes).map_err(|e| corrupt("checkpoint", e))?;
+            if proof.seq > self.stable.seq {
+                self.stable = proof.clone();
+            }
+            self.proofs.insert(proof.seq, proof);
+        }
+        if let Some(bytes) = self.records.get(records::VIEW) {
+            let record: ViewRecord = decode(bytes).map_err(|e| corrupt("view", e))?;
+            self.view_active = record.active;
+            self.own_view_change = record.own_view_change;
+            self.new_view = record.new_view;
+        }
+        let slot_records: Vec<(Seq, SlotRecord)> = self
+            .records
+            .range(records::SLOT_PREFIX.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(records::SLOT_PREFIX))
+            .map(|(key, bytes)| {
+                let seq = records::seq_of(key).ok_or_else(|| corrupt("slot", "bad key"))?;
+                let record = decode(bytes).map_err(|e| corrupt("slot", e))?;
+                Ok((seq, record))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        for (seq, record) in slot_records {
+            let slot = self.slots.entry(seq).or_default();
+            slot.prepared = record.prepared;
+            slot.committed = record.committed;
+            if let Some((pre_prepare, batch)) = record.accepted
+                && let Some((view, _, digest)) = pre_prepare.statement.phase()
+                && view == self.view
+            {
+                slot.view = view;
+                slot.accepted = Some(Accepted {
+                    pre_prepare,
+                    batch,
+                    digest,
+                });
+                self.next_seq = self.next_seq.max(seq + 1);
+            }
+        }
+        self.next_seq = self.next_seq.max(self.executed + 1);
+        Ok(())
+    }
+
+    /// The ranked members.
+    pub fn members(&self) -> &[NodeId] {
+        &self.members
+    }
+
+    /// Faulty replicas tolerated.
+    pub fn f(&self) -> usize {
+        self.f
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// The primary of the current view.
+    pub fn primary(&self) -> NodeId {
+        self.primary_of(self.view)
+    }
+
+    /// True while this replica is changing view.
+    pub fn is_changing_view(&self) -> bool {
+        !self.view_active
+    }
+
+    /// The last sequence number executed.
+    pub fn executed_seq(&self) -> Seq {
+        self.executed
+    }
+
+    /// The state chain after [`PbftNode::executed_seq`] (see
+    /// [`chain_state`](super::message::chain_state)).
+    pub fn state_digest(&self) -> Digest {
+        self.state
+    }
+
+    /// The sequence number of the latest stable checkpoint (the low watermark).
+    pub fn stable_checkpoint(&self) -> Seq {
+        self.stable.seq
+    }
+
+    /// Executed entries, from index 1.
+    pub fn log(&self) -> &[Entry] {
+        &self.log
+    }
+
+    /// Messages dropped so far because a signature did not verify.
+    pub fn invalid_messages(&self) -> u64 {
+        self.invalid_messages
+    }
+
+    /// Sequence numbers this replica holds protocol state for (bounded by the watermarks).
+    pub fn slots_held(&self) -> usize {
+        self.slots.len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn clone_records(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.records.clone()
+    }
+
+    pub(super) fn primary_of(&self, view: View) -> NodeId {
+        self.members[(view % self.members.len() as u64) as usize]
+    }
+
+    pub(super) fn is_primary(&self) -> bool {
+        self.primary() == self.config.id
+    }
+
+    /// 2f + 1.
+    pub(super) fn quorum(&self) -> usize {
+        2 * self.f + 1
+    }
+
+    /// The high watermark: the last sequence number this replica accepts.
+    pub(super) fn high_watermark(&self) -> Seq {
+        self.stable.seq + 2 * self.config.checkpoint_interval
+    }
+
+    pub(super) fn in_window(&self, seq: Seq) -> bool {
+        seq > self.stable.seq && seq <= self.high_watermark()
+    }
+
+    pub(super) fn is_member(&self, id: NodeId) -> bool {
+        self.members.binary_search(&id).is_ok()
+    }
+
+    pub(super) fn sign(&self, statement: Statement) -> Signed {
+        Signed::sign(statement, self.config.id, &self.config.signing_key)
+    }
+
+    /// Sends `message` to every other member once `out.write` is durable.
+    pub(super) fn broadcast_after_write(&self, message: Message, out: &mut Output<Message>) {
+        for &to in self.members.iter().filter(|&&m| m != self.config.id) {
+            out.messages_after_write.push(Envelope {
+                from: self.config.id,
+                to,
+                message: message.clone(),
+            });
+        }
+    }
+
+    pub(super) fn send(&self, to: NodeId, message: Message, out: &mut Output<Message>) {
+        out.messages.push(Envelope {
+            from: self.config.id,
+            to,
+            message,
+        });
+    }
+
+    /// Records `value` under `key` in the pending write and in the mirror.
+    pub(super) fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>, out: &mut Output<Message>) {
+        out.write.records.push(RecordWrite::Put {
+            key: key.clone(),
+            value: value.clone(),
+        });
+        self.records.insert(key, value);
+    }
+
+    pub(super) fn delete_records(&mut self, from: Vec<u8>, to: Vec<u8>, out: &mut Output<Message>) {
+        let doomed: Vec<Vec<u8>> = self
+            .records
+            .range(from.clone()..to.clone())
+            .map(|(key, _)| key.clone())
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        for key in doomed {
+            self.records.remove(&key);
+        }
+        out.write
+            .records
+            .push(RecordWrite::DeleteRange { from, to });
+    }
+
+    /// Persists what the replica knows about `seq` (before it says anything about it).
+    pub(super) fn save_slot(&mut self, seq: Seq, out: &mut Output<Message>) {
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
+        let record = SlotRecord {
+            accepted: slot
+                .accepted
+                .as_ref()
+                .map(|a| (a.pre_prepare.clone(), a.batch.clone())),
+            prepared: slot.prepared.clone(),
+            committed: slot.committed.clone().filter(|_| seq <= self.executed),
+        };
+        let value = encode(&record);
+        self.put_record(records::slot_key(seq), value, out);
+    }
+
+    /// Persists the view, whether it is active, and what this replica said to change it.
+    pub(super) fn save_view(&mut self, out: &mut Output<Message>) {
+        out.write.hard_state = Some(HardState {
+            term: self.view,
+            voted_for: None,
+        });
+        let record = ViewRecord {
+            active: self.view_active,
+            own_view_change: self.own_view_change.clone(),
+            new_view: self.new_view.clone(),
+        };
+        let value = encode(&record);
+        self.put_record(records::VIEW.to_vec(), value, out);
+    }
+
+    /// Announces the primary when it changed since the last announcement.
+    pub(super) fn announce_leader(&mut self, out: &mut Output<Message>) {
+        let leader = self.view_active.then(|| self.primary());
+        if self.announced != Some((self.view, leader)) {
+            self.announced = Some((self.view, leader));
+            out.events.push(Event::LeaderChanged {
+                term: self.view,
+                leader,
+            });
+        }
+    }
+
+    fn on_message(&mut self, from: NodeId, message: Message, out: &mut Output<Message>) {
+        if !self.is_member(from) || from == self.config.id {
+            return;
+        }
+        match message {
+            Message::Forward(requests) => self.on_forward(requests, out),
+            Message::PrePrepare { pre_prepare, batch } => {
+                self.on_pre_prepare(pre_prepare, batch, out)
+            }
+            Message::Signed(signed) => {
+                if !self.is_member(signed.signer) {
+                    return;
+                }
+                match &signed.statement {
+                    Statement::Prepare { .. } => self.on_prepare(signed, out),
+                    Statement::Commit { .. } => self.on_commit(signed, out),
+                    Statement::Checkpoint { .. } => self.on_checkpoint(signed, out),
+                    Statement::ViewChange(_) => self.on_view_change(signed, out),
+                    Statement::NewView(_) => self.on_new_view(from, signed, out),
+                    // A pre-prepare travels with its batch, never alone.
+                    Statement::PrePrepare { .. } => {}
+                }
+            }
+            Message::Progress { executed } => {
+                let seen = self.peers_executed.entry(from).or_default();
+                *seen = (*seen).max(executed);
+            }
+            Message::Fetch { executed } => self.on_fetch(from, executed, out),
+            Message::CatchUp(catch_up) => self.on_catch_up(*catch_up, out),
+        }
+    }
+
+    fn on_tick(&mut self, out: &mut Output<Message>) {
+        self.ticks += 1;
+        if self.view_active && self.is_primary() && !self.queue.is_empty() {
+            self.queue_wait_ticks += 1;
+            if self.queue_wait_ticks >= self.config.batch_timeout_ticks {
+                self.cut_batches(out);
+            }
+        }
+        if self.has_outstanding_work() {
+            self.idle_ticks += 1;
+        } else {
+            self.idle_ticks = 0;
+        }
+        let timeout = self
+            .config
+            .view_change_timeout_ticks
+            .saturating_mul(1 << self.failed_views.min(6));
+        if self.idle_ticks >= timeout {
+            self.idle_ticks = 0;
+            self.start_view_change(self.view + 1, out);
+        }
+        if self
+            .ticks
+            .is_multiple_of(u64::from(self.config.retransmit_ticks))
+        {
+            self.retransmit(out);
+        }
+    }
+
+    /// Work this replica waits on: its own or others' requests, an accepted batch not executed
+    /// yet, or a view change in progress.
+    fn has_outstanding_work(&self) -> bool {
+        !self.view_active
+            || !self.own_pending.is_empty()
+            || !self.watched.is_empty()
+            || self.slots.range(self.executed + 1..).any(|(_, slot)| {
+                slot.view == self.view && (slot.accepted.is_some() || !slot.commits.is_empty())
+            })
+    }
+
+    /// Hands the driver entries recovered from the store, once, for its state machine.
+    fn replay(&mut self, out: &mut Output<Message>) {
+        if let Some(from) = self.replay_from.take() {
+            out.committed
+                .extend(self.log[(from as usize - 1)..].iter().cloned());
+        }
+    }
+
+    /// Checks the signatures of `messages` in one batch and keeps only the messages whose
+    /// every signature (nested ones included) verifies under the signer's validator key.
+    /// Returns how many were dropped.
+    pub(super) fn authenticate_batch(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
+        // (message index, signing bytes, key, signature) for every signature of every message.
+        let mut owners = Vec::new();
+        let mut bytes = Vec::new();
+        let mut keys_and_signatures = Vec::new();
+        let mut refused = vec![false; messages.len()];
+        for (index, envelope) in messages.iter().enumerate() {
+            envelope.message.for_each_signed(&mut |signed: &Signed| {
+                let key = self.config.validators.get(&signed.signer);
+                let signature: Option<[u8; 64]> = signed.signature.as_ref().try_into().ok();
+                match (key, signature) {
+                    (Some(key), Some(signature)) => {
+                        owners.push(index);
+                        bytes.push(Signed::signing_bytes(&signed.statement, signed.signer));
+                        keys_and_signatures.push((key.to_bytes(), signature));
+                    }
+                    _ => refused[index] = true,
+                }
+            });
+        }
+        let items: Vec<SignatureItem<'_>> = bytes
+            .iter()
+            .zip(&keys_and_signatures)
+            .map(|(message, &(public_key, signature))| SignatureItem {
+                public_key,
+                message,
+                signature,
+            })
+            .collect();
+        let verdicts = match self.config.verifier.verify_batch(&items) {
+            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
+            // A backend failure says nothing about the signatures: check them here instead.
+            _ => items.iter().map(verify_strict_reference).collect(),
+        };
+        for (owner, valid) in owners.into_iter().zip(verdicts) {
+            if !valid {
+                refused[owner] = true;
+            }
+        }
+        let mut index = 0;
+        messages.retain(|_| {
+            let keep = !refused[index];
+            index += 1;
+            keep
+        });
+        let dropped = refused.iter().filter(|&&r| r).count();
+        self.invalid_messages += dropped as u64;
+        dropped
+    }
+}
+
+impl Protocol for PbftNode {
+    type Message = Message;
+    type Control = Control;
+
+    fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    fn step(&mut self, input: Input<Message, Control>, out: &mut Output<Message>) {
+        self.replay(out);
+        match input {
+            Input::Tick => self.on_tick(out),
+            Input::Message(envelope) => self.on_message(envelope.from, envelope.message, out),
+            Input::Propose { request_id, data } => self.on_propose(request_id, data, out),
+            Input::Control(control) => match control {},
+            Input::FlushProposals => {
+                if self.view_active && self.is_primary() {
+                    self.cut_batches(out);
+                }
+            }
+            // Nothing waits for a durability acknowledgement: every signed statement leaves
+            // only after the write that records it (`messages_after_write`).
+            Input::Durable { .. } => {}
+        }
+        self.announce_leader(out);
+    }
+
+    fn authenticate(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
+        self.authenticate_batch(messages)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            term: self.view,
+            leader: self.view_active.then(|| self.primary()),
+            is_leader: self.view_active && self.is_primary(),
+            commit_index: self.log.len() as LogIndex,
+        }
+    }
+
+    fn into_recovered_state(self) -> RecoveredState {
+        RecoveredState {
+            hard_state: HardState {
+                term: self.view,
+                voted_for: None,
+            },
+            entries: self.log,
+            records: self.records,
+        }
+    }
+}

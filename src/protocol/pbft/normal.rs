@@ -1,0 +1,440 @@
+//! The normal case: requests reach the primary, which orders them in batches (PRE-PREPARE);
+//! backups agree on the order (PREPARE) and on its being prepared at a quorum (COMMIT); every
+//! replica executes committed batches strictly in sequence order.
+
+use bytes::Bytes;
+
+use crate::protocol::{Output, RejectReason, Rejection};
+use crate::types::{Entry, Payload, ProposalTag};
+
+use super::message::{
+    Batch, CommittedBatch, Message, PreparedCertificate, Request, Seq, Signed, Statement,
+    chain_state, encode,
+};
+use super::node::{Accepted, PbftNode};
+use super::records;
+
+impl PbftNode {
+    pub(super) fn on_propose(&mut self, request_id: u64, data: Bytes, out: &mut Output<Message>) {
+        let request = Request {
+            tag: ProposalTag {
+                proposer: self.config.id,
+                request_id,
+            },
+            data,
+        };
+        let reject = |reason| Rejection { request_id, reason };
+        if request.size_bytes() > self.config.max_batch_bytes {
+            out.rejected.push(reject(RejectReason::TooLarge {
+                size: request.data.len(),
+                limit: self.config.max_batch_bytes,
+            }));
+            return;
+        }
+        if self.own_pending.len() >= self.config.max_pending_proposals {
+            out.rejected.push(reject(RejectReason::Overloaded {
+                limit: self.config.max_pending_proposals,
+            }));
+            return;
+        }
+        // Kept until it executes, so that a view change hands it to the next primary.
+        self.own_pending
+            .insert(request_id, (request.clone(), self.ticks));
+        if !self.view_active {
+            return;
+        }
+        if self.is_primary() {
+            self.enqueue(request, out);
+        } else {
+            self.send(self.primary(), Message::Forward(vec![request]), out);
+        }
+    }
+
+    pub(super) fn on_forward(&mut self, requests: Vec<Request>, out: &mut Output<Message>) {
+        if !self.view_active || !self.is_primary() {
+            // The proposer sends a request that waits too long to every replica: a backup
+            // watches it (and times out on the primary if it never executes), and orders it
+            // should it become the primary.
+            for request in requests {
+                if request.size_bytes() <= self.config.max_batch_bytes
+                    && self.watched.len() < self.config.max_pending_proposals
+                    && !self.applied.contains(request.tag)
+                {
+                    self.watched.insert(request.tag, request);
+                }
+            }
+            return;
+        }
+        for request in requests {
+            if request.size_bytes() <= self.config.max_batch_bytes
+                && self.queue.len() < self.config.max_pending_proposals
+            {
+                self.enqueue(request, out);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, request: Request, out: &mut Output<Message>) {
+        if self.queue.is_empty() {
+            self.queue_wait_ticks = 0;
+        }
+        self.queue_bytes += request.size_bytes();
+        self.queue.push_back(request);
+        if self.queue.len() >= self.config.batch_size
+            || self.queue_bytes >= self.config.max_batch_bytes
+        {
+            self.cut_batches(out);
+        }
+    }
+
+    /// The primary assigns queued requests to sequence numbers, as far as the window allows.
+    pub(super) fn cut_batches(&mut self, out: &mut Output<Message>) {
+        while !self.queue.is_empty() && self.next_seq <= self.high_watermark() {
+            let mut batch = Batch::default();
+            let mut bytes = 0;
+            while let Some(request) = self.queue.front() {
+                let size = request.size_bytes();
+                if batch.requests.len() >= self.config.batch_size
+                    || (!batch.requests.is_empty() && bytes + size > self.config.max_batch_bytes)
+                {
+                    break;
+                }
+                bytes += size;
+                self.queue_bytes -= size;
+                batch.requests.extend(self.queue.pop_front());
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.propose_batch(seq, batch, out);
+        }
+        self.queue_wait_ticks = 0;
+    }
+
+    /// The primary signs and accepts a pre-prepare for `batch` at `seq` in the current view and
+    /// sends it once that is durable.
+    pub(super) fn propose_batch(&mut self, seq: Seq, batch: Batch, out: &mut Output<Message>) {
+        let digest = batch.digest();
+        let pre_prepare = self.sign(Statement::PrePrepare {
+            view: self.view,
+            seq,
+            digest,
+        });
+        self.accept(seq, pre_prepare.clone(), batch.clone(), out);
+        self.broadcast_after_write(Message::PrePrepare { pre_prepare, batch }, out);
+    }
+
+    pub(super) fn on_pre_prepare(
+        &mut self,
+        pre_prepare: Signed,
+        batch: Batch,
+        out: &mut Output<Message>,
+    ) {
+        let Statement::PrePrepare { view, seq, digest } = pre_prepare.statement else {
+            return;
+        };
+        if !self.view_active
+            || view != self.view
+            || pre_prepare.signer != self.primary()
+            || self.is_primary()
+            || !self.in_window(seq)
+            || seq <= self.executed
+            || batch.digest() != digest
+            || batch.requests.len() > self.config.batch_size
+            || batch.size_bytes() > self.config.max_batch_bytes
+        {
+            return;
+        }
+        if let Some(slot) = self.slots.get(&seq)
+            && slot.view == view
+            && let Some(accepted) = &slot.accepted
+        {
+            if accepted.digest != digest {
+                // Two pre-prepares for one (view, seq): the primary equivocated, provably.
+                // Nothing more is accepted from it; a view change replaces it.
+                tracing::warn!(node = %self.config.id, primary = %pre_prepare.signer, view, seq,
+                    "primary equivocated; asking for a view change");
+                self.start_view_change(self.view + 1, out);
+            }
+            return;
+        }
+        self.accept(seq, pre_prepare, batch, out);
+        let prepare = self.sign(Statement::Prepare { view, seq, digest });
+        let me = self.config.id;
+        self.slot_mut(seq).prepares.insert(me, prepare.clone());
+        self.broadcast_after_write(Message::Signed(prepare), out);
+        self.check_prepared(seq, out);
+    }
+
+    /// Accepts a pre-prepare (the primary's own, or one received) and persists it.
+    pub(super) fn accept(
+        &mut self,
+        seq: Seq,
+        pre_prepare: Signed,
+        batch: Batch,
+        out: &mut Output<Message>,
+    ) {
+        let digest = batch.digest();
+        let now = self.ticks;
+        let slot = self.slot_mut(seq);
+        slot.accepted_at = now;
+        slot.accepted = Some(Accepted {
+            pre_prepare,
+            batch,
+            digest,
+        });
+        self.save_slot(seq, out);
+    }
+
+    /// The slot of `seq`, reset to the current view if it held an older one.
+    pub(super) fn slot_mut(&mut self, seq: Seq) -> &mut super::node::Slot {
+        let view = self.view;
+        let slot = self.slots.entry(seq).or_default();
+        if slot.view != view {
+            slot.view = view;
+            slot.accepted = None;
+            slot.prepares.clear();
+            slot.commits.clear();
+            slot.commit_sent = false;
+        }
+        slot
+    }
+
+    pub(super) fn on_prepare(&mut self, prepare: Signed, out: &mut Output<Message>) {
+        let Statement::Prepare { view, seq, .. } = prepare.statement else {
+            return;
+        };
+        // A prepare from the primary is a fault: the primary speaks through its pre-prepare.
+        if !self.view_active
+            || view != self.view
+            || prepare.signer == self.primary()
+            || !self.in_window(seq)
+            || seq <= self.executed
+        {
+            return;
+        }
+        let signer = prepare.signer;
+        self.slot_mut(seq).prepares.entry(signer).or_insert(prepare);
+        self.check_prepared(seq, out);
+    }
+
+    /// Once the pre-prepare and 2f matching prepares from distinct backups are in: persist the
+    /// certificate, then commit.
+    pub(super) fn check_prepared(&mut self, seq: Seq, out: &mut Output<Message>) {
+        let needed = 2 * self.f;
+        let view = self.view;
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
+        if slot.view != view || slot.commit_sent {
+            return;
+        }
+        let Some(accepted) = &slot.accepted else {
+            return;
+        };
+        let matching: Vec<Signed> = slot
+            .prepares
+            .values()
+            .filter(|p| p.statement.phase() == Some((view, seq, accepted.digest)))
+            .take(needed)
+            .cloned()
+            .collect();
+        if matching.len() < needed {
+            return;
+        }
+        let certificate = PreparedCertificate {
+            pre_prepare: accepted.pre_prepare.clone(),
+            batch: accepted.batch.clone(),
+            prepares: matching,
+        };
+        let digest = accepted.digest;
+        let commit = self.sign(Statement::Commit { view, seq, digest });
+        let slot = self.slot_mut(seq);
+        slot.prepared = Some(certificate);
+        slot.commit_sent = true;
+        slot.commits.insert(commit.signer, commit.clone());
+        self.save_slot(seq, out);
+        self.broadcast_after_write(Message::Signed(commit), out);
+        self.check_committed(seq, out);
+    }
+
+    pub(super) fn on_commit(&mut self, commit: Signed, out: &mut Output<Message>) {
+        let Statement::Commit { view, seq, .. } = commit.statement else {
+            return;
+        };
+        let signer = commit.signer;
+        if !self.view_active || view != self.view || !self.in_window(seq) || seq <= self.executed {
+            return;
+        }
+        self.slot_mut(seq).commits.entry(signer).or_insert(commit);
+        self.check_committed(seq, out);
+    }
+
+    /// Committed-local: prepared here and 2f + 1 matching commits (this replica's included).
+    pub(super) fn check_committed(&mut self, seq: Seq, out: &mut Output<Message>) {
+        let needed = if self.bugs.commit_when_prepared {
+            1
+        } else {
+            self.quorum()
+        };
+        let view = self.view;
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
+        if slot.committed.is_some() || slot.view != view || !slot.commit_sent {
+            return;
+        }
+        let Some(accepted) = &slot.accepted else {
+            return;
+        };
+        let commits: Vec<Signed> = slot
+            .commits
+            .values()
+            .filter(|c| c.statement.phase() == Some((view, seq, accepted.digest)))
+            .take(needed)
+            .cloned()
+            .collect();
+        if commits.len() < needed {
+            return;
+        }
+        let batch = accepted.batch.clone();
+        self.slot_mut(seq).committed = Some(CommittedBatch { batch, commits });
+        self.execute_ready(out);
+    }
+
+    /// Executes committed batches in order, from the one after the last executed.
+    pub(super) fn execute_ready(&mut self, out: &mut Output<Message>) {
+        let first = self.executed;
+        while let Some(batch) = self
+            .slots
+            .get(&(self.executed + 1))
+            .and_then(|slot| slot.committed.as_ref())
+            .map(|committed| committed.batch.clone())
+        {
+            let seq = self.executed + 1;
+            self.execute(seq, &batch, out);
+            self.save_slot(seq, out);
+        }
+        if self.executed > first {
+            self.save_executed(out);
+        }
+    }
+
+    /// Appends the batch's first-seen requests to the log and to `out.committed`, and signs a
+    /// checkpoint when `seq` is due for one.
+    pub(super) fn execute(&mut self, seq: Seq, batch: &Batch, out: &mut Output<Message>) {
+        debug_assert_eq!(seq, self.executed + 1, "batches execute in sequence order");
+        let first_new = self.log.len();
+        for request in &batch.requests {
+            if request.tag.proposer == self.config.id {
+                self.own_pending.remove(&request.tag.request_id);
+            }
+            self.watched.remove(&request.tag);
+            if !self.applied.first_application(request.tag) {
+                continue;
+            }
+            let entry = Entry {
+                term: seq,
+                index: self.log.len() as u64 + 1,
+                payload: Payload::Command {
+                    tag: request.tag,
+                    data: request.data.clone(),
+                },
+            };
+            self.log.push(entry);
+        }
+        let entries = &self.log[first_new..];
+        self.state = chain_state(&self.state, seq, entries);
+        out.write.append.extend_from_slice(entries);
+        out.committed.extend_from_slice(entries);
+        self.executed = seq;
+        self.idle_ticks = 0;
+        self.failed_views = 0;
+        if seq.is_multiple_of(self.config.checkpoint_interval) {
+            self.sign_checkpoint(seq, out);
+        }
+    }
+
+    pub(super) fn save_executed(&mut self, out: &mut Output<Message>) {
+        let value = encode(&(self.executed, self.state));
+        self.put_record(records::EXECUTED.to_vec(), value, out);
+    }
+
+    /// Says again what this replica said about unfinished work, for peers that lost it; asks
+    /// for a catch-up when peers proved they are ahead and nothing moved here.
+    pub(super) fn retransmit(&mut self, out: &mut Output<Message>) {
+        if !self.view_active {
+            if let Some(view_change) = &self.own_view_change {
+                self.broadcast_now(Message::Signed(view_change.clone()), out);
+            }
+        } else {
+            let primary = self.is_primary();
+            let mut messages = Vec::new();
+            let settled = self
+                .ticks
+                .saturating_sub(u64::from(self.config.retransmit_ticks));
+            for slot in self.slots.range(self.executed + 1..).map(|(_, slot)| slot) {
+                if slot.view != self.view || slot.accepted_at > settled {
+                    continue;
+                }
+                let Some(accepted) = &slot.accepted else {
+                    continue;
+                };
+                if primary {
+                    messages.push(Message::PrePrepare {
+                        pre_prepare: accepted.pre_prepare.clone(),
+                        batch: accepted.batch.clone(),
+                    });
+                } else if let Some(prepare) = slot.prepares.get(&self.config.id) {
+                    messages.push(Message::Signed(prepare.clone()));
+                }
+                if let Some(commit) = slot.commits.get(&self.config.id) {
+                    messages.push(Message::Signed(commit.clone()));
+                }
+            }
+            for message in messages {
+                self.broadcast_now(message, out);
+            }
+            if !primary {
+                let requests: Vec<Request> = self
+                    .own_pending
+                    .values()
+                    .filter(|(_, sent)| *sent <= settled)
+                    .map(|(request, _)| request.clone())
+                    .collect();
+                if !requests.is_empty() {
+                    // Waited a while: every replica hears of it, so that all of them time out
+                    // on a primary that ignores it.
+                    self.broadcast_now(Message::Forward(requests), out);
+                }
+            }
+            if let Some(new_view) = &self.new_view
+                && primary
+                && self.slots.range(self.executed + 1..).next().is_some()
+            {
+                self.broadcast_now(Message::Signed(new_view.clone()), out);
+            }
+        }
+        // The latest checkpoint this replica executed (stable or not): peers that fell behind
+        // learn from it that they did, and peers still collecting votes get this one.
+        if let Some((&seq, &state)) = self.own_checkpoints.iter().next_back() {
+            let vote = self.sign(Statement::Checkpoint { seq, state });
+            self.broadcast_now(Message::Signed(vote), out);
+        } else if self.stable.seq > 0 {
+            let (seq, state) = (self.stable.seq, self.stable.state);
+            let vote = self.sign(Statement::Checkpoint { seq, state });
+            self.broadcast_now(Message::Signed(vote), out);
+        }
+        if self.executed > 0 {
+            let executed = self.executed;
+            self.broadcast_now(Message::Progress { executed }, out);
+        }
+        self.request_catch_up(out);
+    }
+
+    /// Sends `message` to every other member now (it repeats something already durable).
+    pub(super) fn broadcast_now(&self, message: Message, out: &mut Output<Message>) {
+        for &to in self.members.iter().filter(|&&m| m != self.config.id) {
+            self.send(to, message.clone(), out);
+        }
+    }
+}

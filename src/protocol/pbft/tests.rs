@@ -1,0 +1,516 @@
+//! Unit tests of the PBFT rules, on a hand-driven cluster: every message is delivered (after
+//! authentication) unless a test cuts a replica off.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::protocol::Protocol;
+use crate::storage::RecoveredState;
+use crate::types::NodeId;
+
+struct Cluster {
+    nodes: Vec<Option<PbftNode>>,
+    in_flight: VecDeque<Envelope>,
+    /// Replicas whose messages, both ways, are dropped.
+    cut_off: BTreeSet<NodeId>,
+    committed: Vec<Vec<crate::types::Entry>>,
+    rejected: Vec<crate::protocol::Rejection>,
+}
+
+fn config(id: u64, n: u64) -> PbftConfig {
+    let members: Vec<NodeId> = (1..=n).map(NodeId).collect();
+    let mut config = PbftConfig::new(
+        NodeId(id),
+        members.clone(),
+        test_signing_key(NodeId(id)),
+        test_validators(&members),
+    );
+    config.checkpoint_interval = 4;
+    config.batch_size = 2;
+    config.view_change_timeout_ticks = 5;
+    config.retransmit_ticks = 2;
+    config
+}
+
+impl Cluster {
+    fn new(n: u64) -> Cluster {
+        Cluster::with(n, |_| {})
+    }
+
+    fn with(n: u64, adjust: impl Fn(&mut PbftConfig)) -> Cluster {
+        let nodes = (1..=n)
+            .map(|id| {
+                let mut config = config(id, n);
+                adjust(&mut config);
+                Some(PbftNode::new(config, RecoveredState::default()).unwrap())
+            })
+            .collect();
+        Cluster {
+            nodes,
+            in_flight: VecDeque::new(),
+            cut_off: BTreeSet::new(),
+            committed: vec![Vec::new(); n as usize],
+            rejected: Vec::new(),
+        }
+    }
+
+    fn node(&self, id: u64) -> &PbftNode {
+        self.nodes[id as usize - 1].as_ref().unwrap()
+    }
+
+    fn step(&mut self, id: u64, input: Input) {
+        let Some(node) = self.nodes[id as usize - 1].as_mut() else {
+            return;
+        };
+        let mut out = Output::default();
+        node.step(input, &mut out);
+        self.in_flight.extend(out.messages.drain(..));
+        self.in_flight.extend(out.messages_after_write.drain(..));
+        self.committed[id as usize - 1].append(&mut out.committed);
+        self.rejected.append(&mut out.rejected);
+    }
+
+    /// Delivers messages until none is left (or `limit` were delivered).
+    fn run(&mut self) {
+        let mut delivered = 0;
+        while let Some(envelope) = self.in_flight.pop_front() {
+            delivered += 1;
+            assert!(delivered < 200_000, "message storm");
+            if self.cut_off.contains(&envelope.from) || self.cut_off.contains(&envelope.to) {
+                continue;
+            }
+            let to = envelope.to.0;
+            let Some(node) = self.nodes[to as usize - 1].as_mut() else {
+                continue;
+            };
+            let mut round = vec![envelope];
+            node.authenticate(&mut round);
+            if let Some(envelope) = round.pop() {
+                self.step(to, Input::Message(envelope));
+            }
+        }
+    }
+
+    fn tick_all(&mut self, ticks: u32) {
+        for _ in 0..ticks {
+            for id in 1..=self.nodes.len() as u64 {
+                self.step(id, Input::Tick);
+            }
+            self.run();
+        }
+    }
+
+    fn propose(&mut self, at: u64, request_id: u64, data: &'static [u8]) {
+        self.step(
+            at,
+            Input::Propose {
+                request_id,
+                data: Bytes::from_static(data),
+            },
+        );
+        self.step(at, Input::FlushProposals);
+        self.run();
+        // The primary cuts forwarded requests at its next flush.
+        let primary = self.live_primary();
+        if let Some(primary) = primary {
+            self.step(primary, Input::FlushProposals);
+        }
+        self.run();
+    }
+
+    fn live_primary(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .flatten()
+            .find(|n| n.status().is_leader && !self.cut_off.contains(&n.id()))
+            .map(|n| n.id().0)
+    }
+
+    fn data_applied(&self, id: u64) -> Vec<Bytes> {
+        self.committed[id as usize - 1]
+            .iter()
+            .filter_map(|e| match &e.payload {
+                crate::types::Payload::Command { data, .. } => Some(data.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn config_refuses_fewer_than_four_replicas_and_a_foreign_key() {
+    let error = PbftNode::new(config(1, 3), RecoveredState::default()).unwrap_err();
+    assert!(error.to_string().contains("3f + 1"), "{error}");
+    let mut wrong_key = config(1, 4);
+    wrong_key.signing_key = test_signing_key(NodeId(2));
+    let error = PbftNode::new(wrong_key, RecoveredState::default()).unwrap_err();
+    assert!(error.to_string().contains("signing_key"), "{error}");
+    let mut missing = config(1, 4);
+    missing.validators.remove(&NodeId(3));
+    let error = PbftNode::new(missing, RecoveredState::default()).unwrap_err();
+    assert!(error.to_string().contains("n3"), "{error}");
+}
+
+#[test]
+fn a_request_at_the_primary_executes_everywhere_in_one_order() {
+    let mut cluster = Cluster::new(4);
+    assert_eq!(
+        cluster.live_primary(),
+        Some(1),
+        "view 0: the lowest id leads"
+    );
+    cluster.propose(1, 1, b"a");
+    cluster.propose(1, 2, b"b");
+    for id in 1..=4 {
+        assert_eq!(
+            cluster.data_applied(id),
+            vec![Bytes::from("a"), Bytes::from("b")]
+        );
+        assert_eq!(cluster.node(id).executed_seq(), 2);
+    }
+    let digests: BTreeSet<_> = (1..=4).map(|id| cluster.node(id).state_digest()).collect();
+    assert_eq!(digests.len(), 1);
+}
+
+#[test]
+fn a_request_at_a_backup_is_forwarded_and_executes_once() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(3, 7, b"x");
+    for id in 1..=4 {
+        assert_eq!(
+            cluster.data_applied(id),
+            vec![Bytes::from("x")],
+            "replica {id}"
+        );
+    }
+    let entry = &cluster.committed[2][0];
+    let crate::types::Payload::Command { tag, .. } = &entry.payload else {
+        panic!("a command");
+    };
+    assert_eq!((tag.proposer, tag.request_id), (NodeId(3), 7));
+    // Retransmitting the forward after execution does not execute it twice.
+    cluster.tick_all(10);
+    assert_eq!(cluster.data_applied(1).len(), 1);
+}
+
+#[test]
+fn one_silent_replica_does_not_stop_progress_but_two_do() {
+    let mut cluster = Cluster::new(4);
+    cluster.cut_off.insert(NodeId(4));
+    cluster.propose(1, 1, b"a");
+    assert_eq!(cluster.data_applied(1), vec![Bytes::from("a")]);
+    cluster.cut_off.insert(NodeId(3));
+    cluster.propose(1, 2, b"b");
+    assert_eq!(cluster.data_applied(1).len(), 1, "2 of 4 cannot commit");
+}
+
+#[test]
+fn a_bad_signature_drops_the_message_and_is_counted() {
+    let mut cluster = Cluster::new(4);
+    cluster.step(
+        1,
+        Input::Propose {
+            request_id: 1,
+            data: Bytes::from_static(b"a"),
+        },
+    );
+    cluster.step(1, Input::FlushProposals);
+    let mut forged = cluster
+        .in_flight
+        .iter()
+        .find(|e| e.to == NodeId(2) && matches!(e.message, Message::PrePrepare { .. }))
+        .cloned()
+        .unwrap();
+    if let Message::PrePrepare { pre_prepare, .. } = &mut forged.message {
+        let mut signature = pre_prepare.signature.to_vec();
+        signature[5] ^= 1;
+        pre_prepare.signature = signature.into();
+    }
+    let node = cluster.nodes[1].as_mut().unwrap();
+    let mut round = vec![forged.clone()];
+    assert_eq!(node.authenticate(&mut round), 1);
+    assert!(round.is_empty());
+    assert_eq!(node.invalid_messages(), 1);
+    // A well-signed pre-prepare from a replica that is not the primary is ignored.
+    let impostor = Signed::sign(
+        Statement::PrePrepare {
+            view: 0,
+            seq: 1,
+            digest: Batch::default().digest(),
+        },
+        NodeId(3),
+        &test_signing_key(NodeId(3)),
+    );
+    let mut out = Output::default();
+    node.step(
+        Input::Message(Envelope {
+            from: NodeId(3),
+            to: NodeId(2),
+            message: Message::PrePrepare {
+                pre_prepare: impostor,
+                batch: Batch::default(),
+            },
+        }),
+        &mut out,
+    );
+    assert!(
+        out.messages_after_write.is_empty(),
+        "no prepare for an impostor's pre-prepare"
+    );
+}
+
+#[test]
+fn checkpoints_become_stable_and_garbage_is_collected() {
+    let mut cluster = Cluster::new(4);
+    for request in 0..20 {
+        cluster.propose(1, request, b"v");
+    }
+    for id in 1..=4 {
+        let node = cluster.node(id);
+        assert_eq!(node.executed_seq(), 20);
+        assert_eq!(node.stable_checkpoint(), 20, "replica {id}");
+        assert_eq!(
+            node.slots_held(),
+            0,
+            "slots at or below the checkpoint are gone"
+        );
+        let state = node.clone_records();
+        assert!(
+            !state.keys().any(|k| k.starts_with(records::SLOT_PREFIX)),
+            "slot records below the checkpoint are deleted"
+        );
+    }
+}
+
+#[test]
+fn the_primary_stops_at_the_high_watermark_until_a_checkpoint_is_stable() {
+    // With two of four replicas cut off nothing commits, so no checkpoint becomes stable.
+    let mut cluster = Cluster::new(4);
+    let window = 2 * 4;
+    cluster.cut_off.insert(NodeId(2));
+    cluster.cut_off.insert(NodeId(3));
+    for request in 0..(window + 5) {
+        cluster.step(
+            1,
+            Input::Propose {
+                request_id: request,
+                data: Bytes::from_static(b"v"),
+            },
+        );
+        cluster.step(1, Input::FlushProposals);
+    }
+    cluster.run();
+    let primary = cluster.node(1);
+    assert_eq!(
+        primary.next_seq - 1,
+        window,
+        "assigned exactly up to the high watermark"
+    );
+    // A pre-prepare beyond the high watermark is refused by a backup.
+    let batch = Batch::default();
+    let far = Signed::sign(
+        Statement::PrePrepare {
+            view: 0,
+            seq: window + 1,
+            digest: batch.digest(),
+        },
+        NodeId(1),
+        &test_signing_key(NodeId(1)),
+    );
+    let backup = cluster.nodes[3].as_mut().unwrap();
+    let mut out = Output::default();
+    backup.step(
+        Input::Message(Envelope {
+            from: NodeId(1),
+            to: NodeId(4),
+            message: Message::PrePrepare {
+                pre_prepare: far,
+                batch,
+            },
+        }),
+        &mut out,
+    );
+    assert!(out.messages_after_write.is_empty());
+}
+
+#[test]
+fn a_silent_primary_is_replaced_and_waiting_requests_execute() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"before");
+    cluster.cut_off.insert(NodeId(1));
+    cluster.propose(2, 2, b"after");
+    assert_eq!(
+        cluster.data_applied(2).len(),
+        1,
+        "the old primary cannot order it"
+    );
+    cluster.tick_all(30);
+    assert_eq!(
+        cluster.live_primary(),
+        Some(2),
+        "view 1: the next replica leads"
+    );
+    for id in 2..=4 {
+        assert_eq!(
+            cluster.data_applied(id),
+            vec![Bytes::from("before"), Bytes::from("after")],
+            "replica {id}"
+        );
+        assert_eq!(cluster.node(id).view(), 1);
+    }
+}
+
+#[test]
+fn a_prepared_batch_survives_the_view_change() {
+    let mut cluster = Cluster::new(4);
+    // Let the batch prepare everywhere but lose every commit.
+    cluster.step(
+        1,
+        Input::Propose {
+            request_id: 1,
+            data: Bytes::from_static(b"p"),
+        },
+    );
+    cluster.step(1, Input::FlushProposals);
+    let mut commits_dropped = 0;
+    while let Some(envelope) = cluster.in_flight.pop_front() {
+        if matches!(&envelope.message, Message::Signed(s) if matches!(s.statement, Statement::Commit { .. }))
+        {
+            commits_dropped += 1;
+            continue;
+        }
+        let to = envelope.to.0;
+        cluster.step(to, Input::Message(envelope));
+    }
+    assert!(commits_dropped > 0);
+    assert!(cluster.data_applied(2).is_empty());
+    cluster.cut_off.insert(NodeId(1));
+    cluster.tick_all(30);
+    for id in 2..=4 {
+        assert_eq!(
+            cluster.data_applied(id),
+            vec![Bytes::from("p")],
+            "replica {id}"
+        );
+    }
+}
+
+#[test]
+fn a_new_view_whose_reproposals_do_not_follow_is_refused() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"a");
+    cluster.cut_off.insert(NodeId(1));
+    cluster.propose(3, 2, b"b");
+    // Ticks until replica 2 (the next primary) sends its new-view; every new-view to
+    // replica 3 is intercepted.
+    let mut new_view = None;
+    for _ in 0..40 {
+        for id in 2..=4 {
+            cluster.step(id, Input::Tick);
+        }
+        while let Some(envelope) = cluster.in_flight.pop_front() {
+            if cluster.cut_off.contains(&envelope.from) || cluster.cut_off.contains(&envelope.to) {
+                continue;
+            }
+            if let Message::Signed(s) = &envelope.message
+                && matches!(s.statement, Statement::NewView(_))
+                && envelope.to == NodeId(3)
+            {
+                new_view.get_or_insert_with(|| s.clone());
+                continue;
+            }
+            let to = envelope.to.0;
+            cluster.step(to, Input::Message(envelope));
+        }
+        if new_view.is_some() {
+            break;
+        }
+    }
+    let Some(new_view) = new_view else {
+        panic!("replica 2 sent no new-view");
+    };
+    let Statement::NewView(mut body) = new_view.statement.clone() else {
+        unreachable!()
+    };
+    // Re-propose an extra batch nobody prepared, signed by the new primary itself.
+    body.pre_prepares.push(Signed::sign(
+        Statement::PrePrepare {
+            view: body.view,
+            seq: 2,
+            digest: Batch::default().digest(),
+        },
+        NodeId(2),
+        &test_signing_key(NodeId(2)),
+    ));
+    let forged = Signed::sign(
+        Statement::NewView(body),
+        NodeId(2),
+        &test_signing_key(NodeId(2)),
+    );
+    let backup = cluster.nodes[2].as_mut().unwrap();
+    assert!(backup.is_changing_view());
+    let mut out = Output::default();
+    backup.step(
+        Input::Message(Envelope {
+            from: NodeId(2),
+            to: NodeId(3),
+            message: Message::Signed(forged),
+        }),
+        &mut out,
+    );
+    assert!(
+        backup.is_changing_view(),
+        "the forged new-view is not followed"
+    );
+    let mut out = Output::default();
+    backup.step(
+        Input::Message(Envelope {
+            from: NodeId(2),
+            to: NodeId(3),
+            message: Message::Signed(new_view),
+        }),
+        &mut out,
+    );
+    assert!(!backup.is_changing_view(), "the genuine one is");
+}
+
+#[test]
+fn a_replica_that_was_cut_off_catches_up_through_checkpoints() {
+    let mut cluster = Cluster::new(4);
+    cluster.cut_off.insert(NodeId(4));
+    for request in 0..30 {
+        cluster.propose(1, request, b"v");
+    }
+    assert_eq!(cluster.node(4).executed_seq(), 0);
+    cluster.cut_off.clear();
+    cluster.tick_all(10);
+    let lagging = cluster.node(4);
+    assert_eq!(lagging.executed_seq(), cluster.node(1).executed_seq());
+    assert_eq!(lagging.state_digest(), cluster.node(1).state_digest());
+    assert_eq!(cluster.data_applied(4).len(), 30);
+}
+
+#[test]
+fn a_restarted_replica_recovers_its_view_log_and_promises() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"a");
+    cluster.propose(1, 2, b"b");
+    let node = cluster.nodes[2].take().unwrap();
+    let (executed, state) = (node.executed_seq(), node.state_digest());
+    let recovered = node.into_recovered_state();
+    let restarted = PbftNode::new(config(3, 4), recovered).unwrap();
+    assert_eq!(restarted.executed_seq(), executed);
+    assert_eq!(restarted.state_digest(), state);
+    cluster.nodes[2] = Some(restarted);
+    cluster.committed[2].clear();
+    cluster.tick_all(1);
+    assert_eq!(
+        cluster.data_applied(3).len(),
+        2,
+        "the log is replayed to the state machine"
+    );
+    cluster.propose(1, 3, b"c");
+    assert_eq!(cluster.data_applied(3).len(), 3);
+}

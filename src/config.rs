@@ -34,6 +34,13 @@ impl Algorithm {
         }
     }
 
+    /// Whether the algorithm signs its messages, and so needs [`ConsensusConfig::key_file`] and
+    /// a complete [`ConsensusConfig::validators`] table: PBFT and GPU-optimized Raft do, Raft does
+    /// not.
+    pub fn signs_messages(self) -> bool {
+        matches!(self, Algorithm::Pbft | Algorithm::GpuOptimizedRaft)
+    }
+
     fn parse(value: &str) -> Option<Self> {
         match value {
             "raft" => Some(Algorithm::Raft),
@@ -175,6 +182,24 @@ pub struct ConsensusConfig {
     /// Accepted and validated (in `[0, 1/3]`) but not used yet: the Byzantine-detection issue
     /// reads it.
     pub byzantine_threshold: f64,
+    /// File holding this node's ed25519 secret key: 64 hex characters (32 bytes), surrounding
+    /// whitespace allowed; `consensus-node keygen FILE` or [`crate::keys::generate_key_file`]
+    /// writes one. A relative path is resolved against the working directory, like
+    /// `state_dir`.
+    ///
+    /// Required by the algorithms that sign their messages ([`Algorithm::signs_messages`]); read
+    /// by [`ConsensusConfig::signing_identity`].
+    pub key_file: Option<PathBuf>,
+    /// Every member's ed25519 public key, 64 hex characters, by member name (TOML: the
+    /// `[consensus.validators]` table). A replica's identity is its public key.
+    ///
+    /// Keyed by the same names the members' [`NodeId`]s come from: `node_id` for this node, and
+    /// for each `bootstrap_peers` entry the part before `@`, or the whole entry when it has no
+    /// `@` (so a peer given as `"10.0.0.2:7000"` is keyed `"10.0.0.2:7000"`, which TOML writes
+    /// quoted). [`ConsensusConfig::validate`] checks that every entry names a member and decodes
+    /// to a public key; the signed algorithms also need an entry for every member
+    /// ([`ConsensusConfig::validate_signing`]).
+    pub validators: BTreeMap<String, String>,
 }
 
 impl Default for ConsensusConfig {
@@ -203,6 +228,8 @@ impl Default for ConsensusConfig {
             checkpoint_interval: 100,
             byzantine_fault_tolerance: false,
             byzantine_threshold: 0.33,
+            key_file: None,
+            validators: BTreeMap::new(),
         }
     }
 }
@@ -285,11 +312,25 @@ impl ConsensusConfig {
         self
     }
 
+    /// Sets [`ConsensusConfig::key_file`]: the file of this node's ed25519 secret key.
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_file = Some(path.into());
+        self
+    }
+
+    /// Adds or replaces the entry of the member named `node` in
+    /// [`ConsensusConfig::validators`]: its ed25519 public key in hex.
+    pub fn validator(mut self, node: impl Into<String>, public_key_hex: impl Into<String>) -> Self {
+        self.validators.insert(node.into(), public_key_hex.into());
+        self
+    }
+
     /// The settings set to something other than their default that nothing reads yet, in field
     /// order: `snapshot_interval`, `view_change_timeout`, `checkpoint_interval`,
     /// `byzantine_fault_tolerance`, `byzantine_threshold`, `gpu_enabled`, `gpu_device`,
-    /// `gpu_memory_pool` and `gpu_config`. The names are the fields' (and setters'); TOML spells
-    /// three of them with their unit (`view_change_timeout_ms`, `gpu_device_id`,
+    /// `gpu_memory_pool` and `gpu_config`; then `key_file` and `validators` when the algorithm
+    /// is Raft, which signs nothing. The names are the fields' (and setters'); TOML spells three
+    /// of them with their unit (`view_change_timeout_ms`, `gpu_device_id`,
     /// `gpu_memory_pool_mb`), and `gpu_config` has no TOML key.
     ///
     /// Meant to be logged when an engine starts, so that a setting that does nothing yet is not
@@ -324,6 +365,14 @@ impl ConsensusConfig {
                 self.gpu_memory_pool != default.gpu_memory_pool,
             ),
             ("gpu_config", self.gpu_config != default.gpu_config),
+            (
+                "key_file",
+                !self.algorithm.signs_messages() && self.key_file.is_some(),
+            ),
+            (
+                "validators",
+                !self.algorithm.signs_messages() && !self.validators.is_empty(),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -361,7 +410,11 @@ impl ConsensusConfig {
         (self.election.heartbeat_interval / 5).max(Duration::from_millis(1))
     }
 
-    /// Checks every field and their combinations.
+    /// Checks every field and their combinations, whatever the algorithm.
+    ///
+    /// What only the signed algorithms need (PBFT's four members, `key_file`, a validators entry
+    /// for every member) is checked by [`ConsensusConfig::validate_signing`], which an engine of
+    /// those algorithms runs through [`ConsensusConfig::signing_identity`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = ConfigError::invalid::<()>;
         if self.node_id.is_empty() {
@@ -377,6 +430,7 @@ impl ConsensusConfig {
                 "names must be distinct and differ from node_id",
             );
         }
+        self.validate_validator_table()?;
         if voters.len() < self.min_cluster_size {
             return invalid(
                 "min_cluster_size",
@@ -482,7 +536,7 @@ struct TomlDocument {
     consensus: Option<TomlConsensus>,
 }
 
-/// The seed's `[consensus]` keys.
+/// The seed's `[consensus]` keys, plus `key_file` and the `[consensus.validators]` sub-table.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TomlConsensus {
@@ -508,6 +562,8 @@ struct TomlConsensus {
     priority_based: Option<bool>,
     view_change_timeout_ms: Option<u64>,
     checkpoint_interval: Option<u64>,
+    key_file: Option<PathBuf>,
+    validators: Option<BTreeMap<String, String>>,
 }
 
 impl TomlConsensus {
@@ -577,6 +633,8 @@ impl TomlConsensus {
         config.checkpoint_interval = self
             .checkpoint_interval
             .unwrap_or(config.checkpoint_interval);
+        config.key_file = self.key_file;
+        config.validators = self.validators.unwrap_or_default();
         config.validate()?;
         Ok(config)
     }
@@ -717,6 +775,23 @@ address = "127.0.0.1:8080"
                 "gpu_config",
             ]
         );
+    }
+
+    #[test]
+    fn keys_are_unread_settings_under_raft_only() {
+        let keyed = ConsensusConfig::default()
+            .key_file("a.key")
+            .validator("node-001", "00");
+        assert_eq!(keyed.unread_settings(), vec!["key_file", "validators"]);
+        for algorithm in [Algorithm::Pbft, Algorithm::GpuOptimizedRaft] {
+            assert!(
+                keyed
+                    .clone()
+                    .algorithm(algorithm)
+                    .unread_settings()
+                    .is_empty()
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,75 @@ pub enum ConfigError {
         /// The parser's explanation, naming the key.
         reason: String,
     },
+    /// PBFT is configured with fewer than four members: it tolerates `f` faulty replicas out of
+    /// `n = 3f + 1`, so it needs at least four.
+    #[error(
+        "PBFT needs n = 3f + 1 >= 4 replicas; {configured} configured \
+         (node_id plus bootstrap_peers)"
+    )]
+    TooFewReplicas {
+        /// How many members are configured, this node included.
+        configured: usize,
+    },
+    /// A signed algorithm (PBFT, GPU-optimized Raft) has no `key_file`.
+    #[error(
+        "key_file is not set: pbft and gpu_optimized_raft sign every message with this node's \
+         ed25519 secret key (`consensus-node keygen FILE` writes one)"
+    )]
+    MissingKeyFile,
+    /// An entry of `[consensus.validators]` is not a usable ed25519 public key.
+    #[error("invalid public key for {node:?} in validators ({value:?}): {problem}")]
+    InvalidValidatorKey {
+        /// The member the entry is for.
+        node: String,
+        /// The entry's value.
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// `[consensus.validators]` has no entry for a member.
+    #[error(
+        "validators has no public key for member {node:?} (the table is keyed by node_id and by \
+         each bootstrap_peers name: the part before '@', or the whole entry when it has no '@')"
+    )]
+    MissingValidator {
+        /// The member without a key.
+        node: String,
+    },
+    /// `[consensus.validators]` names a node that is not a member.
+    #[error(
+        "validators names {node:?}, which is not a member (neither node_id nor a bootstrap_peers \
+         name)"
+    )]
+    UnknownValidator {
+        /// The entry's name.
+        node: String,
+    },
+    /// The key file is unreadable or does not hold a secret key. The message never quotes the
+    /// file's contents.
+    #[error("key file {path}: {problem}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What went wrong (the I/O error, or what the contents should be).
+        problem: String,
+    },
+    /// The key file's secret key is not the one whose public key `[consensus.validators]` lists
+    /// for this node.
+    #[error(
+        "key file {path} does not match validators entry {node:?}: the file's public key is \
+         {actual}, the table says {configured}"
+    )]
+    KeyMismatch {
+        /// The key file.
+        path: String,
+        /// This node's name.
+        node: String,
+        /// The public half of the file's secret key, in hex.
+        actual: String,
+        /// This node's entry in the table.
+        configured: String,
+    },
 }
 
 impl ConfigError {

@@ -26,6 +26,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod keys;
 pub mod metrics;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]

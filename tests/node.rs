@@ -488,3 +488,126 @@ fn a_malformed_config_exits_2_with_one_line_naming_the_problem() {
     let output = Command::new(BINARY).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Runs `consensus-node keygen FILE`.
+fn keygen(path: &Path) -> std::process::Output {
+    Command::new(BINARY)
+        .arg("keygen")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn keygen_prints_the_public_key_of_a_new_file_and_never_overwrites_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.key");
+    let output = keygen(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let public_key = stdout.strip_suffix('\n').unwrap_or(&stdout);
+    assert!(
+        public_key.len() == 64
+            && public_key
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        "only the public key in lowercase hex: {stdout:?}"
+    );
+    // The printed key is the file's: a configuration listing it loads.
+    let identity = consensus::ConsensusConfig::default()
+        .algorithm(consensus::Algorithm::GpuOptimizedRaft)
+        .node_id("a")
+        .key_file(&path)
+        .validator("a", public_key)
+        .signing_identity()
+        .unwrap();
+    assert_eq!(
+        consensus::keys::public_key_hex(&identity.signing_key.verifying_key()),
+        public_key
+    );
+    let written = std::fs::read(&path).unwrap();
+    let again = keygen(&path);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{stderr}");
+    assert!(again.stdout.is_empty());
+    assert!(
+        stderr.contains(&path.display().to_string()) && stderr.contains("overwrite"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        written,
+        "the key is unchanged"
+    );
+}
+
+#[test]
+fn a_signed_algorithm_with_a_bad_key_or_table_exits_2_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let public: BTreeMap<&str, String> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|name| {
+            let key = consensus::keys::generate_key_file(dir.path().join(format!("{name}.key")));
+            (name, consensus::keys::public_key_hex(&key.unwrap()))
+        })
+        .collect();
+    let a_key = dir.path().join("a.key").display().to_string();
+    let config = |algorithm: &str, key_file: &str, a_public: &str, members: &[&str]| {
+        let peers: Vec<String> = members[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("\"{name}@127.0.0.1:{}\"", 7002 + i))
+            .collect();
+        let mut table = format!("a = \"{a_public}\"\n");
+        for name in &members[1..] {
+            table.push_str(&format!("{name} = \"{}\"\n", public[name]));
+        }
+        format!(
+            "[consensus]\nalgorithm = \"{algorithm}\"\nnode_id = \"a\"\n\
+             bind_address = \"127.0.0.1:7001\"\nbootstrap_peers = [{}]\nkey_file = \"{key_file}\"\n\n\
+             [consensus.validators]\n{table}\n[http]\naddress = \"127.0.0.1:1\"\n",
+            peers.join(", ")
+        )
+    };
+    let all = ["a", "b", "c", "d"];
+    let missing_file = dir.path().join("none.key").display().to_string();
+    let cases = [
+        // a's entry lists b's key: the file does not match, and both keys are shown.
+        (
+            config("pbft", &a_key, &public["b"], &all),
+            vec!["does not match", a_key.as_str(), public["b"].as_str()],
+        ),
+        (
+            config("gpu_optimized_raft", &a_key, &public["b"], &all),
+            vec!["does not match", a_key.as_str()],
+        ),
+        (
+            config("pbft", &missing_file, &public["a"], &all),
+            vec!["none.key", "cannot read"],
+        ),
+        (
+            config("pbft", &a_key, &public["a"], &all[..3]),
+            vec!["3f + 1", "3 configured"],
+        ),
+        (
+            config("pbft", &a_key, "not-a-key", &all),
+            vec!["\"a\"", "not-a-key"],
+        ),
+        (
+            config("gpu_optimized_raft", &a_key, &public["a"], &all)
+                .replace(&format!("c = \"{}\"\n", public["c"]), ""),
+            vec!["no public key for member \"c\""],
+        ),
+    ];
+    for (text, named) in cases {
+        let (code, stderr) = run_with_config(dir.path(), &text, &[]);
+        assert_eq!(code, Some(2), "{stderr}\n{text}");
+        for part in named {
+            assert!(stderr.contains(part), "expected {part:?} in {stderr:?}");
+        }
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    }
+}

@@ -1,4 +1,5 @@
-//! `consensus-node --config FILE [--http ADDR]`: one replicated key-value node over HTTP.
+//! `consensus-node --config FILE [--http ADDR]`: one replicated key-value node over HTTP;
+//! `consensus-node keygen FILE`: writes a signing key and prints its public key.
 //! Everything lives in [`consensus::node`]; see it for the configuration and the API.
 
 fn main() -> std::process::ExitCode {

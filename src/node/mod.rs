@@ -3,14 +3,16 @@
 //!
 //! The configuration file is the seed's TOML: the `[consensus]` table (read by
 //! [`ConsensusConfig::from_toml_str`]) plus an `[http]` table with `address`. [`main`] is the
-//! whole command line (`consensus-node --config FILE [--http ADDR]`); the binary and the
-//! `kv_cluster` example both call it.
+//! whole command line (`consensus-node --config FILE [--http ADDR]`, or
+//! `consensus-node keygen FILE` to write a signing key); the binary and the `kv_cluster` example
+//! both call it.
 
 pub mod client;
 pub mod http;
 pub mod kv;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,6 +24,7 @@ use serde::Deserialize;
 use crate::config::ConsensusConfig;
 use crate::engine::ConsensusEngine;
 use crate::error::{ConfigError, Error};
+use crate::keys::{self, KeyFileError};
 
 /// Exit code for a bad command line or configuration.
 pub const EXIT_CONFIG: u8 = 2;
@@ -35,8 +38,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Why the node could not be configured or run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The command line is not `--config FILE [--http ADDR]`.
-    #[error("usage: {0}; expected: consensus-node --config FILE [--http ADDR]")]
+    /// The command line is neither `--config FILE [--http ADDR]` nor `keygen FILE`.
+    #[error(
+        "usage: {0}; expected: consensus-node --config FILE [--http ADDR], or consensus-node \
+         keygen FILE"
+    )]
     Usage(String),
     /// The configuration file is unreadable or invalid.
     #[error("{0}")]
@@ -49,6 +55,9 @@ pub enum NodeError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// `keygen` could not write the key file.
+    #[error("{0}")]
+    KeyFile(#[from] KeyFileError),
     /// The engine refused to start or failed.
     #[error("engine: {0}")]
     Engine(#[from] Error),
@@ -64,6 +73,7 @@ impl NodeError {
             NodeError::Usage(_)
             | NodeError::Config(_)
             | NodeError::HttpAddress { .. }
+            | NodeError::KeyFile(_)
             | NodeError::Engine(Error::Config(_) | Error::Unsupported { .. }) => EXIT_CONFIG,
             _ => EXIT_FAILURE,
         }
@@ -125,8 +135,30 @@ impl NodeConfig {
     }
 }
 
-/// Parses `--config FILE [--http ADDR]` (without the program name).
-fn parse_args(args: &[OsString]) -> Result<(PathBuf, Option<String>), NodeError> {
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    /// `--config FILE [--http ADDR]`: run a node.
+    Run {
+        config: PathBuf,
+        http: Option<String>,
+    },
+    /// `keygen FILE`: write a fresh signing key.
+    Keygen { path: PathBuf },
+}
+
+/// Parses the command line (without the program name).
+fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
+    if args.first().is_some_and(|arg| arg == "keygen") {
+        return match &args[1..] {
+            [path] => Ok(Command::Keygen { path: path.into() }),
+            [] => Err(NodeError::Usage("keygen needs a FILE".into())),
+            [_, extra, ..] => Err(NodeError::Usage(format!(
+                "unexpected argument {:?} after keygen FILE",
+                extra.to_string_lossy()
+            ))),
+        };
+    }
     let mut config = None;
     let mut http = None;
     let mut rest = args.iter();
@@ -144,7 +176,17 @@ fn parse_args(args: &[OsString]) -> Result<(PathBuf, Option<String>), NodeError>
         }
     }
     let config = config.ok_or_else(|| NodeError::Usage("--config is required".into()))?;
-    Ok((config, http))
+    Ok(Command::Run { config, http })
+}
+
+/// `keygen FILE`: writes a fresh key to `path` and prints its public key in hex, alone, on
+/// stdout, for the other members' validators tables.
+fn keygen(path: &Path) -> Result<(), NodeError> {
+    let public_key = keys::generate_key_file(path)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", keys::public_key_hex(&public_key))?;
+    stdout.flush()?;
+    Ok(())
 }
 
 /// The files of one member of a loopback cluster written by [`write_loopback_cluster`].
@@ -200,17 +242,22 @@ pub fn write_loopback_cluster(
 
 /// The command line: parses `args` (without the program name), runs the node until SIGTERM or
 /// Ctrl-C, and returns the exit code (2 for a bad command line or configuration, with a
-/// one-line message on stderr).
+/// one-line message on stderr). `keygen FILE` writes a key file instead (see
+/// [`keys::generate_key_file`]) and prints its public key in hex on stdout.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
-    let config =
-        match parse_args(&args).and_then(|(path, http)| NodeConfig::load(&path, http.as_deref())) {
-            Ok(config) => config,
-            Err(error) => {
-                eprintln!("consensus-node: {error}");
-                return ExitCode::from(error.exit_code());
-            }
-        };
+    let loaded = parse_args(&args).and_then(|command| match command {
+        Command::Run { config, http } => NodeConfig::load(&config, http.as_deref()).map(Some),
+        Command::Keygen { path } => keygen(&path).map(|()| None),
+    });
+    let config = match loaded {
+        Ok(Some(config)) => config,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("consensus-node: {error}");
+            return ExitCode::from(error.exit_code());
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -259,10 +306,22 @@ async fn shutdown_signal() {
 
 /// Runs a node until `shutdown` resolves: stops accepting HTTP requests, lets in-flight ones
 /// finish (each is bounded by the request deadline), then stops the engine.
+///
+/// An algorithm that signs its messages first loads this node's signing identity
+/// ([`ConsensusConfig::signing_identity`]), so that a missing, unreadable or mismatched key is
+/// the error reported, before anything else is logged or built.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    if config.consensus.algorithm.signs_messages() {
+        let identity = config.consensus.signing_identity()?;
+        tracing::info!(
+            public_key = %keys::public_key_hex(&identity.signing_key.verifying_key()),
+            validators = identity.validators.len(),
+            "signing key loaded"
+        );
+    }
     if config.consensus.persistent_state.is_none() {
         tracing::warn!(
             "no state_dir: the log lives in memory and a restarted node starts empty; \
@@ -362,12 +421,27 @@ address = "127.0.0.1:8001"
 
     #[test]
     fn command_line_needs_config_and_values() {
-        let (path, http) = parse_args(&args(&["--config", "f.toml", "--http", "h:1"])).unwrap();
+        let command = parse_args(&args(&["--config", "f.toml", "--http", "h:1"])).unwrap();
         assert_eq!(
-            (path, http.as_deref()),
-            (PathBuf::from("f.toml"), Some("h:1"))
+            command,
+            Command::Run {
+                config: PathBuf::from("f.toml"),
+                http: Some("h:1".into())
+            }
         );
-        for bad in [&[][..], &["--config"][..], &["--verbose"][..]] {
+        assert_eq!(
+            parse_args(&args(&["keygen", "a.key"])).unwrap(),
+            Command::Keygen {
+                path: PathBuf::from("a.key")
+            }
+        );
+        for bad in [
+            &[][..],
+            &["--config"][..],
+            &["--verbose"][..],
+            &["keygen"][..],
+            &["keygen", "a.key", "b.key"][..],
+        ] {
             let error = parse_args(&args(bad)).unwrap_err();
             assert_eq!(error.exit_code(), EXIT_CONFIG, "{error}");
         }

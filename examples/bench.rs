@@ -5,8 +5,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [-c CLIENTS] [-n OPERATIONS] [-m MEMBERS] [-b BATCH]
-//!     [--server-workers N] [--client-workers N]
+//!     [--server-workers N] [--client-workers N] [--algorithm raft|pbft] [--verifier cpu|gpu]
 //! ```
+//! `--algorithm pbft` runs PBFT replicas (MEMBERS at least 4), each with a fresh key; the
+//! clients propose to the primary. `--verifier gpu` checks their signatures with the GPU
+//! backend (every batch, whatever its size) instead of the CPU one; the run then also prints the
+//! share of the driver threads' time spent checking signatures.
 //! CLIENTS tasks submit OPERATIONS empty proposals in total, BATCH per call, each waiting for its
 //! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
 //! run every member must have applied every operation; otherwise the program fails.
@@ -19,8 +23,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use consensus::protocol::pbft::PbftNode;
 use consensus::{
-    ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal, ProposalTimings,
+    Algorithm, ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal,
+    ProposalTimings,
 };
 
 // The benches' latency record: one way to compute percentiles for every program here.
@@ -63,6 +69,8 @@ struct Options {
     batch: u64,
     server_workers: usize,
     client_workers: usize,
+    algorithm: Algorithm,
+    gpu_verifier: bool,
 }
 
 fn parse_count(text: &str) -> Result<u64, String> {
@@ -89,6 +97,8 @@ fn parse_options() -> Result<Options, String> {
         batch: 1,
         server_workers: 2,
         client_workers: 1,
+        algorithm: Algorithm::Raft,
+        gpu_verifier: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -100,14 +110,34 @@ fn parse_options() -> Result<Options, String> {
             "-b" | "--batch" => options.batch = parse_count(&value()?)?,
             "--server-workers" => options.server_workers = parse_count(&value()?)? as usize,
             "--client-workers" => options.client_workers = parse_count(&value()?)? as usize,
+            "--algorithm" => {
+                let name = value()?;
+                options.algorithm = Algorithm::parse(&name)
+                    .filter(|a| *a != Algorithm::GpuOptimizedRaft)
+                    .ok_or_else(|| format!("--algorithm: raft or pbft, not {name:?}"))?;
+            }
+            "--verifier" => match value()?.as_str() {
+                "cpu" => options.gpu_verifier = false,
+                "gpu" => options.gpu_verifier = true,
+                other => return Err(format!("--verifier: cpu or gpu, not {other:?}")),
+            },
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if ![1, 3, 5].contains(&options.members) {
-        return Err(format!(
-            "members must be 1, 3 or 5, not {}",
-            options.members
-        ));
+    match options.algorithm {
+        Algorithm::Raft if ![1, 3, 5].contains(&options.members) => {
+            return Err(format!(
+                "raft members must be 1, 3 or 5, not {}",
+                options.members
+            ));
+        }
+        Algorithm::Pbft if options.members < 4 => {
+            return Err(format!(
+                "pbft needs at least 4 members, not {}",
+                options.members
+            ));
+        }
+        _ => {}
     }
     if options.clients == 0 || options.batch == 0 || options.operations == 0 {
         return Err("clients, operations and batch must be at least 1".into());
@@ -143,19 +173,43 @@ fn main() {
         .map(|i| format!("member-{i}"))
         .collect();
     let network = LocalNetwork::new();
+    let pbft_network = LocalNetwork::<PbftNode>::default();
+    let keys = tempfile::tempdir().expect("a temp dir for the keys");
+    let mut validators = Vec::new();
+    if options.algorithm == Algorithm::Pbft {
+        for name in &names {
+            let public = consensus::keys::generate_key_file(keys.path().join(name)).expect("key");
+            validators.push((name.clone(), consensus::keys::public_key_hex(&public)));
+        }
+    }
+    let verifier = options.gpu_verifier.then(gpu_verifier);
     let counters: Vec<Arc<Counter>> = names.iter().map(|_| Arc::default()).collect();
     let engines: Vec<Arc<ConsensusEngine>> = server.block_on(async {
         let mut engines = Vec::new();
         for (name, counter) in names.iter().zip(&counters) {
             let peers: Vec<&String> = names.iter().filter(|n| *n != name).collect();
-            let config = ConsensusConfig::default()
+            let mut config = ConsensusConfig::default()
+                .algorithm(options.algorithm)
                 .node_id(name.as_str())
                 .peers(peers.iter().map(|s| s.as_str()))
                 .request_timeout(Duration::from_secs(30))
                 .batch_size(4096);
-            let mut engine = ConsensusEngine::new(config)
-                .expect("config")
-                .with_local_network(&network);
+            if options.algorithm == Algorithm::Pbft {
+                config = config
+                    .key_file(keys.path().join(name))
+                    .view_change_timeout(Duration::from_secs(10));
+                for (member, public) in &validators {
+                    config = config.validator(member.clone(), public.clone());
+                }
+            }
+            let engine = ConsensusEngine::new(config).expect("config");
+            let mut engine = match options.algorithm {
+                Algorithm::Pbft => engine.with_local_network(&pbft_network),
+                _ => engine.with_local_network(&network),
+            };
+            if let Some(verifier) = &verifier {
+                engine = engine.with_signature_verifier(verifier.clone());
+            }
             engine
                 .set_state_machine(CountingStateMachine {
                     applied: 0,
@@ -288,6 +342,18 @@ fn main() {
             std::process::exit(1);
         }
     }
+    if options.algorithm == Algorithm::Pbft {
+        let checking: Duration = engines
+            .iter()
+            .map(|e| e.metrics().vote_processing_total)
+            .sum();
+        println!(
+            "signature checks ({}): {:.1}% of the {} driver threads' time",
+            if options.gpu_verifier { "gpu" } else { "cpu" },
+            100.0 * checking.as_secs_f64() / (elapsed.as_secs_f64() * options.members as f64),
+            options.members
+        );
+    }
     let seconds = elapsed.as_secs_f64();
     let ns_per_op = elapsed.as_nanos() as f64 / options.operations as f64;
     let ops_per_ms = options.operations as f64 / (seconds * 1000.0);
@@ -305,4 +371,21 @@ fn main() {
     drop(leader);
     server.shutdown_background();
     client.shutdown_background();
+}
+
+/// The GPU signature verifier, used for every batch (a software adapter included, which the
+/// automatic verifier would never choose), with the adapter's name printed.
+#[cfg(feature = "gpu")]
+fn gpu_verifier() -> Arc<dyn consensus::gpu::SignatureVerifier> {
+    use consensus::gpu::{AutoSignatureVerifier, GpuConfig, GpuContext, GpuSignatureVerifier};
+    let context = Arc::new(GpuContext::new(GpuConfig::default()).expect("a GPU adapter"));
+    println!("gpu verifier on {:?}", context.adapter_name());
+    let gpu = GpuSignatureVerifier::new(context).expect("the GPU verifier passes its self-check");
+    Arc::new(AutoSignatureVerifier::with_crossover(Some(gpu), 1))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_verifier() -> Arc<dyn consensus::gpu::SignatureVerifier> {
+    eprintln!("bench: --verifier gpu needs the gpu feature");
+    std::process::exit(2);
 }

@@ -1,6 +1,7 @@
 //! The project's main demonstration: a local three-node replicated key-value cluster.
 //!
-//! `cargo run --release --example kv_cluster [-- --ops N --clients C --data-dir DIR]` starts three
+//! `cargo run --release --example kv_cluster [-- --ops N --clients C --data-dir DIR
+//! --algorithm raft|pbft --nodes N]` starts three (PBFT: four, with a fresh key per node)
 //! `consensus-node` processes (this program re-run as `kv_cluster node --config FILE`, so it needs
 //! no separately built binary) over TCP on loopback with fjall logs, waits for a leader, runs a
 //! mixed workload (puts, gets, compare-and-swaps, deletes) through every node with a progress
@@ -30,11 +31,12 @@ mod latency;
 
 use latency::Latencies;
 
-const NODES: usize = 3;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Options {
     ops: usize,
+    algorithm: consensus::Algorithm,
+    nodes: Option<usize>,
     clients: usize,
     keys: usize,
     data_dir: Option<PathBuf>,
@@ -43,6 +45,8 @@ struct Options {
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         ops: 20_000,
+        algorithm: consensus::Algorithm::Raft,
+        nodes: None,
         clients: 16,
         keys: 32,
         data_dir: None,
@@ -61,10 +65,17 @@ fn parse_options() -> Result<Options, String> {
             "--clients" => options.clients = number(value()?)?,
             "--keys" => options.keys = number(value()?)?,
             "--data-dir" => options.data_dir = Some(PathBuf::from(value()?)),
+            "--nodes" => options.nodes = Some(number(value()?)?),
+            "--algorithm" => {
+                let name = value()?;
+                options.algorithm = consensus::Algorithm::parse(&name)
+                    .filter(|a| *a != consensus::Algorithm::GpuOptimizedRaft)
+                    .ok_or_else(|| format!("--algorithm: expected raft or pbft, got {name:?}"))?;
+            }
             other => {
                 return Err(format!(
                     "unexpected argument {other:?}; expected --ops N --clients C --keys K \
-                     --data-dir DIR"
+                     --data-dir DIR --algorithm raft|pbft --nodes N"
                 ));
             }
         }
@@ -100,9 +111,13 @@ impl Node {
     }
 }
 
-/// Writes three node configurations into `dir`.
-fn configure(dir: &Path) -> Result<Vec<Node>, String> {
-    let listeners: Vec<TcpListener> = (0..2 * NODES)
+/// Writes `count` node configurations for `algorithm` into `dir`.
+fn configure(
+    dir: &Path,
+    count: usize,
+    algorithm: consensus::Algorithm,
+) -> Result<Vec<Node>, String> {
+    let listeners: Vec<TcpListener> = (0..2 * count)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("no free port: {e}"))?;
@@ -112,7 +127,7 @@ fn configure(dir: &Path) -> Result<Vec<Node>, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     drop(listeners);
-    let files = consensus::node::write_loopback_cluster(dir, &ports)
+    let files = consensus::node::write_loopback_cluster_of(dir, &ports, algorithm)
         .map_err(|e| format!("cannot write node configurations in {}: {e}", dir.display()))?;
     let nodes = files
         .into_iter()
@@ -219,7 +234,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
     let mut report = ClientReport::default();
     let mut state: Vec<KeyState> = vec![KeyState::default(); keys];
     let mut mix = Mix(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
-    let mut node = id % NODES;
+    let mut node = id % shared.nodes.len();
     let mut sequence = 0u64;
     while shared.next_op.fetch_add(1, Ordering::Relaxed) < shared.ops {
         let slot = (mix.next() % keys as u64) as usize;
@@ -309,7 +324,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             }
         } else {
             report.unknown += 1;
-            node = (node + 1) % NODES; // that node may be down: try the next one
+            node = (node + 1) % shared.nodes.len(); // that node may be down: try the next one
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
         shared.progress.inc(1);
@@ -341,7 +356,16 @@ fn stop_all(children: &mut [Option<Child>]) {
 }
 
 async fn cluster_run(options: Options, dir: &Path) -> Result<(), String> {
-    let nodes = configure(dir)?;
+    let default_nodes = if options.algorithm == consensus::Algorithm::Pbft {
+        4
+    } else {
+        3
+    };
+    let nodes = configure(
+        dir,
+        options.nodes.unwrap_or(default_nodes),
+        options.algorithm,
+    )?;
     let mut children: Vec<Option<Child>> = Vec::new();
     for node in &nodes {
         children.push(Some(
@@ -360,13 +384,15 @@ async fn workload(
     nodes: Vec<Node>,
     children: Arc<Mutex<Vec<Option<Child>>>>,
 ) -> Result<(), String> {
-    let all: Vec<usize> = (0..NODES).collect();
+    let all: Vec<usize> = (0..nodes.len()).collect();
     let started = Instant::now();
     let leader = agreed_leader(&nodes, &all, Duration::from_secs(30))
         .await
         .ok_or("no leader within 30 s")?;
     println!(
-        "3 nodes up, leader {} elected in {:.2?}; running {} operations with {} clients",
+        "{} nodes up ({}), leader {} elected in {:.2?}; running {} operations with {} clients",
+        nodes.len(),
+        options.algorithm.as_str(),
         nodes[leader].name,
         started.elapsed(),
         options.ops,
@@ -395,7 +421,7 @@ async fn workload(
             while shared.done.load(Ordering::Relaxed) < shared.ops / 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let all: Vec<usize> = (0..NODES).collect();
+            let all: Vec<usize> = (0..shared.nodes.len()).collect();
             let leader = agreed_leader(&shared.nodes, &all, Duration::from_secs(20))
                 .await
                 .ok_or("no agreed leader at the failover point")?;
@@ -508,8 +534,9 @@ async fn workload(
         ))
     );
     println!(
-        "verified:    {checked} reads of {} keys across {NODES} nodes, {} violations",
+        "verified:    {checked} reads of {} keys across {} nodes, {} violations",
         reports.iter().map(|r| r.keys.len()).sum::<usize>(),
+        shared.nodes.len(),
         violations.len()
     );
     if violations.is_empty() {

@@ -41,7 +41,8 @@ impl Algorithm {
         matches!(self, Algorithm::Pbft | Algorithm::GpuOptimizedRaft)
     }
 
-    fn parse(value: &str) -> Option<Self> {
+    /// The algorithm named as in TOML (`raft`, `pbft`, `gpu_optimized_raft`).
+    pub fn parse(value: &str) -> Option<Self> {
         match value {
             "raft" => Some(Algorithm::Raft),
             "pbft" => Some(Algorithm::Pbft),
@@ -164,14 +165,12 @@ pub struct ConsensusConfig {
     /// Accepted and validated (at least 1) but not used yet: the snapshots and membership issue
     /// takes snapshots at this interval.
     pub snapshot_interval: u64,
-    /// PBFT: how long a replica waits for progress before asking for a view change (TOML
-    /// `view_change_timeout_ms`).
-    ///
-    /// Accepted but not used yet: the PBFT issue reads it.
+    /// PBFT: how long a replica waits for progress, while work is outstanding, before it asks
+    /// for a view change (TOML `view_change_timeout_ms`); doubled for each consecutive view
+    /// change that brought no progress. Unused by Raft.
     pub view_change_timeout: Duration,
-    /// PBFT: requests between checkpoints.
-    ///
-    /// Accepted and validated (at least 1) but not used yet: the PBFT issue reads it.
+    /// PBFT: sequence numbers (batches) between checkpoints; the window of sequence numbers a
+    /// replica accepts is twice this past its stable checkpoint. Unused by Raft.
     pub checkpoint_interval: u64,
     /// Run with Byzantine fault tolerance.
     ///
@@ -344,11 +343,13 @@ impl ConsensusConfig {
             ),
             (
                 "view_change_timeout",
-                self.view_change_timeout != default.view_change_timeout,
+                self.algorithm != Algorithm::Pbft
+                    && self.view_change_timeout != default.view_change_timeout,
             ),
             (
                 "checkpoint_interval",
-                self.checkpoint_interval != default.checkpoint_interval,
+                self.algorithm != Algorithm::Pbft
+                    && self.checkpoint_interval != default.checkpoint_interval,
             ),
             (
                 "byzantine_fault_tolerance",

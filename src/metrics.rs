@@ -5,10 +5,11 @@
 //! readers never block the protocol.
 //!
 //! Every family is registered and exported from the start, because the product spec promises the
-//! names, but three have no recorder yet and stay at zero until a later issue wires them:
-//! `consensus_byzantine_detections_total` (the Byzantine-detection issue), and
-//! `consensus_vote_processing_duration_seconds` and `consensus_gpu_cpu_fallbacks_total` (the
-//! GPU-optimized Raft issue).
+//! names, but two have no recorder yet and stay at zero until a later issue wires them:
+//! `consensus_byzantine_detections_total` (the Byzantine-detection issue) and
+//! `consensus_gpu_cpu_fallbacks_total` (the GPU-optimized Raft issue).
+//! `consensus_vote_processing_duration_seconds` times each round's batch of signature checks
+//! under PBFT (Raft checks none; the GPU-optimized Raft issue adds its vote batches).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,9 @@ pub struct Metrics {
     /// `consensus_byzantine_detections_total`: stays at zero until the Byzantine-detection issue
     /// reports equivocations and forged messages.
     byzantine_detections: Counter,
+    /// `consensus_invalid_messages_total`: peer messages dropped because a signature in them
+    /// did not verify (never evidence: anyone can forge a bad signature in another's name).
+    invalid_messages: Counter,
     proposals_committed: Counter,
     proposals_rejected: Counter,
     /// `consensus_gpu_cpu_fallbacks_total`: stays at zero until the GPU-optimized Raft issue
@@ -69,6 +73,7 @@ impl Metrics {
         let vote_processing = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
         let leader_changes = Counter::default();
         let byzantine_detections = Counter::default();
+        let invalid_messages = Counter::default();
         let proposals_committed = Counter::default();
         let proposals_rejected = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
@@ -108,6 +113,11 @@ impl Metrics {
             byzantine_detections.clone(),
         );
         registry.register(
+            "consensus_invalid_messages",
+            "Peer messages dropped because a signature did not verify",
+            invalid_messages.clone(),
+        );
+        registry.register(
             "consensus_proposals_committed",
             "Proposals of this node's clients committed",
             proposals_committed.clone(),
@@ -131,6 +141,7 @@ impl Metrics {
             vote_processing,
             leader_changes,
             byzantine_detections,
+            invalid_messages,
             proposals_committed,
             proposals_rejected,
             gpu_cpu_fallbacks,
@@ -185,15 +196,18 @@ impl Metrics {
     }
 
     /// Records one batch of vote aggregation or signature verification.
-    #[allow(
-        dead_code,
-        reason = "the GPU-optimized Raft issue calls it from the engine"
-    )]
     pub(crate) fn record_vote_processing(&self, duration: Duration) {
         self.vote_processing.observe(duration.as_secs_f64());
         let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         self.vote_total_nanos.fetch_add(nanos, Ordering::Relaxed);
         self.vote_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records peer messages dropped for a bad signature.
+    pub(crate) fn record_invalid_messages(&self, count: u64) {
+        if count > 0 {
+            self.invalid_messages.inc_by(count);
+        }
     }
 
     /// Records a detected Byzantine behaviour.
@@ -234,10 +248,14 @@ impl Metrics {
             throughput: committed as f64 / elapsed,
             average_latency: average(&self.latency_total_nanos, &self.latency_count),
             vote_processing_time: average(&self.vote_total_nanos, &self.vote_count),
+            vote_processing_total: Duration::from_nanos(
+                self.vote_total_nanos.load(Ordering::Relaxed),
+            ),
             proposals_committed: committed,
             proposals_rejected: self.proposals_rejected.get(),
             leader_changes: self.leader_changes.get(),
             byzantine_detections: self.byzantine_detections.get(),
+            invalid_messages: self.invalid_messages.get(),
             gpu_cpu_fallbacks: self.gpu_cpu_fallbacks.get(),
         }
     }
@@ -354,6 +372,8 @@ pub struct MetricsSnapshot {
     throughput: f64,
     average_latency: Duration,
     vote_processing_time: Duration,
+    /// Total time spent in vote aggregation and signature verification batches since start.
+    pub vote_processing_total: Duration,
     /// Proposals of this node's clients committed since start.
     pub proposals_committed: u64,
     /// Proposals of this node's clients refused since start.
@@ -363,6 +383,8 @@ pub struct MetricsSnapshot {
     /// Byzantine behaviours detected since start. Zero until the Byzantine-detection issue
     /// records them.
     pub byzantine_detections: u64,
+    /// Peer messages dropped since start because a signature did not verify.
+    pub invalid_messages: u64,
     /// GPU calls answered by the CPU since start. Zero until the GPU-optimized Raft issue runs
     /// GPU batches from the engine.
     pub gpu_cpu_fallbacks: u64,
@@ -385,8 +407,9 @@ impl MetricsSnapshot {
     pub fn average_latency(&self) -> Duration {
         self.average_latency
     }
-    /// Mean time per batch of vote aggregation or signature verification. Zero until the
-    /// GPU-optimized Raft issue records vote batches.
+    /// Mean time per batch of vote aggregation or signature verification: each driver round's
+    /// signature checks under PBFT; zero under Raft until the GPU-optimized Raft issue records
+    /// its vote batches.
     pub fn vote_processing_time(&self) -> Duration {
         self.vote_processing_time
     }

@@ -136,9 +136,13 @@ impl Proposal {
 pub enum ConsensusResult {
     /// The proposal is durably replicated on a quorum at this log position.
     Committed {
-        /// Where the proposal sits in the log.
+        /// Where the proposal sits in the log. Under PBFT too this is the position of the
+        /// command itself (a batch's commands take consecutive positions), not the batch's
+        /// sequence number, so that every command has its own.
         index: LogIndex,
-        /// The term of the leader that appended it.
+        /// Raft: the term of the leader that appended it. PBFT: the sequence number of the batch
+        /// that carried it (not the view, which may differ between replicas that committed the
+        /// same batch; see [`crate::protocol::pbft`]).
         term: Term,
     },
     /// The proposal was never appended to the log and never will be.

@@ -269,10 +269,10 @@ async fn without_a_quorum_a_call_ends_by_its_deadline() {
 
 #[test]
 fn an_algorithm_not_built_yet_is_refused_at_new() {
-    let config = ConsensusConfig::default().algorithm(consensus::Algorithm::Pbft);
+    let config = ConsensusConfig::default().algorithm(consensus::Algorithm::GpuOptimizedRaft);
     let error = ConsensusEngine::new(config).unwrap_err();
     assert!(matches!(error, Error::Unsupported { .. }), "{error}");
-    assert!(error.to_string().contains("pbft"));
+    assert!(error.to_string().contains("gpu_optimized_raft"));
 }
 
 // ---- Engines over real TCP (tarpc) on loopback, with fjall data directories ----

@@ -77,9 +77,15 @@ impl Drop for Cluster {
 impl Cluster {
     /// Writes the configurations of `size` nodes and starts them.
     fn start(size: usize) -> Cluster {
+        Cluster::start_of(size, consensus::Algorithm::Raft)
+    }
+
+    /// Writes the configurations of `size` nodes of `algorithm` and starts them.
+    fn start_of(size: usize, algorithm: consensus::Algorithm) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * size);
-        let files = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
+        let files =
+            consensus::node::write_loopback_cluster_of(dir.path(), &ports, algorithm).unwrap();
         let mut nodes = Vec::new();
         for files in files {
             let mut node = Node {
@@ -377,6 +383,47 @@ async fn a_three_node_cluster_serves_fails_over_and_a_restarted_node_has_every_w
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_four_node_pbft_cluster_serves_through_any_node_and_survives_its_primary() {
+    let cluster = Cluster::start_of(4, consensus::Algorithm::Pbft);
+    let all = [0, 1, 2, 3];
+    let primary = cluster.leader(&all, Duration::from_secs(30)).await;
+    let status = cluster.status(primary).await.expect("status");
+    assert_eq!(status["algorithm"], "pbft", "{status}");
+    assert_eq!(status["f"], 1, "{status}");
+    assert_eq!(status["view"], status["term"], "{status}");
+    assert_eq!(status["primary"], status["leader"], "{status}");
+    let backup = (primary + 1) % 4;
+    let put = cluster.call(backup, "PUT", "/kv/greeting", b"hello").await;
+    assert_eq!(put.map(|r| r.status), Some(200), "{}", cluster.logs());
+    for node in all {
+        let get = cluster
+            .call(node, "GET", "/kv/greeting", b"")
+            .await
+            .expect("answer");
+        assert_eq!(get.text(), "hello", "node {node}");
+    }
+    let mut cluster = cluster;
+    cluster.nodes[primary].kill();
+    let survivors: Vec<usize> = all.into_iter().filter(|&n| n != primary).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let put = cluster.call(backup, "PUT", "/kv/greeting", b"again").await;
+        if put.as_ref().is_some_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write after the primary died\n{}",
+            cluster.logs()
+        );
+    }
+    let new_primary = cluster.leader(&survivors, Duration::from_secs(30)).await;
+    assert_ne!(new_primary, primary);
+    let status = cluster.status(new_primary).await.expect("status");
+    assert!(status["view"].as_u64() >= Some(1), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -178,7 +178,12 @@ impl<P: Protocol> Driver<P> {
                 }
             }
             if !peer_messages.is_empty() {
-                self.node.authenticate(&mut peer_messages);
+                let checking = Instant::now();
+                let dropped = self.node.authenticate(&mut peer_messages);
+                if P::AUTHENTICATES {
+                    self.metrics.record_vote_processing(checking.elapsed());
+                    self.metrics.record_invalid_messages(dropped as u64);
+                }
                 for envelope in peer_messages.drain(..) {
                     self.node.step(Input::Message(envelope), &mut out);
                 }

@@ -42,12 +42,16 @@ impl<P: Protocol> std::fmt::Debug for LocalNetwork<P> {
     }
 }
 
-impl<P: Protocol> LocalNetwork<P> {
-    /// An empty network.
+impl LocalNetwork<RaftNode> {
+    /// An empty network of Raft engines. (One of another core's: `LocalNetwork::<Core>::default()`,
+    /// e.g. `LocalNetwork::<PbftNode>::default()`; `new` stays Raft's so that the type of a
+    /// plain `LocalNetwork::new()` needs no annotation.)
     pub fn new() -> Self {
         Self::default()
     }
+}
 
+impl<P: Protocol> LocalNetwork<P> {
     /// The sending side for `node`.
     pub fn transport(&self, node: NodeId) -> LocalTransport<P> {
         LocalTransport {

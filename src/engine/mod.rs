@@ -16,12 +16,14 @@
 //! (see `retained.rs`).
 
 pub(crate) mod apply;
+mod core;
 mod driver;
 mod local;
 mod pending;
 mod reply;
 mod retained;
 
+pub use self::core::EngineNetwork;
 pub use driver::{Inbox, LeaderInfo};
 pub use local::{LocalNetwork, LocalTransport};
 
@@ -36,9 +38,11 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{Algorithm, ConsensusConfig};
 use crate::error::ConfigError;
 use crate::error::{Error, Result};
+use crate::keys::SigningIdentity;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::RejectReason;
-use crate::protocol::raft::{Control, Message, RaftNode};
+use crate::protocol::pbft::PbftNode;
+use crate::protocol::raft::RaftNode;
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
 use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
 use crate::sync::lock;
@@ -46,8 +50,9 @@ use crate::transport::Transport;
 use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
+use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
 use apply::{ApplyStage, Unanswered};
-use driver::{Applied, Driver, DriverInput, DriverSettings, LeaderCallbacks};
+use driver::{Applied, Driver, DriverSettings, LeaderCallbacks};
 use reply::{ReplyPoster, ReplyRouter};
 use retained::{CoreHeldLog, RetainedState};
 
@@ -60,21 +65,15 @@ const INPUT_QUEUE_CAPACITY: usize = 1 << 16;
 /// it and 28 to 41 µs without.
 const DRIVER_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// How the engine reaches its peers.
-enum Network {
-    /// In-process, through a [`LocalNetwork`].
-    Local(LocalNetwork),
-}
-
 /// How long [`ConsensusEngine::start`] waits for `host:port` peers to tell their ids.
 const PEER_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What runs once [`ConsensusEngine::start`] succeeded.
 struct Running {
-    inputs: std::sync::mpsc::SyncSender<DriverInput<RaftNode>>,
+    inputs: CoreInputs,
     thread: Option<JoinHandle<std::result::Result<(), crate::error::StorageError>>>,
     /// The TCP transport and the task feeding its inbound messages to the driver.
-    tcp: Option<(Arc<TcpTransport<Message>>, tokio::task::JoinHandle<()>)>,
+    tcp: Option<(TcpHandle, tokio::task::JoinHandle<()>)>,
     /// The voters the protocol started with (this node included), for [`ConsensusEngine::members`].
     voters: Vec<NodeId>,
 }
@@ -82,6 +81,10 @@ struct Running {
 /// One consensus node.
 pub struct ConsensusEngine {
     config: ConsensusConfig,
+    /// This node's key and every member's, for the algorithms that sign their messages.
+    identity: Option<SigningIdentity>,
+    /// What checks peers' signatures (see [`ConsensusEngine::with_signature_verifier`]).
+    verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
     /// Held until start; behind a mutex only so that the engine is `Sync` (stores and state
     /// machines need only be `Send`), never contended.
     store: Mutex<Option<Box<dyn LogStore>>>,
@@ -110,17 +113,25 @@ impl ConsensusEngine {
     /// Validates `config` and prepares a node. Nothing runs until [`ConsensusEngine::start`].
     ///
     /// Refuses an algorithm that is not available yet with [`Error::Unsupported`], rather than
-    /// silently running another one.
+    /// silently running another one. For PBFT, reads and checks the signing key and the
+    /// validator table ([`ConsensusConfig::signing_identity`]) here, so that a key problem is
+    /// reported before anything starts.
     pub fn new(config: ConsensusConfig) -> Result<Self> {
         config.validate()?;
-        if config.algorithm != Algorithm::Raft {
-            return Err(Error::Unsupported {
-                what: format!("algorithm {}", config.algorithm.as_str()),
-                reason: "only raft is available in this version",
-            });
-        }
+        let identity = match config.algorithm {
+            Algorithm::Raft => None,
+            Algorithm::Pbft => Some(config.signing_identity()?),
+            Algorithm::GpuOptimizedRaft => {
+                return Err(Error::Unsupported {
+                    what: format!("algorithm {}", config.algorithm.as_str()),
+                    reason: "raft and pbft are available in this version",
+                });
+            }
+        };
         Ok(ConsensusEngine {
             config,
+            identity,
+            verifier: None,
             store: Mutex::new(None),
             network: None,
             state_machine: Mutex::new(None),
@@ -139,9 +150,27 @@ impl ConsensusEngine {
         self
     }
 
-    /// Joins an in-process network (no sockets) instead of TCP.
-    pub fn with_local_network(mut self, network: &LocalNetwork) -> Self {
-        self.network = Some(Network::Local(network.clone()));
+    /// Checks peers' signatures (PBFT) with `verifier` instead of the CPU one: e.g. an
+    /// [`AutoSignatureVerifier`](crate::gpu::AutoSignatureVerifier) over a GPU context, which
+    /// sends batches above its crossover to the GPU. The driver hands it each round's
+    /// signatures as one batch. Raft signs nothing and ignores it.
+    ///
+    /// Not opened from [`ConsensusConfig::gpu_enabled`] on its own: opening a GPU context
+    /// compiles pipelines (seconds on a cold shader cache), which an application should choose
+    /// to pay, and share between engines of one process.
+    pub fn with_signature_verifier(
+        mut self,
+        verifier: Arc<dyn crate::gpu::SignatureVerifier>,
+    ) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Joins an in-process network (no sockets) instead of TCP: a `LocalNetwork` (Raft's) or a
+    /// `LocalNetwork<PbftNode>`, matching [`ConsensusConfig::algorithm`] (a mismatch is refused
+    /// at [`ConsensusEngine::start`]).
+    pub fn with_local_network(mut self, network: &impl EngineNetwork) -> Self {
+        self.network = Some(network.to_network());
         self
     }
 
@@ -199,28 +228,60 @@ impl ConsensusEngine {
                 }
                 (None, None) => (Box::new(CoreHeldLog), None, Some(self.retained.clone())),
             };
+        match self.config.algorithm {
+            Algorithm::Raft => self.start_core::<RaftNode>(store, recovered, retain).await,
+            Algorithm::Pbft => self.start_core::<PbftNode>(store, recovered, retain).await,
+            Algorithm::GpuOptimizedRaft => Err(Error::InvalidState(
+                "gpu_optimized_raft is refused by ConsensusEngine::new",
+            )),
+        }
+    }
+
+    /// Connects core `P` to its peers, builds it from what the store recovered, and starts its
+    /// driver thread.
+    async fn start_core<P>(
+        &mut self,
+        store: Box<dyn LogStore>,
+        recovered: Option<crate::storage::RecoveredState>,
+        retain: Option<RetainedState>,
+    ) -> Result<()>
+    where
+        P: EngineCore,
+        P::Message: serde::Serialize + serde::de::DeserializeOwned,
+    {
         let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
         let inbox = Inbox {
             sender: inputs.clone(),
         };
-        let mut raft_config = self.config.raft_config();
+        let mut members = self.config.voter_ids();
         let mut tcp = None;
-        let transport: Arc<dyn Transport<Message>> = match &self.network {
-            Some(Network::Local(network)) => {
+        let transport: Arc<dyn Transport<P::Message>> = match &self.network {
+            Some(network) => {
+                let network = P::local_network(network).ok_or(Error::InvalidState(
+                    "the local network given runs another algorithm than the configuration's",
+                ))?;
                 network.register(self.node_id(), inbox);
                 Arc::new(network.transport(self.node_id()))
             }
             None => {
-                let (transport, voters, forwarder) = self.start_tcp(inbox).await?;
-                raft_config.voters = voters;
-                tcp = Some((transport.clone(), forwarder));
+                if !P::LEARNS_MEMBERS_BY_HANDSHAKE {
+                    self::core::require_named_peers(&self.config)?;
+                }
+                let (transport, voters, forwarder) = self.start_tcp::<P>(inbox).await?;
+                if P::LEARNS_MEMBERS_BY_HANDSHAKE {
+                    members = voters;
+                }
+                tcp = Some((P::tcp(transport.clone()), forwarder));
                 transport
             }
         };
-        raft_config.seed = rand::random();
-        let voters = raft_config.voters.clone();
+        let settings = CoreSettings {
+            config: self.config.clone(),
+            identity: self.identity.clone(),
+            verifier: self.verifier.clone(),
+        };
         // Checked before the retained state is taken, so that a refused start keeps it.
-        raft_config.validate()?;
+        P::check(&settings, &members)?;
         let recovered = match recovered {
             Some(recovered) => recovered,
             None => self.retained.take().ok_or(Error::InvalidState(
@@ -237,7 +298,7 @@ impl ConsensusEngine {
                 reason: "restoring the state machine from a snapshot is not built yet",
             });
         }
-        let node = RaftNode::new(raft_config, recovered)?;
+        let node = P::build(&settings, members.clone(), recovered)?;
         for setting in self.config.unread_settings() {
             tracing::warn!(
                 setting,
@@ -270,24 +331,28 @@ impl ConsensusEngine {
             .spawn(move || driver.run())
             .map_err(|error| Error::Io(error.to_string()))?;
         self.running = Some(Running {
-            inputs,
+            inputs: P::inputs(inputs),
             thread: Some(thread),
             tcp,
-            voters,
+            voters: members,
         });
         Ok(())
     }
 
     /// Starts the tarpc transport, learns the ids of peers given as `host:port` by handshake,
     /// and feeds inbound messages to the driver. Returns the voters (this node included).
-    async fn start_tcp(
+    async fn start_tcp<P>(
         &self,
-        inbox: Inbox<RaftNode>,
+        inbox: Inbox<P>,
     ) -> Result<(
-        Arc<TcpTransport<Message>>,
+        Arc<TcpTransport<P::Message>>,
         Vec<NodeId>,
         tokio::task::JoinHandle<()>,
-    )> {
+    )>
+    where
+        P: EngineCore,
+        P::Message: serde::Serialize + serde::de::DeserializeOwned,
+    {
         let bind: std::net::SocketAddr =
             self.config
                 .bind_address
@@ -344,15 +409,13 @@ impl ConsensusEngine {
         let Some(mut running) = self.running.take() else {
             return Ok(());
         };
-        if let Some(Network::Local(network)) = &self.network {
+        if let Some(network) = &self.network {
             network.disconnect(self.node_id());
         }
-        let _ = running.inputs.send(DriverInput::Shutdown);
+        running.inputs.shutdown(true);
         if let Some((transport, forwarder)) = running.tcp.take() {
             forwarder.abort();
-            if let Ok(transport) = Arc::try_unwrap(transport) {
-                transport.shutdown().await; // frees the port for a restart
-            }
+            transport.shutdown().await; // frees the port for a restart
         }
         if let Some(thread) = running.thread.take() {
             let outcome = tokio::task::spawn_blocking(move || thread.join())
@@ -434,10 +497,7 @@ impl ConsensusEngine {
             .ok_or(Error::InvalidState("engine not started"))?;
         let (reply, answer) = oneshot::channel();
         let route = self.replies.route_here();
-        match running
-            .inputs
-            .try_send(DriverInput::Propose { data, reply, route })
-        {
+        match running.inputs.propose(data, reply, route) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Error::Rejected(RejectReason::QueueFull));
@@ -458,16 +518,14 @@ impl ConsensusEngine {
         }
     }
 
-    /// Asks the leader to hand leadership to `to` (only meaningful on the leader).
+    /// Asks the leader to hand leadership to `to` (only meaningful on the leader; Raft only:
+    /// a PBFT primary follows from the view number).
     pub fn transfer_leadership(&self, to: NodeId) -> Result<()> {
         let running = self
             .running
             .as_ref()
             .ok_or(Error::InvalidState("engine not started"))?;
-        running
-            .inputs
-            .try_send(DriverInput::Control(Control::TransferLeadership { to }))
-            .map_err(|_| Error::Rejected(RejectReason::QueueFull))
+        running.inputs.transfer_leadership(to)
     }
 
     /// A metrics snapshot (term, last committed index, throughput, latency, ...).
@@ -526,11 +584,11 @@ fn parse_peer(entry: &str) -> Result<PeerAddress> {
 impl Drop for ConsensusEngine {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
-            if let Some(Network::Local(network)) = &self.network {
+            if let Some(network) = &self.network {
                 network.disconnect(self.node_id());
             }
             // The thread exits on its own; joining here could block an async runtime.
-            let _ = running.inputs.try_send(DriverInput::Shutdown);
+            running.inputs.shutdown(false);
         }
     }
 }

@@ -55,6 +55,18 @@ struct Status {
     commit_index: u64,
     applied_index: u64,
     members: Vec<String>,
+    /// `raft` or `pbft`.
+    algorithm: &'static str,
+    /// PBFT: the view (the same number as `term`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    view: Option<u64>,
+    /// PBFT: the primary of `view` (members ranked by id, `view mod n`), even while the view
+    /// change that leads to it is under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    primary: Option<String>,
+    /// PBFT: how many faulty replicas the cluster tolerates (n = 3f + 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    f: Option<usize>,
 }
 
 /// A JSON error answer.
@@ -202,7 +214,14 @@ async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
     } else {
         "electing"
     };
+    let members = engine.members();
+    let pbft = engine.config().algorithm == crate::Algorithm::Pbft && !members.is_empty();
+    let primary = pbft.then(|| members[(info.term % members.len() as u64) as usize].to_string());
     let body = Status {
+        algorithm: engine.config().algorithm.as_str(),
+        view: pbft.then_some(info.term),
+        primary,
+        f: pbft.then(|| (members.len() - 1) / 3),
         node_id: engine.node_id().to_string(),
         name: engine.config().node_id.clone(),
         role,
@@ -210,7 +229,7 @@ async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
         leader: info.leader.map(|id| id.to_string()),
         commit_index: metrics.last_committed_index(),
         applied_index: metrics.last_applied_index,
-        members: engine.members().iter().map(ToString::to_string).collect(),
+        members: members.iter().map(ToString::to_string).collect(),
     };
     axum::Json(body).into_response()
 }

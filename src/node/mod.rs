@@ -210,8 +210,32 @@ pub fn write_loopback_cluster(
     dir: &Path,
     ports: &[u16],
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
+    write_loopback_cluster_of(dir, ports, crate::Algorithm::Raft)
+}
+
+/// [`write_loopback_cluster`] for `algorithm`. For PBFT it also writes a fresh key file per
+/// node (`<node>.key`), names it in the node's `key_file`, and gives every node the
+/// `[consensus.validators]` table of all their public keys.
+pub fn write_loopback_cluster_of(
+    dir: &Path,
+    ports: &[u16],
+    algorithm: crate::Algorithm,
+) -> std::io::Result<Vec<LoopbackNodeFiles>> {
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+    let signed = algorithm.signs_messages();
+    let mut validators = String::new();
+    if signed {
+        validators.push_str("\n[consensus.validators]\n");
+        for name in &names {
+            let public = keys::generate_key_file(dir.join(format!("{name}.key")))
+                .map_err(std::io::Error::other)?;
+            validators.push_str(&format!(
+                "\"{name}\" = \"{}\"\n",
+                keys::public_key_hex(&public)
+            ));
+        }
+    }
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let peers: Vec<String> = (0..size)
@@ -219,10 +243,19 @@ pub fn write_loopback_cluster(
             .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
             .collect();
         let http: SocketAddr = ([127, 0, 0, 1], ports[size + i]).into();
+        let signing = if signed {
+            format!(
+                "key_file = \"{}\"\nview_change_timeout_ms = 500\n",
+                dir.join(format!("{name}.key")).display()
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
-            "[consensus]\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
+            "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nstate_dir = \"{}\"\n\n[http]\naddress = \"{http}\"\n",
+             request_timeout_ms = 2000\nstate_dir = \"{}\"\n{signing}{validators}\n[http]\naddress = \"{http}\"\n",
+            algorithm.as_str(),
             ports[i],
             peers.join(", "),
             dir.join(name).display(),

@@ -217,6 +217,10 @@ pub trait Protocol: Send + 'static {
     /// Feeds one input; what the driver must do is appended to `out`.
     fn step(&mut self, input: Input<Self::Message, Self::Control>, out: &mut Output<Self::Message>);
 
+    /// True when [`Protocol::authenticate`] checks something (signatures), so that a driver
+    /// measures it.
+    const AUTHENTICATES: bool = false;
+
     /// Checks the authenticity of a round of peer messages in one batch, before any of them is
     /// stepped, and removes those that fail; returns how many it removed. A core whose messages
     /// carry signatures (PBFT) checks them all here at once, so that a GPU verifier sees whole

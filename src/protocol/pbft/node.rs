@@ -658,6 +658,8 @@ impl Protocol for PbftNode {
         self.announce_leader(out);
     }
 
+    const AUTHENTICATES: bool = true;
+
     fn authenticate(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
         self.authenticate_batch(messages)
     }

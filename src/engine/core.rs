@@ -1,0 +1,305 @@
+//! What the engine needs of each protocol core it can run: how to build it from the
+//! configuration, and how its typed channels and transports fit the engine's one set of
+//! fields. The engine is generic over the core everywhere else (driver, apply stage,
+//! transports); these enums are where the algorithm chosen at run time meets those types.
+
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::ConsensusConfig;
+use crate::engine::LocalNetwork;
+use crate::engine::driver::DriverInput;
+use crate::error::{ConfigError, Error, Result};
+use crate::keys::SigningIdentity;
+use crate::protocol::Protocol;
+use crate::protocol::pbft::{PbftConfig, PbftNode};
+use crate::protocol::raft::{self, RaftNode};
+use crate::storage::RecoveredState;
+use crate::transport::tcp::TcpTransport;
+use crate::types::NodeId;
+
+/// A core the engine can drive.
+pub(crate) trait EngineCore: Protocol + Sized
+where
+    Self::Message: Serialize + DeserializeOwned,
+{
+    /// Whether peers given as bare `host:port` may join the member set by the id they tell in
+    /// the handshake. A core whose members are fixed by keys (PBFT) needs them named.
+    const LEARNS_MEMBERS_BY_HANDSHAKE: bool;
+
+    /// Checks what building the core will check, before anything irreversible happens.
+    fn check(engine: &CoreSettings, members: &[NodeId]) -> Result<()>;
+
+    /// Builds the core from the configuration and what the store recovered.
+    fn build(
+        engine: &CoreSettings,
+        members: Vec<NodeId>,
+        recovered: RecoveredState,
+    ) -> Result<Self>;
+
+    /// The engine's handle on a driver of this core.
+    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs;
+
+    /// The engine's handle on a TCP transport of this core's messages.
+    fn tcp(transport: Arc<TcpTransport<Self::Message>>) -> TcpHandle;
+
+    /// The in-process network of this core the engine was given, if that is the one it has.
+    fn local_network(network: &Network) -> Option<&LocalNetwork<Self>>;
+}
+
+/// What the cores are built from: the configuration and, for cores that sign, the identity.
+pub(crate) struct CoreSettings {
+    pub(crate) config: ConsensusConfig,
+    pub(crate) identity: Option<SigningIdentity>,
+    /// The verifier a signing core checks peers' signatures with; the CPU one when `None`.
+    pub(crate) verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+}
+
+impl EngineCore for RaftNode {
+    const LEARNS_MEMBERS_BY_HANDSHAKE: bool = true;
+
+    fn check(engine: &CoreSettings, members: &[NodeId]) -> Result<()> {
+        let mut config = engine.config.raft_config();
+        config.voters = members.to_vec();
+        config.validate()?;
+        Ok(())
+    }
+
+    fn build(
+        engine: &CoreSettings,
+        members: Vec<NodeId>,
+        recovered: RecoveredState,
+    ) -> Result<Self> {
+        let mut config = engine.config.raft_config();
+        config.voters = members;
+        config.seed = rand::random();
+        Ok(RaftNode::new(config, recovered)?)
+    }
+
+    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+        CoreInputs::Raft(sender)
+    }
+
+    fn tcp(transport: Arc<TcpTransport<Self::Message>>) -> TcpHandle {
+        TcpHandle::Raft(transport)
+    }
+
+    fn local_network(network: &Network) -> Option<&LocalNetwork<Self>> {
+        match network {
+            Network::Raft(network) => Some(network),
+            Network::Pbft(_) => None,
+        }
+    }
+}
+
+impl EngineCore for PbftNode {
+    const LEARNS_MEMBERS_BY_HANDSHAKE: bool = false;
+
+    fn check(engine: &CoreSettings, members: &[NodeId]) -> Result<()> {
+        pbft_config(engine, members.to_vec())?.validate()?;
+        Ok(())
+    }
+
+    fn build(
+        engine: &CoreSettings,
+        members: Vec<NodeId>,
+        recovered: RecoveredState,
+    ) -> Result<Self> {
+        Ok(PbftNode::new(pbft_config(engine, members)?, recovered)?)
+    }
+
+    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+        CoreInputs::Pbft(sender)
+    }
+
+    fn tcp(transport: Arc<TcpTransport<Self::Message>>) -> TcpHandle {
+        TcpHandle::Pbft(transport)
+    }
+
+    fn local_network(network: &Network) -> Option<&LocalNetwork<Self>> {
+        match network {
+            Network::Pbft(network) => Some(network),
+            Network::Raft(_) => None,
+        }
+    }
+}
+
+/// The PBFT settings the configuration implies: timeouts in ticks of [`ConsensusConfig::tick`],
+/// retransmission every heartbeat interval.
+fn pbft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<PbftConfig> {
+    let config = &engine.config;
+    let identity = engine.identity.as_ref().ok_or(Error::InvalidState(
+        "a PBFT engine needs its signing identity (ConsensusConfig::signing_identity)",
+    ))?;
+    let tick = config.tick().as_nanos().max(1);
+    let ticks =
+        |d: std::time::Duration| u32::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u32::MAX);
+    let mut pbft = PbftConfig::new(
+        config.id(),
+        members,
+        identity.signing_key.clone(),
+        identity.validators.clone(),
+    );
+    pbft.checkpoint_interval = config.checkpoint_interval;
+    pbft.batch_size = if config.enable_batching {
+        config.batch_size
+    } else {
+        1
+    };
+    pbft.max_batch_bytes = config.max_batch_bytes;
+    pbft.batch_timeout_ticks = if config.enable_batching {
+        ticks(config.batch_timeout)
+    } else {
+        0
+    };
+    pbft.view_change_timeout_ticks = ticks(config.view_change_timeout).max(2);
+    pbft.retransmit_ticks = ticks(config.election.heartbeat_interval).max(1);
+    if let Some(verifier) = &engine.verifier {
+        pbft.verifier = verifier.clone();
+    }
+    Ok(pbft)
+}
+
+/// The engine's in-process network, of the core it runs. (Public only so that the sealed
+/// [`EngineNetwork`] can name it; this module is private.)
+#[derive(Clone, Debug)]
+pub enum Network {
+    Raft(LocalNetwork<RaftNode>),
+    Pbft(LocalNetwork<PbftNode>),
+}
+
+impl Network {
+    pub(crate) fn disconnect(&self, node: NodeId) {
+        match self {
+            Network::Raft(network) => network.disconnect(node),
+            Network::Pbft(network) => network.disconnect(node),
+        }
+    }
+}
+
+/// An in-process network an engine can join: one of Raft's or one of PBFT's.
+pub trait EngineNetwork: sealed::Sealed {}
+
+pub(crate) mod sealed {
+    use super::{LocalNetwork, Network, PbftNode, RaftNode};
+
+    /// Only the crate's own networks, so that the engine knows every kind it may be given.
+    pub trait Sealed {
+        fn to_network(&self) -> Network;
+    }
+
+    impl Sealed for LocalNetwork<RaftNode> {
+        fn to_network(&self) -> Network {
+            Network::Raft(self.clone())
+        }
+    }
+
+    impl Sealed for LocalNetwork<PbftNode> {
+        fn to_network(&self) -> Network {
+            Network::Pbft(self.clone())
+        }
+    }
+}
+
+impl EngineNetwork for LocalNetwork<RaftNode> {}
+impl EngineNetwork for LocalNetwork<PbftNode> {}
+
+/// The sending end of the running driver's input queue.
+pub(crate) enum CoreInputs {
+    Raft(SyncSender<DriverInput<RaftNode>>),
+    Pbft(SyncSender<DriverInput<PbftNode>>),
+}
+
+impl CoreInputs {
+    /// Queues a proposal; see `DriverInput::Propose`.
+    pub(crate) fn propose(
+        &self,
+        data: bytes::Bytes,
+        reply: tokio::sync::oneshot::Sender<crate::engine::driver::Reply>,
+        route: u32,
+    ) -> std::result::Result<(), TrySendError<()>> {
+        match self {
+            CoreInputs::Raft(sender) => sender
+                .try_send(DriverInput::Propose { data, reply, route })
+                .map_err(forget_input),
+            CoreInputs::Pbft(sender) => sender
+                .try_send(DriverInput::Propose { data, reply, route })
+                .map_err(forget_input),
+        }
+    }
+
+    /// Asks a Raft leader to hand over to `to`; PBFT has no such request.
+    pub(crate) fn transfer_leadership(&self, to: NodeId) -> Result<()> {
+        match self {
+            CoreInputs::Raft(sender) => sender
+                .try_send(DriverInput::Control(raft::Control::TransferLeadership {
+                    to,
+                }))
+                .map_err(|_| Error::Rejected(crate::protocol::RejectReason::QueueFull)),
+            CoreInputs::Pbft(_) => Err(Error::Unsupported {
+                what: "leadership transfer under PBFT".into(),
+                reason: "a PBFT primary is fixed by the view number; a view change replaces it",
+            }),
+        }
+    }
+
+    /// Asks the driver to stop; `blocking` waits for room in the queue.
+    pub(crate) fn shutdown(&self, blocking: bool) {
+        match (self, blocking) {
+            (CoreInputs::Raft(sender), true) => drop(sender.send(DriverInput::Shutdown)),
+            (CoreInputs::Raft(sender), false) => drop(sender.try_send(DriverInput::Shutdown)),
+            (CoreInputs::Pbft(sender), true) => drop(sender.send(DriverInput::Shutdown)),
+            (CoreInputs::Pbft(sender), false) => drop(sender.try_send(DriverInput::Shutdown)),
+        }
+    }
+}
+
+/// The kind of a failed send, without the input it gives back.
+fn forget_input<T>(error: TrySendError<T>) -> TrySendError<()> {
+    match error {
+        TrySendError::Full(_) => TrySendError::Full(()),
+        TrySendError::Disconnected(_) => TrySendError::Disconnected(()),
+    }
+}
+
+/// The running TCP transport, of the core's messages.
+pub(crate) enum TcpHandle {
+    Raft(Arc<TcpTransport<raft::Message>>),
+    Pbft(Arc<TcpTransport<crate::protocol::pbft::Message>>),
+}
+
+impl TcpHandle {
+    /// Closes the listener and connections (frees the port for a restart) when this is the
+    /// last handle.
+    pub(crate) async fn shutdown(self) {
+        match self {
+            TcpHandle::Raft(transport) => {
+                if let Ok(transport) = Arc::try_unwrap(transport) {
+                    transport.shutdown().await;
+                }
+            }
+            TcpHandle::Pbft(transport) => {
+                if let Ok(transport) = Arc::try_unwrap(transport) {
+                    transport.shutdown().await;
+                }
+            }
+        }
+    }
+}
+
+/// Refuses peers given as bare `host:port` for a core whose members must be named.
+pub(crate) fn require_named_peers(config: &ConsensusConfig) -> Result<()> {
+    if let Some(unnamed) = config.peers.iter().find(|p| !p.contains('@')) {
+        return Err(ConfigError::Invalid {
+            field: "bootstrap_peers",
+            value: unnamed.clone(),
+            reason: "PBFT members are fixed by their keys: give every peer as name@host:port, \
+                     with the name its [consensus.validators] entry uses",
+        }
+        .into());
+    }
+    Ok(())
+}

@@ -120,10 +120,8 @@ pub struct ConsensusConfig {
     pub cluster_id: String,
     /// Socket and compression options of the TCP transport.
     pub network_config: NetworkConfig,
-    /// GPU adapter and memory settings.
-    ///
-    /// Accepted but not used yet: the GPU-optimized Raft issue opens the engine's GPU context
-    /// from it.
+    /// GPU adapter and memory settings: a PBFT engine with `gpu_enabled` opens its GPU context
+    /// from them (`gpu_device` and `gpu_memory_pool` take precedence over its two fields).
     pub gpu_config: GpuConfig,
     /// The other members: names for in-process clusters, or `host:port` / `name@host:port` for
     /// TCP (TOML: `bootstrap_peers`).
@@ -136,16 +134,16 @@ pub struct ConsensusConfig {
     pub request_timeout: Duration,
     /// Use the GPU for vote aggregation and signature batches.
     ///
-    /// Accepted but not used yet: the GPU-optimized Raft issue reads it.
+    /// PBFT: check peers' signatures with the automatic verifier over a GPU context (GPU above
+    /// its crossover batch size, CPU below). Raft: not used yet (the GPU-optimized Raft issue
+    /// reads it).
     pub gpu_enabled: bool,
-    /// Which wgpu adapter (index in enumeration order; TOML `gpu_device_id`).
-    ///
-    /// Accepted but not used yet: the GPU-optimized Raft issue reads it.
+    /// Which wgpu adapter (index in enumeration order; TOML `gpu_device_id`). Read with
+    /// `gpu_enabled` (PBFT today).
     pub gpu_device: u32,
     /// GPU buffer pool bound in bytes (TOML `gpu_memory_pool_mb`, in MiB).
     ///
-    /// Accepted and validated (at least 1) but not used yet: the GPU-optimized Raft issue reads
-    /// it.
+    /// Read with `gpu_enabled` (PBFT today).
     pub gpu_memory_pool: u64,
     /// Append at most this many proposals per batch.
     pub batch_size: usize,
@@ -359,13 +357,23 @@ impl ConsensusConfig {
                 "byzantine_threshold",
                 self.byzantine_threshold != default.byzantine_threshold,
             ),
-            ("gpu_enabled", self.gpu_enabled != default.gpu_enabled),
-            ("gpu_device", self.gpu_device != default.gpu_device),
+            (
+                "gpu_enabled",
+                self.algorithm != Algorithm::Pbft && self.gpu_enabled != default.gpu_enabled,
+            ),
+            (
+                "gpu_device",
+                self.algorithm != Algorithm::Pbft && self.gpu_device != default.gpu_device,
+            ),
             (
                 "gpu_memory_pool",
-                self.gpu_memory_pool != default.gpu_memory_pool,
+                self.algorithm != Algorithm::Pbft
+                    && self.gpu_memory_pool != default.gpu_memory_pool,
             ),
-            ("gpu_config", self.gpu_config != default.gpu_config),
+            (
+                "gpu_config",
+                self.algorithm != Algorithm::Pbft && self.gpu_config != default.gpu_config,
+            ),
             (
                 "key_file",
                 !self.algorithm.signs_messages() && self.key_file.is_some(),

@@ -168,3 +168,45 @@ async fn pbft_refuses_three_replicas_a_missing_key_and_unnamed_tcp_peers() {
         }
     }
 }
+
+/// With `gpu_enabled` the replicas check signatures with the automatic verifier over a GPU
+/// context. On a machine with a GPU adapter the context must open (CONSENSUS_REQUIRE_GPU makes a
+/// missing one a failure); on one without, the test says why it skips. Either way the cluster
+/// commits: the verifier's CPU path answers batches below its crossover.
+#[cfg(feature = "gpu")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_enabled_replicas_open_the_automatic_verifier_and_commit() {
+    let adapters = consensus::gpu::GpuContext::adapters();
+    if adapters.is_empty() {
+        assert!(
+            std::env::var_os("CONSENSUS_REQUIRE_GPU").is_none(),
+            "CONSENSUS_REQUIRE_GPU is set and no GPU adapter is present"
+        );
+        eprintln!("skipped: no GPU adapter on this machine");
+        return;
+    }
+    eprintln!("adapters: {adapters:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::<PbftNode>::default();
+    let mut engines = Vec::new();
+    for config in configs(dir.path(), |_, peer| peer.to_string()) {
+        let mut engine = ConsensusEngine::new(config.gpu_enabled(true))
+            .unwrap()
+            .with_local_network(&network);
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    assert!(propose_until_committed(&engines, 2, "on-gpu-settings").await >= 1);
+    let software = adapters[0].device_type == wgpu::DeviceType::Cpu;
+    for engine in &engines {
+        match engine.gpu_signature_verifier() {
+            Some(Ok(adapter)) => eprintln!("GPU verifier on {adapter}"),
+            // lavapipe on some hosts fails the verifier's own self-check (see tests/sigverify.rs);
+            // a hardware GPU must pass it.
+            Some(Err(reason)) if software => {
+                eprintln!("skipped the GPU part: the software adapter's verifier: {reason}")
+            }
+            other => panic!("no GPU verifier with a hardware adapter present: {other:?}"),
+        }
+    }
+}

@@ -303,3 +303,55 @@ pub(crate) fn require_named_peers(config: &ConsensusConfig) -> Result<()> {
     }
     Ok(())
 }
+
+/// The verifier a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses: the automatic one
+/// (GPU above its measured crossover, CPU below; a software adapter is never chosen) over one
+/// GPU context per process and adapter, opened by the first engine that asks and shared by the
+/// rest. Without an adapter, or when the GPU verifier cannot be built (a failed self-check),
+/// the automatic verifier runs on the CPU alone and the reason is logged once.
+#[cfg(feature = "gpu")]
+pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::gpu::{AutoSignatureVerifier, GpuContext, GpuSignatureVerifier};
+
+    static OPENED: OnceLock<Mutex<BTreeMap<u32, SharedVerifier>>> = OnceLock::new();
+    let mut opened = crate::sync::lock(OPENED.get_or_init(Mutex::default));
+    let device = config.gpu_device;
+    let verifier = opened.entry(device).or_insert_with(|| {
+        let mut gpu_config = config.gpu_config.clone();
+        gpu_config.device_id = device;
+        gpu_config.memory_pool_size = config.gpu_memory_pool;
+        let gpu = GpuContext::new(gpu_config)
+            .map_err(|error| error.to_string())
+            .and_then(|context| {
+                GpuSignatureVerifier::new(Arc::new(context)).map_err(|error| error.to_string())
+            });
+        let (gpu, status) = match gpu {
+            Ok(gpu) => {
+                let adapter = gpu.context().adapter_name().to_string();
+                tracing::info!(%adapter, "PBFT signatures: GPU verifier ready");
+                (Some(gpu), Ok(adapter))
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "PBFT signatures: no GPU verifier; the CPU checks them");
+                (None, Err(reason))
+            }
+        };
+        SharedVerifier {
+            verifier: Arc::new(AutoSignatureVerifier::new(gpu)),
+            gpu: status,
+        }
+    });
+    verifier.clone()
+}
+
+/// A verifier opened for `gpu_enabled`, and what became of its GPU.
+#[cfg(feature = "gpu")]
+#[derive(Clone)]
+pub(crate) struct SharedVerifier {
+    pub(crate) verifier: Arc<dyn crate::gpu::SignatureVerifier>,
+    /// The adapter the GPU verifier runs on, or why there is none.
+    pub(crate) gpu: std::result::Result<String, String>,
+}

@@ -85,6 +85,8 @@ pub struct ConsensusEngine {
     identity: Option<SigningIdentity>,
     /// What checks peers' signatures (see [`ConsensusEngine::with_signature_verifier`]).
     verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+    /// With `gpu_enabled` under PBFT: the adapter of the GPU verifier, or why there is none.
+    gpu_verifier: Option<std::result::Result<String, String>>,
     /// Held until start; behind a mutex only so that the engine is `Sync` (stores and state
     /// machines need only be `Send`), never contended.
     store: Mutex<Option<Box<dyn LogStore>>>,
@@ -132,6 +134,7 @@ impl ConsensusEngine {
             config,
             identity,
             verifier: None,
+            gpu_verifier: None,
             store: Mutex::new(None),
             network: None,
             state_machine: Mutex::new(None),
@@ -155,15 +158,24 @@ impl ConsensusEngine {
     /// sends batches above its crossover to the GPU. The driver hands it each round's
     /// signatures as one batch. Raft signs nothing and ignores it.
     ///
-    /// Not opened from [`ConsensusConfig::gpu_enabled`] on its own: opening a GPU context
-    /// compiles pipelines (seconds on a cold shader cache), which an application should choose
-    /// to pay, and share between engines of one process.
+    /// Without it, a PBFT engine with [`ConsensusConfig::gpu_enabled`] opens the automatic
+    /// verifier over one GPU context per process (the first start pays for compiling the
+    /// pipelines: seconds on a cold shader cache); otherwise the CPU checks signatures.
     pub fn with_signature_verifier(
         mut self,
         verifier: Arc<dyn crate::gpu::SignatureVerifier>,
     ) -> Self {
         self.verifier = Some(verifier);
         self
+    }
+
+    /// Under PBFT with [`ConsensusConfig::gpu_enabled`], once started: `Ok(adapter name)` when
+    /// signatures go to a GPU verifier (above its crossover batch size), or `Err(why not)` when
+    /// the CPU checks them all; `None` when the engine opened no GPU verifier.
+    pub fn gpu_signature_verifier(&self) -> Option<std::result::Result<&str, &str>> {
+        self.gpu_verifier
+            .as_ref()
+            .map(|status| status.as_ref().map(String::as_str).map_err(String::as_str))
     }
 
     /// Joins an in-process network (no sockets) instead of TCP: a `LocalNetwork` (Raft's) or a
@@ -275,6 +287,16 @@ impl ConsensusEngine {
                 transport
             }
         };
+        #[cfg(feature = "gpu")]
+        if self.verifier.is_none() && self.config.gpu_enabled && self.identity.is_some() {
+            let config = self.config.clone();
+            let shared =
+                tokio::task::spawn_blocking(move || self::core::shared_gpu_verifier(&config))
+                    .await
+                    .map_err(|error| Error::Io(error.to_string()))?;
+            self.verifier = Some(shared.verifier);
+            self.gpu_verifier = Some(shared.gpu);
+        }
         let settings = CoreSettings {
             config: self.config.clone(),
             identity: self.identity.clone(),

@@ -170,14 +170,15 @@ pub struct ConsensusConfig {
     /// PBFT: sequence numbers (batches) between checkpoints; the window of sequence numbers a
     /// replica accepts is twice this past its stable checkpoint. Unused by Raft.
     pub checkpoint_interval: u64,
-    /// Run with Byzantine fault tolerance.
-    ///
-    /// Accepted but not used yet: the Byzantine-detection issue reads it.
+    /// PBFT: detect provably Byzantine replicas and exclude them (the engine's
+    /// [`ByzantineConfig`](crate::ByzantineConfig) with its defaults otherwise; see
+    /// [`ConsensusEngine::with_byzantine_config`](crate::ConsensusEngine::with_byzantine_config)).
+    /// PBFT tolerates f faulty replicas either way; this adds evidence and punishment. Unused
+    /// by Raft.
     pub byzantine_fault_tolerance: bool,
-    /// Fraction of members that may be Byzantine.
-    ///
-    /// Accepted and validated (in `[0, 1/3]`) but not used yet: the Byzantine-detection issue
-    /// reads it.
+    /// Fraction of members that may be Byzantine (in `[0, 1/3]`). With
+    /// `byzantine_fault_tolerance` under PBFT the member count must honour it
+    /// ([`ByzantineConfig::validate_for`](crate::ByzantineConfig::validate_for)).
     pub byzantine_threshold: f64,
     /// File holding this node's ed25519 secret key: 64 hex characters (32 bytes), surrounding
     /// whitespace allowed; `consensus-node keygen FILE` or [`crate::keys::generate_key_file`]
@@ -351,11 +352,13 @@ impl ConsensusConfig {
             ),
             (
                 "byzantine_fault_tolerance",
-                self.byzantine_fault_tolerance != default.byzantine_fault_tolerance,
+                self.algorithm != Algorithm::Pbft
+                    && self.byzantine_fault_tolerance != default.byzantine_fault_tolerance,
             ),
             (
                 "byzantine_threshold",
-                self.byzantine_threshold != default.byzantine_threshold,
+                self.algorithm != Algorithm::Pbft
+                    && self.byzantine_threshold != default.byzantine_threshold,
             ),
             (
                 "gpu_enabled",

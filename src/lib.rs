@@ -22,6 +22,7 @@
 // in the full build, which is the one docs.rs publishes.
 #![cfg_attr(not(feature = "gpu"), allow(rustdoc::broken_intra_doc_links))]
 
+pub mod byzantine;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -40,6 +41,7 @@ mod sync;
 pub mod transport;
 pub mod types;
 
+pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use config::{Algorithm, ConsensusConfig, ElectionConfig};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};

@@ -5,9 +5,9 @@
 //! readers never block the protocol.
 //!
 //! Every family is registered and exported from the start, because the product spec promises the
-//! names, but two have no recorder yet and stay at zero until a later issue wires them:
-//! `consensus_byzantine_detections_total` (the Byzantine-detection issue) and
+//! names, but one has no recorder yet and stays at zero until a later issue wires it:
 //! `consensus_gpu_cpu_fallbacks_total` (the GPU-optimized Raft issue).
+//! `consensus_byzantine_detections_total` counts replicas proven Byzantine (once each).
 //! `consensus_vote_processing_duration_seconds` times each round's batch of signature checks
 //! under PBFT (Raft checks none; the GPU-optimized Raft issue adds its vote batches).
 
@@ -35,8 +35,8 @@ pub struct Metrics {
     /// issue aggregates and verifies votes in batches and records each batch.
     vote_processing: Histogram,
     leader_changes: Counter,
-    /// `consensus_byzantine_detections_total`: stays at zero until the Byzantine-detection issue
-    /// reports equivocations and forged messages.
+    /// `consensus_byzantine_detections_total`: replicas proven Byzantine, once per offender
+    /// (forged messages prove nothing and count in `consensus_invalid_messages_total`).
     byzantine_detections: Counter,
     /// `consensus_invalid_messages_total`: peer messages dropped because a signature in them
     /// did not verify (never evidence: anyone can forge a bad signature in another's name).
@@ -210,11 +210,7 @@ impl Metrics {
         }
     }
 
-    /// Records a detected Byzantine behaviour.
-    #[allow(
-        dead_code,
-        reason = "the Byzantine-detection issue calls it from the engine"
-    )]
+    /// Records a replica proven Byzantine (once per offender).
     pub(crate) fn record_byzantine_detection(&self) {
         self.byzantine_detections.inc();
     }
@@ -380,8 +376,7 @@ pub struct MetricsSnapshot {
     pub proposals_rejected: u64,
     /// Leader changes seen since start.
     pub leader_changes: u64,
-    /// Byzantine behaviours detected since start. Zero until the Byzantine-detection issue
-    /// records them.
+    /// Replicas proven Byzantine since start (once per offender).
     pub byzantine_detections: u64,
     /// Peer messages dropped since start because a signature did not verify.
     pub invalid_messages: u64,

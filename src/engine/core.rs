@@ -56,6 +56,8 @@ pub(crate) struct CoreSettings {
     pub(crate) identity: Option<SigningIdentity>,
     /// The verifier a signing core checks peers' signatures with; the CPU one when `None`.
     pub(crate) verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+    /// Detection and punishment (PBFT).
+    pub(crate) byzantine: crate::byzantine::ByzantineConfig,
 }
 
 impl EngineCore for RaftNode {
@@ -160,6 +162,8 @@ fn pbft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<PbftConfig
     if let Some(verifier) = &engine.verifier {
         pbft.verifier = verifier.clone();
     }
+    pbft.detection_enabled = engine.byzantine.detection_enabled;
+    pbft.punishment_policy = engine.byzantine.punishment_policy;
     Ok(pbft)
 }
 

@@ -136,6 +136,8 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) leader: watch::Sender<LeaderInfo>,
     pub(crate) leader_callbacks: LeaderCallbacks,
+    /// Detections, excluded replicas, detectors and callbacks (see [`crate::byzantine`]).
+    pub(crate) byzantine: crate::byzantine::SharedByzantine,
     pub(crate) settings: DriverSettings,
     /// Pending requests, dedup and the state machine: the stage the simulator runs too.
     pub(crate) apply: ApplyStage<ReplyTo, Instant>,
@@ -292,6 +294,12 @@ impl<P: Protocol> Driver<P> {
                 .events
                 .iter()
                 .any(|e| matches!(e, Event::LeaderChanged { .. }));
+            for event in &out.events {
+                if let Event::ByzantineDetected { offender, offence } = *event {
+                    self.metrics.record_byzantine_detection();
+                    lock(&self.byzantine).detected(offender, offence);
+                }
+            }
             out.clear();
             if !self.answers.is_empty() {
                 self.answer(None);

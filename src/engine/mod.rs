@@ -85,6 +85,10 @@ pub struct ConsensusEngine {
     identity: Option<SigningIdentity>,
     /// What checks peers' signatures (see [`ConsensusEngine::with_signature_verifier`]).
     verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+    /// Byzantine settings, detections and their listeners (shared with the driver).
+    byzantine: crate::byzantine::SharedByzantine,
+    /// The Byzantine settings the core runs with.
+    byzantine_config: crate::byzantine::ByzantineConfig,
     /// With `gpu_enabled` under PBFT: the adapter of the GPU verifier, or why there is none.
     gpu_verifier: Option<std::result::Result<String, String>>,
     /// Held until start; behind a mutex only so that the engine is `Sync` (stores and state
@@ -120,9 +124,19 @@ impl ConsensusEngine {
     /// reported before anything starts.
     pub fn new(config: ConsensusConfig) -> Result<Self> {
         config.validate()?;
+        let byzantine_config = crate::byzantine::ByzantineConfig {
+            fault_threshold: config.byzantine_threshold,
+            detection_enabled: config.byzantine_fault_tolerance,
+            punishment_policy: crate::byzantine::PunishmentPolicy::Exclude,
+        };
         let identity = match config.algorithm {
             Algorithm::Raft => None,
-            Algorithm::Pbft => Some(config.signing_identity()?),
+            Algorithm::Pbft => {
+                if config.byzantine_fault_tolerance {
+                    byzantine_config.validate_for(config.voter_ids().len())?;
+                }
+                Some(config.signing_identity()?)
+            }
             Algorithm::GpuOptimizedRaft => {
                 return Err(Error::Unsupported {
                     what: format!("algorithm {}", config.algorithm.as_str()),
@@ -135,6 +149,8 @@ impl ConsensusEngine {
             identity,
             verifier: None,
             gpu_verifier: None,
+            byzantine: Default::default(),
+            byzantine_config,
             store: Mutex::new(None),
             network: None,
             state_machine: Mutex::new(None),
@@ -167,6 +183,46 @@ impl ConsensusEngine {
     ) -> Self {
         self.verifier = Some(verifier);
         self
+    }
+
+    /// Sets how this node treats Byzantine replicas (instead of the configuration's
+    /// `byzantine_fault_tolerance` and `byzantine_threshold`). Needs PBFT: Raft assumes no
+    /// replica lies. Refuses a threshold the member count cannot honour, saying why.
+    pub fn with_byzantine_config(
+        mut self,
+        config: crate::byzantine::ByzantineConfig,
+    ) -> Result<Self> {
+        if self.config.algorithm != Algorithm::Pbft {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "Byzantine tolerance under {}",
+                    self.config.algorithm.as_str()
+                ),
+                reason: "Raft assumes no replica lies; use algorithm pbft",
+            });
+        }
+        config.validate_for(self.config.voter_ids().len())?;
+        self.byzantine_config = config;
+        Ok(self)
+    }
+
+    /// Registers `detector` to see every replica this node proves Byzantine.
+    pub fn register_detector(&self, detector: crate::byzantine::ByzantineDetector) {
+        lock(&self.byzantine).detectors.push(detector);
+    }
+
+    /// Runs `callback` with each replica this node proves Byzantine, once per offender, on the
+    /// driver thread (keep it short). Under [`PunishmentPolicy::Exclude`] the offender is
+    /// already excluded when it runs.
+    ///
+    /// [`PunishmentPolicy::Exclude`]: crate::byzantine::PunishmentPolicy::Exclude
+    pub fn on_byzantine_detected(&self, callback: impl Fn(NodeId) + Send + 'static) {
+        lock(&self.byzantine).callbacks.push(Box::new(callback));
+    }
+
+    /// The offenders this node holds evidence against, and those it excludes.
+    pub fn byzantine_report(&self) -> crate::byzantine::ByzantineReport {
+        lock(&self.byzantine).report.clone()
     }
 
     /// Under PBFT with [`ConsensusConfig::gpu_enabled`], once started: `Ok(adapter name)` when
@@ -297,10 +353,12 @@ impl ConsensusEngine {
             self.verifier = Some(shared.verifier);
             self.gpu_verifier = Some(shared.gpu);
         }
+        lock(&self.byzantine).policy = self.byzantine_config.punishment_policy;
         let settings = CoreSettings {
             config: self.config.clone(),
             identity: self.identity.clone(),
             verifier: self.verifier.clone(),
+            byzantine: self.byzantine_config,
         };
         // Checked before the retained state is taken, so that a refused start keeps it.
         P::check(&settings, &members)?;
@@ -338,6 +396,7 @@ impl ConsensusEngine {
             metrics: self.metrics.clone(),
             leader: self.leader.clone(),
             leader_callbacks: self.leader_callbacks.clone(),
+            byzantine: self.byzantine.clone(),
             settings: DriverSettings {
                 tick: self.config.tick(),
                 request_timeout: self.config.request_timeout,

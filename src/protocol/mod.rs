@@ -129,6 +129,14 @@ pub struct Rejection {
 /// Something the driver may want to tell the world about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// This node holds proof that `offender` misbehaved (once per offender; see
+    /// [`pbft::Evidence`]).
+    ByzantineDetected {
+        /// The replica the proof names.
+        offender: NodeId,
+        /// What it did ([`pbft::Offence::as_str`]).
+        offence: &'static str,
+    },
     /// The node learned of a new leader, or lost track of the old one.
     LeaderChanged {
         /// The term in which this is so.

@@ -72,6 +72,14 @@ pub enum Violation {
         /// The sequence number both executed through.
         seq: u64,
     },
+    /// An honest replica holds evidence against another honest one (every simulated replica
+    /// runs honest code, so any evidence is a false accusation).
+    FalseAccusation {
+        /// The replica holding the evidence.
+        accuser: NodeId,
+        /// The replica it names.
+        accused: NodeId,
+    },
     /// A node's state machine refused an entry (gap, reordering or an undecodable command).
     Apply {
         /// The node.
@@ -119,6 +127,7 @@ impl Violation {
                 | Violation::LeaderCompleteness { .. }
                 | Violation::StateMachineSafety { .. }
                 | Violation::Agreement { .. }
+                | Violation::FalseAccusation { .. }
                 | Violation::Linearizability { .. }
         )
     }
@@ -175,6 +184,12 @@ impl fmt::Display for Violation {
                 f,
                 "agreement: {a} and {b} executed through sequence {seq} into different states"
             ),
+            Violation::FalseAccusation { accuser, accused } => {
+                write!(
+                    f,
+                    "false accusation: {accuser} holds evidence against honest {accused}"
+                )
+            }
             Violation::Scenario { detail } => write!(f, "scenario: {detail}"),
         }
     }

@@ -139,10 +139,19 @@ impl SimProtocol for PbftNode {
         Ok(())
     }
 
-    /// Agreement: the executed logs of every two replicas agree on their common prefix, and
-    /// two replicas that executed through the same sequence number hold the same state chain
-    /// (so they executed the same batches, null ones included).
+    /// No replica holds evidence against another (all run honest code), and agreement: the
+    /// executed logs of every two replicas agree on their common prefix, and two replicas
+    /// that executed through the same sequence number hold the same state chain (so they
+    /// executed the same batches, null ones included).
     fn check_all(nodes: &[&Self], _monitor: &SafetyMonitor) -> Result<(), Violation> {
+        for node in nodes {
+            if let Some(&accused) = node.evidence().keys().next() {
+                return Err(Violation::FalseAccusation {
+                    accuser: node.id(),
+                    accused,
+                });
+            }
+        }
         for (i, a) in nodes.iter().enumerate() {
             for b in &nodes[i + 1..] {
                 let common = a.log().len().min(b.log().len());

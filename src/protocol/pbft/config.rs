@@ -56,6 +56,11 @@ pub struct PbftConfig {
     pub view_change_timeout_ticks: u32,
     /// Ticks between retransmissions of what this replica said about unfinished work.
     pub retransmit_ticks: u32,
+    /// Look for provable misbehaviour (conflicting signed statements, unjustified new-views),
+    /// keep the evidence and share it.
+    pub detection_enabled: bool,
+    /// What to do about a replica proven Byzantine.
+    pub punishment_policy: super::PunishmentPolicy,
     /// Deliberate bugs for the simulator's self-tests (feature `sim`).
     #[cfg(any(test, feature = "sim"))]
     pub injected_bugs: InjectedBugs,
@@ -79,7 +84,7 @@ impl std::fmt::Debug for PbftConfig {
 impl PbftConfig {
     /// Settings with the usual values: checkpoints every 128 sequence numbers, batches of up to
     /// 1,024 requests or 1 MiB, a view change after 20 ticks without progress, retransmission
-    /// every 4 ticks, the CPU signature verifier.
+    /// every 4 ticks, the CPU signature verifier, detection on with offenders excluded.
     pub fn new(
         id: NodeId,
         members: Vec<NodeId>,
@@ -99,6 +104,8 @@ impl PbftConfig {
             max_pending_proposals: 1 << 16,
             view_change_timeout_ticks: 20,
             retransmit_ticks: 4,
+            detection_enabled: true,
+            punishment_policy: super::PunishmentPolicy::Exclude,
             #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),
         }

@@ -305,6 +305,8 @@ pub enum Message {
     },
     /// The answer to a [`Message::Fetch`].
     CatchUp(Box<CatchUp>),
+    /// Proof that a replica misbehaved, passed on to every replica.
+    Evidence(Box<super::Evidence>),
 }
 
 impl Message {
@@ -314,6 +316,7 @@ impl Message {
             Message::Forward(_) | Message::Progress { .. } | Message::Fetch { .. } => {}
             Message::PrePrepare { pre_prepare, .. } => visit(pre_prepare),
             Message::Signed(signed) => signed.for_each_signed(visit),
+            Message::Evidence(evidence) => evidence.for_each_signed(visit),
             Message::CatchUp(catch_up) => {
                 if let Some(checkpoint) = &catch_up.checkpoint {
                     checkpoint.votes.iter().for_each(&mut *visit);

@@ -24,6 +24,8 @@
 
 mod checkpoint;
 mod config;
+mod detection;
+mod evidence;
 mod message;
 mod node;
 mod normal;
@@ -32,6 +34,7 @@ mod view_change;
 #[cfg(any(test, feature = "sim"))]
 pub use config::InjectedBugs;
 pub use config::PbftConfig;
+pub use evidence::{Evidence, Offence, PunishmentPolicy};
 pub use message::{
     Batch, CatchUp, CheckpointProof, CommittedBatch, Digest, Message, NewView, PreparedCertificate,
     Request, Seq, Signed, Statement, View, ViewChange, chain_state,
@@ -61,6 +64,8 @@ pub(crate) mod records {
     pub const SLOT_PREFIX: &[u8] = b"pbft/slot/";
     /// Per stable checkpoint: its proof.
     pub const CHECKPOINT_PREFIX: &[u8] = b"pbft/checkpoint/";
+    /// Per offender: the first evidence against it.
+    pub const EVIDENCE_PREFIX: &[u8] = b"pbft/evidence/";
 
     fn keyed(prefix: &[u8], seq: Seq) -> Vec<u8> {
         let mut key = prefix.to_vec();
@@ -74,6 +79,10 @@ pub(crate) mod records {
 
     pub fn checkpoint_key(seq: Seq) -> Vec<u8> {
         keyed(CHECKPOINT_PREFIX, seq)
+    }
+
+    pub fn evidence_key(offender: crate::types::NodeId) -> Vec<u8> {
+        keyed(EVIDENCE_PREFIX, offender.0)
     }
 
     /// The sequence number of a slot or checkpoint key.

@@ -115,6 +115,11 @@ pub struct PbftNode {
     /// `executed` at the last retransmission: unchanged since means stalled.
     pub(super) executed_at_retransmit: Seq,
 
+    /// The first evidence held against each offender.
+    pub(super) evidence: BTreeMap<NodeId, super::Evidence>,
+    /// Replicas whose messages are dropped and who count toward no quorum (offenders, under
+    /// [`PunishmentPolicy::Exclude`](super::PunishmentPolicy::Exclude)).
+    pub(super) excluded: std::collections::BTreeSet<NodeId>,
     /// The durable records as the store holds them once the pending write is durable.
     pub(super) records: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Messages dropped because a signature did not verify.
@@ -238,6 +243,8 @@ impl PbftNode {
             watched: BTreeMap::new(),
             peers_executed: BTreeMap::new(),
             executed_at_retransmit: 0,
+            evidence: BTreeMap::new(),
+            excluded: std::collections::BTreeSet::new(),
             records: recovered.records.clone(),
             invalid_messages: 0,
             announced: None,
@@ -279,6 +286,19 @@ impl PbftNode {
                 self.stable = proof.clone();
             }
             self.proofs.insert(proof.seq, proof);
+        }
+        let evidence: Vec<super::Evidence> = self
+            .records
+            .range(records::EVIDENCE_PREFIX.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(records::EVIDENCE_PREFIX))
+            .map(|(_, bytes)| decode(bytes).map_err(|e| corrupt("evidence", e)))
+            .collect::<Result<_, ConfigError>>()?;
+        for evidence in evidence {
+            let offender = evidence.offender();
+            if self.config.punishment_policy == super::PunishmentPolicy::Exclude {
+                self.excluded.insert(offender);
+            }
+            self.evidence.insert(offender, evidence);
         }
         if let Some(bytes) = self.records.get(records::VIEW) {
             let record: ViewRecord = decode(bytes).map_err(|e| corrupt("view", e))?;
@@ -361,6 +381,16 @@ impl PbftNode {
     /// Executed entries, from index 1.
     pub fn log(&self) -> &[Entry] {
         &self.log
+    }
+
+    /// The evidence this replica holds, one piece per offender.
+    pub fn evidence(&self) -> &BTreeMap<NodeId, super::Evidence> {
+        &self.evidence
+    }
+
+    /// Replicas this replica no longer hears or counts.
+    pub fn excluded(&self) -> &std::collections::BTreeSet<NodeId> {
+        &self.excluded
     }
 
     /// Messages dropped so far because a signature did not verify.
@@ -501,13 +531,17 @@ impl PbftNode {
         if !self.is_member(from) || from == self.config.id {
             return;
         }
+        // An excluded replica is not heard, except when it relays evidence (checked alone).
+        if self.excluded.contains(&from) && !matches!(message, Message::Evidence(_)) {
+            return;
+        }
         match message {
             Message::Forward(requests) => self.on_forward(requests, out),
             Message::PrePrepare { pre_prepare, batch } => {
                 self.on_pre_prepare(pre_prepare, batch, out)
             }
             Message::Signed(signed) => {
-                if !self.is_member(signed.signer) {
+                if !self.is_member(signed.signer) || self.excluded.contains(&signed.signer) {
                     return;
                 }
                 match &signed.statement {
@@ -526,6 +560,7 @@ impl PbftNode {
             }
             Message::Fetch { executed } => self.on_fetch(from, executed, out),
             Message::CatchUp(catch_up) => self.on_catch_up(*catch_up, out),
+            Message::Evidence(evidence) => self.on_evidence(*evidence, out),
         }
     }
 

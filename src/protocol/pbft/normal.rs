@@ -150,10 +150,13 @@ impl PbftNode {
         {
             if accepted.digest != digest {
                 // Two pre-prepares for one (view, seq): the primary equivocated, provably.
-                // Nothing more is accepted from it; a view change replaces it.
-                tracing::warn!(node = %self.config.id, primary = %pre_prepare.signer, view, seq,
-                    "primary equivocated; asking for a view change");
-                self.start_view_change(self.view + 1, out);
+                // Whatever the punishment policy, it is replaced now rather than after a
+                // timeout.
+                let held = accepted.pre_prepare.clone();
+                self.check_conflict(&held, &pre_prepare, out);
+                if self.view == view && self.view_active {
+                    self.start_view_change(self.view + 1, out);
+                }
             }
             return;
         }
@@ -213,8 +216,13 @@ impl PbftNode {
             return;
         }
         let signer = prepare.signer;
-        self.slot_mut(seq).prepares.entry(signer).or_insert(prepare);
-        self.check_prepared(seq, out);
+        match self.slot_mut(seq).prepares.get(&signer).cloned() {
+            Some(held) => self.check_conflict(&held, &prepare, out),
+            None => {
+                self.slot_mut(seq).prepares.insert(signer, prepare);
+                self.check_prepared(seq, out);
+            }
+        }
     }
 
     /// Once the pre-prepare and 2f matching prepares from distinct backups are in: persist the
@@ -265,8 +273,13 @@ impl PbftNode {
         if !self.view_active || view != self.view || !self.in_window(seq) || seq <= self.executed {
             return;
         }
-        self.slot_mut(seq).commits.entry(signer).or_insert(commit);
-        self.check_committed(seq, out);
+        match self.slot_mut(seq).commits.get(&signer).cloned() {
+            Some(held) => self.check_conflict(&held, &commit, out),
+            None => {
+                self.slot_mut(seq).commits.insert(signer, commit);
+                self.check_committed(seq, out);
+            }
+        }
     }
 
     /// Committed-local: prepared here and 2f + 1 matching commits (this replica's included).

@@ -399,7 +399,8 @@ fn a_prepared_batch_survives_the_view_change() {
 
 #[test]
 fn a_new_view_whose_reproposals_do_not_follow_is_refused() {
-    let mut cluster = Cluster::new(4);
+    // Without detection, so that the forger is not excluded and its genuine new-view counts.
+    let mut cluster = Cluster::with(4, |config| config.detection_enabled = false);
     cluster.propose(1, 1, b"a");
     cluster.cut_off.insert(NodeId(1));
     cluster.propose(3, 2, b"b");
@@ -513,4 +514,340 @@ fn a_restarted_replica_recovers_its_view_log_and_promises() {
     );
     cluster.propose(1, 3, b"c");
     assert_eq!(cluster.data_applied(3).len(), 3);
+}
+
+fn signed(statement: Statement, by: u64) -> Signed {
+    Signed::sign(statement, NodeId(by), &test_signing_key(NodeId(by)))
+}
+
+fn deliver_to(cluster: &mut Cluster, to: u64, from: u64, message: Message) {
+    let node = cluster.nodes[to as usize - 1].as_mut().unwrap();
+    let mut round = vec![Envelope {
+        from: NodeId(from),
+        to: NodeId(to),
+        message,
+    }];
+    node.authenticate(&mut round);
+    if let Some(envelope) = round.pop() {
+        cluster.step(to, Input::Message(envelope));
+    }
+}
+
+fn digest_of(data: &'static [u8]) -> Digest {
+    Batch {
+        requests: vec![Request {
+            tag: crate::types::ProposalTag {
+                proposer: NodeId(1),
+                request_id: 1,
+            },
+            data: Bytes::from_static(data),
+        }],
+    }
+    .digest()
+}
+
+#[test]
+fn a_double_vote_is_proven_shared_and_its_signer_excluded_everywhere() {
+    let mut cluster = Cluster::new(4);
+    let first = signed(
+        Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"x"),
+        },
+        3,
+    );
+    let second = signed(
+        Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        3,
+    );
+    deliver_to(&mut cluster, 2, 3, Message::Signed(first));
+    deliver_to(&mut cluster, 2, 3, Message::Signed(second));
+    cluster.run(); // the evidence travels
+    for id in [1, 2, 4] {
+        let node = cluster.node(id);
+        assert_eq!(
+            node.evidence().keys().copied().collect::<Vec<_>>(),
+            vec![NodeId(3)],
+            "replica {id}"
+        );
+        assert_eq!(node.evidence()[&NodeId(3)].offence(), Offence::DoubleVote);
+        assert!(node.excluded().contains(&NodeId(3)), "replica {id}");
+    }
+    // The three others still commit without it.
+    cluster.propose(1, 1, b"after");
+    for id in [1, 2, 4] {
+        assert_eq!(
+            cluster.data_applied(id),
+            vec![Bytes::from("after")],
+            "replica {id}"
+        );
+    }
+}
+
+#[test]
+fn an_equivocating_primary_is_proven_and_replaced_at_once() {
+    let mut cluster = Cluster::new(4);
+    let batch_a = Batch {
+        requests: vec![Request {
+            tag: crate::types::ProposalTag {
+                proposer: NodeId(1),
+                request_id: 1,
+            },
+            data: Bytes::from_static(b"a"),
+        }],
+    };
+    let batch_b = Batch {
+        requests: vec![Request {
+            tag: crate::types::ProposalTag {
+                proposer: NodeId(1),
+                request_id: 2,
+            },
+            data: Bytes::from_static(b"b"),
+        }],
+    };
+    let pre_a = signed(
+        Statement::PrePrepare {
+            view: 0,
+            seq: 1,
+            digest: batch_a.digest(),
+        },
+        1,
+    );
+    let pre_b = signed(
+        Statement::PrePrepare {
+            view: 0,
+            seq: 1,
+            digest: batch_b.digest(),
+        },
+        1,
+    );
+    deliver_to(
+        &mut cluster,
+        2,
+        1,
+        Message::PrePrepare {
+            pre_prepare: pre_a,
+            batch: batch_a,
+        },
+    );
+    deliver_to(
+        &mut cluster,
+        2,
+        1,
+        Message::PrePrepare {
+            pre_prepare: pre_b,
+            batch: batch_b,
+        },
+    );
+    let backup = cluster.node(2);
+    assert_eq!(
+        backup.evidence()[&NodeId(1)].offence(),
+        Offence::EquivocatingPrimary
+    );
+    assert!(
+        backup.is_changing_view() && backup.view() == 1,
+        "no timeout waited: {backup:?}"
+    );
+    cluster.cut_off.insert(NodeId(1));
+    cluster.run();
+    cluster.tick_all(5);
+    for id in 2..=4 {
+        let node = cluster.node(id);
+        assert!(node.excluded().contains(&NodeId(1)), "replica {id}");
+        assert_eq!(node.primary(), NodeId(2), "replica {id}: {node:?}");
+    }
+}
+
+#[test]
+fn what_proves_nothing_accuses_no_one() {
+    let mut cluster = Cluster::new(4);
+    // The same digest twice is a retransmission, not an offence.
+    let vote = signed(
+        Statement::Commit {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"x"),
+        },
+        3,
+    );
+    deliver_to(&mut cluster, 2, 3, Message::Signed(vote.clone()));
+    deliver_to(&mut cluster, 2, 3, Message::Signed(vote.clone()));
+    // Evidence with one byte changed fails its signature check and is dropped.
+    let other = signed(
+        Statement::Commit {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        3,
+    );
+    let mut forged = other.clone();
+    let mut bytes = forged.signature.to_vec();
+    bytes[0] ^= 1;
+    forged.signature = bytes.into();
+    deliver_to(
+        &mut cluster,
+        4,
+        1,
+        Message::Evidence(Box::new(Evidence::Conflicting {
+            first: vote.clone(),
+            second: forged,
+        })),
+    );
+    // Statements of two signers, or two views, do not conflict.
+    let other_signer = signed(
+        Statement::Commit {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        4,
+    );
+    deliver_to(
+        &mut cluster,
+        1,
+        2,
+        Message::Evidence(Box::new(Evidence::Conflicting {
+            first: vote.clone(),
+            second: other_signer,
+        })),
+    );
+    let other_view = signed(
+        Statement::Commit {
+            view: 1,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        3,
+    );
+    deliver_to(
+        &mut cluster,
+        1,
+        2,
+        Message::Evidence(Box::new(Evidence::Conflicting {
+            first: vote,
+            second: other_view,
+        })),
+    );
+    cluster.run();
+    for id in 1..=4 {
+        assert!(
+            cluster.node(id).evidence().is_empty(),
+            "replica {id} accused someone"
+        );
+    }
+    assert_eq!(cluster.node(4).invalid_messages(), 1);
+}
+
+#[test]
+fn under_report_the_offender_is_named_but_still_heard() {
+    let mut cluster = Cluster::with(4, |config| {
+        config.punishment_policy = PunishmentPolicy::Report
+    });
+    let first = signed(
+        Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"x"),
+        },
+        3,
+    );
+    let second = signed(
+        Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        3,
+    );
+    deliver_to(&mut cluster, 2, 3, Message::Signed(first));
+    deliver_to(&mut cluster, 2, 3, Message::Signed(second));
+    cluster.run();
+    for id in [1, 2, 4] {
+        assert!(cluster.node(id).evidence().contains_key(&NodeId(3)));
+        assert!(cluster.node(id).excluded().is_empty());
+    }
+}
+
+#[test]
+fn evidence_survives_a_restart() {
+    let mut cluster = Cluster::new(4);
+    let first = signed(
+        Statement::Commit {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"x"),
+        },
+        4,
+    );
+    let second = signed(
+        Statement::Commit {
+            view: 0,
+            seq: 1,
+            digest: digest_of(b"y"),
+        },
+        4,
+    );
+    deliver_to(&mut cluster, 2, 4, Message::Signed(first));
+    deliver_to(&mut cluster, 2, 4, Message::Signed(second));
+    let node = cluster.nodes[1].take().unwrap();
+    let restarted = PbftNode::new(config(2, 4), node.into_recovered_state()).unwrap();
+    assert!(restarted.evidence().contains_key(&NodeId(4)));
+    assert!(restarted.excluded().contains(&NodeId(4)));
+}
+
+#[test]
+fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"a");
+    cluster.cut_off.insert(NodeId(1));
+    cluster.propose(3, 2, b"b");
+    let mut genuine = None;
+    for _ in 0..40 {
+        for id in 2..=4 {
+            cluster.step(id, Input::Tick);
+        }
+        while let Some(envelope) = cluster.in_flight.pop_front() {
+            if cluster.cut_off.contains(&envelope.from) || cluster.cut_off.contains(&envelope.to) {
+                continue;
+            }
+            if let Message::Signed(s) = &envelope.message
+                && matches!(s.statement, Statement::NewView(_))
+                && envelope.to == NodeId(3)
+            {
+                genuine.get_or_insert_with(|| s.clone());
+                continue;
+            }
+            let to = envelope.to.0;
+            cluster.step(to, Input::Message(envelope));
+        }
+        if genuine.is_some() {
+            break;
+        }
+    }
+    let genuine = genuine.expect("replica 2 sent a new-view");
+    let Statement::NewView(mut body) = genuine.statement else {
+        unreachable!()
+    };
+    body.pre_prepares.push(signed(
+        Statement::PrePrepare {
+            view: body.view,
+            seq: 99,
+            digest: Batch::default().digest(),
+        },
+        2,
+    ));
+    let forged = signed(Statement::NewView(body), 2);
+    deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
+    let backup = cluster.node(3);
+    assert_eq!(
+        backup.evidence()[&NodeId(2)].offence(),
+        Offence::UnjustifiedNewView
+    );
+    assert!(backup.excluded().contains(&NodeId(2)));
 }

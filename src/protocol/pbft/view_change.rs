@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use crate::protocol::Output;
 use crate::types::NodeId;
 
+use super::evidence::Evidence;
 use super::message::{
     Batch, CheckpointProof, Message, NewView, PreparedCertificate, Request, Seq, Signed, Statement,
     View, ViewChange,
@@ -29,6 +30,7 @@ pub(super) struct Reproposals {
 impl PbftNode {
     /// Stops accepting messages of the current view and asks for `target`.
     pub(super) fn start_view_change(&mut self, target: View, out: &mut Output<Message>) {
+        let target = self.next_view_with_honest_primary(target);
         if target <= self.view {
             return;
         }
@@ -260,24 +262,45 @@ impl PbftNode {
         {
             return;
         }
+        let Some((plan, pre_prepares)) = self.new_view_plan(&signed) else {
+            // Signed by the primary of its view, every signature in it valid, and yet it does
+            // not follow from its own view-changes: the primary's doing, provably.
+            tracing::warn!(node = %self.config.id, primary = %signed.signer, view,
+                "new-view re-proposals do not follow from its view-changes");
+            self.record_evidence(Evidence::UnjustifiedNewView { new_view: signed }, out);
+            return;
+        };
+        if view > self.view {
+            self.view = view;
+            self.forget_old_views();
+        }
+        self.enter_view(signed, plan, pre_prepares, out);
+    }
+
+    /// What a signed NEW-VIEW starts its view with, if it is justified: 2f + 1 valid
+    /// VIEW-CHANGEs for its view from distinct members, and exactly the pre-prepares (signed by
+    /// its signer) that they imply. `None` for any other NEW-VIEW.
+    pub(super) fn new_view_plan(&self, signed: &Signed) -> Option<(Reproposals, Vec<Signed>)> {
+        let Statement::NewView(new_view) = &signed.statement else {
+            return None;
+        };
+        let view = new_view.view;
         let mut signers: Vec<NodeId> = Vec::new();
         let mut view_changes = Vec::new();
         for vc in &new_view.view_changes {
-            match view_change_of(vc) {
-                Some(view_change)
-                    if view_change.new_view == view
-                        && self.is_member(vc.signer)
-                        && !signers.contains(&vc.signer)
-                        && self.valid_view_change(view_change) =>
-                {
-                    signers.push(vc.signer);
-                    view_changes.push(view_change);
-                }
-                _ => return,
+            let view_change = view_change_of(vc)?;
+            if view_change.new_view != view
+                || !self.is_member(vc.signer)
+                || signers.contains(&vc.signer)
+                || !self.valid_view_change(view_change)
+            {
+                return None;
             }
+            signers.push(vc.signer);
+            view_changes.push(view_change);
         }
         if signers.len() < self.quorum() {
-            return;
+            return None;
         }
         let plan = self.reproposals(&view_changes);
         let matches = plan.batches.len() == new_view.pre_prepares.len()
@@ -292,17 +315,7 @@ impl PbftNode {
                             }
                 },
             );
-        if !matches {
-            tracing::warn!(node = %self.config.id, primary = %signed.signer, view,
-                "new-view re-proposals do not follow from its view-changes; ignored");
-            return;
-        }
-        let pre_prepares = new_view.pre_prepares.clone();
-        if view > self.view {
-            self.view = view;
-            self.forget_old_views();
-        }
-        self.enter_view(signed, plan, pre_prepares, out);
+        matches.then(|| (plan, new_view.pre_prepares.clone()))
     }
 
     /// Starts the view of `new_view` (already checked, or made here): adopt its checkpoint,

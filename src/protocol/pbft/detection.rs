@@ -1,0 +1,106 @@
+//! Finding, checking, sharing and acting on evidence (see [`super::evidence`]).
+
+use crate::protocol::{Event, Output};
+use crate::types::NodeId;
+
+use super::evidence::{Evidence, PunishmentPolicy};
+use super::message::{Message, Signed, Statement, View, encode};
+use super::node::PbftNode;
+use super::records;
+
+impl PbftNode {
+    /// Two statements from one signer for one slot: evidence if their digests differ.
+    pub(super) fn check_conflict(
+        &mut self,
+        held: &Signed,
+        new: &Signed,
+        out: &mut Output<Message>,
+    ) {
+        if Evidence::conflicting(held, new) {
+            let evidence = Evidence::Conflicting {
+                first: held.clone(),
+                second: new.clone(),
+            };
+            self.record_evidence(evidence, out);
+        }
+    }
+
+    /// Evidence received from a peer: checked here before anything is done with it.
+    pub(super) fn on_evidence(&mut self, evidence: Evidence, out: &mut Output<Message>) {
+        if self.evidence_holds(&evidence) {
+            self.record_evidence(evidence, out);
+        }
+    }
+
+    /// True when `evidence` proves what it claims (its signatures were checked on arrival).
+    pub(super) fn evidence_holds(&self, evidence: &Evidence) -> bool {
+        if !self.is_member(evidence.offender()) {
+            return false;
+        }
+        match evidence {
+            Evidence::Conflicting { first, second } => Evidence::conflicting(first, second),
+            Evidence::UnjustifiedNewView { new_view } => match &new_view.statement {
+                Statement::NewView(body) => {
+                    new_view.signer == self.primary_of(body.view)
+                        && self.new_view_plan(new_view).is_none()
+                }
+                _ => false,
+            },
+        }
+    }
+
+    /// Keeps, persists and shares the first evidence against its offender, tells the driver,
+    /// and, under [`PunishmentPolicy::Exclude`], stops hearing and counting the offender.
+    pub(super) fn record_evidence(&mut self, evidence: Evidence, out: &mut Output<Message>) {
+        let offender = evidence.offender();
+        if !self.config.detection_enabled
+            || offender == self.config.id
+            || self.evidence.contains_key(&offender)
+        {
+            return;
+        }
+        tracing::warn!(node = %self.config.id, %offender, offence = ?evidence.offence(),
+            "Byzantine behaviour proven");
+        self.put_record(records::evidence_key(offender), encode(&evidence), out);
+        out.events.push(Event::ByzantineDetected {
+            offender,
+            offence: evidence.offence().as_str(),
+        });
+        self.broadcast_after_write(Message::Evidence(Box::new(evidence.clone())), out);
+        self.evidence.insert(offender, evidence);
+        if self.config.punishment_policy == PunishmentPolicy::Exclude {
+            self.exclude(offender, out);
+        }
+    }
+
+    /// Forgets the offender's votes and, if it leads, replaces it now.
+    fn exclude(&mut self, offender: NodeId, out: &mut Output<Message>) {
+        self.excluded.insert(offender);
+        for slot in self.slots.values_mut() {
+            slot.prepares.remove(&offender);
+            slot.commits.remove(&offender);
+        }
+        for votes in self.checkpoint_votes.values_mut() {
+            votes.remove(&offender);
+        }
+        for by_signer in self.view_changes.values_mut() {
+            by_signer.remove(&offender);
+        }
+        self.watched.retain(|tag, _| tag.proposer != offender);
+        if self.primary() == offender {
+            self.start_view_change(self.view + 1, out);
+        }
+    }
+
+    /// The first view from `view` whose primary is not excluded (all of them, if every
+    /// replica were: then exclusion cannot help).
+    pub(super) fn next_view_with_honest_primary(&self, mut view: View) -> View {
+        for _ in 0..self.members.len() {
+            if !self.excluded.contains(&self.primary_of(view)) {
+                return view;
+            }
+            view += 1;
+        }
+        view
+    }
+}

@@ -165,7 +165,7 @@ pub struct ConsensusConfig {
     pub snapshot_interval: u64,
     /// PBFT: how long a replica waits for progress, while work is outstanding, before it asks
     /// for a view change (TOML `view_change_timeout_ms`); doubled for each consecutive view
-    /// change that brought no progress. Unused by Raft.
+    /// change that brought no progress, up to 8 times. Unused by Raft.
     pub view_change_timeout: Duration,
     /// PBFT: sequence numbers (batches) between checkpoints; the window of sequence numbers a
     /// replica accepts is twice this past its stable checkpoint. Unused by Raft.

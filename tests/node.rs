@@ -395,6 +395,18 @@ async fn a_four_node_pbft_cluster_serves_through_any_node_and_survives_its_prima
     assert_eq!(status["f"], 1, "{status}");
     assert_eq!(status["view"], status["term"], "{status}");
     assert_eq!(status["primary"], status["leader"], "{status}");
+    assert_eq!(status["excluded"], serde_json::json!([]), "{status}");
+    let report = cluster
+        .call(primary, "GET", "/byzantine", b"")
+        .await
+        .expect("answer");
+    assert_eq!(report.status, 200);
+    let report: Value = serde_json::from_slice(&report.body).unwrap();
+    assert_eq!(
+        report["detections"],
+        serde_json::json!([]),
+        "an honest cluster accuses no one"
+    );
     let backup = (primary + 1) % 4;
     let put = cluster.call(backup, "PUT", "/kv/greeting", b"hello").await;
     assert_eq!(put.map(|r| r.status), Some(200), "{}", cluster.logs());

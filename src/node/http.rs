@@ -1,4 +1,4 @@
-//! The node's HTTP API (axum): the key-value routes, `/status` and `/metrics`.
+//! The node's HTTP API (axum): the key-value routes, `/status`, `/metrics` and `/byzantine`.
 //!
 //! Every key-value request becomes one command through the log, reads included, so any node
 //! answers any request linearizably (a follower's engine forwards the proposal to the leader).
@@ -30,6 +30,7 @@ pub fn router(engine: Arc<ConsensusEngine>) -> Router {
         .route("/kv/{key}/cas", post(cas_key))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/byzantine", get(byzantine))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(engine)
 }
@@ -67,6 +68,23 @@ struct Status {
     /// PBFT: how many faulty replicas the cluster tolerates (n = 3f + 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     f: Option<usize>,
+    /// PBFT: replicas proven Byzantine whose messages this node drops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    excluded: Option<Vec<String>>,
+}
+
+/// One entry of `GET /byzantine`.
+#[derive(Debug, Serialize)]
+struct DetectionBody {
+    offender: String,
+    offence: &'static str,
+}
+
+/// The body of `GET /byzantine`.
+#[derive(Debug, Serialize)]
+struct ByzantineBody {
+    detections: Vec<DetectionBody>,
+    excluded: Vec<String>,
 }
 
 /// A JSON error answer.
@@ -222,6 +240,10 @@ async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
         view: pbft.then_some(info.term),
         primary,
         f: pbft.then(|| (members.len() - 1) / 3),
+        excluded: pbft.then(|| {
+            let report = engine.byzantine_report();
+            report.excluded.iter().map(ToString::to_string).collect()
+        }),
         node_id: engine.node_id().to_string(),
         name: engine.config().node_id.clone(),
         role,
@@ -230,6 +252,24 @@ async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
         commit_index: metrics.last_committed_index(),
         applied_index: metrics.last_applied_index,
         members: members.iter().map(ToString::to_string).collect(),
+    };
+    axum::Json(body).into_response()
+}
+
+/// `GET /byzantine`: the replicas this node proved Byzantine, what each did, and which it
+/// excludes (empty under Raft, which assumes no replica lies).
+async fn byzantine(State(engine): State<Arc<ConsensusEngine>>) -> Response {
+    let report = engine.byzantine_report();
+    let body = ByzantineBody {
+        detections: report
+            .detections
+            .iter()
+            .map(|d| DetectionBody {
+                offender: d.offender.to_string(),
+                offence: d.offence,
+            })
+            .collect(),
+        excluded: report.excluded.iter().map(ToString::to_string).collect(),
     };
     axum::Json(body).into_response()
 }

@@ -245,7 +245,7 @@ pub fn write_loopback_cluster_of(
         let http: SocketAddr = ([127, 0, 0, 1], ports[size + i]).into();
         let signing = if signed {
             format!(
-                "key_file = \"{}\"\nview_change_timeout_ms = 500\n",
+                "key_file = \"{}\"\nview_change_timeout_ms = 500\nbyzantine_fault_tolerance = true\n",
                 dir.join(format!("{name}.key")).display()
             )
         } else {

@@ -286,6 +286,31 @@ impl std::fmt::Display for SimFailure {
     }
 }
 
+impl<S> SimConfig<S> {
+    /// The same run with other core settings.
+    pub fn map_protocol<T>(self, map: impl FnOnce(S) -> T) -> SimConfig<T> {
+        SimConfig {
+            seed: self.seed,
+            nodes: self.nodes,
+            protocol: map(self.protocol),
+            apply_bugs: self.apply_bugs,
+            machine: self.machine,
+            network: self.network,
+            faults: self.faults,
+            fault_phase_us: self.fault_phase_us,
+            liveness_deadline_us: self.liveness_deadline_us,
+            clients: self.clients,
+            keys: self.keys,
+            think_us: self.think_us,
+            client_timeout_us: self.client_timeout_us,
+            checker_budget: self.checker_budget,
+            flush_probability: self.flush_probability,
+            group_commit: self.group_commit,
+            clock_skew: self.clock_skew,
+        }
+    }
+}
+
 impl SimConfig<PbftConfig> {
     /// A healthy PBFT cluster of `nodes` replicas (at least 4) with checkpoints every 16
     /// sequence numbers, a view change after 200 ms without progress, three clients, and no
@@ -303,26 +328,7 @@ impl SimConfig<PbftConfig> {
         pbft.batch_size = 64;
         pbft.view_change_timeout_ticks = 20;
         pbft.retransmit_ticks = 5;
-        let raft = SimConfig::new(seed, nodes);
-        SimConfig {
-            seed,
-            nodes,
-            protocol: pbft,
-            apply_bugs: raft.apply_bugs,
-            machine: raft.machine,
-            network: raft.network,
-            faults: raft.faults,
-            fault_phase_us: raft.fault_phase_us,
-            liveness_deadline_us: raft.liveness_deadline_us,
-            clients: raft.clients,
-            keys: raft.keys,
-            think_us: raft.think_us,
-            client_timeout_us: raft.client_timeout_us,
-            checker_budget: raft.checker_budget,
-            flush_probability: raft.flush_probability,
-            group_commit: raft.group_commit,
-            clock_skew: raft.clock_skew,
-        }
+        SimConfig::new(seed, nodes).map_protocol(|_| pbft)
     }
 
     /// The PBFT chaos suite's configuration for `seed`: 4, 7 or 10 replicas, every fault, and

@@ -65,6 +65,7 @@
 //! leaves the operation pending forever in the history (it may or may not have taken effect) and
 //! the client moves on.
 
+pub mod byzantine;
 mod clients;
 mod config;
 mod faults;
@@ -781,6 +782,7 @@ impl<P: SimProtocol> Sim<P> {
     pub fn min_applied(&self) -> LogIndex {
         self.nodes
             .iter()
+            .filter(|n| n.core.as_ref().is_none_or(P::is_honest))
             .map(|n| {
                 if n.core.is_some() {
                     n.apply.applied_index()

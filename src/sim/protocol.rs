@@ -41,6 +41,12 @@ pub trait SimProtocol: Protocol + Sized {
 
     /// The pairwise checks over every live node, run every 100 ms of simulated time.
     fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation>;
+
+    /// False for a deliberately Byzantine node: the liveness check does not wait for it to
+    /// catch up (honest replicas may rightly refuse to help it).
+    fn is_honest(&self) -> bool {
+        true
+    }
 }
 
 impl SimProtocol for RaftNode {
@@ -143,7 +149,7 @@ impl SimProtocol for PbftNode {
     /// executed logs of every two replicas agree on their common prefix, and two replicas
     /// that executed through the same sequence number hold the same state chain (so they
     /// executed the same batches, null ones included).
-    fn check_all(nodes: &[&Self], _monitor: &SafetyMonitor) -> Result<(), Violation> {
+    fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation> {
         for node in nodes {
             if let Some(&accused) = node.evidence().keys().next() {
                 return Err(Violation::FalseAccusation {
@@ -152,26 +158,35 @@ impl SimProtocol for PbftNode {
                 });
             }
         }
-        for (i, a) in nodes.iter().enumerate() {
-            for b in &nodes[i + 1..] {
-                let common = a.log().len().min(b.log().len());
-                if let Some(index) = (0..common).find(|&i| a.log()[i] != b.log()[i]) {
-                    return Err(Violation::StateMachineSafety {
-                        index: index as u64 + 1,
-                        node: b.id(),
-                        first: format!("{:?} on {}", a.log()[index], a.id()),
-                        second: format!("{:?}", b.log()[index]),
-                    });
-                }
-                if a.executed_seq() == b.executed_seq() && a.state_digest() != b.state_digest() {
-                    return Err(Violation::Agreement {
-                        a: a.id(),
-                        b: b.id(),
-                        seq: a.executed_seq(),
-                    });
-                }
+        check_agreement(nodes, monitor)
+    }
+}
+
+/// PBFT agreement among `nodes`: their executed logs agree on their common prefix, and two
+/// that executed through the same sequence number hold the same state chain.
+pub(crate) fn check_agreement(
+    nodes: &[&PbftNode],
+    _monitor: &SafetyMonitor,
+) -> Result<(), Violation> {
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            let common = a.log().len().min(b.log().len());
+            if let Some(index) = (0..common).find(|&i| a.log()[i] != b.log()[i]) {
+                return Err(Violation::StateMachineSafety {
+                    index: index as u64 + 1,
+                    node: b.id(),
+                    first: format!("{:?} on {}", a.log()[index], a.id()),
+                    second: format!("{:?}", b.log()[index]),
+                });
+            }
+            if a.executed_seq() == b.executed_seq() && a.state_digest() != b.state_digest() {
+                return Err(Violation::Agreement {
+                    a: a.id(),
+                    b: b.id(),
+                    seq: a.executed_seq(),
+                });
             }
         }
-        Ok(())
     }
+    Ok(())
 }

@@ -52,7 +52,7 @@ pub struct PbftConfig {
     /// them, at most; more are refused as overloaded.
     pub max_pending_proposals: usize,
     /// Ticks without progress while work is outstanding before a backup asks for a view
-    /// change; doubled for each consecutive view change that brought no progress.
+    /// change; doubled for each consecutive view change that brought no progress, up to 8 times.
     pub view_change_timeout_ticks: u32,
     /// Ticks between retransmissions of what this replica said about unfinished work.
     pub retransmit_ticks: u32,

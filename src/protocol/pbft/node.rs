@@ -96,6 +96,10 @@ pub struct PbftNode {
     pub(super) view_changes: BTreeMap<View, BTreeMap<NodeId, Signed>>,
     /// This replica's view-change for `view` (while changing, and after, for retransmission).
     pub(super) own_view_change: Option<Signed>,
+    /// This replica's view-changes for the last few views it asked for, retransmitted while it
+    /// changes view: replicas still collecting for an earlier view need them (a replica that
+    /// ran ahead and its peers could otherwise wait on each other forever).
+    pub(super) recent_view_changes: BTreeMap<View, Signed>,
     /// The new-view that started `view`, if one did.
     pub(super) new_view: Option<Signed>,
     /// View changes since the last execution: the view-change timeout doubles with each.
@@ -169,6 +173,15 @@ impl std::fmt::Debug for PbftNode {
                     .map(|(view, by)| (*view, by.keys().copied().collect::<Vec<_>>()))
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "checkpoint_votes",
+                &self
+                    .checkpoint_votes
+                    .iter()
+                    .map(|(seq, votes)| (*seq, votes.keys().copied().collect::<Vec<_>>()))
+                    .collect::<Vec<_>>(),
+            )
+            .field("own_checkpoints", &self.own_checkpoints.keys().collect::<Vec<_>>())
             .field("peers_executed", &self.peers_executed)
             .finish_non_exhaustive()
     }
@@ -180,6 +193,8 @@ pub(super) struct ViewRecord {
     pub(super) active: bool,
     pub(super) own_view_change: Option<Signed>,
     pub(super) new_view: Option<Signed>,
+    /// This replica's latest view-changes, still retransmitted after a restart.
+    pub(super) recent_view_changes: Vec<Signed>,
 }
 
 /// What a `slot/` record holds.
@@ -235,6 +250,7 @@ impl PbftNode {
             own_checkpoints: BTreeMap::new(),
             view_changes: BTreeMap::new(),
             own_view_change: None,
+            recent_view_changes: BTreeMap::new(),
             new_view: None,
             failed_views: 0,
             idle_ticks: 0,
@@ -305,6 +321,23 @@ impl PbftNode {
             self.view_active = record.active;
             self.own_view_change = record.own_view_change;
             self.new_view = record.new_view;
+            for signed in record.recent_view_changes {
+                if let Statement::ViewChange(view_change) = &signed.statement {
+                    self.recent_view_changes
+                        .insert(view_change.new_view, signed.clone());
+                }
+            }
+            // Its own view-change counts toward the view it is changing to, as before the
+            // crash (without it a new primary would wait for itself forever).
+            if let Some(own) = &self.own_view_change
+                && let Statement::ViewChange(view_change) = &own.statement
+                && view_change.new_view == self.view
+            {
+                self.view_changes
+                    .entry(self.view)
+                    .or_default()
+                    .insert(self.config.id, own.clone());
+            }
         }
         let slot_records: Vec<(Seq, SlotRecord)> = self
             .records
@@ -334,7 +367,35 @@ impl PbftNode {
             }
         }
         self.next_seq = self.next_seq.max(self.executed + 1);
+        self.recover_own_checkpoints();
         Ok(())
+    }
+
+    /// Re-derives the checkpoints executed here and not stable yet (they live only in memory),
+    /// with this replica's vote for each: without them a cluster whose replicas restarted
+    /// between executing a checkpoint and seeing it stable would never make it stable, and its
+    /// primary would stop at the high watermark for good.
+    fn recover_own_checkpoints(&mut self) {
+        let interval = self.config.checkpoint_interval;
+        let mut state = self.stable.state;
+        let mut rest = &self.log[self.log.partition_point(|e| e.term <= self.stable.seq)..];
+        for seq in self.stable.seq + 1..=self.executed {
+            let count = rest.partition_point(|e| e.term == seq);
+            state = super::message::chain_state(&state, seq, &rest[..count]);
+            rest = &rest[count..];
+            if seq.is_multiple_of(interval) {
+                self.own_checkpoints.insert(seq, state);
+                let vote = self.sign(Statement::Checkpoint { seq, state });
+                self.checkpoint_votes
+                    .entry(seq)
+                    .or_default()
+                    .insert(self.config.id, vote);
+            }
+        }
+        if state != self.state {
+            tracing::error!(node = %self.config.id, executed = self.executed,
+                "the log does not rebuild the recorded state chain");
+        }
     }
 
     /// The ranked members.
@@ -510,6 +571,7 @@ impl PbftNode {
             active: self.view_active,
             own_view_change: self.own_view_change.clone(),
             new_view: self.new_view.clone(),
+            recent_view_changes: self.recent_view_changes.values().cloned().collect(),
         };
         let value = encode(&record);
         self.put_record(records::VIEW.to_vec(), value, out);
@@ -572,15 +634,25 @@ impl PbftNode {
                 self.cut_batches(out);
             }
         }
-        if self.has_outstanding_work() {
-            self.idle_ticks += 1;
-        } else {
+        // While changing view, the timer runs only once 2f + 1 replicas asked for this view
+        // (Castro and Liskov §4.5.2): a replica that ran ahead alone waits for the others
+        // instead of escalating further from them.
+        let view_change_gathered = self
+            .view_changes
+            .get(&self.view)
+            .is_some_and(|by_signer| by_signer.len() >= self.quorum());
+        if !self.has_outstanding_work() {
             self.idle_ticks = 0;
+        } else if self.view_active || view_change_gathered {
+            self.idle_ticks += 1;
         }
+        // Doubled per view change without progress, up to 8 times the base: unbounded doubling
+        // left a cluster that lost several primaries in a row (crashed, or silent Byzantine
+        // ones) waiting tens of seconds for a primary that was already back.
         let timeout = self
             .config
             .view_change_timeout_ticks
-            .saturating_mul(1 << self.failed_views.min(6));
+            .saturating_mul(1 << self.failed_views.min(3));
         if self.idle_ticks >= timeout {
             self.idle_ticks = 0;
             self.start_view_change(self.view + 1, out);

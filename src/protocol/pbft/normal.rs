@@ -216,6 +216,7 @@ impl PbftNode {
             return;
         }
         let signer = prepare.signer;
+        self.relay_if_disagreeing(&prepare, out);
         match self.slot_mut(seq).prepares.get(&signer).cloned() {
             Some(held) => self.check_conflict(&held, &prepare, out),
             None => {
@@ -273,12 +274,34 @@ impl PbftNode {
         if !self.view_active || view != self.view || !self.in_window(seq) || seq <= self.executed {
             return;
         }
+        self.relay_if_disagreeing(&commit, out);
         match self.slot_mut(seq).commits.get(&signer).cloned() {
             Some(held) => self.check_conflict(&held, &commit, out),
             None => {
                 self.slot_mut(seq).commits.insert(signer, commit);
                 self.check_committed(seq, out);
             }
+        }
+    }
+
+    /// A peer voted in this view for another digest than the pre-prepare accepted here: one of
+    /// the two pre-prepares is the primary's second. The primary signed it, so anyone may pass
+    /// it on: send ours to that peer, which then holds both and the evidence.
+    fn relay_if_disagreeing(&self, vote: &Signed, out: &mut Output<Message>) {
+        let Some((view, seq, digest)) = vote.statement.phase() else {
+            return;
+        };
+        if let Some(slot) = self.slots.get(&seq)
+            && slot.view == view
+            && let Some(accepted) = &slot.accepted
+            && accepted.digest != digest
+            && vote.signer != self.config.id
+        {
+            let message = Message::PrePrepare {
+                pre_prepare: accepted.pre_prepare.clone(),
+                batch: accepted.batch.clone(),
+            };
+            self.send(vote.signer, message, out);
         }
     }
 
@@ -376,7 +399,15 @@ impl PbftNode {
     /// for a catch-up when peers proved they are ahead and nothing moved here.
     pub(super) fn retransmit(&mut self, out: &mut Output<Message>) {
         if !self.view_active {
-            if let Some(view_change) = &self.own_view_change {
+            let recent: Vec<Signed> = self.recent_view_changes.values().cloned().collect();
+            let current_is_recent = self
+                .own_view_change
+                .as_ref()
+                .is_some_and(|own| recent.contains(own));
+            for view_change in recent {
+                self.broadcast_now(Message::Signed(view_change), out);
+            }
+            if !current_is_recent && let Some(view_change) = &self.own_view_change {
                 self.broadcast_now(Message::Signed(view_change.clone()), out);
             }
         } else {
@@ -440,6 +471,11 @@ impl PbftNode {
         if self.executed > 0 {
             let executed = self.executed;
             self.broadcast_now(Message::Progress { executed }, out);
+        }
+        // Evidence may have been lost on the way; it is small and rare, so it is repeated.
+        let evidence: Vec<_> = self.evidence.values().cloned().collect();
+        for evidence in evidence {
+            self.broadcast_now(Message::Evidence(Box::new(evidence)), out);
         }
         self.request_catch_up(out);
     }

@@ -20,6 +20,9 @@ use super::message::{
 };
 use super::node::PbftNode;
 
+/// How many of its own latest view-changes a replica retransmits while changing view.
+const RECENT_VIEW_CHANGES: usize = 4;
+
 /// What a new view re-proposes: the stable checkpoint it starts from, and a batch for every
 /// sequence number after it up to the highest one prepared anywhere in the view-changes.
 pub(super) struct Reproposals {
@@ -54,6 +57,10 @@ impl PbftNode {
             prepared,
         }));
         self.own_view_change = Some(view_change.clone());
+        self.recent_view_changes.insert(target, view_change.clone());
+        while self.recent_view_changes.len() > RECENT_VIEW_CHANGES {
+            self.recent_view_changes.pop_first();
+        }
         self.view_changes.retain(|&view, _| view >= target);
         self.view_changes
             .entry(target)
@@ -95,36 +102,32 @@ impl PbftNode {
             }
             return;
         }
-        if !self.valid_view_change(view_change) {
+        // Bounded memory: view-changes are kept for at most n views past this one (an honest
+        // replica further ahead is joined through the f + 1 rule long before), one per signer
+        // and view. A signer's view-changes for several views are all kept: replicas that are
+        // still collecting for an earlier view need them.
+        if target > self.view + self.members.len() as View || !self.valid_view_change(view_change) {
             return;
         }
-        // Bounded memory: one view-change per signer, its latest.
-        for (_, by_signer) in self.view_changes.iter_mut() {
-            by_signer.remove(&signer);
-        }
-        self.view_changes
-            .retain(|_, by_signer| !by_signer.is_empty());
         self.view_changes
             .entry(target)
             .or_default()
-            .insert(signer, signed.clone());
-        // f + 1 replicas ask for a view above this one: at least one honest replica timed out,
-        // so join the lowest view asked for rather than wait for a timeout of our own.
+            .entry(signer)
+            .or_insert_with(|| signed.clone());
+        // f + 1 replicas ask for views above this one: at least one honest replica timed out,
+        // so join the highest view that f + 1 of them ask for (at least), rather than wait for
+        // a timeout of our own.
         let current = self.view;
-        let above: Vec<View> = self
-            .view_changes
-            .range(current + 1..)
-            .flat_map(|(&view, by_signer)| {
-                by_signer
-                    .keys()
-                    .filter(|&&s| s != self.config.id)
-                    .map(move |_| view)
-            })
-            .collect();
-        if above.len() > self.f
-            && let Some(&lowest) = above.iter().min()
-        {
-            self.start_view_change(lowest, out);
+        let mut highest_by_signer: BTreeMap<NodeId, View> = BTreeMap::new();
+        for (&view, by_signer) in self.view_changes.range(current + 1..) {
+            for &asker in by_signer.keys().filter(|&&s| s != self.config.id) {
+                highest_by_signer.insert(asker, view);
+            }
+        }
+        let mut asked: Vec<View> = highest_by_signer.into_values().collect();
+        asked.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(&view) = asked.get(self.f) {
+            self.start_view_change(view, out);
         }
         self.maybe_send_new_view(out);
     }

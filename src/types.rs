@@ -130,8 +130,6 @@ impl Proposal {
 }
 
 /// The outcome of a proposal.
-///
-/// [`RejectReason::NotLeader`]: crate::protocol::RejectReason::NotLeader
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsensusResult {
     /// The proposal is durably replicated on a quorum at this log position.
@@ -149,6 +147,8 @@ pub enum ConsensusResult {
     Rejected {
         /// Why, matchable (e.g. [`RejectReason::NotLeader`] names the leader to redirect to);
         /// its `Display` is the message for people.
+        ///
+        /// [`RejectReason::NotLeader`]: crate::protocol::RejectReason::NotLeader
         reason: crate::protocol::RejectReason,
     },
 }

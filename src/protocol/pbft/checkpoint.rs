@@ -161,7 +161,6 @@ impl PbftNode {
             if entries > MAX_CATCH_UP_ENTRIES {
                 break;
             }
-            let _ = seq;
         }
         if let Some(proof) = chosen {
             catch_up.entries = self.entries_between(executed, proof.seq).to_vec();

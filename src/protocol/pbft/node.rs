@@ -611,7 +611,7 @@ impl PbftNode {
                     Statement::Commit { .. } => self.on_commit(signed, out),
                     Statement::Checkpoint { .. } => self.on_checkpoint(signed, out),
                     Statement::ViewChange(_) => self.on_view_change(signed, out),
-                    Statement::NewView(_) => self.on_new_view(from, signed, out),
+                    Statement::NewView(_) => self.on_new_view(signed, out),
                     // A pre-prepare travels with its batch, never alone.
                     Statement::PrePrepare { .. } => {}
                 }

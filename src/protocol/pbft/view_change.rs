@@ -253,8 +253,7 @@ impl PbftNode {
         self.enter_view(new_view, plan, pre_prepares, out);
     }
 
-    pub(super) fn on_new_view(&mut self, from: NodeId, signed: Signed, out: &mut Output<Message>) {
-        let _ = from;
+    pub(super) fn on_new_view(&mut self, signed: Signed, out: &mut Output<Message>) {
         let Statement::NewView(new_view) = &signed.statement else {
             return;
         };

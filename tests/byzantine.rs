@@ -32,7 +32,13 @@ fn env_u64(name: &str) -> Option<u64> {
 struct Outcome {
     report: SimReport,
     byzantine: BTreeMap<NodeId, (Behaviour, bool, usize, usize)>,
+    /// Per Byzantine replica that offended and was then excluded by every live honest replica:
+    /// simulated µs from its first offence to that moment (sampled every 10 ms).
+    exclusion_us: Vec<(Behaviour, u64)>,
 }
+
+/// Simulated µs between samples of who offended and who excludes whom.
+const SAMPLE_US: u64 = 10_000;
 
 fn run(seed: u64, behaviours: &[Behaviour]) -> Result<Outcome, SimFailure> {
     let config = SimConfig::byzantine(seed, behaviours);
@@ -40,7 +46,37 @@ fn run(seed: u64, behaviours: &[Behaviour]) -> Result<Outcome, SimFailure> {
     sim.start_clients();
     sim.start_faults();
     let fault_end = sim.config().fault_phase_us;
-    sim.run_until(fault_end)?;
+    let behaviours = sim.config().protocol.byzantine.clone();
+    // Offender -> when it first offended; `None` once its exclusion was measured.
+    let mut first_offence: BTreeMap<NodeId, Option<u64>> = BTreeMap::new();
+    let mut exclusion_us = Vec::new();
+    while sim.now_us() < fault_end {
+        let next = (sim.now_us() + SAMPLE_US).min(fault_end);
+        sim.run_until(next)?;
+        let now = sim.now_us();
+        for id in sim.node_ids() {
+            if sim.node(id).is_some_and(|n| n.offended()) {
+                first_offence.entry(id).or_insert(Some(now));
+            }
+        }
+        let honest: Vec<&Maverick> = sim
+            .node_ids()
+            .into_iter()
+            .filter_map(|id| sim.node(id))
+            .filter(|n| n.behaviour().is_none())
+            .collect();
+        for (offender, at) in first_offence.iter_mut() {
+            if let Some(since) = *at
+                && !honest.is_empty()
+                && honest
+                    .iter()
+                    .all(|n| n.node().excluded().contains(offender))
+            {
+                exclusion_us.push((behaviours[offender], now - since));
+                *at = None;
+            }
+        }
+    }
     let report = finish(&mut sim)?;
     let nodes: Vec<&Maverick> = sim
         .node_ids()
@@ -82,7 +118,11 @@ fn run(seed: u64, behaviours: &[Behaviour]) -> Result<Outcome, SimFailure> {
             });
         }
     }
-    Ok(Outcome { report, byzantine })
+    Ok(Outcome {
+        report,
+        byzantine,
+        exclusion_us,
+    })
 }
 
 fn sweep(seeds: &[u64], behaviours: &[Behaviour]) -> (Vec<Outcome>, Vec<SimFailure>) {
@@ -153,6 +193,27 @@ fn byzantine_seeds() {
             .map(|o| o.report.ops_completed)
             .sum::<usize>(),
     );
+    let mut exclusion: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for outcome in &outcomes {
+        for (behaviour, us) in &outcome.exclusion_us {
+            exclusion
+                .entry(format!("{behaviour:?}"))
+                .or_default()
+                .push(*us);
+        }
+    }
+    for (behaviour, times) in &mut exclusion {
+        times.sort_unstable();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+        eprintln!(
+            "{behaviour}: first offence to exclusion by every live honest replica, over {} \
+             offenders: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms (simulated, sampled every 10 ms)",
+            times.len(),
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} seed(s) failed; first: {}",

@@ -22,7 +22,7 @@ use crate::protocol::Output;
 use crate::types::{Entry, Payload};
 
 use super::message::{
-    CatchUp, CheckpointProof, Message, Seq, Signed, Statement, chain_state, encode,
+    CatchUp, CheckpointProof, Message, Seq, Signed, Statement, chain_over, encode,
 };
 use super::node::PbftNode;
 use super::records;
@@ -272,14 +272,13 @@ impl PbftNode {
         if !well_formed {
             return false;
         }
-        let mut state = self.state;
-        let mut rest = entries;
-        for seq in self.executed + 1..=proof.seq {
-            let count = rest.partition_point(|e| e.term == seq);
-            state = chain_state(&state, seq, &rest[..count]);
-            rest = &rest[count..];
-        }
-        if state != proof.state {
+        if chain_over(
+            self.state,
+            self.executed + 1..=proof.seq,
+            entries,
+            |_, _| {},
+        ) != proof.state
+        {
             return false;
         }
         for entry in entries {

@@ -90,6 +90,24 @@ pub fn chain_state(previous: &Digest, seq: Seq, entries: &[Entry]) -> Digest {
     ])
 }
 
+/// [`chain_state`] from `state` through every sequence number of `seqs`, taking each one's
+/// entries from the front of `entries` (in order, an entry's `term` being its sequence
+/// number); `at_each` sees the state after each.
+pub fn chain_over(
+    mut state: Digest,
+    seqs: std::ops::RangeInclusive<Seq>,
+    mut entries: &[Entry],
+    mut at_each: impl FnMut(Seq, Digest),
+) -> Digest {
+    for seq in seqs {
+        let count = entries.partition_point(|e| e.term == seq);
+        state = chain_state(&state, seq, &entries[..count]);
+        entries = &entries[count..];
+        at_each(seq, state);
+    }
+    state
+}
+
 /// What a replica signs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Statement {

@@ -16,7 +16,7 @@ use crate::types::{Entry, LogIndex, NodeId, Payload};
 use super::config::{InjectedBugs, PbftConfig};
 use super::message::{
     Batch, CheckpointProof, CommittedBatch, Digest, Message, PreparedCertificate, Request, Seq,
-    Signed, Statement, View, decode, encode,
+    Signed, Statement, View, chain_over, decode, encode,
 };
 use super::{Control, records};
 
@@ -377,20 +377,25 @@ impl PbftNode {
     /// primary would stop at the high watermark for good.
     fn recover_own_checkpoints(&mut self) {
         let interval = self.config.checkpoint_interval;
-        let mut state = self.stable.state;
-        let mut rest = &self.log[self.log.partition_point(|e| e.term <= self.stable.seq)..];
-        for seq in self.stable.seq + 1..=self.executed {
-            let count = rest.partition_point(|e| e.term == seq);
-            state = super::message::chain_state(&state, seq, &rest[..count]);
-            rest = &rest[count..];
-            if seq.is_multiple_of(interval) {
-                self.own_checkpoints.insert(seq, state);
-                let vote = self.sign(Statement::Checkpoint { seq, state });
-                self.checkpoint_votes
-                    .entry(seq)
-                    .or_default()
-                    .insert(self.config.id, vote);
-            }
+        let entries = &self.log[self.log.partition_point(|e| e.term <= self.stable.seq)..];
+        let mut checkpoints = Vec::new();
+        let state = chain_over(
+            self.stable.state,
+            self.stable.seq + 1..=self.executed,
+            entries,
+            |seq, state| {
+                if seq.is_multiple_of(interval) {
+                    checkpoints.push((seq, state));
+                }
+            },
+        );
+        for (seq, state) in checkpoints {
+            self.own_checkpoints.insert(seq, state);
+            let vote = self.sign(Statement::Checkpoint { seq, state });
+            self.checkpoint_votes
+                .entry(seq)
+                .or_default()
+                .insert(self.config.id, vote);
         }
         if state != self.state {
             tracing::error!(node = %self.config.id, executed = self.executed,
@@ -520,28 +525,25 @@ impl PbftNode {
 
     /// Records `value` under `key` in the pending write and in the mirror.
     pub(super) fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>, out: &mut Output<Message>) {
-        out.write.records.push(RecordWrite::Put {
-            key: key.clone(),
-            value: value.clone(),
-        });
-        self.records.insert(key, value);
+        self.write_record(RecordWrite::Put { key, value }, out);
     }
 
+    /// Deletes the records in `[from, to)`, writing nothing when there are none.
     pub(super) fn delete_records(&mut self, from: Vec<u8>, to: Vec<u8>, out: &mut Output<Message>) {
-        let doomed: Vec<Vec<u8>> = self
+        if self
             .records
             .range(from.clone()..to.clone())
-            .map(|(key, _)| key.clone())
-            .collect();
-        if doomed.is_empty() {
-            return;
+            .next()
+            .is_some()
+        {
+            self.write_record(RecordWrite::DeleteRange { from, to }, out);
         }
-        for key in doomed {
-            self.records.remove(&key);
-        }
-        out.write
-            .records
-            .push(RecordWrite::DeleteRange { from, to });
+    }
+
+    /// Applies `write` to the mirror, as the store will, and queues it for the store.
+    fn write_record(&mut self, write: RecordWrite, out: &mut Output<Message>) {
+        write.apply(&mut self.records);
+        out.write.records.push(write);
     }
 
     /// Persists what the replica knows about `seq` (before it says anything about it).

@@ -302,7 +302,7 @@ impl SimProtocol for Maverick {
     }
 
     /// The PBFT checks among the honest replicas, and no evidence against an honest one.
-    fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation> {
+    fn check_all(nodes: &[&Self], _monitor: &SafetyMonitor) -> Result<(), Violation> {
         let Some(byzantine) = nodes.first().map(|n| &n.byzantine) else {
             return Ok(());
         };
@@ -319,7 +319,7 @@ impl SimProtocol for Maverick {
                 });
             }
         }
-        crate::sim::protocol::check_agreement(&honest, monitor)
+        crate::sim::protocol::check_agreement(&honest)
     }
 }
 

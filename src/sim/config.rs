@@ -336,18 +336,10 @@ impl SimConfig<PbftConfig> {
     pub fn pbft_chaos(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xbf7));
         let nodes = [4, 4, 7, 7, 10][rng.random_range(0..5)];
-        let raft = SimConfig::chaos(seed);
-        let mut config = SimConfig::pbft(seed, nodes);
-        config.faults = raft.faults;
-        config.fault_phase_us = raft.fault_phase_us;
-        config.clients = raft.clients;
-        config.keys = raft.keys;
-        config.think_us = raft.think_us;
-        config.client_timeout_us = raft.client_timeout_us;
-        config.network = raft.network;
-        config.flush_probability = raft.flush_probability;
-        config.clock_skew = raft.clock_skew;
-        config.group_commit = raft.group_commit;
+        // The Raft chaos suite's faults, clients and network for this seed, with PBFT settings.
+        let mut config =
+            SimConfig::chaos(seed).map_protocol(|_| SimConfig::pbft(seed, nodes).protocol);
+        config.nodes = nodes;
         let pbft = &mut config.protocol;
         pbft.checkpoint_interval = [2, 4, 8, 16, 32][rng.random_range(0..5)];
         pbft.batch_size = rng.random_range(1..16);

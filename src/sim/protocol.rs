@@ -149,7 +149,7 @@ impl SimProtocol for PbftNode {
     /// executed logs of every two replicas agree on their common prefix, and two replicas
     /// that executed through the same sequence number hold the same state chain (so they
     /// executed the same batches, null ones included).
-    fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation> {
+    fn check_all(nodes: &[&Self], _monitor: &SafetyMonitor) -> Result<(), Violation> {
         for node in nodes {
             if let Some(&accused) = node.evidence().keys().next() {
                 return Err(Violation::FalseAccusation {
@@ -158,16 +158,13 @@ impl SimProtocol for PbftNode {
                 });
             }
         }
-        check_agreement(nodes, monitor)
+        check_agreement(nodes)
     }
 }
 
 /// PBFT agreement among `nodes`: their executed logs agree on their common prefix, and two
 /// that executed through the same sequence number hold the same state chain.
-pub(crate) fn check_agreement(
-    nodes: &[&PbftNode],
-    _monitor: &SafetyMonitor,
-) -> Result<(), Violation> {
+pub(crate) fn check_agreement(nodes: &[&PbftNode]) -> Result<(), Violation> {
     for (i, a) in nodes.iter().enumerate() {
         for b in &nodes[i + 1..] {
             let common = a.log().len().min(b.log().len());

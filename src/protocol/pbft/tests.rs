@@ -120,6 +120,37 @@ impl Cluster {
         self.run();
     }
 
+    /// Ticks the live replicas, delivering everything except the new-views sent to replica
+    /// `to`, until one is sent; returns the first.
+    fn intercept_new_view_to(&mut self, to: u64) -> Signed {
+        for _ in 0..40 {
+            for id in 1..=self.nodes.len() as u64 {
+                if !self.cut_off.contains(&NodeId(id)) {
+                    self.step(id, Input::Tick);
+                }
+            }
+            let mut intercepted = None;
+            while let Some(envelope) = self.in_flight.pop_front() {
+                if self.cut_off.contains(&envelope.from) || self.cut_off.contains(&envelope.to) {
+                    continue;
+                }
+                if let Message::Signed(signed) = &envelope.message
+                    && matches!(signed.statement, Statement::NewView(_))
+                    && envelope.to == NodeId(to)
+                {
+                    intercepted.get_or_insert_with(|| signed.clone());
+                    continue;
+                }
+                let receiver = envelope.to.0;
+                self.step(receiver, Input::Message(envelope));
+            }
+            if let Some(new_view) = intercepted {
+                return new_view;
+            }
+        }
+        panic!("no new-view was sent to replica {to}");
+    }
+
     fn live_primary(&self) -> Option<u64> {
         self.nodes
             .iter()
@@ -404,34 +435,8 @@ fn a_new_view_whose_reproposals_do_not_follow_is_refused() {
     cluster.propose(1, 1, b"a");
     cluster.cut_off.insert(NodeId(1));
     cluster.propose(3, 2, b"b");
-    // Ticks until replica 2 (the next primary) sends its new-view; every new-view to
-    // replica 3 is intercepted.
-    let mut new_view = None;
-    for _ in 0..40 {
-        for id in 2..=4 {
-            cluster.step(id, Input::Tick);
-        }
-        while let Some(envelope) = cluster.in_flight.pop_front() {
-            if cluster.cut_off.contains(&envelope.from) || cluster.cut_off.contains(&envelope.to) {
-                continue;
-            }
-            if let Message::Signed(s) = &envelope.message
-                && matches!(s.statement, Statement::NewView(_))
-                && envelope.to == NodeId(3)
-            {
-                new_view.get_or_insert_with(|| s.clone());
-                continue;
-            }
-            let to = envelope.to.0;
-            cluster.step(to, Input::Message(envelope));
-        }
-        if new_view.is_some() {
-            break;
-        }
-    }
-    let Some(new_view) = new_view else {
-        panic!("replica 2 sent no new-view");
-    };
+    // Replica 2 (the next primary) sends its new-view; the one to replica 3 is held back.
+    let new_view = cluster.intercept_new_view_to(3);
     let Statement::NewView(mut body) = new_view.statement.clone() else {
         unreachable!()
     };
@@ -807,30 +812,7 @@ fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
     cluster.propose(1, 1, b"a");
     cluster.cut_off.insert(NodeId(1));
     cluster.propose(3, 2, b"b");
-    let mut genuine = None;
-    for _ in 0..40 {
-        for id in 2..=4 {
-            cluster.step(id, Input::Tick);
-        }
-        while let Some(envelope) = cluster.in_flight.pop_front() {
-            if cluster.cut_off.contains(&envelope.from) || cluster.cut_off.contains(&envelope.to) {
-                continue;
-            }
-            if let Message::Signed(s) = &envelope.message
-                && matches!(s.statement, Statement::NewView(_))
-                && envelope.to == NodeId(3)
-            {
-                genuine.get_or_insert_with(|| s.clone());
-                continue;
-            }
-            let to = envelope.to.0;
-            cluster.step(to, Input::Message(envelope));
-        }
-        if genuine.is_some() {
-            break;
-        }
-    }
-    let genuine = genuine.expect("replica 2 sent a new-view");
+    let genuine = cluster.intercept_new_view_to(3);
     let Statement::NewView(mut body) = genuine.statement else {
         unreachable!()
     };

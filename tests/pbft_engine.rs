@@ -210,3 +210,64 @@ async fn gpu_enabled_replicas_open_the_automatic_verifier_and_commit() {
         }
     }
 }
+
+/// Counts the batches it is given, then counts their votes on the CPU.
+#[derive(Default)]
+struct CountingAggregator {
+    batches: std::sync::atomic::AtomicUsize,
+    votes: std::sync::atomic::AtomicUsize,
+}
+
+impl consensus::gpu::VoteAggregator for CountingAggregator {
+    fn aggregate_votes<'a>(
+        &'a self,
+        votes: &'a [consensus::gpu::Vote],
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<consensus::gpu::VoteOutcome, consensus::gpu::VoteError>,
+    > {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.batches.fetch_add(1, Relaxed);
+        self.votes.fetch_add(votes.len(), Relaxed);
+        let cpu = consensus::gpu::CpuVoteAggregator::new(self.threshold());
+        Box::pin(async move { cpu.aggregate_blocking(votes) })
+    }
+
+    fn threshold(&self) -> consensus::gpu::Threshold {
+        consensus::gpu::Threshold::MajorityOfVotesCast
+    }
+}
+
+/// The replicas' prepares and commits are counted by the aggregator they were given, and its
+/// counts are what commits: an aggregator that counts nothing would stall the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votes_are_counted_by_the_configured_vote_aggregator() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::<PbftNode>::default();
+    let counters: Vec<Arc<CountingAggregator>> = (0..NAMES.len()).map(|_| Arc::default()).collect();
+    let mut engines = Vec::new();
+    for (config, counter) in configs(dir.path(), |_, peer| peer.to_string())
+        .into_iter()
+        .zip(&counters)
+    {
+        let mut engine = ConsensusEngine::new(config)
+            .unwrap()
+            .with_vote_aggregator(counter.clone())
+            .with_local_network(&network);
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    for (i, value) in ["a", "b", "c"].iter().enumerate() {
+        propose_until_committed(&engines, i, value).await;
+    }
+    for (name, counter) in NAMES.iter().zip(&counters) {
+        let (batches, votes) = (counter.batches.load(Relaxed), counter.votes.load(Relaxed));
+        eprintln!("{name}: {votes} votes in {batches} batches");
+        assert!(
+            batches >= 1 && votes >= 3 * 3,
+            "{name}: {votes} votes in {batches} batches"
+        );
+    }
+}

@@ -56,6 +56,8 @@ pub(crate) struct CoreSettings {
     pub(crate) identity: Option<SigningIdentity>,
     /// The verifier a signing core checks peers' signatures with; the CPU one when `None`.
     pub(crate) verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+    /// What counts a PBFT round's prepares and commits; the CPU aggregator when `None`.
+    pub(crate) votes: Option<Arc<dyn crate::gpu::VoteAggregator>>,
     /// Detection and punishment (PBFT).
     pub(crate) byzantine: crate::byzantine::ByzantineConfig,
 }
@@ -161,6 +163,9 @@ fn pbft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<PbftConfig
     pbft.retransmit_ticks = ticks(config.election.heartbeat_interval).max(1);
     if let Some(verifier) = &engine.verifier {
         pbft.verifier = verifier.clone();
+    }
+    if let Some(votes) = &engine.votes {
+        pbft.votes = votes.clone();
     }
     pbft.detection_enabled = engine.byzantine.detection_enabled;
     pbft.punishment_policy = engine.byzantine.punishment_policy;
@@ -308,17 +313,23 @@ pub(crate) fn require_named_peers(config: &ConsensusConfig) -> Result<()> {
     Ok(())
 }
 
-/// The verifier a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses: the automatic one
-/// (GPU above its measured crossover, CPU below; a software adapter is never chosen) over one
-/// GPU context per process and adapter, opened by the first engine that asks and shared by the
-/// rest. Without an adapter, or when the GPU verifier cannot be built (a failed self-check),
-/// the automatic verifier runs on the CPU alone and the reason is logged once.
+/// The verifier and vote counter a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses: the
+/// automatic ones (GPU above their crossovers, CPU below; a software adapter is never chosen)
+/// over one GPU context per process and adapter, opened by the first engine that asks and
+/// shared by the rest. Without an adapter, or when the GPU verifier cannot be built (a failed
+/// self-check), both run on the CPU alone and the reason is logged once. On a software adapter
+/// the vote pipelines are not even compiled: no batch would ever go to them.
 #[cfg(feature = "gpu")]
 pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
     use std::collections::BTreeMap;
     use std::sync::{Mutex, OnceLock};
 
-    use crate::gpu::{AutoSignatureVerifier, GpuContext, GpuSignatureVerifier};
+    use crate::gpu::votes::{CpuVoteAggregator, Threshold, VoteAggregator};
+    use crate::gpu::{
+        AdaptiveVoteAggregator, AutoSignatureVerifier, GpuContext, GpuSignatureVerifier,
+        GpuVoteAggregator,
+    };
+    use wgpu::DeviceType;
 
     static OPENED: OnceLock<Mutex<BTreeMap<u32, SharedVerifier>>> = OnceLock::new();
     let mut opened = crate::sync::lock(OPENED.get_or_init(Mutex::default));
@@ -332,6 +343,19 @@ pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
             .and_then(|context| {
                 GpuSignatureVerifier::new(Arc::new(context)).map_err(|error| error.to_string())
             });
+        let threshold = Threshold::MajorityOfVotesCast; // PBFT applies its own quorum
+        let votes: Arc<dyn VoteAggregator> = match &gpu {
+            Ok(verifier) if verifier.context().adapter_info().device_type != DeviceType::Cpu => {
+                match GpuVoteAggregator::with_context(verifier.context().clone()) {
+                    Ok(gpu) => Arc::new(AdaptiveVoteAggregator::new(gpu)),
+                    Err(error) => {
+                        tracing::warn!(%error, "PBFT votes: no GPU aggregator; the CPU counts them");
+                        Arc::new(CpuVoteAggregator::new(threshold))
+                    }
+                }
+            }
+            _ => Arc::new(CpuVoteAggregator::new(threshold)),
+        };
         let (gpu, status) = match gpu {
             Ok(gpu) => {
                 let adapter = gpu.context().adapter_name().to_string();
@@ -345,17 +369,19 @@ pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
         };
         SharedVerifier {
             verifier: Arc::new(AutoSignatureVerifier::new(gpu)),
+            votes,
             gpu: status,
         }
     });
     verifier.clone()
 }
 
-/// A verifier opened for `gpu_enabled`, and what became of its GPU.
+/// The verifier and vote counter opened for `gpu_enabled`, and what became of its GPU.
 #[cfg(feature = "gpu")]
 #[derive(Clone)]
 pub(crate) struct SharedVerifier {
     pub(crate) verifier: Arc<dyn crate::gpu::SignatureVerifier>,
+    pub(crate) votes: Arc<dyn crate::gpu::VoteAggregator>,
     /// The adapter the GPU verifier runs on, or why there is none.
     pub(crate) gpu: std::result::Result<String, String>,
 }

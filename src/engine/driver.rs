@@ -186,9 +186,7 @@ impl<P: Protocol> Driver<P> {
                     self.metrics.record_vote_processing(checking.elapsed());
                     self.metrics.record_invalid_messages(dropped as u64);
                 }
-                for envelope in peer_messages.drain(..) {
-                    self.node.step(Input::Message(envelope), &mut out);
-                }
+                self.node.step_round(&mut peer_messages, &mut out);
             }
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);

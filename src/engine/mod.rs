@@ -85,6 +85,8 @@ pub struct ConsensusEngine {
     identity: Option<SigningIdentity>,
     /// What checks peers' signatures (see [`ConsensusEngine::with_signature_verifier`]).
     verifier: Option<Arc<dyn crate::gpu::SignatureVerifier>>,
+    /// What counts PBFT votes (see [`ConsensusEngine::with_vote_aggregator`]).
+    votes: Option<Arc<dyn crate::gpu::VoteAggregator>>,
     /// Byzantine settings, detections and their listeners (shared with the driver).
     byzantine: crate::byzantine::SharedByzantine,
     /// The Byzantine settings the core runs with.
@@ -148,6 +150,7 @@ impl ConsensusEngine {
             config,
             identity,
             verifier: None,
+            votes: None,
             gpu_verifier: None,
             byzantine: Default::default(),
             byzantine_config,
@@ -182,6 +185,19 @@ impl ConsensusEngine {
         verifier: Arc<dyn crate::gpu::SignatureVerifier>,
     ) -> Self {
         self.verifier = Some(verifier);
+        self
+    }
+
+    /// Counts PBFT prepares and commits with `aggregator` instead of the CPU one: each driver
+    /// round's votes, over every sequence number they touch, go to it as one batch (e.g. an
+    /// [`AdaptiveVoteAggregator`](crate::gpu::AdaptiveVoteAggregator), which sends batches
+    /// above its crossover to the GPU). Only its counts are used; the replica judges them by
+    /// its own Byzantine quorum, whatever the aggregator's threshold. Raft ignores it.
+    ///
+    /// Without it, a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses the automatic one
+    /// over the same GPU context as its signature verifier.
+    pub fn with_vote_aggregator(mut self, aggregator: Arc<dyn crate::gpu::VoteAggregator>) -> Self {
+        self.votes = Some(aggregator);
         self
     }
 
@@ -351,6 +367,7 @@ impl ConsensusEngine {
                     .await
                     .map_err(|error| Error::Io(error.to_string()))?;
             self.verifier = Some(shared.verifier);
+            self.votes.get_or_insert(shared.votes);
             self.gpu_verifier = Some(shared.gpu);
         }
         lock(&self.byzantine).policy = self.byzantine_config.punishment_policy;
@@ -358,6 +375,7 @@ impl ConsensusEngine {
             config: self.config.clone(),
             identity: self.identity.clone(),
             verifier: self.verifier.clone(),
+            votes: self.votes.clone(),
             byzantine: self.byzantine_config,
         };
         // Checked before the retained state is taken, so that a refused start keeps it.

@@ -239,6 +239,20 @@ pub trait Protocol: Send + 'static {
         0
     }
 
+    /// Steps a round of authenticated peer messages (what [`Protocol::authenticate`] kept), in
+    /// order, leaving `messages` empty. A core may settle what the whole round changed at its
+    /// end rather than after each message: PBFT counts the round's prepares and commits in one
+    /// [`VoteAggregator`](crate::gpu::VoteAggregator) batch. The default steps each message.
+    fn step_round(
+        &mut self,
+        messages: &mut Vec<Envelope<Self::Message>>,
+        out: &mut Output<Self::Message>,
+    ) {
+        for envelope in messages.drain(..) {
+            self.step(Input::Message(envelope), out);
+        }
+    }
+
     /// Who leads and how far the log is committed.
     fn status(&self) -> Status;
 

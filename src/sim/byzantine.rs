@@ -255,6 +255,15 @@ impl Protocol for Maverick {
         self.node.authenticate(messages)
     }
 
+    fn step_round(&mut self, messages: &mut Vec<Envelope<Message>>, out: &mut Output<Message>) {
+        let (sent_before, after_write_before) =
+            (out.messages.len(), out.messages_after_write.len());
+        self.node.step_round(messages, out);
+        if let Some(behaviour) = self.behaviour {
+            self.misbehave(behaviour, out, sent_before, after_write_before);
+        }
+    }
+
     fn status(&self) -> Status {
         self.node.status()
     }

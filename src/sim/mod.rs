@@ -512,19 +512,19 @@ impl<P: SimProtocol> Sim<P> {
         let Some(core) = node.core.as_mut() else {
             return; // a crashed node hears nothing
         };
-        // A peer message passes the core's authentication first, as in the engine's driver.
-        let input = match input {
+        // A peer message is a round of one: authenticated first, then stepped as a round, as
+        // in the engine's driver.
+        match input {
             Input::Message(envelope) => {
                 let mut round = vec![envelope];
                 core.authenticate(&mut round);
-                match round.pop() {
-                    Some(envelope) => Input::Message(envelope),
-                    None => return,
+                if round.is_empty() {
+                    return;
                 }
+                core.step_round(&mut round, &mut node.out);
             }
-            other => other,
-        };
-        core.step(input, &mut node.out);
+            other => core.step(other, &mut node.out),
+        }
         // What may leave before the write is durable leaves now, as the engine sends it.
         for envelope in node.out.messages.drain(..) {
             self.endpoints[index].send(envelope.to, envelope);

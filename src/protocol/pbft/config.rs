@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::error::ConfigError;
+use crate::gpu::votes::{CpuVoteAggregator, Threshold, VoteAggregator};
 use crate::gpu::{CpuSignatureVerifier, SignatureVerifier};
 use crate::types::NodeId;
 
@@ -39,6 +40,13 @@ pub struct PbftConfig {
     pub validators: BTreeMap<NodeId, VerifyingKey>,
     /// Checks incoming signatures, a whole round's at a time.
     pub verifier: Arc<dyn SignatureVerifier>,
+    /// Counts a round's prepares and commits, every slot's in one batch. Only the counts are
+    /// used: the replica judges them by its own quorum (see [`PbftNode::quorum_size`]), so the
+    /// aggregator's [`Threshold`] does not matter and one aggregator may serve clusters of any
+    /// size. A backend that fails is replaced by the CPU count for that round.
+    ///
+    /// [`PbftNode::quorum_size`]: super::PbftNode::quorum_size
+    pub votes: Arc<dyn VoteAggregator>,
     /// Sequence numbers between checkpoints (K in the paper). The window of sequence numbers a
     /// replica accepts is twice this past its stable checkpoint.
     pub checkpoint_interval: u64,
@@ -84,19 +92,24 @@ impl std::fmt::Debug for PbftConfig {
 impl PbftConfig {
     /// Settings with the usual values: checkpoints every 128 sequence numbers, batches of up to
     /// 1,024 requests or 1 MiB, a view change after 20 ticks without progress, retransmission
-    /// every 4 ticks, the CPU signature verifier, detection on with offenders excluded.
+    /// every 4 ticks, the CPU signature verifier and vote counter, detection on with offenders
+    /// excluded.
     pub fn new(
         id: NodeId,
         members: Vec<NodeId>,
         signing_key: SigningKey,
         validators: BTreeMap<NodeId, VerifyingKey>,
     ) -> Self {
+        let replicas = members.len().max(1) as u64;
         PbftConfig {
             id,
             members,
             signing_key,
             validators,
             verifier: Arc::new(CpuSignatureVerifier),
+            votes: Arc::new(CpuVoteAggregator::new(Threshold::ByzantineQuorum {
+                replicas,
+            })),
             checkpoint_interval: 128,
             batch_size: 1024,
             max_batch_bytes: 1 << 20,

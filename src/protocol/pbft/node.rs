@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::error::ConfigError;
 use crate::gpu::SignatureItem;
 use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::votes::Threshold;
 use crate::protocol::raft::AppliedProposals;
 use crate::protocol::{Envelope, Event, Input, Output, Protocol, Status};
 use crate::storage::{HardState, RecordWrite, RecoveredState};
@@ -59,7 +60,8 @@ pub struct PbftNode {
     pub(super) config: PbftConfig,
     /// Members ranked by id; the primary of view `v` is `members[v mod n]`.
     pub(super) members: Vec<NodeId>,
-    /// Faulty replicas tolerated: n = 3f + 1 (or more; extra replicas add no tolerance).
+    /// Faulty replicas tolerated: n = 3f + 1 (or more; extra replicas add no tolerance, and
+    /// enlarge the quorum: see [`PbftNode::quorum_size`]).
     pub(super) f: usize,
     pub(super) bugs: InjectedBugs,
 
@@ -128,6 +130,10 @@ pub struct PbftNode {
     pub(super) records: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Messages dropped because a signature did not verify.
     pub(super) invalid_messages: u64,
+    /// True while a round of peer messages is being stepped: vote counts wait for its end.
+    pub(super) in_round: bool,
+    /// Slots whose prepares or commits changed since they were last counted.
+    pub(super) to_count: std::collections::BTreeSet<Seq>,
     /// The leader last announced in an event.
     pub(super) announced: Option<(View, Option<NodeId>)>,
 }
@@ -263,6 +269,8 @@ impl PbftNode {
             excluded: std::collections::BTreeSet::new(),
             records: recovered.records.clone(),
             invalid_messages: 0,
+            in_round: false,
+            to_count: Default::default(),
             announced: None,
         };
         node.recover(recovered)?;
@@ -482,9 +490,18 @@ impl PbftNode {
         self.primary() == self.config.id
     }
 
-    /// 2f + 1.
+    /// The quorum: 2f + 1 for n = 3f + 1.
     pub(super) fn quorum(&self) -> usize {
-        2 * self.f + 1
+        self.quorum_size()
+    }
+
+    /// Replicas in a quorum: the smallest q with 2q − n > f, so that any two quorums share an
+    /// honest replica. That is 2f + 1 when n = 3f + 1, and more for the sizes between (n = 5
+    /// and 6 tolerate f = 1 but need 4 and 5): with 2f + 1 there, two quorums of 3 out of 5
+    /// meet in one replica, which may be the faulty one, and an equivocating primary could
+    /// commit two batches at one sequence number.
+    pub fn quorum_size(&self) -> usize {
+        Threshold::byzantine_quorum(self.members.len() as u64) as usize
     }
 
     /// The high watermark: the last sequence number this replica accepts.
@@ -771,6 +788,18 @@ impl Protocol for PbftNode {
 
     fn authenticate(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
         self.authenticate_batch(messages)
+    }
+
+    /// Steps the round's messages, then counts every slot's prepares and commits that they
+    /// changed in one vote-aggregator batch.
+    fn step_round(&mut self, messages: &mut Vec<Envelope<Message>>, out: &mut Output<Message>) {
+        self.in_round = true;
+        for envelope in messages.drain(..) {
+            self.step(Input::Message(envelope), out);
+        }
+        self.in_round = false;
+        self.count_votes(out);
+        self.announce_leader(out);
     }
 
     fn status(&self) -> Status {

@@ -2,10 +2,13 @@
 //! backups agree on the order (PREPARE) and on its being prepared at a quorum (COMMIT); every
 //! replica executes committed batches strictly in sequence order.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 
+use crate::gpu::votes::{CpuVoteAggregator, Threshold, Vote, VoteOutcome};
 use crate::protocol::{Output, RejectReason, Rejection};
-use crate::types::{Entry, Payload, ProposalTag};
+use crate::types::{Entry, NodeId, Payload, ProposalTag};
 
 use super::message::{
     Batch, CommittedBatch, Message, PreparedCertificate, Request, Seq, Signed, Statement,
@@ -226,24 +229,134 @@ impl PbftNode {
         }
     }
 
-    /// Once the pre-prepare and 2f matching prepares from distinct backups are in: persist the
-    /// certificate, then commit.
+    /// Marks `seq`'s votes for counting: at the end of the round of messages being stepped, or
+    /// now when no round is (a pre-prepare of the primary's own, a new view).
     pub(super) fn check_prepared(&mut self, seq: Seq, out: &mut Output<Message>) {
-        let needed = 2 * self.f;
+        self.to_count.insert(seq);
+        if !self.in_round {
+            self.count_votes(out);
+        }
+    }
+
+    /// Counts the votes of every slot marked since the last count, all slots in one
+    /// [`VoteAggregator`](crate::gpu::VoteAggregator) batch, and takes the steps the counts
+    /// allow: *prepared* (the pre-prepare, as the primary's vote, and matching prepares from
+    /// a quorum) persists the certificate and sends this replica's commit; *committed-local*
+    /// (matching commits from a quorum, once prepared here) executes. A slot that becomes
+    /// prepared holding enough commits to commit is counted again at once.
+    pub(super) fn count_votes(&mut self, out: &mut Output<Message>) {
+        while !self.to_count.is_empty() {
+            let seqs = std::mem::take(&mut self.to_count);
+            let (ballots, votes) = self.ballots(&seqs);
+            if ballots.is_empty() {
+                return;
+            }
+            let outcome = self.aggregate(&votes);
+            for (index, &(seq, phase)) in ballots.iter().enumerate() {
+                let counted = outcome
+                    .tally(index as u64, 0)
+                    .map_or(0, |tally| tally.yes_count as usize);
+                match phase {
+                    Phase::Prepare if counted >= self.quorum() => self.prepared(seq, out),
+                    Phase::Commit if counted >= self.commit_quorum() => self.committed(seq, out),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// One ballot per slot of `seqs` still waiting for a quorum in this view, and the votes
+    /// that match its accepted digest: `Vote { term: ballot, proposal_id: 0, voter: rank }`.
+    /// An excluded replica's votes are left out: it counts toward no quorum.
+    fn ballots(&self, seqs: &BTreeSet<Seq>) -> (Vec<(Seq, Phase)>, Vec<Vote>) {
+        let mut ballots = Vec::new();
+        let mut votes = Vec::new();
+        for &seq in seqs {
+            let Some(slot) = self.slots.get(&seq) else {
+                continue;
+            };
+            let Some(accepted) = &slot.accepted else {
+                continue;
+            };
+            if slot.view != self.view || slot.committed.is_some() {
+                continue;
+            }
+            let (phase, statements) = if slot.commit_sent {
+                (Phase::Commit, &slot.commits)
+            } else {
+                (Phase::Prepare, &slot.prepares)
+            };
+            let ballot = ballots.len() as u64;
+            let expected = Some((self.view, seq, accepted.digest));
+            let mut vote = |signer| {
+                if let Some(rank) = self.rank(signer)
+                    && !self.excluded.contains(&signer)
+                {
+                    votes.push(Vote::new(rank, 0, true).in_term(ballot));
+                }
+            };
+            if phase == Phase::Prepare {
+                vote(accepted.pre_prepare.signer);
+            }
+            for statement in statements.values() {
+                if statement.statement.phase() == expected {
+                    vote(statement.signer);
+                }
+            }
+            ballots.push((seq, phase));
+        }
+        (ballots, votes)
+    }
+
+    /// The configured aggregator's count, or the CPU's when its backend fails (a GPU lost
+    /// mid-run says nothing about the votes).
+    fn aggregate(&self, votes: &[Vote]) -> VoteOutcome {
+        match futures::executor::block_on(self.config.votes.aggregate_votes(votes)) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(node = %self.config.id, %error,
+                    "vote aggregator failed; counting this round on the CPU");
+                CpuVoteAggregator::new(Threshold::MajorityOfVotesCast)
+                    .aggregate_blocking(votes)
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// A member's rank (its index among the ranked members), the voter number of its votes.
+    fn rank(&self, id: NodeId) -> Option<u32> {
+        let rank = self.members.binary_search(&id).ok()?;
+        u32::try_from(rank).ok()
+    }
+
+    /// Commits needed to commit locally (fewer only under an injected bug).
+    fn commit_quorum(&self) -> usize {
+        if self.bugs.commit_when_prepared {
+            1
+        } else {
+            self.quorum()
+        }
+    }
+
+    /// `seq` prepared in this view: persist the certificate (the pre-prepare and a quorum less
+    /// one of matching prepares from distinct backups), then commit.
+    fn prepared(&mut self, seq: Seq, out: &mut Output<Message>) {
         let view = self.view;
+        let needed = self.quorum() - 1;
         let Some(slot) = self.slots.get(&seq) else {
             return;
         };
-        if slot.view != view || slot.commit_sent {
-            return;
-        }
         let Some(accepted) = &slot.accepted else {
             return;
         };
         let matching: Vec<Signed> = slot
             .prepares
             .values()
-            .filter(|p| p.statement.phase() == Some((view, seq, accepted.digest)))
+            .filter(|p| {
+                p.statement.phase() == Some((view, seq, accepted.digest))
+                    && !self.excluded.contains(&p.signer)
+                    && p.signer != accepted.pre_prepare.signer
+            })
             .take(needed)
             .cloned()
             .collect();
@@ -263,7 +376,10 @@ impl PbftNode {
         slot.commits.insert(commit.signer, commit.clone());
         self.save_slot(seq, out);
         self.broadcast_after_write(Message::Signed(commit), out);
-        self.check_committed(seq, out);
+        // Commits that came before the prepares may already make a quorum.
+        if self.slot_mut(seq).commits.len() >= self.commit_quorum() {
+            self.to_count.insert(seq);
+        }
     }
 
     pub(super) fn on_commit(&mut self, commit: Signed, out: &mut Output<Message>) {
@@ -305,27 +421,29 @@ impl PbftNode {
         }
     }
 
-    /// Committed-local: prepared here and 2f + 1 matching commits (this replica's included).
+    /// Marks `seq`'s commits for counting (see [`PbftNode::check_prepared`]).
     pub(super) fn check_committed(&mut self, seq: Seq, out: &mut Output<Message>) {
-        let needed = if self.bugs.commit_when_prepared {
-            1
-        } else {
-            self.quorum()
-        };
+        self.check_prepared(seq, out);
+    }
+
+    /// Committed-local: prepared here and a quorum of matching commits (this replica's
+    /// included): keep the batch with its commit certificate and execute what is ready.
+    fn committed(&mut self, seq: Seq, out: &mut Output<Message>) {
+        let needed = self.commit_quorum();
         let view = self.view;
         let Some(slot) = self.slots.get(&seq) else {
             return;
         };
-        if slot.committed.is_some() || slot.view != view || !slot.commit_sent {
-            return;
-        }
         let Some(accepted) = &slot.accepted else {
             return;
         };
         let commits: Vec<Signed> = slot
             .commits
             .values()
-            .filter(|c| c.statement.phase() == Some((view, seq, accepted.digest)))
+            .filter(|c| {
+                c.statement.phase() == Some((view, seq, accepted.digest))
+                    && !self.excluded.contains(&c.signer)
+            })
             .take(needed)
             .cloned()
             .collect();
@@ -486,4 +604,11 @@ impl PbftNode {
             self.send(to, message.clone(), out);
         }
     }
+}
+
+/// What a ballot counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Prepare,
+    Commit,
 }

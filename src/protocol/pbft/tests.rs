@@ -15,6 +15,8 @@ struct Cluster {
     in_flight: VecDeque<Envelope>,
     /// Replicas whose messages, both ways, are dropped.
     cut_off: BTreeSet<NodeId>,
+    /// Links (from, to) whose messages are dropped.
+    cut_links: BTreeSet<(NodeId, NodeId)>,
     committed: Vec<Vec<crate::types::Entry>>,
     rejected: Vec<crate::protocol::Rejection>,
 }
@@ -51,6 +53,7 @@ impl Cluster {
             nodes,
             in_flight: VecDeque::new(),
             cut_off: BTreeSet::new(),
+            cut_links: BTreeSet::new(),
             committed: vec![Vec::new(); n as usize],
             rejected: Vec::new(),
         }
@@ -78,7 +81,10 @@ impl Cluster {
         while let Some(envelope) = self.in_flight.pop_front() {
             delivered += 1;
             assert!(delivered < 200_000, "message storm");
-            if self.cut_off.contains(&envelope.from) || self.cut_off.contains(&envelope.to) {
+            if self.cut_off.contains(&envelope.from)
+                || self.cut_off.contains(&envelope.to)
+                || self.cut_links.contains(&(envelope.from, envelope.to))
+            {
                 continue;
             }
             let to = envelope.to.0;
@@ -832,4 +838,172 @@ fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
         Offence::UnjustifiedNewView
     );
     assert!(backup.excluded().contains(&NodeId(2)));
+}
+
+/// Partitions `left` from `right`, both ways.
+fn partition(cluster: &mut Cluster, left: &[u64], right: &[u64]) {
+    for &a in left {
+        for &b in right {
+            cluster.cut_links.insert((NodeId(a), NodeId(b)));
+            cluster.cut_links.insert((NodeId(b), NodeId(a)));
+        }
+    }
+}
+
+fn one_request_batch(request_id: u64, data: &'static [u8]) -> Batch {
+    Batch {
+        requests: vec![Request {
+            tag: crate::types::ProposalTag {
+                proposer: NodeId(1),
+                request_id,
+            },
+            data: Bytes::from_static(data),
+        }],
+    }
+}
+
+/// n = 5 tolerates one fault, like n = 4, but its quorum is 4, not 2f + 1 = 3: an
+/// equivocating primary that reaches two halves which cannot hear each other gets three votes
+/// on each side (its own and two backups'), which must commit nothing. With quorums of 3 both
+/// halves would commit, different batches at one sequence number.
+#[test]
+fn five_replicas_need_quorums_of_four_against_an_equivocating_primary() {
+    let mut cluster = Cluster::new(5);
+    partition(&mut cluster, &[2, 3], &[4, 5]);
+    cluster.cut_off.insert(NodeId(1));
+    for (batch, backups) in [
+        (one_request_batch(1, b"a"), [2, 3]),
+        (one_request_batch(2, b"b"), [4, 5]),
+    ] {
+        let digest = batch.digest();
+        let pre_prepare = signed(
+            Statement::PrePrepare {
+                view: 0,
+                seq: 1,
+                digest,
+            },
+            1,
+        );
+        let commit = signed(
+            Statement::Commit {
+                view: 0,
+                seq: 1,
+                digest,
+            },
+            1,
+        );
+        for to in backups {
+            let message = Message::PrePrepare {
+                pre_prepare: pre_prepare.clone(),
+                batch: batch.clone(),
+            };
+            deliver_to(&mut cluster, to, 1, message);
+            deliver_to(&mut cluster, to, 1, Message::Signed(commit.clone()));
+        }
+    }
+    cluster.run();
+    for id in 2..=5 {
+        assert_eq!(cluster.node(id).executed_seq(), 0, "replica {id} executed");
+        assert!(cluster.committed[id as usize - 1].is_empty());
+    }
+    assert_eq!(cluster.node(2).quorum_size(), 4);
+    assert_eq!(Cluster::new(4).node(2).quorum_size(), 3);
+    assert_eq!(Cluster::new(7).node(2).quorum_size(), 5);
+}
+
+/// Counts what passes through it, then counts on the CPU.
+#[derive(Default)]
+struct CountingAggregator {
+    calls: std::sync::atomic::AtomicUsize,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::gpu::VoteAggregator for CountingAggregator {
+    fn aggregate_votes<'a>(
+        &'a self,
+        votes: &'a [crate::gpu::votes::Vote],
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::gpu::votes::VoteOutcome, crate::gpu::votes::VoteError>,
+    > {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        self.largest.fetch_max(votes.len(), Relaxed);
+        let cpu = crate::gpu::votes::CpuVoteAggregator::new(self.threshold());
+        Box::pin(async move { cpu.aggregate_blocking(votes) })
+    }
+
+    fn threshold(&self) -> crate::gpu::votes::Threshold {
+        crate::gpu::votes::Threshold::MajorityOfVotesCast
+    }
+}
+
+/// A round holding the prepares of many sequence numbers is counted in one aggregator call
+/// holding all their votes, and what it counts is what commits.
+#[test]
+fn a_rounds_prepares_are_counted_in_one_aggregator_batch() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counter = std::sync::Arc::new(CountingAggregator::default());
+    let shared = counter.clone();
+    let mut cluster = Cluster::with(4, move |config| {
+        config.votes = shared.clone();
+        config.checkpoint_interval = 64;
+    });
+    // Replica 2 takes eight pre-prepares, then a round of replica 3's and 4's prepares.
+    let mut prepares = Vec::new();
+    for seq in 1..=8u64 {
+        let batch = one_request_batch(seq, b"x");
+        let digest = batch.digest();
+        let pre_prepare = signed(
+            Statement::PrePrepare {
+                view: 0,
+                seq,
+                digest,
+            },
+            1,
+        );
+        deliver_to(
+            &mut cluster,
+            2,
+            1,
+            Message::PrePrepare { pre_prepare, batch },
+        );
+        for by in [3, 4] {
+            prepares.push(Envelope {
+                from: NodeId(by),
+                to: NodeId(2),
+                message: Message::Signed(signed(
+                    Statement::Prepare {
+                        view: 0,
+                        seq,
+                        digest,
+                    },
+                    by,
+                )),
+            });
+        }
+    }
+    cluster.in_flight.clear();
+    let calls_before = counter.calls.load(Relaxed);
+    let node = cluster.nodes[1].as_mut().unwrap();
+    assert_eq!(node.authenticate(&mut prepares), 0);
+    let mut out = Output::default();
+    node.step_round(&mut prepares, &mut out);
+    assert_eq!(
+        counter.calls.load(Relaxed),
+        calls_before + 1,
+        "one batch per round"
+    );
+    // Per slot: the pre-prepare (the primary's vote) and three prepares (replica 2's own).
+    assert_eq!(counter.largest.load(Relaxed), 8 * 4);
+    let commits = out
+        .messages_after_write
+        .iter()
+        .filter(|e| matches!(&e.message, Message::Signed(s) if matches!(s.statement, Statement::Commit { .. })))
+        .count();
+    assert_eq!(
+        commits,
+        8 * 3,
+        "replica 2 commits every slot, to each of its three peers"
+    );
 }

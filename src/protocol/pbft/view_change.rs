@@ -155,7 +155,7 @@ impl PbftNode {
                 || certificate.batch.digest() != digest
                 || certificate.prepares.iter().any(|p| p.signer == primary)
                 || self.distinct_members(&certificate.prepares, |p| p.statement == expected)
-                    < 2 * self.f
+                    < self.quorum() - 1
             {
                 return false;
             }

@@ -2,6 +2,7 @@
 //! typed errors that name the bad key and value.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,8 +10,9 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 use crate::gpu::GpuConfig;
+use crate::protocol::pbft::PbftConfig;
 use crate::protocol::raft::RaftConfig;
-use crate::transport::tcp::NetworkConfig;
+use crate::transport::tcp::{NetworkConfig, PeerAddress, TcpTransportConfig};
 use crate::types::NodeId;
 
 /// Which protocol a cluster runs.
@@ -511,6 +513,61 @@ impl ConsensusConfig {
         raft
     }
 
+    /// The PBFT replica settings of this node, signing with `identity`: timeouts in ticks of
+    /// [`ConsensusConfig::tick`], retransmission every heartbeat interval, the CPU signature
+    /// verifier and vote counter. (An engine swaps in its own verifier, vote counter and
+    /// Byzantine settings; this is for driving a [`PbftNode`](crate::protocol::pbft::PbftNode)
+    /// by hand with a node's exact settings.)
+    pub fn pbft_config(&self, identity: &crate::keys::SigningIdentity) -> PbftConfig {
+        let tick = self.tick().as_nanos().max(1);
+        let ticks = |d: Duration| u32::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u32::MAX);
+        let mut pbft = PbftConfig::new(
+            self.id(),
+            self.voter_ids(),
+            identity.signing_key.clone(),
+            identity.validators.clone(),
+        );
+        pbft.checkpoint_interval = self.checkpoint_interval;
+        pbft.batch_size = if self.enable_batching {
+            self.batch_size
+        } else {
+            1
+        };
+        pbft.max_batch_bytes = self.max_batch_bytes;
+        pbft.batch_timeout_ticks = if self.enable_batching {
+            ticks(self.batch_timeout)
+        } else {
+            0
+        };
+        pbft.view_change_timeout_ticks = ticks(self.view_change_timeout).max(2);
+        pbft.retransmit_ticks = ticks(self.election.heartbeat_interval).max(1);
+        pbft.detection_enabled = self.byzantine_fault_tolerance;
+        pbft
+    }
+
+    /// The peers of `bootstrap_peers`: `name@host:port` (the id is the name's) or `host:port`
+    /// (the id is learned from the peer's handshake).
+    pub fn peer_addresses(&self) -> Result<Vec<PeerAddress>, ConfigError> {
+        self.peers.iter().map(|entry| parse_peer(entry)).collect()
+    }
+
+    /// The TCP transport settings of this node: its id, cluster id, `bind_address`, network
+    /// settings and request timeout.
+    pub fn tcp_transport_config(&self) -> Result<TcpTransportConfig, ConfigError> {
+        let bind: SocketAddr = self
+            .bind_address
+            .parse()
+            .map_err(|_| ConfigError::Invalid {
+                field: "bind_address",
+                value: self.bind_address.clone(),
+                reason: "expected ip:port",
+            })?;
+        let mut transport = TcpTransportConfig::new(self.id(), self.cluster_id.clone(), bind);
+        transport.network = self.network_config;
+        transport.request_timeout = self.request_timeout;
+        Ok(transport)
+    }
+
     /// Reads the `[consensus]` table of a TOML file (the seed's keys; unknown keys are errors so
     /// that a typo is not silently ignored).
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
@@ -649,6 +706,31 @@ impl TomlConsensus {
         config.validators = self.validators.unwrap_or_default();
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// One `bootstrap_peers` entry.
+fn parse_peer(entry: &str) -> Result<PeerAddress, ConfigError> {
+    let bad = |reason: &'static str| ConfigError::Invalid {
+        field: "bootstrap_peers",
+        value: entry.to_string(),
+        reason,
+    };
+    let (name, address) = match entry.split_once('@') {
+        Some((name, address)) => (Some(name), address),
+        None => (None, entry),
+    };
+    let parsed: PeerAddress = address
+        .parse()
+        .map_err(|_| bad("expected host:port or name@host:port"))?;
+    match name {
+        Some("") => Err(bad("empty name before @")),
+        Some(name) => Ok(PeerAddress::with_id(
+            NodeId::from_name(name),
+            parsed.host,
+            parsed.port,
+        )),
+        None => Ok(parsed),
     }
 }
 

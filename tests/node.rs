@@ -32,6 +32,8 @@ struct Node {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Runs the `maverick` example with this behaviour instead of `consensus-node`.
+    maverick: Option<&'static str>,
 }
 
 impl Node {
@@ -41,7 +43,15 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BINARY)
+        let mut command = match self.maverick {
+            Some(behaviour) => {
+                let mut command = Command::new(maverick_binary());
+                command.args(["--behaviour", behaviour]);
+                command
+            }
+            None => Command::new(BINARY),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -82,6 +92,16 @@ impl Cluster {
 
     /// Writes the configurations of `size` nodes of `algorithm` and starts them.
     fn start_of(size: usize, algorithm: consensus::Algorithm) -> Cluster {
+        Cluster::start_with(size, algorithm, |_| None)
+    }
+
+    /// [`Cluster::start_of`], where the node named `name` runs the `maverick` example with the
+    /// behaviour `maverick(name)` says, if it says one.
+    fn start_with(
+        size: usize,
+        algorithm: consensus::Algorithm,
+        maverick: impl Fn(&str) -> Option<&'static str>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * size);
         let files =
@@ -89,6 +109,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for files in files {
             let mut node = Node {
+                maverick: maverick(&files.name),
                 name: files.name,
                 http: files.http,
                 config: files.config,
@@ -668,5 +689,143 @@ fn a_signed_algorithm_with_a_bad_key_or_table_exits_2_at_start_up() {
             assert!(stderr.contains(part), "expected {part:?} in {stderr:?}");
         }
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+    }
+}
+
+/// The `maverick` example's binary, which `cargo test` builds beside the test binaries
+/// (`target/<profile>/examples/`).
+fn maverick_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("maverick{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds it; alone, `cargo build --example maverick`",
+        binary.display()
+    );
+    binary
+}
+
+/// The value of an unlabelled Prometheus sample, or the sum over its labels.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Three honest `consensus-node`s and one `maverick` process per behaviour, on TCP: writes
+/// through the honest nodes all succeed and read back everywhere; a provable behaviour ends
+/// with the maverick excluded by every honest node (`/status`) and counted (`/metrics`); an
+/// unprovable one blames no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else() {
+    use consensus::NodeId;
+    // The primary of view 0 is the member with the smallest id.
+    let names = ["node-1", "node-2", "node-3", "node-4"];
+    let first_primary = *names.iter().min_by_key(|n| NodeId::from_name(n)).unwrap();
+    let backup = *names.iter().max_by_key(|n| NodeId::from_name(n)).unwrap();
+    for (behaviour, provable) in [
+        ("equivocate", true),
+        ("double-vote", true),
+        ("forge", false),
+        ("replay", false),
+        ("silent", false),
+    ] {
+        // The equivocator needs to be the primary; the others misbehave as a backup.
+        let maverick_name = if behaviour == "equivocate" {
+            first_primary
+        } else {
+            backup
+        };
+        let cluster = Cluster::start_with(4, consensus::Algorithm::Pbft, |name| {
+            (name == maverick_name).then_some(behaviour)
+        });
+        let maverick = cluster
+            .nodes
+            .iter()
+            .position(|n| n.name == maverick_name)
+            .unwrap();
+        let honest: Vec<usize> = (0..4).filter(|&i| i != maverick).collect();
+        let maverick_id = NodeId::from_name(maverick_name).to_string();
+        let context = |what: &str| format!("{behaviour}: {what}\n{}", cluster.logs());
+
+        // Writes through every honest node, one at a time.
+        let mut acked = BTreeMap::new();
+        for i in 0..12 {
+            let (key, value) = (format!("{behaviour}-{i}"), format!("v{i}"));
+            let response = cluster
+                .until_answered(
+                    &[honest[i % 3]],
+                    "PUT",
+                    &format!("/kv/{key}"),
+                    value.as_bytes(),
+                    Duration::from_secs(30),
+                )
+                .await;
+            assert_eq!(response.status, 200, "{}", context(&response.text()));
+            acked.insert(key, Some(value));
+        }
+        for &node in &honest {
+            check_acknowledged(&cluster, node, &acked).await;
+        }
+
+        let deadline = Instant::now() + Duration::from_secs(if provable { 30 } else { 0 });
+        for &node in &honest {
+            loop {
+                let status = cluster.status(node).await.expect("status");
+                let excluded: Vec<&str> = status["excluded"]
+                    .as_array()
+                    .expect("excluded")
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if provable && excluded == [maverick_id.as_str()] {
+                    break;
+                }
+                if !provable {
+                    assert!(excluded.is_empty(), "{}", context(&format!("{status}")));
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}",
+                    context(&format!(
+                        "node {node} never excluded {maverick_id}: {status}"
+                    ))
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let metrics = cluster.call(node, "GET", "/metrics", b"").await.unwrap();
+            let detections = metric(&metrics.text(), "consensus_byzantine_detections_total");
+            let report = cluster.call(node, "GET", "/byzantine", b"").await.unwrap();
+            let report: Value = serde_json::from_slice(&report.body).unwrap();
+            let accused: Vec<&str> = report["detections"]
+                .as_array()
+                .expect("detections")
+                .iter()
+                .filter_map(|d| d["offender"].as_str())
+                .collect();
+            if provable {
+                assert!(detections >= 1.0, "{}", context("no detection counted"));
+                assert_eq!(accused, [maverick_id.as_str()], "{}", context("accused"));
+            } else {
+                assert_eq!(detections, 0.0, "{}", context("a detection counted"));
+                assert!(accused.is_empty(), "{}", context(&format!("{report}")));
+            }
+            if behaviour == "forge" {
+                let invalid = metric(&metrics.text(), "consensus_invalid_messages_total");
+                assert!(invalid >= 1.0, "{}", context("forged messages not counted"));
+            }
+        }
+        eprintln!(
+            "{behaviour}: {} writes acknowledged and read back on the 3 honest nodes; maverick excluded: {provable}",
+            acked.len()
+        );
     }
 }

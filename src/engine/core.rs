@@ -131,36 +131,14 @@ impl EngineCore for PbftNode {
     }
 }
 
-/// The PBFT settings the configuration implies: timeouts in ticks of [`ConsensusConfig::tick`],
-/// retransmission every heartbeat interval.
+/// The PBFT settings of the configuration (see [`ConsensusConfig::pbft_config`]), over
+/// `members`, with the engine's verifier, vote counter and Byzantine settings.
 fn pbft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<PbftConfig> {
-    let config = &engine.config;
     let identity = engine.identity.as_ref().ok_or(Error::InvalidState(
         "a PBFT engine needs its signing identity (ConsensusConfig::signing_identity)",
     ))?;
-    let tick = config.tick().as_nanos().max(1);
-    let ticks =
-        |d: std::time::Duration| u32::try_from(d.as_nanos().div_ceil(tick)).unwrap_or(u32::MAX);
-    let mut pbft = PbftConfig::new(
-        config.id(),
-        members,
-        identity.signing_key.clone(),
-        identity.validators.clone(),
-    );
-    pbft.checkpoint_interval = config.checkpoint_interval;
-    pbft.batch_size = if config.enable_batching {
-        config.batch_size
-    } else {
-        1
-    };
-    pbft.max_batch_bytes = config.max_batch_bytes;
-    pbft.batch_timeout_ticks = if config.enable_batching {
-        ticks(config.batch_timeout)
-    } else {
-        0
-    };
-    pbft.view_change_timeout_ticks = ticks(config.view_change_timeout).max(2);
-    pbft.retransmit_ticks = ticks(config.election.heartbeat_interval).max(1);
+    let mut pbft = engine.config.pbft_config(identity);
+    pbft.members = members;
     if let Some(verifier) = &engine.verifier {
         pbft.verifier = verifier.clone();
     }

@@ -36,7 +36,6 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Algorithm, ConsensusConfig};
-use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::keys::SigningIdentity;
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -47,7 +46,7 @@ use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
 use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
 use crate::sync::lock;
 use crate::transport::Transport;
-use crate::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
+use crate::transport::tcp::TcpTransport;
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
@@ -452,23 +451,8 @@ impl ConsensusEngine {
         P: EngineCore,
         P::Message: serde::Serialize + serde::de::DeserializeOwned,
     {
-        let bind: std::net::SocketAddr =
-            self.config
-                .bind_address
-                .parse()
-                .map_err(|_| ConfigError::Invalid {
-                    field: "bind_address",
-                    value: self.config.bind_address.clone(),
-                    reason: "expected ip:port",
-                })?;
-        let mut peers = Vec::new();
-        for entry in &self.config.peers {
-            peers.push(parse_peer(entry)?);
-        }
-        let mut transport_config =
-            TcpTransportConfig::new(self.node_id(), self.config.cluster_id.clone(), bind);
-        transport_config.network = self.config.network_config;
-        transport_config.request_timeout = self.config.request_timeout;
+        let peers = self.config.peer_addresses()?;
+        let transport_config = self.config.tcp_transport_config()?;
         let (transport, mut inbound) = TcpTransport::start(transport_config, peers.clone())
             .await
             .map_err(|error| Error::Io(error.to_string()))?;
@@ -658,28 +642,6 @@ impl ConsensusEngine {
 
 /// Parses a configured peer: `name@host:port` (id from the name, as [`NodeId::from_name`]) or
 /// `host:port` (id learned in the handshake).
-fn parse_peer(entry: &str) -> Result<PeerAddress> {
-    let bad = |reason: &'static str| ConfigError::Invalid {
-        field: "bootstrap_peers",
-        value: entry.to_string(),
-        reason,
-    };
-    let (name, address) = match entry.split_once('@') {
-        Some((name, address)) => (Some(name), address),
-        None => (None, entry),
-    };
-    let parsed: PeerAddress = address
-        .parse()
-        .map_err(|_| bad("expected host:port or name@host:port"))?;
-    Ok(match name {
-        Some(name) if !name.is_empty() => {
-            PeerAddress::with_id(NodeId::from_name(name), parsed.host, parsed.port)
-        }
-        Some(_) => return Err(bad("empty name before @").into()),
-        None => parsed,
-    })
-}
-
 impl Drop for ConsensusEngine {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {

@@ -82,6 +82,26 @@ pub struct Maverick {
 const REPLAYS_KEPT: usize = 64;
 
 impl Maverick {
+    /// A replica with `config`'s settings and key that misbehaves as `behaviour` says (honest
+    /// code when `None`), for running outside the simulator (the `maverick` example: a
+    /// Byzantine replica on TCP beside real nodes).
+    pub fn new(
+        config: PbftConfig,
+        recovered: RecoveredState,
+        behaviour: Option<Behaviour>,
+    ) -> Result<Self, ConfigError> {
+        let key = config.signing_key.clone();
+        let id = config.id;
+        Ok(Maverick {
+            node: PbftNode::new(config, recovered)?,
+            behaviour,
+            key,
+            old: Vec::new(),
+            offended: false,
+            byzantine: behaviour.map(|_| id).into_iter().collect(),
+        })
+    }
+
     /// The honest code inside.
     pub fn node(&self) -> &PbftNode {
         &self.node
@@ -178,7 +198,12 @@ impl Maverick {
                 Behaviour::Impersonator => {
                     // Its own message goes out as is; beside it, one in another's name.
                     if let Message::Signed(signed) = &envelope.message {
-                        let victim = NodeId(envelope.to.0 % 4 + 1);
+                        // Another member than itself and the receiver: a name the
+                        // receiver knows a key for.
+                        let me = self.node.id();
+                        let victim = (self.node.members().iter().copied())
+                            .find(|&m| m != me && m != envelope.to)
+                            .unwrap_or(envelope.to);
                         let mut forged = signed.clone();
                         forged.signer = victim;
                         sent.push(Envelope {

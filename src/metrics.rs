@@ -18,10 +18,38 @@ use std::time::{Duration, Instant};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+use crate::protocol::InvalidReason;
+
+/// Reads a TCP transport's running count of connections closed for a malformed frame.
+pub(crate) type RejectedFrames = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// A watched transport's rejected-frame count, and how much of it was counted.
+#[derive(Default)]
+struct FrameWatch {
+    read: Option<RejectedFrames>,
+    counted: u64,
+}
+
+impl std::fmt::Debug for FrameWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWatch")
+            .field("watching", &self.read.is_some())
+            .field("counted", &self.counted)
+            .finish()
+    }
+}
+
+/// The `reason` label of `consensus_invalid_messages_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
 
 /// Live metrics of one engine, shared between the driver and readers.
 #[derive(Debug)]
@@ -38,9 +66,12 @@ pub struct Metrics {
     /// `consensus_byzantine_detections_total`: replicas proven Byzantine, once per offender
     /// (forged messages prove nothing and count in `consensus_invalid_messages_total`).
     byzantine_detections: Counter,
-    /// `consensus_invalid_messages_total`: peer messages dropped because a signature in them
-    /// did not verify (never evidence: anyone can forge a bad signature in another's name).
-    invalid_messages: Counter,
+    /// `consensus_invalid_messages_total{reason}`: peer messages dropped unread, by
+    /// [`InvalidReason`] (never evidence: anyone can forge a bad signature in another's name).
+    invalid_messages: Family<ReasonLabel, Counter>,
+    /// Where the TCP transport's count of connections it closed for a malformed or oversized
+    /// frame is read, and how much of it was already added (as `reason="malformed"`).
+    rejected_frames: std::sync::Mutex<FrameWatch>,
     proposals_committed: Counter,
     proposals_rejected: Counter,
     /// `consensus_gpu_cpu_fallbacks_total`: stays at zero until the GPU-optimized Raft issue
@@ -73,7 +104,13 @@ impl Metrics {
         let vote_processing = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
         let leader_changes = Counter::default();
         let byzantine_detections = Counter::default();
-        let invalid_messages = Counter::default();
+        let invalid_messages = Family::<ReasonLabel, Counter>::default();
+        // Every reason is exported from the start, at zero.
+        for reason in InvalidReason::ALL {
+            drop(invalid_messages.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            }));
+        }
         let proposals_committed = Counter::default();
         let proposals_rejected = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
@@ -114,7 +151,7 @@ impl Metrics {
         );
         registry.register(
             "consensus_invalid_messages",
-            "Peer messages dropped because a signature did not verify",
+            "Peer messages dropped unread, by reason (bad_signature, unknown_signer, malformed, stale, excluded)",
             invalid_messages.clone(),
         );
         registry.register(
@@ -142,6 +179,7 @@ impl Metrics {
             leader_changes,
             byzantine_detections,
             invalid_messages,
+            rejected_frames: std::sync::Mutex::default(),
             proposals_committed,
             proposals_rejected,
             gpu_cpu_fallbacks,
@@ -203,11 +241,50 @@ impl Metrics {
         self.vote_count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records peer messages dropped for a bad signature.
-    pub(crate) fn record_invalid_messages(&self, count: u64) {
+    /// Records `count` peer messages dropped for `reason`.
+    pub(crate) fn record_invalid_messages(&self, reason: InvalidReason, count: u64) {
         if count > 0 {
-            self.invalid_messages.inc_by(count);
+            self.invalid_messages
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc_by(count);
         }
+    }
+
+    /// Counts, as `reason="malformed"`, the connections a TCP transport closes for a frame
+    /// that is oversized or does not decode: `rejected` reads its running total (read when
+    /// the metrics are).
+    pub(crate) fn watch_rejected_frames(&self, rejected: RejectedFrames) {
+        *crate::sync::lock(&self.rejected_frames) = FrameWatch {
+            read: Some(rejected),
+            counted: 0,
+        };
+    }
+
+    /// Adds what the watched transport rejected since the last read.
+    fn sync_rejected_frames(&self) {
+        let mut watch = crate::sync::lock(&self.rejected_frames);
+        if let Some(read) = &watch.read {
+            let total = read();
+            if total > watch.counted {
+                self.record_invalid_messages(InvalidReason::Malformed, total - watch.counted);
+                watch.counted = total;
+            }
+        }
+    }
+
+    fn invalid_messages_total(&self) -> u64 {
+        InvalidReason::ALL
+            .into_iter()
+            .map(|reason| {
+                self.invalid_messages
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.as_str(),
+                    })
+                    .get()
+            })
+            .sum()
     }
 
     /// Records a replica proven Byzantine (once per offender).
@@ -226,6 +303,7 @@ impl Metrics {
 
     /// A consistent-enough point-in-time view.
     pub fn snapshot(&self) -> MetricsSnapshot {
+        self.sync_rejected_frames();
         let average = |total: &AtomicU64, count: &AtomicU64| {
             let count = count.load(Ordering::Relaxed);
             Duration::from_nanos(
@@ -251,13 +329,14 @@ impl Metrics {
             proposals_rejected: self.proposals_rejected.get(),
             leader_changes: self.leader_changes.get(),
             byzantine_detections: self.byzantine_detections.get(),
-            invalid_messages: self.invalid_messages.get(),
+            invalid_messages: self.invalid_messages_total(),
             gpu_cpu_fallbacks: self.gpu_cpu_fallbacks.get(),
         }
     }
 
     /// The Prometheus text exposition of every series.
     pub fn encode_prometheus(&self) -> String {
+        self.sync_rejected_frames();
         let mut text = String::new();
         // Writing into a String cannot fail.
         encode(&mut text, &self.registry).expect("formatting into a String");
@@ -378,7 +457,8 @@ pub struct MetricsSnapshot {
     pub leader_changes: u64,
     /// Replicas proven Byzantine since start (once per offender).
     pub byzantine_detections: u64,
-    /// Peer messages dropped since start because a signature did not verify.
+    /// Peer messages dropped unread since start, for any reason (see
+    /// [`InvalidReason`]; the Prometheus counter has them by reason).
     pub invalid_messages: u64,
     /// GPU calls answered by the CPU since start. Zero until the GPU-optimized Raft issue runs
     /// GPU batches from the engine.
@@ -452,6 +532,39 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == sample), "{sample}:\n{text}");
         }
+    }
+
+    #[test]
+    fn invalid_messages_are_counted_by_reason_and_rejected_frames_as_malformed() {
+        let metrics = Metrics::new();
+        let text = metrics.encode_prometheus();
+        for reason in InvalidReason::ALL {
+            let sample = format!(
+                "consensus_invalid_messages_total{{reason=\"{}\"}} 0",
+                reason.as_str()
+            );
+            assert!(text.lines().any(|l| l == sample), "{sample}:\n{text}");
+        }
+        metrics.record_invalid_messages(InvalidReason::BadSignature, 3);
+        metrics.record_invalid_messages(InvalidReason::Stale, 2);
+        let frames = Arc::new(AtomicU64::new(4));
+        let read = frames.clone();
+        metrics.watch_rejected_frames(Box::new(move || read.load(Ordering::Relaxed)));
+        assert_eq!(metrics.snapshot().invalid_messages, 3 + 2 + 4);
+        frames.store(5, Ordering::Relaxed);
+        let text = metrics.encode_prometheus();
+        for sample in [
+            r#"consensus_invalid_messages_total{reason="bad_signature"} 3"#,
+            r#"consensus_invalid_messages_total{reason="stale"} 2"#,
+            r#"consensus_invalid_messages_total{reason="malformed"} 5"#,
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample}:\n{text}");
+        }
+        assert_eq!(
+            metrics.snapshot().invalid_messages,
+            10,
+            "each frame counted once"
+        );
     }
 
     #[test]

@@ -819,7 +819,8 @@ async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else
                 assert!(accused.is_empty(), "{}", context(&format!("{report}")));
             }
             if behaviour == "forge" {
-                let invalid = metric(&metrics.text(), "consensus_invalid_messages_total");
+                let forged = r#"consensus_invalid_messages_total{reason="bad_signature"}"#;
+                let invalid = metric(&metrics.text(), forged);
                 assert!(invalid >= 1.0, "{}", context("forged messages not counted"));
             }
         }

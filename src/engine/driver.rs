@@ -148,6 +148,8 @@ pub(crate) struct Driver<P: Protocol> {
     /// Where an engine without a durable store keeps the node's state between a stop and the
     /// next start (see [`crate::engine::retained`]); `None` with a real store.
     pub(crate) retain: Option<RetainedState>,
+    /// The core's dropped-message counts already added to the metrics.
+    pub(crate) invalid_seen: crate::protocol::InvalidCounts,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -181,12 +183,16 @@ impl<P: Protocol> Driver<P> {
             }
             if !peer_messages.is_empty() {
                 let checking = Instant::now();
-                let dropped = self.node.authenticate(&mut peer_messages);
+                self.node.authenticate(&mut peer_messages);
                 if P::AUTHENTICATES {
                     self.metrics.record_vote_processing(checking.elapsed());
-                    self.metrics.record_invalid_messages(dropped as u64);
                 }
                 self.node.step_round(&mut peer_messages, &mut out);
+                let invalid = self.node.invalid_messages();
+                for (reason, count) in invalid.since(&self.invalid_seen) {
+                    self.metrics.record_invalid_messages(reason, count);
+                }
+                self.invalid_seen = invalid;
             }
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);

@@ -403,7 +403,9 @@ impl ConsensusEngine {
             );
         }
         let state_machine = self.state_machine.get_mut().ok().and_then(Option::take);
+        let invalid_seen = node.invalid_messages();
         let driver = Driver {
+            invalid_seen,
             apply: ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine),
             answers: Vec::new(),
             node,
@@ -457,6 +459,12 @@ impl ConsensusEngine {
             .await
             .map_err(|error| Error::Io(error.to_string()))?;
         let transport = Arc::new(transport);
+        let watched = Arc::downgrade(&transport);
+        self.metrics.watch_rejected_frames(Box::new(move || {
+            watched
+                .upgrade()
+                .map_or(0, |transport| transport.stats().connections_rejected)
+        }));
         // Peers named in the configuration are voters at once; the others once they said who
         // they are. The voter set must be known before the protocol starts.
         let named: Vec<NodeId> = peers.iter().filter_map(|p| p.node_id).collect();

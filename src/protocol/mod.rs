@@ -212,6 +212,82 @@ pub struct Status {
     pub commit_index: LogIndex,
 }
 
+/// Why a peer message was dropped unread: the `reason` label of
+/// `consensus_invalid_messages_total`. None of these is evidence against the sender: a bad
+/// signature can be forged in anyone's name, garbage can come from anyone, and an old message
+/// may be an honest one that arrived late.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InvalidReason {
+    /// A signature that does not verify against its claimed signer's key.
+    BadSignature,
+    /// A sender or signer that is not a member with a known key.
+    UnknownSigner,
+    /// Bytes that are not a message: a signature of the wrong length, or (counted by the TCP
+    /// transport, per connection it closes) a frame that is oversized or does not decode.
+    Malformed,
+    /// A statement about a view or sequence number this replica has moved past: replays, and
+    /// honest messages that arrived late (a trickle around view changes and checkpoints is
+    /// normal).
+    Stale,
+    /// A message from a replica this one excludes as proven Byzantine.
+    Excluded,
+}
+
+impl InvalidReason {
+    /// Every reason.
+    pub const ALL: [InvalidReason; 5] = [
+        InvalidReason::BadSignature,
+        InvalidReason::UnknownSigner,
+        InvalidReason::Malformed,
+        InvalidReason::Stale,
+        InvalidReason::Excluded,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::BadSignature => "bad_signature",
+            InvalidReason::UnknownSigner => "unknown_signer",
+            InvalidReason::Malformed => "malformed",
+            InvalidReason::Stale => "stale",
+            InvalidReason::Excluded => "excluded",
+        }
+    }
+}
+
+/// Peer messages a core dropped unread since it started, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InvalidCounts([u64; InvalidReason::ALL.len()]);
+
+impl InvalidCounts {
+    /// Dropped for `reason`.
+    pub fn get(&self, reason: InvalidReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// Counts `count` more dropped for `reason`.
+    pub fn add(&mut self, reason: InvalidReason, count: u64) {
+        self.0[reason as usize] += count;
+    }
+
+    /// Dropped for any reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Per reason, what `self` counts beyond `earlier`.
+    pub fn since(&self, earlier: &InvalidCounts) -> impl Iterator<Item = (InvalidReason, u64)> {
+        let (now, then) = (self.0, earlier.0);
+        InvalidReason::ALL
+            .into_iter()
+            .map(move |reason| {
+                let index = reason as usize;
+                (reason, now[index].saturating_sub(then[index]))
+            })
+            .filter(|&(_, count)| count > 0)
+    }
+}
+
 /// A sans-IO consensus core. See the [module documentation](self) for the driver's contract.
 pub trait Protocol: Send + 'static {
     /// What nodes of this protocol send each other.
@@ -251,6 +327,12 @@ pub trait Protocol: Send + 'static {
         for envelope in messages.drain(..) {
             self.step(Input::Message(envelope), out);
         }
+    }
+
+    /// Peer messages dropped unread so far, by reason (none for a core that trusts its
+    /// transport, the default).
+    fn invalid_messages(&self) -> InvalidCounts {
+        InvalidCounts::default()
     }
 
     /// Who leads and how far the log is committed.

@@ -10,7 +10,9 @@ use crate::gpu::SignatureItem;
 use crate::gpu::sigverify::verify_strict_reference;
 use crate::gpu::votes::Threshold;
 use crate::protocol::raft::AppliedProposals;
-use crate::protocol::{Envelope, Event, Input, Output, Protocol, Status};
+use crate::protocol::{
+    Envelope, Event, Input, InvalidCounts, InvalidReason, Output, Protocol, Status,
+};
 use crate::storage::{HardState, RecordWrite, RecoveredState};
 use crate::types::{Entry, LogIndex, NodeId, Payload};
 
@@ -128,8 +130,8 @@ pub struct PbftNode {
     pub(super) excluded: std::collections::BTreeSet<NodeId>,
     /// The durable records as the store holds them once the pending write is durable.
     pub(super) records: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Messages dropped because a signature did not verify.
-    pub(super) invalid_messages: u64,
+    /// Peer messages dropped unread, by reason.
+    pub(super) invalid: InvalidCounts,
     /// True while a round of peer messages is being stepped: vote counts wait for its end.
     pub(super) in_round: bool,
     /// Slots whose prepares or commits changed since they were last counted.
@@ -268,7 +270,7 @@ impl PbftNode {
             evidence: BTreeMap::new(),
             excluded: std::collections::BTreeSet::new(),
             records: recovered.records.clone(),
-            invalid_messages: 0,
+            invalid: InvalidCounts::default(),
             in_round: false,
             to_count: Default::default(),
             announced: None,
@@ -467,11 +469,6 @@ impl PbftNode {
         &self.excluded
     }
 
-    /// Messages dropped so far because a signature did not verify.
-    pub fn invalid_messages(&self) -> u64 {
-        self.invalid_messages
-    }
-
     /// Sequence numbers this replica holds protocol state for (bounded by the watermarks).
     pub fn slots_held(&self) -> usize {
         self.slots.len()
@@ -610,11 +607,18 @@ impl PbftNode {
 
     fn on_message(&mut self, from: NodeId, message: Message, out: &mut Output<Message>) {
         if !self.is_member(from) || from == self.config.id {
+            self.invalid.add(InvalidReason::UnknownSigner, 1);
             return;
         }
         // An excluded replica is not heard, except when it relays evidence (checked alone).
         if self.excluded.contains(&from) && !matches!(message, Message::Evidence(_)) {
+            self.invalid.add(InvalidReason::Excluded, 1);
             return;
+        }
+        if self.is_stale(&message) {
+            // Counted only: the handlers drop what they cannot use, and keep what they can
+            // (a late pre-prepare of an old view may still complete evidence).
+            self.invalid.add(InvalidReason::Stale, 1);
         }
         match message {
             Message::Forward(requests) => self.on_forward(requests, out),
@@ -622,7 +626,12 @@ impl PbftNode {
                 self.on_pre_prepare(pre_prepare, batch, out)
             }
             Message::Signed(signed) => {
-                if !self.is_member(signed.signer) || self.excluded.contains(&signed.signer) {
+                if !self.is_member(signed.signer) {
+                    self.invalid.add(InvalidReason::UnknownSigner, 1);
+                    return;
+                }
+                if self.excluded.contains(&signed.signer) {
+                    self.invalid.add(InvalidReason::Excluded, 1);
                     return;
                 }
                 match &signed.statement {
@@ -643,6 +652,17 @@ impl PbftNode {
             Message::CatchUp(catch_up) => self.on_catch_up(*catch_up, out),
             Message::Evidence(evidence) => self.on_evidence(*evidence, out),
         }
+    }
+
+    /// A normal-case statement about a view before this replica's or a sequence number at or
+    /// below its stable checkpoint.
+    fn is_stale(&self, message: &Message) -> bool {
+        let phase = match message {
+            Message::PrePrepare { pre_prepare, .. } => pre_prepare.statement.phase(),
+            Message::Signed(signed) => signed.statement.phase(),
+            _ => None,
+        };
+        phase.is_some_and(|(view, seq, _)| view < self.view || seq <= self.stable.seq)
     }
 
     fn on_tick(&mut self, out: &mut Output<Message>) {
@@ -711,7 +731,7 @@ impl PbftNode {
         let mut owners = Vec::new();
         let mut bytes = Vec::new();
         let mut keys_and_signatures = Vec::new();
-        let mut refused = vec![false; messages.len()];
+        let mut refused: Vec<Option<InvalidReason>> = vec![None; messages.len()];
         for (index, envelope) in messages.iter().enumerate() {
             envelope.message.for_each_signed(&mut |signed: &Signed| {
                 let key = self.config.validators.get(&signed.signer);
@@ -722,7 +742,12 @@ impl PbftNode {
                         bytes.push(Signed::signing_bytes(&signed.statement, signed.signer));
                         keys_and_signatures.push((key.to_bytes(), signature));
                     }
-                    _ => refused[index] = true,
+                    (None, _) => {
+                        refused[index].get_or_insert(InvalidReason::UnknownSigner);
+                    }
+                    (_, None) => {
+                        refused[index].get_or_insert(InvalidReason::Malformed);
+                    }
                 }
             });
         }
@@ -742,18 +767,19 @@ impl PbftNode {
         };
         for (owner, valid) in owners.into_iter().zip(verdicts) {
             if !valid {
-                refused[owner] = true;
+                refused[owner].get_or_insert(InvalidReason::BadSignature);
             }
         }
         let mut index = 0;
         messages.retain(|_| {
-            let keep = !refused[index];
+            let keep = refused[index].is_none();
             index += 1;
             keep
         });
-        let dropped = refused.iter().filter(|&&r| r).count();
-        self.invalid_messages += dropped as u64;
-        dropped
+        for &reason in refused.iter().flatten() {
+            self.invalid.add(reason, 1);
+        }
+        refused.iter().flatten().count()
     }
 }
 
@@ -800,6 +826,10 @@ impl Protocol for PbftNode {
         self.in_round = false;
         self.count_votes(out);
         self.announce_leader(out);
+    }
+
+    fn invalid_messages(&self) -> InvalidCounts {
+        self.invalid
     }
 
     fn status(&self) -> Status {

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, VecDeque};
 use bytes::Bytes;
 
 use super::*;
-use crate::protocol::Protocol;
+use crate::protocol::{InvalidReason, Protocol};
 use crate::storage::RecoveredState;
 use crate::types::NodeId;
 
@@ -269,7 +269,7 @@ fn a_bad_signature_drops_the_message_and_is_counted() {
     let mut round = vec![forged.clone()];
     assert_eq!(node.authenticate(&mut round), 1);
     assert!(round.is_empty());
-    assert_eq!(node.invalid_messages(), 1);
+    assert_eq!(node.invalid_messages().get(InvalidReason::BadSignature), 1);
     // A well-signed pre-prepare from a replica that is not the primary is ignored.
     let impostor = Signed::sign(
         Statement::PrePrepare {
@@ -752,7 +752,7 @@ fn what_proves_nothing_accuses_no_one() {
             "replica {id} accused someone"
         );
     }
-    assert_eq!(cluster.node(4).invalid_messages(), 1);
+    assert_eq!(cluster.node(4).invalid_messages().total(), 1);
 }
 
 #[test]
@@ -1006,4 +1006,38 @@ fn a_rounds_prepares_are_counted_in_one_aggregator_batch() {
         8 * 3,
         "replica 2 commits every slot, to each of its three peers"
     );
+}
+
+/// Each kind of unusable message is dropped and counted under its own reason, and none of
+/// them is evidence against anyone.
+#[test]
+fn dropped_messages_are_counted_by_reason() {
+    let mut cluster = Cluster::new(4);
+    let digest = digest_of(b"x");
+    let prepare = |seq, by| {
+        signed(
+            Statement::Prepare {
+                view: 0,
+                seq,
+                digest,
+            },
+            by,
+        )
+    };
+    let mut truncated = prepare(1, 3);
+    truncated.signature = Bytes::from_static(&[7; 10]);
+    let mut unknown = prepare(1, 3);
+    unknown.signer = NodeId(99);
+    let mut forged = prepare(1, 3);
+    forged.signer = NodeId(4);
+    for message in [truncated, unknown, forged, prepare(0, 3)] {
+        deliver_to(&mut cluster, 2, 3, Message::Signed(message));
+    }
+    let counts = cluster.node(2).invalid_messages();
+    assert_eq!(counts.get(InvalidReason::Malformed), 1, "{counts:?}");
+    assert_eq!(counts.get(InvalidReason::UnknownSigner), 1, "{counts:?}");
+    assert_eq!(counts.get(InvalidReason::BadSignature), 1, "{counts:?}");
+    assert_eq!(counts.get(InvalidReason::Stale), 1, "{counts:?}");
+    assert_eq!(counts.total(), 4);
+    assert!(cluster.node(2).evidence().is_empty());
 }

@@ -14,6 +14,9 @@ use crate::sync::lock;
 use crate::types::NodeId;
 
 pub use crate::protocol::pbft::{Evidence, Offence, PunishmentPolicy};
+/// Signed Raft votes and the evidence two of them in one term make, for the GPU-optimized
+/// Raft algorithm's Byzantine layer.
+pub use crate::protocol::raft::{SignedVote, VoteEquivocation, VoteEvidenceError};
 
 /// How an engine treats Byzantine replicas (the seed's `ByzantineConfig`).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -27,6 +27,7 @@ mod message;
 mod node;
 mod progress;
 mod replication;
+mod vote_evidence;
 
 #[cfg(any(test, feature = "sim"))]
 pub use config::InjectedBugs;
@@ -35,6 +36,7 @@ pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use log::RaftLog;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
+pub use vote_evidence::{SignedVote, VoteEquivocation, VoteEvidenceError};
 
 pub use crate::protocol::{Event, RejectReason, Rejection};
 

@@ -354,7 +354,7 @@ fn apply_duplicates_config(seed: u64) -> SimConfig {
 /// The apply stage is the engine's own, so a bug in it is a bug the chaos suite must catch.
 #[test]
 fn injected_apply_stage_bug_apply_duplicates_is_caught() {
-    assert_bug_is_caught("apply_duplicates", 200, apply_duplicates_config);
+    assert_bug_is_caught("apply_duplicates", 1000, apply_duplicates_config);
 }
 
 // ---- the checkers themselves, on crafted states ----

@@ -28,6 +28,12 @@ pub struct Progress {
     pub recently_active: bool,
     /// The match index advanced since the last heartbeat was sent.
     pub acked_since_heartbeat: bool,
+    /// The highest commit index sent to the follower that it can apply (an append's or
+    /// heartbeat's commit, capped at what the follower holds).
+    pub commit_sent: LogIndex,
+    /// The last committed index of an entry the follower proposed: its client waits until the
+    /// follower learns of that commit.
+    pub owed_commit: LogIndex,
     /// Last index of each append in flight, oldest first.
     inflight: VecDeque<LogIndex>,
     max_inflight: usize,
@@ -44,6 +50,8 @@ impl Progress {
             probe_sent: false,
             recently_active: false,
             acked_since_heartbeat: false,
+            commit_sent: 0,
+            owed_commit: 0,
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }

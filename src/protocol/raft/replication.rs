@@ -188,6 +188,7 @@ impl RaftNode {
             let entries = candidates[..fitting.max(candidates.len().min(1))].to_vec();
             let last_sent = prev_log_index + entries.len() as u64;
             progress.on_append_sent(last_sent);
+            progress.commit_sent = progress.commit_sent.max(commit.min(last_sent));
             let probing = progress.state == ProgressState::Probe;
             let message = Message::AppendEntries {
                 term,
@@ -312,6 +313,7 @@ impl RaftNode {
                     self.maybe_commit(out);
                 }
                 self.send_appends(from, out);
+                self.send_owed_commit(from, out);
                 self.send_timeout_now_if_caught_up(from, out);
             }
             Some(retry_from) => {
@@ -356,39 +358,67 @@ impl RaftNode {
     }
 
     /// A follower whose client proposal (forwarded to us) just committed answers its client only
-    /// when it learns the commit. If nothing is in flight to it, that would wait for the next
-    /// heartbeat, so tell it now. Followers with no proposal waiting learn the commit from the
-    /// next append or heartbeat: notifying everyone on every commit would double the messages.
+    /// when it learns the commit: record that it is owed it, and tell it now if nothing is in
+    /// flight to it. If an append is in flight, its answer sends the commit
+    /// ([`RaftNode::send_owed_commit`]): waiting for the next append or heartbeat instead cost
+    /// a follower's clients half a heartbeat interval per request. Followers with no proposal
+    /// waiting learn the commit from the next append or heartbeat: notifying everyone on every
+    /// commit would double the messages.
     fn notify_waiting_proposers(&mut self, from_index: LogIndex, out: &mut Output) {
         let me = self.config.id;
-        let mut waiting: Vec<NodeId> = self
+        let mut owed: Vec<(NodeId, LogIndex)> = self
             .log
             .slice(from_index, self.commit_index)
             .iter()
             .filter_map(|entry| match &entry.payload {
-                Payload::Command { tag, .. } if tag.proposer != me => Some(tag.proposer),
+                Payload::Command { tag, .. } if tag.proposer != me => {
+                    Some((tag.proposer, entry.index))
+                }
                 _ => None,
             })
             .collect();
-        if waiting.is_empty() {
+        if owed.is_empty() {
             return;
         }
-        waiting.sort_unstable();
-        waiting.dedup();
-        let (term, commit) = (self.term, self.commit_index);
-        for peer in waiting {
+        // Per proposer, its last entry committed now.
+        owed.sort_unstable();
+        owed.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = earlier.1.max(later.1);
+            }
+            same
+        });
+        for (peer, index) in owed {
             let Some(progress) = self
                 .leader_state
-                .as_ref()
-                .and_then(|s| s.progress.get(&peer))
+                .as_mut()
+                .and_then(|s| s.progress.get_mut(&peer))
             else {
                 continue;
             };
-            let idle = progress.state == ProgressState::Replicate && progress.inflight_count() == 0;
-            if idle {
-                let commit = commit.min(progress.match_index);
-                self.send(peer, Message::Heartbeat { term, commit }, out);
-            }
+            progress.owed_commit = progress.owed_commit.max(index);
+            self.send_owed_commit(peer, out);
+        }
+    }
+
+    /// Sends `peer` the commit index in a heartbeat if it is owed a commit it was not sent and
+    /// nothing is in flight to it (an append in flight carries an older commit; its answer
+    /// brings us back here).
+    pub(crate) fn send_owed_commit(&mut self, peer: NodeId, out: &mut Output) {
+        let (term, commit_index) = (self.term, self.commit_index);
+        let Some(progress) = self
+            .leader_state
+            .as_mut()
+            .and_then(|s| s.progress.get_mut(&peer))
+        else {
+            return;
+        };
+        let idle = progress.state == ProgressState::Replicate && progress.inflight_count() == 0;
+        let commit = commit_index.min(progress.match_index);
+        if idle && progress.owed_commit > progress.commit_sent && commit > progress.commit_sent {
+            progress.commit_sent = commit;
+            self.send(peer, Message::Heartbeat { term, commit }, out);
         }
     }
 
@@ -474,10 +504,10 @@ impl RaftNode {
             .map(|(&peer, p)| (peer, p.match_index.min(commit)))
             .collect();
         if let Some(state) = self.leader_state.as_mut() {
-            state
-                .progress
-                .values_mut()
-                .for_each(|p| p.acked_since_heartbeat = false);
+            state.progress.values_mut().for_each(|p| {
+                p.acked_since_heartbeat = false;
+                p.commit_sent = p.commit_sent.max(p.match_index.min(commit));
+            });
         }
         for (peer, commit) in beats {
             self.send(peer, Message::Heartbeat { term, commit }, out);

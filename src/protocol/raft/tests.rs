@@ -15,6 +15,9 @@ struct Cluster {
     committed: BTreeMap<NodeId, Vec<Entry>>,
     rejected: Vec<Rejection>,
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Links whose messages wait in `held` until released.
+    slow: BTreeSet<(NodeId, NodeId)>,
+    held: Vec<(NodeId, Input)>,
 }
 
 impl Cluster {
@@ -37,6 +40,8 @@ impl Cluster {
             committed: BTreeMap::new(),
             rejected: Vec::new(),
             cut: BTreeSet::new(),
+            slow: BTreeSet::new(),
+            held: Vec::new(),
         }
     }
 
@@ -60,7 +65,10 @@ impl Cluster {
                 .drain(..)
                 .chain(out.messages_after_write.drain(..));
             for envelope in messages {
-                if !self.cut.contains(&(envelope.from, envelope.to)) {
+                let link = (envelope.from, envelope.to);
+                if self.slow.contains(&link) {
+                    self.held.push((envelope.to, Input::Message(envelope)));
+                } else if !self.cut.contains(&link) {
                     queue.push_back((envelope.to, Input::Message(envelope)));
                 }
             }
@@ -184,6 +192,43 @@ fn a_follower_forwards_proposals_to_the_leader() {
             proposer: follower,
             request_id: 7
         })
+    );
+}
+
+/// The proposing follower's acknowledgement arrives after the other follower's, which
+/// committed the entry: the leader sends it the commit as soon as its acknowledgement is in,
+/// not with the next heartbeat (half a heartbeat interval per forwarded request on average).
+#[test]
+fn a_proposing_follower_learns_its_commit_without_waiting_for_a_heartbeat() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let mut followers = cluster.nodes.keys().copied().filter(|&id| id != leader);
+    let (proposer, other) = (followers.next().unwrap(), followers.next().unwrap());
+    cluster.slow.insert((proposer, leader));
+    cluster.propose(proposer, 7, "forwarded");
+    // The forward itself was held: let it through, then hold the acknowledgement.
+    for (to, input) in std::mem::take(&mut cluster.held) {
+        cluster.step(to, input);
+    }
+    cluster.step(leader, Input::FlushProposals);
+    assert!(
+        cluster.commands_applied(other).is_empty() && !cluster.held.is_empty(),
+        "the proposer's acknowledgement is held"
+    );
+    assert_eq!(
+        cluster.commands_applied(leader).len(),
+        1,
+        "committed by the other"
+    );
+    assert!(cluster.commands_applied(proposer).is_empty());
+    cluster.slow.clear();
+    for (to, input) in std::mem::take(&mut cluster.held) {
+        cluster.step(to, input);
+    }
+    assert_eq!(
+        cluster.commands_applied(proposer),
+        vec![Bytes::from_static(b"forwarded")],
+        "no tick has passed"
     );
 }
 

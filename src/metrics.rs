@@ -39,7 +39,8 @@ pub struct Metrics {
     /// (forged messages prove nothing and count in `consensus_invalid_messages_total`).
     byzantine_detections: Counter,
     /// `consensus_invalid_messages_total`: peer messages dropped because a signature in them
-    /// did not verify (never evidence: anyone can forge a bad signature in another's name).
+    /// did not verify or they were malformed (never evidence: anyone can forge a bad signature
+    /// in another's name, or garble a message).
     invalid_messages: Counter,
     proposals_committed: Counter,
     proposals_rejected: Counter,
@@ -114,7 +115,7 @@ impl Metrics {
         );
         registry.register(
             "consensus_invalid_messages",
-            "Peer messages dropped because a signature did not verify",
+            "Peer messages dropped because a signature did not verify or they were malformed",
             invalid_messages.clone(),
         );
         registry.register(

@@ -11,9 +11,13 @@
 //! - `double-vote`: a conflicting PREPARE and COMMIT beside each one it sends (provable);
 //! - `forge`: statements in other members' names, with signatures that cannot verify;
 //! - `replay`: its own statements of earlier sequence numbers and views, again, long after;
-//! - `silent`: says nothing at all.
+//! - `silent`: says nothing at all;
+//! - `garbage`: beside its messages, malformed and absurd ones (bad signature lengths, huge
+//!   numbers, certificates of thousands of entries, batches that do not match their digest);
+//! - `bad-view-change`: beside each VIEW-CHANGE a forged one (a prepared certificate it cannot
+//!   have), and, as primary of a new view, a NEW-VIEW that drops a prepared request (provable).
 //!
-//! The forged, replayed and silent ones prove nothing, and honest replicas must blame no one for
+//! The forged, replayed, garbage and silent ones prove nothing, and honest replicas must blame no one for
 //! them. The maverick serves no clients and keeps nothing on disk. It prints one line a second
 //! (view, executed sequence number, whether it sent something provable) and stops on SIGTERM or
 //! Ctrl-C.
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use consensus::ConsensusConfig;
 use consensus::protocol::{Envelope, Input, Output, Protocol};
+use consensus::sim::SimProtocol;
 use consensus::sim::byzantine::{Behaviour, Maverick};
 use consensus::storage::RecoveredState;
 use consensus::transport::Transport;
@@ -38,11 +43,13 @@ fn behaviour_named(name: &str) -> Option<Behaviour> {
         "forge" => Behaviour::Impersonator,
         "replay" => Behaviour::Replayer,
         "silent" => Behaviour::Silent,
+        "garbage" => Behaviour::Garbage,
+        "bad-view-change" => Behaviour::BogusViewChange,
         _ => return None,
     })
 }
 
-const BEHAVIOURS: &str = "equivocate, double-vote, forge, replay, silent";
+const BEHAVIOURS: &str = "equivocate, double-vote, forge, replay, silent, garbage, bad-view-change";
 
 fn main() -> ExitCode {
     let mut config_path = None;
@@ -91,8 +98,13 @@ fn usage(problem: &str) -> ExitCode {
 async fn run(config: ConsensusConfig, behaviour: Behaviour) -> Result<(), String> {
     let identity = config.signing_identity().map_err(|e| e.to_string())?;
     let pbft = config.pbft_config(&identity);
-    let mut core = Maverick::new(pbft, RecoveredState::default(), Some(behaviour))
-        .map_err(|e| e.to_string())?;
+    let mut core = Maverick::new(
+        pbft,
+        RecoveredState::default(),
+        Some(behaviour),
+        rand_seed(),
+    )
+    .map_err(|e| e.to_string())?;
     let peers = config.peer_addresses().map_err(|e| e.to_string())?;
     let transport_config = config.tcp_transport_config().map_err(|e| e.to_string())?;
     let (transport, mut inbound) = TcpTransport::start(transport_config, peers)
@@ -132,6 +144,7 @@ async fn run(config: ConsensusConfig, behaviour: Behaviour) -> Result<(), String
             .drain(..)
             .chain(out.messages_after_write.drain(..))
         {
+            core.sent(&envelope); // what left is what proves it Byzantine
             transport.send(envelope.to, envelope.message);
         }
         out.clear();
@@ -149,6 +162,13 @@ async fn run(config: ConsensusConfig, behaviour: Behaviour) -> Result<(), String
     }
     transport.shutdown().await;
     Ok(())
+}
+
+/// A seed for the garbage and forgeries: different per run.
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 async fn shutdown_signal() {

@@ -726,24 +726,26 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else() {
     use consensus::NodeId;
-    // The primary of view 0 is the member with the smallest id.
-    let names = ["node-1", "node-2", "node-3", "node-4"];
-    let first_primary = *names.iter().min_by_key(|n| NodeId::from_name(n)).unwrap();
-    let backup = *names.iter().max_by_key(|n| NodeId::from_name(n)).unwrap();
+    // Primaries go by rank: the member with the smallest id leads view 0, the next view 1.
+    let mut ranked = ["node-1", "node-2", "node-3", "node-4"];
+    ranked.sort_by_key(|name| NodeId::from_name(name));
     for (behaviour, provable) in [
         ("equivocate", true),
         ("double-vote", true),
+        ("bad-view-change", true),
         ("forge", false),
         ("replay", false),
         ("silent", false),
+        ("garbage", false),
     ] {
-        // The equivocator needs to be the primary; the others misbehave as a backup.
-        let maverick_name = if behaviour == "equivocate" {
-            first_primary
-        } else {
-            backup
+        // The equivocator needs to lead view 0, the bad view change to lead the next view
+        // (view 0's primary is killed for it); the others misbehave as a backup.
+        let maverick_name = match behaviour {
+            "equivocate" => ranked[0],
+            "bad-view-change" => ranked[1],
+            _ => ranked[3],
         };
-        let cluster = Cluster::start_with(4, consensus::Algorithm::Pbft, |name| {
+        let mut cluster = Cluster::start_with(4, consensus::Algorithm::Pbft, |name| {
             (name == maverick_name).then_some(behaviour)
         });
         let maverick = cluster
@@ -753,11 +755,35 @@ async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else
             .unwrap();
         let honest: Vec<usize> = (0..4).filter(|&i| i != maverick).collect();
         let maverick_id = NodeId::from_name(maverick_name).to_string();
-        let context = |what: &str| format!("{behaviour}: {what}\n{}", cluster.logs());
+        let context =
+            |cluster: &Cluster, what: &str| format!("{behaviour}: {what}\n{}", cluster.logs());
 
-        // Writes through every honest node, one at a time.
+        // Writes through every honest node, one at a time; for the bad view change, view 0's
+        // primary is killed halfway and restarted once the maverick's NEW-VIEW was refused
+        // (with it excluded and one honest replica down, no quorum is left until then).
         let mut acked = BTreeMap::new();
-        for i in 0..12 {
+        for i in 0..30 {
+            if behaviour == "bad-view-change" && i == 15 {
+                let first_primary = cluster.nodes.iter().position(|n| n.name == ranked[0]);
+                let first_primary = first_primary.unwrap();
+                cluster.nodes[first_primary].kill();
+                let others: Vec<usize> = honest
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != first_primary)
+                    .collect();
+                // A request waiting is what makes backups suspect the dead primary.
+                let waiting = client::request(
+                    cluster.nodes[others[0]].http,
+                    "PUT",
+                    "/kv/waiting",
+                    b"w",
+                    Duration::from_secs(1),
+                );
+                let _ = waiting.await;
+                excluded_everywhere(&cluster, &others, &maverick_id, behaviour).await;
+                cluster.nodes[first_primary].spawn();
+            }
             let (key, value) = (format!("{behaviour}-{i}"), format!("v{i}"));
             let response = cluster
                 .until_answered(
@@ -768,38 +794,31 @@ async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else
                     Duration::from_secs(30),
                 )
                 .await;
-            assert_eq!(response.status, 200, "{}", context(&response.text()));
+            assert_eq!(
+                response.status,
+                200,
+                "{}",
+                context(&cluster, &response.text())
+            );
             acked.insert(key, Some(value));
         }
         for &node in &honest {
             check_acknowledged(&cluster, node, &acked).await;
         }
+        let context = |what: &str| context(&cluster, what);
 
-        let deadline = Instant::now() + Duration::from_secs(if provable { 30 } else { 0 });
+        if provable {
+            excluded_everywhere(&cluster, &honest, &maverick_id, behaviour).await;
+        }
         for &node in &honest {
-            loop {
+            if !provable {
                 let status = cluster.status(node).await.expect("status");
-                let excluded: Vec<&str> = status["excluded"]
-                    .as_array()
-                    .expect("excluded")
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect();
-                if provable && excluded == [maverick_id.as_str()] {
-                    break;
-                }
-                if !provable {
-                    assert!(excluded.is_empty(), "{}", context(&format!("{status}")));
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
+                assert_eq!(
+                    status["excluded"],
+                    serde_json::json!([]),
                     "{}",
-                    context(&format!(
-                        "node {node} never excluded {maverick_id}: {status}"
-                    ))
+                    context(&format!("{status}"))
                 );
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let metrics = cluster.call(node, "GET", "/metrics", b"").await.unwrap();
             let detections = metric(&metrics.text(), "consensus_byzantine_detections_total");
@@ -814,19 +833,65 @@ async fn honest_nodes_exclude_a_provably_byzantine_process_and_blame_no_one_else
             if provable {
                 assert!(detections >= 1.0, "{}", context("no detection counted"));
                 assert_eq!(accused, [maverick_id.as_str()], "{}", context("accused"));
+                let offence = match behaviour {
+                    "equivocate" => "equivocating_primary",
+                    "double-vote" => "double_vote",
+                    _ => "unjustified_new_view",
+                };
+                assert_eq!(
+                    report["detections"][0]["offence"],
+                    offence,
+                    "{}",
+                    context(&format!("{report}"))
+                );
             } else {
                 assert_eq!(detections, 0.0, "{}", context("a detection counted"));
                 assert!(accused.is_empty(), "{}", context(&format!("{report}")));
             }
-            if behaviour == "forge" {
-                let forged = r#"consensus_invalid_messages_total{reason="bad_signature"}"#;
-                let invalid = metric(&metrics.text(), forged);
-                assert!(invalid >= 1.0, "{}", context("forged messages not counted"));
+            // What the unprovable ones sent is dropped and counted, by reason.
+            let reason = match behaviour {
+                "forge" => Some("bad_signature"),
+                "garbage" => Some("malformed"),
+                "replay" => Some("stale"),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let sample = format!("consensus_invalid_messages_total{{reason=\"{reason}\"}}");
+                let counted = metric(&metrics.text(), &sample);
+                assert!(
+                    counted >= 1.0,
+                    "{}",
+                    context(&format!("no {reason} counted"))
+                );
             }
         }
         eprintln!(
             "{behaviour}: {} writes acknowledged and read back on the 3 honest nodes; maverick excluded: {provable}",
             acked.len()
         );
+    }
+}
+
+/// Waits until every node of `nodes` excludes `offender` (and only it).
+async fn excluded_everywhere(cluster: &Cluster, nodes: &[usize], offender: &str, behaviour: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &node in nodes {
+        loop {
+            let status = cluster.status(node).await;
+            let excluded: Vec<&str> = status
+                .as_ref()
+                .and_then(|s| s["excluded"].as_array())
+                .map(|e| e.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if excluded == [offender] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{behaviour}: node {node} never excluded {offender}: {status:?}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::engine::apply::ApplyBugs;
 use crate::sim::invariants::Violation;
 use crate::sim::linearizability::{KvInput, KvOutput};
-use crate::sim::{KvStateMachine, mix};
+use crate::sim::{KvStateMachine, Twins, mix};
 use crate::state_machine::{ErasedStateMachine, StateMachine};
 
 /// Which faults the injector chooses from, and how often. Weights are relative; zero disables.
@@ -135,8 +135,11 @@ pub struct SimConfig<S = RaftConfig> {
     /// microseconds) so that the node's next steps are persisted, sent and applied with it.
     pub group_commit: (f64, u64),
     /// Each node's clock runs at a rate drawn from `1 ± clock_skew` (0: every tick is exactly
-    /// [`TICK_US`]).
+    /// [`TICK_US`](crate::sim::TICK_US)).
     pub clock_skew: f64,
+    /// Replicas that run as two instances with one identity, and who hears which (none by
+    /// default).
+    pub twins: Twins,
 }
 
 impl<S> SimConfig<S> {
@@ -180,6 +183,7 @@ impl SimConfig<RaftConfig> {
             flush_probability: 0.5,
             group_commit: (0.0, 0),
             clock_skew: 0.0,
+            twins: Twins::default(),
         }
     }
 
@@ -307,6 +311,7 @@ impl<S> SimConfig<S> {
             flush_probability: self.flush_probability,
             group_commit: self.group_commit,
             clock_skew: self.clock_skew,
+            twins: self.twins,
         }
     }
 }

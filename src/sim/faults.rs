@@ -123,10 +123,12 @@ impl<P: SimProtocol> Sim<P> {
         }
     }
 
-    /// Ends the fault phase: no more faults, every link restored, the healthy network back, every
+    /// Ends the fault phase: no more faults, every link restored (the twins' sides hear each
+    /// other, the twins themselves still only their own side), the healthy network back, every
     /// crashed node restarted.
     pub fn heal_everything(&mut self) {
         self.faults_active = false;
+        self.sides_joined = true;
         self.agenda.retain(|_, action| {
             !matches!(
                 action,

@@ -479,7 +479,7 @@ pub type KvHistory = Vec<Operation<KvInput, KvOutput>>;
 /// The value given to writes that never returned and whose value nobody observed.
 const UNOBSERVED: u64 = u64::MAX;
 
-/// Rewrites the value of every write that never returned to [`UNOBSERVED`] when no operation
+/// Rewrites the value of every write that never returned to `u64::MAX` when no operation
 /// could tell that value apart from another such one: no read returned it and no
 /// compare-and-swap expected it. Such values only ever make a read or a swap fail, whichever
 /// they are, so the rewrite keeps the verdict and lets the search treat those writes as

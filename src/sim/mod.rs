@@ -3,7 +3,8 @@
 //! node, concurrent clients, and a fault injector, all driven by one seeded random generator over
 //! simulated time.
 //!
-//! It is generic over the core ([`SimProtocol`], implemented by [`RaftNode`]). The invariants
+//! It is generic over the core ([`SimProtocol`], implemented by [`RaftNode`], `PbftNode`, and
+//! [`byzantine::Maverick`] for PBFT clusters with Byzantine replicas). The invariants
 //! are split: the shared ones (one leader per term, state-machine safety, linearizability of
 //! the client history) are checked for every core; each core adds its own
 //! ([`SimProtocol::check_new_leader`], [`SimProtocol::check_all`]: leader completeness and log
@@ -58,6 +59,10 @@
 //! write with [`Input::Durable`]) and runs the cheap invariant checks; every 100 ms of simulated
 //! time it runs the pairwise ones. The first violation stops the run.
 //!
+//! A replica can run as twins ([`Twins`]): two instances with one identity, each on its own side
+//! of the network; the simulator hosts both and routes each message to the instance on the
+//! sender's side.
+//!
 //! Clients have at most one operation outstanding. A definite refusal (the core's rejection, or a
 //! node that is down) makes the client retry the same operation on another node; a refusal that
 //! lasts past the operation's deadline means the operation never took effect and it is dropped
@@ -73,6 +78,7 @@ pub mod invariants;
 mod kv;
 pub mod linearizability;
 mod protocol;
+mod twins;
 mod verifier;
 
 pub use crate::engine::apply::ApplyBugs;
@@ -81,6 +87,7 @@ pub use invariants::{SafetyMonitor, Violation};
 pub use kv::KvStateMachine;
 pub use linearizability::{KvInput, KvModel, KvOutput};
 pub use protocol::SimProtocol;
+pub use twins::Twins;
 pub use verifier::MemoizingVerifier;
 
 use std::collections::BTreeMap;
@@ -170,7 +177,11 @@ struct OpMeta {
 }
 
 struct SimNode<P: Protocol> {
+    /// The replica it runs (twins share one).
     id: NodeId,
+    /// Where the network delivers to it: its id, or for a twin's second instance an address
+    /// past the cluster size (see [`Twins`]). Always its index in `Sim::nodes` plus one.
+    address: NodeId,
     core: Option<P>,
     store: MemoryLogStore,
     /// The engine's apply stage: this node's clients' requests, dedup and the state machine.
@@ -217,6 +228,8 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     failover_samples: Vec<u64>,
     /// Scratch space for the apply stages' answers.
     answers: Vec<Answer<ClientOp, u64>>,
+    /// Replicas on different sides of the twins' layout hear each other (see [`Twins`]).
+    sides_joined: bool,
 }
 
 impl<P: SimProtocol> Sim<P> {
@@ -229,13 +242,22 @@ impl<P: SimProtocol> Sim<P> {
         };
         let network = SimulatedNetwork::new(mix(config.seed, 0x9e7), config.network)
             .map_err(|e| fail(format!("network settings: {e}")))?;
+        config.twins.validate(config.nodes).map_err(fail)?;
         let mut rng = ChaCha8Rng::seed_from_u64(mix(config.seed, 0x5eed));
-        let ids: Vec<NodeId> = (1..=config.nodes as u64).map(NodeId).collect();
-        let endpoints = ids.iter().map(|&id| network.endpoint(id)).collect();
-        let nodes = ids
+        // Every replica at its id, then the twins' second instances (see `Twins`).
+        let instances: Vec<(NodeId, NodeId)> = (1..=config.nodes as u64)
+            .map(|id| (NodeId(id), NodeId(id)))
+            .chain(config.twins.second_addresses(config.nodes))
+            .collect();
+        let endpoints = instances
             .iter()
-            .map(|&id| SimNode {
+            .map(|&(_, address)| network.endpoint(address))
+            .collect();
+        let nodes = instances
+            .iter()
+            .map(|&(id, address)| SimNode {
                 id,
+                address,
                 core: None,
                 store: MemoryLogStore::new(),
                 apply: ApplyStage::new(id, 1, None),
@@ -279,6 +301,7 @@ impl<P: SimProtocol> Sim<P> {
             failover: None,
             failover_samples: Vec::new(),
             answers: Vec::new(),
+            sides_joined: !config.twins.separate_sides,
             config,
         };
         let skew = sim.config.clock_skew;
@@ -312,14 +335,18 @@ impl<P: SimProtocol> Sim<P> {
         &self.network
     }
 
-    /// The node `id`, when it is up.
-    pub fn node(&self, id: NodeId) -> Option<&P> {
-        self.nodes.get(id.0.checked_sub(1)? as usize)?.core.as_ref()
+    /// The node at network address `address` (a replica's id, or the address of a twin's
+    /// second instance, see [`Twins`]), when it is up.
+    pub fn node(&self, address: NodeId) -> Option<&P> {
+        self.nodes
+            .get(address.0.checked_sub(1)? as usize)?
+            .core
+            .as_ref()
     }
 
-    /// Every node id.
+    /// Every node's network address: the replicas' ids, then the twins' second instances.
     pub fn node_ids(&self) -> Vec<NodeId> {
-        self.nodes.iter().map(|n| n.id).collect()
+        self.nodes.iter().map(|n| n.address).collect()
     }
 
     /// The live node that leads the highest term, if any.
@@ -526,9 +553,12 @@ impl<P: SimProtocol> Sim<P> {
             other => core.step(other, &mut node.out),
         }
         // What may leave before the write is durable leaves now, as the engine sends it.
-        for envelope in node.out.messages.drain(..) {
-            self.endpoints[index].send(envelope.to, envelope);
-        }
+        let leaving = std::mem::take(&mut node.out.messages);
+        self.send_all(index, leaving);
+        let node = &mut self.nodes[index];
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
         let observed = self.monitor.observe_node(core);
         let flush_scheduled = node.flush_scheduled;
         if let Err(violation) = observed {
@@ -561,7 +591,7 @@ impl<P: SimProtocol> Sim<P> {
         let Some(core) = node.core.as_ref() else {
             return;
         };
-        let (id, status) = (node.id, core.status());
+        let (id, status, honest) = (node.id, core.status(), core.is_honest());
         let mut out = std::mem::take(&mut node.out);
         // 1. Persist and sync; only then may votes and acknowledgements leave.
         if let Err(e) = node.store.persist(&out.write) {
@@ -574,11 +604,12 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         let durable = out.write.last_appended();
-        for envelope in out.messages_after_write.drain(..) {
-            self.endpoints[index].send(envelope.to, envelope);
-        }
-        // 2. Apply through the engine's apply stage, answering this node's clients.
-        for entry in &out.committed {
+        let leaving = std::mem::take(&mut out.messages_after_write);
+        self.send_all(index, leaving);
+        // 2. Apply through the engine's apply stage, answering this node's clients. Only the
+        // honest replicas promise state-machine safety: what a Byzantine one applies (a twin's
+        // instance cut off with its own quorum, say) is its own business.
+        for entry in out.committed.iter().filter(|_| honest) {
             if let Err(violation) = self.monitor.observe_applied(id, status.term, entry) {
                 self.fail(violation);
             }
@@ -609,6 +640,33 @@ impl<P: SimProtocol> Sim<P> {
                     term,
                 },
             );
+        }
+    }
+
+    /// Hands `envelopes` of node `index` to the network, each to the instance of its recipient
+    /// that the twins' layout routes it to (the recipient itself when there are no twins), and
+    /// tells the core what left.
+    fn send_all(&mut self, index: usize, envelopes: Vec<Envelope<P::Message>>) {
+        let node = &mut self.nodes[index];
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        for envelope in envelopes {
+            let to = if self.config.twins.twinned.is_empty() {
+                Some(envelope.to)
+            } else {
+                self.config.twins.route(
+                    self.config.nodes,
+                    node.id,
+                    node.address,
+                    envelope.to,
+                    self.sides_joined,
+                )
+            };
+            if let Some(to) = to {
+                core.sent(&envelope);
+                self.endpoints[index].send(to, envelope);
+            }
         }
     }
 
@@ -684,7 +742,8 @@ impl<P: SimProtocol> Sim<P> {
             }
         };
         let voters: Vec<NodeId> = (1..=self.config.nodes as u64).map(NodeId).collect();
-        let seed = mix(self.config.seed, (node.id.0 << 32) | node.incarnation);
+        // Twins draw apart (their apply stages hand out request ids from different bases).
+        let seed = mix(self.config.seed, (node.address.0 << 32) | node.incarnation);
         match P::start(&self.config.protocol, node.id, voters, seed, recovered) {
             Ok(core) => {
                 node.core = Some(core);
@@ -702,8 +761,9 @@ impl<P: SimProtocol> Sim<P> {
         }
     }
 
-    /// Crashes node `id`: unsynced writes are lost, the core and the state machine are dropped,
-    /// and the clients waiting on it learn nothing about their operations.
+    /// Crashes the node at address `id` (see [`Sim::node`]): unsynced writes are lost, the core
+    /// and the state machine are dropped, and the clients waiting on it learn nothing about their
+    /// operations.
     pub fn crash(&mut self, id: NodeId) {
         let index = id.0 as usize - 1;
         if self.nodes[index].core.is_none() {
@@ -737,7 +797,8 @@ impl<P: SimProtocol> Sim<P> {
         }
     }
 
-    /// Restarts node `id` from its store's durable state with a fresh state machine.
+    /// Restarts the node at address `id` from its store's durable state with a fresh state
+    /// machine.
     pub fn restart_node(&mut self, id: NodeId) {
         self.restart(id.0 as usize - 1);
     }
@@ -750,7 +811,7 @@ impl<P: SimProtocol> Sim<P> {
         self.start_node(index);
     }
 
-    /// Hands node `id` an operator request (e.g. a Raft leadership transfer).
+    /// Hands the node at address `id` an operator request (e.g. a Raft leadership transfer).
     pub fn control(&mut self, id: NodeId, control: P::Control) {
         self.step(id.0 as usize - 1, Input::Control(control));
     }

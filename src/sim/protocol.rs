@@ -2,12 +2,12 @@
 //! carry proposals, and the core's own invariants.
 
 use crate::error::ConfigError;
-use crate::protocol::Protocol;
 use crate::protocol::pbft::{
     Control as PbftControl, Message as PbftMessage, PbftConfig, PbftNode, test_signing_key,
     test_validators,
 };
 use crate::protocol::raft::{Control, Message, RaftConfig, RaftNode};
+use crate::protocol::{Envelope, Protocol};
 use crate::sim::invariants::{SafetyMonitor, Violation, check_log_matching};
 use crate::storage::RecoveredState;
 use crate::types::NodeId;
@@ -43,9 +43,16 @@ pub trait SimProtocol: Protocol + Sized {
     fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation>;
 
     /// False for a deliberately Byzantine node: the liveness check does not wait for it to
-    /// catch up (honest replicas may rightly refuse to help it).
+    /// catch up (honest replicas may rightly refuse to help it), and what it applies is not
+    /// held to state-machine safety.
     fn is_honest(&self) -> bool {
         true
+    }
+
+    /// Called with each message of this node as the simulator hands it to the network (what a
+    /// crash discarded, or the twins' routing held back, never left).
+    fn sent(&mut self, envelope: &Envelope<Self::Message>) {
+        let _ = envelope;
     }
 }
 

@@ -25,10 +25,53 @@ impl PbftNode {
         }
     }
 
-    /// Evidence received from a peer: checked here before anything is done with it.
-    pub(super) fn on_evidence(&mut self, evidence: Evidence, out: &mut Output<Message>) {
+    /// Evidence received from a peer: checked here before anything is done with it. Against an
+    /// offender already proven it adds nothing, except that its sender holds evidence too and
+    /// does not know that this replica does: told once, it stops repeating it here.
+    pub(super) fn on_evidence(
+        &mut self,
+        from: NodeId,
+        evidence: Evidence,
+        out: &mut Output<Message>,
+    ) {
+        let offender = evidence.offender();
+        if let Some(held) = self.evidence.get(&offender) {
+            if self
+                .evidence_holders
+                .entry(offender)
+                .or_default()
+                .insert(from)
+            {
+                self.send(from, Message::Evidence(Box::new(held.clone())), out);
+            }
+            return;
+        }
         if self.evidence_holds(&evidence) {
+            self.evidence_holders
+                .entry(offender)
+                .or_default()
+                .insert(from);
             self.record_evidence(evidence, out);
+        }
+    }
+
+    /// Repeats every piece of evidence to the peers not known to hold evidence against its
+    /// offender (it may have been lost on the way). Repeating it to everyone forever cost
+    /// every replica n messages per retransmission per offender, and an unjustified new-view's
+    /// evidence carries a whole NEW-VIEW with its certificates. Who holds what is not
+    /// persisted: a restarted replica repeats its evidence to the peers that learned before the
+    /// restart that it held it (they do not answer twice), as every replica used to.
+    pub(super) fn repeat_evidence(&self, out: &mut Output<Message>) {
+        for (offender, evidence) in &self.evidence {
+            let holders = self.evidence_holders.get(offender);
+            for &to in &self.members {
+                if to != self.config.id
+                    && to != *offender
+                    && !holders.is_some_and(|holders| holders.contains(&to))
+                {
+                    self.send(to, Message::Evidence(Box::new(evidence.clone())), out);
+                }
+            }
         }
     }
 

@@ -220,6 +220,7 @@ pub struct CheckpointProof {
     /// The state after it.
     pub state: Digest,
     /// The signed [`Statement::Checkpoint`]s.
+    #[serde(deserialize_with = "super::nesting::leaves")]
     pub votes: Vec<Signed>,
 }
 
@@ -228,10 +229,12 @@ pub struct CheckpointProof {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedCertificate {
     /// The signed [`Statement::PrePrepare`].
+    #[serde(deserialize_with = "super::nesting::leaf")]
     pub pre_prepare: Signed,
     /// The batch it names.
     pub batch: Batch,
     /// The signed [`Statement::Prepare`]s.
+    #[serde(deserialize_with = "super::nesting::leaves")]
     pub prepares: Vec<Signed>,
 }
 
@@ -267,9 +270,11 @@ pub struct NewView {
     /// The view it starts.
     pub view: View,
     /// Signed [`Statement::ViewChange`]s for `view` from distinct replicas.
+    #[serde(deserialize_with = "super::nesting::in_new_view")]
     pub view_changes: Vec<Signed>,
     /// Signed [`Statement::PrePrepare`]s in `view`, one per re-proposed sequence number, in
     /// order. Every backup recomputes them from `view_changes` and refuses any difference.
+    #[serde(deserialize_with = "super::nesting::leaves")]
     pub pre_prepares: Vec<Signed>,
 }
 
@@ -292,6 +297,7 @@ pub struct CommittedBatch {
     /// The batch.
     pub batch: Batch,
     /// The signed [`Statement::Commit`]s.
+    #[serde(deserialize_with = "super::nesting::leaves")]
     pub commits: Vec<Signed>,
 }
 

@@ -17,6 +17,7 @@ use crate::storage::{HardState, RecordWrite, RecoveredState};
 use crate::types::{Entry, LogIndex, NodeId, Payload};
 
 use super::config::{InjectedBugs, PbftConfig};
+use super::limits::Limits;
 use super::message::{
     Batch, CheckpointProof, CommittedBatch, Digest, Message, PreparedCertificate, Request, Seq,
     Signed, Statement, View, chain_over, decode, encode,
@@ -125,6 +126,9 @@ pub struct PbftNode {
 
     /// The first evidence held against each offender.
     pub(super) evidence: BTreeMap<NodeId, super::Evidence>,
+    /// Per offender, the peers known to hold evidence against it (they sent some here): the
+    /// evidence is repeated to the others only.
+    pub(super) evidence_holders: BTreeMap<NodeId, std::collections::BTreeSet<NodeId>>,
     /// Replicas whose messages are dropped and who count toward no quorum (offenders, under
     /// [`PunishmentPolicy::Exclude`](super::PunishmentPolicy::Exclude)).
     pub(super) excluded: std::collections::BTreeSet<NodeId>,
@@ -268,6 +272,7 @@ impl PbftNode {
             peers_executed: BTreeMap::new(),
             executed_at_retransmit: 0,
             evidence: BTreeMap::new(),
+            evidence_holders: BTreeMap::new(),
             excluded: std::collections::BTreeSet::new(),
             records: recovered.records.clone(),
             invalid: InvalidCounts::default(),
@@ -650,7 +655,7 @@ impl PbftNode {
             }
             Message::Fetch { executed } => self.on_fetch(from, executed, out),
             Message::CatchUp(catch_up) => self.on_catch_up(*catch_up, out),
-            Message::Evidence(evidence) => self.on_evidence(*evidence, out),
+            Message::Evidence(evidence) => self.on_evidence(from, *evidence, out),
         }
     }
 
@@ -723,16 +728,22 @@ impl PbftNode {
         }
     }
 
-    /// Checks the signatures of `messages` in one batch and keeps only the messages whose
-    /// every signature (nested ones included) verifies under the signer's validator key.
-    /// Returns how many were dropped.
+    /// Checks the signatures of `messages` in one batch and keeps only the well-formed
+    /// messages whose every signature (nested ones included) verifies under the signer's
+    /// validator key. Returns how many were dropped.
     pub(super) fn authenticate_batch(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
         // (message index, signing bytes, key, signature) for every signature of every message.
         let mut owners = Vec::new();
         let mut bytes = Vec::new();
         let mut keys_and_signatures = Vec::new();
         let mut refused: Vec<Option<InvalidReason>> = vec![None; messages.len()];
+        let limits = Limits::of(&self.config, self.members.len());
         for (index, envelope) in messages.iter().enumerate() {
+            // Refused before its signatures cost anything (see `limits`).
+            if !limits.admits(&envelope.message) {
+                refused[index] = Some(InvalidReason::Malformed);
+                continue;
+            }
             envelope.message.for_each_signed(&mut |signed: &Signed| {
                 let key = self.config.validators.get(&signed.signer);
                 let signature: Option<[u8; 64]> = signed.signature.as_ref().try_into().ok();

@@ -590,11 +590,7 @@ impl PbftNode {
             let executed = self.executed;
             self.broadcast_now(Message::Progress { executed }, out);
         }
-        // Evidence may have been lost on the way; it is small and rare, so it is repeated.
-        let evidence: Vec<_> = self.evidence.values().cloned().collect();
-        for evidence in evidence {
-            self.broadcast_now(Message::Evidence(Box::new(evidence)), out);
-        }
+        self.repeat_evidence(out);
         self.request_catch_up(out);
     }
 

@@ -1041,3 +1041,48 @@ fn dropped_messages_are_counted_by_reason() {
     assert_eq!(counts.total(), 4);
     assert!(cluster.node(2).evidence().is_empty());
 }
+
+#[test]
+fn evidence_is_repeated_to_a_replica_until_it_is_known_to_hold_it() {
+    let mut cluster = Cluster::new(4);
+    cluster.cut_off.insert(NodeId(4));
+    let vote = |digest| {
+        let statement = Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest,
+        };
+        Message::Signed(signed(statement, 3))
+    };
+    deliver_to(&mut cluster, 2, 3, vote(digest_of(b"x")));
+    deliver_to(&mut cluster, 2, 3, vote(digest_of(b"y")));
+    cluster.run();
+    let evidence_in_flight = |cluster: &mut Cluster| {
+        for id in 1..=4 {
+            cluster.step(id, Input::Tick);
+            cluster.step(id, Input::Tick);
+        }
+        let evidence: Vec<(NodeId, NodeId)> = cluster
+            .in_flight
+            .iter()
+            .filter(|e| matches!(e.message, Message::Evidence(_)))
+            .map(|e| (e.from, e.to))
+            .collect();
+        cluster.run();
+        evidence
+    };
+    // Replicas 1 and 2 told each other; replica 4, cut off, still hears it from both.
+    assert_eq!(
+        evidence_in_flight(&mut cluster),
+        vec![(NodeId(1), NodeId(4)), (NodeId(2), NodeId(4))]
+    );
+    assert!(cluster.node(4).evidence().is_empty());
+    cluster.cut_off.clear();
+    cluster.tick_all(4);
+    assert!(cluster.node(4).evidence().contains_key(&NodeId(3)));
+    assert_eq!(
+        evidence_in_flight(&mut cluster),
+        Vec::new(),
+        "everyone knows"
+    );
+}

@@ -402,7 +402,9 @@ impl PbftNode {
 
     /// A peer voted in this view for another digest than the pre-prepare accepted here: one of
     /// the two pre-prepares is the primary's second. The primary signed it, so anyone may pass
-    /// it on: send ours to that peer, which then holds both and the evidence.
+    /// it on: send ours to that peer, which then holds both and the evidence. With it go the
+    /// votes held here for our digest: a replica that voted both ways (to peers that could not
+    /// hear each other, as twins do) is then caught by whoever holds its other vote.
     fn relay_if_disagreeing(&self, vote: &Signed, out: &mut Output<Message>) {
         let Some((view, seq, digest)) = vote.statement.phase() else {
             return;
@@ -418,6 +420,12 @@ impl PbftNode {
                 batch: accepted.batch.clone(),
             };
             self.send(vote.signer, message, out);
+            let ours = Some((view, seq, accepted.digest));
+            for held in slot.prepares.values().chain(slot.commits.values()) {
+                if held.statement.phase() == ours && held.signer != vote.signer {
+                    self.send(vote.signer, Message::Signed(held.clone()), out);
+                }
+            }
         }
     }
 

@@ -4,11 +4,70 @@ use crate::protocol::{Event, Output};
 use crate::types::NodeId;
 
 use super::evidence::{Evidence, PunishmentPolicy};
-use super::message::{Message, Signed, Statement, View, encode};
+use super::message::{Message, Seq, Signed, Statement, View, encode};
 use super::node::PbftNode;
 use super::records;
 
+/// How many views before the current one [`PbftNode::note_statements`] remembers.
+const SEEN_VIEWS_BEHIND: View = 4;
+
+/// Where a phase statement is remembered: (sequence number, view, kind, signer).
+pub(super) type SeenKey = (Seq, View, u8, NodeId);
+
 impl PbftNode {
+    /// Remembers every signed PRE-PREPARE, PREPARE and COMMIT in `message`, nested ones
+    /// included (the certificates of view-changes, new-views and catch-ups), and turns any that
+    /// conflicts with one remembered into evidence. Slots forget the statements of a view when
+    /// the view changes and of a sequence number once it executes; this index keeps them from
+    /// the stable checkpoint to the high watermark and for a few views, so that two halves of
+    /// an offence that reach a replica apart (a twin's two votes, one in a certificate after
+    /// the partition healed) still meet. Bounded: window × members × 3 kinds × views kept.
+    pub(super) fn note_statements(&mut self, message: &Message, out: &mut Output<Message>) {
+        if !self.config.detection_enabled {
+            return;
+        }
+        let (low, high) = (self.stable.seq, self.high_watermark());
+        let (min_view, max_view) = (self.view.saturating_sub(SEEN_VIEWS_BEHIND), self.view + 1);
+        if min_view > self.seen_from_view {
+            self.seen.retain(|&(_, view, _, _), _| view >= min_view);
+            self.seen_from_view = min_view;
+        }
+        let members = &self.members;
+        let seen = &mut self.seen;
+        let mut conflicts = Vec::new();
+        message.for_each_signed(&mut |signed: &Signed| {
+            let kind = match signed.statement {
+                Statement::PrePrepare { .. } => 0,
+                Statement::Prepare { .. } => 1,
+                Statement::Commit { .. } => 2,
+                _ => return,
+            };
+            let Some((view, seq, _)) = signed.statement.phase() else {
+                return;
+            };
+            if seq <= low
+                || seq > high
+                || !(min_view..=max_view).contains(&view)
+                || members.binary_search(&signed.signer).is_err()
+            {
+                return;
+            }
+            match seen.entry((seq, view, kind, signed.signer)) {
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(signed.clone());
+                }
+                std::collections::btree_map::Entry::Occupied(entry) => {
+                    if Evidence::conflicting(entry.get(), signed) {
+                        conflicts.push((entry.get().clone(), signed.clone()));
+                    }
+                }
+            }
+        });
+        for (held, new) in conflicts {
+            self.check_conflict(&held, &new, out);
+        }
+    }
+
     /// Two statements from one signer for one slot: evidence if their digests differ.
     pub(super) fn check_conflict(
         &mut self,

@@ -140,6 +140,11 @@ pub struct PbftNode {
     pub(super) in_round: bool,
     /// Slots whose prepares or commits changed since they were last counted.
     pub(super) to_count: std::collections::BTreeSet<Seq>,
+    /// Every phase statement heard in the window and the last few views, for evidence (see
+    /// [`PbftNode::note_statements`]).
+    pub(super) seen: BTreeMap<super::detection::SeenKey, Signed>,
+    /// The oldest view `seen` keeps.
+    pub(super) seen_from_view: View,
     /// The leader last announced in an event.
     pub(super) announced: Option<(View, Option<NodeId>)>,
 }
@@ -278,6 +283,8 @@ impl PbftNode {
             invalid: InvalidCounts::default(),
             in_round: false,
             to_count: Default::default(),
+            seen: BTreeMap::new(),
+            seen_from_view: 0,
             announced: None,
         };
         node.recover(recovered)?;
@@ -625,6 +632,7 @@ impl PbftNode {
             // (a late pre-prepare of an old view may still complete evidence).
             self.invalid.add(InvalidReason::Stale, 1);
         }
+        self.note_statements(&message, out);
         match message {
             Message::Forward(requests) => self.on_forward(requests, out),
             Message::PrePrepare { pre_prepare, batch } => {

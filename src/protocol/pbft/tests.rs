@@ -1086,3 +1086,37 @@ fn evidence_is_repeated_to_a_replica_until_it_is_known_to_hold_it() {
         "everyone knows"
     );
 }
+
+/// Two votes of one replica for one slot that reach a replica on either side of a view change
+/// still convict it: the slot forgot the first when its view changed, the index of statements
+/// seen did not.
+#[test]
+fn conflicting_votes_heard_across_a_view_change_are_evidence() {
+    let mut cluster = Cluster::new(4);
+    let vote = |data| {
+        let statement = Statement::Prepare {
+            view: 0,
+            seq: 1,
+            digest: digest_of(data),
+        };
+        Message::Signed(signed(statement, 3))
+    };
+    deliver_to(&mut cluster, 2, 3, vote(b"x"));
+    let mut out = Output::default();
+    cluster.nodes[1]
+        .as_mut()
+        .unwrap()
+        .start_view_change(1, &mut out);
+    assert!(
+        cluster
+            .node(2)
+            .slots
+            .get(&1)
+            .is_none_or(|s| s.prepares.is_empty() || s.view == 0)
+    );
+    deliver_to(&mut cluster, 2, 3, vote(b"y"));
+    assert_eq!(
+        cluster.node(2).evidence()[&NodeId(3)].offence(),
+        Offence::DoubleVote
+    );
+}

@@ -134,7 +134,7 @@ async fn run(config: ConsensusConfig, behaviour: Behaviour) -> Result<(), String
                 core.step_round(&mut round, &mut out);
             }
             _ = ticks.tick() => core.step(Input::Tick, &mut out),
-            _ = shutdown_signal() => break,
+            _ = consensus::node::shutdown_signal() => break,
         }
         core.step(Input::FlushProposals, &mut out);
         // Nothing is kept on disk: what the core asked to write is dropped, and what waited for
@@ -169,26 +169,4 @@ fn rand_seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

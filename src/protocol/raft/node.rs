@@ -189,9 +189,14 @@ impl RaftNode {
 
     /// A leader heard from `peer`: marks it live for check-quorum and returns its progress.
     pub(crate) fn progress_heard_from(&mut self, peer: NodeId) -> Option<&mut Progress> {
-        let progress = self.leader_state.as_mut()?.progress.get_mut(&peer)?;
+        let progress = self.progress_mut(peer)?;
         progress.recently_active = true;
         Some(progress)
+    }
+
+    /// The leader's replication progress of `peer` (none when not leading).
+    pub(crate) fn progress_mut(&mut self, peer: NodeId) -> Option<&mut Progress> {
+        self.leader_state.as_mut()?.progress.get_mut(&peer)
     }
 
     /// The peer a leadership transfer is handing over to, if one is in progress.

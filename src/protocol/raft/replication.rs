@@ -151,6 +151,7 @@ impl RaftNode {
             self.config.max_bytes_per_append,
         );
         loop {
+            // The fields, not `progress_mut`: the log is read while `progress` is held.
             let Some(progress) = self
                 .leader_state
                 .as_mut()
@@ -390,11 +391,7 @@ impl RaftNode {
             same
         });
         for (peer, index) in owed {
-            let Some(progress) = self
-                .leader_state
-                .as_mut()
-                .and_then(|s| s.progress.get_mut(&peer))
-            else {
+            let Some(progress) = self.progress_mut(peer) else {
                 continue;
             };
             progress.owed_commit = progress.owed_commit.max(index);
@@ -407,11 +404,7 @@ impl RaftNode {
     /// brings us back here).
     pub(crate) fn send_owed_commit(&mut self, peer: NodeId, out: &mut Output) {
         let (term, commit_index) = (self.term, self.commit_index);
-        let Some(progress) = self
-            .leader_state
-            .as_mut()
-            .and_then(|s| s.progress.get_mut(&peer))
-        else {
+        let Some(progress) = self.progress_mut(peer) else {
             return;
         };
         let idle = progress.state == ProgressState::Replicate && progress.inflight_count() == 0;

@@ -207,6 +207,22 @@ impl Maverick {
         lock(&self.ledger).count(self.node.id(), what);
     }
 
+    /// Runs the honest code's `step`, then rewrites what it added to `out`. Only that: the
+    /// output may still hold (already rewritten) messages of earlier steps waiting for their
+    /// write.
+    fn rewriting(
+        &mut self,
+        out: &mut Output<Message>,
+        step: impl FnOnce(&mut PbftNode, &mut Output<Message>),
+    ) {
+        let (sent_before, after_write_before) =
+            (out.messages.len(), out.messages_after_write.len());
+        step(&mut self.node, out);
+        if let Some(behaviour) = self.behaviour {
+            self.misbehave(behaviour, out, sent_before, after_write_before);
+        }
+    }
+
     /// Rewrites what the honest code asked to send.
     fn misbehave(
         &mut self,
@@ -376,14 +392,7 @@ impl Protocol for Maverick {
         if let (Some(Behaviour::Garbage), Input::Message(envelope)) = (self.behaviour, &input) {
             self.heard.hear(&envelope.message);
         }
-        // Only what this step adds is rewritten: the output may still hold (already
-        // rewritten) messages of earlier steps waiting for their write.
-        let (sent_before, after_write_before) =
-            (out.messages.len(), out.messages_after_write.len());
-        self.node.step(input, out);
-        if let Some(behaviour) = self.behaviour {
-            self.misbehave(behaviour, out, sent_before, after_write_before);
-        }
+        self.rewriting(out, |node, out| node.step(input, out));
     }
 
     fn authenticate(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
@@ -396,12 +405,7 @@ impl Protocol for Maverick {
                 self.heard.hear(&envelope.message);
             }
         }
-        let (sent_before, after_write_before) =
-            (out.messages.len(), out.messages_after_write.len());
-        self.node.step_round(messages, out);
-        if let Some(behaviour) = self.behaviour {
-            self.misbehave(behaviour, out, sent_before, after_write_before);
-        }
+        self.rewriting(out, |node, out| node.step_round(messages, out));
     }
 
     fn status(&self) -> Status {

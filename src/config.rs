@@ -107,9 +107,9 @@ impl ElectionConfig {
 /// them exists (snapshots, PBFT, Byzantine fault tolerance, the GPU path); each field says which
 /// issue will use it, and [`ConsensusConfig::unread_settings`] lists those a caller changed.
 ///
-/// The default algorithm is [`Algorithm::Raft`], not the seed's GPU-optimized Raft: an engine
-/// refuses an algorithm that is not built yet rather than silently running another, and a default
-/// that fails to start would be a trap.
+/// The default algorithm is [`Algorithm::Raft`], not the seed's GPU-optimized Raft: GPU-optimized
+/// Raft signs every vote and acknowledgement, so it needs a key file and the validators' public
+/// keys, and a default that fails to start without them would be a trap.
 #[derive(Clone, Debug)]
 pub struct ConsensusConfig {
     /// The protocol.
@@ -122,7 +122,8 @@ pub struct ConsensusConfig {
     pub cluster_id: String,
     /// Socket and compression options of the TCP transport.
     pub network_config: NetworkConfig,
-    /// GPU adapter and memory settings: a PBFT engine with `gpu_enabled` opens its GPU context
+    /// GPU adapter and memory settings: a PBFT or GPU-optimized Raft engine with `gpu_enabled`
+    /// opens its GPU context
     /// from them (`gpu_device` and `gpu_memory_pool` take precedence over its two fields).
     pub gpu_config: GpuConfig,
     /// The other members: names for in-process clusters, or `host:port` / `name@host:port` for
@@ -136,16 +137,17 @@ pub struct ConsensusConfig {
     pub request_timeout: Duration,
     /// Use the GPU for vote aggregation and signature batches.
     ///
-    /// PBFT: check peers' signatures with the automatic verifier over a GPU context (GPU above
-    /// its crossover batch size, CPU below). Raft: not used yet (the GPU-optimized Raft issue
-    /// reads it).
+    /// PBFT and GPU-optimized Raft: check peers' signatures with the automatic verifier over a
+    /// GPU context (GPU above its crossover batch size, CPU below), and count votes and
+    /// acknowledgements with the adaptive aggregator on the same context. Raft signs nothing
+    /// and does not read it.
     pub gpu_enabled: bool,
     /// Which wgpu adapter (index in enumeration order; TOML `gpu_device_id`). Read with
-    /// `gpu_enabled` (PBFT today).
+    /// `gpu_enabled` (PBFT and GPU-optimized Raft).
     pub gpu_device: u32,
     /// GPU buffer pool bound in bytes (TOML `gpu_memory_pool_mb`, in MiB).
     ///
-    /// Read with `gpu_enabled` (PBFT today).
+    /// Read with `gpu_enabled` (PBFT and GPU-optimized Raft).
     pub gpu_memory_pool: u64,
     /// Append at most this many proposals per batch.
     pub batch_size: usize,
@@ -364,20 +366,19 @@ impl ConsensusConfig {
             ),
             (
                 "gpu_enabled",
-                self.algorithm != Algorithm::Pbft && self.gpu_enabled != default.gpu_enabled,
+                !self.algorithm.signs_messages() && self.gpu_enabled != default.gpu_enabled,
             ),
             (
                 "gpu_device",
-                self.algorithm != Algorithm::Pbft && self.gpu_device != default.gpu_device,
+                !self.algorithm.signs_messages() && self.gpu_device != default.gpu_device,
             ),
             (
                 "gpu_memory_pool",
-                self.algorithm != Algorithm::Pbft
-                    && self.gpu_memory_pool != default.gpu_memory_pool,
+                !self.algorithm.signs_messages() && self.gpu_memory_pool != default.gpu_memory_pool,
             ),
             (
                 "gpu_config",
-                self.algorithm != Algorithm::Pbft && self.gpu_config != default.gpu_config,
+                !self.algorithm.signs_messages() && self.gpu_config != default.gpu_config,
             ),
             (
                 "key_file",

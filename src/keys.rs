@@ -232,6 +232,15 @@ impl ConsensusConfig {
         Ok(path)
     }
 
+    /// The public keys of [`ConsensusConfig::validators`], by [`NodeId::from_name`] of each
+    /// name; an entry that is not a key is an error naming it.
+    pub fn validator_keys(&self) -> Result<BTreeMap<NodeId, VerifyingKey>, ConfigError> {
+        self.validators
+            .iter()
+            .map(|(name, value)| Ok((NodeId::from_name(name), parse_public_key(name, value)?)))
+            .collect()
+    }
+
     /// Reads [`ConsensusConfig::key_file`] and checks it against this node's entry in
     /// [`ConsensusConfig::validators`], after everything [`ConsensusConfig::validate_signing`]
     /// checks for a signed algorithm (whatever [`ConsensusConfig::algorithm`] says: asking for
@@ -252,10 +261,7 @@ impl ConsensusConfig {
         let secret = decode_key_hex(text.trim())
             .map_err(|problem| key_file_error(format!("not an ed25519 secret key: {problem}")))?;
         let signing_key = SigningKey::from_bytes(&secret);
-        let mut validators = BTreeMap::new();
-        for (name, value) in &self.validators {
-            validators.insert(NodeId::from_name(name), parse_public_key(name, value)?);
-        }
+        let validators = self.validator_keys()?;
         let configured = &self.validators[&self.node_id]; // check_signing_setup found it
         if parse_public_key(&self.node_id, configured)? != signing_key.verifying_key() {
             return Err(ConfigError::KeyMismatch {

@@ -40,6 +40,7 @@ pub mod storage;
 mod sync;
 pub mod transport;
 pub mod types;
+pub mod verify;
 
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use config::{Algorithm, ConsensusConfig, ElectionConfig};
@@ -48,3 +49,4 @@ pub use error::{ConfigError, Error, Result, StorageError};
 pub use metrics::MetricsSnapshot;
 pub use state_machine::StateMachine;
 pub use types::{ConsensusResult, Entry, LogIndex, NodeId, Payload, Proposal, ProposalTag, Term};
+pub use verify::{LogVerification, VerifyLogError, verify_log};

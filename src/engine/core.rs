@@ -15,6 +15,7 @@ use crate::engine::driver::DriverInput;
 use crate::error::{ConfigError, Error, Result};
 use crate::keys::SigningIdentity;
 use crate::protocol::Protocol;
+use crate::protocol::gpu_raft::{GpuRaftConfig, GpuRaftNode};
 use crate::protocol::pbft::{PbftConfig, PbftNode};
 use crate::protocol::raft::{self, RaftNode};
 use crate::storage::RecoveredState;
@@ -94,7 +95,7 @@ impl EngineCore for RaftNode {
     fn local_network(network: &Network) -> Option<&LocalNetwork<Self>> {
         match network {
             Network::Raft(network) => Some(network),
-            Network::Pbft(_) => None,
+            _ => None,
         }
     }
 }
@@ -126,9 +127,67 @@ impl EngineCore for PbftNode {
     fn local_network(network: &Network) -> Option<&LocalNetwork<Self>> {
         match network {
             Network::Pbft(network) => Some(network),
-            Network::Raft(_) => None,
+            _ => None,
         }
     }
+}
+
+impl EngineCore for GpuRaftNode {
+    const LEARNS_MEMBERS_BY_HANDSHAKE: bool = false;
+
+    fn check(engine: &CoreSettings, members: &[NodeId]) -> Result<()> {
+        gpu_raft_config(engine, members.to_vec())?.validate()?;
+        Ok(())
+    }
+
+    fn build(
+        engine: &CoreSettings,
+        members: Vec<NodeId>,
+        recovered: RecoveredState,
+    ) -> Result<Self> {
+        Ok(GpuRaftNode::new(
+            gpu_raft_config(engine, members)?,
+            recovered,
+        )?)
+    }
+
+    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+        CoreInputs::GpuRaft(sender)
+    }
+
+    fn tcp(transport: Arc<TcpTransport<Self::Message>>) -> TcpHandle {
+        TcpHandle::GpuRaft(transport)
+    }
+
+    fn local_network(network: &Network) -> Option<&LocalNetwork<Self>> {
+        match network {
+            Network::GpuRaft(network) => Some(network),
+            _ => None,
+        }
+    }
+}
+
+/// The GPU-optimized Raft settings: Raft's from the configuration over `members`, with the
+/// engine's keys, verifier and vote counter.
+fn gpu_raft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<GpuRaftConfig> {
+    let identity = engine.identity.as_ref().ok_or(Error::InvalidState(
+        "a GPU-optimized Raft engine needs its signing identity (ConsensusConfig::signing_identity)",
+    ))?;
+    let mut raft = engine.config.raft_config();
+    raft.voters = members;
+    raft.seed = rand::random();
+    let mut config = GpuRaftConfig::new(
+        raft,
+        identity.signing_key.clone(),
+        identity.validators.clone(),
+    );
+    if let Some(verifier) = &engine.verifier {
+        config.verifier = verifier.clone();
+    }
+    if let Some(votes) = &engine.votes {
+        config.votes = votes.clone();
+    }
+    Ok(config)
 }
 
 /// The PBFT settings of the configuration (see [`ConsensusConfig::pbft_config`]), over
@@ -156,6 +215,7 @@ fn pbft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<PbftConfig
 pub enum Network {
     Raft(LocalNetwork<RaftNode>),
     Pbft(LocalNetwork<PbftNode>),
+    GpuRaft(LocalNetwork<GpuRaftNode>),
 }
 
 impl Network {
@@ -163,6 +223,7 @@ impl Network {
         match self {
             Network::Raft(network) => network.disconnect(node),
             Network::Pbft(network) => network.disconnect(node),
+            Network::GpuRaft(network) => network.disconnect(node),
         }
     }
 }
@@ -171,7 +232,7 @@ impl Network {
 pub trait EngineNetwork: sealed::Sealed {}
 
 pub(crate) mod sealed {
-    use super::{LocalNetwork, Network, PbftNode, RaftNode};
+    use super::{GpuRaftNode, LocalNetwork, Network, PbftNode, RaftNode};
 
     /// Only the crate's own networks, so that the engine knows every kind it may be given.
     pub trait Sealed {
@@ -189,15 +250,23 @@ pub(crate) mod sealed {
             Network::Pbft(self.clone())
         }
     }
+
+    impl Sealed for LocalNetwork<GpuRaftNode> {
+        fn to_network(&self) -> Network {
+            Network::GpuRaft(self.clone())
+        }
+    }
 }
 
 impl EngineNetwork for LocalNetwork<RaftNode> {}
 impl EngineNetwork for LocalNetwork<PbftNode> {}
+impl EngineNetwork for LocalNetwork<GpuRaftNode> {}
 
 /// The sending end of the running driver's input queue.
 pub(crate) enum CoreInputs {
     Raft(SyncSender<DriverInput<RaftNode>>),
     Pbft(SyncSender<DriverInput<PbftNode>>),
+    GpuRaft(SyncSender<DriverInput<GpuRaftNode>>),
 }
 
 impl CoreInputs {
@@ -215,17 +284,23 @@ impl CoreInputs {
             CoreInputs::Pbft(sender) => sender
                 .try_send(DriverInput::Propose { data, reply, route })
                 .map_err(forget_input),
+            CoreInputs::GpuRaft(sender) => sender
+                .try_send(DriverInput::Propose { data, reply, route })
+                .map_err(forget_input),
         }
     }
 
     /// Asks a Raft leader to hand over to `to`; PBFT has no such request.
     pub(crate) fn transfer_leadership(&self, to: NodeId) -> Result<()> {
+        let control = raft::Control::TransferLeadership { to };
+        let full = Error::Rejected(crate::protocol::RejectReason::QueueFull);
         match self {
             CoreInputs::Raft(sender) => sender
-                .try_send(DriverInput::Control(raft::Control::TransferLeadership {
-                    to,
-                }))
-                .map_err(|_| Error::Rejected(crate::protocol::RejectReason::QueueFull)),
+                .try_send(DriverInput::Control(control))
+                .map_err(|_| full),
+            CoreInputs::GpuRaft(sender) => sender
+                .try_send(DriverInput::Control(control))
+                .map_err(|_| full),
             CoreInputs::Pbft(_) => Err(Error::Unsupported {
                 what: "leadership transfer under PBFT".into(),
                 reason: "a PBFT primary is fixed by the view number; a view change replaces it",
@@ -240,6 +315,8 @@ impl CoreInputs {
             (CoreInputs::Raft(sender), false) => drop(sender.try_send(DriverInput::Shutdown)),
             (CoreInputs::Pbft(sender), true) => drop(sender.send(DriverInput::Shutdown)),
             (CoreInputs::Pbft(sender), false) => drop(sender.try_send(DriverInput::Shutdown)),
+            (CoreInputs::GpuRaft(sender), true) => drop(sender.send(DriverInput::Shutdown)),
+            (CoreInputs::GpuRaft(sender), false) => drop(sender.try_send(DriverInput::Shutdown)),
         }
     }
 }
@@ -256,6 +333,7 @@ fn forget_input<T>(error: TrySendError<T>) -> TrySendError<()> {
 pub(crate) enum TcpHandle {
     Raft(Arc<TcpTransport<raft::Message>>),
     Pbft(Arc<TcpTransport<crate::protocol::pbft::Message>>),
+    GpuRaft(Arc<TcpTransport<crate::protocol::gpu_raft::Message>>),
 }
 
 impl TcpHandle {
@@ -273,6 +351,11 @@ impl TcpHandle {
                     transport.shutdown().await;
                 }
             }
+            TcpHandle::GpuRaft(transport) => {
+                if let Ok(transport) = Arc::try_unwrap(transport) {
+                    transport.shutdown().await;
+                }
+            }
         }
     }
 }
@@ -283,8 +366,8 @@ pub(crate) fn require_named_peers(config: &ConsensusConfig) -> Result<()> {
         return Err(ConfigError::Invalid {
             field: "bootstrap_peers",
             value: unnamed.clone(),
-            reason: "PBFT members are fixed by their keys: give every peer as name@host:port, \
-                     with the name its [consensus.validators] entry uses",
+            reason: "the members of a signing algorithm are fixed by their keys: give every peer \
+                     as name@host:port, with the name its [consensus.validators] entry uses",
         }
         .into());
     }

@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::keys::SigningIdentity;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::RejectReason;
+use crate::protocol::gpu_raft::GpuRaftNode;
 use crate::protocol::pbft::PbftNode;
 use crate::protocol::raft::RaftNode;
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
@@ -138,12 +139,7 @@ impl ConsensusEngine {
                 }
                 Some(config.signing_identity()?)
             }
-            Algorithm::GpuOptimizedRaft => {
-                return Err(Error::Unsupported {
-                    what: format!("algorithm {}", config.algorithm.as_str()),
-                    reason: "raft and pbft are available in this version",
-                });
-            }
+            Algorithm::GpuOptimizedRaft => Some(config.signing_identity()?),
         };
         Ok(ConsensusEngine {
             config,
@@ -314,9 +310,10 @@ impl ConsensusEngine {
         match self.config.algorithm {
             Algorithm::Raft => self.start_core::<RaftNode>(store, recovered, retain).await,
             Algorithm::Pbft => self.start_core::<PbftNode>(store, recovered, retain).await,
-            Algorithm::GpuOptimizedRaft => Err(Error::InvalidState(
-                "gpu_optimized_raft is refused by ConsensusEngine::new",
-            )),
+            Algorithm::GpuOptimizedRaft => {
+                self.start_core::<GpuRaftNode>(store, recovered, retain)
+                    .await
+            }
         }
     }
 

@@ -38,10 +38,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Why the node could not be configured or run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The command line is neither `--config FILE [--http ADDR]` nor `keygen FILE`.
+    /// The command line is none of `--config FILE [--http ADDR]`, `keygen FILE` and
+    /// `verify-log DIR [--config FILE]`.
     #[error(
-        "usage: {0}; expected: consensus-node --config FILE [--http ADDR], or consensus-node \
-         keygen FILE"
+        "usage: {0}; expected: consensus-node --config FILE [--http ADDR], consensus-node \
+         keygen FILE, or consensus-node verify-log DIR [--config FILE]"
     )]
     Usage(String),
     /// The configuration file is unreadable or invalid.
@@ -145,6 +146,11 @@ enum Command {
     },
     /// `keygen FILE`: write a fresh signing key.
     Keygen { path: PathBuf },
+    /// `verify-log DIR [--config FILE]`: check a GPU-optimized Raft data directory offline.
+    VerifyLog {
+        dir: PathBuf,
+        config: Option<PathBuf>,
+    },
 }
 
 /// Parses the command line (without the program name).
@@ -157,6 +163,21 @@ fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
                 "unexpected argument {:?} after keygen FILE",
                 extra.to_string_lossy()
             ))),
+        };
+    }
+    if args.first().is_some_and(|arg| arg == "verify-log") {
+        return match &args[1..] {
+            [dir] => Ok(Command::VerifyLog {
+                dir: dir.into(),
+                config: None,
+            }),
+            [dir, flag, config] if flag == "--config" => Ok(Command::VerifyLog {
+                dir: dir.into(),
+                config: Some(config.into()),
+            }),
+            _ => Err(NodeError::Usage(
+                "verify-log needs a DIR, optionally followed by --config FILE".into(),
+            )),
         };
     }
     let mut config = None;
@@ -177,6 +198,44 @@ fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
     }
     let config = config.ok_or_else(|| NodeError::Usage("--config is required".into()))?;
     Ok(Command::Run { config, http })
+}
+
+/// `verify-log DIR [--config FILE]`: checks every commit certificate of a stopped node's data
+/// directory (against the validators of FILE when given, else those recorded in DIR). Prints
+/// what it checked and exits 0, or prints the first index that does not check out and why and
+/// exits 1 (2 for a bad command line or configuration).
+fn verify_log_command(dir: &Path, config: Option<&Path>) -> ExitCode {
+    let pinned = match config.map(ConsensusConfig::from_toml_file) {
+        None => None,
+        Some(Ok(config)) => match config.validator_keys() {
+            Ok(keys) => Some(keys),
+            Err(error) => {
+                eprintln!("consensus-node: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Some(Err(error)) => {
+            eprintln!("consensus-node: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match crate::verify_log(dir, pinned.as_ref()) {
+        Ok(report) => {
+            println!(
+                "{}: {} entries, certified through index {} by {} certificate(s) over {} validators",
+                dir.display(),
+                report.entries,
+                report.certified_through,
+                report.certificates,
+                report.validators
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("{}: {error}", dir.display());
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// `keygen FILE`: writes a fresh key to `path` and prints its public key in hex, alone, on
@@ -279,17 +338,22 @@ pub fn write_loopback_cluster_of(
 /// [`keys::generate_key_file`]) and prints its public key in hex on stdout.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args: Vec<OsString> = args.into_iter().collect();
-    let loaded = parse_args(&args).and_then(|command| match command {
-        Command::Run { config, http } => NodeConfig::load(&config, http.as_deref()).map(Some),
-        Command::Keygen { path } => keygen(&path).map(|()| None),
-    });
-    let config = match loaded {
-        Ok(Some(config)) => config,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("consensus-node: {error}");
-            return ExitCode::from(error.exit_code());
+    let fail = |error: NodeError| {
+        eprintln!("consensus-node: {error}");
+        ExitCode::from(error.exit_code())
+    };
+    let config = match parse_args(&args) {
+        Err(error) => return fail(error),
+        Ok(Command::VerifyLog { dir, config }) => {
+            return verify_log_command(&dir, config.as_deref());
         }
+        Ok(Command::Keygen { path }) => {
+            return keygen(&path).map_or_else(fail, |()| ExitCode::SUCCESS);
+        }
+        Ok(Command::Run { config, http }) => match NodeConfig::load(&config, http.as_deref()) {
+            Ok(config) => config,
+            Err(error) => return fail(error),
+        },
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -30,6 +30,7 @@
 //! The core never counts its own entries toward a quorum before step 5 told it they are on
 //! disk, so a driver that persists asynchronously stays safe.
 
+pub mod gpu_raft;
 pub mod pbft;
 pub mod raft;
 

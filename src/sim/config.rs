@@ -1,6 +1,7 @@
 //! The simulator's settings, fault profiles, and what a run reports.
 
 use crate::NodeId;
+use crate::protocol::gpu_raft::GpuRaftConfig;
 use crate::protocol::pbft::{PbftConfig, test_signing_key, test_validators};
 use crate::protocol::raft::RaftConfig;
 use crate::transport::simulated::{LatencyModel, NetworkConfig, NetworkStats};
@@ -140,6 +141,10 @@ pub struct SimConfig<S = RaftConfig> {
     /// Replicas that run as two instances with one identity, and who hears which (none by
     /// default).
     pub twins: Twins,
+    /// Chance that a message a node sends is followed by an adversary's: a forged copy
+    /// ([`SimProtocol::forge`](crate::sim::SimProtocol::forge)) or a replay of an earlier
+    /// message of any node, half each (0 by default).
+    pub forgeries: f64,
 }
 
 impl<S> SimConfig<S> {
@@ -184,6 +189,7 @@ impl SimConfig<RaftConfig> {
             group_commit: (0.0, 0),
             clock_skew: 0.0,
             twins: Twins::default(),
+            forgeries: 0.0,
         }
     }
 
@@ -267,6 +273,11 @@ pub struct SimReport {
     pub checker_steps: u64,
     /// Network counters.
     pub network: NetworkStats,
+    /// Peer messages the live nodes dropped unread (bad signatures, forgeries, stale), as
+    /// their cores count them since their last start.
+    pub invalid_dropped: u64,
+    /// Adversary messages injected ([`SimConfig::forgeries`]).
+    pub forgeries_sent: u64,
 }
 
 /// A failed run: the seed, when, and what broke.
@@ -312,6 +323,7 @@ impl<S> SimConfig<S> {
             group_commit: self.group_commit,
             clock_skew: self.clock_skew,
             twins: self.twins,
+            forgeries: self.forgeries,
         }
     }
 }
@@ -354,4 +366,30 @@ impl SimConfig<PbftConfig> {
         pbft.retransmit_ticks = rng.random_range(2..8);
         config
     }
+
+    /// A healthy `nodes`-voter GPU-optimized Raft cluster: [`SimConfig::new`]'s Raft settings
+    /// with the test keys (each replica's [`SimProtocol::start`](crate::sim::SimProtocol::start)
+    /// fills in its own), checked through a memoizing verifier.
+    pub fn gpu_raft(seed: u64, nodes: usize) -> SimConfig<GpuRaftConfig> {
+        SimConfig::new(seed, nodes).map_protocol(gpu_raft_settings)
+    }
+
+    /// The GPU-optimized Raft chaos suite's configuration for `seed`: the Raft chaos suite's
+    /// faults, clients, network and Raft settings over 3 or 5 voters, with forged and replayed
+    /// messages injected (see [`SimConfig::forgeries`]).
+    pub fn gpu_raft_chaos(seed: u64) -> SimConfig<GpuRaftConfig> {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x6b0));
+        let mut config = SimConfig::chaos(seed).map_protocol(gpu_raft_settings);
+        config.nodes = [3, 5][rng.random_range(0..2)];
+        config.forgeries = rng.random_range(0.01..0.1);
+        config
+    }
+}
+
+/// `raft` wrapped with a placeholder identity (node 1's) and the simulator's memoizing verifier.
+fn gpu_raft_settings(raft: RaftConfig) -> GpuRaftConfig {
+    let first = NodeId(1);
+    let mut config = GpuRaftConfig::new(raft, test_signing_key(first), test_validators(&[first]));
+    config.verifier = Arc::new(crate::sim::MemoizingVerifier::default());
+    config
 }

@@ -80,6 +80,14 @@ pub enum Violation {
         /// The replica it names.
         accused: NodeId,
     },
+    /// A GPU-optimized Raft node counted an acknowledgement no certificate can carry, holds a
+    /// certificate that does not verify or names another log, or committed past it.
+    Certificate {
+        /// The node.
+        node: NodeId,
+        /// What is wrong.
+        detail: String,
+    },
     /// A node's state machine refused an entry (gap, reordering or an undecodable command).
     Apply {
         /// The node.
@@ -128,6 +136,7 @@ impl Violation {
                 | Violation::StateMachineSafety { .. }
                 | Violation::Agreement { .. }
                 | Violation::FalseAccusation { .. }
+                | Violation::Certificate { .. }
                 | Violation::Linearizability { .. }
         )
     }
@@ -191,6 +200,9 @@ impl fmt::Display for Violation {
                 )
             }
             Violation::Scenario { detail } => write!(f, "scenario: {detail}"),
+            Violation::Certificate { node, detail } => {
+                write!(f, "commit certificate on {node}: {detail}")
+            }
         }
     }
 }

@@ -121,6 +121,9 @@ pub fn mix(seed: u64, salt: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// How many earlier messages the adversary keeps to replay.
+const REPLAYABLE: usize = 256;
+
 /// Where an answer of a node's apply stage goes: (client, history operation).
 type ClientOp = (usize, usize);
 
@@ -230,6 +233,9 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     answers: Vec<Answer<ClientOp, u64>>,
     /// Replicas on different sides of the twins' layout hear each other (see [`Twins`]).
     sides_joined: bool,
+    /// Messages sent so far that the adversary may replay ([`SimConfig::forgeries`]).
+    replayable: Vec<Envelope<P::Message>>,
+    forgeries_sent: u64,
 }
 
 impl<P: SimProtocol> Sim<P> {
@@ -298,6 +304,8 @@ impl<P: SimProtocol> Sim<P> {
             last_full_check_us: 0,
             crashes: 0,
             duplicate_applies: 0,
+            replayable: Vec::new(),
+            forgeries_sent: 0,
             failover: None,
             failover_samples: Vec::new(),
             answers: Vec::new(),
@@ -409,6 +417,13 @@ impl<P: SimProtocol> Sim<P> {
                     .sum::<u64>()) as usize,
             checker_steps: 0,
             network: self.network.stats(),
+            invalid_dropped: self
+                .nodes
+                .iter()
+                .filter_map(|n| n.core.as_ref())
+                .map(|core| core.invalid_messages().total())
+                .sum(),
+            forgeries_sent: self.forgeries_sent,
         }
     }
 
@@ -665,6 +680,29 @@ impl<P: SimProtocol> Sim<P> {
             };
             if let Some(to) = to {
                 core.sent(&envelope);
+                let forgery = self.config.forgeries > 0.0
+                    && self.rng.random_bool(self.config.forgeries)
+                    && P::AUTHENTICATES;
+                if forgery {
+                    let entropy = self.rng.random::<u64>();
+                    let injected = if entropy % 2 == 0 || self.replayable.is_empty() {
+                        P::forge(&envelope, entropy >> 1)
+                    } else {
+                        let old = (entropy >> 1) as usize % self.replayable.len();
+                        Some(self.replayable[old].clone())
+                    };
+                    if let Some(injected) = injected {
+                        self.forgeries_sent += 1;
+                        let to = injected.to;
+                        self.endpoints[index].send(to, injected);
+                    }
+                    if self.replayable.len() < REPLAYABLE {
+                        self.replayable.push(envelope.clone());
+                    } else {
+                        let slot = (entropy >> 8) as usize % REPLAYABLE;
+                        self.replayable[slot] = envelope.clone();
+                    }
+                }
                 self.endpoints[index].send(to, envelope);
             }
         }

@@ -2,6 +2,7 @@
 //! carry proposals, and the core's own invariants.
 
 use crate::error::ConfigError;
+use crate::protocol::gpu_raft::{GpuRaftConfig, GpuRaftNode, Message as GpuRaftMessage};
 use crate::protocol::pbft::{
     Control as PbftControl, Message as PbftMessage, PbftConfig, PbftNode, test_signing_key,
     test_validators,
@@ -54,6 +55,15 @@ pub trait SimProtocol: Protocol + Sized {
     fn sent(&mut self, envelope: &Envelope<Self::Message>) {
         let _ = envelope;
     }
+
+    /// What an adversary on the network (holding no member's key) could make of `envelope`:
+    /// a copy with a field or signature changed, or claiming another sender. `entropy` picks
+    /// which. None for a core that trusts its transport (the default), whose messages anyone
+    /// on the network could forge at will.
+    fn forge(envelope: &Envelope<Self::Message>, entropy: u64) -> Option<Envelope<Self::Message>> {
+        let _ = (envelope, entropy);
+        None
+    }
 }
 
 impl SimProtocol for RaftNode {
@@ -94,6 +104,153 @@ impl SimProtocol for RaftNode {
             check_leader_completeness(node, monitor)?;
         }
         Ok(())
+    }
+}
+
+impl SimProtocol for GpuRaftNode {
+    type Settings = GpuRaftConfig;
+
+    /// Every voter's key is [`test_signing_key`] of its id, and every voter knows all of them.
+    fn start(
+        settings: &GpuRaftConfig,
+        id: NodeId,
+        members: Vec<NodeId>,
+        seed: u64,
+        recovered: RecoveredState,
+    ) -> Result<Self, ConfigError> {
+        let mut config = settings.clone();
+        config.raft.id = id;
+        config.raft.seed = seed;
+        config.validators = test_validators(&members);
+        config.raft.voters = members;
+        config.signing_key = test_signing_key(id);
+        GpuRaftNode::new(config, recovered)
+    }
+
+    fn carries_proposals(message: &GpuRaftMessage) -> bool {
+        message.carries_proposals()
+    }
+
+    fn transfer_to(to: NodeId) -> Option<Control> {
+        Some(Control::TransferLeadership { to })
+    }
+
+    fn check_new_leader(node: &Self, monitor: &SafetyMonitor) -> Result<(), Violation> {
+        check_leader_completeness(node.raft(), monitor)
+    }
+
+    /// Raft's checks on the inner logs; no evidence against anyone (all run honest code);
+    /// and the certificates: every node's newest one verifies under the voters' keys and
+    /// names its own log's chain value, no node ever counted an acknowledgement a certificate
+    /// could not carry, and what a leader committed in its term (beyond what it had committed
+    /// when elected, which earlier leaders certified) is covered by its certificate.
+    fn check_all(nodes: &[&Self], monitor: &SafetyMonitor) -> Result<(), Violation> {
+        let logs: Vec<_> = nodes.iter().map(|n| (n.id(), n.raft().log())).collect();
+        check_log_matching(&logs)?;
+        for node in nodes {
+            check_leader_completeness(node.raft(), monitor)?;
+            if let Some(&accused) = node.evidence().keys().next() {
+                return Err(Violation::FalseAccusation {
+                    accuser: node.id(),
+                    accused,
+                });
+            }
+            let broken = |detail: String| {
+                Err(Violation::Certificate {
+                    node: node.id(),
+                    detail,
+                })
+            };
+            if node.miscounted_acks() > 0 {
+                return broken(format!(
+                    "{} acknowledgements miscounted",
+                    node.miscounted_acks()
+                ));
+            }
+            let commit = node.raft().commit_index();
+            let counted = node.raft().is_leader() && commit > node.commit_when_elected();
+            match node.certificate() {
+                Some(certificate) => {
+                    if let Err(error) =
+                        certificate.verify(&node.config().validators, &*node.config().verifier)
+                    {
+                        return broken(format!("certificate at {}: {error}", certificate.index));
+                    }
+                    if node.chain_at(certificate.index) != Some(certificate.chain) {
+                        return broken(format!(
+                            "certificate at {} names another log",
+                            certificate.index
+                        ));
+                    }
+                    if counted && commit > certificate.index {
+                        return broken(format!(
+                            "leader committed {commit} past its certificate at {}",
+                            certificate.index
+                        ));
+                    }
+                }
+                None if counted => {
+                    return broken(format!("leader committed {commit} without a certificate"));
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A bit flipped in a signature, an index or term raised under the old signature, an
+    /// acknowledgement passed off as another voter's, or one re-signed with a key no voter
+    /// holds.
+    fn forge(
+        envelope: &Envelope<GpuRaftMessage>,
+        entropy: u64,
+    ) -> Option<Envelope<GpuRaftMessage>> {
+        let mut forged = envelope.clone();
+        let flip = |signature: &mut bytes::Bytes| {
+            let mut bytes = signature.to_vec();
+            if let Some(byte) = bytes.get_mut((entropy >> 8) as usize % 64) {
+                *byte ^= 1 << ((entropy >> 16) % 8);
+            }
+            *signature = bytes.into();
+        };
+        let outsider = test_signing_key(NodeId(u64::MAX));
+        match &mut forged.message {
+            GpuRaftMessage::Ack(ack) => match entropy % 4 {
+                0 => flip(&mut ack.signature),
+                1 => ack.index += 1 + entropy % 5,
+                // Another voter's name on this one's acknowledgement: the chain value is right,
+                // only the signature gives it away.
+                2 => {
+                    let other = NodeId(1 + (entropy >> 24) % 5);
+                    ack.voter = other;
+                    forged.from = other;
+                }
+                _ => {
+                    *ack = crate::protocol::gpu_raft::SignedAck::sign(
+                        ack.voter,
+                        ack.term,
+                        ack.index + 1,
+                        ack.chain,
+                        &outsider,
+                    );
+                }
+            },
+            GpuRaftMessage::Grant {
+                term, signature, ..
+            } => match entropy % 2 {
+                0 => flip(signature),
+                _ => *term += 1,
+            },
+            GpuRaftMessage::Certified { certificate, .. } => match certificate.acks.first_mut() {
+                Some(ack) if entropy.is_multiple_of(2) => flip(&mut ack.signature),
+                _ => certificate.index += 1,
+            },
+            GpuRaftMessage::Elected { votes, .. } => flip(&mut votes.first_mut()?.signature),
+            // Promises nothing: an adversary could send any such message; the transport's
+            // authentication (not this core) is what stops it.
+            GpuRaftMessage::Raft(_) => return None,
+        }
+        Some(forged)
     }
 }
 

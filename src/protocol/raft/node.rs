@@ -71,6 +71,10 @@ pub struct RaftNode {
     /// Votes (or pre-votes) received in the current campaign: voter → granted.
     pub(crate) votes: BTreeMap<NodeId, bool>,
     pub(crate) leader_state: Option<LeaderState>,
+    /// Set by a wrapper that counts the leader's quorum itself (GPU-optimized Raft, from
+    /// signed acknowledgements): the leader then commits only through
+    /// [`RaftNode::commit_certified`].
+    pub(crate) commit_by_certificate: bool,
 }
 
 impl RaftNode {
@@ -104,6 +108,7 @@ impl RaftNode {
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             leader_state: None,
+            commit_by_certificate: false,
             config,
         };
         node.reset_election_timer();

@@ -340,6 +340,9 @@ impl RaftNode {
     /// Advances the commit index to the highest index stored on a quorum, provided that entry is
     /// of the current term (Raft §5.4.2: earlier-term entries commit only indirectly).
     pub(crate) fn maybe_commit(&mut self, out: &mut Output) {
+        if self.commit_by_certificate {
+            return;
+        }
         let Some(state) = self.leader_state.as_ref() else {
             return;
         };
@@ -356,6 +359,23 @@ impl RaftNode {
             self.commit_to(quorum_index, out);
             self.notify_waiting_proposers(newly_committed, out);
         }
+    }
+
+    /// A leader whose quorum is counted outside the core (see
+    /// `RaftNode::commit_by_certificate`) commits through `index`, which a quorum holds: only an
+    /// entry of the leader's own term commits by counting (Raft §5.4.2), so anything else is
+    /// ignored, as is an index the log does not reach or one already committed.
+    pub(crate) fn commit_certified(&mut self, index: LogIndex, out: &mut Output) {
+        if self.role != Role::Leader
+            || index <= self.commit_index
+            || index > self.log.last_index()
+            || self.log.term_at(index) != Some(self.term)
+        {
+            return;
+        }
+        let newly_committed = self.commit_index + 1;
+        self.commit_to(index, out);
+        self.notify_waiting_proposers(newly_committed, out);
     }
 
     /// A follower whose client proposal (forwarded to us) just committed answers its client only

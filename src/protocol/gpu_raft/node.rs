@@ -1,0 +1,806 @@
+//! [`GpuRaftNode`]: the Raft core wrapped so that every promise it makes is signed and every
+//! promise it counts was checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use ed25519_dalek::Signer as _;
+
+use super::certificate::{CommitCertificate, SignedAck};
+use super::chain::LogChain;
+use super::config::GpuRaftConfig;
+use super::{Control, Envelope, Input, Message, Output};
+use crate::error::ConfigError;
+use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::votes::CpuVoteAggregator;
+use crate::gpu::{SignatureItem, Threshold, Vote, VoteOutcome};
+use crate::protocol::raft::{self, RaftNode, SignedVote, VoteEquivocation};
+use crate::protocol::{Event, InvalidCounts, InvalidReason, Protocol, Status};
+use crate::storage::RecoveredState;
+use crate::types::{LogIndex, NodeId, Term};
+
+/// Domain separation for pre-votes: a granted pre-vote promises nothing, so its signature must
+/// never read as a vote's.
+const PRE_VOTE_DOMAIN: &[u8] = b"stratoswarm-consensus/raft-pre-vote/v1";
+
+/// Record keys, all under one prefix so that they never meet another core's.
+const LATEST_CERTIFICATE: &[u8] = b"gpu_raft/certificate";
+const CERTIFICATE_HISTORY: &[u8] = b"gpu_raft/certificate/";
+const EVIDENCE: &[u8] = b"gpu_raft/evidence/";
+/// The validators' public keys, so that a data directory can be checked offline
+/// ([`verify_log`](crate::verify_log)).
+pub(crate) const VALIDATORS: &[u8] = b"gpu_raft/validators";
+
+/// A certificate is kept for good (besides the latest) once per this many indices: each one
+/// certifies its whole prefix, so the history only narrows down where a damaged log goes wrong,
+/// and costs a record per this many entries instead of one per commit.
+pub const CERTIFICATE_SPACING: LogIndex = 1024;
+
+/// The key of the kept certificate at `index`.
+fn history_key(index: LogIndex) -> Vec<u8> {
+    let mut key = CERTIFICATE_HISTORY.to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// Whether `key` is one of the kept certificates.
+pub(crate) fn is_history_key(key: &[u8]) -> bool {
+    key.len() == CERTIFICATE_HISTORY.len() + 8 && key.starts_with(CERTIFICATE_HISTORY)
+}
+
+/// The key of the latest certificate.
+pub(crate) fn latest_key() -> &'static [u8] {
+    LATEST_CERTIFICATE
+}
+
+/// The signing bytes of a pre-vote for `candidate` in `term`.
+fn pre_vote_bytes(term: Term, candidate: NodeId, voter: NodeId) -> Vec<u8> {
+    let mut bytes = PRE_VOTE_DOMAIN.to_vec();
+    bytes.extend_from_slice(&voter.0.to_be_bytes());
+    bytes.extend_from_slice(&term.to_be_bytes());
+    bytes.extend_from_slice(&candidate.0.to_be_bytes());
+    bytes
+}
+
+/// One node of GPU-optimized Raft. See the [module documentation](super).
+pub struct GpuRaftNode {
+    config: GpuRaftConfig,
+    inner: RaftNode,
+    voters: BTreeSet<NodeId>,
+    /// Digests and chain values of the inner log, updated with every write it asks for.
+    chain: LogChain,
+    /// What the inner core output in the step being translated.
+    scratch: raft::Output,
+    /// Leader: the newest checked acknowledgement of each voter in `acks_term` (its own
+    /// included).
+    acks: BTreeMap<NodeId, SignedAck>,
+    acks_term: Term,
+    /// The newest certificate this node holds, and the last one kept for good.
+    certificate: Option<CommitCertificate>,
+    kept_index: LogIndex,
+    /// Leader: per peer, the index of the last certificate sent to it.
+    certificate_sent: BTreeMap<NodeId, LogIndex>,
+    /// Candidate: the signed votes granted to it in `votes_term`.
+    votes_received: BTreeMap<NodeId, SignedVote>,
+    votes_term: Term,
+    /// The term whose leadership this node announced with its votes, and its commit index
+    /// then (what it committed before it counted anything itself).
+    announced_term: Term,
+    commit_when_elected: LogIndex,
+    evidence: BTreeMap<NodeId, VoteEquivocation>,
+    invalid: InvalidCounts,
+    /// Acknowledgements this node counted that later failed a check; stays 0 (the simulator
+    /// asserts it).
+    miscounted: u64,
+    /// The validators' record is written with the first output.
+    validators_written: bool,
+}
+
+impl std::fmt::Debug for GpuRaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuRaftNode")
+            .field("inner", &self.inner)
+            .field("certificate", &self.certificate.as_ref().map(|c| c.index))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuRaftNode {
+    /// A node starting from what its store recovered. Refuses a configuration whose keys do not
+    /// fit ([`GpuRaftConfig::validate`]) and records that do not decode (a damaged store).
+    pub fn new(config: GpuRaftConfig, recovered: RecoveredState) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let corrupt = |what: &str| ConfigError::Invalid {
+            field: "recovered.records",
+            value: what.to_string(),
+            reason: "a GPU-optimized Raft record does not decode; the store is damaged",
+        };
+        let mut certificate: Option<CommitCertificate> = None;
+        let mut kept_index = 0;
+        let mut evidence = BTreeMap::new();
+        for (key, value) in &recovered.records {
+            if key.as_slice() == LATEST_CERTIFICATE {
+                certificate =
+                    Some(postcard::from_bytes(value).map_err(|_| corrupt("certificate"))?);
+            } else if is_history_key(key) {
+                let kept: CommitCertificate =
+                    postcard::from_bytes(value).map_err(|_| corrupt("kept certificate"))?;
+                kept_index = kept_index.max(kept.index);
+            } else if key.starts_with(EVIDENCE) {
+                let proof: VoteEquivocation =
+                    postcard::from_bytes(value).map_err(|_| corrupt("evidence"))?;
+                evidence.insert(proof.offender(), proof);
+            }
+        }
+        if recovered
+            .entries
+            .first()
+            .is_some_and(|entry| entry.index != 1)
+        {
+            return Err(ConfigError::Invalid {
+                field: "recovered.entries",
+                value: String::new(),
+                reason: "GPU-optimized Raft chains its log from index 1; compacted logs are not supported",
+            });
+        }
+        let chain = LogChain::of(&recovered.entries);
+        let mut inner = RaftNode::new(config.raft.clone(), recovered)?;
+        inner.commit_by_certificate = true;
+        let voters = config.raft.voters.iter().copied().collect();
+        Ok(GpuRaftNode {
+            config,
+            inner,
+            voters,
+            chain,
+            scratch: raft::Output::default(),
+            acks: BTreeMap::new(),
+            acks_term: 0,
+            certificate,
+            kept_index,
+            certificate_sent: BTreeMap::new(),
+            votes_received: BTreeMap::new(),
+            votes_term: 0,
+            announced_term: 0,
+            commit_when_elected: 0,
+            evidence,
+            invalid: InvalidCounts::default(),
+            miscounted: 0,
+            validators_written: false,
+        })
+    }
+
+    /// The Raft core inside.
+    pub fn raft(&self) -> &RaftNode {
+        &self.inner
+    }
+
+    /// The settings the node runs with.
+    pub fn config(&self) -> &GpuRaftConfig {
+        &self.config
+    }
+
+    /// The newest commit certificate this node holds.
+    pub fn certificate(&self) -> Option<&CommitCertificate> {
+        self.certificate.as_ref()
+    }
+
+    /// The chain value of this node's log at `index`, if the log reaches it.
+    pub fn chain_at(&self, index: LogIndex) -> Option<[u8; 32]> {
+        self.chain.at(index)
+    }
+
+    /// The proofs this node holds, by offender.
+    pub fn evidence(&self) -> &BTreeMap<NodeId, VoteEquivocation> {
+        &self.evidence
+    }
+
+    /// A leader's commit index when it took office: everything it committed beyond this, it
+    /// committed by counting signed acknowledgements, so its certificate covers it.
+    pub fn commit_when_elected(&self) -> LogIndex {
+        self.commit_when_elected
+    }
+
+    /// Counted acknowledgements that a later check found bad: always 0 unless the core is
+    /// broken (the simulator asserts it after every run).
+    pub fn miscounted_acks(&self) -> u64 {
+        self.miscounted
+    }
+
+    /// Feeds one input. A peer message must have passed [`Protocol::authenticate`].
+    pub fn step(&mut self, input: Input, out: &mut Output) {
+        match input {
+            Input::Message(envelope) => self.receive(envelope, out),
+            Input::Tick => self.step_inner(raft::Input::Tick, out),
+            Input::Propose { request_id, data } => {
+                self.step_inner(raft::Input::Propose { request_id, data }, out)
+            }
+            Input::Control(control) => self.step_inner(raft::Input::Control(control), out),
+            Input::FlushProposals => self.step_inner(raft::Input::FlushProposals, out),
+            Input::Durable { index, term } => {
+                self.step_inner(raft::Input::Durable { index, term }, out)
+            }
+        }
+        self.certify(out);
+    }
+
+    fn receive(&mut self, envelope: Envelope, out: &mut Output) {
+        let Envelope { from, to, message } = envelope;
+        let plain = match message {
+            Message::Raft(message) => message,
+            Message::Grant {
+                term,
+                pre_vote,
+                signature,
+            } => {
+                if pre_vote {
+                    raft::Message::PreVoteResponse {
+                        term,
+                        granted: true,
+                    }
+                } else {
+                    self.note_vote(SignedVote {
+                        term,
+                        candidate: to,
+                        voter: from,
+                        signature,
+                    });
+                    raft::Message::RequestVoteResponse {
+                        term,
+                        granted: true,
+                    }
+                }
+            }
+            Message::Ack(ack) => {
+                if self.inner.is_leader() && ack.term == self.inner.term() {
+                    if self.chain.at(ack.index) != Some(ack.chain) {
+                        // Signed, but over another log than ours: never counted.
+                        self.invalid.add(InvalidReason::Malformed, 1);
+                        return;
+                    }
+                    self.note_ack(ack.clone());
+                }
+                raft::Message::AppendEntriesResponse {
+                    term: ack.term,
+                    index: ack.index,
+                    reject: None,
+                }
+            }
+            Message::Certified {
+                message,
+                certificate,
+            } => {
+                self.step_inner(
+                    raft::Input::Message(raft::Envelope { from, to, message }),
+                    out,
+                );
+                self.hold_certificate(*certificate, out);
+                return;
+            }
+            Message::Elected { term, votes } => {
+                for vote in votes {
+                    if vote.term == term && vote.candidate == from {
+                        self.check_votes(vote, out);
+                    }
+                }
+                return;
+            }
+        };
+        self.step_inner(
+            raft::Input::Message(raft::Envelope {
+                from,
+                to,
+                message: plain,
+            }),
+            out,
+        );
+    }
+
+    /// A leader keeps each voter's newest acknowledgement of its term.
+    fn note_ack(&mut self, ack: SignedAck) {
+        if self.acks_term != self.inner.term() {
+            self.acks.clear();
+            self.acks_term = self.inner.term();
+        }
+        match self.acks.get(&ack.voter) {
+            Some(held) if held.index >= ack.index => {}
+            _ => {
+                self.acks.insert(ack.voter, ack);
+            }
+        }
+    }
+
+    /// A candidate keeps the votes granted to it, to cut evidence from the winner's.
+    fn note_vote(&mut self, vote: SignedVote) {
+        if vote.term != self.votes_term {
+            self.votes_received.clear();
+            self.votes_term = vote.term;
+        }
+        self.votes_received.insert(vote.voter, vote);
+    }
+
+    /// `vote`, announced by the candidate it elected, against the vote its voter gave this
+    /// node in the same term: two of them for two candidates prove the voter broke its promise.
+    fn check_votes(&mut self, vote: SignedVote, out: &mut Output) {
+        if self.evidence.contains_key(&vote.voter) || vote.term != self.votes_term {
+            return;
+        }
+        let Some(mine) = self.votes_received.get(&vote.voter) else {
+            return;
+        };
+        let Ok(proof) = VoteEquivocation::new(mine.clone(), vote) else {
+            return;
+        };
+        let offender = proof.offender();
+        let mut key = EVIDENCE.to_vec();
+        key.extend_from_slice(&offender.0.to_be_bytes());
+        out.write.put_record(key, encode(&proof));
+        self.evidence.insert(offender, proof);
+        out.events.push(Event::ByzantineDetected {
+            offender,
+            offence: "vote_equivocation",
+        });
+    }
+
+    /// A follower keeps a certificate newer than its own when it certifies this node's log.
+    fn hold_certificate(&mut self, certificate: CommitCertificate, out: &mut Output) {
+        let newer = self
+            .certificate
+            .as_ref()
+            .is_none_or(|held| certificate.index > held.index);
+        if newer
+            && self.chain.at(certificate.index) == Some(certificate.chain)
+            && self.inner.log().term_at(certificate.index) == Some(certificate.term)
+        {
+            self.keep(certificate, out);
+        }
+    }
+
+    /// Makes `certificate` the newest, persisted (and kept for good once per
+    /// [`CERTIFICATE_SPACING`] indices).
+    fn keep(&mut self, certificate: CommitCertificate, out: &mut Output) {
+        if self
+            .certificate
+            .as_ref()
+            .is_some_and(|held| held.index >= certificate.index)
+        {
+            return;
+        }
+        let bytes = encode(&certificate);
+        if certificate.index >= self.kept_index + CERTIFICATE_SPACING {
+            self.kept_index = certificate.index;
+            out.write
+                .put_record(history_key(certificate.index), bytes.clone());
+        }
+        out.write.put_record(LATEST_CERTIFICATE, bytes);
+        self.certificate = Some(certificate);
+    }
+
+    /// Steps the inner core and translates what it output.
+    fn step_inner(&mut self, input: raft::Input, out: &mut Output) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.step(input, &mut scratch);
+        self.translate(&mut scratch, out);
+        self.scratch = scratch;
+    }
+
+    /// Carries the inner output over: follows its log write with the chain, signs its granted
+    /// votes and successful acknowledgements, attaches the newest certificate to appends.
+    fn translate(&mut self, scratch: &mut raft::Output, out: &mut Output) {
+        if !self.validators_written {
+            self.validators_written = true;
+            out.write
+                .put_record(VALIDATORS, encode(&self.validator_table()));
+        }
+        let write = &mut scratch.write;
+        if let Some(from) = write.truncate_from {
+            self.chain.truncate_from(from);
+        }
+        self.chain.append(&write.append);
+        out.write.merge_log(write.truncate_from, &write.append);
+        if let Some(hard_state) = write.hard_state {
+            out.write.hard_state = Some(hard_state);
+        }
+        out.write.records.append(&mut write.records);
+        write.clear();
+        for envelope in scratch.messages.drain(..) {
+            if let Some(envelope) = self.sign(envelope) {
+                out.messages.push(envelope);
+            }
+        }
+        for envelope in scratch.messages_after_write.drain(..) {
+            if let Some(envelope) = self.sign(envelope) {
+                out.messages_after_write.push(envelope);
+            }
+        }
+        out.committed.append(&mut scratch.committed);
+        out.rejected.append(&mut scratch.rejected);
+        out.events.append(&mut scratch.events);
+        self.announce_election(out);
+    }
+
+    /// One outgoing message of the inner core, signed where it promises something.
+    fn sign(&mut self, envelope: raft::Envelope) -> Option<Envelope> {
+        let raft::Envelope { from, to, message } = envelope;
+        let key = &self.config.signing_key;
+        let message = match message {
+            raft::Message::PreVoteResponse {
+                term,
+                granted: true,
+            } => Message::Grant {
+                term,
+                pre_vote: true,
+                signature: Bytes::copy_from_slice(
+                    &key.sign(&pre_vote_bytes(term, to, from)).to_bytes(),
+                ),
+            },
+            raft::Message::RequestVoteResponse {
+                term,
+                granted: true,
+            } => Message::Grant {
+                term,
+                pre_vote: false,
+                signature: SignedVote::sign(term, to, from, key).signature,
+            },
+            raft::Message::AppendEntriesResponse {
+                term,
+                index,
+                reject: None,
+            } => {
+                let chain = self.chain.at(index)?;
+                Message::Ack(SignedAck::sign(from, term, index, chain, key))
+            }
+            // Certificates ride on heartbeats only: with n voters a certificate holds n/2 + 1
+            // signatures, and sending one with every append would multiply the leader's
+            // outgoing bytes by the electorate; a follower's copy lags by a heartbeat at most.
+            message @ raft::Message::Heartbeat { .. } => match &self.certificate {
+                Some(certificate)
+                    if self.inner.is_leader()
+                        && certificate.term == self.inner.term()
+                        && self.certificate_sent.get(&to) < Some(&certificate.index) =>
+                {
+                    self.certificate_sent.insert(to, certificate.index);
+                    Message::Certified {
+                        message,
+                        certificate: Box::new(certificate.clone()),
+                    }
+                }
+                _ => Message::Raft(message),
+            },
+            message => Message::Raft(message),
+        };
+        Some(Envelope { from, to, message })
+    }
+
+    /// A new leader tells every peer the votes that elected it.
+    fn announce_election(&mut self, out: &mut Output) {
+        let term = self.inner.term();
+        if !self.inner.is_leader() || self.announced_term == term {
+            return;
+        }
+        self.announced_term = term;
+        self.commit_when_elected = self.inner.commit_index();
+        self.certificate_sent.clear();
+        let votes: Vec<SignedVote> = if self.votes_term == term {
+            self.votes_received.values().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        if votes.is_empty() {
+            return;
+        }
+        let me = self.inner.id();
+        for peer in self.voters.iter().copied().filter(|&peer| peer != me) {
+            out.messages.push(Envelope {
+                from: me,
+                to: peer,
+                message: Message::Elected {
+                    term,
+                    votes: votes.clone(),
+                },
+            });
+        }
+    }
+
+    /// Leader: counts the signed acknowledgements of its term (its own among them) with the
+    /// vote aggregator, commits the highest index a quorum holds, and keeps the certificate.
+    fn certify(&mut self, out: &mut Output) {
+        if !self.inner.is_leader() {
+            return;
+        }
+        let term = self.inner.term();
+        let me = self.inner.id();
+        let durable = self.inner.durable_index();
+        let own_stale = self
+            .acks
+            .get(&me)
+            .is_none_or(|ack| ack.index < durable || self.acks_term != term);
+        if own_stale
+            && durable > self.inner.commit_index()
+            && let Some(chain) = self.chain.at(durable)
+        {
+            let ack = SignedAck::sign(me, term, durable, chain, &self.config.signing_key);
+            self.note_ack(ack);
+        }
+        if self.acks_term != term {
+            return;
+        }
+        let commit = self.inner.commit_index();
+        let log = self.inner.log();
+        let mut candidates: Vec<LogIndex> = self
+            .acks
+            .values()
+            .map(|ack| ack.index)
+            .filter(|&index| index > commit && log.term_at(index) == Some(term))
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        if candidates.is_empty() {
+            return;
+        }
+        let ranks: BTreeMap<NodeId, u32> = self.voters.iter().copied().zip(0..).collect();
+        let mut votes = Vec::with_capacity(candidates.len() * self.acks.len());
+        for (ballot, &index) in candidates.iter().enumerate() {
+            for ack in self.acks.values().filter(|ack| ack.index >= index) {
+                if let Some(&rank) = ranks.get(&ack.voter) {
+                    votes.push(Vote::new(rank, ballot as u64, true).in_term(term));
+                }
+            }
+        }
+        let outcome = self.aggregate(&votes);
+        let quorum = self.voters.len() / 2 + 1;
+        let Some(index) = candidates
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|&(ballot, _)| {
+                outcome
+                    .tally(term, ballot as u64)
+                    .is_some_and(|tally| tally.yes_count as usize >= quorum)
+            })
+            .map(|(_, &index)| index)
+        else {
+            return;
+        };
+        let Some(certificate) = self.build_certificate(term, index, quorum) else {
+            self.miscounted += 1;
+            return;
+        };
+        self.keep(certificate, out);
+        self.step_commit(index, out);
+    }
+
+    /// The certificate for `index`: the `quorum` acknowledgements closest above it.
+    fn build_certificate(
+        &self,
+        term: Term,
+        index: LogIndex,
+        quorum: usize,
+    ) -> Option<CommitCertificate> {
+        let mut acks: Vec<&SignedAck> = self.acks.values().filter(|a| a.index >= index).collect();
+        acks.sort_by_key(|ack| ack.index);
+        acks.truncate(quorum);
+        let highest = acks.last()?.index;
+        if acks.len() < quorum {
+            return None;
+        }
+        Some(CommitCertificate {
+            term,
+            index,
+            chain: self.chain.at(index)?,
+            path: self.chain.digests(index + 1, highest)?,
+            acks: acks.into_iter().cloned().collect(),
+        })
+    }
+
+    fn step_commit(&mut self, index: LogIndex, out: &mut Output) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.commit_certified(index, &mut scratch);
+        self.translate(&mut scratch, out);
+        self.scratch = scratch;
+    }
+
+    fn aggregate(&self, votes: &[Vote]) -> VoteOutcome {
+        match futures::executor::block_on(self.config.votes.aggregate_votes(votes)) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(node = %self.inner.id(), %error,
+                    "vote aggregator failed; counting this round on the CPU");
+                CpuVoteAggregator::new(Threshold::MajorityOfVotesCast)
+                    .aggregate_blocking(votes)
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// The validators' public keys, in id order.
+    fn validator_table(&self) -> Vec<(NodeId, [u8; 32])> {
+        self.voters
+            .iter()
+            .filter_map(|id| Some((*id, self.config.validators.get(id)?.to_bytes())))
+            .collect()
+    }
+
+    /// Why `envelope` is refused before any signature is checked, if it is; else pushes what
+    /// its signatures must verify.
+    fn admit(
+        &self,
+        envelope: &Envelope,
+        checks: &mut Vec<(Vec<u8>, [u8; 32], [u8; 64])>,
+    ) -> Result<(), InvalidReason> {
+        let Envelope { from, to, message } = envelope;
+        let key_of = |id: &NodeId| {
+            self.config
+                .validators
+                .get(id)
+                .filter(|_| self.voters.contains(id))
+                .map(|key| key.to_bytes())
+                .ok_or(InvalidReason::UnknownSigner)
+        };
+        let signature_of = |bytes: &Bytes| {
+            <[u8; 64]>::try_from(bytes.as_ref()).map_err(|_| InvalidReason::Malformed)
+        };
+        let sender = key_of(from)?;
+        match message {
+            Message::Raft(message) => match message {
+                // A promise must come signed.
+                raft::Message::PreVoteResponse { granted: true, .. }
+                | raft::Message::RequestVoteResponse { granted: true, .. }
+                | raft::Message::AppendEntriesResponse { reject: None, .. } => {
+                    Err(InvalidReason::Malformed)
+                }
+                _ => Ok(()),
+            },
+            Message::Grant {
+                term,
+                pre_vote,
+                signature,
+            } => {
+                let bytes = if *pre_vote {
+                    pre_vote_bytes(*term, *to, *from)
+                } else {
+                    SignedVote::signing_bytes(*term, *to, *from)
+                };
+                checks.push((bytes, sender, signature_of(signature)?));
+                Ok(())
+            }
+            Message::Ack(ack) => {
+                if ack.voter != *from {
+                    return Err(InvalidReason::Malformed);
+                }
+                #[cfg(any(test, feature = "sim"))]
+                if self.config.injected_bugs.accept_unchecked_acks {
+                    return Ok(());
+                }
+                let bytes = SignedAck::signing_bytes(ack.voter, ack.term, ack.index, &ack.chain);
+                checks.push((bytes, sender, signature_of(&ack.signature)?));
+                Ok(())
+            }
+            Message::Certified { certificate, .. } => {
+                let parts = certificate
+                    .signed_parts(&self.voters)
+                    .map_err(|_| InvalidReason::Malformed)?;
+                for (voter, bytes, signature) in parts {
+                    let signature = signature.ok_or(InvalidReason::Malformed)?;
+                    checks.push((bytes, key_of(&voter)?, signature));
+                }
+                Ok(())
+            }
+            Message::Elected { term, votes } => {
+                if votes.len() > self.voters.len() {
+                    return Err(InvalidReason::Malformed);
+                }
+                for vote in votes {
+                    if vote.term != *term || vote.candidate != *from {
+                        return Err(InvalidReason::Malformed);
+                    }
+                    let bytes = SignedVote::signing_bytes(vote.term, vote.candidate, vote.voter);
+                    checks.push((bytes, key_of(&vote.voter)?, signature_of(&vote.signature)?));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding into a Vec cannot fail")
+}
+
+impl Protocol for GpuRaftNode {
+    type Message = Message;
+    type Control = Control;
+
+    const AUTHENTICATES: bool = true;
+
+    fn id(&self) -> NodeId {
+        self.inner.id()
+    }
+
+    fn step(&mut self, input: Input, out: &mut Output) {
+        GpuRaftNode::step(self, input, out);
+    }
+
+    /// Checks every signature of the round in one batch through the configured verifier (on a
+    /// backend failure, on the CPU) and drops each message with a bad, missing or unknown one.
+    fn authenticate(&mut self, messages: &mut Vec<Envelope>) -> usize {
+        let mut refused: Vec<Option<InvalidReason>> = vec![None; messages.len()];
+        let mut owners = Vec::new();
+        let mut checks = Vec::new();
+        for (index, envelope) in messages.iter().enumerate() {
+            let before = checks.len();
+            match self.admit(envelope, &mut checks) {
+                Ok(()) => owners.extend(std::iter::repeat_n(index, checks.len() - before)),
+                Err(reason) => {
+                    checks.truncate(before);
+                    refused[index] = Some(reason);
+                }
+            }
+        }
+        let items: Vec<SignatureItem<'_>> = checks
+            .iter()
+            .map(|(message, public_key, signature)| SignatureItem {
+                public_key: *public_key,
+                message,
+                signature: *signature,
+            })
+            .collect();
+        let verdicts = match self.config.verifier.verify_batch(&items) {
+            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
+            _ => items.iter().map(verify_strict_reference).collect(),
+        };
+        for (owner, valid) in owners.into_iter().zip(verdicts) {
+            if !valid {
+                refused[owner].get_or_insert(InvalidReason::BadSignature);
+            }
+        }
+        let mut index = 0;
+        messages.retain(|_| {
+            let keep = refused[index].is_none();
+            index += 1;
+            keep
+        });
+        for &reason in refused.iter().flatten() {
+            self.invalid.add(reason, 1);
+        }
+        refused.iter().flatten().count()
+    }
+
+    /// Steps the round's messages, then certifies once: the round's acknowledgements are
+    /// counted in one vote-aggregator batch.
+    fn step_round(&mut self, messages: &mut Vec<Envelope>, out: &mut Output) {
+        for envelope in messages.drain(..) {
+            self.receive(envelope, out);
+        }
+        self.certify(out);
+    }
+
+    fn invalid_messages(&self) -> InvalidCounts {
+        self.invalid
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            term: self.inner.term(),
+            leader: self.inner.leader(),
+            is_leader: self.inner.is_leader(),
+            commit_index: self.inner.commit_index(),
+        }
+    }
+
+    fn into_recovered_state(self) -> RecoveredState {
+        let mut records = BTreeMap::new();
+        records.insert(VALIDATORS.to_vec(), encode(&self.validator_table()));
+        if let Some(certificate) = &self.certificate {
+            records.insert(LATEST_CERTIFICATE.to_vec(), encode(certificate));
+            // The kept history is on disk in a real store; the latest alone restarts a node.
+        }
+        for (offender, proof) in &self.evidence {
+            let mut key = EVIDENCE.to_vec();
+            key.extend_from_slice(&offender.0.to_be_bytes());
+            records.insert(key, encode(proof));
+        }
+        let mut recovered = self.inner.into_recovered_state();
+        recovered.records = records;
+        recovered
+    }
+}

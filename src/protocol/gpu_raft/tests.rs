@@ -1,0 +1,295 @@
+//! Unit tests of the wrapper: a tiny lock-step cluster, and messages forged by hand.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::gpu::CpuSignatureVerifier;
+use crate::protocol::pbft::{test_signing_key, test_validators};
+use crate::protocol::raft::{RaftConfig, SignedVote};
+use crate::protocol::{InvalidReason, Protocol};
+use crate::storage::RecoveredState;
+use crate::types::{Entry, NodeId};
+
+fn ids(n: u64) -> Vec<NodeId> {
+    (1..=n).map(NodeId).collect()
+}
+
+fn node(id: NodeId, voters: &[NodeId]) -> GpuRaftNode {
+    let mut raft = RaftConfig::new(id, voters.to_vec());
+    raft.seed = id.0;
+    let config = GpuRaftConfig::new(raft, test_signing_key(id), test_validators(voters));
+    GpuRaftNode::new(config, RecoveredState::default()).expect("valid")
+}
+
+/// Nodes stepped in lock step: every message is delivered in the next round, every write is
+/// durable at once.
+struct Cluster {
+    nodes: Vec<GpuRaftNode>,
+    queue: Vec<Envelope>,
+    committed: BTreeMap<NodeId, Vec<Entry>>,
+    /// Messages from these senders are dropped.
+    muted: Vec<NodeId>,
+}
+
+impl Cluster {
+    fn new(n: u64) -> Self {
+        let voters = ids(n);
+        Cluster {
+            nodes: voters.iter().map(|&id| node(id, &voters)).collect(),
+            queue: Vec::new(),
+            committed: BTreeMap::new(),
+            muted: Vec::new(),
+        }
+    }
+
+    fn carry(&mut self, index: usize, mut out: Output) {
+        loop {
+            let durable = out.write.append.last().map(|e| (e.index, e.term));
+            self.queue.append(&mut out.messages);
+            self.queue.append(&mut out.messages_after_write);
+            let id = self.nodes[index].id();
+            self.committed
+                .entry(id)
+                .or_default()
+                .append(&mut out.committed);
+            let Some((index_durable, term)) = durable else {
+                return;
+            };
+            let mut next = Output::default();
+            self.nodes[index].step(
+                Input::Durable {
+                    index: index_durable,
+                    term,
+                },
+                &mut next,
+            );
+            out = next;
+        }
+    }
+
+    fn step(&mut self, index: usize, input: Input) {
+        let mut out = Output::default();
+        self.nodes[index].step(input, &mut out);
+        self.carry(index, out);
+    }
+
+    /// Delivers everything queued, one authenticated round per receiver.
+    fn deliver(&mut self) {
+        let queued = std::mem::take(&mut self.queue);
+        for index in 0..self.nodes.len() {
+            let id = self.nodes[index].id();
+            let mut round: Vec<Envelope> = queued
+                .iter()
+                .filter(|e| e.to == id && !self.muted.contains(&e.from))
+                .cloned()
+                .collect();
+            self.nodes[index].authenticate(&mut round);
+            let mut out = Output::default();
+            self.nodes[index].step_round(&mut round, &mut out);
+            self.carry(index, out);
+        }
+    }
+
+    fn tick(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.step(index, Input::Tick);
+        }
+        self.deliver();
+    }
+
+    fn leader(&mut self) -> usize {
+        for _ in 0..200 {
+            if let Some(index) = self.nodes.iter().position(|n| n.raft().is_leader()) {
+                return index;
+            }
+            self.tick();
+        }
+        panic!("no leader elected");
+    }
+}
+
+#[test]
+fn a_leader_commits_what_signed_acks_certify_and_followers_keep_the_certificate() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    for request_id in 0..10 {
+        let data = Bytes::from(format!("command {request_id}"));
+        cluster.step(leader, Input::Propose { request_id, data });
+    }
+    cluster.step(leader, Input::FlushProposals);
+    for _ in 0..6 {
+        cluster.tick();
+    }
+    let validators = test_validators(&ids(3));
+    let last = cluster.nodes[leader].raft().log().last_index();
+    for node in &cluster.nodes {
+        assert_eq!(node.raft().commit_index(), last, "{node:?} did not commit");
+        let certificate = node.certificate().expect("every node holds a certificate");
+        assert_eq!(certificate.index, last);
+        assert_eq!(node.chain_at(certificate.index), Some(certificate.chain));
+        certificate
+            .verify(&validators, &CpuSignatureVerifier)
+            .expect("the certificate verifies");
+        assert_eq!(node.miscounted_acks(), 0);
+    }
+    let applied = &cluster.committed[&cluster.nodes[leader].id()];
+    assert_eq!(applied.len() as u64, last);
+}
+
+#[test]
+fn forged_unsigned_and_foreign_acks_are_never_counted() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let leader_id = cluster.nodes[leader].id();
+    let followers: Vec<NodeId> = ids(3).into_iter().filter(|&id| id != leader_id).collect();
+    cluster.muted = followers.clone();
+    cluster.step(
+        leader,
+        Input::Propose {
+            request_id: 1,
+            data: Bytes::from_static(b"x"),
+        },
+    );
+    cluster.step(leader, Input::FlushProposals);
+    cluster.deliver();
+    let commit = cluster.nodes[leader].raft().commit_index();
+    let node = &mut cluster.nodes[leader];
+    let term = node.raft().term();
+    let last = node.raft().log().last_index();
+    let chain = node.chain_at(last).expect("in the log");
+    let from = followers[0];
+    let envelope = |message| Envelope {
+        from,
+        to: leader_id,
+        message,
+    };
+    let mut forged = SignedAck::sign(from, term, last, chain, &test_signing_key(from));
+    let mut signature = forged.signature.to_vec();
+    signature[3] ^= 0x40;
+    forged.signature = signature.into();
+    // Signed with the sender's own key, but over a chain value of another log.
+    let foreign = SignedAck::sign(from, term, last, [9; 32], &test_signing_key(from));
+    // Signed by another node than the one it claims.
+    let impersonated = SignedAck::sign(from, term, last, chain, &test_signing_key(followers[1]));
+    let mut round = vec![
+        envelope(Message::Raft(raft::Message::AppendEntriesResponse {
+            term,
+            index: last,
+            reject: None,
+        })),
+        envelope(Message::Ack(forged)),
+        envelope(Message::Ack(foreign)),
+        envelope(Message::Ack(impersonated)),
+    ];
+    assert_eq!(
+        node.authenticate(&mut round),
+        3,
+        "one in the middle survives"
+    );
+    assert_eq!(round.len(), 1);
+    let mut out = Output::default();
+    node.step_round(&mut round, &mut out);
+    let invalid = node.invalid_messages();
+    assert_eq!(invalid.get(InvalidReason::BadSignature), 2);
+    assert_eq!(invalid.get(InvalidReason::Malformed), 2);
+    assert_eq!(
+        node.raft().commit_index(),
+        commit,
+        "nothing forged is counted"
+    );
+
+    // The genuine acknowledgement commits.
+    let genuine = SignedAck::sign(from, term, last, chain, &test_signing_key(from));
+    let mut round = vec![envelope(Message::Ack(genuine))];
+    assert_eq!(node.authenticate(&mut round), 0);
+    let mut out = Output::default();
+    node.step_round(&mut round, &mut out);
+    assert_eq!(node.raft().commit_index(), last);
+    assert_eq!(out.committed.last().map(|e| e.index), Some(last));
+}
+
+#[test]
+fn a_voter_that_votes_for_two_candidates_is_proven_by_its_own_signatures() {
+    let voters = ids(3);
+    let mut candidate = node(NodeId(1), &voters);
+    let (voter, winner) = (NodeId(3), NodeId(2));
+    let vote_for =
+        |candidate: NodeId| SignedVote::sign(7, candidate, voter, &test_signing_key(voter));
+    let mut round = vec![Envelope {
+        from: voter,
+        to: NodeId(1),
+        message: Message::Grant {
+            term: 7,
+            pre_vote: false,
+            signature: vote_for(NodeId(1)).signature,
+        },
+    }];
+    round.push(Envelope {
+        from: winner,
+        to: NodeId(1),
+        message: Message::Elected {
+            term: 7,
+            votes: vec![vote_for(winner)],
+        },
+    });
+    assert_eq!(candidate.authenticate(&mut round), 0);
+    let mut out = Output::default();
+    candidate.step_round(&mut round, &mut out);
+    assert!(
+        out.events
+            .contains(&crate::protocol::Event::ByzantineDetected {
+                offender: voter,
+                offence: "vote_equivocation",
+            })
+    );
+    let proof = &candidate.evidence()[&voter];
+    assert_eq!(
+        proof.verify(&test_validators(&voters), &CpuSignatureVerifier),
+        Ok(voter)
+    );
+    // A vote announced in another's name with a bad signature is dropped unread.
+    let mut forged = vote_for(winner);
+    forged.signature = Bytes::from(vec![0; 64]);
+    let mut round = vec![Envelope {
+        from: winner,
+        to: NodeId(1),
+        message: Message::Elected {
+            term: 7,
+            votes: vec![forged],
+        },
+    }];
+    assert_eq!(candidate.authenticate(&mut round), 1);
+}
+
+#[test]
+fn a_restarted_node_keeps_its_certificate_and_evidence() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    cluster.step(
+        leader,
+        Input::Propose {
+            request_id: 1,
+            data: Bytes::from_static(b"x"),
+        },
+    );
+    cluster.step(leader, Input::FlushProposals);
+    for _ in 0..4 {
+        cluster.tick();
+    }
+    let node = cluster.nodes.remove(leader);
+    let held = node.certificate().cloned().expect("certificate");
+    let config = node.config().clone();
+    let recovered = node.into_recovered_state();
+    let restarted = GpuRaftNode::new(config.clone(), recovered.clone()).expect("restarts");
+    assert_eq!(restarted.certificate(), Some(&held));
+    assert_eq!(restarted.chain_at(held.index), Some(held.chain));
+
+    let mut damaged = recovered;
+    for value in damaged.records.values_mut() {
+        value.truncate(3);
+    }
+    let error = GpuRaftNode::new(config, damaged).expect_err("a damaged record is refused");
+    assert!(error.to_string().contains("damaged"), "{error}");
+}

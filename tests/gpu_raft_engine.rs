@@ -1,0 +1,158 @@
+//! GPU-optimized Raft engines end to end, through the public API: three voters with their own
+//! keys and fjall data directories, in process; then every data directory checked offline with
+//! `verify_log`, and damaged ones refused with the first bad index.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use consensus::keys::{generate_key_file, public_key_hex};
+use consensus::protocol::gpu_raft::GpuRaftNode;
+use consensus::storage::{FjallLogStore, LogStore, SyncPolicy};
+use consensus::{
+    Algorithm, ConsensusConfig, ConsensusEngine, ConsensusResult, Entry, LocalNetwork, NodeId,
+    Payload, Proposal, VerifyLogError, verify_log,
+};
+
+const NAMES: [&str; 3] = ["g1", "g2", "g3"];
+
+fn configs(dir: &Path) -> Vec<ConsensusConfig> {
+    let keys: Vec<_> = NAMES
+        .iter()
+        .map(|name| {
+            let path = dir.join(format!("{name}.key"));
+            let public = generate_key_file(&path).unwrap();
+            (path, public_key_hex(&public))
+        })
+        .collect();
+    NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let peers: Vec<String> = NAMES
+                .iter()
+                .filter(|peer| *peer != name)
+                .map(|peer| peer.to_string())
+                .collect();
+            let mut config = ConsensusConfig::default()
+                .algorithm(Algorithm::GpuOptimizedRaft)
+                .node_id(*name)
+                .peers(peers)
+                .key_file(&keys[i].0)
+                .persistent_state(dir.join(name))
+                .request_timeout(Duration::from_secs(5));
+            for (peer, (_, public)) in NAMES.iter().zip(&keys) {
+                config = config.validator(*peer, public.clone());
+            }
+            config
+        })
+        .collect()
+}
+
+async fn propose_until_committed(engine: &ConsensusEngine, value: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match engine.propose(Proposal::new("k", value)).await {
+            Ok(ConsensusResult::Committed { index, .. }) => return index,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{value} never committed: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_commit_and_every_data_directory_verifies_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::<GpuRaftNode>::default();
+    let configs = configs(dir.path());
+    let mut engines = Vec::new();
+    for config in configs.clone() {
+        let mut engine = ConsensusEngine::new(config)
+            .expect("gpu_optimized_raft is accepted")
+            .with_local_network(&network);
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    let mut last = 0;
+    for n in 0..30 {
+        last = propose_until_committed(&engines[n % 3], &format!("v{n}")).await;
+    }
+    // Followers receive the newest certificate with the next heartbeat.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+    let pinned = configs[0].validator_keys().unwrap();
+    for name in NAMES {
+        let report = verify_log(&dir.path().join(name), Some(&pinned))
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert!(report.entries >= last, "{name}: {report:?}");
+        assert!(
+            report.certified_through >= last,
+            "{name} certified only {report:?}, committed {last}"
+        );
+        assert_eq!(report.validators, 3);
+    }
+
+    // Keys other than the cluster's are refused.
+    let mut strangers = BTreeMap::new();
+    for name in NAMES {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        strangers.insert(NodeId::from_name(name), key);
+    }
+    assert!(matches!(
+        verify_log(&dir.path().join("g1"), Some(&strangers)),
+        Err(VerifyLogError::ValidatorsDiffer)
+    ));
+    assert!(matches!(
+        verify_log(&dir.path().join("nowhere"), None),
+        Err(VerifyLogError::NotADirectory(_))
+    ));
+
+    // One entry rewritten on disk (its data changed, everything else kept) is found.
+    let damaged = dir.path().join("g2");
+    let rewritten_at = 5;
+    {
+        let mut store = FjallLogStore::open(&damaged, SyncPolicy::EveryBatch).unwrap();
+        let recovered = store.recover().unwrap();
+        let mut tail: Vec<Entry> = recovered.entries[rewritten_at as usize - 1..].to_vec();
+        if let Payload::Command { data, .. } = &mut tail[0].payload {
+            *data = bytes::Bytes::from_static(b"forged");
+        } else {
+            tail[0].payload = Payload::Command {
+                tag: consensus::ProposalTag {
+                    proposer: NodeId(1),
+                    request_id: 1,
+                },
+                data: bytes::Bytes::from_static(b"forged"),
+            };
+        }
+        store.truncate_from(rewritten_at).unwrap();
+        store.append(&tail).unwrap();
+        store.sync().unwrap();
+    }
+    match verify_log(&damaged, None) {
+        Err(VerifyLogError::Bad { index, why }) => {
+            assert!(index <= rewritten_at, "reported {index}: {why}");
+        }
+        other => panic!("a rewritten entry went unnoticed: {other:?}"),
+    }
+}
+
+#[test]
+fn a_configuration_of_gpu_optimized_raft_needs_keys() {
+    let text = r#"
+[consensus]
+algorithm = "gpu_optimized_raft"
+node_id = "g1"
+bootstrap_peers = ["g2", "g3"]
+"#;
+    let config = ConsensusConfig::from_toml_str(text).unwrap();
+    let error = ConsensusEngine::new(config).expect_err("no key file");
+    assert!(error.to_string().contains("key"), "{error}");
+}

@@ -202,6 +202,11 @@ pub struct ConsensusConfig {
     /// to a public key; the signed algorithms also need an entry for every member
     /// ([`ConsensusConfig::validate_signing`]).
     pub validators: BTreeMap<String, String>,
+    /// GPU-optimized Raft: the clients allowed to propose, as ed25519 public keys in hex (TOML
+    /// `client_keys`). When non-empty, every command must be signed by one of them
+    /// ([`Proposal::signed`](crate::Proposal::signed), or the HTTP node's signature headers);
+    /// when empty, unsigned commands are accepted and signed ones need only verify.
+    pub client_keys: Vec<String>,
 }
 
 impl Default for ConsensusConfig {
@@ -232,6 +237,7 @@ impl Default for ConsensusConfig {
             byzantine_threshold: 0.33,
             key_file: None,
             validators: BTreeMap::new(),
+            client_keys: Vec::new(),
         }
     }
 }
@@ -388,6 +394,10 @@ impl ConsensusConfig {
                 "validators",
                 !self.algorithm.signs_messages() && !self.validators.is_empty(),
             ),
+            (
+                "client_keys",
+                self.algorithm != Algorithm::GpuOptimizedRaft && !self.client_keys.is_empty(),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -446,6 +456,7 @@ impl ConsensusConfig {
             );
         }
         self.validate_validator_table()?;
+        self.client_key_set()?;
         if voters.len() < self.min_cluster_size {
             return invalid(
                 "min_cluster_size",
@@ -634,6 +645,7 @@ struct TomlConsensus {
     checkpoint_interval: Option<u64>,
     key_file: Option<PathBuf>,
     validators: Option<BTreeMap<String, String>>,
+    client_keys: Option<Vec<String>>,
 }
 
 impl TomlConsensus {
@@ -705,6 +717,7 @@ impl TomlConsensus {
             .unwrap_or(config.checkpoint_interval);
         config.key_file = self.key_file;
         config.validators = self.validators.unwrap_or_default();
+        config.client_keys = self.client_keys.unwrap_or_default();
         config.validate()?;
         Ok(config)
     }

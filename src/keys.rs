@@ -6,7 +6,7 @@
 //! [`ConsensusConfig::validators`]. [`ConsensusConfig::signing_identity`] reads and cross-checks
 //! both into a [`SigningIdentity`], the form the engines use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
@@ -17,9 +17,6 @@ use rand::TryRng;
 use crate::config::{Algorithm, ConsensusConfig};
 use crate::error::ConfigError;
 use crate::types::NodeId;
-
-/// Hex characters of a 32-byte key (secret or public).
-const KEY_HEX_CHARS: usize = 64;
 
 /// This node's signing key and every member's public key, checked against each other.
 #[derive(Clone)]
@@ -133,10 +130,16 @@ fn encode_hex(bytes: &[u8]) -> String {
 /// Decodes 64 hex characters (either case) into 32 bytes. The error says what is wrong without
 /// quoting the text, which may be a secret.
 fn decode_key_hex(text: &str) -> Result<[u8; 32], String> {
+    decode_hex::<32>(text)
+}
+
+/// `N` bytes from `2N` hex digits; the error says what is wrong.
+pub(crate) fn decode_hex<const N: usize>(text: &str) -> Result<[u8; N], String> {
     let count = text.chars().count();
-    if count != KEY_HEX_CHARS {
+    if count != 2 * N {
         return Err(format!(
-            "expected {KEY_HEX_CHARS} hex characters (32 bytes), found {count} characters"
+            "expected {} hex characters ({N} bytes), found {count} characters",
+            2 * N
         ));
     }
     let digits = text
@@ -148,7 +151,7 @@ fn decode_key_hex(text: &str) -> Result<[u8; 32], String> {
                 .ok_or_else(|| format!("character {} is not a hex digit", position + 1))
         })
         .collect::<Result<Vec<u8>, String>>()?;
-    let mut bytes = [0u8; 32];
+    let mut bytes = [0u8; N];
     for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
         *byte = (pair[0] << 4) | pair[1];
     }
@@ -230,6 +233,18 @@ impl ConsensusConfig {
             });
         }
         Ok(path)
+    }
+
+    /// The keys of [`ConsensusConfig::client_keys`], or `None` when it is empty (any client).
+    pub fn client_key_set(&self) -> Result<Option<BTreeSet<[u8; 32]>>, ConfigError> {
+        if self.client_keys.is_empty() {
+            return Ok(None);
+        }
+        self.client_keys
+            .iter()
+            .map(|hex| Ok(parse_public_key("client_keys", hex)?.to_bytes()))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map(Some)
     }
 
     /// The public keys of [`ConsensusConfig::validators`], by [`NodeId::from_name`] of each

@@ -23,6 +23,7 @@
 #![cfg_attr(not(feature = "gpu"), allow(rustdoc::broken_intra_doc_links))]
 
 pub mod byzantine;
+pub mod client_signature;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -43,6 +44,7 @@ pub mod types;
 pub mod verify;
 
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
+pub use client_signature::ClientSignature;
 pub use config::{Algorithm, ConsensusConfig, ElectionConfig};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};

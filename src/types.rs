@@ -99,6 +99,9 @@ pub struct Entry {
 pub struct Proposal {
     /// The bytes to replicate.
     pub data: Bytes,
+    /// A client's signature over the command (GPU-optimized Raft only: the other algorithms
+    /// refuse a signed proposal rather than drop the signature).
+    pub signature: Option<crate::ClientSignature>,
 }
 
 impl Proposal {
@@ -111,12 +114,39 @@ impl Proposal {
         data.extend_from_slice(&key_len.to_be_bytes());
         data.extend_from_slice(key);
         data.extend_from_slice(value);
-        Proposal { data: data.into() }
+        Proposal {
+            data: data.into(),
+            signature: None,
+        }
     }
 
     /// A proposal of raw bytes, for state machines with their own command encoding.
     pub fn from_bytes(data: impl Into<Bytes>) -> Self {
-        Proposal { data: data.into() }
+        Proposal {
+            data: data.into(),
+            signature: None,
+        }
+    }
+
+    /// `data` signed by the client holding `key`: GPU-optimized Raft checks the signature
+    /// (in a batch with the others waiting) before appending, refuses the proposal with
+    /// [`RejectReason::ClientSignature`](crate::protocol::RejectReason::ClientSignature) when
+    /// it does not verify or the key is not allowed, and keeps it in the log.
+    pub fn signed(data: impl Into<Bytes>, key: &ed25519_dalek::SigningKey) -> Self {
+        let data = data.into();
+        let signature = crate::ClientSignature::sign(&data, key);
+        Proposal {
+            data,
+            signature: Some(signature),
+        }
+    }
+
+    /// `data` with a signature made elsewhere (e.g. by the client of a node).
+    pub fn with_signature(data: impl Into<Bytes>, signature: crate::ClientSignature) -> Self {
+        Proposal {
+            data: data.into(),
+            signature: Some(signature),
+        }
     }
 
     /// The key and value of a proposal made with [`Proposal::new`], or `None` if the bytes are not

@@ -12,12 +12,14 @@ use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
 
+use crate::client_signature::unframe;
 use crate::error::StorageError;
-use crate::gpu::{CpuSignatureVerifier, SignatureVerifier};
+use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::{CpuSignatureVerifier, SignatureItem, SignatureVerifier};
 use crate::protocol::gpu_raft::chain::{Hash, chain_link, entry_digest};
 use crate::protocol::gpu_raft::{CommitCertificate, VALIDATORS, is_history_key, latest_key};
 use crate::storage::{FjallLogStore, LogStore, RecoveredState, SyncPolicy};
-use crate::types::{LogIndex, NodeId};
+use crate::types::{Entry, LogIndex, NodeId, Payload};
 
 /// What [`verify_log`] found: every certificate checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub struct LogVerification {
     pub certificates: usize,
     /// Voters whose keys the certificates were checked against.
     pub validators: usize,
+    /// Client signatures of commands in the log, all checked again.
+    pub client_signatures: usize,
 }
 
 /// Why a data directory does not check out.
@@ -163,12 +167,54 @@ pub fn verify_recovered(
             })?;
         certified_through = index;
     }
+    let client_signatures = check_client_signatures(entries, verifier)?;
     Ok(LogVerification {
         entries: last,
         certified_through,
         certificates: certificates.len(),
         validators: validators.len(),
+        client_signatures,
     })
+}
+
+/// Every command is in its frame, and every client signature verifies (one batch); returns how
+/// many there were.
+fn check_client_signatures(
+    entries: &[Entry],
+    verifier: &dyn SignatureVerifier,
+) -> Result<usize, VerifyLogError> {
+    let mut checks = Vec::new();
+    for entry in entries {
+        let Payload::Command { data, .. } = &entry.payload else {
+            continue;
+        };
+        let framed = unframe(data).map_err(|error| VerifyLogError::Bad {
+            index: entry.index,
+            why: error.to_string(),
+        })?;
+        if let Some(check) = framed.to_check() {
+            checks.push((entry.index, check));
+        }
+    }
+    let items: Vec<SignatureItem<'_>> = checks
+        .iter()
+        .map(|(_, (public_key, signature, message))| SignatureItem {
+            public_key: *public_key,
+            message,
+            signature: *signature,
+        })
+        .collect();
+    let verdicts = match verifier.verify_batch(&items) {
+        Ok(verdicts) if verdicts.len() == items.len() => verdicts,
+        _ => items.iter().map(verify_strict_reference).collect(),
+    };
+    match checks.iter().zip(verdicts).find(|(_, valid)| !valid) {
+        Some(((index, _), _)) => Err(VerifyLogError::Bad {
+            index: *index,
+            why: "the client's signature of the command does not verify".into(),
+        }),
+        None => Ok(checks.len()),
+    }
 }
 
 fn decode_validators(bytes: &[u8]) -> Result<BTreeMap<NodeId, VerifyingKey>, VerifyLogError> {

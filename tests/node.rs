@@ -895,3 +895,121 @@ async fn excluded_everywhere(cluster: &Cluster, nodes: &[usize], offender: &str,
         }
     }
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_optimized_raft_cluster_checks_signed_requests_and_its_data_dirs_verify_offline() {
+    use consensus::client_signature::{client_signing_bytes, http_statement};
+    use consensus::node::http::{CLIENT_KEY_HEADER, CLIENT_SIGNATURE_HEADER};
+    use ed25519_dalek::Signer as _;
+
+    let mut cluster = Cluster::start_of(3, consensus::Algorithm::GpuOptimizedRaft);
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(30)).await;
+    let follower = (leader + 1) % 3;
+    let status = cluster.status(leader).await.expect("status");
+    assert_eq!(status["algorithm"], "gpu_optimized_raft", "{status}");
+
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let public = hex(key.verifying_key().as_bytes());
+    let sign = |method: &str, path: &str, body: &[u8]| {
+        let statement = http_statement(method, path, body);
+        hex(&key.sign(&client_signing_bytes(&statement)).to_bytes())
+    };
+    let signed_call = |node: usize,
+                       method: &'static str,
+                       path: &'static str,
+                       body: &'static [u8],
+                       signature: String| {
+        let address = cluster.nodes[node].http;
+        let public = public.clone();
+        async move {
+            let headers = [
+                (CLIENT_KEY_HEADER, public.as_str()),
+                (CLIENT_SIGNATURE_HEADER, signature.as_str()),
+            ];
+            client::request_with_headers(address, method, path, &headers, body, CLIENT_TIMEOUT)
+                .await
+                .expect("an answer")
+        }
+    };
+    // Signed, through the leader and through a follower (the leader checks it again).
+    for (node, path, body) in [(leader, "/kv/a", &b"1"[..]), (follower, "/kv/b", &b"2"[..])] {
+        let response = signed_call(node, "PUT", path, body, sign("PUT", path, body)).await;
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+    }
+    let response = signed_call(
+        follower,
+        "DELETE",
+        "/kv/b",
+        b"",
+        sign("DELETE", "/kv/b", b""),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    // A signature over another body is refused with a reason, and never applied.
+    let response = signed_call(follower, "PUT", "/kv/a", b"666", sign("PUT", "/kv/a", b"1")).await;
+    assert_eq!(response.status, 403, "{}", response.text());
+    let reason: Value = serde_json::from_slice(&response.body).expect("JSON");
+    assert_eq!(reason["error"], "client_signature", "{reason}");
+    assert!(
+        reason["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("does not verify")),
+        "{reason}"
+    );
+    // Half a header pair is a bad request.
+    let response = client::request_with_headers(
+        cluster.nodes[leader].http,
+        "PUT",
+        "/kv/a",
+        &[(CLIENT_KEY_HEADER, public.as_str())],
+        b"3",
+        CLIENT_TIMEOUT,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(response.status, 400, "{}", response.text());
+    // Unsigned requests still work without an allow-list.
+    let response = cluster
+        .call(follower, "PUT", "/kv/c", b"plain")
+        .await
+        .expect("answer");
+    assert_eq!(response.status, 200, "{}", response.text());
+    for node in all {
+        let get = cluster
+            .until_answered(&[node], "GET", "/kv/a", b"", Duration::from_secs(10))
+            .await;
+        assert_eq!(get.text(), "1", "node {node}");
+    }
+    // Followers receive the newest certificate with a heartbeat; then every data dir checks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    for name in ["node-1", "node-2", "node-3"] {
+        let data_dir = cluster._dir.path().join(name);
+        let output = Command::new(BINARY)
+            .arg("verify-log")
+            .arg(&data_dir)
+            .arg("--config")
+            .arg(cluster._dir.path().join(format!("{name}.toml")))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{name}: {stdout}");
+        assert!(
+            stdout.contains("3 client signatures verified"),
+            "{name}: {stdout}"
+        );
+    }
+    // A data dir that is not one.
+    let output = Command::new(BINARY)
+        .args(["verify-log", "/nonexistent/dir"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+}

@@ -187,6 +187,7 @@ fn gpu_raft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<GpuRaf
     if let Some(votes) = &engine.votes {
         config.votes = votes.clone();
     }
+    config.client_keys = engine.config.client_key_set()?;
     Ok(config)
 }
 

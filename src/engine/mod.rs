@@ -520,7 +520,8 @@ impl ConsensusEngine {
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.
     pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
-        match self.submit(proposal.data).await {
+        let data = self.encode_proposal(proposal.data, proposal.signature.as_ref())?;
+        match self.submit(data).await {
             Ok(applied) => Ok(ConsensusResult::Committed {
                 index: applied.index,
                 term: applied.term,
@@ -537,7 +538,8 @@ impl ConsensusEngine {
         proposal: Proposal,
     ) -> Result<(ConsensusResult, Option<ProposalTimings>)> {
         let submitted = Instant::now();
-        match self.submit(proposal.data).await {
+        let data = self.encode_proposal(proposal.data, proposal.signature.as_ref())?;
+        match self.submit(data).await {
             Ok(applied) => {
                 let timings = ProposalTimings {
                     submitted,
@@ -564,14 +566,59 @@ impl ConsensusEngine {
         &self,
         command: S::Command,
     ) -> Result<S::Response> {
+        self.execute_encoded::<S>(command, None).await
+    }
+
+    /// [`ConsensusEngine::execute_command`] with a client's signature (GPU-optimized Raft; see
+    /// [`Proposal::signed`]): refused with [`Error::Rejected`] and
+    /// [`RejectReason::ClientSignature`] when it does not verify or its key is not allowed.
+    pub async fn execute_signed_command<S: StateMachine>(
+        &self,
+        command: S::Command,
+        signature: crate::ClientSignature,
+    ) -> Result<S::Response> {
+        self.execute_encoded::<S>(command, Some(&signature)).await
+    }
+
+    async fn execute_encoded<S: StateMachine>(
+        &self,
+        command: S::Command,
+        signature: Option<&crate::ClientSignature>,
+    ) -> Result<S::Response> {
         let data = encode_command(&command).map_err(Error::StateMachine)?;
-        let applied = self.submit(Bytes::from(data)).await?;
+        let data = self.encode_proposal(Bytes::from(data), signature)?;
+        let applied = self.submit(data).await?;
         match applied.response {
             Some(Ok(response)) => response.downcast::<S::Response>().map(|r| *r).map_err(|_| {
                 Error::StateMachine("the engine's state machine is not of the type named".into())
             }),
             Some(Err(reason)) => Err(Error::StateMachine(reason)),
             None => Err(Error::InvalidState("no state machine is set")),
+        }
+    }
+
+    /// What goes into the log for a command: under GPU-optimized Raft, the command in its frame
+    /// (see [`client_signature`](crate::client_signature)); elsewhere the command itself, and a
+    /// signature is refused rather than silently dropped.
+    fn encode_proposal(
+        &self,
+        data: Bytes,
+        signature: Option<&crate::ClientSignature>,
+    ) -> Result<Bytes> {
+        if self.config.algorithm == Algorithm::GpuOptimizedRaft {
+            return crate::client_signature::frame(&data, signature).map_err(|error| {
+                Error::Rejected(RejectReason::ClientSignature { reason: error.0 })
+            });
+        }
+        match signature {
+            Some(_) => Err(Error::Unsupported {
+                what: format!(
+                    "signed client commands under {}",
+                    self.config.algorithm.as_str()
+                ),
+                reason: "only gpu_optimized_raft checks and keeps client signatures",
+            }),
+            None => Ok(data),
         }
     }
 

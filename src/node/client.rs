@@ -48,7 +48,19 @@ pub async fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<HttpResponse, ClientError> {
-    tokio::time::timeout(timeout, exchange(address, method, path, body))
+    request_with_headers(address, method, path, &[], body, timeout).await
+}
+
+/// [`request`] with extra `(name, value)` headers (e.g. a client's signature pair).
+pub async fn request_with_headers(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<HttpResponse, ClientError> {
+    tokio::time::timeout(timeout, exchange(address, method, path, headers, body))
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
 }
@@ -57,12 +69,17 @@ async fn exchange(
     address: SocketAddr,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<HttpResponse, ClientError> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n{extra}\
          Connection: close\r\n\r\n",
         body.len()
     );

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -17,8 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::kv::{KvCommand, KvResponse, KvStore};
+use crate::client_signature::{ClientSignature, http_statement};
 use crate::engine::ConsensusEngine;
 use crate::error::Error;
+use crate::keys::decode_hex;
+use crate::protocol::RejectReason;
 
 /// The largest request body accepted (1 MiB); larger ones get 413 Payload Too Large.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -95,8 +98,35 @@ fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Respon
 
 /// Runs `command` through the log; maps engine errors to the non-2xx answers above.
 async fn execute(engine: &ConsensusEngine, command: KvCommand) -> Result<KvResponse, Response> {
-    match engine.execute_command::<KvStore>(command).await {
+    execute_signed(engine, command, None).await
+}
+
+/// [`execute`] with the client's signature, if the request carried one.
+async fn execute_signed(
+    engine: &ConsensusEngine,
+    command: KvCommand,
+    signature: Option<ClientSignature>,
+) -> Result<KvResponse, Response> {
+    let result = match signature {
+        Some(signature) => {
+            engine
+                .execute_signed_command::<KvStore>(command, signature)
+                .await
+        }
+        None => engine.execute_command::<KvStore>(command).await,
+    };
+    match result {
         Ok(response) => Ok(response),
+        Err(Error::Rejected(RejectReason::ClientSignature { reason })) => Err(failure(
+            StatusCode::FORBIDDEN,
+            "client_signature",
+            format!("refused, never applied: {reason}"),
+        )),
+        Err(Error::Unsupported { what, reason }) => Err(failure(
+            StatusCode::BAD_REQUEST,
+            "unsupported",
+            format!("{what}: {reason}"),
+        )),
         Err(Error::Timeout) if engine.current_leader().is_none() => Err(failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_leader",
@@ -129,6 +159,54 @@ async fn execute(engine: &ConsensusEngine, command: KvCommand) -> Result<KvRespo
     }
 }
 
+/// The request headers that carry a client's signature: its ed25519 public key (64 hex
+/// characters) and its signature (128 hex characters) over [`http_statement`] of the request.
+pub const CLIENT_KEY_HEADER: &str = "x-client-key";
+/// See [`CLIENT_KEY_HEADER`].
+pub const CLIENT_SIGNATURE_HEADER: &str = "x-client-signature";
+
+/// The client's signature of a write request, if it sent the header pair; 400 with a JSON
+/// reason when only one of them came or one does not decode.
+fn signature_of(
+    headers: &HeaderMap,
+    method: &str,
+    uri: &Uri,
+    body: &[u8],
+) -> Result<Option<ClientSignature>, Box<Response>> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|value| value.to_str().map_err(|_| format!("{name} is not ASCII")))
+            .transpose()
+    };
+    let bad = |reason: String| {
+        Box::new(failure(
+            StatusCode::BAD_REQUEST,
+            "bad_signature_headers",
+            reason,
+        ))
+    };
+    let (key, signature) = match (text(CLIENT_KEY_HEADER), text(CLIENT_SIGNATURE_HEADER)) {
+        (Ok(None), Ok(None)) => return Ok(None),
+        (Ok(Some(key)), Ok(Some(signature))) => (key, signature),
+        (Err(reason), _) | (_, Err(reason)) => return Err(bad(reason)),
+        _ => {
+            return Err(bad(format!(
+                "send both {CLIENT_KEY_HEADER} and {CLIENT_SIGNATURE_HEADER}, or neither"
+            )));
+        }
+    };
+    let public_key = decode_hex::<32>(key.trim())
+        .map_err(|reason| bad(format!("{CLIENT_KEY_HEADER}: {reason}")))?;
+    let signature = decode_hex::<64>(signature.trim())
+        .map_err(|reason| bad(format!("{CLIENT_SIGNATURE_HEADER}: {reason}")))?;
+    Ok(Some(ClientSignature {
+        public_key,
+        signature,
+        statement: Some(http_statement(method, uri.path(), body).into()),
+    }))
+}
+
 /// The answer for a response of an unexpected shape (a bug, never a client error).
 fn unexpected(response: &KvResponse) -> Response {
     tracing::error!(?response, "state machine answered an unexpected response");
@@ -154,13 +232,19 @@ async fn get_key(State(engine): State<Arc<ConsensusEngine>>, Path(key): Path<Str
 async fn put_key(
     State(engine): State<Arc<ConsensusEngine>>,
     Path(key): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
     value: Bytes,
 ) -> Response {
+    let signature = match signature_of(&headers, "PUT", &uri, &value) {
+        Ok(signature) => signature,
+        Err(answer) => return *answer,
+    };
     let command = KvCommand::Put {
         key: key.into_bytes(),
         value: value.to_vec(),
     };
-    match execute(&engine, command).await {
+    match execute_signed(&engine, command, signature).await {
         Ok(KvResponse::Done) => StatusCode::OK.into_response(),
         Ok(other) => unexpected(&other),
         Err(answer) => answer,
@@ -170,11 +254,17 @@ async fn put_key(
 async fn delete_key(
     State(engine): State<Arc<ConsensusEngine>>,
     Path(key): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Response {
+    let signature = match signature_of(&headers, "DELETE", &uri, b"") {
+        Ok(signature) => signature,
+        Err(answer) => return *answer,
+    };
     let command = KvCommand::Delete {
         key: key.into_bytes(),
     };
-    match execute(&engine, command).await {
+    match execute_signed(&engine, command, signature).await {
         Ok(KvResponse::Done) => StatusCode::OK.into_response(),
         Ok(other) => unexpected(&other),
         Err(answer) => answer,
@@ -185,8 +275,14 @@ async fn delete_key(
 async fn cas_key(
     State(engine): State<Arc<ConsensusEngine>>,
     Path(key): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let signature = match signature_of(&headers, "POST", &uri, &body) {
+        Ok(signature) => signature,
+        Err(answer) => return *answer,
+    };
     let request: CasRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
@@ -202,7 +298,7 @@ async fn cas_key(
         from: request.from.map(String::into_bytes),
         to: request.to.into_bytes(),
     };
-    match execute(&engine, command).await {
+    match execute_signed(&engine, command, signature).await {
         Ok(KvResponse::Cas { swapped: true, .. }) => StatusCode::OK.into_response(),
         Ok(KvResponse::Cas {
             swapped: false,

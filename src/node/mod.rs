@@ -222,12 +222,14 @@ fn verify_log_command(dir: &Path, config: Option<&Path>) -> ExitCode {
     match crate::verify_log(dir, pinned.as_ref()) {
         Ok(report) => {
             println!(
-                "{}: {} entries, certified through index {} by {} certificate(s) over {} validators",
+                "{}: {} entries, certified through index {} by {} certificate(s) over {} \
+                 validators; {} client signatures verified",
                 dir.display(),
                 report.entries,
                 report.certified_through,
                 report.certificates,
-                report.validators
+                report.validators,
+                report.client_signatures
             );
             ExitCode::SUCCESS
         }
@@ -272,9 +274,10 @@ pub fn write_loopback_cluster(
     write_loopback_cluster_of(dir, ports, crate::Algorithm::Raft)
 }
 
-/// [`write_loopback_cluster`] for `algorithm`. For PBFT it also writes a fresh key file per
-/// node (`<node>.key`), names it in the node's `key_file`, and gives every node the
-/// `[consensus.validators]` table of all their public keys.
+/// [`write_loopback_cluster`] for `algorithm`. For the algorithms that sign (PBFT,
+/// GPU-optimized Raft) it also writes a fresh key file per node (`<node>.key`), names it in the
+/// node's `key_file`, and gives every node the `[consensus.validators]` table of all their
+/// public keys; PBFT nodes also get a 500 ms view-change timeout and Byzantine detection.
 pub fn write_loopback_cluster_of(
     dir: &Path,
     ports: &[u16],
@@ -302,14 +305,14 @@ pub fn write_loopback_cluster_of(
             .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
             .collect();
         let http: SocketAddr = ([127, 0, 0, 1], ports[size + i]).into();
-        let signing = if signed {
-            format!(
-                "key_file = \"{}\"\nview_change_timeout_ms = 500\nbyzantine_fault_tolerance = true\n",
-                dir.join(format!("{name}.key")).display()
-            )
-        } else {
-            String::new()
-        };
+        let mut signing = String::new();
+        if signed {
+            let key = dir.join(format!("{name}.key"));
+            signing.push_str(&format!("key_file = \"{}\"\n", key.display()));
+        }
+        if algorithm == crate::Algorithm::Pbft {
+            signing.push_str("view_change_timeout_ms = 500\nbyzantine_fault_tolerance = true\n");
+        }
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\

@@ -116,6 +116,14 @@ pub enum RejectReason {
     /// The engine's input queue is full: the driver thread is behind. Retry later.
     #[error("engine input queue is full")]
     QueueFull,
+    /// GPU-optimized Raft refused a client's signature: it does not verify, its key is not in
+    /// the allow-list, the command is unsigned where signatures are required, or its frame is
+    /// malformed.
+    #[error("client signature refused: {reason}")]
+    ClientSignature {
+        /// Why.
+        reason: &'static str,
+    },
 }
 
 /// A refused proposal.

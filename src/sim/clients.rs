@@ -163,7 +163,7 @@ impl<P: SimProtocol> Sim<P> {
             node,
             request_id,
         };
-        let data = self.ops[op].data.clone();
+        let data = P::client_command(&self.ops[op].data, client);
         self.step(node, Input::Propose { request_id, data });
         self.maybe_flush(node);
     }

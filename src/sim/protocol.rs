@@ -56,6 +56,13 @@ pub trait SimProtocol: Protocol + Sized {
         let _ = envelope;
     }
 
+    /// What client `client` hands a node for the command `data` (the core's framing, a client
+    /// signature). The command itself by default.
+    fn client_command(data: &bytes::Bytes, client: usize) -> bytes::Bytes {
+        let _ = client;
+        data.clone()
+    }
+
     /// What an adversary on the network (holding no member's key) could make of `envelope`:
     /// a copy with a field or signature changed, or claiming another sender. `entropy` picks
     /// which. None for a core that trusts its transport (the default), whose messages anyone
@@ -131,12 +138,21 @@ impl SimProtocol for GpuRaftNode {
         message.carries_proposals()
     }
 
+    /// Odd clients sign their commands (with a key of their own), even ones do not.
+    fn client_command(data: &bytes::Bytes, client: usize) -> bytes::Bytes {
+        let signature = (client % 2 == 1).then(|| {
+            let key = test_signing_key(NodeId(1_000 + client as u64));
+            crate::ClientSignature::sign(data, &key)
+        });
+        crate::client_signature::frame(data, signature.as_ref()).expect("small commands frame")
+    }
+
     fn transfer_to(to: NodeId) -> Option<Control> {
         Some(Control::TransferLeadership { to })
     }
 
     fn check_new_leader(node: &Self, monitor: &SafetyMonitor) -> Result<(), Violation> {
-        check_leader_completeness(node.raft(), monitor)
+        check_framed_leader_completeness(node, monitor)
     }
 
     /// Raft's checks on the inner logs; no evidence against anyone (all run honest code);
@@ -148,7 +164,7 @@ impl SimProtocol for GpuRaftNode {
         let logs: Vec<_> = nodes.iter().map(|n| (n.id(), n.raft().log())).collect();
         check_log_matching(&logs)?;
         for node in nodes {
-            check_leader_completeness(node.raft(), monitor)?;
+            check_framed_leader_completeness(node, monitor)?;
             if let Some(&accused) = node.evidence().keys().next() {
                 return Err(Violation::FalseAccusation {
                     accuser: node.id(),
@@ -246,12 +262,54 @@ impl SimProtocol for GpuRaftNode {
                 _ => certificate.index += 1,
             },
             GpuRaftMessage::Elected { votes, .. } => flip(&mut votes.first_mut()?.signature),
+            // A client's signature broken on the way to the leader.
+            GpuRaftMessage::Raft(Message::ForwardProposals { proposals, .. }) => {
+                let (_, data) = proposals
+                    .iter_mut()
+                    .find(|(_, data)| data.first() == Some(&1) && data.len() > 97)?;
+                let mut bytes = data.to_vec();
+                bytes[33 + (entropy >> 8) as usize % 64] ^= 1;
+                *data = bytes.into();
+            }
             // Promises nothing: an adversary could send any such message; the transport's
             // authentication (not this core) is what stops it.
             GpuRaftMessage::Raft(_) => return None,
         }
         Some(forged)
     }
+}
+
+/// [`check_leader_completeness`] for GPU-optimized Raft, whose log keeps each command in its
+/// frame while the state machine applies the command alone.
+fn check_framed_leader_completeness(
+    node: &GpuRaftNode,
+    monitor: &SafetyMonitor,
+) -> Result<(), Violation> {
+    let raft = node.raft();
+    if !raft.is_leader() {
+        return Ok(());
+    }
+    let term = raft.term();
+    for (&index, (entry, committed_in)) in monitor.applied() {
+        let held = raft.log().entry(index).map(|held| {
+            let mut held = held.clone();
+            if let crate::types::Payload::Command { data, .. } = &mut held.payload
+                && let Ok(framed) = crate::client_signature::unframe(data)
+            {
+                *data = framed.command().clone();
+            }
+            held
+        });
+        if *committed_in < term && held.as_ref() != Some(entry) {
+            return Err(Violation::LeaderCompleteness {
+                leader: raft.id(),
+                term,
+                index,
+                committed_in: *committed_in,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every entry seen committed in a term below the leader's is in its log.

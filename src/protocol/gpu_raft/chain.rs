@@ -150,8 +150,8 @@ mod tests {
             payload: Payload::Blank,
             ..base.clone()
         };
-        let digests = [&base, &other_term, &other_index, &blank, &command(1, b"b")]
-            .map(entry_digest);
+        let digests =
+            [&base, &other_term, &other_index, &blank, &command(1, b"b")].map(entry_digest);
         for (i, a) in digests.iter().enumerate() {
             for b in &digests[i + 1..] {
                 assert_ne!(a, b);

@@ -1,6 +1,6 @@
 //! [`GpuRaftConfig`]: Raft's settings plus the keys and the batch engines.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -26,6 +26,10 @@ pub struct GpuRaftConfig {
     /// the leader judges them by a majority of its voters, whatever the aggregator's threshold.
     /// A backend that fails is replaced by the CPU count for that round.
     pub votes: Arc<dyn VoteAggregator>,
+    /// The clients allowed to propose, by ed25519 public key. When set, every command must be
+    /// signed by one of them ([`Proposal::signed`](crate::Proposal::signed)); when `None`,
+    /// unsigned commands are accepted and signed ones need only verify.
+    pub client_keys: Option<BTreeSet<[u8; 32]>>,
     /// Bugs the simulator's control tests inject, to prove its checks can fail.
     #[cfg(any(test, feature = "sim"))]
     pub injected_bugs: InjectedBugs,
@@ -62,6 +66,7 @@ impl GpuRaftConfig {
             validators,
             verifier: Arc::new(CpuSignatureVerifier),
             votes: Arc::new(CpuVoteAggregator::new(Threshold::MajorityOfVotesCast)),
+            client_keys: None,
             #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),
         }

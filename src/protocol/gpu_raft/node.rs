@@ -10,6 +10,7 @@ use super::certificate::{CommitCertificate, SignedAck};
 use super::chain::LogChain;
 use super::config::GpuRaftConfig;
 use super::{Control, Envelope, Input, Message, Output};
+use crate::client_signature::unframe;
 use crate::error::ConfigError;
 use crate::gpu::sigverify::verify_strict_reference;
 use crate::gpu::votes::CpuVoteAggregator;
@@ -94,7 +95,13 @@ pub struct GpuRaftNode {
     miscounted: u64,
     /// The validators' record is written with the first output.
     validators_written: bool,
+    /// Signed client proposals waiting to be checked together: `(request_id, framed data,
+    /// signature check)`.
+    pending_signed: Vec<(u64, Bytes, ClientCheck)>,
 }
+
+/// What a client's signature must verify: key, signature, signed bytes.
+type ClientCheck = ([u8; 32], [u8; 64], Vec<u8>);
 
 impl std::fmt::Debug for GpuRaftNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,6 +173,7 @@ impl GpuRaftNode {
             invalid: InvalidCounts::default(),
             miscounted: 0,
             validators_written: false,
+            pending_signed: Vec::new(),
         })
     }
 
@@ -210,17 +218,88 @@ impl GpuRaftNode {
     pub fn step(&mut self, input: Input, out: &mut Output) {
         match input {
             Input::Message(envelope) => self.receive(envelope, out),
-            Input::Tick => self.step_inner(raft::Input::Tick, out),
-            Input::Propose { request_id, data } => {
-                self.step_inner(raft::Input::Propose { request_id, data }, out)
+            Input::Tick => {
+                self.check_client_signatures(out);
+                self.step_inner(raft::Input::Tick, out);
             }
+            Input::Propose { request_id, data } => self.propose(request_id, data, out),
             Input::Control(control) => self.step_inner(raft::Input::Control(control), out),
-            Input::FlushProposals => self.step_inner(raft::Input::FlushProposals, out),
+            Input::FlushProposals => {
+                self.check_client_signatures(out);
+                self.step_inner(raft::Input::FlushProposals, out);
+            }
             Input::Durable { index, term } => {
                 self.step_inner(raft::Input::Durable { index, term }, out)
             }
         }
         self.certify(out);
+    }
+
+    /// A client's proposal, in its frame (see [`client_signature`](crate::client_signature)):
+    /// an unsigned one goes to the core at once (unless the allow-list demands signatures); a
+    /// signed one waits to be checked with the others, up to a batch.
+    fn propose(&mut self, request_id: u64, data: Bytes, out: &mut Output) {
+        let refuse = |out: &mut Output, reason| {
+            out.rejected.push(crate::protocol::Rejection {
+                request_id,
+                reason: crate::protocol::RejectReason::ClientSignature { reason },
+            });
+        };
+        let framed = match unframe(&data) {
+            Ok(framed) => framed,
+            Err(error) => return refuse(out, error.0),
+        };
+        match framed.to_check() {
+            None if self.config.client_keys.is_some() => {
+                refuse(out, "this cluster accepts signed commands only")
+            }
+            None => self.step_inner(raft::Input::Propose { request_id, data }, out),
+            Some(check) => {
+                if let Some(allowed) = &self.config.client_keys
+                    && !allowed.contains(&check.0)
+                {
+                    return refuse(out, "the client's key is not allowed");
+                }
+                self.pending_signed.push((request_id, data, check));
+                if self.pending_signed.len() >= self.config.raft.batch_size.max(1) {
+                    self.check_client_signatures(out);
+                }
+            }
+        }
+    }
+
+    /// Checks the waiting client signatures as one batch: the valid proposals go to the core
+    /// in order, the others are refused.
+    fn check_client_signatures(&mut self, out: &mut Output) {
+        if self.pending_signed.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending_signed);
+        let items: Vec<SignatureItem<'_>> = pending
+            .iter()
+            .map(|(_, _, (public_key, signature, message))| SignatureItem {
+                public_key: *public_key,
+                message,
+                signature: *signature,
+            })
+            .collect();
+        let verdicts = match self.config.verifier.verify_batch(&items) {
+            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
+            _ => items.iter().map(verify_strict_reference).collect(),
+        };
+        drop(items);
+        for ((request_id, data, _), valid) in pending.into_iter().zip(verdicts) {
+            if valid {
+                self.step_inner(raft::Input::Propose { request_id, data }, out);
+            } else {
+                out.rejected.push(crate::protocol::Rejection {
+                    request_id,
+                    reason: crate::protocol::RejectReason::ClientSignature {
+                        reason: "the signature does not verify",
+                    },
+                });
+            }
+        }
     }
 
     fn receive(&mut self, envelope: Envelope, out: &mut Output) {
@@ -412,7 +491,19 @@ impl GpuRaftNode {
                 out.messages_after_write.push(envelope);
             }
         }
-        out.committed.append(&mut scratch.committed);
+        for mut entry in scratch.committed.drain(..) {
+            // The state machine applies the command alone; the log keeps its frame.
+            if let crate::types::Payload::Command { data, .. } = &mut entry.payload {
+                match unframe(data) {
+                    Ok(framed) => *data = framed.command().clone(),
+                    // Only framed commands are ever appended; an unframed one came from a
+                    // damaged log and is applied as it is, which the operator's verify-log
+                    // will show.
+                    Err(error) => tracing::error!(index = entry.index, %error, "unframed command"),
+                }
+            }
+            out.committed.push(entry);
+        }
         out.rejected.append(&mut scratch.rejected);
         out.events.append(&mut scratch.events);
         self.announce_election(out);
@@ -647,6 +738,24 @@ impl GpuRaftNode {
                 | raft::Message::RequestVoteResponse { granted: true, .. }
                 | raft::Message::AppendEntriesResponse { reject: None, .. } => {
                     Err(InvalidReason::Malformed)
+                }
+                // The leader checks forwarded commands again: a follower is not trusted with
+                // its clients' signatures.
+                raft::Message::ForwardProposals { proposals, .. } => {
+                    for (_, data) in proposals {
+                        let framed = unframe(data).map_err(|_| InvalidReason::Malformed)?;
+                        match (framed.to_check(), &self.config.client_keys) {
+                            (None, Some(_)) => return Err(InvalidReason::Malformed),
+                            (None, None) => {}
+                            (Some((key, _, _)), Some(allowed)) if !allowed.contains(&key) => {
+                                return Err(InvalidReason::UnknownSigner);
+                            }
+                            (Some((key, signature, bytes)), _) => {
+                                checks.push((bytes, key, signature))
+                            }
+                        }
+                    }
+                    Ok(())
                 }
                 _ => Ok(()),
             },

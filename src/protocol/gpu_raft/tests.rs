@@ -8,9 +8,19 @@ use super::*;
 use crate::gpu::CpuSignatureVerifier;
 use crate::protocol::pbft::{test_signing_key, test_validators};
 use crate::protocol::raft::{RaftConfig, SignedVote};
-use crate::protocol::{InvalidReason, Protocol};
+use crate::protocol::{InvalidReason, Protocol, RejectReason};
 use crate::storage::RecoveredState;
 use crate::types::{Entry, NodeId};
+
+fn unsigned(command: &[u8]) -> Bytes {
+    crate::client_signature::frame(command, None).unwrap()
+}
+
+fn signed(command: &[u8], client: u8) -> Bytes {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[client; 32]);
+    let signature = crate::ClientSignature::sign(command, &key);
+    crate::client_signature::frame(command, Some(&signature)).unwrap()
+}
 
 fn ids(n: u64) -> Vec<NodeId> {
     (1..=n).map(NodeId).collect()
@@ -115,7 +125,7 @@ fn a_leader_commits_what_signed_acks_certify_and_followers_keep_the_certificate(
     let mut cluster = Cluster::new(3);
     let leader = cluster.leader();
     for request_id in 0..10 {
-        let data = Bytes::from(format!("command {request_id}"));
+        let data = unsigned(format!("command {request_id}").as_bytes());
         cluster.step(leader, Input::Propose { request_id, data });
     }
     cluster.step(leader, Input::FlushProposals);
@@ -149,7 +159,7 @@ fn forged_unsigned_and_foreign_acks_are_never_counted() {
         leader,
         Input::Propose {
             request_id: 1,
-            data: Bytes::from_static(b"x"),
+            data: unsigned(b"x"),
         },
     );
     cluster.step(leader, Input::FlushProposals);
@@ -271,7 +281,7 @@ fn a_restarted_node_keeps_its_certificate_and_evidence() {
         leader,
         Input::Propose {
             request_id: 1,
-            data: Bytes::from_static(b"x"),
+            data: unsigned(b"x"),
         },
     );
     cluster.step(leader, Input::FlushProposals);
@@ -292,4 +302,91 @@ fn a_restarted_node_keeps_its_certificate_and_evidence() {
     }
     let error = GpuRaftNode::new(config, damaged).expect_err("a damaged record is refused");
     assert!(error.to_string().contains("damaged"), "{error}");
+}
+
+#[test]
+fn signed_commands_are_checked_as_a_batch_and_a_bad_one_in_the_middle_is_refused_alone() {
+    let mut cluster = Cluster::new(3);
+    let leader = cluster.leader();
+    let mut forged = signed(b"c2", 9).to_vec();
+    forged[40] ^= 1;
+    let proposals = [
+        signed(b"c1", 9),
+        Bytes::from(forged),
+        signed(b"c3", 8),
+        Bytes::from_static(&[7, 7]), // no frame at all
+    ];
+    let mut out = Output::default();
+    for (request_id, data) in proposals.into_iter().enumerate() {
+        let request_id = request_id as u64;
+        cluster.nodes[leader].step(Input::Propose { request_id, data }, &mut out);
+    }
+    let refused: Vec<(u64, &RejectReason)> = out
+        .rejected
+        .iter()
+        .map(|r| (r.request_id, &r.reason))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "only the frameless one is refused at once: {refused:?}"
+    );
+    cluster.nodes[leader].step(Input::FlushProposals, &mut out);
+    let refused: Vec<u64> = out.rejected.iter().map(|r| r.request_id).collect();
+    assert_eq!(refused, [3, 1]);
+    assert!(matches!(
+        out.rejected[1].reason,
+        RejectReason::ClientSignature { reason } if reason.contains("verify")
+    ));
+    cluster.carry(leader, out);
+    for _ in 0..4 {
+        cluster.tick();
+    }
+    let applied: Vec<Bytes> = cluster.committed[&cluster.nodes[leader].id()]
+        .iter()
+        .filter_map(|entry| match &entry.payload {
+            crate::types::Payload::Command { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        applied,
+        [Bytes::from_static(b"c1"), Bytes::from_static(b"c3")]
+    );
+}
+
+#[test]
+fn an_allow_list_refuses_strangers_and_unsigned_commands() {
+    let voters = ids(1);
+    let mut raft = RaftConfig::new(NodeId(1), voters.clone());
+    raft.seed = 1;
+    let mut config =
+        GpuRaftConfig::new(raft, test_signing_key(NodeId(1)), test_validators(&voters));
+    let allowed = ed25519_dalek::SigningKey::from_bytes(&[9; 32])
+        .verifying_key()
+        .to_bytes();
+    config.client_keys = Some([allowed].into());
+    let mut node = GpuRaftNode::new(config, RecoveredState::default()).unwrap();
+    let mut out = Output::default();
+    for (request_id, data) in [unsigned(b"a"), signed(b"b", 8), signed(b"c", 9)]
+        .into_iter()
+        .enumerate()
+    {
+        node.step(
+            Input::Propose {
+                request_id: request_id as u64,
+                data,
+            },
+            &mut out,
+        );
+    }
+    node.step(Input::FlushProposals, &mut out);
+    // The allowed client's command passes the check (and meets a node not yet leader).
+    let refused: Vec<u64> = out
+        .rejected
+        .iter()
+        .filter(|r| matches!(r.reason, RejectReason::ClientSignature { .. }))
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(refused, [0, 1], "{:?}", out.rejected);
 }

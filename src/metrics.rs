@@ -5,11 +5,14 @@
 //! readers never block the protocol.
 //!
 //! Every family is registered and exported from the start, because the product spec promises the
-//! names, but one has no recorder yet and stays at zero until a later issue wires it:
-//! `consensus_gpu_cpu_fallbacks_total` (the GPU-optimized Raft issue).
+//! names. `consensus_gpu_cpu_fallbacks_total` counts the GPU batches (signature checks, vote
+//! counts) that the engine's GPU context answered on the CPU instead (a lost device, a failed
+//! or timed-out dispatch); it stays at zero on an engine without `gpu_enabled`.
 //! `consensus_byzantine_detections_total` counts replicas proven Byzantine (once each).
-//! `consensus_vote_processing_duration_seconds` times each round's batch of signature checks
-//! under PBFT (Raft checks none; the GPU-optimized Raft issue adds its vote batches).
+//! `consensus_vote_processing_duration_seconds` times, under the algorithms that sign (PBFT,
+//! GPU-optimized Raft), each driver round's batch of signature checks together with the
+//! stepping of the round, where its votes and acknowledgements are counted in one aggregator
+//! batch (Raft checks and batches nothing, and records none).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +30,12 @@ use prometheus_client::registry::Registry;
 use crate::protocol::InvalidReason;
 
 /// Reads a TCP transport's running count of connections closed for a malformed frame.
-pub(crate) type RejectedFrames = Box<dyn Fn() -> u64 + Send + Sync>;
+pub(crate) type RunningTotal = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// A watched transport's rejected-frame count, and how much of it was counted.
 #[derive(Default)]
 struct FrameWatch {
-    read: Option<RejectedFrames>,
+    read: Option<RunningTotal>,
     counted: u64,
 }
 
@@ -59,8 +62,8 @@ pub struct Metrics {
     committed_index: Gauge,
     applied_index: Gauge,
     proposal_latency: LatencyHistogram,
-    /// `consensus_vote_processing_duration_seconds`: stays empty until the GPU-optimized Raft
-    /// issue aggregates and verifies votes in batches and records each batch.
+    /// `consensus_vote_processing_duration_seconds`: each round's signature checks and vote
+    /// counting (signing algorithms only).
     vote_processing: Histogram,
     leader_changes: Counter,
     /// `consensus_byzantine_detections_total`: replicas proven Byzantine, once per offender
@@ -74,10 +77,10 @@ pub struct Metrics {
     rejected_frames: std::sync::Mutex<FrameWatch>,
     proposals_committed: Counter,
     proposals_rejected: Counter,
-    /// `consensus_gpu_cpu_fallbacks_total`: stays at zero until the GPU-optimized Raft issue
-    /// runs GPU batches from the engine (a [`GpuContext`](crate::gpu::GpuContext) counts its own
-    /// fallbacks meanwhile).
+    /// `consensus_gpu_cpu_fallbacks_total`: GPU batches answered on the CPU instead, as the
+    /// engine's [`GpuContext`](crate::gpu::GpuContext) counts them (read when the metrics are).
     gpu_cpu_fallbacks: Counter,
+    gpu_fallback_watch: std::sync::Mutex<FrameWatch>,
     latency_total_nanos: AtomicU64,
     latency_count: AtomicU64,
     /// With `vote_count`, the mean behind [`MetricsSnapshot::vote_processing_time`]; zero until
@@ -180,6 +183,7 @@ impl Metrics {
             byzantine_detections,
             invalid_messages,
             rejected_frames: std::sync::Mutex::default(),
+            gpu_fallback_watch: std::sync::Mutex::default(),
             proposals_committed,
             proposals_rejected,
             gpu_cpu_fallbacks,
@@ -255,11 +259,32 @@ impl Metrics {
     /// Counts, as `reason="malformed"`, the connections a TCP transport closes for a frame
     /// that is oversized or does not decode: `rejected` reads its running total (read when
     /// the metrics are).
-    pub(crate) fn watch_rejected_frames(&self, rejected: RejectedFrames) {
+    pub(crate) fn watch_rejected_frames(&self, rejected: RunningTotal) {
         *crate::sync::lock(&self.rejected_frames) = FrameWatch {
             read: Some(rejected),
             counted: 0,
         };
+    }
+
+    /// Counts the GPU batches answered on the CPU: `fallbacks` reads the GPU context's running
+    /// total (read when the metrics are).
+    pub(crate) fn watch_gpu_fallbacks(&self, fallbacks: RunningTotal) {
+        *crate::sync::lock(&self.gpu_fallback_watch) = FrameWatch {
+            read: Some(fallbacks),
+            counted: 0,
+        };
+    }
+
+    /// Adds the GPU fallbacks since the last read.
+    fn sync_gpu_fallbacks(&self) {
+        let mut watch = crate::sync::lock(&self.gpu_fallback_watch);
+        if let Some(read) = &watch.read {
+            let total = read();
+            if total > watch.counted {
+                self.gpu_cpu_fallbacks.inc_by(total - watch.counted);
+                watch.counted = total;
+            }
+        }
     }
 
     /// Adds what the watched transport rejected since the last read.
@@ -304,6 +329,7 @@ impl Metrics {
     /// A consistent-enough point-in-time view.
     pub fn snapshot(&self) -> MetricsSnapshot {
         self.sync_rejected_frames();
+        self.sync_gpu_fallbacks();
         let average = |total: &AtomicU64, count: &AtomicU64| {
             let count = count.load(Ordering::Relaxed);
             Duration::from_nanos(
@@ -337,6 +363,7 @@ impl Metrics {
     /// The Prometheus text exposition of every series.
     pub fn encode_prometheus(&self) -> String {
         self.sync_rejected_frames();
+        self.sync_gpu_fallbacks();
         let mut text = String::new();
         // Writing into a String cannot fail.
         encode(&mut text, &self.registry).expect("formatting into a String");

@@ -82,6 +82,14 @@ async fn three_voters_commit_and_every_data_directory_verifies_offline() {
     for n in 0..30 {
         last = propose_until_committed(&engines[n % 3], &format!("v{n}")).await;
     }
+    for engine in &engines {
+        let metrics = engine.metrics();
+        assert!(
+            metrics.vote_processing_time() > Duration::ZERO,
+            "every node timed its signature batches"
+        );
+        assert_eq!(metrics.gpu_cpu_fallbacks, 0);
+    }
     // Followers receive the newest certificate with the next heartbeat.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for engine in &mut engines {
@@ -155,4 +163,72 @@ bootstrap_peers = ["g2", "g3"]
     let config = ConsensusConfig::from_toml_str(text).unwrap();
     let error = ConsensusEngine::new(config).expect_err("no key file");
     assert!(error.to_string().contains("key"), "{error}");
+}
+
+#[path = "common/gpu.rs"]
+mod gpu_common;
+
+/// The real WGSL kernels on the consensus path: every round's signatures go to the GPU
+/// verifier and every round's acknowledgements to the GPU aggregator (not the automatic ones,
+/// which would keep small batches on the CPU). The cluster commits, the logs verify, and the
+/// context shows GPU submissions and no CPU fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gpu_verifier_and_aggregator_carry_a_cluster() {
+    use consensus::gpu::{GpuSignatureVerifier, GpuVoteAggregator};
+    use std::sync::Arc;
+
+    let Some(context) =
+        gpu_common::gpu_context_or_skip("the_gpu_verifier_and_aggregator_carry_a_cluster")
+    else {
+        return;
+    };
+    let verifier = Arc::new(GpuSignatureVerifier::new(context.clone()).expect("GPU verifier"));
+    let votes = Arc::new(GpuVoteAggregator::with_context(context.clone()).expect("aggregator"));
+    let before = context.metrics();
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::<GpuRaftNode>::default();
+    let mut engines = Vec::new();
+    for config in configs(dir.path()) {
+        let mut engine = ConsensusEngine::new(config.request_timeout(Duration::from_secs(60)))
+            .unwrap()
+            .with_signature_verifier(verifier.clone())
+            .with_vote_aggregator(votes.clone())
+            .with_local_network(&network);
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    for n in 0..6 {
+        let proposal = Proposal::signed(format!("v{n}").into_bytes(), &key);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match engines[n % 3].propose(proposal.clone()).await {
+                Ok(ConsensusResult::Committed { .. }) => break,
+                other => assert!(Instant::now() < deadline, "{n}: {other:?}"),
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+    for name in NAMES {
+        let report = verify_log(&dir.path().join(name), None)
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert_eq!(report.client_signatures, 6, "{name}: {report:?}");
+    }
+    let after = context.metrics();
+    assert!(
+        after.submissions > before.submissions,
+        "no GPU submission: the test would have passed on the CPU"
+    );
+    assert_eq!(
+        after.cpu_fallbacks, before.cpu_fallbacks,
+        "a batch fell back to the CPU"
+    );
+    eprintln!(
+        "GPU submissions on the consensus path: {} ({})",
+        after.submissions - before.submissions,
+        context.adapter_name()
+    );
 }

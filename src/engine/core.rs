@@ -375,7 +375,8 @@ pub(crate) fn require_named_peers(config: &ConsensusConfig) -> Result<()> {
     Ok(())
 }
 
-/// The verifier and vote counter a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses: the
+/// The verifier and vote counter a signing engine (PBFT, GPU-optimized Raft) with
+/// [`ConsensusConfig::gpu_enabled`] uses: the
 /// automatic ones (GPU above their crossovers, CPU below; a software adapter is never chosen)
 /// over one GPU context per process and adapter, opened by the first engine that asks and
 /// shared by the rest. Without an adapter, or when the GPU verifier cannot be built (a failed
@@ -405,13 +406,13 @@ pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
             .and_then(|context| {
                 GpuSignatureVerifier::new(Arc::new(context)).map_err(|error| error.to_string())
             });
-        let threshold = Threshold::MajorityOfVotesCast; // PBFT applies its own quorum
+        let threshold = Threshold::MajorityOfVotesCast; // the cores apply their own quorums
         let votes: Arc<dyn VoteAggregator> = match &gpu {
             Ok(verifier) if verifier.context().adapter_info().device_type != DeviceType::Cpu => {
                 match GpuVoteAggregator::with_context(verifier.context().clone()) {
                     Ok(gpu) => Arc::new(AdaptiveVoteAggregator::new(gpu)),
                     Err(error) => {
-                        tracing::warn!(%error, "PBFT votes: no GPU aggregator; the CPU counts them");
+                        tracing::warn!(%error, "votes: no GPU aggregator; the CPU counts them");
                         Arc::new(CpuVoteAggregator::new(threshold))
                     }
                 }
@@ -421,15 +422,16 @@ pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
         let (gpu, status) = match gpu {
             Ok(gpu) => {
                 let adapter = gpu.context().adapter_name().to_string();
-                tracing::info!(%adapter, "PBFT signatures: GPU verifier ready");
+                tracing::info!(%adapter, "signatures: GPU verifier ready");
                 (Some(gpu), Ok(adapter))
             }
             Err(reason) => {
-                tracing::warn!(%reason, "PBFT signatures: no GPU verifier; the CPU checks them");
+                tracing::warn!(%reason, "signatures: no GPU verifier; the CPU checks them");
                 (None, Err(reason))
             }
         };
         SharedVerifier {
+            context: gpu.as_ref().map(|gpu| gpu.context().clone()),
             verifier: Arc::new(AutoSignatureVerifier::new(gpu)),
             votes,
             gpu: status,
@@ -444,6 +446,8 @@ pub(crate) fn shared_gpu_verifier(config: &ConsensusConfig) -> SharedVerifier {
 pub(crate) struct SharedVerifier {
     pub(crate) verifier: Arc<dyn crate::gpu::SignatureVerifier>,
     pub(crate) votes: Arc<dyn crate::gpu::VoteAggregator>,
+    /// The GPU context both run on, when there is one (it counts their CPU fallbacks).
+    pub(crate) context: Option<Arc<crate::gpu::GpuContext>>,
     /// The adapter the GPU verifier runs on, or why there is none.
     pub(crate) gpu: std::result::Result<String, String>,
 }

@@ -167,12 +167,12 @@ impl ConsensusEngine {
         self
     }
 
-    /// Checks peers' signatures (PBFT) with `verifier` instead of the CPU one: e.g. an
+    /// Checks peers' signatures (PBFT, GPU-optimized Raft) with `verifier` instead of the CPU one: e.g. an
     /// [`AutoSignatureVerifier`](crate::gpu::AutoSignatureVerifier) over a GPU context, which
     /// sends batches above its crossover to the GPU. The driver hands it each round's
-    /// signatures as one batch. Raft signs nothing and ignores it.
+    /// signatures as one batch. Plain Raft signs nothing and ignores it.
     ///
-    /// Without it, a PBFT engine with [`ConsensusConfig::gpu_enabled`] opens the automatic
+    /// Without it, a signing engine with [`ConsensusConfig::gpu_enabled`] opens the automatic
     /// verifier over one GPU context per process (the first start pays for compiling the
     /// pipelines: seconds on a cold shader cache); otherwise the CPU checks signatures.
     pub fn with_signature_verifier(
@@ -183,13 +183,13 @@ impl ConsensusEngine {
         self
     }
 
-    /// Counts PBFT prepares and commits with `aggregator` instead of the CPU one: each driver
-    /// round's votes, over every sequence number they touch, go to it as one batch (e.g. an
+    /// Counts PBFT prepares and commits, or GPU-optimized Raft acknowledgements, with
+    /// `aggregator` instead of the CPU one: each driver round's votes go to it as one batch (e.g. an
     /// [`AdaptiveVoteAggregator`](crate::gpu::AdaptiveVoteAggregator), which sends batches
     /// above its crossover to the GPU). Only its counts are used; the replica judges them by
-    /// its own Byzantine quorum, whatever the aggregator's threshold. Raft ignores it.
+    /// its own quorum, whatever the aggregator's threshold. Plain Raft ignores it.
     ///
-    /// Without it, a PBFT engine with [`ConsensusConfig::gpu_enabled`] uses the automatic one
+    /// Without it, a signing engine with [`ConsensusConfig::gpu_enabled`] uses the automatic one
     /// over the same GPU context as its signature verifier.
     pub fn with_vote_aggregator(mut self, aggregator: Arc<dyn crate::gpu::VoteAggregator>) -> Self {
         self.votes = Some(aggregator);
@@ -236,7 +236,7 @@ impl ConsensusEngine {
         lock(&self.byzantine).report.clone()
     }
 
-    /// Under PBFT with [`ConsensusConfig::gpu_enabled`], once started: `Ok(adapter name)` when
+    /// Under PBFT or GPU-optimized Raft with [`ConsensusConfig::gpu_enabled`], once started: `Ok(adapter name)` when
     /// signatures go to a GPU verifier (above its crossover batch size), or `Err(why not)` when
     /// the CPU checks them all; `None` when the engine opened no GPU verifier.
     pub fn gpu_signature_verifier(&self) -> Option<std::result::Result<&str, &str>> {
@@ -365,6 +365,10 @@ impl ConsensusEngine {
             self.verifier = Some(shared.verifier);
             self.votes.get_or_insert(shared.votes);
             self.gpu_verifier = Some(shared.gpu);
+            if let Some(context) = shared.context {
+                self.metrics
+                    .watch_gpu_fallbacks(Box::new(move || context.cpu_fallback_count()));
+            }
         }
         lock(&self.byzantine).policy = self.byzantine_config.punishment_policy;
         let settings = CoreSettings {

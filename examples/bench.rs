@@ -5,12 +5,17 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [-c CLIENTS] [-n OPERATIONS] [-m MEMBERS] [-b BATCH]
-//!     [--server-workers N] [--client-workers N] [--algorithm raft|pbft] [--verifier cpu|gpu]
+//!     [--server-workers N] [--client-workers N] [--algorithm raft|pbft|gpu_optimized_raft]
+//!     [--verifier cpu|gpu|auto] [--signed-clients]
 //! ```
 //! `--algorithm pbft` runs PBFT replicas (MEMBERS at least 4), each with a fresh key; the
-//! clients propose to the primary. `--verifier gpu` checks their signatures with the GPU
-//! backend (every batch, whatever its size) instead of the CPU one; the run then also prints the
-//! share of the driver threads' time spent checking signatures.
+//! clients propose to the primary. `--algorithm gpu_optimized_raft` runs Raft with signed votes
+//! and acknowledgements (any number of members, 101 included). For those two, `--verifier gpu`
+//! checks signatures with the GPU backend and counts votes with the GPU aggregator (every
+//! batch, whatever its size), `--verifier auto` with the automatic ones (GPU above their
+//! crossovers, CPU below), and the run also prints the share of the driver threads' time
+//! spent checking signatures and counting votes. `--signed-clients` (GPU-optimized Raft) has
+//! every client sign its commands, which the leader checks in batches before appending.
 //! CLIENTS tasks submit OPERATIONS empty proposals in total, BATCH per call, each waiting for its
 //! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
 //! run every member must have applied every operation; otherwise the program fails.
@@ -23,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use consensus::protocol::gpu_raft::GpuRaftNode;
 use consensus::protocol::pbft::PbftNode;
 use consensus::{
     Algorithm, ConsensusConfig, ConsensusEngine, ConsensusResult, LocalNetwork, Proposal,
@@ -70,7 +76,16 @@ struct Options {
     server_workers: usize,
     client_workers: usize,
     algorithm: Algorithm,
-    gpu_verifier: bool,
+    verifier: Verifier,
+    signed_clients: bool,
+}
+
+/// Which backend checks signatures and counts votes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verifier {
+    Cpu,
+    Gpu,
+    Auto,
 }
 
 fn parse_count(text: &str) -> Result<u64, String> {
@@ -98,7 +113,8 @@ fn parse_options() -> Result<Options, String> {
         server_workers: 2,
         client_workers: 1,
         algorithm: Algorithm::Raft,
-        gpu_verifier: false,
+        verifier: Verifier::Cpu,
+        signed_clients: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -112,15 +128,17 @@ fn parse_options() -> Result<Options, String> {
             "--client-workers" => options.client_workers = parse_count(&value()?)? as usize,
             "--algorithm" => {
                 let name = value()?;
-                options.algorithm = Algorithm::parse(&name)
-                    .filter(|a| *a != Algorithm::GpuOptimizedRaft)
-                    .ok_or_else(|| format!("--algorithm: raft or pbft, not {name:?}"))?;
+                options.algorithm = Algorithm::parse(&name).ok_or_else(|| {
+                    format!("--algorithm: raft, pbft or gpu_optimized_raft, not {name:?}")
+                })?;
             }
             "--verifier" => match value()?.as_str() {
-                "cpu" => options.gpu_verifier = false,
-                "gpu" => options.gpu_verifier = true,
-                other => return Err(format!("--verifier: cpu or gpu, not {other:?}")),
+                "cpu" => options.verifier = Verifier::Cpu,
+                "gpu" => options.verifier = Verifier::Gpu,
+                "auto" => options.verifier = Verifier::Auto,
+                other => return Err(format!("--verifier: cpu, gpu or auto, not {other:?}")),
             },
+            "--signed-clients" => options.signed_clients = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -138,6 +156,9 @@ fn parse_options() -> Result<Options, String> {
             ));
         }
         _ => {}
+    }
+    if options.signed_clients && options.algorithm != Algorithm::GpuOptimizedRaft {
+        return Err("--signed-clients needs --algorithm gpu_optimized_raft".into());
     }
     if options.clients == 0 || options.batch == 0 || options.operations == 0 {
         return Err("clients, operations and batch must be at least 1".into());
@@ -174,15 +195,16 @@ fn main() {
         .collect();
     let network = LocalNetwork::new();
     let pbft_network = LocalNetwork::<PbftNode>::default();
+    let gpu_raft_network = LocalNetwork::<GpuRaftNode>::default();
     let keys = tempfile::tempdir().expect("a temp dir for the keys");
     let mut validators = Vec::new();
-    if options.algorithm == Algorithm::Pbft {
+    if options.algorithm.signs_messages() {
         for name in &names {
             let public = consensus::keys::generate_key_file(keys.path().join(name)).expect("key");
             validators.push((name.clone(), consensus::keys::public_key_hex(&public)));
         }
     }
-    let verifier = options.gpu_verifier.then(gpu_verifier);
+    let backends = (options.verifier != Verifier::Cpu).then(|| gpu_backends(options.verifier));
     let counters: Vec<Arc<Counter>> = names.iter().map(|_| Arc::default()).collect();
     let engines: Vec<Arc<ConsensusEngine>> = server.block_on(async {
         let mut engines = Vec::new();
@@ -194,7 +216,7 @@ fn main() {
                 .peers(peers.iter().map(|s| s.as_str()))
                 .request_timeout(Duration::from_secs(30))
                 .batch_size(4096);
-            if options.algorithm == Algorithm::Pbft {
+            if options.algorithm.signs_messages() {
                 config = config
                     .key_file(keys.path().join(name))
                     .view_change_timeout(Duration::from_secs(10));
@@ -205,10 +227,13 @@ fn main() {
             let engine = ConsensusEngine::new(config).expect("config");
             let mut engine = match options.algorithm {
                 Algorithm::Pbft => engine.with_local_network(&pbft_network),
-                _ => engine.with_local_network(&network),
+                Algorithm::GpuOptimizedRaft => engine.with_local_network(&gpu_raft_network),
+                Algorithm::Raft => engine.with_local_network(&network),
             };
-            if let Some(verifier) = &verifier {
-                engine = engine.with_signature_verifier(verifier.clone());
+            if let Some((verifier, votes)) = &backends {
+                engine = engine
+                    .with_signature_verifier(verifier.clone())
+                    .with_vote_aggregator(votes.clone());
             }
             engine
                 .set_state_machine(CountingStateMachine {
@@ -242,6 +267,12 @@ fn main() {
         let mut tasks = Vec::new();
         for client_index in 0..options.clients {
             let leader = leader.clone();
+            // Each client's own key; its commands are all empty, so one signature serves them
+            // all (the leader still checks every copy).
+            let signature = options.signed_clients.then(|| {
+                let key = ed25519_dalek::SigningKey::from_bytes(&[client_index as u8 + 1; 32]);
+                consensus::ClientSignature::sign(&[], &key)
+            });
             let operations = per_client + u64::from(client_index < remainder);
             let batch = options.batch;
             tasks.push(tokio::spawn(async move {
@@ -256,7 +287,10 @@ fn main() {
                     let timed = calls_made % LATENCY_SAMPLE_EVERY == 0;
                     calls_made += 1;
                     let propose = || async {
-                        let proposal = Proposal::from_bytes(&[][..]);
+                        let proposal = match &signature {
+                            Some(signature) => Proposal::with_signature(&[][..], signature.clone()),
+                            None => Proposal::from_bytes(&[][..]),
+                        };
                         if timed {
                             leader.propose_timed(proposal).await
                         } else {
@@ -342,14 +376,18 @@ fn main() {
             std::process::exit(1);
         }
     }
-    if options.algorithm == Algorithm::Pbft {
+    if options.algorithm.signs_messages() {
         let checking: Duration = engines
             .iter()
             .map(|e| e.metrics().vote_processing_total)
             .sum();
         println!(
-            "signature checks ({}): {:.1}% of the {} driver threads' time",
-            if options.gpu_verifier { "gpu" } else { "cpu" },
+            "signature checks and vote counting ({}): {:.1}% of the {} driver threads' time",
+            match options.verifier {
+                Verifier::Cpu => "cpu",
+                Verifier::Gpu => "gpu",
+                Verifier::Auto => "auto",
+            },
             100.0 * checking.as_secs_f64() / (elapsed.as_secs_f64() * options.members as f64),
             options.members
         );
@@ -373,19 +411,39 @@ fn main() {
     client.shutdown_background();
 }
 
-/// The GPU signature verifier, used for every batch (a software adapter included, which the
-/// automatic verifier would never choose), with the adapter's name printed.
+type Backends = (
+    Arc<dyn consensus::gpu::SignatureVerifier>,
+    Arc<dyn consensus::gpu::VoteAggregator>,
+);
+
+/// The GPU signature verifier and vote aggregator, with the adapter's name printed: for
+/// `Verifier::Gpu` used for every batch (a software adapter included, which the automatic ones
+/// would never choose), for `Verifier::Auto` the automatic ones.
 #[cfg(feature = "gpu")]
-fn gpu_verifier() -> Arc<dyn consensus::gpu::SignatureVerifier> {
-    use consensus::gpu::{AutoSignatureVerifier, GpuConfig, GpuContext, GpuSignatureVerifier};
+fn gpu_backends(verifier: Verifier) -> Backends {
+    use consensus::gpu::{
+        AdaptiveVoteAggregator, AutoSignatureVerifier, GpuConfig, GpuContext, GpuSignatureVerifier,
+        GpuVoteAggregator,
+    };
     let context = Arc::new(GpuContext::new(GpuConfig::default()).expect("a GPU adapter"));
-    println!("gpu verifier on {:?}", context.adapter_name());
-    let gpu = GpuSignatureVerifier::new(context).expect("the GPU verifier passes its self-check");
-    Arc::new(AutoSignatureVerifier::with_crossover(Some(gpu), 1))
+    println!("gpu backends on {:?}", context.adapter_name());
+    let gpu =
+        GpuSignatureVerifier::new(context.clone()).expect("the GPU verifier passes its self-check");
+    let votes = GpuVoteAggregator::with_context(context).expect("the GPU vote aggregator");
+    match verifier {
+        Verifier::Gpu => (
+            Arc::new(AutoSignatureVerifier::with_crossover(Some(gpu), 1)),
+            Arc::new(votes),
+        ),
+        _ => (
+            Arc::new(AutoSignatureVerifier::new(Some(gpu))),
+            Arc::new(AdaptiveVoteAggregator::new(votes)),
+        ),
+    }
 }
 
 #[cfg(not(feature = "gpu"))]
-fn gpu_verifier() -> Arc<dyn consensus::gpu::SignatureVerifier> {
-    eprintln!("bench: --verifier gpu needs the gpu feature");
+fn gpu_backends(_: Verifier) -> Backends {
+    eprintln!("bench: --verifier gpu and auto need the gpu feature");
     std::process::exit(2);
 }

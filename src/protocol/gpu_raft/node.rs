@@ -233,6 +233,44 @@ impl GpuRaftNode {
             }
         }
         self.certify(out);
+        self.seal_acks(out);
+    }
+
+    /// Signs the acknowledgements of this output, keeping only the highest to each leader in
+    /// each term: it implies every lower one (log matching), so a follower that took in several
+    /// appends in one round signs once rather than once per append.
+    fn seal_acks(&self, out: &mut Output) {
+        let mut highest: BTreeMap<(NodeId, Term), LogIndex> = BTreeMap::new();
+        for envelope in &out.messages_after_write {
+            if let Message::Ack(ack) = &envelope.message {
+                let index = highest.entry((envelope.to, ack.term)).or_default();
+                *index = (*index).max(ack.index);
+            }
+        }
+        if highest.is_empty() {
+            return;
+        }
+        out.messages_after_write
+            .retain(|envelope| match &envelope.message {
+                Message::Ack(ack) => {
+                    let key = (envelope.to, ack.term);
+                    // The first copy of the highest one stays; the others go.
+                    let keep = highest.get(&key) == Some(&ack.index);
+                    if keep {
+                        highest.remove(&key);
+                    }
+                    keep
+                }
+                _ => true,
+            });
+        let key = &self.config.signing_key;
+        for envelope in &mut out.messages_after_write {
+            if let Message::Ack(ack) = &mut envelope.message
+                && ack.signature.is_empty()
+            {
+                *ack = SignedAck::sign(ack.voter, ack.term, ack.index, ack.chain, key);
+            }
+        }
     }
 
     /// A client's proposal, in its frame (see [`client_signature`](crate::client_signature)):
@@ -537,8 +575,15 @@ impl GpuRaftNode {
                 index,
                 reject: None,
             } => {
+                // Signed when the step ends, once per recipient and term (see `seal_acks`).
                 let chain = self.chain.at(index)?;
-                Message::Ack(SignedAck::sign(from, term, index, chain, key))
+                Message::Ack(SignedAck {
+                    voter: from,
+                    term,
+                    index,
+                    chain,
+                    signature: Bytes::new(),
+                })
             }
             // Certificates ride on heartbeats only: with n voters a certificate holds n/2 + 1
             // signatures, and sending one with every append would multiply the leader's
@@ -609,8 +654,14 @@ impl GpuRaftNode {
             && durable > self.inner.commit_index()
             && let Some(chain) = self.chain.at(durable)
         {
-            let ack = SignedAck::sign(me, term, durable, chain, &self.config.signing_key);
-            self.note_ack(ack);
+            // Signed only if a certificate needs it (see `build_certificate`).
+            self.note_ack(SignedAck {
+                voter: me,
+                term,
+                index: durable,
+                chain,
+                signature: Bytes::new(),
+            });
         }
         if self.acks_term != term {
             return;
@@ -660,26 +711,42 @@ impl GpuRaftNode {
         self.step_commit(index, out);
     }
 
-    /// The certificate for `index`: the `quorum` acknowledgements closest above it.
+    /// The certificate for `index`: the `quorum` acknowledgements closest above it, the
+    /// followers' first. The leader's own is signed only when the certificate needs it: with
+    /// followers enough to make a quorum, that saves a signature per commit.
     fn build_certificate(
-        &self,
+        &mut self,
         term: Term,
         index: LogIndex,
         quorum: usize,
     ) -> Option<CommitCertificate> {
-        let mut acks: Vec<&SignedAck> = self.acks.values().filter(|a| a.index >= index).collect();
-        acks.sort_by_key(|ack| ack.index);
-        acks.truncate(quorum);
-        let highest = acks.last()?.index;
-        if acks.len() < quorum {
+        let mut chosen: Vec<NodeId> = {
+            let mut acks: Vec<&SignedAck> =
+                self.acks.values().filter(|a| a.index >= index).collect();
+            acks.sort_by_key(|ack| (ack.signature.is_empty(), ack.index));
+            acks.truncate(quorum);
+            acks.into_iter().map(|ack| ack.voter).collect()
+        };
+        if chosen.len() < quorum {
             return None;
         }
+        let key = &self.config.signing_key;
+        let mut acks = Vec::with_capacity(quorum);
+        for voter in chosen.drain(..) {
+            let ack = self.acks.get_mut(&voter)?;
+            if ack.signature.is_empty() {
+                *ack = SignedAck::sign(ack.voter, ack.term, ack.index, ack.chain, key);
+            }
+            acks.push(ack.clone());
+        }
+        let highest = acks.iter().map(|ack| ack.index).max()?;
+        acks.sort_by_key(|ack| ack.voter);
         Some(CommitCertificate {
             term,
             index,
             chain: self.chain.at(index)?,
             path: self.chain.digests(index + 1, highest)?,
-            acks: acks.into_iter().cloned().collect(),
+            acks,
         })
     }
 
@@ -881,6 +948,7 @@ impl Protocol for GpuRaftNode {
             self.receive(envelope, out);
         }
         self.certify(out);
+        self.seal_acks(out);
     }
 
     fn invalid_messages(&self) -> InvalidCounts {

@@ -73,7 +73,7 @@ impl SignedAck {
 pub(crate) type SignedPart = (NodeId, Vec<u8>, Option<[u8; 64]>);
 
 /// A quorum of signed acknowledgements proving the log through [`CommitCertificate::index`]
-/// committed. See the [module documentation](self).
+/// committed. See the [module documentation](super).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitCertificate {
     /// The leader's term; every acknowledgement is of it, and so is the entry at `index`

@@ -6,7 +6,7 @@
 //! 1. **Signed votes and acknowledgements.** Every granted vote and pre-vote, and every
 //!    successful append acknowledgement, leaves signed by its voter
 //!    ([`Message::Grant`], [`Message::Ack`]); an unsigned one is refused. A driver passes each
-//!    round of peer messages through [`Protocol::authenticate`], which checks all their
+//!    round of peer messages through [`Protocol::authenticate`](crate::protocol::Protocol::authenticate), which checks all their
 //!    signatures as one [`SignatureVerifier`](crate::gpu::SignatureVerifier) batch, so a GPU
 //!    verifier sees whole rounds.
 //! 2. **Commit by signed count, with certificates.** The leader commits only what a quorum of
@@ -16,7 +16,7 @@
 //!    commit an index form a [`CommitCertificate`], persisted beside the log and sent to the
 //!    followers with the next heartbeat, so anyone holding a node's data directory can check
 //!    offline that its log was stored by a quorum ([`verify_log`](crate::verify_log)). An
-//!    acknowledgement signs the [chain](chain) value of the log prefix it acknowledges, so one
+//!    acknowledgement signs the [`chain`] value of the log prefix it acknowledges, so one
 //!    signature vouches for every entry before it, and an acknowledgement of another log than
 //!    the leader's is never counted.
 //! 3. **Evidence.** A new leader sends its peers the signed votes that elected it

@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release --example bench -- [-c CLIENTS] [-n OPERATIONS] [-m MEMBERS] [-b BATCH]
 //!     [--server-workers N] [--client-workers N] [--algorithm raft|pbft|gpu_optimized_raft]
-//!     [--verifier cpu|gpu|auto] [--signed-clients]
+//!     [--verifier cpu|gpu|auto] [--signed-clients] [--batch-size N]
 //! ```
 //! `--algorithm pbft` runs PBFT replicas (MEMBERS at least 4), each with a fresh key; the
 //! clients propose to the primary. `--algorithm gpu_optimized_raft` runs Raft with signed votes
@@ -15,7 +15,8 @@
 //! batch, whatever its size), `--verifier auto` with the automatic ones (GPU above their
 //! crossovers, CPU below), and the run also prints the share of the driver threads' time
 //! spent checking signatures and counting votes. `--signed-clients` (GPU-optimized Raft) has
-//! every client sign its commands, which the leader checks in batches before appending.
+//! every client sign its commands, which the leader checks in batches of up to `--batch-size`
+//! (the engines' `batch_size`, 4096 by default) before appending.
 //! CLIENTS tasks submit OPERATIONS empty proposals in total, BATCH per call, each waiting for its
 //! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
 //! run every member must have applied every operation; otherwise the program fails.
@@ -78,6 +79,9 @@ struct Options {
     algorithm: Algorithm,
     verifier: Verifier,
     signed_clients: bool,
+    /// The engines' `batch_size`: the most proposals per append, and under GPU-optimized Raft
+    /// the most signed commands checked in one batch.
+    batch_size: usize,
 }
 
 /// Which backend checks signatures and counts votes.
@@ -115,6 +119,7 @@ fn parse_options() -> Result<Options, String> {
         algorithm: Algorithm::Raft,
         verifier: Verifier::Cpu,
         signed_clients: false,
+        batch_size: 4096,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -139,6 +144,7 @@ fn parse_options() -> Result<Options, String> {
                 other => return Err(format!("--verifier: cpu, gpu or auto, not {other:?}")),
             },
             "--signed-clients" => options.signed_clients = true,
+            "--batch-size" => options.batch_size = parse_count(&value()?)? as usize,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -215,7 +221,7 @@ fn main() {
                 .node_id(name.as_str())
                 .peers(peers.iter().map(|s| s.as_str()))
                 .request_timeout(Duration::from_secs(30))
-                .batch_size(4096);
+                .batch_size(options.batch_size);
             if options.algorithm.signs_messages() {
                 config = config
                     .key_file(keys.path().join(name))

@@ -79,8 +79,12 @@ pub struct GpuRaftNode {
     /// The newest certificate this node holds, and the last one kept for good.
     certificate: Option<CommitCertificate>,
     kept_index: LogIndex,
-    /// Leader: per peer, the index of the last certificate sent to it.
-    certificate_sent: BTreeMap<NodeId, LogIndex>,
+    /// Leader: per peer, when it last got a certificate.
+    certificate_sent: BTreeMap<NodeId, CertificatePace>,
+    /// Leader: the highest index it committed that its certificate does not cover yet (a
+    /// quorum of followers alone did not hold it, and its own signature waits for the next
+    /// tick: one signature per tick, not one per commit).
+    uncertified: LogIndex,
     /// Candidate: the signed votes granted to it in `votes_term`.
     votes_received: BTreeMap<NodeId, SignedVote>,
     votes_term: Term,
@@ -102,6 +106,20 @@ pub struct GpuRaftNode {
 
 /// What a client's signature must verify: key, signature, signed bytes.
 type ClientCheck = ([u8; 32], [u8; 64], Vec<u8>);
+
+/// Under load a follower gets the leader's newest certificate with one heartbeat in this many.
+const CERTIFICATE_HEARTBEATS: u32 = 10;
+
+/// When a follower last got a certificate.
+#[derive(Clone, Copy, Debug, Default)]
+struct CertificatePace {
+    /// The index of the last certificate sent.
+    sent: LogIndex,
+    /// Heartbeats since.
+    heartbeats: u32,
+    /// The leader's certificate index at the previous heartbeat.
+    seen_at_last_heartbeat: LogIndex,
+}
 
 impl std::fmt::Debug for GpuRaftNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +183,7 @@ impl GpuRaftNode {
             certificate,
             kept_index,
             certificate_sent: BTreeMap::new(),
+            uncertified: 0,
             votes_received: BTreeMap::new(),
             votes_term: 0,
             announced_term: 0,
@@ -220,6 +239,7 @@ impl GpuRaftNode {
             Input::Message(envelope) => self.receive(envelope, out),
             Input::Tick => {
                 self.check_client_signatures(out);
+                self.complete_certificate(out);
                 self.step_inner(raft::Input::Tick, out);
             }
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
@@ -585,23 +605,34 @@ impl GpuRaftNode {
                     signature: Bytes::new(),
                 })
             }
-            // Certificates ride on heartbeats only: with n voters a certificate holds n/2 + 1
-            // signatures, and sending one with every append would multiply the leader's
-            // outgoing bytes by the electorate; a follower's copy lags by a heartbeat at most.
-            message @ raft::Message::Heartbeat { .. } => match &self.certificate {
-                Some(certificate)
-                    if self.inner.is_leader()
-                        && certificate.term == self.inner.term()
-                        && self.certificate_sent.get(&to) < Some(&certificate.index) =>
-                {
-                    self.certificate_sent.insert(to, certificate.index);
-                    Message::Certified {
-                        message,
-                        certificate: Box::new(certificate.clone()),
+            // Certificates ride on heartbeats only, and under load on one heartbeat in
+            // `CERTIFICATE_HEARTBEATS`: with n voters a certificate holds n/2 + 1 signatures
+            // that every follower checks, so sending one with every append would cost the
+            // cluster n²/2 verifications per commit. A certificate that stood still for a
+            // heartbeat (the cluster went idle) goes out at once.
+            message @ raft::Message::Heartbeat { .. } => {
+                let index = self.certificate.as_ref().map_or(0, |c| c.index);
+                let pace = self.certificate_sent.entry(to).or_default();
+                pace.heartbeats += 1;
+                let settled = pace.seen_at_last_heartbeat == index;
+                pace.seen_at_last_heartbeat = index;
+                match &self.certificate {
+                    Some(certificate)
+                        if self.inner.is_leader()
+                            && certificate.term == self.inner.term()
+                            && pace.sent < certificate.index
+                            && (settled || pace.heartbeats >= CERTIFICATE_HEARTBEATS) =>
+                    {
+                        pace.sent = certificate.index;
+                        pace.heartbeats = 0;
+                        Message::Certified {
+                            message,
+                            certificate: Box::new(certificate.clone()),
+                        }
                     }
+                    _ => Message::Raft(message),
                 }
-                _ => Message::Raft(message),
-            },
+            }
             message => Message::Raft(message),
         };
         Some(Envelope { from, to, message })
@@ -616,6 +647,7 @@ impl GpuRaftNode {
         self.announced_term = term;
         self.commit_when_elected = self.inner.commit_index();
         self.certificate_sent.clear();
+        self.uncertified = 0;
         let votes: Vec<SignedVote> = if self.votes_term == term {
             self.votes_received.values().cloned().collect()
         } else {
@@ -703,41 +735,78 @@ impl GpuRaftNode {
         else {
             return;
         };
-        let Some(certificate) = self.build_certificate(term, index, quorum) else {
-            self.miscounted += 1;
-            return;
-        };
-        self.keep(certificate, out);
+        match self.build_certificate(term, index, quorum, false) {
+            Some(certificate) => self.keep(certificate, out),
+            None if self.can_certify(index, quorum) => self.uncertified = index,
+            None => {
+                self.miscounted += 1;
+                return;
+            }
+        }
         self.step_commit(index, out);
     }
 
+    /// Leader: completes the certificate of what it committed on its own signature (once per
+    /// tick, before the tick's heartbeats leave).
+    fn complete_certificate(&mut self, out: &mut Output) {
+        let held = self.certificate.as_ref().map_or(0, |c| c.index);
+        if !self.inner.is_leader() || self.uncertified <= held {
+            return;
+        }
+        let (term, index) = (self.inner.term(), self.uncertified);
+        let quorum = self.voters.len() / 2 + 1;
+        match self.build_certificate(term, index, quorum, true) {
+            Some(certificate) => self.keep(certificate, out),
+            None => self.miscounted += 1,
+        }
+    }
+
+    /// Whether a quorum of acknowledgements (the leader's own unsigned one included) reaches
+    /// `index`.
+    fn can_certify(&self, index: LogIndex, quorum: usize) -> bool {
+        self.acks.values().filter(|ack| ack.index >= index).count() >= quorum
+    }
+
+    /// Leader: the certificate of everything it committed, its own acknowledgement signed if
+    /// it must be (for checks: the node's state is unchanged).
+    pub fn certificate_of_commit(&self) -> Option<CommitCertificate> {
+        let held = self.certificate.as_ref().map_or(0, |c| c.index);
+        if self.uncertified <= held || !self.inner.is_leader() {
+            return self.certificate.clone();
+        }
+        let quorum = self.voters.len() / 2 + 1;
+        self.build_certificate(self.inner.term(), self.uncertified, quorum, true)
+    }
+
     /// The certificate for `index`: the `quorum` acknowledgements closest above it, the
-    /// followers' first. The leader's own is signed only when the certificate needs it: with
-    /// followers enough to make a quorum, that saves a signature per commit.
+    /// followers' first. The leader's own is signed only when the certificate needs it, and
+    /// then only with `sign_own` (else `None`).
     fn build_certificate(
-        &mut self,
+        &self,
         term: Term,
         index: LogIndex,
         quorum: usize,
+        sign_own: bool,
     ) -> Option<CommitCertificate> {
-        let mut chosen: Vec<NodeId> = {
-            let mut acks: Vec<&SignedAck> =
-                self.acks.values().filter(|a| a.index >= index).collect();
-            acks.sort_by_key(|ack| (ack.signature.is_empty(), ack.index));
-            acks.truncate(quorum);
-            acks.into_iter().map(|ack| ack.voter).collect()
-        };
+        let mut chosen: Vec<&SignedAck> = self.acks.values().filter(|a| a.index >= index).collect();
+        chosen.sort_by_key(|ack| (ack.signature.is_empty(), ack.index));
+        chosen.truncate(quorum);
         if chosen.len() < quorum {
             return None;
         }
         let key = &self.config.signing_key;
         let mut acks = Vec::with_capacity(quorum);
-        for voter in chosen.drain(..) {
-            let ack = self.acks.get_mut(&voter)?;
+        for ack in chosen {
             if ack.signature.is_empty() {
-                *ack = SignedAck::sign(ack.voter, ack.term, ack.index, ack.chain, key);
+                if !sign_own {
+                    return None;
+                }
+                acks.push(SignedAck::sign(
+                    ack.voter, ack.term, ack.index, ack.chain, key,
+                ));
+            } else {
+                acks.push(ack.clone());
             }
-            acks.push(ack.clone());
         }
         let highest = acks.iter().map(|ack| ack.index).max()?;
         acks.sort_by_key(|ack| ack.voter);

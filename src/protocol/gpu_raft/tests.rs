@@ -129,7 +129,8 @@ fn a_leader_commits_what_signed_acks_certify_and_followers_keep_the_certificate(
         cluster.step(leader, Input::Propose { request_id, data });
     }
     cluster.step(leader, Input::FlushProposals);
-    for _ in 0..6 {
+    // Followers get the certificate with a heartbeat once it stood still for one.
+    for _ in 0..30 {
         cluster.tick();
     }
     let validators = test_validators(&ids(3));

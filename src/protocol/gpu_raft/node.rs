@@ -916,6 +916,10 @@ impl GpuRaftNode {
                 if self.config.injected_bugs.accept_unchecked_acks {
                     return Ok(());
                 }
+                // Every acknowledgement is checked, even one at or below the commit index that
+                // cannot move the commit: the leader tells a follower the commit capped at what
+                // that follower acknowledged, so an unchecked one could make a follower apply
+                // entries it does not hold (the simulator found exactly that when it was tried).
                 let bytes = SignedAck::signing_bytes(ack.voter, ack.term, ack.index, &ack.chain);
                 checks.push((bytes, sender, signature_of(&ack.signature)?));
                 Ok(())

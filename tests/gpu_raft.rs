@@ -114,9 +114,9 @@ fn large(seed: u64) -> SimConfig<GpuRaftConfig> {
         max_down_us: 800_000,
         max_fault_us: 800_000,
     };
-    config.fault_phase_us = 1_500_000;
+    config.fault_phase_us = 1_000_000;
     config.forgeries = 0.01;
-    config.clients = 3;
+    config.clients = 2;
     config
 }
 

@@ -268,6 +268,7 @@ impl Metrics {
 
     /// Counts the GPU batches answered on the CPU: `fallbacks` reads the GPU context's running
     /// total (read when the metrics are).
+    #[cfg(feature = "gpu")]
     pub(crate) fn watch_gpu_fallbacks(&self, fallbacks: RunningTotal) {
         *crate::sync::lock(&self.gpu_fallback_watch) = FrameWatch {
             read: Some(fallbacks),

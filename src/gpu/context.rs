@@ -76,6 +76,14 @@ pub struct GpuContext {
     cpu_fallbacks: Counter,
     timeouts: Counter,
     submissions: AtomicU64,
+    /// Held around every `device.poll` and `queue.submit`: wgpu-core 30 reads the fence and
+    /// then retires the queue's finished submissions in two steps, so a thread polling while
+    /// another polls or submits on the same device can see a queue emptied by the other with
+    /// a stale fence value, and its defensive
+    /// assertion ("If the queue is empty, the current submission index ... should be at least
+    /// the wait submission index") panics. Engines of one process share a context (their
+    /// driver threads verify and count concurrently), which is how it was found.
+    poll_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -245,6 +253,7 @@ impl GpuContext {
             cpu_fallbacks: Counter::default(),
             timeouts: Counter::default(),
             submissions: AtomicU64::new(0),
+            poll_lock: Mutex::new(()),
         })
     }
 
@@ -388,6 +397,12 @@ impl GpuContext {
         }
     }
 
+    /// `device.poll`, one thread at a time (see `poll_lock`).
+    fn poll(&self, kind: wgpu::PollType) -> Result<wgpu::PollStatus, wgpu::PollError> {
+        let _polling = lock(&self.poll_lock);
+        self.device.poll(kind)
+    }
+
     /// Submits command buffers and counts the submission.
     pub fn submit(
         &self,
@@ -395,6 +410,8 @@ impl GpuContext {
     ) -> Result<wgpu::SubmissionIndex, GpuError> {
         self.check_not_lost()?;
         self.submissions.fetch_add(1, Ordering::Relaxed);
+        // A submission retires finished ones too: it must not run inside another thread's poll.
+        let _polling = lock(&self.poll_lock);
         Ok(self.queue.submit(commands))
     }
 
@@ -417,7 +434,7 @@ impl GpuContext {
     ) -> Result<(), GpuError> {
         self.check_not_lost()?;
         let waited = self.config.kernel_launch_timeout;
-        let result = self.device.poll(wgpu::PollType::Wait {
+        let result = self.poll(wgpu::PollType::Wait {
             submission_index: submission,
             timeout: Some(waited),
         });
@@ -499,7 +516,7 @@ impl GpuContext {
             self.check_not_lost()?;
             let remaining = deadline.saturating_duration_since(std::time::Instant::now());
             let step = remaining.min(Duration::from_millis(5));
-            match self.device.poll(wgpu::PollType::Wait {
+            match self.poll(wgpu::PollType::Wait {
                 submission_index: None,
                 timeout: Some(step),
             }) {
@@ -510,7 +527,7 @@ impl GpuContext {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(error)) => {
                     // A destroyed or lost device fails pending mappings; report the cause.
-                    let _ = self.device.poll(wgpu::PollType::Poll);
+                    let _ = self.poll(wgpu::PollType::Poll);
                     self.check_not_lost()?;
                     return Err(GpuError::Map(error.to_string()));
                 }

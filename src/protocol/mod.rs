@@ -73,6 +73,15 @@ pub enum Input<M, C> {
     /// Append buffered proposals now. The engine sends this when its input queue is drained, so
     /// proposals that arrived together go out together without waiting for the batch timeout.
     FlushProposals,
+    /// A hint from the transport: every connection to `peer` just broke (reset, refused or
+    /// closed), which is what a killed process or a closed port looks like. It may be false (a
+    /// network blip) and it may never come (a silent partition), so a core may only act on it
+    /// in ways that are safe either way: Raft starts a pre-vote early when `peer` is its
+    /// leader; PBFT ignores it.
+    PeerUnreachable {
+        /// The peer whose connections broke.
+        peer: NodeId,
+    },
     /// The log is durable through `index`, whose entry has `term` (the term guards against an
     /// acknowledgement of entries that a later truncation already replaced).
     Durable {

@@ -57,6 +57,11 @@ pub struct RaftConfig {
     pub max_pending_proposals: usize,
     /// A follower passes proposals on to the leader it knows instead of refusing them.
     pub forward_proposals: bool,
+    /// When the transport reports the leader unreachable
+    /// ([`Input::PeerUnreachable`](crate::protocol::Input::PeerUnreachable)), the followers
+    /// start their pre-votes this many ticks apart, in the order of their ids (the first at
+    /// once), so that they do not split the vote by campaigning at the same instant.
+    pub unreachable_leader_stagger_ticks: u32,
     /// Seeds the election-timeout randomness. Give each node its own.
     pub seed: u64,
     /// Deliberate bugs for the simulator's self-tests (feature `sim`).
@@ -86,6 +91,7 @@ impl RaftConfig {
             max_batch_bytes: 1 << 20,
             max_pending_proposals: 65_536,
             forward_proposals: true,
+            unreachable_leader_stagger_ticks: 2,
             seed: 0,
             #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),

@@ -141,12 +141,65 @@ impl RaftNode {
     }
 
     /// True while this node has reason to believe a leader is alive: it heard from one (or, as
-    /// leader, confirmed a quorum) within the last election timeout. Only meaningful with
-    /// check-quorum, which is what makes the leader's side of the lease hold.
+    /// leader, confirmed a quorum) within the last election timeout, and its transport has not
+    /// reported that leader's connections broken since (see [`RaftNode::on_peer_unreachable`]).
+    /// Only meaningful with check-quorum, which is what makes the leader's side of the lease
+    /// hold.
     pub(crate) fn in_lease(&self) -> bool {
         self.config.check_quorum
             && self.leader.is_some()
+            && !self.leader_unreachable
             && self.election_elapsed < self.config.election_timeout_ticks
+    }
+
+    /// The transport reports that every connection to `peer` broke ([`Input::PeerUnreachable`]).
+    ///
+    /// When `peer` is this follower's leader, the follower starts a pre-vote now instead of
+    /// waiting out its election timeout, and stops counting on the leader's lease when it
+    /// answers pre-votes and votes. Why that is enough, and safe:
+    ///
+    /// - A hint alone would not help if voters kept honouring the lease: the other followers
+    ///   heard from the leader a moment ago too, and would refuse the pre-vote. But their
+    ///   connections to a dead leader break as well, so they get the hint too, and a voter that
+    ///   has it no longer counts the lease ([`RaftNode::in_lease`]); the pre-vote can win.
+    /// - A false hint (a connection blip to a live leader) cannot depose a leader that holds a
+    ///   quorum: the leader itself and every voter still hearing from it without a hint refuse
+    ///   the pre-vote, and a pre-vote that loses changes no term. The hint is cleared by the
+    ///   leader's next message, so a blip is forgotten within a heartbeat.
+    /// - The hint never bumps a term and never skips the pre-vote: without pre-vote configured it
+    ///   is ignored. Election safety does not depend on leases or hints at all; they only decide
+    ///   how soon an election may start.
+    /// - A merely slow leader keeps its connections, so it sends no hint and still gets the
+    ///   whole timeout.
+    ///
+    /// The followers of a dead leader all get the hint at about the same moment; had they all
+    /// started at once, each would vote for itself and split the vote. So they start in the
+    /// order of their ids, [`RaftConfig::unreachable_leader_stagger_ticks`] apart.
+    ///
+    /// [`Input::PeerUnreachable`]: crate::protocol::Input::PeerUnreachable
+    /// [`RaftConfig::unreachable_leader_stagger_ticks`]:
+    ///     crate::protocol::raft::RaftConfig::unreachable_leader_stagger_ticks
+    pub(crate) fn on_peer_unreachable(&mut self, peer: NodeId, out: &mut Output) {
+        let acts = self.role == Role::Follower
+            && self.leader == Some(peer)
+            && peer != self.config.id
+            && !self.leader_unreachable
+            && self.config.pre_vote
+            && self.is_voter();
+        if !acts {
+            return;
+        }
+        self.leader_unreachable = true;
+        let me = self.config.id;
+        let rank = self.peers().filter(|&p| p != peer && p < me).count() as u32;
+        let delay = rank.saturating_mul(self.config.unreachable_leader_stagger_ticks);
+        if delay == 0 {
+            self.start_campaign(false, out);
+        } else {
+            // The timer fires `delay` ticks from now, or sooner if it was due sooner anyway.
+            let due = self.election_elapsed.saturating_add(delay);
+            self.election_timeout = self.election_timeout.min(due);
+        }
     }
 
     fn handle_request_vote(
@@ -270,6 +323,12 @@ impl RaftNode {
         if self.role != Role::Follower || self.leader != Some(leader) {
             let term = self.term;
             self.become_follower(term, Some(leader), out);
+        }
+        if self.leader_unreachable {
+            // The leader is alive after all: the lease holds again, and the early start the
+            // hint scheduled is called off.
+            self.leader_unreachable = false;
+            self.reset_election_timer();
         }
         self.election_elapsed = 0;
     }

@@ -70,6 +70,10 @@ pub struct RaftNode {
     pub(crate) heartbeat_elapsed: u32,
     /// Votes (or pre-votes) received in the current campaign: voter → granted.
     pub(crate) votes: BTreeMap<NodeId, bool>,
+    /// The transport reported [`RaftNode::leader`] unreachable since this node last heard from
+    /// it (see [`RaftNode::on_peer_unreachable`]). Cleared by the leader's next message and by
+    /// any change of leader.
+    pub(crate) leader_unreachable: bool,
     pub(crate) leader_state: Option<LeaderState>,
 }
 
@@ -103,6 +107,7 @@ impl RaftNode {
             election_timeout: config.election_timeout_ticks,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
+            leader_unreachable: false,
             leader_state: None,
             config,
         };
@@ -121,6 +126,7 @@ impl RaftNode {
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
+            Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
         }
         #[cfg(debug_assertions)]
         {
@@ -282,6 +288,7 @@ impl RaftNode {
     pub(crate) fn set_leader(&mut self, leader: Option<NodeId>, out: &mut Output) {
         if self.leader != leader {
             self.leader = leader;
+            self.leader_unreachable = false;
             out.events.push(Event::LeaderChanged {
                 term: self.term,
                 leader,

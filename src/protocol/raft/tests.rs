@@ -666,3 +666,104 @@ fn a_node_recovered_from_a_compacted_log_starts_past_index_1() {
     };
     assert!(RaftNode::new(RaftConfig::new(NodeId(1), vec![NodeId(1)]), gap).is_err());
 }
+
+/// The followers of `leader`, in id order.
+fn followers_of(cluster: &Cluster, leader: NodeId) -> Vec<NodeId> {
+    cluster
+        .nodes
+        .keys()
+        .copied()
+        .filter(|&id| id != leader)
+        .collect()
+}
+
+/// Leaders other than `old` (a cut-off old leader still believes it leads).
+fn new_leaders(cluster: &Cluster, old: NodeId) -> Vec<NodeId> {
+    cluster
+        .leaders()
+        .into_iter()
+        .filter(|&id| id != old)
+        .collect()
+}
+
+#[test]
+fn followers_told_their_leader_is_unreachable_elect_a_new_one_before_the_timeout() {
+    for reverse in [false, true] {
+        let mut cluster = Cluster::new(3, |_| {});
+        let old = cluster.elect();
+        let term = cluster.nodes[&old].term();
+        cluster.isolate(old); // killed: its connections break
+        let mut followers = followers_of(&cluster, old);
+        if reverse {
+            followers.reverse(); // the second in id order hears first
+        }
+        for &follower in &followers {
+            cluster.step(follower, Input::PeerUnreachable { peer: old });
+        }
+        // Well within one election timeout (10 ticks): the staggered start is 2 ticks.
+        cluster.tick_all(4);
+        let elected = new_leaders(&cluster, old);
+        assert_eq!(elected.len(), 1, "reverse {reverse}: {elected:?}");
+        assert_eq!(cluster.nodes[&elected[0]].term(), term + 1);
+    }
+}
+
+#[test]
+fn without_the_hint_the_followers_wait_for_their_election_timeout() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let old = cluster.elect();
+    cluster.isolate(old);
+    cluster.tick_all(4);
+    assert!(new_leaders(&cluster, old).is_empty());
+}
+
+#[test]
+fn a_false_hint_does_not_depose_a_leader_that_holds_a_quorum() {
+    let mut cluster = Cluster::new(5, |_| {});
+    let leader = cluster.elect();
+    let term = cluster.nodes[&leader].term();
+    let followers = followers_of(&cluster, leader);
+    // A blip on one follower's connections, then on another's: never a quorum at once.
+    for &follower in &followers[..2] {
+        cluster.step(follower, Input::PeerUnreachable { peer: leader });
+        cluster.tick_all(30);
+        assert_eq!(cluster.leaders(), vec![leader]);
+        assert_eq!(cluster.nodes[&leader].term(), term);
+        assert_eq!(cluster.nodes[&follower].leader(), Some(leader));
+    }
+}
+
+#[test]
+fn a_hint_only_starts_a_pre_vote_and_never_moves_the_term() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let old = cluster.elect();
+    let term = cluster.nodes[&old].term();
+    cluster.isolate(old);
+    let followers = followers_of(&cluster, old);
+    // Only the first follower hears; the second still honours the lease and refuses.
+    cluster.step(followers[0], Input::PeerUnreachable { peer: old });
+    assert_eq!(cluster.nodes[&followers[0]].role(), Role::PreCandidate);
+    assert_eq!(cluster.nodes[&followers[0]].term(), term);
+    assert_eq!(cluster.nodes[&followers[1]].term(), term);
+
+    // Without pre-vote the hint is ignored: it must never bump a term directly.
+    let mut cluster = Cluster::new(3, |config| config.pre_vote = false);
+    let old = cluster.elect();
+    let term = cluster.nodes[&old].term();
+    cluster.isolate(old);
+    let follower = followers_of(&cluster, old)[0];
+    cluster.step(follower, Input::PeerUnreachable { peer: old });
+    assert_eq!(cluster.nodes[&follower].role(), Role::Follower);
+    assert_eq!(cluster.nodes[&follower].term(), term);
+}
+
+#[test]
+fn a_hint_about_a_peer_that_is_not_the_leader_changes_nothing() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let followers = followers_of(&cluster, leader);
+    cluster.step(followers[0], Input::PeerUnreachable { peer: followers[1] });
+    cluster.step(leader, Input::PeerUnreachable { peer: followers[0] });
+    assert_eq!(cluster.nodes[&followers[0]].role(), Role::Follower);
+    assert_eq!(cluster.leaders(), vec![leader]);
+}

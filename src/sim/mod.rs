@@ -82,7 +82,7 @@ mod twins;
 mod verifier;
 
 pub use crate::engine::apply::ApplyBugs;
-pub use config::{FaultProfile, SimConfig, SimFailure, SimReport};
+pub use config::{ConnectionHints, FaultProfile, SimConfig, SimFailure, SimReport};
 pub use invariants::{SafetyMonitor, Violation};
 pub use kv::KvStateMachine;
 pub use linearizability::{KvInput, KvModel, KvOutput};
@@ -127,14 +127,33 @@ type ClientOp = (usize, usize);
 /// Something scheduled at a simulated time.
 #[derive(Clone, Debug)]
 enum Action {
-    Invoke { client: usize },
-    Retry { client: usize, op: usize },
-    Deadline { client: usize, op: usize },
-    Restart { node: usize },
+    Invoke {
+        client: usize,
+    },
+    Retry {
+        client: usize,
+        op: usize,
+    },
+    Deadline {
+        client: usize,
+        op: usize,
+    },
+    Restart {
+        node: usize,
+    },
     Heal,
     RestoreWeather,
     Fault,
-    Flush { node: usize, incarnation: u64 },
+    Flush {
+        node: usize,
+        incarnation: u64,
+    },
+    /// The transport of `node` (in its incarnation) reports `peer` unreachable.
+    Hint {
+        node: usize,
+        incarnation: u64,
+        peer: NodeId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +245,8 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     duplicate_applies: u64,
     failover: Option<FailoverWatch>,
     failover_samples: Vec<u64>,
+    /// Connection hints delivered so far: (true, false).
+    hints_delivered: (usize, usize),
     /// Scratch space for the apply stages' answers.
     answers: Vec<Answer<ClientOp, u64>>,
     /// Replicas on different sides of the twins' layout hear each other (see [`Twins`]).
@@ -300,6 +321,7 @@ impl<P: SimProtocol> Sim<P> {
             duplicate_applies: 0,
             failover: None,
             failover_samples: Vec::new(),
+            hints_delivered: (0, 0),
             answers: Vec::new(),
             sides_joined: !config.twins.separate_sides,
             config,
@@ -408,6 +430,7 @@ impl<P: SimProtocol> Sim<P> {
                     .map(|n| n.apply.duplicates_skipped())
                     .sum::<u64>()) as usize,
             checker_steps: 0,
+            hints: self.hints_delivered,
             network: self.network.stats(),
         }
     }
@@ -527,6 +550,16 @@ impl<P: SimProtocol> Sim<P> {
             Action::Flush { node, incarnation } => {
                 if self.nodes[node].incarnation == incarnation {
                     self.flush(node);
+                }
+            }
+            Action::Hint {
+                node,
+                incarnation,
+                peer,
+            } => {
+                if self.nodes[node].incarnation == incarnation && self.nodes[node].core.is_some() {
+                    self.hints_delivered.0 += 1;
+                    self.step(node, Input::PeerUnreachable { peer });
                 }
             }
         }
@@ -795,6 +828,60 @@ impl<P: SimProtocol> Sim<P> {
             // Its connections reset: what it had sent and what was sent to it is gone too.
             self.network.discard_for(id);
         }
+        self.hint_unreachable(id);
+    }
+
+    /// Tells each live node, with the configured chance and delay, that `peer`'s connections
+    /// broke (see [`ConnectionHints`]). A hint comes after whatever `peer` had already sent that
+    /// node, as a reset comes after the data on a TCP connection.
+    fn hint_unreachable(&mut self, peer: NodeId) {
+        let hints = self.config.connection_hints;
+        if hints.delivery_probability <= 0.0 {
+            return;
+        }
+        for node in 0..self.nodes.len() {
+            let live = self.nodes[node].core.is_some() && self.nodes[node].id != peer;
+            if live && self.rng.random_bool(hints.delivery_probability.min(1.0)) {
+                let address = self.nodes[node].address;
+                let after_data = self.network.last_delivery_at(peer, address).unwrap_or(0);
+                let at = (self.now_us + self.rng.random_range(0..=hints.max_delay_us))
+                    .max(after_data + 1);
+                let incarnation = self.nodes[node].incarnation;
+                self.schedule(
+                    at,
+                    Action::Hint {
+                        node,
+                        incarnation,
+                        peer,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Tells one random live node that a live peer (the leader, when there is one) is
+    /// unreachable, as a blip on its connections would: a false hint.
+    pub fn false_hint(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].core.is_some())
+            .collect();
+        if live.len() < 2 {
+            return;
+        }
+        let node = live[self.rng.random_range(0..live.len())];
+        let peer = match self.leader() {
+            Some(leader) if leader != self.nodes[node].id => leader,
+            _ => {
+                let others: Vec<NodeId> = live
+                    .iter()
+                    .map(|&i| self.nodes[i].id)
+                    .filter(|&id| id != self.nodes[node].id)
+                    .collect();
+                others[self.rng.random_range(0..others.len())]
+            }
+        };
+        self.hints_delivered.1 += 1;
+        self.step(node, Input::PeerUnreachable { peer });
     }
 
     /// Restarts the node at address `id` from its store's durable state with a fresh state

@@ -50,7 +50,8 @@ impl RaftNode {
             } => {
                 let granted = term > self.term
                     && !self.in_lease()
-                    && self.log.is_up_to_date(last_log_index, last_log_term);
+                    && self.log.is_up_to_date(last_log_index, last_log_term)
+                    && self.pre_candidate_yields_to(from, last_log_index, last_log_term);
                 let term = if granted { term } else { self.term };
                 self.send(from, Message::PreVoteResponse { term, granted }, out);
             }
@@ -262,6 +263,46 @@ impl RaftNode {
             self.record_vote(self.config.id, true, out);
         } else {
             self.campaign(leadership_transfer, out);
+        }
+    }
+
+    /// True unless this node is itself a pre-candidate with a better claim than `from`: a longer
+    /// log (by last term, then length) or, with equal logs, a lower id. Two pre-candidates that
+    /// granted each other would both campaign in the same term, each vote for itself, and split
+    /// the vote (a full election timeout lost); with this order exactly one of them yields.
+    /// After a leader crash reported by the transport the followers pre-vote nearly together,
+    /// and this is what keeps them from splitting. Refusing a pre-vote never affects safety.
+    fn pre_candidate_yields_to(
+        &self,
+        from: NodeId,
+        last_log_index: u64,
+        last_log_term: Term,
+    ) -> bool {
+        if self.role != Role::PreCandidate {
+            return true;
+        }
+        let theirs = (last_log_term, last_log_index);
+        let ours = (self.log.last_term(), self.log.last_index());
+        theirs > ours || (theirs == ours && from < self.config.id)
+    }
+
+    /// A pre-candidate asks the voters that refused or did not answer once more (see
+    /// [`RaftConfig::pre_vote_retry_ticks`](crate::protocol::raft::RaftConfig)).
+    pub(crate) fn ask_pre_votes_again(&mut self, out: &mut Output) {
+        self.votes.retain(|_, granted| *granted);
+        let (term, last_log_index, last_log_term) =
+            (self.term + 1, self.log.last_index(), self.log.last_term());
+        let asked: Vec<NodeId> = self
+            .peers()
+            .filter(|peer| !self.votes.contains_key(peer))
+            .collect();
+        for peer in asked {
+            let message = Message::PreVote {
+                term,
+                last_log_index,
+                last_log_term,
+            };
+            self.send(peer, message, out);
         }
     }
 

@@ -303,6 +303,11 @@ impl RaftNode {
             self.election_elapsed += 1;
             if self.election_elapsed >= self.election_timeout && self.is_voter() {
                 self.start_campaign(false, out);
+            } else if self.role == Role::PreCandidate {
+                let retry = self.config.pre_vote_retry_ticks;
+                if retry > 0 && self.election_elapsed.is_multiple_of(retry) {
+                    self.ask_pre_votes_again(out);
+                }
             }
         }
     }

@@ -767,3 +767,17 @@ fn a_hint_about_a_peer_that_is_not_the_leader_changes_nothing() {
     assert_eq!(cluster.nodes[&followers[0]].role(), Role::Follower);
     assert_eq!(cluster.leaders(), vec![leader]);
 }
+
+#[test]
+fn a_pre_candidate_asks_again_a_voter_that_refused_before_its_own_hint_arrived() {
+    // The second follower would wait long before campaigning itself: only the retry helps.
+    let mut cluster = Cluster::new(3, |config| config.unreachable_leader_stagger_ticks = 100);
+    let old = cluster.elect();
+    cluster.isolate(old);
+    let followers = followers_of(&cluster, old);
+    cluster.step(followers[0], Input::PeerUnreachable { peer: old });
+    assert_eq!(cluster.nodes[&followers[0]].role(), Role::PreCandidate); // refused by the lease
+    cluster.step(followers[1], Input::PeerUnreachable { peer: old });
+    cluster.tick_all(3);
+    assert_eq!(new_leaders(&cluster, old), vec![followers[0]]);
+}

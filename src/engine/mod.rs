@@ -487,9 +487,22 @@ impl ConsensusEngine {
         voters.push(self.node_id());
         voters.sort();
         voters.dedup();
+        let mut unreachable = transport.unreachable_peers();
         let forwarder = tokio::spawn(async move {
-            while let Some((from, message)) = inbound.recv().await {
-                inbox.deliver(from, message);
+            loop {
+                tokio::select! {
+                    // Messages already received go in before a hint that came after them.
+                    biased;
+                    message = inbound.recv() => match message {
+                        Some((from, message)) => {
+                            inbox.deliver(from, message);
+                        }
+                        None => break,
+                    },
+                    Some(peer) = unreachable.recv() => {
+                        inbox.peer_unreachable(peer);
+                    }
+                }
             }
         });
         Ok((transport, voters, forwarder))

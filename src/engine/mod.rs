@@ -18,6 +18,7 @@
 pub(crate) mod apply;
 mod core;
 mod driver;
+mod handover;
 mod local;
 mod pending;
 mod reply;
@@ -509,7 +510,11 @@ impl ConsensusEngine {
     }
 
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.
+    ///
+    /// A Raft leader first hands leadership to its most caught-up voter and waits for another
+    /// node to lead, for at most two election timeouts, so that the others go on at once.
     pub async fn stop(&mut self) -> Result<()> {
+        self.hand_over_leadership().await;
         let Some(mut running) = self.running.take() else {
             return Ok(());
         };
@@ -532,6 +537,18 @@ impl ConsensusEngine {
             }
         }
         Ok(())
+    }
+
+    /// If this node leads (Raft), hands leadership to its most caught-up voter and waits until
+    /// it knows another leader, for at most two election timeouts; returns whether another node
+    /// leads. [`ConsensusEngine::stop`] does this first; a server calls it earlier, while it
+    /// still answers its clients. Proposals made meanwhile go to the new leader.
+    pub async fn hand_over_leadership(&self) -> bool {
+        let Some(running) = &self.running else {
+            return false;
+        };
+        let bound = self.config.election.election_timeout * 2;
+        handover::hand_over(&running.inputs, &self.leader, self.node_id(), bound).await
     }
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.

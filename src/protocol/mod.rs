@@ -104,7 +104,9 @@ pub enum RejectReason {
         /// The leader this node knows of, if any.
         leader: Option<NodeId>,
     },
-    /// The leader is handing over leadership and accepts no proposals until that ends.
+    /// The leader is handing over leadership and accepts no proposals until that ends. (Raft
+    /// no longer refuses for this reason: proposals made during a transfer wait for its end and
+    /// go to the new leader.)
     #[error("leadership transfer in progress")]
     TransferInProgress,
     /// The buffer of proposals waiting to be appended is full.

@@ -338,13 +338,22 @@ impl RaftNode {
             self.save_hard_state(out);
         }
         if let Some(state) = self.leader_state.take() {
-            // Buffered proposals were never appended: refusing them is exact.
-            for (tag, _) in state.batch.proposals {
-                let reason = RejectReason::NotLeader { leader };
-                out.rejected.push(Rejection {
-                    request_id: tag.request_id,
-                    reason,
-                });
+            // Buffered proposals were never appended. With forwarding, this node's own go to
+            // the next leader (`forwarding.rs`) and the others' are dropped: their proposers
+            // keep them and send them there themselves. Without, refusing them is exact.
+            let me = self.config.id;
+            for (tag, data) in state.batch.proposals {
+                if self.config.forward_proposals {
+                    if tag.proposer == me {
+                        self.keep_unappended(tag.request_id, data);
+                    }
+                } else {
+                    let reason = RejectReason::NotLeader { leader };
+                    out.rejected.push(Rejection {
+                        request_id: tag.request_id,
+                        reason,
+                    });
+                }
             }
         }
         self.role = Role::Follower;
@@ -400,6 +409,30 @@ impl RaftNode {
             payload: Payload::Blank,
         };
         self.append_to_own_log(vec![blank], out);
+        self.append_kept_proposals(out);
+    }
+
+    /// Hands leadership to the voter with the longest matching log (then the most recently
+    /// heard from, then the highest priority, then the lowest id), before a clean stop.
+    pub(crate) fn hand_over(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let target = state
+            .progress
+            .iter()
+            .max_by_key(|(peer, progress)| {
+                (
+                    progress.match_index,
+                    progress.recently_active,
+                    self.config.priority_of(**peer),
+                    std::cmp::Reverse(**peer),
+                )
+            })
+            .map(|(&peer, _)| peer);
+        if let Some(target) = target {
+            self.transfer_leadership(target, out);
+        }
     }
 
     /// Starts handing leadership to `to` (Raft thesis §3.10): stop taking proposals, bring `to`

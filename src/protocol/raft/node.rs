@@ -74,6 +74,11 @@ pub struct RaftNode {
     /// it (see [`RaftNode::on_peer_unreachable`]). Cleared by the leader's next message and by
     /// any change of leader.
     pub(crate) leader_unreachable: bool,
+    /// This node's own proposals on their way to a leader, by request id (see `forwarding.rs`).
+    pub(crate) kept_proposals: BTreeMap<u64, crate::protocol::raft::forwarding::KeptProposal>,
+    /// Ticks since this node last knew a leader (0 at start: it holds proposals while it looks
+    /// for one).
+    pub(crate) leaderless_ticks: u32,
     pub(crate) leader_state: Option<LeaderState>,
 }
 
@@ -108,6 +113,8 @@ impl RaftNode {
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             leader_unreachable: false,
+            kept_proposals: BTreeMap::new(),
+            leaderless_ticks: 0,
             leader_state: None,
             config,
         };
@@ -124,6 +131,7 @@ impl RaftNode {
             Input::Message(envelope) => self.receive(envelope, out),
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
+            Input::Control(Control::HandOver) => self.hand_over(out),
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
             Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
@@ -289,6 +297,9 @@ impl RaftNode {
         if self.leader != leader {
             self.leader = leader;
             self.leader_unreachable = false;
+            if let Some(leader) = leader {
+                self.send_kept_proposals(leader, out);
+            }
             out.events.push(Event::LeaderChanged {
                 term: self.term,
                 leader,
@@ -297,6 +308,7 @@ impl RaftNode {
     }
 
     fn tick(&mut self, out: &mut Output) {
+        self.tick_kept_proposals(out);
         if self.role == Role::Leader {
             self.tick_leader(out);
         } else {

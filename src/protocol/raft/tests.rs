@@ -233,9 +233,24 @@ fn a_proposing_follower_learns_its_commit_without_waiting_for_a_heartbeat() {
 }
 
 #[test]
-fn without_a_leader_a_proposal_is_rejected_not_lost() {
+fn without_a_leader_a_proposal_is_held_for_two_election_timeouts_then_refused() {
     let mut cluster = Cluster::new(3, |_| {});
+    cluster.isolate(NodeId(2)); // it never learns of a leader
     cluster.propose(NodeId(2), 9, "nobody leads");
+    assert!(
+        cluster.rejected.is_empty(),
+        "refused while an election may be on"
+    );
+    for _ in 0..2 * 10 {
+        cluster.step(NodeId(2), Input::Tick);
+    }
+    assert!(
+        cluster.rejected.is_empty(),
+        "refused within two election timeouts"
+    );
+    for _ in 0..2 {
+        cluster.step(NodeId(2), Input::Tick);
+    }
     assert_eq!(
         cluster.rejected,
         vec![Rejection {
@@ -243,6 +258,54 @@ fn without_a_leader_a_proposal_is_rejected_not_lost() {
             reason: RejectReason::NoLeader
         }]
     );
+    assert_eq!(cluster.nodes[&NodeId(2)].kept_proposals(), 0);
+}
+
+#[test]
+fn a_proposal_made_before_a_leader_is_known_commits_once_one_is() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.propose(NodeId(2), 9, "early");
+    let leader = cluster.elect();
+    cluster.step(leader, Input::FlushProposals);
+    cluster.tick_all(3);
+    assert!(cluster.rejected.is_empty());
+    for id in 1..=3 {
+        assert_eq!(
+            cluster.commands_applied(NodeId(id)),
+            vec![Bytes::from_static(b"early")],
+            "node {id}"
+        );
+    }
+    assert_eq!(cluster.nodes[&NodeId(2)].kept_proposals(), 0);
+}
+
+/// The follower forwards to a leader that dies before appending: the follower sends the
+/// proposal again to the leader elected next.
+#[test]
+fn a_forwarded_proposal_lost_with_its_leader_goes_to_the_next_leader() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let old = cluster.elect();
+    let follower = followers_of(&cluster, old)[0];
+    cluster.isolate(old); // dies: the forward never arrives
+    cluster.propose(follower, 5, "survives");
+    assert_eq!(cluster.nodes[&follower].kept_proposals(), 1);
+    for &peer in &followers_of(&cluster, old) {
+        cluster.step(peer, Input::PeerUnreachable { peer: old });
+    }
+    cluster.tick_all(4);
+    let new = new_leaders(&cluster, old);
+    assert_eq!(new.len(), 1);
+    cluster.step(new[0], Input::FlushProposals);
+    cluster.tick_all(3);
+    for id in followers_of(&cluster, old) {
+        assert_eq!(
+            cluster.commands_applied(id),
+            vec![Bytes::from_static(b"survives")],
+            "node {id}"
+        );
+    }
+    assert_eq!(cluster.nodes[&follower].kept_proposals(), 0);
+    assert!(cluster.rejected.is_empty());
 }
 
 #[test]
@@ -297,28 +360,62 @@ fn leadership_transfer_hands_over_and_the_target_leads() {
 }
 
 #[test]
-fn proposals_during_a_transfer_are_refused() {
+fn proposals_during_an_abandoned_transfer_wait_and_then_commit() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
-    let target = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let target = followers_of(&cluster, leader)[0];
     cluster.isolate(target); // the transfer cannot finish
     cluster.step(
         leader,
         Input::Control(Control::TransferLeadership { to: target }),
     );
     cluster.propose(leader, 3, "during");
-    assert_eq!(
-        cluster.rejected,
-        vec![Rejection {
-            request_id: 3,
-            reason: RejectReason::TransferInProgress
-        }]
+    assert!(cluster.rejected.is_empty());
+    assert!(
+        cluster.commands_applied(leader).is_empty(),
+        "appended mid-transfer"
     );
+    cluster.heal();
+    cluster.tick_all(12); // the transfer times out after an election timeout; the batch goes
+    assert!(cluster.rejected.is_empty());
+    assert_eq!(
+        cluster.commands_applied(leader),
+        vec![Bytes::from_static(b"during")]
+    );
+}
+
+/// A clean stop: the leader hands over; proposals made meanwhile at the leader and at another
+/// follower commit once, under the new leader.
+#[test]
+fn hand_over_picks_a_caught_up_voter_and_loses_no_proposal() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    cluster.propose(leader, 1, "before");
+    let followers = followers_of(&cluster, leader);
+    // The first follower lags (its link is held), so the other is the most caught up.
+    cluster.slow.insert((leader, followers[0]));
+    cluster.propose(leader, 2, "lagging");
+    cluster.slow.insert((leader, followers[1])); // hold the TimeoutNow
+    cluster.step(leader, Input::Control(Control::HandOver));
+    assert_eq!(cluster.nodes[&leader].transfer_target(), Some(followers[1]));
+    cluster.propose(leader, 3, "at the old leader");
+    cluster.propose(followers[0], 4, "at a follower");
+    cluster.slow.clear();
+    for (to, input) in std::mem::take(&mut cluster.held) {
+        cluster.step(to, input);
+    }
+    cluster.tick_all(3);
+    assert_eq!(cluster.leaders(), vec![followers[1]]);
+    cluster.step(followers[1], Input::FlushProposals);
+    cluster.tick_all(3);
+    assert!(cluster.rejected.is_empty(), "{:?}", cluster.rejected);
+    let mut applied = cluster.commands_applied(followers[1]);
+    applied.sort();
+    let expected: Vec<Bytes> = ["at a follower", "at the old leader", "before", "lagging"]
+        .iter()
+        .map(|s| Bytes::from(s.as_bytes()))
+        .collect();
+    assert_eq!(applied, expected);
 }
 
 #[test]

@@ -753,14 +753,20 @@ async fn workload(
                 .map(|(node, _)| shared.nodes[*node].name.as_str())
                 .collect();
             println!(
-                "failover:    {} leader kills (SIGKILL: {}); leader killed → first acknowledged \
-                 write p50 {:.2?}  p99 {:.2?}  max {:.2?}; → new leader agreed p50 {:.2?}  p99 \
-                 {:.2?}  max {:.2?}",
+                "failover:    SIGKILL of the leader × {} ({})",
                 killed.len(),
-                names.join(", "),
+                names.join(", ")
+            );
+            println!(
+                "             leader killed → first acknowledged write: p50 {:.2?}  p99 {:.2?}  \
+                 max {:.2?}",
                 to_write.quantile(0.50),
                 to_write.quantile(0.99),
-                to_write.max(),
+                to_write.max()
+            );
+            println!(
+                "             leader killed → new leader agreed:        p50 {:.2?}  p99 {:.2?}  \
+                 max {:.2?}",
                 elected.quantile(0.50),
                 elected.quantile(0.99),
                 elected.max()

@@ -345,7 +345,7 @@ pub async fn shutdown_signal() {
 
 /// Runs a node until `shutdown` resolves, then stops it so that clients never notice: a
 /// leader hands leadership to its most caught-up voter, new key-value requests are answered
-/// 503 `stopping` (nothing was done: send it to another node) for [`STOPPING_NOTICE`], then the
+/// 503 `stopping` (nothing was done: send it to another node) for 100 ms, then the
 /// HTTP listener closes, in-flight requests finish (each bounded by the request deadline), and
 /// the engine stops.
 ///

@@ -74,6 +74,7 @@ pub mod byzantine;
 mod clients;
 mod config;
 mod faults;
+mod hints;
 pub mod invariants;
 mod kv;
 pub mod linearizability;
@@ -829,59 +830,6 @@ impl<P: SimProtocol> Sim<P> {
             self.network.discard_for(id);
         }
         self.hint_unreachable(id);
-    }
-
-    /// Tells each live node, with the configured chance and delay, that `peer`'s connections
-    /// broke (see [`ConnectionHints`]). A hint comes after whatever `peer` had already sent that
-    /// node, as a reset comes after the data on a TCP connection.
-    fn hint_unreachable(&mut self, peer: NodeId) {
-        let hints = self.config.connection_hints;
-        if hints.delivery_probability <= 0.0 {
-            return;
-        }
-        for node in 0..self.nodes.len() {
-            let live = self.nodes[node].core.is_some() && self.nodes[node].id != peer;
-            if live && self.rng.random_bool(hints.delivery_probability.min(1.0)) {
-                let address = self.nodes[node].address;
-                let after_data = self.network.last_delivery_at(peer, address).unwrap_or(0);
-                let at = (self.now_us + self.rng.random_range(0..=hints.max_delay_us))
-                    .max(after_data + 1);
-                let incarnation = self.nodes[node].incarnation;
-                self.schedule(
-                    at,
-                    Action::Hint {
-                        node,
-                        incarnation,
-                        peer,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Tells one random live node that a live peer (the leader, when there is one) is
-    /// unreachable, as a blip on its connections would: a false hint.
-    pub fn false_hint(&mut self) {
-        let live: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].core.is_some())
-            .collect();
-        if live.len() < 2 {
-            return;
-        }
-        let node = live[self.rng.random_range(0..live.len())];
-        let peer = match self.leader() {
-            Some(leader) if leader != self.nodes[node].id => leader,
-            _ => {
-                let others: Vec<NodeId> = live
-                    .iter()
-                    .map(|&i| self.nodes[i].id)
-                    .filter(|&id| id != self.nodes[node].id)
-                    .collect();
-                others[self.rng.random_range(0..others.len())]
-            }
-        };
-        self.hints_delivered.1 += 1;
-        self.step(node, Input::PeerUnreachable { peer });
     }
 
     /// Restarts the node at address `id` from its store's durable state with a fresh state

@@ -66,4 +66,6 @@ pub type Output = crate::protocol::Output<Message>;
 pub type Envelope = crate::protocol::Envelope<Message>;
 
 #[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
 mod tests;

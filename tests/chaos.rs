@@ -18,6 +18,7 @@ mod common;
 
 use common::scenario::{measure_failover, replay_command, run_chaos, sweep};
 use consensus::NodeId;
+use consensus::protocol::raft::Control;
 use consensus::sim::Violation;
 use consensus::sim::{ConnectionHints, FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::transport::simulated::LatencyModel;
@@ -282,6 +283,39 @@ fn failover_with_most_hints_lost_still_completes() {
     };
     let p99_ms = failover_p99_ms("half the hints lost", hints);
     assert!(p99_ms < 2_000.0, "p99 failover {p99_ms} ms exceeds 2 s");
+}
+
+/// Clean stops of the leader, one after another: it hands over (`Control::HandOver`), then
+/// stops and later restarts, while clients run. The hand-over must succeed every time, and every
+/// safety property, liveness and linearizability must hold at the end.
+#[test]
+fn leaders_that_hand_over_before_stopping_keep_every_property() {
+    for seed in 0..20 {
+        let nodes = if seed % 2 == 0 { 5 } else { 3 };
+        let mut config = SimConfig::new(seed, nodes);
+        config.connection_hints = ConnectionHints::delivered(2_000);
+        let mut sim = stable_cluster(config, 1_000_000);
+        for round in 0..2 * nodes {
+            let leader = sim.leader().expect("a leader");
+            sim.control(leader, Control::HandOver);
+            let handed = sim
+                .run_until_or(sim.now_us() + 500_000, |s| {
+                    s.leader().is_some_and(|l| l != leader)
+                })
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+            assert!(
+                handed,
+                "seed {seed}, round {round}: no hand-over from {leader}"
+            );
+            sim.crash(leader);
+            sim.run_until(sim.now_us() + 200_000)
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+            sim.restart_node(leader);
+            sim.run_until(sim.now_us() + 300_000)
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+        }
+        common::scenario::finish(&mut sim).unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+    }
 }
 
 #[test]

@@ -412,8 +412,10 @@ impl RaftNode {
         self.append_kept_proposals(out);
     }
 
-    /// Hands leadership to the voter with the longest matching log (then the most recently
-    /// heard from, then the highest priority, then the lowest id), before a clean stop.
+    /// Hands leadership over before a clean stop: to a voter heard from since the last
+    /// check-quorum round if there is one (a dead one would only waste the transfer's timeout),
+    /// among those the one with the longest matching log, then the highest priority, then the
+    /// lowest id. The transfer brings it up to date before it sends TimeoutNow.
     pub(crate) fn hand_over(&mut self, out: &mut Output) {
         let Some(state) = self.leader_state.as_ref() else {
             return;
@@ -423,8 +425,8 @@ impl RaftNode {
             .iter()
             .max_by_key(|(peer, progress)| {
                 (
-                    progress.match_index,
                     progress.recently_active,
+                    progress.match_index,
                     self.config.priority_of(**peer),
                     std::cmp::Reverse(**peer),
                 )

@@ -652,6 +652,10 @@ async fn workload(
                     .map(Disruption::Kills)
             };
             shared.disrupting.store(false, Ordering::Relaxed);
+            if outcome.is_err() {
+                // The run has failed: the clients stop after their current request.
+                shared.next_op.fetch_max(shared.ops, Ordering::Relaxed);
+            }
             outcome
         })
     };

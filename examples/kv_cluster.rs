@@ -1,28 +1,39 @@
 //! The project's main demonstration: a local three-node replicated key-value cluster.
 //!
 //! `cargo run --release --example kv_cluster [-- --ops N --clients C --data-dir DIR
-//! --algorithm raft|pbft|gpu_optimized_raft --nodes N]` starts three (PBFT: four; the signing
-//! algorithms with a fresh key per node)
-//! `consensus-node` processes (this program re-run as `kv_cluster node --config FILE`, so it needs
-//! no separately built binary) over TCP on loopback with fjall logs, waits for a leader, runs a
-//! mixed workload (puts, gets, compare-and-swaps, deletes) through every node with a progress
-//! bar, SIGKILLs the leader halfway and restarts it once a new leader is elected, then checks that
-//! every acknowledged write is readable through every node and prints throughput, latency and
-//! failover time. It exits non-zero if any check fails.
+//! --algorithm raft|pbft|gpu_optimized_raft --nodes N --failovers K --rolling-restart]` starts
+//! three (PBFT: four; the signing algorithms with a fresh key per node) `consensus-node`
+//! processes (this program re-run as `kv_cluster node --config FILE`, so it needs no separately
+//! built binary) over TCP on loopback with fjall logs,
+//! waits for a leader, and runs a mixed workload (puts, gets, compare-and-swaps, deletes) through
+//! every node with a progress bar. Meanwhile it SIGKILLs the leader `--failovers K` times (default
+//! 1), spread over the run, restarting each killed node once a new leader is elected and waiting
+//! for it to rejoin before the next kill; with `--rolling-restart` it instead stops every node in
+//! turn with SIGTERM (a clean stop: a leader hands over first) and restarts it. Then it checks
+//! that every acknowledged write is readable through every node and prints throughput, latency,
+//! the failover percentiles (leader killed → first acknowledged write) or, for the rolling
+//! restart, the failed requests and the longest write stall. It exits non-zero if any check
+//! fails (for the rolling restart: also if any request failed).
+//!
+//! A request whose connection is refused (its node is stopped) was never sent, and one answered
+//! 503 `stopping` was not acted on; the client sends either to the next node and does not count
+//! it as failed. Any other request without a success
+//! answer (an error status, a dropped connection, a timeout) is a failed request.
 //!
 //! Each client owns its keys and writes unique values, so it knows what every key must hold: the
 //! last acknowledged value, or (after a request whose outcome is unknown: a timeout or a dropped
 //! connection) one of the values of those requests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use consensus::node::client::{self, HttpResponse};
+use consensus::node::client::{self, ClientError, HttpResponse};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -41,6 +52,8 @@ struct Options {
     clients: usize,
     keys: usize,
     data_dir: Option<PathBuf>,
+    failovers: usize,
+    rolling_restart: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -51,6 +64,8 @@ fn parse_options() -> Result<Options, String> {
         clients: 16,
         keys: 32,
         data_dir: None,
+        failovers: 1,
+        rolling_restart: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -67,6 +82,13 @@ fn parse_options() -> Result<Options, String> {
             "--keys" => options.keys = number(value()?)?,
             "--data-dir" => options.data_dir = Some(PathBuf::from(value()?)),
             "--nodes" => options.nodes = Some(number(value()?)?),
+            "--failovers" => {
+                let text = value()?;
+                options.failovers = text.parse().map_err(|_| {
+                    format!("--failovers: expected a number of leader kills, got {text:?}")
+                })?;
+            }
+            "--rolling-restart" => options.rolling_restart = true,
             "--algorithm" => {
                 let name = value()?;
                 options.algorithm = consensus::Algorithm::parse(&name).ok_or_else(|| {
@@ -76,7 +98,8 @@ fn parse_options() -> Result<Options, String> {
             other => {
                 return Err(format!(
                     "unexpected argument {other:?}; expected --ops N --clients C --keys K \
-                     --data-dir DIR --algorithm raft|pbft|gpu_optimized_raft --nodes N"
+                     --data-dir DIR --algorithm raft|pbft|gpu_optimized_raft --nodes N \
+                     --failovers K --rolling-restart"
                 ));
             }
         }
@@ -199,20 +222,55 @@ impl KeyState {
 #[derive(Default)]
 struct ClientReport {
     latencies: Latencies,
-    unknown: usize,
+    /// Requests without a success answer: an error status, a dropped connection, a timeout.
+    failed: usize,
+    /// Connections refused (a stopped node): the request went to the next node instead.
+    refused: usize,
+    /// What the failed requests got, by kind.
+    failures: BTreeMap<String, usize>,
     violations: Vec<String>,
     keys: Vec<(String, KeyState)>,
 }
 
-/// Shared between clients and the failover coordinator.
+/// One SIGKILL of the leader: when, and when the first write invoked after it was acknowledged.
+#[derive(Clone, Copy)]
+struct Kill {
+    at: Instant,
+    first_write: Option<Instant>,
+}
+
+/// Shared between clients and the coordinator of the kills or restarts.
 struct Shared {
     nodes: Vec<Node>,
     next_op: AtomicUsize,
     done: AtomicUsize,
     ops: usize,
-    killed_at: Mutex<Option<Instant>>,
-    first_write_after_kill: Mutex<Option<Instant>>,
+    /// While set, clients go on past `ops`: the kills or restarts are not over yet.
+    disrupting: AtomicBool,
+    kills: Mutex<Vec<Kill>>,
+    /// During a rolling restart: the last write acknowledgement and the longest gap between two.
+    stall: Mutex<(Option<Instant>, Duration)>,
+    recording_stalls: AtomicBool,
     progress: ProgressBar,
+}
+
+impl Shared {
+    /// A client's write invoked at `started` was acknowledged now.
+    fn write_acknowledged(&self, started: Instant) {
+        let now = Instant::now();
+        if let Some(kill) = self.kills.lock().unwrap().last_mut()
+            && started > kill.at
+        {
+            kill.first_write.get_or_insert(now);
+        }
+        if self.recording_stalls.load(Ordering::Relaxed) {
+            let mut stall = self.stall.lock().unwrap();
+            if let Some(last) = stall.0 {
+                stall.1 = stall.1.max(now.duration_since(last));
+            }
+            stall.0 = Some(now);
+        }
+    }
 }
 
 /// A small deterministic generator (xorshift64*): the workload mix needs no quality randomness.
@@ -231,25 +289,73 @@ fn value_of(response: &HttpResponse) -> Option<String> {
     (response.status == 200).then(|| response.text())
 }
 
+/// Sends a request through node `*node`, moving on to the next node while connections are
+/// refused (a stopped node: nothing was sent), and pausing briefly once every node refused.
+/// `None` when the outcome is unknown (dropped connection, timeout).
+async fn send(
+    shared: &Shared,
+    node: &mut usize,
+    (refused, outcome): (&mut usize, &mut String),
+    request: (&str, &str, &[u8]),
+) -> Option<HttpResponse> {
+    let (method, path, body) = request;
+    let count = shared.nodes.len();
+    for attempt in 1..=count * 50 {
+        let address = shared.nodes[*node].http;
+        match client::request(address, method, path, body, CLIENT_TIMEOUT).await {
+            Ok(response) if response.status == 503 && response.text().contains("\"stopping\"") => {
+                // The node is stopping and did nothing: as good as a refused connection.
+                *refused += 1;
+                *node = (*node + 1) % count;
+            }
+            Ok(response) => {
+                let mut text = response.text();
+                text.truncate(80);
+                *outcome = format!("status {}: {text}", response.status);
+                return Some(response);
+            }
+            Err(ClientError::Io(error)) if error.kind() == ErrorKind::ConnectionRefused => {
+                *refused += 1;
+                *node = (*node + 1) % count;
+                if attempt % count == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Err(error) => {
+                *outcome = error.to_string();
+                return None;
+            }
+        }
+    }
+    *outcome = "every node refused connections".into();
+    None
+}
+
 async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport {
     let mut report = ClientReport::default();
     let mut state: Vec<KeyState> = vec![KeyState::default(); keys];
     let mut mix = Mix(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
     let mut node = id % shared.nodes.len();
     let mut sequence = 0u64;
-    while shared.next_op.fetch_add(1, Ordering::Relaxed) < shared.ops {
+    while shared.next_op.fetch_add(1, Ordering::Relaxed) < shared.ops
+        || shared.disrupting.load(Ordering::Relaxed)
+    {
         let slot = (mix.next() % keys as u64) as usize;
         let key = format!("c{id}-k{slot}");
         let path = format!("/kv/{key}");
         let kind = mix.next() % 100;
         sequence += 1;
         let fresh = format!("c{id}-v{sequence}");
-        let address = shared.nodes[node].http;
         let started = Instant::now();
         let entry = &mut state[slot];
+        let mut outcome = String::new();
+        let refused = (&mut report.refused, &mut outcome);
         let (answered, is_write) = if kind < 40 {
-            let response = call(address, "PUT", &path, fresh.as_bytes()).await;
-            match response.map(|r| r.status) {
+            let request = ("PUT", path.as_str(), fresh.as_bytes());
+            match send(&shared, &mut node, refused, request)
+                .await
+                .map(|r| r.status)
+            {
                 Some(200) => {
                     entry.known = Some(fresh);
                     (true, true)
@@ -260,7 +366,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
                 }
             }
         } else if kind < 80 {
-            match call(address, "GET", &path, b"").await {
+            match send(&shared, &mut node, refused, ("GET", &path, b"")).await {
                 Some(response) if response.status == 200 || response.status == 404 => {
                     let seen = value_of(&response);
                     if !entry.allows(&seen) {
@@ -276,7 +382,9 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             }
         } else if kind < 95 {
             let body = serde_json::json!({ "from": entry.known, "to": fresh }).to_string();
-            match call(address, "POST", &format!("{path}/cas"), body.as_bytes()).await {
+            let cas_path = format!("{path}/cas");
+            let request = ("POST", cas_path.as_str(), body.as_bytes());
+            match send(&shared, &mut node, refused, request).await {
                 Some(response) if response.status == 200 => {
                     entry.known = Some(fresh);
                     (true, true)
@@ -300,7 +408,11 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
                 }
             }
         } else {
-            match call(address, "DELETE", &path, b"").await.map(|r| r.status) {
+            let request = ("DELETE", path.as_str(), &b""[..]);
+            match send(&shared, &mut node, refused, request)
+                .await
+                .map(|r| r.status)
+            {
                 Some(200) => {
                     entry.known = None;
                     (true, true)
@@ -313,18 +425,12 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
         };
         if answered {
             report.latencies.record(started.elapsed());
-            let after_kill = shared
-                .killed_at
-                .lock()
-                .ok()
-                .and_then(|at| *at)
-                .is_some_and(|at| started > at);
-            if is_write && after_kill {
-                let mut first = shared.first_write_after_kill.lock().unwrap();
-                first.get_or_insert_with(Instant::now);
+            if is_write {
+                shared.write_acknowledged(started);
             }
         } else {
-            report.unknown += 1;
+            report.failed += 1;
+            *report.failures.entry(outcome).or_default() += 1;
             node = (node + 1) % shared.nodes.len(); // that node may be down: try the next one
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
@@ -354,6 +460,122 @@ fn stop_all(children: &mut [Option<Child>]) {
             let _ = process.wait();
         }
     }
+}
+
+/// What the coordinator did while the clients ran.
+enum Disruption {
+    /// Leader kills: the node killed, and how long until the survivors agreed on a new leader.
+    Kills(Vec<(usize, Duration)>),
+    /// Clean restarts: the node, whether it led when stopped, and how long its stop took.
+    Rolling(Vec<(usize, bool, Duration)>),
+}
+
+type Children = Arc<Mutex<Vec<Option<Child>>>>;
+
+/// SIGKILLs the leader `count` times, spread over the run (the k-th once k/(count+1) of the
+/// operations are done); restarts each killed node once the survivors agree on a new leader,
+/// and waits for it to rejoin before the next kill (three nodes tolerate one down at a time).
+async fn kill_leaders(
+    shared: &Shared,
+    children: &Children,
+    count: usize,
+) -> Result<Vec<(usize, Duration)>, String> {
+    let all: Vec<usize> = (0..shared.nodes.len()).collect();
+    let mut killed = Vec::new();
+    for round in 0..count {
+        let due = shared.ops * (round + 1) / (count + 1);
+        while shared.done.load(Ordering::Relaxed) < due {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let leader = agreed_leader(&shared.nodes, &all, Duration::from_secs(20))
+            .await
+            .ok_or("no agreed leader at the failover point")?;
+        let at = Instant::now();
+        if let Some(child) = children.lock().unwrap()[leader].as_mut() {
+            child.kill().map_err(|e| e.to_string())?;
+            let _ = child.wait();
+        }
+        shared.kills.lock().unwrap().push(Kill {
+            at,
+            first_write: None,
+        });
+        let name = &shared.nodes[leader].name;
+        shared
+            .progress
+            .set_message(format!("killed leader {name} ({}/{count})", round + 1));
+        let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+        agreed_leader(&shared.nodes, &survivors, Duration::from_secs(20))
+            .await
+            .ok_or("no new leader within 20 s of killing the old one")?;
+        killed.push((leader, at.elapsed()));
+        let restarted = shared.nodes[leader]
+            .spawn()
+            .map_err(|e| format!("cannot restart {name}: {e}"))?;
+        children.lock().unwrap()[leader] = Some(restarted);
+        shared.progress.set_message(format!("restarted {name}"));
+        agreed_leader(&shared.nodes, &all, Duration::from_secs(30))
+            .await
+            .ok_or_else(|| format!("{name} did not rejoin within 30 s of its restart"))?;
+    }
+    Ok(killed)
+}
+
+/// Once a quarter of the operations are done, stops every node in turn with SIGTERM (a leader
+/// hands over first), restarts it, and waits until it rejoins before stopping the next;
+/// records the longest gap between write acknowledgements meanwhile.
+async fn rolling_restart(
+    shared: &Shared,
+    children: &Children,
+) -> Result<Vec<(usize, bool, Duration)>, String> {
+    let all: Vec<usize> = (0..shared.nodes.len()).collect();
+    while shared.done.load(Ordering::Relaxed) < shared.ops / 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shared.recording_stalls.store(true, Ordering::Relaxed);
+    let mut restarted = Vec::new();
+    for node in 0..shared.nodes.len() {
+        let leader = agreed_leader(&shared.nodes, &all, Duration::from_secs(30))
+            .await
+            .ok_or("no agreed leader before a restart")?;
+        let name = &shared.nodes[node].name;
+        shared.progress.set_message(format!("stopping {name}"));
+        let stopping = Instant::now();
+        let mut child = children.lock().unwrap()[node]
+            .take()
+            .ok_or_else(|| format!("{name} is not running"))?;
+        let signalled = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .map_err(|e| format!("cannot signal {name}: {e}"))?;
+        if !signalled.success() {
+            return Err(format!("kill -TERM {name} failed"));
+        }
+        let deadline = stopping + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                _ => {
+                    let _ = child.kill();
+                    return Err(format!("{name} did not stop within 15 s of SIGTERM"));
+                }
+            }
+        }
+        let down = stopping.elapsed();
+        let spawned = shared.nodes[node]
+            .spawn()
+            .map_err(|e| format!("cannot restart {name}: {e}"))?;
+        children.lock().unwrap()[node] = Some(spawned);
+        shared.progress.set_message(format!("restarted {name}"));
+        agreed_leader(&shared.nodes, &all, Duration::from_secs(30))
+            .await
+            .ok_or_else(|| format!("{name} did not rejoin within 30 s of its restart"))?;
+        restarted.push((node, node == leader, down));
+    }
+    shared.recording_stalls.store(false, Ordering::Relaxed);
+    Ok(restarted)
 }
 
 async fn cluster_run(options: Options, dir: &Path) -> Result<(), String> {
@@ -409,45 +631,33 @@ async fn workload(
         next_op: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         ops: options.ops,
-        killed_at: Mutex::new(None),
-        first_write_after_kill: Mutex::new(None),
+        disrupting: AtomicBool::new(options.rolling_restart || options.failovers > 0),
+        kills: Mutex::new(Vec::new()),
+        stall: Mutex::new((None, Duration::ZERO)),
+        recording_stalls: AtomicBool::new(false),
         progress: progress.clone(),
     });
 
-    // Halfway: SIGKILL the leader, wait for a new one, restart the old leader.
     let coordinator = {
         let shared = shared.clone();
         let children = children.clone();
+        let (rolling, failovers) = (options.rolling_restart, options.failovers);
         tokio::spawn(async move {
-            while shared.done.load(Ordering::Relaxed) < shared.ops / 2 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            let outcome = if rolling {
+                rolling_restart(&shared, &children)
+                    .await
+                    .map(Disruption::Rolling)
+            } else {
+                kill_leaders(&shared, &children, failovers)
+                    .await
+                    .map(Disruption::Kills)
+            };
+            shared.disrupting.store(false, Ordering::Relaxed);
+            if outcome.is_err() {
+                // The run has failed: the clients stop after their current request.
+                shared.next_op.fetch_max(shared.ops, Ordering::Relaxed);
             }
-            let all: Vec<usize> = (0..shared.nodes.len()).collect();
-            let leader = agreed_leader(&shared.nodes, &all, Duration::from_secs(20))
-                .await
-                .ok_or("no agreed leader at the failover point")?;
-            let killed = Instant::now();
-            if let Some(child) = children.lock().unwrap()[leader].as_mut() {
-                child.kill().map_err(|e| e.to_string())?;
-                let _ = child.wait();
-            }
-            *shared.killed_at.lock().unwrap() = Some(killed);
-            shared
-                .progress
-                .set_message(format!("killed leader {}", shared.nodes[leader].name));
-            let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
-            agreed_leader(&shared.nodes, &survivors, Duration::from_secs(20))
-                .await
-                .ok_or("no new leader within 20 s of killing the old one")?;
-            let elected = killed.elapsed();
-            let restarted = shared.nodes[leader]
-                .spawn()
-                .map_err(|e| format!("cannot restart: {e}"))?;
-            children.lock().unwrap()[leader] = Some(restarted);
-            shared
-                .progress
-                .set_message(format!("restarted {}", shared.nodes[leader].name));
-            Ok::<(usize, Instant, Duration), String>((leader, killed, elected))
+            outcome
         })
     };
 
@@ -461,8 +671,7 @@ async fn workload(
     }
     let elapsed = workload_started.elapsed();
     progress.finish();
-    let (killed, killed_at, elected) = coordinator.await.map_err(|e| e.to_string())??;
-    let first_write = *shared.first_write_after_kill.lock().unwrap();
+    let disruption = coordinator.await.map_err(|e| e.to_string())??;
 
     // Every acknowledged write must be readable through every node, the restarted one included.
     agreed_leader(&shared.nodes, &all, Duration::from_secs(30))
@@ -504,14 +713,22 @@ async fn workload(
     for report in &reports {
         latencies.merge(&report.latencies);
     }
-    let unknown: usize = reports.iter().map(|r| r.unknown).sum();
+    let failed: usize = reports.iter().map(|r| r.failed).sum();
+    let refused: usize = reports.iter().map(|r| r.refused).sum();
+    let mut failures: BTreeMap<&str, usize> = BTreeMap::new();
+    for (kind, count) in reports.iter().flat_map(|r| &r.failures) {
+        *failures.entry(kind).or_default() += count;
+    }
     println!("--- kv_cluster summary ---");
     println!(
-        "operations:  {} ({} acknowledged, {} with unknown outcome during failover)",
-        options.ops,
+        "operations:  {} ({} acknowledged, {failed} failed; {refused} refused connections or \
+         `stopping` answers sent on to another node)",
+        shared.done.load(Ordering::Relaxed),
         latencies.len(),
-        unknown
     );
+    for (kind, count) in &failures {
+        println!("  failed:    {count} × {kind}");
+    }
     println!(
         "throughput:  {:.0} ops/s over {:.2?} ({} clients)",
         latencies.len() as f64 / elapsed.as_secs_f64(),
@@ -524,23 +741,84 @@ async fn workload(
         latencies.quantile(0.99),
         latencies.max()
     );
-    println!(
-        "failover:    killed {} (SIGKILL); new leader agreed after {:.2?}; first acknowledged \
-         write after {}",
-        shared.nodes[killed].name,
-        elected,
-        first_write.map_or("none".to_string(), |at| format!(
-            "{:.2?}",
-            at.duration_since(killed_at)
-        ))
-    );
+    let mut disruption_failed = None;
+    match &disruption {
+        Disruption::Kills(killed) if !killed.is_empty() => {
+            let kills = shared.kills.lock().unwrap().clone();
+            let mut to_write = Latencies::new();
+            let mut elected = Latencies::new();
+            for (kill, (_, agreed)) in kills.iter().zip(killed) {
+                if let Some(at) = kill.first_write {
+                    to_write.record(at.duration_since(kill.at));
+                }
+                elected.record(*agreed);
+            }
+            let names: Vec<&str> = killed
+                .iter()
+                .map(|(node, _)| shared.nodes[*node].name.as_str())
+                .collect();
+            println!(
+                "failover:    SIGKILL of the leader × {} ({})",
+                killed.len(),
+                names.join(", ")
+            );
+            println!(
+                "             leader killed → first acknowledged write: p50 {:.2?}  p99 {:.2?}  \
+                 max {:.2?}",
+                to_write.quantile(0.50),
+                to_write.quantile(0.99),
+                to_write.max()
+            );
+            println!(
+                "             leader killed → new leader agreed:        p50 {:.2?}  p99 {:.2?}  \
+                 max {:.2?}",
+                elected.quantile(0.50),
+                elected.quantile(0.99),
+                elected.max()
+            );
+            let without_write = kills.iter().filter(|k| k.first_write.is_none()).count();
+            if without_write > 0 {
+                disruption_failed = Some(format!(
+                    "{without_write} of {} kills saw no acknowledged write after them",
+                    killed.len()
+                ));
+            }
+        }
+        Disruption::Kills(_) => println!("failover:    none (--failovers 0)"),
+        Disruption::Rolling(restarted) => {
+            let longest_stall = shared.stall.lock().unwrap().1;
+            let steps: Vec<String> = restarted
+                .iter()
+                .map(|(node, was_leader, down)| {
+                    let role = if *was_leader { "leader" } else { "follower" };
+                    format!(
+                        "{} ({role}, stopped in {down:.2?})",
+                        shared.nodes[*node].name
+                    )
+                })
+                .collect();
+            println!(
+                "rolling restart: {} nodes stopped with SIGTERM and restarted one at a time: {}; \
+                 failed requests {failed}; longest write stall {longest_stall:.2?}",
+                restarted.len(),
+                steps.join(", ")
+            );
+            if failed > 0 {
+                disruption_failed = Some(format!(
+                    "{failed} requests failed during the rolling restart"
+                ));
+            }
+        }
+    }
     println!(
         "verified:    {checked} reads of {} keys across {} nodes, {} violations",
         reports.iter().map(|r| r.keys.len()).sum::<usize>(),
         shared.nodes.len(),
         violations.len()
     );
-    if violations.is_empty() {
+    if let Some(failure) = disruption_failed {
+        Err(failure)
+    } else if violations.is_empty() {
         Ok(())
     } else {
         for violation in violations.iter().take(20) {

@@ -5,6 +5,11 @@
 //! priority elections), the failover measurement, and proof that the checkers catch deliberately
 //! injected protocol bugs.
 //!
+//! Each seed also draws how the transports report broken connections (`ConnectionHints`): a
+//! crash reported to every survivor, to about half of them, or to none, and false reports about
+//! live leaders at none, some or all fault events. The failover measurement runs with hints
+//! delivered, half lost, and none.
+//!
 //! - `cargo test --test chaos` runs 2,000 seeds (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts
 //!   at S);
 //! - `SIM_SEED=S cargo test --test chaos -- chaos_seeds --exact --nocapture` replays one seed.
@@ -13,8 +18,9 @@ mod common;
 
 use common::scenario::{measure_failover, replay_command, run_chaos, sweep};
 use consensus::NodeId;
+use consensus::protocol::raft::Control;
 use consensus::sim::Violation;
-use consensus::sim::{FaultProfile, Sim, SimConfig, SimFailure};
+use consensus::sim::{ConnectionHints, FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::transport::simulated::LatencyModel;
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -88,6 +94,12 @@ fn chaos_seeds() {
         "too few operations completed"
     );
     assert!(sum(|r| r.crashes as u64) > count, "too few crashes");
+    // Connection hints: delivered, lost (seeds that deliver none or half) and false.
+    let (true_hints, false_hints) = (sum(|r| r.hints.0 as u64), sum(|r| r.hints.1 as u64));
+    eprintln!("connection hints delivered: {true_hints} true, {false_hints} false");
+    assert!(true_hints > count && false_hints > count, "too few hints");
+    let without = reports.iter().filter(|r| r.hints.0 == 0 && r.crashes > 0);
+    assert!(without.count() > 0, "no seed with its hints lost");
 }
 
 #[test]
@@ -207,17 +219,17 @@ fn priority_based_election_settles_on_the_highest_priority_node() {
     }
 }
 
-#[test]
-fn failover_latency() {
-    // 60 seeds × 17 leader crashes = 1,020 failovers, 3- and 5-node clusters, election timeout
-    // 150 ms (randomized to 150–300 ms), heartbeat 50 ms.
+/// Leader crashes over 60 seeds (17 each: 1,020 failovers) of 3- and 5-node clusters, election
+/// timeout 150 ms (randomized to 150–300 ms), heartbeat 50 ms, with `hints` on every crash;
+/// prints the percentiles and returns p99 in simulated milliseconds.
+fn failover_p99_ms(label: &str, hints: ConnectionHints) -> f64 {
     let started = std::time::Instant::now();
     let mut by_size: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
     for seed in 0..60 {
         let nodes = if seed % 2 == 0 { 5 } else { 3 };
-        match measure_failover(seed, nodes, 17) {
+        match measure_failover(seed, nodes, 17, hints) {
             Ok(s) => by_size.entry(nodes).or_default().extend(s),
-            Err(failure) => panic!("{failure}"),
+            Err(failure) => panic!("{label}: {failure}"),
         }
     }
     let summary = |samples: &mut Vec<u64>| {
@@ -235,15 +247,102 @@ fn failover_latency() {
     };
     let mut all: Vec<u64> = by_size.values().flatten().copied().collect();
     for (nodes, samples) in &mut by_size {
-        eprintln!("failover, {nodes} nodes: {}", summary(samples).0);
+        eprintln!("failover ({label}), {nodes} nodes: {}", summary(samples).0);
     }
     let (line, p99_ms) = summary(&mut all);
     eprintln!(
-        "failover over {line} (election timeout 150 ms, heartbeat 50 ms; {:.1} s wall)",
+        "failover ({label}) over {line} (election timeout 150 ms, heartbeat 50 ms; {:.1} s wall)",
         started.elapsed().as_secs_f64()
     );
     assert!(all.len() >= 1_000);
+    p99_ms
+}
+
+#[test]
+fn failover_latency() {
+    // Silence only: the survivors wait out their randomized election timeouts.
+    let p99_ms = failover_p99_ms("no hints", ConnectionHints::none());
     assert!(p99_ms < 2_000.0, "p99 failover {p99_ms} ms exceeds 2 s");
+}
+
+#[test]
+fn failover_latency_with_connection_hints() {
+    // The survivors' transports report the crash within 2 ms (a killed process's sockets are
+    // reset at once): the followers pre-vote at once instead of waiting out their timeouts.
+    let p99_ms = failover_p99_ms("hints delivered", ConnectionHints::delivered(2_000));
+    assert!(p99_ms <= 200.0, "p99 failover {p99_ms} ms exceeds 200 ms");
+}
+
+#[test]
+fn failover_with_most_hints_lost_still_completes() {
+    // Each survivor hears of the crash only half the time: a follower that heard campaigns
+    // early and may be refused by one still under the lease; the timeouts finish the job.
+    let hints = ConnectionHints {
+        delivery_probability: 0.5,
+        ..ConnectionHints::delivered(2_000)
+    };
+    let p99_ms = failover_p99_ms("half the hints lost", hints);
+    assert!(p99_ms < 2_000.0, "p99 failover {p99_ms} ms exceeds 2 s");
+}
+
+/// Clean stops of the leader, one after another: it hands over (`Control::HandOver`), then
+/// stops and later restarts, while clients run. The hand-over must succeed every time, and every
+/// safety property, liveness and linearizability must hold at the end.
+#[test]
+fn leaders_that_hand_over_before_stopping_keep_every_property() {
+    for seed in 0..20 {
+        let nodes = if seed % 2 == 0 { 5 } else { 3 };
+        let mut config = SimConfig::new(seed, nodes);
+        config.connection_hints = ConnectionHints::delivered(2_000);
+        let mut sim = stable_cluster(config, 1_000_000);
+        for round in 0..2 * nodes {
+            let leader = sim.leader().expect("a leader");
+            sim.control(leader, Control::HandOver);
+            let handed = sim
+                .run_until_or(sim.now_us() + 500_000, |s| {
+                    s.leader().is_some_and(|l| l != leader)
+                })
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+            assert!(
+                handed,
+                "seed {seed}, round {round}: no hand-over from {leader}"
+            );
+            sim.crash(leader);
+            sim.run_until(sim.now_us() + 200_000)
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+            sim.restart_node(leader);
+            sim.run_until(sim.now_us() + 300_000)
+                .unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+        }
+        common::scenario::finish(&mut sim).unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+    }
+}
+
+#[test]
+fn false_hints_do_not_depose_a_leader_that_holds_a_quorum() {
+    for seed in 0..20 {
+        let nodes = if seed % 2 == 0 { 5 } else { 3 };
+        let mut sim = stable_cluster(SimConfig::new(seed, nodes), 1_000_000);
+        let leader = sim.leader().expect("a leader");
+        let term = sim
+            .node(leader)
+            .map(|n| n.term())
+            .expect("the leader is live");
+        // A blip on one node's connections every 120 ms (the leader's heartbeats, every 50 ms,
+        // clear each before the next).
+        for _ in 0..25 {
+            sim.false_hint();
+            sim.run_until(sim.now_us() + 120_000).expect("no violation");
+        }
+        assert_eq!(
+            sim.leader(),
+            Some(leader),
+            "seed {seed}: the leader changed"
+        );
+        let now = sim.node(leader).map(|n| n.term());
+        assert_eq!(now, Some(term), "seed {seed}: the term moved");
+        common::scenario::finish(&mut sim).unwrap_or_else(|f| panic!("seed {seed}: {f}"));
+    }
 }
 
 /// Runs seeds `0..limit` of `config_for` and returns the first safety violation.

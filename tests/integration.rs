@@ -132,6 +132,51 @@ async fn proposals_commit_and_every_state_machine_agrees() {
     );
 }
 
+/// A clean stop of the leader starts with a hand-over: the leader knows another leader before
+/// it stops, and proposals made at a follower meanwhile commit (none refused, none lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_first_and_no_proposal_fails() {
+    let mut cluster = start_cluster(&["h-1", "h-2", "h-3"]).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    let follower = (leader + 1) % 3;
+    assert!(
+        !cluster.engines[follower].hand_over_leadership().await,
+        "a follower has nothing to hand over"
+    );
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let proposal = Proposal::new(format!("k{i}"), "v");
+        calls.push(cluster.engines[follower].propose(proposal));
+    }
+    let (handed, results) = tokio::join!(
+        cluster.engines[leader].hand_over_leadership(),
+        futures::future::join_all(calls)
+    );
+    assert!(handed, "no other leader within two election timeouts");
+    assert!(!cluster.engines[leader].is_leader());
+    for result in results {
+        let result = result.unwrap();
+        assert!(
+            matches!(result, ConsensusResult::Committed { .. }),
+            "{result:?}"
+        );
+    }
+    cluster.engines[leader].stop().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    let new_leader = loop {
+        if let Some(i) = (0..3).find(|&i| i != leader && cluster.engines[i].is_leader()) {
+            break i;
+        }
+        assert!(Instant::now() < until, "no leader after the hand-over");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let result = cluster.engines[new_leader]
+        .propose(Proposal::new("after", "1"))
+        .await
+        .unwrap();
+    assert!(matches!(result, ConsensusResult::Committed { .. }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_survives_the_leader_stopping() {
     let mut cluster = start_cluster(&["a", "b", "c"]).await;

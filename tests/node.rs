@@ -6,6 +6,8 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use consensus::node::client::{self, HttpResponse};
@@ -457,6 +459,86 @@ async fn a_four_node_pbft_cluster_serves_through_any_node_and_survives_its_prima
     assert_ne!(new_primary, primary);
     let status = cluster.status(new_primary).await.expect("status");
     assert!(status["view"].as_u64() >= Some(1), "{status}");
+}
+
+/// SIGTERM to the leader of three: it hands leadership over before it stops, and a client
+/// writing through a follower all along gets every write acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_over_and_no_write_through_a_follower_fails() {
+    let mut cluster = Cluster::start(3);
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all, Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    let through = cluster.nodes[follower].http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, written) = (stop.clone(), written.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let path = format!("/kv/w{}", answers.len());
+                let answer = client::request(through, "PUT", &path, b"v", CLIENT_TIMEOUT).await;
+                answers.push(
+                    answer
+                        .map(|r| (r.status, r.text()))
+                        .map_err(|e| e.to_string()),
+                );
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            answers
+        })
+    };
+    let wait_for_writes = |at_least: usize| {
+        let written = written.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while written.load(Ordering::Relaxed) < at_least {
+                assert!(Instant::now() < deadline, "the writer is stuck");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_writes(20).await; // some before the stop
+    let mut child = cluster.nodes[leader].child.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after SIGTERM\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(exit.success(), "{exit:?}\n{}", cluster.logs());
+    let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    cluster.leader(&survivors, Duration::from_secs(20)).await;
+    wait_for_writes(written.load(Ordering::Relaxed) + 20).await; // and some after
+    stop.store(true, Ordering::Relaxed);
+    let answers = writer.await.unwrap();
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .collect();
+    assert!(answers.len() > 10, "too few writes: {}", answers.len());
+    assert!(
+        failed.is_empty(),
+        "failed writes: {failed:?}\n{}",
+        cluster.logs()
+    );
+    let log = std::fs::read_to_string(&cluster.nodes[leader].log).unwrap();
+    assert!(
+        log.contains("handed leadership over before stopping"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -313,6 +313,29 @@ async fn a_restarted_peer_is_reached_again() {
     );
 }
 
+/// A peer whose process goes away (its sockets closed, its port refusing) is reported on
+/// `unreachable_peers`; a live one exchanging messages is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_goes_away_is_reported_unreachable() {
+    init_logs();
+    let mut a = start(config(1, loopback()), vec![]).await;
+    let mut unreachable = a.0.unreachable_peers();
+    let mut b = start(config(2, loopback()), vec![address_of(&a, true)]).await;
+    a.0.add_peer(address_of(&b, true));
+    send_until_received(&a.0, NodeId(2), &mut b.1).await;
+    send_until_received(&b.0, NodeId(1), &mut a.1).await;
+    stream_in_order(&a.0, NodeId(2), &mut b.1, 200).await;
+    assert!(
+        unreachable.try_recv().is_err(),
+        "a live peer was reported unreachable"
+    );
+
+    b.0.shutdown().await;
+    let reported = timeout(DEADLINE, unreachable.recv()).await;
+    assert_eq!(reported.ok().flatten(), Some(NodeId(2)));
+    assert!(a.0.stats().unreachable_reports >= 1, "{:?}", a.0.stats());
+}
+
 /// Writes `bytes` on a raw connection to `address` and waits until the server closes it.
 fn raw_connection_is_closed_after(address: SocketAddr, bytes: &[u8]) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();

@@ -57,6 +57,8 @@ pub(crate) enum DriverInput<P: Protocol> {
         message: P::Message,
     },
     Control(P::Control),
+    /// The transport's hint that every connection to this peer broke.
+    PeerUnreachable(NodeId),
     Shutdown,
 }
 
@@ -102,6 +104,14 @@ impl<P: Protocol> Inbox<P> {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
+    }
+
+    /// Passes on the transport's hint that every connection to `peer` broke (see
+    /// [`Input::PeerUnreachable`]). Returns false if it was dropped, as a message would be.
+    pub fn peer_unreachable(&self, peer: NodeId) -> bool {
+        self.sender
+            .try_send(DriverInput::PeerUnreachable(peer))
+            .is_ok()
     }
 }
 
@@ -181,21 +191,7 @@ impl<P: Protocol> Driver<P> {
                     }
                 }
             }
-            if !peer_messages.is_empty() {
-                // A signing core checks the round's signatures in one batch, then counts its
-                // votes in one aggregator batch as it steps the round: both are timed.
-                let checking = Instant::now();
-                self.node.authenticate(&mut peer_messages);
-                self.node.step_round(&mut peer_messages, &mut out);
-                if P::AUTHENTICATES {
-                    self.metrics.record_vote_processing(checking.elapsed());
-                }
-                let invalid = self.node.invalid_messages();
-                for (reason, count) in invalid.since(&self.invalid_seen) {
-                    self.metrics.record_invalid_messages(reason, count);
-                }
-                self.invalid_seen = invalid;
-            }
+            self.step_peer_round(&mut peer_messages, &mut out);
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);
                 next_tick = now + self.settings.tick;
@@ -253,6 +249,30 @@ impl<P: Protocol> Driver<P> {
         }
     }
 
+    /// Authenticates and steps the peer messages gathered so far, as one round.
+    fn step_peer_round(
+        &mut self,
+        peer_messages: &mut Vec<Envelope<P::Message>>,
+        out: &mut Output<P::Message>,
+    ) {
+        if peer_messages.is_empty() {
+            return;
+        }
+        // A signing core checks the round's signatures in one batch, then counts its votes in
+        // one aggregator batch as it steps the round: both are timed.
+        let checking = Instant::now();
+        self.node.authenticate(peer_messages);
+        self.node.step_round(peer_messages, out);
+        if P::AUTHENTICATES {
+            self.metrics.record_vote_processing(checking.elapsed());
+        }
+        let invalid = self.node.invalid_messages();
+        for (reason, count) in invalid.since(&self.invalid_seen) {
+            self.metrics.record_invalid_messages(reason, count);
+        }
+        self.invalid_seen = invalid;
+    }
+
     /// Feeds one input, received at `now`, to the core (a peer message goes to `peer_messages`
     /// instead, to be authenticated with the rest of the round's); true on shutdown.
     fn handle(
@@ -274,6 +294,12 @@ impl<P: Protocol> Driver<P> {
                 message,
             }),
             DriverInput::Control(control) => self.node.step(Input::Control(control), out),
+            DriverInput::PeerUnreachable(peer) => {
+                // After the messages that arrived before it: a leader's last heartbeat must not
+                // cancel the hint that its connections broke after it.
+                self.step_peer_round(peer_messages, out);
+                self.node.step(Input::PeerUnreachable { peer }, out);
+            }
             DriverInput::Shutdown => return true,
         }
         false

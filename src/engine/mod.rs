@@ -18,6 +18,7 @@
 pub(crate) mod apply;
 mod core;
 mod driver;
+mod handover;
 mod local;
 mod pending;
 mod reply;
@@ -488,16 +489,33 @@ impl ConsensusEngine {
         voters.push(self.node_id());
         voters.sort();
         voters.dedup();
+        let mut unreachable = transport.unreachable_peers();
         let forwarder = tokio::spawn(async move {
-            while let Some((from, message)) = inbound.recv().await {
-                inbox.deliver(from, message);
+            loop {
+                tokio::select! {
+                    // Messages already received go in before a hint that came after them.
+                    biased;
+                    message = inbound.recv() => match message {
+                        Some((from, message)) => {
+                            inbox.deliver(from, message);
+                        }
+                        None => break,
+                    },
+                    Some(peer) = unreachable.recv() => {
+                        inbox.peer_unreachable(peer);
+                    }
+                }
             }
         });
         Ok((transport, voters, forwarder))
     }
 
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.
+    ///
+    /// A Raft leader first hands leadership to its most caught-up voter and waits for another
+    /// node to lead, for at most two election timeouts, so that the others go on at once.
     pub async fn stop(&mut self) -> Result<()> {
+        self.hand_over_leadership().await;
         let Some(mut running) = self.running.take() else {
             return Ok(());
         };
@@ -520,6 +538,18 @@ impl ConsensusEngine {
             }
         }
         Ok(())
+    }
+
+    /// If this node leads (Raft), hands leadership to its most caught-up voter and waits until
+    /// it knows another leader, for at most two election timeouts; returns whether another node
+    /// leads. [`ConsensusEngine::stop`] does this first; a server calls it earlier, while it
+    /// still answers its clients. Proposals made meanwhile go to the new leader.
+    pub async fn hand_over_leadership(&self) -> bool {
+        let Some(running) = &self.running else {
+            return false;
+        };
+        let bound = self.config.election.election_timeout * 2;
+        handover::hand_over(&running.inputs, &self.leader, self.node_id(), bound).await
     }
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.

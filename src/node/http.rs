@@ -6,10 +6,12 @@
 //! (no leader, deadline passed) the answer is 503/504 with a JSON reason, never 2xx.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -88,6 +90,29 @@ struct DetectionBody {
 struct ByzantineBody {
     detections: Vec<DetectionBody>,
     excluded: Vec<String>,
+}
+
+/// Middleware: while the node is stopping (`stopping` set), key-value requests are answered
+/// 503 with error `stopping` and nothing is done, so the client can send them to another node;
+/// `/status`, `/metrics` and `/byzantine` still answer.
+pub async fn refuse_while_stopping(
+    State(stopping): State<Arc<AtomicBool>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if stopping.load(Ordering::Relaxed) && request.uri().path().starts_with("/kv/") {
+        let mut response = failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "this node is stopping; nothing was done: send the request to another node",
+        );
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    next.run(request).await
 }
 
 /// A JSON error answer.

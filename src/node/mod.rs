@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -34,6 +35,11 @@ pub const EXIT_FAILURE: u8 = 1;
 /// How long shutdown waits for in-flight requests to let go of the engine before stopping it
 /// anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a stopping node answers key-value requests with 503 `stopping` (after handing
+/// leadership over) before it closes its HTTP listener: clients about to connect learn to go
+/// elsewhere, rather than having their connections reset when the listener closes.
+const STOPPING_NOTICE: Duration = Duration::from_millis(100);
 
 /// Why the node could not be configured or run.
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +271,7 @@ pub struct LoopbackNodeFiles {
 
 /// Writes the configurations of a cluster on 127.0.0.1 into `dir`: one node per pair of
 /// `ports` (the first half are the peer ports, the second half the HTTP ports), peers named
-/// `node-N@127.0.0.1:PORT`, a 300 ms election timeout, 50 ms heartbeats, a 2 s request deadline
+/// `node-N@127.0.0.1:PORT`, a 150 ms election timeout, 50 ms heartbeats, a 2 s request deadline
 /// and a fjall data dir `dir/node-N`. Used by the `kv_cluster` example and the node tests.
 pub fn write_loopback_cluster(
     dir: &Path,
@@ -315,7 +321,7 @@ pub fn write_loopback_cluster_of(
         }
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
-             bootstrap_peers = [{}]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 50\n\
+             bootstrap_peers = [{}]\nelection_timeout_ms = 150\nheartbeat_interval_ms = 50\n\
              request_timeout_ms = 2000\nstate_dir = \"{}\"\n{signing}{validators}\n[http]\naddress = \"{http}\"\n",
             algorithm.as_str(),
             ports[i],
@@ -404,8 +410,11 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs a node until `shutdown` resolves: stops accepting HTTP requests, lets in-flight ones
-/// finish (each is bounded by the request deadline), then stops the engine.
+/// Runs a node until `shutdown` resolves, then stops it so that clients never notice: a
+/// leader hands leadership to its most caught-up voter, new key-value requests are answered
+/// 503 `stopping` (nothing was done: send it to another node) for 100 ms, then the
+/// HTTP listener closes, in-flight requests finish (each bounded by the request deadline), and
+/// the engine stops.
 ///
 /// An algorithm that signs its messages first loads this node's signing identity
 /// ([`ConsensusConfig::signing_identity`]), so that a missing, unreadable or mismatched key is
@@ -440,9 +449,30 @@ pub async fn run(
         http = %listener.local_addr()?,
         "node started"
     );
-    let served = axum::serve(listener, http::router(engine.clone()))
-        .with_graceful_shutdown(shutdown)
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (drained, drain) = tokio::sync::oneshot::channel::<()>();
+    let hand_over = {
+        let (engine, stopping) = (engine.clone(), stopping.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            stopping.store(true, Ordering::Relaxed);
+            tracing::info!("stopping: handing over and sending clients elsewhere");
+            engine.hand_over_leadership().await;
+            tokio::time::sleep(STOPPING_NOTICE).await;
+            let _ = drained.send(());
+        })
+    };
+    let app = http::router(engine.clone()).layer(axum::middleware::from_fn_with_state(
+        stopping,
+        http::refuse_while_stopping,
+    ));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = drain.await;
+        })
         .await;
+    hand_over.abort(); // done already, unless serving ended on its own
+    let _ = hand_over.await;
     tracing::info!("HTTP stopped; stopping the engine");
     let mut engine = engine;
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;

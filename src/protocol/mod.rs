@@ -74,6 +74,15 @@ pub enum Input<M, C> {
     /// Append buffered proposals now. The engine sends this when its input queue is drained, so
     /// proposals that arrived together go out together without waiting for the batch timeout.
     FlushProposals,
+    /// A hint from the transport: every connection to `peer` just broke (reset, refused or
+    /// closed), which is what a killed process or a closed port looks like. It may be false (a
+    /// network blip) and it may never come (a silent partition), so a core may only act on it
+    /// in ways that are safe either way: Raft starts a pre-vote early when `peer` is its
+    /// leader; PBFT ignores it.
+    PeerUnreachable {
+        /// The peer whose connections broke.
+        peer: NodeId,
+    },
     /// The log is durable through `index`, whose entry has `term` (the term guards against an
     /// acknowledgement of entries that a later truncation already replaced).
     Durable {
@@ -96,7 +105,9 @@ pub enum RejectReason {
         /// The leader this node knows of, if any.
         leader: Option<NodeId>,
     },
-    /// The leader is handing over leadership and accepts no proposals until that ends.
+    /// The leader is handing over leadership and accepts no proposals until that ends. (Raft
+    /// no longer refuses for this reason: proposals made during a transfer wait for its end and
+    /// go to the new leader.)
     #[error("leadership transfer in progress")]
     TransferInProgress,
     /// The buffer of proposals waiting to be appended is full.

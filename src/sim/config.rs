@@ -86,6 +86,42 @@ impl FaultProfile {
     }
 }
 
+/// How the simulated transports report broken connections
+/// ([`Input::PeerUnreachable`](crate::protocol::Input::PeerUnreachable)). A real transport
+/// reports a killed peer within a millisecond (its sockets are reset, redials are refused), but
+/// not one behind a silent partition, and a blip on a live peer's connections looks the same.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionHints {
+    /// The chance that each live node is told, after a crash, that the crashed node is
+    /// unreachable; otherwise that node's hint is lost.
+    pub delivery_probability: f64,
+    /// The longest delay between a crash and its hints.
+    pub max_delay_us: u64,
+    /// The chance, at each fault event of the fault phase, that one live node is also told that
+    /// a live peer (the leader, when there is one) is unreachable: a false hint.
+    pub false_hint_probability: f64,
+}
+
+impl ConnectionHints {
+    /// No hints: the nodes learn of a crash only by silence.
+    pub fn none() -> Self {
+        ConnectionHints {
+            delivery_probability: 0.0,
+            max_delay_us: 0,
+            false_hint_probability: 0.0,
+        }
+    }
+
+    /// Every crash reported to every live node within `max_delay_us`; no false hints.
+    pub fn delivered(max_delay_us: u64) -> Self {
+        ConnectionHints {
+            delivery_probability: 1.0,
+            max_delay_us,
+            false_hint_probability: 0.0,
+        }
+    }
+}
+
 /// Builds each node's state machine (at start and at every restart).
 #[derive(Clone)]
 pub(crate) struct MachineFactory(Arc<dyn Fn() -> Box<dyn ErasedStateMachine> + Send + Sync>);
@@ -115,6 +151,8 @@ pub struct SimConfig<S = RaftConfig> {
     pub network: NetworkConfig,
     /// Fault injection during the fault phase.
     pub faults: FaultProfile,
+    /// What the nodes' transports tell them when a peer's connections break.
+    pub connection_hints: ConnectionHints,
     /// Length of the fault phase; then everything heals.
     pub fault_phase_us: u64,
     /// After healing, a leader must commit the probe and every node catch up within this.
@@ -178,6 +216,7 @@ impl SimConfig<RaftConfig> {
             machine: MachineFactory(Arc::new(|| Box::new(KvStateMachine::new()))),
             network: NetworkConfig::default(),
             faults: FaultProfile::none(),
+            connection_hints: ConnectionHints::none(),
             fault_phase_us: 3_000_000,
             liveness_deadline_us: 10_000_000,
             clients: 3,
@@ -239,6 +278,12 @@ impl SimConfig<RaftConfig> {
         if rng.random_bool(0.5) {
             config.group_commit = (rng.random_range(0.0..0.8), rng.random_range(0..3_000));
         }
+        // Hints always, sometimes or never delivered, and sometimes false.
+        config.connection_hints = ConnectionHints {
+            delivery_probability: [0.0, 0.5, 1.0][rng.random_range(0..3)],
+            max_delay_us: rng.random_range(0..5_000),
+            false_hint_probability: [0.0, 0.3, 1.0][rng.random_range(0..3)],
+        };
         config
     }
 }
@@ -269,6 +314,8 @@ pub struct SimReport {
     /// Applications of an entry whose proposal was already applied (a forwarded proposal the
     /// network duplicated gets appended twice); counted per node, skipped by the store.
     pub duplicate_applies: usize,
+    /// Connection hints delivered: true ones (a crashed peer) and false ones (a live peer).
+    pub hints: (usize, usize),
     /// Steps the linearizability search took.
     pub checker_steps: u64,
     /// Network counters.
@@ -312,6 +359,7 @@ impl<S> SimConfig<S> {
             machine: self.machine,
             network: self.network,
             faults: self.faults,
+            connection_hints: self.connection_hints,
             fault_phase_us: self.fault_phase_us,
             liveness_deadline_us: self.liveness_deadline_us,
             clients: self.clients,
@@ -364,6 +412,8 @@ impl SimConfig<PbftConfig> {
         pbft.batch_timeout_ticks = rng.random_range(0..3);
         pbft.view_change_timeout_ticks = rng.random_range(10..30);
         pbft.retransmit_ticks = rng.random_range(2..8);
+        // PBFT ignores the hints; none are drawn, so its runs stay as they were.
+        config.connection_hints = ConnectionHints::none();
         config
     }
 

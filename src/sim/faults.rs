@@ -31,6 +31,10 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         self.schedule_next_fault();
+        let false_hints = self.config.connection_hints.false_hint_probability;
+        if false_hints > 0.0 && self.rng.random_bool(false_hints.min(1.0)) {
+            self.false_hint();
+        }
         let f = self.config.faults.clone();
         let mut pick = self.rng.random_range(0..f.total_weight());
         let mut chosen = 0;

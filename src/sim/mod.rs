@@ -74,6 +74,7 @@ pub mod byzantine;
 mod clients;
 mod config;
 mod faults;
+mod hints;
 pub mod invariants;
 mod kv;
 pub mod linearizability;
@@ -82,7 +83,7 @@ mod twins;
 mod verifier;
 
 pub use crate::engine::apply::ApplyBugs;
-pub use config::{FaultProfile, SimConfig, SimFailure, SimReport};
+pub use config::{ConnectionHints, FaultProfile, SimConfig, SimFailure, SimReport};
 pub use invariants::{SafetyMonitor, Violation};
 pub use kv::KvStateMachine;
 pub use linearizability::{KvInput, KvModel, KvOutput};
@@ -130,14 +131,33 @@ type ClientOp = (usize, usize);
 /// Something scheduled at a simulated time.
 #[derive(Clone, Debug)]
 enum Action {
-    Invoke { client: usize },
-    Retry { client: usize, op: usize },
-    Deadline { client: usize, op: usize },
-    Restart { node: usize },
+    Invoke {
+        client: usize,
+    },
+    Retry {
+        client: usize,
+        op: usize,
+    },
+    Deadline {
+        client: usize,
+        op: usize,
+    },
+    Restart {
+        node: usize,
+    },
     Heal,
     RestoreWeather,
     Fault,
-    Flush { node: usize, incarnation: u64 },
+    Flush {
+        node: usize,
+        incarnation: u64,
+    },
+    /// The transport of `node` (in its incarnation) reports `peer` unreachable.
+    Hint {
+        node: usize,
+        incarnation: u64,
+        peer: NodeId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +249,8 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     duplicate_applies: u64,
     failover: Option<FailoverWatch>,
     failover_samples: Vec<u64>,
+    /// Connection hints delivered so far: (true, false).
+    hints_delivered: (usize, usize),
     /// Scratch space for the apply stages' answers.
     answers: Vec<Answer<ClientOp, u64>>,
     /// Replicas on different sides of the twins' layout hear each other (see [`Twins`]).
@@ -308,6 +330,7 @@ impl<P: SimProtocol> Sim<P> {
             forgeries_sent: 0,
             failover: None,
             failover_samples: Vec::new(),
+            hints_delivered: (0, 0),
             answers: Vec::new(),
             sides_joined: !config.twins.separate_sides,
             config,
@@ -416,6 +439,7 @@ impl<P: SimProtocol> Sim<P> {
                     .map(|n| n.apply.duplicates_skipped())
                     .sum::<u64>()) as usize,
             checker_steps: 0,
+            hints: self.hints_delivered,
             network: self.network.stats(),
             invalid_dropped: self
                 .nodes
@@ -542,6 +566,16 @@ impl<P: SimProtocol> Sim<P> {
             Action::Flush { node, incarnation } => {
                 if self.nodes[node].incarnation == incarnation {
                     self.flush(node);
+                }
+            }
+            Action::Hint {
+                node,
+                incarnation,
+                peer,
+            } => {
+                if self.nodes[node].incarnation == incarnation && self.nodes[node].core.is_some() {
+                    self.hints_delivered.0 += 1;
+                    self.step(node, Input::PeerUnreachable { peer });
                 }
             }
         }
@@ -833,6 +867,7 @@ impl<P: SimProtocol> Sim<P> {
             // Its connections reset: what it had sent and what was sent to it is gone too.
             self.network.discard_for(id);
         }
+        self.hint_unreachable(id);
     }
 
     /// Restarts the node at address `id` from its store's durable state with a fresh state

@@ -383,6 +383,16 @@ impl<M: Clone + Send> SimulatedNetwork<M> {
         None
     }
 
+    /// When the last message queued from `from` to `to` is due, if any is in flight.
+    pub fn last_delivery_at(&self, from: NodeId, to: NodeId) -> Option<u64> {
+        lock(&self.state)
+            .queue
+            .iter()
+            .filter(|m| m.from == from && m.to == to)
+            .map(|m| m.deliver_at_us)
+            .max()
+    }
+
     /// Messages queued and not yet delivered.
     pub fn in_flight(&self) -> usize {
         lock(&self.state).queue.len()

@@ -23,6 +23,14 @@
 //! [`TcpTransportConfig::reconnect_backoff_min`] and `reconnect_backoff_max`; batches in flight on
 //! it are lost (the protocols retransmit).
 //!
+//! # Noticing a dead peer
+//! When a peer's connection breaks (closed or reset, as a killed process's sockets are) or a
+//! redial is refused (nothing listens on its port), the transport reports that peer on the
+//! channel [`TcpTransport::unreachable_peers`] returns. A slow peer keeps its connection (a
+//! delivery past its deadline does not close it) and is not reported. The reports are hints for
+//! the protocol (Raft campaigns at once when its leader is reported): best effort, dropped when
+//! nobody reads them fast enough.
+//!
 //! # Receiving
 //! Frames are length-delimited and a frame longer than [`TcpTransportConfig::max_frame_bytes`] is
 //! refused from its length prefix, before any of it is read or decoded. An oversized or malformed
@@ -256,6 +264,8 @@ pub struct TransportStats {
     pub dial_failures: u64,
     /// Inbound connections closed for an oversized or malformed frame or a refused handshake.
     pub connections_rejected: u64,
+    /// Times a peer was reported unreachable: a connection to it broke or a redial was refused.
+    pub unreachable_reports: u64,
 }
 
 #[derive(Default)]
@@ -270,6 +280,7 @@ struct Counters {
     connections_established: AtomicU64,
     dial_failures: AtomicU64,
     connections_rejected: AtomicU64,
+    unreachable_reports: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -284,6 +295,8 @@ struct Shared<M> {
     /// their first handshake.
     routes: RwLock<HashMap<NodeId, mpsc::Sender<M>>>,
     inbound: mpsc::Sender<(NodeId, M)>,
+    /// Where peers whose connections broke are reported (see [`TcpTransport::unreachable_peers`]).
+    unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -297,7 +310,19 @@ impl<M> Shared<M> {
     fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, mpsc::Sender<M>>> {
         crate::sync::write(&self.routes)
     }
+
+    /// Reports `peer` unreachable to whoever listens; dropped when nobody does or the listener
+    /// is behind (a hint, not a promise).
+    fn report_unreachable(&self, peer: NodeId) {
+        bump(&self.counters.unreachable_reports, 1);
+        if let Some(listener) = crate::sync::lock(&self.unreachable).as_ref() {
+            let _ = listener.try_send(peer);
+        }
+    }
 }
+
+/// Reports of unreachable peers buffered for the listener before more are dropped.
+const UNREACHABLE_QUEUE_CAPACITY: usize = 64;
 
 /// A [`Transport`] over TCP. See the module documentation.
 pub struct TcpTransport<M> {
@@ -343,6 +368,7 @@ where
             counters: Counters::default(),
             routes: RwLock::new(HashMap::new()),
             inbound,
+            unreachable: std::sync::Mutex::new(None),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime,
@@ -388,6 +414,15 @@ impl<M> TcpTransport<M> {
         ids
     }
 
+    /// From now on, each peer whose connection breaks or whose redial is refused arrives on the
+    /// returned channel (see the module documentation). One listener at a time: a new call
+    /// replaces the previous one.
+    pub fn unreachable_peers(&self) -> mpsc::Receiver<NodeId> {
+        let (sender, receiver) = mpsc::channel(UNREACHABLE_QUEUE_CAPACITY);
+        *crate::sync::lock(&self.shared.unreachable) = Some(sender);
+        receiver
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> TransportStats {
         let c = &self.shared.counters;
@@ -403,6 +438,7 @@ impl<M> TcpTransport<M> {
             connections_established: get(&c.connections_established),
             dial_failures: get(&c.dial_failures),
             connections_rejected: get(&c.connections_rejected),
+            unreachable_reports: get(&c.unreachable_reports),
         }
     }
 

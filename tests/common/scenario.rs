@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use consensus::NodeId;
 
 use consensus::protocol::raft::RaftNode;
-use consensus::sim::{Sim, SimConfig, SimFailure, SimProtocol, SimReport, Violation, mix};
+use consensus::sim::{
+    ConnectionHints, Sim, SimConfig, SimFailure, SimProtocol, SimReport, Violation, mix,
+};
 
 /// One chaos run: clients and faults for the fault phase, then everything heals; a leader must
 /// commit a fresh write and every node catch up within the liveness deadline; then log matching,
@@ -70,8 +72,15 @@ fn failure<P: SimProtocol>(sim: &Sim<P>, violation: Violation) -> SimFailure {
 /// Crashes the leader of a healthy `nodes`-node cluster `crashes` times, each after a stable
 /// period, and returns the simulated time from each crash until a leader of a later term commits
 /// an entry. The crashed node restarts 100–400 ms later. The client history is checked at the end.
-pub fn measure_failover(seed: u64, nodes: usize, crashes: usize) -> Result<Vec<u64>, SimFailure> {
+/// `hints` says what the survivors' transports tell them of each crash.
+pub fn measure_failover(
+    seed: u64,
+    nodes: usize,
+    crashes: usize,
+    hints: ConnectionHints,
+) -> Result<Vec<u64>, SimFailure> {
     let mut config = SimConfig::new(seed, nodes);
+    config.connection_hints = hints;
     config.clients = 2;
     config.think_us = (20_000, 60_000);
     let mut sim: Sim = Sim::new(config)?;

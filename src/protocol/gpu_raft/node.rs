@@ -251,6 +251,9 @@ impl GpuRaftNode {
             Input::Durable { index, term } => {
                 self.step_inner(raft::Input::Durable { index, term }, out)
             }
+            Input::PeerUnreachable { peer } => {
+                self.step_inner(raft::Input::PeerUnreachable { peer }, out)
+            }
         }
         self.certify(out);
         self.seal_acks(out);

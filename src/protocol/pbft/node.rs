@@ -825,6 +825,9 @@ impl Protocol for PbftNode {
             // Nothing waits for a durability acknowledgement: every signed statement leaves
             // only after the write that records it (`messages_after_write`).
             Input::Durable { .. } => {}
+            // A view change needs f + 1 replicas' timeouts, which a hint from one replica's
+            // transport cannot stand in for: the primary is replaced on the usual timer.
+            Input::PeerUnreachable { .. } => {}
         }
         self.announce_leader(out);
     }

@@ -57,6 +57,16 @@ pub struct RaftConfig {
     pub max_pending_proposals: usize,
     /// A follower passes proposals on to the leader it knows instead of refusing them.
     pub forward_proposals: bool,
+    /// When the transport reports the leader unreachable
+    /// ([`Input::PeerUnreachable`](crate::protocol::Input::PeerUnreachable)), the followers
+    /// start their pre-votes this many ticks apart, in the order of their ids (the first at
+    /// once), so that they do not split the vote by campaigning at the same instant.
+    pub unreachable_leader_stagger_ticks: u32,
+    /// A pre-candidate asks again, this many ticks apart, the voters that refused or did not
+    /// answer its pre-vote (0: never). A pre-vote changes nothing on the voter, so asking again
+    /// is free; it matters after a crash, when a voter refused only because its own hint that
+    /// the leader is gone had not arrived yet.
+    pub pre_vote_retry_ticks: u32,
     /// Seeds the election-timeout randomness. Give each node its own.
     pub seed: u64,
     /// Deliberate bugs for the simulator's self-tests (feature `sim`).
@@ -86,6 +96,8 @@ impl RaftConfig {
             max_batch_bytes: 1 << 20,
             max_pending_proposals: 65_536,
             forward_proposals: true,
+            unreachable_leader_stagger_ticks: 2,
+            pre_vote_retry_ticks: 2,
             seed: 0,
             #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),

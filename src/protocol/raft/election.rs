@@ -50,7 +50,8 @@ impl RaftNode {
             } => {
                 let granted = term > self.term
                     && !self.in_lease()
-                    && self.log.is_up_to_date(last_log_index, last_log_term);
+                    && self.log.is_up_to_date(last_log_index, last_log_term)
+                    && self.pre_candidate_yields_to(from, last_log_index, last_log_term);
                 let term = if granted { term } else { self.term };
                 self.send(from, Message::PreVoteResponse { term, granted }, out);
             }
@@ -141,12 +142,65 @@ impl RaftNode {
     }
 
     /// True while this node has reason to believe a leader is alive: it heard from one (or, as
-    /// leader, confirmed a quorum) within the last election timeout. Only meaningful with
-    /// check-quorum, which is what makes the leader's side of the lease hold.
+    /// leader, confirmed a quorum) within the last election timeout, and its transport has not
+    /// reported that leader's connections broken since (see [`RaftNode::on_peer_unreachable`]).
+    /// Only meaningful with check-quorum, which is what makes the leader's side of the lease
+    /// hold.
     pub(crate) fn in_lease(&self) -> bool {
         self.config.check_quorum
             && self.leader.is_some()
+            && !self.leader_unreachable
             && self.election_elapsed < self.config.election_timeout_ticks
+    }
+
+    /// The transport reports that every connection to `peer` broke ([`Input::PeerUnreachable`]).
+    ///
+    /// When `peer` is this follower's leader, the follower starts a pre-vote now instead of
+    /// waiting out its election timeout, and stops counting on the leader's lease when it
+    /// answers pre-votes and votes. Why that is enough, and safe:
+    ///
+    /// - A hint alone would not help if voters kept honouring the lease: the other followers
+    ///   heard from the leader a moment ago too, and would refuse the pre-vote. But their
+    ///   connections to a dead leader break as well, so they get the hint too, and a voter that
+    ///   has it no longer counts the lease ([`RaftNode::in_lease`]); the pre-vote can win.
+    /// - A false hint (a connection blip to a live leader) cannot depose a leader that holds a
+    ///   quorum: the leader itself and every voter still hearing from it without a hint refuse
+    ///   the pre-vote, and a pre-vote that loses changes no term. The hint is cleared by the
+    ///   leader's next message, so a blip is forgotten within a heartbeat.
+    /// - The hint never bumps a term and never skips the pre-vote: without pre-vote configured it
+    ///   is ignored. Election safety does not depend on leases or hints at all; they only decide
+    ///   how soon an election may start.
+    /// - A merely slow leader keeps its connections, so it sends no hint and still gets the
+    ///   whole timeout.
+    ///
+    /// The followers of a dead leader all get the hint at about the same moment; had they all
+    /// started at once, each would vote for itself and split the vote. So they start in the
+    /// order of their ids, [`RaftConfig::unreachable_leader_stagger_ticks`] apart.
+    ///
+    /// [`Input::PeerUnreachable`]: crate::protocol::Input::PeerUnreachable
+    /// [`RaftConfig::unreachable_leader_stagger_ticks`]:
+    ///     crate::protocol::raft::RaftConfig::unreachable_leader_stagger_ticks
+    pub(crate) fn on_peer_unreachable(&mut self, peer: NodeId, out: &mut Output) {
+        let acts = self.role == Role::Follower
+            && self.leader == Some(peer)
+            && peer != self.config.id
+            && !self.leader_unreachable
+            && self.config.pre_vote
+            && self.is_voter();
+        if !acts {
+            return;
+        }
+        self.leader_unreachable = true;
+        let me = self.config.id;
+        let rank = self.peers().filter(|&p| p != peer && p < me).count() as u32;
+        let delay = rank.saturating_mul(self.config.unreachable_leader_stagger_ticks);
+        if delay == 0 {
+            self.start_campaign(false, out);
+        } else {
+            // The timer fires `delay` ticks from now, or sooner if it was due sooner anyway.
+            let due = self.election_elapsed.saturating_add(delay);
+            self.election_timeout = self.election_timeout.min(due);
+        }
     }
 
     fn handle_request_vote(
@@ -212,6 +266,46 @@ impl RaftNode {
         }
     }
 
+    /// True unless this node is itself a pre-candidate with a better claim than `from`: a longer
+    /// log (by last term, then length) or, with equal logs, a lower id. Two pre-candidates that
+    /// granted each other would both campaign in the same term, each vote for itself, and split
+    /// the vote (a full election timeout lost); with this order exactly one of them yields.
+    /// After a leader crash reported by the transport the followers pre-vote nearly together,
+    /// and this is what keeps them from splitting. Refusing a pre-vote never affects safety.
+    fn pre_candidate_yields_to(
+        &self,
+        from: NodeId,
+        last_log_index: u64,
+        last_log_term: Term,
+    ) -> bool {
+        if self.role != Role::PreCandidate {
+            return true;
+        }
+        let theirs = (last_log_term, last_log_index);
+        let ours = (self.log.last_term(), self.log.last_index());
+        theirs > ours || (theirs == ours && from < self.config.id)
+    }
+
+    /// A pre-candidate asks the voters that refused or did not answer once more (see
+    /// [`RaftConfig::pre_vote_retry_ticks`](crate::protocol::raft::RaftConfig)).
+    pub(crate) fn ask_pre_votes_again(&mut self, out: &mut Output) {
+        self.votes.retain(|_, granted| *granted);
+        let (term, last_log_index, last_log_term) =
+            (self.term + 1, self.log.last_index(), self.log.last_term());
+        let asked: Vec<NodeId> = self
+            .peers()
+            .filter(|peer| !self.votes.contains_key(peer))
+            .collect();
+        for peer in asked {
+            let message = Message::PreVote {
+                term,
+                last_log_index,
+                last_log_term,
+            };
+            self.send(peer, message, out);
+        }
+    }
+
     /// A real election: bump the term, vote for ourselves, ask everyone.
     fn campaign(&mut self, leadership_transfer: bool, out: &mut Output) {
         self.role = Role::Candidate;
@@ -244,13 +338,22 @@ impl RaftNode {
             self.save_hard_state(out);
         }
         if let Some(state) = self.leader_state.take() {
-            // Buffered proposals were never appended: refusing them is exact.
-            for (tag, _) in state.batch.proposals {
-                let reason = RejectReason::NotLeader { leader };
-                out.rejected.push(Rejection {
-                    request_id: tag.request_id,
-                    reason,
-                });
+            // Buffered proposals were never appended. With forwarding, this node's own go to
+            // the next leader (`forwarding.rs`) and the others' are dropped: their proposers
+            // keep them and send them there themselves. Without, refusing them is exact.
+            let me = self.config.id;
+            for (tag, data) in state.batch.proposals {
+                if self.config.forward_proposals {
+                    if tag.proposer == me {
+                        self.keep_unappended(tag.request_id, data);
+                    }
+                } else {
+                    let reason = RejectReason::NotLeader { leader };
+                    out.rejected.push(Rejection {
+                        request_id: tag.request_id,
+                        reason,
+                    });
+                }
             }
         }
         self.role = Role::Follower;
@@ -270,6 +373,12 @@ impl RaftNode {
         if self.role != Role::Follower || self.leader != Some(leader) {
             let term = self.term;
             self.become_follower(term, Some(leader), out);
+        }
+        if self.leader_unreachable {
+            // The leader is alive after all: the lease holds again, and the early start the
+            // hint scheduled is called off.
+            self.leader_unreachable = false;
+            self.reset_election_timer();
         }
         self.election_elapsed = 0;
     }
@@ -300,6 +409,32 @@ impl RaftNode {
             payload: Payload::Blank,
         };
         self.append_to_own_log(vec![blank], out);
+        self.append_kept_proposals(out);
+    }
+
+    /// Hands leadership over before a clean stop: to a voter heard from since the last
+    /// check-quorum round if there is one (a dead one would only waste the transfer's timeout),
+    /// among those the one with the longest matching log, then the highest priority, then the
+    /// lowest id. The transfer brings it up to date before it sends TimeoutNow.
+    pub(crate) fn hand_over(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let target = state
+            .progress
+            .iter()
+            .max_by_key(|(peer, progress)| {
+                (
+                    progress.recently_active,
+                    progress.match_index,
+                    self.config.priority_of(**peer),
+                    std::cmp::Reverse(**peer),
+                )
+            })
+            .map(|(&peer, _)| peer);
+        if let Some(target) = target {
+            self.transfer_leadership(target, out);
+        }
     }
 
     /// Starts handing leadership to `to` (Raft thesis §3.10): stop taking proposals, bring `to`

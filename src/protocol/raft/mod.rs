@@ -22,6 +22,7 @@
 mod config;
 mod dedup;
 mod election;
+mod forwarding;
 mod log;
 mod message;
 mod node;
@@ -33,6 +34,7 @@ mod vote_evidence;
 pub use config::InjectedBugs;
 pub use config::RaftConfig;
 pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
+pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_ELECTION_TIMEOUTS};
 pub use log::RaftLog;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
@@ -50,6 +52,10 @@ pub enum Control {
         /// The voter that should become leader.
         to: NodeId,
     },
+    /// Hand leadership to the most caught-up voter (the engine sends this before a clean stop
+    /// of the leader, so that the cluster need not wait out an election timeout). Ignored by a
+    /// node that does not lead or has no other voter.
+    HandOver,
 }
 
 /// One thing that happens to a Raft node.
@@ -59,5 +65,7 @@ pub type Output = crate::protocol::Output<Message>;
 /// A Raft message with its sender and receiver.
 pub type Envelope = crate::protocol::Envelope<Message>;
 
+#[cfg(test)]
+mod failover_tests;
 #[cfg(test)]
 mod tests;

@@ -70,6 +70,15 @@ pub struct RaftNode {
     pub(crate) heartbeat_elapsed: u32,
     /// Votes (or pre-votes) received in the current campaign: voter → granted.
     pub(crate) votes: BTreeMap<NodeId, bool>,
+    /// The transport reported [`RaftNode::leader`] unreachable since this node last heard from
+    /// it (see [`RaftNode::on_peer_unreachable`]). Cleared by the leader's next message and by
+    /// any change of leader.
+    pub(crate) leader_unreachable: bool,
+    /// This node's own proposals on their way to a leader, by request id (see `forwarding.rs`).
+    pub(crate) kept_proposals: BTreeMap<u64, crate::protocol::raft::forwarding::KeptProposal>,
+    /// Ticks since this node last knew a leader (0 at start: it holds proposals while it looks
+    /// for one).
+    pub(crate) leaderless_ticks: u32,
     pub(crate) leader_state: Option<LeaderState>,
     /// Set by a wrapper that counts the leader's quorum itself (GPU-optimized Raft, from
     /// signed acknowledgements): the leader then commits only through
@@ -107,6 +116,9 @@ impl RaftNode {
             election_timeout: config.election_timeout_ticks,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
+            leader_unreachable: false,
+            kept_proposals: BTreeMap::new(),
+            leaderless_ticks: 0,
             leader_state: None,
             commit_by_certificate: false,
             config,
@@ -124,8 +136,10 @@ impl RaftNode {
             Input::Message(envelope) => self.receive(envelope, out),
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
+            Input::Control(Control::HandOver) => self.hand_over(out),
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
+            Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
         }
         #[cfg(debug_assertions)]
         {
@@ -287,6 +301,10 @@ impl RaftNode {
     pub(crate) fn set_leader(&mut self, leader: Option<NodeId>, out: &mut Output) {
         if self.leader != leader {
             self.leader = leader;
+            self.leader_unreachable = false;
+            if let Some(leader) = leader {
+                self.send_kept_proposals(leader, out);
+            }
             out.events.push(Event::LeaderChanged {
                 term: self.term,
                 leader,
@@ -295,12 +313,18 @@ impl RaftNode {
     }
 
     fn tick(&mut self, out: &mut Output) {
+        self.tick_kept_proposals(out);
         if self.role == Role::Leader {
             self.tick_leader(out);
         } else {
             self.election_elapsed += 1;
             if self.election_elapsed >= self.election_timeout && self.is_voter() {
                 self.start_campaign(false, out);
+            } else if self.role == Role::PreCandidate {
+                let retry = self.config.pre_vote_retry_ticks;
+                if retry > 0 && self.election_elapsed.is_multiple_of(retry) {
+                    self.ask_pre_votes_again(out);
+                }
             }
         }
     }

@@ -13,16 +13,12 @@ impl RaftNode {
     /// A client proposal arrived at this node.
     pub(crate) fn propose(&mut self, request_id: u64, data: Bytes, out: &mut Output) {
         if self.role != Role::Leader {
+            if self.config.forward_proposals {
+                self.forward_proposal(request_id, data, out);
+                return;
+            }
             let reject = |reason| Rejection { request_id, reason };
             match self.leader {
-                Some(leader) if self.config.forward_proposals => {
-                    let term = self.term;
-                    let message = Message::ForwardProposals {
-                        term,
-                        proposals: vec![(request_id, data)],
-                    };
-                    self.send(leader, message, out);
-                }
                 Some(leader) => {
                     out.rejected.push(reject(RejectReason::NotLeader {
                         leader: Some(leader),
@@ -63,8 +59,11 @@ impl RaftNode {
         }
     }
 
-    /// Adds a proposal to the leader's batch, appending the batch when it is full.
-    fn buffer_proposal(
+    /// Adds a proposal to the leader's batch, appending the batch when it is full. During a
+    /// leadership transfer nothing is appended (the target must catch up with a log that stands
+    /// still): the batch waits, and goes to the new leader if the transfer succeeds
+    /// (`forwarding.rs`) or is appended if it is abandoned.
+    pub(crate) fn buffer_proposal(
         &mut self,
         tag: ProposalTag,
         data: Bytes,
@@ -79,9 +78,6 @@ impl RaftNode {
         let Some(state) = self.leader_state.as_mut() else {
             return Err(RejectReason::NoLeader);
         };
-        if state.transfer.is_some() {
-            return Err(RejectReason::TransferInProgress);
-        }
         if size > limit_bytes {
             return Err(RejectReason::TooLarge {
                 size,
@@ -110,7 +106,7 @@ impl RaftNode {
         let Some(state) = self.leader_state.as_mut() else {
             return;
         };
-        if state.batch.proposals.is_empty() {
+        if state.batch.proposals.is_empty() || state.transfer.is_some() {
             return;
         }
         let proposals = std::mem::take(&mut state.batch.proposals);
@@ -441,8 +437,10 @@ impl RaftNode {
             return;
         }
         debug_assert!(index <= self.log.last_index());
+        let first_new = out.committed.len();
         out.committed
             .extend_from_slice(self.log.slice(self.commit_index + 1, index));
+        self.forget_committed_proposals(&out.committed[first_new..]);
         self.commit_index = index;
     }
 

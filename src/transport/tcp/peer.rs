@@ -116,6 +116,9 @@ pub(super) async fn run<M>(
             Err(error) => {
                 bump(&shared.counters.dial_failures, 1);
                 failures_in_a_row += 1;
+                if let Some(id) = learned_id.filter(|_| error.says_nothing_listens()) {
+                    shared.report_unreachable(id);
+                }
                 // The first failure of a streak is news; the rest are the same news.
                 if failures_in_a_row == 1 {
                     tracing::warn!(peer = %address, %error, "cannot reach peer; will redial");
@@ -139,7 +142,9 @@ pub(super) async fn run<M>(
         }
         let peer_id = connection.peer_id;
         tracing::debug!(peer = %address, id = %peer_id, "connected");
-        send_batches(&shared, connection, &mut queue, &mut carry).await;
+        if send_batches(&shared, connection, &mut queue, &mut carry).await == Ended::Broken {
+            shared.report_unreachable(peer_id);
+        }
         tracing::debug!(peer = %address, id = %peer_id, "connection lost; redialing");
         tokio::time::sleep(backoff.next_wait()).await;
     }
@@ -229,6 +234,36 @@ async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Conne
     })
 }
 
+impl DialError {
+    /// True when the peer's host answered that nothing listens on the port (or cut the
+    /// connection during the handshake): what a killed or stopped node looks like, as opposed
+    /// to a timeout, which a slow or partitioned one gives too.
+    fn says_nothing_listens(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            DialError::Connect(error) => matches!(
+                error.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            ),
+            DialError::Closed => true,
+            _ => false,
+        }
+    }
+}
+
+/// Why [`send_batches`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The connection closed or failed under us: the peer may be gone.
+    Broken,
+    /// The peer refused a batch; we hung up to redial.
+    Refused,
+    /// The queue closed: the transport is shutting down.
+    QueueClosed,
+}
+
 fn deadline_in(timeout: Duration) -> tarpc::context::Context {
     let mut context = tarpc::context::current();
     context.deadline = Instant::now() + timeout;
@@ -242,7 +277,8 @@ async fn send_batches<M>(
     connection: Connection,
     queue: &mut mpsc::Receiver<M>,
     carry: &mut Option<Vec<u8>>,
-) where
+) -> Ended
+where
     M: Serialize,
 {
     let config = &shared.config;
@@ -256,7 +292,7 @@ async fn send_batches<M>(
     let mut in_flight = FuturesUnordered::new();
     // Messages in batches sent but not yet acknowledged; lost if the connection breaks.
     let mut unacknowledged = 0u64;
-    loop {
+    let ended = loop {
         let window_open = in_flight.len() < config.max_in_flight_per_peer;
         tokio::select! {
             // In this order: a batch pushed in the previous round is first polled (handed to the
@@ -272,7 +308,7 @@ async fn send_batches<M>(
                     Ok(Err(refusal)) => {
                         bump(&counters.dropped_undelivered, count);
                         tracing::error!(peer = %peer_id, %refusal, "peer refused a batch; reconnecting");
-                        break;
+                        break Ended::Refused;
                     }
                     Err(RpcError::DeadlineExceeded) => {
                         // The peer is slow, not gone: keep the connection.
@@ -282,13 +318,13 @@ async fn send_batches<M>(
                     Err(error) => {
                         bump(&counters.dropped_undelivered, count);
                         tracing::debug!(peer = %peer_id, %error, "batch delivery failed");
-                        break;
+                        break Ended::Broken;
                     }
                 }
             }
-            () = &mut dispatch => break,
+            () = &mut dispatch => break Ended::Broken,
             first = next_encoded(queue, carry, max_body, counters), if window_open => {
-                let Some(first) = first else { break };
+                let Some(first) = first else { break Ended::QueueClosed };
                 let mut body = first;
                 let mut count = 1u64;
                 // Take whatever else is queued, up to the frame limit.
@@ -307,8 +343,9 @@ async fn send_batches<M>(
                 unacknowledged += count;
             }
         }
-    }
+    };
     bump(&counters.dropped_undelivered, unacknowledged);
+    ended
 }
 
 /// The next message to send, encoded: the carried-over one or the next from the queue. `None`

@@ -334,10 +334,11 @@ impl ConsensusConfig {
     }
 
     /// The settings set to something other than their default that nothing reads yet, in field
-    /// order: `snapshot_interval`, `view_change_timeout`, `checkpoint_interval`,
-    /// `byzantine_fault_tolerance`, `byzantine_threshold`, `gpu_enabled`, `gpu_device`,
-    /// `gpu_memory_pool` and `gpu_config`; then `key_file` and `validators` when the algorithm
-    /// is Raft, which signs nothing. The names are the fields' (and setters'); TOML spells three
+    /// order: `snapshot_interval` (read by nothing yet); `view_change_timeout`,
+    /// `checkpoint_interval`, `byzantine_fault_tolerance`, `byzantine_threshold` (read by PBFT);
+    /// `gpu_enabled`, `gpu_device`, `gpu_memory_pool` and `gpu_config` (read by the signing
+    /// algorithms); then `key_file` and `validators` when the algorithm is Raft, which signs
+    /// nothing, and `client_keys` unless it is GPU-optimized Raft. The names are the fields' (and setters'); TOML spells three
     /// of them with their unit (`view_change_timeout_ms`, `gpu_device_id`,
     /// `gpu_memory_pool_mb`), and `gpu_config` has no TOML key.
     ///
@@ -845,12 +846,10 @@ address = "127.0.0.1:8080"
     #[test]
     fn unread_settings_names_only_the_changed_ones() {
         assert!(ConsensusConfig::default().unread_settings().is_empty());
-        // The seed file leaves every unread key at its default except these two.
+        // The seed file leaves every unread key at its default except this one (its algorithm,
+        // GPU-optimized Raft, reads `gpu_enabled`).
         let seed = ConsensusConfig::from_toml_str(SEED_TOML).unwrap();
-        assert_eq!(
-            seed.unread_settings(),
-            vec!["byzantine_fault_tolerance", "gpu_enabled"]
-        );
+        assert_eq!(seed.unread_settings(), vec!["byzantine_fault_tolerance"]);
         // Settings that are read do not count.
         let used = ConsensusConfig::default()
             .batch_size(7)

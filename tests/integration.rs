@@ -313,11 +313,11 @@ async fn without_a_quorum_a_call_ends_by_its_deadline() {
 }
 
 #[test]
-fn an_algorithm_not_built_yet_is_refused_at_new() {
+fn a_signing_algorithm_without_its_key_is_refused_at_new() {
     let config = ConsensusConfig::default().algorithm(consensus::Algorithm::GpuOptimizedRaft);
     let error = ConsensusEngine::new(config).unwrap_err();
-    assert!(matches!(error, Error::Unsupported { .. }), "{error}");
-    assert!(error.to_string().contains("gpu_optimized_raft"));
+    assert!(matches!(error, Error::Config(_)), "{error}");
+    assert!(error.to_string().contains("key"), "{error}");
 }
 
 // ---- Engines over real TCP (tarpc) on loopback, with fjall data directories ----

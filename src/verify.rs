@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::client_signature::unframe;
 use crate::error::StorageError;
-use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::{CpuSignatureVerifier, SignatureItem, SignatureVerifier};
 use crate::protocol::gpu_raft::chain::{Hash, chain_link, entry_digest};
 use crate::protocol::gpu_raft::{CommitCertificate, VALIDATORS, is_history_key, latest_key};
@@ -204,10 +204,7 @@ fn check_client_signatures(
             signature: *signature,
         })
         .collect();
-    let verdicts = match verifier.verify_batch(&items) {
-        Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-        _ => items.iter().map(verify_strict_reference).collect(),
-    };
+    let verdicts = verdicts_or_reference(verifier, &items);
     match checks.iter().zip(verdicts).find(|(_, valid)| !valid) {
         Some(((index, _), _)) => Err(VerifyLogError::Bad {
             index: *index,

@@ -141,6 +141,19 @@ pub trait SignatureVerifier: Send + Sync {
     fn backend_name(&self) -> &'static str;
 }
 
+/// `verifier`'s verdicts for `items`, or the reference's when its backend fails (or answers
+/// the wrong number): a backend failure says nothing about the signatures, so a caller never
+/// takes it for a bad one. What every batch check of the consensus cores goes through.
+pub fn verdicts_or_reference(
+    verifier: &dyn SignatureVerifier,
+    items: &[SignatureItem<'_>],
+) -> Vec<bool> {
+    match verifier.verify_batch(items) {
+        Ok(verdicts) if verdicts.len() == items.len() => verdicts,
+        _ => items.iter().map(verify_strict_reference).collect(),
+    }
+}
+
 /// The reference verdict for one item: ed25519-dalek's strict verification.
 pub fn verify_strict_reference(item: &SignatureItem<'_>) -> bool {
     let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&item.public_key) else {

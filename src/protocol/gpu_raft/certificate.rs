@@ -15,7 +15,7 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::chain::{Hash, chain_link};
-use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::{SignatureItem, SignatureVerifier};
 use crate::types::{LogIndex, NodeId, Term};
 
@@ -200,10 +200,7 @@ impl CommitCertificate {
                 signature: *signature,
             })
             .collect();
-        let verdicts = match verifier.verify_batch(&items) {
-            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-            _ => items.iter().map(verify_strict_reference).collect(),
-        };
+        let verdicts = verdicts_or_reference(verifier, &items);
         match keyed.iter().zip(verdicts).find(|(_, valid)| !valid) {
             Some(((voter, ..), _)) => Err(CertificateError::BadSignature(*voter)),
             None => Ok(()),

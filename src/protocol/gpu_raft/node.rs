@@ -12,7 +12,7 @@ use super::config::GpuRaftConfig;
 use super::{Control, Envelope, Input, Message, Output};
 use crate::client_signature::unframe;
 use crate::error::ConfigError;
-use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::votes::CpuVoteAggregator;
 use crate::gpu::{SignatureItem, Threshold, Vote, VoteOutcome};
 use crate::protocol::raft::{self, RaftNode, SignedVote, VoteEquivocation};
@@ -344,10 +344,7 @@ impl GpuRaftNode {
                 signature: *signature,
             })
             .collect();
-        let verdicts = match self.config.verifier.verify_batch(&items) {
-            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-            _ => items.iter().map(verify_strict_reference).collect(),
-        };
+        let verdicts = verdicts_or_reference(&*self.config.verifier, &items);
         drop(items);
         for ((request_id, data, _), valid) in pending.into_iter().zip(verdicts) {
             if valid {
@@ -996,10 +993,7 @@ impl Protocol for GpuRaftNode {
                 signature: *signature,
             })
             .collect();
-        let verdicts = match self.config.verifier.verify_batch(&items) {
-            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-            _ => items.iter().map(verify_strict_reference).collect(),
-        };
+        let verdicts = verdicts_or_reference(&*self.config.verifier, &items);
         for (owner, valid) in owners.into_iter().zip(verdicts) {
             if !valid {
                 refused[owner].get_or_insert(InvalidReason::BadSignature);

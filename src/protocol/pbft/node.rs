@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::error::ConfigError;
 use crate::gpu::SignatureItem;
-use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::votes::Threshold;
 use crate::protocol::raft::AppliedProposals;
 use crate::protocol::{
@@ -779,11 +779,7 @@ impl PbftNode {
                 signature,
             })
             .collect();
-        let verdicts = match self.config.verifier.verify_batch(&items) {
-            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-            // A backend failure says nothing about the signatures: check them here instead.
-            _ => items.iter().map(verify_strict_reference).collect(),
-        };
+        let verdicts = verdicts_or_reference(&*self.config.verifier, &items);
         for (owner, valid) in owners.into_iter().zip(verdicts) {
             if !valid {
                 refused[owner].get_or_insert(InvalidReason::BadSignature);

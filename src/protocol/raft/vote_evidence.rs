@@ -13,7 +13,7 @@ use bytes::Bytes;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::sigverify::verify_strict_reference;
+use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::{SignatureItem, SignatureVerifier};
 use crate::types::{NodeId, Term};
 
@@ -132,10 +132,7 @@ impl VoteEquivocation {
                 signature,
             });
         }
-        let verdicts = match verifier.verify_batch(&items) {
-            Ok(verdicts) if verdicts.len() == items.len() => verdicts,
-            _ => items.iter().map(verify_strict_reference).collect(),
-        };
+        let verdicts = verdicts_or_reference(verifier, &items);
         if verdicts.iter().all(|&valid| valid) {
             Ok(voter)
         } else {

@@ -27,19 +27,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::scenario::{finish, replay_command_in};
+use common::scenario::{env_u64, finish, replay_command_in};
 use consensus::NodeId;
 use consensus::protocol::Protocol;
 use consensus::sim::byzantine::{Actions, Behaviour, Maverick, MaverickSettings};
 use consensus::sim::{Sim, SimConfig, SimFailure, SimReport, Violation};
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    match value.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={value:?} is not a number: {e}"),
-    }
-}
 
 /// What one run found about one Byzantine replica.
 struct Replica {

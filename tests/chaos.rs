@@ -16,36 +16,12 @@
 
 mod common;
 
-use common::scenario::{measure_failover, replay_command, run_chaos, sweep};
+use common::scenario::{env_u64, fail_with_replay_in, measure_failover, run_chaos, sweep};
 use consensus::NodeId;
 use consensus::protocol::raft::Control;
 use consensus::sim::Violation;
 use consensus::sim::{ConnectionHints, FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::transport::simulated::LatencyModel;
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    match value.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={value:?} is not a number: {e}"),
-    }
-}
-
-/// Prints a failure with its replay command and fails the test.
-fn fail_with_replay(test: &str, failures: &[SimFailure]) -> ! {
-    for failure in failures.iter().take(10) {
-        eprintln!(
-            "FAILED {failure}\n  replay: {}",
-            replay_command(test, failure.seed)
-        );
-    }
-    panic!(
-        "{} seed(s) failed; first: {}\nreplay: {}",
-        failures.len(),
-        failures[0],
-        replay_command(test, failures[0].seed)
-    );
-}
 
 #[test]
 fn chaos_seeds() {
@@ -54,7 +30,7 @@ fn chaos_seeds() {
         eprintln!("replaying seed {seed}: {config:#?}");
         match run_chaos(config) {
             Ok(report) => eprintln!("seed {seed} passed: {report:#?}"),
-            Err(failure) => fail_with_replay("chaos_seeds", &[failure]),
+            Err(failure) => fail_with_replay_in("chaos", "chaos_seeds", &[failure]),
         }
         return;
     }
@@ -86,7 +62,7 @@ fn chaos_seeds() {
         sum(|r| r.network.duplicated),
     );
     if !result.failures.is_empty() {
-        fail_with_replay("chaos_seeds", &result.failures);
+        fail_with_replay_in("chaos", "chaos_seeds", &result.failures);
     }
     // The suite must exercise what it claims to: operations complete and faults happen.
     assert!(

@@ -12,32 +12,9 @@
 
 mod common;
 
-use common::scenario::{replay_command_in, run_chaos_of, sweep_of};
+use common::scenario::{env_u64, fail_with_replay_in, run_chaos_of, sweep_of};
 use consensus::protocol::gpu_raft::{GpuRaftConfig, GpuRaftNode};
-use consensus::sim::{FaultProfile, SimConfig, SimFailure, SimReport};
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    match value.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={value:?} is not a number: {e}"),
-    }
-}
-
-fn fail_with_replay(test: &str, failures: &[SimFailure]) -> ! {
-    for failure in failures.iter().take(10) {
-        eprintln!(
-            "FAILED {failure}\n  replay: {}",
-            replay_command_in("gpu_raft", test, failure.seed)
-        );
-    }
-    panic!(
-        "{} seed(s) failed; first: {}\nreplay: {}",
-        failures.len(),
-        failures[0],
-        replay_command_in("gpu_raft", test, failures[0].seed)
-    );
-}
+use consensus::sim::{FaultProfile, SimConfig, SimReport};
 
 fn sweep_and_check(
     test: &str,
@@ -63,7 +40,7 @@ fn sweep_and_check(
         sum(|r| r.invalid_dropped),
     );
     if !result.failures.is_empty() {
-        fail_with_replay(test, &result.failures);
+        fail_with_replay_in("gpu_raft", test, &result.failures);
     }
     reports
 }
@@ -75,7 +52,7 @@ fn gpu_raft_seeds() {
         eprintln!("replaying seed {seed}: {config:#?}");
         match run_chaos_of::<GpuRaftNode>(config) {
             Ok(report) => eprintln!("seed {seed} passed: {report:#?}"),
-            Err(failure) => fail_with_replay("gpu_raft_seeds", &[failure]),
+            Err(failure) => fail_with_replay_in("gpu_raft", "gpu_raft_seeds", &[failure]),
         }
         return;
     }
@@ -125,7 +102,7 @@ fn gpu_raft_101_voters() {
     if let Some(seed) = env_u64("SIM_LARGE_SEED") {
         match run_chaos_of::<GpuRaftNode>(large(seed)) {
             Ok(report) => eprintln!("seed {seed} passed: {report:#?}"),
-            Err(failure) => fail_with_replay("gpu_raft_101_voters", &[failure]),
+            Err(failure) => fail_with_replay_in("gpu_raft", "gpu_raft_101_voters", &[failure]),
         }
         return;
     }

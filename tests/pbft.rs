@@ -11,34 +11,11 @@
 
 mod common;
 
-use common::scenario::{replay_command_in, run_chaos_of, sweep_of};
+use common::scenario::{env_u64, fail_with_replay_in, run_chaos_of, sweep_of};
 use consensus::protocol::Protocol;
 use consensus::protocol::pbft::{PbftConfig, PbftNode};
 use consensus::sim::{FaultProfile, Sim, SimConfig, SimFailure};
 use consensus::transport::simulated::LatencyModel;
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    match value.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={value:?} is not a number: {e}"),
-    }
-}
-
-fn fail_with_replay(test: &str, failures: &[SimFailure]) -> ! {
-    for failure in failures.iter().take(10) {
-        eprintln!(
-            "FAILED {failure}\n  replay: {}",
-            replay_command_in("pbft", test, failure.seed)
-        );
-    }
-    panic!(
-        "{} seed(s) failed; first: {}\nreplay: {}",
-        failures.len(),
-        failures[0],
-        replay_command_in("pbft", test, failures[0].seed)
-    );
-}
 
 #[test]
 fn pbft_seeds() {
@@ -47,7 +24,7 @@ fn pbft_seeds() {
         eprintln!("replaying seed {seed}: {config:#?}");
         match run_chaos_of::<PbftNode>(config) {
             Ok(report) => eprintln!("seed {seed} passed: {report:#?}"),
-            Err(failure) => fail_with_replay("pbft_seeds", &[failure]),
+            Err(failure) => fail_with_replay_in("pbft", "pbft_seeds", &[failure]),
         }
         return;
     }
@@ -78,7 +55,7 @@ fn pbft_seeds() {
         sum(|r| r.network.duplicated),
     );
     if !result.failures.is_empty() {
-        fail_with_replay("pbft_seeds", &result.failures);
+        fail_with_replay_in("pbft", "pbft_seeds", &result.failures);
     }
     assert!(
         sum(|r| r.ops_completed as u64) > 10 * count,

@@ -193,3 +193,30 @@ pub fn replay_command_in(suite: &str, test: &str, seed: u64) -> String {
 pub fn ids(n: u64) -> Vec<NodeId> {
     (1..=n).map(NodeId).collect()
 }
+
+/// The number in the environment variable `name`, if set; a value that is not a number fails
+/// the test, naming it.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    match value.trim().parse() {
+        Ok(n) => Some(n),
+        Err(e) => panic!("{name}={value:?} is not a number: {e}"),
+    }
+}
+
+/// Prints each failure of `test` in the suite `suite` (the first ten) with the command that
+/// replays it, and fails the test.
+pub fn fail_with_replay_in(suite: &str, test: &str, failures: &[SimFailure]) -> ! {
+    for failure in failures.iter().take(10) {
+        eprintln!(
+            "FAILED {failure}\n  replay: {}",
+            replay_command_in(suite, test, failure.seed)
+        );
+    }
+    panic!(
+        "{} seed(s) failed; first: {}\nreplay: {}",
+        failures.len(),
+        failures[0],
+        replay_command_in(suite, test, failures[0].seed)
+    );
+}

@@ -308,6 +308,34 @@ impl InvalidCounts {
     }
 }
 
+/// The end of a signing core's [`Protocol::authenticate`]: marks `bad_signature` each message
+/// that owns (`owners[i]` is the message of signature `i`) a signature whose verdict is false,
+/// drops every refused message from `messages`, counts each refusal in `invalid`, and returns how
+/// many were dropped. `refused` holds one slot per message, `Some` for those already refused.
+pub(crate) fn drop_refused<M>(
+    messages: &mut Vec<Envelope<M>>,
+    mut refused: Vec<Option<InvalidReason>>,
+    owners: Vec<usize>,
+    verdicts: Vec<bool>,
+    invalid: &mut InvalidCounts,
+) -> usize {
+    for (owner, valid) in owners.into_iter().zip(verdicts) {
+        if !valid {
+            refused[owner].get_or_insert(InvalidReason::BadSignature);
+        }
+    }
+    let mut index = 0;
+    messages.retain(|_| {
+        let keep = refused[index].is_none();
+        index += 1;
+        keep
+    });
+    for &reason in refused.iter().flatten() {
+        invalid.add(reason, 1);
+    }
+    refused.iter().flatten().count()
+}
+
 /// A sans-IO consensus core. See the [module documentation](self) for the driver's contract.
 pub trait Protocol: Send + 'static {
     /// What nodes of this protocol send each other.

@@ -994,21 +994,7 @@ impl Protocol for GpuRaftNode {
             })
             .collect();
         let verdicts = verdicts_or_reference(&*self.config.verifier, &items);
-        for (owner, valid) in owners.into_iter().zip(verdicts) {
-            if !valid {
-                refused[owner].get_or_insert(InvalidReason::BadSignature);
-            }
-        }
-        let mut index = 0;
-        messages.retain(|_| {
-            let keep = refused[index].is_none();
-            index += 1;
-            keep
-        });
-        for &reason in refused.iter().flatten() {
-            self.invalid.add(reason, 1);
-        }
-        refused.iter().flatten().count()
+        crate::protocol::drop_refused(messages, refused, owners, verdicts, &mut self.invalid)
     }
 
     /// Steps the round's messages, then certifies once: the round's acknowledgements are

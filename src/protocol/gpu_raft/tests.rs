@@ -102,6 +102,12 @@ impl Cluster {
         }
     }
 
+    /// Proposes `data` on node `index` and flushes its batch.
+    fn propose(&mut self, index: usize, request_id: u64, data: Bytes) {
+        self.step(index, Input::Propose { request_id, data });
+        self.step(index, Input::FlushProposals);
+    }
+
     fn tick(&mut self) {
         for index in 0..self.nodes.len() {
             self.step(index, Input::Tick);
@@ -156,14 +162,7 @@ fn forged_unsigned_and_foreign_acks_are_never_counted() {
     let leader_id = cluster.nodes[leader].id();
     let followers: Vec<NodeId> = ids(3).into_iter().filter(|&id| id != leader_id).collect();
     cluster.muted = followers.clone();
-    cluster.step(
-        leader,
-        Input::Propose {
-            request_id: 1,
-            data: unsigned(b"x"),
-        },
-    );
-    cluster.step(leader, Input::FlushProposals);
+    cluster.propose(leader, 1, unsigned(b"x"));
     cluster.deliver();
     let commit = cluster.nodes[leader].raft().commit_index();
     let node = &mut cluster.nodes[leader];
@@ -278,14 +277,7 @@ fn a_voter_that_votes_for_two_candidates_is_proven_by_its_own_signatures() {
 fn a_restarted_node_keeps_its_certificate_and_evidence() {
     let mut cluster = Cluster::new(3);
     let leader = cluster.leader();
-    cluster.step(
-        leader,
-        Input::Propose {
-            request_id: 1,
-            data: unsigned(b"x"),
-        },
-    );
-    cluster.step(leader, Input::FlushProposals);
+    cluster.propose(leader, 1, unsigned(b"x"));
     for _ in 0..4 {
         cluster.tick();
     }

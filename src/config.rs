@@ -554,6 +554,7 @@ impl ConsensusConfig {
         };
         pbft.view_change_timeout_ticks = ticks(self.view_change_timeout).max(2);
         pbft.retransmit_ticks = ticks(self.election.heartbeat_interval).max(1);
+        pbft.audit_interval_ticks = pbft.retransmit_ticks.saturating_mul(4);
         pbft.detection_enabled = self.byzantine_fault_tolerance;
         pbft
     }

@@ -393,6 +393,7 @@ impl SimConfig<PbftConfig> {
         pbft.batch_size = 64;
         pbft.view_change_timeout_ticks = 20;
         pbft.retransmit_ticks = 5;
+        pbft.audit_interval_ticks = 20;
         SimConfig::new(seed, nodes).map_protocol(|_| pbft)
     }
 
@@ -412,6 +413,7 @@ impl SimConfig<PbftConfig> {
         pbft.batch_timeout_ticks = rng.random_range(0..3);
         pbft.view_change_timeout_ticks = rng.random_range(10..30);
         pbft.retransmit_ticks = rng.random_range(2..8);
+        pbft.audit_interval_ticks = pbft.retransmit_ticks * rng.random_range(2..6);
         // PBFT ignores the hints; none are drawn, so its runs stay as they were.
         config.connection_hints = ConnectionHints::none();
         config

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 
 use crate::protocol::Output;
-use crate::types::{Entry, NodeId, Payload};
+use crate::types::{Entry, Payload};
 
 use super::message::{
     CatchUp, CheckpointProof, Message, Seq, Signed, Statement, chain_over, encode,
@@ -112,7 +112,7 @@ impl PbftNode {
         self.slots = self.slots.split_off(&(seq + 1));
         self.checkpoint_votes = self.checkpoint_votes.split_off(&(seq + 1));
         self.own_checkpoints = self.own_checkpoints.split_off(&(seq + 1));
-        self.seen = self.seen.split_off(&(seq + 1, 0, 0, NodeId(0)));
+        self.forget_seen_below_window(out);
         self.delete_records(records::slot_key(0), records::slot_key(seq + 1), out);
         self.next_seq = self.next_seq.max(seq + 1);
         if self.view_active && self.is_primary() {
@@ -177,6 +177,7 @@ impl PbftNode {
                 break;
             }
         }
+        catch_up.pre_prepares = self.pre_prepares_after(executed);
         if catch_up.checkpoint.is_some() || !catch_up.certified.is_empty() {
             self.send(from, Message::CatchUp(Box::new(catch_up)), out);
         }

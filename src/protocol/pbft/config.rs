@@ -64,6 +64,10 @@ pub struct PbftConfig {
     pub view_change_timeout_ticks: u32,
     /// Ticks between retransmissions of what this replica said about unfinished work.
     pub retransmit_ticks: u32,
+    /// Ticks between audits, in which a replica tells its peers which digests it holds signed
+    /// statements about, so that two halves of an offence that reached different replicas
+    /// meet (see `PbftNode::audit`). Only with `detection_enabled`.
+    pub audit_interval_ticks: u32,
     /// Look for provable misbehaviour (conflicting signed statements, unjustified new-views),
     /// keep the evidence and share it.
     pub detection_enabled: bool,
@@ -85,6 +89,7 @@ impl std::fmt::Debug for PbftConfig {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("view_change_timeout_ticks", &self.view_change_timeout_ticks)
             .field("retransmit_ticks", &self.retransmit_ticks)
+            .field("audit_interval_ticks", &self.audit_interval_ticks)
             .finish_non_exhaustive()
     }
 }
@@ -92,7 +97,7 @@ impl std::fmt::Debug for PbftConfig {
 impl PbftConfig {
     /// Settings with the usual values: checkpoints every 128 sequence numbers, batches of up to
     /// 1,024 requests or 1 MiB, a view change after 20 ticks without progress, retransmission
-    /// every 4 ticks, the CPU signature verifier and vote counter, detection on with offenders
+    /// every 4 ticks, an audit every 16, the CPU signature verifier and vote counter, detection on with offenders
     /// excluded.
     pub fn new(
         id: NodeId,
@@ -117,6 +122,7 @@ impl PbftConfig {
             max_pending_proposals: 1 << 16,
             view_change_timeout_ticks: 20,
             retransmit_ticks: 4,
+            audit_interval_ticks: 16,
             detection_enabled: true,
             punishment_policy: super::PunishmentPolicy::Exclude,
             #[cfg(any(test, feature = "sim"))]

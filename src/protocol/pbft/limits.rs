@@ -53,12 +53,43 @@ impl Limits {
             }
             Message::Signed(signed) => self.statement_fits(signed),
             Message::Progress { .. } | Message::Fetch { .. } => true,
+            // What an honest replica's `seen` index can hold: per sequence number it keeps, a
+            // slot per view of each statement, and at most one digest per statement of a slot.
+            Message::Audit(slots) => {
+                slots.len()
+                    <= self
+                        .seqs_seen()
+                        .saturating_mul(self.statements_per_slot())
+                        .saturating_mul(super::detection::SEEN_VIEWS)
+                    && slots.iter().all(|slot| {
+                        slot.digests.len() <= self.statements_per_slot()
+                            && slot.statements.len() <= self.statements_per_slot()
+                    })
+            }
+            // One slot's phase statements, one per member and kind at most.
+            Message::Statements(statements) => {
+                statements.len() <= self.statements_per_slot()
+                    && statements.iter().all(|signed| {
+                        matches!(
+                            signed.statement,
+                            Statement::PrePrepare { .. }
+                                | Statement::Prepare { .. }
+                                | Statement::Commit { .. }
+                        )
+                    })
+            }
             Message::CatchUp(catch_up) => {
                 catch_up
                     .checkpoint
                     .as_ref()
                     .is_none_or(|proof| self.proof_fits(proof))
                     && catch_up.certified.len() <= self.window
+                    && catch_up.pre_prepares.len()
+                        <= self.window.saturating_mul(super::detection::SEEN_VIEWS)
+                    && catch_up
+                        .pre_prepares
+                        .iter()
+                        .all(|signed| matches!(signed.statement, Statement::PrePrepare { .. }))
                     && catch_up.certified.iter().all(|committed| {
                         committed.commits.len() <= self.members
                             && committed.commits.iter().all(is_leaf)
@@ -72,6 +103,18 @@ impl Limits {
                 Evidence::UnjustifiedNewView { new_view } => self.statement_fits(new_view),
             },
         }
+    }
+
+    /// Sequence numbers a replica's `seen` index keeps: the window and some below it.
+    fn seqs_seen(&self) -> usize {
+        let window = self.window as u64;
+        let below = super::detection::seen_seqs_below_stable(window);
+        usize::try_from(window.saturating_add(below)).unwrap_or(usize::MAX)
+    }
+
+    /// Pre-prepares, prepares and commits: one of each per member.
+    fn statements_per_slot(&self) -> usize {
+        self.members.saturating_mul(3)
     }
 
     fn statement_fits(&self, signed: &Signed) -> bool {
@@ -254,6 +297,49 @@ mod tests {
         }
         let forward = Message::Forward(vec![request(8), request(64)]);
         assert_eq!(authenticate(forward), (1, 0));
+    }
+
+    #[test]
+    fn audits_and_statements_beyond_what_an_index_holds_are_refused_unchecked() {
+        let digest = Batch::default().digest();
+        let slot = |seq| super::super::message::SlotDigests {
+            view: 0,
+            seq,
+            digests: vec![digest],
+            statements: Vec::new(),
+        };
+        // 4 members, a window of 8: 72 sequence numbers kept, 12 statements each, 6 views.
+        let too_many_slots = Message::Audit((0..72 * 12 * 6 + 1).map(slot).collect());
+        assert_eq!(authenticate(too_many_slots), (1, 0));
+        let mut crowded = slot(1);
+        crowded.digests = vec![digest; 13];
+        assert_eq!(authenticate(Message::Audit(vec![crowded])), (1, 0));
+        assert_eq!(authenticate(Message::Audit(vec![slot(1), slot(2)])), (0, 0));
+        let prepare = signed(
+            Statement::Prepare {
+                view: 0,
+                seq: 1,
+                digest,
+            },
+            3,
+        );
+        assert_eq!(
+            authenticate(Message::Statements(vec![prepare.clone(); 13])),
+            (1, 0)
+        );
+        let checkpoint = signed(
+            Statement::Checkpoint {
+                seq: 4,
+                state: digest,
+            },
+            3,
+        );
+        assert_eq!(
+            authenticate(Message::Statements(vec![prepare.clone(), checkpoint])),
+            (1, 0),
+            "only phase statements"
+        );
+        assert_eq!(authenticate(Message::Statements(vec![prepare; 2])), (0, 2));
     }
 
     #[test]

@@ -289,6 +289,12 @@ pub struct CatchUp {
     pub entries: Vec<Entry>,
     /// Batches executed after the checkpoint, each with its commit certificate.
     pub certified: Vec<CommittedBatch>,
+    /// The signed PRE-PREPAREs of the first sequence numbers the catch-up covers, as far as
+    /// the sender remembers them: the asker may hold another pre-prepare for one of them (an
+    /// equivocating primary's, while the two were cut apart), and these are what it proves
+    /// the equivocation with before its window moves past them. They vouch for nothing else.
+    #[serde(deserialize_with = "super::nesting::leaves")]
+    pub pre_prepares: Vec<Signed>,
 }
 
 /// A batch with 2f + 1 signed commits for it from one view.
@@ -331,13 +337,39 @@ pub enum Message {
     CatchUp(Box<CatchUp>),
     /// Proof that a replica misbehaved, passed on to every replica.
     Evidence(Box<super::Evidence>),
+    /// Which digests the sender holds statements about, per slot of its window: sent now and
+    /// then so that two halves of an offence held by different replicas meet (see
+    /// `PbftNode::audit`). Unsigned: a lie costs its receiver one [`Message::Statements`].
+    Audit(Vec<SlotDigests>),
+    /// The signed PRE-PREPAREs, PREPAREs and COMMITs the sender holds for one slot, sent to a
+    /// replica whose [`Message::Audit`] named a digest there that the sender did not hold.
+    Statements(Vec<Signed>),
+}
+
+/// The digests named by the statements a replica holds for one (view, sequence number).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotDigests {
+    /// The view.
+    pub view: View,
+    /// The sequence number.
+    pub seq: Seq,
+    /// Distinct, in ascending order; one unless someone signed two statements for the slot.
+    pub digests: Vec<Digest>,
+    /// Where `digests` holds more than one: which statement named which, as (kind: 0
+    /// pre-prepare, 1 prepare, 2 commit; signer; digest). Two replicas can each hold both
+    /// digests of a contested slot, from different signers; only this tells them apart.
+    pub statements: Vec<(u8, NodeId, Digest)>,
 }
 
 impl Message {
     /// Every signed statement the message carries, nested ones included.
     pub fn for_each_signed<'a>(&'a self, visit: &mut impl FnMut(&'a Signed)) {
         match self {
-            Message::Forward(_) | Message::Progress { .. } | Message::Fetch { .. } => {}
+            Message::Forward(_)
+            | Message::Progress { .. }
+            | Message::Fetch { .. }
+            | Message::Audit(_) => {}
+            Message::Statements(statements) => statements.iter().for_each(visit),
             Message::PrePrepare { pre_prepare, .. } => visit(pre_prepare),
             Message::Signed(signed) => signed.for_each_signed(visit),
             Message::Evidence(evidence) => evidence.for_each_signed(visit),
@@ -348,6 +380,7 @@ impl Message {
                 for batch in &catch_up.certified {
                     batch.commits.iter().for_each(&mut *visit);
                 }
+                catch_up.pre_prepares.iter().for_each(&mut *visit);
             }
         }
     }

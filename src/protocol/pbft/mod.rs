@@ -68,6 +68,10 @@ pub(crate) mod records {
     pub const CHECKPOINT_PREFIX: &[u8] = b"pbft/checkpoint/";
     /// Per offender: the first evidence against it.
     pub const EVIDENCE_PREFIX: &[u8] = b"pbft/evidence/";
+    /// Per (sequence number, kind, signer, view): a statement in the detection index
+    /// (`seen`), so that a restart does not forget one half of an offence before it met the
+    /// other.
+    pub const SEEN_PREFIX: &[u8] = b"pbft/seen/";
 
     fn keyed(prefix: &[u8], seq: Seq) -> Vec<u8> {
         let mut key = prefix.to_vec();
@@ -85,6 +89,19 @@ pub(crate) mod records {
 
     pub fn evidence_key(offender: crate::types::NodeId) -> Vec<u8> {
         keyed(EVIDENCE_PREFIX, offender.0)
+    }
+
+    pub fn seen_key(
+        seq: Seq,
+        kind: u8,
+        signer: crate::types::NodeId,
+        view: super::View,
+    ) -> Vec<u8> {
+        let mut key = keyed(SEEN_PREFIX, seq);
+        key.push(kind);
+        key.extend_from_slice(&signer.0.to_be_bytes());
+        key.extend_from_slice(&view.to_be_bytes());
+        key
     }
 
     /// The sequence number of a slot or checkpoint key.

@@ -204,8 +204,9 @@ mod tests {
                 entries: Vec::new(),
                 certified: vec![CommittedBatch {
                     batch: Batch::default(),
-                    commits: vec![commit],
+                    commits: vec![commit.clone()],
                 }],
+                pre_prepares: vec![commit],
             })),
         ];
         for message in messages {

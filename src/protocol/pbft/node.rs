@@ -140,11 +140,20 @@ pub struct PbftNode {
     pub(super) in_round: bool,
     /// Slots whose prepares or commits changed since they were last counted.
     pub(super) to_count: std::collections::BTreeSet<Seq>,
-    /// Every phase statement heard in the window and the last few views, for evidence (see
-    /// [`PbftNode::note_statements`]).
+    /// Every phase statement heard in the window and a little below it, the newest few views
+    /// of each signer, for evidence (see [`PbftNode::note_statements`]).
     pub(super) seen: BTreeMap<super::detection::SeenKey, Signed>,
-    /// The oldest view `seen` keeps.
-    pub(super) seen_from_view: View,
+    /// Per (sequence number, view, peer), how many statements of that slot this replica last
+    /// sent the peer after an audit, and how many of the peer's audits it let pass since (see
+    /// [`PbftNode::on_audit`]).
+    pub(super) audited: BTreeMap<(Seq, View, NodeId), (usize, u32)>,
+    /// What `seen` forgot, for a thousand sequence numbers below it, keyed alike: compared
+    /// with what replicas that were cut off bring back, and the pre-prepares go with the
+    /// catch-ups this replica sends (see [`PbftNode::pre_prepares_after`]).
+    pub(super) old_statements: BTreeMap<super::detection::SeenKey, Signed>,
+    /// The last sequence number executed here one by one (not installed from a checkpoint
+    /// that others proved).
+    pub(super) executed_in_order: Seq,
     /// The leader last announced in an event.
     pub(super) announced: Option<(View, Option<NodeId>)>,
 }
@@ -284,7 +293,9 @@ impl PbftNode {
             in_round: false,
             to_count: Default::default(),
             seen: BTreeMap::new(),
-            seen_from_view: 0,
+            audited: BTreeMap::new(),
+            old_statements: BTreeMap::new(),
+            executed_in_order: 0,
             announced: None,
         };
         node.recover(recovered)?;
@@ -312,6 +323,7 @@ impl PbftNode {
             self.executed = executed;
             self.state = state;
         }
+        self.executed_in_order = self.executed;
         if self.log.last().is_some_and(|e| e.term > self.executed) {
             return Err(corrupt("executed", "the log holds entries past it"));
         }
@@ -390,6 +402,7 @@ impl PbftNode {
         }
         self.next_seq = self.next_seq.max(self.executed + 1);
         self.recover_own_checkpoints();
+        self.recover_seen().map_err(|e| corrupt("seen", e))?;
         Ok(())
     }
 
@@ -664,6 +677,9 @@ impl PbftNode {
             Message::Fetch { executed } => self.on_fetch(from, executed, out),
             Message::CatchUp(catch_up) => self.on_catch_up(*catch_up, out),
             Message::Evidence(evidence) => self.on_evidence(from, *evidence, out),
+            Message::Audit(slots) => self.on_audit(from, slots, out),
+            // Noted above, which is all they are for.
+            Message::Statements(_) => {}
         }
     }
 
@@ -714,6 +730,12 @@ impl PbftNode {
             .is_multiple_of(u64::from(self.config.retransmit_ticks))
         {
             self.retransmit(out);
+        }
+        if self
+            .ticks
+            .is_multiple_of(u64::from(self.config.audit_interval_ticks.max(1)))
+        {
+            self.audit(out);
         }
     }
 

@@ -509,6 +509,7 @@ impl PbftNode {
         out.write.append.extend_from_slice(entries);
         out.committed.extend_from_slice(entries);
         self.executed = seq;
+        self.executed_in_order = seq;
         self.idle_ticks = 0;
         self.failed_views = 0;
         if seq.is_multiple_of(self.config.checkpoint_interval) {

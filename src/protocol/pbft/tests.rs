@@ -19,6 +19,9 @@ struct Cluster {
     cut_links: BTreeSet<(NodeId, NodeId)>,
     committed: Vec<Vec<crate::types::Entry>>,
     rejected: Vec<crate::protocol::Rejection>,
+    /// Audits and statement answers delivered.
+    audits_delivered: usize,
+    statements_delivered: usize,
 }
 
 fn config(id: u64, n: u64) -> PbftConfig {
@@ -56,6 +59,8 @@ impl Cluster {
             cut_links: BTreeSet::new(),
             committed: vec![Vec::new(); n as usize],
             rejected: Vec::new(),
+            audits_delivered: 0,
+            statements_delivered: 0,
         }
     }
 
@@ -94,6 +99,11 @@ impl Cluster {
             let mut round = vec![envelope];
             node.authenticate(&mut round);
             if let Some(envelope) = round.pop() {
+                match envelope.message {
+                    Message::Audit(_) => self.audits_delivered += 1,
+                    Message::Statements(_) => self.statements_delivered += 1,
+                    _ => {}
+                }
                 self.step(to, Input::Message(envelope));
             }
         }
@@ -1119,4 +1129,94 @@ fn conflicting_votes_heard_across_a_view_change_are_evidence() {
         cluster.node(2).evidence()[&NodeId(3)].offence(),
         Offence::DoubleVote
     );
+}
+
+/// Replica 1 equivocates at (view 0, seq 1): one pre-prepare reaches only replica 2, the other
+/// only replica 3 (which then restarts), and the prepares they send are lost. Neither can
+/// prove anything alone; with retransmission and view changes held off (each would also pass
+/// the primary's pre-prepare on), only the audits can bring the halves together, and every
+/// honest replica ends up holding the evidence. With audits off, the same run proves nothing
+/// (the control).
+#[test]
+fn halves_of_an_equivocation_held_apart_meet_through_audits_across_a_restart() {
+    for audits in [true, false] {
+        let adjust = move |config: &mut PbftConfig| {
+            config.retransmit_ticks = u32::MAX;
+            config.view_change_timeout_ticks = u32::MAX;
+            if !audits {
+                config.audit_interval_ticks = u32::MAX;
+            }
+        };
+        let mut cluster = Cluster::with(4, adjust);
+        let batch = |data: &'static [u8]| Batch {
+            requests: vec![Request {
+                tag: crate::types::ProposalTag {
+                    proposer: NodeId(1),
+                    request_id: 1,
+                },
+                data: Bytes::from_static(data),
+            }],
+        };
+        let pre_prepare = |batch: &Batch| {
+            let statement = Statement::PrePrepare {
+                view: 0,
+                seq: 1,
+                digest: batch.digest(),
+            };
+            signed(statement, 1)
+        };
+        let (a, b) = (batch(b"a"), batch(b"b"));
+        cluster.cut_off.insert(NodeId(1));
+        for (to, batch) in [(2, a), (3, b)] {
+            let pre_prepare = pre_prepare(&batch);
+            deliver_to(
+                &mut cluster,
+                to,
+                1,
+                Message::PrePrepare { pre_prepare, batch },
+            );
+        }
+        cluster.in_flight.clear();
+        assert!(
+            (2..=4).all(|id| cluster.node(id).evidence().is_empty()),
+            "one half each proves nothing yet: {:?}",
+            (2..=4)
+                .map(|id| cluster.node(id).evidence().clone())
+                .collect::<Vec<_>>()
+        );
+        let node = cluster.nodes[2].take().unwrap();
+        let mut settings = config(3, 4);
+        adjust(&mut settings);
+        let restarted = PbftNode::new(settings, node.into_recovered_state());
+        cluster.nodes[2] = Some(restarted.unwrap());
+        cluster.tick_all(40);
+        for id in 2..=4 {
+            let evidence = cluster.node(id).evidence();
+            if audits {
+                assert_eq!(
+                    evidence.get(&NodeId(1)).map(Evidence::offence),
+                    Some(Offence::EquivocatingPrimary),
+                    "replica {id}"
+                );
+            } else {
+                assert!(evidence.is_empty(), "replica {id}: {evidence:?}");
+            }
+        }
+        assert_eq!(cluster.statements_delivered > 0, audits);
+    }
+}
+
+/// Where every replica is honest, audits name one digest per slot, everyone's the same: they
+/// cost one message per peer per audit and never an answer.
+#[test]
+fn a_healthy_cluster_audits_without_exchanging_statements() {
+    let mut cluster = Cluster::new(4);
+    for request_id in 1..=6 {
+        cluster.propose(2, request_id, b"x");
+        cluster.tick_all(3);
+    }
+    cluster.tick_all(40);
+    assert!(cluster.committed.iter().all(|c| c.len() == 6));
+    assert!(cluster.audits_delivered > 0);
+    assert_eq!(cluster.statements_delivered, 0);
 }

@@ -102,12 +102,33 @@ impl PbftNode {
             }
             return;
         }
-        // Bounded memory: view-changes are kept for at most n views past this one (an honest
-        // replica further ahead is joined through the f + 1 rule long before), one per signer
-        // and view. A signer's view-changes for several views are all kept: replicas that are
-        // still collecting for an earlier view need them.
-        if target > self.view + self.members.len() as View || !self.valid_view_change(view_change) {
+        // Bounded memory: one view-change per signer and view for the n views past this one
+        // (a signer's view-changes for several views are all kept: replicas that are still
+        // collecting for an earlier view need them), and beyond those only each signer's
+        // highest. Those far ahead still count toward the f + 1 rule below: a replica cut off
+        // while the others escalated view after view must be able to join them, or, once an
+        // offender is excluded and every remaining replica is needed for a quorum, none can
+        // ever form one.
+        if !self.valid_view_change(view_change) {
             return;
+        }
+        let near = self.view + self.members.len() as View;
+        if target > near {
+            let signers_far_ahead: Vec<View> = (self.view_changes.range(near + 1..))
+                .filter(|(_, by_signer)| by_signer.contains_key(&signer))
+                .map(|(&view, _)| view)
+                .collect();
+            if signers_far_ahead.iter().any(|&view| view >= target) {
+                return;
+            }
+            for view in signers_far_ahead {
+                if let Some(by_signer) = self.view_changes.get_mut(&view) {
+                    by_signer.remove(&signer);
+                    if by_signer.is_empty() {
+                        self.view_changes.remove(&view);
+                    }
+                }
+            }
         }
         self.view_changes
             .entry(target)

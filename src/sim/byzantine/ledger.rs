@@ -36,13 +36,67 @@ pub struct Ledger {
 /// What one replica sent.
 #[derive(Debug, Default)]
 struct Record {
-    /// Per (kind, view, seq), the first statement of this signer that left, with its digest.
-    /// Signatures are checked only when two differ: only then can it matter.
-    statements: BTreeMap<(Kind, View, Seq), (Digest, Signed)>,
-    offended: bool,
+    /// Its statements as they left it.
+    sent: Statements,
+    /// Its statements as honest replicas received them (signatures checked): an offence both
+    /// halves of which reached honest replicas is one that honest replicas can prove.
+    delivered: Statements,
     counts: BTreeMap<&'static str, u64>,
-    /// Views for which an unjustified NEW-VIEW left.
+    /// Views for which an unjustified NEW-VIEW left, and the signatures of those NEW-VIEWs.
     unjustified_new_views: BTreeSet<View>,
+    unjustified_signatures: BTreeSet<bytes::Bytes>,
+    /// Whether an unjustified NEW-VIEW of it reached an honest replica.
+    unjustified_delivered: bool,
+}
+
+/// One signer's statements, seen from one vantage point.
+#[derive(Debug, Default)]
+struct Statements {
+    /// Per (kind, view, seq), the first statement of this signer, with its digest. Signatures
+    /// are checked only when two differ: only then can it matter.
+    first: BTreeMap<(Kind, View, Seq), (Digest, Signed)>,
+    /// Two of them conflict.
+    conflicting: bool,
+    /// The (kind, view, sequence number) of the first two that did.
+    conflict_at: Option<(&'static str, View, Seq)>,
+}
+
+impl Statements {
+    /// Records `signed` (by the owner of `key`); true once two conflict.
+    fn record(&mut self, key: &VerifyingKey, signed: &Signed) -> bool {
+        if self.conflicting {
+            return true; // proven once is enough (and a double voter conflicts in every message)
+        }
+        let kind = match signed.statement {
+            Statement::PrePrepare { .. } => Kind::PrePrepare,
+            Statement::Prepare { .. } => Kind::Prepare,
+            Statement::Commit { .. } => Kind::Commit,
+            _ => return false,
+        };
+        let Some((view, seq, digest)) = signed.statement.phase() else {
+            return false;
+        };
+        match self.first.get(&(kind, view, seq)) {
+            None if self.first.len() < STATEMENTS_KEPT => {
+                self.first
+                    .insert((kind, view, seq), (digest, signed.clone()));
+            }
+            Some((held_digest, held)) if *held_digest != digest => {
+                if !verifies(signed, key) {
+                    return false; // a bad signature proves nothing
+                }
+                if verifies(held, key) {
+                    self.conflicting = true;
+                    self.conflict_at = Some((kind.name(), view, seq));
+                } else {
+                    self.first
+                        .insert((kind, view, seq), (digest, signed.clone()));
+                }
+            }
+            _ => {}
+        }
+        self.conflicting
+    }
 }
 
 /// What one Byzantine replica did in a run, for the suite's report.
@@ -51,10 +105,34 @@ pub struct Actions {
     /// Something provable left it: two conflicting signed statements, or an unjustified
     /// NEW-VIEW.
     pub offended: bool,
+    /// Honest replicas received (and could check) everything that proves it Byzantine:
+    /// both conflicting statements, or the unjustified NEW-VIEW. Only then can every honest
+    /// replica be expected to hold evidence against it; an offence whose half was lost on
+    /// the way proves nothing to anyone.
+    pub offence_delivered: bool,
+    /// The kind of statement, view and sequence number at which honest replicas first received
+    /// two conflicting statements of it.
+    pub delivered_conflict_at: Option<(&'static str, View, Seq)>,
     /// Messages of each kind of misbehaviour that left it (per recipient).
     pub counts: BTreeMap<&'static str, u64>,
     /// Views for which an unjustified NEW-VIEW of it left.
     pub unjustified_new_views: usize,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::PrePrepare => "pre-prepare",
+            Kind::Prepare => "prepare",
+            Kind::Commit => "commit",
+        }
+    }
+}
+
+impl Record {
+    fn offended(&self) -> bool {
+        self.sent.conflicting || !self.unjustified_new_views.is_empty()
+    }
 }
 
 impl Ledger {
@@ -62,49 +140,34 @@ impl Ledger {
     /// passes on); a second statement of `signer` for one (kind, view, seq) with another
     /// digest, both signatures valid under `key`, is an offence.
     pub(super) fn record_statement(&mut self, signer: NodeId, key: &VerifyingKey, signed: &Signed) {
-        let kind = match signed.statement {
-            Statement::PrePrepare { .. } => Kind::PrePrepare,
-            Statement::Prepare { .. } => Kind::Prepare,
-            Statement::Commit { .. } => Kind::Commit,
-            _ => return,
-        };
-        let Some((view, seq, digest)) = signed.statement.phase() else {
-            return;
-        };
-        if signed.signer != signer {
-            return;
-        }
-        let record = self.replicas.entry(signer).or_default();
-        if record.offended {
-            return; // proven once is enough (and a double voter conflicts in every message)
-        }
-        match record.statements.get(&(kind, view, seq)) {
-            None if record.statements.len() < STATEMENTS_KEPT => {
-                record
-                    .statements
-                    .insert((kind, view, seq), (digest, signed.clone()));
-            }
-            Some((held_digest, held)) if *held_digest != digest => {
-                if !verifies(signed, key) {
-                    return; // a bad signature proves nothing
-                }
-                if verifies(held, key) {
-                    record.offended = true;
-                } else {
-                    record
-                        .statements
-                        .insert((kind, view, seq), (digest, signed.clone()));
-                }
-            }
-            _ => {}
+        if signed.signer == signer {
+            self.replicas
+                .entry(signer)
+                .or_default()
+                .sent
+                .record(key, signed);
         }
     }
 
+    /// Records a statement of Byzantine `signer` that an honest replica received and
+    /// authenticated (on its own or inside a certificate).
+    pub(super) fn record_delivered(&mut self, key: &VerifyingKey, signed: &Signed) {
+        let record = self.replicas.entry(signed.signer).or_default();
+        if let Statement::NewView(_) = signed.statement
+            && record.unjustified_signatures.contains(&signed.signature)
+        {
+            record.unjustified_delivered = true;
+        }
+        record.delivered.record(key, signed);
+    }
+
     /// An unjustified NEW-VIEW of `signer` for `view` left it.
-    pub(super) fn record_unjustified_new_view(&mut self, signer: NodeId, view: View) {
-        let record = self.replicas.entry(signer).or_default();
-        record.offended = true;
+    pub(super) fn record_unjustified_new_view(&mut self, new_view: &Signed, view: View) {
+        let record = self.replicas.entry(new_view.signer).or_default();
         record.unjustified_new_views.insert(view);
+        record
+            .unjustified_signatures
+            .insert(new_view.signature.clone());
     }
 
     /// Counts one message of kind `what` that left `signer`.
@@ -115,7 +178,7 @@ impl Ledger {
 
     /// True once something provable left `id`.
     pub fn offended(&self, id: NodeId) -> bool {
-        self.replicas.get(&id).is_some_and(|r| r.offended)
+        self.replicas.get(&id).is_some_and(Record::offended)
     }
 
     /// What `id` did.
@@ -123,7 +186,9 @@ impl Ledger {
         self.replicas
             .get(&id)
             .map(|record| Actions {
-                offended: record.offended,
+                offended: record.offended(),
+                offence_delivered: record.delivered.conflicting || record.unjustified_delivered,
+                delivered_conflict_at: record.delivered.conflict_at,
                 counts: record.counts.clone(),
                 unjustified_new_views: record.unjustified_new_views.len(),
             })

@@ -198,6 +198,20 @@ impl Maverick {
         lock(&self.ledger).offended(self.node.id())
     }
 
+    /// Records in the ledger the Byzantine replicas' statements in `messages`, which this
+    /// honest replica received and authenticated.
+    fn record_delivered(&self, messages: &[Envelope<Message>]) {
+        let mut ledger = lock(&self.ledger);
+        for envelope in messages {
+            envelope.message.for_each_signed(&mut |signed: &Signed| {
+                if self.byzantine.contains(&signed.signer) {
+                    let key = test_signing_key(signed.signer).verifying_key();
+                    ledger.record_delivered(&key, signed);
+                }
+            });
+        }
+    }
+
     fn sign(&self, statement: Statement) -> Signed {
         Signed::sign(statement, self.node.id(), &self.key)
     }
@@ -396,7 +410,11 @@ impl Protocol for Maverick {
     }
 
     fn authenticate(&mut self, messages: &mut Vec<Envelope<Message>>) -> usize {
-        self.node.authenticate(messages)
+        let refused = self.node.authenticate(messages);
+        if self.behaviour.is_none() {
+            self.record_delivered(messages);
+        }
+        refused
     }
 
     fn step_round(&mut self, messages: &mut Vec<Envelope<Message>>, out: &mut Output<Message>) {
@@ -477,7 +495,7 @@ impl SimProtocol for Maverick {
                 .iter()
                 .any(|(_, tampered)| tampered.as_ref() == Some(signed))
         {
-            ledger.record_unjustified_new_view(id, new_view.view);
+            ledger.record_unjustified_new_view(signed, new_view.view);
         }
     }
 

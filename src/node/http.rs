@@ -43,7 +43,7 @@ pub fn router(engine: Arc<ConsensusEngine>) -> Router {
 /// The body of `POST /kv/{key}/cas`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CasRequest {
+pub(super) struct CasRequest {
     /// The expected value; `null` expects the key to be absent.
     from: Option<String>,
     /// The value to set.
@@ -192,7 +192,7 @@ pub const CLIENT_SIGNATURE_HEADER: &str = "x-client-signature";
 
 /// The client's signature of a write request, if it sent the header pair; 400 with a JSON
 /// reason when only one of them came or one does not decode.
-fn signature_of(
+pub(super) fn signature_of(
     headers: &HeaderMap,
     method: &str,
     uri: &Uri,

@@ -496,6 +496,9 @@ pub async fn run(
     Ok(())
 }
 
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;

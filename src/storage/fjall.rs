@@ -791,6 +791,9 @@ fn decode_snapshot(record: &[u8]) -> Result<SnapshotMeta, StorageError> {
     })
 }
 
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,6 +147,9 @@ pub fn verify_lines(
     Ok(())
 }
 
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;

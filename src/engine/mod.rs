@@ -101,6 +101,9 @@ pub struct ConsensusEngine {
     state_machine: Mutex<Option<Box<dyn ErasedStateMachine>>>,
     metrics: Arc<Metrics>,
     leader: watch::Sender<LeaderInfo>,
+    /// Set when the driver stopped because the store failed (see
+    /// [`ConsensusEngine::storage_failed`]).
+    storage_failed: watch::Sender<bool>,
     leader_callbacks: LeaderCallbacks,
     /// Hands the driver's answers to dispatcher tasks on the callers' runtimes.
     replies: Arc<ReplyRouter>,
@@ -155,6 +158,7 @@ impl ConsensusEngine {
             state_machine: Mutex::new(None),
             metrics: Arc::new(Metrics::new()),
             leader: watch::Sender::new(LeaderInfo::default()),
+            storage_failed: watch::Sender::new(false),
             leader_callbacks: Arc::new(Mutex::new(Vec::new())),
             replies: Arc::new(ReplyRouter::default()),
             retained: RetainedState::default(),
@@ -428,9 +432,19 @@ impl ConsensusEngine {
             replies: ReplyPoster::new(self.replies.clone()),
             retain,
         };
+        let storage_failed = self.storage_failed.clone();
+        storage_failed.send_replace(false);
         let thread = std::thread::Builder::new()
             .name(format!("consensus-{}", self.config.node_id))
-            .spawn(move || driver.run())
+            .spawn(move || {
+                let result = driver.run();
+                if let Err(error) = &result {
+                    // Never retried: the caller learns of it and stops the node.
+                    tracing::error!(%error, "the driver stopped: the store failed");
+                    storage_failed.send_replace(true);
+                }
+                result
+            })
             .map_err(|error| Error::Io(error.to_string()))?;
         self.running = Some(Running {
             inputs: P::inputs(inputs),
@@ -508,6 +522,16 @@ impl ConsensusEngine {
             }
         });
         Ok((transport, voters, forwarder))
+    }
+
+    /// Resolves once the driver has stopped because the store failed (an fsync or a write
+    /// failed, or the disk is full past its reserve): the node no longer takes part in
+    /// consensus, nothing is retried, and [`ConsensusEngine::stop`] returns the typed
+    /// [`Error::Storage`]. A server waits on it beside its shutdown signal.
+    pub async fn storage_failed(&self) {
+        let mut failed = self.storage_failed.subscribe();
+        // The sender lives in `self`, so the channel stays open while this borrows it.
+        let _ = failed.wait_for(|failed| *failed).await;
     }
 
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.

@@ -31,6 +31,14 @@ use crate::keys::{self, KeyFileError};
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for a failure while starting or running.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code when the store failed: an fsync or a write failed while running (the node stops
+/// at once and retries nothing), or the data directory is damaged at start.
+pub const EXIT_STORAGE: u8 = 3;
+
+/// Environment variable of a failpoint for tests: with `N`, the node's fjall store lets `N` syncs
+/// succeed and fails every later one with EIO (see
+/// [`FaultInjectingStore`](crate::storage::FaultInjectingStore)), as a dying disk would.
+pub const FAILPOINT_FSYNC_ERROR_AFTER: &str = "CONSENSUS_FAILPOINT_FSYNC_ERROR_AFTER";
 
 /// How long shutdown waits for in-flight requests to let go of the engine before stopping it
 /// anyway.
@@ -82,6 +90,7 @@ impl NodeError {
             | NodeError::HttpAddress { .. }
             | NodeError::KeyFile(_)
             | NodeError::Engine(Error::Config(_) | Error::Unsupported { .. }) => EXIT_CONFIG,
+            NodeError::Engine(Error::Storage(_)) => EXIT_STORAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -386,6 +395,40 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
+/// The fjall store wrapped in a [`FaultInjectingStore`](crate::storage::FaultInjectingStore)
+/// when [`FAILPOINT_FSYNC_ERROR_AFTER`] is set; `None` otherwise.
+fn failpoint_store(
+    config: &ConsensusConfig,
+) -> Result<Option<crate::storage::FaultInjectingStore<crate::storage::FjallLogStore>>, NodeError> {
+    let Ok(value) = std::env::var(FAILPOINT_FSYNC_ERROR_AFTER) else {
+        return Ok(None);
+    };
+    let invalid = |reason: &'static str| {
+        NodeError::Config(ConfigError::Invalid {
+            field: FAILPOINT_FSYNC_ERROR_AFTER,
+            value: value.clone(),
+            reason,
+        })
+    };
+    let syncs: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid("expected a number of syncs"))?;
+    let dir = config
+        .persistent_state
+        .as_ref()
+        .ok_or_else(|| invalid("the failpoint needs a state_dir"))?;
+    tracing::warn!(
+        syncs,
+        "failpoint armed: every sync after the first {syncs} fails with EIO"
+    );
+    let store = crate::storage::FjallLogStore::open(dir, crate::storage::SyncPolicy::EveryBatch)
+        .map_err(|error| NodeError::Engine(Error::Storage(error)))?;
+    Ok(Some(
+        crate::storage::FaultInjectingStore::new(store).fail_syncs_after(syncs),
+    ))
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -438,6 +481,9 @@ pub async fn run(
         );
     }
     let mut engine = ConsensusEngine::new(config.consensus.clone())?;
+    if let Some(store) = failpoint_store(&config.consensus)? {
+        engine = engine.with_log_store(store);
+    }
     engine.set_state_machine(kv::KvStore::new())?;
     let listener = tokio::net::TcpListener::bind(config.http_address).await?;
     engine.start().await?;
@@ -454,11 +500,19 @@ pub async fn run(
     let hand_over = {
         let (engine, stopping) = (engine.clone(), stopping.clone());
         tokio::spawn(async move {
-            shutdown.await;
+            let store_failed = tokio::select! {
+                () = shutdown => false,
+                () = engine.storage_failed() => true,
+            };
             stopping.store(true, Ordering::Relaxed);
-            tracing::info!("stopping: handing over and sending clients elsewhere");
-            engine.hand_over_leadership().await;
-            tokio::time::sleep(STOPPING_NOTICE).await;
+            if store_failed {
+                // The driver is gone: nothing to hand over; stop serving at once.
+                tracing::error!("the store failed: the node stops");
+            } else {
+                tracing::info!("stopping: handing over and sending clients elsewhere");
+                engine.hand_over_leadership().await;
+                tokio::time::sleep(STOPPING_NOTICE).await;
+            }
             let _ = drained.send(());
         })
     };

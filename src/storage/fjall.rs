@@ -413,7 +413,13 @@ impl LogStore for FjallLogStore {
     fn sync(&mut self) -> Result<(), StorageError> {
         self.db
             .persist(self.sync_policy.persist_mode())
-            .map_err(|e| fjall_error(e, "journal sync"))
+            .map_err(|error| match error {
+                ::fjall::Error::Io(source) => StorageError::SyncFailed {
+                    what: "the journal",
+                    source,
+                },
+                other => fjall_error(other, "journal sync"),
+            })
     }
 
     /// Reads and validates the whole store. Meant for start-up: on a store that has been written

@@ -1,6 +1,8 @@
 //! Disk faults: a failed fsync stops the node with a typed error and is never retried (through
 //! the engine with a fault-injecting store, and through the `consensus-node` binary with its
-//! failpoint: exit code and message).
+//! failpoint: exit code and message); a full disk refuses writes with HTTP 507 while reads go
+//! on, and writes resume when space returns (on a tmpfs the test mounts: as root, as CI runs;
+//! skipped with the reason printed otherwise).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -120,5 +122,163 @@ fn the_node_binary_exits_with_the_storage_code_and_message_when_fsync_fails() {
     assert!(
         last.contains("fsync") && last.contains("never retried") && last.contains("os error 5"),
         "the last line names the failure: {last}\n{stderr}"
+    );
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `megabytes`, or says why not (the test then skips).
+    fn mount(megabytes: u64) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed (not root?): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Kills the node when the test ends, passing or not, so the tmpfs can be unmounted.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn available_bytes(path: &Path) -> u64 {
+    let stats = rustix::fs::statvfs(path).expect("statvfs");
+    stats.f_bavail * stats.f_frsize
+}
+
+/// Writes `bytes` of zeros to `path` (a tmpfs keeps every written page).
+fn fill(path: &Path, bytes: u64) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let now = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..now]).unwrap();
+        left -= now as u64;
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn a_full_disk_refuses_writes_with_507_while_reads_go_on_and_writes_resume_with_space() {
+    let tmpfs = match Tmpfs::mount(64) {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            eprintln!("skipping the disk-full test: {reason}");
+            return;
+        }
+    };
+    let config_dir = tempfile::tempdir().unwrap();
+    let nodes = write_loopback_cluster(config_dir.path(), &[free_port(), free_port()]).unwrap();
+    let node = &nodes[0];
+    let state_dir = tmpfs.path().join("node-1");
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let text = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("state_dir") {
+                format!(
+                    "state_dir = {:?}\ndisk_reserve_mb = 8",
+                    state_dir.display().to_string()
+                )
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&node.config, text).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BINARY)
+            .arg("--config")
+            .arg(&node.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let request = |method: &str, path: &str, body: &[u8]| {
+        runtime
+            .block_on(client::request(
+                node.http,
+                method,
+                path,
+                body,
+                Duration::from_secs(3),
+            ))
+            .ok()
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while request("PUT", "/kv/kept", b"before").is_none_or(|answer| answer.status != 200) {
+        assert!(Instant::now() < until, "the node never took a write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Fill the disk to 4 MiB free, under the 8 MiB reserve.
+    let filler = tmpfs.path().join("filler");
+    fill(
+        &filler,
+        available_bytes(tmpfs.path()).saturating_sub(4 << 20),
+    );
+    let refused = request("PUT", "/kv/new", b"x").expect("the node answers");
+    let body = String::from_utf8_lossy(&refused.body).into_owned();
+    assert_eq!(refused.status, 507, "{body}");
+    assert!(
+        body.contains("disk_full") && body.contains("reserve"),
+        "{body}"
+    );
+    let cas = request("POST", "/kv/kept/cas", br#"{"from":"before","to":"x"}"#).unwrap();
+    assert_eq!(cas.status, 507);
+    let delete = request("DELETE", "/kv/kept", b"").unwrap();
+    assert_eq!(delete.status, 507);
+    for _ in 0..20 {
+        let read = request("GET", "/kv/kept", b"").expect("reads go on");
+        assert_eq!((read.status, read.body.as_slice()), (200, &b"before"[..]));
+    }
+
+    // Space returns: writes resume at once.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = request("PUT", "/kv/new", b"after").unwrap();
+    assert_eq!(
+        resumed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&resumed.body)
+    );
+    let read = request("GET", "/kv/new", b"").unwrap();
+    assert_eq!(read.body, b"after");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the node kept running"
     );
 }

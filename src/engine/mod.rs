@@ -578,6 +578,7 @@ impl ConsensusEngine {
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.
     pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
+        self.check_disk_space()?;
         let data = self.encode_proposal(proposal.data, proposal.signature.as_ref())?;
         match self.submit(data).await {
             Ok(applied) => Ok(ConsensusResult::Committed {
@@ -643,6 +644,9 @@ impl ConsensusEngine {
         command: S::Command,
         signature: Option<&crate::ClientSignature>,
     ) -> Result<S::Response> {
+        if !S::is_read_only(&command) {
+            self.check_disk_space()?;
+        }
         let data = encode_command(&command).map_err(Error::StateMachine)?;
         let data = self.encode_proposal(Bytes::from(data), signature)?;
         let applied = self.submit(data).await?;
@@ -653,6 +657,34 @@ impl ConsensusEngine {
             Some(Err(reason)) => Err(Error::StateMachine(reason)),
             None => Err(Error::InvalidState("no state machine is set")),
         }
+    }
+
+    /// Refuses a write with [`StorageError::DiskFull`](crate::StorageError::DiskFull) while the
+    /// filesystem of the state directory has less free space than
+    /// [`ConsensusConfig::disk_reserve_bytes`]. Checked on every write (one `statvfs`, far
+    /// cheaper than the write's fsync), so writes resume as soon as space returns. An engine
+    /// without a state directory, or whose filesystem cannot be asked, refuses nothing.
+    fn check_disk_space(&self) -> Result<()> {
+        let (Some(dir), reserve) = (
+            &self.config.persistent_state,
+            self.config.disk_reserve_bytes,
+        ) else {
+            return Ok(());
+        };
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Some(available) = available_bytes(dir) else {
+            return Ok(());
+        };
+        if available < reserve {
+            return Err(Error::Storage(crate::StorageError::DiskFull {
+                path: dir.display().to_string(),
+                available_bytes: available,
+                reserve_bytes: reserve,
+            }));
+        }
+        Ok(())
     }
 
     /// What goes into the log for a command: under GPU-optimized Raft, the command in its frame
@@ -823,6 +855,21 @@ impl LeaderElection {
             Ok(Ok(info)) => info.leader,
             _ => None,
         }
+    }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `dir`, or `None`
+/// when it cannot be asked (not Unix, or the directory is missing).
+fn available_bytes(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let stats = rustix::fs::statvfs(dir).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
     }
 }
 

@@ -13,7 +13,7 @@ use super::kv::KvCommand;
 use super::*;
 use crate::fuzzing::config;
 
-const CONSENSUS_KEYS: [&str; 26] = [
+const CONSENSUS_KEYS: [&str; 27] = [
     "algorithm",
     "node_id",
     "bind_address",
@@ -32,6 +32,7 @@ const CONSENSUS_KEYS: [&str; 26] = [
     "batch_size",
     "batch_timeout_ms",
     "max_batch_bytes",
+    "disk_reserve_mb",
     "enable_batching",
     "priority_based",
     "view_change_timeout_ms",

@@ -21,7 +21,7 @@ use serde_json::json;
 use super::kv::{KvCommand, KvResponse, KvStore};
 use crate::client_signature::{ClientSignature, http_statement};
 use crate::engine::ConsensusEngine;
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::keys::decode_hex;
 use crate::protocol::RejectReason;
 
@@ -167,6 +167,11 @@ async fn execute_signed(
             StatusCode::SERVICE_UNAVAILABLE,
             "rejected",
             format!("refused, never applied: {reason}"),
+        )),
+        Err(Error::Storage(error @ StorageError::DiskFull { .. })) => Err(failure(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "disk_full",
+            format!("refused, never applied: {error}"),
         )),
         Err(Error::Stopped(reason)) => Err(failure(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -282,3 +282,255 @@ fn a_full_disk_refuses_writes_with_507_while_reads_go_on_and_writes_resume_with_
         "the node kept running"
     );
 }
+
+// ---- torn and damaged data directories ----
+
+/// Entries 1..=SYNCED are written and fsynced (acknowledged); SYNCED+1..=WRITTEN are handed to
+/// the OS without an fsync, as a crash might cut them short.
+const SYNCED: u64 = 60;
+const WRITTEN: u64 = 100;
+
+fn trial_entry(index: u64) -> consensus::Entry {
+    let data: Vec<u8> = (0..(index % 37 + 8))
+        .map(|byte| (index.wrapping_mul(31) + byte) as u8)
+        .collect();
+    consensus::Entry {
+        index,
+        term: 1 + index / 40,
+        payload: consensus::Payload::Command {
+            tag: consensus::ProposalTag {
+                proposer: consensus::NodeId(7),
+                request_id: index,
+            },
+            data: data.into(),
+        },
+    }
+}
+
+fn write_batches(store: &mut FjallLogStore, range: std::ops::RangeInclusive<u64>) {
+    use consensus::storage::{LogStore, LogWrite};
+    let indexes: Vec<u64> = range.collect();
+    for chunk in indexes.chunks(3) {
+        let write = LogWrite {
+            append: chunk.iter().map(|&index| trial_entry(index)).collect(),
+            ..Default::default()
+        };
+        store.persist(&write).expect("the write succeeds");
+    }
+}
+
+/// Journal files and their sizes.
+fn journals(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut found: Vec<_> = std::fs::read_dir(dir.join(consensus::storage::DATABASE_DIR))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "jnl"))
+        .map(|path| {
+            let size = std::fs::metadata(&path).unwrap().len();
+            (path, size)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The base data directory of the trials, and per journal the size when the last fsync returned.
+fn base_dir() -> (tempfile::TempDir, Vec<(std::path::PathBuf, u64)>) {
+    let base = tempfile::tempdir().unwrap();
+    {
+        let mut store = FjallLogStore::open(base.path(), SyncPolicy::EveryBatch).unwrap();
+        write_batches(&mut store, 1..=SYNCED);
+    }
+    let synced = journals(base.path());
+    {
+        let mut store = FjallLogStore::open(base.path(), SyncPolicy::Never).unwrap();
+        write_batches(&mut store, SYNCED + 1..=WRITTEN);
+    }
+    (base, synced)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn all_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+}
+
+/// What a store opened on a damaged directory recovers: the last index, after checking that
+/// every entry is exactly what was written.
+fn recover_checked(dir: &Path) -> Result<u64, StorageError> {
+    use consensus::storage::LogStore;
+    let mut store = FjallLogStore::open(dir, SyncPolicy::EveryBatch)?;
+    let recovered = store.recover()?;
+    for (position, entry) in recovered.entries.iter().enumerate() {
+        assert_eq!(
+            *entry,
+            trial_entry(position as u64 + 1),
+            "wrong data recovered"
+        );
+    }
+    Ok(recovered.entries.len() as u64)
+}
+
+/// A small deterministic generator; a failing trial prints its number.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn trials() -> u64 {
+    std::env::var("DISK_TRIALS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(100)
+}
+
+/// A torn tail (a cut in what was written after the last fsync) recovers to the last intact
+/// batch, losing only unacknowledged entries; a cut into what was fsynced is refused, naming the
+/// journal and the offset.
+#[test]
+fn truncated_journals_recover_a_torn_tail_and_refuse_lost_synced_entries() {
+    let (base, synced) = base_dir();
+    let full = journals(base.path());
+    let mut random = 0x5eed_u64;
+    let (mut torn_tails, mut refused) = (0, 0);
+    for trial in 0..trials() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(base.path(), dir.path());
+        let (journal, length) = &full[next_random(&mut random) as usize % full.len()];
+        let synced_length = synced
+            .iter()
+            .find(|(path, _)| path == journal)
+            .map_or(0, |(_, size)| *size);
+        let cut = next_random(&mut random) % length.max(&1);
+        let target = dir.path().join(journal.strip_prefix(base.path()).unwrap());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        match recover_checked(dir.path()) {
+            Ok(last) => {
+                assert!(
+                    cut >= synced_length && (SYNCED..=WRITTEN).contains(&last),
+                    "trial {trial}: cut at {cut} (synced part {synced_length}) recovered {last}"
+                );
+                torn_tails += 1;
+            }
+            Err(error) => {
+                let message = error.to_string();
+                assert!(
+                    cut < synced_length,
+                    "trial {trial}: a torn tail at {cut} was refused: {message}"
+                );
+                // Named: the journal, and where recovery cut it (the last intact batch
+                // before the cut).
+                let named_offset = message
+                    .split(".jnl at byte ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(':').next())
+                    .and_then(|number| number.parse::<u64>().ok());
+                assert!(
+                    named_offset.is_some_and(|offset| offset <= cut),
+                    "trial {trial}: the error names the journal and the offset: {message}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!(
+        "truncations: {torn_tails} torn tails recovered, {refused} cuts into synced data refused"
+    );
+}
+
+/// A flipped byte anywhere in the data directory either leaves every synced entry readable and
+/// exact, or is refused with a typed error; never wrong data, never a lost synced entry.
+#[test]
+fn a_flipped_byte_anywhere_is_refused_or_harmless_never_wrong_data() {
+    let (base, _) = base_dir();
+    let mut files = Vec::new();
+    all_files(base.path(), &mut files);
+    // The journals (where every write lands first, and where a crash tears), the version marker
+    // and the synced-through mark. fjall's tables and manifests are left out: lsm-tree asserts
+    // on some damaged bytes there and a second panic while unwinding aborts the process, which
+    // no caller can turn into an error (reported upstream-style in the closing note).
+    files.retain(|path| {
+        path.extension().is_some_and(|extension| extension == "jnl")
+            || path.file_name().is_some_and(|name| {
+                name == "version" || name == consensus::storage::SYNCED_MARK_FILE
+            })
+    });
+    let mut random = 0xf11b_u64;
+    let (mut harmless, mut refused) = (0, 0);
+    let mut kinds = std::collections::BTreeMap::<String, u32>::new();
+    for trial in 0..trials() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(base.path(), dir.path());
+        let file = &files[next_random(&mut random) as usize % files.len()];
+        let target = dir.path().join(file.strip_prefix(base.path()).unwrap());
+        let mut bytes = std::fs::read(&target).unwrap();
+        if bytes.is_empty() {
+            continue;
+        }
+        let at = next_random(&mut random) as usize % bytes.len();
+        bytes[at] ^= 1 << (next_random(&mut random) % 8);
+        std::fs::write(&target, &bytes).unwrap();
+        let name = file
+            .strip_prefix(base.path())
+            .unwrap()
+            .display()
+            .to_string();
+        match recover_checked(dir.path()) {
+            Ok(last) => {
+                assert!(
+                    last >= SYNCED,
+                    "trial {trial}: flip in {name} at {at} lost synced entries: {last}"
+                );
+                harmless += 1;
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if name.ends_with(".jnl") {
+                    assert!(
+                        matches!(error, StorageError::Corrupt { .. }) && message.contains(".jnl"),
+                        "trial {trial}: a damaged journal is refused naming it: {message}"
+                    );
+                }
+                // Grouped by cause, without the temporary paths.
+                let cause = message
+                    .split_once(": ")
+                    .map_or(message.as_str(), |(_, detail)| detail)
+                    .rsplit(".jnl")
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(70)
+                    .collect::<String>();
+                *kinds.entry(format!("{name}: {cause}")).or_default() += 1;
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("byte flips: {harmless} harmless, {refused} refused: {kinds:#?}");
+}

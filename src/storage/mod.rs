@@ -13,7 +13,7 @@ mod memory;
 
 pub use self::fjall::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, RECORDS_KEYSPACE,
-    SNAPSHOT_KEY, SnapshotMeta, SyncPolicy,
+    SNAPSHOT_KEY, SYNCED_MARK_FILE, SnapshotMeta, SyncPolicy,
 };
 pub use faults::{FaultHandle, FaultInjectingStore};
 pub use memory::MemoryLogStore;

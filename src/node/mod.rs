@@ -103,6 +103,9 @@ pub struct NodeConfig {
     pub consensus: ConsensusConfig,
     /// Where the HTTP API listens (`[http] address`, or `--http`).
     pub http_address: SocketAddr,
+    /// `[http] token_file`: a file holding the bearer token that writes and admin routes then
+    /// require (401 without it); read when the node starts.
+    pub http_token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +117,7 @@ struct HttpDocument {
 #[serde(deny_unknown_fields)]
 struct HttpTable {
     address: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -132,7 +136,10 @@ impl NodeConfig {
         let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
             reason: format!("[http]: {}", error.message()),
         })?;
-        let configured = document.http.and_then(|table| table.address);
+        let (configured, http_token_file) = match document.http {
+            Some(table) => (table.address, table.token_file),
+            None => (None, None),
+        };
         let address = http_override
             .map(str::to_string)
             .or(configured)
@@ -147,6 +154,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             consensus,
             http_address,
+            http_token_file,
         })
     }
 }
@@ -395,6 +403,24 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
+/// Reads the bearer token of `[http] token_file`: the file's text, trimmed; an unreadable or
+/// empty file is a configuration error.
+fn read_token(path: &Path) -> Result<http::BearerToken, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+        path: path.display().to_string(),
+        reason: error.to_string(),
+    })?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(char::is_whitespace) {
+        return Err(NodeError::Config(ConfigError::Invalid {
+            field: "http.token_file",
+            value: path.display().to_string(),
+            reason: "the file must hold one token: non-empty, without spaces",
+        }));
+    }
+    Ok(http::BearerToken::new(token))
+}
+
 /// The fjall store wrapped in a [`FaultInjectingStore`](crate::storage::FaultInjectingStore)
 /// when [`FAILPOINT_FSYNC_ERROR_AFTER`] is set; `None` otherwise.
 fn failpoint_store(
@@ -480,6 +506,10 @@ pub async fn run(
              set state_dir for a durable node"
         );
     }
+    let token = match &config.http_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
     let mut engine = ConsensusEngine::new(config.consensus.clone())?;
     if let Some(store) = failpoint_store(&config.consensus)? {
         engine = engine.with_log_store(store);
@@ -516,10 +546,16 @@ pub async fn run(
             let _ = drained.send(());
         })
     };
-    let app = http::router(engine.clone()).layer(axum::middleware::from_fn_with_state(
+    let mut app = http::router(engine.clone()).layer(axum::middleware::from_fn_with_state(
         stopping,
         http::refuse_while_stopping,
     ));
+    if let Some(token) = token {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            token,
+            http::require_token,
+        ));
+    }
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = drain.await;

@@ -89,6 +89,7 @@ fn main() {
 
     let gpu = GpuContext::new(GpuConfig {
         kernel_launch_timeout: Duration::from_secs(600),
+        pipeline_compile_timeout: Duration::from_secs(600),
         ..GpuConfig::default()
     })
     .map_err(SigVerifyError::from)

@@ -45,6 +45,7 @@ fn gpu() -> Option<GpuVoteAggregator> {
     let config = GpuConfig {
         memory_pool_size: 8 << 30,
         kernel_launch_timeout: Duration::from_secs(600),
+        pipeline_compile_timeout: Duration::from_secs(600),
         ..GpuConfig::default()
     };
     match GpuContext::new(config) {

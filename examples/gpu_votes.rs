@@ -111,6 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device_id: args.device,
         memory_pool_size: 8 << 30,
         kernel_launch_timeout: Duration::from_secs(600),
+        pipeline_compile_timeout: Duration::from_secs(600),
         enable_peer_access: false,
     });
     let gpu = match context {

@@ -156,6 +156,12 @@ pub struct ConsensusConfig {
     pub batch_timeout: Duration,
     /// Upper bound on a batch's bytes, and on one proposal.
     pub max_batch_bytes: usize,
+    /// Free space, in bytes, kept on the filesystem of `persistent_state` (TOML
+    /// `disk_reserve_mb`): below it a node refuses writes with
+    /// [`StorageError::DiskFull`](crate::StorageError::DiskFull) (HTTP 507) while reads, and
+    /// the protocol's own state (votes, replicated entries), go on into the reserve. Writes
+    /// resume when space returns. Zero turns the check off.
+    pub disk_reserve_bytes: u64,
     /// Batch proposals at all.
     pub enable_batching: bool,
     /// Directory of the durable log and state. `None` keeps everything in memory, once (in the
@@ -228,6 +234,7 @@ impl Default for ConsensusConfig {
             batch_size: 1024,
             batch_timeout: Duration::ZERO,
             max_batch_bytes: 1 << 20,
+            disk_reserve_bytes: 64 << 20,
             enable_batching: true,
             persistent_state: None,
             snapshot_interval: 1000,
@@ -266,6 +273,8 @@ impl ConsensusConfig {
         batch_timeout: Duration,
         /// Sets [`ConsensusConfig::max_batch_bytes`].
         max_batch_bytes: usize,
+        /// Sets [`ConsensusConfig::disk_reserve_bytes`].
+        disk_reserve_bytes: u64,
         /// Sets [`ConsensusConfig::enable_batching`].
         enable_batching: bool,
         /// Sets [`ConsensusConfig::gpu_memory_pool`] (bytes).
@@ -641,6 +650,7 @@ struct TomlConsensus {
     batch_size: Option<u64>,
     batch_timeout_ms: Option<u64>,
     max_batch_bytes: Option<u64>,
+    disk_reserve_mb: Option<u64>,
     enable_batching: Option<bool>,
     priority_based: Option<bool>,
     view_change_timeout_ms: Option<u64>,
@@ -706,6 +716,13 @@ impl TomlConsensus {
         }
         if let Some(ms) = self.batch_timeout_ms {
             config.batch_timeout = millis(ms);
+        }
+        if let Some(mb) = self.disk_reserve_mb {
+            config.disk_reserve_bytes = mb.checked_mul(1 << 20).ok_or(ConfigError::Invalid {
+                field: "disk_reserve_mb",
+                value: mb.to_string(),
+                reason: "too large",
+            })?;
         }
         if let Some(value) = self.max_batch_bytes {
             config.max_batch_bytes = size("max_batch_bytes", value)?;

@@ -123,6 +123,34 @@ pub enum StorageError {
     /// The underlying storage failed.
     #[error("storage I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// An fsync of the store failed. The node stops: a failed fsync is never retried, because
+    /// Linux may already have dropped the dirty pages it failed to write, so a retry that
+    /// succeeds would report as durable data that is gone.
+    #[error(
+        "fsync of {what} failed: {source}; the node stops (a failed fsync is never retried: \
+         the kernel may have dropped the pages it could not write)"
+    )]
+    SyncFailed {
+        /// What was being synced (e.g. "journal").
+        what: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The disk holding the state directory has less free space than the reserve: writes are
+    /// refused until space returns; reads go on (into the reserve).
+    #[error(
+        "disk full: {available_bytes} bytes free under {path}, below the reserve of \
+         {reserve_bytes} bytes kept for reads and protocol state; writes are refused until \
+         space returns"
+    )]
+    DiskFull {
+        /// The state directory.
+        path: String,
+        /// Bytes free on its filesystem.
+        available_bytes: u64,
+        /// The configured reserve (`disk_reserve_mb`).
+        reserve_bytes: u64,
+    },
     /// A stored record does not decode or breaks the log's invariants.
     #[error("corrupt record at {location}: {detail}")]
     Corrupt {

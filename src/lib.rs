@@ -27,6 +27,8 @@ pub mod client_signature;
 pub mod config;
 pub mod engine;
 pub mod error;
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzzing;
 pub mod gpu;
 pub mod keys;
 pub mod metrics;

@@ -17,6 +17,14 @@ pub trait StateMachine: Send + 'static {
 
     /// Applies one committed command.
     fn apply(&mut self, command: Self::Command) -> Self::Response;
+
+    /// Whether `command` only reads. A node whose disk is fuller than its reserve
+    /// ([`ConsensusConfig::disk_reserve_bytes`](crate::ConsensusConfig::disk_reserve_bytes))
+    /// refuses every command but these, which still go through the log (into the reserve) so
+    /// that reads stay linearizable. The default, `false`, treats every command as a write.
+    fn is_read_only(_command: &Self::Command) -> bool {
+        false
+    }
 }
 
 /// The engine's type-erased view of a state machine.

@@ -214,7 +214,9 @@ fn check_client_signatures(
     }
 }
 
-fn decode_validators(bytes: &[u8]) -> Result<BTreeMap<NodeId, VerifyingKey>, VerifyLogError> {
+pub(crate) fn decode_validators(
+    bytes: &[u8],
+) -> Result<BTreeMap<NodeId, VerifyingKey>, VerifyLogError> {
     let table: Vec<(NodeId, [u8; 32])> =
         postcard::from_bytes(bytes).map_err(|_| VerifyLogError::Corrupt("validators"))?;
     table

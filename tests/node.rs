@@ -1095,3 +1095,98 @@ async fn a_gpu_optimized_raft_cluster_checks_signed_requests_and_its_data_dirs_v
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
 }
+
+/// `[http] token_file`: writes and admin routes without `Authorization: Bearer <token>`, or
+/// with another token, get 401 and change nothing; reads and `/status` stay open; with the
+/// token, writes go through. An empty token file is a configuration error (exit 2).
+#[test]
+fn a_bearer_token_guards_writes_and_admin_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let nodes = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
+    let node = &nodes[0];
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        format!(
+            "{text}token_file = {:?}\n",
+            token_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("--config")
+        .arg(&node.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let call = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        runtime
+            .block_on(client::request_with_headers(
+                node.http,
+                method,
+                path,
+                headers,
+                body,
+                CLIENT_TIMEOUT,
+            ))
+            .ok()
+    };
+    let authorized = [("authorization", "Bearer s3cret-token")];
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = call("PUT", "/kv/a", &authorized, b"1");
+        if answer.as_ref().is_some_and(|answer| answer.status == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the node never took an authorized write: {:?}",
+            answer.map(|answer| (
+                answer.status,
+                String::from_utf8_lossy(&answer.body).into_owned()
+            ))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wrong = [("authorization", "Bearer s3cret-tokeN")];
+    for (method, path, headers, body) in [
+        ("PUT", "/kv/a", &[][..], &b"2"[..]),
+        ("PUT", "/kv/a", &wrong[..], b"2"),
+        ("DELETE", "/kv/a", &[][..], b""),
+        ("POST", "/kv/a/cas", &[][..], br#"{"from":"1","to":"2"}"#),
+        ("GET", "/metrics", &[][..], b""),
+        ("GET", "/byzantine", &[][..], b""),
+    ] {
+        let answer = call(method, path, headers, body).expect("the node answers");
+        assert_eq!(answer.status, 401, "{method} {path}");
+        assert!(String::from_utf8_lossy(&answer.body).contains("unauthorized"));
+    }
+    let read = call("GET", "/kv/a", &[], b"").unwrap();
+    assert_eq!(
+        (read.status, read.body.as_slice()),
+        (200, &b"1"[..]),
+        "nothing changed"
+    );
+    assert_eq!(call("GET", "/status", &[], b"").unwrap().status, 200);
+    assert_eq!(
+        call("GET", "/metrics", &authorized, b"").unwrap().status,
+        200
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::write(&token_path, "  \n").unwrap();
+    let output = Command::new(BINARY)
+        .arg("--config")
+        .arg(&node.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("token_file"), "{stderr}");
+}

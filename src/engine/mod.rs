@@ -101,6 +101,9 @@ pub struct ConsensusEngine {
     state_machine: Mutex<Option<Box<dyn ErasedStateMachine>>>,
     metrics: Arc<Metrics>,
     leader: watch::Sender<LeaderInfo>,
+    /// Set when the driver stopped because the store failed (see
+    /// [`ConsensusEngine::storage_failed`]).
+    storage_failed: watch::Sender<bool>,
     leader_callbacks: LeaderCallbacks,
     /// Hands the driver's answers to dispatcher tasks on the callers' runtimes.
     replies: Arc<ReplyRouter>,
@@ -155,6 +158,7 @@ impl ConsensusEngine {
             state_machine: Mutex::new(None),
             metrics: Arc::new(Metrics::new()),
             leader: watch::Sender::new(LeaderInfo::default()),
+            storage_failed: watch::Sender::new(false),
             leader_callbacks: Arc::new(Mutex::new(Vec::new())),
             replies: Arc::new(ReplyRouter::default()),
             retained: RetainedState::default(),
@@ -428,9 +432,19 @@ impl ConsensusEngine {
             replies: ReplyPoster::new(self.replies.clone()),
             retain,
         };
+        let storage_failed = self.storage_failed.clone();
+        storage_failed.send_replace(false);
         let thread = std::thread::Builder::new()
             .name(format!("consensus-{}", self.config.node_id))
-            .spawn(move || driver.run())
+            .spawn(move || {
+                let result = driver.run();
+                if let Err(error) = &result {
+                    // Never retried: the caller learns of it and stops the node.
+                    tracing::error!(%error, "the driver stopped: the store failed");
+                    storage_failed.send_replace(true);
+                }
+                result
+            })
             .map_err(|error| Error::Io(error.to_string()))?;
         self.running = Some(Running {
             inputs: P::inputs(inputs),
@@ -510,6 +524,16 @@ impl ConsensusEngine {
         Ok((transport, voters, forwarder))
     }
 
+    /// Resolves once the driver has stopped because the store failed (an fsync or a write
+    /// failed, or the disk is full past its reserve): the node no longer takes part in
+    /// consensus, nothing is retried, and [`ConsensusEngine::stop`] returns the typed
+    /// [`Error::Storage`]. A server waits on it beside its shutdown signal.
+    pub async fn storage_failed(&self) {
+        let mut failed = self.storage_failed.subscribe();
+        // The sender lives in `self`, so the channel stays open while this borrows it.
+        let _ = failed.wait_for(|failed| *failed).await;
+    }
+
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.
     ///
     /// A Raft leader first hands leadership to its most caught-up voter and waits for another
@@ -554,6 +578,7 @@ impl ConsensusEngine {
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.
     pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
+        self.check_disk_space()?;
         let data = self.encode_proposal(proposal.data, proposal.signature.as_ref())?;
         match self.submit(data).await {
             Ok(applied) => Ok(ConsensusResult::Committed {
@@ -619,6 +644,9 @@ impl ConsensusEngine {
         command: S::Command,
         signature: Option<&crate::ClientSignature>,
     ) -> Result<S::Response> {
+        if !S::is_read_only(&command) {
+            self.check_disk_space()?;
+        }
         let data = encode_command(&command).map_err(Error::StateMachine)?;
         let data = self.encode_proposal(Bytes::from(data), signature)?;
         let applied = self.submit(data).await?;
@@ -629,6 +657,34 @@ impl ConsensusEngine {
             Some(Err(reason)) => Err(Error::StateMachine(reason)),
             None => Err(Error::InvalidState("no state machine is set")),
         }
+    }
+
+    /// Refuses a write with [`StorageError::DiskFull`](crate::StorageError::DiskFull) while the
+    /// filesystem of the state directory has less free space than
+    /// [`ConsensusConfig::disk_reserve_bytes`]. Checked on every write (one `statvfs`, far
+    /// cheaper than the write's fsync), so writes resume as soon as space returns. An engine
+    /// without a state directory, or whose filesystem cannot be asked, refuses nothing.
+    fn check_disk_space(&self) -> Result<()> {
+        let (Some(dir), reserve) = (
+            &self.config.persistent_state,
+            self.config.disk_reserve_bytes,
+        ) else {
+            return Ok(());
+        };
+        if reserve == 0 {
+            return Ok(());
+        }
+        let Some(available) = available_bytes(dir) else {
+            return Ok(());
+        };
+        if available < reserve {
+            return Err(Error::Storage(crate::StorageError::DiskFull {
+                path: dir.display().to_string(),
+                available_bytes: available,
+                reserve_bytes: reserve,
+            }));
+        }
+        Ok(())
     }
 
     /// What goes into the log for a command: under GPU-optimized Raft, the command in its frame
@@ -799,6 +855,21 @@ impl LeaderElection {
             Ok(Ok(info)) => info.leader,
             _ => None,
         }
+    }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `dir`, or `None`
+/// when it cannot be asked (not Unix, or the directory is missing).
+fn available_bytes(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let stats = rustix::fs::statvfs(dir).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
     }
 }
 

@@ -7,26 +7,38 @@
 //! Kernels built on it (vote aggregation, signature verification) get their pipelines from
 //! [`GpuContext::compute_pipeline`], their buffers from [`GpuContext::buffers`] and wait for the GPU
 //! only through [`GpuContext::wait_for_submission`] / [`GpuContext::read_back`], which give up
-//! after `kernel_launch_timeout` with [`GpuError::Timeout`]. When a caller answers such a call on
+//! after `kernel_launch_timeout` with [`GpuError::Timeout`]. Building a pipeline, and the
+//! warm-up each kernel runs when it is built ([`GpuContext::warm_up`]: the first dispatch, where
+//! Mesa compiles), are bounded by `pipeline_compile_timeout` instead, and report progress while
+//! they run long. When a caller answers such a call on
 //! the CPU instead it records that with [`GpuContext::record_cpu_fallback`], a counter readable
 //! through [`GpuContext::metrics`] and registrable with Prometheus.
 
 use std::any::{Any, TypeId};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use super::buffer_pool::{BufferPool, PoolStats, PooledBuffer};
 // Also importable from here, as they always were; they live in their own files so that the build
 // without the `gpu` feature has them too.
 pub use super::config::GpuConfig;
-pub use super::error::GpuError;
+pub use super::error::{GpuError, WaitBound};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use crate::sync::lock;
+
+/// How often a long wait (a compile, a slow dispatch) logs that it is still running.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// Set while this thread runs inside [`GpuContext::warm_up`].
+    static WARMING_UP: Cell<bool> = const { Cell::new(false) };
+}
 
 /// One adapter as [`GpuContext::adapters`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,32 +348,134 @@ impl GpuContext {
         if let Some(pipeline) = pipelines.get(&(label, entry_point)) {
             return Ok(Arc::clone(pipeline));
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(label),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout,
-                module: &module,
-                entry_point: Some(entry_point),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(GpuError::Shader {
-                label: format!("{label}::{entry_point}"),
-                message: error.to_string(),
-            });
-        }
+        // The driver may take minutes on a cold shader cache, and `create_compute_pipeline`
+        // blocks: it runs on its own thread so that this one can report progress and give up
+        // after `pipeline_compile_timeout` (the thread then finishes in the background).
+        let device = self.device.clone();
+        let layout = layout.cloned();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let name = format!("{label}::{entry_point}");
+        std::thread::Builder::new()
+            .name("gpu-pipeline-build".to_owned())
+            .spawn(move || {
+                let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(label),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+                let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(label),
+                    layout: layout.as_ref(),
+                    module: &module,
+                    entry_point: Some(entry_point),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+                let error = pollster::block_on(scope.pop());
+                // The receiver is gone only after a timeout, which was reported already.
+                let _ = sender.send(match error {
+                    Some(error) => Err(error.to_string()),
+                    None => Ok(pipeline),
+                });
+            })
+            .map_err(|error| GpuError::Shader {
+                label: name.clone(),
+                message: format!("cannot start the pipeline build thread: {error}"),
+            })?;
+        let bound = self.config.pipeline_compile_timeout;
+        let started = Instant::now();
+        let built = loop {
+            if let Ok(built) = receiver.try_recv() {
+                break built;
+            }
+            let remaining = bound.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                self.timeouts.inc();
+                tracing::error!(pipeline = %name, ?bound, "building a GPU pipeline timed out");
+                return Err(GpuError::Timeout {
+                    bound: WaitBound::PipelineCompile,
+                    waited: bound,
+                });
+            }
+            match receiver.recv_timeout(remaining.min(PROGRESS_INTERVAL)) {
+                Ok(built) => break built,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err("the pipeline build thread ended without a result".to_owned());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= bound => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::info!(
+                        pipeline = %name,
+                        elapsed = ?started.elapsed(),
+                        ?bound,
+                        "still building a GPU pipeline (a cold shader cache compiles from scratch)"
+                    );
+                }
+            }
+        };
+        let pipeline = built.map_err(|message| GpuError::Shader {
+            label: name.clone(),
+            message,
+        })?;
+        tracing::debug!(pipeline = %name, elapsed = ?started.elapsed(), "GPU pipeline built");
         let pipeline = Arc::new(pipeline);
         pipelines.insert((label, entry_point), Arc::clone(&pipeline));
         Ok(pipeline)
+    }
+
+    /// Runs `work` (a kernel's first dispatches) with every wait this thread makes on this
+    /// context bounded by `pipeline_compile_timeout` instead of `kernel_launch_timeout`, and
+    /// progress logged while it runs long. Drivers that compile a pipeline at its first dispatch
+    /// (Mesa's llvmpipe does, taking minutes on a cold shader cache) compile here, so that no
+    /// later dispatch counts compilation against `kernel_launch_timeout`. Kernels call it when
+    /// they are built.
+    pub fn warm_up<T>(&self, what: &str, work: impl FnOnce() -> T) -> T {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                WARMING_UP.with(|flag| flag.set(self.0));
+            }
+        }
+        let _restore = Restore(WARMING_UP.with(|flag| flag.replace(true)));
+        let started = Instant::now();
+        let result = work();
+        tracing::info!(
+            kernel = what,
+            elapsed = ?started.elapsed(),
+            adapter = %self.info.name,
+            "GPU kernel warmed up (compiled and run once)"
+        );
+        result
+    }
+
+    /// The bound of a wait made now on this thread.
+    fn wait_bound(&self) -> (WaitBound, Duration) {
+        if WARMING_UP.with(Cell::get) {
+            (
+                WaitBound::PipelineCompile,
+                self.config.pipeline_compile_timeout,
+            )
+        } else {
+            (WaitBound::KernelLaunch, self.config.kernel_launch_timeout)
+        }
+    }
+
+    /// Logs that a wait is still running: at info during a warm-up (a compile), debug otherwise.
+    fn report_progress(&self, bound: WaitBound, elapsed: Duration, limit: Duration) {
+        match bound {
+            WaitBound::PipelineCompile => tracing::info!(
+                ?elapsed,
+                ?limit,
+                adapter = %self.info.name,
+                "still waiting for the first dispatch of a GPU kernel (the driver compiles it)"
+            ),
+            WaitBound::KernelLaunch => tracing::debug!(
+                ?elapsed,
+                ?limit,
+                adapter = %self.info.name,
+                "still waiting for a GPU dispatch"
+            ),
+        }
     }
 
     /// Returns the context's one value of type `T`, building it with `init` on first use. Kernels
@@ -427,25 +541,34 @@ impl GpuContext {
     }
 
     /// Blocks until `submission` (or, with `None`, everything submitted so far) has completed,
-    /// for at most `kernel_launch_timeout`.
+    /// for at most `kernel_launch_timeout` (`pipeline_compile_timeout` inside
+    /// [`GpuContext::warm_up`]).
     pub fn wait_for_submission(
         &self,
         submission: Option<wgpu::SubmissionIndex>,
     ) -> Result<(), GpuError> {
-        self.check_not_lost()?;
-        let waited = self.config.kernel_launch_timeout;
-        let result = self.poll(wgpu::PollType::Wait {
-            submission_index: submission,
-            timeout: Some(waited),
-        });
-        match result {
-            Ok(_) => self.check_not_lost(),
-            Err(wgpu::PollError::Timeout) => {
-                self.timeouts.inc();
-                tracing::warn!(?waited, adapter = %self.info.name, "GPU wait timed out");
-                Err(GpuError::Timeout { waited })
+        let (bound, waited) = self.wait_bound();
+        let started = Instant::now();
+        loop {
+            self.check_not_lost()?;
+            let remaining = waited.saturating_sub(started.elapsed());
+            // Short steps, so that progress is reported and other threads get the poll lock.
+            let result = self.poll(wgpu::PollType::Wait {
+                submission_index: submission.clone(),
+                timeout: Some(remaining.min(PROGRESS_INTERVAL)),
+            });
+            match result {
+                Ok(_) => return self.check_not_lost(),
+                Err(wgpu::PollError::Timeout) if started.elapsed() >= waited => {
+                    self.timeouts.inc();
+                    tracing::warn!(?waited, %bound, adapter = %self.info.name, "GPU wait timed out");
+                    return Err(GpuError::Timeout { bound, waited });
+                }
+                Err(wgpu::PollError::Timeout) => {
+                    self.report_progress(bound, started.elapsed(), waited);
+                }
+                Err(error) => return Err(GpuError::Poll(error.to_string())),
             }
-            Err(error) => Err(GpuError::Poll(error.to_string())),
         }
     }
 
@@ -510,11 +633,13 @@ impl GpuContext {
             // The receiver lives until this function returns; later results are moot.
             let _ = sender.send(result);
         });
-        let waited = self.config.kernel_launch_timeout;
-        let deadline = std::time::Instant::now() + waited;
+        let (bound, waited) = self.wait_bound();
+        let started = Instant::now();
+        let deadline = started + waited;
+        let mut next_report = started + PROGRESS_INTERVAL;
         loop {
             self.check_not_lost()?;
-            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let step = remaining.min(Duration::from_millis(5));
             match self.poll(wgpu::PollType::Wait {
                 submission_index: None,
@@ -536,10 +661,15 @@ impl GpuContext {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if std::time::Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 self.timeouts.inc();
-                tracing::warn!(?waited, adapter = %self.info.name, "GPU buffer mapping timed out");
-                return Err(GpuError::Timeout { waited });
+                tracing::warn!(?waited, %bound, adapter = %self.info.name, "GPU buffer mapping timed out");
+                return Err(GpuError::Timeout { bound, waited });
+            }
+            if now >= next_report {
+                self.report_progress(bound, now - started, waited);
+                next_report = now + PROGRESS_INTERVAL;
             }
         }
     }

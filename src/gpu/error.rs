@@ -6,6 +6,27 @@
 
 use std::time::Duration;
 
+/// Which of a [`GpuConfig`](super::GpuConfig)'s two wait bounds a wait ran under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WaitBound {
+    /// `kernel_launch_timeout`: one submission of a batch (batches are split so that each fits).
+    KernelLaunch,
+    /// `pipeline_compile_timeout`: building a pipeline, or the warm-up that runs each kernel
+    /// once so the driver compiles it (on Mesa the compile happens at first dispatch).
+    PipelineCompile,
+}
+
+impl std::fmt::Display for WaitBound {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            Self::KernelLaunch => "kernel_launch_timeout (the bound of one dispatch)",
+            Self::PipelineCompile => {
+                "pipeline_compile_timeout (the bound of shader compilation and first dispatch)"
+            }
+        })
+    }
+}
+
 /// What went wrong on the GPU side. Every variant carries the values needed to act on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GpuError {
@@ -31,10 +52,13 @@ pub enum GpuError {
         /// wgpu's message.
         reason: String,
     },
-    /// The GPU did not finish within `kernel_launch_timeout`.
-    #[error("GPU work did not complete within {waited:?}")]
+    /// The GPU did not finish within one of the two wait bounds: `kernel_launch_timeout` for one
+    /// dispatch, or `pipeline_compile_timeout` for compiling pipelines and the first dispatch.
+    #[error("GPU work did not complete within {waited:?}: {bound} ran out")]
     Timeout {
-        /// The bound that was exceeded.
+        /// Which bound ran out.
+        bound: WaitBound,
+        /// The bound's value.
         waited: Duration,
     },
     /// The device was lost (driver reset, GPU removed, or destroyed).
@@ -105,12 +129,13 @@ mod tests {
 
     #[test]
     fn transient_errors_are_the_ones_a_cpu_backend_should_answer() {
-        assert!(
-            GpuError::Timeout {
-                waited: Duration::from_millis(1)
-            }
-            .is_transient()
-        );
+        let timeout = GpuError::Timeout {
+            bound: WaitBound::PipelineCompile,
+            waited: Duration::from_millis(1),
+        };
+        assert!(timeout.is_transient());
+        let message = timeout.to_string();
+        assert!(message.contains("pipeline_compile_timeout"), "{message}");
         assert!(GpuError::DeviceLost { reason: "x".into() }.is_transient());
         assert!(!GpuError::Validation("x".into()).is_transient());
         let message = GpuError::DeviceIdOutOfRange {

@@ -18,7 +18,7 @@ pub mod sigverify;
 pub mod votes;
 
 pub use config::GpuConfig;
-pub use error::GpuError;
+pub use error::{GpuError, WaitBound};
 
 // ---- re-exports of context.rs and votes.rs ----
 #[cfg(feature = "gpu")]

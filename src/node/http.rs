@@ -21,7 +21,7 @@ use serde_json::json;
 use super::kv::{KvCommand, KvResponse, KvStore};
 use crate::client_signature::{ClientSignature, http_statement};
 use crate::engine::ConsensusEngine;
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::keys::decode_hex;
 use crate::protocol::RejectReason;
 
@@ -43,7 +43,7 @@ pub fn router(engine: Arc<ConsensusEngine>) -> Router {
 /// The body of `POST /kv/{key}/cas`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CasRequest {
+pub(super) struct CasRequest {
     /// The expected value; `null` expects the key to be absent.
     from: Option<String>,
     /// The value to set.
@@ -115,6 +115,72 @@ pub async fn refuse_while_stopping(
     next.run(request).await
 }
 
+/// The bearer token a node's write and admin routes require (`[http] token_file`).
+#[derive(Clone)]
+pub struct BearerToken(Arc<str>);
+
+impl BearerToken {
+    /// A token; its text is what clients send after `Authorization: Bearer `.
+    pub fn new(token: &str) -> Self {
+        Self(Arc::from(token))
+    }
+
+    /// Whether `presented` is the token, in time that does not depend on where they differ.
+    fn matches(&self, presented: &str) -> bool {
+        let (expected, presented) = (self.0.as_bytes(), presented.as_bytes());
+        expected.len() == presented.len()
+            && expected
+                .iter()
+                .zip(presented)
+                .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("BearerToken(..)")
+    }
+}
+
+/// Whether a request needs the bearer token: writes (`PUT`, `DELETE`, `POST` under `/kv/`) and
+/// the admin routes (`/metrics`, `/byzantine`); reads of keys and `/status` do not.
+fn needs_token(method: &axum::http::Method, path: &str) -> bool {
+    let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    !(read && (path.starts_with("/kv/") || path == "/status"))
+}
+
+/// Middleware: a request that [`needs_token`] without `Authorization: Bearer <token>` (or with
+/// another token) is answered 401 with error `unauthorized`, and nothing is done.
+pub async fn require_token(
+    State(token): State<BearerToken>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !needs_token(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    if presented.is_some_and(|presented| token.matches(presented)) {
+        return next.run(request).await;
+    }
+    let mut response = failure(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "writes and admin routes need Authorization: Bearer <token> ([http] token_file)",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
 /// A JSON error answer.
 fn failure(status: StatusCode, error: &str, reason: impl Into<String>) -> Response {
     let body = json!({ "error": error, "reason": reason.into() });
@@ -168,6 +234,11 @@ async fn execute_signed(
             "rejected",
             format!("refused, never applied: {reason}"),
         )),
+        Err(Error::Storage(error @ StorageError::DiskFull { .. })) => Err(failure(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "disk_full",
+            format!("refused, never applied: {error}"),
+        )),
         Err(Error::Stopped(reason)) => Err(failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopped",
@@ -192,7 +263,7 @@ pub const CLIENT_SIGNATURE_HEADER: &str = "x-client-signature";
 
 /// The client's signature of a write request, if it sent the header pair; 400 with a JSON
 /// reason when only one of them came or one does not decode.
-fn signature_of(
+pub(super) fn signature_of(
     headers: &HeaderMap,
     method: &str,
     uri: &Uri,
@@ -404,4 +475,26 @@ async fn metrics(State(engine): State<Arc<ConsensusEngine>>) -> Response {
         engine.prometheus_metrics(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_open_and_writes_and_admin_routes_need_the_token() {
+        use axum::http::Method;
+        assert!(!needs_token(&Method::GET, "/kv/a"));
+        assert!(!needs_token(&Method::GET, "/status"));
+        assert!(needs_token(&Method::PUT, "/kv/a"));
+        assert!(needs_token(&Method::DELETE, "/kv/a"));
+        assert!(needs_token(&Method::POST, "/kv/a/cas"));
+        assert!(needs_token(&Method::GET, "/metrics"));
+        assert!(needs_token(&Method::GET, "/byzantine"));
+        let token = BearerToken::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3cre"));
+        assert!(!token.matches("s3creT"));
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
 }

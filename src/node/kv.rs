@@ -82,6 +82,10 @@ impl StateMachine for KvStore {
     type Command = KvCommand;
     type Response = KvResponse;
 
+    fn is_read_only(command: &KvCommand) -> bool {
+        matches!(command, KvCommand::Get { .. })
+    }
+
     fn apply(&mut self, command: KvCommand) -> KvResponse {
         match command {
             KvCommand::Put { key, value } => {

@@ -31,6 +31,14 @@ use crate::keys::{self, KeyFileError};
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code for a failure while starting or running.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code when the store failed: an fsync or a write failed while running (the node stops
+/// at once and retries nothing), or the data directory is damaged at start.
+pub const EXIT_STORAGE: u8 = 3;
+
+/// Environment variable of a failpoint for tests: with `N`, the node's fjall store lets `N` syncs
+/// succeed and fails every later one with EIO (see
+/// [`FaultInjectingStore`](crate::storage::FaultInjectingStore)), as a dying disk would.
+pub const FAILPOINT_FSYNC_ERROR_AFTER: &str = "CONSENSUS_FAILPOINT_FSYNC_ERROR_AFTER";
 
 /// How long shutdown waits for in-flight requests to let go of the engine before stopping it
 /// anyway.
@@ -82,6 +90,7 @@ impl NodeError {
             | NodeError::HttpAddress { .. }
             | NodeError::KeyFile(_)
             | NodeError::Engine(Error::Config(_) | Error::Unsupported { .. }) => EXIT_CONFIG,
+            NodeError::Engine(Error::Storage(_)) => EXIT_STORAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -94,6 +103,9 @@ pub struct NodeConfig {
     pub consensus: ConsensusConfig,
     /// Where the HTTP API listens (`[http] address`, or `--http`).
     pub http_address: SocketAddr,
+    /// `[http] token_file`: a file holding the bearer token that writes and admin routes then
+    /// require (401 without it); read when the node starts.
+    pub http_token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +117,7 @@ struct HttpDocument {
 #[serde(deny_unknown_fields)]
 struct HttpTable {
     address: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -123,7 +136,10 @@ impl NodeConfig {
         let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
             reason: format!("[http]: {}", error.message()),
         })?;
-        let configured = document.http.and_then(|table| table.address);
+        let (configured, http_token_file) = match document.http {
+            Some(table) => (table.address, table.token_file),
+            None => (None, None),
+        };
         let address = http_override
             .map(str::to_string)
             .or(configured)
@@ -138,6 +154,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             consensus,
             http_address,
+            http_token_file,
         })
     }
 }
@@ -386,6 +403,58 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
+/// Reads the bearer token of `[http] token_file`: the file's text, trimmed; an unreadable or
+/// empty file is a configuration error.
+fn read_token(path: &Path) -> Result<http::BearerToken, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+        path: path.display().to_string(),
+        reason: error.to_string(),
+    })?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(char::is_whitespace) {
+        return Err(NodeError::Config(ConfigError::Invalid {
+            field: "http.token_file",
+            value: path.display().to_string(),
+            reason: "the file must hold one token: non-empty, without spaces",
+        }));
+    }
+    Ok(http::BearerToken::new(token))
+}
+
+/// The fjall store wrapped in a [`FaultInjectingStore`](crate::storage::FaultInjectingStore)
+/// when [`FAILPOINT_FSYNC_ERROR_AFTER`] is set; `None` otherwise.
+fn failpoint_store(
+    config: &ConsensusConfig,
+) -> Result<Option<crate::storage::FaultInjectingStore<crate::storage::FjallLogStore>>, NodeError> {
+    let Ok(value) = std::env::var(FAILPOINT_FSYNC_ERROR_AFTER) else {
+        return Ok(None);
+    };
+    let invalid = |reason: &'static str| {
+        NodeError::Config(ConfigError::Invalid {
+            field: FAILPOINT_FSYNC_ERROR_AFTER,
+            value: value.clone(),
+            reason,
+        })
+    };
+    let syncs: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid("expected a number of syncs"))?;
+    let dir = config
+        .persistent_state
+        .as_ref()
+        .ok_or_else(|| invalid("the failpoint needs a state_dir"))?;
+    tracing::warn!(
+        syncs,
+        "failpoint armed: every sync after the first {syncs} fails with EIO"
+    );
+    let store = crate::storage::FjallLogStore::open(dir, crate::storage::SyncPolicy::EveryBatch)
+        .map_err(|error| NodeError::Engine(Error::Storage(error)))?;
+    Ok(Some(
+        crate::storage::FaultInjectingStore::new(store).fail_syncs_after(syncs),
+    ))
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -437,7 +506,14 @@ pub async fn run(
              set state_dir for a durable node"
         );
     }
+    let token = match &config.http_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
     let mut engine = ConsensusEngine::new(config.consensus.clone())?;
+    if let Some(store) = failpoint_store(&config.consensus)? {
+        engine = engine.with_log_store(store);
+    }
     engine.set_state_machine(kv::KvStore::new())?;
     let listener = tokio::net::TcpListener::bind(config.http_address).await?;
     engine.start().await?;
@@ -454,18 +530,32 @@ pub async fn run(
     let hand_over = {
         let (engine, stopping) = (engine.clone(), stopping.clone());
         tokio::spawn(async move {
-            shutdown.await;
+            let store_failed = tokio::select! {
+                () = shutdown => false,
+                () = engine.storage_failed() => true,
+            };
             stopping.store(true, Ordering::Relaxed);
-            tracing::info!("stopping: handing over and sending clients elsewhere");
-            engine.hand_over_leadership().await;
-            tokio::time::sleep(STOPPING_NOTICE).await;
+            if store_failed {
+                // The driver is gone: nothing to hand over; stop serving at once.
+                tracing::error!("the store failed: the node stops");
+            } else {
+                tracing::info!("stopping: handing over and sending clients elsewhere");
+                engine.hand_over_leadership().await;
+                tokio::time::sleep(STOPPING_NOTICE).await;
+            }
             let _ = drained.send(());
         })
     };
-    let app = http::router(engine.clone()).layer(axum::middleware::from_fn_with_state(
+    let mut app = http::router(engine.clone()).layer(axum::middleware::from_fn_with_state(
         stopping,
         http::refuse_while_stopping,
     ));
+    if let Some(token) = token {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            token,
+            http::require_token,
+        ));
+    }
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = drain.await;
@@ -495,6 +585,9 @@ pub async fn run(
     tracing::info!("node stopped");
     Ok(())
 }
+
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

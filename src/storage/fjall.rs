@@ -18,6 +18,12 @@
 //! tables carry their own checksums; ours also catches records that are intact for fjall but wrong
 //! for us (a bug, a misdirected write, a byte flipped in memory before it was written).
 //!
+//! fjall's journal recovery cuts a journal at the first entry that does not decode, which keeps
+//! a torn tail from a crash out but would also silently drop every batch after a damaged byte in
+//! the middle. The synced-through mark ([`SYNCED_MARK_FILE`] beside the database) catches that:
+//! a recovered log that ends before the last synced index is refused, naming the journal fjall
+//! cut and the offset of the cut.
+//!
 //! # Durability and crash safety
 //! Each write call commits one fjall write batch, which fjall's journal makes atomic: after a crash
 //! the store holds a prefix of the committed batches, never part of one. Writes reach the OS and
@@ -122,6 +128,12 @@ pub struct FjallLogStore {
     path: PathBuf,
     bounds: Bounds,
     snapshot: Option<SnapshotMeta>,
+    /// How far the log reached at the last sync (see [`synced_mark`]).
+    mark: SyncedMark,
+    /// The mark as found at open, checked by [`LogStore::recover`].
+    mark_at_open: Option<LogIndex>,
+    /// Journals fjall's recovery shortened when this store opened.
+    journal_cuts: Vec<JournalCut>,
 }
 
 impl std::fmt::Debug for FjallLogStore {
@@ -146,7 +158,21 @@ impl FjallLogStore {
         sync_policy: SyncPolicy,
     ) -> Result<Self, StorageError> {
         let path = state_dir.as_ref().to_path_buf();
+        let journals_before = synced_mark::journal_sizes(&path.join(DATABASE_DIR))?;
         let db = open_database(&path)?;
+        let journal_cuts = synced_mark::cuts(
+            &journals_before,
+            &synced_mark::journal_sizes(&path.join(DATABASE_DIR))?,
+        );
+        for cut in &journal_cuts {
+            tracing::warn!(
+                journal = %cut.path.display(),
+                offset = cut.offset,
+                length = cut.length,
+                "fjall's recovery cut a journal (a torn tail, unless entries synced before are missing)"
+            );
+        }
+        let (mark, mark_at_open) = SyncedMark::open(&path)?;
         let log = db
             .keyspace(LOG_KEYSPACE, KeyspaceCreateOptions::default)
             .map_err(|e| fjall_error(e, "log keyspace"))?;
@@ -197,6 +223,9 @@ impl FjallLogStore {
             path,
             bounds,
             snapshot,
+            mark,
+            mark_at_open,
+            journal_cuts,
         })
     }
 
@@ -411,9 +440,36 @@ impl LogStore for FjallLogStore {
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
+        // Only a sync that fsyncs moves the mark: under `SyncPolicy::Never` a power cut may keep
+        // the mark and lose the journal's writes, which the check would take for damage.
+        let fsyncs = self.sync_policy == SyncPolicy::EveryBatch;
+        let last = self.bounds.next_index.saturating_sub(1);
+        if !fsyncs {
+            return self
+                .db
+                .persist(self.sync_policy.persist_mode())
+                .map_err(|error| fjall_error(error, "journal flush"));
+        }
+        self.mark
+            .before_sync(last)
+            .map_err(|source| StorageError::SyncFailed {
+                what: "the synced-through mark",
+                source,
+            })?;
         self.db
             .persist(self.sync_policy.persist_mode())
-            .map_err(|e| fjall_error(e, "journal sync"))
+            .map_err(|error| match error {
+                ::fjall::Error::Io(source) => StorageError::SyncFailed {
+                    what: "the journal",
+                    source,
+                },
+                other => fjall_error(other, "journal sync"),
+            })?;
+        // Without an fsync (see `synced_mark`): a failure to write it only weakens the check.
+        if let Err(error) = self.mark.after_sync(last) {
+            tracing::warn!(%error, "cannot write the synced-through mark");
+        }
+        Ok(())
     }
 
     /// Reads and validates the whole store. Meant for start-up: on a store that has been written
@@ -421,6 +477,11 @@ impl LogStore for FjallLogStore {
     /// log, `entries` starts after the snapshot (see [`FjallLogStore::snapshot_meta`]) instead of
     /// at index 1.
     fn recover(&mut self) -> Result<RecoveredState, StorageError> {
+        synced_mark::check(
+            self.bounds.next_index.saturating_sub(1),
+            self.mark_at_open,
+            &self.journal_cuts,
+        )?;
         let hard_state = match self
             .meta
             .get(HARD_STATE_KEY)
@@ -536,9 +597,42 @@ fn open_database(state_dir: &Path) -> Result<Database, StorageError> {
         // The rename is durable once the directory holding both names is synced.
         std::fs::File::open(state_dir)?.sync_all()?;
     }
-    database_builder(&live)
-        .open()
-        .map_err(|e| fjall_error(e, "database"))
+    // fjall's journal recovery asserts (in debug builds) on some damaged entries instead of
+    // returning an error: a damaged data directory must be a typed refusal, not a crash.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        database_builder(&live).open()
+    }));
+    let journals = || {
+        let names: Vec<String> = synced_mark::journal_sizes(&live)
+            .unwrap_or_default()
+            .iter()
+            .map(|(path, length)| format!("{} ({length} bytes)", path.display()))
+            .collect();
+        format!("journal {}", names.join(", "))
+    };
+    match opened {
+        Ok(Err(::fjall::Error::JournalRecovery(error))) => Err(corrupt(
+            journals(),
+            format!(
+                "a batch is damaged ({error:?}; fjall does not report the offset); \
+                 refusing to start"
+            ),
+        )),
+        Ok(opened) => opened.map_err(|e| fjall_error(e, "database")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(corrupt(
+                journals(),
+                format!(
+                    "fjall's recovery failed on a damaged entry ({message}); refusing to start"
+                ),
+            ))
+        }
+    }
 }
 
 fn corrupt(location: impl Into<String>, detail: impl Into<String>) -> StorageError {
@@ -790,6 +884,13 @@ fn decode_snapshot(record: &[u8]) -> Result<SnapshotMeta, StorageError> {
         data: Bytes::copy_from_slice(reader.rest),
     })
 }
+
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
+mod synced_mark;
+
+pub use synced_mark::SYNCED_MARK_FILE;
+use synced_mark::{JournalCut, SyncedMark};
 
 #[cfg(test)]
 mod tests {

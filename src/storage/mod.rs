@@ -7,13 +7,15 @@
 //! which is what the simulator needs. Every protocol core writes through one [`LogWrite`], so
 //! this module depends on no protocol: the cores import it, never the reverse.
 
+mod faults;
 mod fjall;
 mod memory;
 
 pub use self::fjall::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, RECORDS_KEYSPACE,
-    SNAPSHOT_KEY, SnapshotMeta, SyncPolicy,
+    SNAPSHOT_KEY, SYNCED_MARK_FILE, SnapshotMeta, SyncPolicy,
 };
+pub use faults::{FaultHandle, FaultInjectingStore};
 pub use memory::MemoryLogStore;
 
 use std::collections::BTreeMap;

@@ -34,6 +34,7 @@ pub fn test_gpu_config() -> GpuConfig {
         device_id: 0,
         memory_pool_size: 3 << 30,
         kernel_launch_timeout: Duration::from_secs(300),
+        pipeline_compile_timeout: Duration::from_secs(900),
         enable_peer_access: false,
     }
 }

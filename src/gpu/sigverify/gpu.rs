@@ -2,8 +2,13 @@
 //! kernel (`shaders/ed25519_verify.wgsl`), one invocation per signature, which interprets the
 //! verification program of [`super::program`] (one call site per field operation; see there why).
 //!
-//! A call splits the batch into dispatches of at most
-//! [`GpuVerifierOptions::max_items_per_dispatch`] items. For each dispatch it packs the items
+//! A call splits the batch into submissions sized from the adapter's measured throughput, so
+//! that each takes about a quarter of `kernel_launch_timeout` (the bound is per submission, and
+//! a batch of any size completes on a slow adapter), and never more than
+//! [`GpuVerifierOptions::max_items_per_dispatch`] items. Building the verifier compiles the
+//! kernel and runs the self-check under `pipeline_compile_timeout` (see
+//! [`GpuContext::warm_up`]), then runs it again to measure the throughput; every submission
+//! updates the measure. For each dispatch it packs the items
 //! (40 words each: `A`, `R`, `s`, digest), writes them into pooled buffers, dispatches, and while
 //! the GPU works it already hashes and packs the next dispatch; then it reads the verdicts back
 //! through a pooled staging buffer. The program (~24 KiB) and the base-point table (`[j·16^w]B`,
@@ -12,6 +17,8 @@
 
 use std::num::NonZeroU64;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha512};
@@ -56,6 +63,13 @@ const WORKGROUP_SIZE: u32 = 64;
 /// to load and store the state between segments.
 pub const SOFTWARE_ADAPTER_OPS_PER_DISPATCH: usize = 512;
 
+/// A submission is sized to take `kernel_launch_timeout / SUBMISSION_SHARE_OF_BOUND` at the
+/// measured throughput: a host four times busier than when measured still fits the bound.
+const SUBMISSION_SHARE_OF_BOUND: u32 = 4;
+
+/// How often a long batch logs how far it got.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Tuning of [`GpuSignatureVerifier`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuVerifierOptions {
@@ -91,6 +105,9 @@ pub struct GpuSignatureVerifier {
     params_stride: u64,
     base_table: wgpu::Buffer,
     max_items_per_dispatch: usize,
+    /// Measured GPU time per item, in nanoseconds (0 before the first measure): a slowdown is
+    /// taken at once, a speed-up a quarter at a time.
+    nanos_per_item: AtomicU64,
 }
 
 impl std::fmt::Debug for GpuSignatureVerifier {
@@ -99,6 +116,7 @@ impl std::fmt::Debug for GpuSignatureVerifier {
             .debug_struct("GpuSignatureVerifier")
             .field("adapter", &self.context.adapter_name())
             .field("max_items_per_dispatch", &self.max_items_per_dispatch)
+            .field("items_per_submission", &self.items_per_submission())
             .finish()
     }
 }
@@ -107,6 +125,7 @@ impl std::fmt::Debug for GpuSignatureVerifier {
 /// pool when it is dropped.
 struct InFlight {
     count: usize,
+    submitted: Instant,
     staging: PooledBuffer,
     _items: PooledBuffer,
     _verdicts: PooledBuffer,
@@ -115,13 +134,14 @@ struct InFlight {
 }
 
 impl GpuSignatureVerifier {
-    /// Compiles the kernel, uploads the program and the base-point table and runs a known-answer
-    /// self-check
-    /// against the CPU reference, with default options.
+    /// Compiles the kernel, uploads the program and the base-point table, runs a known-answer
+    /// self-check against the CPU reference (the warm-up: its first dispatch is where Mesa
+    /// compiles, bounded by `pipeline_compile_timeout`) and runs it once more to measure the
+    /// adapter's throughput, with default options.
     ///
     /// # Errors
     /// [`SigVerifyError::Gpu`] when the shader does not compile, an upload or a dispatch fails
-    /// or times out; [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
+    /// or times out (the [`GpuError::Timeout`] names the bound that ran out); [`SigVerifyError::SelfCheckFailed`] when the kernels give a verdict
     /// that differs from `verify_strict` on the self-check batch. Either way the caller should use
     /// the CPU backend.
     pub fn new(context: Arc<GpuContext>) -> Result<Self, SigVerifyError> {
@@ -180,8 +200,20 @@ impl GpuSignatureVerifier {
             params_stride,
             base_table,
             max_items_per_dispatch: options.max_items_per_dispatch.clamp(1, limit),
+            nanos_per_item: AtomicU64::new(0),
         };
-        verifier.self_check()?;
+        verifier.context.warm_up("ed25519_verify", || {
+            verifier.self_check()?;
+            // The first run's time is mostly compilation: measure again, compiled.
+            verifier.nanos_per_item.store(0, Ordering::Relaxed);
+            verifier.self_check()
+        })?;
+        tracing::info!(
+            adapter = %verifier.context.adapter_name(),
+            nanos_per_item = verifier.nanos_per_item.load(Ordering::Relaxed),
+            items_per_submission = verifier.items_per_submission(),
+            "ed25519 GPU verifier ready"
+        );
         Ok(verifier)
     }
 
@@ -237,6 +269,32 @@ impl GpuSignatureVerifier {
     /// The effective dispatch size after the device limits.
     pub fn max_items_per_dispatch(&self) -> usize {
         self.max_items_per_dispatch
+    }
+
+    /// How many items the next submission of a batch takes: what the adapter verifies in a
+    /// quarter of `kernel_launch_timeout` at its measured throughput, at least 1 and at most
+    /// [`Self::max_items_per_dispatch`].
+    pub fn items_per_submission(&self) -> usize {
+        let nanos_per_item = self.nanos_per_item.load(Ordering::Relaxed).max(1);
+        let budget = self.context.config().kernel_launch_timeout / SUBMISSION_SHARE_OF_BOUND;
+        let items = budget.as_nanos() / u128::from(nanos_per_item);
+        usize::try_from(items)
+            .unwrap_or(usize::MAX)
+            .clamp(1, self.max_items_per_dispatch)
+    }
+
+    /// Folds one submission's time into the measured throughput.
+    fn record_throughput(&self, count: usize, elapsed: Duration) {
+        let measured = u64::try_from(elapsed.as_nanos() / count.max(1) as u128)
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let previous = self.nanos_per_item.load(Ordering::Relaxed);
+        let next = if previous == 0 || measured >= previous {
+            measured
+        } else {
+            previous - (previous - measured) / 4
+        };
+        self.nanos_per_item.store(next, Ordering::Relaxed);
     }
 
     /// Hashes and packs items into the kernel's 40-word records, on all cores.
@@ -333,9 +391,11 @@ impl GpuSignatureVerifier {
             encoder.copy_buffer_to_buffer(&verdicts, 0, &staging, 0, verdict_bytes);
             encoder.finish()
         })?;
+        let submitted = Instant::now();
         context.submit([commands])?;
         Ok(InFlight {
             count,
+            submitted,
             staging,
             _items: items,
             _verdicts: verdicts,
@@ -349,9 +409,17 @@ impl GpuSignatureVerifier {
         let words: Vec<u32> = self
             .context
             .read_back(&in_flight.staging, (in_flight.count * 4) as u64)?;
+        self.record_throughput(in_flight.count, in_flight.submitted.elapsed());
         out.extend(words.into_iter().map(|word| word == 1));
         Ok(())
     }
+}
+
+/// Splits off and returns the first `count` items of `rest` (all of them when fewer).
+fn take_front<'a, 'b>(rest: &mut &'b [SignatureItem<'a>], count: usize) -> &'b [SignatureItem<'a>] {
+    let (front, back) = rest.split_at(count.min(rest.len()));
+    *rest = back;
+    front
 }
 
 /// A bind group for group 0 of `pipeline` whose binding `i` is `resources[i]`.
@@ -533,18 +601,29 @@ pub fn run_building_block(
 impl SignatureVerifier for GpuSignatureVerifier {
     fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError> {
         let mut verdicts = Vec::with_capacity(items.len());
-        let mut chunks = items.chunks(self.max_items_per_dispatch).peekable();
-        let Some(first) = chunks.peek() else {
-            return Ok(verdicts);
-        };
-        let mut packed = Self::pack(first);
-        while let Some(chunk) = chunks.next() {
-            let in_flight = self.submit_dispatch(&packed, chunk.len())?;
-            // Overlap: hash and pack the next dispatch while the GPU runs this one.
-            if let Some(next) = chunks.peek() {
+        let started = Instant::now();
+        let mut next_report = started + PROGRESS_INTERVAL;
+        let mut rest = items;
+        let mut next = take_front(&mut rest, self.items_per_submission());
+        let mut packed = Self::pack(next);
+        while !next.is_empty() {
+            let in_flight = self.submit_dispatch(&packed, next.len())?;
+            // Overlap: hash and pack the next submission while the GPU runs this one.
+            next = take_front(&mut rest, self.items_per_submission());
+            if !next.is_empty() {
                 packed = Self::pack(next);
             }
             self.finish_dispatch(in_flight, &mut verdicts)?;
+            if verdicts.len() < items.len() && Instant::now() >= next_report {
+                tracing::info!(
+                    verified = verdicts.len(),
+                    total = items.len(),
+                    elapsed = ?started.elapsed(),
+                    items_per_submission = self.items_per_submission(),
+                    "ed25519 GPU batch in progress"
+                );
+                next_report = Instant::now() + PROGRESS_INTERVAL;
+            }
         }
         Ok(verdicts)
     }

@@ -78,6 +78,25 @@ pub fn parse_item_line(line: &str) -> Result<OwnedItem, ParseItemError> {
     })
 }
 
+/// Formats an item as one line of the `verify_batch` input format (lower-case hex; no message
+/// field when the message is empty), the inverse of [`parse_item_line`].
+pub fn format_item_line(item: &OwnedItem) -> String {
+    let hex = |bytes: &[u8]| -> String {
+        use std::fmt::Write as _;
+        bytes.iter().fold(String::new(), |mut text, byte| {
+            // Writing to a String cannot fail.
+            let _ = write!(text, "{byte:02x}");
+            text
+        })
+    };
+    let mut line = format!("{} {}", hex(&item.public_key), hex(&item.signature));
+    if !item.message.is_empty() {
+        line.push(' ');
+        line.push_str(&hex(&item.message));
+    }
+    line
+}
+
 /// Failure of [`verify_lines`]: the verifier failed or an output stream did.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyLinesError {
@@ -128,6 +147,9 @@ pub fn verify_lines(
     Ok(())
 }
 
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +164,9 @@ mod tests {
         assert_eq!(item.message, vec![0x00, 0xff]);
         let item = parse_item_line(&format!("{key} {signature}")).expect("empty message");
         assert!(item.message.is_empty());
+        for item in crate::gpu::sigverify::vectors::random_valid_items(9, 3, 2) {
+            assert_eq!(parse_item_line(&format_item_line(&item)), Ok(item));
+        }
     }
 
     #[test]

@@ -54,7 +54,9 @@ pub use gpu::{
     BuildingBlock, GpuSignatureVerifier, GpuVerifierOptions, SOFTWARE_ADAPTER_OPS_PER_DISPATCH,
     run_building_block,
 };
-pub use input::{ParseItemError, VerifyLinesError, parse_item_line, verify_lines};
+pub use input::{
+    ParseItemError, VerifyLinesError, format_item_line, parse_item_line, verify_lines,
+};
 
 use super::GpuError;
 

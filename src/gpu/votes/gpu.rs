@@ -156,15 +156,34 @@ impl GpuVoteAggregator {
         Self::with_context(Arc::new(context))
     }
 
-    /// Uses an existing context (pipelines are compiled here, once per context).
+    /// Uses an existing context (pipelines are compiled here, once per context, and the first
+    /// aggregator on a context runs a small batch as the warm-up under
+    /// `pipeline_compile_timeout`: see [`GpuContext::warm_up`]).
     pub fn with_context(context: Arc<GpuContext>) -> Result<Self, VoteError> {
         let kernels = context.shared_state(|| Kernels::build(&context))?;
-        Ok(Self {
+        let aggregator = Self {
             context,
             kernels,
             threshold: Threshold::default(),
             options: GpuVoteOptions::default(),
-        })
+        };
+        if aggregator.kernels.begin_warm_up() {
+            // Two proposals, one voter voting both ways on one of them: every kernel runs.
+            let sample = [
+                Vote::new(0, 1, true),
+                Vote::new(0, 1, false),
+                Vote::new(1, 1, true),
+                Vote::new(1, 2, true),
+            ];
+            let warmed = aggregator
+                .context
+                .warm_up("votes", || aggregator.aggregate_blocking(&sample));
+            if let Err(error) = warmed {
+                aggregator.kernels.warm_up_failed();
+                return Err(error);
+            }
+        }
+        Ok(aggregator)
     }
 
     /// Sets the threshold.

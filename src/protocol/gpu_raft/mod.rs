@@ -32,6 +32,8 @@
 mod certificate;
 pub mod chain;
 mod config;
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
 mod node;
 
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::LengthDelimitedCodec;
@@ -72,7 +71,7 @@ where
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(config.max_frame_bytes)
         .new_framed(stream);
-    let transport = tarpc::serde_transport::new(framed, Bincode::default());
+    let transport = tarpc::serde_transport::new(framed, wire::ServerCodec::default());
     let mut requests = BaseChannel::with_defaults(transport).requests();
     let handler = Inbound {
         shared: shared.clone(),
@@ -243,7 +242,7 @@ mod tests {
     async fn raw_client(address: SocketAddr) -> PeerServiceClient {
         let stream = TcpStream::connect(address).await.unwrap();
         let framed = LengthDelimitedCodec::builder().new_framed(stream);
-        let transport = tarpc::serde_transport::new(framed, Bincode::default());
+        let transport = tarpc::serde_transport::new(framed, wire::ServerCodec::default());
         PeerServiceClient::new(tarpc::client::Config::default(), transport).spawn()
     }
 

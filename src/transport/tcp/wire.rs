@@ -8,10 +8,15 @@
 //! least [`COMPRESSION_THRESHOLD`] bytes, and compression makes it smaller; a receiver decodes
 //! both forms whatever its own setting.
 
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
 use bincode::Options;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_serde::{Deserializer, Serializer};
 
 use crate::types::NodeId;
 
@@ -73,6 +78,64 @@ pub(crate) trait PeerService {
 
 fn bincode_options() -> impl Options + Copy {
     bincode::DefaultOptions::new()
+}
+
+/// The codec of frames a server reads: tarpc's bincode, after one check of its own. tarpc turns a
+/// request's deadline, sent as a duration, into `Instant::now() + duration`, which panics when
+/// the sum overflows: a peer sending a deadline of ~2^64 seconds would panic the task reading its
+/// connection. Such a frame is refused as invalid data instead (the connection then closes).
+pub(crate) struct ServerCodec<Item, SinkItem> {
+    inner: Bincode<Item, SinkItem>,
+}
+
+impl<Item, SinkItem> Default for ServerCodec<Item, SinkItem> {
+    fn default() -> Self {
+        Self {
+            inner: Bincode::default(),
+        }
+    }
+}
+
+/// Checks the deadline of a tarpc `ClientMessage::Request` (variant 0, whose first field is its
+/// context, whose first field is the deadline) before tarpc adds it to the clock.
+fn check_request_deadline(frame: &[u8]) -> std::io::Result<()> {
+    let prefix: Result<(u32, Duration), _> =
+        bincode_options().allow_trailing_bytes().deserialize(frame);
+    match prefix {
+        Ok((0, deadline)) if Instant::now().checked_add(deadline).is_none() => {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("request deadline {deadline:?} from now is past the clock's range"),
+            ))
+        }
+        // Another variant, or a frame that does not decode: tarpc's decoder reports the latter.
+        _ => Ok(()),
+    }
+}
+
+impl<Item, SinkItem> Deserializer<Item> for ServerCodec<Item, SinkItem>
+where
+    Item: DeserializeOwned + Unpin,
+    SinkItem: Unpin,
+{
+    type Error = std::io::Error;
+
+    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, Self::Error> {
+        check_request_deadline(src)?;
+        Pin::new(&mut self.get_mut().inner).deserialize(src)
+    }
+}
+
+impl<Item, SinkItem> Serializer<SinkItem> for ServerCodec<Item, SinkItem>
+where
+    Item: Unpin,
+    SinkItem: Serialize + Unpin,
+{
+    type Error = std::io::Error;
+
+    fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> Result<Bytes, Self::Error> {
+        Pin::new(&mut self.get_mut().inner).serialize(item)
+    }
 }
 
 /// Why a batch payload does not decode.
@@ -184,6 +247,9 @@ pub(crate) fn open_payload<M: DeserializeOwned>(
     }
     Ok(messages)
 }
+
+#[cfg(all(test, feature = "gpu", feature = "server"))]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 //! buffers of a pass, the dispatches, and decoding of the result records read back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -44,6 +45,8 @@ pub(super) struct Kernels {
     prepare: Arc<wgpu::ComputePipeline>,
     tally: Arc<wgpu::ComputePipeline>,
     evidence: Vec<Arc<wgpu::ComputePipeline>>,
+    /// Whether an aggregator has started the warm-up (first dispatch) of these kernels.
+    warm_up_started: AtomicBool,
 }
 
 fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -108,7 +111,18 @@ impl Kernels {
                 .collect::<Result<_, _>>()?,
             prepare: context.compute_pipeline(PREPARE_LABEL, SHADER, "prepare")?,
             layout,
+            warm_up_started: AtomicBool::new(false),
         })
+    }
+
+    /// True for the one caller that should run the warm-up (until it fails).
+    pub(super) fn begin_warm_up(&self) -> bool {
+        !self.warm_up_started.swap(true, Ordering::SeqCst)
+    }
+
+    /// Lets the next aggregator try the warm-up again.
+    pub(super) fn warm_up_failed(&self) {
+        self.warm_up_started.store(false, Ordering::SeqCst);
     }
 }
 

@@ -272,10 +272,10 @@ impl PbftNode {
     /// there are several, which statement named which.
     fn slot_digests(&self) -> BTreeMap<(Seq, View), SlotDigests> {
         let mut slots: BTreeMap<(Seq, View), SlotDigests> = BTreeMap::new();
-        for (&(seq, kind, signer, view), signed) in &self.seen {
-            if self.excluded.contains(&signer) {
-                continue; // proven already: nothing left to compare
-            }
+        let heard = self.seen.iter().filter(|((_, _, signer, _), _)| {
+            !self.excluded.contains(signer) // proven already: nothing left to compare
+        });
+        for (&(seq, _, _, view), signed) in heard.clone() {
             if let Some((_, _, digest)) = signed.statement.phase() {
                 let slot = slots.entry((seq, view)).or_insert_with(|| SlotDigests {
                     view,
@@ -286,12 +286,15 @@ impl PbftNode {
                 if let Err(at) = slot.digests.binary_search(&digest) {
                     slot.digests.insert(at, digest);
                 }
-                slot.statements.push((kind, signer, digest));
             }
         }
-        for slot in slots.values_mut() {
-            if slot.digests.len() < 2 {
-                slot.statements.clear();
+        // Contested slots only (rare: they take a Byzantine replica), in a second pass.
+        for (&(seq, kind, signer, view), signed) in heard {
+            if let Some(slot) = slots.get_mut(&(seq, view))
+                && slot.digests.len() > 1
+                && let Some((_, _, digest)) = signed.statement.phase()
+            {
+                slot.statements.push((kind, signer, digest));
             }
         }
         slots
@@ -299,7 +302,8 @@ impl PbftNode {
 
     /// A peer's audit: for each slot where it named a digest this replica holds no statement
     /// about, or this replica holds one the peer did not name, sends the peer this replica's
-    /// statements for the slot, again only when it holds more or the peer still differs a few audits later (the peer notes them and finds any
+    /// statements for the slot, again only when it holds more or the peer still differs a few
+    /// audits later (the peer notes them and finds any
     /// conflict; where the peer holds the other half, the next audit the other way brings it
     /// here too). A slot neither holds a statement about is skipped: there is nothing to
     /// compare.
@@ -317,7 +321,7 @@ impl PbftNode {
             if slot.seq <= low || slot.digests.is_empty() {
                 continue;
             }
-            let statements: Vec<Signed> = self
+            let held = self
                 .seen
                 .range(
                     (slot.seq, 0, NodeId(0), 0)..=(slot.seq, u8::MAX, NodeId(u64::MAX), View::MAX),
@@ -325,11 +329,10 @@ impl PbftNode {
                 .filter(|((_, _, signer, view), _)| {
                     *view == slot.view && !self.excluded.contains(signer)
                 })
-                .map(|(_, signed)| signed.clone())
-                .collect();
+                .map(|(_, signed)| signed);
             // A digest the peer holds nothing about, or, in a slot contested at both, a
             // statement the peer holds another digest from.
-            let differs = statements.iter().any(|signed| {
+            let differs = held.clone().any(|signed| {
                 let Some((_, _, digest)) = signed.statement.phase() else {
                     return false;
                 };
@@ -343,6 +346,7 @@ impl PbftNode {
             if !differs {
                 continue;
             }
+            let statements: Vec<Signed> = held.cloned().collect();
             // Sent again when something was added here since, or after a few audits that
             // still differ (the answer, or what the peer made of it, may have been lost); a
             // difference that proves nothing (one Byzantine vote for a digest no one

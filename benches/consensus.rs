@@ -1,6 +1,7 @@
 //! Three nodes over tarpc on loopback: (a) one client, sequential 64-byte proposals, latency
 //! p50/p99; (b) 256 concurrent proposers, throughput; each with the memory store and with fjall
-//! (fsync per batch). Run: `cargo bench --bench consensus`.
+//! (fsync per batch); each over plain TCP and over mutual TLS 1.3 (`tls_*`). Run:
+//! `cargo bench --bench consensus`.
 
 mod common;
 
@@ -23,6 +24,8 @@ fn bench(c: &mut Criterion) {
     for (label, setup) in [
         ("tcp_memory", Setup::TcpMemory),
         ("tcp_fjall", Setup::TcpFjall),
+        ("tls_memory", Setup::TlsMemory),
+        ("tls_fjall", Setup::TlsFjall),
     ] {
         let cluster = runtime.block_on(start_cluster(3, setup));
         let leader = runtime.block_on(cluster.leader());

@@ -12,7 +12,7 @@ use crate::error::ConfigError;
 use crate::gpu::GpuConfig;
 use crate::protocol::pbft::PbftConfig;
 use crate::protocol::raft::RaftConfig;
-use crate::transport::tcp::{NetworkConfig, PeerAddress, TcpTransportConfig};
+use crate::transport::tcp::{NetworkConfig, PeerAddress, PeerTls, TcpTransportConfig};
 use crate::types::NodeId;
 
 /// Which protocol a cluster runs.
@@ -213,6 +213,51 @@ pub struct ConsensusConfig {
     /// ([`Proposal::signed`](crate::Proposal::signed), or the HTTP node's signature headers);
     /// when empty, unsigned commands are accepted and signed ones need only verify.
     pub client_keys: Vec<String>,
+    /// Mutual TLS 1.3 on every peer connection (TOML: the `[consensus.tls]` table with `cert`,
+    /// `key` and `ca`): this node's certificate chain and key and the cluster CA, PEM files.
+    /// A peer's id is then the node name its certificate carries as its common name, never what
+    /// it claims (see [`tls`](crate::transport::tcp::tls); `consensus-node gen-certs` or
+    /// [`generate_certificates`](crate::transport::tcp::tls::generate_certificates) write a
+    /// quick-start CA and certificates). The certificate must name `node_id`.
+    ///
+    /// A node over TCP needs this or [`ConsensusConfig::insecure_plaintext`].
+    pub tls: Option<TlsFiles>,
+    /// Peer connections over plain TCP, unauthenticated and unencrypted (TOML
+    /// `insecure_plaintext = true`): anyone who reaches `bind_address` can claim to be a member
+    /// and send it votes or entries. Only for a trusted network or a loopback test; the node
+    /// logs a warning at start. Exclusive with `tls`.
+    pub insecure_plaintext: bool,
+}
+
+/// The PEM files of [`ConsensusConfig::tls`]. Relative paths are resolved against the working
+/// directory, like `state_dir`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This node's certificate (its chain: the node's certificate first).
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+    /// The cluster CA's certificate(s).
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files of `node` in a directory written by `consensus-node gen-certs DIR`:
+    /// `DIR/<node>.pem`, `DIR/<node>.key` and `DIR/ca.pem`.
+    pub fn in_dir(dir: impl AsRef<Path>, node: &str) -> Self {
+        let dir = dir.as_ref();
+        TlsFiles {
+            cert: dir.join(format!("{node}.pem")),
+            key: dir.join(format!("{node}.key")),
+            ca: dir.join("ca.pem"),
+        }
+    }
+
+    /// Reads and checks the files (see [`PeerTls::load`]).
+    pub fn load(&self) -> Result<PeerTls, crate::transport::tcp::TlsError> {
+        PeerTls::load(&self.cert, &self.key, &self.ca)
+    }
 }
 
 impl Default for ConsensusConfig {
@@ -245,6 +290,8 @@ impl Default for ConsensusConfig {
             key_file: None,
             validators: BTreeMap::new(),
             client_keys: Vec::new(),
+            tls: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -297,6 +344,14 @@ impl ConsensusConfig {
         network_config: NetworkConfig,
         /// Sets [`ConsensusConfig::gpu_config`].
         gpu_config: GpuConfig,
+        /// Sets [`ConsensusConfig::insecure_plaintext`].
+        insecure_plaintext: bool,
+    }
+
+    /// Sets [`ConsensusConfig::tls`].
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
     }
 
     /// Sets [`ConsensusConfig::cluster_id`].
@@ -455,6 +510,13 @@ impl ConsensusConfig {
         if self.node_id.is_empty() {
             return invalid("node_id", String::new(), "must not be empty");
         }
+        if self.insecure_plaintext && self.tls.is_some() {
+            return invalid(
+                "insecure_plaintext",
+                "true".into(),
+                "contradicts [consensus.tls]: set one or the other",
+            );
+        }
         let voters = self.voter_ids();
         let mut distinct = voters.clone();
         distinct.dedup();
@@ -588,6 +650,30 @@ impl ConsensusConfig {
         let mut transport = TcpTransportConfig::new(self.id(), self.cluster_id.clone(), bind);
         transport.network = self.network_config;
         transport.request_timeout = self.request_timeout;
+        transport.tls = match (&self.tls, self.insecure_plaintext) {
+            (Some(files), _) => Some(files.load().map_err(|error| ConfigError::Tls {
+                problem: error.to_string(),
+            })?),
+            (None, true) => None,
+            (None, false) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls",
+                    value: String::new(),
+                    reason: "peer connections need [consensus.tls] (cert, key, ca; \
+                             `consensus-node gen-certs` writes them) or an explicit \
+                             insecure_plaintext = true",
+                });
+            }
+        };
+        if let Some(tls) = &transport.tls
+            && tls.node_id() != self.id()
+        {
+            return Err(ConfigError::Invalid {
+                field: "tls.cert",
+                value: format!("{:?}", tls.node_name()),
+                reason: "the certificate names another node than node_id",
+            });
+        }
         Ok(transport)
     }
 
@@ -658,6 +744,8 @@ struct TomlConsensus {
     key_file: Option<PathBuf>,
     validators: Option<BTreeMap<String, String>>,
     client_keys: Option<Vec<String>>,
+    tls: Option<TlsFiles>,
+    insecure_plaintext: Option<bool>,
 }
 
 impl TomlConsensus {
@@ -737,6 +825,8 @@ impl TomlConsensus {
         config.key_file = self.key_file;
         config.validators = self.validators.unwrap_or_default();
         config.client_keys = self.client_keys.unwrap_or_default();
+        config.tls = self.tls;
+        config.insecure_plaintext = self.insecure_plaintext.unwrap_or(false);
         config.validate()?;
         Ok(config)
     }

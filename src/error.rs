@@ -75,6 +75,13 @@ pub enum ConfigError {
         /// The entry's name.
         node: String,
     },
+    /// The TLS files of `[consensus.tls]` are unreadable or unusable: the message names the file
+    /// and what is wrong (never a key's contents).
+    #[error("[consensus.tls]: {problem}")]
+    Tls {
+        /// What is wrong, from [`TlsError`](crate::transport::tcp::TlsError).
+        problem: String,
+    },
     /// The key file is unreadable or does not hold a secret key. The message never quotes the
     /// file's contents.
     #[error("key file {path}: {problem}")]

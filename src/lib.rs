@@ -47,7 +47,7 @@ pub mod verify;
 
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use client_signature::ClientSignature;
-pub use config::{Algorithm, ConsensusConfig, ElectionConfig};
+pub use config::{Algorithm, ConsensusConfig, ElectionConfig, TlsFiles};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};
 pub use metrics::MetricsSnapshot;

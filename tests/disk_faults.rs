@@ -32,6 +32,7 @@ async fn solo_engine(dir: &Path) -> (ConsensusEngine, consensus::storage::FaultH
     let config = ConsensusConfig::default()
         .node_id("solo")
         .bind_address(format!("127.0.0.1:{}", free_port()))
+        .insecure_plaintext(true)
         .request_timeout(Duration::from_secs(2));
     let mut engine = ConsensusEngine::new(config)
         .expect("valid config")

@@ -335,6 +335,7 @@ struct TcpNode {
     bind: String,
     peers: Vec<String>,
     dir: std::path::PathBuf,
+    tls: consensus::TlsFiles,
 }
 
 impl TcpNode {
@@ -344,6 +345,7 @@ impl TcpNode {
             .bind_address(self.bind.as_str())
             .peers(self.peers.clone())
             .persistent_state(&self.dir)
+            .tls(self.tls.clone())
             .request_timeout(Duration::from_secs(3));
         let mut engine = ConsensusEngine::new(config).unwrap();
         let store = KvStore::default();
@@ -354,9 +356,19 @@ impl TcpNode {
     }
 }
 
+/// A cluster CA and certificates for `names` in `dir/certs`.
+fn certificates(dir: &std::path::Path, names: &[&str]) -> std::path::PathBuf {
+    let certs = dir.join("certs");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    consensus::transport::tcp::tls::generate_certificates(&certs, &names).unwrap();
+    certs
+}
+
+/// Three engines over TCP with mutual TLS.
 fn tcp_nodes(dir: &std::path::Path) -> Vec<TcpNode> {
     let names = ["alpha", "bravo", "charlie"];
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let certs = certificates(dir, &names);
     names
         .iter()
         .zip(&ports)
@@ -370,6 +382,7 @@ fn tcp_nodes(dir: &std::path::Path) -> Vec<TcpNode> {
                 .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
                 .collect(),
             dir: dir.join(name),
+            tls: consensus::TlsFiles::in_dir(&certs, name),
         })
         .collect()
 }
@@ -460,7 +473,8 @@ async fn a_bad_peer_address_is_a_config_error_naming_it() {
     let config = ConsensusConfig::default()
         .node_id("a")
         .bind_address(format!("127.0.0.1:{}", free_port()))
-        .peers(vec!["b@nowhere"]);
+        .peers(vec!["b@nowhere"])
+        .insecure_plaintext(true);
     let mut engine = ConsensusEngine::new(config).unwrap();
     let error = engine.start().await.unwrap_err().to_string();
     assert!(
@@ -470,9 +484,11 @@ async fn a_bad_peer_address_is_a_config_error_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_given_as_host_port_are_identified_by_handshake() {
+async fn peers_given_as_host_port_are_identified_by_their_certificates() {
     let names = ["east", "west", "north"];
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certificates(dir.path(), &names);
     let starts = names.iter().zip(&ports).map(|(name, port)| {
         let peers: Vec<String> = ports
             .iter()
@@ -482,7 +498,8 @@ async fn peers_given_as_host_port_are_identified_by_handshake() {
         let config = ConsensusConfig::default()
             .node_id(*name)
             .bind_address(format!("127.0.0.1:{port}"))
-            .peers(peers);
+            .peers(peers)
+            .tls(consensus::TlsFiles::in_dir(&certs, name));
         async move {
             let mut engine = ConsensusEngine::new(config).unwrap();
             engine.start().await.unwrap();
@@ -507,6 +524,120 @@ async fn peers_given_as_host_port_are_identified_by_handshake() {
     );
     let expected: Vec<NodeId> = names.iter().map(|n| NodeId::from_name(n)).collect();
     assert!(expected.contains(&engines[leader].node_id()));
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_tls_or_an_explicit_insecure_plaintext_and_a_certificate_of_this_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certificates(dir.path(), &["a", "b"]);
+    let base = ConsensusConfig::default()
+        .node_id("a")
+        .bind_address(format!("127.0.0.1:{}", free_port()))
+        .peers(vec![format!("b@127.0.0.1:{}", free_port())]);
+    let error = ConsensusEngine::new(base.clone())
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("insecure_plaintext"), "{error}");
+    // b's certificate on a: refused before anything listens.
+    let wrong = base.clone().tls(consensus::TlsFiles::in_dir(&certs, "b"));
+    let error = ConsensusEngine::new(wrong)
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("tls.cert") && error.contains("\"b\""),
+        "{error}"
+    );
+    let missing = base.clone().tls(consensus::TlsFiles::in_dir(&certs, "z"));
+    let error = ConsensusEngine::new(missing)
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("z.pem"), "{error}");
+    let both = base
+        .clone()
+        .tls(consensus::TlsFiles::in_dir(&certs, "a"))
+        .insecure_plaintext(true);
+    assert!(ConsensusEngine::new(both).is_err());
+    let mut plain = ConsensusEngine::new(base.insecure_plaintext(true)).unwrap();
+    plain.start().await.unwrap();
+    plain.stop().await.unwrap();
+}
+
+/// Outsiders keep dialing a TLS cluster's members as one of them: over plain TCP, and with a
+/// certificate of another CA naming a member. None ever connects, and the cluster commits on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_commits_while_outsiders_fail_to_join_it() {
+    use consensus::transport::Transport;
+    use consensus::transport::tcp::{PeerAddress, TcpTransport, TcpTransportConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = tcp_nodes(dir.path());
+    let foreign = tempfile::tempdir().unwrap();
+    let foreign_certs = certificates(foreign.path(), &["bravo"]);
+    let mut engines = Vec::new();
+    for (engine, _) in futures::future::join_all(nodes.iter().map(|n| n.start())).await {
+        engines.push(engine);
+    }
+    let targets: Vec<PeerAddress> = nodes
+        .iter()
+        .map(|n| {
+            let port = n.bind.rsplit_once(':').unwrap().1.parse().unwrap();
+            PeerAddress::with_id(NodeId::from_name(&n.name), "127.0.0.1", port)
+        })
+        .collect();
+    let bravo = NodeId::from_name("bravo");
+    let mut outsiders = Vec::new();
+    for tls in [
+        None,
+        Some(
+            consensus::TlsFiles::in_dir(&foreign_certs, "bravo")
+                .load()
+                .unwrap(),
+        ),
+    ] {
+        let mut config =
+            TcpTransportConfig::new(bravo, "stratoswarm", "127.0.0.1:0".parse().unwrap());
+        config.tls = tls;
+        config.reconnect_backoff_min = Duration::from_millis(5);
+        config.reconnect_backoff_max = Duration::from_millis(20);
+        let (outsider, _inbound) = TcpTransport::<Vec<u8>>::start(config, targets.clone())
+            .await
+            .unwrap();
+        outsiders.push((outsider, _inbound));
+    }
+    wait_until("a leader", Duration::from_secs(10), || {
+        engines.iter().any(|e| e.is_leader())
+    })
+    .await;
+    for i in 0..30 {
+        for (outsider, _) in &outsiders {
+            for target in &targets {
+                outsider.send(target.node_id.unwrap(), vec![0xff; 64]);
+            }
+        }
+        let engine = &engines[i % 3];
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        engine.execute_command::<KvStore>(command).await.unwrap();
+    }
+    for (outsider, _) in &outsiders {
+        let stats = outsider.stats();
+        assert_eq!(stats.connections_established, 0, "{stats:?}");
+        assert!(stats.dial_failures > 0, "{stats:?}");
+        assert_eq!(stats.messages_delivered, 0, "{stats:?}");
+    }
+    for (outsider, _) in outsiders {
+        outsider.shutdown().await;
+    }
     for engine in &mut engines {
         engine.stop().await.unwrap();
     }

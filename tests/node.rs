@@ -1190,3 +1190,235 @@ fn a_bearer_token_guards_writes_and_admin_routes() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("token_file"), "{stderr}");
 }
+
+/// One HTTPS request by hand (`Connection: close`), verifying the node's certificate against
+/// `ca` for the name `localhost`. Returns the status line's code and the raw response, or the
+/// error that kept it from answering.
+async fn https_request(
+    address: SocketAddr,
+    ca: &Path,
+    request: &str,
+) -> Result<(u16, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await; // a close without close_notify is fine
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {answer:?}"))?;
+    Ok((status, answer))
+}
+
+/// `[http] tls = true` with a token: the API answers over HTTPS with the node's certificate
+/// (verified against the cluster CA written by `gen-certs`), writes need the token, and a plain
+/// HTTP request gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_served_over_https_with_the_nodes_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let nodes = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
+    let node = &nodes[0];
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "tls-token").unwrap();
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        format!(
+            "{text}tls = true\ntoken_file = {:?}\n",
+            token_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("--config")
+        .arg(&node.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = dir.path().join("certs").join("ca.pem");
+    let put = |token: &str| {
+        format!(
+            "PUT /kv/secure HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = https_request(node.http, &ca, &put("tls-token")).await;
+        if matches!(answer, Ok((200, _))) {
+            break;
+        }
+        assert!(Instant::now() < until, "no HTTPS write: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = https_request(node.http, &ca, &put("wrong")).await.unwrap();
+    assert_eq!(status, 401);
+    let get = "GET /kv/secure HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, answer) = https_request(node.http, &ca, get).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(answer.ends_with("ok"), "{answer:?}");
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = client::request(node.http, "GET", "/status", b"", Duration::from_secs(2)).await;
+    assert!(plain.is_err(), "{plain:?}");
+    // Another CA's clients refuse the node's certificate.
+    let other = tempfile::tempdir().unwrap();
+    consensus::transport::tcp::tls::generate_certificates(other.path(), &["x".to_string()])
+        .unwrap();
+    let refused = https_request(node.http, &other.path().join("ca.pem"), get).await;
+    assert!(refused.is_err(), "{refused:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `gen-certs` writes a CA and one certificate per node, reuses the CA to add a node, refuses
+/// to overwrite, and says what to put in `[consensus.tls]`.
+#[test]
+fn gen_certs_writes_a_ca_and_node_certificates_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let output = Command::new(BINARY)
+        .arg("gen-certs")
+        .arg(&certs)
+        .args(["--nodes", "node-1,node-2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(stdout.contains("node-2: [consensus.tls]"), "{stdout}");
+    for file in [
+        "ca.pem",
+        "ca.key",
+        "node-1.pem",
+        "node-1.key",
+        "node-2.pem",
+        "node-2.key",
+    ] {
+        assert!(certs.join(file).exists(), "{file}");
+    }
+    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+    let output = Command::new(BINARY)
+        .arg("gen-certs")
+        .arg(&certs)
+        .args(["--nodes", "node-3"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(
+        std::fs::read(certs.join("ca.pem")).unwrap(),
+        ca,
+        "CA reused"
+    );
+    consensus::TlsFiles::in_dir(&certs, "node-3")
+        .load()
+        .unwrap();
+    for args in [
+        &["gen-certs", "DIR", "--nodes", "node-1"][..],
+        &["gen-certs", "DIR"][..],
+        &["gen-certs", "DIR", "--nodes", "../escape"][..],
+    ] {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("DIR", &certs.display().to_string()))
+            .collect();
+        let output = Command::new(BINARY).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}
+
+/// Peers over plain TCP only when the file says so, and then the node warns at start-up; a
+/// certificate of another node is refused at start-up.
+#[test]
+fn plain_tcp_needs_insecure_plaintext_and_the_node_warns_about_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let base = format!(
+        "[consensus]\nnode_id = \"solo\"\nbind_address = \"127.0.0.1:{}\"\n\n[http]\naddress = \
+         \"127.0.0.1:{}\"\n",
+        ports[0], ports[1]
+    );
+    let (code, stderr) = run_with_config(dir.path(), &base, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("insecure_plaintext"), "{stderr}");
+
+    let plain = base.replace("[http]", "insecure_plaintext = true\n\n[http]");
+    let path = dir.path().join("plain.toml");
+    std::fs::write(&path, plain).unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&text).contains("node started") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let text = reader.join().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        text.contains("insecure_plaintext = true") && text.contains("WARN"),
+        "{text}"
+    );
+
+    let certs = dir.path().join("certs");
+    consensus::transport::tcp::tls::generate_certificates(&certs, &["other".to_string()]).unwrap();
+    let tls = consensus::TlsFiles::in_dir(&certs, "other");
+    let wrong = base.replace(
+        "[http]",
+        &format!(
+            "[consensus.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\n[http]",
+            tls.cert.display().to_string(),
+            tls.key.display().to_string(),
+            tls.ca.display().to_string()
+        ),
+    );
+    let (code, stderr) = run_with_config(dir.path(), &wrong, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("other"),
+        "{stderr}"
+    );
+}

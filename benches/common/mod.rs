@@ -18,6 +18,20 @@ pub enum Setup {
     TcpMemory,
     /// tarpc over loopback TCP, fjall log store with an fsync per batch.
     TcpFjall,
+    /// As `TcpMemory`, over mutual TLS 1.3.
+    TlsMemory,
+    /// As `TcpFjall`, over mutual TLS 1.3.
+    TlsFjall,
+}
+
+impl Setup {
+    fn tls(self) -> bool {
+        matches!(self, Setup::TlsMemory | Setup::TlsFjall)
+    }
+
+    fn fjall(self) -> bool {
+        matches!(self, Setup::TcpFjall | Setup::TlsFjall)
+    }
 }
 
 /// A running cluster; dropping it stops the members.
@@ -53,7 +67,12 @@ pub async fn start_cluster(members: usize, setup: Setup) -> Cluster {
                 .port()
         })
         .collect();
-    let dir = matches!(setup, Setup::TcpFjall).then(|| tempfile::tempdir().unwrap());
+    let dir = (setup.fjall() || setup.tls()).then(|| tempfile::tempdir().unwrap());
+    let certs = setup.tls().then(|| {
+        let certs = dir.as_ref().unwrap().path().join("certs");
+        consensus::transport::tcp::tls::generate_certificates(&certs, &names).unwrap();
+        certs
+    });
     let network = LocalNetwork::new();
     let mut engines = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -71,9 +90,13 @@ pub async fn start_cluster(members: usize, setup: Setup) -> Cluster {
             .peers(peers)
             .bind_address(format!("127.0.0.1:{}", ports[i]))
             .request_timeout(Duration::from_secs(30));
-        if let Some(dir) = &dir {
+        if let (Some(dir), true) = (&dir, setup.fjall()) {
             config = config.persistent_state(dir.path().join(name));
         }
+        config = match &certs {
+            Some(certs) => config.tls(consensus::TlsFiles::in_dir(certs, name)),
+            None => config.insecure_plaintext(true),
+        };
         let engine = ConsensusEngine::new(config).unwrap();
         let engine = match setup {
             Setup::Local => engine.with_local_network(&network),

@@ -471,6 +471,17 @@ impl ConsensusEngine {
     {
         let peers = self.config.peer_addresses()?;
         let transport_config = self.config.tcp_transport_config()?;
+        match &transport_config.tls {
+            Some(tls) => tracing::info!(
+                certified_as = tls.node_name(),
+                "peer connections use mutual TLS 1.3"
+            ),
+            None => tracing::warn!(
+                bind = %transport_config.bind_address,
+                "insecure_plaintext = true: peer connections are neither authenticated nor \
+                 encrypted; anyone who reaches this port can act as a member"
+            ),
+        }
         let (transport, mut inbound) = TcpTransport::start(transport_config, peers.clone())
             .await
             .map_err(|error| Error::Io(error.to_string()))?;

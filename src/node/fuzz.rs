@@ -13,7 +13,7 @@ use super::kv::KvCommand;
 use super::*;
 use crate::fuzzing::config;
 
-const CONSENSUS_KEYS: [&str; 27] = [
+const CONSENSUS_KEYS: [&str; 28] = [
     "algorithm",
     "node_id",
     "bind_address",
@@ -39,6 +39,7 @@ const CONSENSUS_KEYS: [&str; 27] = [
     "checkpoint_interval",
     "key_file",
     "client_keys",
+    "insecure_plaintext",
     "no_such_key",
     "validators",
 ];
@@ -94,9 +95,17 @@ fn toml_value() -> impl Strategy<Value = String> {
 }
 
 /// A configuration document: `[consensus]` (sometimes missing) with random keys and values,
-/// sometimes `[consensus.validators]` and `[http]`.
+/// sometimes `[consensus.validators]`, `[consensus.tls]` and `[http]` (with `tls`).
 fn document() -> impl Strategy<Value = String> {
     (
+        prop::option::of(prop::collection::vec(
+            (
+                prop_oneof![Just("cert"), Just("key"), Just("ca"), Just("crt")],
+                prop_oneof![Just("\"/nonexistent/x.pem\"".to_owned()), toml_value()],
+            ),
+            0..4,
+        )),
+        prop::option::of(toml_value()),
         any::<bool>(),
         prop::collection::vec((0..CONSENSUS_KEYS.len(), toml_value()), 0..10),
         prop::option::of(prop::collection::vec(
@@ -108,7 +117,7 @@ fn document() -> impl Strategy<Value = String> {
             toml_value()
         ]),
     )
-        .prop_map(|(with_consensus, pairs, validators, http)| {
+        .prop_map(|(tls, http_tls, with_consensus, pairs, validators, http)| {
             let mut text = String::new();
             if with_consensus {
                 text.push_str("[consensus]\n");
@@ -122,8 +131,17 @@ fn document() -> impl Strategy<Value = String> {
                     text.push_str(&format!("{name} = {value}\n"));
                 }
             }
+            if let Some(tls) = tls {
+                text.push_str("[consensus.tls]\n");
+                for (key, value) in tls {
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+            }
             if let Some(address) = http {
                 text.push_str(&format!("[http]\naddress = {address}\n"));
+                if let Some(value) = http_tls {
+                    text.push_str(&format!("tls = {value}\n"));
+                }
             }
             text
         })

@@ -2,14 +2,16 @@
 //! [`kv::KvStore`] state machine and the [`http`] routes.
 //!
 //! The configuration file is the seed's TOML: the `[consensus]` table (read by
-//! [`ConsensusConfig::from_toml_str`]) plus an `[http]` table with `address`. [`main`] is the
-//! whole command line (`consensus-node --config FILE [--http ADDR]`, or
-//! `consensus-node keygen FILE` to write a signing key); the binary and the `kv_cluster` example
-//! both call it.
+//! [`ConsensusConfig::from_toml_str`]) plus an `[http]` table with `address`, and optionally
+//! `token_file` and `tls`. [`main`] is the whole command line (`consensus-node --config FILE
+//! [--http ADDR]`; `consensus-node keygen FILE` to write a signing key; `consensus-node
+//! gen-certs DIR --nodes A,B,C` to write a cluster CA and node certificates); the binary and
+//! the `kv_cluster` example both call it.
 
 pub mod client;
 pub mod http;
 pub mod kv;
+mod tls_listener;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -52,11 +54,12 @@ const STOPPING_NOTICE: Duration = Duration::from_millis(100);
 /// Why the node could not be configured or run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The command line is none of `--config FILE [--http ADDR]`, `keygen FILE` and
-    /// `verify-log DIR [--config FILE]`.
+    /// The command line is none of `--config FILE [--http ADDR]`, `keygen FILE`,
+    /// `gen-certs DIR --nodes A,B,C` and `verify-log DIR [--config FILE]`.
     #[error(
         "usage: {0}; expected: consensus-node --config FILE [--http ADDR], consensus-node \
-         keygen FILE, or consensus-node verify-log DIR [--config FILE]"
+         keygen FILE, consensus-node gen-certs DIR --nodes NAME,NAME,..., or consensus-node \
+         verify-log DIR [--config FILE]"
     )]
     Usage(String),
     /// The configuration file is unreadable or invalid.
@@ -106,6 +109,11 @@ pub struct NodeConfig {
     /// `[http] token_file`: a file holding the bearer token that writes and admin routes then
     /// require (401 without it); read when the node starts.
     pub http_token_file: Option<PathBuf>,
+    /// `[http] tls = true`: serve the API over HTTPS (TLS 1.2 or 1.3) with the node's
+    /// `[consensus.tls]` certificate and key, which must then be set. Clients verify it against
+    /// the cluster CA (`ca.pem`); certificates from `gen-certs` name `localhost`, `127.0.0.1`
+    /// and `::1` as well as the node.
+    pub http_tls: bool,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +126,7 @@ struct HttpDocument {
 struct HttpTable {
     address: Option<String>,
     token_file: Option<PathBuf>,
+    tls: Option<bool>,
 }
 
 impl NodeConfig {
@@ -136,10 +145,17 @@ impl NodeConfig {
         let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
             reason: format!("[http]: {}", error.message()),
         })?;
-        let (configured, http_token_file) = match document.http {
-            Some(table) => (table.address, table.token_file),
-            None => (None, None),
+        let (configured, http_token_file, http_tls) = match document.http {
+            Some(table) => (table.address, table.token_file, table.tls.unwrap_or(false)),
+            None => (None, None, false),
         };
+        if http_tls && consensus.tls.is_none() {
+            return Err(NodeError::Config(ConfigError::Invalid {
+                field: "http.tls",
+                value: "true".into(),
+                reason: "HTTPS uses the node's [consensus.tls] cert and key, which are not set",
+            }));
+        }
         let address = http_override
             .map(str::to_string)
             .or(configured)
@@ -155,6 +171,7 @@ impl NodeConfig {
             consensus,
             http_address,
             http_token_file,
+            http_tls,
         })
     }
 }
@@ -174,6 +191,8 @@ enum Command {
         dir: PathBuf,
         config: Option<PathBuf>,
     },
+    /// `gen-certs DIR --nodes A,B,C`: write a cluster CA and node certificates.
+    GenCerts { dir: PathBuf, nodes: Vec<String> },
 }
 
 /// Parses the command line (without the program name).
@@ -186,6 +205,21 @@ fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
                 "unexpected argument {:?} after keygen FILE",
                 extra.to_string_lossy()
             ))),
+        };
+    }
+    if args.first().is_some_and(|arg| arg == "gen-certs") {
+        return match &args[1..] {
+            [dir, flag, nodes] if flag == "--nodes" => Ok(Command::GenCerts {
+                dir: dir.into(),
+                nodes: nodes
+                    .to_string_lossy()
+                    .split(',')
+                    .map(|name| name.trim().to_string())
+                    .collect(),
+            }),
+            _ => Err(NodeError::Usage(
+                "gen-certs needs a DIR and --nodes NAME,NAME,...".into(),
+            )),
         };
     }
     if args.first().is_some_and(|arg| arg == "verify-log") {
@@ -273,6 +307,34 @@ fn keygen(path: &Path) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// `gen-certs DIR --nodes A,B`: writes the cluster CA (or reuses the one in DIR) and each node's
+/// certificate and key (see [`generate_certificates`]), and prints each node's
+/// `[consensus.tls]` table.
+///
+/// [`generate_certificates`]: crate::transport::tcp::tls::generate_certificates
+fn gen_certs(dir: &Path, nodes: &[String]) -> Result<(), NodeError> {
+    let written =
+        crate::transport::tcp::tls::generate_certificates(dir, nodes).map_err(|error| {
+            NodeError::Config(ConfigError::Tls {
+                problem: error.to_string(),
+            })
+        })?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "cluster CA: {}", dir.join("ca.pem").display())?;
+    for files in written {
+        writeln!(
+            stdout,
+            "{}: [consensus.tls] cert = \"{}\", key = \"{}\", ca = \"{}\"",
+            files.node,
+            files.cert.display(),
+            files.key.display(),
+            dir.join("ca.pem").display()
+        )?;
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
 /// The files of one member of a loopback cluster written by [`write_loopback_cluster`].
 #[derive(Clone, Debug)]
 pub struct LoopbackNodeFiles {
@@ -289,7 +351,9 @@ pub struct LoopbackNodeFiles {
 /// Writes the configurations of a cluster on 127.0.0.1 into `dir`: one node per pair of
 /// `ports` (the first half are the peer ports, the second half the HTTP ports), peers named
 /// `node-N@127.0.0.1:PORT`, a 150 ms election timeout, 50 ms heartbeats, a 2 s request deadline
-/// and a fjall data dir `dir/node-N`. Used by the `kv_cluster` example and the node tests.
+/// and a fjall data dir `dir/node-N`. Peers talk mutual TLS: a cluster CA and node
+/// certificates are written to `dir/certs` (as `consensus-node gen-certs` would) and named in
+/// each node's `[consensus.tls]`. Used by the `kv_cluster` example and the node tests.
 pub fn write_loopback_cluster(
     dir: &Path,
     ports: &[u16],
@@ -308,6 +372,9 @@ pub fn write_loopback_cluster_of(
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+    let certs = dir.join("certs");
+    crate::transport::tcp::tls::generate_certificates(&certs, &names)
+        .map_err(std::io::Error::other)?;
     let signed = algorithm.signs_messages();
     let mut validators = String::new();
     if signed {
@@ -336,10 +403,17 @@ pub fn write_loopback_cluster_of(
         if algorithm == crate::Algorithm::Pbft {
             signing.push_str("view_change_timeout_ms = 500\nbyzantine_fault_tolerance = true\n");
         }
+        let tls = crate::config::TlsFiles::in_dir(&certs, name);
+        let tls = format!(
+            "\n[consensus.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            tls.cert.display(),
+            tls.key.display(),
+            tls.ca.display()
+        );
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 150\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nstate_dir = \"{}\"\n{signing}{validators}\n[http]\naddress = \"{http}\"\n",
+             request_timeout_ms = 2000\nstate_dir = \"{}\"\n{signing}{tls}{validators}\n[http]\naddress = \"{http}\"\n",
             algorithm.as_str(),
             ports[i],
             peers.join(", "),
@@ -375,6 +449,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
         Ok(Command::Keygen { path }) => {
             return keygen(&path).map_or_else(fail, |()| ExitCode::SUCCESS);
+        }
+        Ok(Command::GenCerts { dir, nodes }) => {
+            return gen_certs(&dir, &nodes).map_or_else(fail, |()| ExitCode::SUCCESS);
         }
         Ok(Command::Run { config, http }) => match NodeConfig::load(&config, http.as_deref()) {
             Ok(config) => config,
@@ -515,6 +592,12 @@ pub async fn run(
         engine = engine.with_log_store(store);
     }
     engine.set_state_machine(kv::KvStore::new())?;
+    let https = match (&config.consensus.tls, config.http_tls) {
+        (Some(files), true) => Some(files.load().map_err(|error| ConfigError::Tls {
+            problem: error.to_string(),
+        })?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http_address).await?;
     engine.start().await?;
     let engine = Arc::new(engine);
@@ -523,6 +606,7 @@ pub async fn run(
         id = %engine.node_id(),
         raft = %config.consensus.bind_address,
         http = %listener.local_addr()?,
+        https = https.is_some(),
         "node started"
     );
     let stopping = Arc::new(AtomicBool::new(false));
@@ -556,11 +640,22 @@ pub async fn run(
             http::require_token,
         ));
     }
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = drain.await;
-        })
-        .await;
+    let drained = async {
+        let _ = drain.await;
+    };
+    let served = match https {
+        Some(tls) => {
+            let listener = tls_listener::TlsListener::new(listener, tls.serving_config());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(drained)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(drained)
+                .await
+        }
+    };
     hand_over.abort(); // done already, unless serving ended on its own
     let _ = hand_over.await;
     tracing::info!("HTTP stopped; stopping the engine");

@@ -45,6 +45,7 @@
 mod address;
 mod peer;
 mod server;
+pub mod tls;
 mod wire;
 
 use std::collections::HashMap;
@@ -61,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use address::{PeerAddress, PeerAddressError};
+pub use tls::{PeerTls, TlsError};
 
 use crate::error::ConfigError;
 use crate::transport::Transport;
@@ -144,6 +146,10 @@ pub struct TcpTransportConfig {
     pub handshake_timeout: Duration,
     /// Inbound connections open at once; more are closed on accept.
     pub max_inbound_connections: usize,
+    /// Mutual TLS 1.3 on every connection, both ways (see [`tls`]): a peer's id is then the
+    /// one its certificate names, and a hello claiming another is refused. `None` is plain
+    /// TCP: anyone who reaches the port can claim any id. The certificate must name `node_id`.
+    pub tls: Option<PeerTls>,
 }
 
 impl TcpTransportConfig {
@@ -165,6 +171,7 @@ impl TcpTransportConfig {
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(2),
             max_inbound_connections: 1024,
+            tls: None,
         }
     }
 
@@ -215,6 +222,15 @@ impl TcpTransportConfig {
                 "reconnect_backoff_max",
                 format!("{:?}", self.reconnect_backoff_max),
                 "must be at least reconnect_backoff_min and at most 1 h",
+            );
+        }
+        if let Some(tls) = &self.tls
+            && tls.node_id() != self.node_id
+        {
+            return invalid(
+                "tls.cert",
+                format!("{:?}", tls.node_name()),
+                "the certificate names another node than node_id",
             );
         }
         self.network.validate()
@@ -496,6 +512,9 @@ where
         &shared.runtime,
     );
 }
+
+/// A peer connection: plain TCP, or TLS over it.
+type PeerStream = tokio_util::either::Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
 
 /// Applies `network` to a connected stream. Buffer sizes are also set before connecting or
 /// listening (see [`new_socket`]); setting them again here covers accepted sockets on systems

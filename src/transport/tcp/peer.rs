@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use super::wire::{self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal};
-use super::{PeerAddress, Shared, bump, configure_stream, new_socket};
+use super::{PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
 use crate::types::NodeId;
 
 /// Exponential backoff with jitter, so that nodes restarted together do not redial in lockstep.
@@ -80,6 +80,12 @@ enum DialError {
     WrongId { expected: NodeId, got: NodeId },
     #[error("is this node itself")]
     Itself,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("its certificate names no node")]
+    NoCertifiedName,
+    #[error("its certificate names {certified}, but it answered as {claimed}")]
+    NotCertified { certified: NodeId, claimed: NodeId },
 }
 
 /// Runs the peer until the transport shuts down (the caller drops this future then).
@@ -173,6 +179,24 @@ async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Conne
     }
     let stream = stream.ok_or(last_error)?;
     configure_stream(&stream, &config.network).map_err(DialError::Connect)?;
+    let (stream, certified) = match &config.tls {
+        None => (PeerStream::Left(stream), None),
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+            let stream = connector
+                .connect(tls::PeerTls::server_name(), stream)
+                .await
+                .map_err(DialError::Tls)?;
+            let certified = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(tls::certified_node_id)
+                .ok_or(DialError::NoCertifiedName)?;
+            (PeerStream::Right(stream.into()), Some(certified))
+        }
+    };
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(config.max_frame_bytes)
         .new_framed(stream);
@@ -218,6 +242,14 @@ async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Conne
     }
     if reply.node_id == config.node_id {
         return Err(DialError::Itself);
+    }
+    if let Some(certified) = certified
+        && certified != reply.node_id
+    {
+        return Err(DialError::NotCertified {
+            certified,
+            claimed: reply.node_id,
+        });
     }
     if let Some(expected) = address.node_id
         && expected != reply.node_id

@@ -16,7 +16,7 @@ use tokio_util::codec::LengthDelimitedCodec;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Hello, PROTOCOL_VERSION, PeerService, Refusal};
-use super::{Shared, TcpTransportConfig, bump, configure_stream, new_socket};
+use super::{PeerStream, Shared, TcpTransportConfig, bump, configure_stream, new_socket, tls};
 use crate::types::NodeId;
 
 /// Binds the listening socket with the configured buffer sizes (accepted sockets inherit them).
@@ -67,6 +67,10 @@ where
     if let Err(error) = configure_stream(&stream, &config.network) {
         tracing::warn!(%remote, %error, "cannot set socket options on an inbound connection");
     }
+    let Some((stream, certified)) = secure(&shared, stream, remote).await else {
+        bump(&shared.counters.connections_rejected, 1);
+        return;
+    };
     // The frame limit is checked on the length prefix, before the frame is read or decoded.
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(config.max_frame_bytes)
@@ -78,6 +82,7 @@ where
         peer: Arc::new(OnceLock::new()),
         close: CancellationToken::new(),
         remote,
+        certified,
     };
     let handshake_deadline = tokio::time::sleep(config.handshake_timeout);
     tokio::pin!(handshake_deadline);
@@ -111,6 +116,45 @@ where
     }
 }
 
+/// With TLS configured, completes the TLS handshake (within the handshake timeout) and returns
+/// the stream with the id its verified certificate names; `None` (logged) when the peer has no
+/// certificate from the cluster CA or the handshake fails. Without TLS, the plain stream.
+async fn secure<M>(
+    shared: &Shared<M>,
+    stream: TcpStream,
+    remote: SocketAddr,
+) -> Option<(PeerStream, Option<NodeId>)> {
+    let config = &shared.config;
+    let Some(tls) = &config.tls else {
+        return Some((PeerStream::Left(stream), None));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let accepted = tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::warn!(%remote, %error, "TLS handshake refused; closing the connection");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "no TLS handshake in time; closing the connection");
+            return None;
+        }
+    };
+    let certified = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(tls::certified_node_id);
+    let Some(certified) = certified else {
+        // The verifier requires a certificate; this is a certificate without a node name.
+        tracing::warn!(%remote, "the peer's certificate names no node; closing the connection");
+        return None;
+    };
+    Some((PeerStream::Right(stream.into()), Some(certified)))
+}
+
 /// tarpc wraps the codec's error; the cause (e.g. "frame size too big") is in its sources. Some
 /// causes display as nothing, so those are shown in their debug form.
 fn tarpc_error_chain(error: &dyn std::error::Error) -> String {
@@ -137,6 +181,8 @@ struct Inbound<M> {
     /// Cancelled to close the connection.
     close: CancellationToken,
     remote: SocketAddr,
+    /// The id the caller's TLS certificate names (with TLS): its hello must claim that one.
+    certified: Option<NodeId>,
 }
 
 impl<M> Clone for Inbound<M> {
@@ -146,6 +192,7 @@ impl<M> Clone for Inbound<M> {
             peer: self.peer.clone(),
             close: self.close.clone(),
             remote: self.remote,
+            certified: self.certified,
         }
     }
 }
@@ -167,6 +214,14 @@ impl<M> Inbound<M> {
         }
         if hello.node_id == config.node_id {
             return Err(Refusal::SameNodeId(hello.node_id));
+        }
+        if let Some(certified) = self.certified
+            && certified != hello.node_id
+        {
+            return Err(Refusal::NotCertified {
+                certified,
+                claimed: hello.node_id,
+            });
         }
         let introduced = *self.peer.get_or_init(|| hello.node_id);
         if introduced != hello.node_id {

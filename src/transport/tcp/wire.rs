@@ -65,6 +65,9 @@ pub(crate) enum Refusal {
     /// The batch payload does not decode.
     #[error("malformed batch: {0}")]
     MalformedBatch(String),
+    /// The caller's hello claims another node than the one its TLS certificate names.
+    #[error("the certificate names {certified}, not {claimed}")]
+    NotCertified { certified: NodeId, claimed: NodeId },
 }
 
 /// The RPCs between two nodes. The dialing node calls `hello` once, then `deliver` for each batch.

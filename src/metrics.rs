@@ -28,6 +28,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::protocol::InvalidReason;
+use crate::types::NodeId;
 
 /// Reads a TCP transport's running count of connections closed for a malformed frame.
 pub(crate) type RunningTotal = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -46,6 +47,18 @@ impl std::fmt::Debug for FrameWatch {
             .field("counted", &self.counted)
             .finish()
     }
+}
+
+/// The `outcome` label of `consensus_proposals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// The `follower` label of `consensus_replication_lag_entries`: the member's configured name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FollowerLabel {
+    follower: String,
 }
 
 /// The `reason` label of `consensus_invalid_messages_total`.
@@ -75,8 +88,23 @@ pub struct Metrics {
     /// Where the TCP transport's count of connections it closed for a malformed or oversized
     /// frame is read, and how much of it was already added (as `reason="malformed"`).
     rejected_frames: std::sync::Mutex<FrameWatch>,
+    /// `consensus_proposals_total{outcome}`: this node's clients' proposals by outcome; the
+    /// four series' counters are held here so that counting needs no label lookup.
     proposals_committed: Counter,
     proposals_rejected: Counter,
+    proposals_timed_out: Counter,
+    proposals_stopped: Counter,
+    /// `consensus_fsync_duration_seconds`: one durable write of the log store (its fsync
+    /// included), for each batch the driver persists.
+    fsync_duration: LatencyHistogram,
+    /// `consensus_replication_lag_entries{follower}`: on the leader, entries each follower is
+    /// not known to hold; no series elsewhere.
+    replication_lag: Family<FollowerLabel, Gauge>,
+    /// Names of the members by id, for the `follower` label.
+    member_names: std::sync::Mutex<std::collections::HashMap<NodeId, String>>,
+    /// `consensus_gpu_dispatches_total`: command buffers the engine's GPU context submitted.
+    gpu_dispatches: Counter,
+    gpu_dispatch_watch: std::sync::Mutex<FrameWatch>,
     /// `consensus_gpu_cpu_fallbacks_total`: GPU batches answered on the CPU instead, as the
     /// engine's [`GpuContext`](crate::gpu::GpuContext) counts them (read when the metrics are).
     gpu_cpu_fallbacks: Counter,
@@ -114,8 +142,15 @@ impl Metrics {
                 reason: reason.as_str(),
             }));
         }
-        let proposals_committed = Counter::default();
-        let proposals_rejected = Counter::default();
+        let proposals = Family::<OutcomeLabel, Counter>::default();
+        let outcome = |outcome| proposals.get_or_create(&OutcomeLabel { outcome }).clone();
+        let proposals_committed = outcome("committed");
+        let proposals_rejected = outcome("rejected");
+        let proposals_timed_out = outcome("timed_out");
+        let proposals_stopped = outcome("stopped");
+        let fsync_duration = LatencyHistogram::new(exponential_buckets(10e-6, 2.0, 20));
+        let replication_lag = Family::<FollowerLabel, Gauge>::default();
+        let gpu_dispatches = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
         registry.register(
             "consensus_term_current",
@@ -158,14 +193,26 @@ impl Metrics {
             invalid_messages.clone(),
         );
         registry.register(
-            "consensus_proposals_committed",
-            "Proposals of this node's clients committed",
-            proposals_committed.clone(),
+            "consensus_proposals",
+            "Proposals of this node's clients by outcome: committed (and applied), rejected \
+             (refused, never appended), timed_out (deadline passed, outcome unknown), stopped \
+             (the engine stopped first)",
+            proposals,
         );
         registry.register(
-            "consensus_proposals_rejected",
-            "Proposals of this node's clients refused",
-            proposals_rejected.clone(),
+            "consensus_fsync_duration_seconds",
+            "Time to write one batch of the log durably, fsync included",
+            fsync_duration.clone(),
+        );
+        registry.register(
+            "consensus_replication_lag_entries",
+            "On the leader: entries of its log each follower is not known to hold",
+            replication_lag.clone(),
+        );
+        registry.register(
+            "consensus_gpu_dispatches",
+            "GPU command buffers submitted (signature checks, vote counts)",
+            gpu_dispatches.clone(),
         );
         registry.register(
             "consensus_gpu_cpu_fallbacks",
@@ -186,6 +233,13 @@ impl Metrics {
             gpu_fallback_watch: std::sync::Mutex::default(),
             proposals_committed,
             proposals_rejected,
+            proposals_timed_out,
+            proposals_stopped,
+            fsync_duration,
+            replication_lag,
+            member_names: std::sync::Mutex::default(),
+            gpu_dispatches,
+            gpu_dispatch_watch: std::sync::Mutex::default(),
             gpu_cpu_fallbacks,
             latency_total_nanos: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
@@ -233,6 +287,44 @@ impl Metrics {
         self.proposals_rejected.inc();
     }
 
+    /// Records a proposal whose deadline passed before its outcome was known.
+    pub(crate) fn record_timeout(&self) {
+        self.proposals_timed_out.inc();
+    }
+
+    /// Records a proposal the engine stopped before answering.
+    pub(crate) fn record_stopped(&self) {
+        self.proposals_stopped.inc();
+    }
+
+    /// Records one durable write of the log store.
+    pub(crate) fn record_fsync(&self, duration: Duration) {
+        self.fsync_duration.observe_many(duration, 1);
+    }
+
+    /// Names the members for the `follower` label (ids without a name show as `n<id>`).
+    pub(crate) fn set_member_names(&self, names: impl IntoIterator<Item = (NodeId, String)>) {
+        *crate::sync::lock(&self.member_names) = names.into_iter().collect();
+    }
+
+    /// Sets each follower's replication lag (see [`Protocol::replication_lag`]); an empty list
+    /// (not the leader) removes the series.
+    ///
+    /// [`Protocol::replication_lag`]: crate::protocol::Protocol::replication_lag
+    pub(crate) fn set_replication_lag(&self, lags: &[(NodeId, u64)]) {
+        if lags.is_empty() {
+            self.replication_lag.clear();
+            return;
+        }
+        let names = crate::sync::lock(&self.member_names);
+        for &(id, lag) in lags {
+            let follower = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
+            self.replication_lag
+                .get_or_create(&FollowerLabel { follower })
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+    }
+
     pub(crate) fn record_leader_change(&self) {
         self.leader_changes.inc();
     }
@@ -276,8 +368,26 @@ impl Metrics {
         };
     }
 
-    /// Adds the GPU fallbacks since the last read.
+    /// Counts the GPU context's submissions: `dispatches` reads its running total.
+    #[cfg(feature = "gpu")]
+    pub(crate) fn watch_gpu_dispatches(&self, dispatches: RunningTotal) {
+        *crate::sync::lock(&self.gpu_dispatch_watch) = FrameWatch {
+            read: Some(dispatches),
+            counted: 0,
+        };
+    }
+
+    /// Adds the GPU fallbacks and dispatches since the last read.
     fn sync_gpu_fallbacks(&self) {
+        let mut watch = crate::sync::lock(&self.gpu_dispatch_watch);
+        if let Some(read) = &watch.read {
+            let total = read();
+            if total > watch.counted {
+                self.gpu_dispatches.inc_by(total - watch.counted);
+                watch.counted = total;
+            }
+        }
+        drop(watch);
         let mut watch = crate::sync::lock(&self.gpu_fallback_watch);
         if let Some(read) = &watch.read {
             let total = read();
@@ -556,10 +666,54 @@ mod tests {
         for sample in [
             "consensus_byzantine_detections_total 0",
             "consensus_gpu_cpu_fallbacks_total 0",
+            "consensus_gpu_dispatches_total 0",
             "consensus_vote_processing_duration_seconds_count 0",
+            "consensus_fsync_duration_seconds_count 0",
+            "consensus_proposals_total{outcome=\"timed_out\"} 0",
         ] {
             assert!(text.lines().any(|l| l == sample), "{sample}:\n{text}");
         }
+    }
+
+    #[test]
+    fn proposals_by_outcome_fsyncs_and_replication_lag_by_follower_name() {
+        let metrics = Metrics::new();
+        metrics.record_commits(Duration::from_micros(20), 2);
+        metrics.record_rejection();
+        metrics.record_timeout();
+        metrics.record_stopped();
+        metrics.record_stopped();
+        metrics.record_fsync(Duration::from_micros(70));
+        metrics.set_member_names([(NodeId(2), "node-2".to_string())]);
+        metrics.set_replication_lag(&[(NodeId(2), 5), (NodeId(3), 0)]);
+        let text = metrics.encode_prometheus();
+        for sample in [
+            "consensus_proposals_total{outcome=\"committed\"} 2",
+            "consensus_proposals_total{outcome=\"rejected\"} 1",
+            "consensus_proposals_total{outcome=\"timed_out\"} 1",
+            "consensus_proposals_total{outcome=\"stopped\"} 2",
+            "consensus_fsync_duration_seconds_count 1",
+            "consensus_fsync_duration_seconds_bucket{le=\"0.00008\"} 1",
+            "consensus_fsync_duration_seconds_bucket{le=\"0.00004\"} 0",
+            "consensus_replication_lag_entries{follower=\"node-2\"} 5",
+            "consensus_replication_lag_entries{follower=\"n3\"} 0",
+            "# TYPE consensus_replication_lag_entries gauge",
+            "# TYPE consensus_fsync_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == sample), "{sample}:\n{text}");
+        }
+        let snapshot = metrics.snapshot();
+        assert_eq!(
+            (snapshot.proposals_committed, snapshot.proposals_rejected),
+            (2, 1)
+        );
+        // No longer the leader: the lag series go.
+        metrics.set_replication_lag(&[]);
+        assert!(
+            !metrics
+                .encode_prometheus()
+                .contains("consensus_replication_lag_entries{")
+        );
     }
 
     #[test]

@@ -196,6 +196,9 @@ impl<P: Protocol> Driver<P> {
                 self.node.step(Input::Tick, &mut out);
                 next_tick = now + self.settings.tick;
                 self.apply.expire(now, &mut self.answers);
+                // Once a tick is often enough for a gauge, and keeps it off the hot path.
+                self.metrics
+                    .set_replication_lag(&self.node.replication_lag());
             }
             if self.settings.flush_on_drain {
                 self.node.step(Input::FlushProposals, &mut out);
@@ -313,7 +316,11 @@ impl<P: Protocol> Driver<P> {
             for envelope in out.messages.drain(..) {
                 self.transport.send(envelope.to, envelope.message);
             }
-            self.store.persist(&out.write)?;
+            if !out.write.is_empty() {
+                let started = Instant::now();
+                self.store.persist(&out.write)?;
+                self.metrics.record_fsync(started.elapsed());
+            }
             let durable = out.write.last_appended();
             for envelope in out.messages_after_write.drain(..) {
                 self.transport.send(envelope.to, envelope.message);
@@ -399,8 +406,10 @@ impl<P: Protocol> Driver<P> {
                     response: entry.response,
                 }),
                 Err(unanswered) => {
-                    if matches!(unanswered, Unanswered::Rejected(_)) {
-                        metrics.record_rejection();
+                    match unanswered {
+                        Unanswered::Rejected(_) => metrics.record_rejection(),
+                        Unanswered::TimedOut => metrics.record_timeout(),
+                        Unanswered::Stopped(_) => metrics.record_stopped(),
                     }
                     Err(unanswered)
                 }

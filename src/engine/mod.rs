@@ -371,10 +371,20 @@ impl ConsensusEngine {
             self.votes.get_or_insert(shared.votes);
             self.gpu_verifier = Some(shared.gpu);
             if let Some(context) = shared.context {
+                let dispatches = context.clone();
                 self.metrics
                     .watch_gpu_fallbacks(Box::new(move || context.cpu_fallback_count()));
+                self.metrics
+                    .watch_gpu_dispatches(Box::new(move || dispatches.metrics().submissions));
             }
         }
+        self.metrics.set_member_names(
+            self.config
+                .peer_names()
+                .into_iter()
+                .chain([self.config.node_id.as_str()])
+                .map(|name| (NodeId::from_name(name), name.to_string())),
+        );
         lock(&self.byzantine).policy = self.byzantine_config.punishment_policy;
         let settings = CoreSettings {
             config: self.config.clone(),

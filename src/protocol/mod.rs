@@ -386,6 +386,12 @@ pub trait Protocol: Send + 'static {
     /// Who leads and how far the log is committed.
     fn status(&self) -> Status;
 
+    /// On a leader, each follower's replication lag: how many entries of the leader's log it is
+    /// not known to hold. Empty on a follower, and for a core without a leader's log (PBFT).
+    fn replication_lag(&self) -> Vec<(NodeId, u64)> {
+        Vec::new()
+    }
+
     /// What a store holding every write this node asked for would recover: hard state, log and
     /// records. For a driver that stops after carrying out every output, that is exactly its
     /// durable state (an engine without a data dir restarts from it).

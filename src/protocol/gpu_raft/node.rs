@@ -1020,6 +1020,10 @@ impl Protocol for GpuRaftNode {
         }
     }
 
+    fn replication_lag(&self) -> Vec<(NodeId, u64)> {
+        crate::protocol::Protocol::replication_lag(&self.inner)
+    }
+
     fn into_recovered_state(self) -> RecoveredState {
         let mut records = BTreeMap::new();
         records.insert(VALIDATORS.to_vec(), encode(&self.validator_table()));

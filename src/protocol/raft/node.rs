@@ -355,6 +355,18 @@ impl Protocol for RaftNode {
         }
     }
 
+    fn replication_lag(&self) -> Vec<(NodeId, u64)> {
+        let Some(leader) = &self.leader_state else {
+            return Vec::new();
+        };
+        let last = self.log.last_index();
+        leader
+            .progress
+            .iter()
+            .map(|(&id, progress)| (id, last.saturating_sub(progress.match_index)))
+            .collect()
+    }
+
     fn into_recovered_state(self) -> RecoveredState {
         RaftNode::into_recovered_state(self)
     }

@@ -61,6 +61,12 @@ struct FollowerLabel {
     follower: String,
 }
 
+/// The `from` label of `consensus_peer_messages_received_total`: the sender's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SenderLabel {
+    from: String,
+}
+
 /// The `reason` label of `consensus_invalid_messages_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabel {
@@ -100,7 +106,10 @@ pub struct Metrics {
     /// `consensus_replication_lag_entries{follower}`: on the leader, entries each follower is
     /// not known to hold; no series elsewhere.
     replication_lag: Family<FollowerLabel, Gauge>,
-    /// Names of the members by id, for the `follower` label.
+    /// `consensus_peer_messages_received_total{from}`: messages the TCP transport handed to the
+    /// driver, by authenticated sender.
+    peer_messages: Family<SenderLabel, Counter>,
+    /// Names of the members by id, for the `follower` and `from` labels.
     member_names: std::sync::Mutex<std::collections::HashMap<NodeId, String>>,
     /// `consensus_gpu_dispatches_total`: command buffers the engine's GPU context submitted.
     gpu_dispatches: Counter,
@@ -150,6 +159,7 @@ impl Metrics {
         let proposals_stopped = outcome("stopped");
         let fsync_duration = LatencyHistogram::new(exponential_buckets(10e-6, 2.0, 20));
         let replication_lag = Family::<FollowerLabel, Gauge>::default();
+        let peer_messages = Family::<SenderLabel, Counter>::default();
         let gpu_dispatches = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
         registry.register(
@@ -210,6 +220,12 @@ impl Metrics {
             replication_lag.clone(),
         );
         registry.register(
+            "consensus_peer_messages_received",
+            "Peer messages handed to the protocol, by sender (over TCP: the sender its TLS \
+             certificate names)",
+            peer_messages.clone(),
+        );
+        registry.register(
             "consensus_gpu_dispatches",
             "GPU command buffers submitted (signature checks, vote counts)",
             gpu_dispatches.clone(),
@@ -237,6 +253,7 @@ impl Metrics {
             proposals_stopped,
             fsync_duration,
             replication_lag,
+            peer_messages,
             member_names: std::sync::Mutex::default(),
             gpu_dispatches,
             gpu_dispatch_watch: std::sync::Mutex::default(),
@@ -305,6 +322,22 @@ impl Metrics {
     /// Names the members for the `follower` label (ids without a name show as `n<id>`).
     pub(crate) fn set_member_names(&self, names: impl IntoIterator<Item = (NodeId, String)>) {
         *crate::sync::lock(&self.member_names) = names.into_iter().collect();
+    }
+
+    /// The counter of messages received from `sender`; the caller keeps it, so that counting
+    /// a message is one atomic add.
+    pub(crate) fn peer_messages_from(&self, sender: NodeId) -> Counter {
+        let from = self.name_of(sender);
+        self.peer_messages
+            .get_or_create(&SenderLabel { from })
+            .clone()
+    }
+
+    fn name_of(&self, id: NodeId) -> String {
+        crate::sync::lock(&self.member_names)
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// Sets each follower's replication lag (see [`Protocol::replication_lag`]); an empty list

@@ -583,7 +583,7 @@ async fn a_tls_cluster_commits_while_outsiders_fail_to_join_it() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = tcp_nodes(dir.path());
     let foreign = tempfile::tempdir().unwrap();
-    let foreign_certs = certificates(foreign.path(), &["bravo"]);
+    let foreign_certs = certificates(foreign.path(), &["delta"]);
     let mut engines = Vec::new();
     for (engine, _) in futures::future::join_all(nodes.iter().map(|n| n.start())).await {
         engines.push(engine);
@@ -595,18 +595,20 @@ async fn a_tls_cluster_commits_while_outsiders_fail_to_join_it() {
             PeerAddress::with_id(NodeId::from_name(&n.name), "127.0.0.1", port)
         })
         .collect();
-    let bravo = NodeId::from_name("bravo");
+    // Outsiders claim to be "delta"; the driver's count of messages by sender must never
+    // name it (the transport's unit tests cover a valid certificate claiming a member).
+    let delta = NodeId::from_name("delta");
     let mut outsiders = Vec::new();
     for tls in [
         None,
         Some(
-            consensus::TlsFiles::in_dir(&foreign_certs, "bravo")
+            consensus::TlsFiles::in_dir(&foreign_certs, "delta")
                 .load()
                 .unwrap(),
         ),
     ] {
         let mut config =
-            TcpTransportConfig::new(bravo, "stratoswarm", "127.0.0.1:0".parse().unwrap());
+            TcpTransportConfig::new(delta, "stratoswarm", "127.0.0.1:0".parse().unwrap());
         config.tls = tls;
         config.reconnect_backoff_min = Duration::from_millis(5);
         config.reconnect_backoff_max = Duration::from_millis(20);
@@ -634,6 +636,22 @@ async fn a_tls_cluster_commits_while_outsiders_fail_to_join_it() {
         assert_eq!(stats.connections_established, 0, "{stats:?}");
         assert!(stats.dial_failures > 0, "{stats:?}");
         assert_eq!(stats.messages_delivered, 0, "{stats:?}");
+    }
+    for engine in &engines {
+        let text = engine.prometheus_metrics();
+        assert!(!text.contains(&format!("from=\"{delta}\"")), "{text}");
+        let senders: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("consensus_peer_messages_received_total{from=\""))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert!(!senders.is_empty(), "{text}");
+        assert!(
+            senders
+                .iter()
+                .all(|from| ["alpha", "bravo", "charlie"].contains(from)),
+            "only members' messages reached the driver: {senders:?}"
+        );
     }
     for (outsider, _) in outsiders {
         outsider.shutdown().await;

@@ -28,6 +28,7 @@ pub use self::core::EngineNetwork;
 pub use driver::{Inbox, LeaderInfo};
 pub use local::{LocalNetwork, LocalTransport};
 
+use std::collections::HashMap;
 use std::sync::mpsc::{TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -334,6 +335,14 @@ impl ConsensusEngine {
         P: EngineCore,
         P::Message: serde::Serialize + serde::de::DeserializeOwned,
     {
+        // Before the transport starts: its counters are labelled with these names.
+        self.metrics.set_member_names(
+            self.config
+                .peer_names()
+                .into_iter()
+                .chain([self.config.node_id.as_str()])
+                .map(|name| (NodeId::from_name(name), name.to_string())),
+        );
         let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
         let inbox = Inbox {
             sender: inputs.clone(),
@@ -378,13 +387,6 @@ impl ConsensusEngine {
                     .watch_gpu_dispatches(Box::new(move || dispatches.metrics().submissions));
             }
         }
-        self.metrics.set_member_names(
-            self.config
-                .peer_names()
-                .into_iter()
-                .chain([self.config.node_id.as_str()])
-                .map(|name| (NodeId::from_name(name), name.to_string())),
-        );
         lock(&self.byzantine).policy = self.byzantine_config.punishment_policy;
         let settings = CoreSettings {
             config: self.config.clone(),
@@ -525,13 +527,20 @@ impl ConsensusEngine {
         voters.sort();
         voters.dedup();
         let mut unreachable = transport.unreachable_peers();
+        let metrics = self.metrics.clone();
         let forwarder = tokio::spawn(async move {
+            let mut received: HashMap<NodeId, prometheus_client::metrics::counter::Counter> =
+                HashMap::new();
             loop {
                 tokio::select! {
                     // Messages already received go in before a hint that came after them.
                     biased;
                     message = inbound.recv() => match message {
                         Some((from, message)) => {
+                            received
+                                .entry(from)
+                                .or_insert_with(|| metrics.peer_messages_from(from))
+                                .inc();
                             inbox.deliver(from, message);
                         }
                         None => break,

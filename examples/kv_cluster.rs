@@ -15,7 +15,9 @@
 //! restart, the failed requests and the longest write stall. It exits non-zero if any check
 //! fails (for the rolling restart: also if any request failed).
 //!
-//! A request whose connection is refused (its node is stopped) was never sent, and one answered
+//! Each client keeps one HTTP connection alive to the node it is using (a new connection per
+//! request cost as much as the request). A request whose connection is refused (its node is
+//! stopped) was never sent, and one answered
 //! 503 `stopping` was not acted on; the client sends either to the next node and does not count
 //! it as failed. Any other request without a success
 //! answer (an error status, a dropped connection, a timeout) is a failed request.
@@ -33,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use consensus::node::client::{self, ClientError, HttpResponse};
+use consensus::node::client::{self, ClientError, Connection, HttpResponse};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -289,22 +291,26 @@ fn value_of(response: &HttpResponse) -> Option<String> {
     (response.status == 200).then(|| response.text())
 }
 
-/// Sends a request through node `*node`, moving on to the next node while connections are
-/// refused (a stopped node: nothing was sent), and pausing briefly once every node refused.
-/// `None` when the outcome is unknown (dropped connection, timeout).
+/// Sends a request through node `*node` on the client's kept-alive connection to it
+/// (`connections`, one per node), moving on to the next node while connections are refused (a
+/// stopped node: nothing was sent), and pausing briefly once every node refused. `None` when
+/// the outcome is unknown (dropped connection, timeout).
 async fn send(
     shared: &Shared,
     node: &mut usize,
+    connections: &mut [Connection],
     (refused, outcome): (&mut usize, &mut String),
     request: (&str, &str, &[u8]),
 ) -> Option<HttpResponse> {
     let (method, path, body) = request;
     let count = shared.nodes.len();
     for attempt in 1..=count * 50 {
-        let address = shared.nodes[*node].http;
-        match client::request(address, method, path, body, CLIENT_TIMEOUT).await {
+        let connection = &mut connections[*node];
+        match connection.request(method, path, body, CLIENT_TIMEOUT).await {
             Ok(response) if response.status == 503 && response.text().contains("\"stopping\"") => {
-                // The node is stopping and did nothing: as good as a refused connection.
+                // The node is stopping and did nothing: as good as a refused connection. Its
+                // connection is dropped before it closes it under a request.
+                *connection = Connection::new(connection.address());
                 *refused += 1;
                 *node = (*node + 1) % count;
             }
@@ -336,6 +342,11 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
     let mut state: Vec<KeyState> = vec![KeyState::default(); keys];
     let mut mix = Mix(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
     let mut node = id % shared.nodes.len();
+    let mut connections: Vec<Connection> = shared
+        .nodes
+        .iter()
+        .map(|n| Connection::new(n.http))
+        .collect();
     let mut sequence = 0u64;
     while shared.next_op.fetch_add(1, Ordering::Relaxed) < shared.ops
         || shared.disrupting.load(Ordering::Relaxed)
@@ -352,7 +363,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
         let refused = (&mut report.refused, &mut outcome);
         let (answered, is_write) = if kind < 40 {
             let request = ("PUT", path.as_str(), fresh.as_bytes());
-            match send(&shared, &mut node, refused, request)
+            match send(&shared, &mut node, &mut connections, refused, request)
                 .await
                 .map(|r| r.status)
             {
@@ -366,7 +377,15 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
                 }
             }
         } else if kind < 80 {
-            match send(&shared, &mut node, refused, ("GET", &path, b"")).await {
+            match send(
+                &shared,
+                &mut node,
+                &mut connections,
+                refused,
+                ("GET", &path, b""),
+            )
+            .await
+            {
                 Some(response) if response.status == 200 || response.status == 404 => {
                     let seen = value_of(&response);
                     if !entry.allows(&seen) {
@@ -384,7 +403,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             let body = serde_json::json!({ "from": entry.known, "to": fresh }).to_string();
             let cas_path = format!("{path}/cas");
             let request = ("POST", cas_path.as_str(), body.as_bytes());
-            match send(&shared, &mut node, refused, request).await {
+            match send(&shared, &mut node, &mut connections, refused, request).await {
                 Some(response) if response.status == 200 => {
                     entry.known = Some(fresh);
                     (true, true)
@@ -409,7 +428,7 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             }
         } else {
             let request = ("DELETE", path.as_str(), &b""[..]);
-            match send(&shared, &mut node, refused, request)
+            match send(&shared, &mut node, &mut connections, refused, request)
                 .await
                 .map(|r| r.status)
             {

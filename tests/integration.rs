@@ -660,3 +660,129 @@ async fn a_tls_cluster_commits_while_outsiders_fail_to_join_it() {
         engine.stop().await.unwrap();
     }
 }
+
+/// Counts how many times each command was applied, shared with the test.
+#[derive(Clone, Default)]
+struct ApplyCounter {
+    counts: Arc<Mutex<BTreeMap<u64, u32>>>,
+}
+
+impl StateMachine for ApplyCounter {
+    type Command = u64;
+    type Response = ();
+
+    fn apply(&mut self, command: u64) {
+        *self.counts.lock().unwrap().entry(command).or_default() += 1;
+    }
+}
+
+/// The leader dies (no hand-over) while clients write through both followers, and more calls
+/// are made at the followers after it stopped hearing anything (so their forwards are surely
+/// lost with it): every proposal forwarded to it and not yet committed goes to the next leader
+/// under its own tag, so every call gets a success answer (none waits out its deadline), and
+/// every command is applied exactly once on each survivor, however many copies reached a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_forwarded_to_a_leader_that_dies_commit_once_through_the_next() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CLIENTS_PER_FOLLOWER: u64 = 16;
+    const CALLS_PER_CLIENT: u64 = 20;
+    const LATE_CALLS_PER_FOLLOWER: u64 = 8;
+    const KILL_AFTER: usize = 100;
+    let network = LocalNetwork::new();
+    let names = ["r-1", "r-2", "r-3"];
+    let mut engines = Vec::new();
+    let mut counts = Vec::new();
+    for name in names {
+        let peers: Vec<&str> = names.iter().copied().filter(|n| *n != name).collect();
+        let config = ConsensusConfig::default()
+            .node_id(name)
+            .peers(peers)
+            .request_timeout(Duration::from_secs(3));
+        let mut engine = ConsensusEngine::new(config)
+            .unwrap()
+            .with_local_network(&network);
+        let counter = ApplyCounter::default();
+        counts.push(counter.counts.clone());
+        engine.set_state_machine(counter).unwrap();
+        engine.start().await.unwrap();
+        engines.push(Some(Arc::new(engine)));
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    let leader = loop {
+        let leaders: Vec<usize> = (0..3)
+            .filter(|&i| engines[i].as_ref().is_some_and(|e| e.is_leader()))
+            .collect();
+        if let [only] = leaders[..] {
+            break only;
+        }
+        assert!(Instant::now() < until, "no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    // Each call's id is (client << 32) | call; late calls use clients past the others.
+    let call = |follower: usize, client: u64, calls: std::ops::Range<u64>| {
+        let engine = engines[follower].clone().unwrap();
+        let acknowledged = acknowledged.clone();
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for call in calls {
+                let id = (client << 32) | call;
+                match engine.execute_command::<ApplyCounter>(id).await {
+                    Ok(()) => {
+                        acknowledged.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(error) => failures.push((id, error.to_string())),
+                }
+            }
+            failures
+        })
+    };
+    let mut clients = Vec::new();
+    for (f, &follower) in followers.iter().enumerate() {
+        for client in 0..CLIENTS_PER_FOLLOWER {
+            let client = f as u64 * CLIENTS_PER_FOLLOWER + client;
+            clients.push(call(follower, client, 0..CALLS_PER_CLIENT));
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while acknowledged.load(Ordering::SeqCst) < KILL_AFTER {
+        assert!(Instant::now() < until, "the clients made no progress");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Nothing reaches the leader any more, but its heartbeats still reach the followers, which
+    // go on forwarding to it: the late calls' forwards are lost with it.
+    let dead = engines[leader].as_ref().unwrap().node_id();
+    network.disconnect(dead);
+    for (f, &follower) in followers.iter().enumerate() {
+        for late in 0..LATE_CALLS_PER_FOLLOWER {
+            let client = 2 * CLIENTS_PER_FOLLOWER + f as u64 * LATE_CALLS_PER_FOLLOWER + late;
+            clients.push(call(follower, client, 0..1));
+        }
+    }
+    // Dropping the engine stops its driver without a hand-over: a crash. The followers learn it
+    // only when its heartbeats stop, so the late calls were forwarded to it either way.
+    drop(engines[leader].take());
+    for client in clients {
+        let failures = client.await.unwrap();
+        assert!(failures.is_empty(), "calls failed: {failures:?}");
+    }
+    let total = 2 * (CLIENTS_PER_FOLLOWER * CALLS_PER_CLIENT + LATE_CALLS_PER_FOLLOWER);
+    for &survivor in &followers {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let counts = counts[survivor].lock().unwrap().clone();
+            if counts.len() as u64 == total {
+                let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+                assert!(repeated.is_empty(), "applied more than once: {repeated:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} of {total} commands applied on a survivor",
+                counts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

@@ -160,6 +160,9 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) retain: Option<RetainedState>,
     /// The core's dropped-message counts already added to the metrics.
     pub(crate) invalid_seen: crate::protocol::InvalidCounts,
+    /// The last log index the store holds durably (what it recovered, then what each persist
+    /// appended, less what a persist truncated).
+    pub(crate) persisted_through: LogIndex,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -308,25 +311,42 @@ impl<P: Protocol> Driver<P> {
         false
     }
 
-    /// The core's contract (see [`crate::protocol`]): send what may go at once, persist, send
-    /// what waited for the write, apply and answer, then tell the core what is durable, and
-    /// carry out what that step asked for in turn.
+    /// The core's contract (see [`crate::protocol`]): send what may go at once, apply what is
+    /// committed and already on this node's disk, persist, send what waited for the write, apply
+    /// the rest and answer, then tell the core what is durable, and carry out what that step
+    /// asked for in turn.
     fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
         loop {
             for envelope in out.messages.drain(..) {
                 self.transport.send(envelope.to, envelope.message);
+            }
+            // Under load a round that learns a commit usually also appends newer entries: the
+            // committed ones a previous persist made durable are answered before this one's
+            // fsync rather than after it.
+            let durable_committed = out
+                .committed
+                .partition_point(|entry| entry.index <= self.persisted_through);
+            if durable_committed > 0 {
+                self.apply_committed(out, durable_committed);
             }
             if !out.write.is_empty() {
                 let started = Instant::now();
                 self.store.persist(&out.write)?;
                 self.metrics.record_fsync(started.elapsed());
             }
+            if let Some(from) = out.write.truncate_from {
+                self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
+            }
             let durable = out.write.last_appended();
+            if let Some((index, _)) = durable {
+                self.persisted_through = index;
+            }
             for envelope in out.messages_after_write.drain(..) {
                 self.transport.send(envelope.to, envelope.message);
             }
             if !out.committed.is_empty() {
-                self.apply_committed(out);
+                let all = out.committed.len();
+                self.apply_committed(out, all);
             }
             self.apply.reject(out.rejected.drain(..), &mut self.answers);
             let leader_changed = out
@@ -360,12 +380,13 @@ impl<P: Protocol> Driver<P> {
         }
     }
 
-    /// Applies the newly committed entries and answers their proposers on this node. The
-    /// answers go out after the whole batch is applied, all stamped with one clock reading:
-    /// the state machine has finished with each of them by then.
-    fn apply_committed(&mut self, out: &mut Output<P::Message>) {
+    /// Applies the first `count` newly committed entries and answers their proposers on this
+    /// node. The answers go out after those entries are applied, all stamped with one clock
+    /// reading: the state machine has finished with each of them by then.
+    fn apply_committed(&mut self, out: &mut Output<P::Message>, count: usize) {
         let committed_at = Instant::now();
-        self.apply.apply(out.committed.drain(..), &mut self.answers);
+        self.apply
+            .apply(out.committed.drain(..count), &mut self.answers);
         self.answer(Some(committed_at));
         self.metrics.set_applied_index(self.apply.applied_index());
     }

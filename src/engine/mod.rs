@@ -413,6 +413,7 @@ impl ConsensusEngine {
                 reason: "restoring the state machine from a snapshot is not built yet",
             });
         }
+        let persisted_through = recovered.entries.last().map_or(0, |entry| entry.index);
         let node = P::build(&settings, members.clone(), recovered)?;
         for setting in self.config.unread_settings() {
             tracing::warn!(
@@ -424,6 +425,7 @@ impl ConsensusEngine {
         let invalid_seen = node.invalid_messages();
         let driver = Driver {
             invalid_seen,
+            persisted_through,
             apply: ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine),
             answers: Vec::new(),
             node,

@@ -23,7 +23,10 @@
 //! 2. persist [`Output::write`] and make it durable;
 //! 3. then send [`Output::messages_after_write`] (votes and acknowledgements: a promise that
 //!    must survive a crash);
-//! 4. then apply [`Output::committed`], in order, and answer [`Output::rejected`];
+//! 4. then apply [`Output::committed`], in order, and answer [`Output::rejected`]. Committed
+//!    entries that an earlier write already made durable here may be applied before step 2:
+//!    they are on a quorum's disks and on this node's, and under load the round that learns a
+//!    commit usually also appends newer entries, whose fsync the answers need not wait for;
 //! 5. then tell the core what is durable with [`Input::Durable`] (the last entry the write
 //!    appended), and carry out whatever that step outputs the same way.
 //!
@@ -176,7 +179,8 @@ pub struct Output<M> {
     pub messages: Vec<Envelope<M>>,
     /// Messages that may leave only once [`Output::write`] is durable.
     pub messages_after_write: Vec<Envelope<M>>,
-    /// Newly committed entries, in index order, to apply once the write is durable.
+    /// Newly committed entries, in index order, to apply once durable here (see the driver's
+    /// contract in the [module documentation](self)).
     pub committed: Vec<Entry>,
     /// Proposals refused.
     pub rejected: Vec<Rejection>,

@@ -32,6 +32,7 @@ impl RaftNode {
                 }
                 Message::AppendEntries { .. }
                 | Message::Heartbeat { .. }
+                | Message::Commit { .. }
                 | Message::TimeoutNow { .. } => {
                     self.become_follower(message_term, Some(from), out);
                 }
@@ -101,6 +102,14 @@ impl RaftNode {
             }
             Message::AppendEntriesResponse { index, reject, .. } => {
                 self.handle_append_response(from, index, reject, out);
+            }
+            Message::Commit {
+                commit,
+                commit_term,
+                ..
+            } => {
+                self.follow(from, out);
+                self.handle_commit(commit, commit_term, out);
             }
             Message::HeartbeatResponse { .. } => self.handle_heartbeat_response(from, out),
             Message::ForwardProposals { proposals, .. } => {

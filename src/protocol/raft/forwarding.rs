@@ -10,6 +10,12 @@
 //! buffered proposals the same way (they were never appended), and a node that becomes leader
 //! appends what it kept.
 //!
+//! Proposals to forward are batched like the leader's own: a round's proposals go to the leader
+//! in one [`Message::ForwardProposals`] when the driver flushes
+//! ([`Input::FlushProposals`](crate::protocol::Input::FlushProposals)), when the batch is full,
+//! or after the batch timeout, so that a busy follower sends one message per round, not one per
+//! proposal.
+//!
 //! Sending again may append a proposal twice (the first copy may have been appended after
 //! all); the apply stage applies each proposal once ([`AppliedProposals`]), on every replica
 //! alike, so a second copy has no effect.
@@ -49,6 +55,15 @@ pub(crate) struct KeptProposal {
     sent: bool,
 }
 
+/// Kept proposals waiting to be forwarded together, by request id.
+#[derive(Debug, Default)]
+pub(crate) struct ForwardBatch {
+    request_ids: Vec<u64>,
+    bytes: usize,
+    /// Ticks since the oldest proposal in the batch arrived.
+    age_ticks: u32,
+}
+
 impl RaftNode {
     /// A client proposal at a node that does not lead, with forwarding on: sent to the leader
     /// and kept, or held while no leader is known, or refused.
@@ -60,25 +75,62 @@ impl RaftNode {
                 .push(reject(RejectReason::Overloaded { limit }));
             return;
         }
-        let sent = match self.leader {
-            Some(leader) => {
-                let term = self.term;
-                let proposals = vec![(request_id, data.clone())];
-                self.send(leader, Message::ForwardProposals { term, proposals }, out);
-                true
-            }
-            None if self.holds_without_leader() => false,
+        match self.leader {
+            Some(_) => {}
+            None if self.holds_without_leader() => {}
             None => {
                 out.rejected.push(reject(RejectReason::NoLeader));
                 return;
             }
-        };
+        }
+        let size = data.len();
         let kept = KeptProposal {
             data,
             age_ticks: 0,
-            sent,
+            sent: false,
         };
         self.kept_proposals.insert(request_id, kept);
+        if self.leader.is_none() {
+            return; // held: sent to the leader once one is known
+        }
+        let batch = &mut self.forward_batch;
+        if batch.request_ids.is_empty() {
+            batch.age_ticks = 0;
+        }
+        batch.request_ids.push(request_id);
+        batch.bytes += size;
+        let full = batch.request_ids.len() >= self.config.batch_size
+            || batch.bytes >= self.config.max_batch_bytes;
+        if full || !self.config.enable_batching {
+            self.flush_forwards(out);
+        }
+    }
+
+    /// Sends the batch of proposals to forward to the leader, in one message. Proposals a new
+    /// leader already got ([`RaftNode::send_kept_proposals`]) or that this node appended as
+    /// leader are no longer in the batch; without a leader the batch stays kept, unsent.
+    pub(crate) fn flush_forwards(&mut self, out: &mut Output) {
+        if self.forward_batch.request_ids.is_empty() {
+            return;
+        }
+        let request_ids = std::mem::take(&mut self.forward_batch.request_ids);
+        self.forward_batch.bytes = 0;
+        self.forward_batch.age_ticks = 0;
+        let Some(leader) = self.leader.filter(|&leader| leader != self.config.id) else {
+            return;
+        };
+        let proposals: Vec<(u64, Bytes)> = request_ids
+            .into_iter()
+            .filter_map(|request_id| {
+                let kept = self.kept_proposals.get_mut(&request_id)?;
+                kept.sent = true;
+                Some((request_id, kept.data.clone()))
+            })
+            .collect();
+        if !proposals.is_empty() {
+            let term = self.term;
+            self.send(leader, Message::ForwardProposals { term, proposals }, out);
+        }
     }
 
     /// Keeps a proposal of this node's that it buffered as leader and never appended.
@@ -104,6 +156,8 @@ impl RaftNode {
     /// at most [`RaftConfig::max_batch_bytes`](crate::protocol::raft::RaftConfig) each (one
     /// larger proposal goes alone).
     pub(crate) fn send_kept_proposals(&mut self, leader: NodeId, out: &mut Output) {
+        // Everything kept goes now, the batch included.
+        self.forward_batch = ForwardBatch::default();
         if self.kept_proposals.is_empty() || leader == self.config.id {
             return;
         }
@@ -135,6 +189,7 @@ impl RaftNode {
     /// This node became leader: what it kept becomes its own proposals.
     pub(crate) fn append_kept_proposals(&mut self, out: &mut Output) {
         debug_assert_eq!(self.role, Role::Leader);
+        self.forward_batch = ForwardBatch::default();
         for (request_id, kept) in std::mem::take(&mut self.kept_proposals) {
             let tag = crate::types::ProposalTag {
                 proposer: self.config.id,
@@ -172,6 +227,12 @@ impl RaftNode {
             self.leaderless_ticks = self.leaderless_ticks.saturating_add(1);
         } else {
             self.leaderless_ticks = 0;
+        }
+        if !self.forward_batch.request_ids.is_empty() {
+            self.forward_batch.age_ticks += 1;
+            if self.forward_batch.age_ticks >= self.config.batch_timeout_ticks {
+                self.flush_forwards(out);
+            }
         }
         if self.kept_proposals.is_empty() {
             return;

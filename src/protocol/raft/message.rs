@@ -104,6 +104,20 @@ pub enum Message {
         /// `(request_id, data)` pairs; the proposer is the envelope's sender.
         proposals: Vec<(u64, Bytes)>,
     },
+    /// The leader's commit index, sent as soon as it covers a proposal the recipient forwarded
+    /// (whose client waits on that follower). Unlike a heartbeat's it is not capped at what the
+    /// leader knows the follower holds, which would make it wait for the follower's own
+    /// acknowledgement: the follower commits only if its entry at `commit` has `commit_term`
+    /// (same index and term, same log up to there: Raft §5.3). Nothing answers it. Last of the
+    /// variants, so that the others keep their encoding.
+    Commit {
+        /// The leader's term.
+        term: Term,
+        /// The leader's commit index.
+        commit: LogIndex,
+        /// The term of the leader's entry at `commit`.
+        commit_term: Term,
+    },
 }
 
 impl Message {
@@ -117,6 +131,7 @@ impl Message {
             | Message::AppendEntries { term, .. }
             | Message::AppendEntriesResponse { term, .. }
             | Message::Heartbeat { term, .. }
+            | Message::Commit { term, .. }
             | Message::HeartbeatResponse { term }
             | Message::TimeoutNow { term }
             | Message::ForwardProposals { term, .. } => *term,
@@ -143,14 +158,15 @@ impl Message {
 
 impl Message {
     /// True for messages that promise nothing about the sender's durable state, so they may
-    /// leave before the write of the same output is durable: a leader's appends, heartbeats and
-    /// hand-over, a follower's forwarded proposals, and a pre-vote request (which changes no
-    /// state). Votes and acknowledgements wait for the write.
+    /// leave before the write of the same output is durable: a leader's appends, heartbeats,
+    /// commits and hand-over, a follower's forwarded proposals, and a pre-vote request (which
+    /// changes no state). Votes and acknowledgements wait for the write.
     pub fn may_precede_write(&self) -> bool {
         matches!(
             self,
             Message::AppendEntries { .. }
                 | Message::Heartbeat { .. }
+                | Message::Commit { .. }
                 | Message::TimeoutNow { .. }
                 | Message::ForwardProposals { .. }
                 | Message::PreVote { .. }

@@ -76,6 +76,8 @@ pub struct RaftNode {
     pub(crate) leader_unreachable: bool,
     /// This node's own proposals on their way to a leader, by request id (see `forwarding.rs`).
     pub(crate) kept_proposals: BTreeMap<u64, crate::protocol::raft::forwarding::KeptProposal>,
+    /// Kept proposals not yet forwarded, sent together at the next flush.
+    pub(crate) forward_batch: crate::protocol::raft::forwarding::ForwardBatch,
     /// Ticks since this node last knew a leader (0 at start: it holds proposals while it looks
     /// for one).
     pub(crate) leaderless_ticks: u32,
@@ -118,6 +120,7 @@ impl RaftNode {
             votes: BTreeMap::new(),
             leader_unreachable: false,
             kept_proposals: BTreeMap::new(),
+            forward_batch: Default::default(),
             leaderless_ticks: 0,
             leader_state: None,
             commit_by_certificate: false,

@@ -34,6 +34,11 @@ pub struct Progress {
     /// The last committed index of an entry the follower proposed: its client waits until the
     /// follower learns of that commit.
     pub owed_commit: LogIndex,
+    /// The highest commit index sent to the follower in a [`Message::Commit`], which it applies
+    /// only if it holds the entry there.
+    ///
+    /// [`Message::Commit`]: crate::protocol::raft::Message::Commit
+    pub commit_told: LogIndex,
     /// Last index of each append in flight, oldest first.
     inflight: VecDeque<LogIndex>,
     max_inflight: usize,
@@ -52,6 +57,7 @@ impl Progress {
             acked_since_heartbeat: false,
             commit_sent: 0,
             owed_commit: 0,
+            commit_told: 0,
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }

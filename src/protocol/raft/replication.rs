@@ -7,7 +7,7 @@ use crate::protocol::raft::message::{ConflictHint, Message};
 use crate::protocol::raft::node::{RaftNode, Role};
 use crate::protocol::raft::progress::ProgressState;
 use crate::protocol::raft::{Output, RejectReason, Rejection};
-use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag};
+use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
 impl RaftNode {
     /// A client proposal arrived at this node.
@@ -101,9 +101,11 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Appends every buffered proposal to the log and starts replicating them.
+    /// Appends every buffered proposal to the log and starts replicating them; at a node that
+    /// does not lead, forwards the batch of proposals to forward.
     pub(crate) fn flush_proposals(&mut self, out: &mut Output) {
         let Some(state) = self.leader_state.as_mut() else {
+            self.flush_forwards(out);
             return;
         };
         if state.batch.proposals.is_empty() || state.transfer.is_some() {
@@ -375,12 +377,10 @@ impl RaftNode {
     }
 
     /// A follower whose client proposal (forwarded to us) just committed answers its client only
-    /// when it learns the commit: record that it is owed it, and tell it now if nothing is in
-    /// flight to it. If an append is in flight, its answer sends the commit
-    /// ([`RaftNode::send_owed_commit`]): waiting for the next append or heartbeat instead cost
-    /// a follower's clients half a heartbeat interval per request. Followers with no proposal
-    /// waiting learn the commit from the next append or heartbeat: notifying everyone on every
-    /// commit would double the messages.
+    /// when it learns the commit: record that it is owed it and tell it now
+    /// ([`RaftNode::send_owed_commit`]). Followers with no proposal waiting learn the commit from
+    /// the next append or heartbeat: notifying everyone on every commit would double the
+    /// messages.
     fn notify_waiting_proposers(&mut self, from_index: LogIndex, out: &mut Output) {
         let me = self.config.id;
         let mut owed: Vec<(NodeId, LogIndex)> = self
@@ -415,20 +415,39 @@ impl RaftNode {
         }
     }
 
-    /// Sends `peer` the commit index in a heartbeat if it is owed a commit it was not sent and
-    /// nothing is in flight to it (an append in flight carries an older commit; its answer
-    /// brings us back here).
+    /// Sends `peer` a [`Message::Commit`] if it is owed a commit that no append, heartbeat or
+    /// commit carried yet. Sent at once, whether or not appends are in flight to it and whether
+    /// or not its own acknowledgement is in: under load there nearly always is an append in
+    /// flight, and another follower's acknowledgement usually commits the entry first, so
+    /// waiting for either (or for the next append to carry the commit) held a forwarding
+    /// follower's answers back by a round trip or more.
     pub(crate) fn send_owed_commit(&mut self, peer: NodeId, out: &mut Output) {
-        let (term, commit_index) = (self.term, self.commit_index);
+        let (term, commit) = (self.term, self.commit_index);
+        let Some(commit_term) = self.log.term_at(commit) else {
+            return;
+        };
         let Some(progress) = self.progress_mut(peer) else {
             return;
         };
-        let idle = progress.state == ProgressState::Replicate && progress.inflight_count() == 0;
-        let commit = commit_index.min(progress.match_index);
-        if idle && progress.owed_commit > progress.commit_sent && commit > progress.commit_sent {
-            progress.commit_sent = commit;
-            self.send(peer, Message::Heartbeat { term, commit }, out);
+        if progress.owed_commit > progress.commit_sent.max(progress.commit_told) {
+            progress.commit_told = commit;
+            let message = Message::Commit {
+                term,
+                commit,
+                commit_term,
+            };
+            self.send(peer, message, out);
         }
+    }
+
+    /// Follower side of [`Message::Commit`]: commits through `commit` if this node's entry there
+    /// is the leader's (same term), and ignores it otherwise (the entry has not arrived yet; the
+    /// append that brings it carries the commit).
+    pub(crate) fn handle_commit(&mut self, commit: LogIndex, commit_term: Term, out: &mut Output) {
+        if self.role == Role::Leader || self.log.term_at(commit) != Some(commit_term) {
+            return;
+        }
+        self.commit_to(commit, out);
     }
 
     /// Marks everything up to `index` committed and hands it out for applying.

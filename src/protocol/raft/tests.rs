@@ -195,11 +195,11 @@ fn a_follower_forwards_proposals_to_the_leader() {
     );
 }
 
-/// The proposing follower's acknowledgement arrives after the other follower's, which
-/// committed the entry: the leader sends it the commit as soon as its acknowledgement is in,
-/// not with the next heartbeat (half a heartbeat interval per forwarded request on average).
+/// The proposing follower's acknowledgement is held while the other follower's commits the
+/// entry: the leader tells the proposer the commit at once ([`Message::Commit`]), without
+/// waiting for the proposer's own acknowledgement, the next append or a heartbeat.
 #[test]
-fn a_proposing_follower_learns_its_commit_without_waiting_for_a_heartbeat() {
+fn a_proposing_follower_learns_its_commit_before_its_own_acknowledgement_is_in() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
     let mut followers = cluster.nodes.keys().copied().filter(|&id| id != leader);
@@ -220,16 +220,91 @@ fn a_proposing_follower_learns_its_commit_without_waiting_for_a_heartbeat() {
         1,
         "committed by the other"
     );
-    assert!(cluster.commands_applied(proposer).is_empty());
+    assert_eq!(
+        cluster.commands_applied(proposer),
+        vec![Bytes::from_static(b"forwarded")],
+        "no tick has passed and the proposer's acknowledgement is still held"
+    );
+}
+
+/// A commit for an entry the follower does not hold (or holds from another term) is ignored;
+/// one for the leader's entry commits through it.
+#[test]
+fn a_follower_applies_a_commit_only_for_the_leaders_entry() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let follower = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    cluster.slow.insert((leader, follower));
+    cluster.propose(leader, 1, "x"); // committed through the other follower
+    let commit = cluster.nodes[&leader].commit_index();
+    let term = cluster.nodes[&leader].term();
+    let commit_of = |cluster: &Cluster| cluster.nodes[&follower].commit_index();
+    let before = commit_of(&cluster);
+    assert!(before < commit);
+    let deliver = |cluster: &mut Cluster, commit, commit_term| {
+        let message = Message::Commit {
+            term,
+            commit,
+            commit_term,
+        };
+        let envelope = Envelope {
+            from: leader,
+            to: follower,
+            message,
+        };
+        cluster.step(follower, Input::Message(envelope));
+    };
+    deliver(&mut cluster, commit, term);
+    assert_eq!(commit_of(&cluster), before, "the entry has not arrived");
     cluster.slow.clear();
     for (to, input) in std::mem::take(&mut cluster.held) {
         cluster.step(to, input);
     }
-    assert_eq!(
-        cluster.commands_applied(proposer),
-        vec![Bytes::from_static(b"forwarded")],
-        "no tick has passed"
-    );
+    let released = commit_of(&cluster);
+    assert!(released < commit, "the append carried the older commit");
+    deliver(&mut cluster, commit, term + 1);
+    assert_eq!(commit_of(&cluster), released, "another term's entry");
+    deliver(&mut cluster, commit, term);
+    assert_eq!(commit_of(&cluster), commit);
+}
+
+/// A follower's proposals of one round reach the leader in one message, when the driver
+/// flushes, not one message per proposal.
+#[test]
+fn a_follower_forwards_a_rounds_proposals_in_one_message() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let follower = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .unwrap();
+    let node = cluster.nodes.get_mut(&follower).unwrap();
+    let mut out = Output::default();
+    for request_id in 1..=3 {
+        let data = Bytes::from_static(b"x");
+        node.step(Input::Propose { request_id, data }, &mut out);
+    }
+    assert!(out.messages.is_empty(), "nothing leaves before the flush");
+    node.step(Input::FlushProposals, &mut out);
+    let forwards: Vec<Vec<u64>> = out
+        .messages
+        .iter()
+        .filter_map(|envelope| match &envelope.message {
+            Message::ForwardProposals { proposals, .. } => {
+                Some(proposals.iter().map(|(id, _)| *id).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forwards, vec![vec![1, 2, 3]]);
+    assert_eq!(node.kept_proposals(), 3, "kept until they commit");
 }
 
 #[test]

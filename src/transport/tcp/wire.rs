@@ -21,7 +21,8 @@ use tarpc::tokio_serde::{Deserializer, Serializer};
 use crate::types::NodeId;
 
 /// Version of this wire protocol; a peer speaking another one is refused in the handshake.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+/// 2: Raft's `Commit` message and the `NotCertified` refusal.
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Bodies shorter than this go uncompressed: LZ4 gains little on them and costs a copy.
 pub(crate) const COMPRESSION_THRESHOLD: usize = 512;

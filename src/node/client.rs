@@ -1,26 +1,51 @@
-//! A minimal HTTP/1.1 client for the node's API, used by the `kv_cluster` example and the
-//! node tests: one connection per request (`Connection: close`, [`request`]) or one kept alive
-//! across a client's requests ([`Connection`]), bodies with a `Content-Length` (what the node
-//! sends). Kept here rather than pulling a full HTTP client into the build.
+//! An HTTP/1.1 client for the node's API, used by the `kv_cluster` example and the node tests:
+//! hyper's client connection (`hyper::client::conn::http1`) on a plain TCP stream, one request
+//! at a time. [`request`] opens a connection per request (`Connection: close`); a
+//! [`Connection`] keeps one alive across a client's requests.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Connecting, writing or reading failed.
+    /// Connecting failed (a refused dial means nothing was sent), or the connection broke.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     /// No complete answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// The answer is not an HTTP/1.1 response this client understands.
-    #[error("malformed response: {0}")]
-    Malformed(&'static str),
+    /// The request could not be built (a method, path or header that is not valid HTTP).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The exchange failed at the HTTP level: a malformed or truncated answer, or the
+    /// connection closed before the answer.
+    #[error("HTTP: {0}")]
+    Http(String),
+}
+
+impl From<hyper::Error> for ClientError {
+    fn from(error: hyper::Error) -> Self {
+        ClientError::Http(error_chain(&error))
+    }
+}
+
+/// hyper's error with its causes (e.g. "connection closed before message completed").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A response: status and body.
@@ -28,7 +53,7 @@ pub enum ClientError {
 pub struct HttpResponse {
     /// The status code.
     pub status: u16,
-    /// The body, exactly `Content-Length` bytes.
+    /// The body, whole.
     pub body: Vec<u8>,
 }
 
@@ -60,52 +85,64 @@ pub async fn request_with_headers(
     body: &[u8],
     timeout: Duration,
 ) -> Result<HttpResponse, ClientError> {
-    tokio::time::timeout(timeout, exchange(address, method, path, headers, body))
+    let exchange = async {
+        let mut sender = connect(address).await?;
+        let mut headers = headers.to_vec();
+        headers.push(("connection", "close"));
+        send(&mut sender, address, method, path, &headers, body).await
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
 }
 
-async fn exchange(
+/// Dials `address` and starts hyper's connection task, which ends when the connection closes.
+async fn connect(address: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%address, %error, "HTTP client connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// One request on `sender`, and its whole response.
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
     address: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<HttpResponse, ClientError> {
-    let mut stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
-    let extra: String = headers
-        .iter()
-        .map(|(name, value)| format!("{name}: {value}\r\n"))
-        .collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n{extra}\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    let mut message = head.into_bytes();
-    message.extend_from_slice(body);
-    // A server may answer (e.g. 413) and close before reading a large body: a failed write is
-    // then not the end, the answer may still be there to read.
-    let written = stream.write_all(&message).await;
-    let mut received = Vec::new();
-    let read = stream.read_to_end(&mut received).await;
-    if received.is_empty() {
-        written?;
-        read?;
-        return Err(ClientError::Malformed("empty response"));
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, address.to_string());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
-    parse(&received)
+    let request = builder
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|error| ClientError::InvalidRequest(error.to_string()))?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok(HttpResponse { status, body })
 }
 
 /// One client's connection to one node, kept alive across its requests (one at a time): a
 /// connection per request cost the `kv_cluster` clients a TCP handshake, an accept and a
-/// teardown per operation. Any failure closes it; the next request dials again.
+/// teardown per operation. Any failure, or an answer that closes the connection, drops it; the
+/// next request dials again.
 #[derive(Debug)]
 pub struct Connection {
     address: SocketAddr,
-    stream: Option<TcpStream>,
-    received: Vec<u8>,
+    sender: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl Connection {
@@ -113,8 +150,7 @@ impl Connection {
     pub fn new(address: SocketAddr) -> Self {
         Connection {
             address,
-            stream: None,
-            received: Vec::new(),
+            sender: None,
         }
     }
 
@@ -138,7 +174,7 @@ impl Connection {
             .map_err(|_| ClientError::Timeout(timeout))
             .and_then(|result| result);
         if result.is_err() {
-            self.stream = None;
+            self.sender = None;
         }
         result
     }
@@ -149,161 +185,91 @@ impl Connection {
         path: &str,
         body: &[u8],
     ) -> Result<HttpResponse, ClientError> {
-        let stream = match &mut self.stream {
-            Some(stream) => stream,
-            None => {
-                let stream = TcpStream::connect(self.address).await?;
-                stream.set_nodelay(true)?;
-                self.stream.insert(stream)
-            }
-        };
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
-            self.address,
-            body.len()
-        );
-        let mut message = head.into_bytes();
-        message.extend_from_slice(body);
-        stream.write_all(&message).await?;
-        self.received.clear();
-        // Read until the headers and `Content-Length` bytes of body are in.
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(whole) = complete_length(&self.received)? {
-                let response = parse(&self.received[..whole])?;
-                let closing = head_says_close(&self.received[..whole]);
-                if closing || whole != self.received.len() {
-                    self.stream = None; // closing, or more than one answer: start afresh
-                }
-                return Ok(response);
-            }
-            let read = stream.read(&mut chunk).await?;
-            if read == 0 {
-                let closed = std::io::ErrorKind::UnexpectedEof;
-                let error = std::io::Error::new(closed, "connection closed before the answer");
-                return Err(ClientError::Io(error));
-            }
-            self.received.extend_from_slice(&chunk[..read]);
+        // A connection the server closed (`Connection: close`, an idle timeout) is redialed.
+        if self.sender.as_ref().is_none_or(|sender| sender.is_closed()) {
+            self.sender = Some(connect(self.address).await?);
         }
+        let sender = self.sender.as_mut().expect("set just above");
+        send(sender, self.address, method, path, &[], body).await
     }
-}
-
-/// The length of the first complete response in `received` (headers and `Content-Length` bytes
-/// of body), or `None` while it is incomplete.
-fn complete_length(received: &[u8]) -> Result<Option<usize>, ClientError> {
-    let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head =
-        std::str::from_utf8(&received[..end]).map_err(|_| ClientError::Malformed("headers"))?;
-    let mut length = None;
-    for line in head.split("\r\n").skip(1) {
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            let value = value.trim().parse::<usize>();
-            length = Some(value.map_err(|_| ClientError::Malformed("content-length"))?);
-        }
-    }
-    // Without a length the body would end with the connection: not kept alive.
-    let length = length.ok_or(ClientError::Malformed("no content-length"))?;
-    let whole = end + 4 + length;
-    Ok((received.len() >= whole).then_some(whole))
-}
-
-/// True when the response's headers say the server closes the connection after it.
-fn head_says_close(response: &[u8]) -> bool {
-    let end = response
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .unwrap_or(response.len());
-    String::from_utf8_lossy(&response[..end])
-        .split("\r\n")
-        .filter_map(|line| line.split_once(':'))
-        .any(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("connection")
-                && value.trim().eq_ignore_ascii_case("close")
-        })
-}
-
-/// Parses a complete `Content-Length` response.
-fn parse(received: &[u8]) -> Result<HttpResponse, ClientError> {
-    let end = received
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .ok_or(ClientError::Malformed("no end of headers"))?;
-    let head =
-        std::str::from_utf8(&received[..end]).map_err(|_| ClientError::Malformed("headers"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or(ClientError::Malformed("status line"))?;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let name = name.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .trim()
-                    .parse::<usize>()
-                    .map_err(|_| ClientError::Malformed("content-length"))?,
-            );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(ClientError::Malformed("transfer-encoding is not supported"));
-        }
-    }
-    let body = &received[end + 4..];
-    let body = match length {
-        Some(length) if body.len() < length => {
-            return Err(ClientError::Malformed("body shorter than content-length"));
-        }
-        Some(length) => &body[..length],
-        None => body,
-    };
-    Ok(HttpResponse {
-        status,
-        body: body.to_vec(),
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn parses_status_and_exact_body() {
-        let response =
-            parse(b"HTTP/1.1 409 Conflict\r\ncontent-length: 4\r\nx: y\r\n\r\nabcdEXTRA").unwrap();
-        assert_eq!(response.status, 409);
-        assert_eq!(response.body, b"abcd");
+    /// A server that answers each connection's requests with `answers` in turn, raw.
+    async fn raw_server(answers: Vec<&'static [u8]>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    for answer in answers {
+                        if stream.read(&mut buffer).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let _ = stream.write_all(answer).await;
+                    }
+                });
+            }
+        });
+        address
     }
 
-    #[test]
-    fn finds_where_a_kept_alive_answer_ends() {
-        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcHTTP/1.1";
-        assert_eq!(complete_length(&answer[..20]).unwrap(), None);
-        assert_eq!(complete_length(&answer[..40]).unwrap(), None);
-        assert_eq!(complete_length(answer).unwrap(), Some(41));
-        assert!(complete_length(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        assert!(head_says_close(
-            b"HTTP/1.1 503 x\r\nConnection: close\r\n\r\n"
-        ));
-        assert!(!head_says_close(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-        ));
+    #[tokio::test]
+    async fn reads_status_and_exact_body_and_keeps_the_connection() {
+        let address = raw_server(vec![
+            b"HTTP/1.1 409 Conflict\r\ncontent-length: 4\r\nx: y\r\n\r\nabcd",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let mut connection = Connection::new(address);
+        let first = connection
+            .request("PUT", "/kv/a", b"v", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((first.status, first.body.as_slice()), (409, &b"abcd"[..]));
+        // The second answer only exists on the same connection.
+        let second = connection
+            .request("GET", "/kv/a", b"", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((second.status, second.text().as_str()), (200, "ok"));
     }
 
-    #[test]
-    fn refuses_truncated_or_garbled_responses() {
-        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc").is_err());
-        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 1").is_err());
-        assert!(parse(b"garbage\r\n\r\n").is_err());
-        assert!(parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+    #[tokio::test]
+    async fn truncated_or_garbled_answers_and_refused_dials_are_typed_errors() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc"[..],
+            b"garbage\r\n\r\n",
+            b"",
+        ] {
+            let address = raw_server(vec![answer]).await;
+            let error = request(address, "GET", "/", b"", Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(matches!(error, ClientError::Http(_)), "{answer:?}: {error}");
+        }
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = closed.local_addr().unwrap();
+        drop(closed);
+        let refused = request(address, "GET", "/", b"", Duration::from_secs(5)).await;
+        assert!(
+            matches!(&refused, Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{refused:?}"
+        );
+        let bad = request(
+            address,
+            "GET",
+            "no spaces allowed",
+            b"",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(bad.is_err());
     }
 }

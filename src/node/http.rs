@@ -150,8 +150,9 @@ fn needs_token(method: &axum::http::Method, path: &str) -> bool {
     !(read && (path.starts_with("/kv/") || path == "/status"))
 }
 
-/// Middleware: a request that [`needs_token`] without `Authorization: Bearer <token>` (or with
-/// another token) is answered 401 with error `unauthorized`, and nothing is done.
+/// Middleware: a write (`PUT`, `DELETE`, `POST` under `/kv/`) or an admin request (`/metrics`,
+/// `/byzantine`) without `Authorization: Bearer <token>` (or with another token) is answered 401
+/// with error `unauthorized`, and nothing is done; reads of keys and `/status` pass.
 pub async fn require_token(
     State(token): State<BearerToken>,
     request: Request,

@@ -861,6 +861,8 @@ mod tests {
 
     /// The PEM files are outside input: damaged certificates, keys and CAs (bytes flipped,
     /// cut, inserted, or swapped between the three) load or give a typed error, never panic.
+    /// Built with the other fuzz tests (default features; see `crate::fuzzing`).
+    #[cfg(all(feature = "gpu", feature = "server"))]
     #[test]
     fn fuzz_tls_files() {
         use proptest::prelude::*;

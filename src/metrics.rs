@@ -30,22 +30,44 @@ use prometheus_client::registry::Registry;
 use crate::protocol::InvalidReason;
 use crate::types::NodeId;
 
-/// Reads a TCP transport's running count of connections closed for a malformed frame.
+/// Reads a running count kept elsewhere (a TCP transport's rejected frames, a GPU context's
+/// fallbacks or submissions).
 pub(crate) type RunningTotal = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// A watched transport's rejected-frame count, and how much of it was counted.
+/// A watched running count, and how much of it was counted already.
 #[derive(Default)]
-struct FrameWatch {
+struct TotalWatch {
     read: Option<RunningTotal>,
     counted: u64,
 }
 
-impl std::fmt::Debug for FrameWatch {
+impl std::fmt::Debug for TotalWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameWatch")
+        f.debug_struct("TotalWatch")
             .field("watching", &self.read.is_some())
             .field("counted", &self.counted)
             .finish()
+    }
+}
+
+impl TotalWatch {
+    /// Watches `read` from now on, from zero.
+    fn start(watch: &std::sync::Mutex<TotalWatch>, read: RunningTotal) {
+        *crate::sync::lock(watch) = TotalWatch {
+            read: Some(read),
+            counted: 0,
+        };
+    }
+
+    /// How much the watched total grew since the last call (0 when nothing is watched).
+    fn news(watch: &std::sync::Mutex<TotalWatch>) -> u64 {
+        let mut watch = crate::sync::lock(watch);
+        let Some(total) = watch.read.as_ref().map(|read| read()) else {
+            return 0;
+        };
+        let news = total.saturating_sub(watch.counted);
+        watch.counted = watch.counted.max(total);
+        news
     }
 }
 
@@ -93,7 +115,7 @@ pub struct Metrics {
     invalid_messages: Family<ReasonLabel, Counter>,
     /// Where the TCP transport's count of connections it closed for a malformed or oversized
     /// frame is read, and how much of it was already added (as `reason="malformed"`).
-    rejected_frames: std::sync::Mutex<FrameWatch>,
+    rejected_frames: std::sync::Mutex<TotalWatch>,
     /// `consensus_proposals_total{outcome}`: this node's clients' proposals by outcome; the
     /// four series' counters are held here so that counting needs no label lookup.
     proposals_committed: Counter,
@@ -113,11 +135,11 @@ pub struct Metrics {
     member_names: std::sync::Mutex<std::collections::HashMap<NodeId, String>>,
     /// `consensus_gpu_dispatches_total`: command buffers the engine's GPU context submitted.
     gpu_dispatches: Counter,
-    gpu_dispatch_watch: std::sync::Mutex<FrameWatch>,
+    gpu_dispatch_watch: std::sync::Mutex<TotalWatch>,
     /// `consensus_gpu_cpu_fallbacks_total`: GPU batches answered on the CPU instead, as the
     /// engine's [`GpuContext`](crate::gpu::GpuContext) counts them (read when the metrics are).
     gpu_cpu_fallbacks: Counter,
-    gpu_fallback_watch: std::sync::Mutex<FrameWatch>,
+    gpu_fallback_watch: std::sync::Mutex<TotalWatch>,
     latency_total_nanos: AtomicU64,
     latency_count: AtomicU64,
     /// With `vote_count`, the mean behind [`MetricsSnapshot::vote_processing_time`]; zero until
@@ -385,62 +407,34 @@ impl Metrics {
     /// that is oversized or does not decode: `rejected` reads its running total (read when
     /// the metrics are).
     pub(crate) fn watch_rejected_frames(&self, rejected: RunningTotal) {
-        *crate::sync::lock(&self.rejected_frames) = FrameWatch {
-            read: Some(rejected),
-            counted: 0,
-        };
+        TotalWatch::start(&self.rejected_frames, rejected);
     }
 
     /// Counts the GPU batches answered on the CPU: `fallbacks` reads the GPU context's running
     /// total (read when the metrics are).
     #[cfg(feature = "gpu")]
     pub(crate) fn watch_gpu_fallbacks(&self, fallbacks: RunningTotal) {
-        *crate::sync::lock(&self.gpu_fallback_watch) = FrameWatch {
-            read: Some(fallbacks),
-            counted: 0,
-        };
+        TotalWatch::start(&self.gpu_fallback_watch, fallbacks);
     }
 
     /// Counts the GPU context's submissions: `dispatches` reads its running total.
     #[cfg(feature = "gpu")]
     pub(crate) fn watch_gpu_dispatches(&self, dispatches: RunningTotal) {
-        *crate::sync::lock(&self.gpu_dispatch_watch) = FrameWatch {
-            read: Some(dispatches),
-            counted: 0,
-        };
+        TotalWatch::start(&self.gpu_dispatch_watch, dispatches);
     }
 
     /// Adds the GPU fallbacks and dispatches since the last read.
     fn sync_gpu_fallbacks(&self) {
-        let mut watch = crate::sync::lock(&self.gpu_dispatch_watch);
-        if let Some(read) = &watch.read {
-            let total = read();
-            if total > watch.counted {
-                self.gpu_dispatches.inc_by(total - watch.counted);
-                watch.counted = total;
-            }
-        }
-        drop(watch);
-        let mut watch = crate::sync::lock(&self.gpu_fallback_watch);
-        if let Some(read) = &watch.read {
-            let total = read();
-            if total > watch.counted {
-                self.gpu_cpu_fallbacks.inc_by(total - watch.counted);
-                watch.counted = total;
-            }
-        }
+        self.gpu_dispatches
+            .inc_by(TotalWatch::news(&self.gpu_dispatch_watch));
+        self.gpu_cpu_fallbacks
+            .inc_by(TotalWatch::news(&self.gpu_fallback_watch));
     }
 
     /// Adds what the watched transport rejected since the last read.
     fn sync_rejected_frames(&self) {
-        let mut watch = crate::sync::lock(&self.rejected_frames);
-        if let Some(read) = &watch.read {
-            let total = read();
-            if total > watch.counted {
-                self.record_invalid_messages(InvalidReason::Malformed, total - watch.counted);
-                watch.counted = total;
-            }
-        }
+        let news = TotalWatch::news(&self.rejected_frames);
+        self.record_invalid_messages(InvalidReason::Malformed, news);
     }
 
     fn invalid_messages_total(&self) -> u64 {

@@ -15,13 +15,9 @@ use consensus::{ConsensusConfig, ConsensusEngine, Error, Proposal, StorageError}
 
 const BINARY: &str = env!("CARGO_BIN_EXE_consensus-node");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// A one-node engine on a fjall store in `dir` wrapped in a fault injector.
 async fn solo_engine(dir: &Path) -> (ConsensusEngine, consensus::storage::FaultHandle) {

@@ -165,6 +165,7 @@ bootstrap_peers = ["g2", "g3"]
     assert!(error.to_string().contains("key"), "{error}");
 }
 
+#[cfg(feature = "gpu")]
 #[path = "common/gpu.rs"]
 mod gpu_common;
 
@@ -172,6 +173,7 @@ mod gpu_common;
 /// verifier and every round's acknowledgements to the GPU aggregator (not the automatic ones,
 /// which would keep small batches on the CPU). The cluster commits, the logs verify, and the
 /// context shows GPU submissions and no CPU fallback.
+#[cfg(feature = "gpu")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gpu_verifier_and_aggregator_carry_a_cluster() {
     use consensus::gpu::{GpuSignatureVerifier, GpuVoteAggregator};

@@ -322,13 +322,9 @@ fn a_signing_algorithm_without_its_key_is_refused_at_new() {
 
 // ---- Engines over real TCP (tarpc) on loopback, with fjall data directories ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 struct TcpNode {
     name: String,

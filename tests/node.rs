@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -17,16 +17,9 @@ const BINARY: &str = env!("CARGO_BIN_EXE_consensus-node");
 /// Per-request client timeout: above the nodes' 2 s request deadline.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `count` ports free at the time of asking (all held at once, so they differ).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_ports;
 
 struct Node {
     name: String,
@@ -1096,33 +1089,36 @@ async fn a_gpu_optimized_raft_cluster_checks_signed_requests_and_its_data_dirs_v
     assert_eq!(output.status.code(), Some(1));
 }
 
-/// `[http] token_file`: writes and admin routes without `Authorization: Bearer <token>`, or
-/// with another token, get 401 and change nothing; reads and `/status` stay open; with the
-/// token, writes go through. An empty token file is a configuration error (exit 2).
-#[test]
-fn a_bearer_token_guards_writes_and_admin_routes() {
-    let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let nodes = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
-    let node = &nodes[0];
-    let token_path = dir.path().join("token");
-    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+/// Writes a loopback cluster's files into `dir`, adds `lines` to the first node's `[http]`
+/// table (the last table of the file), and starts that node alone; the caller kills it.
+fn spawn_one_node_with_http_lines(
+    dir: &Path,
+    lines: &str,
+) -> (consensus::node::LoopbackNodeFiles, Child) {
+    let nodes = consensus::node::write_loopback_cluster(dir, &free_ports(2)).unwrap();
+    let node = nodes.into_iter().next().unwrap();
     let text = std::fs::read_to_string(&node.config).unwrap();
-    std::fs::write(
-        &node.config,
-        format!(
-            "{text}token_file = {:?}\n",
-            token_path.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(BINARY)
+    std::fs::write(&node.config, format!("{text}{lines}")).unwrap();
+    let child = Command::new(BINARY)
         .arg("--config")
         .arg(&node.config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    (node, child)
+}
+
+/// `[http] token_file`: writes and admin routes without `Authorization: Bearer <token>`, or
+/// with another token, get 401 and change nothing; reads and `/status` stay open; with the
+/// token, writes go through. An empty token file is a configuration error (exit 2).
+#[test]
+fn a_bearer_token_guards_writes_and_admin_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "s3cret-token\n").unwrap();
+    let token_line = format!("token_file = {:?}\n", token_path.display().to_string());
+    let (node, mut child) = spawn_one_node_with_http_lines(dir.path(), &token_line);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let call = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
         runtime
@@ -1241,27 +1237,13 @@ async fn https_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_is_served_over_https_with_the_nodes_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
-    let nodes = consensus::node::write_loopback_cluster(dir.path(), &ports).unwrap();
-    let node = &nodes[0];
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, "tls-token").unwrap();
-    let text = std::fs::read_to_string(&node.config).unwrap();
-    std::fs::write(
-        &node.config,
-        format!(
-            "{text}tls = true\ntoken_file = {:?}\n",
-            token_path.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(BINARY)
-        .arg("--config")
-        .arg(&node.config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let http_lines = format!(
+        "tls = true\ntoken_file = {:?}\n",
+        token_path.display().to_string()
+    );
+    let (node, mut child) = spawn_one_node_with_http_lines(dir.path(), &http_lines);
     let ca = dir.path().join("certs").join("ca.pem");
     let put = |token: &str| {
         format!(

@@ -7,7 +7,7 @@
 //! failure.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,15 +28,9 @@ const SEED_SERIES: [&str; 6] = [
     "consensus_byzantine_detections_total",
 ];
 
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_ports;
 
 /// `prometheus` on the PATH, or `None` after saying why the test skips (a failure under CI).
 fn prometheus_binary() -> Option<PathBuf> {

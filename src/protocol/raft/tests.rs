@@ -92,6 +92,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The first member (by id) that is not `id`.
+    pub(super) fn another_than(&self, id: NodeId) -> NodeId {
+        self.nodes
+            .keys()
+            .copied()
+            .find(|&other| other != id)
+            .unwrap()
+    }
+
     pub(super) fn elect(&mut self) -> NodeId {
         for _ in 0..100 {
             self.tick_all(1);
@@ -172,12 +181,7 @@ fn three_nodes_elect_one_leader_and_replicate_to_all() {
 fn a_follower_forwards_proposals_to_the_leader() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
-    let follower = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let follower = cluster.another_than(leader);
     cluster.propose(follower, 7, "forwarded");
     cluster.step(leader, Input::FlushProposals);
     cluster.tick_all(3);
@@ -233,12 +237,7 @@ fn a_proposing_follower_learns_its_commit_before_its_own_acknowledgement_is_in()
 fn a_follower_applies_a_commit_only_for_the_leaders_entry() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
-    let follower = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let follower = cluster.another_than(leader);
     cluster.slow.insert((leader, follower));
     cluster.propose(leader, 1, "x"); // committed through the other follower
     let commit = cluster.nodes[&leader].commit_index();
@@ -279,12 +278,7 @@ fn a_follower_applies_a_commit_only_for_the_leaders_entry() {
 fn a_follower_forwards_a_rounds_proposals_in_one_message() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
-    let follower = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let follower = cluster.another_than(leader);
     let node = cluster.nodes.get_mut(&follower).unwrap();
     let mut out = Output::default();
     for request_id in 1..=3 {
@@ -312,12 +306,7 @@ fn a_rejoining_partitioned_node_does_not_depose_the_leader() {
     let mut cluster = Cluster::new(3, |_| {});
     let leader = cluster.elect();
     let term = cluster.nodes[&leader].term();
-    let loner = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let loner = cluster.another_than(leader);
     cluster.isolate(loner);
     cluster.tick_all(200); // the loner campaigns over and over, but pre-vote keeps its term
     assert_eq!(cluster.nodes[&loner].term(), term);
@@ -344,12 +333,7 @@ fn leadership_transfer_hands_over_and_the_target_leads() {
     let mut cluster = Cluster::new(5, |_| {});
     let leader = cluster.elect();
     cluster.propose(leader, 1, "before");
-    let target = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let target = cluster.another_than(leader);
     cluster.step(
         leader,
         Input::Control(Control::TransferLeadership { to: target }),
@@ -447,12 +431,7 @@ fn oversized_and_excess_proposals_are_refused_with_reasons() {
 fn a_lagging_follower_catches_up_through_fast_back_off() {
     let mut cluster = Cluster::new(3, |config| config.max_entries_per_append = 3);
     let leader = cluster.elect();
-    let lagger = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader)
-        .unwrap();
+    let lagger = cluster.another_than(leader);
     cluster.cut.insert((leader, lagger));
     for i in 0..20 {
         cluster.propose(leader, i, "y");

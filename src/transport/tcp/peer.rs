@@ -187,13 +187,8 @@ async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Conne
                 .connect(tls::PeerTls::server_name(), stream)
                 .await
                 .map_err(DialError::Tls)?;
-            let certified = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(tls::certified_node_id)
-                .ok_or(DialError::NoCertifiedName)?;
+            let certified =
+                tls::certified_peer(stream.get_ref().1).ok_or(DialError::NoCertifiedName)?;
             (PeerStream::Right(stream.into()), Some(certified))
         }
     };

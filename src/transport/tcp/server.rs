@@ -141,12 +141,7 @@ async fn secure<M>(
             return None;
         }
     };
-    let certified = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(tls::certified_node_id);
+    let certified = tls::certified_peer(stream.get_ref().1);
     let Some(certified) = certified else {
         // The verifier requires a certificate; this is a certificate without a node name.
         tracing::warn!(%remote, "the peer's certificate names no node; closing the connection");

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
@@ -142,13 +142,33 @@ impl PeerTls {
             .first()
             .ok_or_else(|| TlsError::Certificate("the cert file holds no certificate".into()))?;
         let node_name = certified_name(own).map_err(TlsError::Certificate)?;
-        check_issued_by(&chain, &roots, &provider)?;
 
         let rustls_error = |error: rustls::Error| TlsError::Rustls(error.to_string());
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|error| TlsError::Rustls(error.to_string()))?;
+        let server_verifier = Arc::new(ClusterServerVerifier {
+            roots,
+            algorithms: provider.signature_verification_algorithms,
+        });
+        // What every peer checks at each handshake, checked once here with the same verifiers,
+        // so that a wrong file is a start-up error rather than a cluster that never connects.
+        let now = UnixTime::now();
+        server_verifier
+            .verify_server_cert(own, &chain[1..], &Self::server_name(), &[], now)
+            .map_err(|error| {
+                TlsError::Certificate(format!(
+                    "not usable as a peer certificate under this CA: {error}"
+                ))
+            })?;
+        client_verifier
+            .verify_client_cert(own, &chain[1..], now)
+            .map_err(|error| {
+                TlsError::Certificate(format!(
+                    "not usable as a peer (client) certificate under this CA: {error}"
+                ))
+            })?;
         let server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(rustls_error)?
@@ -162,10 +182,6 @@ impl PeerTls {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(rustls_error)?;
         serving.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let server_verifier = Arc::new(ClusterServerVerifier {
-            roots,
-            algorithms: provider.signature_verification_algorithms,
-        });
         let client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(rustls_error)?
@@ -226,6 +242,15 @@ pub fn certified_node_id(certificate: &CertificateDer<'_>) -> Option<NodeId> {
         .map(|name| NodeId::from_name(&name))
 }
 
+/// The id the peer's verified certificate names, once a handshake is done on `connection`
+/// (client or server side).
+pub(super) fn certified_peer(connection: &rustls::CommonState) -> Option<NodeId> {
+    connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(certified_node_id)
+}
+
 /// The subject's single common name.
 fn certified_name(certificate: &CertificateDer<'_>) -> Result<String, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate)
@@ -244,45 +269,6 @@ fn certified_name(certificate: &CertificateDer<'_>) -> Result<String, String> {
         return Err("the subject's common name is empty".into());
     }
     Ok(name.to_string())
-}
-
-/// Checks at load time what every peer will check at each handshake, so that a wrong file is a
-/// start-up error rather than a cluster that never connects.
-fn check_issued_by(
-    chain: &[CertificateDer<'static>],
-    roots: &RootCertStore,
-    provider: &CryptoProvider,
-) -> Result<(), TlsError> {
-    let parsed = ParsedCertificate::try_from(&chain[0])
-        .map_err(|error| TlsError::Certificate(error.to_string()))?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        roots,
-        &chain[1..],
-        UnixTime::now(),
-        provider.signature_verification_algorithms.all,
-    )
-    .map_err(|error| {
-        TlsError::Certificate(format!(
-            "not usable as a peer certificate under this CA: {error}"
-        ))
-    })?;
-    // The listener side checks client authentication the same way; a certificate without the
-    // client-auth usage would be refused by every peer.
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots.clone()),
-        Arc::new(provider.clone()),
-    )
-    .build()
-    .map_err(|error| TlsError::Rustls(error.to_string()))?;
-    verifier
-        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-        .map_err(|error| {
-            TlsError::Certificate(format!(
-                "not usable as a peer (client) certificate under this CA: {error}"
-            ))
-        })?;
-    Ok(())
 }
 
 /// Checks a listener's chain against the cluster CA and that it names a node, but not its host
@@ -573,6 +559,11 @@ mod tests {
         config
     }
 
+    /// `node@address`: a peer given with the id it must prove.
+    fn named(node: &str, address: SocketAddr) -> PeerAddress {
+        PeerAddress::with_id(NodeId::from_name(node), "127.0.0.1", address.port())
+    }
+
     fn context() -> tarpc::context::Context {
         let mut context = tarpc::context::current();
         context.deadline = Instant::now() + Duration::from_secs(5);
@@ -662,11 +653,7 @@ mod tests {
         let node_2 = NodeId::from_name("node-2");
         let (honest, _honest_inbound) = TcpTransport::<String>::start(
             config("node-2", Some(identity(pki.path(), "node-2"))),
-            vec![PeerAddress::with_id(
-                NodeId::from_name("node-1"),
-                "127.0.0.1",
-                address.port(),
-            )],
+            vec![named("node-1", address)],
         )
         .await
         .unwrap();
@@ -703,16 +690,10 @@ mod tests {
             "node-3 got in as node-2"
         );
         // A plain-TCP transport configured as node-2 never connects either.
-        let (plain, _plain_inbound) = TcpTransport::<String>::start(
-            config("node-2", None),
-            vec![PeerAddress::with_id(
-                NodeId::from_name("node-1"),
-                "127.0.0.1",
-                address.port(),
-            )],
-        )
-        .await
-        .unwrap();
+        let (plain, _plain_inbound) =
+            TcpTransport::<String>::start(config("node-2", None), vec![named("node-1", address)])
+                .await
+                .unwrap();
         for _ in 0..10 {
             plain.send(NodeId::from_name("node-1"), "forged".into());
         }
@@ -769,7 +750,7 @@ mod tests {
         let (dialer, _inbound) = TcpTransport::<String>::start(
             config("node-1", Some(identity(pki.path(), "node-1"))),
             vec![
-                PeerAddress::with_id(node_2, "127.0.0.1", node_3.local_addr().port()),
+                named("node-2", node_3.local_addr()),
                 PeerAddress::without_id("127.0.0.1", fake_2.local_addr().port()),
             ],
         )

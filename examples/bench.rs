@@ -21,6 +21,9 @@
 //! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
 //! run every member must have applied every operation; otherwise the program fails.
 //!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, the run exports its traces there over OTLP/HTTP (one
+//! proposal in 100 traced, the engines' default), to measure what tracing costs.
+//!
 //! Latency percentiles come from a sample: each client times one call in
 //! [`LATENCY_SAMPLE_EVERY`] (with `propose_timed`, which reads the clock) and makes the others
 //! with `propose`, which reads none, so that timing the run does not slow it down.
@@ -195,6 +198,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("client runtime");
+    let _export = export_traces(server.handle());
 
     let names: Vec<String> = (1..=options.members)
         .map(|i| format!("member-{i}"))
@@ -452,4 +456,23 @@ fn gpu_backends(verifier: Verifier) -> Backends {
 fn gpu_backends(_: Verifier) -> Backends {
     eprintln!("bench: --verifier gpu and auto need the gpu feature");
     std::process::exit(2);
+}
+
+/// Installs the OTLP export when `OTEL_EXPORTER_OTLP_ENDPOINT` names a collector.
+#[cfg(feature = "otlp")]
+fn export_traces(runtime: &tokio::runtime::Handle) -> Option<consensus::telemetry::OtlpGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let export = consensus::telemetry::TelemetryConfig::default()
+        .resolve("bench")
+        .expect("telemetry settings")?;
+    let (layer, guard) = export.layer(runtime.clone()).expect("OTLP exporter");
+    tracing_subscriber::registry().with(layer).init();
+    eprintln!("exporting traces to {}", export.traces_url);
+    Some(guard)
+}
+
+#[cfg(not(feature = "otlp"))]
+fn export_traces(_: &tokio::runtime::Handle) -> Option<()> {
+    None
 }

@@ -31,7 +31,7 @@ use consensus::sim::SimProtocol;
 use consensus::sim::byzantine::{Behaviour, Maverick};
 use consensus::storage::RecoveredState;
 use consensus::transport::Transport;
-use consensus::transport::tcp::TcpTransport;
+use consensus::transport::tcp::{Inbound, TcpTransport};
 
 /// Peer messages stepped as one round at most (one signature batch).
 const MAX_ROUND: usize = 1024;
@@ -122,11 +122,11 @@ async fn run(config: ConsensusConfig, behaviour: Behaviour) -> Result<(), String
     loop {
         tokio::select! {
             received = inbound.recv() => {
-                let Some((from, message)) = received else { break };
+                let Some(Inbound { from, message, .. }) = received else { break };
                 round.push(Envelope { from, to: core.id(), message });
                 while round.len() < MAX_ROUND {
                     match inbound.try_recv() {
-                        Ok((from, message)) => round.push(Envelope { from, to: core.id(), message }),
+                        Ok(Inbound { from, message, .. }) => round.push(Envelope { from, to: core.id(), message }),
                         Err(_) => break,
                     }
                 }

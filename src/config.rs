@@ -227,6 +227,13 @@ pub struct ConsensusConfig {
     /// and send it votes or entries. Only for a trusted network or a loopback test; the node
     /// logs a warning at start. Exclusive with `tls`.
     pub insecure_plaintext: bool,
+    /// The fraction of proposals traced end to end (`0.0..=1.0`, default 0.01; TOML
+    /// `trace_sample_ratio`; see [`telemetry`](crate::telemetry)). A traced proposal creates
+    /// spans on every node it passes; the others create none, which is what keeps tracing off
+    /// the hot path. A proposal made inside a span that OpenTelemetry samples (a traced HTTP
+    /// request, a caller's own trace) is traced whatever the ratio. Spans are recorded only when
+    /// a subscriber is installed; the crate never installs one.
+    pub trace_sample_ratio: f64,
 }
 
 /// The PEM files of [`ConsensusConfig::tls`]. Relative paths are resolved against the working
@@ -292,6 +299,7 @@ impl Default for ConsensusConfig {
             client_keys: Vec::new(),
             tls: None,
             insecure_plaintext: false,
+            trace_sample_ratio: 0.01,
         }
     }
 }
@@ -346,6 +354,8 @@ impl ConsensusConfig {
         gpu_config: GpuConfig,
         /// Sets [`ConsensusConfig::insecure_plaintext`].
         insecure_plaintext: bool,
+        /// Sets [`ConsensusConfig::trace_sample_ratio`].
+        trace_sample_ratio: f64,
     }
 
     /// Sets [`ConsensusConfig::tls`].
@@ -515,6 +525,13 @@ impl ConsensusConfig {
                 "insecure_plaintext",
                 "true".into(),
                 "contradicts [consensus.tls]: set one or the other",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return invalid(
+                "trace_sample_ratio",
+                self.trace_sample_ratio.to_string(),
+                "must be within 0.0..=1.0",
             );
         }
         let voters = self.voter_ids();
@@ -746,6 +763,7 @@ struct TomlConsensus {
     client_keys: Option<Vec<String>>,
     tls: Option<TlsFiles>,
     insecure_plaintext: Option<bool>,
+    trace_sample_ratio: Option<f64>,
 }
 
 impl TomlConsensus {
@@ -827,6 +845,7 @@ impl TomlConsensus {
         config.client_keys = self.client_keys.unwrap_or_default();
         config.tls = self.tls;
         config.insecure_plaintext = self.insecure_plaintext.unwrap_or(false);
+        config.trace_sample_ratio = self.trace_sample_ratio.unwrap_or(config.trace_sample_ratio);
         config.validate()?;
         Ok(config)
     }

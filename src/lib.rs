@@ -41,6 +41,7 @@ pub mod sim;
 pub mod state_machine;
 pub mod storage;
 mod sync;
+pub mod telemetry;
 pub mod transport;
 pub mod types;
 pub mod verify;

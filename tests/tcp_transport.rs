@@ -12,7 +12,7 @@ use bytes::Bytes;
 use consensus::protocol::raft::Message;
 use consensus::transport::Transport;
 use consensus::transport::tcp::{
-    NetworkConfig, PeerAddress, TcpTransport, TcpTransportConfig, TransportError,
+    Inbound, NetworkConfig, PeerAddress, TcpTransport, TcpTransportConfig, TransportError,
 };
 use consensus::{Entry, NodeId, Payload, ProposalTag};
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ struct TestMessage {
     body: String,
 }
 
-type Node = (TcpTransport<TestMessage>, Receiver<(NodeId, TestMessage)>);
+type Node = (TcpTransport<TestMessage>, Receiver<Inbound<TestMessage>>);
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const MAX_FRAME: usize = 64 * 1024;
@@ -77,14 +77,14 @@ fn message(from: u64, seq: u64) -> TestMessage {
 
 /// Receives until `wanted` matches, failing at the deadline.
 async fn receive_matching(
-    rx: &mut Receiver<(NodeId, TestMessage)>,
+    rx: &mut Receiver<Inbound<TestMessage>>,
     wanted: impl Fn(NodeId, &TestMessage) -> bool,
 ) -> TestMessage {
     let end = Instant::now() + DEADLINE;
     loop {
         let left = end.saturating_duration_since(Instant::now());
         match timeout(left, rx.recv()).await {
-            Ok(Some((from, message))) if wanted(from, &message) => return message,
+            Ok(Some(Inbound { from, message, .. })) if wanted(from, &message) => return message,
             Ok(Some(_)) => {}
             Ok(None) => panic!("inbound channel closed"),
             Err(_) => panic!("no matching message within {DEADLINE:?}"),
@@ -97,7 +97,7 @@ async fn receive_matching(
 async fn send_until_received(
     sender: &TcpTransport<TestMessage>,
     to: NodeId,
-    rx: &mut Receiver<(NodeId, TestMessage)>,
+    rx: &mut Receiver<Inbound<TestMessage>>,
 ) {
     let from = sender.node_id();
     let end = Instant::now() + DEADLINE;
@@ -107,7 +107,9 @@ async fn send_until_received(
             "{from} could not reach {to} within {DEADLINE:?}"
         );
         sender.send(to, message(from.0, seq));
-        if let Ok(Some((got_from, _))) = timeout(Duration::from_millis(20), rx.recv()).await {
+        if let Ok(Some(Inbound { from: got_from, .. })) =
+            timeout(Duration::from_millis(20), rx.recv()).await
+        {
             assert_eq!(got_from, from);
             return;
         }
@@ -127,7 +129,7 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
 async fn stream_in_order(
     sender: &TcpTransport<TestMessage>,
     to: NodeId,
-    rx: &mut Receiver<(NodeId, TestMessage)>,
+    rx: &mut Receiver<Inbound<TestMessage>>,
     count: u64,
 ) {
     let from = sender.node_id();
@@ -247,7 +249,9 @@ async fn three_transports_all_reach_each_other() {
     for (receiver, node) in nodes.iter_mut().enumerate() {
         let mut next_seq = [0u64; 4];
         for _ in 0..100 {
-            let (from, got) = timeout(DEADLINE, node.1.recv()).await.unwrap().unwrap();
+            let Inbound {
+                from, message: got, ..
+            } = timeout(DEADLINE, node.1.recv()).await.unwrap().unwrap();
             assert_eq!(from.0, got.from, "the sender id is the handshake's");
             assert_ne!(from.0, receiver as u64 + 1);
             assert_eq!(got.seq, next_seq[from.0 as usize], "in order from {from}");
@@ -577,7 +581,9 @@ async fn raft_messages_cross_the_wire_intact() {
         a.send(NodeId(2), message.clone());
     }
     for expected in &sent {
-        let (from, got) = timeout(DEADLINE, b_rx.recv()).await.unwrap().unwrap();
+        let Inbound {
+            from, message: got, ..
+        } = timeout(DEADLINE, b_rx.recv()).await.unwrap().unwrap();
         assert_eq!((from, &got), (NodeId(1), expected));
     }
 }

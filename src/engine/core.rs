@@ -277,16 +277,32 @@ impl CoreInputs {
         data: bytes::Bytes,
         reply: tokio::sync::oneshot::Sender<crate::engine::driver::Reply>,
         route: u32,
+        trace: Option<Box<tracing::Span>>,
     ) -> std::result::Result<(), TrySendError<()>> {
         match self {
             CoreInputs::Raft(sender) => sender
-                .try_send(DriverInput::Propose { data, reply, route })
+                .try_send(DriverInput::Propose {
+                    data,
+                    reply,
+                    route,
+                    trace,
+                })
                 .map_err(forget_input),
             CoreInputs::Pbft(sender) => sender
-                .try_send(DriverInput::Propose { data, reply, route })
+                .try_send(DriverInput::Propose {
+                    data,
+                    reply,
+                    route,
+                    trace,
+                })
                 .map_err(forget_input),
             CoreInputs::GpuRaft(sender) => sender
-                .try_send(DriverInput::Propose { data, reply, route })
+                .try_send(DriverInput::Propose {
+                    data,
+                    reply,
+                    route,
+                    trace,
+                })
                 .map_err(forget_input),
         }
     }

@@ -17,13 +17,15 @@ use tokio::sync::{oneshot, watch};
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
+use crate::engine::traces::ProposalTraces;
 use crate::error::StorageError;
 use crate::metrics::Metrics;
 use crate::protocol::{Envelope, Event, Input, Output, Protocol};
 use crate::storage::LogStore;
 use crate::sync::lock;
+use crate::telemetry::TraceAttachment;
 use crate::transport::Transport;
-use crate::types::{LogIndex, NodeId, Term};
+use crate::types::{LogIndex, NodeId, ProposalTag, Term};
 
 /// What the driver answers a client with.
 pub(crate) type Reply = Result<Applied, Unanswered>;
@@ -51,10 +53,14 @@ pub(crate) enum DriverInput<P: Protocol> {
         reply: oneshot::Sender<Reply>,
         /// Where the answer goes (see [`crate::engine::reply`]).
         route: u32,
+        /// The proposal's span, when it is traced (see [`crate::telemetry`]).
+        trace: Option<Box<tracing::Span>>,
     },
     Peer {
         from: NodeId,
         message: P::Message,
+        /// The trace context of a traced proposal the message carries.
+        trace: Option<Box<TraceAttachment>>,
     },
     Control(P::Control),
     /// The transport's hint that every connection to this peer broke.
@@ -100,7 +106,22 @@ impl<P: Protocol> Inbox<P> {
     /// Delivers a message from `from`. Returns false if it was dropped (queue full or engine
     /// stopped).
     pub fn deliver(&self, from: NodeId, message: P::Message) -> bool {
-        match self.sender.try_send(DriverInput::Peer { from, message }) {
+        self.deliver_traced(from, message, None)
+    }
+
+    /// [`Inbox::deliver`], with the trace attachment that came with the message.
+    pub fn deliver_traced(
+        &self,
+        from: NodeId,
+        message: P::Message,
+        trace: Option<Box<TraceAttachment>>,
+    ) -> bool {
+        let input = DriverInput::Peer {
+            from,
+            message,
+            trace,
+        };
+        match self.sender.try_send(input) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
@@ -163,6 +184,11 @@ pub(crate) struct Driver<P: Protocol> {
     /// The last log index the store holds durably (what it recovered, then what each persist
     /// appended, less what a persist truncated).
     pub(crate) persisted_through: LogIndex,
+    /// The traced proposals this node follows (see [`crate::telemetry`]).
+    pub(crate) traces: ProposalTraces,
+    /// The election under way, from the moment this node lost its leader until it learns a new
+    /// one.
+    pub(crate) election: Option<tracing::Span>,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -199,6 +225,9 @@ impl<P: Protocol> Driver<P> {
                 self.node.step(Input::Tick, &mut out);
                 next_tick = now + self.settings.tick;
                 self.apply.expire(now, &mut self.answers);
+                if !self.traces.is_empty() {
+                    self.traces.expire(now, self.settings.request_timeout);
+                }
                 // Once a tick is often enough for a gauge, and keeps it off the hot path.
                 self.metrics
                     .set_replication_lag(&self.node.replication_lag());
@@ -289,16 +318,37 @@ impl<P: Protocol> Driver<P> {
         peer_messages: &mut Vec<Envelope<P::Message>>,
     ) -> bool {
         match input {
-            DriverInput::Propose { data, reply, route } => {
+            DriverInput::Propose {
+                data,
+                reply,
+                route,
+                trace,
+            } => {
                 let deadline = now + self.settings.request_timeout;
                 let request_id = self.apply.submit((reply, route), now, deadline);
+                if let Some(span) = trace {
+                    let tag = ProposalTag {
+                        proposer: self.node.id(),
+                        request_id,
+                    };
+                    self.traces.proposed(tag, *span, now);
+                }
                 self.node.step(Input::Propose { request_id, data }, out);
             }
-            DriverInput::Peer { from, message } => peer_messages.push(Envelope {
+            DriverInput::Peer {
                 from,
-                to: self.node.id(),
                 message,
-            }),
+                trace,
+            } => {
+                if let Some(attachment) = trace {
+                    self.traces.received::<P>(from, &message, &attachment, now);
+                }
+                peer_messages.push(Envelope {
+                    from,
+                    to: self.node.id(),
+                    message,
+                })
+            }
             DriverInput::Control(control) => self.node.step(Input::Control(control), out),
             DriverInput::PeerUnreachable(peer) => {
                 // After the messages that arrived before it: a leader's last heartbeat must not
@@ -317,8 +367,11 @@ impl<P: Protocol> Driver<P> {
     /// asked for in turn.
     fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
         loop {
+            if !self.traces.is_empty() && !out.write.append.is_empty() {
+                self.traces.appending(&out.write.append);
+            }
             for envelope in out.messages.drain(..) {
-                self.transport.send(envelope.to, envelope.message);
+                send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
             }
             // Under load a round that learns a commit usually also appends newer entries: the
             // committed ones a previous persist made durable are answered before this one's
@@ -329,10 +382,12 @@ impl<P: Protocol> Driver<P> {
             if durable_committed > 0 {
                 self.apply_committed(out, durable_committed);
             }
+            let mut write_took = Duration::ZERO;
             if !out.write.is_empty() {
                 let started = Instant::now();
                 self.store.persist(&out.write)?;
-                self.metrics.record_fsync(started.elapsed());
+                write_took = started.elapsed();
+                self.metrics.record_fsync(write_took);
             }
             if let Some(from) = out.write.truncate_from {
                 self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
@@ -340,9 +395,15 @@ impl<P: Protocol> Driver<P> {
             let durable = out.write.last_appended();
             if let Some((index, _)) = durable {
                 self.persisted_through = index;
+                if !self.traces.is_empty() {
+                    self.traces.persisted(index, write_took);
+                }
             }
             for envelope in out.messages_after_write.drain(..) {
-                self.transport.send(envelope.to, envelope.message);
+                send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
+            }
+            if !self.traces.is_empty() {
+                self.traces.acknowledged();
             }
             if !out.committed.is_empty() {
                 let all = out.committed.len();
@@ -354,9 +415,12 @@ impl<P: Protocol> Driver<P> {
                 .iter()
                 .any(|e| matches!(e, Event::LeaderChanged { .. }));
             for event in &out.events {
-                if let Event::ByzantineDetected { offender, offence } = *event {
-                    self.metrics.record_byzantine_detection();
-                    lock(&self.byzantine).detected(offender, offence);
+                match *event {
+                    Event::ByzantineDetected { offender, offence } => {
+                        self.metrics.record_byzantine_detection();
+                        lock(&self.byzantine).detected(offender, offence);
+                    }
+                    Event::LeaderChanged { term, leader } => self.trace_leader_change(term, leader),
                 }
             }
             out.clear();
@@ -385,6 +449,9 @@ impl<P: Protocol> Driver<P> {
     /// reading: the state machine has finished with each of them by then.
     fn apply_committed(&mut self, out: &mut Output<P::Message>, count: usize) {
         let committed_at = Instant::now();
+        if !self.traces.is_empty() {
+            self.traces.committed(&out.committed[..count]);
+        }
         self.apply
             .apply(out.committed.drain(..count), &mut self.answers);
         self.answer(Some(committed_at));
@@ -445,6 +512,40 @@ impl<P: Protocol> Driver<P> {
         self.answer(None);
     }
 
+    /// Spans of elections and leader changes (a PBFT leader change is a view change, its term
+    /// the view): an election lasts from the moment this node knows no leader until it learns
+    /// one; each change is a span of its own, kept whatever the sampling ratio.
+    fn trace_leader_change(&mut self, term: Term, leader: Option<NodeId>) {
+        let node = self.node.id();
+        match leader {
+            None => {
+                if self.election.is_none() {
+                    self.election = Some(tracing::info_span!(
+                        target: "consensus::trace",
+                        "consensus.election",
+                        consensus.node = %node,
+                        consensus.term = term,
+                        consensus.leader = tracing::field::Empty,
+                    ));
+                }
+            }
+            Some(leader) => {
+                if let Some(election) = self.election.take() {
+                    election.record("consensus.term", term);
+                    election.record("consensus.leader", tracing::field::display(leader));
+                }
+                let _change = tracing::info_span!(
+                    target: "consensus::trace",
+                    "consensus.leader_change",
+                    consensus.node = %node,
+                    consensus.term = term,
+                    consensus.leader = %leader,
+                    consensus.is_leader = leader == node,
+                );
+            }
+        }
+    }
+
     fn publish_leader(&self) {
         let status = self.node.status();
         let info = LeaderInfo {
@@ -456,5 +557,24 @@ impl<P: Protocol> Driver<P> {
         for callback in lock(&self.leader_callbacks).iter() {
             callback(info.leader);
         }
+    }
+}
+
+/// Sends one message, with the trace attachment of a traced proposal it carries (looked up
+/// only while some proposal is traced).
+fn send<P: Protocol>(
+    transport: &dyn Transport<P::Message>,
+    traces: &ProposalTraces,
+    this: NodeId,
+    envelope: Envelope<P::Message>,
+) {
+    let attachment = if traces.is_empty() {
+        None
+    } else {
+        traces.attachment_for::<P>(this, envelope.to, &envelope.message)
+    };
+    match attachment {
+        Some(attachment) => transport.send_traced(envelope.to, envelope.message, attachment),
+        None => transport.send(envelope.to, envelope.message),
     }
 }

@@ -9,6 +9,7 @@ use crate::engine::driver::Inbox;
 use crate::protocol::Protocol;
 use crate::protocol::raft::RaftNode;
 use crate::sync::{read, write};
+use crate::telemetry::TraceAttachment;
 use crate::transport::Transport;
 use crate::types::NodeId;
 
@@ -84,6 +85,13 @@ impl<P: Protocol> Transport<P::Message> for LocalTransport<P> {
         let inbox = read(&self.network.inboxes).get(&to).cloned();
         if let Some(inbox) = inbox {
             inbox.deliver(self.from, message);
+        }
+    }
+
+    fn send_traced(&self, to: NodeId, message: P::Message, trace: TraceAttachment) {
+        let inbox = read(&self.network.inboxes).get(&to).cloned();
+        if let Some(inbox) = inbox {
+            inbox.deliver_traced(self.from, message, Some(Box::new(trace)));
         }
     }
 }

@@ -23,6 +23,7 @@ mod local;
 mod pending;
 mod reply;
 mod retained;
+mod traces;
 
 pub use self::core::EngineNetwork;
 pub use driver::{Inbox, LeaderInfo};
@@ -49,7 +50,7 @@ use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
 use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
 use crate::sync::lock;
 use crate::transport::Transport;
-use crate::transport::tcp::TcpTransport;
+use crate::transport::tcp::{Inbound, TcpTransport};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
@@ -110,6 +111,8 @@ pub struct ConsensusEngine {
     replies: Arc<ReplyRouter>,
     /// Without a durable store: the node's state between a stop and the next start.
     retained: RetainedState,
+    /// Picks the proposals that are traced.
+    trace_sampler: crate::telemetry::TraceSampler,
     running: Option<Running>,
 }
 
@@ -130,6 +133,7 @@ impl ConsensusEngine {
     /// validator table ([`ConsensusConfig::signing_identity`]) here, so that a key problem is
     /// reported before anything starts.
     pub fn new(config: ConsensusConfig) -> Result<Self> {
+        let trace_sampler = crate::telemetry::TraceSampler::new(config.trace_sample_ratio);
         config.validate()?;
         let byzantine_config = crate::byzantine::ByzantineConfig {
             fault_threshold: config.byzantine_threshold,
@@ -163,6 +167,7 @@ impl ConsensusEngine {
             leader_callbacks: Arc::new(Mutex::new(Vec::new())),
             replies: Arc::new(ReplyRouter::default()),
             retained: RetainedState::default(),
+            trace_sampler,
             running: None,
         })
     }
@@ -445,6 +450,8 @@ impl ConsensusEngine {
             },
             replies: ReplyPoster::new(self.replies.clone()),
             retain,
+            traces: traces::ProposalTraces::default(),
+            election: None,
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);
@@ -538,12 +545,12 @@ impl ConsensusEngine {
                     // Messages already received go in before a hint that came after them.
                     biased;
                     message = inbound.recv() => match message {
-                        Some((from, message)) => {
+                        Some(Inbound { from, message, trace }) => {
                             received
                                 .entry(from)
                                 .or_insert_with(|| metrics.peer_messages_from(from))
                                 .inc();
-                            inbox.deliver(from, message);
+                            inbox.deliver_traced(from, message, trace);
                         }
                         None => break,
                     },
@@ -754,7 +761,8 @@ impl ConsensusEngine {
             .ok_or(Error::InvalidState("engine not started"))?;
         let (reply, answer) = oneshot::channel();
         let route = self.replies.route_here();
-        match running.inputs.propose(data, reply, route) {
+        let trace = self.proposal_span();
+        match running.inputs.propose(data, reply, route, trace) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Error::Rejected(RejectReason::QueueFull));
@@ -773,6 +781,29 @@ impl ConsensusEngine {
             Ok(Err(Unanswered::Stopped(reason))) => Err(Error::Stopped(reason)),
             Err(_) => Err(Error::Stopped("engine stopped".into())),
         }
+    }
+
+    /// The span of a proposal about to be submitted, if it is traced: one in
+    /// [`ConsensusConfig::trace_sample_ratio`], and every one made inside a span that
+    /// OpenTelemetry samples (the caller chose to trace it). `None` also when no subscriber
+    /// records the span.
+    fn proposal_span(&self) -> Option<Box<tracing::Span>> {
+        let chosen_by_caller = {
+            let current = tracing::Span::current();
+            !current.is_disabled()
+                && crate::telemetry::TraceContext::of_span(&current)
+                    .is_some_and(|context| context.is_sampled())
+        };
+        if !chosen_by_caller && !self.trace_sampler.pick() {
+            return None;
+        }
+        let span = tracing::info_span!(
+            target: "consensus::trace",
+            "consensus.proposal",
+            consensus.node = %self.config.node_id,
+            consensus.request_id = tracing::field::Empty,
+        );
+        (!span.is_disabled()).then(|| Box::new(span))
     }
 
     /// Asks the leader to hand leadership to `to` (only meaningful on the leader; Raft only:

@@ -677,6 +677,12 @@ impl GpuContext {
     /// Counts one call answered by a CPU backend because of `error` (a timeout or a lost device).
     pub fn record_cpu_fallback(&self, error: &GpuError) {
         self.cpu_fallbacks.inc();
+        let _fallback = tracing::info_span!(
+            target: "consensus::gpu",
+            "gpu.cpu_fallback",
+            gpu.adapter = %self.info.name,
+            error.type = %error,
+        );
         tracing::warn!(%error, adapter = %self.info.name, "GPU call answered by the CPU backend");
     }
 

@@ -24,20 +24,68 @@ use crate::engine::ConsensusEngine;
 use crate::error::{Error, StorageError};
 use crate::keys::decode_hex;
 use crate::protocol::RejectReason;
+use crate::telemetry::{TraceContext, TraceSampler};
 
 /// The largest request body accepted (1 MiB); larger ones get 413 Payload Too Large.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The routes, serving `engine` (which must run a [`KvStore`]).
 pub fn router(engine: Arc<ConsensusEngine>) -> Router {
+    let sampler = TraceSampler::new(engine.config().trace_sample_ratio);
     Router::new()
         .route("/kv/{key}", get(get_key).put(put_key).delete(delete_key))
         .route("/kv/{key}/cas", post(cas_key))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/byzantine", get(byzantine))
+        .route_layer(axum::middleware::from_fn_with_state(sampler, trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(engine)
+}
+
+/// Runs a request inside an `http.server` span when it is traced: when it names a sampled
+/// W3C `traceparent` (the caller's trace continues here), or when the sampler picks it (the
+/// engine's `trace_sample_ratio`). The engine traces every proposal made inside a sampled
+/// span, so a traced request's proposal is traced too. Other requests create no span.
+async fn trace_request(
+    State(sampler): State<TraceSampler>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use tracing::Instrument;
+    let parent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(TraceContext::from_traceparent)
+        .filter(TraceContext::is_sampled);
+    if parent.is_none() && !sampler.pick() {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |path| path.as_str().to_owned(),
+        );
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        target: "consensus::trace",
+        "http.server",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(parent) = parent {
+        parent.adopt(&span);
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// The body of `POST /kv/{key}/cas`.

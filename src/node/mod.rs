@@ -82,6 +82,9 @@ pub enum NodeError {
     /// The HTTP listener or the runtime failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The `[telemetry]` table (or an `OTEL_*` variable) is invalid.
+    #[error("{0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 impl NodeError {
@@ -92,6 +95,7 @@ impl NodeError {
             | NodeError::Config(_)
             | NodeError::HttpAddress { .. }
             | NodeError::KeyFile(_)
+            | NodeError::Telemetry(_)
             | NodeError::Engine(Error::Config(_) | Error::Unsupported { .. }) => EXIT_CONFIG,
             NodeError::Engine(Error::Storage(_)) => EXIT_STORAGE,
             _ => EXIT_FAILURE,
@@ -114,11 +118,16 @@ pub struct NodeConfig {
     /// the cluster CA (`ca.pem`); certificates from `gen-certs` name `localhost`, `127.0.0.1`
     /// and `::1` as well as the node.
     pub http_tls: bool,
+    /// `[telemetry]`: OTLP export of traces (off unless an endpoint is named, here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Its `sample_ratio`, when set, is also the engine's
+    /// [`ConsensusConfig::trace_sample_ratio`].
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Deserialize)]
 struct HttpDocument {
     http: Option<HttpTable>,
+    telemetry: Option<crate::telemetry::TelemetryConfig>,
 }
 
 #[derive(Deserialize)]
@@ -141,10 +150,14 @@ impl NodeConfig {
 
     /// Parses a configuration document.
     pub fn parse(text: &str, http_override: Option<&str>) -> Result<Self, NodeError> {
-        let consensus = ConsensusConfig::from_toml_str(text)?;
+        let mut consensus = ConsensusConfig::from_toml_str(text)?;
         let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
-            reason: format!("[http]: {}", error.message()),
+            reason: format!("[http] or [telemetry]: {}", error.message()),
         })?;
+        let telemetry = document.telemetry.unwrap_or_default();
+        if telemetry.sample_ratio.is_some() {
+            consensus.trace_sample_ratio = telemetry.sample_ratio()?;
+        }
         let (configured, http_token_file, http_tls) = match document.http {
             Some(table) => (table.address, table.token_file, table.tls.unwrap_or(false)),
             None => (None, None, false),
@@ -172,6 +185,7 @@ impl NodeConfig {
             http_address,
             http_token_file,
             http_tls,
+            telemetry,
         })
     }
 }
@@ -458,12 +472,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             Err(error) => return fail(error),
         },
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -471,11 +479,59 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let _export = match install_subscriber(&config, runtime.handle()) {
+        Ok(export) => export,
+        Err(error) => return fail(error),
+    };
     match runtime.block_on(run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("consensus-node: {error}");
             ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Installs the node's subscriber: log lines on stderr (`RUST_LOG`, default `info`) and, when
+/// `[telemetry]` or `OTEL_EXPORTER_OTLP_ENDPOINT` names a collector, the OTLP export of the
+/// engine's spans (targets under `consensus`, `INFO` and up). The guard flushes the export when
+/// dropped, after the node stopped.
+fn install_subscriber(
+    config: &NodeConfig,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Option<crate::telemetry::OtlpGuard>, NodeError> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Spans are not log lines: the log filter keeps every span out, so that only the exporter
+    // records them.
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            !metadata.is_span()
+        }));
+    let export = config.telemetry.resolve(&config.consensus.node_id)?;
+    match export {
+        None => {
+            let _ = tracing_subscriber::registry().with(logs).try_init();
+            Ok(None)
+        }
+        Some(export) => {
+            let (layer, guard) = export.layer(runtime.clone())?;
+            let _ = tracing_subscriber::registry()
+                .with(logs)
+                .with(layer)
+                .try_init();
+            tracing::info!(
+                endpoint = %export.traces_url,
+                service = %export.service_name,
+                sample_ratio = export.sample_ratio,
+                "telemetry: exporting traces over OTLP/HTTP"
+            );
+            Ok(Some(guard))
         }
     }
 }

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::storage::LogWrite;
 use crate::storage::RecoveredState;
-use crate::types::{Entry, LogIndex, NodeId, Term};
+use crate::types::{Entry, LogIndex, NodeId, ProposalTag, Term};
 
 /// A message with its sender and receiver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,8 +340,32 @@ pub(crate) fn drop_refused<M>(
     refused.iter().flatten().count()
 }
 
+/// What carrying proposals means to a message's receiver: which span it opens for a traced one
+/// (see [`crate::telemetry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carriage {
+    /// The message carries no proposal.
+    Nothing,
+    /// Client proposals on their way to the leader (primary), which orders them.
+    Forwarded,
+    /// Ordered proposals (log entries, a pre-prepared batch) for the receiver to store.
+    Entries,
+}
+
 /// A sans-IO consensus core. See the [module documentation](self) for the driver's contract.
 pub trait Protocol: Send + 'static {
+    /// For traces: calls `visit` with the tag of each proposal that `message`, sent by `sender`,
+    /// carries, and says what carrying them means. The default carries nothing (no proposal's
+    /// trace crosses nodes).
+    fn carried_proposals(
+        message: &Self::Message,
+        sender: NodeId,
+        visit: &mut dyn FnMut(ProposalTag),
+    ) -> Carriage {
+        let _ = (message, sender, visit);
+        Carriage::Nothing
+    }
+
     /// What nodes of this protocol send each other.
     type Message: Clone + std::fmt::Debug + Send + 'static;
     /// Operator requests beyond proposals (e.g. a leadership transfer).

@@ -1,6 +1,7 @@
 //! How messages leave a node. The engine hands every outgoing message to a [`Transport`]; inbound
 //! messages arrive on a channel the transport was built with.
 
+use crate::telemetry::TraceAttachment;
 use crate::types::NodeId;
 
 /// Sends messages to peers, fire and forget: delivery may fail, be delayed, reordered or
@@ -9,6 +10,14 @@ use crate::types::NodeId;
 pub trait Transport<M>: Send + Sync {
     /// Queues `message` for `to`.
     fn send(&self, to: NodeId, message: M);
+
+    /// Queues `message`, which carries a traced proposal, for `to` with the trace context the
+    /// receiver continues the proposal's trace from (see [`crate::telemetry`]). A transport
+    /// that cannot carry it sends the message alone, which costs the trace, not the message.
+    fn send_traced(&self, to: NodeId, message: M, trace: TraceAttachment) {
+        let _ = trace;
+        self.send(to, message);
+    }
 }
 
 pub mod simulated;

@@ -65,6 +65,7 @@ pub use address::{PeerAddress, PeerAddressError};
 pub use tls::{PeerTls, TlsError};
 
 use crate::error::ConfigError;
+use crate::telemetry::TraceAttachment;
 use crate::transport::Transport;
 use crate::types::NodeId;
 
@@ -303,14 +304,29 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
+/// A message a peer delivered, with the trace context of the traced proposal it carries, if any
+/// (see [`crate::telemetry`]).
+#[derive(Debug)]
+pub struct Inbound<M> {
+    /// The peer, as its handshake (and certificate) identified it.
+    pub from: NodeId,
+    /// The message.
+    pub message: M,
+    /// The trace attachment that came with it.
+    pub trace: Option<Box<TraceAttachment>>,
+}
+
+/// A queued message and its trace attachment.
+pub(crate) type Outgoing<M> = (M, Option<Box<TraceAttachment>>);
+
 /// State shared by the transport handle and its tasks.
 struct Shared<M> {
     config: TcpTransportConfig,
     counters: Counters,
     /// Peer id → that peer's queue. Configured ids are here from the start, learned ones from
     /// their first handshake.
-    routes: RwLock<HashMap<NodeId, mpsc::Sender<M>>>,
-    inbound: mpsc::Sender<(NodeId, M)>,
+    routes: RwLock<HashMap<NodeId, mpsc::Sender<Outgoing<M>>>>,
+    inbound: mpsc::Sender<Inbound<M>>,
     /// Where peers whose connections broke are reported (see [`TcpTransport::unreachable_peers`]).
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     shutdown: CancellationToken,
@@ -319,11 +335,15 @@ struct Shared<M> {
 }
 
 impl<M> Shared<M> {
-    fn routes_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, mpsc::Sender<M>>> {
+    fn routes_read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, mpsc::Sender<Outgoing<M>>>> {
         crate::sync::read(&self.routes)
     }
 
-    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, mpsc::Sender<M>>> {
+    fn routes_write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, mpsc::Sender<Outgoing<M>>>> {
         crate::sync::write(&self.routes)
     }
 
@@ -364,7 +384,7 @@ where
     pub async fn start(
         config: TcpTransportConfig,
         peers: Vec<PeerAddress>,
-    ) -> Result<(Self, mpsc::Receiver<(NodeId, M)>), TransportError> {
+    ) -> Result<(Self, mpsc::Receiver<Inbound<M>>), TransportError> {
         config.validate()?;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
@@ -479,6 +499,16 @@ where
     M: Send + 'static,
 {
     fn send(&self, to: NodeId, message: M) {
+        self.enqueue(to, (message, None));
+    }
+
+    fn send_traced(&self, to: NodeId, message: M, trace: TraceAttachment) {
+        self.enqueue(to, (message, Some(Box::new(trace))));
+    }
+}
+
+impl<M> TcpTransport<M> {
+    fn enqueue(&self, to: NodeId, message: Outgoing<M>) {
         let counters = &self.shared.counters;
         let routes = self.shared.routes_read();
         let Some(queue) = routes.get(&to) else {

@@ -600,20 +600,40 @@ pub fn run_building_block(
 
 impl SignatureVerifier for GpuSignatureVerifier {
     fn verify_batch(&self, items: &[SignatureItem<'_>]) -> Result<Vec<bool>, SigVerifyError> {
+        // Upload: hashing, packing, writing and submitting; run: from the submission until the
+        // verdicts are read back (a read-back waits for the run, so the two are one figure).
+        let span = tracing::info_span!(
+            target: "consensus::gpu",
+            "gpu.dispatch",
+            gpu.kernel = "ed25519_verify",
+            gpu.adapter = %self.context.adapter_name(),
+            gpu.batch_size = items.len(),
+            gpu.submissions = tracing::field::Empty,
+            gpu.upload_us = tracing::field::Empty,
+            gpu.run_and_read_back_us = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let (mut upload, mut run, mut submissions) = (Duration::ZERO, Duration::ZERO, 0u64);
         let mut verdicts = Vec::with_capacity(items.len());
         let started = Instant::now();
         let mut next_report = started + PROGRESS_INTERVAL;
         let mut rest = items;
         let mut next = take_front(&mut rest, self.items_per_submission());
         let mut packed = Self::pack(next);
+        upload += started.elapsed();
         while !next.is_empty() {
+            let submitting = Instant::now();
             let in_flight = self.submit_dispatch(&packed, next.len())?;
             // Overlap: hash and pack the next submission while the GPU runs this one.
             next = take_front(&mut rest, self.items_per_submission());
             if !next.is_empty() {
                 packed = Self::pack(next);
             }
+            upload += submitting.elapsed();
+            let reading = Instant::now();
             self.finish_dispatch(in_flight, &mut verdicts)?;
+            run += reading.elapsed();
+            submissions += 1;
             if verdicts.len() < items.len() && Instant::now() >= next_report {
                 tracing::info!(
                     verified = verdicts.len(),
@@ -625,6 +645,9 @@ impl SignatureVerifier for GpuSignatureVerifier {
                 next_report = Instant::now() + PROGRESS_INTERVAL;
             }
         }
+        span.record("gpu.submissions", submissions);
+        span.record("gpu.upload_us", upload.as_micros() as u64);
+        span.record("gpu.run_and_read_back_us", run.as_micros() as u64);
         Ok(verdicts)
     }
 

@@ -284,6 +284,14 @@ impl GpuVoteAggregator {
             // Nothing to dispatch: the empty outcome is the definition's answer.
             return Ok(finish(Vec::new(), Vec::new(), self.threshold));
         }
+        let span = tracing::info_span!(
+            target: "consensus::gpu",
+            "gpu.dispatch",
+            gpu.kernel = "vote_tally",
+            gpu.adapter = %self.context.adapter_name(),
+            gpu.batch_size = votes.len(),
+        );
+        let _entered = span.enter();
         let max = self.max_votes_per_pass();
         if votes.len() <= max {
             let result = self.upload_and_run(votes.len(), votes.iter().map(GpuVote::from))?;

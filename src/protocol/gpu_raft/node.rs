@@ -959,6 +959,19 @@ impl Protocol for GpuRaftNode {
     type Message = Message;
     type Control = Control;
 
+    fn carried_proposals(
+        message: &Message,
+        sender: NodeId,
+        visit: &mut dyn FnMut(crate::types::ProposalTag),
+    ) -> crate::protocol::Carriage {
+        match message {
+            Message::Raft(message) | Message::Certified { message, .. } => {
+                RaftNode::carried_proposals(message, sender, visit)
+            }
+            _ => crate::protocol::Carriage::Nothing,
+        }
+    }
+
     const AUTHENTICATES: bool = true;
 
     fn id(&self) -> NodeId {

@@ -810,6 +810,23 @@ impl Protocol for PbftNode {
     type Message = Message;
     type Control = Control;
 
+    fn carried_proposals(
+        message: &Message,
+        _sender: NodeId,
+        visit: &mut dyn FnMut(crate::types::ProposalTag),
+    ) -> crate::protocol::Carriage {
+        use crate::protocol::Carriage;
+        let (requests, carriage) = match message {
+            Message::Forward(requests) => (requests, Carriage::Forwarded),
+            Message::PrePrepare { batch, .. } => (&batch.requests, Carriage::Entries),
+            _ => return Carriage::Nothing,
+        };
+        for request in requests {
+            visit(request.tag);
+        }
+        carriage
+    }
+
     fn id(&self) -> NodeId {
         self.config.id
     }

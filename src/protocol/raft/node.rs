@@ -341,6 +341,35 @@ impl Protocol for RaftNode {
     type Message = Message;
     type Control = Control;
 
+    fn carried_proposals(
+        message: &Message,
+        sender: NodeId,
+        visit: &mut dyn FnMut(crate::types::ProposalTag),
+    ) -> crate::protocol::Carriage {
+        use crate::protocol::Carriage;
+        use crate::types::{Payload, ProposalTag};
+        match message {
+            Message::ForwardProposals { proposals, .. } => {
+                for &(request_id, _) in proposals {
+                    visit(ProposalTag {
+                        proposer: sender,
+                        request_id,
+                    });
+                }
+                Carriage::Forwarded
+            }
+            Message::AppendEntries { entries, .. } if !entries.is_empty() => {
+                for entry in entries {
+                    if let Payload::Command { tag, .. } = &entry.payload {
+                        visit(*tag);
+                    }
+                }
+                Carriage::Entries
+            }
+            _ => Carriage::Nothing,
+        }
+    }
+
     fn id(&self) -> NodeId {
         self.config.id
     }

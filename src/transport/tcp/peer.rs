@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use super::wire::{self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal};
-use super::{PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
+use super::{Outgoing, PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
 use crate::types::NodeId;
 
 /// Exponential backoff with jitter, so that nodes restarted together do not redial in lockstep.
@@ -92,8 +92,8 @@ enum DialError {
 pub(super) async fn run<M>(
     shared: Arc<Shared<M>>,
     address: PeerAddress,
-    queue_tx: mpsc::Sender<M>,
-    mut queue: mpsc::Receiver<M>,
+    queue_tx: mpsc::Sender<Outgoing<M>>,
+    mut queue: mpsc::Receiver<Outgoing<M>>,
 ) where
     M: Serialize + Send + 'static,
 {
@@ -302,7 +302,7 @@ fn deadline_in(timeout: Duration) -> tarpc::context::Context {
 async fn send_batches<M>(
     shared: &Arc<Shared<M>>,
     connection: Connection,
-    queue: &mut mpsc::Receiver<M>,
+    queue: &mut mpsc::Receiver<Outgoing<M>>,
     carry: &mut Option<Vec<u8>>,
 ) -> Ended
 where
@@ -378,7 +378,7 @@ where
 /// The next message to send, encoded: the carried-over one or the next from the queue. `None`
 /// when the queue is closed (the transport is shutting down).
 async fn next_encoded<M: Serialize>(
-    queue: &mut mpsc::Receiver<M>,
+    queue: &mut mpsc::Receiver<Outgoing<M>>,
     carry: &mut Option<Vec<u8>>,
     max_body: usize,
     counters: &super::Counters,
@@ -397,11 +397,11 @@ async fn next_encoded<M: Serialize>(
 /// Encodes a message for a batch body, or counts and logs it as dropped when it cannot be
 /// encoded or would not fit in `max_body` bytes on its own.
 fn encode<M: Serialize>(
-    message: &M,
+    (message, trace): &Outgoing<M>,
     max_body: usize,
     counters: &super::Counters,
 ) -> Option<Vec<u8>> {
-    match wire::encode_message(message) {
+    match wire::encode_traced_message(message, trace.as_deref()) {
         Ok(encoded) if encoded.len() <= max_body => Some(encoded),
         Ok(encoded) => {
             bump(&counters.dropped_undelivered, 1);

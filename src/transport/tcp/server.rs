@@ -253,22 +253,26 @@ where
             self.close.cancel();
             return Err(Refusal::NotIntroduced);
         };
-        let messages: Vec<M> =
-            match wire::open_payload(&payload, self.shared.config.max_frame_bytes) {
-                Ok(messages) => messages,
-                Err(error) => {
-                    tracing::error!(
-                        remote = %self.remote, %from, %error,
-                        "closing inbound connection: malformed batch"
-                    );
-                    bump(&self.shared.counters.connections_rejected, 1);
-                    self.close.cancel();
-                    return Err(Refusal::MalformedBatch(error.to_string()));
-                }
-            };
-        for message in messages {
+        let messages = match wire::open_payload::<M>(&payload, self.shared.config.max_frame_bytes) {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::error!(
+                    remote = %self.remote, %from, %error,
+                    "closing inbound connection: malformed batch"
+                );
+                bump(&self.shared.counters.connections_rejected, 1);
+                self.close.cancel();
+                return Err(Refusal::MalformedBatch(error.to_string()));
+            }
+        };
+        for (message, trace) in messages {
             // Waiting here when the receiver lags stops reading this socket: backpressure.
-            if self.shared.inbound.send((from, message)).await.is_err() {
+            let inbound = super::Inbound {
+                from,
+                message,
+                trace,
+            };
+            if self.shared.inbound.send(inbound).await.is_err() {
                 // The receiver is gone: the node is shutting down.
                 return Ok(());
             }
@@ -356,7 +360,8 @@ mod tests {
             .unwrap();
         assert_eq!(answer.node_id, NodeId(1));
         client.deliver(context(), good).await.unwrap().unwrap();
-        assert_eq!(inbound.recv().await, Some((NodeId(5), "hi".to_owned())));
+        let received = inbound.recv().await.map(|got| (got.from, got.message));
+        assert_eq!(received, Some((NodeId(5), "hi".to_owned())));
         let again = client.hello(context(), hello("c", 6)).await.unwrap();
         assert_eq!(again, Err(Refusal::AlreadyIntroduced(NodeId(5))));
         let malformed = client

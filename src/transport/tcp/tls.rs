@@ -661,6 +661,7 @@ mod tests {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.recv())
             .await
             .unwrap();
+        let first = first.map(|got| (got.from, got.message));
         assert_eq!(first, Some((node_2, "honest".to_owned())));
 
         // No certificate at all (plain TCP), a certificate of another CA claiming node-2, and
@@ -705,7 +706,7 @@ mod tests {
             let next = tokio::time::timeout_at(deadline.into(), inbound.recv())
                 .await
                 .expect("the honest peer's second message never arrived");
-            let (from, message) = next.unwrap();
+            let super::super::Inbound { from, message, .. } = next.unwrap();
             assert_ne!(message, "forged", "a forged message reached the receiver");
             assert_eq!(from, node_2);
             if message == "honest again" {

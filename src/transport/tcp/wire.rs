@@ -4,6 +4,9 @@
 //! A batch payload is one flag byte, then the body: `0` = the body as is; `1` = a little-endian
 //! `u32` of the body's length followed by the body compressed as one LZ4 block. The body is a run
 //! of messages, each a little-endian `u32` length and the message in bincode (varint integers).
+//! A length with its top bit set marks a message that carries a traced proposal: the
+//! [`TraceAttachment`] (41 bytes) comes between the length and the message, and the length
+//! (less that bit) counts the message alone.
 //! Payloads are compressed only when the sender enables `message_compression`, the body is at
 //! least [`COMPRESSION_THRESHOLD`] bytes, and compression makes it smaller; a receiver decodes
 //! both forms whatever its own setting.
@@ -18,11 +21,15 @@ use serde::{Deserialize, Serialize};
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_serde::{Deserializer, Serializer};
 
+use crate::telemetry::TraceAttachment;
 use crate::types::NodeId;
 
 /// Version of this wire protocol; a peer speaking another one is refused in the handshake.
-/// 2: Raft's `Commit` message and the `NotCertified` refusal.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+/// 2: Raft's `Commit` message and the `NotCertified` refusal. 3: trace attachments.
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
+
+/// The top bit of a message length: a trace attachment precedes the message.
+const TRACED: u32 = 1 << 31;
 
 /// Bodies shorter than this go uncompressed: LZ4 gains little on them and costs a copy.
 pub(crate) const COMPRESSION_THRESHOLD: usize = 512;
@@ -163,19 +170,45 @@ pub(crate) enum BatchError {
 }
 
 /// Serializes one message as it goes into a batch body: length prefix and bincode bytes.
+#[cfg(test)]
 pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, bincode::Error> {
+    encode_traced_message(message, None)
+}
+
+/// [`encode_message`], with the trace attachment of a traced proposal it carries.
+pub(crate) fn encode_traced_message<M: Serialize>(
+    message: &M,
+    trace: Option<&TraceAttachment>,
+) -> Result<Vec<u8>, bincode::Error> {
     let options = bincode_options();
     let size = options.serialized_size(message)?;
-    let size = u32::try_from(size).map_err(|_| {
-        Box::new(bincode::ErrorKind::Custom(format!(
-            "message of {size} bytes exceeds 4 GiB"
-        )))
-    })?;
-    let mut encoded = Vec::with_capacity(4 + size as usize);
-    encoded.extend_from_slice(&size.to_le_bytes());
+    let size = u32::try_from(size)
+        .ok()
+        .filter(|&size| size < TRACED)
+        .ok_or_else(|| {
+            Box::new(bincode::ErrorKind::Custom(format!(
+                "message of {size} bytes exceeds 2 GiB"
+            )))
+        })?;
+    let attachment = trace.map(TraceAttachment::to_bytes);
+    let extra = attachment.as_ref().map_or(0, |bytes| bytes.len());
+    let mut encoded = Vec::with_capacity(4 + extra + size as usize);
+    let marked = if attachment.is_some() {
+        size | TRACED
+    } else {
+        size
+    };
+    encoded.extend_from_slice(&marked.to_le_bytes());
+    if let Some(bytes) = &attachment {
+        encoded.extend_from_slice(bytes);
+    }
     options.serialize_into(&mut encoded, message)?;
     Ok(encoded)
 }
+
+/// A decoded message, with the trace attachment it came with (`None` also when the attachment
+/// named no valid context: a bad trace context costs the trace, not the message).
+pub(crate) type Received<M> = (M, Option<Box<TraceAttachment>>);
 
 /// Turns a body of encoded messages into a payload, compressing it when that is asked and pays.
 pub(crate) fn seal_payload(body: Vec<u8>, compress: bool) -> Bytes {
@@ -201,7 +234,7 @@ pub(crate) fn seal_payload(body: Vec<u8>, compress: bool) -> Bytes {
 pub(crate) fn open_payload<M: DeserializeOwned>(
     payload: &[u8],
     max_body_bytes: usize,
-) -> Result<Vec<M>, BatchError> {
+) -> Result<Vec<Received<M>>, BatchError> {
     let (&flag, rest) = payload.split_first().ok_or(BatchError::Empty)?;
     let decompressed;
     let body = match flag {
@@ -236,7 +269,16 @@ pub(crate) fn open_payload<M: DeserializeOwned>(
         let (length, after) = rest
             .split_first_chunk::<4>()
             .ok_or(BatchError::Truncated("a message length"))?;
-        let length = u32::from_le_bytes(*length) as usize;
+        let length = u32::from_le_bytes(*length);
+        let (trace, after) = if length & TRACED == 0 {
+            (None, after)
+        } else {
+            let (attachment, after) = after
+                .split_first_chunk::<{ TraceAttachment::ENCODED_LEN }>()
+                .ok_or(BatchError::Truncated("a trace attachment"))?;
+            (TraceAttachment::from_bytes(attachment).map(Box::new), after)
+        };
+        let length = (length & !TRACED) as usize;
         let (encoded, after) = after
             .split_at_checked(length)
             .ok_or(BatchError::Truncated("a message"))?;
@@ -246,7 +288,7 @@ pub(crate) fn open_payload<M: DeserializeOwned>(
                 index: messages.len(),
                 source,
             })?;
-        messages.push(message);
+        messages.push((message, trace));
         rest = after;
     }
     Ok(messages)
@@ -275,7 +317,8 @@ mod tests {
         for messages in [small, large] {
             for compress in [false, true] {
                 let payload = seal_payload(body_of(&messages), compress);
-                let decoded: Vec<String> = open_payload(&payload, 1 << 20).unwrap();
+                let decoded: Vec<Received<String>> = open_payload(&payload, 1 << 20).unwrap();
+                let decoded: Vec<String> = decoded.into_iter().map(|(m, _)| m).collect();
                 assert_eq!(decoded, messages, "compress = {compress}");
             }
         }
@@ -285,6 +328,47 @@ mod tests {
             "a repetitive large body is compressed"
         );
         assert!(large_payload.len() < 200);
+    }
+
+    #[test]
+    fn trace_attachments_travel_with_their_message_only() {
+        use crate::telemetry::TraceContext;
+        let attachment = TraceAttachment {
+            tag: crate::ProposalTag {
+                proposer: NodeId(3),
+                request_id: 9,
+            },
+            context: TraceContext {
+                trace_id: [1; 16],
+                span_id: [2; 8],
+                flags: 1,
+            },
+        };
+        let mut body = encode_message(&"plain".to_owned()).unwrap();
+        body.extend(encode_traced_message(&"traced".to_owned(), Some(&attachment)).unwrap());
+        let mut invalid = attachment;
+        invalid.context.span_id = [0; 8];
+        body.extend(encode_traced_message(&"bad context".to_owned(), Some(&invalid)).unwrap());
+        for compress in [false, true] {
+            let decoded: Vec<Received<String>> =
+                open_payload(&seal_payload(body.clone(), compress), 1 << 20).unwrap();
+            assert_eq!(
+                decoded,
+                vec![
+                    ("plain".to_owned(), None),
+                    ("traced".to_owned(), Some(Box::new(attachment))),
+                    ("bad context".to_owned(), None),
+                ]
+            );
+        }
+        // A marked length with the attachment cut off.
+        let traced = encode_traced_message(&"x".to_owned(), Some(&attachment)).unwrap();
+        let mut cut = vec![FLAG_RAW];
+        cut.extend_from_slice(&traced[..20]);
+        assert!(matches!(
+            open_payload::<String>(&cut, 100),
+            Err(BatchError::Truncated("a trace attachment"))
+        ));
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! The driver's spans of traced proposals (see [`crate::telemetry`] for which proposals are
+//! traced and what each span means).
+//!
+//! At most [`MAX_TRACED`] proposals are followed at once, in a short vector: every check the
+//! driver makes (does this message, this write, this commit carry a traced proposal?) is a scan
+//! of it, and an empty one costs the driver one branch per step.
+
+use std::time::{Duration, Instant};
+
+use tracing::Span;
+
+use crate::protocol::{Carriage, Protocol};
+use crate::telemetry::{TraceAttachment, TraceContext};
+use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag};
+
+/// Traced proposals followed at once on one node; more are not traced.
+pub(crate) const MAX_TRACED: usize = 64;
+
+/// One traced proposal, as far as this node is concerned.
+struct Traced {
+    tag: ProposalTag,
+    /// On the node whose client proposed it: from the call until it is applied here.
+    proposal: Option<Span>,
+    /// On the leader: from the moment it is ordered until it is committed.
+    commit: Option<Span>,
+    /// On a follower: from receiving the entry until it is durable (and acknowledged).
+    append: Option<Span>,
+    /// Its log index, once this node appended it.
+    index: Option<LogIndex>,
+    /// Whether its write is durable here.
+    persisted: bool,
+    /// When this node began following it, to forget proposals that never commit.
+    since: Instant,
+}
+
+impl Traced {
+    fn new(tag: ProposalTag, since: Instant) -> Self {
+        Traced {
+            tag,
+            proposal: None,
+            commit: None,
+            append: None,
+            index: None,
+            persisted: false,
+            since,
+        }
+    }
+
+    /// The span a message that carries this proposal names as the receiver's parent: the
+    /// leader's commit span, or else the proposal's (on the leader for its own proposals).
+    fn outermost_here(&self) -> Option<&Span> {
+        self.commit.as_ref().or(self.proposal.as_ref())
+    }
+
+    fn spans(&self) -> impl Iterator<Item = &Span> {
+        [&self.proposal, &self.commit, &self.append]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// The traced proposals this node follows.
+#[derive(Default)]
+pub(crate) struct ProposalTraces {
+    traced: Vec<Traced>,
+}
+
+impl ProposalTraces {
+    /// Whether no traced proposal is followed (the driver then skips every other call).
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.traced.is_empty()
+    }
+
+    fn find(&mut self, tag: ProposalTag) -> Option<&mut Traced> {
+        self.traced.iter_mut().find(|traced| traced.tag == tag)
+    }
+
+    fn follow(&mut self, tag: ProposalTag, now: Instant) -> Option<&mut Traced> {
+        if let Some(position) = self.traced.iter().position(|traced| traced.tag == tag) {
+            return Some(&mut self.traced[position]);
+        }
+        if self.traced.len() >= MAX_TRACED {
+            return None;
+        }
+        self.traced.push(Traced::new(tag, now));
+        self.traced.last_mut()
+    }
+
+    /// A client's proposal on this node, traced by `span`, got request id `tag.request_id`.
+    pub(crate) fn proposed(&mut self, tag: ProposalTag, span: Span, now: Instant) {
+        span.record("consensus.request_id", tag.request_id);
+        if let Some(traced) = self.follow(tag, now) {
+            traced.proposal = Some(span);
+        }
+    }
+
+    /// A peer's message that came with a trace attachment. The attachment counts only if the
+    /// message does carry the proposal it names, as what carrying it means to this node.
+    pub(crate) fn received<P: Protocol>(
+        &mut self,
+        from: NodeId,
+        message: &P::Message,
+        attachment: &TraceAttachment,
+        now: Instant,
+    ) {
+        let mut carried = false;
+        let carriage = P::carried_proposals(message, from, &mut |tag| {
+            carried |= tag == attachment.tag;
+        });
+        if !carried {
+            return;
+        }
+        let Some(traced) = self.follow(attachment.tag, now) else {
+            return;
+        };
+        match carriage {
+            Carriage::Forwarded if traced.commit.is_none() => {
+                let span = tracing::info_span!(
+                    target: "consensus::trace",
+                    "consensus.commit",
+                    consensus.proposer = %attachment.tag.proposer,
+                    consensus.request_id = attachment.tag.request_id,
+                    consensus.log.index = tracing::field::Empty,
+                );
+                attachment.context.adopt(&span);
+                traced.commit = Some(span);
+            }
+            Carriage::Entries if traced.append.is_none() && !traced.persisted => {
+                let span = tracing::info_span!(
+                    target: "consensus::trace",
+                    "consensus.append",
+                    consensus.leader = %from,
+                    consensus.request_id = attachment.tag.request_id,
+                    consensus.log.index = tracing::field::Empty,
+                );
+                attachment.context.adopt(&span);
+                traced.append = Some(span);
+            }
+            _ => {}
+        }
+    }
+
+    /// The attachment for `message`, sent by this node to `to`, if it carries a traced
+    /// proposal. A proposal forwarded to the leader gets a `forwarded` event.
+    pub(crate) fn attachment_for<P: Protocol>(
+        &self,
+        this: NodeId,
+        to: NodeId,
+        message: &P::Message,
+    ) -> Option<TraceAttachment> {
+        let mut found = None;
+        let carriage = P::carried_proposals(message, this, &mut |tag| {
+            if found.is_none() && self.traced.iter().any(|traced| traced.tag == tag) {
+                found = Some(tag);
+            }
+        });
+        let tag = found?;
+        let traced = self.traced.iter().find(|traced| traced.tag == tag)?;
+        if let (Carriage::Forwarded, Some(proposal)) = (carriage, &traced.proposal) {
+            proposal.in_scope(
+                || tracing::event!(target: "consensus::trace", tracing::Level::INFO, consensus.leader = %to, "forwarded"),
+            );
+        }
+        let context = TraceContext::of_span(traced.outermost_here()?)?;
+        Some(TraceAttachment { tag, context })
+    }
+
+    /// Entries this node is about to write: a traced one's index is recorded. On the leader a
+    /// forwarded proposal has had its commit span since it arrived; the leader's own proposals
+    /// need none (their proposal span is on this node already, and one span less per traced
+    /// proposal is what keeps export cheap).
+    pub(crate) fn appending(&mut self, entries: &[Entry]) {
+        for entry in entries {
+            let Payload::Command { tag, .. } = &entry.payload else {
+                continue;
+            };
+            let Some(traced) = self.find(*tag) else {
+                continue;
+            };
+            traced.index = Some(entry.index);
+            for span in traced.spans() {
+                span.record("consensus.log.index", entry.index);
+            }
+        }
+    }
+
+    /// The write of everything up to `through` is durable; it took `took`. One `persisted`
+    /// event per traced proposal, on the span of this node's part in it.
+    pub(crate) fn persisted(&mut self, through: LogIndex, took: Duration) {
+        for traced in &mut self.traced {
+            if traced.persisted || traced.index.is_none_or(|index| index > through) {
+                continue;
+            }
+            traced.persisted = true;
+            let span = [&traced.commit, &traced.append, &traced.proposal]
+                .into_iter()
+                .flatten()
+                .next();
+            if let Some(span) = span {
+                span.in_scope(|| {
+                    tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                        db.system.name = "fjall",
+                        db.operation.name = "persist",
+                        db.client.operation.duration_us = took.as_micros() as u64,
+                        "persisted"
+                    )
+                });
+            }
+        }
+    }
+
+    /// The acknowledgements of durable entries went out: their append spans end.
+    pub(crate) fn acknowledged(&mut self) {
+        for traced in &mut self.traced {
+            if traced.persisted {
+                traced.append = None;
+            }
+        }
+    }
+
+    /// `committed` are about to be applied: each traced one's spans end (a commit span at its
+    /// commit, a proposal span as its client is answered right after this apply, with a
+    /// `committed` event between the two), and it is forgotten.
+    pub(crate) fn committed(&mut self, committed: &[Entry]) {
+        for entry in committed {
+            let Payload::Command { tag, .. } = &entry.payload else {
+                continue;
+            };
+            let Some(position) = self.traced.iter().position(|traced| traced.tag == *tag) else {
+                continue;
+            };
+            let traced = self.traced.swap_remove(position);
+            if let Some(proposal) = &traced.proposal {
+                proposal.in_scope(|| {
+                    tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                        consensus.log.index = entry.index,
+                        "committed"
+                    )
+                });
+            }
+            drop(traced);
+        }
+    }
+
+    /// Forgets proposals followed for longer than `limit` (lost in a change of leader, or
+    /// rejected): their spans end as they are.
+    pub(crate) fn expire(&mut self, now: Instant, limit: Duration) {
+        self.traced
+            .retain(|traced| now.saturating_duration_since(traced.since) <= limit);
+    }
+}

@@ -1,0 +1,348 @@
+//! Traces of the engine's work, as `tracing` spans that an OpenTelemetry layer turns into
+//! OpenTelemetry spans, and the trace context that carries one proposal's trace from node to node.
+//!
+//! The crate never installs a subscriber: a library user installs their own (any `tracing`
+//! subscriber; spans reach OpenTelemetry only through a `tracing-opentelemetry` layer), and
+//! `consensus-node` installs one with an OTLP exporter when its `[telemetry]` table or
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` names a collector (see [`OtlpExport`], feature `otlp`).
+//!
+//! # What is traced
+//!
+//! One proposal in [`ConsensusConfig::trace_sample_ratio`](crate::ConsensusConfig) (default
+//! 1 in 100) is traced from end to end; the others create no span at all, so that tracing costs
+//! the hot path one thread-local addition per proposal. A traced proposal's spans:
+//!
+//! | span | where | parent | attributes and events |
+//! |---|---|---|---|
+//! | `consensus.proposal` | the node a client called | the caller's span (the node's `http.server` span) | `consensus.node`, `consensus.request_id`; events `forwarded`, `appended`, `committed`, `applied` with `consensus.log.index` |
+//! | `consensus.commit` | the leader | `consensus.proposal`, on this or the forwarding node | `consensus.log.index`; events `persisted` (with `db.client.operation.duration_us`), `committed` |
+//! | `consensus.append` | each follower that stores the entry | `consensus.commit` on the leader | `consensus.log.index`, `consensus.entries`; event `persisted` |
+//!
+//! Work done once per batch or per event is traced every time, at `DEBUG` (GPU dispatches:
+//! `gpu.dispatch`; log writes: `db.persist`) or `INFO` (elections and leader changes:
+//! `consensus.leader_change`; PBFT view changes). The README's Observability section has the
+//! full table.
+//!
+//! # Across nodes
+//!
+//! A traced proposal's context crosses nodes beside the message that carries the proposal: the
+//! TCP transport sends a [`TraceAttachment`] (the proposal's tag and a W3C trace context: trace
+//! id, parent span id, flags) in the same frame, and the receiving driver opens its span as a
+//! child of that context. tarpc's own per-call context cannot do this: one call carries a batch of
+//! many nodes' proposals, of which at most a few are traced.
+
+use std::cell::Cell;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::ProposalTag;
+
+/// A W3C trace context (<https://www.w3.org/TR/trace-context/>): the trace, the span that is the
+/// parent of what the receiver does, and the trace flags (bit 0: sampled).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The trace id; never all zero.
+    pub trace_id: [u8; 16],
+    /// The parent span id; never all zero.
+    pub span_id: [u8; 8],
+    /// The trace flags.
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// The `traceparent` header value: `00-{trace id}-{span id}-{flags}` in lower-case hex.
+    pub fn traceparent(&self) -> String {
+        let mut text = String::with_capacity(55);
+        text.push_str("00-");
+        push_hex(&mut text, &self.trace_id);
+        text.push('-');
+        push_hex(&mut text, &self.span_id);
+        text.push('-');
+        push_hex(&mut text, &[self.flags]);
+        text
+    }
+
+    /// Parses a `traceparent` header value of version `00` (or a later version, reading the
+    /// fields version `00` defines, as the specification asks). `None` for anything malformed,
+    /// including the all-zero ids the specification forbids.
+    pub fn from_traceparent(header: &str) -> Option<TraceContext> {
+        let mut fields = header.trim().split('-');
+        let version = fields.next()?;
+        let (trace_id, span_id, flags) = (fields.next()?, fields.next()?, fields.next()?);
+        if version.len() != 2 || version == "ff" || (version == "00" && fields.next().is_some()) {
+            return None;
+        }
+        let _ = parse_hex::<1>(version)?;
+        let context = TraceContext {
+            trace_id: parse_hex(trace_id)?,
+            span_id: parse_hex(span_id)?,
+            flags: parse_hex::<1>(flags)?[0],
+        };
+        context.is_valid().then_some(context)
+    }
+
+    /// Whether both ids are non-zero, as the specification requires.
+    pub fn is_valid(&self) -> bool {
+        self.trace_id != [0; 16] && self.span_id != [0; 8]
+    }
+
+    /// Whether the sampled flag is set.
+    pub fn is_sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The OpenTelemetry context of a remote parent with these ids.
+    pub fn to_otel(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let span = SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            TraceFlags::new(self.flags),
+            true,
+            TraceState::default(),
+        );
+        opentelemetry::Context::new().with_remote_span_context(span)
+    }
+
+    /// The context of `span` as OpenTelemetry knows it, if a `tracing-opentelemetry` layer
+    /// records it (otherwise there is no trace to continue).
+    pub fn of_span(span: &tracing::Span) -> Option<TraceContext> {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if span.is_disabled() {
+            return None;
+        }
+        let context = span.context();
+        let span_context = context.span().span_context().clone();
+        let context = TraceContext {
+            trace_id: span_context.trace_id().to_bytes(),
+            span_id: span_context.span_id().to_bytes(),
+            flags: span_context.trace_flags().to_u8(),
+        };
+        context.is_valid().then_some(context)
+    }
+
+    /// Makes this context the parent of `span` (which must not have been entered yet).
+    pub fn adopt(&self, span: &tracing::Span) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if !span.is_disabled() {
+            // Fails only when no OpenTelemetry layer records the span: nothing to link then.
+            let _ = span.set_parent(self.to_otel());
+        }
+    }
+}
+
+impl fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+fn push_hex(text: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        text.push(DIGITS[usize::from(byte >> 4)] as char);
+        text.push(DIGITS[usize::from(byte & 15)] as char);
+    }
+}
+
+fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let digits = text.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |digit: u8| match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None, // upper case is invalid in a traceparent
+    };
+    let mut bytes = [0u8; N];
+    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(bytes)
+}
+
+/// What travels beside a message that carries a traced proposal: which proposal, and the span
+/// on the sender that is the parent of the receiver's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceAttachment {
+    /// The traced proposal.
+    pub tag: ProposalTag,
+    /// The sender's span for it.
+    pub context: TraceContext,
+}
+
+impl TraceAttachment {
+    /// Bytes of [`TraceAttachment::to_bytes`].
+    pub const ENCODED_LEN: usize = 16 + 16 + 8 + 1;
+
+    /// The fixed-size encoding the TCP transport sends.
+    pub fn to_bytes(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut bytes = [0u8; Self::ENCODED_LEN];
+        bytes[..8].copy_from_slice(&self.tag.proposer.0.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.tag.request_id.to_le_bytes());
+        bytes[16..32].copy_from_slice(&self.context.trace_id);
+        bytes[32..40].copy_from_slice(&self.context.span_id);
+        bytes[40] = self.context.flags;
+        bytes
+    }
+
+    /// Decodes [`TraceAttachment::to_bytes`]; `None` when the context is not valid.
+    pub fn from_bytes(bytes: &[u8; Self::ENCODED_LEN]) -> Option<TraceAttachment> {
+        let word = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        let mut trace_id = [0u8; 16];
+        trace_id.copy_from_slice(&bytes[16..32]);
+        let mut span_id = [0u8; 8];
+        span_id.copy_from_slice(&bytes[32..40]);
+        let context = TraceContext {
+            trace_id,
+            span_id,
+            flags: bytes[40],
+        };
+        context.is_valid().then_some(TraceAttachment {
+            tag: ProposalTag {
+                proposer: crate::NodeId(word(0)),
+                request_id: word(8),
+            },
+            context,
+        })
+    }
+}
+
+/// Picks which proposals are traced: `ratio` of them, spread evenly (every proposal at 1.0, every
+/// hundredth at 0.01), counted per thread so that picking costs one thread-local addition and no
+/// shared cache line.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceSampler {
+    ratio: f64,
+}
+
+thread_local! {
+    static SAMPLING_CREDIT: Cell<f64> = const { Cell::new(0.0) };
+}
+
+impl TraceSampler {
+    /// A sampler of `ratio` (clamped to `0.0..=1.0`).
+    pub fn new(ratio: f64) -> Self {
+        TraceSampler {
+            ratio: if ratio.is_nan() {
+                0.0
+            } else {
+                ratio.clamp(0.0, 1.0)
+            },
+        }
+    }
+
+    /// Whether the next proposal on this thread is traced.
+    #[inline]
+    pub fn pick(&self) -> bool {
+        if self.ratio <= 0.0 {
+            return false;
+        }
+        SAMPLING_CREDIT.with(|credit| {
+            let next = credit.get() + self.ratio;
+            if next >= 1.0 {
+                credit.set(next - 1.0);
+                true
+            } else {
+                credit.set(next);
+                false
+            }
+        })
+    }
+}
+
+#[cfg(feature = "otlp")]
+mod otlp;
+#[cfg(feature = "otlp")]
+pub use otlp::{OtlpExport, OtlpGuard, TelemetryConfig, TelemetryError};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_what_the_specification_rejects() {
+        let context = TraceContext {
+            trace_id: [0x4b; 16],
+            span_id: [0x0a, 1, 2, 3, 4, 5, 6, 0xff],
+            flags: 1,
+        };
+        let header = context.traceparent();
+        assert_eq!(
+            header,
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-01"
+        );
+        assert_eq!(TraceContext::from_traceparent(&header), Some(context));
+        // A later version may add fields; version 00 may not.
+        let later = "01-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-01-extra";
+        assert_eq!(TraceContext::from_traceparent(later), Some(context));
+        for bad in [
+            "",
+            "00",
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-01-extra",
+            "ff-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-01",
+            "00-00000000000000000000000000000000-0a010203040506ff-01",
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0000000000000000-01",
+            "00-4B4B4B4B4B4B4B4B4B4B4B4B4B4B4B4B-0a010203040506ff-01",
+            "00-4b4b-0a010203040506ff-01",
+            "00-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-1",
+            "0x-4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b-0a010203040506ff-01",
+        ] {
+            assert_eq!(TraceContext::from_traceparent(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn attachments_round_trip_and_invalid_contexts_are_refused() {
+        let attachment = TraceAttachment {
+            tag: ProposalTag {
+                proposer: crate::NodeId(u64::MAX - 3),
+                request_id: 77,
+            },
+            context: TraceContext {
+                trace_id: [9; 16],
+                span_id: [8; 8],
+                flags: 0,
+            },
+        };
+        assert_eq!(
+            TraceAttachment::from_bytes(&attachment.to_bytes()),
+            Some(attachment)
+        );
+        let mut zero_trace = attachment.to_bytes();
+        zero_trace[16..32].fill(0);
+        assert_eq!(TraceAttachment::from_bytes(&zero_trace), None);
+    }
+
+    #[test]
+    fn the_sampler_picks_its_ratio_evenly() {
+        for (ratio, expected) in [(0.0, 0), (0.01, 10), (0.25, 250), (1.0, 1000), (7.0, 1000)] {
+            let sampler = TraceSampler::new(ratio);
+            // A fresh thread, so that another test's credit does not count.
+            let picked = std::thread::spawn(move || (0..1000).filter(|_| sampler.pick()).count())
+                .join()
+                .unwrap();
+            assert_eq!(picked, expected, "ratio {ratio}");
+        }
+        assert!(!TraceSampler::new(f64::NAN).pick());
+    }
+
+    #[test]
+    fn without_an_opentelemetry_layer_a_span_has_no_context_to_send() {
+        let subscriber = tracing_subscriber::registry();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("consensus.proposal");
+            assert_eq!(TraceContext::of_span(&span), None);
+        });
+        assert_eq!(TraceContext::of_span(&tracing::Span::none()), None);
+    }
+}

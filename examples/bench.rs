@@ -21,8 +21,9 @@
 //! commit and apply before the next. Numbers take `k` and `m` suffixes (`100k`, `2m`). After the
 //! run every member must have applied every operation; otherwise the program fails.
 //!
-//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, the run exports its traces there over OTLP/HTTP (one
-//! proposal in 100 traced, the engines' default), to measure what tracing costs.
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, the run exports its traces there over OTLP/HTTP, to
+//! measure what tracing costs: `--trace-ratio R` and `--trace-cap N` set the engines'
+//! `trace_sample_ratio` and `trace_max_per_second` (defaults 0.01 and 200).
 //!
 //! Latency percentiles come from a sample: each client times one call in
 //! [`LATENCY_SAMPLE_EVERY`] (with `propose_timed`, which reads the clock) and makes the others
@@ -85,6 +86,9 @@ struct Options {
     /// The engines' `batch_size`: the most proposals per append, and under GPU-optimized Raft
     /// the most signed commands checked in one batch.
     batch_size: usize,
+    /// The engines' `trace_sample_ratio` and `trace_max_per_second`.
+    trace_ratio: f64,
+    trace_cap: u32,
 }
 
 /// Which backend checks signatures and counts votes.
@@ -123,6 +127,8 @@ fn parse_options() -> Result<Options, String> {
         verifier: Verifier::Cpu,
         signed_clients: false,
         batch_size: 4096,
+        trace_ratio: ConsensusConfig::default().trace_sample_ratio,
+        trace_cap: ConsensusConfig::default().trace_max_per_second,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -148,6 +154,14 @@ fn parse_options() -> Result<Options, String> {
             },
             "--signed-clients" => options.signed_clients = true,
             "--batch-size" => options.batch_size = parse_count(&value()?)? as usize,
+            "--trace-ratio" => {
+                let text = value()?;
+                options.trace_ratio = text.parse().map_err(|_| format!("not a ratio: {text:?}"))?;
+            }
+            "--trace-cap" => {
+                options.trace_cap = u32::try_from(parse_count(&value()?)?)
+                    .map_err(|_| "--trace-cap is at most 4294967295".to_owned())?;
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -225,7 +239,9 @@ fn main() {
                 .node_id(name.as_str())
                 .peers(peers.iter().map(|s| s.as_str()))
                 .request_timeout(Duration::from_secs(30))
-                .batch_size(options.batch_size);
+                .batch_size(options.batch_size)
+                .trace_sample_ratio(options.trace_ratio)
+                .trace_max_per_second(options.trace_cap);
             if options.algorithm.signs_messages() {
                 config = config
                     .key_file(keys.path().join(name))

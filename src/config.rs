@@ -234,6 +234,11 @@ pub struct ConsensusConfig {
     /// request, a caller's own trace) is traced whatever the ratio. Spans are recorded only when
     /// a subscriber is installed; the crate never installs one.
     pub trace_sample_ratio: f64,
+    /// At most this many proposals traced a second on this node, whatever the ratio (default
+    /// 200; TOML `trace_max_per_second`): the cost of tracing then stays bounded as the load
+    /// grows (see [`TraceSampler`](crate::telemetry::TraceSampler) for why). Proposals that a
+    /// caller chose to trace, and those traced on another node, do not count.
+    pub trace_max_per_second: u32,
 }
 
 /// The PEM files of [`ConsensusConfig::tls`]. Relative paths are resolved against the working
@@ -300,6 +305,7 @@ impl Default for ConsensusConfig {
             tls: None,
             insecure_plaintext: false,
             trace_sample_ratio: 0.01,
+            trace_max_per_second: 200,
         }
     }
 }
@@ -356,6 +362,8 @@ impl ConsensusConfig {
         insecure_plaintext: bool,
         /// Sets [`ConsensusConfig::trace_sample_ratio`].
         trace_sample_ratio: f64,
+        /// Sets [`ConsensusConfig::trace_max_per_second`].
+        trace_max_per_second: u32,
     }
 
     /// Sets [`ConsensusConfig::tls`].
@@ -764,6 +772,7 @@ struct TomlConsensus {
     tls: Option<TlsFiles>,
     insecure_plaintext: Option<bool>,
     trace_sample_ratio: Option<f64>,
+    trace_max_per_second: Option<u32>,
 }
 
 impl TomlConsensus {
@@ -846,6 +855,9 @@ impl TomlConsensus {
         config.tls = self.tls;
         config.insecure_plaintext = self.insecure_plaintext.unwrap_or(false);
         config.trace_sample_ratio = self.trace_sample_ratio.unwrap_or(config.trace_sample_ratio);
+        config.trace_max_per_second = self
+            .trace_max_per_second
+            .unwrap_or(config.trace_max_per_second);
         config.validate()?;
         Ok(config)
     }

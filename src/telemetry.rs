@@ -218,11 +218,56 @@ impl TraceAttachment {
 }
 
 /// Picks which proposals are traced: `ratio` of them, spread evenly (every proposal at 1.0, every
-/// hundredth at 0.01), counted per thread so that picking costs one thread-local addition and no
-/// shared cache line.
-#[derive(Clone, Copy, Debug)]
+/// hundredth at 0.01), and at most `max_per_second` a second on one node (shared by every clone
+/// of the sampler). The ratio is counted per thread, so that a proposal that is not picked
+/// costs one thread-local addition and touches no shared cache line; only a picked one reads
+/// the clock and the shared count.
+///
+/// Why a cap: a traced proposal costs its spans (a few microseconds each to build, batch and
+/// encode), so at a fixed ratio the cost of tracing grows with the load. At a million commits a
+/// second, 1% is ten thousand traces a second and a quarter of a small machine; the cap keeps
+/// tracing's share bounded while the ratio governs at ordinary rates.
+#[derive(Clone, Debug)]
 pub struct TraceSampler {
     ratio: f64,
+    limit: std::sync::Arc<RateLimit>,
+}
+
+/// The per-second cap of a [`TraceSampler`].
+#[derive(Debug)]
+struct RateLimit {
+    max_per_second: u32,
+    epoch: std::time::Instant,
+    /// The second (since `epoch`) the count is of, in the high 32 bits; the count, low 32.
+    window: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    fn admit(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let second = self.epoch.elapsed().as_secs() as u32;
+        let mut current = self.window.load(Ordering::Relaxed);
+        loop {
+            let (window, count) = ((current >> 32) as u32, current as u32);
+            let next = if window == second {
+                if count >= self.max_per_second {
+                    return false;
+                }
+                current + 1
+            } else {
+                (u64::from(second) << 32) | 1
+            };
+            match self.window.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -230,14 +275,20 @@ thread_local! {
 }
 
 impl TraceSampler {
-    /// A sampler of `ratio` (clamped to `0.0..=1.0`).
-    pub fn new(ratio: f64) -> Self {
+    /// A sampler of `ratio` (clamped to `0.0..=1.0`; NaN is 0) and at most `max_per_second`
+    /// picks a second.
+    pub fn new(ratio: f64, max_per_second: u32) -> Self {
         TraceSampler {
             ratio: if ratio.is_nan() {
                 0.0
             } else {
                 ratio.clamp(0.0, 1.0)
             },
+            limit: std::sync::Arc::new(RateLimit {
+                max_per_second,
+                epoch: std::time::Instant::now(),
+                window: std::sync::atomic::AtomicU64::new(0),
+            }),
         }
     }
 
@@ -247,7 +298,7 @@ impl TraceSampler {
         if self.ratio <= 0.0 {
             return false;
         }
-        SAMPLING_CREDIT.with(|credit| {
+        let picked = SAMPLING_CREDIT.with(|credit| {
             let next = credit.get() + self.ratio;
             if next >= 1.0 {
                 credit.set(next - 1.0);
@@ -256,8 +307,27 @@ impl TraceSampler {
                 credit.set(next);
                 false
             }
-        })
+        });
+        picked && self.limit.admit()
     }
+}
+
+tokio::task_local! {
+    /// Whether the proposals of the running task are traced, when its caller decided that.
+    static CALLER_DECIDED: bool;
+}
+
+/// Runs `future` with its caller's decision on tracing: the proposals it makes are traced when
+/// `traced` (inside a sampled span, which is then their parent), and none when not: the
+/// engine's own sampler is not asked. A server that samples its requests wraps each handler in
+/// this, so that a request and its proposal are picked once, not twice.
+pub async fn with_trace_decision<F: std::future::Future>(traced: bool, future: F) -> F::Output {
+    CALLER_DECIDED.scope(traced, future).await
+}
+
+/// The decision of [`with_trace_decision`] around the running task, if any.
+pub(crate) fn caller_decision() -> Option<bool> {
+    CALLER_DECIDED.try_with(|traced| *traced).ok()
 }
 
 #[cfg(feature = "otlp")]
@@ -326,14 +396,43 @@ mod tests {
     #[test]
     fn the_sampler_picks_its_ratio_evenly() {
         for (ratio, expected) in [(0.0, 0), (0.01, 10), (0.25, 250), (1.0, 1000), (7.0, 1000)] {
-            let sampler = TraceSampler::new(ratio);
+            let sampler = TraceSampler::new(ratio, u32::MAX);
             // A fresh thread, so that another test's credit does not count.
             let picked = std::thread::spawn(move || (0..1000).filter(|_| sampler.pick()).count())
                 .join()
                 .unwrap();
             assert_eq!(picked, expected, "ratio {ratio}");
         }
-        assert!(!TraceSampler::new(f64::NAN).pick());
+        assert!(!TraceSampler::new(f64::NAN, u32::MAX).pick());
+    }
+
+    #[test]
+    fn the_cap_bounds_picks_per_second_across_clones_and_threads() {
+        let sampler = TraceSampler::new(1.0, 50);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let sampler = sampler.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| sampler.pick()).count())
+            })
+            .collect();
+        let picked: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        // Within one second 50 are admitted; a run that straddles a second boundary may admit
+        // one more window's worth, never more.
+        assert!((50..=100).contains(&picked), "{picked} picked");
+    }
+
+    #[tokio::test]
+    async fn a_callers_decision_is_seen_inside_its_future_only() {
+        assert_eq!(caller_decision(), None);
+        assert_eq!(
+            with_trace_decision(false, async { caller_decision() }).await,
+            Some(false)
+        );
+        assert_eq!(
+            with_trace_decision(true, async { caller_decision() }).await,
+            Some(true)
+        );
+        assert_eq!(caller_decision(), None);
     }
 
     #[test]

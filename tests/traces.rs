@@ -1,7 +1,9 @@
 //! Traces reach a real OTLP/HTTP receiver: three `consensus-node`s export to a receiver this test
 //! runs (decoding the protobuf requests with `opentelemetry-proto`), a write goes through a
-//! follower, and one trace must hold the follower's request and proposal, the leader's commit
-//! span, and both followers' append spans below it. A second test exports a GPU dispatch span
+//! follower with a caller's W3C `traceparent` (the sampling ratio is 0, so only such requests are
+//! traced), and one trace, the caller's, must hold the follower's request (a child of the
+//! caller's span) and proposal, the leader's commit span, and both followers' append spans
+//! below it; writes without the header make no proposal spans. A second test exports a GPU dispatch span
 //! through the library's exporter when an adapter is present.
 
 use std::collections::{BTreeSet, HashMap};
@@ -169,7 +171,7 @@ async fn a_write_through_a_follower_is_one_trace_across_three_nodes() {
         let mut text = std::fs::read_to_string(&file.config).unwrap();
         text.push_str(&format!(
             "\n[telemetry]\notlp_endpoint = \"http://{receiver}\"\nservice_name = \
-             \"traces-test\"\nsample_ratio = 1.0\n"
+             \"traces-test\"\nsample_ratio = 0.0\n"
         ));
         std::fs::write(&file.config, text).unwrap();
         let child = Command::new(BINARY)
@@ -208,12 +210,31 @@ async fn a_write_through_a_follower_is_one_trace_across_three_nodes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let follower = files.iter().find(|file| file.name != leader).unwrap();
+    // The ratio is 0: only requests that carry a sampled `traceparent` are traced, each in the
+    // caller's trace, as a child of the caller's span. Untraced writes go in between.
+    let caller_span = [0xc0, 0xff, 0xee, 0, 0, 0, 0, 1];
+    let mut our_traces = BTreeSet::new();
     let until = Instant::now() + Duration::from_secs(60);
-    let mut written = 0;
+    let mut written = 0u64;
     loop {
         let path = format!("/kv/traced-{written}");
-        let response = client::request(follower.http, "PUT", &path, b"value", TIMEOUT).await;
-        if response.is_ok_and(|response| response.status == 200) {
+        let mut trace_id = [0xab; 16];
+        trace_id[8..].copy_from_slice(&written.to_be_bytes());
+        our_traces.insert(trace_id.to_vec());
+        let traceparent = consensus::telemetry::TraceContext {
+            trace_id,
+            span_id: caller_span,
+            flags: 1,
+        }
+        .traceparent();
+        let headers = [("traceparent", traceparent.as_str())];
+        let response =
+            client::request_with_headers(follower.http, "PUT", &path, &headers, b"value", TIMEOUT)
+                .await;
+        let untraced = client::request(follower.http, "PUT", "/kv/untraced", b"v", TIMEOUT).await;
+        if response.is_ok_and(|response| response.status == 200)
+            && untraced.is_ok_and(|response| response.status == 200)
+        {
             written += 1;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -225,6 +246,25 @@ async fn a_write_through_a_follower_is_one_trace_across_three_nodes() {
                 .map(|span| format!("{}@{}", span.name, span.instance))
                 .collect();
             eprintln!("one trace: {in_trace:?}");
+            assert!(our_traces.contains(&trace), "the trace is the caller's");
+            let request = collected
+                .iter()
+                .find(|span| span.trace_id == trace && span.attributes.contains_key("http.route"))
+                .unwrap();
+            assert_eq!(
+                request.parent_span_id, caller_span,
+                "the caller's span is the parent"
+            );
+            let stray: Vec<&Received> = collected
+                .iter()
+                .filter(|span| {
+                    matches!(
+                        span.name.as_str(),
+                        "consensus.proposal" | "consensus.commit"
+                    ) && !our_traces.contains(&span.trace_id)
+                })
+                .collect();
+            assert!(stray.is_empty(), "untraced writes made spans: {stray:?}");
             return;
         }
         assert!(
@@ -261,6 +301,7 @@ async fn a_gpu_dispatch_is_exported_as_a_span() {
         otlp_endpoint: Some(format!("http://{receiver}")),
         service_name: Some("gpu-test".into()),
         sample_ratio: Some(1.0),
+        max_traces_per_second: None,
     }
     .resolve("gpu-node")
     .unwrap()

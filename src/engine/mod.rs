@@ -133,7 +133,10 @@ impl ConsensusEngine {
     /// validator table ([`ConsensusConfig::signing_identity`]) here, so that a key problem is
     /// reported before anything starts.
     pub fn new(config: ConsensusConfig) -> Result<Self> {
-        let trace_sampler = crate::telemetry::TraceSampler::new(config.trace_sample_ratio);
+        let trace_sampler = crate::telemetry::TraceSampler::new(
+            config.trace_sample_ratio,
+            config.trace_max_per_second,
+        );
         config.validate()?;
         let byzantine_config = crate::byzantine::ByzantineConfig {
             fault_threshold: config.byzantine_threshold,
@@ -783,18 +786,29 @@ impl ConsensusEngine {
         }
     }
 
-    /// The span of a proposal about to be submitted, if it is traced: one in
-    /// [`ConsensusConfig::trace_sample_ratio`], and every one made inside a span that
-    /// OpenTelemetry samples (the caller chose to trace it). `None` also when no subscriber
-    /// records the span.
+    /// The sampler that picks this engine's traced proposals (see
+    /// [`ConsensusConfig::trace_sample_ratio`]); a server that samples its requests asks this
+    /// one, so that requests and proposals share one ratio and one cap.
+    pub fn trace_sampler(&self) -> crate::telemetry::TraceSampler {
+        self.trace_sampler.clone()
+    }
+
+    /// The span of a proposal about to be submitted, if it is traced: as the caller decided
+    /// ([`with_trace_decision`](crate::telemetry::with_trace_decision)); otherwise every one
+    /// made inside a span that OpenTelemetry samples, and the sampler's pick of the rest.
+    /// `None` also when no subscriber records the span.
     fn proposal_span(&self) -> Option<Box<tracing::Span>> {
-        let chosen_by_caller = {
-            let current = tracing::Span::current();
-            !current.is_disabled()
-                && crate::telemetry::TraceContext::of_span(&current)
-                    .is_some_and(|context| context.is_sampled())
+        let traced = match crate::telemetry::caller_decision() {
+            Some(decided) => decided,
+            None => {
+                let current = tracing::Span::current();
+                let chosen_by_caller = !current.is_disabled()
+                    && crate::telemetry::TraceContext::of_span(&current)
+                        .is_some_and(|context| context.is_sampled());
+                chosen_by_caller || self.trace_sampler.pick()
+            }
         };
-        if !chosen_by_caller && !self.trace_sampler.pick() {
+        if !traced {
             return None;
         }
         let span = tracing::info_span!(

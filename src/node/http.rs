@@ -24,14 +24,14 @@ use crate::engine::ConsensusEngine;
 use crate::error::{Error, StorageError};
 use crate::keys::decode_hex;
 use crate::protocol::RejectReason;
-use crate::telemetry::{TraceContext, TraceSampler};
+use crate::telemetry::{TraceContext, TraceSampler, with_trace_decision};
 
 /// The largest request body accepted (1 MiB); larger ones get 413 Payload Too Large.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The routes, serving `engine` (which must run a [`KvStore`]).
 pub fn router(engine: Arc<ConsensusEngine>) -> Router {
-    let sampler = TraceSampler::new(engine.config().trace_sample_ratio);
+    let sampler = engine.trace_sampler();
     Router::new()
         .route("/kv/{key}", get(get_key).put(put_key).delete(delete_key))
         .route("/kv/{key}/cas", post(cas_key))
@@ -44,9 +44,11 @@ pub fn router(engine: Arc<ConsensusEngine>) -> Router {
 }
 
 /// Runs a request inside an `http.server` span when it is traced: when it names a sampled
-/// W3C `traceparent` (the caller's trace continues here), or when the sampler picks it (the
-/// engine's `trace_sample_ratio`). The engine traces every proposal made inside a sampled
-/// span, so a traced request's proposal is traced too. Other requests create no span.
+/// W3C `traceparent` (the caller's trace continues here), or when the engine's sampler picks
+/// it. Either way the decision holds for the request's proposal
+/// ([`with_trace_decision`](crate::telemetry::with_trace_decision)): a traced request's proposal
+/// is traced, and an untraced one's is not, so nothing is picked twice. Other requests create
+/// no span.
 async fn trace_request(
     State(sampler): State<TraceSampler>,
     request: Request,
@@ -60,7 +62,7 @@ async fn trace_request(
         .and_then(TraceContext::from_traceparent)
         .filter(TraceContext::is_sampled);
     if parent.is_none() && !sampler.pick() {
-        return next.run(request).await;
+        return with_trace_decision(false, next.run(request)).await;
     }
     let route = request
         .extensions()
@@ -83,7 +85,9 @@ async fn trace_request(
     if let Some(parent) = parent {
         parent.adopt(&span);
     }
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = with_trace_decision(true, next.run(request))
+        .instrument(span.clone())
+        .await;
     span.record("http.response.status_code", response.status().as_u16());
     response
 }

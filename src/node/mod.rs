@@ -119,8 +119,9 @@ pub struct NodeConfig {
     /// and `::1` as well as the node.
     pub http_tls: bool,
     /// `[telemetry]`: OTLP export of traces (off unless an endpoint is named, here or in
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Its `sample_ratio`, when set, is also the engine's
-    /// [`ConsensusConfig::trace_sample_ratio`].
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). Its `sample_ratio` and `max_traces_per_second`, when
+    /// set, are the engine's [`ConsensusConfig::trace_sample_ratio`] and
+    /// [`ConsensusConfig::trace_max_per_second`].
     pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
@@ -157,6 +158,9 @@ impl NodeConfig {
         let telemetry = document.telemetry.unwrap_or_default();
         if telemetry.sample_ratio.is_some() {
             consensus.trace_sample_ratio = telemetry.sample_ratio()?;
+        }
+        if let Some(cap) = telemetry.max_traces_per_second {
+            consensus.trace_max_per_second = cap;
         }
         let (configured, http_token_file, http_tls) = match document.http {
             Some(table) => (table.address, table.token_file, table.tls.unwrap_or(false)),

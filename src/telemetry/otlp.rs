@@ -25,6 +25,9 @@ pub struct TelemetryConfig {
     /// The fraction of proposals traced (`0.0..=1.0`; default 0.01), also the sampling ratio of
     /// other root spans except elections and leader changes, which are always kept.
     pub sample_ratio: Option<f64>,
+    /// At most this many proposals traced a second per node (default 200; see
+    /// [`ConsensusConfig::trace_max_per_second`](crate::ConsensusConfig)); also the engine's.
+    pub max_traces_per_second: Option<u32>,
 }
 
 /// Why telemetry could not be set up.
@@ -342,6 +345,7 @@ mod tests {
             otlp_endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
             service_name: None,
             sample_ratio: Some(1.0),
+            max_traces_per_second: None,
         };
         let export = file
             .resolve_with(

@@ -59,9 +59,10 @@ pub(crate) enum DriverInput<P: Protocol> {
     Peer {
         from: NodeId,
         message: P::Message,
-        /// The trace context of a traced proposal the message carries.
-        trace: Option<Box<TraceAttachment>>,
     },
+    /// A peer's message that carries a traced proposal, with its trace context. Boxed (and
+    /// rare), so that the common inputs stay as small as they were without tracing.
+    TracedPeer(Box<(NodeId, P::Message, TraceAttachment)>),
     Control(P::Control),
     /// The transport's hint that every connection to this peer broke.
     PeerUnreachable(NodeId),
@@ -116,10 +117,9 @@ impl<P: Protocol> Inbox<P> {
         message: P::Message,
         trace: Option<Box<TraceAttachment>>,
     ) -> bool {
-        let input = DriverInput::Peer {
-            from,
-            message,
-            trace,
+        let input = match trace {
+            None => DriverInput::Peer { from, message },
+            Some(trace) => DriverInput::TracedPeer(Box::new((from, message, *trace))),
         };
         match self.sender.try_send(input) {
             Ok(()) => true,
@@ -335,14 +335,14 @@ impl<P: Protocol> Driver<P> {
                 }
                 self.node.step(Input::Propose { request_id, data }, out);
             }
-            DriverInput::Peer {
+            DriverInput::Peer { from, message } => peer_messages.push(Envelope {
                 from,
+                to: self.node.id(),
                 message,
-                trace,
-            } => {
-                if let Some(attachment) = trace {
-                    self.traces.received::<P>(from, &message, &attachment, now);
-                }
+            }),
+            DriverInput::TracedPeer(traced) => {
+                let (from, message, attachment) = *traced;
+                self.traces.received::<P>(from, &message, &attachment, now);
                 peer_messages.push(Envelope {
                     from,
                     to: self.node.id(),

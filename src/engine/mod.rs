@@ -797,7 +797,19 @@ impl ConsensusEngine {
     /// ([`with_trace_decision`](crate::telemetry::with_trace_decision)); otherwise every one
     /// made inside a span that OpenTelemetry samples, and the sampler's pick of the rest.
     /// `None` also when no subscriber records the span.
+    #[inline]
     fn proposal_span(&self) -> Option<Box<tracing::Span>> {
+        // Without a subscriber that records the engine's spans this is one cached check, so
+        // that tracing off costs the hot path nothing; the rest stays out of line.
+        if !tracing::enabled!(target: "consensus::trace", tracing::Level::INFO) {
+            return None;
+        }
+        self.sampled_proposal_span()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn sampled_proposal_span(&self) -> Option<Box<tracing::Span>> {
         let traced = match crate::telemetry::caller_decision() {
             Some(decided) => decided,
             None => {

@@ -230,9 +230,10 @@ pub struct ConsensusConfig {
     /// The fraction of proposals traced end to end (`0.0..=1.0`, default 0.01; TOML
     /// `trace_sample_ratio`; see [`telemetry`](crate::telemetry)). A traced proposal creates
     /// spans on every node it passes; the others create none, which is what keeps tracing off
-    /// the hot path. A proposal made inside a span that OpenTelemetry samples (a traced HTTP
-    /// request, a caller's own trace) is traced whatever the ratio. Spans are recorded only when
-    /// a subscriber is installed; the crate never installs one.
+    /// the hot path. A caller that decided for itself (a traced HTTP request, a caller's own
+    /// trace) says so with [`with_trace_decision`](crate::telemetry::with_trace_decision), and
+    /// the ratio is not asked. Spans are recorded only when a subscriber is installed; the crate
+    /// never installs one.
     pub trace_sample_ratio: f64,
     /// At most this many proposals traced a second on this node, whatever the ratio (default
     /// 200; TOML `trace_max_per_second`): the cost of tracing then stays bounded as the load

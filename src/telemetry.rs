@@ -9,8 +9,10 @@
 //! # What is traced
 //!
 //! One proposal in [`ConsensusConfig::trace_sample_ratio`](crate::ConsensusConfig) (default
-//! 1 in 100) is traced from end to end; the others create no span at all, so that tracing costs
-//! the hot path one thread-local addition per proposal. A traced proposal's spans:
+//! 1 in 100, at most `trace_max_per_second`) is traced from end to end, or the ones a caller
+//! chose with [`with_trace_decision`]; the others create no span at all, so that tracing costs
+//! the hot path a task-local read and a thread-local addition per proposal. A traced
+//! proposal's spans:
 //!
 //! | span | where | parent | attributes and events |
 //! |---|---|---|---|

@@ -794,35 +794,33 @@ impl ConsensusEngine {
     }
 
     /// The span of a proposal about to be submitted, if it is traced: as the caller decided
-    /// ([`with_trace_decision`](crate::telemetry::with_trace_decision)); otherwise every one
-    /// made inside a span that OpenTelemetry samples, and the sampler's pick of the rest.
-    /// `None` also when no subscriber records the span.
+    /// ([`with_trace_decision`](crate::telemetry::with_trace_decision)), otherwise as the
+    /// sampler picks. Its parent is the caller's current span. `None` also when no subscriber
+    /// records the span.
+    ///
+    /// The caller's own trace is not looked up to decide (a proposal inside a sampled span is
+    /// not traced for that alone): finding the current span's OpenTelemetry context costs
+    /// every proposal a registry lookup, about as much as the rest of tracing together at
+    /// the bench's rates. A caller who traces a request says so with `with_trace_decision`.
     #[inline]
     fn proposal_span(&self) -> Option<Box<tracing::Span>> {
-        // Without a subscriber that records the engine's spans this is one cached check, so
-        // that tracing off costs the hot path nothing; the rest stays out of line.
-        if !tracing::enabled!(target: "consensus::trace", tracing::Level::INFO) {
-            return None;
+        // The decision first: a task-local read and a thread-local addition. Asking the
+        // subscriber whether it records the span costs a call through its filters, so only a
+        // picked proposal asks.
+        let traced = match crate::telemetry::caller_decision() {
+            Some(decided) => decided,
+            None => self.trace_sampler.pick(),
+        };
+        if traced {
+            self.traced_proposal_span()
+        } else {
+            None
         }
-        self.sampled_proposal_span()
     }
 
     #[cold]
     #[inline(never)]
-    fn sampled_proposal_span(&self) -> Option<Box<tracing::Span>> {
-        let traced = match crate::telemetry::caller_decision() {
-            Some(decided) => decided,
-            None => {
-                let current = tracing::Span::current();
-                let chosen_by_caller = !current.is_disabled()
-                    && crate::telemetry::TraceContext::of_span(&current)
-                        .is_some_and(|context| context.is_sampled());
-                chosen_by_caller || self.trace_sampler.pick()
-            }
-        };
-        if !traced {
-            return None;
-        }
+    fn traced_proposal_span(&self) -> Option<Box<tracing::Span>> {
         let span = tracing::info_span!(
             target: "consensus::trace",
             "consensus.proposal",

@@ -1,0 +1,465 @@
+//! Side by side with etcd: the same HTTP load against three `consensus-node`s and, when an `etcd`
+//! binary is on the PATH (Debian package `etcd-server`), against a three-member etcd cluster on
+//! the same machine, with the same durability (ours: fjall with an fsync per batch; etcd: its WAL
+//! fsync, the default). One table of throughput and latency, with the ratio.
+//!
+//! ```text
+//! cargo run --release --example kv_vs_etcd [-- --seconds S --clients C --keys K --value-bytes B]
+//! ```
+//!
+//! Each phase runs for S seconds (default 5) with C clients (16), each on one kept-alive HTTP/1
+//! connection (hyper, through `consensus::node::client::Connection`), over K keys (10,000) with
+//! B-byte values (64):
+//!
+//! - `PUT → leader`, `PUT → follower`: every client writes through that node;
+//! - `PUT → any node`: client i writes through node i mod 3, as users spread load;
+//! - `GET → leader`: linearizable reads (ours go through the log; etcd's serializable=false
+//!   range is its linearizable read).
+//!
+//! Ours: `PUT /kv/{key}` and `GET /kv/{key}`. etcd: its v3 JSON gateway, `POST /v3/kv/put` and
+//! `POST /v3/kv/range` with base64 keys and values. A request counts when it is answered 200;
+//! anything else is an error and is reported. Without etcd the program runs ours alone and says
+//! why.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use consensus::node::client::{self, Connection};
+use serde_json::Value;
+
+#[path = "../benches/common/latency.rs"]
+mod latency;
+
+use latency::Latencies;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Options {
+    seconds: u64,
+    clients: usize,
+    keys: usize,
+    value_bytes: usize,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        seconds: 5,
+        clients: 16,
+        keys: 10_000,
+        value_bytes: 64,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut number = || -> Result<u64, String> {
+            let text = args.next().ok_or(format!("{flag} needs a value"))?;
+            text.parse()
+                .map_err(|_| format!("{flag}: not a number: {text:?}"))
+        };
+        match flag.as_str() {
+            "--seconds" => options.seconds = number()?.max(1),
+            "--clients" => options.clients = number()?.max(1) as usize,
+            "--keys" => options.keys = number()?.max(1) as usize,
+            "--value-bytes" => options.value_bytes = number()? as usize,
+            other => {
+                return Err(format!(
+                    "unexpected argument {other:?}; expected --seconds S --clients C --keys K \
+                     --value-bytes B"
+                ));
+            }
+        }
+    }
+    Ok(options)
+}
+
+fn free_ports(count: usize) -> Result<Vec<u16>, String> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("no free port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Child processes stopped when the program ends, however it ends.
+#[derive(Default)]
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A key-value service under test: how to write and read one key through a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum System {
+    Ours,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Ours => "consensus-node",
+            System::Etcd => "etcd 3.4",
+        }
+    }
+
+    /// The method, path and body of a write or a linearizable read of `key`.
+    fn request(self, write: bool, key: &str, value: &[u8]) -> (&'static str, String, Vec<u8>) {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        match (self, write) {
+            (System::Ours, true) => ("PUT", format!("/kv/{key}"), value.to_vec()),
+            (System::Ours, false) => ("GET", format!("/kv/{key}"), Vec::new()),
+            (System::Etcd, true) => {
+                let body = serde_json::json!({"key": b64(key.as_bytes()), "value": b64(value)});
+                ("POST", "/v3/kv/put".into(), body.to_string().into_bytes())
+            }
+            (System::Etcd, false) => {
+                let body = serde_json::json!({"key": b64(key.as_bytes())});
+                ("POST", "/v3/kv/range".into(), body.to_string().into_bytes())
+            }
+        }
+    }
+}
+
+/// A running cluster: its members' HTTP addresses, the leader first.
+struct Cluster {
+    system: System,
+    leader: SocketAddr,
+    followers: Vec<SocketAddr>,
+}
+
+impl Cluster {
+    fn all(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.leader)
+            .chain(self.followers.iter().copied())
+            .collect()
+    }
+}
+
+async fn json(address: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<Value> {
+    let response = client::request(address, method, path, body, TIMEOUT)
+        .await
+        .ok()?;
+    (response.status == 200)
+        .then(|| serde_json::from_slice(&response.body).ok())
+        .flatten()
+}
+
+/// Starts three of our nodes (this program re-run as `kv_vs_etcd node --config FILE`) and waits
+/// for them to agree on a leader.
+async fn start_ours(dir: &Path, processes: &mut Processes) -> Result<Cluster, String> {
+    let ports = free_ports(6)?;
+    let files = consensus::node::write_loopback_cluster(dir, &ports)
+        .map_err(|e| format!("cannot write node configurations: {e}"))?;
+    for file in &files {
+        let log = std::fs::File::create(&file.log).map_err(|e| e.to_string())?;
+        let child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .arg("node")
+            .arg("--config")
+            .arg(&file.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start a node: {e}"))?;
+        processes.0.push(child);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let mut ids = Vec::new();
+        let mut leaders = Vec::new();
+        for file in &files {
+            let status = json(file.http, "GET", "/status", b"").await;
+            ids.push(
+                status
+                    .as_ref()
+                    .and_then(|s| s["node_id"].as_str().map(String::from)),
+            );
+            leaders.push(status.and_then(|s| s["leader"].as_str().map(String::from)));
+        }
+        if let Some(Some(leader)) = leaders.first()
+            && leaders.iter().all(|l| l.as_ref() == Some(leader))
+            && let Some(index) = ids.iter().position(|id| id.as_ref() == Some(leader))
+        {
+            return Ok(Cluster {
+                system: System::Ours,
+                leader: files[index].http,
+                followers: (0..files.len())
+                    .filter(|&i| i != index)
+                    .map(|i| files[i].http)
+                    .collect(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!(
+        "our nodes agreed on no leader within 30 s (logs in {})",
+        dir.display()
+    ))
+}
+
+/// `etcd` on the PATH, if any.
+fn etcd_binary() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Starts a three-member etcd cluster in `dir` and waits for its leader.
+async fn start_etcd(
+    binary: &Path,
+    dir: &Path,
+    processes: &mut Processes,
+) -> Result<Cluster, String> {
+    let ports = free_ports(6)?;
+    let peer = |i: usize| format!("http://127.0.0.1:{}", ports[3 + i]);
+    let initial: Vec<String> = (0..3).map(|i| format!("e{i}={}", peer(i))).collect();
+    let clients: Vec<SocketAddr> = (0..3)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], ports[i])))
+        .collect();
+    for (i, client) in clients.iter().enumerate() {
+        let log =
+            std::fs::File::create(dir.join(format!("e{i}.log"))).map_err(|e| e.to_string())?;
+        let child = Command::new(binary)
+            .arg(format!("--name=e{i}"))
+            .arg(format!(
+                "--data-dir={}",
+                dir.join(format!("e{i}")).display()
+            ))
+            .arg(format!("--listen-client-urls=http://{client}"))
+            .arg(format!("--advertise-client-urls=http://{client}"))
+            .arg(format!("--listen-peer-urls={}", peer(i)))
+            .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg("--initial-cluster-state=new")
+            .arg("--initial-cluster-token=kv-vs-etcd")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start etcd: {e}"))?;
+        processes.0.push(child);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let mut statuses = Vec::new();
+        for &address in &clients {
+            statuses.push(json(address, "POST", "/v3/maintenance/status", b"{}").await);
+        }
+        let leader = statuses
+            .iter()
+            .flatten()
+            .find_map(|s| s["leader"].as_str().map(String::from));
+        if let Some(leader) = leader
+            && statuses.iter().all(Option::is_some)
+            && let Some(index) = statuses.iter().position(|s| {
+                s.as_ref().and_then(|s| s["header"]["member_id"].as_str()) == Some(&leader)
+            })
+        {
+            return Ok(Cluster {
+                system: System::Etcd,
+                leader: clients[index],
+                followers: (0..3).filter(|&i| i != index).map(|i| clients[i]).collect(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "etcd found no leader within 30 s (logs in {})",
+        dir.display()
+    ))
+}
+
+/// What one phase measured.
+struct Outcome {
+    per_second: f64,
+    latencies: Latencies,
+    errors: u64,
+}
+
+/// Runs `clients` clients for `seconds`, client i on `targets[i % len]`, writing or reading.
+async fn run_phase(
+    system: System,
+    targets: &[SocketAddr],
+    write: bool,
+    options: &Options,
+) -> Outcome {
+    let value: Arc<Vec<u8>> = Arc::new(vec![b'v'; options.value_bytes]);
+    let until = Instant::now() + Duration::from_secs(options.seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..options.clients)
+        .map(|i| {
+            let target = targets[i % targets.len()];
+            let value = value.clone();
+            let keys = options.keys;
+            tokio::spawn(async move {
+                let mut connection = Connection::new(target);
+                let mut latencies = Latencies::new();
+                let mut errors = 0u64;
+                let mut n = i as u64;
+                while Instant::now() < until {
+                    // A cheap spread over the keys (Knuth's multiplicative hash).
+                    n = n.wrapping_add(1);
+                    let key = format!("k{}", n.wrapping_mul(2_654_435_761) % keys as u64);
+                    let (method, path, body) = system.request(write, &key, &value);
+                    let sent = Instant::now();
+                    match connection.request(method, &path, &body, TIMEOUT).await {
+                        // Our GET of a key never written answers 404, and that is an answer.
+                        Ok(response)
+                            if response.status == 200 || (!write && response.status == 404) =>
+                        {
+                            latencies.record(sent.elapsed())
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Latencies::new();
+    let mut errors = 0;
+    for task in tasks {
+        if let Ok((mine, failed)) = task.await {
+            latencies.merge(&mine);
+            errors += failed;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Outcome {
+        per_second: latencies.len() as f64 / elapsed,
+        latencies,
+        errors,
+    }
+}
+
+/// The phases, by name: (targets, write).
+fn phases(cluster: &Cluster) -> Vec<(&'static str, Vec<SocketAddr>, bool)> {
+    vec![
+        ("PUT → leader", vec![cluster.leader], true),
+        ("PUT → follower", vec![cluster.followers[0]], true),
+        ("PUT → any node", cluster.all(), true),
+        ("GET → leader", vec![cluster.leader], false),
+    ]
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1e3)
+}
+
+async fn run(options: Options) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut processes = Processes::default();
+    let ours_dir = dir.path().join("ours");
+    std::fs::create_dir_all(&ours_dir).map_err(|e| e.to_string())?;
+    let ours = start_ours(&ours_dir, &mut processes).await?;
+    let etcd = match etcd_binary() {
+        Some(binary) => {
+            let etcd_dir = dir.path().join("etcd");
+            std::fs::create_dir_all(&etcd_dir).map_err(|e| e.to_string())?;
+            Some(start_etcd(&binary, &etcd_dir, &mut processes).await?)
+        }
+        None => {
+            println!(
+                "no `etcd` on the PATH (Debian: apt-get install etcd-server): running ours alone"
+            );
+            None
+        }
+    };
+    println!(
+        "{} clients, {} keys, {}-byte values, {} s per phase; both clusters on this machine",
+        options.clients, options.keys, options.value_bytes, options.seconds
+    );
+    println!(
+        "| load | {} req/s | p50 | p99 | etcd req/s | p50 | p99 | throughput ÷ etcd | p99 ÷ etcd |",
+        System::Ours.name()
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut errors = 0;
+    for ((name, targets, write), etcd_phase) in phases(&ours).into_iter().zip(
+        etcd.as_ref()
+            .map(phases)
+            .into_iter()
+            .flatten()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None)),
+    ) {
+        let mine = run_phase(ours.system, &targets, write, &options).await;
+        errors += mine.errors;
+        let theirs = match &etcd_phase {
+            Some((_, targets, write)) => {
+                let outcome = run_phase(System::Etcd, targets, *write, &options).await;
+                errors += outcome.errors;
+                Some(outcome)
+            }
+            None => None,
+        };
+        let (p50, p99) = (mine.latencies.quantile(0.5), mine.latencies.quantile(0.99));
+        match theirs {
+            Some(theirs) => {
+                let (e50, e99) = (
+                    theirs.latencies.quantile(0.5),
+                    theirs.latencies.quantile(0.99),
+                );
+                println!(
+                    "| {name} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2}× | {:.2}× |",
+                    mine.per_second,
+                    millis(p50),
+                    millis(p99),
+                    theirs.per_second,
+                    millis(e50),
+                    millis(e99),
+                    mine.per_second / theirs.per_second.max(1e-9),
+                    p99.as_secs_f64() / e99.as_secs_f64().max(1e-9),
+                );
+            }
+            None => println!(
+                "| {name} | {:.0} | {} | {} | – | – | – | – | – |",
+                mine.per_second,
+                millis(p50),
+                millis(p99)
+            ),
+        }
+    }
+    if errors > 0 {
+        return Err(format!("{errors} requests were not answered 200"));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "node") {
+        return consensus::node::main(args.skip(1).map(Into::into));
+    }
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("kv_vs_etcd: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kv_vs_etcd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

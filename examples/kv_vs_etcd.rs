@@ -379,7 +379,8 @@ async fn run(options: Options) -> Result<(), String> {
         }
     };
     println!(
-        "{} clients, {} keys, {}-byte values, {} s per phase; both clusters on this machine",
+        "{} clients, {} keys, {}-byte values, {} s per phase, each cluster alone on this machine \
+         while it is measured",
         options.clients, options.keys, options.value_bytes, options.seconds
     );
     println!(

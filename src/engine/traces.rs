@@ -250,3 +250,115 @@ impl ProposalTraces {
             .retain(|traced| now.saturating_duration_since(traced.since) <= limit);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::protocol::raft::{Message, RaftNode};
+
+    fn tag(proposer: u64, request_id: u64) -> ProposalTag {
+        ProposalTag {
+            proposer: NodeId(proposer),
+            request_id,
+        }
+    }
+
+    fn attachment(tag: ProposalTag) -> TraceAttachment {
+        TraceAttachment {
+            tag,
+            context: TraceContext {
+                trace_id: [7; 16],
+                span_id: [8; 8],
+                flags: 1,
+            },
+        }
+    }
+
+    fn append(tags: &[ProposalTag]) -> Message {
+        Message::AppendEntries {
+            term: 1,
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: tags
+                .iter()
+                .enumerate()
+                .map(|(i, &tag)| entry(i as u64 + 1, tag))
+                .collect(),
+            leader_commit: 0,
+        }
+    }
+
+    fn entry(index: LogIndex, tag: ProposalTag) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            payload: Payload::Command {
+                tag,
+                data: Bytes::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_attachment_naming_a_proposal_the_message_does_not_carry_is_ignored() {
+        let mut traces = ProposalTraces::default();
+        let now = Instant::now();
+        let carried = append(&[tag(2, 1), tag(2, 2)]);
+        traces.received::<RaftNode>(NodeId(1), &carried, &attachment(tag(2, 9)), now);
+        let forward = Message::ForwardProposals {
+            term: 1,
+            proposals: vec![(5, Bytes::new())],
+        };
+        // Forwarded by node 3: the tag is (3, 5), not (4, 5).
+        traces.received::<RaftNode>(NodeId(3), &forward, &attachment(tag(4, 5)), now);
+        let heartbeat = Message::Heartbeat { term: 1, commit: 0 };
+        traces.received::<RaftNode>(NodeId(1), &heartbeat, &attachment(tag(2, 1)), now);
+        assert!(traces.is_empty());
+        traces.received::<RaftNode>(NodeId(3), &forward, &attachment(tag(3, 5)), now);
+        traces.received::<RaftNode>(NodeId(1), &carried, &attachment(tag(2, 2)), now);
+        assert_eq!(traces.traced.len(), 2);
+    }
+
+    #[test]
+    fn followed_proposals_are_bounded_and_forgotten_at_commit_or_expiry() {
+        let mut traces = ProposalTraces::default();
+        let now = Instant::now();
+        let tags: Vec<ProposalTag> = (0..200).map(|i| tag(2, i)).collect();
+        let carried = append(&tags);
+        for &tag in &tags {
+            traces.received::<RaftNode>(NodeId(1), &carried, &attachment(tag), now);
+        }
+        assert_eq!(
+            traces.traced.len(),
+            MAX_TRACED,
+            "a flood of attachments is capped"
+        );
+        // Those committed are forgotten; the rest once they outlive the limit.
+        let committed: Vec<Entry> = (0..10).map(|i| entry(i + 1, tags[i as usize])).collect();
+        traces.committed(&committed);
+        assert_eq!(traces.traced.len(), MAX_TRACED - 10);
+        traces.expire(now + Duration::from_secs(1), Duration::from_secs(2));
+        assert_eq!(traces.traced.len(), MAX_TRACED - 10);
+        traces.expire(now + Duration::from_secs(3), Duration::from_secs(2));
+        assert!(traces.is_empty());
+    }
+
+    #[test]
+    fn without_a_recording_subscriber_nothing_is_attached() {
+        // Spans that no subscriber records have no OpenTelemetry context to send: the message
+        // goes out without an attachment rather than with a made-up one.
+        let mut traces = ProposalTraces::default();
+        traces.proposed(tag(1, 1), tracing::Span::none(), Instant::now());
+        assert!(!traces.is_empty());
+        let forward = Message::ForwardProposals {
+            term: 1,
+            proposals: vec![(1, Bytes::new())],
+        };
+        assert_eq!(
+            traces.attachment_for::<RaftNode>(NodeId(1), NodeId(2), &forward),
+            None
+        );
+    }
+}

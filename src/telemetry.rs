@@ -16,14 +16,16 @@
 //!
 //! | span | where | parent | attributes and events |
 //! |---|---|---|---|
-//! | `consensus.proposal` | the node a client called | the caller's span (the node's `http.server` span) | `consensus.node`, `consensus.request_id`; events `forwarded`, `appended`, `committed`, `applied` with `consensus.log.index` |
-//! | `consensus.commit` | the leader | `consensus.proposal`, on this or the forwarding node | `consensus.log.index`; events `persisted` (with `db.client.operation.duration_us`), `committed` |
-//! | `consensus.append` | each follower that stores the entry | `consensus.commit` on the leader | `consensus.log.index`, `consensus.entries`; event `persisted` |
+//! | `consensus.proposal` | the node a client called; ends when its client is answered | the caller's current span (the node's `PUT /kv/{key}` span) | `consensus.node`, `consensus.request_id`, `consensus.log.index`; events `forwarded` (`consensus.leader`), `persisted` (on the leader, for its own proposals), `committed` |
+//! | `consensus.commit` | the leader, for a forwarded proposal; ends at its commit | `consensus.proposal` on the forwarding node | `consensus.proposer`, `consensus.request_id`, `consensus.log.index`; event `persisted` (`db.system.name`, `db.operation.name`, `db.client.operation.duration_us`: the fsync) |
+//! | `consensus.append` | each follower that stores the entry; ends when its acknowledgement is sent | the leader's `consensus.commit` (or its `consensus.proposal`) | `consensus.leader`, `consensus.request_id`, `consensus.log.index`; event `persisted` |
 //!
-//! Work done once per batch or per event is traced every time, at `DEBUG` (GPU dispatches:
-//! `gpu.dispatch`; log writes: `db.persist`) or `INFO` (elections and leader changes:
-//! `consensus.leader_change`; PBFT view changes). The README's Observability section has the
-//! full table.
+//! A leader's own proposals have no commit span: their proposal span is on the leader already,
+//! and one span less per traced proposal is what keeps export cheap. Work done once per batch or
+//! per event is traced every time it happens (GPU dispatches, `gpu.dispatch`, target
+//! `consensus::gpu`; elections and leader changes, `consensus.election` and
+//! `consensus.leader_change`, which under PBFT are view changes). The README's Observability
+//! section has the full table.
 //!
 //! # Across nodes
 //!

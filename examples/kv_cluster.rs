@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -42,6 +42,8 @@ use serde_json::Value;
 // The benches' latency record: one way to compute percentiles for every program here.
 #[path = "../benches/common/latency.rs"]
 mod latency;
+#[path = "../tests/common/ports.rs"]
+mod ports;
 
 use latency::Latencies;
 
@@ -143,16 +145,7 @@ fn configure(
     count: usize,
     algorithm: consensus::Algorithm,
 ) -> Result<Vec<Node>, String> {
-    let listeners: Vec<TcpListener> = (0..2 * count)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("no free port: {e}"))?;
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    drop(listeners);
+    let ports = ports::try_free_ports(2 * count).map_err(|e| format!("no free port: {e}"))?;
     let files = consensus::node::write_loopback_cluster_of(dir, &ports, algorithm)
         .map_err(|e| format!("cannot write node configurations in {}: {e}", dir.display()))?;
     let nodes = files

@@ -21,7 +21,7 @@
 //! anything else is an error and is reported. Without etcd the program runs ours alone and says
 //! why.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -75,15 +75,11 @@ fn parse_options() -> Result<Options, String> {
     Ok(options)
 }
 
+#[path = "../tests/common/ports.rs"]
+mod ports;
+
 fn free_ports(count: usize) -> Result<Vec<u16>, String> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("no free port: {e}"))?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string()))
-        .collect()
+    ports::try_free_ports(count).map_err(|e| format!("no free port: {e}"))
 }
 
 /// Child processes stopped when the program ends, however it ends.

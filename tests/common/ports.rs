@@ -1,19 +1,25 @@
-//! Free loopback ports for the suites that start real servers. Include it standalone with
-//! `#[path = "common/ports.rs"] mod ports;`; it uses nothing else from `tests/common`.
+//! Free loopback ports for the suites and examples that start real servers. Include it standalone
+//! with `#[path = "common/ports.rs"] mod ports;` (from an example:
+//! `#[path = "../tests/common/ports.rs"]`); it uses nothing else from `tests/common`.
 
 #![allow(dead_code)]
 
 use std::net::TcpListener;
 
 /// `count` ports free at the time of asking (all held at once, so they differ).
-pub fn free_ports(count: usize) -> Vec<u16> {
+pub fn try_free_ports(count: usize) -> std::io::Result<Vec<u16>> {
     let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
     listeners
         .iter()
-        .map(|listener| listener.local_addr().unwrap().port())
+        .map(|listener| listener.local_addr().map(|address| address.port()))
         .collect()
+}
+
+/// [`try_free_ports`], for a test: no free port is a failure.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    try_free_ports(count).expect("free loopback ports")
 }
 
 /// One port free at the time of asking.

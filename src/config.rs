@@ -15,6 +15,51 @@ use crate::protocol::raft::RaftConfig;
 use crate::transport::tcp::{NetworkConfig, PeerAddress, PeerTls, TcpTransportConfig};
 use crate::types::NodeId;
 
+/// How [`ConsensusEngine::read`](crate::ConsensusEngine::read) (and a read-only command given
+/// to `execute_command`) is made linearizable. PBFT orders every read through its log whatever
+/// this says: a read outside the log would need `f + 1` matching answers, which one replica
+/// cannot gather.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ReadMode {
+    /// ReadIndex (Raft thesis §6.4): the leader confirms its leadership with one heartbeat
+    /// round (shared by every read that arrives meanwhile) and serves at its commit index; a
+    /// follower asks the leader for that index and serves locally. No log write, no clock
+    /// assumption. The default.
+    #[default]
+    ReadIndex,
+    /// Lease reads: the leader serves at once while the lease its last answered heartbeat
+    /// round earned runs ([`RaftConfig::lease_reads`](crate::protocol::raft::RaftConfig::lease_reads)
+    /// says what it rests on: clocks that drift at most
+    /// [`ConsensusConfig::max_clock_drift_percent`] apart, and a failover that waits out a
+    /// full election timeout). Needs check-quorum, which the engine always runs.
+    Lease,
+    /// Every read is a command ordered through the log, as a write is (the behaviour before
+    /// reads had a path of their own; kept for comparison and for state machines whose reads
+    /// must be in the log).
+    Log,
+}
+
+impl ReadMode {
+    /// The spelling used in TOML files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadMode::ReadIndex => "read_index",
+            ReadMode::Lease => "lease",
+            ReadMode::Log => "log",
+        }
+    }
+
+    /// The mode named as in TOML (`read_index`, `lease`, `log`).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "read_index" => Some(ReadMode::ReadIndex),
+            "lease" => Some(ReadMode::Lease),
+            "log" => Some(ReadMode::Log),
+            _ => None,
+        }
+    }
+}
+
 /// Which protocol a cluster runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
@@ -240,6 +285,12 @@ pub struct ConsensusConfig {
     /// grows (see [`TraceSampler`](crate::telemetry::TraceSampler) for why). Proposals that a
     /// caller chose to trace, and those traced on another node, do not count.
     pub trace_max_per_second: u32,
+    /// How reads are made linearizable (default [`ReadMode::ReadIndex`]; TOML `read_mode` =
+    /// `"read_index"`, `"lease"` or `"log"`).
+    pub read_mode: ReadMode,
+    /// The bound on clock drift between nodes that [`ReadMode::Lease`] assumes, in percent
+    /// (default 5; TOML `max_clock_drift_percent`); the lease is shortened by it.
+    pub max_clock_drift_percent: u32,
 }
 
 /// The PEM files of [`ConsensusConfig::tls`]. Relative paths are resolved against the working
@@ -307,6 +358,8 @@ impl Default for ConsensusConfig {
             insecure_plaintext: false,
             trace_sample_ratio: 0.01,
             trace_max_per_second: 200,
+            read_mode: ReadMode::ReadIndex,
+            max_clock_drift_percent: 5,
         }
     }
 }
@@ -365,6 +418,10 @@ impl ConsensusConfig {
         trace_sample_ratio: f64,
         /// Sets [`ConsensusConfig::trace_max_per_second`].
         trace_max_per_second: u32,
+        /// Sets [`ConsensusConfig::read_mode`].
+        read_mode: ReadMode,
+        /// Sets [`ConsensusConfig::max_clock_drift_percent`].
+        max_clock_drift_percent: u32,
     }
 
     /// Sets [`ConsensusConfig::tls`].
@@ -543,6 +600,20 @@ impl ConsensusConfig {
                 "must be within 0.0..=1.0",
             );
         }
+        if self.max_clock_drift_percent >= 100 {
+            return invalid(
+                "max_clock_drift_percent",
+                self.max_clock_drift_percent.to_string(),
+                "must be below 100",
+            );
+        }
+        if self.read_mode == ReadMode::Lease && self.raft_config().lease_ticks() == 0 {
+            return invalid(
+                "read_mode",
+                "lease".into(),
+                "the election timeout is too few ticks for a lease at this clock drift bound",
+            );
+        }
         let voters = self.voter_ids();
         let mut distinct = voters.clone();
         distinct.dedup();
@@ -620,6 +691,8 @@ impl ConsensusConfig {
         raft.batch_timeout_ticks = ticks(self.batch_timeout).max(1);
         raft.max_batch_bytes = self.max_batch_bytes;
         raft.max_bytes_per_append = raft.max_bytes_per_append.max(self.max_batch_bytes);
+        raft.lease_reads = self.read_mode == ReadMode::Lease;
+        raft.max_clock_drift_percent = self.max_clock_drift_percent;
         raft
     }
 
@@ -774,6 +847,8 @@ struct TomlConsensus {
     insecure_plaintext: Option<bool>,
     trace_sample_ratio: Option<f64>,
     trace_max_per_second: Option<u32>,
+    read_mode: Option<String>,
+    max_clock_drift_percent: Option<u32>,
 }
 
 impl TomlConsensus {
@@ -859,6 +934,16 @@ impl TomlConsensus {
         config.trace_max_per_second = self
             .trace_max_per_second
             .unwrap_or(config.trace_max_per_second);
+        if let Some(name) = self.read_mode {
+            config.read_mode = ReadMode::parse(&name).ok_or(ConfigError::Invalid {
+                field: "read_mode",
+                value: name,
+                reason: "expected read_index, lease or log",
+            })?;
+        }
+        config.max_clock_drift_percent = self
+            .max_clock_drift_percent
+            .unwrap_or(config.max_clock_drift_percent);
         config.validate()?;
         Ok(config)
     }

@@ -231,6 +231,11 @@ pub enum Error {
     /// The engine stopped before answering.
     #[error("engine stopped: {0}")]
     Stopped(String),
+    /// [`ConsensusEngine::read`](crate::ConsensusEngine::read) was given a command the state
+    /// machine does not mark read-only: applied on one node alone it would make the replicas
+    /// diverge.
+    #[error("the command is not read-only (StateMachine::is_read_only): order it through the log")]
+    NotReadOnly,
     /// Encoding a command, decoding it, or the response type, went wrong.
     #[error("state machine: {0}")]
     StateMachine(String),

@@ -48,7 +48,7 @@ pub mod verify;
 
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use client_signature::ClientSignature;
-pub use config::{Algorithm, ConsensusConfig, ElectionConfig, TlsFiles};
+pub use config::{Algorithm, ConsensusConfig, ElectionConfig, ReadMode, TlsFiles};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};
 pub use metrics::MetricsSnapshot;

@@ -416,6 +416,32 @@ fn injected_bug_commit_previous_term_by_counting_is_caught() {
     assert_bug_is_caught("commit_previous_term_by_counting", 300, figure8_config);
 }
 
+/// Chaos with every read on the core's read path, at a leader that skips the heartbeat round.
+fn read_without_round_config(seed: u64) -> SimConfig {
+    let mut config = SimConfig::chaos(seed);
+    config
+        .protocol
+        .injected_bugs
+        .read_without_confirming_leadership = true;
+    config.protocol.lease_reads = false;
+    config.reads_through_log = false;
+    config
+}
+
+#[test]
+fn injected_bug_read_without_confirming_leadership_is_caught() {
+    let failure = assert_bug_is_caught(
+        "read_without_confirming_leadership",
+        200,
+        read_without_round_config,
+    );
+    assert!(
+        matches!(failure.violation, Violation::Linearizability { .. }),
+        "expected a stale read, got {}",
+        failure.violation
+    );
+}
+
 /// Forwarded proposals duplicated by the network, so that the log often holds two copies of one
 /// proposal: the apply stage must run only the first.
 fn apply_duplicates_config(seed: u64) -> SimConfig {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use consensus::protocol::RejectReason;
 use consensus::{
     ConsensusConfig, ConsensusEngine, ConsensusResult, Error, LocalNetwork, NodeId, Proposal,
-    StateMachine,
+    ReadMode, StateMachine,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,10 @@ impl StateMachine for KvStore {
     type Command = KvCommand;
     type Response = Option<String>;
 
+    fn is_read_only(command: &KvCommand) -> bool {
+        matches!(command, KvCommand::Get(_))
+    }
+
     fn apply(&mut self, command: KvCommand) -> Option<String> {
         match command {
             KvCommand::Set(key, value) => {
@@ -45,6 +49,13 @@ struct Cluster {
 }
 
 async fn start_cluster(names: &[&str]) -> Cluster {
+    start_cluster_with(names, |config| config).await
+}
+
+async fn start_cluster_with(
+    names: &[&str],
+    tweak: impl Fn(ConsensusConfig) -> ConsensusConfig,
+) -> Cluster {
     let network = LocalNetwork::new();
     let mut engines = Vec::new();
     let mut applied = Vec::new();
@@ -54,6 +65,7 @@ async fn start_cluster(names: &[&str]) -> Cluster {
             .node_id(*name)
             .peers(peers)
             .request_timeout(Duration::from_secs(2));
+        let config = tweak(config);
         let mut engine = ConsensusEngine::new(config)
             .unwrap()
             .with_local_network(&network);
@@ -130,6 +142,42 @@ async fn proposals_commit_and_every_state_machine_agrees() {
             .prometheus_metrics()
             .contains("consensus_term_current")
     );
+}
+
+/// Reads through every node, right after a write acknowledged through another: each sees the
+/// write (linearizable), and none writes to the log (the commit index stays where the writes
+/// left it), under ReadIndex and under leases; with `ReadMode::Log` every read is an entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_any_node_see_every_acknowledged_write_without_a_log_write() {
+    for mode in [ReadMode::ReadIndex, ReadMode::Lease, ReadMode::Log] {
+        let cluster = start_cluster_with(&["a", "b", "c"], |config| config.read_mode(mode)).await;
+        let leader = cluster.leader(Duration::from_secs(5)).await;
+        for i in 0..30 {
+            let writer = &cluster.engines[(leader + i) % 3];
+            let key = format!("k{}", i % 4);
+            let command = KvCommand::Set(key.clone(), format!("v{i}"));
+            writer.execute_command::<KvStore>(command).await.unwrap();
+            let reader = &cluster.engines[(leader + i + 1) % 3];
+            let seen = reader.read::<KvStore>(KvCommand::Get(key)).await.unwrap();
+            assert_eq!(seen, Some(format!("v{i}")), "{mode:?}: read {i} is stale");
+        }
+        let committed = cluster.engines[leader].metrics().last_committed_index();
+        for i in 0..60 {
+            let reader = &cluster.engines[(leader + i) % 3];
+            let key = format!("k{}", i % 4);
+            let seen = reader.execute_command::<KvStore>(KvCommand::Get(key));
+            assert!(seen.await.unwrap().is_some());
+        }
+        let after = cluster.engines[leader].metrics().last_committed_index();
+        match mode {
+            ReadMode::Log => assert!(after >= committed + 60, "{mode:?}: {committed} -> {after}"),
+            _ => assert_eq!(after, committed, "{mode:?}: reads wrote to the log"),
+        }
+        let refused = cluster.engines[leader]
+            .read::<KvStore>(KvCommand::Set("k".into(), "v".into()))
+            .await;
+        assert!(matches!(refused, Err(Error::NotReadOnly)), "{refused:?}");
+    }
 }
 
 /// A clean stop of the leader starts with a hand-over: the leader knows another leader before

@@ -570,6 +570,16 @@ async fn raft_messages_cross_the_wire_intact() {
         Message::Heartbeat {
             term: 3,
             commit: 11,
+            round: 4,
+        },
+        Message::ReadIndex {
+            term: 3,
+            read_ids: vec![1, 2],
+        },
+        Message::ReadIndexResponse {
+            term: 3,
+            read_ids: vec![2],
+            index: 11,
         },
         Message::ForwardProposals {
             term: 3,

@@ -8,12 +8,19 @@
 //! Entries are applied in index order; a request is answered only after its entry was applied,
 //! with what the state machine answered; a refused request is answered with the core's typed
 //! reason; a request whose deadline passed is answered "outcome unknown".
+//!
+//! Reads served outside the log ([`ApplyStage::submit_read`]) wait here too: once the core
+//! gives a read its index ([`ReadState`]), it is served as soon as everything through that
+//! index is applied, by applying the read-only command to the state machine on this node alone.
 
 use std::any::Any;
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
 
 use crate::engine::pending::PendingTable;
 use crate::protocol::raft::AppliedProposals;
-use crate::protocol::{RejectReason, Rejection};
+use crate::protocol::{ReadState, RejectReason, Rejection};
 use crate::state_machine::ErasedStateMachine;
 use crate::types::{Entry, LogIndex, NodeId, Payload, Term};
 
@@ -21,11 +28,15 @@ use crate::types::{Entry, LogIndex, NodeId, Payload, Term};
 /// decode as its command; `None` when no state machine is set.
 pub(crate) type Response = Option<Result<Box<dyn Any + Send>, String>>;
 
-/// A request whose entry was applied.
+/// A request whose entry was applied, or a read that was served.
 pub(crate) struct AppliedEntry {
+    /// The entry's index; a read's read index.
     pub(crate) index: LogIndex,
+    /// The entry's term; 0 for a read.
     pub(crate) term: Term,
     pub(crate) response: Response,
+    /// A read served outside the log (not a commit).
+    pub(crate) read: bool,
 }
 
 /// Why a request got no commit.
@@ -51,6 +62,8 @@ struct Waiting<R, T> {
     reply: R,
     submitted: T,
     deadline: T,
+    /// A read's command, applied when the read is served; `None` for a proposal.
+    read: Option<Bytes>,
 }
 
 impl<R, T> Waiting<R, T> {
@@ -83,6 +96,8 @@ pub(crate) struct ApplyStage<R, T> {
     state_machine: Option<Box<dyn ErasedStateMachine>>,
     applied_index: LogIndex,
     duplicates_skipped: u64,
+    /// Reads whose index is known and not yet applied: `(index, request id)`.
+    reads_ready: BTreeSet<(LogIndex, u64)>,
     #[cfg(any(test, feature = "sim"))]
     pub(crate) bugs: ApplyBugs,
 }
@@ -103,6 +118,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
             state_machine,
             applied_index: 0,
             duplicates_skipped: 0,
+            reads_ready: BTreeSet::new(),
             #[cfg(any(test, feature = "sim"))]
             bugs: ApplyBugs::default(),
         }
@@ -117,7 +133,73 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
             reply,
             submitted,
             deadline,
+            read: None,
         })
+    }
+
+    /// Records a read of the read-only `command`, as [`ApplyStage::submit`] records a request;
+    /// returns the request id to give the core in [`Input::Read`](crate::protocol::Input::Read).
+    pub(crate) fn submit_read(
+        &mut self,
+        reply: R,
+        submitted: T,
+        deadline: T,
+        command: Bytes,
+    ) -> u64 {
+        self.pending.push(Waiting {
+            reply,
+            submitted,
+            deadline,
+            read: Some(command),
+        })
+    }
+
+    /// The core gave reads their index: each is served once everything through it is applied
+    /// (at once when it already is).
+    pub(crate) fn reads_ready(
+        &mut self,
+        reads: impl IntoIterator<Item = ReadState>,
+        answers: &mut Vec<Answer<R, T>>,
+    ) {
+        for ReadState { request_id, index } in reads {
+            if index <= self.applied_index {
+                self.serve_read(request_id, index, answers);
+            } else {
+                self.reads_ready.insert((index, request_id));
+            }
+        }
+    }
+
+    /// Serves the ready reads whose index is applied now.
+    fn serve_applied_reads(&mut self, answers: &mut Vec<Answer<R, T>>) {
+        while let Some(&(index, request_id)) = self.reads_ready.first()
+            && index <= self.applied_index
+        {
+            self.reads_ready.pop_first();
+            self.serve_read(request_id, index, answers);
+        }
+    }
+
+    /// Answers read `request_id` with what its command reads from the state machine now. A
+    /// read that timed out meanwhile is gone and is skipped.
+    fn serve_read(&mut self, request_id: u64, index: LogIndex, answers: &mut Vec<Answer<R, T>>) {
+        let Some(mut waiting) = self.pending.remove(request_id) else {
+            return;
+        };
+        let Some(command) = waiting.read.take() else {
+            debug_assert!(false, "a read index for proposal {request_id}");
+            return;
+        };
+        let response = self
+            .state_machine
+            .as_mut()
+            .map(|sm| sm.apply_bytes(&command));
+        answers.push(waiting.answer(Ok(AppliedEntry {
+            index,
+            term: 0,
+            response,
+            read: true,
+        })));
     }
 
     /// Applies newly committed entries, in index order, and answers this node's requests among
@@ -151,8 +233,12 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
                     index: entry.index,
                     term: entry.term,
                     response,
+                    read: false,
                 })));
             }
+        }
+        if !self.reads_ready.is_empty() {
+            self.serve_applied_reads(answers);
         }
     }
 
@@ -179,6 +265,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
 
     /// Answers every waiting request with [`Unanswered::Stopped`].
     pub(crate) fn fail_all(&mut self, reason: &str, answers: &mut Vec<Answer<R, T>>) {
+        self.reads_ready.clear();
         for waiting in self.pending.drain() {
             answers.push(waiting.answer(Err(Unanswered::Stopped(reason.to_string()))));
         }
@@ -264,6 +351,36 @@ mod tests {
         assert_eq!(replies, vec![("a", 5), ("b", 13)]);
         assert_eq!(stage.applied_index(), 4);
         assert_eq!(stage.duplicates_skipped(), 1);
+    }
+
+    #[test]
+    fn a_read_is_served_once_its_index_is_applied_and_never_counts_as_a_commit() {
+        let mut stage = ApplyStage::new(NodeId(1), 0, Some(Box::new(Sum(0))));
+        let read_command = Bytes::from(crate::state_machine::encode_command(&0u64).unwrap());
+        let early = stage.submit_read("early", 0, 50, read_command.clone());
+        let late = stage.submit_read("late", 0, 50, read_command);
+        let mut answers = Vec::new();
+        stage.apply([command(2, 9, 1, 5)], &mut answers);
+        stage.reads_ready(
+            [
+                ReadState {
+                    request_id: late,
+                    index: 2,
+                },
+                ReadState {
+                    request_id: early,
+                    index: 1,
+                },
+            ],
+            &mut answers,
+        );
+        let served: Vec<_> = answers.iter().map(|a| (a.reply, total(a))).collect();
+        assert_eq!(served, vec![("early", 5)], "index 1 is applied, 2 is not");
+        stage.apply([command(2, 10, 2, 7)], &mut answers);
+        let served: Vec<_> = answers.iter().map(|a| (a.reply, total(a))).collect();
+        assert_eq!(served, vec![("early", 5), ("late", 12)], "sees entry 2");
+        assert!(answers.iter().all(|a| a.outcome.as_ref().unwrap().read));
+        assert_eq!(stage.applied_index(), 2, "a read applies no entry");
     }
 
     #[test]

@@ -307,6 +307,38 @@ impl CoreInputs {
         }
     }
 
+    /// Queues a read; see `DriverInput::Read`.
+    pub(crate) fn read(
+        &self,
+        command: bytes::Bytes,
+        reply: tokio::sync::oneshot::Sender<crate::engine::driver::Reply>,
+        route: u32,
+    ) -> std::result::Result<(), TrySendError<()>> {
+        match self {
+            CoreInputs::Raft(sender) => sender
+                .try_send(DriverInput::Read {
+                    command,
+                    reply,
+                    route,
+                })
+                .map_err(forget_input),
+            CoreInputs::Pbft(sender) => sender
+                .try_send(DriverInput::Read {
+                    command,
+                    reply,
+                    route,
+                })
+                .map_err(forget_input),
+            CoreInputs::GpuRaft(sender) => sender
+                .try_send(DriverInput::Read {
+                    command,
+                    reply,
+                    route,
+                })
+                .map_err(forget_input),
+        }
+    }
+
     /// Asks a Raft leader to hand over to `to`; PBFT has no such request.
     pub(crate) fn transfer_leadership(&self, to: NodeId) -> Result<()> {
         let control = raft::Control::TransferLeadership { to };

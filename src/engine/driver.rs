@@ -56,6 +56,13 @@ pub(crate) enum DriverInput<P: Protocol> {
         /// The proposal's span, when it is traced (see [`crate::telemetry`]).
         trace: Option<Box<tracing::Span>>,
     },
+    /// A client's linearizable read of a read-only command (see [`crate::protocol::ReadState`]);
+    /// ordered through the log like a proposal when the core serves no reads.
+    Read {
+        command: Bytes,
+        reply: oneshot::Sender<Reply>,
+        route: u32,
+    },
     Peer {
         from: NodeId,
         message: P::Message,
@@ -335,6 +342,23 @@ impl<P: Protocol> Driver<P> {
                 }
                 self.node.step(Input::Propose { request_id, data }, out);
             }
+            DriverInput::Read {
+                command,
+                reply,
+                route,
+            } => {
+                let deadline = now + self.settings.request_timeout;
+                if P::SERVES_READS {
+                    let request_id = self
+                        .apply
+                        .submit_read((reply, route), now, deadline, command);
+                    self.node.step(Input::Read { request_id }, out);
+                } else {
+                    let request_id = self.apply.submit((reply, route), now, deadline);
+                    let data = command;
+                    self.node.step(Input::Propose { request_id, data }, out);
+                }
+            }
             DriverInput::Peer { from, message } => peer_messages.push(Envelope {
                 from,
                 to: self.node.id(),
@@ -409,6 +433,10 @@ impl<P: Protocol> Driver<P> {
                 let all = out.committed.len();
                 self.apply_committed(out, all);
             }
+            if !out.reads.is_empty() {
+                self.apply
+                    .reads_ready(out.reads.drain(..), &mut self.answers);
+            }
             self.apply.reject(out.rejected.drain(..), &mut self.answers);
             let leader_changed = out
                 .events
@@ -466,7 +494,11 @@ impl<P: Protocol> Driver<P> {
         // Requests received in one round share their submit time, hence their latency: one
         // subtraction and one metrics update per run of such requests, not per request.
         let mut run: Option<(Instant, u64)> = None;
-        for answer in self.answers.iter().filter(|a| a.outcome.is_ok()) {
+        let commits = self
+            .answers
+            .iter()
+            .filter(|a| a.outcome.as_ref().is_ok_and(|applied| !applied.read));
+        for answer in commits {
             match &mut run {
                 Some((submitted, count)) if *submitted == answer.submitted => *count += 1,
                 _ => {

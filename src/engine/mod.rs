@@ -663,11 +663,57 @@ impl ConsensusEngine {
     /// The state machine's type is named at the call (`execute_command::<MyStore>(..)`): the
     /// engine holds it type-erased, so the seed's turbofish-free form cannot know the response
     /// type. A mismatch is reported as [`Error::StateMachine`], never a panic.
+    ///
+    /// A command the state machine marks read-only ([`StateMachine::is_read_only`]) is served
+    /// as [`ConsensusEngine::read`] serves it, without a log write, unless
+    /// [`ConsensusConfig::read_mode`] is [`ReadMode::Log`](crate::ReadMode::Log).
     pub async fn execute_command<S: StateMachine>(
         &self,
         command: S::Command,
     ) -> Result<S::Response> {
+        if S::is_read_only(&command) && self.reads_outside_log() {
+            return self.read::<S>(command).await;
+        }
         self.execute_encoded::<S>(command, None).await
+    }
+
+    /// A linearizable read: applies the read-only `command` ([`StateMachine::is_read_only`]) to
+    /// this node's state machine once that has applied everything committed before the call,
+    /// and returns what it answered. Any node serves it: a follower asks the leader for its
+    /// commit index and reads locally once it has caught up to it.
+    ///
+    /// How the leader proves that index current is [`ConsensusConfig::read_mode`]: a heartbeat
+    /// round (ReadIndex, the default), a lease, or (`Log`) ordering the read through the log
+    /// like a write. Under PBFT reads always go through the log, and so they do under
+    /// GPU-optimized Raft with [`ConsensusConfig::client_keys`], where every command, reads
+    /// included, must carry an allowed client's signature.
+    ///
+    /// A command that is not read-only is refused with [`Error::NotReadOnly`]: applying it on
+    /// one node alone would make the replicas diverge. A read that cannot be confirmed (no
+    /// leader within the retention, or the deadline) fails with [`Error::Rejected`] or
+    /// [`Error::Timeout`]; retrying it is always safe.
+    pub async fn read<S: StateMachine>(&self, command: S::Command) -> Result<S::Response> {
+        if !S::is_read_only(&command) {
+            return Err(Error::NotReadOnly);
+        }
+        let data = Bytes::from(encode_command(&command).map_err(Error::StateMachine)?);
+        let applied = if self.reads_outside_log() {
+            self.submit_read(data).await?
+        } else {
+            let data = self.encode_proposal(data, None)?;
+            self.submit(data).await?
+        };
+        downcast_response::<S>(applied)
+    }
+
+    /// Whether reads are served outside the log (see [`ConsensusEngine::read`]).
+    fn reads_outside_log(&self) -> bool {
+        let config = &self.config;
+        let reads_need_signatures =
+            config.algorithm == Algorithm::GpuOptimizedRaft && !config.client_keys.is_empty();
+        config.read_mode != crate::ReadMode::Log
+            && config.algorithm != Algorithm::Pbft
+            && !reads_need_signatures
     }
 
     /// [`ConsensusEngine::execute_command`] with a client's signature (GPU-optimized Raft; see
@@ -692,13 +738,28 @@ impl ConsensusEngine {
         let data = encode_command(&command).map_err(Error::StateMachine)?;
         let data = self.encode_proposal(Bytes::from(data), signature)?;
         let applied = self.submit(data).await?;
-        match applied.response {
-            Some(Ok(response)) => response.downcast::<S::Response>().map(|r| *r).map_err(|_| {
-                Error::StateMachine("the engine's state machine is not of the type named".into())
-            }),
-            Some(Err(reason)) => Err(Error::StateMachine(reason)),
-            None => Err(Error::InvalidState("no state machine is set")),
+        downcast_response::<S>(applied)
+    }
+
+    /// Hands a read of `command` to the driver and waits for its answer (see
+    /// [`ConsensusEngine::submit`]).
+    async fn submit_read(&self, command: Bytes) -> Result<Applied> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or(Error::InvalidState("engine not started"))?;
+        let (reply, answer) = oneshot::channel();
+        let route = self.replies.route_here();
+        match running.inputs.read(command, reply, route) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Error::Rejected(RejectReason::QueueFull));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Stopped("engine is not running".into()));
+            }
         }
+        wait_for(answer).await
     }
 
     /// Refuses a write with [`StorageError::DiskFull`](crate::StorageError::DiskFull) while the
@@ -774,16 +835,7 @@ impl ConsensusEngine {
                 return Err(Error::Stopped("engine is not running".into()));
             }
         }
-        // No timer of our own: the driver answers every request by its deadline (it checks
-        // them each tick), and a driver that stops or panics drops the reply sender, which ends
-        // this wait too. A tokio timer per call was a seventh of the client's cost per proposal.
-        match answer.await {
-            Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(Unanswered::Rejected(reason))) => Err(Error::Rejected(reason)),
-            Ok(Err(Unanswered::TimedOut)) => Err(Error::Timeout),
-            Ok(Err(Unanswered::Stopped(reason))) => Err(Error::Stopped(reason)),
-            Err(_) => Err(Error::Stopped("engine stopped".into())),
-        }
+        wait_for(answer).await
     }
 
     /// The sampler that picks this engine's traced proposals (see
@@ -957,6 +1009,31 @@ fn available_bytes(dir: &std::path::Path) -> Option<u64> {
     {
         let _ = dir;
         None
+    }
+}
+
+/// Waits for the driver's answer to one request. No timer of our own: the driver answers every
+/// request by its deadline (it checks them each tick), and a driver that stops or panics drops
+/// the reply sender, which ends this wait too. A tokio timer per call was a seventh of the
+/// client's cost per proposal.
+async fn wait_for(answer: oneshot::Receiver<driver::Reply>) -> Result<Applied> {
+    match answer.await {
+        Ok(Ok(applied)) => Ok(applied),
+        Ok(Err(Unanswered::Rejected(reason))) => Err(Error::Rejected(reason)),
+        Ok(Err(Unanswered::TimedOut)) => Err(Error::Timeout),
+        Ok(Err(Unanswered::Stopped(reason))) => Err(Error::Stopped(reason)),
+        Err(_) => Err(Error::Stopped("engine stopped".into())),
+    }
+}
+
+/// The state machine's answer in an applied request, as the response type of `S`.
+fn downcast_response<S: StateMachine>(applied: Applied) -> Result<S::Response> {
+    match applied.response {
+        Some(Ok(response)) => response.downcast::<S::Response>().map(|r| *r).map_err(|_| {
+            Error::StateMachine("the engine's state machine is not of the type named".into())
+        }),
+        Some(Err(reason)) => Err(Error::StateMachine(reason)),
+        None => Err(Error::InvalidState("no state machine is set")),
     }
 }
 

@@ -313,7 +313,11 @@ mod tests {
         };
         // Forwarded by node 3: the tag is (3, 5), not (4, 5).
         traces.received::<RaftNode>(NodeId(3), &forward, &attachment(tag(4, 5)), now);
-        let heartbeat = Message::Heartbeat { term: 1, commit: 0 };
+        let heartbeat = Message::Heartbeat {
+            term: 1,
+            commit: 0,
+            round: 1,
+        };
         traces.received::<RaftNode>(NodeId(1), &heartbeat, &attachment(tag(2, 1)), now);
         assert!(traces.is_empty());
         traces.received::<RaftNode>(NodeId(3), &forward, &attachment(tag(3, 5)), now);

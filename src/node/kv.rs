@@ -1,6 +1,6 @@
 //! The replicated key-value state machine behind `consensus-node`: keys and values are byte
-//! strings; every command, reads included, goes through the log, so a read answered by any node
-//! is linearizable.
+//! strings. Writes go through the log; a get is read-only, so the engine serves it without a log
+//! write (ReadIndex or a lease, per `read_mode`), still linearizable on any node.
 
 use std::collections::BTreeMap;
 

@@ -27,6 +27,7 @@
 //!    entries that an earlier write already made durable here may be applied before step 2:
 //!    they are on a quorum's disks and on this node's, and under load the round that learns a
 //!    commit usually also appends newer entries, whose fsync the answers need not wait for;
+//!    serve each read of [`Output::reads`] once everything through its index is applied;
 //! 5. then tell the core what is durable with [`Input::Durable`] (the last entry the write
 //!    appended), and carry out whatever that step outputs the same way.
 //!
@@ -74,6 +75,15 @@ pub enum Input<M, C> {
     },
     /// A protocol-specific request from the operator (e.g. Raft's leadership transfer).
     Control(C),
+    /// A client's linearizable read, identified by a request id unique on this node (the same
+    /// id space as [`Input::Propose`]). The core answers with a [`ReadState`] in
+    /// [`Output::reads`] once it knows an index at which reading the state machine is
+    /// linearizable, or refuses it with a [`Rejection`]. A core that cannot
+    /// ([`Protocol::SERVES_READS`] false) refuses every read.
+    Read {
+        /// Unique on this node; chosen by the driver.
+        request_id: u64,
+    },
     /// Append buffered proposals now. The engine sends this when its input queue is drained, so
     /// proposals that arrived together go out together without waiting for the batch timeout.
     FlushProposals,
@@ -138,6 +148,21 @@ pub enum RejectReason {
         /// Why.
         reason: &'static str,
     },
+    /// The protocol serves no reads outside its log ([`Protocol::SERVES_READS`]): order the
+    /// read through the log instead.
+    #[error("this protocol serves reads only through its log")]
+    ReadsThroughLog,
+}
+
+/// A read's index: once the state machine has applied every entry through `index`, the read
+/// with `request_id` may be served from it, and what it sees is linearizable (Raft thesis
+/// §6.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The id given in [`Input::Read`].
+    pub request_id: u64,
+    /// Serve the read once this index is applied.
+    pub index: LogIndex,
 }
 
 /// A refused proposal.
@@ -182,8 +207,11 @@ pub struct Output<M> {
     /// Newly committed entries, in index order, to apply once durable here (see the driver's
     /// contract in the [module documentation](self)).
     pub committed: Vec<Entry>,
-    /// Proposals refused.
+    /// Proposals and reads refused.
     pub rejected: Vec<Rejection>,
+    /// Reads whose index is known: serve each once its index is applied (after
+    /// [`Output::committed`]).
+    pub reads: Vec<ReadState>,
     /// Notifications.
     pub events: Vec<Event>,
 }
@@ -196,6 +224,7 @@ impl<M> Default for Output<M> {
             messages_after_write: Vec::new(),
             committed: Vec::new(),
             rejected: Vec::new(),
+            reads: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -209,6 +238,7 @@ impl<M> Output<M> {
             && self.messages_after_write.is_empty()
             && self.committed.is_empty()
             && self.rejected.is_empty()
+            && self.reads.is_empty()
             && self.events.is_empty()
     }
 
@@ -219,6 +249,7 @@ impl<M> Output<M> {
         self.messages_after_write.clear();
         self.committed.clear();
         self.rejected.clear();
+        self.reads.clear();
         self.events.clear();
     }
 }
@@ -380,6 +411,10 @@ pub trait Protocol: Send + 'static {
     /// True when [`Protocol::authenticate`] checks something (signatures), so that a driver
     /// measures it.
     const AUTHENTICATES: bool = false;
+
+    /// True when the core answers [`Input::Read`] with read indexes; a driver orders the reads
+    /// of a core that does not through its log.
+    const SERVES_READS: bool = false;
 
     /// Checks the authenticity of a round of peer messages in one batch, before any of them is
     /// stepped, and removes those that fail; returns how many it removed. A core whose messages

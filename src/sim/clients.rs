@@ -155,16 +155,27 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         let deadline = self.now_us + self.config.client_timeout_us;
-        let request_id = self.nodes[node]
-            .apply
-            .submit((client, op), self.now_us, deadline);
+        let read = P::SERVES_READS
+            && !self.config.reads_through_log
+            && matches!(self.history[op].input, KvInput::Get { .. });
+        let apply = &mut self.nodes[node].apply;
+        let request_id = if read {
+            let command = self.ops[op].data.clone();
+            apply.submit_read((client, op), self.now_us, deadline, command)
+        } else {
+            apply.submit((client, op), self.now_us, deadline)
+        };
         self.clients[client].state = ClientState::Waiting {
             op,
             node,
             request_id,
         };
-        let data = P::client_command(&self.ops[op].data, client);
-        self.step(node, Input::Propose { request_id, data });
+        if read {
+            self.step(node, Input::Read { request_id });
+        } else {
+            let data = P::client_command(&self.ops[op].data, client);
+            self.step(node, Input::Propose { request_id, data });
+        }
         self.maybe_flush(node);
     }
 

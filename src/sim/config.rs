@@ -183,6 +183,11 @@ pub struct SimConfig<S = RaftConfig> {
     /// ([`SimProtocol::forge`](crate::sim::SimProtocol::forge)) or a replay of an earlier
     /// message of any node, half each (0 by default).
     pub forgeries: f64,
+    /// Clients' reads go through the log as writes do, rather than through the core's read
+    /// path ([`Input::Read`](crate::protocol::Input::Read): ReadIndex, or lease reads when the
+    /// core's settings say so). Off by default; a core without a read path orders them through
+    /// the log either way.
+    pub reads_through_log: bool,
 }
 
 impl<S> SimConfig<S> {
@@ -229,6 +234,7 @@ impl SimConfig<RaftConfig> {
             clock_skew: 0.0,
             twins: Twins::default(),
             forgeries: 0.0,
+            reads_through_log: false,
         }
     }
 
@@ -284,6 +290,13 @@ impl SimConfig<RaftConfig> {
             max_delay_us: rng.random_range(0..5_000),
             false_hint_probability: [0.0, 0.3, 1.0][rng.random_range(0..3)],
         };
+        // Reads: through the log, by ReadIndex, or (with check-quorum) from a lease whose
+        // clock-drift bound is the skew this run's clocks have.
+        config.reads_through_log = rng.random_bool(0.2);
+        if config.protocol.check_quorum && rng.random_bool(0.3) {
+            config.protocol.lease_reads = true;
+            config.protocol.max_clock_drift_percent = (config.clock_skew * 100.0).ceil() as u32 + 1;
+        }
         config
     }
 }
@@ -372,6 +385,7 @@ impl<S> SimConfig<S> {
             clock_skew: self.clock_skew,
             twins: self.twins,
             forgeries: self.forgeries,
+            reads_through_log: self.reads_through_log,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The replicated key-value state machine the simulator runs on every node by default: put, get
-//! and compare-and-swap on `u64` keys and values, answering exactly what [`KvModel`] says. Reads
-//! go through the log like writes, so their answers are linearizable when the core is.
+//! and compare-and-swap on `u64` keys and values, answering exactly what [`KvModel`] says. Gets
+//! are read-only: the simulated clients send them down the core's read path (ReadIndex or
+//! lease reads) unless [`SimConfig::reads_through_log`](crate::sim::SimConfig::reads_through_log)
+//! orders them through the log; either way the checker holds them to linearizability.
 //!
 //! Exactly-once execution of a proposal duplicated by the network is not its job here: the
 //! engine's apply stage, which the simulator runs, filters copies out before they reach it.
@@ -31,6 +33,10 @@ impl KvStateMachine {
 impl StateMachine for KvStateMachine {
     type Command = KvInput;
     type Response = KvOutput;
+
+    fn is_read_only(command: &KvInput) -> bool {
+        matches!(command, KvInput::Get { .. })
+    }
 
     fn apply(&mut self, command: KvInput) -> KvOutput {
         let key = command.key();

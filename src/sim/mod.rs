@@ -675,6 +675,7 @@ impl<P: SimProtocol> Sim<P> {
         let mut answers = std::mem::take(&mut self.answers);
         let node = &mut self.nodes[index];
         node.apply.apply(out.committed.drain(..), &mut answers);
+        node.apply.reads_ready(out.reads.drain(..), &mut answers);
         node.apply.reject(out.rejected.drain(..), &mut answers);
         self.deliver_answers(index, &mut answers);
         self.answers = answers;

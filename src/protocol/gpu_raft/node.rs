@@ -243,6 +243,10 @@ impl GpuRaftNode {
                 self.step_inner(raft::Input::Tick, out);
             }
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
+            // A read's leadership check is the inner core's heartbeat round: its answers come
+            // unsigned, over the authenticated transport, as heartbeats do; what a read needs
+            // is a quorum still in the leader's term, not a promise about anyone's log.
+            Input::Read { request_id } => self.step_inner(raft::Input::Read { request_id }, out),
             Input::Control(control) => self.step_inner(raft::Input::Control(control), out),
             Input::FlushProposals => {
                 self.check_client_signatures(out);
@@ -563,6 +567,7 @@ impl GpuRaftNode {
             out.committed.push(entry);
         }
         out.rejected.append(&mut scratch.rejected);
+        out.reads.append(&mut scratch.reads);
         out.events.append(&mut scratch.events);
         self.announce_election(out);
     }
@@ -973,6 +978,8 @@ impl Protocol for GpuRaftNode {
     }
 
     const AUTHENTICATES: bool = true;
+
+    const SERVES_READS: bool = true;
 
     fn id(&self) -> NodeId {
         self.inner.id()

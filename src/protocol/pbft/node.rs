@@ -837,6 +837,12 @@ impl Protocol for PbftNode {
             Input::Tick => self.on_tick(out),
             Input::Message(envelope) => self.on_message(envelope.from, envelope.message, out),
             Input::Propose { request_id, data } => self.on_propose(request_id, data, out),
+            // A read outside the log would have to be answered by f + 1 matching replicas,
+            // which one replica's driver cannot gather: reads are ordered like writes.
+            Input::Read { request_id } => out.rejected.push(crate::protocol::Rejection {
+                request_id,
+                reason: crate::protocol::RejectReason::ReadsThroughLog,
+            }),
             Input::Control(control) => match control {},
             Input::FlushProposals => {
                 if self.view_active && self.is_primary() {

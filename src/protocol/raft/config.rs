@@ -14,6 +14,9 @@ pub struct InjectedBugs {
     /// Commit by counting replicas even when the entry is from an earlier term (the Raft paper's
     /// Figure 8 bug).
     pub commit_previous_term_by_counting: bool,
+    /// Serve reads at the leader's commit index without confirming its leadership first (a
+    /// deposed leader then answers from stale state).
+    pub read_without_confirming_leadership: bool,
 }
 
 /// Settings of one Raft node.
@@ -67,6 +70,19 @@ pub struct RaftConfig {
     /// is free; it matters after a crash, when a voter refused only because its own hint that
     /// the leader is gone had not arrived yet.
     pub pre_vote_retry_ticks: u32,
+    /// Serve linearizable reads on the leader from a lease, without a heartbeat round per read
+    /// (Raft thesis §6.4.1); requires `check_quorum`. The lease rests on clocks: it is safe
+    /// while no node's tick runs more than [`RaftConfig::max_clock_drift_percent`] off another's
+    /// and a leader's driver does not lose ticks (the engine's counts the ticks it missed). To
+    /// make it hold, a voter refuses every vote for an election timeout after it last heard
+    /// from a leader, and after its own start, even when its transport said the leader is gone:
+    /// failover after a crash then waits out a whole election timeout. Off by default: without
+    /// a lease each read confirms the leadership with a heartbeat round (ReadIndex), which
+    /// needs no clock at all.
+    pub lease_reads: bool,
+    /// The bound on clock drift between nodes that lease reads assume, in percent (default 5):
+    /// the lease is shortened by it (see [`RaftConfig::lease_ticks`]).
+    pub max_clock_drift_percent: u32,
     /// Seeds the election-timeout randomness. Give each node its own.
     pub seed: u64,
     /// Deliberate bugs for the simulator's self-tests (feature `sim`).
@@ -98,6 +114,8 @@ impl RaftConfig {
             forward_proposals: true,
             unreachable_leader_stagger_ticks: 2,
             pre_vote_retry_ticks: 2,
+            lease_reads: false,
+            max_clock_drift_percent: 5,
             seed: 0,
             #[cfg(any(test, feature = "sim"))]
             injected_bugs: InjectedBugs::default(),
@@ -110,6 +128,19 @@ impl RaftConfig {
         return self.injected_bugs;
         #[cfg(not(any(test, feature = "sim")))]
         InjectedBugs::default()
+    }
+
+    /// How many of its own ticks a leader's lease lasts from the moment it sent the heartbeat
+    /// round a quorum answered. A voter that answered refuses votes until `T` of its ticks
+    /// (`T` = [`RaftConfig::election_timeout_ticks`]) have passed since it heard the leader, which
+    /// is at least `T - 1` tick lengths of real time (its first tick may come at once). With
+    /// ticks that differ by at most `d`%, `L` leader ticks last at most `L` of its tick lengths,
+    /// so the lease is the largest `L` with `L (100 + d) <= (T - 1)(100 - d)`.
+    pub fn lease_ticks(&self) -> u32 {
+        let drift = u64::from(self.max_clock_drift_percent.min(99));
+        let voter_ticks = u64::from(self.election_timeout_ticks.saturating_sub(1));
+        let lease = voter_ticks * (100 - drift) / (100 + drift);
+        u32::try_from(lease).unwrap_or(u32::MAX)
     }
 
     /// The priority of `node` (0 when not configured).
@@ -145,6 +176,20 @@ impl RaftConfig {
                 "election_timeout_ticks",
                 self.election_timeout_ticks.to_string(),
                 "must exceed the heartbeat interval",
+            );
+        }
+        if self.lease_reads && !self.check_quorum {
+            return invalid(
+                "lease_reads",
+                "true".into(),
+                "needs check_quorum: without it voters do not honour a leader's lease",
+            );
+        }
+        if self.lease_reads && self.lease_ticks() == 0 {
+            return invalid(
+                "lease_reads",
+                "true".into(),
+                "the election timeout is too short for a lease at this clock drift bound",
             );
         }
         for (field, value) in [

@@ -59,9 +59,10 @@ impl RaftNode {
             Message::RequestVote {
                 last_log_index,
                 last_log_term,
+                leadership_transfer: transfer,
                 ..
             } => {
-                self.handle_request_vote(from, last_log_index, last_log_term, out);
+                self.handle_request_vote(from, last_log_index, last_log_term, transfer, out);
             }
             Message::PreVoteResponse { term, granted } => {
                 let expected_term = if granted { self.term + 1 } else { self.term };
@@ -96,9 +97,9 @@ impl RaftNode {
                     out,
                 );
             }
-            Message::Heartbeat { commit, .. } => {
+            Message::Heartbeat { commit, round, .. } => {
                 self.follow(from, out);
-                self.handle_heartbeat(from, commit, out);
+                self.handle_heartbeat(from, commit, round, out);
             }
             Message::AppendEntriesResponse { index, reject, .. } => {
                 self.handle_append_response(from, index, reject, out);
@@ -111,9 +112,19 @@ impl RaftNode {
                 self.follow(from, out);
                 self.handle_commit(commit, commit_term, out);
             }
-            Message::HeartbeatResponse { .. } => self.handle_heartbeat_response(from, out),
+            Message::HeartbeatResponse { round, .. } => {
+                self.handle_heartbeat_response(from, round, out)
+            }
             Message::ForwardProposals { proposals, .. } => {
                 self.handle_forwarded_proposals(from, proposals, out);
+            }
+            Message::ReadIndex { read_ids, .. } => self.handle_read_index(from, read_ids, out),
+            Message::ReadIndexResponse {
+                read_ids, index, ..
+            } => {
+                if self.role != Role::Leader {
+                    self.handle_read_index_response(read_ids, index, out);
+                }
             }
         }
     }
@@ -124,7 +135,7 @@ impl RaftNode {
         let term = self.term;
         match message {
             Message::AppendEntries { .. } | Message::Heartbeat { .. } => {
-                self.send(from, Message::HeartbeatResponse { term }, out);
+                self.send(from, Message::HeartbeatResponse { term, round: 0 }, out);
             }
             Message::PreVote { .. } => {
                 self.send(
@@ -154,12 +165,14 @@ impl RaftNode {
     /// leader, confirmed a quorum) within the last election timeout, and its transport has not
     /// reported that leader's connections broken since (see [`RaftNode::on_peer_unreachable`]).
     /// Only meaningful with check-quorum, which is what makes the leader's side of the lease
-    /// hold.
+    /// hold. With lease reads, also while this voter keeps a read lease's promise
+    /// ([`RaftNode::honours_lease`]), which no hint cancels.
     pub(crate) fn in_lease(&self) -> bool {
-        self.config.check_quorum
+        let heard_recently = self.config.check_quorum
             && self.leader.is_some()
             && !self.leader_unreachable
-            && self.election_elapsed < self.config.election_timeout_ticks
+            && self.election_elapsed < self.config.election_timeout_ticks;
+        heard_recently || self.honours_lease()
     }
 
     /// The transport reports that every connection to `peer` broke ([`Input::PeerUnreachable`]).
@@ -190,7 +203,10 @@ impl RaftNode {
     /// [`RaftConfig::unreachable_leader_stagger_ticks`]:
     ///     crate::protocol::raft::RaftConfig::unreachable_leader_stagger_ticks
     pub(crate) fn on_peer_unreachable(&mut self, peer: NodeId, out: &mut Output) {
+        // With lease reads the voters wait out the lease anyway; an early start could only
+        // spend this node's own vote inside the lease it promised.
         let acts = self.role == Role::Follower
+            && !self.config.lease_reads
             && self.leader == Some(peer)
             && peer != self.config.id
             && !self.leader_unreachable
@@ -217,10 +233,12 @@ impl RaftNode {
         from: NodeId,
         last_log_index: u64,
         last_log_term: Term,
+        leadership_transfer: bool,
         out: &mut Output,
     ) {
+        let promised_a_lease = self.honours_lease() && !leadership_transfer;
         let free_to_vote = self.voted_for == Some(from)
-            || (self.voted_for.is_none() && self.leader.is_none())
+            || (self.voted_for.is_none() && self.leader.is_none() && !promised_a_lease)
             || (self.config.bugs().vote_twice_in_a_term && self.role != Role::Leader);
         let granted = free_to_vote && self.log.is_up_to_date(last_log_index, last_log_term);
         if granted {
@@ -346,7 +364,9 @@ impl RaftNode {
             self.voted_for = None;
             self.save_hard_state(out);
         }
-        if let Some(state) = self.leader_state.take() {
+        if let Some(mut state) = self.leader_state.take() {
+            let reads = std::mem::take(&mut state.reads);
+            self.requeue_reads(reads, out);
             // Buffered proposals were never appended. With forwarding, this node's own go to
             // the next leader (`forwarding.rs`) and the others' are dropped: their proposers
             // keep them and send them there themselves. Without, refusing them is exact.
@@ -390,6 +410,7 @@ impl RaftNode {
             self.reset_election_timer();
         }
         self.election_elapsed = 0;
+        self.since_leader_heard = 0;
     }
 
     fn become_leader(&mut self, out: &mut Output) {
@@ -408,6 +429,7 @@ impl RaftNode {
             progress,
             batch: ProposalBatch::default(),
             transfer: None,
+            reads: Default::default(),
         });
         let id = self.config.id;
         self.set_leader(Some(id), out);
@@ -419,6 +441,7 @@ impl RaftNode {
         };
         self.append_to_own_log(vec![blank], out);
         self.append_kept_proposals(out);
+        self.lead_waiting_reads(out);
     }
 
     /// Hands leadership over before a clean stop: to a voter heard from since the last
@@ -472,6 +495,7 @@ impl RaftNode {
             .is_some_and(|p| p.match_index == self.log.last_index());
         if caught_up {
             let term = self.term;
+            self.forfeit_lease();
             self.send(peer, Message::TimeoutNow { term }, out);
         } else {
             self.send_appends(peer, out);

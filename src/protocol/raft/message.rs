@@ -79,18 +79,24 @@ pub enum Message {
         /// `None` on success, the back-off hint on rejection.
         reject: Option<ConflictHint>,
     },
-    /// Leader liveness and commit propagation, sent every heartbeat interval.
+    /// Leader liveness and commit propagation, sent every heartbeat interval, and at once when a
+    /// read needs the leader's leadership confirmed (see `read_index.rs`).
     Heartbeat {
         /// The leader's term.
         term: Term,
         /// The leader's commit index, capped at what the follower is known to hold.
         commit: LogIndex,
+        /// The number of this heartbeat round in the leader's term: a quorum answering round
+        /// `n` proves the sender still led when it sent round `n`.
+        round: u64,
     },
-    /// Answer to [`Message::Heartbeat`]; lets the leader count the follower as live (check-quorum)
-    /// and resume replication to a follower it was probing.
+    /// Answer to [`Message::Heartbeat`]; lets the leader count the follower as live (check-quorum),
+    /// confirm its leadership for reads, and resume replication to a follower it was probing.
     HeartbeatResponse {
         /// The responder's term.
         term: Term,
+        /// The round of the heartbeat answered.
+        round: u64,
     },
     /// Sent by a leader handing over leadership: the recipient starts an election at once.
     TimeoutNow {
@@ -118,6 +124,26 @@ pub enum Message {
         /// The term of the leader's entry at `commit`.
         commit_term: Term,
     },
+    /// Reads a follower's clients made there, passed on to the leader it knows for their read
+    /// index. Reads are idempotent, so the follower sends them again freely (to a new leader, or
+    /// when no answer came).
+    ReadIndex {
+        /// The follower's term.
+        term: Term,
+        /// The follower's request ids of the reads.
+        read_ids: Vec<u64>,
+    },
+    /// The leader's answer to [`Message::ReadIndex`]: the reads `read_ids` may be served once
+    /// the follower has applied through `index` (the leader's commit index when the reads
+    /// arrived, confirmed by a quorum's heartbeat answers since).
+    ReadIndexResponse {
+        /// The leader's term.
+        term: Term,
+        /// The follower's request ids, as it sent them.
+        read_ids: Vec<u64>,
+        /// The read index.
+        index: LogIndex,
+    },
 }
 
 impl Message {
@@ -132,7 +158,9 @@ impl Message {
             | Message::AppendEntriesResponse { term, .. }
             | Message::Heartbeat { term, .. }
             | Message::Commit { term, .. }
-            | Message::HeartbeatResponse { term }
+            | Message::ReadIndex { term, .. }
+            | Message::ReadIndexResponse { term, .. }
+            | Message::HeartbeatResponse { term, .. }
             | Message::TimeoutNow { term }
             | Message::ForwardProposals { term, .. } => *term,
         }
@@ -151,6 +179,9 @@ impl Message {
             Message::ForwardProposals { proposals, .. } => {
                 proposals.iter().map(|(_, d)| d.len() + 8).sum::<usize>() + 16
             }
+            Message::ReadIndex { read_ids, .. } | Message::ReadIndexResponse { read_ids, .. } => {
+                read_ids.len() * 8 + 24
+            }
             _ => 32,
         }
     }
@@ -159,8 +190,8 @@ impl Message {
 impl Message {
     /// True for messages that promise nothing about the sender's durable state, so they may
     /// leave before the write of the same output is durable: a leader's appends, heartbeats,
-    /// commits and hand-over, a follower's forwarded proposals, and a pre-vote request (which
-    /// changes no state). Votes and acknowledgements wait for the write.
+    /// commits, read indexes and hand-over, a follower's forwarded proposals and reads, and a
+    /// pre-vote request (which changes no state). Votes and acknowledgements wait for the write.
     pub fn may_precede_write(&self) -> bool {
         matches!(
             self,
@@ -169,6 +200,8 @@ impl Message {
                 | Message::Commit { .. }
                 | Message::TimeoutNow { .. }
                 | Message::ForwardProposals { .. }
+                | Message::ReadIndex { .. }
+                | Message::ReadIndexResponse { .. }
                 | Message::PreVote { .. }
         )
     }

@@ -27,6 +27,7 @@ mod log;
 mod message;
 mod node;
 mod progress;
+mod read_index;
 mod replication;
 mod vote_evidence;
 
@@ -38,6 +39,7 @@ pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_EL
 pub use log::RaftLog;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
+pub use read_index::READ_RETENTION_ELECTION_TIMEOUTS;
 pub use vote_evidence::{SignedVote, VoteEquivocation, VoteEvidenceError};
 
 pub use crate::protocol::{Event, RejectReason, Rejection};
@@ -67,5 +69,7 @@ pub type Envelope = crate::protocol::Envelope<Message>;
 
 #[cfg(test)]
 mod failover_tests;
+#[cfg(test)]
+mod read_index_tests;
 #[cfg(test)]
 mod tests;

@@ -46,6 +46,8 @@ pub(crate) struct LeaderState {
     pub(crate) batch: ProposalBatch,
     /// Target and elapsed ticks of a leadership transfer in progress.
     pub(crate) transfer: Option<(NodeId, u32)>,
+    /// Heartbeat rounds, reads being confirmed, the lease (see `read_index.rs`).
+    pub(crate) reads: crate::protocol::raft::read_index::LeaderReads,
 }
 
 /// One Raft node's protocol state. See the [module documentation](crate::protocol::raft).
@@ -82,6 +84,11 @@ pub struct RaftNode {
     /// for one).
     pub(crate) leaderless_ticks: u32,
     pub(crate) leader_state: Option<LeaderState>,
+    /// This node's reads waiting for a leader's read index (see `read_index.rs`).
+    pub(crate) follower_reads: crate::protocol::raft::read_index::FollowerReads,
+    /// Ticks since this node last heard from a leader of its term, or since it started: what a
+    /// voter's side of a read lease counts ([`RaftNode::honours_lease`]).
+    pub(crate) since_leader_heard: u32,
     /// Set by a wrapper that counts the leader's quorum itself (GPU-optimized Raft, from
     /// signed acknowledgements): the leader then commits only through
     /// [`RaftNode::commit_certified`].
@@ -123,6 +130,8 @@ impl RaftNode {
             forward_batch: Default::default(),
             leaderless_ticks: 0,
             leader_state: None,
+            follower_reads: Default::default(),
+            since_leader_heard: 0,
             commit_by_certificate: false,
             config,
         };
@@ -138,6 +147,7 @@ impl RaftNode {
             Input::Tick => self.tick(out),
             Input::Message(envelope) => self.receive(envelope, out),
             Input::Propose { request_id, data } => self.propose(request_id, data, out),
+            Input::Read { request_id } => self.read(request_id, out),
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
             Input::Control(Control::HandOver) => self.hand_over(out),
             Input::FlushProposals => self.flush_proposals(out),
@@ -307,6 +317,7 @@ impl RaftNode {
             self.leader_unreachable = false;
             if let Some(leader) = leader {
                 self.send_kept_proposals(leader, out);
+                self.send_waiting_reads(leader, out);
             }
             out.events.push(Event::LeaderChanged {
                 term: self.term,
@@ -317,6 +328,7 @@ impl RaftNode {
 
     fn tick(&mut self, out: &mut Output) {
         self.tick_kept_proposals(out);
+        self.tick_reads(out);
         if self.role == Role::Leader {
             self.tick_leader(out);
         } else {
@@ -340,6 +352,8 @@ impl RaftNode {
 impl Protocol for RaftNode {
     type Message = Message;
     type Control = Control;
+
+    const SERVES_READS: bool = true;
 
     fn carried_proposals(
         message: &Message,

@@ -39,6 +39,9 @@ pub struct Progress {
     ///
     /// [`Message::Commit`]: crate::protocol::raft::Message::Commit
     pub commit_told: LogIndex,
+    /// The highest heartbeat round the follower answered in this term (reads and the lease
+    /// count these).
+    pub round_answered: u64,
     /// Last index of each append in flight, oldest first.
     inflight: VecDeque<LogIndex>,
     max_inflight: usize,
@@ -58,6 +61,7 @@ impl Progress {
             commit_sent: 0,
             owed_commit: 0,
             commit_told: 0,
+            round_answered: 0,
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }

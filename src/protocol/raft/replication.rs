@@ -106,6 +106,7 @@ impl RaftNode {
     pub(crate) fn flush_proposals(&mut self, out: &mut Output) {
         let Some(state) = self.leader_state.as_mut() else {
             self.flush_forwards(out);
+            self.flush_reads(out);
             return;
         };
         if state.batch.proposals.is_empty() || state.transfer.is_some() {
@@ -279,13 +280,19 @@ impl RaftNode {
 
     /// Follower side of [`Message::Heartbeat`]. The leader caps `commit` at what it knows we
     /// hold, so everything up to it matches the leader's log.
-    pub(crate) fn handle_heartbeat(&mut self, leader: NodeId, commit: LogIndex, out: &mut Output) {
+    pub(crate) fn handle_heartbeat(
+        &mut self,
+        leader: NodeId,
+        commit: LogIndex,
+        round: u64,
+        out: &mut Output,
+    ) {
         if self.role == Role::Leader {
             return;
         }
         self.commit_to(commit.min(self.log.last_index()), out);
         let term = self.term;
-        self.send(leader, Message::HeartbeatResponse { term }, out);
+        self.send(leader, Message::HeartbeatResponse { term, round }, out);
     }
 
     /// Leader side of [`Message::AppendEntriesResponse`].
@@ -324,13 +331,15 @@ impl RaftNode {
     }
 
     /// Leader side of [`Message::HeartbeatResponse`].
-    pub(crate) fn handle_heartbeat_response(&mut self, from: NodeId, out: &mut Output) {
+    pub(crate) fn handle_heartbeat_response(&mut self, from: NodeId, round: u64, out: &mut Output) {
         let last_index = self.log.last_index();
         let Some(progress) = self.progress_heard_from(from) else {
             return;
         };
         progress.on_heartbeat_response(last_index);
-        if progress.match_index < last_index {
+        let behind = progress.match_index < last_index;
+        self.round_answered(from, round, out);
+        if behind {
             self.send_appends(from, out);
         }
     }
@@ -461,6 +470,7 @@ impl RaftNode {
             .extend_from_slice(self.log.slice(self.commit_index + 1, index));
         self.forget_committed_proposals(&out.committed[first_new..]);
         self.commit_index = index;
+        self.release_reads_after_term_commit(out);
     }
 
     /// The leader's share of a tick: heartbeats, check-quorum, transfer timeout, batch timeout,
@@ -523,7 +533,10 @@ impl RaftNode {
         active >= quorum
     }
 
-    fn broadcast_heartbeats(&mut self, out: &mut Output) {
+    /// Sends the next heartbeat round to every follower (periodically, and when reads need
+    /// the leadership confirmed: see `read_index.rs`).
+    pub(crate) fn broadcast_heartbeats(&mut self, out: &mut Output) {
+        let round = self.round_sent();
         let Some(state) = self.leader_state.as_ref() else {
             return;
         };
@@ -540,7 +553,15 @@ impl RaftNode {
             });
         }
         for (peer, commit) in beats {
-            self.send(peer, Message::Heartbeat { term, commit }, out);
+            self.send(
+                peer,
+                Message::Heartbeat {
+                    term,
+                    commit,
+                    round,
+                },
+                out,
+            );
         }
     }
 }

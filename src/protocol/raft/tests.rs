@@ -14,6 +14,8 @@ pub(super) struct Cluster {
     pub(super) nodes: BTreeMap<NodeId, RaftNode>,
     committed: BTreeMap<NodeId, Vec<Entry>>,
     pub(super) rejected: Vec<Rejection>,
+    /// Read indexes each node output, in order.
+    pub(super) reads: Vec<(NodeId, crate::protocol::ReadState)>,
     cut: BTreeSet<(NodeId, NodeId)>,
     /// Links whose messages wait in `held` until released.
     pub(super) slow: BTreeSet<(NodeId, NodeId)>,
@@ -39,6 +41,7 @@ impl Cluster {
             nodes,
             committed: BTreeMap::new(),
             rejected: Vec::new(),
+            reads: Vec::new(),
             cut: BTreeSet::new(),
             slow: BTreeSet::new(),
             held: Vec::new(),
@@ -60,6 +63,8 @@ impl Cluster {
                 .or_default()
                 .append(&mut out.committed);
             self.rejected.append(&mut out.rejected);
+            self.reads
+                .extend(out.reads.drain(..).map(|read| (id, read)));
             let messages = out
                 .messages
                 .drain(..)

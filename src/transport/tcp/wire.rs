@@ -25,8 +25,9 @@ use crate::telemetry::TraceAttachment;
 use crate::types::NodeId;
 
 /// Version of this wire protocol; a peer speaking another one is refused in the handshake.
-/// 2: Raft's `Commit` message and the `NotCertified` refusal. 3: trace attachments.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+/// 2: Raft's `Commit` message and the `NotCertified` refusal. 3: trace attachments. 4: Raft's
+/// heartbeat rounds and read indexes (`ReadIndex`, `ReadIndexResponse`).
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// The top bit of a message length: a trace attachment precedes the message.
 const TRACED: u32 = 1 << 31;

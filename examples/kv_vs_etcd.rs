@@ -4,7 +4,8 @@
 //! fsync, the default). One table of throughput and latency, with the ratio.
 //!
 //! ```text
-//! cargo run --release --example kv_vs_etcd [-- --seconds S --clients C --keys K --value-bytes B]
+//! cargo run --release --example kv_vs_etcd [-- --seconds S --clients C --keys K --value-bytes B
+//!                                               --compare-reads]
 //! ```
 //!
 //! Each phase runs for S seconds (default 5) with C clients (16), each on one kept-alive HTTP/1
@@ -13,8 +14,14 @@
 //!
 //! - `PUT → leader`, `PUT → follower`: every client writes through that node;
 //! - `PUT → any node`: client i writes through node i mod 3, as users spread load;
-//! - `GET → leader`: linearizable reads (ours go through the log; etcd's serializable=false
-//!   range is its linearizable read).
+//! - `GET → leader`, `GET → follower`, `GET → any node`: linearizable reads (ours by ReadIndex,
+//!   the node's default `read_mode`; etcd's serializable=false range is its linearizable read,
+//!   also a ReadIndex).
+//!
+//! `--compare-reads` then measures our reads once per `read_mode` (`read_index`, `lease`, and
+//! `log`: every read an entry of the log, as before reads had a path of their own), each on a
+//! fresh cluster whose keys a short unreported write phase filled, and prints a second table
+//! with the ratios to `log`.
 //!
 //! Ours: `PUT /kv/{key}` and `GET /kv/{key}`. etcd: its v3 JSON gateway, `POST /v3/kv/put` and
 //! `POST /v3/kv/range` with base64 keys and values. A request counts when it is answered 200;
@@ -28,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use consensus::ReadMode;
 use consensus::node::client::{self, Connection};
 use serde_json::Value;
 
@@ -38,11 +46,13 @@ use latency::Latencies;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+#[derive(Clone, Copy)]
 struct Options {
     seconds: u64,
     clients: usize,
     keys: usize,
     value_bytes: usize,
+    compare_reads: bool,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -51,6 +61,7 @@ fn parse_options() -> Result<Options, String> {
         clients: 16,
         keys: 10_000,
         value_bytes: 64,
+        compare_reads: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -64,10 +75,11 @@ fn parse_options() -> Result<Options, String> {
             "--clients" => options.clients = number()?.max(1) as usize,
             "--keys" => options.keys = number()?.max(1) as usize,
             "--value-bytes" => options.value_bytes = number()? as usize,
+            "--compare-reads" => options.compare_reads = true,
             other => {
                 return Err(format!(
                     "unexpected argument {other:?}; expected --seconds S --clients C --keys K \
-                     --value-bytes B"
+                     --value-bytes B --compare-reads"
                 ));
             }
         }
@@ -154,9 +166,13 @@ async fn json(address: SocketAddr, method: &str, path: &str, body: &[u8]) -> Opt
 
 /// Starts three of our nodes (this program re-run as `kv_vs_etcd node --config FILE`) and waits
 /// for them to agree on a leader.
-async fn start_ours(dir: &Path, processes: &mut Processes) -> Result<Cluster, String> {
+async fn start_ours(
+    dir: &Path,
+    processes: &mut Processes,
+    read_mode: ReadMode,
+) -> Result<Cluster, String> {
     let ports = free_ports(6)?;
-    let files = consensus::node::write_loopback_cluster(dir, &ports)
+    let files = consensus::node::write_loopback_cluster_reading(dir, &ports, read_mode)
         .map_err(|e| format!("cannot write node configurations: {e}"))?;
     for file in &files {
         let log = std::fs::File::create(&file.log).map_err(|e| e.to_string())?;
@@ -348,7 +364,64 @@ fn phases(cluster: &Cluster) -> Vec<(&'static str, Vec<SocketAddr>, bool)> {
         ("PUT → follower", vec![cluster.followers[0]], true),
         ("PUT → any node", cluster.all(), true),
         ("GET → leader", vec![cluster.leader], false),
+        ("GET → follower", vec![cluster.followers[0]], false),
+        ("GET → any node", cluster.all(), false),
     ]
+}
+
+/// Our reads once per read mode, each on a fresh cluster (the others stopped): a table of
+/// throughput and latency per read phase, with the ratio of throughput to `log` reads.
+async fn compare_reads(dir: &Path, options: &Options) -> Result<u64, String> {
+    let modes = [ReadMode::ReadIndex, ReadMode::Lease, ReadMode::Log];
+    let mut rows = Vec::new();
+    let mut errors = 0;
+    for mode in modes {
+        let mut processes = Processes::default();
+        let mode_dir = dir.join(format!("reads-{}", mode.as_str()));
+        std::fs::create_dir_all(&mode_dir).map_err(|e| e.to_string())?;
+        let cluster = start_ours(&mode_dir, &mut processes, mode).await?;
+        let fill = Options {
+            seconds: 1,
+            ..*options
+        };
+        run_phase(System::Ours, &cluster.all(), true, &fill).await;
+        let mut outcomes = Vec::new();
+        for (_, targets, write) in phases(&cluster).into_iter().filter(|p| !p.2) {
+            let outcome = run_phase(System::Ours, &targets, write, options).await;
+            errors += outcome.errors;
+            outcomes.push(outcome);
+        }
+        rows.push((mode, outcomes));
+    }
+    println!();
+    println!("Our linearizable reads by read_mode, each on a fresh cluster:");
+    println!(
+        "| read_mode | GET → leader req/s | p50 | p99 | GET → follower req/s | p50 | p99 | GET → any node req/s | p50 | p99 | ÷ log (leader, follower, any) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let log_rates: Vec<f64> = rows
+        .last()
+        .map(|(_, outcomes)| outcomes.iter().map(|o| o.per_second).collect())
+        .unwrap_or_default();
+    for (mode, outcomes) in &rows {
+        let mut line = format!("| {} |", mode.as_str());
+        for outcome in outcomes {
+            line.push_str(&format!(
+                " {:.0} | {} | {} |",
+                outcome.per_second,
+                millis(outcome.latencies.quantile(0.5)),
+                millis(outcome.latencies.quantile(0.99)),
+            ));
+        }
+        let ratios: Vec<String> = outcomes
+            .iter()
+            .zip(&log_rates)
+            .map(|(o, log)| format!("{:.2}×", o.per_second / log.max(1e-9)))
+            .collect();
+        line.push_str(&format!(" {} |", ratios.join(", ")));
+        println!("{line}");
+    }
+    Ok(errors)
 }
 
 fn millis(duration: Duration) -> String {
@@ -360,7 +433,7 @@ async fn run(options: Options) -> Result<(), String> {
     let mut processes = Processes::default();
     let ours_dir = dir.path().join("ours");
     std::fs::create_dir_all(&ours_dir).map_err(|e| e.to_string())?;
-    let ours = start_ours(&ours_dir, &mut processes).await?;
+    let ours = start_ours(&ours_dir, &mut processes, ReadMode::default()).await?;
     let etcd = match etcd_binary() {
         Some(binary) => {
             let etcd_dir = dir.path().join("etcd");
@@ -429,6 +502,10 @@ async fn run(options: Options) -> Result<(), String> {
                 millis(p99)
             ),
         }
+    }
+    if options.compare_reads {
+        drop(processes); // both clusters stopped: each read mode runs alone
+        errors += compare_reads(dir.path(), &options).await?;
     }
     if errors > 0 {
         return Err(format!("{errors} requests were not answered 200"));

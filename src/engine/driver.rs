@@ -157,6 +157,11 @@ pub(crate) struct DriverSettings {
     /// virtual machine), and a commit needs about four such hand-offs; a driver that polls
     /// briefly catches the answer it is waiting for without one. Zero parks at once.
     pub(crate) spin: Duration,
+    /// Under lease reads, a driver that woke late (a stalled thread, a long fsync) steps the
+    /// ticks it missed, up to this many, before it handles the round's inputs: a leader's lease
+    /// is counted in its ticks and must not outlast real time. `None` steps one tick however
+    /// late (a stall then does not count toward anyone's timeouts), as without leases.
+    pub(crate) catch_up_ticks: Option<u32>,
 }
 
 /// What the driver's wait for work ended with.
@@ -216,6 +221,9 @@ impl<P: Protocol> Driver<P> {
             // (the round is short; reading the clock per request showed in profiles).
             let now = Instant::now();
             let mut shutdown = false;
+            if let Some(limit) = self.settings.catch_up_ticks {
+                next_tick = self.catch_up(now, next_tick, limit, &mut out);
+            }
             if let Some(input) = first {
                 shutdown |= self.handle(input, now, &mut out, &mut peer_messages);
                 for _ in 1..self.settings.max_inputs_per_round {
@@ -258,6 +266,29 @@ impl<P: Protocol> Driver<P> {
             retain.keep(self.node.into_recovered_state());
         }
         Ok(())
+    }
+
+    /// Steps the whole ticks missed before `now` (all but the one due now, which the round steps
+    /// after its inputs as usual), at most `limit`; returns when the next tick is due.
+    fn catch_up(
+        &mut self,
+        now: Instant,
+        next_tick: Instant,
+        limit: u32,
+        out: &mut Output<P::Message>,
+    ) -> Instant {
+        let tick = self.settings.tick;
+        let mut next_tick = next_tick;
+        let mut stepped = 0;
+        while now >= next_tick + tick && stepped < limit {
+            self.node.step(Input::Tick, out);
+            next_tick += tick;
+            stepped += 1;
+        }
+        if now >= next_tick + tick {
+            next_tick = now; // past the limit: the rest is forgotten, the due tick runs now
+        }
+        next_tick
     }
 
     /// The next input, or why there is none: the tick is due, or every sender is gone. Polls

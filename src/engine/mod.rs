@@ -450,6 +450,12 @@ impl ConsensusEngine {
                 flush_on_drain: self.config.batch_timeout.is_zero() || !self.config.enable_batching,
                 max_inputs_per_round: 4096,
                 spin: DRIVER_SPIN,
+                catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
+                    self.config
+                        .raft_config()
+                        .election_timeout_ticks
+                        .saturating_mul(2)
+                }),
             },
             replies: ReplyPoster::new(self.replies.clone()),
             retain,

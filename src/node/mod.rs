@@ -388,6 +388,26 @@ pub fn write_loopback_cluster_of(
     ports: &[u16],
     algorithm: crate::Algorithm,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
+    write_loopback_files(dir, ports, algorithm, crate::ReadMode::default())
+}
+
+/// [`write_loopback_cluster`] with reads served by `read_mode` (see
+/// [`ConsensusConfig::read_mode`](crate::ConsensusConfig::read_mode)): the `kv_vs_etcd`
+/// example compares the modes side by side with it.
+pub fn write_loopback_cluster_reading(
+    dir: &Path,
+    ports: &[u16],
+    read_mode: crate::ReadMode,
+) -> std::io::Result<Vec<LoopbackNodeFiles>> {
+    write_loopback_files(dir, ports, crate::Algorithm::Raft, read_mode)
+}
+
+fn write_loopback_files(
+    dir: &Path,
+    ports: &[u16],
+    algorithm: crate::Algorithm,
+    read_mode: crate::ReadMode,
+) -> std::io::Result<Vec<LoopbackNodeFiles>> {
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
     let certs = dir.join("certs");
@@ -431,10 +451,11 @@ pub fn write_loopback_cluster_of(
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 150\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nstate_dir = \"{}\"\n{signing}{tls}{validators}\n[http]\naddress = \"{http}\"\n",
+             request_timeout_ms = 2000\nread_mode = \"{}\"\nstate_dir = \"{}\"\n{signing}{tls}{validators}\n[http]\naddress = \"{http}\"\n",
             algorithm.as_str(),
             ports[i],
             peers.join(", "),
+            read_mode.as_str(),
             dir.join(name).display(),
         );
         let config = dir.join(format!("{name}.toml"));

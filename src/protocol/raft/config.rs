@@ -73,7 +73,7 @@ pub struct RaftConfig {
     /// Serve linearizable reads on the leader from a lease, without a heartbeat round per read
     /// (Raft thesis §6.4.1); requires `check_quorum`. The lease rests on clocks: it is safe
     /// while no node's tick runs more than [`RaftConfig::max_clock_drift_percent`] off another's
-    /// and a leader's driver does not lose ticks (the engine's counts the ticks it missed). To
+    /// and a leader's driver does not lose ticks (the engine's driver steps the ticks it missed). To
     /// make it hold, a voter refuses every vote for an election timeout after it last heard
     /// from a leader, and after its own start, even when its transport said the leader is gone:
     /// failover after a crash then waits out a whole election timeout. Off by default: without

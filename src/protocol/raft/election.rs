@@ -374,7 +374,8 @@ impl RaftNode {
             for (tag, data) in state.batch.proposals {
                 if self.config.forward_proposals {
                     if tag.proposer == me {
-                        self.keep_unappended(tag.request_id, data);
+                        let sent = state.batch.sent_before.contains(&tag.request_id);
+                        self.keep_unappended(tag.request_id, data, sent);
                     }
                 } else {
                     let reason = RejectReason::NotLeader { leader };

@@ -257,3 +257,66 @@ fn a_pre_candidate_asks_again_a_voter_that_refused_before_its_own_hint_arrived()
     cluster.tick_all(3);
     assert_eq!(new_leaders(&cluster, old), vec![followers[0]]);
 }
+
+/// A follower's proposal reaches a leader that appends it and is then cut off; the follower
+/// becomes leader, buffers its kept proposal again, and steps down before appending it. The
+/// first copy may still commit (the old leader's log holds it), so the proposal must never be
+/// refused as if it had not left the follower: that would let its client retry a command that
+/// then runs twice.
+#[test]
+fn a_proposal_that_left_once_is_never_refused_after_its_proposer_led_and_stepped_down() {
+    let mut cluster = Cluster::new(3, |config| {
+        config.pre_vote = false;
+        config.check_quorum = false;
+        config.batch_size = 1_000;
+        config.batch_timeout_ticks = 1_000;
+    });
+    let leader = cluster.elect();
+    let follower = cluster.another_than(leader);
+    let third = (1..=3)
+        .map(NodeId)
+        .find(|&id| id != leader && id != follower)
+        .unwrap();
+    // The leader hears the follower but nobody hears the leader any more.
+    cluster.slow.insert((leader, follower));
+    cluster.slow.insert((leader, third));
+    let before = cluster.nodes[&leader].log().last_index();
+    cluster.propose(follower, 7, "forwarded once");
+    cluster.step(leader, Input::FlushProposals);
+    assert_eq!(cluster.nodes[&leader].log().last_index(), before + 1);
+    cluster.isolate(leader);
+    cluster.held.clear();
+    for _ in 0..100 {
+        cluster.step(follower, Input::Tick);
+        if cluster.nodes[&follower].is_leader() {
+            break;
+        }
+    }
+    assert!(cluster.nodes[&follower].is_leader());
+    let buffered = &cluster.nodes[&follower]
+        .leader_state
+        .as_ref()
+        .unwrap()
+        .batch;
+    assert_eq!(buffered.proposals.len(), 1, "kept, buffered, not appended");
+    // A newer term reaches it before it appends: it steps down with no leader known.
+    let term = cluster.nodes[&follower].term() + 1;
+    cluster.isolate(follower);
+    cluster.step(
+        follower,
+        Input::Message(Envelope {
+            from: third,
+            to: follower,
+            message: Message::HeartbeatResponse { term, round: 0 },
+        }),
+    );
+    assert!(!cluster.nodes[&follower].is_leader());
+    for _ in 0..100 {
+        cluster.step(follower, Input::Tick);
+    }
+    assert!(
+        cluster.rejected.iter().all(|r| r.request_id != 7),
+        "refused although a copy may commit: {:?}",
+        cluster.rejected
+    );
+}

@@ -133,12 +133,14 @@ impl RaftNode {
         }
     }
 
-    /// Keeps a proposal of this node's that it buffered as leader and never appended.
-    pub(crate) fn keep_unappended(&mut self, request_id: u64, data: Bytes) {
+    /// Keeps a proposal of this node's that it buffered as leader and never appended; `sent`
+    /// when it had left this node before (a forward to an earlier leader), so that it is never
+    /// refused as if it could not commit.
+    pub(crate) fn keep_unappended(&mut self, request_id: u64, data: Bytes, sent: bool) {
         let kept = KeptProposal {
             data,
             age_ticks: 0,
-            sent: false,
+            sent,
         };
         self.kept_proposals.insert(request_id, kept);
     }
@@ -195,9 +197,17 @@ impl RaftNode {
                 proposer: self.config.id,
                 request_id,
             };
+            if kept.sent
+                && let Some(state) = self.leader_state.as_mut()
+            {
+                state.batch.sent_before.insert(request_id);
+            }
             if let Err(reason) = self.buffer_proposal(tag, kept.data, out) {
                 // Sent before, it may still commit through another copy: only a proposal that
                 // never left may be refused.
+                if let Some(state) = self.leader_state.as_mut() {
+                    state.batch.sent_before.remove(&request_id);
+                }
                 if !kept.sent {
                     out.rejected.push(Rejection { request_id, reason });
                 }

@@ -39,7 +39,7 @@ pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_EL
 pub use log::RaftLog;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
-pub use read_index::READ_RETENTION_ELECTION_TIMEOUTS;
+pub use read_index::{READ_RETENTION_ELECTION_TIMEOUTS, READ_ROUNDS_IN_FLIGHT};
 pub use vote_evidence::{SignedVote, VoteEquivocation, VoteEvidenceError};
 
 pub use crate::protocol::{Event, RejectReason, Rejection};

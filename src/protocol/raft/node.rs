@@ -37,6 +37,10 @@ pub(crate) struct ProposalBatch {
     pub(crate) bytes: usize,
     /// Ticks since the oldest buffered proposal arrived.
     pub(crate) age_ticks: u32,
+    /// Request ids of this node's own proposals in the batch that left it before, as forwards
+    /// to an earlier leader (see `forwarding.rs`): if this leader steps down before appending
+    /// them, they may still commit through the copy sent then, so they must never be refused.
+    pub(crate) sent_before: std::collections::BTreeSet<u64>,
 }
 
 /// Leader-only state.

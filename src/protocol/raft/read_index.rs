@@ -9,9 +9,14 @@
 //! has committed an entry of its own term (its blank entry), so that its commit index covers
 //! everything any earlier leader committed; reads that arrive before wait for that.
 //!
-//! Reads are batched by round: a read needs the round after the last one sent; at most one
-//! round started for reads is unanswered at a time, and the reads that arrive meanwhile ride the
-//! next one, sent as soon as that one is answered. The periodic heartbeats are rounds too.
+//! Reads are batched by round: a read needs the round after the last one sent. A read that finds
+//! no round unanswered starts one at once; reads that arrive while rounds are out start one
+//! together when the driver's round of inputs ends ([`Input::FlushProposals`]) or an answer
+//! comes in, with at most [`READ_ROUNDS_IN_FLIGHT`] rounds unanswered, so that a read waits
+//! about one round trip and a busy leader sends one round per batch of reads, not per read.
+//! The periodic heartbeats are rounds too.
+//!
+//! [`Input::FlushProposals`]: crate::protocol::Input::FlushProposals
 //!
 //! **Lease reads** ([`RaftConfig::lease_reads`]). A quorum that answered round `n` promises not
 //! to vote for anyone else for an election timeout after it heard round `n`; so until
@@ -42,6 +47,9 @@ use crate::types::{LogIndex, NodeId};
 /// A follower refuses a read (its client retries) when no leader answered it within this many
 /// election timeouts.
 pub const READ_RETENTION_ELECTION_TIMEOUTS: u32 = 3;
+
+/// Heartbeat rounds a leader keeps unanswered at most for reads (the periodic ones aside).
+pub const READ_ROUNDS_IN_FLIGHT: u64 = 4;
 
 /// Rounds whose send time a leader remembers for its lease: an answer to an older round
 /// extends nothing (a newer one will have been answered by then).
@@ -246,6 +254,19 @@ impl RaftNode {
         }
     }
 
+    /// Starts the round the waiting reads need, unless one is already sent for them or
+    /// [`READ_ROUNDS_IN_FLIGHT`] rounds are unanswered.
+    pub(crate) fn start_read_round_if_needed(&mut self, out: &mut Output) {
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let reads = &state.reads;
+        let needed = reads.waiting.back().is_some_and(|r| r.round > reads.round);
+        if needed && reads.round - reads.confirmed < READ_ROUNDS_IN_FLIGHT {
+            self.broadcast_heartbeats(out);
+        }
+    }
+
     /// The leader's lease is in force (see the module documentation).
     pub(crate) fn holds_lease(&self) -> bool {
         self.config.lease_reads
@@ -307,11 +328,8 @@ impl RaftNode {
             ready.push((read.reader, read.index));
             reads.waiting.pop_front();
         }
-        let next_round_needed = reads.waiting.back().is_some_and(|r| r.round > reads.round);
         self.serve_reads(ready, out);
-        if next_round_needed {
-            self.broadcast_heartbeats(out);
-        }
+        self.start_read_round_if_needed(out);
     }
 
     /// The term's first entry committed: the reads that waited for it take their index now.

@@ -66,29 +66,46 @@ fn reads_that_arrive_while_a_round_is_out_ride_the_next_one() {
     for &follower in &followers {
         cluster.slow.insert((follower, leader));
     }
-    let round_before = cluster.nodes[&leader]
-        .leader_state
-        .as_ref()
-        .unwrap()
-        .reads
-        .round;
+    let round = |cluster: &Cluster| {
+        let state = cluster.nodes[&leader].leader_state.as_ref().unwrap();
+        state.reads.round
+    };
+    let before = round(&cluster);
     read(&mut cluster, leader, 1);
-    read(&mut cluster, leader, 2);
-    read(&mut cluster, leader, 3);
-    let round_now = cluster.nodes[&leader]
-        .leader_state
-        .as_ref()
-        .unwrap()
-        .reads
-        .round;
-    assert_eq!(round_now, round_before + 1, "one round for three reads");
+    assert_eq!(
+        round(&cluster),
+        before + 1,
+        "a lone read starts a round at once"
+    );
+    cluster.step(leader, Input::Read { request_id: 2 });
+    cluster.step(leader, Input::Read { request_id: 3 });
+    assert_eq!(
+        round(&cluster),
+        before + 1,
+        "the others wait for the batch's end"
+    );
+    cluster.step(leader, Input::FlushProposals);
+    assert_eq!(
+        round(&cluster),
+        before + 2,
+        "one round for the batch of two"
+    );
+    for request_id in 4..20 {
+        read(&mut cluster, leader, request_id);
+    }
+    assert_eq!(
+        round(&cluster),
+        before + READ_ROUNDS_IN_FLIGHT,
+        "no more rounds out than the bound"
+    );
+    assert!(served(&cluster).is_empty());
     cluster.slow.clear();
-    // Answers to the first round serve the first read, and start the round the others need.
+    // The answers serve every read, starting the round the last ones need as they come in.
     for (to, input) in std::mem::take(&mut cluster.held) {
         cluster.step(to, input);
     }
     let ids: Vec<u64> = served(&cluster).iter().map(|&(_, id, _)| id).collect();
-    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(ids, (1..20).collect::<Vec<u64>>());
 }
 
 #[test]

@@ -110,9 +110,11 @@ impl RaftNode {
             return;
         };
         if state.batch.proposals.is_empty() || state.transfer.is_some() {
+            self.start_read_round_if_needed(out);
             return;
         }
         let proposals = std::mem::take(&mut state.batch.proposals);
+        state.batch.sent_before.clear();
         state.batch.bytes = 0;
         state.batch.age_ticks = 0;
         let (term, first_index) = (self.term, self.log.last_index() + 1);
@@ -126,6 +128,7 @@ impl RaftNode {
             })
             .collect();
         self.append_to_own_log(entries, out);
+        self.start_read_round_if_needed(out);
     }
 
     /// The leader appends entries of its own term and replicates them.

@@ -18,10 +18,14 @@ pub trait StateMachine: Send + 'static {
     /// Applies one committed command.
     fn apply(&mut self, command: Self::Command) -> Self::Response;
 
-    /// Whether `command` only reads. A node whose disk is fuller than its reserve
+    /// Whether `command` only reads: applying it changes nothing. Such a command is served
+    /// without a log write ([`ConsensusEngine::read`](crate::ConsensusEngine::read), per
+    /// [`ConsensusConfig::read_mode`](crate::ConsensusConfig::read_mode)): `apply` runs on the
+    /// one node that serves it, which is why it must not change the state. A node whose disk is
+    /// fuller than its reserve
     /// ([`ConsensusConfig::disk_reserve_bytes`](crate::ConsensusConfig::disk_reserve_bytes))
-    /// refuses every command but these, which still go through the log (into the reserve) so
-    /// that reads stay linearizable. The default, `false`, treats every command as a write.
+    /// refuses every command but these (with `read_mode = "log"` they go into the reserve). The
+    /// default, `false`, treats every command as a write.
     fn is_read_only(_command: &Self::Command) -> bool {
         false
     }

@@ -580,6 +580,7 @@ async fn raft_messages_cross_the_wire_intact() {
             term: 3,
             read_ids: vec![2],
             index: 11,
+            index_term: 3,
         },
         Message::ForwardProposals {
             term: 3,

@@ -120,10 +120,14 @@ impl RaftNode {
             }
             Message::ReadIndex { read_ids, .. } => self.handle_read_index(from, read_ids, out),
             Message::ReadIndexResponse {
-                read_ids, index, ..
+                read_ids,
+                index,
+                index_term,
+                ..
             } => {
                 if self.role != Role::Leader {
-                    self.handle_read_index_response(read_ids, index, out);
+                    self.follow(from, out);
+                    self.handle_read_index_response(read_ids, index, index_term, out);
                 }
             }
         }

@@ -143,6 +143,10 @@ pub enum Message {
         read_ids: Vec<u64>,
         /// The read index.
         index: LogIndex,
+        /// The term of the leader's entry at `index`: a follower whose entry there has this
+        /// term holds the leader's log up to it (Raft §5.3) and commits through it at once, as
+        /// on [`Message::Commit`], instead of waiting for the next heartbeat to learn it.
+        index_term: Term,
     },
 }
 

@@ -28,7 +28,11 @@
 //! may win without waiting.
 //!
 //! **On a follower** a client's read goes to the leader ([`Message::ReadIndex`]), and is served
-//! here once this node has applied through the index the leader answers. Reads are idempotent,
+//! here once this node has applied through the index the leader answers. The request itself
+//! answers for the follower: it left the follower after the read began, in the leader's term, so
+//! the follower was in that term after the read began, just as if it had answered a round. When
+//! the leader and that follower make a quorum (a cluster of three), the leader answers at once,
+//! and a follower's read costs one round trip instead of two. Reads are idempotent,
 //! so the follower sends them again to every new leader and whenever no answer came within an
 //! election timeout, and refuses them (retry elsewhere) after
 //! [`READ_RETENTION_ELECTION_TIMEOUTS`].
@@ -214,8 +218,12 @@ impl RaftNode {
         &mut self,
         read_ids: Vec<u64>,
         index: LogIndex,
+        index_term: crate::types::Term,
         out: &mut Output,
     ) {
+        if self.log.term_at(index) == Some(index_term) {
+            self.commit_to(index, out);
+        }
         for request_id in read_ids {
             if self.follower_reads.waiting.remove(&request_id).is_some() {
                 out.reads.push(ReadState { request_id, index });
@@ -223,12 +231,16 @@ impl RaftNode {
         }
     }
 
-    /// A read at the leader: served at once from a lease (or in a cluster of one), otherwise
-    /// queued for the next round, which starts now unless a round is already unanswered.
+    /// A read at the leader: served at once from a lease, in a cluster of one, or when the
+    /// follower that asked completes a quorum with this node (see the module documentation);
+    /// otherwise queued for the next round, which starts now unless a round is already
+    /// unanswered.
     fn leader_read(&mut self, reader: Reader, out: &mut Output) {
         let commit = self.commit_index;
         let committed_in_term = self.log.term_at(commit) == Some(self.term);
+        let vouched = matches!(reader, Reader::Remote(..)) && self.quorum() <= 2;
         let immediate = self.quorum() == 1
+            || vouched
             || self.holds_lease()
             || self.config.bugs().read_without_confirming_leadership;
         let Some(state) = self.leader_state.as_mut() else {
@@ -405,10 +417,14 @@ impl RaftNode {
         }
         let term = self.term;
         for ((peer, index), read_ids) in remote {
+            let Some(index_term) = self.log.term_at(index) else {
+                continue; // compacted away: the follower asks again
+            };
             let message = Message::ReadIndexResponse {
                 term,
                 read_ids,
                 index,
+                index_term,
             };
             self.send(peer, message, out);
         }

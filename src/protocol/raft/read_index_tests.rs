@@ -325,3 +325,58 @@ fn a_voter_grants_no_vote_for_an_election_timeout_after_it_starts_under_leases()
     voter.step(request(2), &mut out);
     assert!(granted(&out), "the promise ends after a timeout: {out:?}");
 }
+
+#[test]
+fn a_followers_request_vouches_for_it_so_three_nodes_need_no_round_for_its_reads() {
+    for size in [3, 5] {
+        let mut cluster = Cluster::new(size, |_| {});
+        let leader = cluster.elect();
+        let follower = cluster.another_than(leader);
+        // Every answer to the leader is held, except what the asking follower sends.
+        for id in (1..=size).map(NodeId) {
+            if id != leader && id != follower {
+                cluster.slow.insert((id, leader));
+            }
+        }
+        // The follower's own heartbeat answers are held too: only its request reaches the
+        // leader.
+        let before = cluster.nodes[&leader]
+            .leader_state
+            .as_ref()
+            .unwrap()
+            .reads
+            .round;
+        cluster.step(follower, Input::Read { request_id: 5 });
+        cluster.step(follower, Input::FlushProposals);
+        let reads = served(&cluster);
+        if size == 3 {
+            assert_eq!(
+                reads.len(),
+                1,
+                "leader + asking follower are a quorum of three"
+            );
+            let after = cluster.nodes[&leader]
+                .leader_state
+                .as_ref()
+                .unwrap()
+                .reads
+                .round;
+            assert_eq!(after, before, "no round was needed");
+        } else {
+            // Of five, the leader and the follower are two: a round must bring a third.
+            let round_started = cluster.nodes[&leader]
+                .leader_state
+                .as_ref()
+                .unwrap()
+                .reads
+                .round
+                > before;
+            assert!(reads.is_empty() && round_started, "{reads:?}");
+            cluster.slow.clear();
+            for (to, input) in std::mem::take(&mut cluster.held) {
+                cluster.step(to, input);
+            }
+            assert_eq!(served(&cluster).len(), 1);
+        }
+    }
+}

@@ -14,7 +14,7 @@
 //! index is applied, by applying the read-only command to the state machine on this node alone.
 
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
 
@@ -62,8 +62,9 @@ struct Waiting<R, T> {
     reply: R,
     submitted: T,
     deadline: T,
-    /// A read's command, applied when the read is served; `None` for a proposal.
-    read: Option<Bytes>,
+    /// A read (its command waits in [`ApplyStage::read_commands`], so that the many proposals
+    /// do not carry room for one).
+    read: bool,
 }
 
 impl<R, T> Waiting<R, T> {
@@ -98,6 +99,8 @@ pub(crate) struct ApplyStage<R, T> {
     duplicates_skipped: u64,
     /// Reads whose index is known and not yet applied: `(index, request id)`.
     reads_ready: BTreeSet<(LogIndex, u64)>,
+    /// The commands of the reads waiting, by request id.
+    read_commands: HashMap<u64, Bytes>,
     #[cfg(any(test, feature = "sim"))]
     pub(crate) bugs: ApplyBugs,
 }
@@ -119,6 +122,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
             applied_index: 0,
             duplicates_skipped: 0,
             reads_ready: BTreeSet::new(),
+            read_commands: HashMap::new(),
             #[cfg(any(test, feature = "sim"))]
             bugs: ApplyBugs::default(),
         }
@@ -133,7 +137,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
             reply,
             submitted,
             deadline,
-            read: None,
+            read: false,
         })
     }
 
@@ -146,12 +150,14 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
         deadline: T,
         command: Bytes,
     ) -> u64 {
-        self.pending.push(Waiting {
+        let request_id = self.pending.push(Waiting {
             reply,
             submitted,
             deadline,
-            read: Some(command),
-        })
+            read: true,
+        });
+        self.read_commands.insert(request_id, command);
+        request_id
     }
 
     /// The core gave reads their index: each is served once everything through it is applied
@@ -183,13 +189,13 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
     /// Answers read `request_id` with what its command reads from the state machine now. A
     /// read that timed out meanwhile is gone and is skipped.
     fn serve_read(&mut self, request_id: u64, index: LogIndex, answers: &mut Vec<Answer<R, T>>) {
-        let Some(mut waiting) = self.pending.remove(request_id) else {
+        let Some(command) = self.read_commands.remove(&request_id) else {
+            return; // answered already (timed out), or not a read
+        };
+        let Some(waiting) = self.pending.remove(request_id) else {
             return;
         };
-        let Some(command) = waiting.read.take() else {
-            debug_assert!(false, "a read index for proposal {request_id}");
-            return;
-        };
+        debug_assert!(waiting.read, "a read index for proposal {request_id}");
         let response = self
             .state_machine
             .as_mut()
@@ -250,6 +256,9 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
     ) {
         for rejection in rejected {
             if let Some(waiting) = self.pending.remove(rejection.request_id) {
+                if waiting.read {
+                    self.read_commands.remove(&rejection.request_id);
+                }
                 answers.push(waiting.answer(Err(Unanswered::Rejected(rejection.reason))));
             }
         }
@@ -257,15 +266,22 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
 
     /// Answers "outcome unknown" to every request whose deadline is at or before `now`.
     pub(crate) fn expire(&mut self, now: T, answers: &mut Vec<Answer<R, T>>) {
+        let read_commands = &mut self.read_commands;
         self.pending.expire_front(
             |waiting| waiting.deadline <= now,
-            |waiting| answers.push(waiting.answer(Err(Unanswered::TimedOut))),
+            |request_id, waiting| {
+                if waiting.read {
+                    read_commands.remove(&request_id);
+                }
+                answers.push(waiting.answer(Err(Unanswered::TimedOut)))
+            },
         );
     }
 
     /// Answers every waiting request with [`Unanswered::Stopped`].
     pub(crate) fn fail_all(&mut self, reason: &str, answers: &mut Vec<Answer<R, T>>) {
         self.reads_ready.clear();
+        self.read_commands.clear();
         for waiting in self.pending.drain() {
             answers.push(waiting.answer(Err(Unanswered::Stopped(reason.to_string()))));
         }
@@ -381,6 +397,21 @@ mod tests {
         assert_eq!(served, vec![("early", 5), ("late", 12)], "sees entry 2");
         assert!(answers.iter().all(|a| a.outcome.as_ref().unwrap().read));
         assert_eq!(stage.applied_index(), 2, "a read applies no entry");
+        // A read that times out, and one refused, leave nothing behind.
+        let command = Bytes::from(crate::state_machine::encode_command(&0u64).unwrap());
+        stage.submit_read("expires", 1, 60, command.clone());
+        let refused = stage.submit_read("refused", 1, 70, command);
+        stage.expire(65, &mut answers);
+        let reason = RejectReason::NoLeader;
+        stage.reject(
+            [Rejection {
+                request_id: refused,
+                reason,
+            }],
+            &mut answers,
+        );
+        assert!(stage.read_commands.is_empty());
+        assert_eq!(answers.len(), 4);
     }
 
     #[test]

@@ -50,20 +50,20 @@ impl<T> PendingTable<T> {
     }
 
     /// Takes out the requests at the front for which `expired` holds, up to the first for which
-    /// it does not, and hands each to `each`. For a predicate that holds of a request whenever it
+    /// it does not, and hands each to `each` with its id. For a predicate that holds of a request whenever it
     /// holds of every later one (a deadline, when deadlines grow with the id), that is every
     /// request it holds of, found without touching the others.
     pub(crate) fn expire_front(
         &mut self,
         mut expired: impl FnMut(&T) -> bool,
-        mut each: impl FnMut(T),
+        mut each: impl FnMut(u64, T),
     ) {
         while let Some(Some(front)) = self.slots.front() {
             if !expired(front) {
                 break;
             }
             if let Some(Some(request)) = self.slots.pop_front() {
-                each(request);
+                each(self.first_id, request);
             }
             self.first_id = self.first_id.wrapping_add(1);
             self.trim_front();
@@ -137,7 +137,13 @@ mod tests {
         }
         assert_eq!(table.remove(1), Some(1));
         let mut expired = Vec::new();
-        table.expire_front(|&r| r < 4, |r| expired.push(r));
+        table.expire_front(
+            |&r| r < 4,
+            |id, r| {
+                assert_eq!(id, r as u64, "each with its own id");
+                expired.push(r)
+            },
+        );
         assert_eq!(
             expired,
             vec![0, 2, 3],
@@ -145,7 +151,7 @@ mod tests {
         );
         assert_eq!(table.len(), 2);
         assert_eq!(table.first_id, 4, "the emptied front slots were dropped");
-        table.expire_front(|&r| r == 5, |r| expired.push(r));
+        table.expire_front(|&r| r == 5, |_, r| expired.push(r));
         assert_eq!(expired.len(), 3, "a later match behind a miss stays");
         assert_eq!(table.remove(4), Some(4));
         let rest: Vec<i32> = table.drain().collect();

@@ -271,71 +271,17 @@ pub(crate) enum CoreInputs {
 }
 
 impl CoreInputs {
-    /// Queues a proposal; see `DriverInput::Propose`.
-    pub(crate) fn propose(
+    /// Queues a client's proposal or read.
+    pub(crate) fn submit(
         &self,
-        data: bytes::Bytes,
-        reply: tokio::sync::oneshot::Sender<crate::engine::driver::Reply>,
-        route: u32,
-        trace: Option<Box<tracing::Span>>,
+        request: crate::engine::driver::ClientRequest,
     ) -> std::result::Result<(), TrySendError<()>> {
         match self {
-            CoreInputs::Raft(sender) => sender
-                .try_send(DriverInput::Propose {
-                    data,
-                    reply,
-                    route,
-                    trace,
-                })
-                .map_err(forget_input),
-            CoreInputs::Pbft(sender) => sender
-                .try_send(DriverInput::Propose {
-                    data,
-                    reply,
-                    route,
-                    trace,
-                })
-                .map_err(forget_input),
-            CoreInputs::GpuRaft(sender) => sender
-                .try_send(DriverInput::Propose {
-                    data,
-                    reply,
-                    route,
-                    trace,
-                })
-                .map_err(forget_input),
-        }
-    }
-
-    /// Queues a read; see `DriverInput::Read`.
-    pub(crate) fn read(
-        &self,
-        command: bytes::Bytes,
-        reply: tokio::sync::oneshot::Sender<crate::engine::driver::Reply>,
-        route: u32,
-    ) -> std::result::Result<(), TrySendError<()>> {
-        match self {
-            CoreInputs::Raft(sender) => sender
-                .try_send(DriverInput::Read {
-                    command,
-                    reply,
-                    route,
-                })
-                .map_err(forget_input),
-            CoreInputs::Pbft(sender) => sender
-                .try_send(DriverInput::Read {
-                    command,
-                    reply,
-                    route,
-                })
-                .map_err(forget_input),
-            CoreInputs::GpuRaft(sender) => sender
-                .try_send(DriverInput::Read {
-                    command,
-                    reply,
-                    route,
-                })
-                .map_err(forget_input),
+            CoreInputs::Raft(sender) => sender.try_send(request.into_input()).map_err(forget_input),
+            CoreInputs::Pbft(sender) => sender.try_send(request.into_input()).map_err(forget_input),
+            CoreInputs::GpuRaft(sender) => {
+                sender.try_send(request.into_input()).map_err(forget_input)
+            }
         }
     }
 

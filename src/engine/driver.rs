@@ -76,6 +76,52 @@ pub(crate) enum DriverInput<P: Protocol> {
     Shutdown,
 }
 
+/// A client's request on its way to the driver: the same for every core, turned into the
+/// driver input of the one running ([`ClientRequest::into_input`]).
+pub(crate) enum ClientRequest {
+    /// See [`DriverInput::Propose`].
+    Propose {
+        data: Bytes,
+        reply: oneshot::Sender<Reply>,
+        route: u32,
+        trace: Option<Box<tracing::Span>>,
+    },
+    /// See [`DriverInput::Read`].
+    Read {
+        command: Bytes,
+        reply: oneshot::Sender<Reply>,
+        route: u32,
+    },
+}
+
+impl ClientRequest {
+    /// The driver input of a core `P` that carries this request.
+    pub(crate) fn into_input<P: Protocol>(self) -> DriverInput<P> {
+        match self {
+            ClientRequest::Propose {
+                data,
+                reply,
+                route,
+                trace,
+            } => DriverInput::Propose {
+                data,
+                reply,
+                route,
+                trace,
+            },
+            ClientRequest::Read {
+                command,
+                reply,
+                route,
+            } => DriverInput::Read {
+                command,
+                reply,
+                route,
+            },
+        }
+    }
+}
+
 /// Who leads, as the driver last saw it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeaderInfo {

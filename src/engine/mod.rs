@@ -55,7 +55,7 @@ use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
 use apply::{ApplyStage, Unanswered};
-use driver::{Applied, Driver, DriverSettings, LeaderCallbacks};
+use driver::{Applied, ClientRequest, Driver, DriverSettings, LeaderCallbacks};
 use reply::{ReplyPoster, ReplyRouter};
 use retained::{CoreHeldLog, RetainedState};
 
@@ -748,24 +748,14 @@ impl ConsensusEngine {
     }
 
     /// Hands a read of `command` to the driver and waits for its answer (see
-    /// [`ConsensusEngine::submit`]).
+    /// [`ConsensusEngine::submit_request`]).
     async fn submit_read(&self, command: Bytes) -> Result<Applied> {
-        let running = self
-            .running
-            .as_ref()
-            .ok_or(Error::InvalidState("engine not started"))?;
-        let (reply, answer) = oneshot::channel();
-        let route = self.replies.route_here();
-        match running.inputs.read(command, reply, route) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(Error::Rejected(RejectReason::QueueFull));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::Stopped("engine is not running".into()));
-            }
-        }
-        wait_for(answer).await
+        self.submit_request(|reply, route| ClientRequest::Read {
+            command,
+            reply,
+            route,
+        })
+        .await
     }
 
     /// Refuses a write with [`StorageError::DiskFull`](crate::StorageError::DiskFull) while the
@@ -821,18 +811,33 @@ impl ConsensusEngine {
         }
     }
 
-    /// Hands `data` to the driver and waits for its answer. Reads no clock: the driver stamps
-    /// the call's submit time and deadline when it takes the call in, with one clock reading
-    /// for all the calls of its round (a reading per call showed in client profiles).
+    /// Hands the proposal of `data` to the driver and waits for its answer (see
+    /// [`ConsensusEngine::submit_request`]).
     async fn submit(&self, data: Bytes) -> Result<Applied> {
+        self.submit_request(|reply, route| ClientRequest::Propose {
+            data,
+            reply,
+            route,
+            trace: self.proposal_span(),
+        })
+        .await
+    }
+
+    /// Hands the request `make` builds (given where its answer goes) to the driver and waits
+    /// for the answer. Reads no clock: the driver stamps the call's submit time and deadline
+    /// when it takes the call in, with one clock reading for all the calls of its round (a
+    /// reading per call showed in client profiles).
+    async fn submit_request(
+        &self,
+        make: impl FnOnce(oneshot::Sender<driver::Reply>, u32) -> ClientRequest,
+    ) -> Result<Applied> {
         let running = self
             .running
             .as_ref()
             .ok_or(Error::InvalidState("engine not started"))?;
         let (reply, answer) = oneshot::channel();
         let route = self.replies.route_here();
-        let trace = self.proposal_span();
-        match running.inputs.propose(data, reply, route, trace) {
+        match running.inputs.submit(make(reply, route)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Error::Rejected(RejectReason::QueueFull));

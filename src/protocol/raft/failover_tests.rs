@@ -273,10 +273,7 @@ fn a_proposal_that_left_once_is_never_refused_after_its_proposer_led_and_stepped
     });
     let leader = cluster.elect();
     let follower = cluster.another_than(leader);
-    let third = (1..=3)
-        .map(NodeId)
-        .find(|&id| id != leader && id != follower)
-        .unwrap();
+    let third = cluster.other_than(&[leader, follower]);
     // The leader hears the follower but nobody hears the leader any more.
     cluster.slow.insert((leader, follower));
     cluster.slow.insert((leader, third));

@@ -4,11 +4,42 @@
 use super::tests::Cluster;
 use super::*;
 use crate::protocol::ReadState;
-use crate::types::LogIndex;
+use crate::types::{LogIndex, Term};
 
 fn read(cluster: &mut Cluster, at: NodeId, request_id: u64) {
     cluster.step(at, Input::Read { request_id });
     cluster.step(at, Input::FlushProposals);
+}
+
+/// `candidate`'s vote request at `term` (not a leadership transfer) for `voter`, for a log
+/// ending at `last_log_index` in `last_log_term`.
+fn vote_request(
+    candidate: NodeId,
+    voter: NodeId,
+    term: Term,
+    last_log_index: LogIndex,
+    last_log_term: Term,
+) -> Input {
+    Input::Message(Envelope {
+        from: candidate,
+        to: voter,
+        message: Message::RequestVote {
+            term,
+            last_log_index,
+            last_log_term,
+            leadership_transfer: false,
+        },
+    })
+}
+
+/// Whether `out` grants a vote.
+fn grants_a_vote(out: &Output) -> bool {
+    out.messages_after_write.iter().any(|e| {
+        matches!(
+            e.message,
+            Message::RequestVoteResponse { granted: true, .. }
+        )
+    })
 }
 
 /// The read indexes output so far, as `(node, request id, index)`.
@@ -27,12 +58,7 @@ fn a_leader_serves_a_read_at_its_commit_index_once_a_quorum_answered_a_round() {
     cluster.propose(leader, 1, "a");
     let commit = cluster.nodes[&leader].commit_index();
     let follower = cluster.another_than(leader);
-    let other = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader && id != follower)
-        .unwrap();
+    let other = cluster.other_than(&[leader, follower]);
     // Both followers' answers held back: no quorum has confirmed the leadership yet.
     cluster.slow.insert((follower, leader));
     cluster.slow.insert((other, leader));
@@ -210,38 +236,20 @@ fn a_voter_that_heard_a_leasing_leader_grants_no_vote_inside_the_lease() {
     cluster.tick_all(2);
     let voter = cluster.another_than(leader);
     let term = cluster.nodes[&voter].term();
-    let candidate = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|&id| id != leader && id != voter)
-        .unwrap();
+    let candidate = cluster.other_than(&[leader, voter]);
     let last = cluster.nodes[&candidate].log().last_index();
     let last_term = cluster.nodes[&candidate].log().last_term();
     // Even after the voter moved to the candidate's term for another reason.
     cluster.nodes.get_mut(&voter).unwrap().term = term + 1;
     cluster.nodes.get_mut(&voter).unwrap().leader = None;
     let mut out = Output::default();
-    cluster.nodes.get_mut(&voter).unwrap().step(
-        Input::Message(Envelope {
-            from: candidate,
-            to: voter,
-            message: Message::RequestVote {
-                term: term + 1,
-                last_log_index: last,
-                last_log_term: last_term,
-                leadership_transfer: false,
-            },
-        }),
-        &mut out,
-    );
-    let granted = out.messages_after_write.iter().any(|e| {
-        matches!(
-            e.message,
-            Message::RequestVoteResponse { granted: true, .. }
-        )
-    });
-    assert!(!granted, "a vote inside the lease: {out:?}");
+    let request = vote_request(candidate, voter, term + 1, last, last_term);
+    cluster
+        .nodes
+        .get_mut(&voter)
+        .unwrap()
+        .step(request, &mut out);
+    assert!(!grants_a_vote(&out), "a vote inside the lease: {out:?}");
 }
 
 #[test]
@@ -291,30 +299,11 @@ fn a_voter_grants_no_vote_for_an_election_timeout_after_it_starts_under_leases()
         config.lease_reads = true;
         config.pre_vote = false;
     });
-    let request = |term| {
-        Input::Message(Envelope {
-            from: NodeId(2),
-            to: NodeId(1),
-            message: Message::RequestVote {
-                term,
-                last_log_index: 0,
-                last_log_term: 0,
-                leadership_transfer: false,
-            },
-        })
-    };
-    let granted = |out: &Output| {
-        out.messages_after_write.iter().any(|e| {
-            matches!(
-                e.message,
-                Message::RequestVoteResponse { granted: true, .. }
-            )
-        })
-    };
+    let request = |term| vote_request(NodeId(2), NodeId(1), term, 0, 0);
     let voter = cluster.nodes.get_mut(&NodeId(1)).unwrap();
     let mut out = Output::default();
     voter.step(request(1), &mut out);
-    assert!(!granted(&out), "granted right after starting");
+    assert!(!grants_a_vote(&out), "granted right after starting");
     let timeout = voter.config().election_timeout_ticks;
     // Ticks without a campaign of its own (its timer is longer than one timeout).
     voter.election_timeout = timeout * 3;
@@ -323,7 +312,10 @@ fn a_voter_grants_no_vote_for_an_election_timeout_after_it_starts_under_leases()
     }
     let mut out = Output::default();
     voter.step(request(2), &mut out);
-    assert!(granted(&out), "the promise ends after a timeout: {out:?}");
+    assert!(
+        grants_a_vote(&out),
+        "the promise ends after a timeout: {out:?}"
+    );
 }
 
 #[test]

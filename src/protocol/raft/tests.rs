@@ -99,10 +99,15 @@ impl Cluster {
 
     /// The first member (by id) that is not `id`.
     pub(super) fn another_than(&self, id: NodeId) -> NodeId {
+        self.other_than(&[id])
+    }
+
+    /// The first member (by id) that is none of `ids`.
+    pub(super) fn other_than(&self, ids: &[NodeId]) -> NodeId {
         self.nodes
             .keys()
             .copied()
-            .find(|&other| other != id)
+            .find(|other| !ids.contains(other))
             .unwrap()
     }
 

@@ -478,7 +478,9 @@ impl ConsensusConfig {
     /// `checkpoint_interval`, `byzantine_fault_tolerance`, `byzantine_threshold` (read by PBFT);
     /// `gpu_enabled`, `gpu_device`, `gpu_memory_pool` and `gpu_config` (read by the signing
     /// algorithms); then `key_file` and `validators` when the algorithm is Raft, which signs
-    /// nothing, and `client_keys` unless it is GPU-optimized Raft. The names are the fields' (and setters'); TOML spells three
+    /// nothing, and `client_keys` unless it is GPU-optimized Raft; `read_mode` under PBFT (which
+    /// orders reads through its log) and `max_clock_drift_percent` outside lease reads. The
+    /// names are the fields' (and setters'); TOML spells three
     /// of them with their unit (`view_change_timeout_ms`, `gpu_device_id`,
     /// `gpu_memory_pool_mb`), and `gpu_config` has no TOML key.
     ///
@@ -538,6 +540,15 @@ impl ConsensusConfig {
             (
                 "client_keys",
                 self.algorithm != Algorithm::GpuOptimizedRaft && !self.client_keys.is_empty(),
+            ),
+            (
+                "read_mode",
+                self.algorithm == Algorithm::Pbft && self.read_mode != default.read_mode,
+            ),
+            (
+                "max_clock_drift_percent",
+                (self.algorithm == Algorithm::Pbft || self.read_mode != ReadMode::Lease)
+                    && self.max_clock_drift_percent != default.max_clock_drift_percent,
             ),
         ]
         .into_iter()
@@ -1066,6 +1077,43 @@ address = "127.0.0.1:8080"
         );
         assert_eq!(raft.batch_timeout_ticks, 1);
         assert_eq!(raft.batch_size, 10);
+    }
+
+    #[test]
+    fn read_mode_and_drift_come_from_toml_and_bad_ones_are_named() {
+        let text =
+            "[consensus]\nnode_id = \"a\"\nread_mode = \"lease\"\nmax_clock_drift_percent = 10\n";
+        let config = ConsensusConfig::from_toml_str(text).unwrap();
+        assert_eq!(config.read_mode, ReadMode::Lease);
+        assert_eq!(config.max_clock_drift_percent, 10);
+        assert!(config.raft_config().lease_reads);
+        assert!(config.unread_settings().is_empty());
+        let default = ConsensusConfig::from_toml_str("[consensus]\nnode_id = \"a\"\n").unwrap();
+        assert_eq!(default.read_mode, ReadMode::ReadIndex);
+        assert!(!default.raft_config().lease_reads);
+        for (bad, field) in [
+            ("read_mode = \"stale\"", "read_mode"),
+            ("max_clock_drift_percent = 100", "max_clock_drift_percent"),
+        ] {
+            let text = format!("[consensus]\nnode_id = \"a\"\n{bad}\n");
+            let error = ConsensusConfig::from_toml_str(&text)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(field), "{bad}: {error}");
+        }
+        // A lease needs an election timeout of enough ticks at the drift bound.
+        let short = ConsensusConfig::default()
+            .read_mode(ReadMode::Lease)
+            .max_clock_drift_percent(99);
+        let error = short.validate().unwrap_err().to_string();
+        assert!(error.contains("read_mode"), "{error}");
+        // Under PBFT the read mode is not read; outside leases the drift bound is not.
+        let pbft = ConsensusConfig::default()
+            .algorithm(Algorithm::Pbft)
+            .read_mode(ReadMode::Log);
+        assert_eq!(pbft.unread_settings(), vec!["read_mode"]);
+        let drift = ConsensusConfig::default().max_clock_drift_percent(10);
+        assert_eq!(drift.unread_settings(), vec!["max_clock_drift_percent"]);
     }
 
     #[test]

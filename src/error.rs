@@ -185,6 +185,16 @@ pub enum StorageError {
          use a store that implements LogStore::write_records"
     )]
     RecordsUnsupported,
+    /// The store does not keep snapshots (it relies on the defaults of
+    /// [`LogStore::save_snapshot`](crate::storage::LogStore::save_snapshot) and
+    /// [`LogStore::compact_through`](crate::storage::LogStore::compact_through)), so a core
+    /// that compacts its log cannot run on it.
+    #[error(
+        "this log store does not keep snapshots, but the protocol core asked to save one or to \
+         compact the log: use a store that implements LogStore::save_snapshot and \
+         LogStore::compact_through, or set snapshot_interval = 0"
+    )]
+    SnapshotsUnsupported,
     /// A record's key or value is over the bounds every store keeps
     /// ([`MAX_RECORD_KEY_BYTES`](crate::storage::MAX_RECORD_KEY_BYTES),
     /// [`MAX_RECORD_VALUE_BYTES`](crate::storage::MAX_RECORD_VALUE_BYTES)).

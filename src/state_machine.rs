@@ -4,6 +4,12 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Writes a snapshot of a state machine's state as bytes. [`StateMachine::snapshot`] makes it on
+/// the driver thread, which waits meanwhile, so it should only capture the state cheaply (a
+/// clone, a reference-counted handle, a copy-on-write view); the engine then runs it on a
+/// background thread while the driver goes on applying.
+pub type SnapshotWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send>;
+
 /// A deterministic state machine replicated by the engine.
 ///
 /// `apply` must be deterministic: the same commands in the same order must produce the same state
@@ -29,6 +35,31 @@ pub trait StateMachine: Send + 'static {
     fn is_read_only(_command: &Self::Command) -> bool {
         false
     }
+
+    /// Captures the state for a snapshot: the returned writer streams it as bytes, which
+    /// [`StateMachine::restore`] must turn back into the same state. The engine calls it every
+    /// [`ConsensusConfig::snapshot_interval`](crate::ConsensusConfig::snapshot_interval) applied
+    /// entries, keeps the bytes durably, drops the log behind the previous snapshot, and sends
+    /// the snapshot to followers the log no longer reaches.
+    ///
+    /// The default, `None`, means the state machine takes no snapshots: the engine then keeps
+    /// the whole log (it grows without bound, and a restart replays it from the start), which
+    /// is how state machines written before snapshots existed keep working unchanged.
+    fn snapshot(&self) -> Option<SnapshotWriter> {
+        None
+    }
+
+    /// Replaces the whole state with the one a [`SnapshotWriter`] of this state machine wrote
+    /// (on this node or on another: the bytes come from the leader when a follower is too far
+    /// behind). Called only where [`StateMachine::snapshot`] returns writers; the default
+    /// refuses. An error stops the node (its state is no longer known), with the message.
+    fn restore(&mut self, snapshot: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let _ = snapshot;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this state machine does not restore snapshots (StateMachine::restore)",
+        ))
+    }
 }
 
 /// The engine's type-erased view of a state machine.
@@ -37,12 +68,26 @@ pub(crate) trait ErasedStateMachine: Send {
     /// this state machine (e.g. a raw [`Proposal`](crate::Proposal) of another shape); the
     /// state machine is then left untouched, the same way on every node.
     fn apply_bytes(&mut self, data: &[u8]) -> Result<Box<dyn std::any::Any + Send>, String>;
+
+    /// [`StateMachine::snapshot`].
+    fn snapshot_writer(&self) -> Option<SnapshotWriter>;
+
+    /// [`StateMachine::restore`] from bytes.
+    fn restore_bytes(&mut self, data: &[u8]) -> Result<(), String>;
 }
 
 impl<S: StateMachine> ErasedStateMachine for S {
     fn apply_bytes(&mut self, data: &[u8]) -> Result<Box<dyn std::any::Any + Send>, String> {
         let command: S::Command = bincode::deserialize(data).map_err(|e| e.to_string())?;
         Ok(Box::new(self.apply(command)))
+    }
+
+    fn snapshot_writer(&self) -> Option<SnapshotWriter> {
+        self.snapshot()
+    }
+
+    fn restore_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
+        self.restore(&mut data).map_err(|e| e.to_string())
     }
 }
 

@@ -76,6 +76,13 @@ fn chaos_seeds() {
     assert!(true_hints > count && false_hints > count, "too few hints");
     let without = reports.iter().filter(|r| r.hints.0 == 0 && r.crashes > 0);
     assert!(without.count() > 0, "no seed with its hints lost");
+    // Snapshots: taken, and sent to followers the leader's compacted log no longer reaches.
+    let (taken, installed) = (sum(|r| r.snapshots.0), sum(|r| r.snapshots.1));
+    eprintln!("snapshots: {taken} taken, {installed} installed from a leader");
+    assert!(
+        taken > count && installed > count / 20,
+        "too few snapshots taken or installed"
+    );
 }
 
 #[test]

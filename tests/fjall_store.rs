@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use consensus::storage::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, LogWrite,
-    MAX_RECORD_KEY_BYTES, META_KEYSPACE, RECORDS_KEYSPACE, RecordWrite, SnapshotMeta, SyncPolicy,
+    MAX_RECORD_KEY_BYTES, META_KEYSPACE, RECORDS_KEYSPACE, RecordWrite, SNAPSHOT_DIR, Snapshot,
+    SyncPolicy,
 };
 use consensus::{Entry, LogIndex, NodeId, Payload, ProposalTag, StorageError, Term};
 
@@ -194,11 +195,11 @@ fn persist_writes_a_whole_output_in_one_batch() {
 }
 
 #[test]
-fn snapshot_metadata_and_compaction_survive_reopen() {
+fn snapshots_and_compaction_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = SnapshotMeta {
-        last_included_index: 5,
-        last_included_term: 1,
+    let snapshot = Snapshot {
+        index: 5,
+        term: 1,
         data: Bytes::from_static(b"state machine image"),
     };
     {
@@ -209,40 +210,92 @@ fn snapshot_metadata_and_compaction_survive_reopen() {
             err.to_string().contains("snapshot"),
             "compaction needs a snapshot: {err}"
         );
-        store.save_snapshot_meta(&snapshot).unwrap();
+        store.save_snapshot(&snapshot).unwrap();
         store.compact_through(5).unwrap();
         store.sync().unwrap();
-        assert_eq!(store.snapshot_meta(), Some(&snapshot));
+        assert_eq!(store.snapshot(), Some(&snapshot));
     }
     let mut store = open(dir.path());
-    assert_eq!(store.snapshot_meta(), Some(&snapshot));
-    assert_eq!(store.recover().unwrap().entries, entries(6..=8, 1));
+    assert_eq!(store.snapshot(), Some(&snapshot));
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.entries, entries(6..=8, 1));
+    assert_eq!(recovered.snapshot, Some(snapshot.clone()));
     // Committed entries are never truncated, so nothing the snapshot covers may be.
     assert!(matches!(
         store.truncate_from(5),
         Err(StorageError::NonContiguous { .. })
     ));
-    // A snapshot past the end of the log discards the log; appends go on after it.
-    let ahead = SnapshotMeta {
-        last_included_index: 20,
-        last_included_term: 2,
-        data: Bytes::new(),
+    // A snapshot past the end of the log discards the log; appends go on after it. One
+    // persisted write carries all three, as a follower installing a snapshot sends them.
+    let ahead = Snapshot {
+        index: 20,
+        term: 2,
+        data: Bytes::from(vec![7u8; 100_000]),
     };
-    store.save_snapshot_meta(&ahead).unwrap();
-    store.compact_through(20).unwrap();
-    store.append(&[entry(21, 2)]).unwrap();
-    store.sync().unwrap();
+    store
+        .persist(&LogWrite {
+            snapshot: Some(ahead.clone()),
+            compact_through: Some(20),
+            append: vec![entry(21, 2)],
+            ..Default::default()
+        })
+        .unwrap();
     drop(store);
     let mut store = open(dir.path());
-    assert_eq!(store.recover().unwrap().entries, vec![entry(21, 2)]);
-    let older = SnapshotMeta {
-        last_included_index: 3,
-        ..ahead
-    };
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.entries, vec![entry(21, 2)]);
+    assert_eq!(recovered.snapshot, Some(ahead.clone()));
+    let files: Vec<_> = std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))
+        .unwrap()
+        .map(|f| f.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "the older snapshot's file is gone: {files:?}"
+    );
+    let older = Snapshot { index: 3, ..ahead };
     assert!(
-        store.save_snapshot_meta(&older).is_err(),
+        store.save_snapshot(&older).is_err(),
         "an older snapshot is refused"
     );
+}
+
+#[test]
+fn a_damaged_or_missing_snapshot_file_is_reported_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = open(dir.path());
+        store.append(&entries(1..=4, 1)).unwrap();
+        store
+            .persist(&LogWrite {
+                snapshot: Some(Snapshot {
+                    index: 3,
+                    term: 1,
+                    data: Bytes::from_static(b"the applied state through 3"),
+                }),
+                compact_through: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    let file = std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[4] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = FjallLogStore::open(dir.path(), SyncPolicy::EveryBatch).unwrap_err();
+    assert!(
+        matches!(err, StorageError::Corrupt { .. }) && err.to_string().contains("CRC-32"),
+        "{err}"
+    );
+    std::fs::remove_file(&file).unwrap();
+    let err = FjallLogStore::open(dir.path(), SyncPolicy::EveryBatch).unwrap_err();
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
 }
 
 #[test]

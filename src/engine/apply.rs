@@ -21,8 +21,45 @@ use bytes::Bytes;
 use crate::engine::pending::PendingTable;
 use crate::protocol::raft::AppliedProposals;
 use crate::protocol::{ReadState, RejectReason, Rejection};
-use crate::state_machine::ErasedStateMachine;
+use crate::state_machine::{ErasedStateMachine, SnapshotWriter};
+use crate::storage::Snapshot;
 use crate::types::{Entry, LogIndex, NodeId, Payload, Term};
+
+/// The first bytes of every snapshot the apply stage writes, then a format version.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SSNP";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// The applied state through one index, captured on the driver thread and written out
+/// elsewhere ([`SnapshotCapture::write`]): the table of applied proposals (which must travel
+/// with the state, or a replica restored from it would apply a duplicate again) and the state
+/// machine's [`SnapshotWriter`].
+pub(crate) struct SnapshotCapture {
+    pub(crate) index: LogIndex,
+    pub(crate) term: Term,
+    applied_proposals: Vec<u8>,
+    state: Option<SnapshotWriter>,
+}
+
+impl SnapshotCapture {
+    /// Encodes the snapshot: magic, version, the table's length and bytes, a flag saying
+    /// whether a state machine's state follows, then that state.
+    pub(crate) fn write(self) -> std::io::Result<Snapshot> {
+        let mut data = Vec::with_capacity(self.applied_proposals.len() + 64);
+        data.extend_from_slice(SNAPSHOT_MAGIC);
+        data.push(SNAPSHOT_VERSION);
+        data.extend_from_slice(&(self.applied_proposals.len() as u64).to_le_bytes());
+        data.extend_from_slice(&self.applied_proposals);
+        data.push(u8::from(self.state.is_some()));
+        if let Some(write_state) = self.state {
+            write_state(&mut data)?;
+        }
+        Ok(Snapshot {
+            index: self.index,
+            term: self.term,
+            data: data.into(),
+        })
+    }
+}
 
 /// What the state machine answered for one entry: its response, or why the entry did not
 /// decode as its command; `None` when no state machine is set.
@@ -96,6 +133,8 @@ pub(crate) struct ApplyStage<R, T> {
     applied_proposals: AppliedProposals,
     state_machine: Option<Box<dyn ErasedStateMachine>>,
     applied_index: LogIndex,
+    /// The term of the entry at `applied_index`.
+    applied_term: Term,
     duplicates_skipped: u64,
     /// Reads whose index is known and not yet applied: `(index, request id)`.
     reads_ready: BTreeSet<(LogIndex, u64)>,
@@ -120,6 +159,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
             applied_proposals: AppliedProposals::default(),
             state_machine,
             applied_index: 0,
+            applied_term: 0,
             duplicates_skipped: 0,
             reads_ready: BTreeSet::new(),
             read_commands: HashMap::new(),
@@ -216,6 +256,9 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
         answers: &mut Vec<Answer<R, T>>,
     ) {
         for entry in committed {
+            if entry.index <= self.applied_index {
+                continue; // covered by a snapshot restored in the same round
+            }
             debug_assert!(
                 self.applied_index == 0 || entry.index == self.applied_index + 1,
                 "entries applied out of order: {} after {}",
@@ -223,6 +266,7 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
                 self.applied_index
             );
             self.applied_index = entry.index;
+            self.applied_term = entry.term;
             let Payload::Command { tag, data } = entry.payload else {
                 continue;
             };
@@ -246,6 +290,65 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
         if !self.reads_ready.is_empty() {
             self.serve_applied_reads(answers);
         }
+    }
+
+    /// Captures the applied state for a snapshot, or `None` when nothing is applied yet or the
+    /// state machine takes no snapshots ([`StateMachine::snapshot`](crate::StateMachine)).
+    pub(crate) fn capture_snapshot(&self) -> Option<SnapshotCapture> {
+        if self.applied_index == 0 {
+            return None;
+        }
+        let state = match &self.state_machine {
+            Some(machine) => Some(machine.snapshot_writer()?),
+            None => None,
+        };
+        Some(SnapshotCapture {
+            index: self.applied_index,
+            term: self.applied_term,
+            applied_proposals: self.applied_proposals.encode(),
+            state,
+        })
+    }
+
+    /// Replaces the applied state with `snapshot` (a leader's, or this node's own at start-up):
+    /// the state machine, the table of applied proposals and the applied index. Reads waiting
+    /// for an index it reaches are served. Requests of this node whose entries it covers are
+    /// left to their deadlines: their outcome is not known here.
+    pub(crate) fn restore(
+        &mut self,
+        snapshot: &Snapshot,
+        answers: &mut Vec<Answer<R, T>>,
+    ) -> Result<(), String> {
+        let data = &snapshot.data[..];
+        let malformed = |what: &str| format!("snapshot through index {}: {what}", snapshot.index);
+        let rest = data
+            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+            .ok_or_else(|| malformed("not a snapshot of this engine (bad magic)"))?;
+        let (&version, rest) = rest.split_first().ok_or_else(|| malformed("cut short"))?;
+        if version != SNAPSHOT_VERSION {
+            return Err(malformed(&format!("unknown format version {version}")));
+        }
+        let (length, rest) = rest
+            .split_first_chunk::<8>()
+            .ok_or_else(|| malformed("cut short"))?;
+        let length = usize::try_from(u64::from_le_bytes(*length))
+            .ok()
+            .filter(|&length| length < rest.len())
+            .ok_or_else(|| malformed("the table of applied proposals overruns the snapshot"))?;
+        let (table, rest) = rest.split_at(length);
+        let applied_proposals = AppliedProposals::decode(table).map_err(|e| malformed(&e))?;
+        let (&has_state, state) = rest.split_first().ok_or_else(|| malformed("cut short"))?;
+        match (&mut self.state_machine, has_state) {
+            (Some(machine), 1) => machine.restore_bytes(state).map_err(|e| malformed(&e))?,
+            (Some(_), _) => return Err(malformed("holds no state machine state")),
+            (None, 0 | 1) => {}
+            (None, _) => return Err(malformed("bad state flag")),
+        }
+        self.applied_proposals = applied_proposals;
+        self.applied_index = snapshot.index;
+        self.applied_term = snapshot.term;
+        self.serve_applied_reads(answers);
+        Ok(())
     }
 
     /// Answers refused requests with the core's reason.

@@ -113,6 +113,7 @@ mod tests {
             },
             entries: Vec::new(),
             records: [(b"view change".to_vec(), b"signed".to_vec())].into(),
+            snapshot: None,
         };
         retained.keep(state.clone());
         assert_eq!(retained.take(), Some(state));

@@ -23,7 +23,9 @@
 //! 2. persist [`Output::write`] and make it durable;
 //! 3. then send [`Output::messages_after_write`] (votes and acknowledgements: a promise that
 //!    must survive a crash);
-//! 4. then apply [`Output::committed`], in order, and answer [`Output::rejected`]. Committed
+//! 4. then, if [`Output::restore`] holds a snapshot (a leader sent it), replace the state
+//!    machine's state with it and skip the committed entries it covers; apply
+//!    [`Output::committed`], in order, and answer [`Output::rejected`]. Committed
 //!    entries that an earlier write already made durable here may be applied before step 2:
 //!    they are on a quorum's disks and on this node's, and under load the round that learns a
 //!    commit usually also appends newer entries, whose fsync the answers need not wait for;
@@ -33,6 +35,14 @@
 //!
 //! The core never counts its own entries toward a quorum before step 5 told it they are on
 //! disk, so a driver that persists asynchronously stays safe.
+//!
+//! # Snapshots
+//! A core that compacts its log ([`Protocol::COMPACTS_LOG`]) is told of each snapshot the
+//! driver took of its applied state with [`Input::SnapshotTaken`]; it then asks the store (in
+//! [`Output::write`]) to keep the snapshot and to drop the log entries the *previous* snapshot
+//! covered, so that the log holds about two snapshot intervals and a follower a little behind
+//! still catches up from the log. A follower too far behind receives the snapshot from the
+//! leader in chunks, and its core hands it to the driver in [`Output::restore`].
 
 pub mod gpu_raft;
 pub mod pbft;
@@ -42,7 +52,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use crate::storage::LogWrite;
-use crate::storage::RecoveredState;
+use crate::storage::{RecoveredState, Snapshot};
 use crate::types::{Entry, LogIndex, NodeId, ProposalTag, Term};
 
 /// A message with its sender and receiver.
@@ -104,6 +114,12 @@ pub enum Input<M, C> {
         /// The term of the entry at `index` when it was written.
         term: Term,
     },
+    /// The driver captured the applied state through `snapshot.index` (whose entry has
+    /// `snapshot.term`) in `snapshot.data`. A core that compacts its log keeps it to send to
+    /// followers and asks the store to save it and drop the log before the previous snapshot;
+    /// a core that does not ([`Protocol::COMPACTS_LOG`] false) ignores it. Ignored too when it
+    /// is not newer than the snapshot held, or names an index not committed here.
+    SnapshotTaken(Snapshot),
 }
 
 /// Why a proposal was refused. A refused proposal was never appended to any log.
@@ -212,6 +228,10 @@ pub struct Output<M> {
     /// Reads whose index is known: serve each once its index is applied (after
     /// [`Output::committed`]).
     pub reads: Vec<ReadState>,
+    /// A snapshot from the leader that replaces this node's applied state: restore the state
+    /// machine from it before applying [`Output::committed`], of which only the entries past
+    /// `restore.index` are still to apply. Durable through [`Output::write`] like the rest.
+    pub restore: Option<Snapshot>,
     /// Notifications.
     pub events: Vec<Event>,
 }
@@ -225,6 +245,7 @@ impl<M> Default for Output<M> {
             committed: Vec::new(),
             rejected: Vec::new(),
             reads: Vec::new(),
+            restore: None,
             events: Vec::new(),
         }
     }
@@ -239,6 +260,7 @@ impl<M> Output<M> {
             && self.committed.is_empty()
             && self.rejected.is_empty()
             && self.reads.is_empty()
+            && self.restore.is_none()
             && self.events.is_empty()
     }
 
@@ -250,6 +272,7 @@ impl<M> Output<M> {
         self.committed.clear();
         self.rejected.clear();
         self.reads.clear();
+        self.restore = None;
         self.events.clear();
     }
 }
@@ -415,6 +438,10 @@ pub trait Protocol: Send + 'static {
     /// True when the core answers [`Input::Read`] with read indexes; a driver orders the reads
     /// of a core that does not through its log.
     const SERVES_READS: bool = false;
+
+    /// True when the core compacts its log behind the snapshots it is given
+    /// ([`Input::SnapshotTaken`]); a driver takes none for a core that does not.
+    const COMPACTS_LOG: bool = false;
 
     /// Checks the authenticity of a round of peer messages in one batch, before any of them is
     /// stepped, and removes those that fail; returns how many it removed. A core whose messages

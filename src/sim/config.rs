@@ -188,6 +188,11 @@ pub struct SimConfig<S = RaftConfig> {
     /// core's settings say so). Off by default; a core without a read path orders them through
     /// the log either way.
     pub reads_through_log: bool,
+    /// Each node snapshots its applied state every this many applied entries and tells its
+    /// core ([`Input::SnapshotTaken`](crate::protocol::Input::SnapshotTaken)), which compacts
+    /// its log and sends snapshots to followers the log no longer reaches; 0 (the default):
+    /// never. Only for cores that compact ([`Protocol::COMPACTS_LOG`](crate::protocol::Protocol)).
+    pub snapshot_interval: u64,
 }
 
 impl<S> SimConfig<S> {
@@ -235,6 +240,7 @@ impl SimConfig<RaftConfig> {
             twins: Twins::default(),
             forgeries: 0.0,
             reads_through_log: false,
+            snapshot_interval: 0,
         }
     }
 
@@ -297,6 +303,12 @@ impl SimConfig<RaftConfig> {
             config.protocol.lease_reads = true;
             config.protocol.max_clock_drift_percent = (config.clock_skew * 100.0).ceil() as u32 + 1;
         }
+        // Snapshots in most runs, often enough that crashed nodes come back behind the
+        // leader's compacted log, in chunks small enough that a transfer takes several.
+        if rng.random_bool(0.7) {
+            config.snapshot_interval = rng.random_range(4..64);
+            config.protocol.snapshot_chunk_bytes = rng.random_range(8..256);
+        }
         config
     }
 }
@@ -338,6 +350,9 @@ pub struct SimReport {
     pub invalid_dropped: u64,
     /// Adversary messages injected ([`SimConfig::forgeries`]).
     pub forgeries_sent: u64,
+    /// Snapshots the nodes took ([`SimConfig::snapshot_interval`]), and snapshots followers
+    /// installed from a leader.
+    pub snapshots: (u64, u64),
 }
 
 /// A failed run: the seed, when, and what broke.
@@ -386,6 +401,7 @@ impl<S> SimConfig<S> {
             twins: self.twins,
             forgeries: self.forgeries,
             reads_through_log: self.reads_through_log,
+            snapshot_interval: self.snapshot_interval,
         }
     }
 }

@@ -284,14 +284,18 @@ impl SafetyMonitor {
 pub fn check_log_matching(logs: &[(NodeId, &RaftLog)]) -> Result<(), Violation> {
     for (i, &(a, log_a)) in logs.iter().enumerate() {
         for &(b, log_b) in &logs[i + 1..] {
+            // Only where both logs still hold entries: below, they were compacted into
+            // snapshots (state-machine safety checks what those applied).
+            let start = log_a.first_index().max(log_b.first_index());
             let common = log_a.last_index().min(log_b.last_index());
-            let Some(agree_at) = (1..=common)
+            let Some(agree_at) = (start..=common)
                 .rev()
-                .find(|&k| log_a.term_at(k) == log_b.term_at(k))
+                .find(|&k| log_a.term_at(k).is_some() && log_a.term_at(k) == log_b.term_at(k))
             else {
                 continue;
             };
-            if let Some(differ_at) = (1..=agree_at).find(|&k| log_a.entry(k) != log_b.entry(k)) {
+            if let Some(differ_at) = (start..=agree_at).find(|&k| log_a.entry(k) != log_b.entry(k))
+            {
                 return Err(Violation::LogMatching {
                     a,
                     b,

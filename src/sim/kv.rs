@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::sim::linearizability::{KvInput, KvModel, KvOutput};
-use crate::state_machine::StateMachine;
+use crate::state_machine::{SnapshotWriter, StateMachine};
 
 /// One replica of the store.
 #[derive(Clone, Debug, Default)]
@@ -45,5 +45,21 @@ impl StateMachine for KvStateMachine {
             self.values.insert(key, value);
         }
         output
+    }
+
+    /// A copy of the map, encoded off the driver's path.
+    fn snapshot(&self) -> Option<SnapshotWriter> {
+        let values = self.values.clone();
+        Some(Box::new(move |out| {
+            let bytes = postcard::to_stdvec(&values).map_err(std::io::Error::other)?;
+            out.write_all(&bytes)
+        }))
+    }
+
+    fn restore(&mut self, snapshot: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        snapshot.read_to_end(&mut bytes)?;
+        self.values = postcard::from_bytes(&bytes).map_err(std::io::Error::other)?;
+        Ok(())
     }
 }

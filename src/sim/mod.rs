@@ -217,6 +217,8 @@ struct SimNode<P: Protocol> {
     out: Output<P::Message>,
     /// A flush of `out` is scheduled.
     flush_scheduled: bool,
+    /// The index of the last snapshot this node took or restored.
+    snapshot_index: LogIndex,
 }
 
 /// A leader crash whose replacement the failover measurement waits for.
@@ -258,6 +260,8 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     /// Messages sent so far that the adversary may replay ([`SimConfig::forgeries`]).
     replayable: Vec<Envelope<P::Message>>,
     forgeries_sent: u64,
+    /// Snapshots taken, and snapshots installed from a leader.
+    snapshots: (u64, u64),
 }
 
 impl<P: SimProtocol> Sim<P> {
@@ -294,6 +298,7 @@ impl<P: SimProtocol> Sim<P> {
                 out: Output::default(),
                 flush_scheduled: false,
                 tick_us: TICK_US,
+                snapshot_index: 0,
             })
             .collect();
         let clients = (0..=config.clients)
@@ -328,6 +333,7 @@ impl<P: SimProtocol> Sim<P> {
             duplicate_applies: 0,
             replayable: Vec::new(),
             forgeries_sent: 0,
+            snapshots: (0, 0),
             failover: None,
             failover_samples: Vec::new(),
             hints_delivered: (0, 0),
@@ -448,6 +454,7 @@ impl<P: SimProtocol> Sim<P> {
                 .map(|core| core.invalid_messages().total())
                 .sum(),
             forgeries_sent: self.forgeries_sent,
+            snapshots: self.snapshots,
         }
     }
 
@@ -674,6 +681,14 @@ impl<P: SimProtocol> Sim<P> {
         }
         let mut answers = std::mem::take(&mut self.answers);
         let node = &mut self.nodes[index];
+        if let Some(snapshot) = out.restore.take() {
+            node.snapshot_index = snapshot.index;
+            if let Err(detail) = node.apply.restore(&snapshot, &mut answers) {
+                self.fail(Violation::Apply { node: id, detail });
+            }
+            self.snapshots.1 += 1;
+        }
+        let node = &mut self.nodes[index];
         node.apply.apply(out.committed.drain(..), &mut answers);
         node.apply.reads_ready(out.reads.drain(..), &mut answers);
         node.apply.reject(out.rejected.drain(..), &mut answers);
@@ -690,6 +705,36 @@ impl<P: SimProtocol> Sim<P> {
                     term,
                 },
             );
+        }
+        self.maybe_snapshot(index);
+    }
+
+    /// Snapshots node `index`'s applied state when a snapshot interval passed since its last,
+    /// as the engine does (here at once; the engine writes it on a background thread).
+    fn maybe_snapshot(&mut self, index: usize) {
+        let interval = self.config.snapshot_interval;
+        let node = &mut self.nodes[index];
+        if interval == 0
+            || !P::COMPACTS_LOG
+            || node.core.is_none()
+            || node.apply.applied_index() < node.snapshot_index + interval
+        {
+            return;
+        }
+        let Some(capture) = node.apply.capture_snapshot() else {
+            return;
+        };
+        let id = node.id;
+        match capture.write() {
+            Ok(snapshot) => {
+                node.snapshot_index = snapshot.index;
+                self.snapshots.0 += 1;
+                self.step(index, Input::SnapshotTaken(snapshot));
+            }
+            Err(error) => self.fail(Violation::Apply {
+                node: id,
+                detail: format!("snapshot: {error}"),
+            }),
         }
     }
 
@@ -817,15 +862,25 @@ impl<P: SimProtocol> Sim<P> {
         let voters: Vec<NodeId> = (1..=self.config.nodes as u64).map(NodeId).collect();
         // Twins draw apart (their apply stages hand out request ids from different bases).
         let seed = mix(self.config.seed, (node.address.0 << 32) | node.incarnation);
+        let snapshot = recovered.snapshot.clone();
         match P::start(&self.config.protocol, node.id, voters, seed, recovered) {
             Ok(core) => {
                 node.core = Some(core);
-                // A fresh state machine replays the log from the start, as a restarted engine.
+                // A fresh state machine starts from the snapshot, if any, and replays the log
+                // after it, as a restarted engine.
                 let first_request_id = mix(seed, 0x1d) >> 1;
                 node.apply =
                     ApplyStage::new(node.id, first_request_id, Some(self.config.new_machine()));
                 node.apply.bugs = self.config.apply_bugs;
                 node.next_tick_us = self.now_us + self.rng.random_range(1..=TICK_US);
+                node.snapshot_index = 0;
+                if let Some(snapshot) = snapshot {
+                    node.snapshot_index = snapshot.index;
+                    let id = node.id;
+                    if let Err(detail) = node.apply.restore(&snapshot, &mut Vec::new()) {
+                        self.fail(Violation::Apply { node: id, detail });
+                    }
+                }
             }
             Err(e) => {
                 let detail = format!("node settings: {e}");

@@ -328,8 +328,19 @@ pub fn check_leader_completeness(
         return Ok(());
     }
     let term = node.term();
+    let log = node.log();
+    // What the log compacted away is covered by a snapshot of committed entries; it must at
+    // least agree on the term of its last entry, which log matching extends to the rest.
+    let compacted_through = log.first_index() - 1;
     for (&index, (entry, committed_in)) in monitor.applied() {
-        if *committed_in < term && node.log().entry(index) != Some(entry) {
+        let holds = if index < compacted_through {
+            true
+        } else if index == compacted_through {
+            log.term_at(index).is_none_or(|t| t == entry.term)
+        } else {
+            log.entry(index) == Some(entry)
+        };
+        if *committed_in < term && !holds {
             return Err(Violation::LeaderCompleteness {
                 leader: node.id(),
                 term,

@@ -4,7 +4,10 @@
 //! # Layout
 //! The fjall database lives in `state_dir/`[`DATABASE_DIR`]. Three keyspaces: [`LOG_KEYSPACE`] maps each log index (big-endian `u64`, so that key order is
 //! index order) to one entry record. [`META_KEYSPACE`] holds the hard state under
-//! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`]. [`RECORDS_KEYSPACE`] holds
+//! [`HARD_STATE_KEY`] and the snapshot metadata under [`SNAPSHOT_KEY`] (index, term, length and
+//! CRC-32 of the snapshot's bytes, which live in a file of their own under
+//! `state_dir/`[`SNAPSHOT_DIR`]: a snapshot may be a gigabyte, too big to pass through the
+//! journal and the memtables). [`RECORDS_KEYSPACE`] holds
 //! a core's records ([`RecordWrite`]): each key as the core gave it, each value sealed in a
 //! record of its own kind. A database made before records existed lacks that keyspace; opening
 //! it creates it empty.
@@ -41,7 +44,7 @@ use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, Persis
 use bytes::Bytes;
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, LogWrite, RecordWrite, RecoveredState};
+use crate::storage::{HardState, LogStore, LogWrite, RecordWrite, RecoveredState, Snapshot};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
 /// Subdirectory of the state directory that holds the fjall database.
@@ -58,6 +61,10 @@ pub const RECORDS_KEYSPACE: &str = "records";
 pub const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Key of the snapshot metadata record in [`META_KEYSPACE`].
 pub const SNAPSHOT_KEY: &[u8] = b"snapshot";
+/// Subdirectory of the state directory holding snapshot files, one per snapshot index
+/// (`snapshot-<index>.bin`); the metadata record names which one is current, and the others are
+/// removed after the sync that made it current.
+pub const SNAPSHOT_DIR: &str = "snapshots";
 
 /// Version byte of every record this code writes.
 const RECORD_VERSION: u8 = 1;
@@ -97,16 +104,13 @@ impl SyncPolicy {
     }
 }
 
-/// Metadata of the latest snapshot: the log position it covers and an opaque blob (e.g. the state
-/// machine's serialized snapshot or a pointer to it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SnapshotMeta {
-    /// The index of the last entry the snapshot includes.
-    pub last_included_index: LogIndex,
-    /// The term of that entry.
-    pub last_included_term: Term,
-    /// Opaque bytes stored with the metadata, whole.
-    pub data: Bytes,
+/// The metadata record of a snapshot: where its file is and how to check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SnapshotRecord {
+    index: LogIndex,
+    term: Term,
+    length: u64,
+    crc: u32,
 }
 
 /// Where the log stands after the writes made so far (durable or not).
@@ -127,7 +131,10 @@ pub struct FjallLogStore {
     sync_policy: SyncPolicy,
     path: PathBuf,
     bounds: Bounds,
-    snapshot: Option<SnapshotMeta>,
+    /// The latest snapshot saved (durable or not).
+    snapshot: Option<Snapshot>,
+    /// Snapshot files may be pruned after the next sync (a newer one was saved).
+    snapshot_files_stale: bool,
     /// How far the log reached at the last sync (see [`synced_mark`]).
     mark: SyncedMark,
     /// The mark as found at open, checked by [`LogStore::recover`].
@@ -188,10 +195,10 @@ impl FjallLogStore {
             .get(SNAPSHOT_KEY)
             .map_err(|e| fjall_error(e, "snapshot"))?
         {
-            Some(value) => Some(decode_snapshot(&value)?),
+            Some(value) => Some(read_snapshot_file(&path, decode_snapshot(&value)?)?),
             None => None,
         };
-        let floor = snapshot.as_ref().map_or(1, |s| s.last_included_index + 1);
+        let floor = snapshot.as_ref().map_or(1, |s| s.index + 1);
         let first_key = match log.first_key_value() {
             Some(guard) => Some(decode_key(
                 &guard.key().map_err(|e| fjall_error(e, "log"))?,
@@ -223,6 +230,7 @@ impl FjallLogStore {
             path,
             bounds,
             snapshot,
+            snapshot_files_stale: true,
             mark,
             mark_at_open,
             journal_cuts,
@@ -244,55 +252,79 @@ impl FjallLogStore {
         self.bounds.next_index
     }
 
-    /// Records snapshot metadata, replacing any earlier one; durable at the next sync.
-    ///
-    /// A snapshot older than the current one is refused: it would let a later compaction lose
-    /// entries the older snapshot does not cover.
-    pub fn save_snapshot_meta(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
-        if let Some(current) = &self.snapshot
-            && meta.last_included_index < current.last_included_index
-        {
-            return Err(StorageError::NonContiguous {
-                expected: current.last_included_index,
-                got: meta.last_included_index,
-            });
-        }
-        let mut batch = self.db.batch();
-        batch.insert(&self.meta, SNAPSHOT_KEY, encode_snapshot(meta));
-        batch.commit().map_err(|e| fjall_error(e, "snapshot"))?;
-        self.snapshot = Some(meta.clone());
-        Ok(())
-    }
-
-    /// The latest snapshot metadata written, if any.
-    pub fn snapshot_meta(&self) -> Option<&SnapshotMeta> {
+    /// The latest snapshot saved, if any.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
         self.snapshot.as_ref()
     }
 
-    /// Deletes every entry with index `<= through`, which the snapshot must cover. If the log ends
-    /// before `through`, the whole log goes and the next append must be `through + 1`.
-    /// Durable at the next sync.
-    pub fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
-        let covered = self.snapshot.as_ref().map_or(0, |s| s.last_included_index);
+    /// Writes the snapshot's file (synced, under a temporary name first, so that a crash leaves
+    /// no half file under a real name) and stages its metadata record. A snapshot older than the
+    /// current one is refused: it would let a later compaction lose entries it does not cover.
+    fn stage_snapshot(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        snapshot: &Snapshot,
+    ) -> Result<(), StorageError> {
+        if let Some(current) = &self.snapshot
+            && snapshot.index < current.index
+        {
+            return Err(StorageError::NonContiguous {
+                expected: current.index,
+                got: snapshot.index,
+            });
+        }
+        let record = SnapshotRecord {
+            index: snapshot.index,
+            term: snapshot.term,
+            length: snapshot.data.len() as u64,
+            crc: crc32fast::hash(&snapshot.data),
+        };
+        write_snapshot_file(&self.path, snapshot)?;
+        batch.insert(&self.meta, SNAPSHOT_KEY, encode_snapshot(&record));
+        Ok(())
+    }
+
+    /// Stages the removal of every entry `<= through`, which `covered` (the snapshot's index
+    /// once this write lands) must reach; returns the bounds it leaves.
+    fn stage_compaction(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        bounds: Bounds,
+        through: LogIndex,
+        covered: LogIndex,
+    ) -> Result<Bounds, StorageError> {
         if through > covered {
             return Err(StorageError::Backend(format!(
                 "cannot compact through index {through}: the snapshot covers only up to {covered}"
             )));
         }
-        if through < self.bounds.first_index {
-            return Ok(());
+        if through < bounds.first_index {
+            return Ok(bounds);
         }
-        let mut batch = self.db.batch();
-        let end = (through + 1).min(self.bounds.next_index);
-        for index in (self.bounds.first_index..end).rev() {
+        let end = (through + 1).min(bounds.next_index);
+        // Lowest first: a prefix of this order still leaves a contiguous log.
+        for index in bounds.first_index..end {
             batch.remove(&self.log, encode_key(index));
         }
-        batch.commit().map_err(|e| fjall_error(e, "log"))?;
-        self.bounds = Bounds {
+        Ok(Bounds {
             first_index: through + 1,
-            next_index: self.bounds.next_index.max(through + 1),
+            next_index: bounds.next_index.max(through + 1),
+        })
+    }
+
+    /// Removes the snapshot files other than the current one's (after a sync made it current).
+    fn prune_snapshot_files(&mut self) {
+        self.snapshot_files_stale = false;
+        let keep = self.snapshot.as_ref().map(|s| snapshot_file_name(s.index));
+        let Ok(listing) = std::fs::read_dir(self.path.join(SNAPSHOT_DIR)) else {
+            return;
         };
-        Ok(())
+        for file in listing.flatten() {
+            if Some(file.file_name().to_string_lossy().as_ref()) != keep.as_deref() {
+                // Best effort: a file left over is removed at the next pruning.
+                let _ = std::fs::remove_file(file.path());
+            }
+        }
     }
 
     /// Stages the removal of entries `>= from`; returns the bounds it leaves.
@@ -304,11 +336,11 @@ impl FjallLogStore {
     ) -> Result<Bounds, StorageError> {
         let from = from.max(1);
         if let Some(snapshot) = &self.snapshot
-            && from <= snapshot.last_included_index
+            && from <= snapshot.index
         {
             // The snapshot holds only committed entries, and committed entries are never removed.
             return Err(StorageError::NonContiguous {
-                expected: snapshot.last_included_index + 1,
+                expected: snapshot.index + 1,
                 got: from,
             });
         }
@@ -400,6 +432,40 @@ impl FjallLogStore {
         Ok(())
     }
 
+    /// Flushes (and under `SyncPolicy::EveryBatch` fsyncs) the journal, moving the mark.
+    fn sync_journal(&mut self) -> Result<(), StorageError> {
+        // Only a sync that fsyncs moves the mark: under `SyncPolicy::Never` a power cut may keep
+        // the mark and lose the journal's writes, which the check would take for damage.
+        let fsyncs = self.sync_policy == SyncPolicy::EveryBatch;
+        let last = self.bounds.next_index.saturating_sub(1);
+        if !fsyncs {
+            return self
+                .db
+                .persist(self.sync_policy.persist_mode())
+                .map_err(|error| fjall_error(error, "journal flush"));
+        }
+        self.mark
+            .before_sync(last)
+            .map_err(|source| StorageError::SyncFailed {
+                what: "the synced-through mark",
+                source,
+            })?;
+        self.db
+            .persist(self.sync_policy.persist_mode())
+            .map_err(|error| match error {
+                ::fjall::Error::Io(source) => StorageError::SyncFailed {
+                    what: "the journal",
+                    source,
+                },
+                other => fjall_error(other, "journal sync"),
+            })?;
+        // Without an fsync (see `synced_mark`): a failure to write it only weakens the check.
+        if let Err(error) = self.mark.after_sync(last) {
+            tracing::warn!(%error, "cannot write the synced-through mark");
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, batch: OwnedWriteBatch, bounds: Bounds) -> Result<(), StorageError> {
         batch.commit().map_err(|e| fjall_error(e, "write batch"))?;
         self.bounds = bounds;
@@ -439,43 +505,34 @@ impl LogStore for FjallLogStore {
         self.commit(batch, self.bounds)
     }
 
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        self.stage_snapshot(&mut batch, snapshot)?;
+        self.commit(batch, self.bounds)?;
+        self.snapshot = Some(snapshot.clone());
+        self.snapshot_files_stale = true;
+        Ok(())
+    }
+
+    fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
+        let covered = self.snapshot.as_ref().map_or(0, |s| s.index);
+        let mut batch = self.db.batch();
+        let bounds = self.stage_compaction(&mut batch, self.bounds, through, covered)?;
+        self.commit(batch, bounds)
+    }
+
     fn sync(&mut self) -> Result<(), StorageError> {
-        // Only a sync that fsyncs moves the mark: under `SyncPolicy::Never` a power cut may keep
-        // the mark and lose the journal's writes, which the check would take for damage.
-        let fsyncs = self.sync_policy == SyncPolicy::EveryBatch;
-        let last = self.bounds.next_index.saturating_sub(1);
-        if !fsyncs {
-            return self
-                .db
-                .persist(self.sync_policy.persist_mode())
-                .map_err(|error| fjall_error(error, "journal flush"));
-        }
-        self.mark
-            .before_sync(last)
-            .map_err(|source| StorageError::SyncFailed {
-                what: "the synced-through mark",
-                source,
-            })?;
-        self.db
-            .persist(self.sync_policy.persist_mode())
-            .map_err(|error| match error {
-                ::fjall::Error::Io(source) => StorageError::SyncFailed {
-                    what: "the journal",
-                    source,
-                },
-                other => fjall_error(other, "journal sync"),
-            })?;
-        // Without an fsync (see `synced_mark`): a failure to write it only weakens the check.
-        if let Err(error) = self.mark.after_sync(last) {
-            tracing::warn!(%error, "cannot write the synced-through mark");
+        self.sync_journal()?;
+        if self.snapshot_files_stale {
+            self.prune_snapshot_files();
         }
         Ok(())
     }
 
     /// Reads and validates the whole store. Meant for start-up: on a store that has been written
     /// since it was opened, writes not yet synced are returned too. When a snapshot compacted the
-    /// log, `entries` starts after the snapshot (see [`FjallLogStore::snapshot_meta`]) instead of
-    /// at index 1.
+    /// log, `entries` starts at or before one past the snapshot (returned too, its file checked
+    /// against the length and CRC-32 of its record) instead of at index 1.
     fn recover(&mut self) -> Result<RecoveredState, StorageError> {
         synced_mark::check(
             self.bounds.next_index.saturating_sub(1),
@@ -490,7 +547,7 @@ impl LogStore for FjallLogStore {
             Some(value) => decode_hard_state(&value)?,
             None => HardState::default(),
         };
-        let snapshot_index = self.snapshot.as_ref().map(|s| s.last_included_index);
+        let snapshot_index = self.snapshot.as_ref().map(|s| s.index);
         let mut entries = Vec::new();
         let mut expected: Option<LogIndex> = None;
         for guard in self.log.iter() {
@@ -538,6 +595,7 @@ impl LogStore for FjallLogStore {
             hard_state,
             entries,
             records,
+            snapshot: self.snapshot.clone(),
         })
     }
 
@@ -552,11 +610,27 @@ impl LogStore for FjallLogStore {
             batch.insert(&self.meta, HARD_STATE_KEY, encode_hard_state(hard_state));
         }
         self.stage_records(&mut batch, &output.records)?;
+        // Checked against the snapshot held before this write (see `LogWrite`).
         if let Some(from) = output.truncate_from {
             bounds = self.stage_truncate(&mut batch, bounds, from)?;
         }
+        if let Some(snapshot) = &output.snapshot {
+            self.stage_snapshot(&mut batch, snapshot)?;
+        }
+        let covered = output
+            .snapshot
+            .as_ref()
+            .or(self.snapshot.as_ref())
+            .map_or(0, |s| s.index);
+        if let Some(through) = output.compact_through {
+            bounds = self.stage_compaction(&mut batch, bounds, through, covered)?;
+        }
         bounds = self.stage_append(&mut batch, bounds, &output.append)?;
         self.commit(batch, bounds)?;
+        if let Some(snapshot) = &output.snapshot {
+            self.snapshot = Some(snapshot.clone());
+            self.snapshot_files_stale = true;
+        }
         self.sync()
     }
 }
@@ -764,6 +838,14 @@ impl<'a> BodyReader<'a> {
         Ok(u64::from_le_bytes(*bytes))
     }
 
+    fn u32(&mut self, field: &str) -> Result<u32, StorageError> {
+        let Some((bytes, rest)) = self.rest.split_first_chunk::<4>() else {
+            return Err(corrupt(self.location, format!("body ends before {field}")));
+        };
+        self.rest = rest;
+        Ok(u32::from_le_bytes(*bytes))
+    }
+
     fn finish(self) -> Result<(), StorageError> {
         if self.rest.is_empty() {
             Ok(())
@@ -861,27 +943,80 @@ fn decode_hard_state(record: &[u8]) -> Result<HardState, StorageError> {
     Ok(HardState { term, voted_for })
 }
 
-fn encode_snapshot(meta: &SnapshotMeta) -> Vec<u8> {
-    let mut body = Vec::with_capacity(16 + meta.data.len());
-    body.extend_from_slice(&meta.last_included_index.to_le_bytes());
-    body.extend_from_slice(&meta.last_included_term.to_le_bytes());
-    body.extend_from_slice(&meta.data);
+fn encode_snapshot(record: &SnapshotRecord) -> Vec<u8> {
+    let mut body = Vec::with_capacity(28);
+    body.extend_from_slice(&record.index.to_le_bytes());
+    body.extend_from_slice(&record.term.to_le_bytes());
+    body.extend_from_slice(&record.length.to_le_bytes());
+    body.extend_from_slice(&record.crc.to_le_bytes());
     seal(RecordKind::Snapshot, &body)
 }
 
-fn decode_snapshot(record: &[u8]) -> Result<SnapshotMeta, StorageError> {
+fn decode_snapshot(record: &[u8]) -> Result<SnapshotRecord, StorageError> {
     let location = "snapshot metadata";
     let body = open_record(record, RecordKind::Snapshot, location)?;
     let mut reader = BodyReader {
         rest: body,
         location,
     };
-    let last_included_index = reader.u64("last included index")?;
-    let last_included_term = reader.u64("last included term")?;
-    Ok(SnapshotMeta {
-        last_included_index,
-        last_included_term,
-        data: Bytes::copy_from_slice(reader.rest),
+    let index = reader.u64("snapshot index")?;
+    let term = reader.u64("snapshot term")?;
+    let length = reader.u64("snapshot length")?;
+    let crc = reader.u32("snapshot checksum")?;
+    reader.finish()?;
+    Ok(SnapshotRecord {
+        index,
+        term,
+        length,
+        crc,
+    })
+}
+
+fn snapshot_file_name(index: LogIndex) -> String {
+    format!("snapshot-{index:020}.bin")
+}
+
+/// Writes the snapshot's bytes to their file and syncs the file and the directory.
+fn write_snapshot_file(state_dir: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+    use std::io::Write;
+    let dir = state_dir.join(SNAPSHOT_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let name = snapshot_file_name(snapshot.index);
+    let staging = dir.join(format!("{name}.partial"));
+    let sync_failed = |what| move |source| StorageError::SyncFailed { what, source };
+    let mut file = std::fs::File::create(&staging)?;
+    file.write_all(&snapshot.data)?;
+    file.sync_all().map_err(sync_failed("a snapshot file"))?;
+    std::fs::rename(&staging, dir.join(name))?;
+    std::fs::File::open(&dir)?
+        .sync_all()
+        .map_err(sync_failed("the snapshot directory"))?;
+    Ok(())
+}
+
+/// Reads the snapshot `record` names and checks its length and checksum.
+fn read_snapshot_file(state_dir: &Path, record: SnapshotRecord) -> Result<Snapshot, StorageError> {
+    let path = state_dir
+        .join(SNAPSHOT_DIR)
+        .join(snapshot_file_name(record.index));
+    let location = format!("snapshot file {}", path.display());
+    let data = std::fs::read(&path).map_err(|error| corrupt(&location, error.to_string()))?;
+    if data.len() as u64 != record.length || crc32fast::hash(&data) != record.crc {
+        return Err(corrupt(
+            location,
+            format!(
+                "{} bytes with CRC-32 {:08x}, but the metadata says {} bytes with CRC-32 {:08x}",
+                data.len(),
+                crc32fast::hash(&data),
+                record.length,
+                record.crc
+            ),
+        ));
+    }
+    Ok(Snapshot {
+        index: record.index,
+        term: record.term,
+        data: data.into(),
     })
 }
 
@@ -935,10 +1070,11 @@ mod tests {
                 hard_state
             );
         }
-        let snapshot = SnapshotMeta {
-            last_included_index: 10,
-            last_included_term: 3,
-            data: Bytes::from_static(b"blob"),
+        let snapshot = SnapshotRecord {
+            index: 10,
+            term: 3,
+            length: 4,
+            crc: 0xdead_beef,
         };
         assert_eq!(
             decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),

@@ -2,7 +2,7 @@
 //! simulated crash ([`MemoryLogStore::crash`]) loses exactly the unsynced writes.
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, RecordWrite, RecoveredState};
+use crate::storage::{HardState, LogStore, RecordWrite, RecoveredState, Snapshot};
 use crate::types::{Entry, LogIndex};
 
 /// A write not yet made durable.
@@ -12,6 +12,8 @@ enum PendingWrite {
     TruncateFrom(LogIndex),
     Append(Vec<Entry>),
     Records(Vec<RecordWrite>),
+    Snapshot(Snapshot),
+    CompactThrough(LogIndex),
 }
 
 /// In-memory log store with crash semantics.
@@ -28,10 +30,15 @@ pub struct MemoryLogStore {
     /// and syncs at once) go straight to their final place, which a crash cuts off again; copying
     /// them into a pending list and moving them once more at sync showed in profiles.
     unsynced_from: Option<usize>,
-    /// True once a truncation is pending: later appends must wait for it, in `pending`.
+    /// True once a truncation or compaction is pending: later appends must wait for it, in
+    /// `pending`.
     truncation_pending: bool,
     /// The last index as the writes so far (durable or not) leave it, to reject gaps at once.
     written_last_index: LogIndex,
+    /// The snapshot's index as the writes so far leave it.
+    written_snapshot_index: LogIndex,
+    /// The highest index durably compacted away: where the log resumes when it holds nothing.
+    durable_compacted: LogIndex,
 }
 
 impl MemoryLogStore {
@@ -47,7 +54,12 @@ impl MemoryLogStore {
         }
         self.pending.clear();
         self.truncation_pending = false;
-        self.written_last_index = self.durable.entries.last().map_or(0, |e| e.index);
+        self.written_last_index = self
+            .durable
+            .entries
+            .last()
+            .map_or(self.durable_compacted, |e| e.index);
+        self.written_snapshot_index = self.durable.snapshot.as_ref().map_or(0, |s| s.index);
     }
 
     /// A copy of the durable state (what [`LogStore::recover`] would return after a crash now),
@@ -58,7 +70,19 @@ impl MemoryLogStore {
             hard_state: self.durable.hard_state,
             entries: self.durable.entries[..synced].to_vec(),
             records: self.durable.records.clone(),
+            snapshot: self.durable.snapshot.clone(),
         }
+    }
+
+    /// Moves the entries appended in place since the last sync to the pending list, ahead of a
+    /// truncation or compaction: they must not outlive a crash, nor be cut by a change that
+    /// itself may not.
+    fn hold_back_appended(&mut self) {
+        if let Some(position) = self.unsynced_from.take() {
+            let appended = self.durable.entries.split_off(position);
+            self.pending.push(PendingWrite::Append(appended));
+        }
+        self.truncation_pending = true;
     }
 }
 
@@ -69,14 +93,15 @@ impl LogStore for MemoryLogStore {
     }
 
     fn truncate_from(&mut self, from: LogIndex) -> Result<(), StorageError> {
-        // The entries appended in place must not outlive a crash, nor be cut by a truncation
-        // that itself may not: they move to the pending list, ahead of the truncation.
-        if let Some(position) = self.unsynced_from.take() {
-            let appended = self.durable.entries.split_off(position);
-            self.pending.push(PendingWrite::Append(appended));
+        if from <= self.written_snapshot_index {
+            // The snapshot holds only committed entries, which are never removed.
+            return Err(StorageError::NonContiguous {
+                expected: self.written_snapshot_index + 1,
+                got: from,
+            });
         }
+        self.hold_back_appended();
         self.pending.push(PendingWrite::TruncateFrom(from));
-        self.truncation_pending = true;
         self.written_last_index = self.written_last_index.min(from.saturating_sub(1));
         Ok(())
     }
@@ -113,6 +138,31 @@ impl LogStore for MemoryLogStore {
         Ok(())
     }
 
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        if snapshot.index < self.written_snapshot_index {
+            return Err(StorageError::NonContiguous {
+                expected: self.written_snapshot_index,
+                got: snapshot.index,
+            });
+        }
+        self.written_snapshot_index = snapshot.index;
+        self.pending.push(PendingWrite::Snapshot(snapshot.clone()));
+        Ok(())
+    }
+
+    fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
+        if through > self.written_snapshot_index {
+            return Err(StorageError::Backend(format!(
+                "cannot compact through index {through}: the snapshot covers only up to {}",
+                self.written_snapshot_index
+            )));
+        }
+        self.hold_back_appended();
+        self.pending.push(PendingWrite::CompactThrough(through));
+        self.written_last_index = self.written_last_index.max(through);
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<(), StorageError> {
         self.unsynced_from = None;
         self.truncation_pending = false;
@@ -127,6 +177,11 @@ impl LogStore for MemoryLogStore {
                     for record in &records {
                         record.apply(&mut self.durable.records);
                     }
+                }
+                PendingWrite::Snapshot(snapshot) => self.durable.snapshot = Some(snapshot),
+                PendingWrite::CompactThrough(through) => {
+                    self.durable.entries.retain(|e| e.index > through);
+                    self.durable_compacted = self.durable_compacted.max(through);
                 }
             }
         }

@@ -13,13 +13,14 @@ mod memory;
 
 pub use self::fjall::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, LOG_KEYSPACE, META_KEYSPACE, RECORDS_KEYSPACE,
-    SNAPSHOT_KEY, SYNCED_MARK_FILE, SnapshotMeta, SyncPolicy,
+    SNAPSHOT_DIR, SNAPSHOT_KEY, SYNCED_MARK_FILE, SyncPolicy,
 };
 pub use faults::{FaultHandle, FaultInjectingStore};
 pub use memory::MemoryLogStore;
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
@@ -35,14 +36,40 @@ pub struct HardState {
     pub voted_for: Option<NodeId>,
 }
 
+/// The applied state through a log index: what the state machine (and the apply stage's table
+/// of applied proposals) held after applying every entry through `index`, whose term is `term`.
+/// Opaque to stores and cores; the apply stage writes and reads `data`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last entry the snapshot covers.
+    pub index: LogIndex,
+    /// That entry's term.
+    pub term: Term,
+    /// The encoded state.
+    pub data: Bytes,
+}
+
+impl std::fmt::Debug for Snapshot {
+    // The data may be a gigabyte: its size says enough.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("index", &self.index)
+            .field("term", &self.term)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
 /// What a store hands back on start-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveredState {
     /// The last hard state made durable.
     pub hard_state: HardState,
     /// Every durable log entry, in index order and contiguous. The first need not be index 1:
-    /// a compacted store starts after its snapshot.
+    /// a compacted store starts at or before one past its snapshot.
     pub entries: Vec<Entry>,
+    /// The latest durable snapshot, if the log was ever compacted or a snapshot installed.
+    pub snapshot: Option<Snapshot>,
     /// Every durable record of the core (see [`RecordWrite`]); empty for a core that keeps none.
     pub records: BTreeMap<Vec<u8>, Vec<u8>>,
 }
@@ -138,7 +165,11 @@ impl RecordWrite {
 }
 
 /// One durable write a protocol core asks for: a new hard state, changes to the core's records,
-/// a truncation of the log's tail, and entries to append, carried out in that order as one unit.
+/// a truncation of the log's tail, a snapshot, a compaction of its head, and entries to append,
+/// carried out in that order as one unit. (The truncation comes before the snapshot so that a
+/// store can refuse, as a bug, a truncation into what its snapshot so far covers, while a
+/// follower installing a leader's snapshot may still drop its conflicting tail below the new
+/// one.)
 ///
 /// A core accumulates the writes of several steps into one `LogWrite` (group commit);
 /// [`LogWrite::merge_log`] keeps the result equal to doing them one after another, and so does
@@ -147,8 +178,13 @@ impl RecordWrite {
 pub struct LogWrite {
     /// Persist this hard state (term, vote).
     pub hard_state: Option<HardState>,
+    /// Store this snapshot, replacing the one held (a store refuses an older one).
+    pub snapshot: Option<Snapshot>,
     /// Remove every stored entry at or after this index, before appending [`LogWrite::append`].
     pub truncate_from: Option<LogIndex>,
+    /// Remove every stored entry at or before this index, which the stored snapshot covers;
+    /// when the log ends before it, the next append is `compact_through + 1`.
+    pub compact_through: Option<LogIndex>,
     /// Entries to append to the log, in index order.
     pub append: Vec<Entry>,
     /// Changes to the core's records, carried out in order.
@@ -159,7 +195,9 @@ impl LogWrite {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.hard_state.is_none()
+            && self.snapshot.is_none()
             && self.truncate_from.is_none()
+            && self.compact_through.is_none()
             && self.append.is_empty()
             && self.records.is_empty()
     }
@@ -167,7 +205,9 @@ impl LogWrite {
     /// Empties every field, keeping allocations for reuse.
     pub fn clear(&mut self) {
         self.hard_state = None;
+        self.snapshot = None;
         self.truncate_from = None;
+        self.compact_through = None;
         self.append.clear();
         self.records.clear();
     }
@@ -196,6 +236,13 @@ impl LogWrite {
     /// The last entry this write appends: its index and term.
     pub fn last_appended(&self) -> Option<(LogIndex, Term)> {
         self.append.last().map(|e| (e.index, e.term))
+    }
+
+    /// Adds a compaction through `through` after the writes already held: entries this write
+    /// would append at or below it are dropped (the snapshot covers them).
+    pub fn compact(&mut self, through: LogIndex) {
+        self.append.retain(|e| e.index > through);
+        self.compact_through = Some(self.compact_through.map_or(through, |t| t.max(through)));
     }
 
     /// Adds a log write after the ones already held: drop stored entries from `truncate_from`
@@ -245,9 +292,26 @@ pub trait LogStore: Send {
         }
     }
 
+    /// Stores `snapshot`, replacing the one held; durable at the next sync. The default refuses
+    /// with [`StorageError::SnapshotsUnsupported`] (a store written before snapshots existed):
+    /// the engine takes no snapshot on such a store unless asked to.
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let _ = snapshot;
+        Err(StorageError::SnapshotsUnsupported)
+    }
+
+    /// Removes every entry with index `<= through`, which the stored snapshot must cover; when
+    /// the log ends before `through`, the next append must be `through + 1`. Durable at the next
+    /// sync. The default refuses, as [`LogStore::save_snapshot`] does.
+    fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
+        let _ = through;
+        Err(StorageError::SnapshotsUnsupported)
+    }
+
     /// Carries out one [`LogWrite`] and syncs it: when it returns `Ok` the whole write is
-    /// durable. The parts go in this order: hard state, records, truncation, append, then one
-    /// sync. Does nothing (not even a sync) when the write is empty.
+    /// durable. The parts go in this order: hard state, records, truncation, snapshot,
+    /// compaction, append, then one sync. Does nothing (not even a sync) when the write is
+    /// empty.
     fn persist(&mut self, write: &LogWrite) -> Result<(), StorageError> {
         if write.is_empty() {
             return Ok(());
@@ -260,6 +324,12 @@ pub trait LogStore: Send {
         }
         if let Some(from) = write.truncate_from {
             self.truncate_from(from)?;
+        }
+        if let Some(snapshot) = &write.snapshot {
+            self.save_snapshot(snapshot)?;
+        }
+        if let Some(through) = write.compact_through {
+            self.compact_through(through)?;
         }
         if !write.append.is_empty() {
             self.append(&write.append)?;

@@ -855,6 +855,8 @@ impl Protocol for PbftNode {
             // A view change needs f + 1 replicas' timeouts, which a hint from one replica's
             // transport cannot stand in for: the primary is replaced on the usual timer.
             Input::PeerUnreachable { .. } => {}
+            // PBFT keeps its own checkpoints and never compacts the shared log's way.
+            Input::SnapshotTaken(_) => {}
         }
         self.announce_leader(out);
     }
@@ -898,6 +900,7 @@ impl Protocol for PbftNode {
             },
             entries: self.log,
             records: self.records,
+            snapshot: None,
         }
     }
 }

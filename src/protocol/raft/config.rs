@@ -19,6 +19,9 @@ pub struct InjectedBugs {
     pub read_without_confirming_leadership: bool,
 }
 
+/// Chunks of a snapshot in flight to one follower (sent, not yet answered).
+pub const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
+
 /// Settings of one Raft node.
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
@@ -47,6 +50,9 @@ pub struct RaftConfig {
     pub max_entries_per_append: usize,
     /// Upper bound on payload bytes per append message (one larger entry is still sent alone).
     pub max_bytes_per_append: usize,
+    /// Bytes per chunk of a snapshot sent to a follower (see `snapshot.rs`); a few chunks are in
+    /// flight at once ([`SNAPSHOT_CHUNKS_IN_FLIGHT`]). Must fit in one transport frame.
+    pub snapshot_chunk_bytes: usize,
     /// Buffer proposals on the leader and append them together; when off, every proposal is
     /// appended as soon as it arrives.
     pub enable_batching: bool,
@@ -106,6 +112,7 @@ impl RaftConfig {
             max_inflight_appends: 64,
             max_entries_per_append: 4096,
             max_bytes_per_append: 1 << 20,
+            snapshot_chunk_bytes: 1 << 20,
             enable_batching: true,
             batch_size: 1024,
             batch_timeout_ticks: 1,
@@ -196,6 +203,7 @@ impl RaftConfig {
             ("max_inflight_appends", self.max_inflight_appends),
             ("max_entries_per_append", self.max_entries_per_append),
             ("max_bytes_per_append", self.max_bytes_per_append),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("batch_size", self.batch_size),
             ("max_batch_bytes", self.max_batch_bytes),
             ("max_pending_proposals", self.max_pending_proposals),

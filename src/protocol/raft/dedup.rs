@@ -135,6 +135,52 @@ impl AppliedProposals {
         })
     }
 
+    /// The table as bytes, for a snapshot (what [`AppliedProposals::decode`] reads back).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut settled = self.clone();
+        settled.settle();
+        let table: Vec<(NodeId, Vec<(u64, u64)>)> = settled
+            .per_proposer
+            .iter()
+            .map(|(&proposer, runs)| {
+                let runs = runs
+                    .runs
+                    .iter()
+                    .map(|(&start, &end)| (start, end))
+                    .collect();
+                (proposer, runs)
+            })
+            .collect();
+        postcard::to_stdvec(&table).expect("encoding into a vector cannot fail")
+    }
+
+    /// The table [`AppliedProposals::encode`] wrote; refuses bytes it did not write (runs out
+    /// of order, overlapping or backwards, or more than [`DEDUP_RUNS_PER_PROPOSER`] of them).
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let table: Vec<(NodeId, Vec<(u64, u64)>)> =
+            postcard::from_bytes(bytes).map_err(|e| format!("applied proposals: {e}"))?;
+        let mut per_proposer = BTreeMap::new();
+        for (proposer, runs) in table {
+            let ordered = runs.iter().all(|&(start, end)| start <= end)
+                && runs.windows(2).all(|pair| pair[0].1 < pair[1].0);
+            if !ordered || runs.len() > DEDUP_RUNS_PER_PROPOSER {
+                return Err(format!(
+                    "applied proposals: the runs of {proposer:?} are not disjoint and ordered"
+                ));
+            }
+            let runs = IdRuns {
+                runs: runs.into_iter().collect(),
+            };
+            if per_proposer.insert(proposer, runs).is_some() {
+                return Err(format!("applied proposals: {proposer:?} appears twice"));
+            }
+        }
+        Ok(AppliedProposals {
+            per_proposer,
+            hot: None,
+        })
+    }
+
     /// Writes the hot run's end back into the map.
     fn settle(&mut self) {
         if let Some(hot) = self.hot.take()
@@ -229,6 +275,28 @@ mod tests {
             .map(|(&s, &e)| (s, e))
             .collect();
         assert_eq!(runs, vec![(100, 110), (150, 150), (200, 201)]);
+    }
+
+    #[test]
+    fn the_table_survives_encoding_and_damage_is_refused() {
+        let mut applied = AppliedProposals::new();
+        for id in (100..110).chain([150, 200, 201]) {
+            applied.first_application(tag(1, id));
+        }
+        applied.first_application(tag(2, 7));
+        let mut decoded = AppliedProposals::decode(&applied.encode()).unwrap();
+        for id in (100..110).chain([150, 200, 201]) {
+            assert!(!decoded.first_application(tag(1, id)), "{id} was applied");
+        }
+        assert!(!decoded.first_application(tag(2, 7)));
+        assert!(decoded.first_application(tag(1, 110)));
+        assert!(decoded.first_application(tag(3, 1)));
+        let backwards = postcard::to_stdvec(&vec![(NodeId(1), vec![(5u64, 3u64)])]).unwrap();
+        assert!(AppliedProposals::decode(&backwards).is_err());
+        let overlapping =
+            postcard::to_stdvec(&vec![(NodeId(1), vec![(1u64, 5u64), (5, 9)])]).unwrap();
+        assert!(AppliedProposals::decode(&overlapping).is_err());
+        assert!(AppliedProposals::decode(&[0xff, 0xff]).is_err());
     }
 
     #[test]

@@ -33,6 +33,7 @@ impl RaftNode {
                 Message::AppendEntries { .. }
                 | Message::Heartbeat { .. }
                 | Message::Commit { .. }
+                | Message::InstallSnapshot { .. }
                 | Message::TimeoutNow { .. } => {
                     self.become_follower(message_term, Some(from), out);
                 }
@@ -130,6 +131,31 @@ impl RaftNode {
                     self.handle_read_index_response(read_ids, index, index_term, out);
                 }
             }
+            Message::InstallSnapshot {
+                index,
+                snapshot_term,
+                total,
+                checksum,
+                offset,
+                chunk_checksum,
+                data,
+                ..
+            } => {
+                self.follow(from, out);
+                let chunk = crate::protocol::raft::snapshot::SnapshotChunk {
+                    index,
+                    snapshot_term,
+                    total,
+                    checksum,
+                    offset,
+                    data,
+                    chunk_checksum,
+                };
+                self.handle_install_snapshot(from, chunk, out);
+            }
+            Message::InstallSnapshotResponse {
+                index, received, ..
+            } => self.handle_install_snapshot_response(from, index, received, out),
         }
     }
 
@@ -138,7 +164,9 @@ impl RaftNode {
     fn answer_stale(&mut self, from: NodeId, message: &Message, out: &mut Output) {
         let term = self.term;
         match message {
-            Message::AppendEntries { .. } | Message::Heartbeat { .. } => {
+            Message::AppendEntries { .. }
+            | Message::Heartbeat { .. }
+            | Message::InstallSnapshot { .. } => {
                 self.send(from, Message::HeartbeatResponse { term, round: 0 }, out);
             }
             Message::PreVote { .. } => {

@@ -38,6 +38,33 @@ impl RaftLog {
         })
     }
 
+    /// The log a node recovers: `entries` (contiguous, the first with any index above 0) after
+    /// the snapshot `snapshot` = (index, term) when there is one. The entries may start before
+    /// the snapshot's end (the store keeps a snapshot interval more) but not after it, and must
+    /// agree with it where they overlap; entries that end before it are superseded by it.
+    pub(crate) fn recovered(
+        entries: Vec<Entry>,
+        snapshot: Option<(LogIndex, Term)>,
+    ) -> Result<Self, &'static str> {
+        let mut log = Self::from_entries(entries)?;
+        let Some((index, term)) = snapshot else {
+            return Ok(log);
+        };
+        if log.entries.is_empty() || log.last_index() < index {
+            log.reset_to(index, term);
+            return Ok(log);
+        }
+        if log.first_index() > index + 1 {
+            return Err("the recovered log starts after a gap past its snapshot");
+        }
+        if log.offset == index {
+            log.offset_term = Some(term);
+        } else if log.term_at(index) != Some(term) {
+            return Err("the recovered log disagrees with its snapshot");
+        }
+        Ok(log)
+    }
+
     /// The index of the first entry held (1 for a log never compacted, also when empty).
     pub fn first_index(&self) -> LogIndex {
         self.offset + 1
@@ -118,6 +145,25 @@ impl RaftLog {
     pub(crate) fn push(&mut self, entry: Entry) {
         debug_assert_eq!(entry.index, self.last_index() + 1);
         self.entries.push(entry);
+    }
+
+    /// Drops every entry with index `<= index` (whose term is `term`): a snapshot covers them.
+    pub(crate) fn compact_through(&mut self, index: LogIndex, term: Term) {
+        if index <= self.offset {
+            return;
+        }
+        debug_assert!(self.term_at(index).is_none_or(|t| t == term));
+        let drop = ((index - self.offset) as usize).min(self.entries.len());
+        self.entries.drain(..drop);
+        self.offset = index;
+        self.offset_term = Some(term);
+    }
+
+    /// Drops every entry: the log now starts after a snapshot ending at `index` with `term`.
+    pub(crate) fn reset_to(&mut self, index: LogIndex, term: Term) {
+        self.entries.clear();
+        self.offset = index;
+        self.offset_term = Some(term);
     }
 
     /// Drops every entry with index `>= from`.

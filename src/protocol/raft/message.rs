@@ -148,6 +148,36 @@ pub enum Message {
         /// on [`Message::Commit`], instead of waiting for the next heartbeat to learn it.
         index_term: Term,
     },
+    /// One chunk of the leader's snapshot, for a follower whose next entry the leader's log no
+    /// longer holds (see `snapshot.rs`).
+    InstallSnapshot {
+        /// The leader's term.
+        term: Term,
+        /// The last entry the snapshot covers.
+        index: LogIndex,
+        /// That entry's term.
+        snapshot_term: Term,
+        /// The snapshot's size in bytes.
+        total: u64,
+        /// CRC-32 of the whole snapshot.
+        checksum: u32,
+        /// Where this chunk starts in the snapshot.
+        offset: u64,
+        /// CRC-32 of `data`.
+        chunk_checksum: u32,
+        /// The chunk's bytes.
+        data: Bytes,
+    },
+    /// Answer to [`Message::InstallSnapshot`]: how many bytes of the snapshot ending at `index`
+    /// the follower holds in order (`total` once installed: then it is durable).
+    InstallSnapshotResponse {
+        /// The follower's term.
+        term: Term,
+        /// The snapshot's last index, as sent.
+        index: LogIndex,
+        /// Bytes held from the start.
+        received: u64,
+    },
 }
 
 impl Message {
@@ -166,6 +196,8 @@ impl Message {
             | Message::ReadIndexResponse { term, .. }
             | Message::HeartbeatResponse { term, .. }
             | Message::TimeoutNow { term }
+            | Message::InstallSnapshot { term, .. }
+            | Message::InstallSnapshotResponse { term, .. }
             | Message::ForwardProposals { term, .. } => *term,
         }
     }
@@ -186,6 +218,7 @@ impl Message {
             Message::ReadIndex { read_ids, .. } | Message::ReadIndexResponse { read_ids, .. } => {
                 read_ids.len() * 8 + 24
             }
+            Message::InstallSnapshot { data, .. } => data.len() + 64,
             _ => 32,
         }
     }
@@ -195,7 +228,8 @@ impl Message {
     /// True for messages that promise nothing about the sender's durable state, so they may
     /// leave before the write of the same output is durable: a leader's appends, heartbeats,
     /// commits, read indexes and hand-over, a follower's forwarded proposals and reads, and a
-    /// pre-vote request (which changes no state). Votes and acknowledgements wait for the write.
+    /// pre-vote request (which changes no state), snapshot chunks. Votes and acknowledgements
+    /// (a snapshot's included) wait for the write.
     pub fn may_precede_write(&self) -> bool {
         matches!(
             self,
@@ -206,6 +240,7 @@ impl Message {
                 | Message::ForwardProposals { .. }
                 | Message::ReadIndex { .. }
                 | Message::ReadIndexResponse { .. }
+                | Message::InstallSnapshot { .. }
                 | Message::PreVote { .. }
         )
     }

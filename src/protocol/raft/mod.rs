@@ -29,11 +29,12 @@ mod node;
 mod progress;
 mod read_index;
 mod replication;
+mod snapshot;
 mod vote_evidence;
 
 #[cfg(any(test, feature = "sim"))]
 pub use config::InjectedBugs;
-pub use config::RaftConfig;
+pub use config::{RaftConfig, SNAPSHOT_CHUNKS_IN_FLIGHT};
 pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_ELECTION_TIMEOUTS};
 pub use log::RaftLog;

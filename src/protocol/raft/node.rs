@@ -97,25 +97,37 @@ pub struct RaftNode {
     /// signed acknowledgements): the leader then commits only through
     /// [`RaftNode::commit_certified`].
     pub(crate) commit_by_certificate: bool,
+    /// The newest snapshot taken here or installed from a leader (see `snapshot.rs`).
+    pub(crate) snapshot: Option<crate::storage::Snapshot>,
+    /// A leader's snapshot arriving in chunks.
+    pub(crate) incoming_snapshot: Option<crate::protocol::raft::snapshot::IncomingSnapshot>,
 }
 
 impl RaftNode {
     /// A node starting from what its log store recovered. The recovered log may start past
-    /// index 1 (a compacted store); it must be contiguous, or the store is corrupt and this
-    /// refuses with [`ConfigError::Invalid`] naming `recovered.entries`.
+    /// index 1 (a compacted store) and follow a snapshot; it must be contiguous and agree with
+    /// the snapshot, or the store is corrupt and this refuses with [`ConfigError::Invalid`]
+    /// naming `recovered.entries`.
     pub fn new(config: RaftConfig, recovered: RecoveredState) -> Result<Self, ConfigError> {
         config.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let log =
-            RaftLog::from_entries(recovered.entries).map_err(|reason| ConfigError::Invalid {
-                field: "recovered.entries",
-                value: String::new(),
-                reason,
-            })?;
-        // Everything recovered is durable; entries before the log's start were compacted
-        // into a snapshot, so they were committed.
+        let snapshot = recovered.snapshot;
+        let log = RaftLog::recovered(
+            recovered.entries,
+            snapshot.as_ref().map(|s| (s.index, s.term)),
+        )
+        .map_err(|reason| ConfigError::Invalid {
+            field: "recovered.entries",
+            value: String::new(),
+            reason,
+        })?;
+        // Everything recovered is durable; what a snapshot covers, and entries before the
+        // log's start (compacted into a snapshot), were committed.
         let durable_index = log.last_index();
-        let commit_index = log.first_index().saturating_sub(1);
+        let commit_index = snapshot
+            .as_ref()
+            .map_or(0, |s| s.index)
+            .max(log.first_index().saturating_sub(1));
         let mut node = RaftNode {
             rng,
             role: Role::Follower,
@@ -137,6 +149,8 @@ impl RaftNode {
             follower_reads: Default::default(),
             since_leader_heard: 0,
             commit_by_certificate: false,
+            snapshot,
+            incoming_snapshot: None,
             config,
         };
         node.reset_election_timer();
@@ -157,6 +171,7 @@ impl RaftNode {
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
             Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
+            Input::SnapshotTaken(snapshot) => self.on_snapshot_taken(snapshot, out),
         }
         #[cfg(debug_assertions)]
         {
@@ -248,14 +263,15 @@ impl RaftNode {
         }
     }
 
-    /// What a store holding every write this node asked for would recover: its hard state and
-    /// its whole log (Raft writes no records). For a driver that stops after carrying out every
-    /// output, that is exactly its durable state.
+    /// What a store holding every write this node asked for would recover: its hard state, its
+    /// log and its snapshot (Raft writes no records). For a driver that stops after carrying out
+    /// every output, that is exactly its durable state.
     pub fn into_recovered_state(self) -> RecoveredState {
         RecoveredState {
             hard_state: self.hard_state(),
             entries: self.log.into_entries(),
             records: Default::default(),
+            snapshot: self.snapshot,
         }
     }
 
@@ -358,6 +374,7 @@ impl Protocol for RaftNode {
     type Control = Control;
 
     const SERVES_READS: bool = true;
+    const COMPACTS_LOG: bool = true;
 
     fn carried_proposals(
         message: &Message,

@@ -11,6 +11,9 @@ pub enum ProgressState {
     Probe,
     /// The follower is in step: appends are pipelined, up to the in-flight bound.
     Replicate,
+    /// The follower's next entry was compacted away: it is being sent the snapshot
+    /// ([`Progress::outgoing_snapshot`]), and no appends until it is installed.
+    Snapshot,
 }
 
 /// Replication progress of one follower (the shape of raft-rs's `Progress`).
@@ -42,6 +45,8 @@ pub struct Progress {
     /// The highest heartbeat round the follower answered in this term (reads and the lease
     /// count these).
     pub round_answered: u64,
+    /// The snapshot being sent, in [`ProgressState::Snapshot`].
+    pub(crate) outgoing_snapshot: Option<crate::protocol::raft::snapshot::OutgoingSnapshot>,
     /// Last index of each append in flight, oldest first.
     inflight: VecDeque<LogIndex>,
     max_inflight: usize,
@@ -62,6 +67,7 @@ impl Progress {
             owed_commit: 0,
             commit_told: 0,
             round_answered: 0,
+            outgoing_snapshot: None,
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }
@@ -72,6 +78,7 @@ impl Progress {
         match self.state {
             ProgressState::Probe => !self.probe_sent,
             ProgressState::Replicate => self.inflight.len() < self.max_inflight,
+            ProgressState::Snapshot => false,
         }
     }
 
@@ -89,7 +96,21 @@ impl Progress {
                 self.next_index = last_sent_index + 1;
                 self.inflight.push_back(last_sent_index);
             }
+            ProgressState::Snapshot => {}
         }
+    }
+
+    /// The follower installed the snapshot through `index`: probe from just after it.
+    pub fn snapshot_installed(&mut self, index: LogIndex) {
+        self.outgoing_snapshot = None;
+        self.state = ProgressState::Probe;
+        self.probe_sent = false;
+        self.inflight.clear();
+        if index > self.match_index {
+            self.match_index = index;
+            self.acked_since_heartbeat = true;
+        }
+        self.next_index = self.match_index + 1;
     }
 
     /// The follower acknowledged a match up to `index`. Returns true if that was news.
@@ -101,6 +122,15 @@ impl Progress {
         if advanced {
             self.match_index = index;
             self.acked_since_heartbeat = true;
+        }
+        if let Some(outgoing) = &self.outgoing_snapshot {
+            // A late answer to an append sent before the transfer: it says where the follower
+            // was, not that it has what the snapshot covers.
+            if index < outgoing.snapshot.index {
+                return advanced;
+            }
+            self.outgoing_snapshot = None;
+            self.state = ProgressState::Probe;
         }
         self.next_index = self.next_index.max(index + 1);
         if self.state == ProgressState::Probe {
@@ -114,8 +144,10 @@ impl Progress {
     /// The follower refused an append whose previous index was `rejected_prev_index`; the next try
     /// starts at `retry_from`. Returns false for a stale refusal that must be ignored.
     pub fn on_reject(&mut self, rejected_prev_index: LogIndex, retry_from: LogIndex) -> bool {
-        if rejected_prev_index <= self.match_index {
-            return false; // an old append answered late: the log matches there, we know better
+        if rejected_prev_index <= self.match_index || self.state == ProgressState::Snapshot {
+            // An old append answered late: the log matches there, we know better (or the
+            // follower is being sent a snapshot).
+            return false;
         }
         if self.state == ProgressState::Probe && rejected_prev_index + 1 != self.next_index {
             return false; // not the probe we are waiting for
@@ -137,6 +169,9 @@ impl Progress {
     /// may try again; a pipeline that saw no acknowledgement for a whole heartbeat interval has
     /// probably lost an append, so replication restarts from the match point.
     pub fn on_heartbeat_response(&mut self, leader_last_index: LogIndex) {
+        if self.state == ProgressState::Snapshot {
+            return; // the transfer resumes on its own (see `snapshot.rs`)
+        }
         self.probe_sent = false;
         let stalled = self.state == ProgressState::Replicate && !self.acked_since_heartbeat;
         if stalled && self.match_index < leader_last_index {

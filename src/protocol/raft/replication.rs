@@ -170,8 +170,9 @@ impl RaftNode {
             }
             let prev_log_index = next - 1;
             // next_index never passes last_index + 1, so the term is missing only for an index
-            // compacted away: such a follower needs a snapshot, which this core cannot send yet.
+            // compacted away: such a follower needs the snapshot.
             let Some(prev_log_term) = self.log.term_at(prev_log_index) else {
+                self.start_snapshot_transfer(peer, out);
                 return;
             };
             // As many entries as fit in `max_bytes`, but at least one: counted first, then
@@ -221,6 +222,19 @@ impl RaftNode {
         if self.role == Role::Leader {
             return;
         }
+        let (mut prev_log_index, mut prev_log_term, mut entries) =
+            (prev_log_index, prev_log_term, entries);
+        let last_sent_index = prev_log_index + entries.len() as u64;
+        if prev_log_index < self.commit_index && self.log.term_at(prev_log_index).is_none() {
+            // The append starts in what this node compacted away (a late one, or sent before
+            // the leader learned of a snapshot installed here). What it carries up to the
+            // commit index is committed here already, hence the same: start after it.
+            let commit_term = self.log.term_at(self.commit_index);
+            debug_assert!(commit_term.is_some(), "the commit index's term is known");
+            entries.retain(|e| e.index > self.commit_index);
+            prev_log_index = self.commit_index;
+            prev_log_term = commit_term.unwrap_or(prev_log_term);
+        }
         if self.log.term_at(prev_log_index) != Some(prev_log_term) {
             let hint = match self.log.term_at(prev_log_index) {
                 None => ConflictHint {
@@ -240,7 +254,7 @@ impl RaftNode {
             self.send(leader, message, out);
             return;
         }
-        let last_new_index = prev_log_index + entries.len() as u64;
+        let last_new_index = last_sent_index.max(prev_log_index + entries.len() as u64);
         // Skip what we already hold; the first differing entry and all after it are replaced.
         let mut first_new = entries.len();
         let mut truncate_from = None;
@@ -341,6 +355,7 @@ impl RaftNode {
         };
         progress.on_heartbeat_response(last_index);
         let behind = progress.match_index < last_index;
+        self.snapshot_heartbeat(from, out);
         self.round_answered(from, round, out);
         if behind {
             self.send_appends(from, out);

@@ -16,6 +16,8 @@ pub(super) struct Cluster {
     pub(super) rejected: Vec<Rejection>,
     /// Read indexes each node output, in order.
     pub(super) reads: Vec<(NodeId, crate::protocol::ReadState)>,
+    /// Snapshots each node was handed to restore, in order.
+    pub(super) restored: Vec<(NodeId, crate::storage::Snapshot)>,
     cut: BTreeSet<(NodeId, NodeId)>,
     /// Links whose messages wait in `held` until released.
     pub(super) slow: BTreeSet<(NodeId, NodeId)>,
@@ -42,6 +44,7 @@ impl Cluster {
             committed: BTreeMap::new(),
             rejected: Vec::new(),
             reads: Vec::new(),
+            restored: Vec::new(),
             cut: BTreeSet::new(),
             slow: BTreeSet::new(),
             held: Vec::new(),
@@ -65,6 +68,7 @@ impl Cluster {
             self.rejected.append(&mut out.rejected);
             self.reads
                 .extend(out.reads.drain(..).map(|read| (id, read)));
+            self.restored.extend(out.restore.take().map(|s| (id, s)));
             let messages = out
                 .messages
                 .drain(..)

@@ -14,7 +14,7 @@ use crate::fuzzing::config;
 enum Record {
     Entry(Entry),
     HardState(HardState),
-    Snapshot(SnapshotMeta),
+    Snapshot(SnapshotRecord),
 }
 
 fn record() -> impl Strategy<Value = Record> {
@@ -45,13 +45,16 @@ fn record() -> impl Strategy<Value = Record> {
                 voted_for: vote.map(NodeId),
             })
         }),
-        (any::<u64>(), any::<u64>(), data()).prop_map(|(index, term, data)| {
-            Record::Snapshot(SnapshotMeta {
-                last_included_index: index,
-                last_included_term: term,
-                data: data.into(),
-            })
-        }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+            |(index, term, length, crc)| {
+                Record::Snapshot(SnapshotRecord {
+                    index,
+                    term,
+                    length,
+                    crc,
+                })
+            }
+        ),
     ]
 }
 

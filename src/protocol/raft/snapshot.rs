@@ -1,0 +1,329 @@
+//! Snapshots (Raft §7): compacting the log behind the driver's snapshots, and sending a
+//! snapshot in chunks to a follower whose next entry the leader's log no longer holds.
+//!
+//! - The driver snapshots the applied state every so many entries and says so with
+//!   [`Input::SnapshotTaken`](crate::protocol::Input::SnapshotTaken). The core keeps the newest
+//!   snapshot (to send) and drops the log the *previous* one covered: the log then holds between
+//!   one and two snapshot intervals, so a follower a little behind catches up from the log and
+//!   only one far behind (or new, or restored from an old disk) needs the snapshot.
+//! - A leader that finds a follower's next index compacted away sends
+//!   [`Message::InstallSnapshot`] chunks of at most `snapshot_chunk_bytes`, a few in flight
+//!   ([`SNAPSHOT_CHUNKS_IN_FLIGHT`]), each with a CRC-32 of its bytes and the CRC-32 of the whole. The
+//!   follower keeps the bytes it received in order and answers each chunk with how many it
+//!   holds ([`Message::InstallSnapshotResponse`]); the leader resumes from there after a lost or
+//!   damaged chunk, a restart of the follower (which starts again from 0), or a heartbeat
+//!   interval without an answer. The transfer keeps the snapshot it started with even if the
+//!   leader takes a newer one meanwhile, so frequent snapshots cannot starve a slow transfer.
+//! - A follower with every byte checks the whole checksum, then installs: if its log holds the
+//!   snapshot's last entry it keeps what follows (Raft §7), otherwise it drops its log; it
+//!   commits through the snapshot, asks the store to save it, and hands it to the driver in
+//!   [`Output::restore`](crate::protocol::Output::restore). Its final answer leaves only after
+//!   that write is durable.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::raft::Output;
+use crate::protocol::raft::config::SNAPSHOT_CHUNKS_IN_FLIGHT;
+use crate::protocol::raft::message::Message;
+use crate::protocol::raft::node::{RaftNode, Role};
+use crate::protocol::raft::progress::ProgressState;
+use crate::storage::Snapshot;
+use crate::types::{LogIndex, NodeId, Term};
+
+/// A snapshot on its way to one follower.
+#[derive(Clone, Debug)]
+pub(crate) struct OutgoingSnapshot {
+    pub(crate) snapshot: Snapshot,
+    /// CRC-32 of the whole snapshot.
+    checksum: u32,
+    /// The offset of the next chunk to send.
+    sent: u64,
+    /// The bytes the follower last said it holds.
+    acked: u64,
+    /// Some chunk was sent (an empty snapshot is one empty chunk).
+    sent_any: bool,
+    /// The follower answered since the last heartbeat answer.
+    answered: bool,
+}
+
+impl OutgoingSnapshot {
+    pub(crate) fn new(snapshot: Snapshot) -> Self {
+        OutgoingSnapshot {
+            checksum: crc32fast::hash(&snapshot.data),
+            snapshot,
+            sent: 0,
+            acked: 0,
+            sent_any: false,
+            answered: false,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.snapshot.data.len() as u64
+    }
+}
+
+/// A snapshot a follower is receiving: the bytes so far, in order.
+#[derive(Debug)]
+pub(crate) struct IncomingSnapshot {
+    index: LogIndex,
+    term: Term,
+    total: u64,
+    checksum: u32,
+    data: BytesMut,
+}
+
+/// One chunk of [`Message::InstallSnapshot`], as the follower handles it.
+pub(crate) struct SnapshotChunk {
+    pub(crate) index: LogIndex,
+    pub(crate) snapshot_term: Term,
+    pub(crate) total: u64,
+    pub(crate) checksum: u32,
+    pub(crate) offset: u64,
+    pub(crate) data: Bytes,
+    pub(crate) chunk_checksum: u32,
+}
+
+impl RaftNode {
+    /// [`Input::SnapshotTaken`](crate::protocol::Input::SnapshotTaken): keep the snapshot and
+    /// drop the log the previous one covered.
+    pub(crate) fn on_snapshot_taken(&mut self, snapshot: Snapshot, out: &mut Output) {
+        let newer = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|held| snapshot.index > held.index);
+        if !newer
+            || snapshot.index > self.commit_index
+            || self.log.term_at(snapshot.index) != Some(snapshot.term)
+        {
+            return;
+        }
+        out.write.snapshot = Some(snapshot.clone());
+        if let Some(previous) = self.snapshot.replace(snapshot)
+            && previous.index >= self.log.first_index()
+        {
+            self.log.compact_through(previous.index, previous.term);
+            out.write.compact(previous.index);
+        }
+    }
+
+    /// The snapshot this node holds (taken here or installed from a leader), if any.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+
+    /// Called by `send_appends` when `peer`'s next entry was compacted away: starts sending it
+    /// the snapshot. Returns false when there is none to send (the log was recovered compacted
+    /// but the snapshot is not held: cannot happen with a store that returns its snapshot).
+    pub(crate) fn start_snapshot_transfer(&mut self, peer: NodeId, out: &mut Output) -> bool {
+        let Some(snapshot) = self.snapshot.clone() else {
+            return false;
+        };
+        let Some(progress) = self.progress_mut(peer) else {
+            return false;
+        };
+        progress.state = ProgressState::Snapshot;
+        progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot));
+        self.send_snapshot_chunks(peer, out);
+        true
+    }
+
+    /// Sends `peer` the next chunks of its snapshot, up to the window.
+    pub(crate) fn send_snapshot_chunks(&mut self, peer: NodeId, out: &mut Output) {
+        let term = self.term;
+        let chunk_bytes = self.config.snapshot_chunk_bytes as u64;
+        let window = chunk_bytes * SNAPSHOT_CHUNKS_IN_FLIGHT as u64;
+        let mut chunks = Vec::new();
+        if let Some(outgoing) = self
+            .progress_mut(peer)
+            .and_then(|p| p.outgoing_snapshot.as_mut())
+        {
+            let total = outgoing.total();
+            while (outgoing.sent < total || !outgoing.sent_any)
+                && outgoing.sent.saturating_sub(outgoing.acked) < window
+            {
+                let end = (outgoing.sent + chunk_bytes).min(total);
+                let data = outgoing
+                    .snapshot
+                    .data
+                    .slice(outgoing.sent as usize..end as usize);
+                chunks.push(Message::InstallSnapshot {
+                    term,
+                    index: outgoing.snapshot.index,
+                    snapshot_term: outgoing.snapshot.term,
+                    total,
+                    checksum: outgoing.checksum,
+                    offset: outgoing.sent,
+                    chunk_checksum: crc32fast::hash(&data),
+                    data,
+                });
+                outgoing.sent = end;
+                outgoing.sent_any = true;
+            }
+        }
+        for chunk in chunks {
+            self.send(peer, chunk, out);
+        }
+    }
+
+    /// Leader side of [`Message::InstallSnapshotResponse`].
+    pub(crate) fn handle_install_snapshot_response(
+        &mut self,
+        from: NodeId,
+        index: LogIndex,
+        received: u64,
+        out: &mut Output,
+    ) {
+        let Some(progress) = self.progress_heard_from(from) else {
+            return;
+        };
+        let Some(outgoing) = progress.outgoing_snapshot.as_mut() else {
+            return; // an answer to a transfer that ended
+        };
+        if index != outgoing.snapshot.index {
+            return;
+        }
+        outgoing.answered = true;
+        if received >= outgoing.total() && outgoing.sent_any {
+            progress.snapshot_installed(index);
+            self.send_appends(from, out);
+            return;
+        }
+        if received <= outgoing.acked {
+            // No progress: a chunk was lost or refused, or the follower restarted and lost
+            // what it held. Resume from what it holds.
+            outgoing.sent = received;
+        }
+        outgoing.acked = received;
+        outgoing.sent = outgoing.sent.max(received);
+        self.send_snapshot_chunks(from, out);
+    }
+
+    /// A heartbeat answer from a follower receiving a snapshot: if no chunk was answered since
+    /// the last one, the chunks in flight are presumed lost and sent again from what the
+    /// follower last said it holds.
+    pub(crate) fn snapshot_heartbeat(&mut self, from: NodeId, out: &mut Output) {
+        let Some(outgoing) = self
+            .progress_mut(from)
+            .and_then(|p| p.outgoing_snapshot.as_mut())
+        else {
+            return;
+        };
+        if !std::mem::take(&mut outgoing.answered) {
+            outgoing.sent = outgoing.acked;
+            if outgoing.acked == 0 {
+                outgoing.sent_any = false;
+            }
+            self.send_snapshot_chunks(from, out);
+        }
+    }
+
+    /// Follower side of [`Message::InstallSnapshot`].
+    pub(crate) fn handle_install_snapshot(
+        &mut self,
+        leader: NodeId,
+        chunk: SnapshotChunk,
+        out: &mut Output,
+    ) {
+        if self.role == Role::Leader {
+            return;
+        }
+        let (term, index) = (self.term, chunk.index);
+        let answer = |node: &Self, received: u64, out: &mut Output| {
+            let message = Message::InstallSnapshotResponse {
+                term,
+                index,
+                received,
+            };
+            node.send(leader, message, out);
+        };
+        if index <= self.commit_index {
+            // Everything it covers is committed here already: nothing to install.
+            answer(self, chunk.total, out);
+            return;
+        }
+        let matches = |held: &IncomingSnapshot| {
+            (held.index, held.term, held.total, held.checksum)
+                == (index, chunk.snapshot_term, chunk.total, chunk.checksum)
+        };
+        if !self.incoming_snapshot.as_ref().is_some_and(matches) {
+            // Another snapshot than the one held in part: the leader sends one at a time, so
+            // it gave up on that one (or a new leader has another). Start on it from its
+            // beginning.
+            if chunk.offset != 0 {
+                answer(self, 0, out);
+                return;
+            }
+            self.incoming_snapshot = Some(IncomingSnapshot {
+                index,
+                term: chunk.snapshot_term,
+                total: chunk.total,
+                checksum: chunk.checksum,
+                data: BytesMut::new(),
+            });
+        }
+        let Some(incoming) = self.incoming_snapshot.as_mut() else {
+            return;
+        };
+        let held = incoming.data.len() as u64;
+        let fits = chunk.offset + chunk.data.len() as u64 <= incoming.total;
+        if chunk.offset != held || !fits || crc32fast::hash(&chunk.data) != chunk.chunk_checksum {
+            // Out of order, too long, or damaged: ask again from what is held.
+            answer(self, held, out);
+            return;
+        }
+        incoming.data.extend_from_slice(&chunk.data);
+        let held = incoming.data.len() as u64;
+        if held < incoming.total {
+            answer(self, held, out);
+            return;
+        }
+        let Some(incoming) = self.incoming_snapshot.take() else {
+            return;
+        };
+        let data = incoming.data.freeze();
+        if crc32fast::hash(&data) != incoming.checksum {
+            answer(self, 0, out); // every chunk checked out but the whole does not: start over
+            return;
+        }
+        self.install_snapshot(
+            Snapshot {
+                index,
+                term: incoming.term,
+                data,
+            },
+            out,
+        );
+        answer(self, incoming.total, out);
+    }
+
+    /// Replaces the committed prefix of this follower's log with `snapshot` (whose index is
+    /// past the commit index): keeps the entries after it when the log holds its last entry,
+    /// drops the log otherwise, and hands it to the driver to restore.
+    fn install_snapshot(&mut self, snapshot: Snapshot, out: &mut Output) {
+        let (index, term) = (snapshot.index, snapshot.term);
+        debug_assert!(index > self.commit_index);
+        if self.log.term_at(index) == Some(term) {
+            self.log.compact_through(index, term);
+            self.durable_index = self.durable_index.max(index);
+        } else {
+            // Entries past the commit index may conflict with the leader's; those at or below
+            // it are covered by the snapshot and go with the compaction.
+            let first_uncommitted = self.commit_index + 1;
+            if first_uncommitted <= self.log.last_index() {
+                out.write.merge_log(Some(first_uncommitted), &[]);
+            }
+            self.log.reset_to(index, term);
+            self.durable_index = index;
+        }
+        out.write.snapshot = Some(snapshot.clone());
+        out.write.compact(index);
+        self.commit_index = index;
+        out.restore = Some(snapshot.clone());
+        self.snapshot = Some(snapshot);
+        self.release_reads_after_term_commit(out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

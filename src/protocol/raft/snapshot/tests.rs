@@ -1,0 +1,327 @@
+//! Unit tests of compaction and snapshot transfer on the instant-delivery cluster of
+//! `tests.rs`. The simulator covers them under faults (crashes, loss, reordering).
+
+use bytes::Bytes;
+
+use crate::protocol::raft::tests::Cluster;
+use crate::protocol::raft::{Envelope, Input, Message, Output, RaftConfig, RaftNode};
+use crate::storage::{RecoveredState, Snapshot};
+use crate::types::{Entry, LogIndex, NodeId, Payload};
+
+/// The snapshot a driver would take of `node` at `index`: its data names the index, so that a
+/// test can tell snapshots apart.
+fn snapshot_of(node: &RaftNode, index: LogIndex) -> Snapshot {
+    Snapshot {
+        index,
+        term: node.log().term_at(index).unwrap(),
+        data: Bytes::from(format!("the state through {index}, padded to span chunks").repeat(3)),
+    }
+}
+
+fn take_snapshot(cluster: &mut Cluster, id: NodeId, index: LogIndex) -> Output {
+    let snapshot = snapshot_of(&cluster.nodes[&id], index);
+    let mut out = Output::default();
+    cluster
+        .nodes
+        .get_mut(&id)
+        .unwrap()
+        .step(Input::SnapshotTaken(snapshot), &mut out);
+    out
+}
+
+fn small_chunks(config: &mut RaftConfig) {
+    config.snapshot_chunk_bytes = 16;
+}
+
+#[test]
+fn a_snapshot_compacts_the_log_behind_the_previous_one() {
+    let mut cluster = Cluster::new(3, small_chunks);
+    let leader = cluster.elect();
+    for i in 0..10 {
+        cluster.propose(leader, i, "x");
+    }
+    let commit = cluster.nodes[&leader].commit_index();
+    assert!(commit >= 10);
+    let first = take_snapshot(&mut cluster, leader, 5);
+    assert_eq!(first.write.snapshot.as_ref().map(|s| s.index), Some(5));
+    assert_eq!(first.write.compact_through, None, "the first keeps the log");
+    assert_eq!(cluster.nodes[&leader].log().first_index(), 1);
+    let second = take_snapshot(&mut cluster, leader, commit);
+    assert_eq!(second.write.compact_through, Some(5));
+    let node = &cluster.nodes[&leader];
+    assert_eq!(node.log().first_index(), 6);
+    assert_eq!(node.log().term_at(5), Some(snapshot_of(node, commit).term));
+    assert_eq!(node.snapshot().map(|s| s.index), Some(commit));
+
+    // Ignored: an older one, one past the commit index, one naming another term.
+    for snapshot in [
+        snapshot_of(node, 7),
+        Snapshot {
+            index: commit + 1,
+            ..snapshot_of(node, commit)
+        },
+        Snapshot {
+            term: 99,
+            ..snapshot_of(node, commit)
+        },
+    ] {
+        let mut out = Output::default();
+        let node = cluster.nodes.get_mut(&leader).unwrap();
+        node.step(Input::SnapshotTaken(snapshot), &mut out);
+        assert!(out.write.is_empty(), "{out:?}");
+        assert_eq!(node.snapshot().map(|s| s.index), Some(commit));
+    }
+}
+
+#[test]
+fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries() {
+    let mut cluster = Cluster::new(3, small_chunks);
+    let leader = cluster.elect();
+    let behind = cluster.another_than(leader);
+    cluster.isolate(behind);
+    for i in 0..10 {
+        cluster.propose(leader, i, "x");
+    }
+    let commit = cluster.nodes[&leader].commit_index();
+    take_snapshot(&mut cluster, leader, 4);
+    take_snapshot(&mut cluster, leader, commit);
+    cluster.heal();
+    cluster.tick_all(10);
+
+    let sent = cluster.nodes[&leader].snapshot().cloned().unwrap();
+    assert!(
+        sent.data.len() > 4 * 16,
+        "spans more chunks than are in flight"
+    );
+    assert_eq!(cluster.restored, vec![(behind, sent.clone())]);
+    let follower = &cluster.nodes[&behind];
+    assert_eq!(follower.snapshot(), Some(&sent));
+    assert!(follower.commit_index() >= commit);
+    assert_eq!(follower.log().first_index(), commit + 1);
+    // Replication goes on from the log after it.
+    cluster.propose(leader, 100, "after the snapshot");
+    cluster.tick_all(3);
+    assert!(
+        cluster
+            .commands_applied(behind)
+            .contains(&Bytes::from_static(b"after the snapshot"))
+    );
+    let leader_log = cluster.nodes[&leader].log().last_index();
+    assert_eq!(cluster.nodes[&behind].log().last_index(), leader_log);
+}
+
+#[test]
+fn a_lost_chunk_is_sent_again_from_what_the_follower_holds() {
+    let mut cluster = Cluster::new(3, small_chunks);
+    let leader = cluster.elect();
+    let behind = cluster.another_than(leader);
+    cluster.isolate(behind);
+    for i in 0..10 {
+        cluster.propose(leader, i, "x");
+    }
+    let commit = cluster.nodes[&leader].commit_index();
+    take_snapshot(&mut cluster, leader, 3);
+    take_snapshot(&mut cluster, leader, commit);
+    cluster.heal();
+    cluster.slow.insert((leader, behind));
+    // Ticks until the leader has sent its first window of chunks.
+    let chunks = |held: &[(NodeId, Input)]| {
+        held.iter()
+            .filter_map(|(_, input)| match input {
+                Input::Message(Envelope {
+                    message: Message::InstallSnapshot { offset, .. },
+                    ..
+                }) => Some(*offset),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let is_chunk = |input: &Input| {
+        matches!(
+            input,
+            Input::Message(Envelope {
+                message: Message::InstallSnapshot { .. },
+                ..
+            })
+        )
+    };
+    // Everything but the chunks goes through.
+    let pass_all_but_chunks = |cluster: &mut Cluster| loop {
+        let (chunks, others): (Vec<_>, Vec<_>) = std::mem::take(&mut cluster.held)
+            .into_iter()
+            .partition(|(_, input)| is_chunk(input));
+        cluster.held = chunks;
+        if others.is_empty() {
+            return;
+        }
+        for (to, input) in others {
+            cluster.step(to, input);
+        }
+    };
+    for _ in 0..20 {
+        cluster.tick_all(1);
+        pass_all_but_chunks(&mut cluster);
+        if !chunks(&cluster.held).is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        chunks(&cluster.held),
+        vec![0, 16, 32, 48],
+        "a window of four"
+    );
+    // The second chunk is lost; the others arrive (what the leader sends next is held).
+    let held = std::mem::take(&mut cluster.held);
+    for (to, input) in held {
+        let lost = matches!(
+            &input,
+            Input::Message(Envelope {
+                message: Message::InstallSnapshot { offset: 16, .. },
+                ..
+            })
+        );
+        if !lost {
+            cluster.step(to, input);
+        }
+    }
+    assert!(cluster.restored.is_empty(), "not installed with a hole");
+    // The follower answered the chunks after the hole with the 16 bytes it holds: the leader
+    // resumed from there, never from 0.
+    pass_all_but_chunks(&mut cluster);
+    let resent = chunks(&cluster.held);
+    assert!(!resent.contains(&0), "{resent:?}");
+    assert!(resent.contains(&16), "{resent:?}");
+    cluster.slow.clear();
+    for (to, input) in std::mem::take(&mut cluster.held) {
+        cluster.step(to, input);
+    }
+    cluster.tick_all(10);
+    let sent = cluster.nodes[&leader].snapshot().cloned().unwrap();
+    assert_eq!(cluster.restored, vec![(behind, sent)]);
+}
+
+/// One chunk of `data` as a leader of term `term` would send it.
+fn chunk(term: u64, data: &[u8], offset: usize, length: usize, index: LogIndex) -> Message {
+    let part = Bytes::copy_from_slice(&data[offset..offset + length]);
+    Message::InstallSnapshot {
+        term,
+        index,
+        snapshot_term: term,
+        total: data.len() as u64,
+        checksum: crc32fast::hash(data),
+        offset: offset as u64,
+        chunk_checksum: crc32fast::hash(&part),
+        data: part,
+    }
+}
+
+fn received(out: &Output) -> Vec<u64> {
+    out.messages
+        .iter()
+        .chain(&out.messages_after_write)
+        .filter_map(|e| match e.message {
+            Message::InstallSnapshotResponse { received, .. } => Some(received),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn damaged_chunks_and_a_damaged_whole_are_refused() {
+    let voters = vec![NodeId(1), NodeId(2)];
+    let mut follower = RaftNode::new(
+        RaftConfig::new(NodeId(2), voters),
+        RecoveredState::default(),
+    )
+    .unwrap();
+    let data = b"0123456789abcdef".to_vec();
+    let mut deliver = |message: Message| {
+        let mut out = Output::default();
+        let envelope = Envelope {
+            from: NodeId(1),
+            to: NodeId(2),
+            message,
+        };
+        follower.step(Input::Message(envelope), &mut out);
+        out
+    };
+    // A chunk whose bytes do not match its checksum is not kept.
+    let mut damaged = chunk(1, &data, 0, 8, 20);
+    if let Message::InstallSnapshot { chunk_checksum, .. } = &mut damaged {
+        *chunk_checksum ^= 1;
+    }
+    assert_eq!(received(&deliver(damaged)), vec![0]);
+    assert_eq!(received(&deliver(chunk(1, &data, 0, 8, 20))), vec![8]);
+    // Out of order: answered with what is held.
+    assert_eq!(received(&deliver(chunk(1, &data, 12, 4, 20))), vec![8]);
+    // A whole whose checksum does not match: nothing installed, start again from 0.
+    let mut last = chunk(1, &data, 8, 8, 20);
+    if let Message::InstallSnapshot { checksum, .. } = &mut last {
+        *checksum ^= 1;
+    }
+    // The altered whole checksum is another snapshot to the follower: it starts over.
+    let out = deliver(last);
+    assert_eq!(received(&out), vec![0]);
+    assert!(out.restore.is_none());
+    // The real last chunk completes it.
+    let out = deliver(chunk(1, &data, 8, 8, 20));
+    assert_eq!(received(&out), vec![16]);
+    let restored = out.restore.expect("installed");
+    assert_eq!((restored.index, &restored.data[..]), (20, &data[..]));
+    assert_eq!(out.write.compact_through, Some(20));
+    assert!(
+        out.messages_after_write.iter().any(|e| matches!(
+            e.message,
+            Message::InstallSnapshotResponse { received: 16, .. }
+        )),
+        "the final answer waits for the write"
+    );
+    assert_eq!(follower.commit_index(), 20);
+    assert_eq!(follower.log().last_index(), 20);
+    assert_eq!(follower.log().last_term(), 1);
+}
+
+#[test]
+fn a_node_restarts_from_its_snapshot_and_the_log_after_it() {
+    let entry = |index, term| Entry {
+        index,
+        term,
+        payload: Payload::Blank,
+    };
+    let config = RaftConfig::new(NodeId(1), vec![NodeId(1), NodeId(2), NodeId(3)]);
+    let snapshot = Snapshot {
+        index: 8,
+        term: 2,
+        data: Bytes::from_static(b"state"),
+    };
+    // The store kept an interval of entries before the snapshot and some after it.
+    let recovered = RecoveredState {
+        entries: (5..=10).map(|i| entry(i, 2)).collect(),
+        snapshot: Some(snapshot.clone()),
+        ..Default::default()
+    };
+    let node = RaftNode::new(config.clone(), recovered).unwrap();
+    assert_eq!(node.commit_index(), 8);
+    assert_eq!((node.log().first_index(), node.log().last_index()), (5, 10));
+    assert_eq!(node.snapshot(), Some(&snapshot));
+    // Only the snapshot.
+    let recovered = RecoveredState {
+        snapshot: Some(snapshot.clone()),
+        ..Default::default()
+    };
+    let node = RaftNode::new(config.clone(), recovered).unwrap();
+    assert_eq!((node.commit_index(), node.log().last_index()), (8, 8));
+    assert_eq!(node.log().last_term(), 2);
+    // A log that disagrees with its snapshot, or leaves a gap after it, is refused.
+    for entries in [
+        (5..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(),
+        (10..=12).map(|i| entry(i, 2)).collect(),
+    ] {
+        let recovered = RecoveredState {
+            entries,
+            snapshot: Some(snapshot.clone()),
+            ..Default::default()
+        };
+        assert!(RaftNode::new(config.clone(), recovered).is_err());
+    }
+}

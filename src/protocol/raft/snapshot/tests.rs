@@ -73,8 +73,9 @@ fn a_snapshot_compacts_the_log_behind_the_previous_one() {
     }
 }
 
-#[test]
-fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries() {
+/// Three nodes whose leader compacted its log past what one follower (cut off meanwhile)
+/// holds, healed again: `(cluster, leader, that follower, the leader's commit index)`.
+fn compacted_past_a_follower() -> (Cluster, NodeId, NodeId, LogIndex) {
     let mut cluster = Cluster::new(3, small_chunks);
     let leader = cluster.elect();
     let behind = cluster.another_than(leader);
@@ -86,6 +87,12 @@ fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries(
     take_snapshot(&mut cluster, leader, 4);
     take_snapshot(&mut cluster, leader, commit);
     cluster.heal();
+    (cluster, leader, behind, commit)
+}
+
+#[test]
+fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries() {
+    let (mut cluster, leader, behind, commit) = compacted_past_a_follower();
     cluster.tick_all(10);
 
     let sent = cluster.nodes[&leader].snapshot().cloned().unwrap();
@@ -112,17 +119,7 @@ fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries(
 
 #[test]
 fn a_lost_chunk_is_sent_again_from_what_the_follower_holds() {
-    let mut cluster = Cluster::new(3, small_chunks);
-    let leader = cluster.elect();
-    let behind = cluster.another_than(leader);
-    cluster.isolate(behind);
-    for i in 0..10 {
-        cluster.propose(leader, i, "x");
-    }
-    let commit = cluster.nodes[&leader].commit_index();
-    take_snapshot(&mut cluster, leader, 3);
-    take_snapshot(&mut cluster, leader, commit);
-    cluster.heal();
+    let (mut cluster, leader, behind, _) = compacted_past_a_follower();
     cluster.slow.insert((leader, behind));
     // Ticks until the leader has sent its first window of chunks.
     let chunks = |held: &[(NodeId, Input)]| {

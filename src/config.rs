@@ -213,10 +213,18 @@ pub struct ConsensusConfig {
     /// protocol core): an engine stopped and started again in the same process recovers its
     /// votes and log, but nothing survives the process (benchmarks and tests).
     pub persistent_state: Option<PathBuf>,
-    /// Log entries between snapshots.
+    /// Applied entries between snapshots (Raft; at least 1, default 1000).
     ///
-    /// Accepted and validated (at least 1) but not used yet: the snapshots and membership issue
-    /// takes snapshots at this interval.
+    /// Every `snapshot_interval` applied entries the engine captures the state machine's
+    /// state ([`StateMachine::snapshot`](crate::StateMachine::snapshot): the driver stops only
+    /// for that capture, measured as `consensus_snapshot_blocked_seconds`), serializes it on a
+    /// thread of its own and persists it. The log keeps the last `snapshot_interval` entries
+    /// (more only where the latest snapshot does not reach yet) and is compacted behind them
+    /// in steps of an eighth of an interval, so it holds at most two intervals. A follower that
+    /// fell behind the compacted log, or a new one, gets the latest snapshot; a restarted node
+    /// starts from its own and replays the log after it. A state machine
+    /// that takes no snapshots keeps the whole log. PBFT and GPU-optimized Raft keep the whole
+    /// log (their signed certificates cover it) and do not read this setting.
     pub snapshot_interval: u64,
     /// PBFT: how long a replica waits for progress, while work is outstanding, before it asks
     /// for a view change (TOML `view_change_timeout_ms`); doubled for each consecutive view
@@ -474,7 +482,7 @@ impl ConsensusConfig {
     }
 
     /// The settings set to something other than their default that nothing reads yet, in field
-    /// order: `snapshot_interval` (read by nothing yet); `view_change_timeout`,
+    /// order: `snapshot_interval` (read by Raft only); `view_change_timeout`,
     /// `checkpoint_interval`, `byzantine_fault_tolerance`, `byzantine_threshold` (read by PBFT);
     /// `gpu_enabled`, `gpu_device`, `gpu_memory_pool` and `gpu_config` (read by the signing
     /// algorithms); then `key_file` and `validators` when the algorithm is Raft, which signs
@@ -491,7 +499,8 @@ impl ConsensusConfig {
         [
             (
                 "snapshot_interval",
-                self.snapshot_interval != default.snapshot_interval,
+                self.algorithm != Algorithm::Raft
+                    && self.snapshot_interval != default.snapshot_interval,
             ),
             (
                 "view_change_timeout",
@@ -704,6 +713,7 @@ impl ConsensusConfig {
         raft.max_bytes_per_append = raft.max_bytes_per_append.max(self.max_batch_bytes);
         raft.lease_reads = self.read_mode == ReadMode::Lease;
         raft.max_clock_drift_percent = self.max_clock_drift_percent;
+        raft.log_retention = self.snapshot_interval;
         raft
     }
 
@@ -1112,6 +1122,11 @@ address = "127.0.0.1:8080"
             .algorithm(Algorithm::Pbft)
             .read_mode(ReadMode::Log);
         assert_eq!(pbft.unread_settings(), vec!["read_mode"]);
+        // Only Raft compacts its log.
+        let snapshots = ConsensusConfig::default().snapshot_interval(5);
+        assert!(snapshots.unread_settings().is_empty());
+        let pbft = snapshots.algorithm(Algorithm::Pbft);
+        assert_eq!(pbft.unread_settings(), vec!["snapshot_interval"]);
         let drift = ConsensusConfig::default().max_clock_drift_percent(10);
         assert_eq!(drift.unread_settings(), vec!["max_clock_drift_percent"]);
     }
@@ -1144,7 +1159,6 @@ address = "127.0.0.1:8080"
         assert_eq!(
             all.unread_settings(),
             vec![
-                "snapshot_interval",
                 "view_change_timeout",
                 "checkpoint_interval",
                 "byzantine_fault_tolerance",

@@ -89,6 +89,12 @@ struct SenderLabel {
     from: String,
 }
 
+/// The `source` label of `consensus_snapshots_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
 /// The `reason` label of `consensus_invalid_messages_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ReasonLabel {
@@ -140,6 +146,24 @@ pub struct Metrics {
     /// engine's [`GpuContext`](crate::gpu::GpuContext) counts them (read when the metrics are).
     gpu_cpu_fallbacks: Counter,
     gpu_fallback_watch: std::sync::Mutex<TotalWatch>,
+    /// `consensus_log_entries`: entries the log holds (after the snapshot), and the most it
+    /// held since start.
+    log_entries: Gauge,
+    log_entries_max: AtomicU64,
+    /// `consensus_snapshot_blocked_seconds`: how long the driver stopped to capture each
+    /// snapshot it took (the state machine's copy-on-write capture; the serialization runs on
+    /// a thread of its own).
+    snapshot_blocked: LatencyHistogram,
+    /// The longest of those, for [`MetricsSnapshot::snapshot_blocked_max`].
+    snapshot_blocked_max_nanos: AtomicU64,
+    /// `consensus_snapshot_duration_seconds`: each snapshot's serialization, off the driver.
+    snapshot_duration: LatencyHistogram,
+    /// `consensus_snapshot_size_bytes`: the size of the latest snapshot taken or installed.
+    snapshot_size: Gauge,
+    /// `consensus_snapshots_total{source}`: snapshots taken here (`taken`) and installed from
+    /// a leader (`installed`).
+    snapshots_taken: Counter,
+    snapshots_installed: Counter,
     latency_total_nanos: AtomicU64,
     latency_count: AtomicU64,
     /// With `vote_count`, the mean behind [`MetricsSnapshot::vote_processing_time`]; zero until
@@ -184,6 +208,14 @@ impl Metrics {
         let peer_messages = Family::<SenderLabel, Counter>::default();
         let gpu_dispatches = Counter::default();
         let gpu_cpu_fallbacks = Counter::default();
+        let log_entries = Gauge::default();
+        let snapshot_blocked = LatencyHistogram::new(exponential_buckets(1e-6, 2.0, 24));
+        let snapshot_duration = LatencyHistogram::new(exponential_buckets(1e-4, 2.0, 20));
+        let snapshot_size = Gauge::default();
+        let snapshots = Family::<SourceLabel, Counter>::default();
+        let source = |source| snapshots.get_or_create(&SourceLabel { source }).clone();
+        let snapshots_taken = source("taken");
+        let snapshots_installed = source("installed");
         registry.register(
             "consensus_term_current",
             "Current term (or view)",
@@ -257,6 +289,32 @@ impl Metrics {
             "GPU calls answered by the CPU backend after a timeout or a lost device",
             gpu_cpu_fallbacks.clone(),
         );
+        registry.register(
+            "consensus_log_entries",
+            "Entries the log holds (after the latest snapshot, where the log is compacted)",
+            log_entries.clone(),
+        );
+        registry.register(
+            "consensus_snapshot_blocked_seconds",
+            "Time the driver stopped to capture a snapshot (serialization runs beside it)",
+            snapshot_blocked.clone(),
+        );
+        registry.register(
+            "consensus_snapshot_duration_seconds",
+            "Time to serialize one snapshot, on a thread beside the driver",
+            snapshot_duration.clone(),
+        );
+        registry.register(
+            "consensus_snapshot_size_bytes",
+            "Size of the latest snapshot taken or installed",
+            snapshot_size.clone(),
+        );
+        registry.register(
+            "consensus_snapshots",
+            "Snapshots taken on this node (source=taken) and installed from a leader \
+             (source=installed)",
+            snapshots,
+        );
         Metrics {
             started: Instant::now(),
             term,
@@ -280,6 +338,14 @@ impl Metrics {
             gpu_dispatches,
             gpu_dispatch_watch: std::sync::Mutex::default(),
             gpu_cpu_fallbacks,
+            log_entries,
+            log_entries_max: AtomicU64::new(0),
+            snapshot_blocked,
+            snapshot_blocked_max_nanos: AtomicU64::new(0),
+            snapshot_duration,
+            snapshot_size,
+            snapshots_taken,
+            snapshots_installed,
             latency_total_nanos: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
             vote_total_nanos: AtomicU64::new(0),
@@ -339,6 +405,35 @@ impl Metrics {
     /// Records one durable write of the log store.
     pub(crate) fn record_fsync(&self, duration: Duration) {
         self.fsync_duration.observe_many(duration, 1);
+    }
+
+    pub(crate) fn set_log_entries(&self, entries: u64) {
+        self.log_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.log_entries_max.fetch_max(entries, Ordering::Relaxed);
+    }
+
+    /// The driver stopped for `blocked` to capture a snapshot.
+    pub(crate) fn record_snapshot_capture(&self, blocked: Duration) {
+        self.snapshot_blocked.observe_many(blocked, 1);
+        let nanos = u64::try_from(blocked.as_nanos()).unwrap_or(u64::MAX);
+        self.snapshot_blocked_max_nanos
+            .fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// A snapshot of `bytes` was serialized in `took`, beside the driver.
+    pub(crate) fn record_snapshot_taken(&self, bytes: usize, took: Duration) {
+        self.snapshot_duration.observe_many(took, 1);
+        self.snapshot_size
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.snapshots_taken.inc();
+    }
+
+    /// A leader's snapshot of `bytes` was installed.
+    pub(crate) fn record_snapshot_installed(&self, bytes: usize) {
+        self.snapshot_size
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.snapshots_installed.inc();
     }
 
     /// Names the members for the `follower` label (ids without a name show as `n<id>`).
@@ -495,6 +590,14 @@ impl Metrics {
             byzantine_detections: self.byzantine_detections.get(),
             invalid_messages: self.invalid_messages_total(),
             gpu_cpu_fallbacks: self.gpu_cpu_fallbacks.get(),
+            log_entries: u64::try_from(self.log_entries.get()).unwrap_or(0),
+            log_entries_max: self.log_entries_max.load(Ordering::Relaxed),
+            snapshot_bytes: u64::try_from(self.snapshot_size.get()).unwrap_or(0),
+            snapshots_taken: self.snapshots_taken.get(),
+            snapshots_installed: self.snapshots_installed.get(),
+            snapshot_blocked_max: Duration::from_nanos(
+                self.snapshot_blocked_max_nanos.load(Ordering::Relaxed),
+            ),
         }
     }
 
@@ -628,6 +731,21 @@ pub struct MetricsSnapshot {
     /// GPU calls answered by the CPU since start. Zero until the GPU-optimized Raft issue runs
     /// GPU batches from the engine.
     pub gpu_cpu_fallbacks: u64,
+    /// Entries this node's log holds: under Raft with snapshots, those after the snapshot
+    /// before the latest (see
+    /// [`ConsensusConfig::snapshot_interval`](crate::ConsensusConfig::snapshot_interval)).
+    pub log_entries: u64,
+    /// The most entries this node's log held at once since start.
+    pub log_entries_max: u64,
+    /// The size of the latest snapshot taken or installed here (zero before the first).
+    pub snapshot_bytes: u64,
+    /// Snapshots this node took since start (see
+    /// [`ConsensusConfig::snapshot_interval`](crate::ConsensusConfig::snapshot_interval)).
+    pub snapshots_taken: u64,
+    /// Snapshots installed from a leader since start (this node had fallen behind its log).
+    pub snapshots_installed: u64,
+    /// The longest the driver stopped to capture one snapshot (zero before the first).
+    pub snapshot_blocked_max: Duration,
 }
 
 impl MetricsSnapshot {

@@ -196,6 +196,7 @@ fn persist_writes_a_whole_output_in_one_batch() {
 
 #[test]
 fn snapshots_and_compaction_survive_reopen() {
+    // (The store prunes older snapshot files on a thread of its own: see the helper.)
     let dir = tempfile::tempdir().unwrap();
     let snapshot = Snapshot {
         index: 5,
@@ -245,10 +246,7 @@ fn snapshots_and_compaction_survive_reopen() {
     let recovered = store.recover().unwrap();
     assert_eq!(recovered.entries, vec![entry(21, 2)]);
     assert_eq!(recovered.snapshot, Some(ahead.clone()));
-    let files: Vec<_> = std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))
-        .unwrap()
-        .map(|f| f.unwrap().file_name())
-        .collect();
+    let files = snapshot_files_once_pruned(dir.path(), 1);
     assert_eq!(
         files.len(),
         1,
@@ -958,4 +956,73 @@ fn acknowledged_entries_survive_sigkill() {
 fn acknowledged_entries_survive_sigkill_without_fsync() {
     // A process crash (not a power cut) must not lose what `sync` handed to the OS.
     crash_trials(12, "never", 0x5eed_0002);
+}
+
+/// The snapshot files under `dir`, once at most `expected` are left (the store removes older
+/// ones on a thread of its own after a sync), or after 10 s.
+fn snapshot_files_once_pruned(dir: &Path, expected: usize) -> Vec<std::ffi::OsString> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<_> = std::fs::read_dir(dir.join(SNAPSHOT_DIR))
+            .unwrap()
+            .map(|f| f.unwrap().file_name())
+            .collect();
+        if files.len() <= expected || Instant::now() > until {
+            return files;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_snapshot_staged_beside_the_driver_is_persisted_by_its_record_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let staged = Snapshot {
+        index: 4,
+        term: 1,
+        data: Bytes::from(vec![9u8; 300_000]),
+    };
+    let never_used = Snapshot {
+        index: 6,
+        term: 1,
+        data: Bytes::from_static(b"staged, then a crash before its record was written"),
+    };
+    {
+        let mut store = open(dir.path());
+        store.append(&entries(1..=8, 1)).unwrap();
+        store.sync().unwrap();
+        let stager = store.snapshot_stager().expect("fjall stages snapshots");
+        stager.stage(&staged).unwrap();
+        // The file is in place (under its final name) before the store hears of it ...
+        let file = dir
+            .path()
+            .join(SNAPSHOT_DIR)
+            .join(format!("snapshot-{:020}.bin", staged.index));
+        assert_eq!(std::fs::read(&file).unwrap(), staged.data);
+        // ... so persisting the snapshot writes its record, and reads the same file back.
+        let marker = b"if persist wrote the file again, this would be overwritten";
+        std::fs::write(&file, marker).unwrap();
+        store
+            .persist(&LogWrite {
+                snapshot: Some(staged.clone()),
+                compact_through: Some(4),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            marker,
+            "written once, by the stager"
+        );
+        std::fs::write(&file, &staged.data).unwrap();
+        stager.stage(&never_used).unwrap();
+    }
+    let mut store = open(dir.path());
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.snapshot, Some(staged.clone()));
+    assert_eq!(recovered.entries, entries(5..=8, 1));
+    // The first sync after the restart prunes the file whose record never came.
+    store.sync().unwrap();
+    let files = snapshot_files_once_pruned(dir.path(), 1);
+    assert_eq!(files.len(), 1, "{files:?}");
 }

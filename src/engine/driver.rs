@@ -17,11 +17,12 @@ use tokio::sync::{oneshot, watch};
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
+use crate::engine::snapshots::SnapshotTaker;
 use crate::engine::traces::ProposalTraces;
 use crate::error::StorageError;
 use crate::metrics::Metrics;
 use crate::protocol::{Envelope, Event, Input, Output, Protocol};
-use crate::storage::LogStore;
+use crate::storage::{LogStore, Snapshot};
 use crate::sync::lock;
 use crate::telemetry::TraceAttachment;
 use crate::transport::Transport;
@@ -247,6 +248,9 @@ pub(crate) struct Driver<P: Protocol> {
     /// The election under way, from the moment this node lost its leader until it learns a new
     /// one.
     pub(crate) election: Option<tracing::Span>,
+    /// When the next snapshot is due, and the one being serialized (see
+    /// [`crate::engine::snapshots`]).
+    pub(crate) snapshots: SnapshotTaker,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -296,10 +300,14 @@ impl<P: Protocol> Driver<P> {
             if self.settings.flush_on_drain {
                 self.node.step(Input::FlushProposals, &mut out);
             }
+            self.take_finished_snapshot(&mut out);
             if let Err(error) = self.carry_out(&mut out) {
                 tracing::error!(node = %self.node.id(), %error, "log store failed; engine stopping");
                 self.fail_all(&format!("log store failed: {error}"));
                 return Err(error);
+            }
+            if P::COMPACTS_LOG && self.snapshots.due(self.apply.applied_index()) {
+                self.start_snapshot();
             }
             if shutdown {
                 break;
@@ -468,6 +476,10 @@ impl<P: Protocol> Driver<P> {
     /// asked for in turn.
     fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
         loop {
+            // A leader's snapshot replaces the applied state before anything after it applies.
+            if let Some(snapshot) = out.restore.take() {
+                self.restore(&snapshot)?;
+            }
             if !self.traces.is_empty() && !out.write.append.is_empty() {
                 self.traces.appending(&out.write.append);
             }
@@ -492,6 +504,10 @@ impl<P: Protocol> Driver<P> {
             }
             if let Some(from) = out.write.truncate_from {
                 self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
+            }
+            if let Some(snapshot) = &out.write.snapshot {
+                // What it covers is as durable as the log before it was.
+                self.persisted_through = self.persisted_through.max(snapshot.index);
             }
             let durable = out.write.last_appended();
             if let Some((index, _)) = durable {
@@ -535,6 +551,7 @@ impl<P: Protocol> Driver<P> {
             let status = self.node.status();
             self.metrics.set_term(status.term);
             self.metrics.set_committed_index(status.commit_index);
+            self.metrics.set_log_entries(status.log_entries);
             if leader_changed {
                 self.metrics.record_leader_change();
                 self.publish_leader();
@@ -546,6 +563,64 @@ impl<P: Protocol> Driver<P> {
             if out.is_empty() {
                 return Ok(());
             }
+        }
+    }
+
+    /// Replaces the applied state with a leader's snapshot (this node had fallen behind the
+    /// leader's log). A snapshot this state machine cannot read stops the engine: applying the
+    /// entries after it to a state that is not the one before them would diverge silently.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        if let Err(detail) = self.apply.restore(snapshot, &mut self.answers) {
+            return Err(StorageError::Corrupt {
+                location: format!("the leader's snapshot through index {}", snapshot.index),
+                detail,
+            });
+        }
+        self.snapshots.installed(snapshot.index);
+        self.metrics.record_snapshot_installed(snapshot.data.len());
+        self.metrics.set_applied_index(self.apply.applied_index());
+        tracing::info!(
+            node = %self.node.id(),
+            index = snapshot.index,
+            bytes = snapshot.data.len(),
+            "installed the leader's snapshot"
+        );
+        Ok(())
+    }
+
+    /// Captures the applied state for a snapshot (the only part that stops the driver, and
+    /// measured) and leaves its serialization to a thread of its own.
+    fn start_snapshot(&mut self) {
+        let started = Instant::now();
+        let Some(capture) = self.apply.capture_snapshot() else {
+            tracing::info!(
+                node = %self.node.id(),
+                "the state machine takes no snapshots: the log is kept whole"
+            );
+            self.snapshots.stop();
+            return;
+        };
+        self.metrics.record_snapshot_capture(started.elapsed());
+        self.snapshots.start(capture);
+    }
+
+    /// Hands a snapshot finished beside the driver to the core, which persists it and compacts
+    /// the log behind the previous one. A failed one is logged and the log kept until the next.
+    fn take_finished_snapshot(&mut self, out: &mut Output<P::Message>) {
+        let Some((written, took)) = self.snapshots.finished() else {
+            return;
+        };
+        match written {
+            Ok(snapshot) => {
+                self.metrics
+                    .record_snapshot_taken(snapshot.data.len(), took);
+                self.node.step(Input::SnapshotTaken(snapshot), out);
+            }
+            Err(error) => tracing::warn!(
+                node = %self.node.id(),
+                %error,
+                "taking a snapshot failed; the log is kept until the next one"
+            ),
         }
     }
 

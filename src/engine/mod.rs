@@ -23,6 +23,7 @@ mod local;
 mod pending;
 mod reply;
 mod retained;
+mod snapshots;
 mod traces;
 
 pub use self::core::EngineNetwork;
@@ -54,6 +55,7 @@ use crate::transport::tcp::{Inbound, TcpTransport};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
+use self::snapshots::SnapshotTaker;
 use apply::{ApplyStage, Unanswered};
 use driver::{Applied, ClientRequest, Driver, DriverSettings, LeaderCallbacks};
 use reply::{ReplyPoster, ReplyRouter};
@@ -412,16 +414,19 @@ impl ConsensusEngine {
                  starting blank could vote twice in a term: use a new node id, or persistent_state",
             ))?,
         };
-        if recovered.entries.first().is_some_and(|e| e.index > 1) {
-            // The core reads such a log, but the state machine would need the snapshot that
-            // replaced the missing prefix, and snapshots cannot be installed yet: refusing beats
-            // a replica that silently diverges.
-            return Err(Error::Unsupported {
-                what: "starting on a compacted log".into(),
-                reason: "restoring the state machine from a snapshot is not built yet",
-            });
+        let snapshot = recovered.snapshot.clone();
+        let snapshot_index = snapshot.as_ref().map_or(0, |snapshot| snapshot.index);
+        if recovered.entries.first().is_some_and(|e| e.index > 1) && snapshot.is_none() {
+            // The state machine would need the snapshot that replaced the missing prefix.
+            return Err(Error::Storage(crate::error::StorageError::Corrupt {
+                location: "log start".into(),
+                detail: "the log was compacted but no snapshot covers its missing prefix".into(),
+            }));
         }
-        let persisted_through = recovered.entries.last().map_or(0, |entry| entry.index);
+        let persisted_through = recovered
+            .entries
+            .last()
+            .map_or(snapshot_index, |entry| entry.index.max(snapshot_index));
         let node = P::build(&settings, members.clone(), recovered)?;
         for setting in self.config.unread_settings() {
             tracing::warn!(
@@ -430,11 +435,33 @@ impl ConsensusEngine {
             );
         }
         let state_machine = self.state_machine.get_mut().ok().and_then(Option::take);
+        let mut apply =
+            ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine);
+        if let Some(snapshot) = &snapshot {
+            // The state machine starts from the latest snapshot; the log after it replays.
+            apply.restore(snapshot, &mut Vec::new()).map_err(|detail| {
+                Error::Storage(crate::error::StorageError::Corrupt {
+                    location: format!("snapshot through index {}", snapshot.index),
+                    detail,
+                })
+            })?;
+            self.metrics.set_applied_index(snapshot.index);
+        }
         let invalid_seen = node.invalid_messages();
+        // A store written before snapshots existed keeps the whole log.
+        let snapshots = SnapshotTaker::new(
+            if P::COMPACTS_LOG && store.supports_snapshots() {
+                self.config.snapshot_interval
+            } else {
+                0
+            },
+            snapshot_index,
+            store.snapshot_stager(),
+        );
         let driver = Driver {
             invalid_seen,
             persisted_through,
-            apply: ApplyStage::new(self.config.id(), rand::random::<u64>() >> 1, state_machine),
+            apply,
             answers: Vec::new(),
             node,
             store,
@@ -461,6 +488,7 @@ impl ConsensusEngine {
             retain,
             traces: traces::ProposalTraces::default(),
             election: None,
+            snapshots,
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);

@@ -85,6 +85,10 @@ impl LogStore for CoreHeldLog {
         Ok(RecoveredState::default())
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true // the core holds its snapshot, as it holds its log
+    }
+
     /// Nothing to persist: the core's log is the store.
     fn persist(&mut self, _: &crate::storage::LogWrite) -> Result<(), StorageError> {
         Ok(())

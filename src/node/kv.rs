@@ -2,11 +2,15 @@
 //! strings. Writes go through the log; a get is read-only, so the engine serves it without a log
 //! write (ReadIndex or a lease, per `read_mode`), still linearizable on any node.
 
-use std::collections::BTreeMap;
+use std::io::{Read, Write};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::state_machine::StateMachine;
+use crate::state_machine::{SnapshotWriter, StateMachine};
+
+/// The first bytes of a [`KvStore`] snapshot, then its format version.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SKV1";
 
 /// A command of [`KvStore`], replicated through the log (bincode-encoded by the engine).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,10 +59,15 @@ pub enum KvResponse {
     },
 }
 
-/// An in-memory ordered map, rebuilt on restart by replaying the log.
+/// An in-memory ordered map, restored on restart from the latest snapshot and the log after
+/// it.
+///
+/// The map is persistent ([`imbl::OrdMap`]): a snapshot clones it in constant time and a
+/// background thread writes the clone while writes go on (each write after it copies only
+/// the path to its key).
 #[derive(Clone, Debug, Default)]
 pub struct KvStore {
-    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    data: imbl::OrdMap<Bytes, Bytes>,
 }
 
 impl KvStore {
@@ -89,23 +98,97 @@ impl StateMachine for KvStore {
     fn apply(&mut self, command: KvCommand) -> KvResponse {
         match command {
             KvCommand::Put { key, value } => {
-                self.data.insert(key, value);
+                self.data.insert(key.into(), value.into());
                 KvResponse::Done
             }
             KvCommand::Delete { key } => {
-                self.data.remove(&key);
+                self.data.remove(key.as_slice());
                 KvResponse::Done
             }
-            KvCommand::Get { key } => KvResponse::Value(self.data.get(&key).cloned()),
+            KvCommand::Get { key } => KvResponse::Value(self.value(&key)),
             KvCommand::Cas { key, from, to } => {
-                let previous = self.data.get(&key).cloned();
+                let previous = self.value(&key);
                 let swapped = previous == from;
                 if swapped {
-                    self.data.insert(key, to);
+                    self.data.insert(key.into(), to.into());
                 }
                 KvResponse::Cas { swapped, previous }
             }
         }
+    }
+
+    /// The map's clone (constant time), written as: magic, the number of keys (u64), then per
+    /// key in order its length (u32), bytes, the value's length (u32) and bytes; little-endian.
+    fn snapshot(&self) -> Option<SnapshotWriter> {
+        let data = self.data.clone();
+        Some(Box::new(move |out: &mut dyn Write| {
+            out.write_all(SNAPSHOT_MAGIC)?;
+            out.write_all(&(data.len() as u64).to_le_bytes())?;
+            for (key, value) in &data {
+                for field in [key, value] {
+                    let length = u32::try_from(field.len()).map_err(|_| {
+                        std::io::Error::other("a key or value of 4 GiB or more cannot be written")
+                    })?;
+                    out.write_all(&length.to_le_bytes())?;
+                    out.write_all(field)?;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    /// Reads what [`KvStore::snapshot`] wrote; the state is replaced only once the whole of it
+    /// read back (bad magic, a length running past the end, keys out of order or trailing
+    /// bytes are errors, and leave the store as it was).
+    fn restore(&mut self, snapshot: &mut dyn Read) -> std::io::Result<()> {
+        let invalid = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a KV store snapshot: {what}"),
+            )
+        };
+        let mut magic = [0; 4];
+        snapshot.read_exact(&mut magic)?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let mut count = [0; 8];
+        snapshot.read_exact(&mut count)?;
+        let count = u64::from_le_bytes(count);
+        let mut field = || -> std::io::Result<Bytes> {
+            let mut length = [0; 4];
+            snapshot.read_exact(&mut length)?;
+            let length = u64::from(u32::from_le_bytes(length));
+            // Read through `take`, so that a damaged length allocates no more than is there.
+            let mut bytes = Vec::new();
+            snapshot.take(length).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 != length {
+                return Err(invalid("cut short"));
+            }
+            Ok(bytes.into())
+        };
+        let mut data = imbl::OrdMap::new();
+        let mut previous: Option<Bytes> = None;
+        for _ in 0..count {
+            let key = field()?;
+            let value = field()?;
+            if previous.as_ref().is_some_and(|previous| *previous >= key) {
+                return Err(invalid("keys out of order"));
+            }
+            previous = Some(key.clone());
+            data.insert(key, value);
+        }
+        if snapshot.read(&mut [0])? != 0 {
+            return Err(invalid("trailing bytes"));
+        }
+        self.data = data;
+        Ok(())
+    }
+}
+
+impl KvStore {
+    fn value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.data.get(key).map(|value| value.to_vec())
     }
 }
 
@@ -205,5 +288,76 @@ mod tests {
         }
         assert_eq!(one.data, two.data);
         assert_eq!(one.len(), 1);
+    }
+
+    fn snapshot_bytes(store: &KvStore) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        store.snapshot().expect("the KV store takes snapshots")(&mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_state_it_captured_not_later_writes() {
+        let mut store = KvStore::new();
+        for i in 0..300u32 {
+            store.apply(put(&format!("key-{i:03}"), &"v".repeat(i as usize % 7)));
+        }
+        store.apply(KvCommand::Delete {
+            key: b"key-007".to_vec(),
+        });
+        let writer = store.snapshot().unwrap();
+        // Writes after the capture do not reach the snapshot (copy-on-write).
+        store.apply(put("key-000", "changed"));
+        store.apply(put("late", "x"));
+        let mut bytes = Vec::new();
+        writer(&mut bytes).unwrap();
+        let mut restored = KvStore::new();
+        restored.apply(put("stale", "gone after restore"));
+        restored.restore(&mut bytes.as_slice()).unwrap();
+        assert_eq!(restored.len(), 299);
+        assert_eq!(
+            get(&mut restored, "key-000"),
+            KvResponse::Value(Some(vec![]))
+        );
+        assert_eq!(get(&mut restored, "key-007"), KvResponse::Value(None));
+        assert_eq!(get(&mut restored, "late"), KvResponse::Value(None));
+        assert_eq!(get(&mut restored, "stale"), KvResponse::Value(None));
+        assert_eq!(snapshot_bytes(&restored), bytes, "a round trip is exact");
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_leaves_the_store_as_it_was() {
+        let mut source = KvStore::new();
+        source.apply(put("a", "1"));
+        source.apply(put("b", "2"));
+        let good = snapshot_bytes(&source);
+        let mut huge_length = good.clone();
+        huge_length[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut out_of_order = KvStore::new();
+        out_of_order.apply(put("a", "1"));
+        let mut swapped = snapshot_bytes(&source);
+        swapped[16] = b'c'; // "a" becomes "c", after which "b" is out of order
+        let damaged = [
+            (b"XKV1".iter().chain(&good[4..]).copied().collect(), "magic"),
+            (good[..good.len() - 1].to_vec(), "cut short"),
+            ([good.as_slice(), b"!"].concat(), "trailing"),
+            (huge_length, "cut short"),
+            (swapped, "out of order"),
+        ];
+        for (bytes, expected) in damaged {
+            let mut store = KvStore::new();
+            store.apply(put("kept", "yes"));
+            let error = store.restore(&mut bytes.as_slice()).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains(expected) || error.kind() == std::io::ErrorKind::UnexpectedEof,
+                "{expected}: {message}"
+            );
+            assert_eq!(store.len(), 1, "{expected}: the store is untouched");
+            assert_eq!(
+                get(&mut store, "kept"),
+                KvResponse::Value(Some(b"yes".to_vec()))
+            );
+        }
     }
 }

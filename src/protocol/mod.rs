@@ -288,6 +288,8 @@ pub struct Status {
     pub is_leader: bool,
     /// Highest index known to be committed.
     pub commit_index: LogIndex,
+    /// Entries the log holds (after the snapshot, for a core that compacts its log).
+    pub log_entries: u64,
 }
 
 /// Why a peer message was dropped unread: the `reason` label of

@@ -308,6 +308,11 @@ impl SimConfig<RaftConfig> {
         if rng.random_bool(0.7) {
             config.snapshot_interval = rng.random_range(4..64);
             config.protocol.snapshot_chunk_bytes = rng.random_range(8..256);
+            // The engine's policy (a tail of one interval, compacted after durable writes) in
+            // most seeds, the previous-snapshot policy in the rest.
+            if rng.random_bool(0.7) {
+                config.protocol.log_retention = config.snapshot_interval;
+            }
         }
         config
     }

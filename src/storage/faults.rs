@@ -115,6 +115,18 @@ impl<S: LogStore> LogStore for FaultInjectingStore<S> {
         self.inner.write_records(records)
     }
 
+    fn supports_snapshots(&self) -> bool {
+        self.inner.supports_snapshots()
+    }
+
+    fn save_snapshot(&mut self, snapshot: &crate::storage::Snapshot) -> Result<(), StorageError> {
+        self.inner.save_snapshot(snapshot)
+    }
+
+    fn compact_through(&mut self, through: LogIndex) -> Result<(), StorageError> {
+        self.inner.compact_through(through)
+    }
+
     fn persist(&mut self, write: &LogWrite) -> Result<(), StorageError> {
         if write.is_empty() {
             return Ok(());

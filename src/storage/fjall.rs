@@ -44,7 +44,9 @@ use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, Persis
 use bytes::Bytes;
 
 use crate::error::StorageError;
-use crate::storage::{HardState, LogStore, LogWrite, RecordWrite, RecoveredState, Snapshot};
+use crate::storage::{
+    HardState, LogStore, LogWrite, RecordWrite, RecoveredState, Snapshot, SnapshotStager,
+};
 use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 
 /// Subdirectory of the state directory that holds the fjall database.
@@ -113,6 +115,35 @@ struct SnapshotRecord {
     crc: u32,
 }
 
+impl SnapshotRecord {
+    fn of(snapshot: &Snapshot) -> Self {
+        SnapshotRecord {
+            index: snapshot.index,
+            term: snapshot.term,
+            length: snapshot.data.len() as u64,
+            crc: crc32fast::hash(&snapshot.data),
+        }
+    }
+}
+
+/// Writes a snapshot's file (and its checksum) on the thread that serialized it, so that
+/// [`FjallLogStore`] writes only the metadata record on the driver when the snapshot becomes
+/// current. A file staged but never made current is pruned after a later snapshot's sync, or
+/// at the first sync after a restart.
+struct FjallSnapshotStager {
+    state_dir: PathBuf,
+    staged: std::sync::Arc<std::sync::Mutex<BTreeMap<LogIndex, SnapshotRecord>>>,
+}
+
+impl SnapshotStager for FjallSnapshotStager {
+    fn stage(&self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let record = SnapshotRecord::of(snapshot);
+        write_snapshot_file(&self.state_dir, snapshot)?;
+        crate::sync::lock(&self.staged).insert(snapshot.index, record);
+        Ok(())
+    }
+}
+
 /// Where the log stands after the writes made so far (durable or not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Bounds {
@@ -135,6 +166,11 @@ pub struct FjallLogStore {
     snapshot: Option<Snapshot>,
     /// Snapshot files may be pruned after the next sync (a newer one was saved).
     snapshot_files_stale: bool,
+    /// Snapshot files written beside the driver ([`FjallSnapshotStager`]) and not yet made
+    /// current, by index.
+    staged: std::sync::Arc<std::sync::Mutex<BTreeMap<LogIndex, SnapshotRecord>>>,
+    /// Snapshot files were pruned since the store opened.
+    pruned_since_open: bool,
     /// How far the log reached at the last sync (see [`synced_mark`]).
     mark: SyncedMark,
     /// The mark as found at open, checked by [`LogStore::recover`].
@@ -231,6 +267,8 @@ impl FjallLogStore {
             bounds,
             snapshot,
             snapshot_files_stale: true,
+            staged: Default::default(),
+            pruned_since_open: false,
             mark,
             mark_at_open,
             journal_cuts,
@@ -273,13 +311,19 @@ impl FjallLogStore {
                 got: snapshot.index,
             });
         }
-        let record = SnapshotRecord {
-            index: snapshot.index,
-            term: snapshot.term,
-            length: snapshot.data.len() as u64,
-            crc: crc32fast::hash(&snapshot.data),
+        let staged = crate::sync::lock(&self.staged).remove(&snapshot.index);
+        let record = match staged {
+            // Its file was written beside the driver: only the record is left to write.
+            Some(record)
+                if record.term == snapshot.term && record.length == snapshot.data.len() as u64 =>
+            {
+                record
+            }
+            _ => {
+                write_snapshot_file(&self.path, snapshot)?;
+                SnapshotRecord::of(snapshot)
+            }
         };
-        write_snapshot_file(&self.path, snapshot)?;
         batch.insert(&self.meta, SNAPSHOT_KEY, encode_snapshot(&record));
         Ok(())
     }
@@ -315,15 +359,42 @@ impl FjallLogStore {
     /// Removes the snapshot files other than the current one's (after a sync made it current).
     fn prune_snapshot_files(&mut self) {
         self.snapshot_files_stale = false;
-        let keep = self.snapshot.as_ref().map(|s| snapshot_file_name(s.index));
+        // The current file and those staged for a later write stay.
+        let keep: Vec<String> = (crate::sync::lock(&self.staged).keys().copied())
+            .chain(self.snapshot.as_ref().map(|s| s.index))
+            .map(snapshot_file_name)
+            .collect();
         let Ok(listing) = std::fs::read_dir(self.path.join(SNAPSHOT_DIR)) else {
             return;
         };
-        for file in listing.flatten() {
-            if Some(file.file_name().to_string_lossy().as_ref()) != keep.as_deref() {
+        // A file being staged is partial until renamed; those a crash left are removed by
+        // the first pruning after the store opened, before any snapshot is staged.
+        let first_pruning = !std::mem::replace(&mut self.pruned_since_open, true);
+        let doomed: Vec<PathBuf> = listing
+            .flatten()
+            .filter(|file| {
+                let name = file.file_name();
+                let name = name.to_string_lossy();
+                !keep.iter().any(|kept| name == **kept)
+                    && (first_pruning || !name.ends_with(".partial"))
+            })
+            .map(|file| file.path())
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        // Unlinking a file of a gigabyte takes the filesystem a while: not on the driver.
+        let remove = move || {
+            for path in doomed {
                 // Best effort: a file left over is removed at the next pruning.
-                let _ = std::fs::remove_file(file.path());
+                let _ = std::fs::remove_file(path);
             }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("consensus-prune".into())
+            .spawn(remove.clone());
+        if spawned.is_err() {
+            remove();
         }
     }
 
@@ -505,6 +576,17 @@ impl LogStore for FjallLogStore {
         self.commit(batch, self.bounds)
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    fn snapshot_stager(&self) -> Option<std::sync::Arc<dyn SnapshotStager>> {
+        Some(std::sync::Arc::new(FjallSnapshotStager {
+            state_dir: self.path.clone(),
+            staged: self.staged.clone(),
+        }))
+    }
+
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         let mut batch = self.db.batch();
         self.stage_snapshot(&mut batch, snapshot)?;
@@ -635,9 +717,18 @@ impl LogStore for FjallLogStore {
     }
 }
 
+/// The most journal fjall keeps before it flushes memtables (its minimum is 64 MiB).
+const MAX_JOURNALING_BYTES: u64 = 128 << 20;
+
 fn database_builder(path: &Path) -> ::fjall::DatabaseBuilder<Database> {
     // Writes must reach the OS only at `sync`, so that one persist is one journal flush.
-    Database::builder(path).manual_journal_persist(true)
+    // A journal is deleted only once every keyspace flushed what it holds, and the metadata
+    // keyspace (a few small records) would pin them for ever: past this total fjall flushes
+    // the oldest memtables, which bounds the disk a compacted log takes (fjall's default of
+    // 512 MiB let a log of a few thousand entries hold hundreds of MiB of journal).
+    Database::builder(path)
+        .manual_journal_persist(true)
+        .max_journaling_size(MAX_JOURNALING_BYTES)
 }
 
 /// Opens the database in `state_dir`, creating it first if there is none.

@@ -138,6 +138,10 @@ impl LogStore for MemoryLogStore {
         Ok(())
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         if snapshot.index < self.written_snapshot_index {
             return Err(StorageError::NonContiguous {

@@ -36,6 +36,14 @@ pub struct HardState {
     pub voted_for: Option<NodeId>,
 }
 
+/// Writes snapshots' bytes durably beside the driver (see [`LogStore::snapshot_stager`]).
+pub trait SnapshotStager: Send + Sync {
+    /// Writes `snapshot`'s bytes durably where its store will look for them once a
+    /// [`LogWrite::snapshot`] names it. A snapshot staged but never persisted is removed by a
+    /// later one.
+    fn stage(&self, snapshot: &Snapshot) -> Result<(), StorageError>;
+}
+
 /// The applied state through a log index: what the state machine (and the apply stage's table
 /// of applied proposals) held after applying every entry through `index`, whose term is `term`.
 /// Opaque to stores and cores; the apply stage writes and reads `data`.
@@ -292,9 +300,24 @@ pub trait LogStore: Send {
         }
     }
 
+    /// Whether this store keeps snapshots ([`LogStore::save_snapshot`] and
+    /// [`LogStore::compact_through`]). The default, false, is a store written before snapshots
+    /// existed: the engine then takes none and keeps the whole log.
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
+    /// A handle that writes a snapshot's bytes durably from a thread beside the driver, ahead
+    /// of the [`LogWrite::snapshot`] that makes it current, so that persisting it writes only
+    /// its metadata on the driver. `None` (the default): [`LogStore::save_snapshot`] writes
+    /// the bytes itself.
+    fn snapshot_stager(&self) -> Option<std::sync::Arc<dyn SnapshotStager>> {
+        None
+    }
+
     /// Stores `snapshot`, replacing the one held; durable at the next sync. The default refuses
     /// with [`StorageError::SnapshotsUnsupported`] (a store written before snapshots existed):
-    /// the engine takes no snapshot on such a store unless asked to.
+    /// the engine takes no snapshot on such a store ([`LogStore::supports_snapshots`]).
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         let _ = snapshot;
         Err(StorageError::SnapshotsUnsupported)

@@ -1040,6 +1040,7 @@ impl Protocol for GpuRaftNode {
             leader: self.inner.leader(),
             is_leader: self.inner.is_leader(),
             commit_index: self.inner.commit_index(),
+            log_entries: self.inner.log().last_index() + 1 - self.inner.log().first_index(),
         }
     }
 

@@ -889,6 +889,7 @@ impl Protocol for PbftNode {
             leader: self.view_active.then(|| self.primary()),
             is_leader: self.view_active && self.is_primary(),
             commit_index: self.log.len() as LogIndex,
+            log_entries: self.log.len() as u64,
         }
     }
 

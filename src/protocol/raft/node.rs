@@ -101,6 +101,9 @@ pub struct RaftNode {
     pub(crate) snapshot: Option<crate::storage::Snapshot>,
     /// A leader's snapshot arriving in chunks.
     pub(crate) incoming_snapshot: Option<crate::protocol::raft::snapshot::IncomingSnapshot>,
+    /// The CRC-32 of the snapshot with this index, once a transfer computed it: a leader
+    /// sending one snapshot to several followers reads its bytes once.
+    pub(crate) snapshot_checksum: Option<(LogIndex, u32)>,
 }
 
 impl RaftNode {
@@ -151,6 +154,7 @@ impl RaftNode {
             commit_by_certificate: false,
             snapshot,
             incoming_snapshot: None,
+            snapshot_checksum: None,
             config,
         };
         node.reset_election_timer();
@@ -318,6 +322,7 @@ impl RaftNode {
         if self.role == Role::Leader {
             self.maybe_commit(out);
         }
+        self.compact_log(out);
     }
 
     /// The last index this node has reported durable.
@@ -419,6 +424,7 @@ impl Protocol for RaftNode {
             leader: self.leader,
             is_leader: self.role == Role::Leader,
             commit_index: self.commit_index,
+            log_entries: self.log.last_index() + 1 - self.log.first_index(),
         }
     }
 

@@ -3,9 +3,13 @@
 //!
 //! - The driver snapshots the applied state every so many entries and says so with
 //!   [`Input::SnapshotTaken`](crate::protocol::Input::SnapshotTaken). The core keeps the newest
-//!   snapshot (to send) and drops the log the *previous* one covered: the log then holds between
-//!   one and two snapshot intervals, so a follower a little behind catches up from the log and
-//!   only one far behind (or new, or restored from an old disk) needs the snapshot.
+//!   snapshot (to send) and compacts the log it covers, keeping a tail behind the head so that
+//!   a follower a little behind catches up from the log and only one far behind (or new, or
+//!   restored from an old disk) needs the snapshot. With `log_retention` (the driver's interval)
+//!   the tail is that many entries and compaction follows each durable write, so the log
+//!   never holds much more than one interval; without it, the log the *previous* snapshot
+//!   covered is dropped when a new one is taken (between one and two intervals held, more
+//!   while a snapshot is being serialized).
 //! - A leader that finds a follower's next index compacted away sends
 //!   [`Message::InstallSnapshot`] chunks of at most `snapshot_chunk_bytes`, a few in flight
 //!   ([`SNAPSHOT_CHUNKS_IN_FLIGHT`]), each with a CRC-32 of its bytes and the CRC-32 of the whole. The
@@ -30,6 +34,9 @@ use crate::protocol::raft::progress::ProgressState;
 use crate::storage::Snapshot;
 use crate::types::{LogIndex, NodeId, Term};
 
+/// The most a follower reserves up front for a snapshot it starts receiving.
+const MAX_PREALLOCATED: u64 = 4 << 30;
+
 /// A snapshot on its way to one follower.
 #[derive(Clone, Debug)]
 pub(crate) struct OutgoingSnapshot {
@@ -44,17 +51,21 @@ pub(crate) struct OutgoingSnapshot {
     sent_any: bool,
     /// The follower answered since the last heartbeat answer.
     answered: bool,
+    /// The offset the leader last went back to after an answer without progress: the other
+    /// answers naming it (to chunks sent before it went back) are not news.
+    rewound_to: Option<u64>,
 }
 
 impl OutgoingSnapshot {
-    pub(crate) fn new(snapshot: Snapshot) -> Self {
+    pub(crate) fn new(snapshot: Snapshot, checksum: u32) -> Self {
         OutgoingSnapshot {
-            checksum: crc32fast::hash(&snapshot.data),
+            checksum,
             snapshot,
             sent: 0,
             acked: 0,
             sent_any: false,
             answered: false,
+            rewound_to: None,
         }
     }
 
@@ -99,12 +110,61 @@ impl RaftNode {
             return;
         }
         out.write.snapshot = Some(snapshot.clone());
-        if let Some(previous) = self.snapshot.replace(snapshot)
+        let previous = self.snapshot.replace(snapshot);
+        if self.config.log_retention > 0 {
+            self.compact_log(out);
+        } else if let Some(previous) = previous
             && previous.index >= self.log.first_index()
         {
             self.log.compact_through(previous.index, previous.term);
             out.write.compact(previous.index);
         }
+    }
+
+    /// Compacts the log through the lower of the latest snapshot's index and
+    /// `log_retention` entries behind the last one, once that drops at least an eighth of
+    /// `log_retention` entries (compacting in steps keeps the store's deletions batched).
+    pub(crate) fn compact_log(&mut self, out: &mut Output) {
+        let retention = self.config.log_retention;
+        let Some(snapshot) = &self.snapshot else {
+            return;
+        };
+        if retention == 0 {
+            return;
+        }
+        let last = self.log.last_index();
+        let mut through = snapshot.index.min(last.saturating_sub(retention));
+        if let Some(needed) = self.needed_by_live_followers() {
+            // Keep what a live follower still needs (one receiving a snapshot needs the log
+            // after it), or it would chase snapshot after snapshot; but never more than four
+            // intervals: a follower that slow is sent a newer snapshot.
+            let floor = snapshot.index.min(last.saturating_sub(4 * retention));
+            through = through.min(needed).max(floor);
+        }
+        let step = (retention / 8).max(1);
+        if through < self.log.first_index() + step - 1 {
+            return;
+        }
+        let Some(term) = self.log.term_at(through) else {
+            return;
+        };
+        self.log.compact_through(through, term);
+        out.write.compact(through);
+    }
+
+    /// On a leader, the lowest index a live follower (one heard from in the current
+    /// check-quorum round) has not acknowledged, or one receiving a snapshot needs next (that
+    /// snapshot's index: it may be silent for a while as it writes and restores it).
+    fn needed_by_live_followers(&self) -> Option<LogIndex> {
+        let leader = self.leader_state.as_ref()?;
+        leader
+            .progress
+            .values()
+            .filter_map(|progress| match &progress.outgoing_snapshot {
+                Some(outgoing) => Some(outgoing.snapshot.index),
+                None => progress.recently_active.then_some(progress.match_index),
+            })
+            .min()
     }
 
     /// The snapshot this node holds (taken here or installed from a leader), if any.
@@ -119,11 +179,19 @@ impl RaftNode {
         let Some(snapshot) = self.snapshot.clone() else {
             return false;
         };
+        let checksum = match self.snapshot_checksum {
+            Some((index, checksum)) if index == snapshot.index => checksum,
+            _ => {
+                let checksum = crc32fast::hash(&snapshot.data);
+                self.snapshot_checksum = Some((snapshot.index, checksum));
+                checksum
+            }
+        };
         let Some(progress) = self.progress_mut(peer) else {
             return false;
         };
         progress.state = ProgressState::Snapshot;
-        progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot));
+        progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot, checksum));
         self.send_snapshot_chunks(peer, out);
         true
     }
@@ -183,7 +251,6 @@ impl RaftNode {
         if index != outgoing.snapshot.index {
             return;
         }
-        outgoing.answered = true;
         if received >= outgoing.total() && outgoing.sent_any {
             progress.snapshot_installed(index);
             self.send_appends(from, out);
@@ -191,9 +258,20 @@ impl RaftNode {
         }
         if received <= outgoing.acked {
             // No progress: a chunk was lost or refused, or the follower restarted and lost
-            // what it held. Resume from what it holds.
+            // what it held. Resume from what it holds, once: the chunks already in flight
+            // behind the lost one draw the same answer, and going back for each of them would
+            // send the window again and again. An answer below an earlier one is stale (it
+            // left before that one), unless the follower lost everything.
+            let stale = received < outgoing.acked && received > 0;
+            if stale || outgoing.rewound_to == Some(received) {
+                return;
+            }
+            outgoing.rewound_to = Some(received);
             outgoing.sent = received;
+        } else {
+            outgoing.rewound_to = None;
         }
+        outgoing.answered = true;
         outgoing.acked = received;
         outgoing.sent = outgoing.sent.max(received);
         self.send_snapshot_chunks(from, out);
@@ -211,6 +289,7 @@ impl RaftNode {
         };
         if !std::mem::take(&mut outgoing.answered) {
             outgoing.sent = outgoing.acked;
+            outgoing.rewound_to = Some(outgoing.acked);
             if outgoing.acked == 0 {
                 outgoing.sent_any = false;
             }
@@ -259,7 +338,9 @@ impl RaftNode {
                 term: chunk.snapshot_term,
                 total: chunk.total,
                 checksum: chunk.checksum,
-                data: BytesMut::new(),
+                // The whole at once (up to a bound: the size is the leader's word), so that
+                // the bytes are copied once, not again at each doubling.
+                data: BytesMut::with_capacity(chunk.total.min(MAX_PREALLOCATED) as usize),
             });
         }
         let Some(incoming) = self.incoming_snapshot.as_mut() else {

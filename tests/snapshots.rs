@@ -1,0 +1,191 @@
+//! Snapshots through the public API: engines over TCP with fjall data directories take
+//! snapshots every `snapshot_interval` applied entries and compact their logs; a follower that
+//! missed the compacted entries catches up from the leader's snapshot, sent in chunks over the
+//! same transport; a restarted node starts from its latest snapshot and replays only the log
+//! after it.
+
+use std::time::{Duration, Instant};
+
+use consensus::node::kv::{KvCommand, KvResponse, KvStore};
+use consensus::storage::{FjallLogStore, LogStore, SyncPolicy};
+use consensus::{ConsensusConfig, ConsensusEngine};
+
+#[path = "common/ports.rs"]
+mod ports;
+
+const INTERVAL: u64 = 16;
+
+struct Node {
+    name: String,
+    bind: String,
+    peers: Vec<String>,
+    dir: std::path::PathBuf,
+}
+
+impl Node {
+    async fn start(&self) -> ConsensusEngine {
+        let config = ConsensusConfig::default()
+            .node_id(self.name.as_str())
+            .bind_address(self.bind.as_str())
+            .peers(self.peers.clone())
+            .persistent_state(&self.dir)
+            .insecure_plaintext(true)
+            .snapshot_interval(INTERVAL)
+            .request_timeout(Duration::from_secs(3));
+        let mut engine = ConsensusEngine::new(config).unwrap();
+        engine.set_state_machine(KvStore::new()).unwrap();
+        engine.start().await.unwrap();
+        engine
+    }
+
+    /// What its data directory holds once its engine stopped: the log's first and last
+    /// index, and the snapshot's index.
+    fn stored(&self) -> (u64, u64, Option<u64>) {
+        let mut store = FjallLogStore::open(&self.dir, SyncPolicy::EveryBatch).unwrap();
+        let recovered = store.recover().unwrap();
+        let first = recovered.entries.first().map_or(0, |e| e.index);
+        let last = recovered.entries.last().map_or(0, |e| e.index);
+        (first, last, recovered.snapshot.map(|s| s.index))
+    }
+}
+
+fn nodes(dir: &std::path::Path) -> Vec<Node> {
+    let names = ["alpha", "bravo", "charlie"];
+    let ports = ports::free_ports(names.len());
+    names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| Node {
+            name: name.to_string(),
+            bind: format!("127.0.0.1:{port}"),
+            peers: names
+                .iter()
+                .zip(&ports)
+                .filter(|(other, _)| *other != name)
+                .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
+                .collect(),
+            dir: dir.join(name),
+        })
+        .collect()
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn leader_of(engines: &[Option<ConsensusEngine>]) -> Option<usize> {
+    engines
+        .iter()
+        .position(|e| e.as_ref().is_some_and(|e| e.is_leader()))
+}
+
+async fn put(engine: &ConsensusEngine, i: usize) {
+    let command = KvCommand::Put {
+        key: format!("key-{i:04}").into_bytes(),
+        value: format!("value-{i}").into_bytes(),
+    };
+    let response = engine.execute_command::<KvStore>(command).await.unwrap();
+    assert_eq!(response, KvResponse::Done);
+}
+
+/// Reads every key of `0..count` through `engine` (a linearizable read, served on that node
+/// once it has applied what the leader committed before the read).
+async fn assert_holds_all(engine: &ConsensusEngine, count: usize, who: &str) {
+    for i in 0..count {
+        let key = format!("key-{i:04}").into_bytes();
+        let response = engine
+            .read::<KvStore>(KvCommand::Get { key })
+            .await
+            .unwrap();
+        let expected = Some(format!("value-{i}").into_bytes());
+        assert_eq!(response, KvResponse::Value(expected), "{who}: key {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_and_restarts_from_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let mut engines: Vec<Option<ConsensusEngine>> =
+        futures::future::join_all(nodes.iter().map(Node::start))
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
+    wait_until("a leader known to all", Duration::from_secs(10), || {
+        leader_of(&engines).is_some()
+            && engines
+                .iter()
+                .flatten()
+                .all(|e| e.current_leader().is_some())
+    })
+    .await;
+    let leader = leader_of(&engines).unwrap();
+    for i in 0..10 {
+        put(engines[leader].as_ref().unwrap(), i).await;
+    }
+
+    // A follower stops; the others commit several intervals, snapshot and compact past it.
+    let behind = (leader + 1) % 3;
+    engines[behind].take().unwrap().stop().await.unwrap();
+    let written = 10 + 6 * INTERVAL as usize;
+    for i in 10..written {
+        put(engines[leader].as_ref().unwrap(), i).await;
+    }
+    let taken = |engine: &ConsensusEngine| engine.metrics().snapshots_taken;
+    wait_until(
+        "the leader to take snapshots",
+        Duration::from_secs(10),
+        || taken(engines[leader].as_ref().unwrap()) >= 3,
+    )
+    .await;
+    let (first, _, snapshot) = nodes[behind].stored();
+    assert!(first <= 11 && snapshot.is_none(), "{first} {snapshot:?}");
+
+    // Back, it can only catch up from the leader's snapshot: its next entry is compacted away.
+    engines[behind] = Some(nodes[behind].start().await);
+    let restarted = engines[behind].as_ref().unwrap();
+    wait_until(
+        "the snapshot to be installed",
+        Duration::from_secs(15),
+        || restarted.metrics().snapshots_installed >= 1,
+    )
+    .await;
+    assert_holds_all(restarted, written, "the follower that caught up").await;
+    put(restarted, written).await; // and it serves writes (forwarded) after it
+    let written = written + 1;
+    assert!(restarted.metrics().snapshot_blocked_max < Duration::from_secs(1));
+
+    // Every node restarts from its own snapshot and the log after it.
+    for engine in engines.iter_mut() {
+        engine.take().unwrap().stop().await.unwrap();
+    }
+    for node in &nodes {
+        let (first, last, snapshot) = node.stored();
+        let snapshot = snapshot.unwrap_or_else(|| panic!("{} holds no snapshot", node.name));
+        assert!(
+            snapshot + 1 >= first,
+            "{}: a gap after the snapshot",
+            node.name
+        );
+        assert!(
+            last - first < 2 * INTERVAL + 8,
+            "{}: {first}..={last} is more than two intervals",
+            node.name
+        );
+    }
+    let engines: Vec<ConsensusEngine> = futures::future::join_all(nodes.iter().map(Node::start))
+        .await
+        .into_iter()
+        .collect();
+    for (engine, node) in engines.iter().zip(&nodes) {
+        assert_holds_all(engine, written, &node.name).await;
+    }
+    for mut engine in engines {
+        engine.stop().await.unwrap();
+    }
+}

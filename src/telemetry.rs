@@ -24,8 +24,9 @@
 //! and one span less per traced proposal is what keeps export cheap. Work done once per batch or
 //! per event is traced every time it happens (GPU dispatches, `gpu.dispatch`, target
 //! `consensus::gpu`; elections and leader changes, `consensus.election` and
-//! `consensus.leader_change`, which under PBFT are view changes). The README's Observability
-//! section has the full table.
+//! `consensus.leader_change`, which under PBFT are view changes; snapshots and their transfers,
+//! `consensus.snapshot`, `consensus.snapshot_send` and `consensus.snapshot_receive`). The
+//! README's Observability section has the full table.
 //!
 //! # Across nodes
 //!

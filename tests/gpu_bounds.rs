@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use consensus::gpu::sigverify::vectors::{self, OwnedItem};
 use consensus::gpu::sigverify::{SigVerifyError, format_item_line};
 use consensus::gpu::{
-    CpuSignatureVerifier, GpuConfig, GpuContext, GpuError, GpuSignatureVerifier, SignatureVerifier,
-    WaitBound,
+    CpuSignatureVerifier, GpuConfig, GpuContext, GpuError, SignatureVerifier, WaitBound,
 };
 
 /// A context of its own with the given bounds, or `None` (reason printed) without an adapter.
@@ -46,20 +45,6 @@ fn mixed_items(seed: u64, count: usize) -> Vec<OwnedItem> {
     items
 }
 
-/// A verifier, or `None` when a software adapter fails the self-check (the verifier refuses
-/// such a device in production too; see tests/sigverify.rs).
-fn verifier_or_skip(test_name: &str, context: Arc<GpuContext>) -> Option<GpuSignatureVerifier> {
-    let software = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
-    match GpuSignatureVerifier::new(context) {
-        Ok(verifier) => Some(verifier),
-        Err(error @ SigVerifyError::SelfCheckFailed { .. }) if software => {
-            eprintln!("skipping {test_name}: the software adapter fails the self-check: {error}");
-            None
-        }
-        Err(error) => panic!("{test_name}: building the verifier failed: {error}"),
-    }
-}
-
 #[test]
 fn a_batch_longer_than_the_kernel_bound_completes_in_submissions_that_fit() {
     let name = "a_batch_longer_than_the_kernel_bound_completes_in_submissions_that_fit";
@@ -68,7 +53,7 @@ fn a_batch_longer_than_the_kernel_bound_completes_in_submissions_that_fit() {
         return;
     };
     // Built under the compile bound: on a cold cache the compile alone is far past 200 ms.
-    let Some(verifier) = verifier_or_skip(name, Arc::clone(&context)) else {
+    let Some(verifier) = gpu_common::verifier_or_skip(name, Arc::clone(&context)) else {
         return;
     };
     let count = std::env::var("GPU_BOUNDS_ITEMS")
@@ -114,7 +99,7 @@ fn a_dispatch_past_kernel_launch_timeout_fails_naming_that_bound() {
     };
     // The kernel compiles and warms up under the compile bound, so a 1 ns dispatch bound does not
     // stop the verifier from being built...
-    let Some(verifier) = verifier_or_skip(name, Arc::clone(&context)) else {
+    let Some(verifier) = gpu_common::verifier_or_skip(name, Arc::clone(&context)) else {
         return;
     };
     assert_eq!(context.metrics().timeouts, 0);

@@ -2,12 +2,20 @@
 //! snapshots every `snapshot_interval` applied entries and compact their logs; a follower that
 //! missed the compacted entries catches up from the leader's snapshot, sent in chunks over the
 //! same transport; a restarted node starts from its latest snapshot and replays only the log
-//! after it.
+//! after it. Each snapshot, and each transfer at both ends, is a span.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 
 use consensus::node::kv::{KvCommand, KvResponse, KvStore};
 use consensus::storage::{FjallLogStore, LogStore, SyncPolicy};
+use consensus::types::NodeId;
 use consensus::{ConsensusConfig, ConsensusEngine};
 
 #[path = "common/ports.rs"]
@@ -106,8 +114,77 @@ async fn assert_holds_all(engine: &ConsensusEngine, count: usize, who: &str) {
     }
 }
 
+/// A closed span: its name and its fields' values as text.
+type ClosedSpan = (String, BTreeMap<String, String>);
+
+/// Records every closed span of the engine's snapshot work, with its fields.
+#[derive(Clone, Default)]
+struct SnapshotSpanRecorder {
+    closed: Arc<Mutex<Vec<ClosedSpan>>>,
+}
+
+struct Fields(BTreeMap<String, String>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SnapshotSpanRecorder {
+    fn on_new_span(&self, attributes: &Attributes<'_>, id: &Id, context: Context<'_, S>) {
+        if !attributes
+            .metadata()
+            .name()
+            .starts_with("consensus.snapshot")
+        {
+            return;
+        }
+        let mut fields = Fields(BTreeMap::new());
+        attributes.record(&mut fields);
+        if let Some(span) = context.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+    fn on_record(&self, id: &Id, values: &Record<'_>, context: Context<'_, S>) {
+        if let Some(span) = context.span(id)
+            && let Some(fields) = span.extensions_mut().get_mut::<Fields>()
+        {
+            values.record(fields);
+        }
+    }
+    fn on_close(&self, id: Id, context: Context<'_, S>) {
+        let Some(span) = context.span(&id) else {
+            return;
+        };
+        if let Some(fields) = span.extensions_mut().remove::<Fields>() {
+            let name = span.metadata().name().to_string();
+            self.closed.lock().unwrap().push((name, fields.0));
+        }
+    }
+}
+
+impl SnapshotSpanRecorder {
+    /// Whether a span named `name` closed with every field of `expected` as given.
+    fn closed(&self, name: &str, expected: &[(&str, String)]) -> bool {
+        self.closed.lock().unwrap().iter().any(|(closed, fields)| {
+            closed == name
+                && expected
+                    .iter()
+                    .all(|(key, value)| fields.get(*key) == Some(value))
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_and_restarts_from_one() {
+    let spans = SnapshotSpanRecorder::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(spans.clone()))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let nodes = nodes(dir.path());
     let mut engines: Vec<Option<ConsensusEngine>> =
@@ -129,10 +206,12 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_and_rest
         put(engines[leader].as_ref().unwrap(), i).await;
     }
 
-    // A follower stops; the others commit several intervals, snapshot and compact past it.
+    // A follower stops; the others commit many intervals, snapshot and compact past it. (A
+    // leader keeps up to four intervals for a follower it heard from lately, and the follower
+    // may have stored a few intervals more than the first ten puts before it stopped.)
     let behind = (leader + 1) % 3;
     engines[behind].take().unwrap().stop().await.unwrap();
-    let written = 10 + 6 * INTERVAL as usize;
+    let written = 10 + 12 * INTERVAL as usize;
     for i in 10..written {
         put(engines[leader].as_ref().unwrap(), i).await;
     }
@@ -156,6 +235,30 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_and_rest
     )
     .await;
     assert_holds_all(restarted, written, "the follower that caught up").await;
+    let id = |node: &Node| NodeId::from_name(&node.name).to_string();
+    let (leader_id, behind_id) = (id(&nodes[leader]), id(&nodes[behind]));
+    let outcome = |outcome: &str| ("consensus.snapshot.outcome", outcome.to_string());
+    wait_until("the transfer's spans", Duration::from_secs(10), || {
+        spans.closed(
+            "consensus.snapshot",
+            &[("consensus.node", leader_id.clone()), outcome("taken")],
+        ) && spans.closed(
+            "consensus.snapshot_send",
+            &[
+                ("consensus.node", leader_id.clone()),
+                ("consensus.follower", behind_id.clone()),
+                outcome("sent"),
+            ],
+        ) && spans.closed(
+            "consensus.snapshot_receive",
+            &[
+                ("consensus.node", behind_id.clone()),
+                ("consensus.leader", leader_id.clone()),
+                outcome("installed"),
+            ],
+        )
+    })
+    .await;
     put(restarted, written).await; // and it serves writes (forwarded) after it
     let written = written + 1;
     assert!(restarted.metrics().snapshot_blocked_max < Duration::from_secs(1));

@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, watch};
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
-use crate::engine::snapshots::SnapshotTaker;
+use crate::engine::snapshots::{SnapshotSpans, SnapshotTaker};
 use crate::engine::traces::ProposalTraces;
 use crate::error::StorageError;
 use crate::metrics::Metrics;
@@ -251,6 +251,8 @@ pub(crate) struct Driver<P: Protocol> {
     /// When the next snapshot is due, and the one being serialized (see
     /// [`crate::engine::snapshots`]).
     pub(crate) snapshots: SnapshotTaker,
+    /// The spans of the snapshot being taken and of transfers under way.
+    pub(crate) snapshot_spans: SnapshotSpans,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -476,6 +478,11 @@ impl<P: Protocol> Driver<P> {
     /// asked for in turn.
     fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
         loop {
+            // Transfers first: a snapshot that fits in one chunk starts and is restored in the
+            // same output.
+            for event in &out.events {
+                self.snapshot_spans.transfer(self.node.id(), event);
+            }
             // A leader's snapshot replaces the applied state before anything after it applies.
             if let Some(snapshot) = out.restore.take() {
                 self.restore(&snapshot)?;
@@ -542,6 +549,9 @@ impl<P: Protocol> Driver<P> {
                         lock(&self.byzantine).detected(offender, offence);
                     }
                     Event::LeaderChanged { term, leader } => self.trace_leader_change(term, leader),
+                    Event::SnapshotSendStarted { .. }
+                    | Event::SnapshotSendFinished { .. }
+                    | Event::SnapshotReceiveStarted { .. } => {}
                 }
             }
             out.clear();
@@ -570,6 +580,7 @@ impl<P: Protocol> Driver<P> {
     /// leader's log). A snapshot this state machine cannot read stops the engine: applying the
     /// entries after it to a state that is not the one before them would diverge silently.
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        let started = Instant::now();
         if let Err(detail) = self.apply.restore(snapshot, &mut self.answers) {
             return Err(StorageError::Corrupt {
                 location: format!("the leader's snapshot through index {}", snapshot.index),
@@ -577,6 +588,7 @@ impl<P: Protocol> Driver<P> {
             });
         }
         self.snapshots.installed(snapshot.index);
+        self.snapshot_spans.installed(started.elapsed());
         self.metrics.record_snapshot_installed(snapshot.data.len());
         self.metrics.set_applied_index(self.apply.applied_index());
         tracing::info!(
@@ -600,7 +612,10 @@ impl<P: Protocol> Driver<P> {
             self.snapshots.stop();
             return;
         };
-        self.metrics.record_snapshot_capture(started.elapsed());
+        let blocked = started.elapsed();
+        self.metrics.record_snapshot_capture(blocked);
+        self.snapshot_spans
+            .taking(self.node.id(), capture.index, blocked);
         self.snapshots.start(capture);
     }
 
@@ -614,13 +629,17 @@ impl<P: Protocol> Driver<P> {
             Ok(snapshot) => {
                 self.metrics
                     .record_snapshot_taken(snapshot.data.len(), took);
+                self.snapshot_spans.taken(Some(snapshot.data.len()), took);
                 self.node.step(Input::SnapshotTaken(snapshot), out);
             }
-            Err(error) => tracing::warn!(
-                node = %self.node.id(),
-                %error,
-                "taking a snapshot failed; the log is kept until the next one"
-            ),
+            Err(error) => {
+                self.snapshot_spans.taken(None, took);
+                tracing::warn!(
+                    node = %self.node.id(),
+                    %error,
+                    "taking a snapshot failed; the log is kept until the next one"
+                )
+            }
         }
     }
 

@@ -489,6 +489,7 @@ impl ConsensusEngine {
             traces: traces::ProposalTraces::default(),
             election: None,
             snapshots,
+            snapshot_spans: Default::default(),
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);

@@ -89,8 +89,19 @@ impl Drop for CloseOnDrop {
 }
 
 /// The dispatcher: completes the answers posted to `mailbox`, on the runtime it was spawned on.
-async fn dispatch(mailbox: Arc<Mailbox>) {
-    let _close = CloseOnDrop(mailbox.clone());
+/// The guard that closes the mailbox is made here, outside the future, which holds it from the
+/// start: a runtime that shuts down before the task was first polled drops it unpolled, and an
+/// `async fn` would not have made its guard yet, leaving the mailbox open with nobody serving it
+/// (answers posted there were never delivered).
+fn dispatch(mailbox: Arc<Mailbox>) -> impl std::future::Future<Output = ()> + Send {
+    let close = CloseOnDrop(mailbox.clone());
+    async move {
+        let _close = close;
+        serve(&mailbox).await;
+    }
+}
+
+async fn serve(mailbox: &Mailbox) {
     let mut batch = Vec::new();
     loop {
         mailbox.notify.notified().await;
@@ -190,8 +201,8 @@ impl ReplyRouter {
         };
         let mailbox = mailboxes[route].1.clone();
         lock(&mailbox.state).closed = false;
-        // A runtime that is shutting down drops the task at once, which closes the mailbox
-        // again: calls routed here are then answered directly.
+        // A runtime that is shutting down drops the task, polled or not, which closes the
+        // mailbox again: calls routed here are then answered directly.
         drop(handle.spawn(dispatch(mailbox)));
         route as u32
     }

@@ -8,14 +8,18 @@
 //! [`SnapshotStager`], the same thread also writes the bytes durably, so that persisting the
 //! snapshot on the driver writes only its metadata.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
+use tracing::Span;
+
 use crate::engine::apply::SnapshotCapture;
+use crate::protocol::Event;
 use crate::storage::{Snapshot, SnapshotStager};
-use crate::types::LogIndex;
+use crate::types::{LogIndex, NodeId};
 
 /// A snapshot finished beside the driver, and how long its serialization took.
 pub(crate) type Finished = (io::Result<Snapshot>, Duration);
@@ -112,4 +116,130 @@ impl SnapshotTaker {
     pub(crate) fn installed(&mut self, index: LogIndex) {
         self.latest = self.latest.max(index);
     }
+}
+
+/// The spans of snapshots (the README's Observability table): taking one, and each transfer
+/// this node sends or receives. Snapshots are rare, so every one is traced.
+#[derive(Default)]
+pub(crate) struct SnapshotSpans {
+    taking: Option<Span>,
+    sending: HashMap<NodeId, Span>,
+    receiving: Option<(NodeId, Span)>,
+}
+
+impl SnapshotSpans {
+    /// This node captured its state through `index`, which stopped the driver for `blocked`;
+    /// the span lasts until the snapshot is written.
+    pub(crate) fn taking(&mut self, node: NodeId, index: LogIndex, blocked: Duration) {
+        let span = tracing::info_span!(
+            target: "consensus::trace",
+            "consensus.snapshot",
+            consensus.node = %node,
+            consensus.log.index = index,
+            consensus.snapshot.bytes = tracing::field::Empty,
+            consensus.snapshot.outcome = tracing::field::Empty,
+        );
+        span.in_scope(|| {
+            tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                consensus.snapshot.blocked_us = micros(blocked),
+                "captured"
+            )
+        });
+        self.taking = Some(span);
+    }
+
+    /// The snapshot being taken was written (`Some(bytes)`) or failed; `took` is its
+    /// serialization and staging.
+    pub(crate) fn taken(&mut self, bytes: Option<usize>, took: Duration) {
+        let Some(span) = self.taking.take() else {
+            return;
+        };
+        match bytes {
+            Some(bytes) => {
+                span.record("consensus.snapshot.bytes", bytes);
+                span.record("consensus.snapshot.outcome", "taken");
+            }
+            None => {
+                span.record("consensus.snapshot.outcome", "failed");
+            }
+        }
+        span.in_scope(|| {
+            tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                consensus.snapshot.write_us = micros(took),
+                "written"
+            )
+        });
+    }
+
+    /// What the core said about a transfer (see [`Event`]); other events are not about one.
+    pub(crate) fn transfer(&mut self, node: NodeId, event: &Event) {
+        match *event {
+            Event::SnapshotSendStarted { to, index, bytes } => {
+                let span = tracing::info_span!(
+                    target: "consensus::trace",
+                    "consensus.snapshot_send",
+                    consensus.node = %node,
+                    consensus.follower = %to,
+                    consensus.log.index = index,
+                    consensus.snapshot.bytes = bytes,
+                    consensus.snapshot.outcome = tracing::field::Empty,
+                );
+                if let Some(earlier) = self.sending.insert(to, span) {
+                    earlier.record("consensus.snapshot.outcome", "abandoned");
+                }
+            }
+            Event::SnapshotSendFinished { to, .. } => {
+                if let Some(span) = self.sending.remove(&to) {
+                    span.record("consensus.snapshot.outcome", "sent");
+                }
+            }
+            Event::SnapshotReceiveStarted { from, index, bytes } => {
+                let span = tracing::info_span!(
+                    target: "consensus::trace",
+                    "consensus.snapshot_receive",
+                    consensus.node = %node,
+                    consensus.leader = %from,
+                    consensus.log.index = index,
+                    consensus.snapshot.bytes = bytes,
+                    consensus.snapshot.outcome = tracing::field::Empty,
+                );
+                if let Some((_, earlier)) = self.receiving.replace((from, span)) {
+                    earlier.record("consensus.snapshot.outcome", "abandoned");
+                }
+            }
+            Event::LeaderChanged { leader, .. } => {
+                // A leader's transfers end with its leadership; a follower's with its leader.
+                if leader != Some(node) {
+                    for (_, span) in self.sending.drain() {
+                        span.record("consensus.snapshot.outcome", "abandoned");
+                    }
+                }
+                if let Some((from, _)) = &self.receiving
+                    && leader != Some(*from)
+                    && let Some((_, span)) = self.receiving.take()
+                {
+                    span.record("consensus.snapshot.outcome", "abandoned");
+                }
+            }
+            Event::ByzantineDetected { .. } => {}
+        }
+    }
+
+    /// The received snapshot was restored, which took `took` on the driver.
+    pub(crate) fn installed(&mut self, took: Duration) {
+        let Some((_, span)) = self.receiving.take() else {
+            return;
+        };
+        span.record("consensus.snapshot.outcome", "installed");
+        span.in_scope(|| {
+            tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                consensus.snapshot.restore_us = micros(took),
+                "installed"
+            )
+        });
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    duration.as_micros().try_into().unwrap_or(u64::MAX)
 }

@@ -208,6 +208,33 @@ pub enum Event {
         /// The leader, or `None` while an election is on.
         leader: Option<NodeId>,
     },
+    /// This leader began sending `to` its snapshot through `index`, `bytes` long (`to`'s next
+    /// entry was compacted away), or began it again after giving up on an earlier one.
+    SnapshotSendStarted {
+        /// The follower.
+        to: NodeId,
+        /// The snapshot's last index.
+        index: LogIndex,
+        /// The snapshot's length.
+        bytes: u64,
+    },
+    /// `to` holds the whole snapshot through `index` that this leader sent it.
+    SnapshotSendFinished {
+        /// The follower.
+        to: NodeId,
+        /// The snapshot's last index.
+        index: LogIndex,
+    },
+    /// This node began receiving the leader's snapshot through `index`, `bytes` long; it
+    /// ends with [`Output::restore`] once every chunk arrived and checked out.
+    SnapshotReceiveStarted {
+        /// The leader.
+        from: NodeId,
+        /// The snapshot's last index.
+        index: LogIndex,
+        /// The snapshot's length.
+        bytes: u64,
+    },
 }
 
 /// Actions for the driver, accumulated over one or more steps. See the module documentation for

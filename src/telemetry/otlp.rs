@@ -23,7 +23,7 @@ pub struct TelemetryConfig {
     /// `consensus-node`. The node's id is the `service.instance.id`.
     pub service_name: Option<String>,
     /// The fraction of proposals traced (`0.0..=1.0`; default 0.01), also the sampling ratio of
-    /// other root spans except elections and leader changes, which are always kept.
+    /// other root spans except elections, leader changes and snapshots, which are always kept.
     pub sample_ratio: Option<f64>,
     /// At most this many proposals traced a second per node (default 200; see
     /// [`ConsensusConfig::trace_max_per_second`](crate::ConsensusConfig)); also the engine's.
@@ -199,19 +199,23 @@ impl OtlpExport {
 }
 
 /// The exported spans' sampler. Spans the engine already chose (a sampled proposal and the
-/// request that carries it) and rare ones worth every instance (leader changes, view changes)
-/// are kept; other root spans are kept at the ratio, and children follow their parent.
+/// request that carries it) and rare ones worth every instance (leader changes, view changes,
+/// snapshots and their transfers) are kept; other root spans are kept at the ratio, and
+/// children follow their parent.
 #[derive(Clone, Debug)]
 struct ChosenOrRatio {
     otherwise: Sampler,
 }
 
 /// Span names kept whatever the ratio.
-const ALWAYS_KEPT: [&str; 4] = [
+const ALWAYS_KEPT: [&str; 7] = [
     "consensus.proposal",
     "http.server",
     "consensus.election",
     "consensus.leader_change",
+    "consensus.snapshot",
+    "consensus.snapshot_send",
+    "consensus.snapshot_receive",
 ];
 
 impl ChosenOrRatio {

@@ -13,7 +13,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use consensus::gpu::GpuSignatureVerifier;
 use consensus::gpu::context::{GpuConfig, GpuContext};
+use consensus::gpu::sigverify::SigVerifyError;
 
 /// Name of the variable that makes a missing GPU adapter a failure.
 pub const REQUIRE_GPU_VAR: &str = "CONSENSUS_REQUIRE_GPU";
@@ -67,5 +69,21 @@ pub fn gpu_context_or_skip(test_name: &str) -> Option<Arc<GpuContext>> {
             );
             None
         }
+    }
+}
+
+/// The ed25519 GPU verifier on `context`, or `None` (with the reason printed) when a software
+/// adapter fails the verifier's start-up self-check: the verifier refuses such a device in
+/// production too (seen on llvmpipe with LLVM 15). A hardware adapter that fails it, or any
+/// other error, fails the test.
+pub fn verifier_or_skip(test_name: &str, context: Arc<GpuContext>) -> Option<GpuSignatureVerifier> {
+    let software = context.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    match GpuSignatureVerifier::new(context) {
+        Ok(verifier) => Some(verifier),
+        Err(error @ SigVerifyError::SelfCheckFailed { .. }) if software => {
+            eprintln!("skipping {test_name}: the software adapter fails the self-check: {error}");
+            None
+        }
+        Err(error) => panic!("{test_name}: building the verifier failed: {error}"),
     }
 }

@@ -26,6 +26,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::protocol::Event;
 use crate::protocol::raft::Output;
 use crate::protocol::raft::config::SNAPSHOT_CHUNKS_IN_FLIGHT;
 use crate::protocol::raft::message::Message;
@@ -191,6 +192,11 @@ impl RaftNode {
             return false;
         };
         progress.state = ProgressState::Snapshot;
+        out.events.push(Event::SnapshotSendStarted {
+            to: peer,
+            index: snapshot.index,
+            bytes: snapshot.data.len() as u64,
+        });
         progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot, checksum));
         self.send_snapshot_chunks(peer, out);
         true
@@ -253,6 +259,8 @@ impl RaftNode {
         }
         if received >= outgoing.total() && outgoing.sent_any {
             progress.snapshot_installed(index);
+            out.events
+                .push(Event::SnapshotSendFinished { to: from, index });
             self.send_appends(from, out);
             return;
         }
@@ -333,6 +341,11 @@ impl RaftNode {
                 answer(self, 0, out);
                 return;
             }
+            out.events.push(Event::SnapshotReceiveStarted {
+                from: leader,
+                index,
+                bytes: chunk.total,
+            });
             self.incoming_snapshot = Some(IncomingSnapshot {
                 index,
                 term: chunk.snapshot_term,

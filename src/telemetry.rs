@@ -20,6 +20,10 @@
 //! | `consensus.commit` | the leader, for a forwarded proposal; ends at its commit | `consensus.proposal` on the forwarding node | `consensus.proposer`, `consensus.request_id`, `consensus.log.index`; event `persisted` (`db.system.name`, `db.operation.name`, `db.client.operation.duration_us`: the fsync) |
 //! | `consensus.append` | each follower that stores the entry; ends when its acknowledgement is sent | the leader's `consensus.commit` (or its `consensus.proposal`) | `consensus.leader`, `consensus.request_id`, `consensus.log.index`; event `persisted` |
 //!
+//! Under PBFT the primary is the leader and a pre-prepare carries entries: the same spans, each
+//! with a `prepared` event (`consensus.view`, `consensus.sequence`) when its batch is prepared
+//! on that replica.
+//!
 //! A leader's own proposals have no commit span: their proposal span is on the leader already,
 //! and one span less per traced proposal is what keeps export cheap. Work done once per batch or
 //! per event is traced every time it happens (GPU dispatches, `gpu.dispatch`, target

@@ -549,6 +549,15 @@ impl<P: Protocol> Driver<P> {
                         lock(&self.byzantine).detected(offender, offence);
                     }
                     Event::LeaderChanged { term, leader } => self.trace_leader_change(term, leader),
+                    Event::Prepared {
+                        view,
+                        sequence,
+                        ref proposals,
+                    } => {
+                        if !self.traces.is_empty() {
+                            self.traces.prepared(view, sequence, proposals);
+                        }
+                    }
                     Event::SnapshotSendStarted { .. }
                     | Event::SnapshotSendFinished { .. }
                     | Event::SnapshotReceiveStarted { .. } => {}

@@ -221,7 +221,7 @@ impl SnapshotSpans {
                     span.record("consensus.snapshot.outcome", "abandoned");
                 }
             }
-            Event::ByzantineDetected { .. } => {}
+            Event::ByzantineDetected { .. } | Event::Prepared { .. } => {}
         }
     }
 

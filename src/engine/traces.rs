@@ -52,6 +52,15 @@ impl Traced {
         self.commit.as_ref().or(self.proposal.as_ref())
     }
 
+    /// The span of this node's part in the proposal, where its events go: the commit span on
+    /// a leader, the append span on a follower, else the proposal's.
+    fn part_here(&self) -> Option<&Span> {
+        [&self.commit, &self.append, &self.proposal]
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
     fn spans(&self) -> impl Iterator<Item = &Span> {
         [&self.proposal, &self.commit, &self.append]
             .into_iter()
@@ -193,17 +202,32 @@ impl ProposalTraces {
                 continue;
             }
             traced.persisted = true;
-            let span = [&traced.commit, &traced.append, &traced.proposal]
-                .into_iter()
-                .flatten()
-                .next();
-            if let Some(span) = span {
+            if let Some(span) = traced.part_here() {
                 span.in_scope(|| {
                     tracing::event!(target: "consensus::trace", tracing::Level::INFO,
                         db.system.name = "fjall",
                         db.operation.name = "persist",
                         db.client.operation.duration_us = took.as_micros() as u64,
                         "persisted"
+                    )
+                });
+            }
+        }
+    }
+
+    /// PBFT: the batch at `sequence` holding `proposals` is prepared here in `view`. One
+    /// `prepared` event per traced proposal in it, on the span of this node's part in it.
+    pub(crate) fn prepared(&mut self, view: u64, sequence: u64, proposals: &[ProposalTag]) {
+        for traced in &mut self.traced {
+            if !proposals.contains(&traced.tag) {
+                continue;
+            }
+            if let Some(span) = traced.part_here() {
+                span.in_scope(|| {
+                    tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                        consensus.view = view,
+                        consensus.sequence = sequence,
+                        "prepared"
                     )
                 });
             }
@@ -347,6 +371,65 @@ mod tests {
         assert_eq!(traces.traced.len(), MAX_TRACED - 10);
         traces.expire(now + Duration::from_secs(3), Duration::from_secs(2));
         assert!(traces.is_empty());
+    }
+
+    /// Records each event's message, its `consensus.sequence` and the name of its span.
+    #[derive(Clone, Default)]
+    struct EventRecorder(std::sync::Arc<std::sync::Mutex<Vec<(String, String, u64)>>>);
+
+    impl<S> tracing_subscriber::Layer<S> for EventRecorder
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            context: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Fields(String, u64);
+            impl tracing::field::Visit for Fields {
+                fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                    if field.name() == "consensus.sequence" {
+                        self.1 = value;
+                    }
+                }
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut fields = Fields(String::new(), 0);
+            event.record(&mut fields);
+            let span = context
+                .event_span(event)
+                .map_or(String::new(), |span| span.name().to_string());
+            self.0.lock().unwrap().push((fields.0, span, fields.1));
+        }
+    }
+
+    #[test]
+    fn a_prepared_batch_marks_each_traced_proposal_it_holds() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let events = EventRecorder::default();
+        let subscriber = tracing_subscriber::registry().with(events.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut traces = ProposalTraces::default();
+            let (traced, untraced) = (tag(1, 1), tag(1, 2));
+            let span = tracing::info_span!(target: "consensus::trace", "consensus.proposal");
+            traces.proposed(traced, span, Instant::now());
+            traces.prepared(3, 7, &[untraced, traced]);
+            traces.prepared(3, 8, &[untraced]);
+        });
+        let events = events.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            vec![("prepared".to_string(), "consensus.proposal".to_string(), 7)]
+        );
     }
 
     #[test]

@@ -225,6 +225,17 @@ pub enum Event {
         /// The snapshot's last index.
         index: LogIndex,
     },
+    /// PBFT: the batch at `sequence` is prepared on this replica in `view` (a quorum agreed
+    /// on its order, and this replica's commit is going out); `proposals` are its requests'
+    /// tags, for traces. Its commit shows as the batch's entries in [`Output::committed`].
+    Prepared {
+        /// The view.
+        view: u64,
+        /// The batch's sequence number.
+        sequence: u64,
+        /// The tags of the batch's requests, in order.
+        proposals: Vec<ProposalTag>,
+    },
     /// This node began receiving the leader's snapshot through `index`, `bytes` long; it
     /// ends with [`Output::restore`] once every chunk arrived and checked out.
     SnapshotReceiveStarted {

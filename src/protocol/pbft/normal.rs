@@ -369,6 +369,11 @@ impl PbftNode {
             prepares: matching,
         };
         let digest = accepted.digest;
+        out.events.push(crate::protocol::Event::Prepared {
+            view,
+            sequence: seq,
+            proposals: accepted.batch.requests.iter().map(|r| r.tag).collect(),
+        });
         let commit = self.sign(Statement::Commit { view, seq, digest });
         let slot = self.slot_mut(seq);
         slot.prepared = Some(certificate);

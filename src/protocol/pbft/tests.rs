@@ -19,6 +19,8 @@ struct Cluster {
     cut_links: BTreeSet<(NodeId, NodeId)>,
     committed: Vec<Vec<crate::types::Entry>>,
     rejected: Vec<crate::protocol::Rejection>,
+    /// Each replica's batches reported prepared: (sequence, the tags of their requests).
+    prepared: Vec<Vec<(u64, Vec<crate::types::ProposalTag>)>>,
     /// Audits and statement answers delivered.
     audits_delivered: usize,
     statements_delivered: usize,
@@ -59,6 +61,7 @@ impl Cluster {
             cut_links: BTreeSet::new(),
             committed: vec![Vec::new(); n as usize],
             rejected: Vec::new(),
+            prepared: vec![Vec::new(); n as usize],
             audits_delivered: 0,
             statements_delivered: 0,
         }
@@ -78,6 +81,16 @@ impl Cluster {
         self.in_flight.extend(out.messages_after_write.drain(..));
         self.committed[id as usize - 1].append(&mut out.committed);
         self.rejected.append(&mut out.rejected);
+        for event in out.events.drain(..) {
+            if let crate::protocol::Event::Prepared {
+                sequence,
+                proposals,
+                ..
+            } = event
+            {
+                self.prepared[id as usize - 1].push((sequence, proposals));
+            }
+        }
     }
 
     /// Delivers messages until none is left (or `limit` were delivered).
@@ -219,6 +232,18 @@ fn a_request_at_the_primary_executes_everywhere_in_one_order() {
     }
     let digests: BTreeSet<_> = (1..=4).map(|id| cluster.node(id).state_digest()).collect();
     assert_eq!(digests.len(), 1);
+    // Each replica reports each batch prepared once, with its requests' tags (for traces).
+    let tag = |request_id| crate::types::ProposalTag {
+        proposer: NodeId(1),
+        request_id,
+    };
+    for id in 1..=4 {
+        assert_eq!(
+            cluster.prepared[id as usize - 1],
+            vec![(1, vec![tag(1)]), (2, vec![tag(2)])],
+            "replica {id}"
+        );
+    }
 }
 
 #[test]

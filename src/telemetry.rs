@@ -16,9 +16,9 @@
 //!
 //! | span | where | parent | attributes and events |
 //! |---|---|---|---|
-//! | `consensus.proposal` | the node a client called; ends when its client is answered | the caller's current span (the node's `PUT /kv/{key}` span) | `consensus.node`, `consensus.request_id`, `consensus.log.index`; events `forwarded` (`consensus.leader`), `persisted` (on the leader, for its own proposals), `committed` |
-//! | `consensus.commit` | the leader, for a forwarded proposal; ends at its commit | `consensus.proposal` on the forwarding node | `consensus.proposer`, `consensus.request_id`, `consensus.log.index`; event `persisted` (`db.system.name`, `db.operation.name`, `db.client.operation.duration_us`: the fsync) |
-//! | `consensus.append` | each follower that stores the entry; ends when its acknowledgement is sent | the leader's `consensus.commit` (or its `consensus.proposal`) | `consensus.leader`, `consensus.request_id`, `consensus.log.index`; event `persisted` |
+//! | `consensus.proposal` | the node a client called; ends when its client is answered | the caller's current span (the node's `PUT /kv/{key}` span) | `consensus.node`, `consensus.request_id`, `consensus.log.index`; events `forwarded` (`consensus.leader`), `appended` (`consensus.batch.entries`: the size of the write it joined, on the leader for its own proposals), `persisted` (on the leader, for its own proposals), `committed` |
+//! | `consensus.commit` | the leader, for a forwarded proposal; ends at its commit | `consensus.proposal` on the forwarding node | `consensus.proposer`, `consensus.request_id`, `consensus.log.index`; events `appended`, `persisted` (`db.system.name`, `db.operation.name`, `db.client.operation.duration_us`: the fsync) |
+//! | `consensus.append` | each follower that stores the entry; ends when its acknowledgement is sent | the leader's `consensus.commit` (or its `consensus.proposal`) | `consensus.leader`, `consensus.request_id`, `consensus.log.index`; events `appended`, `persisted` |
 //!
 //! Under PBFT the primary is the leader and a pre-prepare carries entries: the same spans, each
 //! with a `prepared` event (`consensus.view`, `consensus.sequence`) when its batch is prepared

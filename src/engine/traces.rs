@@ -175,7 +175,9 @@ impl ProposalTraces {
         Some(TraceAttachment { tag, context })
     }
 
-    /// Entries this node is about to write: a traced one's index is recorded. On the leader a
+    /// Entries this node is about to write: a traced one's index is recorded, and an `appended`
+    /// event (`consensus.batch.entries`: the write's size) marks when it joined a batch. On the
+    /// leader a
     /// forwarded proposal has had its commit span since it arrived; the leader's own proposals
     /// need none (their proposal span is on this node already, and one span less per traced
     /// proposal is what keeps export cheap).
@@ -190,6 +192,14 @@ impl ProposalTraces {
             traced.index = Some(entry.index);
             for span in traced.spans() {
                 span.record("consensus.log.index", entry.index);
+            }
+            if let Some(span) = traced.part_here() {
+                span.in_scope(|| {
+                    tracing::event!(target: "consensus::trace", tracing::Level::INFO,
+                        consensus.batch.entries = entries.len(),
+                        "appended"
+                    )
+                });
             }
         }
     }
@@ -389,7 +399,10 @@ mod tests {
             struct Fields(String, u64);
             impl tracing::field::Visit for Fields {
                 fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-                    if field.name() == "consensus.sequence" {
+                    if matches!(
+                        field.name(),
+                        "consensus.sequence" | "consensus.batch.entries"
+                    ) {
                         self.1 = value;
                     }
                 }
@@ -429,6 +442,29 @@ mod tests {
         assert_eq!(
             events,
             vec![("prepared".to_string(), "consensus.proposal".to_string(), 7)]
+        );
+    }
+
+    #[test]
+    fn a_traced_entry_is_marked_when_it_joins_a_write() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let events = EventRecorder::default();
+        let subscriber = tracing_subscriber::registry().with(events.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut traces = ProposalTraces::default();
+            let span = tracing::info_span!(target: "consensus::trace", "consensus.proposal");
+            traces.proposed(tag(1, 1), span, Instant::now());
+            traces.appending(&[
+                entry(4, tag(1, 2)),
+                entry(5, tag(1, 1)),
+                entry(6, tag(2, 1)),
+            ]);
+            assert_eq!(traces.traced[0].index, Some(5));
+        });
+        let events = events.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            vec![("appended".to_string(), "consensus.proposal".to_string(), 3)]
         );
     }
 

@@ -111,19 +111,13 @@ impl Member {
 
 fn members(dir: &Path) -> Vec<Member> {
     let names = ["alpha", "bravo", "charlie"];
-    let ports = ports::free_ports(names.len());
     names
         .iter()
-        .zip(&ports)
-        .map(|(name, port)| Member {
+        .zip(ports::loopback_members(&names))
+        .map(|(name, member)| Member {
             name: name.to_string(),
-            bind: format!("127.0.0.1:{port}"),
-            peers: names
-                .iter()
-                .zip(&ports)
-                .filter(|(other, _)| *other != name)
-                .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
-                .collect(),
+            bind: member.bind,
+            peers: member.peers,
             dir: dir.join(name),
         })
         .collect()

@@ -411,20 +411,14 @@ fn certificates(dir: &std::path::Path, names: &[&str]) -> std::path::PathBuf {
 /// Three engines over TCP with mutual TLS.
 fn tcp_nodes(dir: &std::path::Path) -> Vec<TcpNode> {
     let names = ["alpha", "bravo", "charlie"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     let certs = certificates(dir, &names);
     names
         .iter()
-        .zip(&ports)
-        .map(|(name, port)| TcpNode {
+        .zip(ports::loopback_members(&names))
+        .map(|(name, member)| TcpNode {
             name: name.to_string(),
-            bind: format!("127.0.0.1:{port}"),
-            peers: names
-                .iter()
-                .zip(&ports)
-                .filter(|(other, _)| *other != name)
-                .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
-                .collect(),
+            bind: member.bind,
+            peers: member.peers,
             dir: dir.join(name),
             tls: consensus::TlsFiles::in_dir(&certs, name),
         })

@@ -425,12 +425,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_prepared_batch_marks_each_traced_proposal_it_holds() {
+    /// The events `work` emits, as [`EventRecorder`] records them.
+    fn events_of(work: impl FnOnce()) -> Vec<(String, String, u64)> {
         use tracing_subscriber::layer::SubscriberExt;
         let events = EventRecorder::default();
         let subscriber = tracing_subscriber::registry().with(events.clone());
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, work);
+        events.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_prepared_batch_marks_each_traced_proposal_it_holds() {
+        let events = events_of(|| {
             let mut traces = ProposalTraces::default();
             let (traced, untraced) = (tag(1, 1), tag(1, 2));
             let span = tracing::info_span!(target: "consensus::trace", "consensus.proposal");
@@ -438,7 +444,6 @@ mod tests {
             traces.prepared(3, 7, &[untraced, traced]);
             traces.prepared(3, 8, &[untraced]);
         });
-        let events = events.0.lock().unwrap().clone();
         assert_eq!(
             events,
             vec![("prepared".to_string(), "consensus.proposal".to_string(), 7)]
@@ -447,10 +452,7 @@ mod tests {
 
     #[test]
     fn a_traced_entry_is_marked_when_it_joins_a_write() {
-        use tracing_subscriber::layer::SubscriberExt;
-        let events = EventRecorder::default();
-        let subscriber = tracing_subscriber::registry().with(events.clone());
-        tracing::subscriber::with_default(subscriber, || {
+        let events = events_of(|| {
             let mut traces = ProposalTraces::default();
             let span = tracing::info_span!(target: "consensus::trace", "consensus.proposal");
             traces.proposed(tag(1, 1), span, Instant::now());
@@ -461,7 +463,6 @@ mod tests {
             ]);
             assert_eq!(traces.traced[0].index, Some(5));
         });
-        let events = events.0.lock().unwrap().clone();
         assert_eq!(
             events,
             vec![("appended".to_string(), "consensus.proposal".to_string(), 3)]

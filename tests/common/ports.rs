@@ -26,3 +26,27 @@ pub fn free_ports(count: usize) -> Vec<u16> {
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
+
+/// One member of a loopback cluster: its bind address and its peers as `name@host:port`.
+pub struct LoopbackMember {
+    pub bind: String,
+    pub peers: Vec<String>,
+}
+
+/// A loopback cluster of `names` on free ports, one member per name, in order.
+pub fn loopback_members(names: &[&str]) -> Vec<LoopbackMember> {
+    let ports = free_ports(names.len());
+    names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| LoopbackMember {
+            bind: format!("127.0.0.1:{port}"),
+            peers: names
+                .iter()
+                .zip(&ports)
+                .filter(|(other, _)| *other != name)
+                .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
+                .collect(),
+        })
+        .collect()
+}

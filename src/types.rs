@@ -68,6 +68,9 @@ pub enum Payload {
         /// The command bytes given to [`StateMachine::apply`](crate::StateMachine::apply).
         data: Bytes,
     },
+    /// A new membership (see [`crate::membership`]): in force on each node from the moment the
+    /// entry is in its log. Raft only; the state machine never sees it.
+    Membership(crate::membership::Membership),
 }
 
 impl Payload {
@@ -76,6 +79,7 @@ impl Payload {
         match self {
             Payload::Blank => 0,
             Payload::Command { data, .. } => data.len() + 16,
+            Payload::Membership(membership) => 16 + 8 * membership.all_members().len(),
         }
     }
 }

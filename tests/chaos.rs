@@ -83,6 +83,22 @@ fn chaos_seeds() {
         taken > count && installed > count / 20,
         "too few snapshots taken or installed"
     );
+    // Membership changes: asked of leaders (faults and churn), and committed.
+    let (asked, committed) = (
+        sum(|r| r.membership_changes.0),
+        sum(|r| r.membership_changes.1),
+    );
+    let churned = reports
+        .iter()
+        .filter(|r| r.membership_changes.0 > 5)
+        .count();
+    eprintln!(
+        "membership changes: {asked} asked, {committed} committed; {churned} seeds with more than five"
+    );
+    assert!(
+        asked > 2 * count && committed > count && churned as u64 > count / 10,
+        "too few membership changes"
+    );
 }
 
 #[test]
@@ -383,6 +399,7 @@ fn figure8_config(seed: u64) -> SimConfig {
         isolate_leader: 6,
         weather: 2,
         transfer: 0,
+        membership: 0,
         max_down_us: 300_000,
         max_fault_us: 300_000,
     };
@@ -445,6 +462,26 @@ fn injected_bug_read_without_confirming_leadership_is_caught() {
     assert!(
         matches!(failure.violation, Violation::Linearizability { .. }),
         "expected a stale read, got {}",
+        failure.violation
+    );
+}
+
+/// Learners added and promoted often, and partitions that leave a leader with its learners
+/// but without a majority of its voters.
+fn learners_counted_config(seed: u64) -> SimConfig {
+    let mut config = SimConfig::chaos(seed);
+    config.protocol.injected_bugs.count_learners_in_quorum = true;
+    config.spares = 2;
+    config.faults.membership = 6;
+    config
+}
+
+#[test]
+fn injected_bug_count_learners_in_quorum_is_caught() {
+    let failure = assert_bug_is_caught("count_learners_in_quorum", 300, learners_counted_config);
+    assert!(
+        matches!(failure.violation, Violation::CommitWithoutQuorum { .. }),
+        "expected a commit without a quorum, got {}",
         failure.violation
     );
 }

@@ -202,6 +202,12 @@ fn snapshots_and_compaction_survive_reopen() {
         index: 5,
         term: 1,
         data: Bytes::from_static(b"state machine image"),
+        // Kept with the snapshot: the log that held it is compacted away.
+        membership: Some(consensus::Membership {
+            voters: [NodeId(1), NodeId(2), NodeId(4)].into(),
+            outgoing: Default::default(),
+            learners: [NodeId(5)].into(),
+        }),
     };
     {
         let mut store = open(dir.path());
@@ -232,6 +238,7 @@ fn snapshots_and_compaction_survive_reopen() {
         index: 20,
         term: 2,
         data: Bytes::from(vec![7u8; 100_000]),
+        membership: None,
     };
     store
         .persist(&LogWrite {
@@ -271,6 +278,7 @@ fn a_damaged_or_missing_snapshot_file_is_reported_not_loaded() {
                     index: 3,
                     term: 1,
                     data: Bytes::from_static(b"the applied state through 3"),
+                    membership: None,
                 }),
                 compact_through: Some(3),
                 ..Default::default()
@@ -981,11 +989,13 @@ fn a_snapshot_staged_beside_the_driver_is_persisted_by_its_record_alone() {
         index: 4,
         term: 1,
         data: Bytes::from(vec![9u8; 300_000]),
+        membership: None,
     };
     let never_used = Snapshot {
         index: 6,
         term: 1,
         data: Bytes::from_static(b"staged, then a crash before its record was written"),
+        membership: None,
     };
     {
         let mut store = open(dir.path());

@@ -88,6 +88,7 @@ fn large(seed: u64) -> SimConfig<GpuRaftConfig> {
         isolate_leader: 1,
         weather: 1,
         transfer: 1,
+        membership: 0,
         max_down_us: 800_000,
         max_fault_us: 800_000,
     };

@@ -91,6 +91,7 @@ fn the_primary_crashing_over_and_over_never_stops_the_cluster_for_good() {
             isolate_leader: 0,
             weather: 0,
             transfer: 0,
+            membership: 0,
             max_down_us: 600_000,
             max_fault_us: 600_000,
         };

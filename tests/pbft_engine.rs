@@ -242,6 +242,12 @@ impl consensus::gpu::VoteAggregator for CountingAggregator {
 
 /// The replicas' prepares and commits are counted by the aggregator they were given, and its
 /// counts are what commits: an aggregator that counts nothing would stall the cluster.
+///
+/// Not every replica need count every slot: one that fell behind (on a loaded host, the first
+/// one started may send before the others listen) catches up from commit certificates, whose
+/// signers are checked one by one. But each slot commits only once a quorum of replicas counted
+/// its prepares (the pre-prepare and two prepares at least), so a quorum of counters saw votes,
+/// and together at least `slots × quorum × 3`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn votes_are_counted_by_the_configured_vote_aggregator() {
     use std::sync::Arc;
@@ -264,12 +270,18 @@ async fn votes_are_counted_by_the_configured_vote_aggregator() {
     for (i, value) in ["a", "b", "c"].iter().enumerate() {
         propose_until_committed(&engines, i, value).await;
     }
+    let (slots, quorum) = (3, 3);
+    let mut counting = 0;
+    let mut total = 0;
     for (name, counter) in NAMES.iter().zip(&counters) {
         let (batches, votes) = (counter.batches.load(Relaxed), counter.votes.load(Relaxed));
         eprintln!("{name}: {votes} votes in {batches} batches");
-        assert!(
-            batches >= 1 && votes >= 3 * 3,
-            "{name}: {votes} votes in {batches} batches"
-        );
+        counting += usize::from(batches >= 1);
+        total += votes;
     }
+    assert!(counting >= quorum, "only {counting} replicas counted votes");
+    assert!(
+        total >= slots * quorum * 3,
+        "{total} votes counted for {slots} slots"
+    );
 }

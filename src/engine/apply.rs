@@ -57,6 +57,8 @@ impl SnapshotCapture {
             index: self.index,
             term: self.term,
             data: data.into(),
+            // The core adds its membership when it is told of the snapshot.
+            membership: None,
         })
     }
 }

@@ -558,6 +558,21 @@ impl<P: Protocol> Driver<P> {
                             self.traces.prepared(view, sequence, proposals);
                         }
                     }
+                    Event::MembershipChanged {
+                        index,
+                        ref membership,
+                        committed,
+                    } => {
+                        tracing::info!(node = %self.node.id(), index, %membership, committed,
+                            "membership changed");
+                    }
+                    Event::MembershipRefused { ref error } => {
+                        tracing::info!(node = %self.node.id(), %error, "membership change refused");
+                    }
+                    Event::Removed { index } => {
+                        tracing::warn!(node = %self.node.id(), index,
+                            "removed from the cluster by the membership committed at this index");
+                    }
                     Event::SnapshotSendStarted { .. }
                     | Event::SnapshotSendFinished { .. }
                     | Event::SnapshotReceiveStarted { .. } => {}

@@ -221,7 +221,11 @@ impl SnapshotSpans {
                     span.record("consensus.snapshot.outcome", "abandoned");
                 }
             }
-            Event::ByzantineDetected { .. } | Event::Prepared { .. } => {}
+            Event::ByzantineDetected { .. }
+            | Event::Prepared { .. }
+            | Event::MembershipChanged { .. }
+            | Event::MembershipRefused { .. }
+            | Event::Removed { .. } => {}
         }
     }
 

@@ -246,6 +246,27 @@ pub enum Event {
         /// The snapshot's length.
         bytes: u64,
     },
+    /// Raft: the membership in force changed (a membership entry was appended, or truncated
+    /// away), or the latest one committed (`committed`).
+    MembershipChanged {
+        /// The index of the entry that set it.
+        index: LogIndex,
+        /// The membership.
+        membership: crate::membership::Membership,
+        /// True once the entry is committed.
+        committed: bool,
+    },
+    /// Raft: a membership change asked of this node was refused; nothing was appended.
+    MembershipRefused {
+        /// Why.
+        error: crate::membership::MembershipError,
+    },
+    /// Raft: a committed membership (set by the entry at `index`) leaves this node out. It
+    /// neither votes nor campaigns any more; its driver should stop it.
+    Removed {
+        /// The index of the membership entry.
+        index: LogIndex,
+    },
 }
 
 /// Actions for the driver, accumulated over one or more steps. See the module documentation for

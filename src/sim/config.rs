@@ -36,6 +36,9 @@ pub struct FaultProfile {
     pub weather: u32,
     /// Ask the leader to hand over to a random voter.
     pub transfer: u32,
+    /// Ask the leader for a random membership change: add a learner, or change the voters
+    /// (a core with fixed members ignores it; see [`SimConfig::spares`]).
+    pub membership: u32,
     /// Longest downtime of a crashed node.
     pub max_down_us: u64,
     /// Longest partition or bad-weather spell.
@@ -54,6 +57,7 @@ impl FaultProfile {
             isolate_leader: 0,
             weather: 0,
             transfer: 0,
+            membership: 0,
             max_down_us: 0,
             max_fault_us: 0,
         }
@@ -70,6 +74,7 @@ impl FaultProfile {
             isolate_leader: 2,
             weather: 3,
             transfer: 1,
+            membership: 0,
             max_down_us: 1_000_000,
             max_fault_us: 1_200_000,
         }
@@ -83,6 +88,7 @@ impl FaultProfile {
             + self.isolate_leader
             + self.weather
             + self.transfer
+            + self.membership
     }
 }
 
@@ -193,6 +199,13 @@ pub struct SimConfig<S = RaftConfig> {
     /// its log and sends snapshots to followers the log no longer reaches; 0 (the default):
     /// never. Only for cores that compact ([`Protocol::COMPACTS_LOG`](crate::protocol::Protocol)).
     pub snapshot_interval: u64,
+    /// Nodes beyond `nodes` that start outside the group, as nodes started to join it do
+    /// (Raft): membership changes add them as learners and promote them, and remove voters.
+    /// Not with twins, whose second instances take the addresses after `nodes`.
+    pub spares: usize,
+    /// Churn: a membership change asked of the leader this often (on average) during the fault
+    /// phase, besides those the fault injector picks; 0 for none.
+    pub churn_us: u64,
 }
 
 impl<S> SimConfig<S> {
@@ -241,6 +254,8 @@ impl SimConfig<RaftConfig> {
             forgeries: 0.0,
             reads_through_log: false,
             snapshot_interval: 0,
+            spares: 0,
+            churn_us: 0,
         }
     }
 
@@ -314,6 +329,15 @@ impl SimConfig<RaftConfig> {
                 config.protocol.log_retention = config.snapshot_interval;
             }
         }
+        // Membership changes in most runs: spare nodes to add, changes among the faults, and
+        // in a quarter of the runs churn (a change every few hundred ms).
+        if rng.random_bool(0.75) {
+            config.spares = rng.random_range(1..=2);
+            config.faults.membership = rng.random_range(1..=3);
+            if rng.random_bool(0.33) {
+                config.churn_us = rng.random_range(100_000..600_000);
+            }
+        }
         config
     }
 }
@@ -358,6 +382,9 @@ pub struct SimReport {
     /// Snapshots the nodes took ([`SimConfig::snapshot_interval`]), and snapshots followers
     /// installed from a leader.
     pub snapshots: (u64, u64),
+    /// Membership changes asked of a leader ([`FaultProfile::membership`],
+    /// [`SimConfig::churn_us`]), and final memberships a leader committed.
+    pub membership_changes: (u64, u64),
 }
 
 /// A failed run: the seed, when, and what broke.
@@ -407,7 +434,18 @@ impl<S> SimConfig<S> {
             forgeries: self.forgeries,
             reads_through_log: self.reads_through_log,
             snapshot_interval: self.snapshot_interval,
+            spares: self.spares,
+            churn_us: self.churn_us,
         }
+    }
+
+    /// The same run without membership changes or spare nodes (for a core whose members are
+    /// fixed).
+    pub fn without_membership_changes(mut self) -> Self {
+        self.spares = 0;
+        self.churn_us = 0;
+        self.faults.membership = 0;
+        self
     }
 }
 
@@ -439,8 +477,9 @@ impl SimConfig<PbftConfig> {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0xbf7));
         let nodes = [4, 4, 5, 7, 7, 10][rng.random_range(0..6)];
         // The Raft chaos suite's faults, clients and network for this seed, with PBFT settings.
-        let mut config =
-            SimConfig::chaos(seed).map_protocol(|_| SimConfig::pbft(seed, nodes).protocol);
+        let mut config = SimConfig::chaos(seed)
+            .without_membership_changes()
+            .map_protocol(|_| SimConfig::pbft(seed, nodes).protocol);
         config.nodes = nodes;
         let pbft = &mut config.protocol;
         pbft.checkpoint_interval = [2, 4, 8, 16, 32][rng.random_range(0..5)];
@@ -466,7 +505,10 @@ impl SimConfig<PbftConfig> {
     /// messages injected (see [`SimConfig::forgeries`]).
     pub fn gpu_raft_chaos(seed: u64) -> SimConfig<GpuRaftConfig> {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x6b0));
-        let mut config = SimConfig::chaos(seed).map_protocol(gpu_raft_settings);
+        // GPU-optimized Raft keeps its validators (see `gpu_raft::GpuRaftNode`).
+        let mut config = SimConfig::chaos(seed)
+            .without_membership_changes()
+            .map_protocol(gpu_raft_settings);
         config.nodes = [3, 5][rng.random_range(0..2)];
         config.forgeries = rng.random_range(0.01..0.1);
         config

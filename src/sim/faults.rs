@@ -14,6 +14,41 @@ impl<P: SimProtocol> Sim<P> {
             self.faults_active = true;
             self.schedule_next_fault();
         }
+        if self.config.churn_us > 0 {
+            self.faults_active = true;
+            self.schedule_churn();
+        }
+    }
+
+    fn schedule_churn(&mut self) {
+        let mean = self.config.churn_us;
+        let at = self.now_us + self.rng.random_range(mean / 2..=mean * 3 / 2);
+        self.schedule(at, Action::Churn);
+    }
+
+    /// Churn: a membership change now, and the next one scheduled.
+    pub(super) fn churn(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        self.schedule_churn();
+        self.change_members();
+    }
+
+    /// Asks the leader, if there is one, for a random membership change.
+    fn change_members(&mut self) {
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        let nodes = self.node_ids();
+        let entropy = self.rng.random::<u64>();
+        let control = self
+            .node(leader)
+            .and_then(|core| core.change_members(&nodes, entropy));
+        if let Some(control) = control {
+            self.membership_changes_asked += 1;
+            self.control(leader, control);
+        }
     }
 
     pub(super) fn schedule_next_fault(&mut self) {
@@ -46,6 +81,7 @@ impl<P: SimProtocol> Sim<P> {
             f.isolate_leader,
             f.weather,
             f.transfer,
+            f.membership,
         ]
         .into_iter()
         .enumerate()
@@ -116,7 +152,7 @@ impl<P: SimProtocol> Sim<P> {
                 let at = self.now_us + self.random_duration(f.max_fault_us);
                 self.schedule(at, Action::RestoreWeather);
             }
-            _ => {
+            6 => {
                 if let Some(leader) = leader {
                     let to = NodeId(self.rng.random_range(1..=n as u64));
                     if let Some(control) = P::transfer_to(to) {
@@ -124,6 +160,7 @@ impl<P: SimProtocol> Sim<P> {
                     }
                 }
             }
+            _ => self.change_members(),
         }
     }
 
@@ -136,7 +173,11 @@ impl<P: SimProtocol> Sim<P> {
         self.agenda.retain(|_, action| {
             !matches!(
                 action,
-                Action::Fault | Action::Heal | Action::RestoreWeather | Action::Restart { .. }
+                Action::Fault
+                    | Action::Churn
+                    | Action::Heal
+                    | Action::RestoreWeather
+                    | Action::Restart { .. }
             )
         });
         self.network.heal();

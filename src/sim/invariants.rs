@@ -117,6 +117,16 @@ pub enum Violation {
         /// The checker's report.
         detail: String,
     },
+    /// A leader committed an entry that no quorum of its voters stores (learners counted, or
+    /// one majority of a joint membership ignored).
+    CommitWithoutQuorum {
+        /// The leader.
+        leader: NodeId,
+        /// The index it committed.
+        index: LogIndex,
+        /// Its membership then.
+        membership: String,
+    },
     /// A scenario's own expectation failed (e.g. a rejoining node deposed the leader).
     Scenario {
         /// What was expected.
@@ -138,6 +148,7 @@ impl Violation {
                 | Violation::FalseAccusation { .. }
                 | Violation::Certificate { .. }
                 | Violation::Linearizability { .. }
+                | Violation::CommitWithoutQuorum { .. }
         )
     }
 }
@@ -199,6 +210,15 @@ impl fmt::Display for Violation {
                     "false accusation: {accuser} holds evidence against honest {accused}"
                 )
             }
+            Violation::CommitWithoutQuorum {
+                leader,
+                index,
+                membership,
+            } => write!(
+                f,
+                "commit without a quorum: {leader} committed {index}, not stored by a quorum of \
+                 {membership}"
+            ),
             Violation::Scenario { detail } => write!(f, "scenario: {detail}"),
             Violation::Certificate { node, detail } => {
                 write!(f, "commit certificate on {node}: {detail}")

@@ -148,6 +148,8 @@ enum Action {
     Heal,
     RestoreWeather,
     Fault,
+    /// A membership change (see [`SimConfig::churn_us`]).
+    Churn,
     Flush {
         node: usize,
         incarnation: u64,
@@ -262,6 +264,10 @@ pub struct Sim<P: SimProtocol = RaftNode> {
     forgeries_sent: u64,
     /// Snapshots taken, and snapshots installed from a leader.
     snapshots: (u64, u64),
+    /// Membership changes asked of a leader.
+    membership_changes_asked: u64,
+    /// Final (not joint) memberships a leader committed.
+    memberships_committed: u64,
 }
 
 impl<P: SimProtocol> Sim<P> {
@@ -275,9 +281,14 @@ impl<P: SimProtocol> Sim<P> {
         let network = SimulatedNetwork::new(mix(config.seed, 0x9e7), config.network)
             .map_err(|e| fail(format!("network settings: {e}")))?;
         config.twins.validate(config.nodes).map_err(fail)?;
+        if config.spares > 0 && !config.twins.twinned.is_empty() {
+            return Err(fail(
+                "spare nodes and twins both take the addresses after `nodes`".into(),
+            ));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(config.seed, 0x5eed));
         // Every replica at its id, then the twins' second instances (see `Twins`).
-        let instances: Vec<(NodeId, NodeId)> = (1..=config.nodes as u64)
+        let instances: Vec<(NodeId, NodeId)> = (1..=(config.nodes + config.spares) as u64)
             .map(|id| (NodeId(id), NodeId(id)))
             .chain(config.twins.second_addresses(config.nodes))
             .collect();
@@ -334,6 +345,8 @@ impl<P: SimProtocol> Sim<P> {
             replayable: Vec::new(),
             forgeries_sent: 0,
             snapshots: (0, 0),
+            membership_changes_asked: 0,
+            memberships_committed: 0,
             failover: None,
             failover_samples: Vec::new(),
             hints_delivered: (0, 0),
@@ -455,6 +468,7 @@ impl<P: SimProtocol> Sim<P> {
                 .sum(),
             forgeries_sent: self.forgeries_sent,
             snapshots: self.snapshots,
+            membership_changes: (self.membership_changes_asked, self.memberships_committed),
         }
     }
 
@@ -570,6 +584,7 @@ impl<P: SimProtocol> Sim<P> {
                 }
             }
             Action::Fault => self.inject_fault(),
+            Action::Churn => self.churn(),
             Action::Flush { node, incarnation } => {
                 if self.nodes[node].incarnation == incarnation {
                     self.flush(node);
@@ -595,6 +610,7 @@ impl<P: SimProtocol> Sim<P> {
         let Some(core) = node.core.as_mut() else {
             return; // a crashed node hears nothing
         };
+        let commit_before = core.status().commit_index;
         // A peer message is a round of one: authenticated first, then stepped as a round, as
         // in the engine's driver.
         match input {
@@ -608,6 +624,17 @@ impl<P: SimProtocol> Sim<P> {
             }
             other => core.step(other, &mut node.out),
         }
+        let status = core.status();
+        if status.is_leader && status.commit_index > commit_before {
+            let nodes: Vec<(NodeId, Option<&P>)> =
+                self.nodes.iter().map(|n| (n.id, n.core.as_ref())).collect();
+            if let Some(leader) = nodes[index].1
+                && let Err(violation) = leader.check_commit(commit_before, &nodes)
+            {
+                self.fail(violation);
+            }
+        }
+        let node = &mut self.nodes[index];
         // What may leave before the write is durable leaves now, as the engine sends it.
         let leaving = std::mem::take(&mut node.out.messages);
         self.send_all(index, leaving);
@@ -660,6 +687,17 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         let durable = out.write.last_appended();
+        if status.is_leader {
+            self.memberships_committed += out
+                .events
+                .iter()
+                .filter(|event| {
+                    matches!(event, crate::protocol::Event::MembershipChanged {
+                        committed: true, membership, ..
+                    } if !membership.is_joint())
+                })
+                .count() as u64;
+        }
         let leaving = std::mem::take(&mut out.messages_after_write);
         self.send_all(index, leaving);
         // 2. Apply through the engine's apply stage, answering this node's clients. Only the
@@ -859,7 +897,12 @@ impl<P: SimProtocol> Sim<P> {
                 return;
             }
         };
-        let voters: Vec<NodeId> = (1..=self.config.nodes as u64).map(NodeId).collect();
+        // A spare starts as a node started to join does: knowing no members.
+        let voters: Vec<NodeId> = if node.id.0 <= self.config.nodes as u64 {
+            (1..=self.config.nodes as u64).map(NodeId).collect()
+        } else {
+            Vec::new()
+        };
         // Twins draw apart (their apply stages hand out request ids from different bases).
         let seed = mix(self.config.seed, (node.address.0 << 32) | node.incarnation);
         let snapshot = recovered.snapshot.clone();
@@ -968,10 +1011,41 @@ impl<P: SimProtocol> Sim<P> {
         self.failover.is_some()
     }
 
-    /// Highest index every live node has applied.
-    pub fn min_applied(&self) -> LogIndex {
+    /// One line per node: down, or its term, leader, commit and applied index and what its core
+    /// says of itself ([`SimProtocol::describe`]).
+    pub fn describe_nodes(&self) -> String {
         self.nodes
             .iter()
+            .map(|n| match &n.core {
+                None => format!("{}: down", n.address),
+                Some(core) => {
+                    let status = core.status();
+                    format!(
+                        "{}: term {}, leader {:?}, commit {}, applied {}, {}",
+                        n.address,
+                        status.term,
+                        status.leader,
+                        status.commit_index,
+                        n.apply.applied_index(),
+                        core.describe()
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Highest index every live node has applied (every member, as the leader sees the
+    /// membership, for a core that changes it: a removed node or a spare never added is not
+    /// waited for).
+    pub fn min_applied(&self) -> LogIndex {
+        let members = self
+            .leader()
+            .and_then(|leader| self.node(leader))
+            .and_then(P::members);
+        self.nodes
+            .iter()
+            .filter(|n| members.as_ref().is_none_or(|m| m.contains(&n.id)))
             .filter(|n| n.core.as_ref().is_none_or(P::is_honest))
             .map(|n| {
                 if n.core.is_some() {

@@ -10,6 +10,7 @@ use crate::protocol::pbft::{
 use crate::protocol::raft::{Control, Message, RaftConfig, RaftNode};
 use crate::protocol::{Envelope, Protocol};
 use crate::sim::invariants::{SafetyMonitor, Violation, check_log_matching};
+use crate::sim::mix;
 use crate::storage::RecoveredState;
 use crate::types::NodeId;
 
@@ -71,6 +72,38 @@ pub trait SimProtocol: Protocol + Sized {
         let _ = (envelope, entropy);
         None
     }
+
+    /// A membership change for this leader, picked with `entropy` among `nodes` (every node
+    /// the simulation runs, spares included). None for a core whose members are fixed (the
+    /// default).
+    fn change_members(&self, nodes: &[NodeId], entropy: u64) -> Option<Self::Control> {
+        let _ = (nodes, entropy);
+        None
+    }
+
+    /// What the node's state looks like, for a failure report (beyond its [`Status`]).
+    ///
+    /// [`Status`]: crate::protocol::Status
+    fn describe(&self) -> String {
+        String::new()
+    }
+
+    /// The nodes that must catch up by the end of a run, as this leader sees the membership;
+    /// None for a core whose members are fixed (then every node must).
+    fn members(&self) -> Option<std::collections::BTreeSet<NodeId>> {
+        None
+    }
+
+    /// Checked when this leader's commit index moved from `before`: the new commit is backed
+    /// by a quorum. `nodes` are every node's id with its core (None while crashed).
+    fn check_commit(
+        &self,
+        before: crate::types::LogIndex,
+        nodes: &[(NodeId, Option<&Self>)],
+    ) -> Result<(), Violation> {
+        let _ = (before, nodes);
+        Ok(())
+    }
 }
 
 impl SimProtocol for RaftNode {
@@ -111,6 +144,83 @@ impl SimProtocol for RaftNode {
             check_leader_completeness(node, monitor)?;
         }
         Ok(())
+    }
+
+    /// Adds a random non-member as a learner (half the time, when there is one), or makes a
+    /// random non-empty subset of the members the voters: promotions, removals, both, or a
+    /// change to the same voters.
+    fn change_members(&self, nodes: &[NodeId], entropy: u64) -> Option<Control> {
+        use crate::protocol::raft::MembershipChange;
+        let membership = self.membership();
+        let outsiders: Vec<NodeId> = nodes
+            .iter()
+            .copied()
+            .filter(|&id| !membership.contains(id))
+            .collect();
+        if !outsiders.is_empty() && entropy & 1 == 0 {
+            let id = outsiders[(entropy >> 1) as usize % outsiders.len()];
+            return Some(Control::ChangeMembership(MembershipChange::AddLearner(id)));
+        }
+        let members: Vec<NodeId> = membership.all_members().into_iter().collect();
+        let mut bits = mix(entropy, 0x6d);
+        let mut voters: std::collections::BTreeSet<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|_| {
+                bits = bits.rotate_right(1);
+                bits & 1 == 1
+            })
+            .collect();
+        if voters.is_empty() {
+            voters.insert(members[(entropy >> 8) as usize % members.len()]);
+        }
+        Some(Control::ChangeMembership(MembershipChange::ChangeVoters(
+            voters,
+        )))
+    }
+
+    fn members(&self) -> Option<std::collections::BTreeSet<NodeId>> {
+        Some(self.membership().all_members())
+    }
+
+    fn describe(&self) -> String {
+        format!("{:?}, {}", self.role(), self.membership())
+    }
+
+    /// Learners never count: the leader's new commit index is stored by a majority of its
+    /// voters (of both sets in a joint membership). A crashed voter's log is out of sight and
+    /// counted as holding it, so this can only miss a violation, never invent one.
+    fn check_commit(
+        &self,
+        before: crate::types::LogIndex,
+        nodes: &[(NodeId, Option<&Self>)],
+    ) -> Result<(), Violation> {
+        let commit = self.commit_index();
+        if commit <= before {
+            return Ok(());
+        }
+        let Some(term) = self.log().term_at(commit) else {
+            return Ok(()); // compacted at once: the snapshot's own checks cover it
+        };
+        let me = self.id();
+        let holds = |id: NodeId| {
+            id == me && self.durable_index() >= commit
+                || nodes.iter().any(|(node, core)| {
+                    *node == id
+                        && core.is_none_or(|core| {
+                            core.log().term_at(commit) == Some(term)
+                                && core.durable_index() >= commit
+                        })
+                })
+        };
+        if self.membership().has_quorum(holds) {
+            return Ok(());
+        }
+        Err(Violation::CommitWithoutQuorum {
+            leader: me,
+            index: commit,
+            membership: self.membership().to_string(),
+        })
     }
 }
 

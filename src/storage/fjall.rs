@@ -107,12 +107,13 @@ impl SyncPolicy {
 }
 
 /// The metadata record of a snapshot: where its file is and how to check it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SnapshotRecord {
     index: LogIndex,
     term: Term,
     length: u64,
     crc: u32,
+    membership: Option<crate::membership::Membership>,
 }
 
 impl SnapshotRecord {
@@ -122,6 +123,7 @@ impl SnapshotRecord {
             term: snapshot.term,
             length: snapshot.data.len() as u64,
             crc: crc32fast::hash(&snapshot.data),
+            membership: snapshot.membership.clone(),
         }
     }
 }
@@ -314,10 +316,14 @@ impl FjallLogStore {
         let staged = crate::sync::lock(&self.staged).remove(&snapshot.index);
         let record = match staged {
             // Its file was written beside the driver: only the record is left to write.
+            // The membership is the core's, known only now.
             Some(record)
                 if record.term == snapshot.term && record.length == snapshot.data.len() as u64 =>
             {
-                record
+                SnapshotRecord {
+                    membership: snapshot.membership.clone(),
+                    ..record
+                }
             }
             _ => {
                 write_snapshot_file(&self.path, snapshot)?;
@@ -951,6 +957,7 @@ impl<'a> BodyReader<'a> {
 
 const PAYLOAD_BLANK: u8 = 0;
 const PAYLOAD_COMMAND: u8 = 1;
+const PAYLOAD_MEMBERSHIP: u8 = 2;
 
 /// Entry body: term, index, payload tag, then for a command the tag's proposer and request id and
 /// the data (the rest of the body).
@@ -965,6 +972,10 @@ fn encode_entry(entry: &Entry) -> Vec<u8> {
             body.extend_from_slice(&tag.proposer.0.to_le_bytes());
             body.extend_from_slice(&tag.request_id.to_le_bytes());
             body.extend_from_slice(data);
+        }
+        Payload::Membership(membership) => {
+            body.push(PAYLOAD_MEMBERSHIP);
+            encode_membership(membership, &mut body);
         }
     }
     seal(RecordKind::Entry, &body)
@@ -994,6 +1005,11 @@ fn decode_entry(record: &[u8], location: &str) -> Result<Entry, StorageError> {
                 },
                 data,
             }
+        }
+        PAYLOAD_MEMBERSHIP => {
+            let membership = decode_membership(&mut reader)?;
+            reader.finish()?;
+            Payload::Membership(membership)
         }
         other => return Err(corrupt(location, format!("unknown payload tag {other}"))),
     };
@@ -1040,6 +1056,11 @@ fn encode_snapshot(record: &SnapshotRecord) -> Vec<u8> {
     body.extend_from_slice(&record.term.to_le_bytes());
     body.extend_from_slice(&record.length.to_le_bytes());
     body.extend_from_slice(&record.crc.to_le_bytes());
+    // Records written before memberships existed end here; a membership follows a 1.
+    if let Some(membership) = &record.membership {
+        body.push(1);
+        encode_membership(membership, &mut body);
+    }
     seal(RecordKind::Snapshot, &body)
 }
 
@@ -1054,12 +1075,60 @@ fn decode_snapshot(record: &[u8]) -> Result<SnapshotRecord, StorageError> {
     let term = reader.u64("snapshot term")?;
     let length = reader.u64("snapshot length")?;
     let crc = reader.u32("snapshot checksum")?;
+    let membership = if reader.rest.is_empty() {
+        None
+    } else {
+        match reader.u8("snapshot membership tag")? {
+            1 => Some(decode_membership(&mut reader)?),
+            other => {
+                return Err(corrupt(
+                    location,
+                    format!("unknown snapshot membership tag {other}"),
+                ));
+            }
+        }
+    };
     reader.finish()?;
     Ok(SnapshotRecord {
         index,
         term,
         length,
         crc,
+        membership,
+    })
+}
+
+/// A membership: its voters, outgoing voters and learners, each a count and the ids.
+fn encode_membership(membership: &crate::membership::Membership, body: &mut Vec<u8>) {
+    for set in [
+        &membership.voters,
+        &membership.outgoing,
+        &membership.learners,
+    ] {
+        body.extend_from_slice(&(set.len() as u64).to_le_bytes());
+        for id in set {
+            body.extend_from_slice(&id.0.to_le_bytes());
+        }
+    }
+}
+
+fn decode_membership(
+    reader: &mut BodyReader<'_>,
+) -> Result<crate::membership::Membership, StorageError> {
+    let mut set = |what: &str| -> Result<std::collections::BTreeSet<NodeId>, StorageError> {
+        let count = reader.u64(what)?;
+        if count > reader.rest.len() as u64 / 8 {
+            return Err(corrupt(
+                reader.location,
+                format!("{what}: {count} ids in {} bytes", reader.rest.len()),
+            ));
+        }
+        (0..count).map(|_| Ok(NodeId(reader.u64(what)?))).collect()
+    };
+    Ok(crate::membership::Membership {
+        voters: set("voters")?,
+        outgoing: set("outgoing voters")?,
+        learners: set("learners")?,
     })
 }
 
@@ -1108,6 +1177,7 @@ fn read_snapshot_file(state_dir: &Path, record: SnapshotRecord) -> Result<Snapsh
         index: record.index,
         term: record.term,
         data: data.into(),
+        membership: record.membership,
     })
 }
 
@@ -1161,16 +1231,32 @@ mod tests {
                 hard_state
             );
         }
-        let snapshot = SnapshotRecord {
+        let mut snapshot = SnapshotRecord {
             index: 10,
             term: 3,
             length: 4,
             crc: 0xdead_beef,
+            membership: None,
         };
         assert_eq!(
             decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),
             snapshot
         );
+        snapshot.membership = Some(crate::membership::Membership {
+            voters: [NodeId(2), NodeId(3)].into(),
+            outgoing: [NodeId(1), NodeId(2)].into(),
+            learners: [NodeId(7)].into(),
+        });
+        assert_eq!(
+            decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),
+            snapshot
+        );
+        let entry = Entry {
+            term: 4,
+            index: 11,
+            payload: Payload::Membership(snapshot.membership.clone().unwrap()),
+        };
+        assert_eq!(decode_entry(&encode_entry(&entry), "test").unwrap(), entry);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Snapshot {
     pub term: Term,
     /// The encoded state.
     pub data: Bytes,
+    /// The membership in force at `index`, for a core that changes its members (Raft): the
+    /// log before the snapshot, which held it, is gone. `None` for one that does not.
+    pub membership: Option<crate::membership::Membership>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -64,6 +67,7 @@ impl std::fmt::Debug for Snapshot {
             .field("index", &self.index)
             .field("term", &self.term)
             .field("bytes", &self.data.len())
+            .field("membership", &self.membership)
             .finish()
     }
 }

@@ -44,12 +44,13 @@ pub fn finish<P: SimProtocol>(sim: &mut Sim<P>) -> Result<SimReport, SimFailure>
     })?;
     if !settled {
         let detail = format!(
-            "{} us after healing: leader {:?}, probe committed at {:?}, lowest applied index {}, clients quiet {}",
+            "{} us after healing: leader {:?}, probe committed at {:?}, lowest applied index {}, clients quiet {}\n{}",
             sim.config().liveness_deadline_us,
             sim.leader(),
             sim.probe_index(),
             sim.min_applied(),
-            sim.clients_quiet()
+            sim.clients_quiet(),
+            sim.describe_nodes()
         );
         return Err(failure(sim, Violation::Liveness { detail }));
     }

@@ -32,6 +32,19 @@ pub fn entry_digest(entry: &Entry) -> Hash {
             hasher.update((data.len() as u64).to_be_bytes());
             hasher.update(data);
         }
+        Payload::Membership(membership) => {
+            hasher.update([2u8]);
+            for set in [
+                &membership.voters,
+                &membership.outgoing,
+                &membership.learners,
+            ] {
+                hasher.update((set.len() as u64).to_be_bytes());
+                for id in set {
+                    hasher.update(id.0.to_be_bytes());
+                }
+            }
+        }
     }
     hasher.finalize().into()
 }

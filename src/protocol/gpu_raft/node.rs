@@ -247,6 +247,15 @@ impl GpuRaftNode {
             // unsigned, over the authenticated transport, as heartbeats do; what a read needs
             // is a quorum still in the leader's term, not a promise about anyone's log.
             Input::Read { request_id } => self.step_inner(raft::Input::Read { request_id }, out),
+            // Votes and acknowledgements are signed and counted against the validator keys
+            // fixed at start; changing who votes needs those keys to follow the log first.
+            Input::Control(raft::Control::ChangeMembership(_)) => {
+                out.events.push(crate::protocol::Event::MembershipRefused {
+                    error: crate::membership::MembershipError::Unsupported(
+                        "GPU-optimized Raft keeps the validator set it started with",
+                    ),
+                });
+            }
             Input::Control(control) => self.step_inner(raft::Input::Control(control), out),
             Input::FlushProposals => {
                 self.check_client_signatures(out);

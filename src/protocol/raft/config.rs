@@ -17,6 +17,9 @@ pub struct InjectedBugs {
     /// Serve reads at the leader's commit index without confirming its leadership first (a
     /// deposed leader then answers from stale state).
     pub read_without_confirming_leadership: bool,
+    /// Count learners as voters when committing (they store the log, but a quorum of them
+    /// and the leader need not hold a majority of the voters).
+    pub count_learners_in_quorum: bool,
 }
 
 /// Chunks of a snapshot in flight to one follower (sent, not yet answered): enough to cover
@@ -29,7 +32,10 @@ pub const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 16;
 pub struct RaftConfig {
     /// This node.
     pub id: NodeId,
-    /// Every voting member, this node included.
+    /// Every voting member at the group's start, this node included; empty for a node that
+    /// joins a running group (it neither votes nor campaigns until a leader adds it, and learns
+    /// the members from the leader's log or snapshot). Once the log holds a membership entry,
+    /// that entry decides (see [`crate::membership`]).
     pub voters: Vec<NodeId>,
     /// A follower that hears nothing from a leader for a random number of ticks in
     /// `[election_timeout_ticks, 2 * election_timeout_ticks)` starts an election.
@@ -168,11 +174,12 @@ impl RaftConfig {
     /// Checks that the settings can work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = ConfigError::invalid::<()>;
-        if !self.voters.contains(&self.id) {
+        // Empty: a node joining a running group, which learns its members from the leader.
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
             return invalid(
                 "voters",
                 format!("{:?}", self.voters),
-                "must include this node's id",
+                "must include this node's id (or be empty, for a node that joins a running group)",
             );
         }
         let mut sorted = self.voters.clone();

@@ -14,7 +14,21 @@ impl RaftNode {
     /// handler.
     pub(crate) fn receive(&mut self, envelope: Envelope, out: &mut Output) {
         let Envelope { from, to, message } = envelope;
-        if to != self.config.id || from == self.config.id || !self.config.voters.contains(&from) {
+        // A leader's messages are heeded from any node the transport let through: a follower
+        // behind a membership change may not know its new leader yet. Everything else comes
+        // from members only (a removed node's votes count for nothing).
+        let from_a_leader = matches!(
+            message,
+            Message::AppendEntries { .. }
+                | Message::Heartbeat { .. }
+                | Message::Commit { .. }
+                | Message::InstallSnapshot { .. }
+                | Message::TimeoutNow { .. }
+        );
+        if to != self.config.id
+            || from == self.config.id
+            || !(from_a_leader || self.membership().contains(from))
+        {
             return; // misrouted, or from a stranger: nothing in it can be trusted to apply here
         }
         let message_term = message.term();
@@ -139,6 +153,7 @@ impl RaftNode {
                 offset,
                 chunk_checksum,
                 data,
+                membership,
                 ..
             } => {
                 self.follow(from, out);
@@ -150,6 +165,7 @@ impl RaftNode {
                     offset,
                     data,
                     chunk_checksum,
+                    membership,
                 };
                 self.handle_install_snapshot(from, chunk, out);
             }
@@ -284,17 +300,20 @@ impl RaftNode {
 
     /// Counts a (pre-)vote and moves on once the outcome is decided.
     fn record_vote(&mut self, from: NodeId, granted: bool, out: &mut Output) {
+        if !self.membership().is_voter(from) {
+            return;
+        }
         self.votes.entry(from).or_insert(granted);
-        let quorum = self.quorum();
-        let yes = self.votes.values().filter(|&&g| g).count();
-        let no = self.votes.len() - yes;
-        if yes >= quorum {
+        let membership = self.membership();
+        let won = membership.has_quorum(|id| self.votes.get(&id) == Some(&true));
+        let lost = membership.has_quorum(|id| self.votes.get(&id) == Some(&false));
+        if won {
             match self.role {
                 Role::PreCandidate => self.campaign(false, out),
                 Role::Candidate => self.become_leader(out),
                 _ => {}
             }
-        } else if no >= quorum {
+        } else if lost {
             let term = self.term;
             self.become_follower(term, None, out);
         }
@@ -455,7 +474,7 @@ impl RaftNode {
         let last_index = self.log.last_index();
         let max_inflight = self.config.max_inflight_appends;
         let progress: BTreeMap<NodeId, Progress> = self
-            .peers()
+            .replicas()
             .map(|peer| (peer, Progress::new(last_index, max_inflight)))
             .collect();
         self.leader_state = Some(LeaderState {
@@ -485,9 +504,11 @@ impl RaftNode {
         let Some(state) = self.leader_state.as_ref() else {
             return;
         };
+        let membership = self.membership();
         let target = state
             .progress
             .iter()
+            .filter(|(peer, _)| membership.is_voter(**peer))
             .max_by_key(|(peer, progress)| {
                 (
                     progress.recently_active,
@@ -505,7 +526,7 @@ impl RaftNode {
     /// Starts handing leadership to `to` (Raft thesis §3.10): stop taking proposals, bring `to`
     /// up to date, then tell it to campaign at once. Abandoned after an election timeout.
     pub(crate) fn transfer_leadership(&mut self, to: NodeId, out: &mut Output) {
-        if self.role != Role::Leader || to == self.config.id || !self.config.voters.contains(&to) {
+        if self.role != Role::Leader || to == self.config.id || !self.membership().is_voter(to) {
             return;
         }
         if self.transfer_target() == Some(to) {
@@ -546,7 +567,11 @@ impl RaftNode {
         state
             .progress
             .iter()
-            .filter(|(_, p)| p.recently_active && p.match_index == last_index)
+            .filter(|(peer, p)| {
+                self.membership().is_voter(**peer)
+                    && p.recently_active
+                    && p.match_index == last_index
+            })
             .map(|(&peer, _)| (self.config.priority_of(peer), peer))
             .filter(|&(priority, _)| priority > my_priority)
             .max()

@@ -167,6 +167,8 @@ pub enum Message {
         chunk_checksum: u32,
         /// The chunk's bytes.
         data: Bytes,
+        /// The membership in force at `index` (the snapshot's; see [`crate::membership`]).
+        membership: Option<crate::membership::Membership>,
     },
     /// Answer to [`Message::InstallSnapshot`]: how many bytes of the snapshot ending at `index`
     /// the follower holds in order (`total` once installed: then it is durable).

@@ -24,6 +24,7 @@ mod dedup;
 mod election;
 mod forwarding;
 mod log;
+mod membership;
 mod message;
 mod node;
 mod progress;
@@ -38,6 +39,7 @@ pub use config::{RaftConfig, SNAPSHOT_CHUNKS_IN_FLIGHT};
 pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_ELECTION_TIMEOUTS};
 pub use log::RaftLog;
+pub use membership::MembershipChange;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
 pub use read_index::{READ_RETENTION_ELECTION_TIMEOUTS, READ_ROUNDS_IN_FLIGHT};
@@ -59,6 +61,9 @@ pub enum Control {
     /// of the leader, so that the cluster need not wait out an election timeout). Ignored by a
     /// node that does not lead or has no other voter.
     HandOver,
+    /// Change the membership (leader only): the outcome shows as
+    /// [`Event::MembershipChanged`] or [`Event::MembershipRefused`].
+    ChangeMembership(MembershipChange),
 }
 
 /// One thing that happens to a Raft node.

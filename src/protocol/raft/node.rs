@@ -8,12 +8,15 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::ConfigError;
+use crate::membership::Membership;
 use crate::protocol::raft::config::RaftConfig;
 use crate::protocol::raft::log::RaftLog;
+use crate::protocol::raft::membership::MembershipLog;
 use crate::protocol::raft::message::Message;
 use crate::protocol::raft::progress::Progress;
 use crate::protocol::raft::{Control, Envelope, Input, Output};
 use crate::protocol::{Event, Protocol, Status};
+use crate::storage::Snapshot;
 use crate::storage::{HardState, RecoveredState};
 use crate::types::{LogIndex, NodeId, Term};
 
@@ -104,6 +107,10 @@ pub struct RaftNode {
     /// The CRC-32 of the snapshot with this index, once a transfer computed it: a leader
     /// sending one snapshot to several followers reads its bytes once.
     pub(crate) snapshot_checksum: Option<(LogIndex, u32)>,
+    /// The memberships in the log (see `membership.rs`); the last one is in force.
+    pub(crate) members: crate::protocol::raft::membership::MembershipLog,
+    /// This node reported its removal ([`Event::Removed`]).
+    pub(crate) removed: bool,
 }
 
 impl RaftNode {
@@ -131,6 +138,20 @@ impl RaftNode {
             .as_ref()
             .map_or(0, |s| s.index)
             .max(log.first_index().saturating_sub(1));
+        // The snapshot's membership (the bootstrap voters without one), then the log's.
+        let (base_index, base) = match &snapshot {
+            Some(Snapshot {
+                index,
+                membership: Some(membership),
+                ..
+            }) => (*index, membership.clone()),
+            _ => (0, Membership::of_voters(config.voters.iter().copied())),
+        };
+        let mut members = MembershipLog::new(base_index, base);
+        let from = log.first_index().max(base_index + 1);
+        for entry in log.slice(from, log.last_index()) {
+            members.appended(entry);
+        }
         let mut node = RaftNode {
             rng,
             role: Role::Follower,
@@ -155,6 +176,8 @@ impl RaftNode {
             snapshot,
             incoming_snapshot: None,
             snapshot_checksum: None,
+            members,
+            removed: false,
             config,
         };
         node.reset_election_timer();
@@ -172,6 +195,11 @@ impl RaftNode {
             Input::Read { request_id } => self.read(request_id, out),
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
             Input::Control(Control::HandOver) => self.hand_over(out),
+            Input::Control(Control::ChangeMembership(change)) => {
+                if let Err(error) = self.change_membership(change, out) {
+                    out.events.push(Event::MembershipRefused { error });
+                }
+            }
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
             Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
@@ -279,16 +307,21 @@ impl RaftNode {
         }
     }
 
-    pub(crate) fn quorum(&self) -> usize {
-        self.config.voters.len() / 2 + 1
-    }
-
+    /// The voters other than this node (both sets of a joint membership): whom elections ask.
     pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         let me = self.config.id;
-        self.config
-            .voters
-            .iter()
-            .copied()
+        self.membership()
+            .all_voters()
+            .into_iter()
+            .filter(move |&id| id != me)
+    }
+
+    /// Every member other than this node, learners included: whom a leader replicates to.
+    pub(crate) fn replicas(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let me = self.config.id;
+        self.membership()
+            .all_members()
+            .into_iter()
             .filter(move |&id| id != me)
     }
 
@@ -369,8 +402,18 @@ impl RaftNode {
         }
     }
 
+    /// True if this node may campaign: it votes in its latest membership, or in the one
+    /// before while the latest is not known committed here. Without the second case a group
+    /// could stall for good: a leader that appended the final membership of a change that
+    /// removes it, then restarted before it committed, would never campaign again, while the
+    /// new voters, lacking that entry, need its vote under the joint membership and are refused
+    /// it (their log is behind). Campaigning is always safe; the votes are counted under the
+    /// latest membership, whose quorums meet those of the one before.
     pub(crate) fn is_voter(&self) -> bool {
-        self.config.voters.contains(&self.config.id)
+        let me = self.config.id;
+        let latest = self.members.latest_index();
+        self.membership().is_voter(me)
+            || (latest > self.commit_index && self.members.at(latest - 1).is_voter(me))
     }
 }
 

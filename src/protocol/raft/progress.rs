@@ -29,6 +29,8 @@ pub struct Progress {
     pub probe_sent: bool,
     /// Heard from the follower since the last check-quorum round.
     pub recently_active: bool,
+    /// Heard from the follower in the check-quorum round before.
+    pub active_last_round: bool,
     /// The match index advanced since the last heartbeat was sent.
     pub acked_since_heartbeat: bool,
     /// The highest commit index sent to the follower that it can apply (an append's or
@@ -62,6 +64,7 @@ impl Progress {
             state: ProgressState::Probe,
             probe_sent: false,
             recently_active: false,
+            active_last_round: false,
             acked_since_heartbeat: false,
             commit_sent: 0,
             owed_commit: 0,
@@ -71,6 +74,11 @@ impl Progress {
             inflight: VecDeque::with_capacity(max_inflight),
             max_inflight,
         }
+    }
+
+    /// Heard from the follower in this check-quorum round or the one before.
+    pub fn heard_lately(&self) -> bool {
+        self.recently_active || self.active_last_round
     }
 
     /// Whether another append may be sent now.

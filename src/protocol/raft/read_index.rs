@@ -238,11 +238,18 @@ impl RaftNode {
     fn leader_read(&mut self, reader: Reader, out: &mut Output) {
         let commit = self.commit_index;
         let committed_in_term = self.log.term_at(commit) == Some(self.term);
-        let vouched = matches!(reader, Reader::Remote(..)) && self.quorum() <= 2;
-        let immediate = self.quorum() == 1
-            || vouched
-            || self.holds_lease()
-            || self.config.bugs().read_without_confirming_leadership;
+        // A follower asking for a read index has heard from this leader: with it this node
+        // may already be a quorum (in a group of three voters).
+        let me = self.config.id;
+        let asking = match reader {
+            Reader::Remote(follower, _) => Some(follower),
+            Reader::Local(_) => None,
+        };
+        let vouched = self
+            .membership()
+            .has_quorum(|id| id == me || Some(id) == asking);
+        let immediate =
+            vouched || self.holds_lease() || self.config.bugs().read_without_confirming_leadership;
         let Some(state) = self.leader_state.as_mut() else {
             return;
         };
@@ -305,21 +312,31 @@ impl RaftNode {
     /// has now answered, extends the lease, serves the reads they confirm, and starts the round
     /// the reads that arrived meanwhile need.
     pub(crate) fn round_answered(&mut self, from: NodeId, round: u64, out: &mut Output) {
-        let quorum = self.quorum();
         let (lease_reads, lease_ticks) = (self.config.lease_reads, self.config.lease_ticks());
+        let me = self.config.id;
         let Some(state) = self.leader_state.as_mut() else {
             return;
         };
-        let reads = &mut state.reads;
+        let sent = state.reads.round;
         let Some(progress) = state.progress.get_mut(&from) else {
             return;
         };
         // Only rounds this leader sent: an answer naming a later one is not to be believed.
-        progress.round_answered = progress.round_answered.max(round.min(reads.round));
-        let mut answered: Vec<u64> = state.progress.values().map(|p| p.round_answered).collect();
-        answered.push(reads.round);
-        answered.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = answered[quorum - 1];
+        progress.round_answered = progress.round_answered.max(round.min(sent));
+        let Some(state) = self.leader_state.as_ref() else {
+            return;
+        };
+        let confirmed = self.membership().quorum_value(|id| {
+            if id == me {
+                sent
+            } else {
+                state.progress.get(&id).map_or(0, |p| p.round_answered)
+            }
+        });
+        let Some(state) = self.leader_state.as_mut() else {
+            return;
+        };
+        let reads = &mut state.reads;
         if confirmed <= reads.confirmed {
             return;
         }

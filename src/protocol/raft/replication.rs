@@ -135,11 +135,21 @@ impl RaftNode {
     pub(crate) fn append_to_own_log(&mut self, entries: Vec<Entry>, out: &mut Output) {
         debug_assert!(self.role == Role::Leader);
         out.write.merge_log(None, &entries);
+        let membership_before = self.members.latest_index();
         for entry in entries {
+            self.members.appended(&entry);
             self.log.push(entry);
         }
+        if self.members.latest_index() != membership_before {
+            self.membership_changed(out);
+        }
         self.maybe_commit(out);
-        for peer in self.peers().collect::<Vec<_>>() {
+        let replicas: Vec<NodeId> = self
+            .leader_state
+            .as_ref()
+            .map(|state| state.progress.keys().copied().collect())
+            .unwrap_or_default();
+        for peer in replicas {
             self.send_appends(peer, out);
         }
     }
@@ -275,16 +285,22 @@ impl RaftNode {
             first_new = position;
             break;
         }
+        let membership_before = self.members.latest_index();
         if let Some(from) = truncate_from {
             self.log.truncate_from(from);
+            self.members.truncated_from(from);
             self.durable_index = self.durable_index.min(from - 1);
         }
         if truncate_from.is_some() || first_new < entries.len() {
             out.write.merge_log(truncate_from, &entries[first_new..]);
             // Moved, not cloned: the message is ours, and a clone per entry showed in profiles.
             for entry in entries.into_iter().skip(first_new) {
+                self.members.appended(&entry);
                 self.log.push(entry);
             }
+        }
+        if self.members.latest_index() != membership_before {
+            self.membership_changed(out);
         }
         self.commit_to(leader_commit.min(last_new_index), out);
         let message = Message::AppendEntriesResponse {
@@ -371,10 +387,25 @@ impl RaftNode {
         let Some(state) = self.leader_state.as_ref() else {
             return;
         };
-        let mut matched: Vec<LogIndex> = state.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.durable_index); // this node counts only what is on its disk
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let quorum_index = matched[self.quorum() - 1];
+        let me = self.config.id;
+        // This node counts only what is on its disk; learners are in `progress` but never in
+        // a quorum.
+        let counted = if self.config.bugs().count_learners_in_quorum {
+            let mut with_learners = self.membership().clone();
+            with_learners
+                .voters
+                .extend(with_learners.learners.iter().copied());
+            std::borrow::Cow::Owned(with_learners)
+        } else {
+            std::borrow::Cow::Borrowed(self.membership())
+        };
+        let quorum_index = counted.quorum_value(|id| {
+            if id == me {
+                self.durable_index
+            } else {
+                state.progress.get(&id).map_or(0, |p| p.match_index)
+            }
+        });
         if quorum_index <= self.commit_index {
             return;
         }
@@ -487,8 +518,10 @@ impl RaftNode {
         out.committed
             .extend_from_slice(self.log.slice(self.commit_index + 1, index));
         self.forget_committed_proposals(&out.committed[first_new..]);
+        let before = self.commit_index;
         self.commit_index = index;
         self.release_reads_after_term_commit(out);
+        self.membership_committed(before, out);
     }
 
     /// The leader's share of a tick: heartbeats, check-quorum, transfer timeout, batch timeout,
@@ -536,19 +569,20 @@ impl RaftNode {
     /// True if a quorum (ourselves included) was heard from since the last round; starts a new
     /// round.
     fn check_quorum_round(&mut self) -> bool {
-        let quorum = self.quorum();
-        let Some(state) = self.leader_state.as_mut() else {
+        let me = self.config.id;
+        let Some(state) = self.leader_state.as_ref() else {
             return false;
         };
-        let active = 1 + state
-            .progress
-            .values()
-            .filter(|p| p.recently_active)
-            .count();
-        for progress in state.progress.values_mut() {
-            progress.recently_active = false;
+        let active = self.membership().has_quorum(|id| {
+            id == me || state.progress.get(&id).is_some_and(|p| p.recently_active)
+        });
+        if let Some(state) = self.leader_state.as_mut() {
+            for progress in state.progress.values_mut() {
+                progress.active_last_round = progress.recently_active;
+                progress.recently_active = false;
+            }
         }
-        active >= quorum
+        active
     }
 
     /// Sends the next heartbeat round to every follower (periodically, and when reads need

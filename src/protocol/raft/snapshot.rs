@@ -83,6 +83,7 @@ pub(crate) struct IncomingSnapshot {
     total: u64,
     checksum: u32,
     data: BytesMut,
+    membership: Option<crate::membership::Membership>,
 }
 
 /// One chunk of [`Message::InstallSnapshot`], as the follower handles it.
@@ -94,6 +95,7 @@ pub(crate) struct SnapshotChunk {
     pub(crate) offset: u64,
     pub(crate) data: Bytes,
     pub(crate) chunk_checksum: u32,
+    pub(crate) membership: Option<crate::membership::Membership>,
 }
 
 impl RaftNode {
@@ -110,6 +112,9 @@ impl RaftNode {
         {
             return;
         }
+        let mut snapshot = snapshot;
+        snapshot.membership = Some(self.members.at(snapshot.index).clone());
+        self.members.rebase(snapshot.index);
         out.write.snapshot = Some(snapshot.clone());
         let previous = self.snapshot.replace(snapshot);
         if self.config.log_retention > 0 {
@@ -230,6 +235,7 @@ impl RaftNode {
                     offset: outgoing.sent,
                     chunk_checksum: crc32fast::hash(&data),
                     data,
+                    membership: outgoing.snapshot.membership.clone(),
                 });
                 outgoing.sent = end;
                 outgoing.sent_any = true;
@@ -354,6 +360,7 @@ impl RaftNode {
                 // The whole at once (up to a bound: the size is the leader's word), so that
                 // the bytes are copied once, not again at each doubling.
                 data: BytesMut::with_capacity(chunk.total.min(MAX_PREALLOCATED) as usize),
+                membership: chunk.membership.clone(),
             });
         }
         let Some(incoming) = self.incoming_snapshot.as_mut() else {
@@ -385,6 +392,7 @@ impl RaftNode {
                 index,
                 term: incoming.term,
                 data,
+                membership: incoming.membership,
             },
             out,
         );
@@ -397,9 +405,12 @@ impl RaftNode {
     fn install_snapshot(&mut self, snapshot: Snapshot, out: &mut Output) {
         let (index, term) = (snapshot.index, snapshot.term);
         debug_assert!(index > self.commit_index);
+        let commit_before = self.commit_index;
+        let membership_before = self.members.latest_index();
         if self.log.term_at(index) == Some(term) {
             self.log.compact_through(index, term);
             self.durable_index = self.durable_index.max(index);
+            self.members.rebase(index);
         } else {
             // Entries past the commit index may conflict with the leader's; those at or below
             // it are covered by the snapshot and go with the compaction.
@@ -409,6 +420,9 @@ impl RaftNode {
             }
             self.log.reset_to(index, term);
             self.durable_index = index;
+            let membership = snapshot.membership.clone();
+            let membership = membership.unwrap_or_else(|| self.members.at(index).clone());
+            self.members.reset(index, membership);
         }
         out.write.snapshot = Some(snapshot.clone());
         out.write.compact(index);
@@ -416,6 +430,10 @@ impl RaftNode {
         out.restore = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
         self.release_reads_after_term_commit(out);
+        if self.members.latest_index() != membership_before {
+            self.membership_changed(out);
+        }
+        self.membership_committed(commit_before, out);
     }
 }
 

@@ -13,6 +13,8 @@ use crate::types::{Entry, LogIndex, Payload, ProposalTag};
 pub(super) struct Cluster {
     pub(super) nodes: BTreeMap<NodeId, RaftNode>,
     committed: BTreeMap<NodeId, Vec<Entry>>,
+    /// Events each node output, in order.
+    pub(super) events: Vec<(NodeId, crate::protocol::Event)>,
     pub(super) rejected: Vec<Rejection>,
     /// Read indexes each node output, in order.
     pub(super) reads: Vec<(NodeId, crate::protocol::ReadState)>,
@@ -42,6 +44,7 @@ impl Cluster {
         Cluster {
             nodes,
             committed: BTreeMap::new(),
+            events: Vec::new(),
             rejected: Vec::new(),
             reads: Vec::new(),
             restored: Vec::new(),
@@ -66,6 +69,8 @@ impl Cluster {
                 .or_default()
                 .append(&mut out.committed);
             self.rejected.append(&mut out.rejected);
+            self.events
+                .extend(out.events.drain(..).map(|event| (id, event)));
             self.reads
                 .extend(out.reads.drain(..).map(|read| (id, read)));
             self.restored.extend(out.restore.take().map(|s| (id, s)));
@@ -157,7 +162,7 @@ impl Cluster {
                     .iter()
                     .filter_map(|e| match &e.payload {
                         Payload::Command { data, .. } => Some(data.clone()),
-                        Payload::Blank => None,
+                        Payload::Blank | Payload::Membership(_) => None,
                     })
                     .collect()
             })
@@ -202,7 +207,7 @@ fn a_follower_forwards_proposals_to_the_leader() {
     let applied = &cluster.committed[&follower];
     let tag = applied.iter().find_map(|e| match &e.payload {
         Payload::Command { tag, .. } => Some(*tag),
-        Payload::Blank => None,
+        Payload::Blank | Payload::Membership(_) => None,
     });
     assert_eq!(
         tag,

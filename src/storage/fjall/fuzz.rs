@@ -45,16 +45,28 @@ fn record() -> impl Strategy<Value = Record> {
                 voted_for: vote.map(NodeId),
             })
         }),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
-            |(index, term, length, crc)| {
+        (
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()),
+            prop::option::of(prop::array::uniform3(prop::collection::btree_set(
+                any::<u64>().prop_map(NodeId),
+                0..4
+            )))
+        )
+            .prop_map(|((index, term, length, crc), sets)| {
                 Record::Snapshot(SnapshotRecord {
                     index,
                     term,
                     length,
                     crc,
+                    membership: sets.map(|[voters, outgoing, learners]| {
+                        crate::membership::Membership {
+                            voters,
+                            outgoing,
+                            learners,
+                        }
+                    }),
                 })
-            }
-        ),
+            }),
     ]
 }
 

@@ -27,8 +27,9 @@ use crate::types::NodeId;
 /// Version of this wire protocol; a peer speaking another one is refused in the handshake.
 /// 2: Raft's `Commit` message and the `NotCertified` refusal. 3: trace attachments. 4: Raft's
 /// heartbeat rounds and read indexes (`ReadIndex`, `ReadIndexResponse`). 5: Raft's snapshot
-/// transfer (`InstallSnapshot`, `InstallSnapshotResponse`).
-pub(crate) const PROTOCOL_VERSION: u32 = 5;
+/// transfer (`InstallSnapshot`, `InstallSnapshotResponse`). 6: membership entries
+/// (`Payload::Membership`) and the snapshot's membership in `InstallSnapshot`.
+pub(crate) const PROTOCOL_VERSION: u32 = 6;
 
 /// The top bit of a message length: a trace attachment precedes the message.
 const TRACED: u32 = 1 << 31;

@@ -15,6 +15,7 @@ fn snapshot_of(node: &RaftNode, index: LogIndex) -> Snapshot {
         index,
         term: node.log().term_at(index).unwrap(),
         data: Bytes::from(format!("the state through {index}, padded to span chunks").repeat(3)),
+        membership: None,
     }
 }
 
@@ -256,6 +257,7 @@ fn chunk(term: u64, data: &[u8], offset: usize, length: usize, index: LogIndex) 
         offset: offset as u64,
         chunk_checksum: crc32fast::hash(&part),
         data: part,
+        membership: None,
     }
 }
 
@@ -337,6 +339,7 @@ fn a_node_restarts_from_its_snapshot_and_the_log_after_it() {
         index: 8,
         term: 2,
         data: Bytes::from_static(b"state"),
+        membership: None,
     };
     // The store kept an interval of entries before the snapshot and some after it.
     let recovered = RecoveredState {

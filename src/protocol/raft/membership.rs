@@ -1,0 +1,352 @@
+//! Membership changes in the Raft core: learners, and voter changes through a joint membership
+//! (Raft thesis §4.3; see [`crate::membership`]).
+//!
+//! Every membership entry takes effect on a node as soon as it is in its log. The leader
+//! accepts one change at a time: `ChangeVoters` appends the joint membership (old and new
+//! voters); once that commits the leader appends the final one (new voters alone), and a leader
+//! that is not among them steps down when the final one commits. A node that sees a committed
+//! membership without itself reports [`Event::Removed`] and stays quiet.
+
+use std::collections::BTreeSet;
+
+use crate::membership::{Membership, MembershipError};
+use crate::protocol::Event;
+use crate::protocol::raft::node::{RaftNode, Role};
+use crate::protocol::raft::progress::Progress;
+use crate::protocol::raft::{Message, Output};
+use crate::types::{Entry, LogIndex, NodeId, Payload};
+
+/// The memberships a node's log holds: the one in force at `base_index` (the snapshot's, or
+/// the bootstrap voters at 0) and each membership entry after it, in index order.
+#[derive(Clone, Debug)]
+pub(crate) struct MembershipLog {
+    base_index: LogIndex,
+    base: Membership,
+    changes: Vec<(LogIndex, Membership)>,
+}
+
+impl MembershipLog {
+    pub(crate) fn new(base_index: LogIndex, base: Membership) -> Self {
+        MembershipLog {
+            base_index,
+            base,
+            changes: Vec::new(),
+        }
+    }
+
+    /// The membership in force: the last one in the log.
+    pub(crate) fn latest(&self) -> &Membership {
+        self.changes.last().map_or(&self.base, |(_, m)| m)
+    }
+
+    /// The index of the entry that set the latest membership (the base's index if none did).
+    pub(crate) fn latest_index(&self) -> LogIndex {
+        self.changes.last().map_or(self.base_index, |(i, _)| *i)
+    }
+
+    /// The membership in force at `index` (at the base for an index before it).
+    pub(crate) fn at(&self, index: LogIndex) -> &Membership {
+        self.changes
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .map_or(&self.base, |(_, m)| m)
+    }
+
+    /// Notes the membership an appended entry carries.
+    pub(crate) fn appended(&mut self, entry: &Entry) {
+        if let Payload::Membership(membership) = &entry.payload
+            && entry.index > self.latest_index()
+        {
+            self.changes.push((entry.index, membership.clone()));
+        }
+    }
+
+    /// The log lost its entries from `from` on: their memberships no longer hold.
+    pub(crate) fn truncated_from(&mut self, from: LogIndex) {
+        self.changes.retain(|(index, _)| *index < from);
+    }
+
+    /// A snapshot through `index` now covers the log up to there: the membership in force at
+    /// `index` becomes the base.
+    pub(crate) fn rebase(&mut self, index: LogIndex) {
+        if index <= self.base_index {
+            return;
+        }
+        self.base = self.at(index).clone();
+        self.base_index = index;
+        self.changes.retain(|(i, _)| *i > index);
+    }
+
+    /// The log was replaced by a snapshot through `index` that carries `membership`.
+    pub(crate) fn reset(&mut self, index: LogIndex, membership: Membership) {
+        self.base_index = index;
+        self.base = membership;
+        self.changes.clear();
+    }
+}
+
+/// A membership change asked of the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add `id` as a learner: it receives the log (or a snapshot) and never votes.
+    AddLearner(NodeId),
+    /// Make `voters` the whole voter set, through a joint membership: learners named are
+    /// promoted, voters not named are removed, learners not named stay learners.
+    ChangeVoters(BTreeSet<NodeId>),
+}
+
+impl RaftNode {
+    /// The membership in force on this node (the last one in its log).
+    pub fn membership(&self) -> &Membership {
+        self.members.latest()
+    }
+
+    /// True if the latest membership is committed and not joint: a new change may start.
+    fn membership_settled(&self) -> bool {
+        !self.membership().is_joint() && self.members.latest_index() <= self.commit_index
+    }
+
+    /// Starts `change` on the leader; refuses it (appending nothing) when this node does not
+    /// lead, when another change is in flight, or when the change is unsound. Returns the index
+    /// of the membership entry appended.
+    pub(crate) fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        out: &mut Output,
+    ) -> Result<LogIndex, MembershipError> {
+        if self.role != Role::Leader {
+            return Err(MembershipError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if !self.membership_settled() {
+            return Err(MembershipError::ChangeInProgress {
+                pending: self.membership().clone(),
+            });
+        }
+        let current = self.membership().clone();
+        let next = match change {
+            MembershipChange::AddLearner(id) => {
+                if current.is_voter(id) {
+                    return Err(MembershipError::AlreadyVoter(id));
+                }
+                if current.learners.contains(&id) {
+                    // Asked again (a node retrying its join): already done.
+                    return Ok(self.members.latest_index());
+                }
+                let mut next = current;
+                next.learners.insert(id);
+                next
+            }
+            MembershipChange::ChangeVoters(voters) => {
+                self.check_new_voters(&current, &voters)?;
+                if voters == current.voters {
+                    return Ok(self.members.latest_index());
+                }
+                let learners = current
+                    .learners
+                    .iter()
+                    .copied()
+                    .filter(|id| !voters.contains(id))
+                    .collect();
+                Membership {
+                    voters,
+                    outgoing: current.voters,
+                    learners,
+                }
+            }
+        };
+        Ok(self.append_membership(next, out))
+    }
+
+    fn check_new_voters(
+        &self,
+        current: &Membership,
+        voters: &BTreeSet<NodeId>,
+    ) -> Result<(), MembershipError> {
+        if voters.is_empty() {
+            return Err(MembershipError::NoVoters);
+        }
+        if let Some(&unknown) = voters.iter().find(|&&id| !current.contains(id)) {
+            return Err(MembershipError::UnknownNode(unknown));
+        }
+        let commit = self.commit_index;
+        let slack = self.config.max_entries_per_append as u64;
+        for &id in voters.iter().filter(|&&id| current.is_learner(id)) {
+            let matched = self.progress(id).map_or(0, |p| p.match_index);
+            if matched + slack < commit {
+                return Err(MembershipError::LearnerBehind {
+                    id,
+                    matched,
+                    commit,
+                });
+            }
+        }
+        let me = self.config.id;
+        let heard = |id: NodeId| id == me || self.progress(id).is_some_and(|p| p.heard_lately());
+        let incoming = Membership::of_voters(voters.iter().copied());
+        if !incoming.has_quorum(heard) {
+            return Err(MembershipError::NoReachableQuorum {
+                reachable: voters.iter().copied().filter(|&id| heard(id)).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `membership` as the leader's next entry; it takes effect at once.
+    fn append_membership(&mut self, membership: Membership, out: &mut Output) -> LogIndex {
+        self.flush_proposals(out);
+        let index = self.log.last_index() + 1;
+        let entry = Entry {
+            term: self.term,
+            index,
+            payload: Payload::Membership(membership),
+        };
+        self.append_to_own_log(vec![entry], out);
+        index
+    }
+
+    /// The latest membership changed (appended here or truncated away): a leader starts or
+    /// stops replicating to the members that came or went, and reports it.
+    pub(crate) fn membership_changed(&mut self, out: &mut Output) {
+        let membership = self.membership().clone();
+        out.events.push(Event::MembershipChanged {
+            index: self.members.latest_index(),
+            membership: membership.clone(),
+            committed: self.members.latest_index() <= self.commit_index,
+        });
+        let me = self.config.id;
+        let last_index = self.log.last_index();
+        let max_inflight = self.config.max_inflight_appends;
+        let removing = self.removed_awaiting_commit();
+        let Some(state) = self.leader_state.as_mut() else {
+            return;
+        };
+        state
+            .progress
+            .retain(|id, _| membership.contains(*id) || removing.contains(id));
+        for id in membership.all_members() {
+            if id != me {
+                state
+                    .progress
+                    .entry(id)
+                    .or_insert_with(|| Progress::new(last_index, max_inflight));
+            }
+        }
+        if matches!(state.transfer, Some((to, _)) if !membership.is_voter(to)) {
+            state.transfer = None;
+        }
+    }
+
+    /// Members that the latest, uncommitted membership drops and the one before had: the
+    /// leader keeps replicating to them until the change commits, so that they learn of it.
+    fn removed_awaiting_commit(&self) -> BTreeSet<NodeId> {
+        let latest_index = self.members.latest_index();
+        if latest_index <= self.commit_index {
+            return BTreeSet::new();
+        }
+        let before = self.members.at(latest_index - 1);
+        let latest = self.membership();
+        before
+            .all_members()
+            .into_iter()
+            .filter(|id| !latest.contains(*id))
+            .collect()
+    }
+
+    /// The commit index moved: a leader completes a committed joint membership with the final
+    /// one, stops replicating to the members it dropped, and steps down if it is not a voter;
+    /// any node finding itself outside a committed membership reports that it was removed.
+    pub(crate) fn membership_committed(&mut self, before: LogIndex, out: &mut Output) {
+        let latest_index = self.members.latest_index();
+        if latest_index <= before || latest_index > self.commit_index {
+            return;
+        }
+        let membership = self.membership().clone();
+        out.events.push(Event::MembershipChanged {
+            index: latest_index,
+            membership: membership.clone(),
+            committed: true,
+        });
+        let me = self.config.id;
+        if self.role == Role::Leader {
+            if membership.is_joint() {
+                let last = Membership {
+                    outgoing: BTreeSet::new(),
+                    ..membership
+                };
+                self.append_membership(last, out);
+                return;
+            }
+            // Tell the members just removed that their removal committed (best effort: a
+            // removed member that misses it stays a non-voter of the joint membership's
+            // successor in its log, or campaigns in vain: voters ignore strangers' votes).
+            let (term, commit) = (self.term, self.commit_index);
+            let removed: Vec<NodeId> = self
+                .leader_state
+                .as_ref()
+                .map(|state| {
+                    state
+                        .progress
+                        .keys()
+                        .copied()
+                        .filter(|id| !membership.contains(*id))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for id in removed {
+                let commit_term = self.log.term_at(commit).unwrap_or(term);
+                self.send(
+                    id,
+                    Message::Commit {
+                        term,
+                        commit,
+                        commit_term,
+                    },
+                    out,
+                );
+                if let Some(state) = self.leader_state.as_mut() {
+                    state.progress.remove(&id);
+                }
+            }
+            if !membership.is_voter(me) {
+                self.step_down_removed(out);
+            }
+        }
+        if !membership.contains(me) && !self.removed {
+            self.removed = true;
+            out.events.push(Event::Removed {
+                index: latest_index,
+            });
+        }
+    }
+
+    /// A leader outside the voters it just committed steps down, first telling a live voter
+    /// whose log matches its own to campaign at once (else the voters elect one after an
+    /// election timeout).
+    fn step_down_removed(&mut self, out: &mut Output) {
+        let last_index = self.log.last_index();
+        let membership = self.membership().clone();
+        let successor = self.leader_state.as_ref().and_then(|state| {
+            state
+                .progress
+                .iter()
+                .filter(|(id, p)| {
+                    membership.is_voter(**id) && p.recently_active && p.match_index == last_index
+                })
+                .map(|(&id, _)| (self.config.priority_of(id), std::cmp::Reverse(id)))
+                .max()
+                .map(|(_, std::cmp::Reverse(id))| id)
+        });
+        let term = self.term;
+        if let Some(successor) = successor {
+            self.forfeit_lease();
+            self.send(successor, Message::TimeoutNow { term }, out);
+        }
+        self.become_follower(term, None, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

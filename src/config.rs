@@ -176,6 +176,11 @@ pub struct ConsensusConfig {
     pub peers: Vec<String>,
     /// Smallest cluster this node will run in (members including itself).
     pub min_cluster_size: usize,
+    /// Raft: this node joins a running cluster instead of forming one with `peers`. It starts
+    /// as no member (it neither votes nor campaigns), and a member's leader adds it
+    /// ([`ConsensusEngine::add_learner`](crate::ConsensusEngine::add_learner)); it learns
+    /// the members from the leader's log or snapshot. `peers` still name whom it can reach.
+    pub joining: bool,
     /// Election timing.
     pub election: ElectionConfig,
     /// Deadline of every client call (propose, execute_command, forwarding).
@@ -343,6 +348,7 @@ impl Default for ConsensusConfig {
             gpu_config: GpuConfig::default(),
             peers: Vec::new(),
             min_cluster_size: 1,
+            joining: false,
             election: ElectionConfig::default(),
             request_timeout: Duration::from_secs(1),
             gpu_enabled: false,
@@ -412,6 +418,8 @@ impl ConsensusConfig {
         election: ElectionConfig,
         /// Sets [`ConsensusConfig::min_cluster_size`].
         min_cluster_size: usize,
+        /// Sets [`ConsensusConfig::joining`].
+        joining: bool,
         /// Sets [`ConsensusConfig::gpu_enabled`].
         gpu_enabled: bool,
         /// Sets [`ConsensusConfig::snapshot_interval`].
@@ -646,6 +654,13 @@ impl ConsensusConfig {
         }
         self.validate_validator_table()?;
         self.client_key_set()?;
+        if self.joining && self.algorithm != Algorithm::Raft {
+            return invalid(
+                "joining",
+                "true".into(),
+                "only Raft changes its members (PBFT and GPU-optimized Raft keep their validators)",
+            );
+        }
         if voters.len() < self.min_cluster_size {
             return invalid(
                 "min_cluster_size",

@@ -221,6 +221,9 @@ pub enum Error {
     /// See [`StorageError`].
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A membership change was refused (see [`MembershipError`](crate::MembershipError)).
+    #[error("membership change refused: {0}")]
+    Membership(#[from] crate::membership::MembershipError),
     /// A feature or algorithm this version does not provide.
     #[error("{what} is not supported: {reason}")]
     Unsupported {

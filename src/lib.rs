@@ -52,7 +52,7 @@ pub use client_signature::ClientSignature;
 pub use config::{Algorithm, ConsensusConfig, ElectionConfig, ReadMode, TlsFiles};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};
-pub use membership::{Membership, MembershipError};
+pub use membership::{Membership, MembershipChange, MembershipError};
 pub use metrics::MetricsSnapshot;
 pub use state_machine::StateMachine;
 pub use types::{ConsensusResult, Entry, LogIndex, NodeId, Payload, Proposal, ProposalTag, Term};

@@ -124,6 +124,16 @@ impl std::fmt::Display for Membership {
     }
 }
 
+/// A membership change asked of the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add `id` as a learner: it receives the log (or a snapshot) and never votes.
+    AddLearner(NodeId),
+    /// Make `voters` the whole voter set, through a joint membership: learners named are
+    /// promoted, voters not named are removed, learners not named stay learners.
+    ChangeVoters(BTreeSet<NodeId>),
+}
+
 /// Why a membership change was refused. A refused change appended nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {

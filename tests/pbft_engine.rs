@@ -101,6 +101,12 @@ async fn four_replicas_in_process_commit_through_any_replica_and_survive_a_dead_
         engines[survivor].metrics().current_term() >= 1,
         "the view moved on"
     );
+    // The validator set is the configured one.
+    match engines[survivor].add_learner(consensus::NodeId(99)).await {
+        Err(consensus::Error::Membership(consensus::MembershipError::Unsupported(_))) => {}
+        other => panic!("PBFT took a membership change: {other:?}"),
+    }
+    assert!(engines[survivor].membership().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

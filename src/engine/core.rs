@@ -68,7 +68,7 @@ impl EngineCore for RaftNode {
 
     fn check(engine: &CoreSettings, members: &[NodeId]) -> Result<()> {
         let mut config = engine.config.raft_config();
-        config.voters = members.to_vec();
+        config.voters = bootstrap_voters(engine, members.to_vec());
         config.validate()?;
         Ok(())
     }
@@ -79,7 +79,7 @@ impl EngineCore for RaftNode {
         recovered: RecoveredState,
     ) -> Result<Self> {
         let mut config = engine.config.raft_config();
-        config.voters = members;
+        config.voters = bootstrap_voters(engine, members);
         config.seed = rand::random();
         Ok(RaftNode::new(config, recovered)?)
     }
@@ -164,6 +164,16 @@ impl EngineCore for GpuRaftNode {
             Network::GpuRaft(network) => Some(network),
             _ => None,
         }
+    }
+}
+
+/// The voters a Raft node starts with: `members`, or none for a node that joins a running
+/// cluster ([`ConsensusConfig::joining`]): it learns them from the leader that adds it.
+fn bootstrap_voters(engine: &CoreSettings, members: Vec<NodeId>) -> Vec<NodeId> {
+    if engine.config.joining {
+        Vec::new()
+    } else {
+        members
     }
 }
 
@@ -300,6 +310,28 @@ impl CoreInputs {
                 what: "leadership transfer under PBFT".into(),
                 reason: "a PBFT primary is fixed by the view number; a view change replaces it",
             }),
+        }
+    }
+
+    /// Asks the driver for a membership change (Raft; PBFT's validators are fixed).
+    pub(crate) fn change_membership(
+        &self,
+        change: crate::membership::MembershipChange,
+        reply: tokio::sync::oneshot::Sender<crate::engine::driver::MembershipAnswer>,
+    ) -> Result<()> {
+        let full = Error::Rejected(crate::protocol::RejectReason::QueueFull);
+        match self {
+            CoreInputs::Raft(sender) => sender
+                .try_send(DriverInput::ChangeMembership { change, reply })
+                .map_err(|_| full),
+            CoreInputs::GpuRaft(sender) => sender
+                .try_send(DriverInput::ChangeMembership { change, reply })
+                .map_err(|_| full),
+            CoreInputs::Pbft(_) => Err(Error::Membership(
+                crate::membership::MembershipError::Unsupported(
+                    "PBFT keeps the validator set it started with",
+                ),
+            )),
         }
     }
 

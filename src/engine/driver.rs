@@ -72,10 +72,19 @@ pub(crate) enum DriverInput<P: Protocol> {
     /// rare), so that the common inputs stay as small as they were without tracing.
     TracedPeer(Box<(NodeId, P::Message, TraceAttachment)>),
     Control(P::Control),
+    /// A membership change; answered once the membership it makes is committed, or refused.
+    ChangeMembership {
+        change: crate::membership::MembershipChange,
+        reply: oneshot::Sender<MembershipAnswer>,
+    },
     /// The transport's hint that every connection to this peer broke.
     PeerUnreachable(NodeId),
     Shutdown,
 }
+
+/// The answer to a membership change: the membership it made, once committed.
+pub(crate) type MembershipAnswer =
+    std::result::Result<crate::membership::Membership, crate::membership::MembershipError>;
 
 /// A client's request on its way to the driver: the same for every core, turned into the
 /// driver input of the one running ([`ClientRequest::into_input`]).
@@ -253,6 +262,11 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) snapshots: SnapshotTaker,
     /// The spans of the snapshot being taken and of transfers under way.
     pub(crate) snapshot_spans: SnapshotSpans,
+    /// The membership in force, for [`crate::ConsensusEngine::membership`].
+    pub(crate) membership: Arc<Mutex<Option<crate::membership::Membership>>>,
+    /// Callers of a membership change, each with the index of the entry it appended: answered
+    /// when a final membership at or past it commits.
+    pub(crate) membership_waiters: Vec<(LogIndex, oneshot::Sender<MembershipAnswer>)>,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -461,6 +475,9 @@ impl<P: Protocol> Driver<P> {
                 })
             }
             DriverInput::Control(control) => self.node.step(Input::Control(control), out),
+            DriverInput::ChangeMembership { change, reply } => {
+                self.change_membership(change, reply, out)
+            }
             DriverInput::PeerUnreachable(peer) => {
                 // After the messages that arrived before it: a leader's last heartbeat must not
                 // cancel the hint that its connections broke after it.
@@ -548,7 +565,18 @@ impl<P: Protocol> Driver<P> {
                         self.metrics.record_byzantine_detection();
                         lock(&self.byzantine).detected(offender, offence);
                     }
-                    Event::LeaderChanged { term, leader } => self.trace_leader_change(term, leader),
+                    Event::LeaderChanged { term, leader } => {
+                        self.trace_leader_change(term, leader);
+                        if leader != Some(self.node.id()) {
+                            // The change may still commit under the next leader; this node
+                            // can no longer tell.
+                            for (_, reply) in self.membership_waiters.drain(..) {
+                                let _ = reply.send(Err(
+                                    crate::membership::MembershipError::NotLeader { leader },
+                                ));
+                            }
+                        }
+                    }
                     Event::Prepared {
                         view,
                         sequence,
@@ -565,6 +593,16 @@ impl<P: Protocol> Driver<P> {
                     } => {
                         tracing::info!(node = %self.node.id(), index, %membership, committed,
                             "membership changed");
+                        *lock(&self.membership) = Some(membership.clone());
+                        if committed && !membership.is_joint() {
+                            let (done, waiting) = std::mem::take(&mut self.membership_waiters)
+                                .into_iter()
+                                .partition(|(at, _)| *at <= index);
+                            self.membership_waiters = waiting;
+                            for (_, reply) in done {
+                                let _ = reply.send(Ok(membership.clone()));
+                            }
+                        }
                     }
                     Event::MembershipRefused { ref error } => {
                         tracing::info!(node = %self.node.id(), %error, "membership change refused");
@@ -598,6 +636,46 @@ impl<P: Protocol> Driver<P> {
                 return Ok(());
             }
         }
+    }
+
+    /// Steps a membership change. A change the core refused, or one that asked for what is
+    /// already in force, is answered at once; otherwise the caller waits for the membership it
+    /// appended (the final one, after a joint one) to commit.
+    fn change_membership(
+        &mut self,
+        change: crate::membership::MembershipChange,
+        reply: oneshot::Sender<MembershipAnswer>,
+        out: &mut Output<P::Message>,
+    ) {
+        use crate::membership::MembershipError;
+        let Some(control) = P::membership_control(change) else {
+            let _ = reply.send(Err(MembershipError::Unsupported(
+                "this protocol keeps the members it started with",
+            )));
+            return;
+        };
+        let first = out.events.len();
+        self.node.step(Input::Control(control), out);
+        for event in &out.events[first..] {
+            match event {
+                Event::MembershipRefused { error } => {
+                    let _ = reply.send(Err(error.clone()));
+                    return;
+                }
+                Event::MembershipChanged {
+                    index,
+                    committed: false,
+                    ..
+                } => {
+                    self.membership_waiters.push((*index, reply));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let _ = reply.send(self.node.membership().ok_or(MembershipError::Unsupported(
+            "this protocol keeps the members it started with",
+        )));
     }
 
     /// Replaces the applied state with a leader's snapshot (this node had fallen behind the

@@ -81,6 +81,8 @@ struct Running {
     tcp: Option<(TcpHandle, tokio::task::JoinHandle<()>)>,
     /// The voters the protocol started with (this node included), for [`ConsensusEngine::members`].
     voters: Vec<NodeId>,
+    /// The membership in force, as the driver last saw it (see [`ConsensusEngine::membership`]).
+    membership: Arc<Mutex<Option<crate::membership::Membership>>>,
 }
 
 /// One consensus node.
@@ -287,12 +289,17 @@ impl ConsensusEngine {
         self.config.id()
     }
 
-    /// The cluster's voting members, this node included, sorted. Once started these are the
-    /// voters the protocol runs with (peers given as `host:port` are known by their handshake
-    /// ids); before start, the ids the configuration names.
+    /// The cluster's voting members, sorted. Before start, the ids the configuration names
+    /// (this node included). Once started, the voters in force: under Raft those of
+    /// [`ConsensusEngine::membership`] (both sets while a change is under way; none on a node
+    /// that joined and was not added yet), otherwise the voters the protocol runs with (peers
+    /// given as `host:port` are known by their handshake ids).
     pub fn members(&self) -> Vec<NodeId> {
         match &self.running {
-            Some(running) => running.voters.clone(),
+            Some(running) => match lock(&running.membership).as_ref() {
+                Some(membership) => membership.all_voters().into_iter().collect(),
+                None => running.voters.clone(),
+            },
             None => self.config.voter_ids(),
         }
     }
@@ -448,6 +455,7 @@ impl ConsensusEngine {
             self.metrics.set_applied_index(snapshot.index);
         }
         let invalid_seen = node.invalid_messages();
+        let membership = Arc::new(Mutex::new(node.membership()));
         // A store written before snapshots existed keeps the whole log.
         let snapshots = SnapshotTaker::new(
             if P::COMPACTS_LOG && store.supports_snapshots() {
@@ -490,6 +498,8 @@ impl ConsensusEngine {
             election: None,
             snapshots,
             snapshot_spans: Default::default(),
+            membership: membership.clone(),
+            membership_waiters: Vec::new(),
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);
@@ -510,6 +520,7 @@ impl ConsensusEngine {
             thread: Some(thread),
             tcp,
             voters: members,
+            membership,
         });
         Ok(())
     }
@@ -920,6 +931,64 @@ impl ConsensusEngine {
             consensus.request_id = tracing::field::Empty,
         );
         (!span.is_disabled()).then(|| Box::new(span))
+    }
+
+    /// The membership in force on this node (Raft): its voters, and the outgoing voters of a
+    /// change in progress, and its learners. `None` before start and for the algorithms whose
+    /// members are fixed (PBFT, GPU-optimized Raft: see [`ConsensusEngine::members`]).
+    pub fn membership(&self) -> Option<crate::membership::Membership> {
+        let running = self.running.as_ref()?;
+        crate::sync::lock(&running.membership).clone()
+    }
+
+    /// Adds `id` as a learner (Raft, on the leader): it receives the log, or a snapshot, and
+    /// never votes. Answers with the membership once the change committed; asking again for a
+    /// learner already added succeeds at once. The node must be reachable through this engine's
+    /// transport (in-process: on the same [`LocalNetwork`]) and should have been started with
+    /// [`ConsensusConfig::joining`](crate::ConsensusConfig::joining).
+    ///
+    /// Refused with [`Error::Membership`] on a follower ([`MembershipError::NotLeader`], with
+    /// the leader's id), while another change is in flight, or for an id that already votes.
+    /// [`MembershipError::NotLeader`] after the change was appended means leadership moved on
+    /// before it committed: it may still commit ([`ConsensusEngine::membership`] tells).
+    ///
+    /// [`MembershipError::NotLeader`]: crate::MembershipError::NotLeader
+    pub async fn add_learner(&self, id: NodeId) -> Result<crate::membership::Membership> {
+        self.change_members(crate::membership::MembershipChange::AddLearner(id))
+            .await
+    }
+
+    /// Makes `voters` the voter set (Raft, on the leader), through a joint membership: learners
+    /// named are promoted, voters not named are removed (a removed leader steps down once the
+    /// change commits, and a removed node stops voting). Answers with the final membership
+    /// once it committed. Refused with [`Error::Membership`] for an empty set, an id that is
+    /// not yet a learner or voter, a learner still catching up, a set of which no majority was
+    /// heard from lately, or while another change is in flight.
+    pub async fn change_membership(
+        &self,
+        voters: impl IntoIterator<Item = NodeId>,
+    ) -> Result<crate::membership::Membership> {
+        let voters = voters.into_iter().collect();
+        self.change_members(crate::membership::MembershipChange::ChangeVoters(voters))
+            .await
+    }
+
+    async fn change_members(
+        &self,
+        change: crate::membership::MembershipChange,
+    ) -> Result<crate::membership::Membership> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or(Error::InvalidState("engine not started"))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        running.inputs.change_membership(change, reply)?;
+        match tokio::time::timeout(self.config.request_timeout, answer).await {
+            Ok(Ok(Ok(membership))) => Ok(membership),
+            Ok(Ok(Err(refused))) => Err(Error::Membership(refused)),
+            Ok(Err(_)) => Err(Error::InvalidState("the engine stopped")),
+            Err(_) => Err(Error::Timeout),
+        }
     }
 
     /// Asks the leader to hand leadership to `to` (only meaningful on the leader; Raft only:

@@ -156,6 +156,10 @@ pub enum RejectReason {
     /// The engine's input queue is full: the driver thread is behind. Retry later.
     #[error("engine input queue is full")]
     QueueFull,
+    /// A committed membership change removed this node from the cluster (Raft): it takes no
+    /// requests; ask a member.
+    #[error("this node was removed from the cluster")]
+    Removed,
     /// GPU-optimized Raft refused a client's signature: it does not verify, its key is not in
     /// the allow-list, the command is unsigned where signatures are required, or its frame is
     /// malformed.
@@ -541,6 +545,19 @@ pub trait Protocol: Send + 'static {
     /// not known to hold. Empty on a follower, and for a core without a leader's log (PBFT).
     fn replication_lag(&self) -> Vec<(NodeId, u64)> {
         Vec::new()
+    }
+
+    /// The membership in force here, for a core that changes its members (Raft); `None` for
+    /// one whose members are fixed at start.
+    fn membership(&self) -> Option<crate::membership::Membership> {
+        None
+    }
+
+    /// The operator request that asks for `change`, for a core that changes its members;
+    /// `None` for one that does not (the engine refuses the change itself).
+    fn membership_control(change: crate::membership::MembershipChange) -> Option<Self::Control> {
+        let _ = change;
+        None
     }
 
     /// What a store holding every write this node asked for would recover: hard state, log and

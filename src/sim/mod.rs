@@ -1011,6 +1011,14 @@ impl<P: SimProtocol> Sim<P> {
         self.failover.is_some()
     }
 
+    /// [`SimProtocol::check_settled`] on the leader, if there is one.
+    pub fn check_settled(&self) -> Result<(), Violation> {
+        match self.leader().and_then(|leader| self.node(leader)) {
+            Some(leader) => leader.check_settled(),
+            None => Ok(()),
+        }
+    }
+
     /// One line per node: down, or its term, leader, commit and applied index and what its core
     /// says of itself ([`SimProtocol::describe`]).
     pub fn describe_nodes(&self) -> String {

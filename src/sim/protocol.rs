@@ -81,6 +81,12 @@ pub trait SimProtocol: Protocol + Sized {
         None
     }
 
+    /// Checked on the leader once the healed cluster settled (its probe committed and applied
+    /// everywhere): nothing the core started may be left half done.
+    fn check_settled(&self) -> Result<(), Violation> {
+        Ok(())
+    }
+
     /// What the node's state looks like, for a failure report (beyond its [`Status`]).
     ///
     /// [`Status`]: crate::protocol::Status
@@ -185,6 +191,21 @@ impl SimProtocol for RaftNode {
 
     fn describe(&self) -> String {
         format!("{:?}, {}", self.role(), self.membership())
+    }
+
+    /// A joint membership is completed by the leader that sees it committed, whichever leader
+    /// appended it: one left joint would refuse every later change.
+    fn check_settled(&self) -> Result<(), Violation> {
+        if self.membership().is_joint() {
+            return Err(Violation::Liveness {
+                detail: format!(
+                    "leader {} still in the joint membership {} after the cluster settled",
+                    self.id(),
+                    self.membership()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Learners never count: the leader's new commit index is stored by a majority of its

@@ -56,6 +56,8 @@ pub fn finish<P: SimProtocol>(sim: &mut Sim<P>) -> Result<SimReport, SimFailure>
     }
     sim.full_check()
         .map_err(|violation| failure(sim, violation))?;
+    sim.check_settled()
+        .map_err(|violation| failure(sim, violation))?;
     let steps = sim.check_linearizability()?;
     let mut report = sim.report();
     report.checker_steps = steps;

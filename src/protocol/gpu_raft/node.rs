@@ -1057,6 +1057,15 @@ impl Protocol for GpuRaftNode {
         crate::protocol::Protocol::replication_lag(&self.inner)
     }
 
+    fn membership(&self) -> Option<crate::membership::Membership> {
+        Some(self.inner.membership().clone())
+    }
+
+    /// Asked like Raft's, and refused in [`GpuRaftNode::step`] with its reason.
+    fn membership_control(change: crate::membership::MembershipChange) -> Option<Control> {
+        Some(Control::ChangeMembership(change))
+    }
+
     fn into_recovered_state(self) -> RecoveredState {
         let mut records = BTreeMap::new();
         records.insert(VALIDATORS.to_vec(), encode(&self.validator_table()));

@@ -383,3 +383,24 @@ fn an_allow_list_refuses_strangers_and_unsigned_commands() {
         .collect();
     assert_eq!(refused, [0, 1], "{:?}", out.rejected);
 }
+
+/// Votes and acknowledgements are checked against the validators fixed at start, so a
+/// membership change is refused, with its reason, and nothing is appended.
+#[test]
+fn a_membership_change_is_refused_with_its_reason() {
+    let voters = ids(3);
+    let mut node = node(NodeId(1), &voters);
+    let mut out = Output::default();
+    let change = crate::membership::MembershipChange::AddLearner(NodeId(9));
+    node.step(
+        Input::Control(raft::Control::ChangeMembership(change)),
+        &mut out,
+    );
+    assert!(out.write.append.is_empty());
+    assert!(matches!(
+        out.events[..],
+        [crate::protocol::Event::MembershipRefused {
+            error: crate::membership::MembershipError::Unsupported(_)
+        }]
+    ));
+}

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::membership::{Membership, MembershipError};
+use crate::membership::{Membership, MembershipChange, MembershipError};
 use crate::protocol::Event;
 use crate::protocol::raft::node::{RaftNode, Role};
 use crate::protocol::raft::progress::Progress;
@@ -84,16 +84,6 @@ impl MembershipLog {
         self.base = membership;
         self.changes.clear();
     }
-}
-
-/// A membership change asked of the leader.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MembershipChange {
-    /// Add `id` as a learner: it receives the log (or a snapshot) and never votes.
-    AddLearner(NodeId),
-    /// Make `voters` the whole voter set, through a joint membership: learners named are
-    /// promoted, voters not named are removed, learners not named stay learners.
-    ChangeVoters(BTreeSet<NodeId>),
 }
 
 impl RaftNode {
@@ -217,6 +207,9 @@ impl RaftNode {
             committed: self.members.latest_index() <= self.commit_index,
         });
         let me = self.config.id;
+        if membership.contains(me) {
+            self.removed = false; // added back
+        }
         let last_index = self.log.last_index();
         let max_inflight = self.config.max_inflight_appends;
         let removing = self.removed_awaiting_commit();
@@ -260,10 +253,30 @@ impl RaftNode {
     /// any node finding itself outside a committed membership reports that it was removed.
     pub(crate) fn membership_committed(&mut self, before: LogIndex, out: &mut Output) {
         let latest_index = self.members.latest_index();
-        if latest_index <= before || latest_index > self.commit_index {
+        if latest_index > self.commit_index {
             return;
         }
         let membership = self.membership().clone();
+        if self.role == Role::Leader && membership.is_joint() {
+            // Also when the joint membership committed under an earlier leader, which fell
+            // before appending the final one: a new leader completes the change.
+            if latest_index > before {
+                out.events.push(Event::MembershipChanged {
+                    index: latest_index,
+                    membership: membership.clone(),
+                    committed: true,
+                });
+            }
+            let last = Membership {
+                outgoing: BTreeSet::new(),
+                ..membership
+            };
+            self.append_membership(last, out);
+            return;
+        }
+        if latest_index <= before {
+            return;
+        }
         out.events.push(Event::MembershipChanged {
             index: latest_index,
             membership: membership.clone(),
@@ -271,14 +284,6 @@ impl RaftNode {
         });
         let me = self.config.id;
         if self.role == Role::Leader {
-            if membership.is_joint() {
-                let last = Membership {
-                    outgoing: BTreeSet::new(),
-                    ..membership
-                };
-                self.append_membership(last, out);
-                return;
-            }
             // Tell the members just removed that their removal committed (best effort: a
             // removed member that misses it stays a non-voter of the joint membership's
             // successor in its log, or campaigns in vain: voters ignore strangers' votes).

@@ -33,13 +33,13 @@ mod replication;
 mod snapshot;
 mod vote_evidence;
 
+pub use crate::membership::MembershipChange;
 #[cfg(any(test, feature = "sim"))]
 pub use config::InjectedBugs;
 pub use config::{RaftConfig, SNAPSHOT_CHUNKS_IN_FLIGHT};
 pub use dedup::{AppliedProposals, DEDUP_RUNS_PER_PROPOSER};
 pub use forwarding::{FORWARD_RETENTION_ELECTION_TIMEOUTS, HOLD_WITHOUT_LEADER_ELECTION_TIMEOUTS};
 pub use log::RaftLog;
-pub use membership::MembershipChange;
 pub use message::{ConflictHint, Message};
 pub use node::{RaftNode, Role};
 pub use read_index::{READ_RETENTION_ELECTION_TIMEOUTS, READ_ROUNDS_IN_FLIGHT};

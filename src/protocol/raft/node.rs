@@ -176,10 +176,16 @@ impl RaftNode {
             snapshot,
             incoming_snapshot: None,
             snapshot_checksum: None,
-            members,
             removed: false,
+            members,
             config,
         };
+        // A node restarted after its removal committed stays removed.
+        let me = node.config.id;
+        let membership = node.membership();
+        node.removed = node.members.latest_index() <= node.commit_index
+            && !membership.voters.is_empty()
+            && !membership.contains(me);
         node.reset_election_timer();
         Ok(node)
     }
@@ -485,5 +491,13 @@ impl Protocol for RaftNode {
 
     fn into_recovered_state(self) -> RecoveredState {
         RaftNode::into_recovered_state(self)
+    }
+
+    fn membership(&self) -> Option<Membership> {
+        Some(RaftNode::membership(self).clone())
+    }
+
+    fn membership_control(change: crate::membership::MembershipChange) -> Option<Control> {
+        Some(Control::ChangeMembership(change))
     }
 }

@@ -116,6 +116,11 @@ pub(crate) struct FollowerReads {
 impl RaftNode {
     /// A client's read on this node ([`Input::Read`](crate::protocol::Input::Read)).
     pub(crate) fn read(&mut self, request_id: u64, out: &mut Output) {
+        if self.removed {
+            let reason = RejectReason::Removed;
+            out.rejected.push(Rejection { request_id, reason });
+            return;
+        }
         if self.role == Role::Leader {
             self.leader_read(Reader::Local(request_id), out);
             return;

@@ -12,6 +12,11 @@ use crate::types::{Entry, LogIndex, NodeId, Payload, ProposalTag, Term};
 impl RaftNode {
     /// A client proposal arrived at this node.
     pub(crate) fn propose(&mut self, request_id: u64, data: Bytes, out: &mut Output) {
+        if self.removed {
+            let reason = RejectReason::Removed;
+            out.rejected.push(Rejection { request_id, reason });
+            return;
+        }
         if self.role != Role::Leader {
             if self.config.forward_proposals {
                 self.forward_proposal(request_id, data, out);

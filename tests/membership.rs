@@ -1,0 +1,151 @@
+//! Membership changes through the engine's API: a node started to join is added as a learner,
+//! catches up, is promoted while the leader is removed, and the cluster goes on without it.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use consensus::protocol::RejectReason;
+use consensus::{
+    ConsensusConfig, ConsensusEngine, ConsensusResult, Error, LocalNetwork, MembershipError,
+    NodeId, Proposal,
+};
+
+const NAMES: [&str; 4] = ["m1", "m2", "m3", "m4"];
+
+fn id(name: &str) -> NodeId {
+    NodeId::from_name(name)
+}
+
+async fn start(network: &LocalNetwork, name: &str, joining: bool) -> ConsensusEngine {
+    let voters = &NAMES[..3];
+    let peers: Vec<&str> = voters.iter().copied().filter(|n| *n != name).collect();
+    let config = ConsensusConfig::default()
+        .node_id(name)
+        .peers(peers)
+        .joining(joining)
+        .request_timeout(Duration::from_secs(3));
+    let mut engine = ConsensusEngine::new(config)
+        .unwrap()
+        .with_local_network(network);
+    engine.start().await.unwrap();
+    engine
+}
+
+async fn leader_among(engines: &[ConsensusEngine], candidates: &[usize]) -> usize {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let leaders: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| engines[i].is_leader())
+            .collect();
+        if let [only] = leaders[..] {
+            return only;
+        }
+        assert!(
+            Instant::now() < until,
+            "no single leader among {candidates:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn commit(engine: &ConsensusEngine, value: &str) -> u64 {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match engine.propose(Proposal::new("k", value)).await {
+            Ok(ConsensusResult::Committed { index, .. }) => return index,
+            other => assert!(Instant::now() < until, "{value} never committed: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_for_index(engine: &ConsensusEngine, index: u64) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while engine.metrics().last_applied_index < index {
+        assert!(
+            Instant::now() < until,
+            "{} stopped short of {index}",
+            engine.node_id()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_is_added_promoted_and_replaces_the_removed_leader() {
+    let network = LocalNetwork::new();
+    let mut engines = Vec::new();
+    for name in &NAMES[..3] {
+        engines.push(start(&network, name, false).await);
+    }
+    engines.push(start(&network, NAMES[3], true).await);
+    let leader = leader_among(&engines, &[0, 1, 2]).await;
+    commit(&engines[leader], "before").await;
+    assert!(
+        engines[3].membership().unwrap().voters.is_empty(),
+        "a joining node knows no voters"
+    );
+
+    // A change asked of a follower is refused, naming the leader; an empty voter set too.
+    let follower = (leader + 1) % 3;
+    match engines[follower].add_learner(id(NAMES[3])).await {
+        Err(Error::Membership(MembershipError::NotLeader {
+            leader: Some(named),
+        })) => {
+            assert_eq!(named, engines[leader].node_id())
+        }
+        other => panic!("a follower added a learner: {other:?}"),
+    }
+    match engines[leader].change_membership([]).await {
+        Err(Error::Membership(MembershipError::NoVoters)) => {}
+        other => panic!("an empty voter set: {other:?}"),
+    }
+
+    let membership = engines[leader].add_learner(id(NAMES[3])).await.unwrap();
+    assert!(membership.is_learner(id(NAMES[3])));
+    let index = commit(&engines[leader], "with a learner").await;
+    wait_for_index(&engines[3], index).await;
+    // Asked again (a retried join): already done.
+    engines[leader].add_learner(id(NAMES[3])).await.unwrap();
+
+    // Promote the learner and remove the leader, in one change.
+    let voters: BTreeSet<NodeId> = NAMES
+        .iter()
+        .map(|name| id(name))
+        .filter(|&voter| voter != engines[leader].node_id())
+        .collect();
+    let membership = engines[leader]
+        .change_membership(voters.iter().copied())
+        .await
+        .unwrap();
+    assert_eq!(membership.voters, voters);
+    assert!(!membership.is_joint());
+
+    let remaining: Vec<usize> = (0..4).filter(|&i| i != leader).collect();
+    let new_leader = leader_among(&engines, &remaining).await;
+    assert!(
+        !engines[leader].is_leader(),
+        "the removed leader stepped down"
+    );
+    let index = commit(&engines[3], "after the change").await;
+    for &i in &remaining {
+        wait_for_index(&engines[i], index).await;
+        assert_eq!(engines[i].membership().unwrap().voters, voters, "{i}");
+    }
+    assert!(voters.contains(&engines[new_leader].node_id()));
+    // The removed node says so to its callers.
+    match engines[leader]
+        .propose(Proposal::new("k", "too late"))
+        .await
+    {
+        Ok(ConsensusResult::Rejected {
+            reason: RejectReason::Removed,
+        }) => {}
+        other => panic!("a removed node took a proposal: {other:?}"),
+    }
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}

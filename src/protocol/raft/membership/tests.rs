@@ -238,10 +238,6 @@ fn a_joint_membership_needs_both_majorities_to_commit() {
         MembershipChange::AddLearner(NodeId(4)),
     );
     cluster.tick_all(2);
-    let others: Vec<NodeId> = ids(&[1, 2, 3])
-        .into_iter()
-        .filter(|&id| id != leader)
-        .collect();
     // Old voters {1, 2, 3}, new voters {leader, 4}: cut the learner before the joint entry
     // reaches it, so only the old majority can store it.
     cluster.isolate(NodeId(4));
@@ -268,7 +264,6 @@ fn a_joint_membership_needs_both_majorities_to_commit() {
         cluster.nodes[&leader].membership().voters,
         BTreeSet::from([leader, NodeId(4)])
     );
-    let _ = others;
 }
 
 #[test]

@@ -149,3 +149,86 @@ async fn a_joining_node_is_added_promoted_and_replaces_the_removed_leader() {
         engine.stop().await.unwrap();
     }
 }
+
+/// The membership lives in the fjall log: engines stopped and started again over their data
+/// directories come back with the changed voters, and a learner with an empty voter list of its
+/// own learns them again from its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_membership_survives_a_restart_of_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::new();
+    let config = |name: &str| {
+        let peers: Vec<&str> = NAMES[..3].iter().copied().filter(|n| *n != name).collect();
+        ConsensusConfig::default()
+            .node_id(name)
+            .peers(peers)
+            .joining(name == NAMES[3])
+            .persistent_state(dir.path().join(name))
+            .request_timeout(Duration::from_secs(3))
+    };
+    let start = |name: &'static str| {
+        let network = network.clone();
+        let config = config(name);
+        async move {
+            let mut engine = ConsensusEngine::new(config)
+                .unwrap()
+                .with_local_network(&network);
+            engine.start().await.unwrap();
+            engine
+        }
+    };
+    let mut engines = Vec::new();
+    for name in NAMES {
+        engines.push(start(name).await);
+    }
+    let leader = leader_among(&engines, &[0, 1, 2]).await;
+    engines[leader].add_learner(id(NAMES[3])).await.unwrap();
+    // Node 4 becomes a voter; a follower of the three is removed, the leader stays.
+    let removed = (leader + 1) % 3;
+    let voters: BTreeSet<NodeId> = (0..4)
+        .filter(|&i| i != removed)
+        .map(|i| id(NAMES[i]))
+        .collect();
+    engines[leader]
+        .change_membership(voters.iter().copied())
+        .await
+        .unwrap();
+    let index = commit(&engines[leader], "before the restart").await;
+    for i in (0..4).filter(|&i| i != removed) {
+        wait_for_index(&engines[i], index).await;
+    }
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+    drop(engines);
+
+    let mut engines = Vec::new();
+    for name in NAMES {
+        engines.push(start(name).await);
+    }
+    for i in (0..4).filter(|&i| i != removed) {
+        let membership = engines[i].membership().unwrap();
+        assert_eq!(membership.voters, voters, "{} after its restart", NAMES[i]);
+        assert!(!membership.is_joint());
+    }
+    let live: Vec<usize> = (0..4).filter(|&i| i != removed).collect();
+    let leader = leader_among(&engines, &live).await;
+    commit(&engines[leader], "after the restart").await;
+    // The removed node's log holds the membership without it; whether that committed it cannot
+    // tell after a restart (Raft keeps no commit index on disk), and no member talks to it: it
+    // refuses, as removed or for want of a leader, and never commits anything.
+    let seen = engines[removed].membership().unwrap();
+    assert!(!seen.contains(id(NAMES[removed])), "{seen}");
+    match engines[removed]
+        .propose(Proposal::new("k", "removed"))
+        .await
+    {
+        Ok(ConsensusResult::Rejected {
+            reason: RejectReason::Removed | RejectReason::NoLeader,
+        }) => {}
+        other => panic!("the removed node took a proposal after its restart: {other:?}"),
+    }
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}

@@ -43,6 +43,9 @@ impl StateMachine for KvStore {
     }
 }
 
+#[path = "common/engines.rs"]
+mod engines;
+
 struct Cluster {
     engines: Vec<ConsensusEngine>,
     applied: Vec<Arc<Mutex<Vec<String>>>>,
@@ -80,20 +83,8 @@ async fn start_cluster_with(
 
 impl Cluster {
     async fn leader(&self, deadline: Duration) -> usize {
-        let until = Instant::now() + deadline;
-        loop {
-            let leaders: Vec<usize> = (0..self.engines.len())
-                .filter(|&i| self.engines[i].is_leader())
-                .collect();
-            if let [only] = leaders[..] {
-                return only;
-            }
-            assert!(
-                Instant::now() < until,
-                "no single leader within {deadline:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let all: Vec<usize> = (0..self.engines.len()).collect();
+        engines::single_leader(&self.engines, &all, deadline).await
     }
 
     async fn wait_applied(&self, count: usize, skip: Option<usize>) {

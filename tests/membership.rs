@@ -31,23 +31,11 @@ async fn start(network: &LocalNetwork, name: &str, joining: bool) -> ConsensusEn
     engine
 }
 
+#[path = "common/engines.rs"]
+mod engines;
+
 async fn leader_among(engines: &[ConsensusEngine], candidates: &[usize]) -> usize {
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        let leaders: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| engines[i].is_leader())
-            .collect();
-        if let [only] = leaders[..] {
-            return only;
-        }
-        assert!(
-            Instant::now() < until,
-            "no single leader among {candidates:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    engines::single_leader(engines, candidates, Duration::from_secs(5)).await
 }
 
 async fn commit(engine: &ConsensusEngine, value: &str) -> u64 {

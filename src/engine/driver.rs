@@ -648,10 +648,10 @@ impl<P: Protocol> Driver<P> {
         out: &mut Output<P::Message>,
     ) {
         use crate::membership::MembershipError;
+        let unsupported =
+            || MembershipError::Unsupported("this protocol keeps the members it started with");
         let Some(control) = P::membership_control(change) else {
-            let _ = reply.send(Err(MembershipError::Unsupported(
-                "this protocol keeps the members it started with",
-            )));
+            let _ = reply.send(Err(unsupported()));
             return;
         };
         let first = out.events.len();
@@ -673,9 +673,7 @@ impl<P: Protocol> Driver<P> {
                 _ => {}
             }
         }
-        let _ = reply.send(self.node.membership().ok_or(MembershipError::Unsupported(
-            "this protocol keeps the members it started with",
-        )));
+        let _ = reply.send(self.node.membership().ok_or_else(unsupported));
     }
 
     /// Replaces the applied state with a leader's snapshot (this node had fallen behind the

@@ -938,7 +938,7 @@ impl ConsensusEngine {
     /// members are fixed (PBFT, GPU-optimized Raft: see [`ConsensusEngine::members`]).
     pub fn membership(&self) -> Option<crate::membership::Membership> {
         let running = self.running.as_ref()?;
-        crate::sync::lock(&running.membership).clone()
+        lock(&running.membership).clone()
     }
 
     /// Adds `id` as a learner (Raft, on the leader): it receives the log, or a snapshot, and

@@ -17,17 +17,9 @@ impl RaftNode {
         // A leader's messages are heeded from any node the transport let through: a follower
         // behind a membership change may not know its new leader yet. Everything else comes
         // from members only (a removed node's votes count for nothing).
-        let from_a_leader = matches!(
-            message,
-            Message::AppendEntries { .. }
-                | Message::Heartbeat { .. }
-                | Message::Commit { .. }
-                | Message::InstallSnapshot { .. }
-                | Message::TimeoutNow { .. }
-        );
         if to != self.config.id
             || from == self.config.id
-            || !(from_a_leader || self.membership().contains(from))
+            || !(message.is_from_leader() || self.membership().contains(from))
         {
             return; // misrouted, or from a stranger: nothing in it can be trusted to apply here
         }
@@ -44,11 +36,7 @@ impl RaftNode {
                     // the disruptive kind (partitioned and back). Ignore it, term included.
                     return;
                 }
-                Message::AppendEntries { .. }
-                | Message::Heartbeat { .. }
-                | Message::Commit { .. }
-                | Message::InstallSnapshot { .. }
-                | Message::TimeoutNow { .. } => {
+                _ if message.is_from_leader() => {
                     self.become_follower(message_term, Some(from), out);
                 }
                 _ => self.become_follower(message_term, None, out),

@@ -206,26 +206,24 @@ impl RaftNode {
             membership: membership.clone(),
             committed: self.members.latest_index() <= self.commit_index,
         });
-        let me = self.config.id;
-        if membership.contains(me) {
+        if membership.contains(self.config.id) {
             self.removed = false; // added back
         }
         let last_index = self.log.last_index();
         let max_inflight = self.config.max_inflight_appends;
         let removing = self.removed_awaiting_commit();
+        let replicas: Vec<NodeId> = self.replicas().collect();
         let Some(state) = self.leader_state.as_mut() else {
             return;
         };
         state
             .progress
             .retain(|id, _| membership.contains(*id) || removing.contains(id));
-        for id in membership.all_members() {
-            if id != me {
-                state
-                    .progress
-                    .entry(id)
-                    .or_insert_with(|| Progress::new(last_index, max_inflight));
-            }
+        for id in replicas {
+            state
+                .progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(last_index, max_inflight));
         }
         if matches!(state.transfer, Some((to, _)) if !membership.is_voter(to)) {
             state.transfer = None;
@@ -257,16 +255,17 @@ impl RaftNode {
             return;
         }
         let membership = self.membership().clone();
+        let newly_committed = latest_index > before;
+        if newly_committed {
+            out.events.push(Event::MembershipChanged {
+                index: latest_index,
+                membership: membership.clone(),
+                committed: true,
+            });
+        }
         if self.role == Role::Leader && membership.is_joint() {
             // Also when the joint membership committed under an earlier leader, which fell
             // before appending the final one: a new leader completes the change.
-            if latest_index > before {
-                out.events.push(Event::MembershipChanged {
-                    index: latest_index,
-                    membership: membership.clone(),
-                    committed: true,
-                });
-            }
             let last = Membership {
                 outgoing: BTreeSet::new(),
                 ..membership
@@ -274,20 +273,16 @@ impl RaftNode {
             self.append_membership(last, out);
             return;
         }
-        if latest_index <= before {
+        if !newly_committed {
             return;
         }
-        out.events.push(Event::MembershipChanged {
-            index: latest_index,
-            membership: membership.clone(),
-            committed: true,
-        });
         let me = self.config.id;
         if self.role == Role::Leader {
             // Tell the members just removed that their removal committed (best effort: a
             // removed member that misses it stays a non-voter of the joint membership's
             // successor in its log, or campaigns in vain: voters ignore strangers' votes).
             let (term, commit) = (self.term, self.commit_index);
+            let commit_term = self.log.term_at(commit).unwrap_or(term);
             let removed: Vec<NodeId> = self
                 .leader_state
                 .as_ref()
@@ -301,7 +296,6 @@ impl RaftNode {
                 })
                 .unwrap_or_default();
             for id in removed {
-                let commit_term = self.log.term_at(commit).unwrap_or(term);
                 self.send(
                     id,
                     Message::Commit {

@@ -227,6 +227,18 @@ impl Message {
 }
 
 impl Message {
+    /// True for the messages only a leader sends: whoever sends one claims to lead its term.
+    pub fn is_from_leader(&self) -> bool {
+        matches!(
+            self,
+            Message::AppendEntries { .. }
+                | Message::Heartbeat { .. }
+                | Message::Commit { .. }
+                | Message::InstallSnapshot { .. }
+                | Message::TimeoutNow { .. }
+        )
+    }
+
     /// True for messages that promise nothing about the sender's durable state, so they may
     /// leave before the write of the same output is durable: a leader's appends, heartbeats,
     /// commits, read indexes and hand-over, a follower's forwarded proposals and reads, and a

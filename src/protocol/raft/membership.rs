@@ -53,18 +53,23 @@ impl MembershipLog {
             .map_or(&self.base, |(_, m)| m)
     }
 
-    /// Notes the membership an appended entry carries.
-    pub(crate) fn appended(&mut self, entry: &Entry) {
+    /// Notes the membership an appended entry carries; true if it is now the one in force.
+    pub(crate) fn appended(&mut self, entry: &Entry) -> bool {
         if let Payload::Membership(membership) = &entry.payload
             && entry.index > self.latest_index()
         {
             self.changes.push((entry.index, membership.clone()));
+            return true;
         }
+        false
     }
 
-    /// The log lost its entries from `from` on: their memberships no longer hold.
-    pub(crate) fn truncated_from(&mut self, from: LogIndex) {
+    /// The log lost its entries from `from` on: their memberships no longer hold. True if the
+    /// one in force went with them.
+    pub(crate) fn truncated_from(&mut self, from: LogIndex) -> bool {
+        let before = self.changes.len();
         self.changes.retain(|(index, _)| *index < from);
+        self.changes.len() != before
     }
 
     /// A snapshot through `index` now covers the log up to there: the membership in force at
@@ -78,11 +83,14 @@ impl MembershipLog {
         self.changes.retain(|(i, _)| *i > index);
     }
 
-    /// The log was replaced by a snapshot through `index` that carries `membership`.
-    pub(crate) fn reset(&mut self, index: LogIndex, membership: Membership) {
+    /// The log was replaced by a snapshot through `index` that carries `membership`. True if
+    /// that is not the membership in force before, set at the same index.
+    pub(crate) fn reset(&mut self, index: LogIndex, membership: Membership) -> bool {
+        let changed = (self.latest_index(), self.latest()) != (index, &membership);
         self.base_index = index;
         self.base = membership;
         self.changes.clear();
+        changed
     }
 }
 

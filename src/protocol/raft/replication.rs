@@ -140,12 +140,12 @@ impl RaftNode {
     pub(crate) fn append_to_own_log(&mut self, entries: Vec<Entry>, out: &mut Output) {
         debug_assert!(self.role == Role::Leader);
         out.write.merge_log(None, &entries);
-        let membership_before = self.members.latest_index();
+        let mut membership_changed = false;
         for entry in entries {
-            self.members.appended(&entry);
+            membership_changed |= self.members.appended(&entry);
             self.log.push(entry);
         }
-        if self.members.latest_index() != membership_before {
+        if membership_changed {
             self.membership_changed(out);
         }
         self.maybe_commit(out);
@@ -290,21 +290,21 @@ impl RaftNode {
             first_new = position;
             break;
         }
-        let membership_before = self.members.latest_index();
+        let mut membership_changed = false;
         if let Some(from) = truncate_from {
             self.log.truncate_from(from);
-            self.members.truncated_from(from);
+            membership_changed |= self.members.truncated_from(from);
             self.durable_index = self.durable_index.min(from - 1);
         }
         if truncate_from.is_some() || first_new < entries.len() {
             out.write.merge_log(truncate_from, &entries[first_new..]);
             // Moved, not cloned: the message is ours, and a clone per entry showed in profiles.
             for entry in entries.into_iter().skip(first_new) {
-                self.members.appended(&entry);
+                membership_changed |= self.members.appended(&entry);
                 self.log.push(entry);
             }
         }
-        if self.members.latest_index() != membership_before {
+        if membership_changed {
             self.membership_changed(out);
         }
         self.commit_to(leader_commit.min(last_new_index), out);

@@ -406,7 +406,8 @@ impl RaftNode {
         let (index, term) = (snapshot.index, snapshot.term);
         debug_assert!(index > self.commit_index);
         let commit_before = self.commit_index;
-        let membership_before = self.members.latest_index();
+        // Keeping the log after the snapshot keeps the memberships it holds.
+        let mut membership_changed = false;
         if self.log.term_at(index) == Some(term) {
             self.log.compact_through(index, term);
             self.durable_index = self.durable_index.max(index);
@@ -422,7 +423,7 @@ impl RaftNode {
             self.durable_index = index;
             let membership = snapshot.membership.clone();
             let membership = membership.unwrap_or_else(|| self.members.at(index).clone());
-            self.members.reset(index, membership);
+            membership_changed = self.members.reset(index, membership);
         }
         out.write.snapshot = Some(snapshot.clone());
         out.write.compact(index);
@@ -430,7 +431,7 @@ impl RaftNode {
         out.restore = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
         self.release_reads_after_term_commit(out);
-        if self.members.latest_index() != membership_before {
+        if membership_changed {
             self.membership_changed(out);
         }
         self.membership_committed(commit_before, out);

@@ -300,3 +300,55 @@ fn a_restart_and_a_snapshot_keep_the_membership() {
     let restarted = RaftNode::new(config, recovered).unwrap();
     assert_eq!(restarted.membership(), &membership);
 }
+
+/// A follower whose uncommitted membership entry is replaced, at the same index, by another
+/// leader's different one reports the membership now in force.
+#[test]
+fn a_membership_replaced_at_the_same_index_is_reported() {
+    use crate::protocol::raft::{Envelope, Message, Output};
+    use crate::types::{Entry, Payload};
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut follower = RaftNode::new(
+        RaftConfig::new(NodeId(3), voters),
+        RecoveredState::default(),
+    )
+    .unwrap();
+    let append = |term, membership: &Membership| {
+        Input::Message(Envelope {
+            from: NodeId(term),
+            to: NodeId(3),
+            message: Message::AppendEntries {
+                term,
+                prev_log_index: 0,
+                prev_log_term: 0,
+                entries: vec![Entry {
+                    term,
+                    index: 1,
+                    payload: Payload::Membership(membership.clone()),
+                }],
+                leader_commit: 0,
+            },
+        })
+    };
+    let first = Membership {
+        learners: ids(&[4]),
+        ..Membership::of_voters(ids(&[1, 2, 3]))
+    };
+    let second = Membership {
+        learners: ids(&[5]),
+        ..Membership::of_voters(ids(&[1, 2, 3]))
+    };
+    let mut out = Output::default();
+    follower.step(append(1, &first), &mut out);
+    let mut out = Output::default();
+    follower.step(append(2, &second), &mut out);
+    assert_eq!(follower.membership(), &second);
+    assert!(
+        out.events.iter().any(|event| matches!(
+            event,
+            Event::MembershipChanged { index: 1, membership, committed: false } if *membership == second
+        )),
+        "{:?}",
+        out.events
+    );
+}

@@ -7,8 +7,12 @@
 //! goes through a *joint* membership, in which both the old and the new voters must agree, then
 //! the new voters alone; learners receive the log and snapshots but never count toward a
 //! quorum.
+//!
+//! A membership also carries the peer addresses of the members added while the group ran
+//! ([`Membership::addresses`]), so that every member, and every later snapshot, can reach them;
+//! the members a node started with are reached through its own configuration.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +29,10 @@ pub struct Membership {
     /// Members that receive the log but neither vote nor count toward any quorum. Never a
     /// voter at the same time.
     pub learners: BTreeSet<NodeId>,
+    /// Peer addresses of members added while the group ran, as `name@host:port` (the form of
+    /// `bootstrap_peers`): each member dials them when the membership takes effect. A member
+    /// without one here is reached through the configuration it started with.
+    pub addresses: BTreeMap<NodeId, String>,
 }
 
 impl Membership {
@@ -125,17 +133,30 @@ impl std::fmt::Display for Membership {
 }
 
 /// A membership change asked of the leader.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipChange {
-    /// Add `id` as a learner: it receives the log (or a snapshot) and never votes.
-    AddLearner(NodeId),
+    /// Add `id` as a learner: it receives the log (or a snapshot) and never votes. Asked again
+    /// for a learner it is already done; with another address, the address is replaced.
+    AddLearner {
+        /// The new member.
+        id: NodeId,
+        /// Where members dial it (`name@host:port`), when they do not know already.
+        address: Option<String>,
+    },
     /// Make `voters` the whole voter set, through a joint membership: learners named are
     /// promoted, voters not named are removed, learners not named stay learners.
     ChangeVoters(BTreeSet<NodeId>),
 }
 
+impl MembershipChange {
+    /// Adds `id` as a learner that the transport already reaches (no address).
+    pub fn learner(id: NodeId) -> Self {
+        MembershipChange::AddLearner { id, address: None }
+    }
+}
+
 /// Why a membership change was refused. A refused change appended nothing.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MembershipError {
     /// Only the leader changes the membership.
     #[error("not the leader; the leader is {leader:?}")]
@@ -177,7 +198,32 @@ pub enum MembershipError {
     AlreadyVoter(NodeId),
     /// This protocol keeps the members it started with.
     #[error("this protocol does not change its membership: {0}")]
-    Unsupported(&'static str),
+    Unsupported(String),
+    /// A member's address is not `name@host:port` with a port.
+    #[error("bad member address {address:?}: {reason}")]
+    BadAddress {
+        /// The address given.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl MembershipError {
+    /// True when the change cannot be made as asked (an empty or unknown voter set, a voter
+    /// added as a learner, a bad address, a protocol that keeps its members), as opposed to one
+    /// refused for the group's state at the time (another change in flight, a learner behind,
+    /// no quorum reachable, no leader), which may succeed later.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(
+            self,
+            MembershipError::NoVoters
+                | MembershipError::UnknownNode(_)
+                | MembershipError::AlreadyVoter(_)
+                | MembershipError::Unsupported(_)
+                | MembershipError::BadAddress { .. }
+        )
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +243,7 @@ mod tests {
             voters: ids(&[3, 4, 5]),
             outgoing: ids(&[1, 2, 3]),
             learners: ids(&[9]),
+            ..Membership::default()
         };
         // 3, 4, 5 are a majority of the new voters only.
         assert!(!joint.has_quorum(|id| id.0 >= 3));
@@ -211,6 +258,7 @@ mod tests {
             voters: ids(&[3, 4, 5]),
             outgoing: ids(&[1, 2, 3]),
             learners: BTreeSet::new(),
+            ..Membership::default()
         };
         let matched = |id: NodeId| [0, 10, 9, 8, 2, 1][id.0 as usize];
         // New voters: 8, 2, 1 -> 2; old voters: 10, 9, 8 -> 9.
@@ -225,6 +273,7 @@ mod tests {
             voters: ids(&[2, 3]),
             outgoing: ids(&[1, 2]),
             learners: ids(&[4]),
+            ..Membership::default()
         };
         assert!(joint.is_voter(NodeId(1)) && !joint.is_learner(NodeId(1)));
         assert!(joint.is_learner(NodeId(4)) && joint.contains(NodeId(4)));

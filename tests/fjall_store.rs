@@ -207,6 +207,7 @@ fn snapshots_and_compaction_survive_reopen() {
             voters: [NodeId(1), NodeId(2), NodeId(4)].into(),
             outgoing: Default::default(),
             learners: [NodeId(5)].into(),
+            addresses: [(NodeId(5), "node-5@127.0.0.1:7005".to_string())].into(),
         }),
     };
     {

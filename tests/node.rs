@@ -29,9 +29,23 @@ struct Node {
     child: Option<Child>,
     /// Runs the `maverick` example with this behaviour instead of `consensus-node`.
     maverick: Option<&'static str>,
+    /// Extra command-line arguments (`--join ADDR`).
+    args: Vec<String>,
 }
 
 impl Node {
+    fn new(files: consensus::node::LoopbackNodeFiles, maverick: Option<&'static str>) -> Node {
+        Node {
+            name: files.name,
+            http: files.http,
+            config: files.config,
+            log: files.log,
+            child: None,
+            maverick,
+            args: Vec::new(),
+        }
+    }
+
     fn spawn(&mut self) {
         let log = File::options()
             .create(true)
@@ -49,6 +63,7 @@ impl Node {
         let child = command
             .arg("--config")
             .arg(&self.config)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -103,16 +118,25 @@ impl Cluster {
             consensus::node::write_loopback_cluster_of(dir.path(), &ports, algorithm).unwrap();
         let mut nodes = Vec::new();
         for files in files {
-            let mut node = Node {
-                maverick: maverick(&files.name),
-                name: files.name,
-                http: files.http,
-                config: files.config,
-                log: files.log,
-                child: None,
-            };
+            let behaviour = maverick(&files.name);
+            let mut node = Node::new(files, behaviour);
             node.spawn();
             nodes.push(node);
+        }
+        Cluster { _dir: dir, nodes }
+    }
+
+    /// A Raft cluster of `founders` running nodes, and `size - founders` more configured to
+    /// join it (no `bootstrap_peers`), not started.
+    fn start_with_joiners(size: usize, founders: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2 * size);
+        let files =
+            consensus::node::write_loopback_cluster_with_joiners(dir.path(), &ports, founders)
+                .unwrap();
+        let mut nodes: Vec<Node> = files.into_iter().map(|f| Node::new(f, None)).collect();
+        for node in &mut nodes[..founders] {
+            node.spawn();
         }
         Cluster { _dir: dir, nodes }
     }
@@ -1402,5 +1426,195 @@ fn plain_tcp_needs_insecure_plaintext_and_the_node_warns_about_it() {
     assert!(
         stderr.contains("tls.cert") && stderr.contains("other"),
         "{stderr}"
+    );
+}
+
+/// `GET /cluster` on `node`, as JSON.
+async fn cluster_view(cluster: &Cluster, node: usize) -> Value {
+    let response = cluster
+        .until_answered(&[node], "GET", "/cluster", b"", Duration::from_secs(15))
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    serde_json::from_slice(&response.body).unwrap()
+}
+
+/// The names in a JSON array, sorted.
+fn names(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|name| name.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Sends a membership change until it is not refused for the group's state at the time (409,
+/// or 5xx: no leader yet, deadline passed); returns the answer.
+async fn change_until_settled(
+    cluster: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = cluster.call(node, method, path, body.as_bytes()).await;
+        match answer {
+            Some(answer) if answer.status != 409 && answer.status < 500 => return answer,
+            last => assert!(
+                Instant::now() < deadline,
+                "{method} {path} {body}: still refused, last {last:?}\n{}",
+                cluster.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 16, by hand over HTTP as the README shows it: a fourth node joins with `--join`
+/// through a follower, catches up as a learner, and is promoted while the first leader is
+/// removed; bad changes are 400 and change nothing; joining again after a restart is harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
+    let mut cluster = Cluster::start_with_joiners(4, 3);
+    let leader = cluster.leader(&[0, 1, 2], Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    for i in 0..20 {
+        let response = cluster
+            .until_answered(
+                &[leader],
+                "PUT",
+                &format!("/kv/before-{i}"),
+                b"v",
+                Duration::from_secs(15),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let founders = vec!["node-1", "node-2", "node-3"];
+    let view = cluster_view(&cluster, follower).await;
+    assert_eq!(names(&view["voters"]), founders, "{view}");
+    assert_eq!(names(&view["learners"]), Vec::<String>::new(), "{view}");
+    assert_eq!(
+        view["leader"],
+        cluster.nodes[leader].name.as_str(),
+        "{view}"
+    );
+    assert!(view["addresses"]["node-1"].is_string(), "{view}");
+
+    // Changes that cannot be made as asked: 400, nothing changed.
+    for (method, path, body) in [
+        ("PUT", "/cluster/voters", "[]"),
+        ("PUT", "/cluster/voters", r#"["node-1", "node-9"]"#),
+        ("PUT", "/cluster/voters", "not json"),
+        (
+            "POST",
+            "/cluster/learners",
+            r#"{"id": "node-1", "address": "127.0.0.1:1"}"#,
+        ),
+        (
+            "POST",
+            "/cluster/learners",
+            r#"{"id": "node-5", "address": "no port"}"#,
+        ),
+    ] {
+        let answer = change_until_settled(&cluster, follower, method, path, body).await;
+        assert_eq!(
+            answer.status,
+            400,
+            "{method} {path} {body}: {}",
+            answer.text()
+        );
+    }
+    assert_eq!(
+        names(&cluster_view(&cluster, leader).await["voters"]),
+        founders
+    );
+
+    // node-4 joins through a follower's HTTP address and becomes a learner everywhere.
+    let joiner = 3;
+    cluster.nodes[joiner].args = vec!["--join".into(), cluster.nodes[follower].http.to_string()];
+    cluster.nodes[joiner].spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in [0, 1, 2] {
+        loop {
+            let view = cluster_view(&cluster, node).await;
+            if names(&view["learners"]) == ["node-4"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{view}\n{}", cluster.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // It caught up: it reads what was written before it joined.
+    let read = cluster
+        .until_answered(
+            &[joiner],
+            "GET",
+            "/kv/before-7",
+            b"",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!((read.status, read.text().as_str()), (200, "v"));
+
+    // Promote it and remove the leader in one change, asked of the learner itself.
+    let mut voters: Vec<String> = [0, 1, 2]
+        .into_iter()
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes[i].name.clone())
+        .chain(["node-4".to_string()])
+        .collect();
+    voters.sort();
+    let body = serde_json::to_string(&voters).unwrap();
+    let answer = change_until_settled(&cluster, joiner, "PUT", "/cluster/voters", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let view: Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(names(&view["voters"]), voters, "{view}");
+    assert!(view.get("joint_with").is_none(), "final, not joint: {view}");
+
+    let remaining: Vec<usize> = (0..4).filter(|&i| i != leader).collect();
+    let new_leader = cluster.leader(&remaining, Duration::from_secs(20)).await;
+    assert_ne!(new_leader, leader);
+    let write = cluster
+        .until_answered(&[joiner], "PUT", "/kv/after", b"w", Duration::from_secs(15))
+        .await;
+    assert_eq!(write.status, 200, "{}", write.text());
+    for &node in &remaining {
+        assert_eq!(names(&cluster_view(&cluster, node).await["voters"]), voters);
+        let read = cluster
+            .until_answered(&[node], "GET", "/kv/after", b"", Duration::from_secs(15))
+            .await;
+        assert_eq!(
+            (read.status, read.text().as_str()),
+            (200, "w"),
+            "node {node}"
+        );
+    }
+
+    // Restarted with --join still given, it finds itself a voter and asks nothing.
+    cluster.nodes[joiner].kill();
+    cluster.nodes[joiner].spawn();
+    let read = cluster
+        .until_answered(
+            &[joiner],
+            "GET",
+            "/kv/before-3",
+            b"",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(
+        (read.status, read.text().as_str()),
+        (200, "v"),
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        names(&cluster_view(&cluster, new_leader).await["voters"]),
+        voters
     );
 }

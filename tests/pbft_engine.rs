@@ -102,7 +102,7 @@ async fn four_replicas_in_process_commit_through_any_replica_and_survive_a_dead_
         "the view moved on"
     );
     // The validator set is the configured one.
-    match engines[survivor].add_learner(consensus::NodeId(99)).await {
+    match engines[survivor].add_learner("99", None).await {
         Err(consensus::Error::Membership(consensus::MembershipError::Unsupported(_))) => {}
         other => panic!("PBFT took a membership change: {other:?}"),
     }

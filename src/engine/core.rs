@@ -329,7 +329,7 @@ impl CoreInputs {
                 .map_err(|_| full),
             CoreInputs::Pbft(_) => Err(Error::Membership(
                 crate::membership::MembershipError::Unsupported(
-                    "PBFT keeps the validator set it started with",
+                    "PBFT keeps the validator set it started with".into(),
                 ),
             )),
         }

@@ -264,9 +264,8 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) snapshot_spans: SnapshotSpans,
     /// The membership in force, for [`crate::ConsensusEngine::membership`].
     pub(crate) membership: Arc<Mutex<Option<crate::membership::Membership>>>,
-    /// Callers of a membership change, each with the index of the entry it appended: answered
-    /// when a final membership at or past it commits.
-    pub(crate) membership_waiters: Vec<(LogIndex, oneshot::Sender<MembershipAnswer>)>,
+    /// Callers of membership changes, started here or forwarded to the leader.
+    pub(crate) membership_calls: crate::engine::membership_calls::MembershipCalls,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -507,6 +506,14 @@ impl<P: Protocol> Driver<P> {
             if !self.traces.is_empty() && !out.write.append.is_empty() {
                 self.traces.appending(&out.write.append);
             }
+            for event in &out.events {
+                // Before the messages: a leader's first append to a member it just added.
+                if let Event::MembershipChanged { membership, .. } = event {
+                    for (&id, address) in &membership.addresses {
+                        self.transport.add_member(id, address);
+                    }
+                }
+            }
             for envelope in out.messages.drain(..) {
                 send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
             }
@@ -568,13 +575,7 @@ impl<P: Protocol> Driver<P> {
                     Event::LeaderChanged { term, leader } => {
                         self.trace_leader_change(term, leader);
                         if leader != Some(self.node.id()) {
-                            // The change may still commit under the next leader; this node
-                            // can no longer tell.
-                            for (_, reply) in self.membership_waiters.drain(..) {
-                                let _ = reply.send(Err(
-                                    crate::membership::MembershipError::NotLeader { leader },
-                                ));
-                            }
+                            self.membership_calls.leadership_lost(leader);
                         }
                     }
                     Event::Prepared {
@@ -594,18 +595,17 @@ impl<P: Protocol> Driver<P> {
                         tracing::info!(node = %self.node.id(), index, %membership, committed,
                             "membership changed");
                         *lock(&self.membership) = Some(membership.clone());
-                        if committed && !membership.is_joint() {
-                            let (done, waiting) = std::mem::take(&mut self.membership_waiters)
-                                .into_iter()
-                                .partition(|(at, _)| *at <= index);
-                            self.membership_waiters = waiting;
-                            for (_, reply) in done {
-                                let _ = reply.send(Ok(membership.clone()));
-                            }
-                        }
+                        self.membership_calls.changed(index, membership, committed);
                     }
                     Event::MembershipRefused { ref error } => {
                         tracing::info!(node = %self.node.id(), %error, "membership change refused");
+                    }
+                    Event::MembershipForwarded { tag, leader } => {
+                        tracing::info!(node = %self.node.id(), tag, %leader,
+                            "membership change forwarded to the leader");
+                    }
+                    Event::MembershipForwardAnswered { tag, ref result } => {
+                        self.membership_calls.answered(tag, result.clone());
                     }
                     Event::Removed { index } => {
                         tracing::warn!(node = %self.node.id(), index,
@@ -648,8 +648,9 @@ impl<P: Protocol> Driver<P> {
         out: &mut Output<P::Message>,
     ) {
         use crate::membership::MembershipError;
-        let unsupported =
-            || MembershipError::Unsupported("this protocol keeps the members it started with");
+        let unsupported = || {
+            MembershipError::Unsupported("this protocol keeps the members it started with".into())
+        };
         let Some(control) = P::membership_control(change) else {
             let _ = reply.send(Err(unsupported()));
             return;
@@ -667,7 +668,11 @@ impl<P: Protocol> Driver<P> {
                     committed: false,
                     ..
                 } => {
-                    self.membership_waiters.push((*index, reply));
+                    self.membership_calls.started(*index, reply);
+                    return;
+                }
+                Event::MembershipForwarded { tag, .. } => {
+                    self.membership_calls.forwarded(*tag, reply);
                     return;
                 }
                 _ => {}

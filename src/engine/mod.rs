@@ -20,6 +20,7 @@ mod core;
 mod driver;
 mod handover;
 mod local;
+mod membership_calls;
 mod pending;
 mod reply;
 mod retained;
@@ -72,6 +73,15 @@ const DRIVER_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// How long [`ConsensusEngine::start`] waits for `host:port` peers to tell their ids.
 const PEER_DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A node of [`ConsensusEngine::peer_directory`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// Its name (`node_id` in its configuration).
+    pub name: String,
+    /// Where it listens for peers (`host:port`), if this node knows.
+    pub address: Option<String>,
+}
 
 /// What runs once [`ConsensusEngine::start`] succeeded.
 struct Running {
@@ -499,7 +509,7 @@ impl ConsensusEngine {
             snapshots,
             snapshot_spans: Default::default(),
             membership: membership.clone(),
-            membership_waiters: Vec::new(),
+            membership_calls: Default::default(),
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);
@@ -933,6 +943,57 @@ impl ConsensusEngine {
         (!span.is_disabled()).then(|| Box::new(span))
     }
 
+    /// The nodes this one can name: itself, its configured peers and the members added while
+    /// the group ran, each with its name and, where known, the `host:port` it listens on for
+    /// peers (this node's own when its `bind_address` is a specific IP, a configured peer's
+    /// from `name@host:port`, an added member's from the membership). A node joining the group
+    /// dials the addresses it gets here from any member (`consensus-node --join`). Peers
+    /// configured as a bare `host:port` have no name and are left out.
+    pub fn peer_directory(&self) -> std::collections::BTreeMap<NodeId, PeerEntry> {
+        let mut directory = std::collections::BTreeMap::new();
+        let own_address = self
+            .config
+            .bind_address
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .filter(|address| !address.ip().is_unspecified() && address.port() != 0)
+            .map(|address| address.to_string());
+        directory.insert(
+            self.node_id(),
+            PeerEntry {
+                name: self.config.node_id.clone(),
+                address: own_address,
+            },
+        );
+        let named = self
+            .config
+            .peers
+            .iter()
+            .map(|peer| match peer.split_once('@') {
+                Some((name, address)) => (name, Some(address)),
+                None if peer.parse::<crate::transport::tcp::PeerAddress>().is_ok() => ("", None),
+                None => (peer.as_str(), None),
+            })
+            .filter(|(name, _)| !name.is_empty());
+        let added = self.membership().into_iter().flat_map(|membership| {
+            membership
+                .addresses
+                .into_values()
+                .filter_map(|entry| {
+                    let (name, address) = entry.split_once('@')?;
+                    Some((name.to_string(), Some(address.to_string())))
+                })
+                .collect::<Vec<_>>()
+        });
+        for (name, address) in named
+            .map(|(name, address)| (name.to_string(), address.map(str::to_string)))
+            .chain(added)
+        {
+            directory.insert(NodeId::from_name(&name), PeerEntry { name, address });
+        }
+        directory
+    }
+
     /// The membership in force on this node (Raft): its voters, and the outgoing voters of a
     /// change in progress, and its learners. `None` before start and for the algorithms whose
     /// members are fixed (PBFT, GPU-optimized Raft: see [`ConsensusEngine::members`]).
@@ -941,21 +1002,57 @@ impl ConsensusEngine {
         lock(&running.membership).clone()
     }
 
-    /// Adds `id` as a learner (Raft, on the leader): it receives the log, or a snapshot, and
-    /// never votes. Answers with the membership once the change committed; asking again for a
-    /// learner already added succeeds at once. The node must be reachable through this engine's
-    /// transport (in-process: on the same [`LocalNetwork`]) and should have been started with
-    /// [`ConsensusConfig::joining`](crate::ConsensusConfig::joining).
+    /// Adds the node named `name` (its `node_id`, as in [`ConsensusConfig`]) as a learner
+    /// (Raft): it receives the log, or a snapshot, and never votes. `address` is where it
+    /// listens for peers (`host:port`); every member dials it there, and it is kept in the
+    /// membership (as `name@host:port`, [`Membership::addresses`]) so that later members and
+    /// restarts find it too. `None` for a node this engine's transport already reaches (an
+    /// in-process [`LocalNetwork`], or a configured peer). The node should have been started
+    /// with [`ConsensusConfig::joining`](crate::ConsensusConfig::joining).
     ///
-    /// Refused with [`Error::Membership`] on a follower ([`MembershipError::NotLeader`], with
-    /// the leader's id), while another change is in flight, or for an id that already votes.
-    /// [`MembershipError::NotLeader`] after the change was appended means leadership moved on
-    /// before it committed: it may still commit ([`ConsensusEngine::membership`] tells).
+    /// Answers with the membership once the change committed. Asked of a follower, the change
+    /// goes to the leader it knows and answers when the follower sees it commit. Asking again
+    /// for a learner already added (same address) succeeds at once: a node that retries its
+    /// join does no harm.
     ///
+    /// Refused with [`Error::Membership`] when no leader is known ([`MembershipError::NotLeader`]),
+    /// while another change is in flight, for a node that already votes, or for an address that
+    /// is not `host:port` ([`MembershipError::BadAddress`]). [`MembershipError::NotLeader`] after
+    /// the change was appended means leadership moved on before it committed: it may still
+    /// commit ([`ConsensusEngine::membership`] tells).
+    ///
+    /// [`Membership::addresses`]: crate::Membership::addresses
     /// [`MembershipError::NotLeader`]: crate::MembershipError::NotLeader
-    pub async fn add_learner(&self, id: NodeId) -> Result<crate::membership::Membership> {
-        self.change_members(crate::membership::MembershipChange::AddLearner(id))
-            .await
+    /// [`MembershipError::BadAddress`]: crate::MembershipError::BadAddress
+    pub async fn add_learner(
+        &self,
+        name: &str,
+        address: Option<&str>,
+    ) -> Result<crate::membership::Membership> {
+        let bad = |reason: &str| {
+            Error::Membership(crate::membership::MembershipError::BadAddress {
+                address: format!("{name}@{}", address.unwrap_or_default()),
+                reason: reason.to_string(),
+            })
+        };
+        if name.is_empty() || name.contains(['@', ' ', '/']) {
+            return Err(bad(
+                "the name must be non-empty, without '@', '/' or spaces",
+            ));
+        }
+        let address = match address {
+            None => None,
+            Some(host_port) => match host_port.parse::<crate::transport::tcp::PeerAddress>() {
+                Ok(peer) if peer.node_id.is_none() => Some(format!("{name}@{host_port}")),
+                Ok(_) => return Err(bad("give host:port; the name is given apart")),
+                Err(error) => return Err(bad(&error.to_string())),
+            },
+        };
+        self.change_members(crate::membership::MembershipChange::AddLearner {
+            id: NodeId::from_name(name),
+            address,
+        })
+        .await
     }
 
     /// Makes `voters` the voter set (Raft, on the leader), through a joint membership: learners

@@ -225,6 +225,8 @@ impl SnapshotSpans {
             | Event::Prepared { .. }
             | Event::MembershipChanged { .. }
             | Event::MembershipRefused { .. }
+            | Event::MembershipForwarded { .. }
+            | Event::MembershipForwardAnswered { .. }
             | Event::Removed { .. } => {}
         }
     }

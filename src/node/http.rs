@@ -1,4 +1,5 @@
-//! The node's HTTP API (axum): the key-value routes, `/status`, `/metrics` and `/byzantine`.
+//! The node's HTTP API (axum): the key-value routes, `/status`, `/metrics`, `/byzantine`, and
+//! the membership routes under `/cluster`.
 //!
 //! Every key-value request becomes one command through the log, reads included, so any node
 //! answers any request linearizably (a follower's engine forwards the proposal to the leader).
@@ -13,7 +14,7 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -38,6 +39,9 @@ pub fn router(engine: Arc<ConsensusEngine>) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/byzantine", get(byzantine))
+        .route("/cluster", get(cluster))
+        .route("/cluster/learners", post(add_learner))
+        .route("/cluster/voters", put(change_voters))
         .route_layer(axum::middleware::from_fn_with_state(sampler, trace_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(engine)
@@ -177,6 +181,11 @@ impl BearerToken {
         Self(Arc::from(token))
     }
 
+    /// The token's text, for a node that calls another's API (`--join`).
+    pub(crate) fn text(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `presented` is the token, in time that does not depend on where they differ.
     fn matches(&self, presented: &str) -> bool {
         let (expected, presented) = (self.0.as_bytes(), presented.as_bytes());
@@ -195,11 +204,12 @@ impl std::fmt::Debug for BearerToken {
     }
 }
 
-/// Whether a request needs the bearer token: writes (`PUT`, `DELETE`, `POST` under `/kv/`) and
-/// the admin routes (`/metrics`, `/byzantine`); reads of keys and `/status` do not.
+/// Whether a request needs the bearer token: writes (`PUT`, `DELETE`, `POST`: keys and
+/// membership changes) and the admin routes (`/metrics`, `/byzantine`); reads of keys,
+/// `/status` and `/cluster` do not.
 fn needs_token(method: &axum::http::Method, path: &str) -> bool {
     let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
-    !(read && (path.starts_with("/kv/") || path == "/status"))
+    !(read && (path.starts_with("/kv/") || path == "/status" || path == "/cluster"))
 }
 
 /// Middleware: a write (`PUT`, `DELETE`, `POST` under `/kv/`) or an admin request (`/metrics`,
@@ -501,6 +511,154 @@ async fn status(State(engine): State<Arc<ConsensusEngine>>) -> Response {
     axum::Json(body).into_response()
 }
 
+/// The body of `GET /cluster`, and of a membership change's 200: node names throughout.
+#[derive(Debug, Serialize)]
+struct ClusterBody {
+    /// The voters in force.
+    voters: Vec<String>,
+    /// While a change of voters is under way: the voters before it, who must agree as well.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    joint_with: Vec<String>,
+    /// Members that receive the log and never vote.
+    learners: Vec<String>,
+    /// The leader this node knows, if any.
+    leader: Option<String>,
+    /// Where each node this one can name listens for peers (`host:port`): what a node joining
+    /// with `--join` dials.
+    addresses: std::collections::BTreeMap<String, String>,
+}
+
+/// The body of `POST /cluster/learners`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnerRequest {
+    /// The new node's name (its `node_id`).
+    id: String,
+    /// Where it listens for peers (`host:port`).
+    address: String,
+}
+
+fn cluster_body(
+    engine: &ConsensusEngine,
+    membership: Option<crate::membership::Membership>,
+) -> ClusterBody {
+    let directory = engine.peer_directory();
+    let name = |id: &crate::NodeId| {
+        directory
+            .get(id)
+            .map_or_else(|| id.to_string(), |entry| entry.name.clone())
+    };
+    let names = |ids: &mut dyn Iterator<Item = &crate::NodeId>| ids.map(name).collect();
+    let (voters, joint_with, learners) = match &membership {
+        Some(membership) => (
+            names(&mut membership.voters.iter()),
+            names(&mut membership.outgoing.iter()),
+            names(&mut membership.learners.iter()),
+        ),
+        // PBFT and GPU-optimized Raft: the voters they started with, for good.
+        None => (names(&mut engine.members().iter()), Vec::new(), Vec::new()),
+    };
+    ClusterBody {
+        voters,
+        joint_with,
+        learners,
+        leader: engine.current_leader().as_ref().map(name),
+        addresses: directory
+            .values()
+            .filter_map(|entry| Some((entry.name.clone(), entry.address.clone()?)))
+            .collect(),
+    }
+}
+
+/// `GET /cluster`: the members in force on this node, the leader it knows, and the peer
+/// addresses it can tell.
+async fn cluster(State(engine): State<Arc<ConsensusEngine>>) -> Response {
+    axum::Json(cluster_body(&engine, engine.membership())).into_response()
+}
+
+/// `POST /cluster/learners` with `{"id": NAME, "address": "host:port"}`: adds the node as a
+/// learner (on any member: a follower forwards it to the leader). 200 with the cluster once the
+/// change committed; asked again for the same node and address, 200 at once.
+async fn add_learner(State(engine): State<Arc<ConsensusEngine>>, body: Bytes) -> Response {
+    let request: LearnerRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"id\": NAME, \"address\": \"host:port\"}}: {error}"),
+            );
+        }
+    };
+    let result = engine
+        .add_learner(&request.id, Some(&request.address))
+        .await;
+    membership_answer(&engine, result)
+}
+
+/// `PUT /cluster/voters` with `[NAME, ...]`: makes these the whole voter set, through a joint
+/// membership (on any member: a follower forwards it to the leader). 200 with the cluster once
+/// the final membership committed.
+async fn change_voters(State(engine): State<Arc<ConsensusEngine>>, body: Bytes) -> Response {
+    let names: Vec<String> = match serde_json::from_slice(&body) {
+        Ok(names) => names,
+        Err(error) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected a JSON array of node names: {error}"),
+            );
+        }
+    };
+    let voters = names.iter().map(|name| crate::NodeId::from_name(name));
+    let result = engine.change_membership(voters).await;
+    membership_answer(&engine, result)
+}
+
+/// A membership change's answer: 200 with the cluster once committed; 400 for a change that
+/// cannot be made as asked (an empty set, unknown nodes, a voter added as a learner, a bad
+/// address), 409 while the group's state refuses it (another change in flight, a learner
+/// still catching up, no quorum of the new voters reachable), 503 without a leader, 504 when
+/// the deadline passed (it may still commit: `GET /cluster` tells).
+fn membership_answer(
+    engine: &ConsensusEngine,
+    result: Result<crate::membership::Membership, Error>,
+) -> Response {
+    match result {
+        Ok(membership) => axum::Json(cluster_body(engine, Some(membership))).into_response(),
+        Err(error) => {
+            let (status, code) = membership_refusal(&error);
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(%error, "membership change failed");
+            }
+            let reason = match &error {
+                Error::Membership(refused) => format!("nothing was changed: {refused}"),
+                Error::Timeout => "the change did not commit within the deadline; it may \
+                                   still: GET /cluster tells"
+                    .to_string(),
+                other => other.to_string(),
+            };
+            failure(status, code, reason)
+        }
+    }
+}
+
+/// The status and error code of a membership change that did not answer 200.
+fn membership_refusal(error: &Error) -> (StatusCode, &'static str) {
+    use crate::membership::MembershipError;
+    match error {
+        Error::Membership(refused) if refused.is_bad_request() => {
+            (StatusCode::BAD_REQUEST, "bad_membership")
+        }
+        Error::Membership(MembershipError::NotLeader { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "no_leader")
+        }
+        Error::Membership(_) => (StatusCode::CONFLICT, "membership_conflict"),
+        Error::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
 /// `GET /byzantine`: the replicas this node proved Byzantine, what each did, and which it
 /// excludes (empty under Raft, which assumes no replica lies).
 async fn byzantine(State(engine): State<Arc<ConsensusEngine>>) -> Response {
@@ -535,10 +693,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn membership_refusals_map_to_400_409_503_and_504() {
+        use crate::membership::{Membership, MembershipError as Refused};
+        let status = |error: Error| membership_refusal(&error).0.as_u16();
+        assert_eq!(status(Error::Membership(Refused::NoVoters)), 400);
+        assert_eq!(
+            status(Error::Membership(Refused::UnknownNode(crate::NodeId(9)))),
+            400
+        );
+        assert_eq!(
+            status(Error::Membership(Refused::AlreadyVoter(crate::NodeId(1)))),
+            400
+        );
+        assert_eq!(
+            status(Error::Membership(Refused::Unsupported("PBFT".into()))),
+            400
+        );
+        let pending = Membership::default();
+        assert_eq!(
+            status(Error::Membership(Refused::ChangeInProgress { pending })),
+            409
+        );
+        let behind = Refused::LearnerBehind {
+            id: crate::NodeId(4),
+            matched: 1,
+            commit: 900,
+        };
+        assert_eq!(status(Error::Membership(behind)), 409);
+        let reachable = vec![crate::NodeId(1)];
+        assert_eq!(
+            status(Error::Membership(Refused::NoReachableQuorum { reachable })),
+            409
+        );
+        assert_eq!(
+            status(Error::Membership(Refused::NotLeader { leader: None })),
+            503
+        );
+        assert_eq!(status(Error::Timeout), 504);
+    }
+
+    #[test]
     fn reads_are_open_and_writes_and_admin_routes_need_the_token() {
         use axum::http::Method;
         assert!(!needs_token(&Method::GET, "/kv/a"));
         assert!(!needs_token(&Method::GET, "/status"));
+        assert!(!needs_token(&Method::GET, "/cluster"));
+        assert!(needs_token(&Method::POST, "/cluster/learners"));
+        assert!(needs_token(&Method::PUT, "/cluster/voters"));
         assert!(needs_token(&Method::PUT, "/kv/a"));
         assert!(needs_token(&Method::DELETE, "/kv/a"));
         assert!(needs_token(&Method::POST, "/kv/a/cas"));

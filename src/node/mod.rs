@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod http;
+mod join;
 pub mod kv;
 mod tls_listener;
 
@@ -54,14 +55,22 @@ const STOPPING_NOTICE: Duration = Duration::from_millis(100);
 /// Why the node could not be configured or run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The command line is none of `--config FILE [--http ADDR]`, `keygen FILE`,
-    /// `gen-certs DIR --nodes A,B,C` and `verify-log DIR [--config FILE]`.
+    /// The command line is none of `--config FILE [--http ADDR] [--join HTTP_ADDR]`,
+    /// `keygen FILE`, `gen-certs DIR --nodes A,B,C` and `verify-log DIR [--config FILE]`.
     #[error(
-        "usage: {0}; expected: consensus-node --config FILE [--http ADDR], consensus-node \
-         keygen FILE, consensus-node gen-certs DIR --nodes NAME,NAME,..., or consensus-node \
-         verify-log DIR [--config FILE]"
+        "usage: {0}; expected: consensus-node --config FILE [--http ADDR] [--join HTTP_ADDR], \
+         consensus-node keygen FILE, consensus-node gen-certs DIR --nodes NAME,NAME,..., or \
+         consensus-node verify-log DIR [--config FILE]"
     )]
     Usage(String),
+    /// `--join`: the member asked did not add this node.
+    #[error("joining through {member}: {reason}")]
+    Join {
+        /// The member's HTTP address.
+        member: SocketAddr,
+        /// What it answered, or why it could not be asked.
+        reason: String,
+    },
     /// The configuration file is unreadable or invalid.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -123,6 +132,9 @@ pub struct NodeConfig {
     /// set, are the engine's [`ConsensusConfig::trace_sample_ratio`] and
     /// [`ConsensusConfig::trace_max_per_second`].
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `--join HTTP_ADDR`: join the running Raft cluster of which a member's plain-HTTP API
+    /// listens there (see `node/join.rs`); `bootstrap_peers` must then be empty.
+    pub join: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +202,7 @@ impl NodeConfig {
             http_token_file,
             http_tls,
             telemetry,
+            join: None,
         })
     }
 }
@@ -197,10 +210,11 @@ impl NodeConfig {
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
-    /// `--config FILE [--http ADDR]`: run a node.
+    /// `--config FILE [--http ADDR] [--join HTTP_ADDR]`: run a node.
     Run {
         config: PathBuf,
         http: Option<String>,
+        join: Option<String>,
     },
     /// `keygen FILE`: write a fresh signing key.
     Keygen { path: PathBuf },
@@ -257,6 +271,7 @@ fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
     }
     let mut config = None;
     let mut http = None;
+    let mut join = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         let flag = arg.to_string_lossy();
@@ -268,11 +283,12 @@ fn parse_args(args: &[OsString]) -> Result<Command, NodeError> {
         match flag.as_ref() {
             "--config" => config = Some(PathBuf::from(value()?)),
             "--http" => http = Some(value()?.to_string_lossy().into_owned()),
+            "--join" => join = Some(value()?.to_string_lossy().into_owned()),
             other => return Err(NodeError::Usage(format!("unexpected argument {other:?}"))),
         }
     }
     let config = config.ok_or_else(|| NodeError::Usage("--config is required".into()))?;
-    Ok(Command::Run { config, http })
+    Ok(Command::Run { config, http, join })
 }
 
 /// `verify-log DIR [--config FILE]`: checks every commit certificate of a stopped node's data
@@ -388,7 +404,13 @@ pub fn write_loopback_cluster_of(
     ports: &[u16],
     algorithm: crate::Algorithm,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
-    write_loopback_files(dir, ports, algorithm, crate::ReadMode::default())
+    write_loopback_files(
+        dir,
+        ports,
+        algorithm,
+        crate::ReadMode::default(),
+        ports.len() / 2,
+    )
 }
 
 /// [`write_loopback_cluster`] with reads served by `read_mode` (see
@@ -399,7 +421,30 @@ pub fn write_loopback_cluster_reading(
     ports: &[u16],
     read_mode: crate::ReadMode,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
-    write_loopback_files(dir, ports, crate::Algorithm::Raft, read_mode)
+    write_loopback_files(
+        dir,
+        ports,
+        crate::Algorithm::Raft,
+        read_mode,
+        ports.len() / 2,
+    )
+}
+
+/// [`write_loopback_cluster`] where only the first `founders` nodes form the cluster (each
+/// names the other founders in `bootstrap_peers`); the others have no `bootstrap_peers` and
+/// join it with `consensus-node --join` (their certificates come from the same CA).
+pub fn write_loopback_cluster_with_joiners(
+    dir: &Path,
+    ports: &[u16],
+    founders: usize,
+) -> std::io::Result<Vec<LoopbackNodeFiles>> {
+    write_loopback_files(
+        dir,
+        ports,
+        crate::Algorithm::Raft,
+        crate::ReadMode::default(),
+        founders,
+    )
 }
 
 fn write_loopback_files(
@@ -407,6 +452,7 @@ fn write_loopback_files(
     ports: &[u16],
     algorithm: crate::Algorithm,
     read_mode: crate::ReadMode,
+    founders: usize,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
@@ -428,8 +474,8 @@ fn write_loopback_files(
     }
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let peers: Vec<String> = (0..size)
-            .filter(|&j| j != i)
+        let peers: Vec<String> = (0..founders.min(size))
+            .filter(|&j| j != i && i < founders)
             .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))
             .collect();
         let http: SocketAddr = ([127, 0, 0, 1], ports[size + i]).into();
@@ -492,10 +538,23 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(Command::GenCerts { dir, nodes }) => {
             return gen_certs(&dir, &nodes).map_or_else(fail, |()| ExitCode::SUCCESS);
         }
-        Ok(Command::Run { config, http }) => match NodeConfig::load(&config, http.as_deref()) {
-            Ok(config) => config,
-            Err(error) => return fail(error),
-        },
+        Ok(Command::Run { config, http, join }) => {
+            match NodeConfig::load(&config, http.as_deref()) {
+                Ok(mut config) => match join.map(|join| join.parse::<SocketAddr>()) {
+                    None => config,
+                    Some(Ok(member)) => {
+                        config.join = Some(member);
+                        config
+                    }
+                    Some(Err(_)) => {
+                        return fail(NodeError::Usage(
+                            "--join needs a member's HTTP address as ip:port".into(),
+                        ));
+                    }
+                },
+                Err(error) => return fail(error),
+            }
+        }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -647,9 +706,13 @@ pub async fn shutdown_signal() {
 /// ([`ConsensusConfig::signing_identity`]), so that a missing, unreadable or mismatched key is
 /// the error reported, before anything else is logged or built.
 pub async fn run(
-    config: NodeConfig,
+    mut config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    let joined = match config.join {
+        Some(member) => Some((member, join::prepare(&mut config.consensus, member).await?)),
+        None => None,
+    };
     if config.consensus.algorithm.signs_messages() {
         let identity = config.consensus.signing_identity()?;
         tracing::info!(
@@ -681,6 +744,15 @@ pub async fn run(
     };
     let listener = tokio::net::TcpListener::bind(config.http_address).await?;
     engine.start().await?;
+    if let Some((member, view)) = &joined {
+        join::ask_to_be_added(
+            &config.consensus,
+            *member,
+            view,
+            token.as_ref().map(|t| t.text()),
+        )
+        .await?;
+    }
     let engine = Arc::new(engine);
     tracing::info!(
         node = %config.consensus.node_id,
@@ -825,9 +897,20 @@ address = "127.0.0.1:8001"
             command,
             Command::Run {
                 config: PathBuf::from("f.toml"),
-                http: Some("h:1".into())
+                http: Some("h:1".into()),
+                join: None,
             }
         );
+        let command = parse_args(&args(&["--config", "f.toml", "--join", "127.0.0.1:8001"]));
+        assert_eq!(
+            command.unwrap(),
+            Command::Run {
+                config: PathBuf::from("f.toml"),
+                http: None,
+                join: Some("127.0.0.1:8001".into()),
+            }
+        );
+        assert!(parse_args(&args(&["--config", "f.toml", "--join"])).is_err());
         assert_eq!(
             parse_args(&args(&["keygen", "a.key"])).unwrap(),
             Command::Keygen {

@@ -265,6 +265,22 @@ pub enum Event {
         /// Why.
         error: crate::membership::MembershipError,
     },
+    /// Raft: a membership change asked of this follower went to the leader it knows, as
+    /// request `tag`; [`Event::MembershipForwardAnswered`] follows when the leader answers.
+    MembershipForwarded {
+        /// This node's number for the request.
+        tag: u64,
+        /// The leader it went to.
+        leader: NodeId,
+    },
+    /// Raft: the leader answered forwarded request `tag`: the index of the membership entry
+    /// whose commit completes the change (see [`Event::MembershipChanged`]), or the refusal.
+    MembershipForwardAnswered {
+        /// This node's number for the request.
+        tag: u64,
+        /// The entry's index, or why the leader refused.
+        result: Result<LogIndex, crate::membership::MembershipError>,
+    },
     /// Raft: a committed membership (set by the entry at `index`) leaves this node out. It
     /// neither votes nor campaigns any more; its driver should stop it.
     Removed {

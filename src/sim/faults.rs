@@ -35,7 +35,9 @@ impl<P: SimProtocol> Sim<P> {
         self.change_members();
     }
 
-    /// Asks the leader, if there is one, for a random membership change.
+    /// Makes up a random membership change from the leader's membership, if there is a
+    /// leader, and asks it of the leader, or one time in four of another node (a Raft follower
+    /// forwards it to the leader it knows).
     fn change_members(&mut self) {
         let Some(leader) = self.leader() else {
             return;
@@ -45,9 +47,15 @@ impl<P: SimProtocol> Sim<P> {
         let control = self
             .node(leader)
             .and_then(|core| core.change_members(&nodes, entropy));
+        let others: Vec<NodeId> = nodes.iter().copied().filter(|&id| id != leader).collect();
+        let asked = if entropy >> 62 == 0 && !others.is_empty() {
+            others[(entropy >> 32) as usize % others.len()]
+        } else {
+            leader
+        };
         if let Some(control) = control {
             self.membership_changes_asked += 1;
-            self.control(leader, control);
+            self.control(asked, control);
         }
     }
 

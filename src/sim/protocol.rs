@@ -165,7 +165,10 @@ impl SimProtocol for RaftNode {
             .collect();
         if !outsiders.is_empty() && entropy & 1 == 0 {
             let id = outsiders[(entropy >> 1) as usize % outsiders.len()];
-            return Some(Control::ChangeMembership(MembershipChange::AddLearner(id)));
+            return Some(Control::ChangeMembership(MembershipChange::AddLearner {
+                id,
+                address: None,
+            }));
         }
         let members: Vec<NodeId> = membership.all_members().into_iter().collect();
         let mut bits = mix(entropy, 0x6d);

@@ -1098,7 +1098,10 @@ fn decode_snapshot(record: &[u8]) -> Result<SnapshotRecord, StorageError> {
     })
 }
 
-/// A membership: its voters, outgoing voters and learners, each a count and the ids.
+/// A membership: its voters, outgoing voters and learners, each a count and the ids; then,
+/// when there are any, its addresses: a count and, for each, the id, the length and the UTF-8
+/// bytes. A membership always ends its record, so records written before addresses existed
+/// (ending after the learners) still read, as a membership without addresses.
 fn encode_membership(membership: &crate::membership::Membership, body: &mut Vec<u8>) {
     for set in [
         &membership.voters,
@@ -1108,6 +1111,14 @@ fn encode_membership(membership: &crate::membership::Membership, body: &mut Vec<
         body.extend_from_slice(&(set.len() as u64).to_le_bytes());
         for id in set {
             body.extend_from_slice(&id.0.to_le_bytes());
+        }
+    }
+    if !membership.addresses.is_empty() {
+        body.extend_from_slice(&(membership.addresses.len() as u64).to_le_bytes());
+        for (id, address) in &membership.addresses {
+            body.extend_from_slice(&id.0.to_le_bytes());
+            body.extend_from_slice(&(address.len() as u64).to_le_bytes());
+            body.extend_from_slice(address.as_bytes());
         }
     }
 }
@@ -1125,10 +1136,39 @@ fn decode_membership(
         }
         (0..count).map(|_| Ok(NodeId(reader.u64(what)?))).collect()
     };
+    let voters = set("voters")?;
+    let outgoing = set("outgoing voters")?;
+    let learners = set("learners")?;
+    let mut addresses = std::collections::BTreeMap::new();
+    if !reader.rest.is_empty() {
+        let count = reader.u64("address count")?;
+        if count > reader.rest.len() as u64 / 16 {
+            return Err(corrupt(
+                reader.location,
+                format!("{count} addresses in {} bytes", reader.rest.len()),
+            ));
+        }
+        for _ in 0..count {
+            let id = NodeId(reader.u64("address id")?);
+            let length = reader.u64("address length")?;
+            if length > reader.rest.len() as u64 {
+                return Err(corrupt(
+                    reader.location,
+                    format!("an address of {length} bytes in {}", reader.rest.len()),
+                ));
+            }
+            let (bytes, rest) = reader.rest.split_at(length as usize);
+            reader.rest = rest;
+            let address = std::str::from_utf8(bytes)
+                .map_err(|_| corrupt(reader.location, "an address is not UTF-8".to_string()))?;
+            addresses.insert(id, address.to_string());
+        }
+    }
     Ok(crate::membership::Membership {
-        voters: set("voters")?,
-        outgoing: set("outgoing voters")?,
-        learners: set("learners")?,
+        voters,
+        outgoing,
+        learners,
+        addresses,
     })
 }
 
@@ -1246,6 +1286,7 @@ mod tests {
             voters: [NodeId(2), NodeId(3)].into(),
             outgoing: [NodeId(1), NodeId(2)].into(),
             learners: [NodeId(7)].into(),
+            addresses: [(NodeId(7), "node-7@10.0.0.7:7000".to_string())].into(),
         });
         assert_eq!(
             decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),

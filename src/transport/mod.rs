@@ -18,6 +18,14 @@ pub trait Transport<M>: Send + Sync {
         let _ = trace;
         self.send(to, message);
     }
+
+    /// Member `id` listens at `address` (`name@host:port`, from a membership entry; see
+    /// [`crate::membership::Membership::addresses`]): a transport that dials its peers starts
+    /// reaching it, unless it already does. Transports that reach every node without dialing
+    /// (the in-process and simulated networks) ignore it, which is why it has a default.
+    fn add_member(&self, id: NodeId, address: &str) {
+        let _ = (id, address);
+    }
 }
 
 pub mod simulated;

@@ -496,7 +496,7 @@ impl<M> Drop for TcpTransport<M> {
 
 impl<M> Transport<M> for TcpTransport<M>
 where
-    M: Send + 'static,
+    M: Serialize + DeserializeOwned + Send + 'static,
 {
     fn send(&self, to: NodeId, message: M) {
         self.enqueue(to, (message, None));
@@ -504,6 +504,20 @@ where
 
     fn send_traced(&self, to: NodeId, message: M, trace: TraceAttachment) {
         self.enqueue(to, (message, Some(Box::new(trace))));
+    }
+
+    fn add_member(&self, id: NodeId, address: &str) {
+        if id == self.shared.config.node_id || self.shared.routes_read().contains_key(&id) {
+            return;
+        }
+        let host_port = address.split_once('@').map_or(address, |(_, rest)| rest);
+        match host_port.parse::<PeerAddress>() {
+            Ok(peer) if peer.node_id.is_none() => {
+                tracing::info!(%id, address, "dialing a member added to the group");
+                self.add_peer(PeerAddress::with_id(id, peer.host, peer.port));
+            }
+            _ => tracing::warn!(%id, address, "a member's address does not parse; not dialing it"),
+        }
     }
 }
 

@@ -252,7 +252,7 @@ impl GpuRaftNode {
             Input::Control(raft::Control::ChangeMembership(_)) => {
                 out.events.push(crate::protocol::Event::MembershipRefused {
                     error: crate::membership::MembershipError::Unsupported(
-                        "GPU-optimized Raft keeps the validator set it started with",
+                        "GPU-optimized Raft keeps the validator set it started with".into(),
                     ),
                 });
             }

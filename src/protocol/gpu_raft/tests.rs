@@ -391,7 +391,7 @@ fn a_membership_change_is_refused_with_its_reason() {
     let voters = ids(3);
     let mut node = node(NodeId(1), &voters);
     let mut out = Output::default();
-    let change = crate::membership::MembershipChange::AddLearner(NodeId(9));
+    let change = crate::membership::MembershipChange::learner(NodeId(9));
     node.step(
         Input::Control(raft::Control::ChangeMembership(change)),
         &mut out,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::protocol::Event;
 use crate::protocol::raft::message::Message;
 use crate::protocol::raft::node::{LeaderState, ProposalBatch, RaftNode, Role};
 use crate::protocol::raft::progress::Progress;
@@ -120,6 +121,13 @@ impl RaftNode {
             }
             Message::ForwardProposals { proposals, .. } => {
                 self.handle_forwarded_proposals(from, proposals, out);
+            }
+            Message::ForwardMembership { tag, change, .. } => {
+                self.handle_forwarded_membership(from, tag, change, out);
+            }
+            Message::MembershipAnswer { tag, result, .. } => {
+                out.events
+                    .push(Event::MembershipForwardAnswered { tag, result });
             }
             Message::ReadIndex { read_ids, .. } => self.handle_read_index(from, read_ids, out),
             Message::ReadIndexResponse {

@@ -105,6 +105,47 @@ impl RaftNode {
         !self.membership().is_joint() && self.members.latest_index() <= self.commit_index
     }
 
+    /// A change asked of this node: started here on the leader, forwarded to the leader a
+    /// follower knows (when it forwards proposals), refused otherwise.
+    pub(crate) fn change_membership_asked(&mut self, change: MembershipChange, out: &mut Output) {
+        match self.leader {
+            Some(leader)
+                if self.role != Role::Leader
+                    && leader != self.config.id
+                    && self.config.forward_proposals =>
+            {
+                self.membership_requests += 1;
+                let tag = self.membership_requests;
+                let term = self.term;
+                self.send(
+                    leader,
+                    Message::ForwardMembership { term, tag, change },
+                    out,
+                );
+                out.events.push(Event::MembershipForwarded { tag, leader });
+            }
+            _ => {
+                if let Err(error) = self.change_membership(change, out) {
+                    out.events.push(Event::MembershipRefused { error });
+                }
+            }
+        }
+    }
+
+    /// A follower's forwarded change: started here if this node leads, and answered either way
+    /// (a node that no longer leads answers `NotLeader`, naming the leader it knows).
+    pub(crate) fn handle_forwarded_membership(
+        &mut self,
+        from: NodeId,
+        tag: u64,
+        change: MembershipChange,
+        out: &mut Output,
+    ) {
+        let result = self.change_membership(change, out);
+        let term = self.term;
+        self.send(from, Message::MembershipAnswer { term, tag, result }, out);
+    }
+
     /// Starts `change` on the leader; refuses it (appending nothing) when this node does not
     /// lead, when another change is in flight, or when the change is unsound. Returns the index
     /// of the membership entry appended.
@@ -125,16 +166,21 @@ impl RaftNode {
         }
         let current = self.membership().clone();
         let next = match change {
-            MembershipChange::AddLearner(id) => {
+            MembershipChange::AddLearner { id, address } => {
                 if current.is_voter(id) {
                     return Err(MembershipError::AlreadyVoter(id));
                 }
-                if current.learners.contains(&id) {
+                let same_address =
+                    address.is_none() || current.addresses.get(&id) == address.as_ref();
+                if current.learners.contains(&id) && same_address {
                     // Asked again (a node retrying its join): already done.
                     return Ok(self.members.latest_index());
                 }
                 let mut next = current;
                 next.learners.insert(id);
+                if let Some(address) = address {
+                    next.addresses.insert(id, address);
+                }
                 next
             }
             MembershipChange::ChangeVoters(voters) => {
@@ -152,6 +198,7 @@ impl RaftNode {
                     voters,
                     outgoing: current.voters,
                     learners,
+                    addresses: current.addresses,
                 }
             }
         };
@@ -274,10 +321,12 @@ impl RaftNode {
         if self.role == Role::Leader && membership.is_joint() {
             // Also when the joint membership committed under an earlier leader, which fell
             // before appending the final one: a new leader completes the change.
-            let last = Membership {
+            let mut last = Membership {
                 outgoing: BTreeSet::new(),
                 ..membership
             };
+            let kept = last.all_members();
+            last.addresses.retain(|id, _| kept.contains(id));
             self.append_membership(last, out);
             return;
         }

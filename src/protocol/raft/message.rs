@@ -180,6 +180,26 @@ pub enum Message {
         /// Bytes held from the start.
         received: u64,
     },
+    /// A membership change asked of a follower, passed on to the leader it knows.
+    ForwardMembership {
+        /// The follower's term.
+        term: Term,
+        /// The follower's number for the request, sent back in the answer.
+        tag: u64,
+        /// The change.
+        change: crate::membership::MembershipChange,
+    },
+    /// The leader's answer to [`Message::ForwardMembership`]: the index of the membership entry
+    /// whose commit completes the change (the joint one's for a change of voters, which the
+    /// final one follows), or why it was refused.
+    MembershipAnswer {
+        /// The leader's term.
+        term: Term,
+        /// The follower's number for the request.
+        tag: u64,
+        /// The entry's index, or the refusal.
+        result: Result<LogIndex, crate::membership::MembershipError>,
+    },
 }
 
 impl Message {
@@ -200,6 +220,8 @@ impl Message {
             | Message::TimeoutNow { term }
             | Message::InstallSnapshot { term, .. }
             | Message::InstallSnapshotResponse { term, .. }
+            | Message::ForwardMembership { term, .. }
+            | Message::MembershipAnswer { term, .. }
             | Message::ForwardProposals { term, .. } => *term,
         }
     }
@@ -256,6 +278,8 @@ impl Message {
                 | Message::ReadIndexResponse { .. }
                 | Message::InstallSnapshot { .. }
                 | Message::PreVote { .. }
+                | Message::ForwardMembership { .. }
+                | Message::MembershipAnswer { .. }
         )
     }
 }

@@ -111,6 +111,8 @@ pub struct RaftNode {
     pub(crate) members: crate::protocol::raft::membership::MembershipLog,
     /// This node reported its removal ([`Event::Removed`]).
     pub(crate) removed: bool,
+    /// The number of the last membership change this node forwarded to its leader.
+    pub(crate) membership_requests: u64,
 }
 
 impl RaftNode {
@@ -177,6 +179,7 @@ impl RaftNode {
             incoming_snapshot: None,
             snapshot_checksum: None,
             removed: false,
+            membership_requests: 0,
             members,
             config,
         };
@@ -202,9 +205,7 @@ impl RaftNode {
             Input::Control(Control::TransferLeadership { to }) => self.transfer_leadership(to, out),
             Input::Control(Control::HandOver) => self.hand_over(out),
             Input::Control(Control::ChangeMembership(change)) => {
-                if let Err(error) = self.change_membership(change, out) {
-                    out.events.push(Event::MembershipRefused { error });
-                }
+                self.change_membership_asked(change, out);
             }
             Input::FlushProposals => self.flush_proposals(out),
             Input::Durable { index, term } => self.on_durable(index, term, out),

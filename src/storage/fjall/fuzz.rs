@@ -63,6 +63,7 @@ fn record() -> impl Strategy<Value = Record> {
                             voters,
                             outgoing,
                             learners,
+                            addresses: Default::default(),
                         }
                     }),
                 })

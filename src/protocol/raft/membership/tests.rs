@@ -45,7 +45,7 @@ fn a_learner_receives_the_log_and_never_counts_toward_a_quorum() {
     let (mut cluster, leader) = cluster_with_a_spare();
     let learner = NodeId(4);
     cluster.propose(leader, 1, "before");
-    change(&mut cluster, leader, MembershipChange::AddLearner(learner));
+    change(&mut cluster, leader, MembershipChange::learner(learner));
     cluster.propose(leader, 2, "after");
     cluster.tick_all(3);
     assert_eq!(cluster.commands_applied(learner).len(), 2, "caught up");
@@ -83,7 +83,7 @@ fn a_learner_receives_the_log_and_never_counts_toward_a_quorum() {
 fn a_voter_change_goes_through_a_joint_membership_and_a_removed_leader_steps_down() {
     let (mut cluster, leader) = cluster_with_a_spare();
     let learner = NodeId(4);
-    change(&mut cluster, leader, MembershipChange::AddLearner(learner));
+    change(&mut cluster, leader, MembershipChange::learner(learner));
     cluster.tick_all(2);
     let mut voters = ids(&[1, 2, 3, 4]);
     voters.remove(&leader);
@@ -149,27 +149,41 @@ fn a_voter_change_goes_through_a_joint_membership_and_a_removed_leader_steps_dow
 fn unsound_or_concurrent_changes_are_refused_with_their_reason() {
     let (mut cluster, leader) = cluster_with_a_spare();
     let follower = cluster.other_than(&[leader, NodeId(4)]);
+    // A follower forwards the change to its leader, whose refusal comes back to it.
     change(
         &mut cluster,
         follower,
-        MembershipChange::AddLearner(NodeId(4)),
+        MembershipChange::ChangeVoters(BTreeSet::new()),
     );
+    let answers: Vec<_> = cluster
+        .events
+        .iter()
+        .filter_map(|(at, event)| match event {
+            Event::MembershipForwardAnswered { result, .. } => Some((*at, result.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, [(follower, Err(MembershipError::NoVoters))]);
+    // The spare knows no leader to forward to.
     change(
         &mut cluster,
-        leader,
-        MembershipChange::ChangeVoters(BTreeSet::new()),
+        NodeId(4),
+        MembershipChange::learner(NodeId(4)),
     );
     change(
         &mut cluster,
         leader,
         MembershipChange::ChangeVoters(ids(&[1, 2, 9])),
     );
-    change(&mut cluster, leader, MembershipChange::AddLearner(leader));
+    change(&mut cluster, leader, MembershipChange::learner(leader));
     let refused = refusals(&cluster);
-    assert!(matches!(refused[0], MembershipError::NotLeader { leader: Some(l) } if l == leader));
-    assert_eq!(refused[1], MembershipError::NoVoters);
-    assert_eq!(refused[2], MembershipError::UnknownNode(NodeId(9)));
-    assert_eq!(refused[3], MembershipError::AlreadyVoter(leader));
+    assert_eq!(refused[0], MembershipError::NotLeader { leader: None });
+    assert_eq!(refused[1], MembershipError::UnknownNode(NodeId(9)));
+    assert_eq!(refused[2], MembershipError::AlreadyVoter(leader));
+    assert_eq!(
+        cluster.nodes[&leader].membership(),
+        &Membership::of_voters(ids(&[1, 2, 3]))
+    );
 
     // A second change while the first is not committed.
     let others: Vec<NodeId> = ids(&[1, 2, 3])
@@ -179,18 +193,10 @@ fn unsound_or_concurrent_changes_are_refused_with_their_reason() {
     cluster.isolate(others[0]);
     cluster.isolate(others[1]);
     cluster.isolate(NodeId(4));
-    change(
-        &mut cluster,
-        leader,
-        MembershipChange::AddLearner(NodeId(4)),
-    );
-    change(
-        &mut cluster,
-        leader,
-        MembershipChange::AddLearner(NodeId(5)),
-    );
+    change(&mut cluster, leader, MembershipChange::learner(NodeId(4)));
+    change(&mut cluster, leader, MembershipChange::learner(NodeId(5)));
     assert!(matches!(
-        refusals(&cluster)[4],
+        refusals(&cluster)[3],
         MembershipError::ChangeInProgress { .. }
     ));
     cluster.heal();
@@ -209,7 +215,7 @@ fn unsound_or_concurrent_changes_are_refused_with_their_reason() {
         MembershipChange::ChangeVoters(with_learner),
     );
     assert!(matches!(
-        refusals(&cluster)[5],
+        refusals(&cluster)[4],
         MembershipError::LearnerBehind { id: NodeId(4), .. }
     ));
     cluster.heal();
@@ -224,7 +230,7 @@ fn unsound_or_concurrent_changes_are_refused_with_their_reason() {
         MembershipChange::ChangeVoters([leader, NodeId(4)].into()),
     );
     assert!(matches!(
-        &refusals(&cluster)[6],
+        &refusals(&cluster)[5],
         MembershipError::NoReachableQuorum { reachable } if reachable == &vec![leader]
     ));
 }
@@ -232,11 +238,7 @@ fn unsound_or_concurrent_changes_are_refused_with_their_reason() {
 #[test]
 fn a_joint_membership_needs_both_majorities_to_commit() {
     let (mut cluster, leader) = cluster_with_a_spare();
-    change(
-        &mut cluster,
-        leader,
-        MembershipChange::AddLearner(NodeId(4)),
-    );
+    change(&mut cluster, leader, MembershipChange::learner(NodeId(4)));
     cluster.tick_all(2);
     // Old voters {1, 2, 3}, new voters {leader, 4}: cut the learner before the joint entry
     // reaches it, so only the old majority can store it.
@@ -269,11 +271,7 @@ fn a_joint_membership_needs_both_majorities_to_commit() {
 #[test]
 fn a_restart_and_a_snapshot_keep_the_membership() {
     let (mut cluster, leader) = cluster_with_a_spare();
-    change(
-        &mut cluster,
-        leader,
-        MembershipChange::AddLearner(NodeId(4)),
-    );
+    change(&mut cluster, leader, MembershipChange::learner(NodeId(4)));
     cluster.propose(leader, 1, "x");
     cluster.tick_all(2);
     let membership = cluster.nodes[&leader].membership().clone();

@@ -133,6 +133,14 @@ async fn a_joining_node_is_added_promoted_and_replaces_the_removed_leader() {
         }) => {}
         other => panic!("a removed node took a proposal: {other:?}"),
     }
+    let removed_at = tokio::time::timeout(Duration::from_secs(5), engines[leader].removed())
+        .await
+        .expect("the removed node learns it was removed");
+    let committed = engines[leader].metrics().last_committed_index();
+    assert!(
+        removed_at > 0 && removed_at <= committed,
+        "{removed_at} {committed}"
+    );
     for engine in &mut engines {
         engine.stop().await.unwrap();
     }

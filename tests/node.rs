@@ -1595,6 +1595,25 @@ async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
         );
     }
 
+    // The removed node stops on its own and says why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        let child = cluster.nodes[leader].child.as_mut().unwrap();
+        if let Some(exit) = child.try_wait().unwrap() {
+            cluster.nodes[leader].child = None;
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed node still runs\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&cluster.nodes[leader].log).unwrap();
+    assert!(log.contains("removed from the cluster"), "{log}");
+
     // Restarted with --join still given, it finds itself a voter and asks nothing.
     cluster.nodes[joiner].kill();
     cluster.nodes[joiner].spawn();

@@ -266,6 +266,9 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) membership: Arc<Mutex<Option<crate::membership::Membership>>>,
     /// Callers of membership changes, started here or forwarded to the leader.
     pub(crate) membership_calls: crate::engine::membership_calls::MembershipCalls,
+    /// Set while a committed membership leaves this node out (see
+    /// [`crate::ConsensusEngine::removed`]).
+    pub(crate) removed: tokio::sync::watch::Sender<Option<LogIndex>>,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -595,6 +598,9 @@ impl<P: Protocol> Driver<P> {
                         tracing::info!(node = %self.node.id(), index, %membership, committed,
                             "membership changed");
                         *lock(&self.membership) = Some(membership.clone());
+                        if membership.contains(self.node.id()) {
+                            self.removed.send_replace(None); // added (back)
+                        }
                         self.membership_calls.changed(index, membership, committed);
                     }
                     Event::MembershipRefused { ref error } => {
@@ -610,6 +616,7 @@ impl<P: Protocol> Driver<P> {
                     Event::Removed { index } => {
                         tracing::warn!(node = %self.node.id(), index,
                             "removed from the cluster by the membership committed at this index");
+                        self.removed.send_replace(Some(index));
                     }
                     Event::SnapshotSendStarted { .. }
                     | Event::SnapshotSendFinished { .. }

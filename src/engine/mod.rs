@@ -120,6 +120,9 @@ pub struct ConsensusEngine {
     /// Set when the driver stopped because the store failed (see
     /// [`ConsensusEngine::storage_failed`]).
     storage_failed: watch::Sender<bool>,
+    /// The index of the committed membership that removed this node, while it is removed
+    /// (see [`ConsensusEngine::removed`]).
+    removed: watch::Sender<Option<crate::types::LogIndex>>,
     leader_callbacks: LeaderCallbacks,
     /// Hands the driver's answers to dispatcher tasks on the callers' runtimes.
     replies: Arc<ReplyRouter>,
@@ -181,6 +184,7 @@ impl ConsensusEngine {
             metrics: Arc::new(Metrics::new()),
             leader: watch::Sender::new(LeaderInfo::default()),
             storage_failed: watch::Sender::new(false),
+            removed: watch::Sender::new(None),
             leader_callbacks: Arc::new(Mutex::new(Vec::new())),
             replies: Arc::new(ReplyRouter::default()),
             retained: RetainedState::default(),
@@ -510,6 +514,7 @@ impl ConsensusEngine {
             snapshot_spans: Default::default(),
             membership: membership.clone(),
             membership_calls: Default::default(),
+            removed: self.removed.clone(),
         };
         let storage_failed = self.storage_failed.clone();
         storage_failed.send_replace(false);
@@ -630,6 +635,24 @@ impl ConsensusEngine {
         let mut failed = self.storage_failed.subscribe();
         // The sender lives in `self`, so the channel stays open while this borrows it.
         let _ = failed.wait_for(|failed| *failed).await;
+    }
+
+    /// Resolves once a committed membership leaves this node out (Raft), with the index of the
+    /// entry that set it: the node neither votes nor campaigns and refuses requests
+    /// ([`RejectReason::Removed`]); what is left is to stop it, which `consensus-node` does.
+    /// Immediately if that happened already. A node removed while it was down learns it only
+    /// from a member that tells it (a leader tells those it removes, once).
+    pub async fn removed(&self) -> crate::types::LogIndex {
+        let mut removed = self.removed.subscribe();
+        loop {
+            if let Some(index) = *removed.borrow_and_update() {
+                return index;
+            }
+            // The sender lives in `self`, so the channel stays open while this borrows it.
+            if removed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Stops the node: pending calls get [`Error::Stopped`]. What was committed stays committed.

@@ -696,11 +696,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Why a running node stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM, Ctrl-C, or the caller's shutdown future.
+    Asked,
+    /// The store failed (see [`ConsensusEngine::storage_failed`]).
+    StoreFailed,
+    /// A committed membership left this node out (see [`ConsensusEngine::removed`]).
+    Removed(u64),
+}
+
 /// Runs a node until `shutdown` resolves, then stops it so that clients never notice: a
 /// leader hands leadership to its most caught-up voter, new key-value requests are answered
 /// 503 `stopping` (nothing was done: send it to another node) for 100 ms, then the
 /// HTTP listener closes, in-flight requests finish (each bounded by the request deadline), and
-/// the engine stops.
+/// the engine stops. A Raft node that a committed membership leaves out stops the same way on
+/// its own (logging that it was removed, and at which index), and `run` returns `Ok`.
 ///
 /// An algorithm that signs its messages first loads this node's signing identity
 /// ([`ConsensusConfig::signing_identity`]), so that a missing, unreadable or mismatched key is
@@ -767,14 +779,23 @@ pub async fn run(
     let hand_over = {
         let (engine, stopping) = (engine.clone(), stopping.clone());
         tokio::spawn(async move {
-            let store_failed = tokio::select! {
-                () = shutdown => false,
-                () = engine.storage_failed() => true,
+            let reason = tokio::select! {
+                () = shutdown => Stop::Asked,
+                () = engine.storage_failed() => Stop::StoreFailed,
+                index = engine.removed() => Stop::Removed(index),
             };
             stopping.store(true, Ordering::Relaxed);
-            if store_failed {
+            if reason == Stop::StoreFailed {
                 // The driver is gone: nothing to hand over; stop serving at once.
                 tracing::error!("the store failed: the node stops");
+            } else if let Stop::Removed(index) = reason {
+                // No longer a member: nothing to hand over (a removed leader stepped down).
+                tracing::warn!(
+                    index,
+                    "removed from the cluster by the membership committed at \
+                    this index: the node stops"
+                );
+                tokio::time::sleep(STOPPING_NOTICE).await;
             } else {
                 tracing::info!("stopping: handing over and sending clients elsewhere");
                 engine.hand_over_leadership().await;

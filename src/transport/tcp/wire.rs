@@ -28,8 +28,10 @@ use crate::types::NodeId;
 /// 2: Raft's `Commit` message and the `NotCertified` refusal. 3: trace attachments. 4: Raft's
 /// heartbeat rounds and read indexes (`ReadIndex`, `ReadIndexResponse`). 5: Raft's snapshot
 /// transfer (`InstallSnapshot`, `InstallSnapshotResponse`). 6: membership entries
-/// (`Payload::Membership`) and the snapshot's membership in `InstallSnapshot`.
-pub(crate) const PROTOCOL_VERSION: u32 = 6;
+/// (`Payload::Membership`) and the snapshot's membership in `InstallSnapshot`. 7: members'
+/// addresses in memberships, and forwarded membership changes (`ForwardMembership`,
+/// `MembershipAnswer`).
+pub(crate) const PROTOCOL_VERSION: u32 = 7;
 
 /// The top bit of a message length: a trace attachment precedes the message.
 const TRACED: u32 = 1 << 31;

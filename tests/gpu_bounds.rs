@@ -178,17 +178,7 @@ fn verify_batch_on_a_cold_shader_cache_with_a_short_kernel_bound() {
     let Some(context) = gpu_common::gpu_context_or_skip(name) else {
         return;
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let manifest_dir = env!("CARGO_MANIFEST_DIR");
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--quiet", "--example", "verify_batch"])
-        .current_dir(manifest_dir)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the example failed");
-    let target_dir =
-        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest_dir}/target"));
-    let binary = format!("{target_dir}/debug/examples/verify_batch");
+    let binary = gpu_common::build_verify_batch_example();
     let directory = tempfile::tempdir().expect("tempdir");
     let path = directory.path().join("items.txt");
     let items = mixed_items(9, 150);

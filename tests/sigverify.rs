@@ -440,17 +440,7 @@ proptest! {
 /// empty-message and malformed lines, and checks stdout is exactly the verdicts.
 #[test]
 fn verify_batch_example_end_to_end() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let manifest_dir = env!("CARGO_MANIFEST_DIR");
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--quiet", "--example", "verify_batch"])
-        .current_dir(manifest_dir)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the example failed");
-    let target_dir =
-        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest_dir}/target"));
-    let binary = format!("{target_dir}/debug/examples/verify_batch");
+    let binary = gpu_common::build_verify_batch_example();
 
     let (_, rfc1) = rfc_items().swap_remove(0);
     let (_, rfc2) = rfc_items().swap_remove(1);

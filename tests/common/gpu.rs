@@ -87,3 +87,30 @@ pub fn verifier_or_skip(test_name: &str, context: Arc<GpuContext>) -> Option<Gpu
         Err(error) => panic!("{test_name}: building the verifier failed: {error}"),
     }
 }
+
+/// Builds the `verify_batch` example with the cargo running this test and returns its path.
+///
+/// The build runs without the package variables cargo gives a test process (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_*`, ...): build scripts (ring's among them) track some of them, so a build
+/// that saw them rebuilt half the tree, and the next `cargo test` rebuilt it back, about 100 s
+/// each on 2 cores.
+pub fn build_verify_batch_example() -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    let mut build = std::process::Command::new(&cargo);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR" {
+            build.env_remove(name.as_ref());
+        }
+    }
+    let status = build
+        .args(["build", "--quiet", "--example", "verify_batch"])
+        .current_dir(manifest_dir)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the example failed");
+    let target_dir =
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest_dir}/target"));
+    format!("{target_dir}/debug/examples/verify_batch")
+}

@@ -1009,7 +1009,7 @@ fn decode_entry(record: &[u8], location: &str) -> Result<Entry, StorageError> {
         PAYLOAD_MEMBERSHIP => {
             let membership = decode_membership(&mut reader)?;
             reader.finish()?;
-            Payload::Membership(membership)
+            Payload::Membership(Box::new(membership))
         }
         other => return Err(corrupt(location, format!("unknown payload tag {other}"))),
     };
@@ -1295,7 +1295,7 @@ mod tests {
         let entry = Entry {
             term: 4,
             index: 11,
-            payload: Payload::Membership(snapshot.membership.clone().unwrap()),
+            payload: Payload::Membership(Box::new(snapshot.membership.clone().unwrap())),
         };
         assert_eq!(decode_entry(&encode_entry(&entry), "test").unwrap(), entry);
     }

@@ -58,7 +58,8 @@ impl MembershipLog {
         if let Payload::Membership(membership) = &entry.payload
             && entry.index > self.latest_index()
         {
-            self.changes.push((entry.index, membership.clone()));
+            self.changes
+                .push((entry.index, membership.as_ref().clone()));
             return true;
         }
         false
@@ -246,7 +247,7 @@ impl RaftNode {
         let entry = Entry {
             term: self.term,
             index,
-            payload: Payload::Membership(membership),
+            payload: Payload::Membership(Box::new(membership)),
         };
         self.append_to_own_log(vec![entry], out);
         index
@@ -306,11 +307,13 @@ impl RaftNode {
     /// any node finding itself outside a committed membership reports that it was removed.
     pub(crate) fn membership_committed(&mut self, before: LogIndex, out: &mut Output) {
         let latest_index = self.members.latest_index();
-        if latest_index > self.commit_index {
+        let newly_committed = latest_index > before;
+        let completes_joint = self.role == Role::Leader && self.membership().is_joint();
+        // Checked before anything is cloned: this runs on every commit.
+        if latest_index > self.commit_index || !(newly_committed || completes_joint) {
             return;
         }
         let membership = self.membership().clone();
-        let newly_committed = latest_index > before;
         if newly_committed {
             out.events.push(Event::MembershipChanged {
                 index: latest_index,

@@ -322,7 +322,7 @@ fn a_membership_replaced_at_the_same_index_is_reported() {
                 entries: vec![Entry {
                     term,
                     index: 1,
-                    payload: Payload::Membership(membership.clone()),
+                    payload: Payload::Membership(Box::new(membership.clone())),
                 }],
                 leader_commit: 0,
             },

@@ -126,6 +126,7 @@ impl RaftNode {
                 self.handle_forwarded_membership(from, tag, change, out);
             }
             Message::MembershipAnswer { tag, result, .. } => {
+                let result = result.map_err(|refused| *refused);
                 out.events
                     .push(Event::MembershipForwardAnswered { tag, result });
             }
@@ -161,7 +162,7 @@ impl RaftNode {
                     offset,
                     data,
                     chunk_checksum,
-                    membership,
+                    membership: membership.map(|membership| *membership),
                 };
                 self.handle_install_snapshot(from, chunk, out);
             }

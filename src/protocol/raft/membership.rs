@@ -142,7 +142,7 @@ impl RaftNode {
         change: MembershipChange,
         out: &mut Output,
     ) {
-        let result = self.change_membership(change, out);
+        let result = self.change_membership(change, out).map_err(Box::new);
         let term = self.term;
         self.send(from, Message::MembershipAnswer { term, tag, result }, out);
     }

@@ -235,7 +235,7 @@ impl RaftNode {
                     offset: outgoing.sent,
                     chunk_checksum: crc32fast::hash(&data),
                     data,
-                    membership: outgoing.snapshot.membership.clone(),
+                    membership: outgoing.snapshot.membership.clone().map(Box::new),
                 });
                 outgoing.sent = end;
                 outgoing.sent_any = true;

@@ -765,6 +765,15 @@ impl ConsensusConfig {
         pbft
     }
 
+    /// Where other nodes can dial this one: `bind_address` when it names a specific IP and a
+    /// port (not `0.0.0.0`, `::` or port 0, which say where to listen, not where to be found).
+    pub fn advertised_address(&self) -> Option<SocketAddr> {
+        self.bind_address
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|address| !address.ip().is_unspecified() && address.port() != 0)
+    }
+
     /// The peers of `bootstrap_peers`: `name@host:port` (the id is the name's) or `host:port`
     /// (the id is learned from the peer's handshake).
     pub fn peer_addresses(&self) -> Result<Vec<PeerAddress>, ConfigError> {

@@ -644,14 +644,11 @@ impl ConsensusEngine {
     /// from a member that tells it (a leader tells those it removes, once).
     pub async fn removed(&self) -> crate::types::LogIndex {
         let mut removed = self.removed.subscribe();
-        loop {
-            if let Some(index) = *removed.borrow_and_update() {
-                return index;
-            }
-            // The sender lives in `self`, so the channel stays open while this borrows it.
-            if removed.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+        // The sender lives in `self`, so the channel stays open while this borrows it.
+        let index = removed.wait_for(Option::is_some).await.map(|index| *index);
+        match index {
+            Ok(index) => index.unwrap_or_default(),
+            Err(_) => std::future::pending().await,
         }
     }
 
@@ -976,10 +973,7 @@ impl ConsensusEngine {
         let mut directory = std::collections::BTreeMap::new();
         let own_address = self
             .config
-            .bind_address
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .filter(|address| !address.ip().is_unspecified() && address.port() != 0)
+            .advertised_address()
             .map(|address| address.to_string());
         directory.insert(
             self.node_id(),

@@ -126,19 +126,14 @@ pub(super) async fn ask_to_be_added(
 /// The address other nodes dial this one at: its `bind_address`, which must name a specific
 /// IP and port.
 fn advertised_address(consensus: &ConsensusConfig) -> Result<SocketAddr, NodeError> {
-    consensus
-        .bind_address
-        .parse::<SocketAddr>()
-        .ok()
-        .filter(|address| !address.ip().is_unspecified() && address.port() != 0)
-        .ok_or_else(|| {
-            NodeError::Config(ConfigError::Invalid {
-                field: "bind_address",
-                value: consensus.bind_address.clone(),
-                reason: "a joining node tells the cluster this address: it needs a specific \
+    consensus.advertised_address().ok_or_else(|| {
+        NodeError::Config(ConfigError::Invalid {
+            field: "bind_address",
+            value: consensus.bind_address.clone(),
+            reason: "a joining node tells the cluster this address: it needs a specific \
                          IP and port that the members can dial",
-            })
         })
+    })
 }
 
 /// Sends one request until `read` says what it answered (`Ok(Some)`), giving up on `Err` or

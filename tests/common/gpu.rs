@@ -93,14 +93,29 @@ pub fn verifier_or_skip(test_name: &str, context: Arc<GpuContext>) -> Option<Gpu
 /// The build runs without the package variables cargo gives a test process (`CARGO_PKG_*`,
 /// `CARGO_MANIFEST_*`, ...): build scripts (ring's among them) track some of them, so a build
 /// that saw them rebuilt half the tree, and the next `cargo test` rebuilt it back, about 100 s
-/// each on 2 cores.
+/// each on 2 cores. The caller's own settings (`CARGO_INCREMENTAL`, `CARGO_TARGET_DIR`,
+/// `CARGO_PROFILE_*`, ...) stay: without the CI's `CARGO_INCREMENTAL=0` the example built
+/// under another hash, and the crate was compiled again for it.
 pub fn build_verify_batch_example() -> String {
+    /// Prefixes of the variables cargo sets for the test process itself.
+    const SET_FOR_THE_TEST: [&str; 7] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let manifest_dir = env!("CARGO_MANIFEST_DIR");
     let mut build = std::process::Command::new(&cargo);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR" {
+        if SET_FOR_THE_TEST
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
             build.env_remove(name.as_ref());
         }
     }

@@ -27,7 +27,8 @@
 //! A leader's own proposals have no commit span: their proposal span is on the leader already,
 //! and one span less per traced proposal is what keeps export cheap. Work done once per batch or
 //! per event is traced every time it happens (GPU dispatches, `gpu.dispatch`, target
-//! `consensus::gpu`; elections and leader changes, `consensus.election` and
+//! `consensus::gpu`; elections and leader changes, `consensus.election` with a
+//! `consensus.pre_vote` or `consensus.vote` child for each round a Raft node runs, and
 //! `consensus.leader_change`, which under PBFT are view changes; snapshots and their transfers,
 //! `consensus.snapshot`, `consensus.snapshot_send` and `consensus.snapshot_receive`). The
 //! README's Observability section has the full table.

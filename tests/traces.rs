@@ -3,8 +3,9 @@
 //! follower with a caller's W3C `traceparent` (the sampling ratio is 0, so only such requests are
 //! traced), and one trace, the caller's, must hold the follower's request (a child of the
 //! caller's span) and proposal, the leader's commit span, and both followers' append spans
-//! below it; writes without the header make no proposal spans. A second test exports a GPU dispatch span
-//! through the library's exporter when an adapter is present.
+//! below it; writes without the header make no proposal spans; and the first election's pre-vote
+//! and vote rounds arrive as children of its election span. A second test exports a GPU
+//! dispatch span through the library's exporter when an adapter is present.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -160,6 +161,21 @@ fn complete_trace(spans: &[Received], follower: &str, leader: &str) -> Option<Ve
         })
 }
 
+/// Whether an election round named `name` (`consensus.pre_vote`, `consensus.vote`) was
+/// exported with its term, as a child of a `consensus.election` span of the same node.
+fn election_round(spans: &[Received], name: &str) -> bool {
+    spans.iter().any(|round| {
+        round.name == name
+            && round.attributes.contains_key("consensus.term")
+            && spans.iter().any(|election| {
+                election.name == "consensus.election"
+                    && election.instance == round.instance
+                    && election.trace_id == round.trace_id
+                    && election.span_id == round.parent_span_id
+            })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_a_follower_is_one_trace_across_three_nodes() {
     let (receiver, spans) = start_receiver().await;
@@ -239,7 +255,11 @@ async fn a_write_through_a_follower_is_one_trace_across_three_nodes() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let collected = spans.lock().unwrap().clone();
-        if let Some(trace) = complete_trace(&collected, &follower.name, &leader) {
+        // The first election's rounds are exported too, each a child of its election span.
+        if let Some(trace) = complete_trace(&collected, &follower.name, &leader)
+            && election_round(&collected, "consensus.pre_vote")
+            && election_round(&collected, "consensus.vote")
+        {
             let in_trace: Vec<String> = collected
                 .iter()
                 .filter(|span| span.trace_id == trace)

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
+use crate::engine::election_traces::ElectionTraces;
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
 use crate::engine::snapshots::{SnapshotSpans, SnapshotTaker};
@@ -254,9 +255,8 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) persisted_through: LogIndex,
     /// The traced proposals this node follows (see [`crate::telemetry`]).
     pub(crate) traces: ProposalTraces,
-    /// The election under way, from the moment this node lost its leader until it learns a new
-    /// one.
-    pub(crate) election: Option<tracing::Span>,
+    /// The spans of the election under way, if any.
+    pub(crate) elections: ElectionTraces,
     /// When the next snapshot is due, and the one being serialized (see
     /// [`crate::engine::snapshots`]).
     pub(crate) snapshots: SnapshotTaker,
@@ -575,8 +575,11 @@ impl<P: Protocol> Driver<P> {
                         self.metrics.record_byzantine_detection();
                         lock(&self.byzantine).detected(offender, offence);
                     }
+                    Event::ElectionRound { round, term } => {
+                        self.elections.round(self.node.id(), round, term);
+                    }
                     Event::LeaderChanged { term, leader } => {
-                        self.trace_leader_change(term, leader);
+                        self.elections.leader_changed(self.node.id(), term, leader);
                         if leader != Some(self.node.id()) {
                             self.membership_calls.leadership_lost(leader);
                         }
@@ -825,40 +828,6 @@ impl<P: Protocol> Driver<P> {
     fn fail_all(&mut self, reason: &str) {
         self.apply.fail_all(reason, &mut self.answers);
         self.answer(None);
-    }
-
-    /// Spans of elections and leader changes (a PBFT leader change is a view change, its term
-    /// the view): an election lasts from the moment this node knows no leader until it learns
-    /// one; each change is a span of its own, kept whatever the sampling ratio.
-    fn trace_leader_change(&mut self, term: Term, leader: Option<NodeId>) {
-        let node = self.node.id();
-        match leader {
-            None => {
-                if self.election.is_none() {
-                    self.election = Some(tracing::info_span!(
-                        target: "consensus::trace",
-                        "consensus.election",
-                        consensus.node = %node,
-                        consensus.term = term,
-                        consensus.leader = tracing::field::Empty,
-                    ));
-                }
-            }
-            Some(leader) => {
-                if let Some(election) = self.election.take() {
-                    election.record("consensus.term", term);
-                    election.record("consensus.leader", tracing::field::display(leader));
-                }
-                let _change = tracing::info_span!(
-                    target: "consensus::trace",
-                    "consensus.leader_change",
-                    consensus.node = %node,
-                    consensus.term = term,
-                    consensus.leader = %leader,
-                    consensus.is_leader = leader == node,
-                );
-            }
-        }
     }
 
     fn publish_leader(&self) {

@@ -18,6 +18,7 @@
 pub(crate) mod apply;
 mod core;
 mod driver;
+mod election_traces;
 mod handover;
 mod local;
 mod membership_calls;
@@ -509,7 +510,7 @@ impl ConsensusEngine {
             replies: ReplyPoster::new(self.replies.clone()),
             retain,
             traces: traces::ProposalTraces::default(),
-            election: None,
+            elections: Default::default(),
             snapshots,
             snapshot_spans: Default::default(),
             membership: membership.clone(),

@@ -222,6 +222,7 @@ impl SnapshotSpans {
                 }
             }
             Event::ByzantineDetected { .. }
+            | Event::ElectionRound { .. }
             | Event::Prepared { .. }
             | Event::MembershipChanged { .. }
             | Event::MembershipRefused { .. }

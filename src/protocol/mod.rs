@@ -194,6 +194,16 @@ pub struct Rejection {
     pub reason: RejectReason,
 }
 
+/// A round of a Raft election (see [`Event::ElectionRound`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElectionRound {
+    /// The pre-vote: would a quorum vote for this node in the next term? Asked without raising
+    /// the term, so a node that cannot win (cut off, or behind) disturbs no one.
+    PreVote,
+    /// The vote itself, in a term this node raised.
+    Vote,
+}
+
 /// Something the driver may want to tell the world about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -204,6 +214,15 @@ pub enum Event {
         offender: NodeId,
         /// What it did ([`pbft::Offence::as_str`]).
         offence: &'static str,
+    },
+    /// Raft: this node began a round of an election, for traces: a pre-vote (asking whether
+    /// it could win `term`, its own term unchanged) or the vote in `term`. The election ends
+    /// with [`Event::LeaderChanged`] naming a leader.
+    ElectionRound {
+        /// Which round.
+        round: ElectionRound,
+        /// The term the round is for.
+        term: Term,
     },
     /// The node learned of a new leader, or lost track of the old one.
     LeaderChanged {

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::protocol::Event;
 use crate::protocol::raft::message::Message;
 use crate::protocol::raft::node::{LeaderState, ProposalBatch, RaftNode, Role};
 use crate::protocol::raft::progress::Progress;
 use crate::protocol::raft::{Envelope, Output, RejectReason, Rejection};
+use crate::protocol::{ElectionRound, Event};
 use crate::types::{Entry, NodeId, Payload, Term};
 
 impl RaftNode {
@@ -327,6 +327,10 @@ impl RaftNode {
             self.votes.clear();
             let (term, last_log_index, last_log_term) =
                 (self.term + 1, self.log.last_index(), self.log.last_term());
+            out.events.push(Event::ElectionRound {
+                round: ElectionRound::PreVote,
+                term,
+            });
             for peer in self.peers().collect::<Vec<_>>() {
                 let message = Message::PreVote {
                     term,
@@ -393,6 +397,10 @@ impl RaftNode {
         self.votes.clear();
         let (term, last_log_index, last_log_term) =
             (self.term, self.log.last_index(), self.log.last_term());
+        out.events.push(Event::ElectionRound {
+            round: ElectionRound::Vote,
+            term,
+        });
         for peer in self.peers().collect::<Vec<_>>() {
             let message = Message::RequestVote {
                 term,

@@ -558,6 +558,69 @@ fn the_commit_rule_waits_for_an_entry_of_the_current_term() {
 }
 
 #[test]
+fn an_election_reports_its_pre_vote_and_vote_rounds_before_the_leader() {
+    use crate::protocol::{ElectionRound, Event};
+    let mut cluster = Cluster::new(3, |_| {});
+    let leader = cluster.elect();
+    let term = cluster.nodes[&leader].term();
+    let winner: Vec<&Event> = cluster
+        .events
+        .iter()
+        .filter(|(id, _)| *id == leader)
+        .map(|(_, event)| event)
+        .filter(|event| {
+            matches!(
+                event,
+                Event::ElectionRound { .. }
+                    | Event::LeaderChanged {
+                        leader: Some(_),
+                        ..
+                    }
+            )
+        })
+        .collect();
+    assert_eq!(
+        winner,
+        [
+            &Event::ElectionRound {
+                round: ElectionRound::PreVote,
+                term
+            },
+            &Event::ElectionRound {
+                round: ElectionRound::Vote,
+                term
+            },
+            &Event::LeaderChanged {
+                term,
+                leader: Some(leader)
+            },
+        ],
+        "the winner's election, in order"
+    );
+    // A leadership transfer skips the pre-vote.
+    let target = cluster.another_than(leader);
+    cluster.events.clear();
+    cluster.step(
+        leader,
+        Input::Control(Control::TransferLeadership { to: target }),
+    );
+    cluster.tick_all(2);
+    let rounds: Vec<&Event> = cluster
+        .events
+        .iter()
+        .filter(|(id, event)| *id == target && matches!(event, Event::ElectionRound { .. }))
+        .map(|(_, event)| event)
+        .collect();
+    assert_eq!(
+        rounds,
+        [&Event::ElectionRound {
+            round: ElectionRound::Vote,
+            term: term + 1
+        }]
+    );
+}
+
+#[test]
 fn a_node_votes_once_per_term() {
     let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
     let mut node = RaftNode::new(

@@ -5,9 +5,9 @@
 //! liveness after healing, the primary's crash included; and proof that the checkers catch
 //! two deliberately injected PBFT bugs.
 //!
-//! - `cargo test --test pbft` runs 1,000 seeds, sized for CI: about 4 minutes of a 2-core
-//!   machine, nearly half of it ed25519 signing and verification, which an optimized build
-//!   does not speed up (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts at S);
+//! - `cargo test --test pbft` runs 1,000 seeds, sized for CI: 5 to 6 minutes of a 2-core
+//!   machine, nearly half of it ed25519 signing and verification, whose curve arithmetic is
+//!   already the optimized AVX2 code (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts at S);
 //! - `SIM_SEED=S cargo test --test pbft -- pbft_seeds --exact --nocapture` replays one seed.
 
 mod common;

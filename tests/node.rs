@@ -141,6 +141,32 @@ impl Cluster {
         Cluster { _dir: dir, nodes }
     }
 
+    /// Waits up to 15 s for node `i` to exit on its own and returns how it exited; `waiting_for`
+    /// is the failure message.
+    async fn exit_of(&mut self, i: usize, waiting_for: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let child = self.nodes[i].child.as_mut().expect("the node runs");
+            if let Some(exit) = child.try_wait().unwrap() {
+                self.nodes[i].child = None;
+                return exit;
+            }
+            assert!(Instant::now() < deadline, "{waiting_for}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGTERM to node `i`, and how it exited (see [`Cluster::exit_of`]).
+    async fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let pid = self.nodes[i].child.as_ref().expect("the node runs").id();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.exit_of(i, "no exit after SIGTERM").await
+    }
+
     fn logs(&self) -> String {
         self.nodes
             .iter()
@@ -517,24 +543,7 @@ async fn a_leader_stopped_with_sigterm_hands_over_and_no_write_through_a_followe
         }
     };
     wait_for_writes(20).await; // some before the stop
-    let mut child = cluster.nodes[leader].child.take().unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no exit after SIGTERM\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let exit = cluster.terminate(leader).await;
     assert!(exit.success(), "{exit:?}\n{}", cluster.logs());
     let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     cluster.leader(&survivors, Duration::from_secs(20)).await;
@@ -581,24 +590,7 @@ async fn an_oversized_body_gets_413_and_sigterm_stops_the_node_cleanly() {
     assert_eq!((read.status, read.text().as_str()), (200, "fits"));
 
     // SIGTERM: the node stops on its own, with success.
-    let mut child = cluster.nodes[0].child.take().unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no exit after SIGTERM\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = cluster.terminate(0).await;
     assert!(exit.success(), "{exit:?}\n{}", cluster.logs());
     assert!(
         cluster.logs().contains("node stopped"),
@@ -1596,20 +1588,7 @@ async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
     }
 
     // The removed node stops on its own and says why.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        let child = cluster.nodes[leader].child.as_mut().unwrap();
-        if let Some(exit) = child.try_wait().unwrap() {
-            cluster.nodes[leader].child = None;
-            break exit;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the removed node still runs\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = cluster.exit_of(leader, "the removed node still runs").await;
     assert!(exit.success(), "{exit:?}");
     let log = std::fs::read_to_string(&cluster.nodes[leader].log).unwrap();
     assert!(log.contains("removed from the cluster"), "{log}");

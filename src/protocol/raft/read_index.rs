@@ -88,7 +88,7 @@ pub(crate) struct LeaderReads {
     /// Reads that arrived before an entry of this term was committed.
     before_term_commit: Vec<Reader>,
     /// Ticks since this node became leader.
-    ticks: u64,
+    pub(crate) ticks: u64,
     /// `(round, ticks)` when each recent round was sent, oldest first.
     round_sent_at: VecDeque<(u64, u64)>,
     /// Lease reads are served while `ticks < lease_until`.

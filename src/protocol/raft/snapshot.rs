@@ -15,9 +15,11 @@
 //!   ([`SNAPSHOT_CHUNKS_IN_FLIGHT`]), each with a CRC-32 of its bytes and the CRC-32 of the whole. The
 //!   follower keeps the bytes it received in order and answers each chunk with how many it
 //!   holds ([`Message::InstallSnapshotResponse`]); the leader resumes from there after a lost or
-//!   damaged chunk, a restart of the follower (which starts again from 0), or a heartbeat
-//!   interval without an answer. The transfer keeps the snapshot it started with even if the
-//!   leader takes a newer one meanwhile, so frequent snapshots cannot starve a slow transfer.
+//!   damaged chunk, a restart of the follower (which starts again from 0), or a silence: a
+//!   heartbeat answer when no chunk was answered for a while (an election timeout at first,
+//!   doubled at each silence; see [`OutgoingSnapshot::patience`]). The transfer keeps the
+//!   snapshot it started with even if the leader takes a newer one meanwhile, so frequent
+//!   snapshots cannot starve a slow transfer.
 //! - A follower with every byte checks the whole checksum, then installs: if its log holds the
 //!   snapshot's last entry it keeps what follows (Raft §7), otherwise it drops its log; it
 //!   commits through the snapshot, asks the store to save it, and hands it to the driver in
@@ -38,6 +40,10 @@ use crate::types::{LogIndex, NodeId, Term};
 /// The most a follower reserves up front for a snapshot it starts receiving.
 const MAX_PREALLOCATED: u64 = 4 << 30;
 
+/// The longest a leader waits for a chunk's answer before it sends the chunks in flight
+/// again, in election timeouts (see [`OutgoingSnapshot::patience`]).
+const MAX_PATIENCE_ELECTION_TIMEOUTS: u64 = 64;
+
 /// A snapshot on its way to one follower.
 #[derive(Clone, Debug)]
 pub(crate) struct OutgoingSnapshot {
@@ -50,22 +56,30 @@ pub(crate) struct OutgoingSnapshot {
     acked: u64,
     /// Some chunk was sent (an empty snapshot is one empty chunk).
     sent_any: bool,
-    /// The follower answered since the last heartbeat answer.
-    answered: bool,
+    /// The leader's tick when chunks last left or the follower last reported progress.
+    quiet_since: u64,
+    /// Ticks of silence after which the chunks in flight are presumed lost: an election
+    /// timeout, doubled each time it runs out (up to [`MAX_PATIENCE_ELECTION_TIMEOUTS`]) and
+    /// reset by progress. A heartbeat answer alone proves nothing about the chunks: under load
+    /// heartbeats leave every few ticks and are answered well before a window of megabyte
+    /// chunks is decoded and stored, and sending the window again at each of them buried the
+    /// follower under copies (a 1 GiB transfer took 29 s, mostly resending its first window).
+    patience: u64,
     /// The offset the leader last went back to after an answer without progress: the other
     /// answers naming it (to chunks sent before it went back) are not news.
     rewound_to: Option<u64>,
 }
 
 impl OutgoingSnapshot {
-    pub(crate) fn new(snapshot: Snapshot, checksum: u32) -> Self {
+    pub(crate) fn new(snapshot: Snapshot, checksum: u32, now: u64, patience: u64) -> Self {
         OutgoingSnapshot {
             checksum,
             snapshot,
             sent: 0,
             acked: 0,
             sent_any: false,
-            answered: false,
+            quiet_since: now,
+            patience,
             rewound_to: None,
         }
     }
@@ -193,6 +207,7 @@ impl RaftNode {
                 checksum
             }
         };
+        let (now, patience) = (self.leader_ticks(), self.initial_snapshot_patience());
         let Some(progress) = self.progress_mut(peer) else {
             return false;
         };
@@ -202,9 +217,21 @@ impl RaftNode {
             index: snapshot.index,
             bytes: snapshot.data.len() as u64,
         });
-        progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot, checksum));
+        progress.outgoing_snapshot = Some(OutgoingSnapshot::new(snapshot, checksum, now, patience));
         self.send_snapshot_chunks(peer, out);
         true
+    }
+
+    /// The leader's tick count (0 on other roles).
+    fn leader_ticks(&self) -> u64 {
+        self.leader_state
+            .as_ref()
+            .map_or(0, |state| state.reads.ticks)
+    }
+
+    /// [`OutgoingSnapshot::patience`] before the first silence.
+    fn initial_snapshot_patience(&self) -> u64 {
+        u64::from(self.config.election_timeout_ticks.max(1))
     }
 
     /// Sends `peer` the next chunks of its snapshot, up to the window.
@@ -212,6 +239,7 @@ impl RaftNode {
         let term = self.term;
         let chunk_bytes = self.config.snapshot_chunk_bytes as u64;
         let window = chunk_bytes * SNAPSHOT_CHUNKS_IN_FLIGHT as u64;
+        let now = self.leader_ticks();
         let mut chunks = Vec::new();
         if let Some(outgoing) = self
             .progress_mut(peer)
@@ -239,6 +267,7 @@ impl RaftNode {
                 });
                 outgoing.sent = end;
                 outgoing.sent_any = true;
+                outgoing.quiet_since = now;
             }
         }
         for chunk in chunks {
@@ -254,6 +283,7 @@ impl RaftNode {
         received: u64,
         out: &mut Output,
     ) {
+        let (now, patience) = (self.leader_ticks(), self.initial_snapshot_patience());
         let Some(progress) = self.progress_heard_from(from) else {
             return;
         };
@@ -284,24 +314,31 @@ impl RaftNode {
             outgoing.sent = received;
         } else {
             outgoing.rewound_to = None;
+            outgoing.quiet_since = now;
+            outgoing.patience = patience;
         }
-        outgoing.answered = true;
         outgoing.acked = received;
         outgoing.sent = outgoing.sent.max(received);
         self.send_snapshot_chunks(from, out);
     }
 
-    /// A heartbeat answer from a follower receiving a snapshot: if no chunk was answered since
-    /// the last one, the chunks in flight are presumed lost and sent again from what the
-    /// follower last said it holds.
+    /// A heartbeat answer from a follower receiving a snapshot (so it is there and hears this
+    /// leader): if no chunk left and none was answered with progress for its
+    /// [`OutgoingSnapshot::patience`], the chunks in flight are presumed lost and sent again
+    /// from what the follower last said it holds, and the patience doubles.
     pub(crate) fn snapshot_heartbeat(&mut self, from: NodeId, out: &mut Output) {
+        let now = self.leader_ticks();
+        let most = self
+            .initial_snapshot_patience()
+            .saturating_mul(MAX_PATIENCE_ELECTION_TIMEOUTS);
         let Some(outgoing) = self
             .progress_mut(from)
             .and_then(|p| p.outgoing_snapshot.as_mut())
         else {
             return;
         };
-        if !std::mem::take(&mut outgoing.answered) {
+        if now.saturating_sub(outgoing.quiet_since) >= outgoing.patience {
+            outgoing.patience = outgoing.patience.saturating_mul(2).min(most);
             outgoing.sent = outgoing.acked;
             outgoing.rewound_to = Some(outgoing.acked);
             if outgoing.acked == 0 {

@@ -60,6 +60,16 @@ pub trait StateMachine: Send + 'static {
             "this state machine does not restore snapshots (StateMachine::restore)",
         ))
     }
+
+    /// [`StateMachine::restore`] from the snapshot's bytes, all in memory: what the engine
+    /// calls. The default reads them through [`StateMachine::restore`]; a state machine whose
+    /// state is made of byte strings can override it to keep slices of `snapshot` (each a
+    /// reference-counted view of the one buffer, no copy) instead of copying every byte into
+    /// allocations of its own, as [`KvStore`](crate::node::kv::KvStore) does. The buffer then
+    /// lives as long as any slice of it.
+    fn restore_from_bytes(&mut self, snapshot: bytes::Bytes) -> std::io::Result<()> {
+        self.restore(&mut snapshot.as_ref())
+    }
 }
 
 /// The engine's type-erased view of a state machine.
@@ -72,8 +82,8 @@ pub(crate) trait ErasedStateMachine: Send {
     /// [`StateMachine::snapshot`].
     fn snapshot_writer(&self) -> Option<SnapshotWriter>;
 
-    /// [`StateMachine::restore`] from bytes.
-    fn restore_bytes(&mut self, data: &[u8]) -> Result<(), String>;
+    /// [`StateMachine::restore_from_bytes`].
+    fn restore_bytes(&mut self, data: bytes::Bytes) -> Result<(), String>;
 }
 
 impl<S: StateMachine> ErasedStateMachine for S {
@@ -86,8 +96,8 @@ impl<S: StateMachine> ErasedStateMachine for S {
         self.snapshot()
     }
 
-    fn restore_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
-        self.restore(&mut data).map_err(|e| e.to_string())
+    fn restore_bytes(&mut self, data: bytes::Bytes) -> Result<(), String> {
+        self.restore_from_bytes(data).map_err(|e| e.to_string())
     }
 }
 

@@ -341,7 +341,11 @@ impl<R, T: Copy + Ord> ApplyStage<R, T> {
         let applied_proposals = AppliedProposals::decode(table).map_err(|e| malformed(&e))?;
         let (&has_state, state) = rest.split_first().ok_or_else(|| malformed("cut short"))?;
         match (&mut self.state_machine, has_state) {
-            (Some(machine), 1) => machine.restore_bytes(state).map_err(|e| malformed(&e))?,
+            (Some(machine), 1) => {
+                // A slice of the snapshot's buffer, not a copy (see `restore_from_bytes`).
+                let state = snapshot.data.slice_ref(state);
+                machine.restore_bytes(state).map_err(|e| malformed(&e))?
+            }
             (Some(_), _) => return Err(malformed("holds no state machine state")),
             (None, 0 | 1) => {}
             (None, _) => return Err(malformed("bad state flag")),

@@ -329,6 +329,8 @@ struct Shared<M> {
     inbound: mpsc::Sender<Inbound<M>>,
     /// Where peers whose connections broke are reported (see [`TcpTransport::unreachable_peers`]).
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
+    /// Per peer, what wakes its dialer from a backoff wait: a peer that dials this node is up.
+    redial: std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Notify>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -345,6 +347,23 @@ impl<M> Shared<M> {
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, mpsc::Sender<Outgoing<M>>>> {
         crate::sync::write(&self.routes)
+    }
+
+    /// What wakes the dialer of `peer` from its backoff wait.
+    fn redial_signal(&self, peer: NodeId) -> Arc<tokio::sync::Notify> {
+        crate::sync::lock(&self.redial)
+            .entry(peer)
+            .or_default()
+            .clone()
+    }
+
+    /// `peer` dialed this node and introduced itself: it is up, so a dialer waiting out a
+    /// backoff to reach it dials now (a restarted node would otherwise hear nothing from this
+    /// one for up to `reconnect_backoff_max`).
+    fn peer_introduced(&self, peer: NodeId) {
+        if let Some(signal) = crate::sync::lock(&self.redial).get(&peer) {
+            signal.notify_one();
+        }
     }
 
     /// Reports `peer` unreachable to whoever listens; dropped when nobody does or the listener
@@ -405,6 +424,7 @@ where
             routes: RwLock::new(HashMap::new()),
             inbound,
             unreachable: std::sync::Mutex::new(None),
+            redial: std::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime,

@@ -13,7 +13,9 @@ use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::mpsc;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use super::wire::{self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal};
+use super::wire::{
+    self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Pushed, Refusal,
+};
 use super::{Outgoing, PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
 use crate::types::NodeId;
 
@@ -102,7 +104,7 @@ pub(super) async fn run<M>(
     let mut learned_id = address.node_id;
     let mut failures_in_a_row = 0u32;
     // A message taken off the queue that did not fit in the previous batch.
-    let mut carry: Option<Vec<u8>> = None;
+    let mut carry: Option<Outgoing<M>> = None;
     loop {
         let connection = match tokio::time::timeout(
             config.handshake_timeout,
@@ -131,7 +133,7 @@ pub(super) async fn run<M>(
                 } else {
                     tracing::debug!(peer = %address, %error, failures_in_a_row, "redial failed");
                 }
-                tokio::time::sleep(backoff.next_wait()).await;
+                wait_to_redial(&shared, learned_id, &mut backoff).await;
                 continue;
             }
         };
@@ -152,7 +154,21 @@ pub(super) async fn run<M>(
             shared.report_unreachable(peer_id);
         }
         tracing::debug!(peer = %address, id = %peer_id, "connection lost; redialing");
-        tokio::time::sleep(backoff.next_wait()).await;
+        wait_to_redial(&shared, learned_id, &mut backoff).await;
+    }
+}
+
+/// Waits out the backoff before the next dial, or less: until the peer, once known, dials
+/// this node (then the backoff starts over).
+async fn wait_to_redial<M>(shared: &Shared<M>, peer: Option<NodeId>, backoff: &mut Backoff) {
+    let wait = tokio::time::sleep(backoff.next_wait());
+    let Some(peer) = peer else {
+        return wait.await;
+    };
+    let signal = shared.redial_signal(peer);
+    tokio::select! {
+        () = wait => {}
+        () = signal.notified() => backoff.reset(),
     }
 }
 
@@ -303,7 +319,7 @@ async fn send_batches<M>(
     shared: &Arc<Shared<M>>,
     connection: Connection,
     queue: &mut mpsc::Receiver<Outgoing<M>>,
-    carry: &mut Option<Vec<u8>>,
+    carry: &mut Option<Outgoing<M>>,
 ) -> Ended
 where
     M: Serialize,
@@ -350,21 +366,26 @@ where
                 }
             }
             () = &mut dispatch => break Ended::Broken,
-            first = next_encoded(queue, carry, max_body, counters), if window_open => {
+            first = next_message(queue, carry), if window_open => {
                 let Some(first) = first else { break Ended::QueueClosed };
-                let mut body = first;
-                let mut count = 1u64;
-                // Take whatever else is queued, up to the frame limit.
-                while let Ok(message) = queue.try_recv() {
-                    let Some(encoded) = encode(&message, max_body, counters) else { continue };
-                    if body.len() + encoded.len() > max_body {
-                        *carry = Some(encoded);
-                        break;
+                let mut batch = wire::PayloadBuilder::new();
+                let mut count = 0u64;
+                // The first, then whatever else is queued, up to the frame limit.
+                let mut next = Some(first);
+                while let Some(message) = next.take().or_else(|| queue.try_recv().ok()) {
+                    match push_or_drop(&mut batch, &message, max_body, counters) {
+                        Pushed::Added => count += 1,
+                        Pushed::Full => {
+                            *carry = Some(message);
+                            break;
+                        }
+                        Pushed::TooLarge { .. } => {}
                     }
-                    body.extend_from_slice(&encoded);
-                    count += 1;
                 }
-                let payload = wire::seal_payload(body, config.network.message_compression);
+                if count == 0 {
+                    continue; // every message taken was dropped
+                }
+                let payload = batch.seal(config.network.message_compression);
                 let call = client.deliver(deadline_in(config.request_timeout), payload);
                 in_flight.push(async move { (count, call.await) });
                 unacknowledged += count;
@@ -375,47 +396,38 @@ where
     ended
 }
 
-/// The next message to send, encoded: the carried-over one or the next from the queue. `None`
-/// when the queue is closed (the transport is shutting down).
-async fn next_encoded<M: Serialize>(
+/// The next message to send: the carried-over one or the next from the queue. `None` when the
+/// queue is closed (the transport is shutting down).
+async fn next_message<M>(
     queue: &mut mpsc::Receiver<Outgoing<M>>,
-    carry: &mut Option<Vec<u8>>,
-    max_body: usize,
-    counters: &super::Counters,
-) -> Option<Vec<u8>> {
-    if let Some(encoded) = carry.take() {
-        return Some(encoded);
-    }
-    loop {
-        let message = queue.recv().await?;
-        if let Some(encoded) = encode(&message, max_body, counters) {
-            return Some(encoded);
-        }
+    carry: &mut Option<Outgoing<M>>,
+) -> Option<Outgoing<M>> {
+    match carry.take() {
+        Some(message) => Some(message),
+        None => queue.recv().await,
     }
 }
 
-/// Encodes a message for a batch body, or counts and logs it as dropped when it cannot be
-/// encoded or would not fit in `max_body` bytes on its own.
-fn encode<M: Serialize>(
+/// Encodes a message into `batch`, or counts and logs it as dropped when it cannot be encoded
+/// or would not fit in `max_body` bytes on its own (reported as `TooLarge`). `Full`: it does
+/// not fit beside what the batch holds, and belongs in the next one.
+fn push_or_drop<M: Serialize>(
+    batch: &mut wire::PayloadBuilder,
     (message, trace): &Outgoing<M>,
     max_body: usize,
     counters: &super::Counters,
-) -> Option<Vec<u8>> {
-    match wire::encode_traced_message(message, trace.as_deref()) {
-        Ok(encoded) if encoded.len() <= max_body => Some(encoded),
-        Ok(encoded) => {
+) -> Pushed {
+    match batch.push(message, trace.as_deref(), max_body) {
+        Ok(Pushed::TooLarge { bytes }) => {
             bump(&counters.dropped_undelivered, 1);
-            tracing::error!(
-                bytes = encoded.len(),
-                max_body,
-                "message larger than a frame; dropped"
-            );
-            None
+            tracing::error!(bytes, max_body, "message larger than a frame; dropped");
+            Pushed::TooLarge { bytes }
         }
+        Ok(pushed) => pushed,
         Err(error) => {
             bump(&counters.dropped_undelivered, 1);
             tracing::error!(%error, "message does not serialize; dropped");
-            None
+            Pushed::TooLarge { bytes: 0 }
         }
     }
 }

@@ -238,6 +238,7 @@ where
             bump(&self.shared.counters.connections_rejected, 1);
             return Err(refusal);
         }
+        self.shared.peer_introduced(hello.node_id);
         let config = &self.shared.config;
         Ok(Hello {
             protocol_version: PROTOCOL_VERSION,

@@ -181,34 +181,114 @@ pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, binco
 }
 
 /// [`encode_message`], with the trace attachment of a traced proposal it carries.
+#[cfg(test)]
 pub(crate) fn encode_traced_message<M: Serialize>(
     message: &M,
     trace: Option<&TraceAttachment>,
 ) -> Result<Vec<u8>, bincode::Error> {
-    let options = bincode_options();
-    let size = options.serialized_size(message)?;
-    let size = u32::try_from(size)
-        .ok()
-        .filter(|&size| size < TRACED)
-        .ok_or_else(|| {
-            Box::new(bincode::ErrorKind::Custom(format!(
-                "message of {size} bytes exceeds 2 GiB"
-            )))
-        })?;
-    let attachment = trace.map(TraceAttachment::to_bytes);
-    let extra = attachment.as_ref().map_or(0, |bytes| bytes.len());
-    let mut encoded = Vec::with_capacity(4 + extra + size as usize);
-    let marked = if attachment.is_some() {
-        size | TRACED
-    } else {
-        size
-    };
-    encoded.extend_from_slice(&marked.to_le_bytes());
-    if let Some(bytes) = &attachment {
-        encoded.extend_from_slice(bytes);
-    }
-    options.serialize_into(&mut encoded, message)?;
+    let mut builder = PayloadBuilder::new();
+    builder.push(message, trace, usize::MAX)?;
+    let mut encoded = builder.payload;
+    encoded.remove(0);
     Ok(encoded)
+}
+
+/// A batch payload being built: the flag byte, then each message encoded in place, so that a
+/// message's bytes are copied once on their way into the frame (a snapshot chunk of 1 MiB was
+/// copied four times here when each message was encoded on its own and the body sealed after).
+pub(crate) struct PayloadBuilder {
+    payload: Vec<u8>,
+}
+
+/// What [`PayloadBuilder::push`] did with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// It is in the batch.
+    Added,
+    /// It does not fit beside the messages already in the batch; the batch is unchanged.
+    Full,
+    /// It does not fit in a batch on its own; the batch is unchanged.
+    TooLarge {
+        /// Its encoded size.
+        bytes: usize,
+    },
+}
+
+impl PayloadBuilder {
+    /// An empty, uncompressed batch.
+    pub(crate) fn new() -> Self {
+        PayloadBuilder {
+            payload: vec![FLAG_RAW],
+        }
+    }
+
+    /// The body's length so far (the payload less its flag).
+    pub(crate) fn body_len(&self) -> usize {
+        self.payload.len() - 1
+    }
+
+    /// Appends `message` (with the attachment of the traced proposal it carries) if the body
+    /// stays within `max_body` bytes.
+    pub(crate) fn push<M: Serialize>(
+        &mut self,
+        message: &M,
+        trace: Option<&TraceAttachment>,
+        max_body: usize,
+    ) -> Result<Pushed, bincode::Error> {
+        let options = bincode_options();
+        let size = options.serialized_size(message)?;
+        let size = u32::try_from(size)
+            .ok()
+            .filter(|&size| size < TRACED)
+            .ok_or_else(|| {
+                Box::new(bincode::ErrorKind::Custom(format!(
+                    "message of {size} bytes exceeds 2 GiB"
+                )))
+            })?;
+        let attachment = trace.map(TraceAttachment::to_bytes);
+        let extra = attachment.as_ref().map_or(0, |bytes| bytes.len());
+        let encoded = 4 + extra + size as usize;
+        if encoded > max_body {
+            return Ok(Pushed::TooLarge { bytes: encoded });
+        }
+        if self.body_len() + encoded > max_body {
+            return Ok(Pushed::Full);
+        }
+        let start = self.payload.len();
+        self.payload.reserve(encoded);
+        let marked = if attachment.is_some() {
+            size | TRACED
+        } else {
+            size
+        };
+        self.payload.extend_from_slice(&marked.to_le_bytes());
+        if let Some(bytes) = &attachment {
+            self.payload.extend_from_slice(bytes);
+        }
+        if let Err(error) = options.serialize_into(&mut self.payload, message) {
+            self.payload.truncate(start);
+            return Err(error);
+        }
+        Ok(Pushed::Added)
+    }
+
+    /// The payload: as built, or compressed when that is asked and pays.
+    pub(crate) fn seal(self, compress: bool) -> Bytes {
+        let body = &self.payload[1..];
+        if compress && body.len() >= COMPRESSION_THRESHOLD {
+            let compressed = lz4_flex::block::compress(body);
+            if compressed.len() + 5 < body.len() + 1 {
+                let mut payload = Vec::with_capacity(compressed.len() + 5);
+                payload.push(FLAG_LZ4);
+                // The body is cut below the frame limit, itself below 4 GiB (checked by
+                // validation).
+                payload.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                payload.extend_from_slice(&compressed);
+                return payload.into();
+            }
+        }
+        self.payload.into()
+    }
 }
 
 /// A decoded message, with the trace attachment it came with (`None` also when the attachment
@@ -216,22 +296,11 @@ pub(crate) fn encode_traced_message<M: Serialize>(
 pub(crate) type Received<M> = (M, Option<Box<TraceAttachment>>);
 
 /// Turns a body of encoded messages into a payload, compressing it when that is asked and pays.
+#[cfg(test)]
 pub(crate) fn seal_payload(body: Vec<u8>, compress: bool) -> Bytes {
-    if compress && body.len() >= COMPRESSION_THRESHOLD {
-        let compressed = lz4_flex::block::compress(&body);
-        if compressed.len() + 5 < body.len() + 1 {
-            let mut payload = Vec::with_capacity(compressed.len() + 5);
-            payload.push(FLAG_LZ4);
-            // The body is cut below the frame limit, itself below 4 GiB (checked by validation).
-            payload.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            payload.extend_from_slice(&compressed);
-            return payload.into();
-        }
-    }
-    let mut payload = Vec::with_capacity(body.len() + 1);
-    payload.push(FLAG_RAW);
-    payload.extend_from_slice(&body);
-    payload.into()
+    let mut builder = PayloadBuilder::new();
+    builder.payload.extend_from_slice(&body);
+    builder.seal(compress)
 }
 
 /// Decodes a payload into its messages. `max_body_bytes` bounds what a compressed payload may

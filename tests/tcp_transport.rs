@@ -1,6 +1,7 @@
 //! The TCP transport on loopback: messages flow both ways between two and three nodes, peers that
-//! start late or restart are reached again, bad frames close only their own connection, both
-//! compression settings work, and `host:port` peers are identified by the handshake.
+//! start late or restart are reached again (and dialed back at once when they dial in), bad
+//! frames close only their own connection, both compression settings work, and `host:port`
+//! peers are identified by the handshake.
 //!
 //! Every wait polls with a deadline; nothing sleeps a fixed time to let something happen.
 
@@ -284,6 +285,38 @@ async fn a_peer_that_starts_late_is_reached_after_reconnecting() {
     // The message queued while the peer was down arrives once it is up.
     let got = receive_matching(&mut b.1, |_, _| true).await;
     assert_eq!(got, message(1, 0));
+}
+
+/// A dialer waiting out its backoff to reach a peer dials at once when that peer dials in: a
+/// restarted node hears from the others as soon as it is up, not a backoff later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_dials_in_is_dialed_back_without_waiting_out_the_backoff() {
+    init_logs();
+    let port = std::net::TcpListener::bind(loopback())
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let late_address = PeerAddress::with_id(NodeId(2), "127.0.0.1", port);
+    let mut patient = config(1, loopback());
+    // Far longer than the deadline: only the wake-up can deliver in time.
+    patient.reconnect_backoff_min = Duration::from_secs(600);
+    patient.reconnect_backoff_max = Duration::from_secs(600);
+    let a = start(patient, vec![late_address]).await;
+    a.0.send(NodeId(2), message(1, 0));
+    wait_until("the dialer has failed once", || {
+        a.0.stats().dial_failures >= 1
+    })
+    .await;
+    let mut b = start(
+        config(2, format!("127.0.0.1:{port}").parse().unwrap()),
+        vec![address_of(&a, true)],
+    )
+    .await;
+    b.0.send(NodeId(1), message(2, 0));
+    let got = receive_matching(&mut b.1, |_, _| true).await;
+    assert_eq!(got, message(1, 0));
+    assert_eq!(a.0.stats().dial_failures, 1, "{:?}", a.0.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,6 +296,13 @@ impl DialError {
     }
 }
 
+/// A batch takes no more messages once it holds this many bytes (or the frame is full). Small
+/// messages still go by the thousand; large ones (snapshot chunks, big appends) go one or two
+/// to a frame, whose buffers the allocator then reuses, instead of 16 MiB frames that were
+/// fresh memory each time (a 1 GiB snapshot transfer: 4.7-5.2 s with whole frames, 4.1-4.2 s
+/// with this).
+const BATCH_TARGET_BYTES: usize = 1 << 20;
+
 /// Why [`send_batches`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ended {
@@ -370,9 +377,11 @@ where
                 let Some(first) = first else { break Ended::QueueClosed };
                 let mut batch = wire::PayloadBuilder::new();
                 let mut count = 0u64;
-                // The first, then whatever else is queued, up to the frame limit.
+                // The first, then whatever else is queued, up to the batch target.
                 let mut next = Some(first);
-                while let Some(message) = next.take().or_else(|| queue.try_recv().ok()) {
+                while batch.body_len() < BATCH_TARGET_BYTES
+                    && let Some(message) = next.take().or_else(|| queue.try_recv().ok())
+                {
                     match push_or_drop(&mut batch, &message, max_body, counters) {
                         Pushed::Added => count += 1,
                         Pushed::Full => {

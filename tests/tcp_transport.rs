@@ -53,6 +53,15 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// A port nothing listens on (bound and closed at once), for a peer that starts later.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(loopback())
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 async fn start(config: TcpTransportConfig, peers: Vec<PeerAddress>) -> Node {
     TcpTransport::start(config, peers)
         .await
@@ -264,12 +273,8 @@ async fn three_transports_all_reach_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_starts_late_is_reached_after_reconnecting() {
     init_logs();
-    // Find a free port, then leave it closed until the late peer binds it.
-    let port = std::net::TcpListener::bind(loopback())
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Leave the port closed until the late peer binds it.
+    let port = free_port();
     let late_address = PeerAddress::with_id(NodeId(2), "127.0.0.1", port);
     let a = start(config(1, loopback()), vec![late_address]).await;
     a.0.send(NodeId(2), message(1, 0));
@@ -292,11 +297,7 @@ async fn a_peer_that_starts_late_is_reached_after_reconnecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_dials_in_is_dialed_back_without_waiting_out_the_backoff() {
     init_logs();
-    let port = std::net::TcpListener::bind(loopback())
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let late_address = PeerAddress::with_id(NodeId(2), "127.0.0.1", port);
     let mut patient = config(1, loopback());
     // Far longer than the deadline: only the wake-up can deliver in time.
@@ -537,11 +538,7 @@ async fn a_peer_of_another_cluster_or_with_another_id_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_peer_queue_drops_and_counts_instead_of_blocking() {
     init_logs();
-    let port = std::net::TcpListener::bind(loopback())
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut small = config(1, loopback());
     small.peer_queue_capacity = 8;
     let a = start(

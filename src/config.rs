@@ -176,10 +176,13 @@ pub struct ConsensusConfig {
     pub peers: Vec<String>,
     /// Smallest cluster this node will run in (members including itself).
     pub min_cluster_size: usize,
-    /// Raft: this node joins a running cluster instead of forming one with `peers`. It starts
-    /// as no member (it neither votes nor campaigns), and a member's leader adds it
-    /// ([`ConsensusEngine::add_learner`](crate::ConsensusEngine::add_learner)); it learns
-    /// the members from the leader's log or snapshot. `peers` still name whom it can reach.
+    /// Raft and GPU-optimized Raft: this node joins a running cluster instead of forming one
+    /// with `peers`. It starts as no member (it neither votes nor campaigns), and a member's
+    /// leader adds it ([`ConsensusEngine::add_learner`](crate::ConsensusEngine::add_learner);
+    /// GPU-optimized Raft: [`add_learner_with_key`](crate::ConsensusEngine::add_learner_with_key));
+    /// it learns the members, and their keys, from the leader's log or snapshot. `peers` still
+    /// name whom it can reach; a joining node's `validators` need name only itself. PBFT
+    /// refuses it.
     pub joining: bool,
     /// Election timing.
     pub election: ElectionConfig,
@@ -654,11 +657,11 @@ impl ConsensusConfig {
         }
         self.validate_validator_table()?;
         self.client_key_set()?;
-        if self.joining && self.algorithm != Algorithm::Raft {
+        if self.joining && self.algorithm == Algorithm::Pbft {
             return invalid(
                 "joining",
                 "true".into(),
-                "only Raft changes its members (PBFT and GPU-optimized Raft keep their validators)",
+                "PBFT keeps its validators; Raft and GPU-optimized Raft change their members",
             );
         }
         if voters.len() < self.min_cluster_size {

@@ -113,7 +113,7 @@ pub fn public_key_hex(key: &VerifyingKey) -> String {
     encode_hex(key.as_bytes())
 }
 
-fn encode_hex(bytes: &[u8]) -> String {
+pub(crate) fn encode_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     bytes
         .iter()
@@ -223,8 +223,14 @@ impl ConsensusConfig {
             .key_file
             .as_deref()
             .ok_or(ConfigError::MissingKeyFile)?;
-        if let Some(missing) = self
-            .member_names()
+        // A node started to join needs only its own key: it learns the members' from the
+        // memberships in the log (GPU-optimized Raft carries every member's key in them).
+        let needed = if self.joining {
+            vec![self.node_id.as_str()]
+        } else {
+            self.member_names()
+        };
+        if let Some(missing) = needed
             .into_iter()
             .find(|name| !self.validators.contains_key(*name))
         {

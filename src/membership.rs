@@ -10,7 +10,10 @@
 //!
 //! A membership also carries the peer addresses of the members added while the group ran
 //! ([`Membership::addresses`]), so that every member, and every later snapshot, can reach them;
-//! the members a node started with are reached through its own configuration.
+//! the members a node started with are reached through its own configuration. For GPU-optimized
+//! Raft, whose members sign what they promise, it also carries every member's public key
+//! ([`Membership::keys`]), so that a node that joins later checks signatures with nothing but
+//! the log.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +36,11 @@ pub struct Membership {
     /// `bootstrap_peers`): each member dials them when the membership takes effect. A member
     /// without one here is reached through the configuration it started with.
     pub addresses: BTreeMap<NodeId, String>,
+    /// The ed25519 public keys of the members, for the algorithms whose members sign
+    /// (GPU-optimized Raft: every member's, carried from one membership to the next); empty
+    /// for Raft. A member's signatures are checked against the key of the membership they were
+    /// counted under.
+    pub keys: BTreeMap<NodeId, [u8; 32]>,
 }
 
 impl Membership {
@@ -142,6 +150,9 @@ pub enum MembershipChange {
         id: NodeId,
         /// Where members dial it (`name@host:port`), when they do not know already.
         address: Option<String>,
+        /// Its ed25519 public key: required by GPU-optimized Raft, whose members sign their
+        /// acknowledgements; ignored by Raft.
+        key: Option<[u8; 32]>,
     },
     /// Make `voters` the whole voter set, through a joint membership: learners named are
     /// promoted, voters not named are removed, learners not named stay learners.
@@ -151,7 +162,11 @@ pub enum MembershipChange {
 impl MembershipChange {
     /// Adds `id` as a learner that the transport already reaches (no address).
     pub fn learner(id: NodeId) -> Self {
-        MembershipChange::AddLearner { id, address: None }
+        MembershipChange::AddLearner {
+            id,
+            address: None,
+            key: None,
+        }
     }
 }
 
@@ -169,7 +184,7 @@ pub enum MembershipError {
     #[error("another membership change is in flight: {pending}")]
     ChangeInProgress {
         /// The membership not yet final.
-        pending: Membership,
+        pending: Box<Membership>,
     },
     /// A group needs at least one voter.
     #[error("the new voter set is empty")]
@@ -199,6 +214,10 @@ pub enum MembershipError {
     /// This protocol keeps the members it started with.
     #[error("this protocol does not change its membership: {0}")]
     Unsupported(String),
+    /// GPU-optimized Raft checks every member's signatures: a learner is added with its
+    /// public key.
+    #[error("{0} needs its public key to be added: its acknowledgements are signed")]
+    MissingKey(NodeId),
     /// A member's address is not `name@host:port` with a port.
     #[error("bad member address {address:?}: {reason}")]
     BadAddress {
@@ -222,6 +241,7 @@ impl MembershipError {
                 | MembershipError::AlreadyVoter(_)
                 | MembershipError::Unsupported(_)
                 | MembershipError::BadAddress { .. }
+                | MembershipError::MissingKey(_)
         )
     }
 }

@@ -69,7 +69,7 @@ pub enum Payload {
         data: Bytes,
     },
     /// A new membership (see [`crate::membership`]): in force on each node from the moment the
-    /// entry is in its log. Raft only; the state machine never sees it. Boxed: inline, its four
+    /// entry is in its log. Raft and GPU-optimized Raft; the state machine never sees it. Boxed: inline, its four
     /// collections made every entry half again as large, and the copies of entries on the
     /// commit path cost the in-process bench about a tenth of its throughput.
     Membership(Box<crate::membership::Membership>),

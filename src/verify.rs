@@ -17,7 +17,9 @@ use crate::error::StorageError;
 use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::{CpuSignatureVerifier, SignatureItem, SignatureVerifier};
 use crate::protocol::gpu_raft::chain::{Hash, chain_link, entry_digest};
-use crate::protocol::gpu_raft::{CommitCertificate, VALIDATORS, is_history_key, latest_key};
+use crate::protocol::gpu_raft::{
+    CertificateError, CommitCertificate, VALIDATORS, is_history_key, latest_key,
+};
 use crate::storage::{FjallLogStore, LogStore, RecoveredState, SyncPolicy};
 use crate::types::{Entry, LogIndex, NodeId, Payload};
 
@@ -30,7 +32,8 @@ pub struct LogVerification {
     pub certified_through: LogIndex,
     /// Certificates checked.
     pub certificates: usize,
-    /// Voters whose keys the certificates were checked against.
+    /// Voters whose keys the certificates were checked against: the ones the group started
+    /// with and those of the memberships the certificates name.
     pub validators: usize,
     /// Client signatures of commands in the log, all checked again.
     pub client_signatures: usize,
@@ -101,8 +104,8 @@ pub fn verify_recovered(
     let mut certificates: BTreeMap<LogIndex, CommitCertificate> = BTreeMap::new();
     for (key, value) in &recovered.records {
         if key.as_slice() == latest_key() || is_history_key(key) {
-            let certificate: CommitCertificate =
-                postcard::from_bytes(value).map_err(|_| VerifyLogError::Corrupt("certificate"))?;
+            let certificate =
+                CommitCertificate::decode(value).ok_or(VerifyLogError::Corrupt("certificate"))?;
             certificates.insert(certificate.index, certificate);
         }
     }
@@ -124,6 +127,7 @@ pub fn verify_recovered(
     }
     let last = entries.len() as LogIndex;
     let mut certified_through = 0;
+    let mut signers: std::collections::BTreeSet<NodeId> = validators.keys().copied().collect();
     for (&index, certificate) in &certificates {
         let first_uncertified = certified_through + 1;
         if index == 0 {
@@ -159,12 +163,22 @@ pub fn verify_recovered(
                 ),
             });
         }
-        certificate
-            .verify(&validators, verifier)
-            .map_err(|error| VerifyLogError::Bad {
-                index: first_uncertified,
-                why: format!("the certificate at {index} does not verify: {error}"),
-            })?;
+        // The voters (and their keys) the certificate was counted under: the ones the group
+        // started with, or those of a membership entry inside the prefix it certifies.
+        let verified = match certificate.membership_index {
+            0 => certificate.verify(&validators, verifier),
+            at => match entries.get(at as usize - 1).map(|entry| &entry.payload) {
+                Some(Payload::Membership(membership)) if at <= index => {
+                    signers.extend(membership.keys.keys().copied());
+                    certificate.verify_under(membership, verifier)
+                }
+                _ => Err(CertificateError::UnknownMembership(at)),
+            },
+        };
+        verified.map_err(|error| VerifyLogError::Bad {
+            index: first_uncertified,
+            why: format!("the certificate at {index} does not verify: {error}"),
+        })?;
         certified_through = index;
     }
     let client_signatures = check_client_signatures(entries, verifier)?;
@@ -172,7 +186,7 @@ pub fn verify_recovered(
         entries: last,
         certified_through,
         certificates: certificates.len(),
-        validators: validators.len(),
+        validators: signers.len(),
         client_signatures,
     })
 }

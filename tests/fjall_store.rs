@@ -208,6 +208,7 @@ fn snapshots_and_compaction_survive_reopen() {
             outgoing: Default::default(),
             learners: [NodeId(5)].into(),
             addresses: [(NodeId(5), "node-5@127.0.0.1:7005".to_string())].into(),
+            keys: Default::default(),
         }),
     };
     {

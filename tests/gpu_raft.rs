@@ -1,10 +1,12 @@
 //! The GPU-optimized Raft suite: the Raft chaos suite's seeded simulations (crashes, restarts
-//! from durable state, partitions, loss, duplication, delay, leadership transfers) run with
-//! signed votes and acknowledgements, while an adversary on the network injects forged and
+//! from durable state, partitions, loss, duplication, delay, leadership transfers, membership
+//! changes and churn, spare nodes added with their keys) run with signed votes and
+//! acknowledgements, while an adversary on the network injects forged and
 //! replayed votes, acknowledgements and certificates. Every run checks Raft's invariants and
 //! linearizability, plus the certificates: every node's newest one verifies and names its own
-//! log, no forged acknowledgement is ever counted, and a leader never commits past its
-//! certificate.
+//! log (verified against the membership it names), no forged acknowledgement is ever counted,
+//! a leader never commits past its certificate, and what it commits is stored by a quorum of
+//! its voters (of both sets in a joint membership; learners never count).
 //!
 //! - `cargo test --test gpu_raft` runs 2,000 seeds of 3 and 5 voters and 200 seeds of 101
 //!   (`SIM_SEEDS=N` and `SIM_LARGE_SEEDS=N` run N; `SIM_SEED_START=S` starts at S);
@@ -27,7 +29,7 @@ fn sweep_and_check(
     eprintln!(
         "{test}: {} seeds in {:.1} s wall; {} passed; ops completed {}, pending {}; crashes {}; \
          terms with a leader {}; entries committed {}; forgeries injected {}, messages dropped \
-         unread {}",
+         unread {}; membership changes asked {}, committed {}",
         result.seeds,
         result.elapsed.as_secs_f64(),
         reports.len(),
@@ -38,6 +40,8 @@ fn sweep_and_check(
         sum(|r| r.committed),
         sum(|r| r.forgeries_sent),
         sum(|r| r.invalid_dropped),
+        sum(|r| r.membership_changes.0),
+        sum(|r| r.membership_changes.1),
     );
     if !result.failures.is_empty() {
         fail_with_replay_in("gpu_raft", test, &result.failures);
@@ -73,6 +77,10 @@ fn gpu_raft_seeds() {
     assert!(
         sum(|r| r.invalid_dropped) > 0,
         "no forgery was ever refused: the check is not running"
+    );
+    assert!(
+        sum(|r| r.membership_changes.1) > count,
+        "too few membership changes committed"
     );
 }
 
@@ -145,6 +153,32 @@ fn counting_unchecked_acknowledgements_is_caught() {
     assert!(
         caught.is_some(),
         "no seed of 200 caught the bug; failures: {:?}",
+        result.failures.first()
+    );
+    eprintln!("caught: {}", caught.expect("checked"));
+}
+
+/// Control: a leader that counts only the incoming voters of a joint membership commits
+/// without the outgoing voters' majority, and the quorum check reports it on some seed.
+#[test]
+fn ignoring_the_outgoing_voters_of_a_joint_membership_is_caught() {
+    let seeds: Vec<u64> = (0..300).collect();
+    let buggy = |seed| {
+        let mut config = SimConfig::gpu_raft_chaos(seed);
+        config.protocol.injected_bugs.ignore_outgoing_voters = true;
+        config.spares = config.spares.max(2);
+        config.faults.membership = config.faults.membership.max(3);
+        config.churn_us = 150_000;
+        config
+    };
+    let result = sweep_of::<GpuRaftNode>(&seeds, 2, buggy);
+    let caught = result.failures.iter().find(|failure| {
+        let violation = failure.violation.to_string();
+        violation.contains("quorum") || violation.contains("certificate")
+    });
+    assert!(
+        caught.is_some(),
+        "no seed of 300 caught the bug; failures: {:?}",
         result.failures.first()
     );
     eprintln!("caught: {}", caught.expect("checked"));

@@ -240,3 +240,107 @@ async fn the_gpu_verifier_and_aggregator_carry_a_cluster() {
         context.adapter_name()
     );
 }
+
+/// Membership through the public API: a node started to join with its own key alone is
+/// refused without its key, added as a learner with it, catches up (learning the members' keys
+/// from the log), is promoted in place of a follower, and commits with its signatures; every
+/// data directory, the new node's included, then checks out offline against the memberships
+/// its certificates name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_with_its_key_and_replaces_a_voter() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = LocalNetwork::<GpuRaftNode>::default();
+    let mut engines = Vec::new();
+    for config in configs(dir.path()) {
+        let mut engine = ConsensusEngine::new(config)
+            .unwrap()
+            .with_local_network(&network);
+        engine.start().await.unwrap();
+        engines.push(engine);
+    }
+    let joiner_key = dir.path().join("g4.key");
+    let joiner_public = generate_key_file(&joiner_key).unwrap();
+    let joiner = ConsensusConfig::default()
+        .algorithm(Algorithm::GpuOptimizedRaft)
+        .node_id("g4")
+        .peers(NAMES)
+        .joining(true)
+        .key_file(&joiner_key)
+        .validator("g4", public_key_hex(&joiner_public))
+        .persistent_state(dir.path().join("g4"))
+        .request_timeout(Duration::from_secs(5));
+    let mut joiner = ConsensusEngine::new(joiner)
+        .expect("a joining node needs only its own key")
+        .with_local_network(&network);
+    joiner.start().await.unwrap();
+    engines.push(joiner);
+    propose_until_committed(&engines[0], "before").await;
+
+    // Asked of a follower or the leader alike; without its key, nothing changes.
+    let refused = engines[1].add_learner("g4", None).await;
+    assert!(
+        matches!(
+            refused,
+            Err(consensus::Error::Membership(
+                consensus::MembershipError::MissingKey(_)
+            ))
+        ),
+        "{refused:?}"
+    );
+    let membership = engines[1]
+        .add_learner_with_key("g4", None, &joiner_public)
+        .await
+        .expect("added with its key");
+    assert!(membership.is_learner(NodeId::from_name("g4")));
+    assert_eq!(membership.keys.len(), 4, "every member's key: {membership}");
+
+    let leader = engines
+        .iter()
+        .position(|engine| engine.is_leader())
+        .expect("a leader");
+    let removed = (0..3).find(|&i| i != leader).unwrap();
+    let voters: Vec<NodeId> = ["g1", "g2", "g3", "g4"]
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != removed)
+        .map(|(_, name)| NodeId::from_name(name))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let membership = loop {
+        // The learner may still be catching up: refused with `LearnerBehind` until it has.
+        match engines[leader].change_membership(voters.clone()).await {
+            Ok(membership) => break membership,
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!membership.is_joint());
+    assert!(
+        !membership
+            .keys
+            .contains_key(&NodeId::from_name(NAMES[removed]))
+    );
+
+    let mut last = 0;
+    for n in 0..10 {
+        // Through the new voter (forwarded to the leader) and the leader.
+        let engine = if n % 2 == 0 { 3 } else { leader };
+        last = propose_until_committed(&engines[engine], &format!("after{n}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+    for (i, name) in ["g1", "g2", "g3", "g4"].iter().enumerate() {
+        if i == removed {
+            continue;
+        }
+        let report = verify_log(&dir.path().join(name), None)
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert!(
+            report.certified_through >= last,
+            "{name} certified only {report:?}, committed {last}"
+        );
+        assert!(report.validators >= 3, "{name}: {report:?}");
+    }
+}

@@ -128,12 +128,20 @@ impl Cluster {
 
     /// A Raft cluster of `founders` running nodes, and `size - founders` more configured to
     /// join it (no `bootstrap_peers`), not started.
-    fn start_with_joiners(size: usize, founders: usize) -> Cluster {
+    fn start_with_joiners(
+        size: usize,
+        founders: usize,
+        algorithm: consensus::Algorithm,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * size);
-        let files =
-            consensus::node::write_loopback_cluster_with_joiners(dir.path(), &ports, founders)
-                .unwrap();
+        let files = consensus::node::write_loopback_cluster_with_joiners(
+            dir.path(),
+            &ports,
+            founders,
+            algorithm,
+        )
+        .unwrap();
         let mut nodes: Vec<Node> = files.into_iter().map(|f| Node::new(f, None)).collect();
         for node in &mut nodes[..founders] {
             node.spawn();
@@ -1471,7 +1479,7 @@ async fn change_until_settled(
 /// removed; bad changes are 400 and change nothing; joining again after a restart is harmless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
-    let mut cluster = Cluster::start_with_joiners(4, 3);
+    let mut cluster = Cluster::start_with_joiners(4, 3, consensus::Algorithm::Raft);
     let leader = cluster.leader(&[0, 1, 2], Duration::from_secs(20)).await;
     let follower = (leader + 1) % 3;
     for i in 0..20 {
@@ -1615,4 +1623,100 @@ async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
         names(&cluster_view(&cluster, new_leader).await["voters"]),
         voters
     );
+}
+
+/// Issue 16 for GPU-optimized Raft, over HTTP: a learner is refused without its public key
+/// (400, nothing changed); a fourth node, configured with its own key alone, joins with
+/// `--join` (it sends its key, and learns the members' from the log), is promoted while the
+/// first leader is removed, and serves; `GET /cluster` shows every member's key; and the new
+/// node's data directory verifies offline against the memberships its certificates name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_raft_node_joins_over_http_with_its_key_and_replaces_the_leader() {
+    let mut cluster = Cluster::start_with_joiners(4, 3, consensus::Algorithm::GpuOptimizedRaft);
+    let leader = cluster.leader(&[0, 1, 2], Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    for i in 0..10 {
+        let response = cluster
+            .until_answered(
+                &[leader],
+                "PUT",
+                &format!("/kv/before-{i}"),
+                b"v",
+                Duration::from_secs(15),
+            )
+            .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let view = cluster_view(&cluster, follower).await;
+    assert_eq!(
+        view["keys"].as_object().map(|keys| keys.len()),
+        Some(3),
+        "{view}"
+    );
+    for body in [
+        r#"{"id": "node-9", "address": "127.0.0.1:1"}"#,
+        r#"{"id": "node-9", "address": "127.0.0.1:1", "public_key": "abcd"}"#,
+    ] {
+        let answer =
+            change_until_settled(&cluster, follower, "POST", "/cluster/learners", body).await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.text());
+    }
+
+    let joiner = 3;
+    cluster.nodes[joiner].args = vec!["--join".into(), cluster.nodes[follower].http.to_string()];
+    cluster.nodes[joiner].spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = cluster_view(&cluster, leader).await;
+        if names(&view["learners"]) == ["node-4"] {
+            assert_eq!(
+                view["keys"].as_object().map(|keys| keys.len()),
+                Some(4),
+                "{view}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{view}\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let read = cluster
+        .until_answered(
+            &[joiner],
+            "GET",
+            "/kv/before-7",
+            b"",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!((read.status, read.text().as_str()), (200, "v"));
+
+    let mut voters: Vec<String> = [0, 1, 2]
+        .into_iter()
+        .filter(|&i| i != leader)
+        .map(|i| cluster.nodes[i].name.clone())
+        .chain(["node-4".to_string()])
+        .collect();
+    voters.sort();
+    let body = serde_json::to_string(&voters).unwrap();
+    let answer = change_until_settled(&cluster, joiner, "PUT", "/cluster/voters", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let remaining: Vec<usize> = (0..4).filter(|&i| i != leader).collect();
+    cluster.leader(&remaining, Duration::from_secs(20)).await;
+    for i in 0..5 {
+        let write = cluster
+            .until_answered(
+                &[joiner],
+                "PUT",
+                &format!("/kv/after-{i}"),
+                b"w",
+                Duration::from_secs(15),
+            )
+            .await;
+        assert_eq!(write.status, 200, "{}", write.text());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[joiner].kill();
+    let report = consensus::verify_log(&cluster._dir.path().join("node-4"), None)
+        .unwrap_or_else(|error| panic!("node-4's data directory: {error}"));
+    assert!(report.certified_through > 10, "{report:?}");
 }

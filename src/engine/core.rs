@@ -167,8 +167,8 @@ impl EngineCore for GpuRaftNode {
     }
 }
 
-/// The voters a Raft node starts with: `members`, or none for a node that joins a running
-/// cluster ([`ConsensusConfig::joining`]): it learns them from the leader that adds it.
+/// The voters a Raft or GPU-optimized Raft node starts with: `members`, or none for a node that
+/// joins a running cluster ([`ConsensusConfig::joining`]): it learns them from the leader that adds it.
 fn bootstrap_voters(engine: &CoreSettings, members: Vec<NodeId>) -> Vec<NodeId> {
     if engine.config.joining {
         Vec::new()
@@ -184,7 +184,7 @@ fn gpu_raft_config(engine: &CoreSettings, members: Vec<NodeId>) -> Result<GpuRaf
         "a GPU-optimized Raft engine needs its signing identity (ConsensusConfig::signing_identity)",
     ))?;
     let mut raft = engine.config.raft_config();
-    raft.voters = members;
+    raft.voters = bootstrap_voters(engine, members);
     raft.seed = rand::random();
     let mut config = GpuRaftConfig::new(
         raft,

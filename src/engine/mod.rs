@@ -638,7 +638,7 @@ impl ConsensusEngine {
         let _ = failed.wait_for(|failed| *failed).await;
     }
 
-    /// Resolves once a committed membership leaves this node out (Raft), with the index of the
+    /// Resolves once a committed membership leaves this node out (Raft, GPU-optimized Raft), with the index of the
     /// entry that set it: the node neither votes nor campaigns and refuses requests
     /// ([`RejectReason::Removed`]); what is left is to stop it, which `consensus-node` does.
     /// Immediately if that happened already. A node removed while it was down learns it only
@@ -1012,17 +1012,18 @@ impl ConsensusEngine {
         directory
     }
 
-    /// The membership in force on this node (Raft): its voters, and the outgoing voters of a
-    /// change in progress, and its learners. `None` before start and for the algorithms whose
-    /// members are fixed (PBFT, GPU-optimized Raft: see [`ConsensusEngine::members`]).
+    /// The membership in force on this node (Raft and GPU-optimized Raft): its voters, the
+    /// outgoing voters of a change in progress, and its learners (and, GPU-optimized Raft, their
+    /// keys). `None` before start and for PBFT, whose members are fixed (see
+    /// [`ConsensusEngine::members`]).
     pub fn membership(&self) -> Option<crate::membership::Membership> {
         let running = self.running.as_ref()?;
         lock(&running.membership).clone()
     }
 
     /// Adds the node named `name` (its `node_id`, as in [`ConsensusConfig`]) as a learner
-    /// (Raft): it receives the log, or a snapshot, and never votes. `address` is where it
-    /// listens for peers (`host:port`); every member dials it there, and it is kept in the
+    /// (Raft; GPU-optimized Raft takes [`ConsensusEngine::add_learner_with_key`]): it receives
+    /// the log, or a snapshot, and never votes. `address` is where it listens for peers (`host:port`); every member dials it there, and it is kept in the
     /// membership (as `name@host:port`, [`Membership::addresses`]) so that later members and
     /// restarts find it too. `None` for a node this engine's transport already reaches (an
     /// in-process [`LocalNetwork`], or a configured peer). The node should have been started
@@ -1047,6 +1048,32 @@ impl ConsensusEngine {
         name: &str,
         address: Option<&str>,
     ) -> Result<crate::membership::Membership> {
+        self.add_learner_keyed(name, address, None).await
+    }
+
+    /// [`ConsensusEngine::add_learner`] with the node's ed25519 public key, which GPU-optimized
+    /// Raft needs: its members sign their acknowledgements and votes, and every membership
+    /// carries every member's key, so that each node (and a node that joins later) checks them
+    /// from the log. Without one, GPU-optimized Raft refuses the learner with
+    /// [`MembershipError::MissingKey`](crate::MembershipError::MissingKey); Raft ignores it.
+    /// The key is the one the node's `key_file` holds
+    /// ([`keys::public_key_hex`](crate::keys::public_key_hex) prints it).
+    pub async fn add_learner_with_key(
+        &self,
+        name: &str,
+        address: Option<&str>,
+        public_key: &ed25519_dalek::VerifyingKey,
+    ) -> Result<crate::membership::Membership> {
+        self.add_learner_keyed(name, address, Some(public_key.to_bytes()))
+            .await
+    }
+
+    async fn add_learner_keyed(
+        &self,
+        name: &str,
+        address: Option<&str>,
+        key: Option<[u8; 32]>,
+    ) -> Result<crate::membership::Membership> {
         let bad = |reason: &str| {
             Error::Membership(crate::membership::MembershipError::BadAddress {
                 address: format!("{name}@{}", address.unwrap_or_default()),
@@ -1069,6 +1096,7 @@ impl ConsensusEngine {
         self.change_members(crate::membership::MembershipChange::AddLearner {
             id: NodeId::from_name(name),
             address,
+            key,
         })
         .await
     }

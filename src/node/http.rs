@@ -526,6 +526,9 @@ struct ClusterBody {
     /// Where each node this one can name listens for peers (`host:port`): what a node joining
     /// with `--join` dials.
     addresses: std::collections::BTreeMap<String, String>,
+    /// GPU-optimized Raft: each member's ed25519 public key (hex), as the membership carries it.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    keys: std::collections::BTreeMap<String, String>,
 }
 
 /// The body of `POST /cluster/learners`.
@@ -536,6 +539,10 @@ struct LearnerRequest {
     id: String,
     /// Where it listens for peers (`host:port`).
     address: String,
+    /// Its ed25519 public key in hex: GPU-optimized Raft needs it (its members sign); Raft
+    /// ignores it.
+    #[serde(default)]
+    public_key: Option<String>,
 }
 
 fn cluster_body(
@@ -555,9 +562,14 @@ fn cluster_body(
             names(&mut membership.outgoing.iter()),
             names(&mut membership.learners.iter()),
         ),
-        // PBFT and GPU-optimized Raft: the voters they started with, for good.
+        // PBFT: the voters it started with, for good.
         None => (names(&mut engine.members().iter()), Vec::new(), Vec::new()),
     };
+    let keys = membership
+        .iter()
+        .flat_map(|membership| &membership.keys)
+        .map(|(id, key)| (name(id), crate::keys::encode_hex(key)))
+        .collect();
     ClusterBody {
         voters,
         joint_with,
@@ -567,6 +579,7 @@ fn cluster_body(
             .values()
             .filter_map(|entry| Some((entry.name.clone(), entry.address.clone()?)))
             .collect(),
+        keys,
     }
 }
 
@@ -576,9 +589,10 @@ async fn cluster(State(engine): State<Arc<ConsensusEngine>>) -> Response {
     axum::Json(cluster_body(&engine, engine.membership())).into_response()
 }
 
-/// `POST /cluster/learners` with `{"id": NAME, "address": "host:port"}`: adds the node as a
-/// learner (on any member: a follower forwards it to the leader). 200 with the cluster once the
-/// change committed; asked again for the same node and address, 200 at once.
+/// `POST /cluster/learners` with `{"id": NAME, "address": "host:port"}` (and, for GPU-optimized
+/// Raft, `"public_key": HEX`): adds the node as a learner (on any member: a follower forwards it
+/// to the leader). 200 with the cluster once the change committed; asked again for the same
+/// node, address and key, 200 at once.
 async fn add_learner(State(engine): State<Arc<ConsensusEngine>>, body: Bytes) -> Response {
     let request: LearnerRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -590,9 +604,30 @@ async fn add_learner(State(engine): State<Arc<ConsensusEngine>>, body: Bytes) ->
             );
         }
     };
-    let result = engine
-        .add_learner(&request.id, Some(&request.address))
-        .await;
+    let address = Some(request.address.as_str());
+    let result = match request.public_key.as_deref().map(str::trim) {
+        None => engine.add_learner(&request.id, address).await,
+        Some(hex) => {
+            let key = decode_hex::<32>(hex).and_then(|bytes| {
+                ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                    .map_err(|_| "not an ed25519 public key".to_string())
+            });
+            match key {
+                Ok(key) => {
+                    engine
+                        .add_learner_with_key(&request.id, address, &key)
+                        .await
+                }
+                Err(reason) => {
+                    return failure(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("public_key: {reason}"),
+                    );
+                }
+            }
+        }
+    };
     membership_answer(&engine, result)
 }
 
@@ -709,7 +744,7 @@ mod tests {
             status(Error::Membership(Refused::Unsupported("PBFT".into()))),
             400
         );
-        let pending = Membership::default();
+        let pending = Box::new(Membership::default());
         assert_eq!(
             status(Error::Membership(Refused::ChangeInProgress { pending })),
             409

@@ -1,5 +1,6 @@
-//! `consensus-node --join HTTP_ADDRESS`: a new node joins a running Raft cluster through any
-//! member's HTTP API.
+//! `consensus-node --join HTTP_ADDRESS`: a new node joins a running Raft or GPU-optimized Raft
+//! cluster through any member's HTTP API (GPU-optimized Raft: it sends its public key along,
+//! and learns the members' keys from the log).
 //!
 //! Before its engine starts, the node asks the member for `GET /cluster` and takes the members'
 //! peer addresses from it (its own `bootstrap_peers` must be empty), and starts as a joining
@@ -97,11 +98,18 @@ pub(super) async fn ask_to_be_added(
         tracing::info!(node = %name, "already a voter: not asking to join again");
         return Ok(());
     }
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "id": name,
         "address": advertised_address(consensus)?.to_string(),
-    })
-    .to_string();
+    });
+    // GPU-optimized Raft adds a learner only with its key: the one this node signs with,
+    // which its validators table names (checked against its key file at start).
+    if consensus.algorithm.signs_messages()
+        && let Some(public_key) = consensus.validators.get(name)
+    {
+        body["public_key"] = public_key.trim().into();
+    }
+    let body = body.to_string();
     ask(
         member,
         "POST",

@@ -432,19 +432,16 @@ pub fn write_loopback_cluster_reading(
 
 /// [`write_loopback_cluster`] where only the first `founders` nodes form the cluster (each
 /// names the other founders in `bootstrap_peers`); the others have no `bootstrap_peers` and
-/// join it with `consensus-node --join` (their certificates come from the same CA).
+/// join it with `consensus-node --join` (their certificates come from the same CA). For
+/// GPU-optimized Raft a founder's validators table names the founders, and a joiner's itself
+/// alone: it learns the members' keys from the log.
 pub fn write_loopback_cluster_with_joiners(
     dir: &Path,
     ports: &[u16],
     founders: usize,
+    algorithm: crate::Algorithm,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
-    write_loopback_files(
-        dir,
-        ports,
-        crate::Algorithm::Raft,
-        crate::ReadMode::default(),
-        founders,
-    )
+    write_loopback_files(dir, ports, algorithm, crate::ReadMode::default(), founders)
 }
 
 fn write_loopback_files(
@@ -460,13 +457,12 @@ fn write_loopback_files(
     crate::transport::tcp::tls::generate_certificates(&certs, &names)
         .map_err(std::io::Error::other)?;
     let signed = algorithm.signs_messages();
-    let mut validators = String::new();
+    let mut public_keys = Vec::new();
     if signed {
-        validators.push_str("\n[consensus.validators]\n");
         for name in &names {
             let public = keys::generate_key_file(dir.join(format!("{name}.key")))
                 .map_err(std::io::Error::other)?;
-            validators.push_str(&format!(
+            public_keys.push(format!(
                 "\"{name}\" = \"{}\"\n",
                 keys::public_key_hex(&public)
             ));
@@ -474,6 +470,16 @@ fn write_loopback_files(
     }
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
+        let mut validators = String::new();
+        if signed {
+            validators.push_str("\n[consensus.validators]\n");
+            let table: &[String] = if i < founders {
+                &public_keys[..founders.min(size)]
+            } else {
+                &public_keys[i..=i]
+            };
+            validators.extend(table.iter().map(String::as_str));
+        }
         let peers: Vec<String> = (0..founders.min(size))
             .filter(|&j| j != i && i < founders)
             .map(|j| format!("\"{}@127.0.0.1:{}\"", names[j], ports[j]))

@@ -156,7 +156,7 @@ pub enum RejectReason {
     /// The engine's input queue is full: the driver thread is behind. Retry later.
     #[error("engine input queue is full")]
     QueueFull,
-    /// A committed membership change removed this node from the cluster (Raft): it takes no
+    /// A committed membership change removed this node from the cluster (Raft, GPU-optimized Raft): it takes no
     /// requests; ask a member.
     #[error("this node was removed from the cluster")]
     Removed,
@@ -582,7 +582,7 @@ pub trait Protocol: Send + 'static {
         Vec::new()
     }
 
-    /// The membership in force here, for a core that changes its members (Raft); `None` for
+    /// The membership in force here, for a core that changes its members (Raft, GPU-optimized Raft); `None` for
     /// one whose members are fixed at start.
     fn membership(&self) -> Option<crate::membership::Membership> {
         None

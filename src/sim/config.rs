@@ -501,14 +501,12 @@ impl SimConfig<PbftConfig> {
     }
 
     /// The GPU-optimized Raft chaos suite's configuration for `seed`: the Raft chaos suite's
-    /// faults, clients, network and Raft settings over 3 or 5 voters, with forged and replayed
-    /// messages injected (see [`SimConfig::forgeries`]).
+    /// faults, clients, network, Raft settings and membership changes (spares added with their
+    /// keys) over 3 or 5 voters, with forged and replayed messages injected (see
+    /// [`SimConfig::forgeries`]). No snapshots: GPU-optimized Raft keeps its whole log.
     pub fn gpu_raft_chaos(seed: u64) -> SimConfig<GpuRaftConfig> {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, 0x6b0));
-        // GPU-optimized Raft keeps its validators (see `gpu_raft::GpuRaftNode`).
-        let mut config = SimConfig::chaos(seed)
-            .without_membership_changes()
-            .map_protocol(gpu_raft_settings);
+        let mut config = SimConfig::chaos(seed).map_protocol(gpu_raft_settings);
         config.nodes = [3, 5][rng.random_range(0..2)];
         config.forgeries = rng.random_range(0.01..0.1);
         config

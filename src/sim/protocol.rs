@@ -168,6 +168,7 @@ impl SimProtocol for RaftNode {
             return Some(Control::ChangeMembership(MembershipChange::AddLearner {
                 id,
                 address: None,
+                key: None,
             }));
         }
         let members: Vec<NodeId> = membership.all_members().into_iter().collect();
@@ -251,7 +252,9 @@ impl SimProtocol for RaftNode {
 impl SimProtocol for GpuRaftNode {
     type Settings = GpuRaftConfig;
 
-    /// Every voter's key is [`test_signing_key`] of its id, and every voter knows all of them.
+    /// Every node's key is [`test_signing_key`] of its id; a voter is configured with all the
+    /// voters' keys, a spare with its own alone (it learns the others from the memberships
+    /// in the log, as a node started to join does).
     fn start(
         settings: &GpuRaftConfig,
         id: NodeId,
@@ -262,7 +265,11 @@ impl SimProtocol for GpuRaftNode {
         let mut config = settings.clone();
         config.raft.id = id;
         config.raft.seed = seed;
-        config.validators = test_validators(&members);
+        let mut known = members.clone();
+        if !known.contains(&id) {
+            known.push(id);
+        }
+        config.validators = test_validators(&known);
         config.raft.voters = members;
         config.signing_key = test_signing_key(id);
         GpuRaftNode::new(config, recovered)
@@ -287,6 +294,47 @@ impl SimProtocol for GpuRaftNode {
 
     fn check_new_leader(node: &Self, monitor: &SafetyMonitor) -> Result<(), Violation> {
         check_framed_leader_completeness(node, monitor)
+    }
+
+    /// Raft's changes, a learner added with its key (as an operator gives it).
+    fn change_members(&self, nodes: &[NodeId], entropy: u64) -> Option<Control> {
+        use crate::protocol::raft::MembershipChange;
+        match self.raft().change_members(nodes, entropy)? {
+            Control::ChangeMembership(MembershipChange::AddLearner { id, address, .. }) => {
+                Some(Control::ChangeMembership(MembershipChange::AddLearner {
+                    id,
+                    address,
+                    key: Some(test_signing_key(id).verifying_key().to_bytes()),
+                }))
+            }
+            control => Some(control),
+        }
+    }
+
+    fn members(&self) -> Option<std::collections::BTreeSet<NodeId>> {
+        SimProtocol::members(self.raft())
+    }
+
+    fn describe(&self) -> String {
+        self.raft().describe()
+    }
+
+    fn check_settled(&self) -> Result<(), Violation> {
+        self.raft().check_settled()
+    }
+
+    /// Raft's check on the inner cores: the leader counts signed acknowledgements itself, and
+    /// what it commits must still be stored by a quorum of its voters, learners never counted.
+    fn check_commit(
+        &self,
+        before: crate::types::LogIndex,
+        nodes: &[(NodeId, Option<&Self>)],
+    ) -> Result<(), Violation> {
+        let inner: Vec<(NodeId, Option<&RaftNode>)> = nodes
+            .iter()
+            .map(|(id, core)| (*id, core.map(|core| core.raft())))
+            .collect();
+        self.raft().check_commit(before, &inner)
     }
 
     /// Raft's checks on the inner logs; no evidence against anyone (all run honest code);
@@ -339,9 +387,7 @@ impl SimProtocol for GpuRaftNode {
                 held.push(of_commit);
             }
             for certificate in held.into_iter().flatten() {
-                if let Err(error) =
-                    certificate.verify(&node.config().validators, &*node.config().verifier)
-                {
+                if let Err(error) = node.check_certificate(&certificate) {
                     return broken(format!("certificate at {}: {error}", certificate.index));
                 }
                 if node.chain_at(certificate.index) != Some(certificate.chain) {

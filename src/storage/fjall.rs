@@ -1100,8 +1100,10 @@ fn decode_snapshot(record: &[u8]) -> Result<SnapshotRecord, StorageError> {
 
 /// A membership: its voters, outgoing voters and learners, each a count and the ids; then,
 /// when there are any, its addresses: a count and, for each, the id, the length and the UTF-8
-/// bytes. A membership always ends its record, so records written before addresses existed
-/// (ending after the learners) still read, as a membership without addresses.
+/// bytes; then, when there are any, its members' public keys: a count and, for each, the id and
+/// the 32 bytes (the address count is written, maybe 0, before them). A membership always ends
+/// its record, so records written before addresses or keys existed still read, as a membership
+/// without them.
 fn encode_membership(membership: &crate::membership::Membership, body: &mut Vec<u8>) {
     for set in [
         &membership.voters,
@@ -1113,12 +1115,19 @@ fn encode_membership(membership: &crate::membership::Membership, body: &mut Vec<
             body.extend_from_slice(&id.0.to_le_bytes());
         }
     }
-    if !membership.addresses.is_empty() {
+    if !membership.addresses.is_empty() || !membership.keys.is_empty() {
         body.extend_from_slice(&(membership.addresses.len() as u64).to_le_bytes());
         for (id, address) in &membership.addresses {
             body.extend_from_slice(&id.0.to_le_bytes());
             body.extend_from_slice(&(address.len() as u64).to_le_bytes());
             body.extend_from_slice(address.as_bytes());
+        }
+    }
+    if !membership.keys.is_empty() {
+        body.extend_from_slice(&(membership.keys.len() as u64).to_le_bytes());
+        for (id, key) in &membership.keys {
+            body.extend_from_slice(&id.0.to_le_bytes());
+            body.extend_from_slice(key);
         }
     }
 }
@@ -1164,11 +1173,28 @@ fn decode_membership(
             addresses.insert(id, address.to_string());
         }
     }
+    let mut keys = std::collections::BTreeMap::new();
+    if !reader.rest.is_empty() {
+        let count = reader.u64("key count")?;
+        if count > reader.rest.len() as u64 / 40 {
+            return Err(corrupt(
+                reader.location,
+                format!("{count} keys in {} bytes", reader.rest.len()),
+            ));
+        }
+        for _ in 0..count {
+            let id = NodeId(reader.u64("key id")?);
+            let (key, rest) = reader.rest.split_at(32);
+            reader.rest = rest;
+            keys.insert(id, key.try_into().expect("32 bytes, checked by the count"));
+        }
+    }
     Ok(crate::membership::Membership {
         voters,
         outgoing,
         learners,
         addresses,
+        keys,
     })
 }
 
@@ -1287,6 +1313,7 @@ mod tests {
             outgoing: [NodeId(1), NodeId(2)].into(),
             learners: [NodeId(7)].into(),
             addresses: [(NodeId(7), "node-7@10.0.0.7:7000".to_string())].into(),
+            keys: Default::default(),
         });
         assert_eq!(
             decode_snapshot(&encode_snapshot(&snapshot)).unwrap(),
@@ -1298,6 +1325,19 @@ mod tests {
             payload: Payload::Membership(Box::new(snapshot.membership.clone().unwrap())),
         };
         assert_eq!(decode_entry(&encode_entry(&entry), "test").unwrap(), entry);
+        // Keys, with and without addresses before them.
+        let mut keyed = snapshot.membership.clone().unwrap();
+        keyed.keys = [(NodeId(2), [2; 32]), (NodeId(7), [7; 32])].into();
+        for addresses in [keyed.addresses.clone(), Default::default()] {
+            let entry = Entry {
+                payload: Payload::Membership(Box::new(crate::membership::Membership {
+                    addresses,
+                    ..keyed.clone()
+                })),
+                ..entry.clone()
+            };
+            assert_eq!(decode_entry(&encode_entry(&entry), "test").unwrap(), entry);
+        }
     }
 
     #[test]

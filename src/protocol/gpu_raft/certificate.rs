@@ -7,6 +7,11 @@
 //! at indices `j ≥ c`, with the chain value at `c` and the digests of the entries between `c`
 //! and the highest `j`, so that anyone holding the log can recompute every signed value from the
 //! log alone: it proves, offline, that the log through `c` was stored by a quorum of voters.
+//!
+//! The voters are those of the membership the leader counted under, the one in force in its log
+//! ([`CommitCertificate::membership_index`]). The leader counts only acknowledgements that reach
+//! that membership's entry, so the entry lies inside the certified prefix and whoever holds the
+//! log finds the voters, and their keys, in it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::chain::{Hash, chain_link};
 use crate::gpu::sigverify::verdicts_or_reference;
 use crate::gpu::{SignatureItem, SignatureVerifier};
+use crate::membership::Membership;
 use crate::types::{LogIndex, NodeId, Term};
 
 /// Domain separation: an acknowledgement's signature reads as nothing else this crate signs.
@@ -88,6 +94,19 @@ pub struct CommitCertificate {
     /// One acknowledgement per voter of the quorum, at indices from `index` to
     /// `index + path.len()`.
     pub acks: Vec<SignedAck>,
+    /// The index of the membership entry whose voters acknowledged (0: the voters the group
+    /// started with); at most `index`, so the certified log holds it.
+    pub membership_index: LogIndex,
+}
+
+/// A certificate as written before memberships changed: no `membership_index` (read as 0).
+#[derive(Deserialize)]
+struct CertificateV1 {
+    term: Term,
+    index: LogIndex,
+    chain: Hash,
+    path: Vec<Hash>,
+    acks: Vec<SignedAck>,
 }
 
 /// Why a certificate proves nothing.
@@ -108,6 +127,9 @@ pub enum CertificateError {
     /// A signature that does not verify (or is not 64 bytes).
     #[error("the signature of {0} does not verify")]
     BadSignature(NodeId),
+    /// Counted under a membership the checker's log does not hold at that index.
+    #[error("counted under the membership at {0}, which this log does not hold there")]
+    UnknownMembership(LogIndex),
     /// Fewer distinct voters than a majority.
     #[error("{have} acknowledgements, a quorum is {need}")]
     NoQuorum {
@@ -119,6 +141,23 @@ pub enum CertificateError {
 }
 
 impl CommitCertificate {
+    /// Decodes a stored certificate, in this form or the one written before memberships
+    /// changed; `None` when the bytes are neither (a damaged record).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if let Ok(certificate) = postcard::from_bytes::<CommitCertificate>(bytes) {
+            return Some(certificate);
+        }
+        let old: CertificateV1 = postcard::from_bytes(bytes).ok()?;
+        Some(CommitCertificate {
+            term: old.term,
+            index: old.index,
+            chain: old.chain,
+            path: old.path,
+            acks: old.acks,
+            membership_index: 0,
+        })
+    }
+
     /// The chain value at each index from `index` to `index + path.len()`.
     fn chain_values(&self) -> Vec<Hash> {
         let mut values = Vec::with_capacity(self.path.len() + 1);
@@ -132,10 +171,11 @@ impl CommitCertificate {
 
     /// What the signatures of the acknowledgements must verify: `(voter, signing bytes,
     /// signature)`, after the checks that need no signature (each ack's term and index fit, its
-    /// chain value follows from the certificate's, each voter is a distinct member).
+    /// chain value follows from the certificate's, each voter is a distinct voter of
+    /// `membership`, and they are a quorum of it).
     pub(crate) fn signed_parts(
         &self,
-        voters: &BTreeSet<NodeId>,
+        membership: &Membership,
     ) -> Result<Vec<SignedPart>, CertificateError> {
         let values = self.chain_values();
         let mut seen = BTreeSet::new();
@@ -157,7 +197,7 @@ impl CommitCertificate {
             if &ack.chain != expected {
                 return Err(inconsistent("chain value does not follow"));
             }
-            if !voters.contains(&ack.voter) || !seen.insert(ack.voter) {
+            if !membership.is_voter(ack.voter) || !seen.insert(ack.voter) {
                 return Err(CertificateError::NotAVoter(ack.voter));
             }
             parts.push((
@@ -166,11 +206,16 @@ impl CommitCertificate {
                 ack.signature_bytes(),
             ));
         }
-        let need = voters.len() / 2 + 1;
-        if seen.len() < need {
+        if self.membership_index > self.index {
+            return Err(CertificateError::Inconsistent {
+                voter: self.acks.first().map_or(NodeId(0), |ack| ack.voter),
+                why: "counted under a membership beyond the certified index",
+            });
+        }
+        if !membership.has_quorum(|id| seen.contains(&id)) {
             return Err(CertificateError::NoQuorum {
                 have: seen.len(),
-                need,
+                need: membership.smallest_quorum(),
             });
         }
         Ok(parts)
@@ -185,12 +230,33 @@ impl CommitCertificate {
         validators: &BTreeMap<NodeId, VerifyingKey>,
         verifier: &dyn SignatureVerifier,
     ) -> Result<(), CertificateError> {
-        let voters: BTreeSet<NodeId> = validators.keys().copied().collect();
-        let parts = self.signed_parts(&voters)?;
+        let membership = Membership {
+            keys: validators
+                .iter()
+                .map(|(&id, key)| (id, key.to_bytes()))
+                .collect(),
+            ..Membership::of_voters(validators.keys().copied())
+        };
+        self.verify_under(&membership, verifier)
+    }
+
+    /// Checks the certificate alone against `membership`, the one it names
+    /// ([`CommitCertificate::membership_index`]), whose [`keys`](Membership::keys) hold every
+    /// voter's: a quorum of it acknowledged, as in [`CommitCertificate::verify`].
+    pub fn verify_under(
+        &self,
+        membership: &Membership,
+        verifier: &dyn SignatureVerifier,
+    ) -> Result<(), CertificateError> {
+        let parts = self.signed_parts(membership)?;
         let mut keyed = Vec::with_capacity(parts.len());
         for (voter, bytes, signature) in &parts {
             let signature = signature.ok_or(CertificateError::BadSignature(*voter))?;
-            keyed.push((*voter, validators[voter].to_bytes(), bytes, signature));
+            let key = membership
+                .keys
+                .get(voter)
+                .ok_or(CertificateError::BadSignature(*voter))?;
+            keyed.push((*voter, *key, bytes, signature));
         }
         let items: Vec<SignatureItem<'_>> = keyed
             .iter()
@@ -236,6 +302,7 @@ mod tests {
             chain: start,
             path,
             acks,
+            membership_index: 0,
         }
     }
 

@@ -44,6 +44,16 @@ pub fn entry_digest(entry: &Entry) -> Hash {
                     hasher.update(id.0.to_be_bytes());
                 }
             }
+            // The keys decide whose signatures count, so they are chained too (after a marker,
+            // and only when there are any, so that a keyless membership hashes as before).
+            if !membership.keys.is_empty() {
+                hasher.update([3u8]);
+                hasher.update((membership.keys.len() as u64).to_be_bytes());
+                for (id, key) in &membership.keys {
+                    hasher.update(id.0.to_be_bytes());
+                    hasher.update(key);
+                }
+            }
         }
     }
     hasher.finalize().into()

@@ -41,6 +41,8 @@ pub struct GpuRaftConfig {
 pub struct InjectedBugs {
     /// Count acknowledgements without checking their signatures.
     pub accept_unchecked_acks: bool,
+    /// Count a joint membership's incoming voters alone, as if the change were done.
+    pub ignore_outgoing_voters: bool,
 }
 
 impl std::fmt::Debug for GpuRaftConfig {

@@ -38,14 +38,18 @@ fn certificate() -> impl Strategy<Value = CommitCertificate> {
         any::<[u8; 32]>(),
         prop::collection::vec(any::<[u8; 32]>(), 0..3),
         prop::collection::vec(ack(), 0..4),
+        any::<u64>(),
     )
-        .prop_map(|(term, index, chain, path, acks)| CommitCertificate {
-            term,
-            index,
-            chain,
-            path,
-            acks,
-        })
+        .prop_map(
+            |(term, index, chain, path, acks, membership_index)| CommitCertificate {
+                term,
+                index,
+                chain,
+                path,
+                acks,
+                membership_index,
+            },
+        )
 }
 
 fn vote() -> impl Strategy<Value = SignedVote> {

@@ -67,7 +67,6 @@ fn pre_vote_bytes(term: Term, candidate: NodeId, voter: NodeId) -> Vec<u8> {
 pub struct GpuRaftNode {
     config: GpuRaftConfig,
     inner: RaftNode,
-    voters: BTreeSet<NodeId>,
     /// Digests and chain values of the inner log, updated with every write it asks for.
     chain: LogChain,
     /// What the inner core output in the step being translated.
@@ -83,8 +82,9 @@ pub struct GpuRaftNode {
     certificate_sent: BTreeMap<NodeId, CertificatePace>,
     /// Leader: the highest index it committed that its certificate does not cover yet (a
     /// quorum of followers alone did not hold it, and its own signature waits for the next
-    /// tick: one signature per tick, not one per commit).
-    uncertified: LogIndex,
+    /// tick: one signature per tick, not one per commit), with the index of the membership it
+    /// was counted under.
+    uncertified: (LogIndex, LogIndex),
     /// Candidate: the signed votes granted to it in `votes_term`.
     votes_received: BTreeMap<NodeId, SignedVote>,
     votes_term: Term,
@@ -146,10 +146,10 @@ impl GpuRaftNode {
         for (key, value) in &recovered.records {
             if key.as_slice() == LATEST_CERTIFICATE {
                 certificate =
-                    Some(postcard::from_bytes(value).map_err(|_| corrupt("certificate"))?);
+                    Some(CommitCertificate::decode(value).ok_or_else(|| corrupt("certificate"))?);
             } else if is_history_key(key) {
                 let kept: CommitCertificate =
-                    postcard::from_bytes(value).map_err(|_| corrupt("kept certificate"))?;
+                    CommitCertificate::decode(value).ok_or_else(|| corrupt("kept certificate"))?;
                 kept_index = kept_index.max(kept.index);
             } else if key.starts_with(EVIDENCE) {
                 let proof: VoteEquivocation =
@@ -171,11 +171,17 @@ impl GpuRaftNode {
         let chain = LogChain::of(&recovered.entries);
         let mut inner = RaftNode::new(config.raft.clone(), recovered)?;
         inner.commit_by_certificate = true;
-        let voters = config.raft.voters.iter().copied().collect();
+        inner.require_member_keys(
+            config
+                .raft
+                .voters
+                .iter()
+                .filter_map(|id| Some((*id, config.validators.get(id)?.to_bytes())))
+                .collect(),
+        );
         Ok(GpuRaftNode {
             config,
             inner,
-            voters,
             chain,
             scratch: raft::Output::default(),
             acks: BTreeMap::new(),
@@ -183,7 +189,7 @@ impl GpuRaftNode {
             certificate,
             kept_index,
             certificate_sent: BTreeMap::new(),
-            uncertified: 0,
+            uncertified: (0, 0),
             votes_received: BTreeMap::new(),
             votes_term: 0,
             announced_term: 0,
@@ -214,6 +220,22 @@ impl GpuRaftNode {
     /// The chain value of this node's log at `index`, if the log reaches it.
     pub fn chain_at(&self, index: LogIndex) -> Option<[u8; 32]> {
         self.chain.at(index)
+    }
+
+    /// Checks `certificate` alone against the membership it names in this node's log (its
+    /// voters and their keys), with the configured verifier. Whether it certifies this node's
+    /// log is [`GpuRaftNode::chain_at`]'s to tell.
+    pub fn check_certificate(
+        &self,
+        certificate: &CommitCertificate,
+    ) -> Result<(), super::CertificateError> {
+        let membership = self
+            .inner
+            .membership_set_at(certificate.membership_index)
+            .ok_or(super::CertificateError::UnknownMembership(
+                certificate.membership_index,
+            ))?;
+        certificate.verify_under(membership, &*self.config.verifier)
     }
 
     /// The proofs this node holds, by offender.
@@ -247,15 +269,8 @@ impl GpuRaftNode {
             // unsigned, over the authenticated transport, as heartbeats do; what a read needs
             // is a quorum still in the leader's term, not a promise about anyone's log.
             Input::Read { request_id } => self.step_inner(raft::Input::Read { request_id }, out),
-            // Votes and acknowledgements are signed and counted against the validator keys
-            // fixed at start; changing who votes needs those keys to follow the log first.
-            Input::Control(raft::Control::ChangeMembership(_)) => {
-                out.events.push(crate::protocol::Event::MembershipRefused {
-                    error: crate::membership::MembershipError::Unsupported(
-                        "GPU-optimized Raft keeps the validator set it started with".into(),
-                    ),
-                });
-            }
+            // A membership change is Raft's, with the members' keys carried in every membership
+            // (the core refuses a learner without one): see `certify` for how it is counted.
             Input::Control(control) => self.step_inner(raft::Input::Control(control), out),
             Input::FlushProposals => {
                 self.check_client_signatures(out);
@@ -638,7 +653,13 @@ impl GpuRaftNode {
                         if self.inner.is_leader()
                             && certificate.term == self.inner.term()
                             && pace.sent < certificate.index
-                            && (settled || pace.heartbeats >= CERTIFICATE_HEARTBEATS) =>
+                            && (settled || pace.heartbeats >= CERTIFICATE_HEARTBEATS)
+                            // It holds the certified log, and with it the membership the
+                            // certificate names.
+                            && self
+                                .inner
+                                .progress(to)
+                                .is_some_and(|p| p.match_index >= certificate.index) =>
                     {
                         pace.sent = certificate.index;
                         pace.heartbeats = 0;
@@ -664,7 +685,7 @@ impl GpuRaftNode {
         self.announced_term = term;
         self.commit_when_elected = self.inner.commit_index();
         self.certificate_sent.clear();
-        self.uncertified = 0;
+        self.uncertified = (0, 0);
         let votes: Vec<SignedVote> = if self.votes_term == term {
             self.votes_received.values().cloned().collect()
         } else {
@@ -674,7 +695,8 @@ impl GpuRaftNode {
             return;
         }
         let me = self.inner.id();
-        for peer in self.voters.iter().copied().filter(|&peer| peer != me) {
+        let voters = self.inner.membership().all_voters();
+        for peer in voters.into_iter().filter(|&peer| peer != me) {
             out.messages.push(Envelope {
                 from: me,
                 to: peer,
@@ -715,46 +737,75 @@ impl GpuRaftNode {
         if self.acks_term != term {
             return;
         }
+        // Counted under the membership in force, and only acknowledgements that reach its
+        // entry: then every index committed is at or past that entry, so a certificate's
+        // membership lies inside the log it certifies (a stricter rule than Raft's, which only
+        // delays a commit until the membership entry itself is stored by a quorum).
+        let membership_index = self.inner.membership_index();
+        let membership = self.inner.membership();
         let commit = self.inner.commit_index();
         let log = self.inner.log();
         let mut candidates: Vec<LogIndex> = self
             .acks
             .values()
             .map(|ack| ack.index)
-            .filter(|&index| index > commit && log.term_at(index) == Some(term))
+            .filter(|&index| {
+                index > commit && index >= membership_index && log.term_at(index) == Some(term)
+            })
             .collect();
         candidates.sort_unstable();
         candidates.dedup();
         if candidates.is_empty() {
             return;
         }
-        let ranks: BTreeMap<NodeId, u32> = self.voters.iter().copied().zip(0..).collect();
-        let mut votes = Vec::with_capacity(candidates.len() * self.acks.len());
-        for (ballot, &index) in candidates.iter().enumerate() {
-            for ack in self.acks.values().filter(|ack| ack.index >= index) {
-                if let Some(&rank) = ranks.get(&ack.voter) {
-                    votes.push(Vote::new(rank, ballot as u64, true).in_term(term));
+        // One ballot per candidate and voter set: a joint membership needs a majority of the
+        // incoming voters and one of the outgoing voters, each its own ballot. Each ballot is
+        // its own "term" for the aggregator, which takes a voter's second vote in one term for
+        // an equivocation and drops it: with one term, a voter whose acknowledgement reaches
+        // several candidates would count for the lowest alone.
+        #[cfg(any(test, feature = "sim"))]
+        let joint = membership.is_joint() && !self.config.injected_bugs.ignore_outgoing_voters;
+        #[cfg(not(any(test, feature = "sim")))]
+        let joint = membership.is_joint();
+        let sets: Vec<&BTreeSet<NodeId>> = if joint {
+            vec![&membership.voters, &membership.outgoing]
+        } else {
+            vec![&membership.voters]
+        };
+        let ranks: BTreeMap<NodeId, u32> = membership.all_voters().into_iter().zip(0..).collect();
+        let mut votes = Vec::with_capacity(candidates.len() * self.acks.len() * sets.len());
+        for (candidate, &index) in candidates.iter().enumerate() {
+            for (set_number, set) in sets.iter().enumerate() {
+                let ballot = (candidate * sets.len() + set_number) as u64;
+                for ack in self.acks.values().filter(|ack| ack.index >= index) {
+                    if let Some(&rank) = ranks.get(&ack.voter).filter(|_| set.contains(&ack.voter))
+                    {
+                        votes.push(Vote::new(rank, ballot, true).in_term(ballot));
+                    }
                 }
             }
         }
         let outcome = self.aggregate(&votes);
-        let quorum = self.voters.len() / 2 + 1;
         let Some(index) = candidates
             .iter()
             .enumerate()
             .rev()
-            .find(|&(ballot, _)| {
-                outcome
-                    .tally(term, ballot as u64)
-                    .is_some_and(|tally| tally.yes_count as usize >= quorum)
+            .find(|&(candidate, _)| {
+                sets.iter().enumerate().all(|(set_number, set)| {
+                    let ballot = (candidate * sets.len() + set_number) as u64;
+                    outcome
+                        .tally(ballot, ballot)
+                        .is_some_and(|tally| tally.yes_count as usize > set.len() / 2)
+                })
             })
             .map(|(_, &index)| index)
         else {
             return;
         };
-        match self.build_certificate(term, index, quorum, false) {
+        let counted = (index, membership_index);
+        match self.build_certificate(term, counted, false) {
             Some(certificate) => self.keep(certificate, out),
-            None if self.can_certify(index, quorum) => self.uncertified = index,
+            None if self.can_certify(counted) => self.uncertified = counted,
             None => {
                 self.miscounted += 1;
                 return;
@@ -767,52 +818,63 @@ impl GpuRaftNode {
     /// tick, before the tick's heartbeats leave).
     fn complete_certificate(&mut self, out: &mut Output) {
         let held = self.certificate.as_ref().map_or(0, |c| c.index);
-        if !self.inner.is_leader() || self.uncertified <= held {
+        if !self.inner.is_leader() || self.uncertified.0 <= held {
             return;
         }
-        let (term, index) = (self.inner.term(), self.uncertified);
-        let quorum = self.voters.len() / 2 + 1;
-        match self.build_certificate(term, index, quorum, true) {
+        match self.build_certificate(self.inner.term(), self.uncertified, true) {
             Some(certificate) => self.keep(certificate, out),
             None => self.miscounted += 1,
         }
     }
 
-    /// Whether a quorum of acknowledgements (the leader's own unsigned one included) reaches
-    /// `index`.
-    fn can_certify(&self, index: LogIndex, quorum: usize) -> bool {
-        self.acks.values().filter(|ack| ack.index >= index).count() >= quorum
+    /// Whether acknowledgements (the leader's own unsigned one included) of a quorum of the
+    /// membership set at `counted.1` reach `counted.0`.
+    fn can_certify(&self, (index, membership_index): (LogIndex, LogIndex)) -> bool {
+        let Some(membership) = self.inner.membership_set_at(membership_index) else {
+            return false;
+        };
+        membership.has_quorum(|id| self.acks.get(&id).is_some_and(|ack| ack.index >= index))
     }
 
     /// Leader: the certificate of everything it committed, its own acknowledgement signed if
     /// it must be (for checks: the node's state is unchanged).
     pub fn certificate_of_commit(&self) -> Option<CommitCertificate> {
         let held = self.certificate.as_ref().map_or(0, |c| c.index);
-        if self.uncertified <= held || !self.inner.is_leader() {
+        if self.uncertified.0 <= held || !self.inner.is_leader() {
             return self.certificate.clone();
         }
-        let quorum = self.voters.len() / 2 + 1;
-        self.build_certificate(self.inner.term(), self.uncertified, quorum, true)
+        self.build_certificate(self.inner.term(), self.uncertified, true)
     }
 
-    /// The certificate for `index`: the `quorum` acknowledgements closest above it, the
-    /// followers' first. The leader's own is signed only when the certificate needs it, and
+    /// The certificate for `counted.0`, counted under the membership set at `counted.1`: the
+    /// acknowledgements of its voters closest above the index, the followers' first, until
+    /// they are a quorum. The leader's own is signed only when the certificate needs it, and
     /// then only with `sign_own` (else `None`).
     fn build_certificate(
         &self,
         term: Term,
-        index: LogIndex,
-        quorum: usize,
+        (index, membership_index): (LogIndex, LogIndex),
         sign_own: bool,
     ) -> Option<CommitCertificate> {
-        let mut chosen: Vec<&SignedAck> = self.acks.values().filter(|a| a.index >= index).collect();
-        chosen.sort_by_key(|ack| (ack.signature.is_empty(), ack.index));
-        chosen.truncate(quorum);
-        if chosen.len() < quorum {
+        let membership = self.inner.membership_set_at(membership_index)?;
+        let mut candidates: Vec<&SignedAck> = self
+            .acks
+            .values()
+            .filter(|ack| ack.index >= index && membership.is_voter(ack.voter))
+            .collect();
+        candidates.sort_by_key(|ack| (ack.signature.is_empty(), ack.index));
+        let mut chosen: Vec<&SignedAck> = Vec::with_capacity(candidates.len());
+        for ack in candidates {
+            if membership.has_quorum(|id| chosen.iter().any(|held| held.voter == id)) {
+                break;
+            }
+            chosen.push(ack);
+        }
+        if !membership.has_quorum(|id| chosen.iter().any(|held| held.voter == id)) {
             return None;
         }
         let key = &self.config.signing_key;
-        let mut acks = Vec::with_capacity(quorum);
+        let mut acks = Vec::with_capacity(chosen.len());
         for ack in chosen {
             if ack.signature.is_empty() {
                 if !sign_own {
@@ -833,6 +895,7 @@ impl GpuRaftNode {
             chain: self.chain.at(index)?,
             path: self.chain.digests(index + 1, highest)?,
             acks,
+            membership_index,
         })
     }
 
@@ -856,34 +919,42 @@ impl GpuRaftNode {
         }
     }
 
-    /// The validators' public keys, in id order.
+    /// The public keys of the voters this node started with, in id order: the membership that
+    /// certificates counted before any change name (index 0).
     fn validator_table(&self) -> Vec<(NodeId, [u8; 32])> {
-        self.voters
+        self.config
+            .raft
+            .voters
             .iter()
             .filter_map(|id| Some((*id, self.config.validators.get(id)?.to_bytes())))
             .collect()
     }
 
+    /// The public key `id` signs with: the one the membership in force carries, else the one
+    /// this node was configured with.
+    fn key_of(&self, id: NodeId) -> Option<[u8; 32]> {
+        self.inner
+            .membership()
+            .keys
+            .get(&id)
+            .copied()
+            .or_else(|| self.config.validators.get(&id).map(|key| key.to_bytes()))
+    }
+
     /// Why `envelope` is refused before any signature is checked, if it is; else pushes what
-    /// its signatures must verify.
+    /// its signatures must verify. Messages that promise nothing are taken from any sender the
+    /// transport let through, as Raft takes them: a member that has not yet stored the entry
+    /// adding a new leader must still take that leader's appends to learn of it.
     fn admit(
         &self,
         envelope: &Envelope,
         checks: &mut Vec<(Vec<u8>, [u8; 32], [u8; 64])>,
     ) -> Result<(), InvalidReason> {
         let Envelope { from, to, message } = envelope;
-        let key_of = |id: &NodeId| {
-            self.config
-                .validators
-                .get(id)
-                .filter(|_| self.voters.contains(id))
-                .map(|key| key.to_bytes())
-                .ok_or(InvalidReason::UnknownSigner)
-        };
+        let key_of = |id: &NodeId| self.key_of(*id).ok_or(InvalidReason::UnknownSigner);
         let signature_of = |bytes: &Bytes| {
             <[u8; 64]>::try_from(bytes.as_ref()).map_err(|_| InvalidReason::Malformed)
         };
-        let sender = key_of(from)?;
         match message {
             Message::Raft(message) => match message {
                 // A promise must come signed.
@@ -922,7 +993,7 @@ impl GpuRaftNode {
                 } else {
                     SignedVote::signing_bytes(*term, *to, *from)
                 };
-                checks.push((bytes, sender, signature_of(signature)?));
+                checks.push((bytes, key_of(from)?, signature_of(signature)?));
                 Ok(())
             }
             Message::Ack(ack) => {
@@ -938,21 +1009,35 @@ impl GpuRaftNode {
                 // that follower acknowledged, so an unchecked one could make a follower apply
                 // entries it does not hold (the simulator found exactly that when it was tried).
                 let bytes = SignedAck::signing_bytes(ack.voter, ack.term, ack.index, &ack.chain);
-                checks.push((bytes, sender, signature_of(&ack.signature)?));
+                checks.push((bytes, key_of(from)?, signature_of(&ack.signature)?));
                 Ok(())
             }
             Message::Certified { certificate, .. } => {
+                // Counted under a membership this node's log does not hold (it lags, or holds
+                // another entry there): it cannot judge it, and an honest leader sends
+                // certificates only to followers that store their index.
+                let membership = self
+                    .inner
+                    .membership_set_at(certificate.membership_index)
+                    .ok_or(InvalidReason::Stale)?;
                 let parts = certificate
-                    .signed_parts(&self.voters)
+                    .signed_parts(membership)
                     .map_err(|_| InvalidReason::Malformed)?;
                 for (voter, bytes, signature) in parts {
                     let signature = signature.ok_or(InvalidReason::Malformed)?;
-                    checks.push((bytes, key_of(&voter)?, signature));
+                    let key = membership
+                        .keys
+                        .get(&voter)
+                        .copied()
+                        .ok_or(InvalidReason::UnknownSigner)?;
+                    checks.push((bytes, key, signature));
                 }
                 Ok(())
             }
             Message::Elected { term, votes } => {
-                if votes.len() > self.voters.len() {
+                // Every vote is by a distinct signer this node knows a key of.
+                let known = self.inner.membership().keys.len() + self.config.validators.len();
+                if votes.len() > known {
                     return Err(InvalidReason::Malformed);
                 }
                 for vote in votes {

@@ -384,23 +384,216 @@ fn an_allow_list_refuses_strangers_and_unsigned_commands() {
     assert_eq!(refused, [0, 1], "{:?}", out.rejected);
 }
 
-/// Votes and acknowledgements are checked against the validators fixed at start, so a
-/// membership change is refused, with its reason, and nothing is appended.
-#[test]
-fn a_membership_change_is_refused_with_its_reason() {
-    let voters = ids(3);
-    let mut node = node(NodeId(1), &voters);
-    let mut out = Output::default();
-    let change = crate::membership::MembershipChange::learner(NodeId(9));
-    node.step(
+/// A node started to join: no members, its own key alone.
+fn joining_node(id: NodeId) -> GpuRaftNode {
+    let mut raft = RaftConfig::new(id, Vec::new());
+    raft.seed = id.0;
+    let config = GpuRaftConfig::new(raft, test_signing_key(id), test_validators(&[id]));
+    GpuRaftNode::new(config, RecoveredState::default()).expect("valid")
+}
+
+fn change(cluster: &mut Cluster, leader: usize, change: crate::membership::MembershipChange) {
+    cluster.step(
+        leader,
         Input::Control(raft::Control::ChangeMembership(change)),
+    );
+}
+
+fn key_of(id: u64) -> Option<[u8; 32]> {
+    Some(test_signing_key(NodeId(id)).verifying_key().to_bytes())
+}
+
+fn learner_with_key(id: u64) -> crate::membership::MembershipChange {
+    crate::membership::MembershipChange::AddLearner {
+        id: NodeId(id),
+        address: None,
+        key: key_of(id),
+    }
+}
+
+/// Everything every live node committed is the same log, and each node's newest certificate
+/// verifies against the membership it names in that node's own log.
+fn assert_certified(cluster: &Cluster, nodes: &[usize]) {
+    for &index in nodes {
+        let node = &cluster.nodes[index];
+        let certificate = node.certificate().expect("every node holds a certificate");
+        assert_eq!(node.chain_at(certificate.index), Some(certificate.chain));
+        node.check_certificate(certificate)
+            .unwrap_or_else(|error| panic!("{node:?}: {error}"));
+        assert_eq!(node.miscounted_acks(), 0);
+    }
+}
+
+/// A learner is added only with its key; it takes the log from a leader whose key it learns
+/// from the membership; then the voters change through a joint membership, the learner votes
+/// and signs, a removed voter is gone, and every certificate names the membership it was
+/// counted under.
+#[test]
+fn members_change_with_their_keys_in_the_log() {
+    let mut cluster = Cluster::new(3);
+    cluster.nodes.push(joining_node(NodeId(4)));
+    let leader = cluster.leader();
+    let mut out = Output::default();
+    cluster.nodes[leader].step(
+        Input::Control(raft::Control::ChangeMembership(
+            crate::membership::MembershipChange::learner(NodeId(4)),
+        )),
         &mut out,
     );
-    assert!(out.write.append.is_empty());
-    assert!(matches!(
-        out.events[..],
-        [crate::protocol::Event::MembershipRefused {
-            error: crate::membership::MembershipError::Unsupported(_)
-        }]
-    ));
+    assert!(
+        out.write.append.is_empty(),
+        "nothing appended without a key"
+    );
+    assert!(
+        matches!(
+            out.events[..],
+            [crate::protocol::Event::MembershipRefused {
+                error: crate::membership::MembershipError::MissingKey(NodeId(4))
+            }]
+        ),
+        "{:?}",
+        out.events
+    );
+
+    change(&mut cluster, leader, learner_with_key(4));
+    for _ in 0..30 {
+        cluster.tick();
+    }
+    let learner = &cluster.nodes[3];
+    assert!(learner.raft().membership().is_learner(NodeId(4)));
+    assert_eq!(
+        learner.raft().membership().keys.get(&NodeId(4)).copied(),
+        key_of(4)
+    );
+    assert_eq!(
+        learner.raft().membership().keys.len(),
+        4,
+        "every member's key travels in the membership"
+    );
+    assert_eq!(
+        learner.raft().commit_index(),
+        cluster.nodes[leader].raft().commit_index()
+    );
+
+    // Replace a follower by the learner.
+    let removed = (0..3).find(|&i| i != leader).unwrap();
+    let removed_id = cluster.nodes[removed].id();
+    let voters: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4]
+        .map(NodeId)
+        .into_iter()
+        .filter(|&id| id != removed_id)
+        .collect();
+    change(
+        &mut cluster,
+        leader,
+        crate::membership::MembershipChange::ChangeVoters(voters.clone()),
+    );
+    for _ in 0..30 {
+        cluster.tick();
+    }
+    let membership = cluster.nodes[leader].raft().membership().clone();
+    assert_eq!(membership.voters, voters, "{membership}");
+    assert!(
+        !membership.is_joint(),
+        "{membership} at {}, commit {} of {}: {:?}",
+        cluster.nodes[leader].raft().membership_index(),
+        cluster.nodes[leader].raft().commit_index(),
+        cluster.nodes[leader].raft().log().last_index(),
+        cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id(), n.raft().log().last_index(), n.raft().commit_index()))
+            .collect::<Vec<_>>()
+    );
+    assert!(!membership.keys.contains_key(&removed_id));
+    assert!(cluster.nodes[leader].raft().is_leader());
+
+    for request_id in 0..5 {
+        cluster.propose(leader, request_id, unsigned(b"after the change"));
+    }
+    for _ in 0..30 {
+        cluster.tick();
+    }
+    let live: Vec<usize> = (0..4).filter(|&i| i != removed).collect();
+    let last = cluster.nodes[leader].raft().log().last_index();
+    for &index in &live {
+        assert_eq!(cluster.nodes[index].raft().commit_index(), last);
+        assert_eq!(
+            cluster.nodes[index].certificate().map(|c| c.index),
+            Some(last),
+            "node {} holds the newest certificate",
+            cluster.nodes[index].id()
+        );
+    }
+    let certificate = cluster.nodes[leader].certificate().unwrap();
+    assert_eq!(
+        certificate.membership_index,
+        cluster.nodes[leader].raft().membership_index()
+    );
+    assert!(
+        certificate
+            .acks
+            .iter()
+            .all(|ack| voters.contains(&ack.voter)),
+        "only the new voters sign: {:?}",
+        certificate.acks
+    );
+    assert!(certificate.membership_index > 0);
+    assert_certified(&cluster, &live);
+}
+
+/// While a joint membership is in force, acknowledgements of the new voters alone commit
+/// nothing: a majority of the outgoing voters must store the entry too.
+#[test]
+fn a_joint_membership_needs_a_majority_of_both_voter_sets() {
+    let mut cluster = Cluster::new(3);
+    cluster.nodes.push(joining_node(NodeId(4)));
+    cluster.nodes.push(joining_node(NodeId(5)));
+    let leader = cluster.leader();
+    let leader_id = cluster.nodes[leader].id();
+    for id in [4, 5] {
+        change(&mut cluster, leader, learner_with_key(id));
+        for _ in 0..20 {
+            cluster.tick();
+        }
+    }
+    assert_eq!(
+        cluster.nodes[leader].raft().membership().learners.len(),
+        2,
+        "{}",
+        cluster.nodes[leader].raft().membership()
+    );
+    let old_followers: Vec<NodeId> = ids(3).into_iter().filter(|&id| id != leader_id).collect();
+    cluster.muted = old_followers.clone();
+    let commit_before = cluster.nodes[leader].raft().commit_index();
+    let new_voters = [leader_id, NodeId(4), NodeId(5)].into_iter().collect();
+    change(
+        &mut cluster,
+        leader,
+        crate::membership::MembershipChange::ChangeVoters(new_voters),
+    );
+    for _ in 0..4 {
+        cluster.tick();
+    }
+    let node = &cluster.nodes[leader];
+    assert!(node.raft().membership().is_joint());
+    assert_eq!(
+        node.raft().commit_index(),
+        commit_before,
+        "the new voters alone committed the joint membership"
+    );
+    cluster.muted.clear();
+    for _ in 0..30 {
+        cluster.tick();
+    }
+    let node = &cluster.nodes[leader];
+    assert!(!node.raft().membership().is_joint());
+    assert_eq!(node.raft().commit_index(), node.raft().log().last_index());
+    let live: Vec<usize> = (0..5)
+        .filter(|&i| {
+            let id = cluster.nodes[i].id();
+            id == leader_id || id.0 >= 4
+        })
+        .collect();
+    assert_certified(&cluster, &live);
 }

@@ -84,6 +84,23 @@ impl MembershipLog {
         self.changes.retain(|(i, _)| *i > index);
     }
 
+    /// The membership set at exactly `index`: the base's at its index, else a membership entry's
+    /// (`None` when the log holds no membership entry there).
+    pub(crate) fn set_at(&self, index: LogIndex) -> Option<&Membership> {
+        if index == self.base_index {
+            return Some(&self.base);
+        }
+        self.changes
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, membership)| membership)
+    }
+
+    /// Gives the base membership (the bootstrap voters, before any entry) its members' keys.
+    pub(crate) fn set_base_keys(&mut self, keys: std::collections::BTreeMap<NodeId, [u8; 32]>) {
+        self.base.keys = keys;
+    }
+
     /// The log was replaced by a snapshot through `index` that carries `membership`. True if
     /// that is not the membership in force before, set at the same index.
     pub(crate) fn reset(&mut self, index: LogIndex, membership: Membership) -> bool {
@@ -99,6 +116,27 @@ impl RaftNode {
     /// The membership in force on this node (the last one in its log).
     pub fn membership(&self) -> &Membership {
         self.members.latest()
+    }
+
+    /// The index of the entry that set the membership in force (0 for the bootstrap voters).
+    pub fn membership_index(&self) -> LogIndex {
+        self.members.latest_index()
+    }
+
+    /// The membership an entry at exactly `index` set (the bootstrap one at 0), if this node's
+    /// log holds one there.
+    pub fn membership_set_at(&self, index: LogIndex) -> Option<&Membership> {
+        self.members.set_at(index)
+    }
+
+    /// Makes every change keep its members' public keys: a learner is refused without one
+    /// ([`MembershipError::MissingKey`]). `keys` are the bootstrap voters' (GPU-optimized Raft).
+    pub(crate) fn require_member_keys(
+        &mut self,
+        keys: std::collections::BTreeMap<NodeId, [u8; 32]>,
+    ) {
+        self.member_keys_required = true;
+        self.members.set_base_keys(keys);
     }
 
     /// True if the latest membership is committed and not joint: a new change may start.
@@ -162,18 +200,24 @@ impl RaftNode {
         }
         if !self.membership_settled() {
             return Err(MembershipError::ChangeInProgress {
-                pending: self.membership().clone(),
+                pending: Box::new(self.membership().clone()),
             });
         }
         let current = self.membership().clone();
         let next = match change {
-            MembershipChange::AddLearner { id, address } => {
+            MembershipChange::AddLearner { id, address, key } => {
                 if current.is_voter(id) {
                     return Err(MembershipError::AlreadyVoter(id));
                 }
+                // Raft signs nothing: a key given to it is not kept.
+                let key = key.filter(|_| self.member_keys_required);
+                if self.member_keys_required && key.is_none() && !current.keys.contains_key(&id) {
+                    return Err(MembershipError::MissingKey(id));
+                }
                 let same_address =
                     address.is_none() || current.addresses.get(&id) == address.as_ref();
-                if current.learners.contains(&id) && same_address {
+                let same_key = key.is_none() || current.keys.get(&id) == key.as_ref();
+                if current.learners.contains(&id) && same_address && same_key {
                     // Asked again (a node retrying its join): already done.
                     return Ok(self.members.latest_index());
                 }
@@ -181,6 +225,9 @@ impl RaftNode {
                 next.learners.insert(id);
                 if let Some(address) = address {
                     next.addresses.insert(id, address);
+                }
+                if let Some(key) = key {
+                    next.keys.insert(id, key);
                 }
                 next
             }
@@ -200,6 +247,7 @@ impl RaftNode {
                     outgoing: current.voters,
                     learners,
                     addresses: current.addresses,
+                    keys: current.keys,
                 }
             }
         };
@@ -330,6 +378,7 @@ impl RaftNode {
             };
             let kept = last.all_members();
             last.addresses.retain(|id, _| kept.contains(id));
+            last.keys.retain(|id, _| kept.contains(id));
             self.append_membership(last, out);
             return;
         }

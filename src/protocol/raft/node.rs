@@ -100,6 +100,9 @@ pub struct RaftNode {
     /// signed acknowledgements): the leader then commits only through
     /// [`RaftNode::commit_certified`].
     pub(crate) commit_by_certificate: bool,
+    /// Set with the bootstrap voters' keys by a wrapper whose members sign (GPU-optimized
+    /// Raft): every membership then carries its members' public keys.
+    pub(crate) member_keys_required: bool,
     /// The newest snapshot taken here or installed from a leader (see `snapshot.rs`).
     pub(crate) snapshot: Option<crate::storage::Snapshot>,
     /// A leader's snapshot arriving in chunks.
@@ -175,6 +178,7 @@ impl RaftNode {
             follower_reads: Default::default(),
             since_leader_heard: 0,
             commit_by_certificate: false,
+            member_keys_required: false,
             snapshot,
             incoming_snapshot: None,
             snapshot_checksum: None,

@@ -64,6 +64,7 @@ fn record() -> impl Strategy<Value = Record> {
                             outgoing,
                             learners,
                             addresses: Default::default(),
+                            keys: Default::default(),
                         }
                     }),
                 })

@@ -69,8 +69,9 @@ pub enum VerifyLogError {
 
 /// Checks the GPU-optimized Raft data directory `dir` (a node's `persistent_state`, the node
 /// stopped): every certificate verifies under the voters' keys recorded in it, or under
-/// `validators` when given (then the recorded ones must match them), and certifies the stored
-/// entries. Opens the store with the CPU verifier.
+/// `validators` when given (then each recorded key must be the one given for its voter; a node
+/// that joined records none, and its certificates name memberships in its log), and certifies
+/// the stored entries. Opens the store with the CPU verifier.
 pub fn verify_log(
     dir: &Path,
     validators: Option<&BTreeMap<NodeId, VerifyingKey>>,
@@ -93,12 +94,17 @@ pub fn verify_recovered(
         Some(bytes) => Some(decode_validators(bytes)?),
         None => None,
     };
+    // The recorded keys are those of the voters the node started with (none for a node that
+    // joined; it may be configured with more, its own among them): each must be the one the
+    // caller pinned for that voter.
     let validators = match (pinned, recorded) {
-        (Some(pinned), Some(recorded)) if *pinned != recorded => {
+        (Some(pinned), Some(recorded))
+            if recorded.iter().any(|(id, key)| pinned.get(id) != Some(key)) =>
+        {
             return Err(VerifyLogError::ValidatorsDiffer);
         }
-        (Some(pinned), _) => pinned.clone(),
-        (None, Some(recorded)) => recorded,
+        (_, Some(recorded)) => recorded,
+        (Some(pinned), None) => pinned.clone(),
         (None, None) => return Err(VerifyLogError::NoValidators),
     };
     let mut certificates: BTreeMap<LogIndex, CommitCertificate> = BTreeMap::new();

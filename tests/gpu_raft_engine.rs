@@ -260,7 +260,7 @@ async fn a_node_joins_with_its_key_and_replaces_a_voter() {
     }
     let joiner_key = dir.path().join("g4.key");
     let joiner_public = generate_key_file(&joiner_key).unwrap();
-    let joiner = ConsensusConfig::default()
+    let joiner_config = ConsensusConfig::default()
         .algorithm(Algorithm::GpuOptimizedRaft)
         .node_id("g4")
         .peers(NAMES)
@@ -269,7 +269,7 @@ async fn a_node_joins_with_its_key_and_replaces_a_voter() {
         .validator("g4", public_key_hex(&joiner_public))
         .persistent_state(dir.path().join("g4"))
         .request_timeout(Duration::from_secs(5));
-    let mut joiner = ConsensusEngine::new(joiner)
+    let mut joiner = ConsensusEngine::new(joiner_config.clone())
         .expect("a joining node needs only its own key")
         .with_local_network(&network);
     joiner.start().await.unwrap();
@@ -343,4 +343,7 @@ async fn a_node_joins_with_its_key_and_replaces_a_voter() {
         );
         assert!(report.validators >= 3, "{name}: {report:?}");
     }
+    // `verify-log --config` of the joiner: its configuration names its own key alone.
+    let pinned = joiner_config.validator_keys().unwrap();
+    verify_log(&dir.path().join("g4"), Some(&pinned)).expect("the joiner's own configuration");
 }

@@ -358,7 +358,7 @@ async fn state_sync(options: &Options, dir: &Path) -> Result<(), String> {
     let during = during.await.map_err(|e| e.to_string())??;
     let snapshot_bytes = joiner.metrics().snapshot_bytes;
     println!(
-        "  snapshot of {:.0} MiB installed on the new node {:.2} s after its start was called \
+        "  snapshot of {:.0} MiB installed (restored and on disk) on the new node {:.2} s after its start was called \
          ({:.2} s of it in start): {:.2} GB/s",
         mib(snapshot_bytes),
         took.as_secs_f64(),

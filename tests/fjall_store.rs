@@ -11,7 +11,7 @@ use bytes::Bytes;
 use consensus::storage::{
     DATABASE_DIR, FjallLogStore, HARD_STATE_KEY, HardState, LOG_KEYSPACE, LogStore, LogWrite,
     MAX_RECORD_KEY_BYTES, META_KEYSPACE, RECORDS_KEYSPACE, RecordWrite, SNAPSHOT_DIR, Snapshot,
-    SyncPolicy,
+    SnapshotPart, SyncPolicy,
 };
 use consensus::{Entry, LogIndex, NodeId, Payload, ProposalTag, StorageError, Term};
 
@@ -1037,4 +1037,95 @@ fn a_snapshot_staged_beside_the_driver_is_persisted_by_its_record_alone() {
     store.sync().unwrap();
     let files = snapshot_files_once_pruned(dir.path(), 1);
     assert_eq!(files.len(), 1, "{files:?}");
+}
+
+/// The parts of a leader's snapshot written as they arrive become the snapshot's file when it
+/// is saved (synced and renamed: the same file, not written again); parts that do not follow
+/// each other leave nothing behind, and the snapshot is written whole.
+#[cfg(unix)]
+#[test]
+fn a_received_snapshot_written_part_by_part_is_kept_by_a_rename() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = Bytes::from((0..300_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let snapshot = Snapshot {
+        index: 10,
+        term: 2,
+        data: data.clone(),
+        membership: None,
+    };
+    let parts = |index, cuts: &[usize]| -> Vec<SnapshotPart> {
+        cuts.windows(2)
+            .map(|w| SnapshotPart {
+                index,
+                offset: w[0] as u64,
+                data: data.slice(w[0]..w[1]),
+            })
+            .collect()
+    };
+    let receiving = |dir: &Path| -> Vec<std::fs::DirEntry> {
+        std::fs::read_dir(dir.join(SNAPSHOT_DIR))
+            .map(|listing| listing.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|file| file.file_name().to_string_lossy().ends_with(".receiving"))
+            .collect()
+    };
+    {
+        let mut store = open(dir.path());
+        store.append(&entries(1..=3, 1)).unwrap();
+        // Parts alone: handed to the file's writer, nothing else (the write is empty otherwise).
+        let write = LogWrite {
+            snapshot_parts: parts(10, &[0, 100_000, 250_000, 300_000]),
+            ..Default::default()
+        };
+        assert!(write.is_empty());
+        store.persist(&write).unwrap();
+        let files = receiving(dir.path());
+        assert_eq!(files.len(), 1, "one file for the snapshot being received");
+        let inode = files[0].metadata().unwrap().ino();
+        store
+            .persist(&LogWrite {
+                snapshot: Some(snapshot.clone()),
+                compact_through: Some(10),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(receiving(dir.path()).is_empty());
+        let kept = dir
+            .path()
+            .join(SNAPSHOT_DIR)
+            .join(format!("snapshot-{:020}.bin", 10));
+        assert_eq!(
+            std::fs::metadata(&kept).unwrap().ino(),
+            inode,
+            "the received file itself became the snapshot's"
+        );
+    }
+    let mut store = open(dir.path());
+    assert_eq!(store.recover().unwrap().snapshot, Some(snapshot.clone()));
+
+    // A gap (the part at 100,000 never came): the file is dropped, the snapshot written whole.
+    let later = Snapshot {
+        index: 20,
+        ..snapshot.clone()
+    };
+    let mut gapped = parts(20, &[0, 100_000, 250_000, 300_000]);
+    gapped.remove(1);
+    store
+        .persist(&LogWrite {
+            snapshot_parts: gapped,
+            ..Default::default()
+        })
+        .unwrap();
+    store
+        .persist(&LogWrite {
+            snapshot: Some(later.clone()),
+            compact_through: Some(20),
+            ..Default::default()
+        })
+        .unwrap();
+    drop(store);
+    let mut store = open(dir.path());
+    assert_eq!(store.recover().unwrap().snapshot, Some(later));
 }

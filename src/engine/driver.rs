@@ -502,10 +502,15 @@ impl<P: Protocol> Driver<P> {
             for event in &out.events {
                 self.snapshot_spans.transfer(self.node.id(), event);
             }
-            // A leader's snapshot replaces the applied state before anything after it applies.
-            if let Some(snapshot) = out.restore.take() {
-                self.restore(&snapshot)?;
-            }
+            // A leader's snapshot replaces the applied state before anything after it applies;
+            // it counts as installed once this output's write made it durable too.
+            let restored = match out.restore.take() {
+                Some(snapshot) => {
+                    self.restore(&snapshot)?;
+                    Some(snapshot)
+                }
+                None => None,
+            };
             if !self.traces.is_empty() && !out.write.append.is_empty() {
                 self.traces.appending(&out.write.append);
             }
@@ -535,6 +540,9 @@ impl<P: Protocol> Driver<P> {
                 self.store.persist(&out.write)?;
                 write_took = started.elapsed();
                 self.metrics.record_fsync(write_took);
+            } else if !out.write.snapshot_parts.is_empty() {
+                // Parts of a snapshot still arriving, written ahead and not synced.
+                self.store.persist(&out.write)?;
             }
             if let Some(from) = out.write.truncate_from {
                 self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
@@ -542,6 +550,15 @@ impl<P: Protocol> Driver<P> {
             if let Some(snapshot) = &out.write.snapshot {
                 // What it covers is as durable as the log before it was.
                 self.persisted_through = self.persisted_through.max(snapshot.index);
+            }
+            if let Some(snapshot) = restored {
+                self.metrics.record_snapshot_installed(snapshot.data.len());
+                tracing::info!(
+                    node = %self.node.id(),
+                    index = snapshot.index,
+                    bytes = snapshot.data.len(),
+                    "installed the leader's snapshot"
+                );
             }
             let durable = out.write.last_appended();
             if let Some((index, _)) = durable {
@@ -704,14 +721,7 @@ impl<P: Protocol> Driver<P> {
         }
         self.snapshots.installed(snapshot.index);
         self.snapshot_spans.installed(started.elapsed());
-        self.metrics.record_snapshot_installed(snapshot.data.len());
         self.metrics.set_applied_index(self.apply.applied_index());
-        tracing::info!(
-            node = %self.node.id(),
-            index = snapshot.index,
-            bytes = snapshot.data.len(),
-            "installed the leader's snapshot"
-        );
         Ok(())
     }
 

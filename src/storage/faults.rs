@@ -119,6 +119,13 @@ impl<S: LogStore> LogStore for FaultInjectingStore<S> {
         self.inner.supports_snapshots()
     }
 
+    fn write_snapshot_part(
+        &mut self,
+        part: &crate::storage::SnapshotPart,
+    ) -> Result<(), StorageError> {
+        self.inner.write_snapshot_part(part)
+    }
+
     fn save_snapshot(&mut self, snapshot: &crate::storage::Snapshot) -> Result<(), StorageError> {
         self.inner.save_snapshot(snapshot)
     }
@@ -129,7 +136,8 @@ impl<S: LogStore> LogStore for FaultInjectingStore<S> {
 
     fn persist(&mut self, write: &LogWrite) -> Result<(), StorageError> {
         if write.is_empty() {
-            return Ok(());
+            // Parts of a snapshot alone are not synced: no sync to fail.
+            return self.inner.persist(write);
         }
         if self.sync_fails() {
             // The parts are written, as by the default `persist`, and the sync fails.

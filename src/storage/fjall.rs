@@ -173,6 +173,9 @@ pub struct FjallLogStore {
     staged: std::sync::Arc<std::sync::Mutex<BTreeMap<LogIndex, SnapshotRecord>>>,
     /// Snapshot files were pruned since the store opened.
     pruned_since_open: bool,
+    /// The file of a leader's snapshot being received, written part by part as it arrives
+    /// ([`LogStore::write_snapshot_part`]).
+    receiving: Option<ReceivingFile>,
     /// How far the log reached at the last sync (see [`synced_mark`]).
     mark: SyncedMark,
     /// The mark as found at open, checked by [`LogStore::recover`].
@@ -271,6 +274,7 @@ impl FjallLogStore {
             snapshot_files_stale: true,
             staged: Default::default(),
             pruned_since_open: false,
+            receiving: None,
             mark,
             mark_at_open,
             journal_cuts,
@@ -301,7 +305,7 @@ impl FjallLogStore {
     /// no half file under a real name) and stages its metadata record. A snapshot older than the
     /// current one is refused: it would let a later compaction lose entries it does not cover.
     fn stage_snapshot(
-        &self,
+        &mut self,
         batch: &mut OwnedWriteBatch,
         snapshot: &Snapshot,
     ) -> Result<(), StorageError> {
@@ -326,12 +330,45 @@ impl FjallLogStore {
                 }
             }
             _ => {
-                write_snapshot_file(&self.path, snapshot)?;
+                if !self.finish_received(snapshot) {
+                    write_snapshot_file(&self.path, snapshot)?;
+                }
                 SnapshotRecord::of(snapshot)
             }
         };
         batch.insert(&self.meta, SNAPSHOT_KEY, encode_snapshot(&record));
         Ok(())
+    }
+
+    /// Makes the received file of `snapshot`, when every byte of it was written there, its
+    /// snapshot file: synced, then renamed. False when there is no such file (its parts did not
+    /// all come here, or writing one failed): the caller writes the whole snapshot.
+    fn finish_received(&mut self, snapshot: &Snapshot) -> bool {
+        let Some(received) = self.receiving.take() else {
+            return false;
+        };
+        if received.index != snapshot.index || received.written != snapshot.data.len() as u64 {
+            return false;
+        }
+        let dir = self.path.join(SNAPSHOT_DIR);
+        let index = received.index;
+        let renamed = received
+            .finish()
+            .and_then(|()| {
+                std::fs::rename(
+                    dir.join(receiving_file_name(index)),
+                    dir.join(snapshot_file_name(index)),
+                )
+            })
+            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+        match renamed {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, index = snapshot.index,
+                    "the received snapshot file could not be kept; writing the snapshot whole");
+                false
+            }
+        }
     }
 
     /// Stages the removal of every entry `<= through`, which `covered` (the snapshot's index
@@ -365,10 +402,15 @@ impl FjallLogStore {
     /// Removes the snapshot files other than the current one's (after a sync made it current).
     fn prune_snapshot_files(&mut self) {
         self.snapshot_files_stale = false;
-        // The current file and those staged for a later write stay.
+        // The current file, those staged for a later write and the one being received stay.
         let keep: Vec<String> = (crate::sync::lock(&self.staged).keys().copied())
             .chain(self.snapshot.as_ref().map(|s| s.index))
             .map(snapshot_file_name)
+            .chain(
+                self.receiving
+                    .as_ref()
+                    .map(|r| receiving_file_name(r.index)),
+            )
             .collect();
         let Ok(listing) = std::fs::read_dir(self.path.join(SNAPSHOT_DIR)) else {
             return;
@@ -593,6 +635,38 @@ impl LogStore for FjallLogStore {
         }))
     }
 
+    /// Hands the part to the writer thread of the snapshot's receiving file (started by the
+    /// part at offset 0), so that the driver goes on receiving while the disk writes, and
+    /// saving the snapshot only waits for the rest, syncs and renames. A part that does not
+    /// continue the file, or a write that fails, drops the file: the snapshot is then written
+    /// whole when saved.
+    fn write_snapshot_part(&mut self, part: &super::SnapshotPart) -> Result<(), StorageError> {
+        if part.offset == 0 {
+            self.receiving = None;
+            match ReceivingFile::start(&self.path.join(SNAPSHOT_DIR), part.index) {
+                Ok(receiving) => self.receiving = Some(receiving),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start a file for the snapshot being received");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(receiving) = self.receiving.as_mut() else {
+            return Ok(());
+        };
+        // A part that does not continue the file, or a writer that stopped (its error comes
+        // out when the file is finished): drop it, the snapshot is written whole when saved.
+        if receiving.index != part.index
+            || receiving.written != part.offset
+            || receiving.parts.send(part.data.clone()).is_err()
+        {
+            self.receiving = None;
+            return Ok(());
+        }
+        receiving.written += part.data.len() as u64;
+        Ok(())
+    }
+
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         let mut batch = self.db.batch();
         self.stage_snapshot(&mut batch, snapshot)?;
@@ -689,6 +763,9 @@ impl LogStore for FjallLogStore {
 
     /// One batch and one sync for the whole output: see the module documentation.
     fn persist(&mut self, output: &LogWrite) -> Result<(), StorageError> {
+        for part in &output.snapshot_parts {
+            self.write_snapshot_part(part)?;
+        }
         if output.is_empty() {
             return Ok(());
         }
@@ -1200,6 +1277,62 @@ fn decode_membership(
 
 fn snapshot_file_name(index: LogIndex) -> String {
     format!("snapshot-{index:020}.bin")
+}
+
+/// The file a snapshot being received is written to, renamed to its [`snapshot_file_name`]
+/// once complete and synced (a crash leaves it, removed at the first pruning).
+fn receiving_file_name(index: LogIndex) -> String {
+    format!("snapshot-{index:020}.bin.receiving")
+}
+
+/// A leader's snapshot being written as it arrives.
+#[derive(Debug)]
+struct ReceivingFile {
+    index: LogIndex,
+    /// Bytes handed to the writer so far, from the start.
+    written: u64,
+    /// The parts for the writer thread, which owns the file.
+    parts: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    /// The writer: the file once every part is written, or the first error.
+    writer: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
+}
+
+/// Parts a receiving file's writer may hold unwritten: the driver waits beyond this many
+/// (about 64 MiB of 1 MiB chunks), so that a disk slower than the network bounds the memory.
+const RECEIVING_PARTS_QUEUED: usize = 64;
+
+impl ReceivingFile {
+    /// Starts the file of the snapshot through `index` and its writer thread.
+    fn start(dir: &Path, index: LogIndex) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut file = std::fs::File::create(dir.join(receiving_file_name(index)))?;
+        let (parts, queue) = std::sync::mpsc::sync_channel::<bytes::Bytes>(RECEIVING_PARTS_QUEUED);
+        let writer = std::thread::Builder::new()
+            .name("consensus-snapshot-receive".into())
+            .spawn(move || {
+                use std::io::Write;
+                for part in queue {
+                    file.write_all(&part)?;
+                }
+                Ok(file)
+            })?;
+        Ok(ReceivingFile {
+            index,
+            written: 0,
+            parts,
+            writer,
+        })
+    }
+
+    /// Waits for every part to be written and syncs the file.
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.parts);
+        let file = self
+            .writer
+            .join()
+            .map_err(|_| std::io::Error::other("the snapshot writer thread panicked"))??;
+        file.sync_all()
+    }
 }
 
 /// Writes the snapshot's bytes to their file and syncs the file and the directory.

@@ -201,6 +201,24 @@ pub struct LogWrite {
     pub append: Vec<Entry>,
     /// Changes to the core's records, carried out in order.
     pub records: Vec<RecordWrite>,
+    /// Bytes of a leader's snapshot still arriving, in the order they came (see
+    /// [`SnapshotPart`]). Not part of [`LogWrite::is_empty`]: they are written ahead and never
+    /// synced on their own.
+    pub snapshot_parts: Vec<SnapshotPart>,
+}
+
+/// Bytes at `offset` of the snapshot through `index` that a follower is receiving from its
+/// leader. A store may write them as they come, not durably, so that saving the whole snapshot
+/// ([`LogWrite::snapshot`]) once every byte arrived only has to sync what it already holds
+/// rather than write it all then ([`LogStore::write_snapshot_part`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPart {
+    /// The index the snapshot covers.
+    pub index: LogIndex,
+    /// Where in the snapshot's bytes `data` starts.
+    pub offset: u64,
+    /// The bytes (shared with the core's receive buffer, not copied).
+    pub data: bytes::Bytes,
 }
 
 impl LogWrite {
@@ -222,6 +240,7 @@ impl LogWrite {
         self.compact_through = None;
         self.append.clear();
         self.records.clear();
+        self.snapshot_parts.clear();
     }
 
     /// Adds a [`RecordWrite::Put`] after the record changes already held.
@@ -319,6 +338,15 @@ pub trait LogStore: Send {
         None
     }
 
+    /// Writes `part` of a snapshot still arriving ahead of it, without syncing (see
+    /// [`SnapshotPart`]); the parts of one snapshot come in order, from offset 0. The default
+    /// ignores them: [`LogStore::save_snapshot`] then writes the whole snapshot. Answer `Ok`
+    /// when the part could not be kept: saving the snapshot must then still write it whole.
+    fn write_snapshot_part(&mut self, part: &SnapshotPart) -> Result<(), StorageError> {
+        let _ = part;
+        Ok(())
+    }
+
     /// Stores `snapshot`, replacing the one held; durable at the next sync. The default refuses
     /// with [`StorageError::SnapshotsUnsupported`] (a store written before snapshots existed):
     /// the engine takes no snapshot on such a store ([`LogStore::supports_snapshots`]).
@@ -340,6 +368,9 @@ pub trait LogStore: Send {
     /// compaction, append, then one sync. Does nothing (not even a sync) when the write is
     /// empty.
     fn persist(&mut self, write: &LogWrite) -> Result<(), StorageError> {
+        for part in &write.snapshot_parts {
+            self.write_snapshot_part(part)?;
+        }
         if write.is_empty() {
             return Ok(());
         }

@@ -569,6 +569,7 @@ impl GpuRaftNode {
             out.write.hard_state = Some(hard_state);
         }
         out.write.records.append(&mut write.records);
+        out.write.snapshot_parts.append(&mut write.snapshot_parts);
         write.clear();
         for envelope in scratch.messages.drain(..) {
             if let Some(envelope) = self.sign(envelope) {

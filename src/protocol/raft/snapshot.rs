@@ -411,6 +411,12 @@ impl RaftNode {
             return;
         }
         incoming.data.extend_from_slice(&chunk.data);
+        // The store may write it now, so that saving the whole only syncs it.
+        out.write.snapshot_parts.push(crate::storage::SnapshotPart {
+            index,
+            offset: chunk.offset,
+            data: chunk.data.clone(),
+        });
         let held = incoming.data.len() as u64;
         if held < incoming.total {
             answer(self, held, out);

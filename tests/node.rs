@@ -1629,7 +1629,8 @@ async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
 /// (400, nothing changed); a fourth node, configured with its own key alone, joins with
 /// `--join` (it sends its key, and learns the members' from the log), is promoted while the
 /// first leader is removed, and serves; `GET /cluster` shows every member's key; and the new
-/// node's data directory verifies offline against the memberships its certificates name.
+/// node's data directory verifies offline against the memberships its certificates name; the
+/// removed leader stops on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_raft_node_joins_over_http_with_its_key_and_replaces_the_leader() {
     let mut cluster = Cluster::start_with_joiners(4, 3, consensus::Algorithm::GpuOptimizedRaft);
@@ -1714,6 +1715,11 @@ async fn a_gpu_raft_node_joins_over_http_with_its_key_and_replaces_the_leader() 
             .await;
         assert_eq!(write.status, 200, "{}", write.text());
     }
+    // The removed leader stops on its own and says why.
+    let exit = cluster.exit_of(leader, "the removed node still runs").await;
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&cluster.nodes[leader].log).unwrap();
+    assert!(log.contains("removed from the cluster"), "{log}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.nodes[joiner].kill();
     let report = consensus::verify_log(&cluster._dir.path().join("node-4"), None)

@@ -160,20 +160,23 @@ pub(crate) fn decode_hex<const N: usize>(text: &str) -> Result<[u8; N], String> 
 
 /// The public key of `node`'s validators entry `value`, or what is wrong with it.
 fn parse_public_key(node: &str, value: &str) -> Result<VerifyingKey, ConfigError> {
-    let invalid = |problem: String| ConfigError::InvalidValidatorKey {
+    public_key_from_hex(value).map_err(|problem| ConfigError::InvalidValidatorKey {
         node: node.to_string(),
         value: value.to_string(),
         problem,
-    };
-    let bytes = decode_key_hex(value).map_err(invalid)?;
+    })
+}
+
+/// A member's ed25519 public key from 64 hex characters, refused when the bytes are no curve
+/// point or a small-order one; the error says what is wrong.
+pub(crate) fn public_key_from_hex(text: &str) -> Result<VerifyingKey, String> {
+    let bytes = decode_key_hex(text)?;
     let key = VerifyingKey::from_bytes(&bytes).map_err(|_| {
-        invalid("not an ed25519 public key: the bytes do not decode to a curve point".into())
+        "not an ed25519 public key: the bytes do not decode to a curve point".to_string()
     })?;
     if key.is_weak() {
         // A small-order key admits signatures that verify for almost any message.
-        return Err(invalid(
-            "a small-order (weak) point, under which signatures prove nothing".into(),
-        ));
+        return Err("a small-order (weak) point, under which signatures prove nothing".into());
     }
     Ok(key)
 }

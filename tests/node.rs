@@ -1450,6 +1450,55 @@ fn names(list: &Value) -> Vec<String> {
     names
 }
 
+/// Starts node `joiner` with `--join` through node `via`'s HTTP address, waits until each of
+/// `watch` shows it (node-4) as the one learner, and checks it caught up: it reads
+/// `/kv/before-7`, written as "v" before it joined. Answers the last view seen.
+async fn join_as_learner(
+    cluster: &mut Cluster,
+    joiner: usize,
+    via: usize,
+    watch: &[usize],
+) -> Value {
+    cluster.nodes[joiner].args = vec!["--join".into(), cluster.nodes[via].http.to_string()];
+    cluster.nodes[joiner].spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Value::Null;
+    for &node in watch {
+        loop {
+            seen = cluster_view(cluster, node).await;
+            if names(&seen["learners"]) == ["node-4"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{seen}\n{}", cluster.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let read = cluster
+        .until_answered(
+            &[joiner],
+            "GET",
+            "/kv/before-7",
+            b"",
+            Duration::from_secs(15),
+        )
+        .await;
+    assert_eq!((read.status, read.text().as_str()), (200, "v"));
+    seen
+}
+
+/// The founders' names (nodes 0 to 2) without node `removed`, with `added`, sorted: a voter set
+/// that replaces one founder.
+fn founders_but(cluster: &Cluster, removed: usize, added: &str) -> Vec<String> {
+    let mut voters: Vec<String> = [0, 1, 2]
+        .into_iter()
+        .filter(|&i| i != removed)
+        .map(|i| cluster.nodes[i].name.clone())
+        .chain([added.to_string()])
+        .collect();
+    voters.sort();
+    voters
+}
+
 /// Sends a membership change until it is not refused for the group's state at the time (409,
 /// or 5xx: no leader yet, deadline passed); returns the answer.
 async fn change_until_settled(
@@ -1536,39 +1585,10 @@ async fn a_node_joins_over_http_is_promoted_and_the_old_leader_is_removed() {
 
     // node-4 joins through a follower's HTTP address and becomes a learner everywhere.
     let joiner = 3;
-    cluster.nodes[joiner].args = vec!["--join".into(), cluster.nodes[follower].http.to_string()];
-    cluster.nodes[joiner].spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for node in [0, 1, 2] {
-        loop {
-            let view = cluster_view(&cluster, node).await;
-            if names(&view["learners"]) == ["node-4"] {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{view}\n{}", cluster.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    // It caught up: it reads what was written before it joined.
-    let read = cluster
-        .until_answered(
-            &[joiner],
-            "GET",
-            "/kv/before-7",
-            b"",
-            Duration::from_secs(15),
-        )
-        .await;
-    assert_eq!((read.status, read.text().as_str()), (200, "v"));
+    join_as_learner(&mut cluster, joiner, follower, &[0, 1, 2]).await;
 
     // Promote it and remove the leader in one change, asked of the learner itself.
-    let mut voters: Vec<String> = [0, 1, 2]
-        .into_iter()
-        .filter(|&i| i != leader)
-        .map(|i| cluster.nodes[i].name.clone())
-        .chain(["node-4".to_string()])
-        .collect();
-    voters.sort();
+    let voters = founders_but(&cluster, leader, "node-4");
     let body = serde_json::to_string(&voters).unwrap();
     let answer = change_until_settled(&cluster, joiner, "PUT", "/cluster/voters", &body).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
@@ -1657,6 +1677,8 @@ async fn a_gpu_raft_node_joins_over_http_with_its_key_and_replaces_the_leader() 
     for body in [
         r#"{"id": "node-9", "address": "127.0.0.1:1"}"#,
         r#"{"id": "node-9", "address": "127.0.0.1:1", "public_key": "abcd"}"#,
+        // The identity point: small order, under which signatures prove nothing.
+        r#"{"id": "node-9", "address": "127.0.0.1:1", "public_key": "0100000000000000000000000000000000000000000000000000000000000000"}"#,
     ] {
         let answer =
             change_until_settled(&cluster, follower, "POST", "/cluster/learners", body).await;
@@ -1664,40 +1686,14 @@ async fn a_gpu_raft_node_joins_over_http_with_its_key_and_replaces_the_leader() 
     }
 
     let joiner = 3;
-    cluster.nodes[joiner].args = vec!["--join".into(), cluster.nodes[follower].http.to_string()];
-    cluster.nodes[joiner].spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let view = cluster_view(&cluster, leader).await;
-        if names(&view["learners"]) == ["node-4"] {
-            assert_eq!(
-                view["keys"].as_object().map(|keys| keys.len()),
-                Some(4),
-                "{view}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "{view}\n{}", cluster.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let read = cluster
-        .until_answered(
-            &[joiner],
-            "GET",
-            "/kv/before-7",
-            b"",
-            Duration::from_secs(15),
-        )
-        .await;
-    assert_eq!((read.status, read.text().as_str()), (200, "v"));
+    let view = join_as_learner(&mut cluster, joiner, follower, &[leader]).await;
+    assert_eq!(
+        view["keys"].as_object().map(|keys| keys.len()),
+        Some(4),
+        "{view}"
+    );
 
-    let mut voters: Vec<String> = [0, 1, 2]
-        .into_iter()
-        .filter(|&i| i != leader)
-        .map(|i| cluster.nodes[i].name.clone())
-        .chain(["node-4".to_string()])
-        .collect();
-    voters.sort();
+    let voters = founders_but(&cluster, leader, "node-4");
     let body = serde_json::to_string(&voters).unwrap();
     let answer = change_until_settled(&cluster, joiner, "PUT", "/cluster/voters", &body).await;
     assert_eq!(answer.status, 200, "{}", answer.text());

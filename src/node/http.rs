@@ -604,28 +604,26 @@ async fn add_learner(State(engine): State<Arc<ConsensusEngine>>, body: Bytes) ->
             );
         }
     };
-    let address = Some(request.address.as_str());
-    let result = match request.public_key.as_deref().map(str::trim) {
-        None => engine.add_learner(&request.id, address).await,
-        Some(hex) => {
-            let key = decode_hex::<32>(hex).and_then(|bytes| {
-                ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-                    .map_err(|_| "not an ed25519 public key".to_string())
-            });
-            match key {
-                Ok(key) => {
-                    engine
-                        .add_learner_with_key(&request.id, address, &key)
-                        .await
-                }
-                Err(reason) => {
-                    return failure(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        format!("public_key: {reason}"),
-                    );
-                }
+    let key = match request.public_key.as_deref().map(str::trim) {
+        None => None,
+        Some(hex) => match crate::keys::public_key_from_hex(hex) {
+            Ok(key) => Some(key),
+            Err(reason) => {
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("public_key: {reason}"),
+                );
             }
+        },
+    };
+    let address = Some(request.address.as_str());
+    let result = match key {
+        None => engine.add_learner(&request.id, address).await,
+        Some(key) => {
+            engine
+                .add_learner_with_key(&request.id, address, &key)
+                .await
         }
     };
     membership_answer(&engine, result)

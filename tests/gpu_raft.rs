@@ -134,35 +134,46 @@ fn every_size_commits_and_certifies_without_faults() {
     }
 }
 
+/// Runs `seeds` with a bug `buggy` injects and returns the first failure `is_caught` accepts,
+/// failing the test when none does: a control that shows the checks can fail.
+fn caught_on_some_seed(
+    seeds: u64,
+    buggy: impl Fn(u64) -> SimConfig<GpuRaftConfig> + Sync,
+    is_caught: impl Fn(&str) -> bool,
+) -> String {
+    let seeds: Vec<u64> = (0..seeds).collect();
+    let result = sweep_of::<GpuRaftNode>(&seeds, 2, buggy);
+    let caught = result
+        .failures
+        .iter()
+        .find(|failure| is_caught(&failure.violation.to_string()));
+    assert!(
+        caught.is_some(),
+        "no seed of {} caught the bug; failures: {:?}",
+        seeds.len(),
+        result.failures.first()
+    );
+    caught.expect("checked").to_string()
+}
+
 /// Control: a leader that counts acknowledgements without checking their signatures commits
 /// on forged ones, and the certificate check reports it on some seed.
 #[test]
 fn counting_unchecked_acknowledgements_is_caught() {
-    let seeds: Vec<u64> = (0..200).collect();
     let buggy = |seed| {
         let mut config = SimConfig::gpu_raft_chaos(seed);
         config.protocol.injected_bugs.accept_unchecked_acks = true;
         config.forgeries = 0.2;
         config
     };
-    let result = sweep_of::<GpuRaftNode>(&seeds, 2, buggy);
-    let caught = result
-        .failures
-        .iter()
-        .find(|failure| failure.violation.to_string().contains("certificate"));
-    assert!(
-        caught.is_some(),
-        "no seed of 200 caught the bug; failures: {:?}",
-        result.failures.first()
-    );
-    eprintln!("caught: {}", caught.expect("checked"));
+    let caught = caught_on_some_seed(200, buggy, |violation| violation.contains("certificate"));
+    eprintln!("caught: {caught}");
 }
 
 /// Control: a leader that counts only the incoming voters of a joint membership commits
 /// without the outgoing voters' majority, and the quorum check reports it on some seed.
 #[test]
 fn ignoring_the_outgoing_voters_of_a_joint_membership_is_caught() {
-    let seeds: Vec<u64> = (0..300).collect();
     let buggy = |seed| {
         let mut config = SimConfig::gpu_raft_chaos(seed);
         config.protocol.injected_bugs.ignore_outgoing_voters = true;
@@ -171,15 +182,8 @@ fn ignoring_the_outgoing_voters_of_a_joint_membership_is_caught() {
         config.churn_us = 150_000;
         config
     };
-    let result = sweep_of::<GpuRaftNode>(&seeds, 2, buggy);
-    let caught = result.failures.iter().find(|failure| {
-        let violation = failure.violation.to_string();
+    let caught = caught_on_some_seed(300, buggy, |violation| {
         violation.contains("quorum") || violation.contains("certificate")
     });
-    assert!(
-        caught.is_some(),
-        "no seed of 300 caught the bug; failures: {:?}",
-        result.failures.first()
-    );
-    eprintln!("caught: {}", caught.expect("checked"));
+    eprintln!("caught: {caught}");
 }

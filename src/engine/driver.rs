@@ -504,13 +504,10 @@ impl<P: Protocol> Driver<P> {
             }
             // A leader's snapshot replaces the applied state before anything after it applies;
             // it counts as installed once this output's write made it durable too.
-            let restored = match out.restore.take() {
-                Some(snapshot) => {
-                    self.restore(&snapshot)?;
-                    Some(snapshot)
-                }
-                None => None,
-            };
+            let restored = out.restore.take();
+            if let Some(snapshot) = &restored {
+                self.restore(snapshot)?;
+            }
             if !self.traces.is_empty() && !out.write.append.is_empty() {
                 self.traces.appending(&out.write.append);
             }

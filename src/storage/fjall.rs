@@ -1004,20 +1004,33 @@ impl<'a> BodyReader<'a> {
         Ok(byte)
     }
 
-    fn u64(&mut self, field: &str) -> Result<u64, StorageError> {
-        let Some((bytes, rest)) = self.rest.split_first_chunk::<8>() else {
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], StorageError> {
+        let Some((bytes, rest)) = self.rest.split_first_chunk::<N>() else {
             return Err(corrupt(self.location, format!("body ends before {field}")));
         };
         self.rest = rest;
-        Ok(u64::from_le_bytes(*bytes))
+        Ok(*bytes)
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, StorageError> {
+        self.array(field).map(u64::from_le_bytes)
     }
 
     fn u32(&mut self, field: &str) -> Result<u32, StorageError> {
-        let Some((bytes, rest)) = self.rest.split_first_chunk::<4>() else {
-            return Err(corrupt(self.location, format!("body ends before {field}")));
-        };
-        self.rest = rest;
-        Ok(u32::from_le_bytes(*bytes))
+        self.array(field).map(u32::from_le_bytes)
+    }
+
+    /// A count of `noun`s (`field`), each taking at least `each` bytes: refused when the rest
+    /// of the body could not hold them, so that a damaged count never sizes a loop.
+    fn count(&mut self, field: &str, noun: &str, each: u64) -> Result<u64, StorageError> {
+        let count = self.u64(field)?;
+        if count > self.rest.len() as u64 / each {
+            return Err(corrupt(
+                self.location,
+                format!("{field}: {count} {noun} in {} bytes", self.rest.len()),
+            ));
+        }
+        Ok(count)
     }
 
     fn finish(self) -> Result<(), StorageError> {
@@ -1213,13 +1226,7 @@ fn decode_membership(
     reader: &mut BodyReader<'_>,
 ) -> Result<crate::membership::Membership, StorageError> {
     let mut set = |what: &str| -> Result<std::collections::BTreeSet<NodeId>, StorageError> {
-        let count = reader.u64(what)?;
-        if count > reader.rest.len() as u64 / 8 {
-            return Err(corrupt(
-                reader.location,
-                format!("{what}: {count} ids in {} bytes", reader.rest.len()),
-            ));
-        }
+        let count = reader.count(what, "ids", 8)?;
         (0..count).map(|_| Ok(NodeId(reader.u64(what)?))).collect()
     };
     let voters = set("voters")?;
@@ -1227,14 +1234,8 @@ fn decode_membership(
     let learners = set("learners")?;
     let mut addresses = std::collections::BTreeMap::new();
     if !reader.rest.is_empty() {
-        let count = reader.u64("address count")?;
-        if count > reader.rest.len() as u64 / 16 {
-            return Err(corrupt(
-                reader.location,
-                format!("{count} addresses in {} bytes", reader.rest.len()),
-            ));
-        }
-        for _ in 0..count {
+        // An id and a length at least.
+        for _ in 0..reader.count("address count", "addresses", 16)? {
             let id = NodeId(reader.u64("address id")?);
             let length = reader.u64("address length")?;
             if length > reader.rest.len() as u64 {
@@ -1252,18 +1253,9 @@ fn decode_membership(
     }
     let mut keys = std::collections::BTreeMap::new();
     if !reader.rest.is_empty() {
-        let count = reader.u64("key count")?;
-        if count > reader.rest.len() as u64 / 40 {
-            return Err(corrupt(
-                reader.location,
-                format!("{count} keys in {} bytes", reader.rest.len()),
-            ));
-        }
-        for _ in 0..count {
+        for _ in 0..reader.count("key count", "keys", 40)? {
             let id = NodeId(reader.u64("key id")?);
-            let (key, rest) = reader.rest.split_at(32);
-            reader.rest = rest;
-            keys.insert(id, key.try_into().expect("32 bytes, checked by the count"));
+            keys.insert(id, reader.array("key")?);
         }
     }
     Ok(crate::membership::Membership {

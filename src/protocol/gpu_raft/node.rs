@@ -171,14 +171,7 @@ impl GpuRaftNode {
         let chain = LogChain::of(&recovered.entries);
         let mut inner = RaftNode::new(config.raft.clone(), recovered)?;
         inner.commit_by_certificate = true;
-        inner.require_member_keys(
-            config
-                .raft
-                .voters
-                .iter()
-                .filter_map(|id| Some((*id, config.validators.get(id)?.to_bytes())))
-                .collect(),
-        );
+        inner.require_member_keys(bootstrap_keys(&config).collect());
         Ok(GpuRaftNode {
             config,
             inner,
@@ -923,12 +916,7 @@ impl GpuRaftNode {
     /// The public keys of the voters this node started with, in id order: the membership that
     /// certificates counted before any change name (index 0).
     fn validator_table(&self) -> Vec<(NodeId, [u8; 32])> {
-        self.config
-            .raft
-            .voters
-            .iter()
-            .filter_map(|id| Some((*id, self.config.validators.get(id)?.to_bytes())))
-            .collect()
+        bootstrap_keys(&self.config).collect()
     }
 
     /// The public key `id` signs with: the one the membership in force carries, else the one
@@ -1052,6 +1040,15 @@ impl GpuRaftNode {
             }
         }
     }
+}
+
+/// The configured keys of the voters a node starts with (its bootstrap membership's).
+fn bootstrap_keys(config: &GpuRaftConfig) -> impl Iterator<Item = (NodeId, [u8; 32])> + '_ {
+    config
+        .raft
+        .voters
+        .iter()
+        .filter_map(|id| Some((*id, config.validators.get(id)?.to_bytes())))
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

@@ -340,6 +340,7 @@ pub(crate) fn caller_decision() -> Option<bool> {
     CALLER_DECIDED.try_with(|traced| *traced).ok()
 }
 
+pub mod latency_probe;
 #[cfg(feature = "otlp")]
 mod otlp;
 #[cfg(feature = "otlp")]

@@ -66,6 +66,18 @@ fn open(dir: &Path) -> FjallLogStore {
     FjallLogStore::open(dir, SyncPolicy::EveryBatch).expect("open store")
 }
 
+/// A store that syncs every batch says it waits for the disk (the engine then persists beside
+/// its driver's thread); one that never syncs, and the memory store, do not.
+#[test]
+fn only_a_store_that_syncs_says_it_waits_for_the_disk() {
+    let synced = tempfile::tempdir().unwrap();
+    assert!(open(synced.path()).waits_for_disk());
+    let buffered = tempfile::tempdir().unwrap();
+    let store = FjallLogStore::open(buffered.path(), SyncPolicy::Never).expect("open store");
+    assert!(!store.waits_for_disk());
+    assert!(!consensus::storage::MemoryLogStore::default().waits_for_disk());
+}
+
 #[test]
 fn reopen_after_clean_stop_returns_exactly_what_was_written() {
     let dir = tempfile::tempdir().unwrap();

@@ -164,6 +164,55 @@ async fn two_transports_exchange_messages_both_ways() {
     assert_eq!(b.0.stats().messages_received, 500);
 }
 
+/// A transport started with `start_delivering` hands every message to its function, in order and
+/// tagged with the sender, as the channel of `start` would; when the function says nothing takes
+/// messages any more, the rest of that batch is dropped and the transport goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_started_delivering_hands_each_message_to_its_function() {
+    init_logs();
+    let mut a = start(config(1, loopback()), vec![]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let taking = open.clone();
+    let deliver: consensus::transport::tcp::Deliver<TestMessage> =
+        std::sync::Arc::new(move |inbound| {
+            taking.load(std::sync::atomic::Ordering::SeqCst) && tx.try_send(inbound).is_ok()
+        });
+    let b = TcpTransport::start_delivering(
+        config(2, loopback()),
+        vec![PeerAddress::with_id(
+            NodeId(1),
+            "127.0.0.1",
+            a.0.local_addr().port(),
+        )],
+        deliver,
+    )
+    .await
+    .expect("transport starts");
+    a.0.add_peer(PeerAddress::with_id(
+        NodeId(2),
+        "127.0.0.1",
+        b.local_addr().port(),
+    ));
+    stream_in_order(&a.0, NodeId(2), &mut rx, 500).await;
+    stream_in_order(&b, NodeId(1), &mut a.1, 10).await;
+    wait_until("all acknowledged", || a.0.stats().messages_delivered == 500).await;
+    assert_eq!(b.stats().messages_received, 500);
+    // Nothing takes messages any more: none arrive, and the sender is still answered.
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    for seq in 500..510 {
+        a.0.send(NodeId(2), message(1, seq));
+    }
+    wait_until("the batches acknowledged", || {
+        a.0.stats().batches_delivered > 0 && a.0.stats().messages_delivered == 510
+    })
+    .await;
+    assert!(
+        rx.try_recv().is_err(),
+        "a message arrived after the function refused"
+    );
+}
+
 /// On a single-threaded runtime the peer's task cannot run while the test sends, so what it finds
 /// queued is exactly what was sent: one batch when it fits a frame, several cut at the frame
 /// limit when it does not, and a message larger than a frame is dropped on its own.

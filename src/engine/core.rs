@@ -4,14 +4,14 @@
 //! transports); these enums are where the algorithm chosen at run time meets those types.
 
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::TrySendError;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::ConsensusConfig;
 use crate::engine::LocalNetwork;
-use crate::engine::driver::DriverInput;
+use crate::engine::driver::{DriverInput, DriverSender};
 use crate::error::{ConfigError, Error, Result};
 use crate::keys::SigningIdentity;
 use crate::protocol::Protocol;
@@ -42,7 +42,7 @@ where
     ) -> Result<Self>;
 
     /// The engine's handle on a driver of this core.
-    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs;
+    fn inputs(sender: DriverSender<Self>) -> CoreInputs;
 
     /// The engine's handle on a TCP transport of this core's messages.
     fn tcp(transport: Arc<TcpTransport<Self::Message>>) -> TcpHandle;
@@ -84,7 +84,7 @@ impl EngineCore for RaftNode {
         Ok(RaftNode::new(config, recovered)?)
     }
 
-    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+    fn inputs(sender: DriverSender<Self>) -> CoreInputs {
         CoreInputs::Raft(sender)
     }
 
@@ -116,7 +116,7 @@ impl EngineCore for PbftNode {
         Ok(PbftNode::new(pbft_config(engine, members)?, recovered)?)
     }
 
-    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+    fn inputs(sender: DriverSender<Self>) -> CoreInputs {
         CoreInputs::Pbft(sender)
     }
 
@@ -151,7 +151,7 @@ impl EngineCore for GpuRaftNode {
         )?)
     }
 
-    fn inputs(sender: SyncSender<DriverInput<Self>>) -> CoreInputs {
+    fn inputs(sender: DriverSender<Self>) -> CoreInputs {
         CoreInputs::GpuRaft(sender)
     }
 
@@ -275,9 +275,9 @@ impl EngineNetwork for LocalNetwork<GpuRaftNode> {}
 
 /// The sending end of the running driver's input queue.
 pub(crate) enum CoreInputs {
-    Raft(SyncSender<DriverInput<RaftNode>>),
-    Pbft(SyncSender<DriverInput<PbftNode>>),
-    GpuRaft(SyncSender<DriverInput<GpuRaftNode>>),
+    Raft(DriverSender<RaftNode>),
+    Pbft(DriverSender<PbftNode>),
+    GpuRaft(DriverSender<GpuRaftNode>),
 }
 
 impl CoreInputs {

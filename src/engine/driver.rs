@@ -2,17 +2,27 @@
 //! machine and the pending client requests (the apply stage), and carries out the core's
 //! [`Output`] in the order the protocol contract demands.
 //!
-//! A dedicated thread (not a tokio task) because the log store's fsync blocks, and because a
-//! thread woken by a channel answers in microseconds without competing with client tasks.
-//! Everything that reaches the core passes through one bounded channel, so inputs are totally
-//! ordered and back-pressure is explicit.
+//! A dedicated thread (not a task of the caller's runtime) because the log store's fsync blocks,
+//! and because a thread woken by a channel answers in microseconds without competing with client
+//! tasks. Everything that reaches the core passes through one bounded channel, so inputs are
+//! totally ordered and back-pressure is explicit.
+//!
+//! The thread runs a single-threaded tokio runtime of its own (see [`start_thread`]), and the
+//! engine's TCP transport runs on that runtime too: its sockets, tarpc's tasks, and the
+//! delivery of inbound messages, which the task that read them queues for the driver. So a
+//! message travels between the driver and its sockets without a cross-thread wake-up: measured
+//! with `examples/latency_budget.rs`, the hand-offs between the driver's thread and transport
+//! tasks on the caller's runtime were about half of a commit's time (`benches/LATENCY_NOTES.md`).
+//! The driver yields to the transport's tasks while it polls for input and before each fsync,
+//! so that what it sent leaves while the disk works.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::mpsc::{Receiver, SendError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::election_traces::ElectionTraces;
@@ -26,6 +36,7 @@ use crate::protocol::{Envelope, Event, Input, Output, Protocol};
 use crate::storage::{LogStore, Snapshot};
 use crate::sync::lock;
 use crate::telemetry::TraceAttachment;
+use crate::telemetry::latency_probe::{self, Hop};
 use crate::transport::Transport;
 use crate::types::{LogIndex, NodeId, ProposalTag, Term};
 
@@ -147,10 +158,91 @@ pub struct LeaderInfo {
 /// Callbacks run on leader changes.
 pub(crate) type LeaderCallbacks = Arc<Mutex<Vec<Box<dyn Fn(Option<NodeId>) + Send>>>>;
 
+/// What wakes a driver that waits for input on its runtime. A sender rings only while the
+/// driver says it waits: a busy driver (thousands of clients) costs its senders one shared read,
+/// not a write to a contended cache line each.
+#[derive(Default)]
+struct Doorbell {
+    notify: Notify,
+    waiting: AtomicBool,
+}
+
+impl Doorbell {
+    /// Called after queueing an input.
+    fn ring(&self) {
+        // Pairs with the fence in `Driver::wait`: either the driver sees the input queued, or
+        // this sees it waiting.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) && self.waiting.swap(false, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// The sending half of a driver's input queue: a bounded channel, and the doorbell that wakes
+/// the driver when it waits on its runtime.
+pub(crate) struct DriverSender<P: Protocol> {
+    queue: SyncSender<DriverInput<P>>,
+    doorbell: Arc<Doorbell>,
+}
+
+impl<P: Protocol> Clone for DriverSender<P> {
+    fn clone(&self) -> Self {
+        DriverSender {
+            queue: self.queue.clone(),
+            doorbell: self.doorbell.clone(),
+        }
+    }
+}
+
+impl<P: Protocol> DriverSender<P> {
+    /// Queues `input` unless the queue is full or the driver is gone.
+    pub(crate) fn try_send(
+        &self,
+        input: DriverInput<P>,
+    ) -> std::result::Result<(), TrySendError<DriverInput<P>>> {
+        self.queue.try_send(input)?;
+        self.doorbell.ring();
+        Ok(())
+    }
+
+    /// Queues `input`, waiting for room.
+    pub(crate) fn send(
+        &self,
+        input: DriverInput<P>,
+    ) -> std::result::Result<(), SendError<DriverInput<P>>> {
+        self.queue.send(input)?;
+        self.doorbell.ring();
+        Ok(())
+    }
+}
+
+/// The receiving half of a driver's input queue (see [`DriverSender`]).
+pub(crate) struct DriverReceiver<P: Protocol> {
+    queue: Receiver<DriverInput<P>>,
+    doorbell: Arc<Doorbell>,
+}
+
+/// A driver's input queue of `capacity` inputs.
+pub(crate) fn input_queue<P: Protocol>(capacity: usize) -> (DriverSender<P>, DriverReceiver<P>) {
+    let (queue, receiver) = std::sync::mpsc::sync_channel(capacity);
+    let doorbell = Arc::new(Doorbell::default());
+    (
+        DriverSender {
+            queue,
+            doorbell: doorbell.clone(),
+        },
+        DriverReceiver {
+            queue: receiver,
+            doorbell,
+        },
+    )
+}
+
 /// Where peers' messages for this node go in. Cheap to clone; never blocks: when the driver's
 /// queue is full the message is dropped, which the protocol tolerates like any network loss.
 pub struct Inbox<P: Protocol> {
-    pub(crate) sender: SyncSender<DriverInput<P>>,
+    pub(crate) sender: DriverSender<P>,
 }
 
 impl<P: Protocol> Clone for Inbox<P> {
@@ -200,6 +292,80 @@ impl<P: Protocol> Inbox<P> {
     }
 }
 
+/// A driver's thread, started before its driver is built so that the TCP transport can start
+/// on its runtime.
+pub(crate) struct DriverThread<P: Protocol> {
+    /// The thread's runtime.
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Where the driver goes once built; dropped unsent if the start fails.
+    pub(crate) driver: oneshot::Sender<Driver<P>>,
+    /// Dropped once the transport's tasks have shut down: the thread then ends.
+    pub(crate) release: oneshot::Sender<()>,
+    pub(crate) thread: std::thread::JoinHandle<Result<(), StorageError>>,
+}
+
+/// Starts a driver's thread: a single-threaded runtime, built, run and dropped on the thread
+/// (a runtime must not be dropped inside another runtime's task), that runs the driver once it
+/// is sent, and the transport's tasks until released. The driver runs as a task of that
+/// runtime rather than as its main future: a message the transport's tasks queue then wakes it
+/// with a push on the runtime's own queue, where waking the main future costs a system call.
+pub(crate) async fn start_thread<P: Protocol>(
+    name: String,
+    with_io: bool,
+    storage_failed: watch::Sender<bool>,
+) -> std::io::Result<DriverThread<P>>
+where
+    Driver<P>: Send,
+{
+    let (driver_tx, driver_rx) = oneshot::channel::<Driver<P>>();
+    let (release, released) = oneshot::channel::<()>();
+    let (runtime_tx, runtime_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_time();
+        if with_io {
+            builder.enable_io();
+        }
+        let runtime = match builder.build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = runtime_tx.send(Err(error));
+                return Ok(());
+            }
+        };
+        let _ = runtime_tx.send(Ok(runtime.handle().clone()));
+        runtime.block_on(async move {
+            let result = match driver_rx.await {
+                Ok(driver) => match tokio::spawn(driver.run()).await {
+                    Ok(result) => result,
+                    Err(error) => match error.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        Err(_) => Ok(()), // cancelled: the runtime is going away
+                    },
+                },
+                Err(_) => Ok(()), // the start failed
+            };
+            if let Err(error) = &result {
+                // Never retried: the caller learns of it and stops the node.
+                tracing::error!(%error, "the driver stopped: the store failed");
+                storage_failed.send_replace(true);
+            }
+            // The transport's tasks run here until the engine has shut them down.
+            let _ = released.await;
+            result
+        })
+    })?;
+    let runtime = runtime_rx
+        .await
+        .map_err(|_| std::io::Error::other("the thread ended before its runtime started"))??;
+    Ok(DriverThread {
+        runtime,
+        driver: driver_tx,
+        release,
+        thread,
+    })
+}
+
 /// Settings the driver needs beyond the core's.
 pub(crate) struct DriverSettings {
     pub(crate) tick: Duration,
@@ -214,6 +380,9 @@ pub(crate) struct DriverSettings {
     /// virtual machine), and a commit needs about four such hand-offs; a driver that polls
     /// briefly catches the answer it is waiting for without one. Zero parks at once.
     pub(crate) spin: Duration,
+    /// Whether the transport's tasks run on the driver's runtime (TCP): the driver then yields
+    /// to them while it polls and before an fsync, instead of yielding its thread.
+    pub(crate) io_on_this_thread: bool,
     /// Under lease reads, a driver that woke late (a stalled thread, a long fsync) steps the
     /// ticks it missed, up to this many, before it handles the round's inputs: a leader's lease
     /// is counted in its ticks and must not outlast real time. `None` steps one tick however
@@ -230,9 +399,14 @@ enum Wait<P: Protocol> {
 
 pub(crate) struct Driver<P: Protocol> {
     pub(crate) node: P,
-    pub(crate) store: Box<dyn LogStore>,
+    /// Shared with the blocking thread that persists when the store waits for the disk (see
+    /// [`Driver::persist`]); only one of them holds it at a time.
+    pub(crate) store: Arc<Mutex<Box<dyn LogStore>>>,
+    /// Whether persists go to a blocking thread: the store waits for the disk and the
+    /// transport's tasks run on this thread.
+    pub(crate) persist_beside: bool,
     pub(crate) transport: Arc<dyn Transport<P::Message>>,
-    pub(crate) inputs: Receiver<DriverInput<P>>,
+    pub(crate) inputs: DriverReceiver<P>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) leader: watch::Sender<LeaderInfo>,
     pub(crate) leader_callbacks: LeaderCallbacks,
@@ -273,14 +447,14 @@ pub(crate) struct Driver<P: Protocol> {
 
 impl<P: Protocol> Driver<P> {
     /// Runs until shutdown or a storage failure; the error is what stopped it.
-    pub(crate) fn run(mut self) -> Result<(), StorageError> {
+    pub(crate) async fn run(mut self) -> Result<(), StorageError> {
         let mut out = Output::default();
         // A round's peer messages, authenticated together before any is stepped.
         let mut peer_messages: Vec<Envelope<P::Message>> = Vec::new();
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
         loop {
-            let first = match self.wait(next_tick) {
+            let first = match self.wait(next_tick).await {
                 Wait::Input(input) => Some(input),
                 Wait::TickDue => None,
                 Wait::Disconnected => break,
@@ -295,7 +469,7 @@ impl<P: Protocol> Driver<P> {
             if let Some(input) = first {
                 shutdown |= self.handle(input, now, &mut out, &mut peer_messages);
                 for _ in 1..self.settings.max_inputs_per_round {
-                    match self.inputs.try_recv() {
+                    match self.inputs.queue.try_recv() {
                         Ok(input) => {
                             shutdown |= self.handle(input, now, &mut out, &mut peer_messages)
                         }
@@ -306,7 +480,13 @@ impl<P: Protocol> Driver<P> {
             self.step_peer_round(&mut peer_messages, &mut out);
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);
-                next_tick = now + self.settings.tick;
+                // On the cadence, unless a whole tick was missed: the runtime's timer wakes the
+                // driver up to a millisecond late, which must not slow the ticks down.
+                next_tick = if now < next_tick + self.settings.tick {
+                    next_tick + self.settings.tick
+                } else {
+                    now + self.settings.tick
+                };
                 self.apply.expire(now, &mut self.answers);
                 if !self.traces.is_empty() {
                     self.traces.expire(now, self.settings.request_timeout);
@@ -319,7 +499,7 @@ impl<P: Protocol> Driver<P> {
                 self.node.step(Input::FlushProposals, &mut out);
             }
             self.take_finished_snapshot(&mut out);
-            if let Err(error) = self.carry_out(&mut out) {
+            if let Err(error) = self.carry_out(&mut out).await {
                 tracing::error!(node = %self.node.id(), %error, "log store failed; engine stopping");
                 self.fail_all(&format!("log store failed: {error}"));
                 return Err(error);
@@ -363,15 +543,15 @@ impl<P: Protocol> Driver<P> {
         next_tick
     }
 
-    /// The next input, or why there is none: the tick is due, or every sender is gone. Polls
-    /// for [`DriverSettings::spin`] before parking (see there why), yielding the processor
-    /// between polls so that the threads it waits for (on a machine with few cores they may
-    /// share its core) run first.
-    fn wait(&self, next_tick: Instant) -> Wait<P> {
+    /// The next input, or why there is none: the tick is due, or every sender is gone (seen
+    /// at the next tick). Polls for [`DriverSettings::spin`] before parking (see there why),
+    /// yielding between polls so that what it waits for runs first: the transport's tasks on
+    /// this runtime, or the threads that may share its core on a machine with few cores.
+    async fn wait(&mut self, next_tick: Instant) -> Wait<P> {
         if !self.settings.spin.is_zero() {
             let spin_until = Instant::now() + self.settings.spin;
             loop {
-                match self.inputs.try_recv() {
+                match self.inputs.queue.try_recv() {
                     Ok(input) => return Wait::Input(input),
                     Err(TryRecvError::Disconnected) => return Wait::Disconnected,
                     Err(TryRecvError::Empty) => {}
@@ -384,13 +564,33 @@ impl<P: Protocol> Driver<P> {
                     break;
                 }
                 std::thread::yield_now();
+                if self.settings.io_on_this_thread {
+                    tokio::task::yield_now().await;
+                }
             }
         }
-        let wait = next_tick.saturating_duration_since(Instant::now());
-        match self.inputs.recv_timeout(wait) {
-            Ok(input) => Wait::Input(input),
-            Err(RecvTimeoutError::Timeout) => Wait::TickDue,
-            Err(RecvTimeoutError::Disconnected) => Wait::Disconnected,
+        let doorbell = &*self.inputs.doorbell;
+        loop {
+            // Listening, and saying so, before looking: an input queued in between still rings.
+            let rung = doorbell.notify.notified();
+            tokio::pin!(rung);
+            rung.as_mut().enable();
+            doorbell.waiting.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            let wait = match self.inputs.queue.try_recv() {
+                Ok(input) => Some(Wait::Input(input)),
+                Err(TryRecvError::Disconnected) => Some(Wait::Disconnected),
+                Err(TryRecvError::Empty) if Instant::now() >= next_tick => Some(Wait::TickDue),
+                Err(TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    () = &mut rung => None, // the ringer cleared `waiting`
+                    () = tokio::time::sleep_until(next_tick.into()) => Some(Wait::TickDue),
+                },
+            };
+            if let Some(wait) = wait {
+                doorbell.waiting.store(false, Ordering::Relaxed);
+                return wait;
+            }
         }
     }
 
@@ -434,6 +634,7 @@ impl<P: Protocol> Driver<P> {
                 route,
                 trace,
             } => {
+                latency_probe::stamp(Hop::Proposed, self.node.id());
                 let deadline = now + self.settings.request_timeout;
                 let request_id = self.apply.submit((reply, route), now, deadline);
                 if let Some(span) = trace {
@@ -462,11 +663,14 @@ impl<P: Protocol> Driver<P> {
                     self.node.step(Input::Propose { request_id, data }, out);
                 }
             }
-            DriverInput::Peer { from, message } => peer_messages.push(Envelope {
-                from,
-                to: self.node.id(),
-                message,
-            }),
+            DriverInput::Peer { from, message } => {
+                latency_probe::stamp(Hop::DriverTook, self.node.id());
+                peer_messages.push(Envelope {
+                    from,
+                    to: self.node.id(),
+                    message,
+                });
+            }
             DriverInput::TracedPeer(traced) => {
                 let (from, message, attachment) = *traced;
                 self.traces.received::<P>(from, &message, &attachment, now);
@@ -495,7 +699,7 @@ impl<P: Protocol> Driver<P> {
     /// committed and already on this node's disk, persist, send what waited for the write, apply
     /// the rest and answer, then tell the core what is durable, and carry out what that step
     /// asked for in turn.
-    fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
+    async fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
         loop {
             // Transfers first: a snapshot that fits in one chunk starts and is restored in the
             // same output.
@@ -519,6 +723,7 @@ impl<P: Protocol> Driver<P> {
                     }
                 }
             }
+            let sent = !out.messages.is_empty();
             for envelope in out.messages.drain(..) {
                 send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
             }
@@ -533,13 +738,19 @@ impl<P: Protocol> Driver<P> {
             }
             let mut write_took = Duration::ZERO;
             if !out.write.is_empty() {
+                if sent && self.settings.io_on_this_thread {
+                    // The transport's tasks write what was just sent before the write blocks
+                    // this thread or is handed to another: replication overlaps the leader's
+                    // own write.
+                    tokio::task::yield_now().await;
+                }
                 let started = Instant::now();
-                self.store.persist(&out.write)?;
+                self.persist(&mut out.write).await?;
                 write_took = started.elapsed();
                 self.metrics.record_fsync(write_took);
             } else if !out.write.snapshot_parts.is_empty() {
                 // Parts of a snapshot still arriving, written ahead and not synced.
-                self.store.persist(&out.write)?;
+                lock(&self.store).persist(&out.write)?;
             }
             if let Some(from) = out.write.truncate_from {
                 self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
@@ -662,6 +873,33 @@ impl<P: Protocol> Driver<P> {
         }
     }
 
+    /// Persists `write`: on a blocking thread when [`Driver::persist_beside`] (the driver waits
+    /// for it, while the transport's tasks on this runtime go on), else here.
+    async fn persist(&mut self, write: &mut crate::storage::LogWrite) -> Result<(), StorageError> {
+        if !self.persist_beside {
+            return lock(&self.store).persist(write);
+        }
+        let store = self.store.clone();
+        let taken = std::mem::take(write);
+        let persisted = tokio::task::spawn_blocking(move || {
+            let result = lock(&store).persist(&taken);
+            (taken, result)
+        })
+        .await;
+        match persisted {
+            Ok((taken, result)) => {
+                *write = taken;
+                result
+            }
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(StorageError::Io(std::io::Error::other(
+                    "the runtime shut down during a write",
+                ))),
+            },
+        }
+    }
+
     /// Steps a membership change. A change the core refused, or one that asked for what is
     /// already in force, is answered at once; otherwise the caller waits for the membership it
     /// appended (the final one, after a joint one) to commit.
@@ -776,6 +1014,7 @@ impl<P: Protocol> Driver<P> {
         self.apply
             .apply(out.committed.drain(..count), &mut self.answers);
         self.answer(Some(committed_at));
+        latency_probe::stamp(Hop::Answered, self.node.id());
         self.metrics.set_applied_index(self.apply.applied_index());
     }
 
@@ -859,6 +1098,7 @@ fn send<P: Protocol>(
     this: NodeId,
     envelope: Envelope<P::Message>,
 ) {
+    latency_probe::stamp(Hop::Sent, this);
     let attachment = if traces.is_empty() {
         None
     } else {

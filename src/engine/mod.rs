@@ -33,7 +33,7 @@ pub use driver::{Inbox, LeaderInfo};
 pub use local::{LocalNetwork, LocalTransport};
 
 use std::collections::HashMap;
-use std::sync::mpsc::{TrySendError, sync_channel};
+use std::sync::mpsc::TrySendError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -52,8 +52,9 @@ use crate::protocol::raft::RaftNode;
 use crate::state_machine::{ErasedStateMachine, StateMachine, encode_command};
 use crate::storage::{FjallLogStore, LogStore, SyncPolicy};
 use crate::sync::lock;
+use crate::telemetry::latency_probe::{self, Hop};
 use crate::transport::Transport;
-use crate::transport::tcp::{Inbound, TcpTransport};
+use crate::transport::tcp::{Deliver, Inbound, TcpTransport};
 use crate::types::{ConsensusResult, NodeId, Proposal};
 
 use self::core::{CoreInputs, CoreSettings, EngineCore, Network, TcpHandle};
@@ -88,7 +89,10 @@ pub struct PeerEntry {
 struct Running {
     inputs: CoreInputs,
     thread: Option<JoinHandle<std::result::Result<(), crate::error::StorageError>>>,
-    /// The TCP transport and the task feeding its inbound messages to the driver.
+    /// Dropped once the transport has shut down: the driver's thread, which runs the
+    /// transport's tasks on its runtime, then ends.
+    io_release: Option<oneshot::Sender<()>>,
+    /// The TCP transport and the task passing its unreachable-peer hints to the driver.
     tcp: Option<(TcpHandle, tokio::task::JoinHandle<()>)>,
     /// The voters the protocol started with (this node included), for [`ConsensusEngine::members`].
     voters: Vec<NodeId>,
@@ -375,10 +379,19 @@ impl ConsensusEngine {
                 .chain([self.config.node_id.as_str()])
                 .map(|name| (NodeId::from_name(name), name.to_string())),
         );
-        let (inputs, receiver) = sync_channel(INPUT_QUEUE_CAPACITY);
+        let (inputs, receiver) = driver::input_queue::<P>(INPUT_QUEUE_CAPACITY);
         let inbox = Inbox {
             sender: inputs.clone(),
         };
+        // The driver's thread starts first, with its runtime: the TCP transport starts on it.
+        let driver_thread = driver::start_thread::<P>(
+            format!("consensus-{}", self.config.node_id),
+            self.network.is_none(),
+            self.storage_failed.clone(),
+        )
+        .await
+        .map_err(|error| Error::Io(format!("cannot start the driver's thread: {error}")))?;
+        let io = driver_thread.runtime.clone();
         let mut members = self.config.voter_ids();
         let mut tcp = None;
         let transport: Arc<dyn Transport<P::Message>> = match &self.network {
@@ -393,11 +406,11 @@ impl ConsensusEngine {
                 if !P::LEARNS_MEMBERS_BY_HANDSHAKE {
                     self::core::require_named_peers(&self.config)?;
                 }
-                let (transport, voters, forwarder) = self.start_tcp::<P>(inbox).await?;
+                let (transport, voters, hints) = self.start_tcp::<P>(inbox, &io).await?;
                 if P::LEARNS_MEMBERS_BY_HANDSHAKE {
                     members = voters;
                 }
-                tcp = Some((P::tcp(transport.clone()), forwarder));
+                tcp = Some((P::tcp(transport.clone()), hints));
                 transport
             }
         };
@@ -487,7 +500,8 @@ impl ConsensusEngine {
             apply,
             answers: Vec::new(),
             node,
-            store,
+            persist_beside: tcp.is_some() && store.waits_for_disk(),
+            store: Arc::new(Mutex::new(store)),
             transport,
             inputs: receiver,
             metrics: self.metrics.clone(),
@@ -500,6 +514,7 @@ impl ConsensusEngine {
                 flush_on_drain: self.config.batch_timeout.is_zero() || !self.config.enable_batching,
                 max_inputs_per_round: 4096,
                 spin: DRIVER_SPIN,
+                io_on_this_thread: tcp.is_some(),
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config
                         .raft_config()
@@ -517,23 +532,16 @@ impl ConsensusEngine {
             membership_calls: Default::default(),
             removed: self.removed.clone(),
         };
-        let storage_failed = self.storage_failed.clone();
-        storage_failed.send_replace(false);
-        let thread = std::thread::Builder::new()
-            .name(format!("consensus-{}", self.config.node_id))
-            .spawn(move || {
-                let result = driver.run();
-                if let Err(error) = &result {
-                    // Never retried: the caller learns of it and stops the node.
-                    tracing::error!(%error, "the driver stopped: the store failed");
-                    storage_failed.send_replace(true);
-                }
-                result
-            })
-            .map_err(|error| Error::Io(error.to_string()))?;
+        self.storage_failed.send_replace(false);
+        if driver_thread.driver.send(driver).is_err() {
+            return Err(Error::Stopped(
+                "driver thread ended before it started".into(),
+            ));
+        }
         self.running = Some(Running {
             inputs: P::inputs(inputs),
-            thread: Some(thread),
+            thread: Some(driver_thread.thread),
+            io_release: Some(driver_thread.release),
             tcp,
             voters: members,
             membership,
@@ -541,11 +549,14 @@ impl ConsensusEngine {
         Ok(())
     }
 
-    /// Starts the tarpc transport, learns the ids of peers given as `host:port` by handshake,
-    /// and feeds inbound messages to the driver. Returns the voters (this node included).
+    /// Starts the tarpc transport on the driver's runtime `io`, learns the ids of peers given as
+    /// `host:port` by handshake, and has inbound messages queued for the driver by the tasks
+    /// that read them. Returns the voters (this node included) and the task that passes on the
+    /// transport's unreachable-peer hints.
     async fn start_tcp<P>(
         &self,
         inbox: Inbox<P>,
+        io: &tokio::runtime::Handle,
     ) -> Result<(
         Arc<TcpTransport<P::Message>>,
         Vec<NodeId>,
@@ -568,8 +579,29 @@ impl ConsensusEngine {
                  encrypted; anyone who reaches this port can act as a member"
             ),
         }
-        let (transport, mut inbound) = TcpTransport::start(transport_config, peers.clone())
+        let metrics = self.metrics.clone();
+        let this_node = self.node_id();
+        let counters: Mutex<HashMap<NodeId, prometheus_client::metrics::counter::Counter>> =
+            Mutex::default();
+        let feed = inbox.clone();
+        let deliver: Deliver<P::Message> = Arc::new(move |inbound: Inbound<P::Message>| {
+            latency_probe::stamp(Hop::Forwarded, this_node);
+            lock(&counters)
+                .entry(inbound.from)
+                .or_insert_with(|| metrics.peer_messages_from(inbound.from))
+                .inc();
+            // A full queue drops the message, which the protocol retransmits.
+            feed.deliver_traced(inbound.from, inbound.message, inbound.trace);
+            true
+        });
+        let transport = io
+            .spawn(TcpTransport::start_delivering(
+                transport_config,
+                peers.clone(),
+                deliver,
+            ))
             .await
+            .map_err(|error| Error::Io(error.to_string()))?
             .map_err(|error| Error::Io(error.to_string()))?;
         let transport = Arc::new(transport);
         let watched = Arc::downgrade(&transport);
@@ -601,31 +633,13 @@ impl ConsensusEngine {
         voters.sort();
         voters.dedup();
         let mut unreachable = transport.unreachable_peers();
-        let metrics = self.metrics.clone();
-        let forwarder = tokio::spawn(async move {
-            let mut received: HashMap<NodeId, prometheus_client::metrics::counter::Counter> =
-                HashMap::new();
-            loop {
-                tokio::select! {
-                    // Messages already received go in before a hint that came after them.
-                    biased;
-                    message = inbound.recv() => match message {
-                        Some(Inbound { from, message, trace }) => {
-                            received
-                                .entry(from)
-                                .or_insert_with(|| metrics.peer_messages_from(from))
-                                .inc();
-                            inbox.deliver_traced(from, message, trace);
-                        }
-                        None => break,
-                    },
-                    Some(peer) = unreachable.recv() => {
-                        inbox.peer_unreachable(peer);
-                    }
-                }
+        // Messages received before a hint are already queued: they are queued as they are read.
+        let hints = io.spawn(async move {
+            while let Some(peer) = unreachable.recv().await {
+                inbox.peer_unreachable(peer);
             }
         });
-        Ok((transport, voters, forwarder))
+        Ok((transport, voters, hints))
     }
 
     /// Resolves once the driver has stopped because the store failed (an fsync or a write
@@ -666,10 +680,11 @@ impl ConsensusEngine {
             network.disconnect(self.node_id());
         }
         running.inputs.shutdown(true);
-        if let Some((transport, forwarder)) = running.tcp.take() {
-            forwarder.abort();
+        if let Some((transport, hints)) = running.tcp.take() {
+            hints.abort();
             transport.shutdown().await; // frees the port for a restart
         }
+        drop(running.io_release.take());
         if let Some(thread) = running.thread.take() {
             let outcome = tokio::task::spawn_blocking(move || thread.join())
                 .await

@@ -242,11 +242,13 @@ impl ReplyPoster {
     }
 
     /// Delivers `deliveries`, each with its route: runs of one route go to its dispatcher in
-    /// one post; direct routes are answered here.
+    /// one post; direct routes, and a lone answer, are answered here (one wake-up either way,
+    /// and a lone caller, as a single client is, is answered without the dispatcher's hop).
     pub(crate) fn post(&mut self, deliveries: impl IntoIterator<Item = (u32, Delivery)>) {
         let mut deliveries = deliveries.into_iter().peekable();
         while let Some((route, first)) = deliveries.next() {
-            let mailbox = self.mailbox(route);
+            let lone = deliveries.peek().is_none_or(|(next, _)| *next != route);
+            let mailbox = if lone { None } else { self.mailbox(route) };
             let mut run = std::iter::once(first).chain(std::iter::from_fn(|| {
                 deliveries
                     .next_if(|(next, _)| *next == route)

@@ -628,6 +628,10 @@ impl LogStore for FjallLogStore {
         true
     }
 
+    fn waits_for_disk(&self) -> bool {
+        self.sync_policy == SyncPolicy::EveryBatch
+    }
+
     fn snapshot_stager(&self) -> Option<std::sync::Arc<dyn SnapshotStager>> {
         Some(std::sync::Arc::new(FjallSnapshotStager {
             state_dir: self.path.clone(),

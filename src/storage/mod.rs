@@ -338,6 +338,14 @@ pub trait LogStore: Send {
         None
     }
 
+    /// Whether a write waits for the disk (an fsync per batch). An engine whose transport runs
+    /// on its driver's thread then persists on a blocking thread beside it, so that the
+    /// transport goes on reading and writing sockets while the disk works. The default, false,
+    /// persists on the driver's thread (a store in memory answers in microseconds).
+    fn waits_for_disk(&self) -> bool {
+        false
+    }
+
     /// Writes `part` of a snapshot still arriving ahead of it, without syncing (see
     /// [`SnapshotPart`]); the parts of one snapshot come in order, from offset 0. The default
     /// ignores them: [`LogStore::save_snapshot`] then writes the whole snapshot. Answer `Ok`

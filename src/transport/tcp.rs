@@ -36,7 +36,10 @@
 //! refused from its length prefix, before any of it is read or decoded. An oversized or malformed
 //! frame, or a batch that does not decode, closes that connection with a `tracing` error; the node
 //! and its other connections go on. Inbound messages go to one bounded tokio channel as
-//! `(sender, message)`; when it is full, reading from the sockets waits (backpressure).
+//! `(sender, message)`; when it is full, reading from the sockets waits (backpressure). A
+//! transport started with [`TcpTransport::start_delivering`] instead hands each message to a
+//! function, on the task that read it: no hand-off to another task (an engine's transport does
+//! this, its function queueing the message for the driver).
 //!
 //! # Threading
 //! Everything runs as tasks on the tokio runtime [`TcpTransport::start`] was called on; `send`
@@ -316,6 +319,28 @@ pub struct Inbound<M> {
     pub trace: Option<Box<TraceAttachment>>,
 }
 
+/// What a transport started with [`TcpTransport::start_delivering`] hands each inbound message
+/// to; it returns false once nothing takes messages any more (the node is shutting down).
+pub type Deliver<M> = Arc<dyn Fn(Inbound<M>) -> bool + Send + Sync>;
+
+/// Where inbound messages go.
+pub(crate) enum InboundSink<M> {
+    /// A bounded channel: reading waits while it is full.
+    Channel(mpsc::Sender<Inbound<M>>),
+    /// A function called on the reading task (see [`TcpTransport::start_delivering`]).
+    Deliver(Deliver<M>),
+}
+
+impl<M> InboundSink<M> {
+    /// Hands `message` on; false once nothing takes messages any more.
+    async fn deliver(&self, message: Inbound<M>) -> bool {
+        match self {
+            InboundSink::Channel(channel) => channel.send(message).await.is_ok(),
+            InboundSink::Deliver(deliver) => deliver(message),
+        }
+    }
+}
+
 /// A queued message and its trace attachment.
 pub(crate) type Outgoing<M> = (M, Option<Box<TraceAttachment>>);
 
@@ -326,7 +351,7 @@ struct Shared<M> {
     /// Peer id → that peer's queue. Configured ids are here from the start, learned ones from
     /// their first handshake.
     routes: RwLock<HashMap<NodeId, mpsc::Sender<Outgoing<M>>>>,
-    inbound: mpsc::Sender<Inbound<M>>,
+    inbound: InboundSink<M>,
     /// Where peers whose connections broke are reported (see [`TcpTransport::unreachable_peers`]).
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     /// Per peer, what wakes its dialer from a backoff wait: a peer that dials this node is up.
@@ -404,6 +429,29 @@ where
         config: TcpTransportConfig,
         peers: Vec<PeerAddress>,
     ) -> Result<(Self, mpsc::Receiver<Inbound<M>>), TransportError> {
+        let (inbound, inbound_rx) = mpsc::channel(config.inbound_queue_capacity.max(1));
+        let transport = Self::start_with(config, peers, InboundSink::Channel(inbound)).await?;
+        Ok((transport, inbound_rx))
+    }
+
+    /// Like [`TcpTransport::start`], but each inbound message is handed to `deliver` on the task
+    /// that read it, in the order its connection delivered it, instead of to a channel: no
+    /// hand-off between tasks. `deliver` must not block (it runs on the runtime's thread);
+    /// it drops what it cannot take, as a full queue would be dropped by the protocol's retries.
+    /// [`TcpTransportConfig::inbound_queue_capacity`] is then unused.
+    pub async fn start_delivering(
+        config: TcpTransportConfig,
+        peers: Vec<PeerAddress>,
+        deliver: Deliver<M>,
+    ) -> Result<Self, TransportError> {
+        Self::start_with(config, peers, InboundSink::Deliver(deliver)).await
+    }
+
+    async fn start_with(
+        config: TcpTransportConfig,
+        peers: Vec<PeerAddress>,
+        inbound: InboundSink<M>,
+    ) -> Result<Self, TransportError> {
         config.validate()?;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
@@ -417,7 +465,6 @@ where
                 address: config.bind_address,
                 source,
             })?;
-        let (inbound, inbound_rx) = mpsc::channel(config.inbound_queue_capacity);
         let shared = Arc::new(Shared {
             config,
             counters: Counters::default(),
@@ -435,7 +482,7 @@ where
             transport.add_peer(peer);
         }
         tracing::info!(node = %transport.shared.config.node_id, %local_addr, "transport listening");
-        Ok((transport, inbound_rx))
+        Ok(transport)
     }
 
     /// Starts dialing another peer. An `id@host:port` peer is reachable by `send` at once

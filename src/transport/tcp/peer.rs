@@ -17,6 +17,7 @@ use super::wire::{
     self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Pushed, Refusal,
 };
 use super::{Outgoing, PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
+use crate::telemetry::latency_probe::{self, Hop};
 use crate::types::NodeId;
 
 /// Exponential backoff with jitter, so that nodes restarted together do not redial in lockstep.
@@ -394,6 +395,7 @@ where
                 if count == 0 {
                     continue; // every message taken was dropped
                 }
+                latency_probe::stamp(Hop::BatchTaken, config.node_id);
                 let payload = batch.seal(config.network.message_compression);
                 let call = client.deliver(deadline_in(config.request_timeout), payload);
                 in_flight.push(async move { (count, call.await) });

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Hello, PROTOCOL_VERSION, PeerService, Refusal};
 use super::{PeerStream, Shared, TcpTransportConfig, bump, configure_stream, new_socket, tls};
+use crate::telemetry::latency_probe::{self, Hop};
 use crate::types::NodeId;
 
 /// Binds the listening socket with the configured buffer sizes (accepted sockets inherit them).
@@ -110,7 +111,13 @@ where
                     bump(&shared.counters.connections_rejected, 1);
                     break;
                 }
-                Some(Ok(request)) => request.execute(handler.clone().serve()).await,
+                Some(Ok(request)) => {
+                    request.execute(handler.clone().serve()).await;
+                    // What was delivered is handled before the acknowledgement is written (the
+                    // next poll of the channel writes it): on a runtime shared with the driver
+                    // the batch's messages reach the protocol first.
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
@@ -248,6 +255,7 @@ where
     }
 
     async fn deliver(self, _: Context, payload: Bytes) -> Result<(), Refusal> {
+        latency_probe::stamp(Hop::BatchArrived, self.shared.config.node_id);
         let Some(&from) = self.peer.get() else {
             tracing::error!(remote = %self.remote, "delivery before handshake; closing the connection");
             bump(&self.shared.counters.connections_rejected, 1);
@@ -273,7 +281,7 @@ where
                 message,
                 trace,
             };
-            if self.shared.inbound.send(inbound).await.is_err() {
+            if !self.shared.inbound.deliver(inbound).await {
                 // The receiver is gone: the node is shutting down.
                 return Ok(());
             }

@@ -141,6 +141,16 @@ pub trait SignatureVerifier: Send + Sync {
 
     /// A short name for logs and metrics ("cpu", "gpu", "auto").
     fn backend_name(&self) -> &'static str;
+
+    /// Told of a signature this process just made over `item.message` with the secret key of
+    /// `item.public_key`: valid by construction (a key made from a secret is never one that
+    /// `verify_strict` refuses). A verifier that remembers verdicts may record it as checked;
+    /// the default, which every production backend keeps, ignores it. The simulator's
+    /// [`MemoizingVerifier`](crate::sim::MemoizingVerifier) records it, so a simulated cluster
+    /// checks by curve arithmetic only what no honest replica signed.
+    fn signed_here(&self, item: &SignatureItem<'_>) {
+        let _ = item;
+    }
 }
 
 /// `verifier`'s verdicts for `items`, or the reference's when its backend fails (or answers
@@ -154,6 +164,26 @@ pub fn verdicts_or_reference(
         Ok(verdicts) if verdicts.len() == items.len() => verdicts,
         _ => items.iter().map(verify_strict_reference).collect(),
     }
+}
+
+/// Signs `message` with `key` and tells `verifier` of it (see
+/// [`SignatureVerifier::signed_here`]): how the consensus cores sign, so that a simulated
+/// cluster's memoizing verifier need not check again what a replica signed itself.
+pub(crate) fn sign_and_tell(
+    key: &ed25519_dalek::SigningKey,
+    message: &[u8],
+    verifier: Option<&dyn SignatureVerifier>,
+) -> [u8; SIGNATURE_BYTES] {
+    use ed25519_dalek::Signer as _;
+    let signature = key.sign(message).to_bytes();
+    if let Some(verifier) = verifier {
+        verifier.signed_here(&SignatureItem {
+            public_key: key.verifying_key().to_bytes(),
+            message,
+            signature,
+        });
+    }
+    signature
 }
 
 /// The reference verdict for one item: ed25519-dalek's strict verification.

@@ -16,11 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::chain::{Hash, chain_link};
-use crate::gpu::sigverify::verdicts_or_reference;
+use crate::gpu::sigverify::{sign_and_tell, verdicts_or_reference};
 use crate::gpu::{SignatureItem, SignatureVerifier};
 use crate::membership::Membership;
 use crate::types::{LogIndex, NodeId, Term};
@@ -47,13 +47,27 @@ pub struct SignedAck {
 impl SignedAck {
     /// `voter`'s acknowledgement, signed with `key`.
     pub fn sign(voter: NodeId, term: Term, index: LogIndex, chain: Hash, key: &SigningKey) -> Self {
-        let signature = key.sign(&Self::signing_bytes(voter, term, index, &chain));
+        Self::sign_and_tell(voter, term, index, chain, key, None)
+    }
+
+    /// [`SignedAck::sign`], also telling `verifier` of the signature (see
+    /// [`SignatureVerifier::signed_here`]).
+    pub(crate) fn sign_and_tell(
+        voter: NodeId,
+        term: Term,
+        index: LogIndex,
+        chain: Hash,
+        key: &SigningKey,
+        verifier: Option<&dyn SignatureVerifier>,
+    ) -> Self {
+        let bytes = Self::signing_bytes(voter, term, index, &chain);
+        let signature = sign_and_tell(key, &bytes, verifier);
         SignedAck {
             voter,
             term,
             index,
             chain,
-            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+            signature: Bytes::copy_from_slice(&signature),
         }
     }
 

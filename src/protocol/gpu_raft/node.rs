@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ed25519_dalek::Signer as _;
 
 use super::certificate::{CommitCertificate, SignedAck};
 use super::chain::LogChain;
@@ -12,7 +11,7 @@ use super::config::GpuRaftConfig;
 use super::{Control, Envelope, Input, Message, Output};
 use crate::client_signature::unframe;
 use crate::error::ConfigError;
-use crate::gpu::sigverify::verdicts_or_reference;
+use crate::gpu::sigverify::{sign_and_tell, verdicts_or_reference};
 use crate::gpu::votes::CpuVoteAggregator;
 use crate::gpu::{SignatureItem, Threshold, Vote, VoteOutcome};
 use crate::protocol::raft::{self, RaftNode, SignedVote, VoteEquivocation};
@@ -311,11 +310,14 @@ impl GpuRaftNode {
                 _ => true,
             });
         let key = &self.config.signing_key;
+        let verifier = Some(&*self.config.verifier);
         for envelope in &mut out.messages_after_write {
             if let Message::Ack(ack) = &mut envelope.message
                 && ack.signature.is_empty()
             {
-                *ack = SignedAck::sign(ack.voter, ack.term, ack.index, ack.chain, key);
+                *ack = SignedAck::sign_and_tell(
+                    ack.voter, ack.term, ack.index, ack.chain, key, verifier,
+                );
             }
         }
     }
@@ -597,6 +599,7 @@ impl GpuRaftNode {
     fn sign(&mut self, envelope: raft::Envelope) -> Option<Envelope> {
         let raft::Envelope { from, to, message } = envelope;
         let key = &self.config.signing_key;
+        let verifier = Some(&*self.config.verifier);
         let message = match message {
             raft::Message::PreVoteResponse {
                 term,
@@ -604,9 +607,11 @@ impl GpuRaftNode {
             } => Message::Grant {
                 term,
                 pre_vote: true,
-                signature: Bytes::copy_from_slice(
-                    &key.sign(&pre_vote_bytes(term, to, from)).to_bytes(),
-                ),
+                signature: Bytes::copy_from_slice(&sign_and_tell(
+                    key,
+                    &pre_vote_bytes(term, to, from),
+                    verifier,
+                )),
             },
             raft::Message::RequestVoteResponse {
                 term,
@@ -614,7 +619,7 @@ impl GpuRaftNode {
             } => Message::Grant {
                 term,
                 pre_vote: false,
-                signature: SignedVote::sign(term, to, from, key).signature,
+                signature: SignedVote::sign_and_tell(term, to, from, key, verifier).signature,
             },
             raft::Message::AppendEntriesResponse {
                 term,
@@ -874,8 +879,13 @@ impl GpuRaftNode {
                 if !sign_own {
                     return None;
                 }
-                acks.push(SignedAck::sign(
-                    ack.voter, ack.term, ack.index, ack.chain, key,
+                acks.push(SignedAck::sign_and_tell(
+                    ack.voter,
+                    ack.term,
+                    ack.index,
+                    ack.chain,
+                    key,
+                    Some(&*self.config.verifier),
                 ));
             } else {
                 acks.push(ack.clone());

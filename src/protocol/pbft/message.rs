@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::gpu::sigverify::{SignatureVerifier, sign_and_tell};
 use crate::types::{Entry, NodeId, ProposalTag};
 
 /// A PBFT view. The primary of view `v` is member `v mod n`.
@@ -177,9 +178,19 @@ pub struct Signed {
 impl Signed {
     /// Signs `statement` as `signer`.
     pub fn sign(statement: Statement, signer: NodeId, key: &ed25519_dalek::SigningKey) -> Signed {
-        use ed25519_dalek::Signer as _;
+        Self::sign_and_tell(statement, signer, key, None)
+    }
+
+    /// [`Signed::sign`], also telling `verifier` of the signature (see
+    /// [`SignatureVerifier::signed_here`]).
+    pub(crate) fn sign_and_tell(
+        statement: Statement,
+        signer: NodeId,
+        key: &ed25519_dalek::SigningKey,
+        verifier: Option<&dyn SignatureVerifier>,
+    ) -> Signed {
         let bytes = Self::signing_bytes(&statement, signer);
-        let signature = key.sign(&bytes).to_bytes();
+        let signature = sign_and_tell(key, &bytes, verifier);
         Signed {
             statement,
             signer,

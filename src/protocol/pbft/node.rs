@@ -540,7 +540,12 @@ impl PbftNode {
     }
 
     pub(super) fn sign(&self, statement: Statement) -> Signed {
-        Signed::sign(statement, self.config.id, &self.config.signing_key)
+        Signed::sign_and_tell(
+            statement,
+            self.config.id,
+            &self.config.signing_key,
+            Some(&*self.config.verifier),
+        )
     }
 
     /// Sends `message` to every other member once `out.write` is durable.

@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::sigverify::verdicts_or_reference;
+use crate::gpu::sigverify::{sign_and_tell, verdicts_or_reference};
 use crate::gpu::{SignatureItem, SignatureVerifier};
 use crate::types::{NodeId, Term};
 
@@ -37,12 +37,25 @@ pub struct SignedVote {
 impl SignedVote {
     /// `voter`'s vote for `candidate` in `term`, signed with `key`.
     pub fn sign(term: Term, candidate: NodeId, voter: NodeId, key: &SigningKey) -> Self {
-        let signature = key.sign(&Self::signing_bytes(term, candidate, voter));
+        Self::sign_and_tell(term, candidate, voter, key, None)
+    }
+
+    /// [`SignedVote::sign`], also telling `verifier` of the signature (see
+    /// [`SignatureVerifier::signed_here`]).
+    pub(crate) fn sign_and_tell(
+        term: Term,
+        candidate: NodeId,
+        voter: NodeId,
+        key: &SigningKey,
+        verifier: Option<&dyn SignatureVerifier>,
+    ) -> Self {
+        let bytes = Self::signing_bytes(term, candidate, voter);
+        let signature = sign_and_tell(key, &bytes, verifier);
         SignedVote {
             term,
             candidate,
             voter,
-            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+            signature: Bytes::copy_from_slice(&signature),
         }
     }
 

@@ -216,7 +216,13 @@ impl Maverick {
     }
 
     fn sign(&self, statement: Statement) -> Signed {
-        Signed::sign(statement, self.node.id(), &self.key)
+        // Its own key, honestly used (what it says may be a lie; the signature is not).
+        Signed::sign_and_tell(
+            statement,
+            self.node.id(),
+            &self.key,
+            Some(&*self.limits.verifier),
+        )
     }
 
     /// Counts one piece of misbehaviour of kind `what` it made.

@@ -1297,6 +1297,13 @@ struct ReceivingFile {
 /// (about 64 MiB of 1 MiB chunks), so that a disk slower than the network bounds the memory.
 const RECEIVING_PARTS_QUEUED: usize = 64;
 
+/// The writer syncs the receiving file each time this many bytes were written since the last
+/// sync, so that the disk writes while the rest arrives and the sync at the end has little
+/// left. Without it the kernel starts writing back only when the dirty pages pass its
+/// thresholds (a tenth of memory, or 30 s old), so a 1 GiB snapshot was written to disk
+/// entirely by the final sync: 1 to 2.5 s on this machine's disk after the last byte arrived.
+const RECEIVING_SYNC_BYTES: usize = 32 << 20;
+
 impl ReceivingFile {
     /// Starts the file of the snapshot through `index` and its writer thread.
     fn start(dir: &Path, index: LogIndex) -> std::io::Result<Self> {
@@ -1307,8 +1314,14 @@ impl ReceivingFile {
             .name("consensus-snapshot-receive".into())
             .spawn(move || {
                 use std::io::Write;
+                let mut unsynced = 0;
                 for part in queue {
                     file.write_all(&part)?;
+                    unsynced += part.len();
+                    if unsynced >= RECEIVING_SYNC_BYTES {
+                        file.sync_data()?;
+                        unsynced = 0;
+                    }
                 }
                 Ok(file)
             })?;

@@ -218,6 +218,10 @@ pub enum MembershipError {
     /// public key.
     #[error("{0} needs its public key to be added: its acknowledgements are signed")]
     MissingKey(NodeId),
+    /// The public key given for a learner is no ed25519 point, or a small-order one, under
+    /// which a forger can make signatures that verify for almost any message.
+    #[error("{0}'s public key is not a usable ed25519 key (no curve point, or a small-order one)")]
+    WeakKey(NodeId),
     /// A member's address is not `name@host:port` with a port.
     #[error("bad member address {address:?}: {reason}")]
     BadAddress {
@@ -242,6 +246,7 @@ impl MembershipError {
                 | MembershipError::Unsupported(_)
                 | MembershipError::BadAddress { .. }
                 | MembershipError::MissingKey(_)
+                | MembershipError::WeakKey(_)
         )
     }
 }

@@ -287,6 +287,20 @@ async fn a_node_joins_with_its_key_and_replaces_a_voter() {
         ),
         "{refused:?}"
     );
+    // Nor with a small-order key (here the curve's identity), under which forgeries verify.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let weak = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+    let refused = engines[1].add_learner_with_key("g4", None, &weak).await;
+    assert!(
+        matches!(
+            refused,
+            Err(consensus::Error::Membership(
+                consensus::MembershipError::WeakKey(_)
+            ))
+        ),
+        "{refused:?}"
+    );
     let membership = engines[1]
         .add_learner_with_key("g4", None, &joiner_public)
         .await

@@ -454,6 +454,34 @@ fn members_change_with_their_keys_in_the_log() {
         "{:?}",
         out.events
     );
+    // Nor with a small-order key: the identity point (y = 1).
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut out = Output::default();
+    cluster.nodes[leader].step(
+        Input::Control(raft::Control::ChangeMembership(
+            crate::membership::MembershipChange::AddLearner {
+                id: NodeId(4),
+                address: None,
+                key: Some(identity),
+            },
+        )),
+        &mut out,
+    );
+    assert!(
+        out.write.append.is_empty(),
+        "nothing appended with a weak key"
+    );
+    assert!(
+        matches!(
+            out.events[..],
+            [crate::protocol::Event::MembershipRefused {
+                error: crate::membership::MembershipError::WeakKey(NodeId(4))
+            }]
+        ),
+        "{:?}",
+        out.events
+    );
 
     change(&mut cluster, leader, learner_with_key(4));
     for _ in 0..30 {

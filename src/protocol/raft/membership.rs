@@ -214,6 +214,14 @@ impl RaftNode {
                 if self.member_keys_required && key.is_none() && !current.keys.contains_key(&id) {
                     return Err(MembershipError::MissingKey(id));
                 }
+                // The configuration's keys are checked when it is loaded; a key arriving here
+                // (the engine's API, a join) is checked the same way before it enters the log.
+                let usable = |bytes: &[u8; 32]| {
+                    ed25519_dalek::VerifyingKey::from_bytes(bytes).is_ok_and(|k| !k.is_weak())
+                };
+                if key.as_ref().is_some_and(|bytes| !usable(bytes)) {
+                    return Err(MembershipError::WeakKey(id));
+                }
                 let same_address =
                     address.is_none() || current.addresses.get(&id) == address.as_ref();
                 let same_key = key.is_none() || current.keys.get(&id) == key.as_ref();

@@ -1523,6 +1523,53 @@ async fn change_until_settled(
     }
 }
 
+/// A cluster whose nodes serve their API over HTTPS (`[http] tls = true`): a fourth node joins
+/// with `--join`, asking over HTTPS and trusting the member's certificate because it comes from
+/// the cluster's CA, and becomes a learner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_cluster_whose_api_is_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = consensus::node::write_loopback_cluster_with_joiners(
+        dir.path(),
+        &free_ports(8),
+        3,
+        consensus::Algorithm::Raft,
+    )
+    .unwrap();
+    for file in &files {
+        let text = std::fs::read_to_string(&file.config).unwrap();
+        std::fs::write(&file.config, format!("{text}tls = true\n")).unwrap();
+    }
+    let ca = dir.path().join("certs").join("ca.pem");
+    let mut cluster = Cluster {
+        _dir: dir,
+        nodes: files.into_iter().map(|f| Node::new(f, None)).collect(),
+    };
+    for node in &mut cluster.nodes[..3] {
+        node.spawn();
+    }
+    cluster.nodes[3].args = vec!["--join".into(), cluster.nodes[0].http.to_string()];
+    cluster.nodes[3].spawn();
+    let get = "GET /cluster HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let answer = https_request(cluster.nodes[1].http, &ca, get).await;
+        if let Ok((200, text)) = &answer
+            && let Some((_, body)) = text.split_once("\r\n\r\n")
+            && let Ok(view) = serde_json::from_str::<Value>(body)
+            && names(&view["learners"]) == ["node-4"]
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-4 is no learner; last: {answer:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Issue 16, by hand over HTTP as the README shows it: a fourth node joins with `--join`
 /// through a follower, catches up as a learner, and is promoted while the first leader is
 /// removed; bad changes are 400 and change nothing; joining again after a restart is harmless.

@@ -1,7 +1,8 @@
-//! An HTTP/1.1 client for the node's API, used by the `kv_cluster` example and the node tests:
-//! hyper's client connection (`hyper::client::conn::http1`) on a plain TCP stream, one request
-//! at a time. [`request`] opens a connection per request (`Connection: close`); a
-//! [`Connection`] keeps one alive across a client's requests.
+//! An HTTP/1.1 client for the node's API, used by the `kv_cluster` example, the node tests and
+//! `consensus-node --join`: hyper's client connection (`hyper::client::conn::http1`) on a TCP
+//! stream, one request at a time. [`request`] opens a connection per request
+//! (`Connection: close`); a [`Connection`] keeps one alive across a client's requests;
+//! [`request_over`] also speaks HTTPS to a node that serves its API with its certificate.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -85,8 +86,48 @@ pub async fn request_with_headers(
     body: &[u8],
     timeout: Duration,
 ) -> Result<HttpResponse, ClientError> {
+    request_over(None, address, method, path, headers, body, timeout).await
+}
+
+/// How a client checks a node's HTTPS certificate: as the node's peers check it (TLS 1.3, the
+/// chain must lead to the cluster's CA; see [`crate::transport::tcp::tls`]), since the API is
+/// served with the node's own certificate.
+#[derive(Clone)]
+pub struct Https {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Https {
+    /// Trusts what `tls` (a node's own TLS material) trusts: certificates of its cluster's CA.
+    pub fn as_peer(tls: &crate::transport::tcp::tls::PeerTls) -> Self {
+        Https {
+            connector: tokio_rustls::TlsConnector::from(tls.client_config()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Https(the cluster's CA)")
+    }
+}
+
+/// [`request_with_headers`] over HTTPS when `https` is given (checked as [`Https`] says; a
+/// certificate it does not trust is [`ClientError::Io`]), plain HTTP otherwise.
+pub async fn request_over(
+    https: Option<&Https>,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<HttpResponse, ClientError> {
     let exchange = async {
-        let mut sender = connect(address).await?;
+        let mut sender = match https {
+            None => connect(address).await?,
+            Some(https) => connect_tls(address, https).await?,
+        };
         let mut headers = headers.to_vec();
         headers.push(("connection", "close"));
         send(&mut sender, address, method, path, &headers, body).await
@@ -100,7 +141,32 @@ pub async fn request_with_headers(
 async fn connect(address: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ClientError> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    start_connection(address, stream).await
+}
+
+/// [`connect`], then TLS with the node's certificate checked as `https` says.
+async fn connect_tls(
+    address: SocketAddr,
+    https: &Https,
+) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let stream = https
+        .connector
+        .connect(crate::transport::tcp::tls::PeerTls::server_name(), stream)
+        .await?;
+    start_connection(address, stream).await
+}
+
+/// hyper's handshake on `io` and its connection task.
+async fn start_connection<I>(
+    address: SocketAddr,
+    io: I,
+) -> Result<SendRequest<Full<Bytes>>, ClientError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%address, %error, "HTTP client connection ended");

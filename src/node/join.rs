@@ -12,6 +12,10 @@
 //! Joining again with the same name and address (a restart with `--join` still given) is
 //! harmless: the cluster answers that the learner is already there, and a node that became a
 //! voter is not asked for again.
+//!
+//! A node whose own API is HTTPS (`[http] tls = true`) asks over HTTPS: the members of one
+//! cluster serve their APIs alike. It trusts the member's certificate as a peer would (its chain
+//! leads to the cluster's CA, [`client::Https::as_peer`]), and refuses any other.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -44,6 +48,7 @@ pub(super) struct ClusterView {
 pub(super) async fn prepare(
     consensus: &mut ConsensusConfig,
     member: SocketAddr,
+    https: Option<&client::Https>,
 ) -> Result<ClusterView, NodeError> {
     if !consensus.peers.is_empty() {
         return Err(NodeError::Usage(
@@ -52,6 +57,7 @@ pub(super) async fn prepare(
     }
     advertised_address(consensus)?;
     let view = ask(
+        https,
         member,
         "GET",
         "/cluster",
@@ -90,6 +96,7 @@ pub(super) async fn prepare(
 pub(super) async fn ask_to_be_added(
     consensus: &ConsensusConfig,
     member: SocketAddr,
+    https: Option<&client::Https>,
     view: &ClusterView,
     token: Option<&str>,
 ) -> Result<(), NodeError> {
@@ -111,6 +118,7 @@ pub(super) async fn ask_to_be_added(
     }
     let body = body.to_string();
     ask(
+        https,
         member,
         "POST",
         "/cluster/learners",
@@ -147,6 +155,7 @@ fn advertised_address(consensus: &ConsensusConfig) -> Result<SocketAddr, NodeErr
 /// Sends one request until `read` says what it answered (`Ok(Some)`), giving up on `Err` or
 /// after [`JOIN_PATIENCE`]; connection failures and `Ok(None)` are retried.
 async fn ask<T>(
+    https: Option<&client::Https>,
     member: SocketAddr,
     method: &str,
     path: &str,
@@ -161,7 +170,8 @@ async fn ask<T>(
         headers.push(("authorization", value));
     }
     loop {
-        let last = match client::request_with_headers(
+        let last = match client::request_over(
+            https,
             member,
             method,
             path,

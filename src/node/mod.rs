@@ -132,8 +132,9 @@ pub struct NodeConfig {
     /// set, are the engine's [`ConsensusConfig::trace_sample_ratio`] and
     /// [`ConsensusConfig::trace_max_per_second`].
     pub telemetry: crate::telemetry::TelemetryConfig,
-    /// `--join HTTP_ADDR`: join the running Raft cluster of which a member's plain-HTTP API
-    /// listens there (see `node/join.rs`); `bootstrap_peers` must then be empty.
+    /// `--join HTTP_ADDR`: join the running Raft cluster of which a member's API listens there
+    /// (see `node/join.rs`; over HTTPS when this node serves HTTPS); `bootstrap_peers` must
+    /// then be empty.
     pub join: Option<SocketAddr>,
 }
 
@@ -727,8 +728,18 @@ pub async fn run(
     mut config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    let https = match (&config.consensus.tls, config.http_tls) {
+        (Some(files), true) => Some(files.load().map_err(|error| ConfigError::Tls {
+            problem: error.to_string(),
+        })?),
+        _ => None,
+    };
+    let join_over = https.as_ref().map(client::Https::as_peer);
     let joined = match config.join {
-        Some(member) => Some((member, join::prepare(&mut config.consensus, member).await?)),
+        Some(member) => Some((
+            member,
+            join::prepare(&mut config.consensus, member, join_over.as_ref()).await?,
+        )),
         None => None,
     };
     if config.consensus.algorithm.signs_messages() {
@@ -754,18 +765,13 @@ pub async fn run(
         engine = engine.with_log_store(store);
     }
     engine.set_state_machine(kv::KvStore::new())?;
-    let https = match (&config.consensus.tls, config.http_tls) {
-        (Some(files), true) => Some(files.load().map_err(|error| ConfigError::Tls {
-            problem: error.to_string(),
-        })?),
-        _ => None,
-    };
     let listener = tokio::net::TcpListener::bind(config.http_address).await?;
     engine.start().await?;
     if let Some((member, view)) = &joined {
         join::ask_to_be_added(
             &config.consensus,
             *member,
+            join_over.as_ref(),
             view,
             token.as_ref().map(|t| t.text()),
         )

@@ -229,7 +229,7 @@ impl PeerTls {
         self.inner.serving.clone()
     }
 
-    pub(super) fn server_name() -> ServerName<'static> {
+    pub(crate) fn server_name() -> ServerName<'static> {
         ServerName::try_from(SNI).expect("a valid DNS name")
     }
 }

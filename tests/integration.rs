@@ -815,3 +815,88 @@ async fn proposals_forwarded_to_a_leader_that_dies_commit_once_through_the_next(
         }
     }
 }
+
+/// A member removed from a group over TCP is forgotten by the others' transports once its
+/// removal committed and a grace period passed (20 election timeouts: 3 s here): nothing
+/// redials its address after that, where before they redialed it for as long as they ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_is_no_longer_dialed_after_the_grace() {
+    let names = ["keep-a", "keep-b", "leaver"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let starts = names.iter().zip(&ports).map(|(name, port)| {
+        let peers: Vec<String> = names
+            .iter()
+            .zip(&ports)
+            .filter(|(other, _)| *other != name)
+            .map(|(other, p)| format!("{other}@127.0.0.1:{p}"))
+            .collect();
+        let config = ConsensusConfig::default()
+            .node_id(*name)
+            .bind_address(format!("127.0.0.1:{port}"))
+            .peers(peers)
+            .insecure_plaintext(true);
+        async move {
+            let mut engine = ConsensusEngine::new(config).unwrap();
+            engine.start().await.unwrap();
+            engine
+        }
+    });
+    let mut engines = futures::future::join_all(starts).await;
+    let leader_of = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
+    wait_until("a leader", Duration::from_secs(10), || {
+        leader_of(&engines).is_some()
+    })
+    .await;
+    // The leaver must not lead: hand over by removing it only while another node leads.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let membership = loop {
+        if let Some(leader) = leader_of(&engines).filter(|&l| l != 2) {
+            let keep = [NodeId::from_name("keep-a"), NodeId::from_name("keep-b")];
+            match engines[leader].change_membership(keep).await {
+                Ok(membership) => break membership,
+                Err(error) => assert!(Instant::now() < deadline, "{error}"),
+            }
+        } else {
+            assert!(Instant::now() < deadline, "the leaver kept leading");
+            engines[2].hand_over_leadership().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !membership.contains(NodeId::from_name("leaver")),
+        "{membership}"
+    );
+    let mut leaver = engines.pop().unwrap();
+    leaver.stop().await.unwrap();
+    // Its address answers again, so that a redial would be seen.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", ports[2]))
+        .await
+        .unwrap();
+    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    let accepting = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    // The grace (3 s from the commit) and then some: dials seen until then do not count.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = dials.load(std::sync::atomic::Ordering::SeqCst);
+    // Longer than the transport's longest redial backoff (2 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = dials.load(std::sync::atomic::Ordering::SeqCst);
+    accepting.abort();
+    assert_eq!(
+        after, before,
+        "the removed member's address was dialed again"
+    );
+    let result = engines[0].propose(Proposal::new("after", "v")).await;
+    assert!(
+        matches!(result, Ok(ConsensusResult::Committed { .. })),
+        "the two left go on: {result:?}"
+    );
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}

@@ -443,6 +443,8 @@ pub(crate) struct Driver<P: Protocol> {
     /// Set while a committed membership leaves this node out (see
     /// [`crate::ConsensusEngine::removed`]).
     pub(crate) removed: tokio::sync::watch::Sender<Option<LogIndex>>,
+    /// Removed members the transport forgets once they had time to hear of it.
+    pub(crate) retired_routes: crate::engine::retired_routes::RetiredRoutes,
 }
 
 impl<P: Protocol> Driver<P> {
@@ -480,6 +482,9 @@ impl<P: Protocol> Driver<P> {
             self.step_peer_round(&mut peer_messages, &mut out);
             if now >= next_tick {
                 self.node.step(Input::Tick, &mut out);
+                for id in self.retired_routes.take_due(now) {
+                    self.transport.remove_member(id);
+                }
                 // On the cadence, unless a whole tick was missed: the runtime's timer wakes the
                 // driver up to a millisecond late, which must not slow the ticks down.
                 next_tick = if now < next_tick + self.settings.tick {
@@ -826,6 +831,8 @@ impl<P: Protocol> Driver<P> {
                         tracing::info!(node = %self.node.id(), index, %membership, committed,
                             "membership changed");
                         *lock(&self.membership) = Some(membership.clone());
+                        self.retired_routes
+                            .changed(membership, committed, Instant::now());
                         if membership.contains(self.node.id()) {
                             self.removed.send_replace(None); // added (back)
                         }

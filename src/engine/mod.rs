@@ -25,6 +25,7 @@ mod membership_calls;
 mod pending;
 mod reply;
 mod retained;
+mod retired_routes;
 mod snapshots;
 mod traces;
 
@@ -490,6 +491,11 @@ impl ConsensusEngine {
             self.metrics.set_applied_index(snapshot.index);
         }
         let invalid_seen = node.invalid_messages();
+        let retired_routes = retired_routes::RetiredRoutes::new(
+            node.id(),
+            node.membership().as_ref(),
+            self.config.election.election_timeout * retired_routes::GRACE_ELECTION_TIMEOUTS,
+        );
         let membership = Arc::new(Mutex::new(node.membership()));
         // A store written before snapshots existed keeps the whole log.
         let snapshots = SnapshotTaker::new(
@@ -542,6 +548,7 @@ impl ConsensusEngine {
             membership: membership.clone(),
             membership_calls: Default::default(),
             removed: self.removed.clone(),
+            retired_routes,
         };
         self.storage_failed.send_replace(false);
         if driver_thread.driver.send(driver).is_err() {

@@ -26,6 +26,12 @@ pub trait Transport<M>: Send + Sync {
     fn add_member(&self, id: NodeId, address: &str) {
         let _ = (id, address);
     }
+
+    /// Member `id` left the group (its removal committed a while ago, so it had time to hear
+    /// of it): a transport that dials its peers stops reaching it. The others ignore it.
+    fn remove_member(&self, id: NodeId) {
+        let _ = id;
+    }
 }
 
 pub mod simulated;

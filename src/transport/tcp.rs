@@ -356,6 +356,8 @@ struct Shared<M> {
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     /// Per peer, what wakes its dialer from a backoff wait: a peer that dials this node is up.
     redial: std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Notify>>>,
+    /// Per peer given with its id, what stops its dialer ([`Transport::remove_member`]).
+    dialers: std::sync::Mutex<HashMap<NodeId, CancellationToken>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -472,6 +474,7 @@ where
             inbound,
             unreachable: std::sync::Mutex::new(None),
             redial: std::sync::Mutex::new(HashMap::new()),
+            dialers: std::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime,
@@ -489,13 +492,21 @@ where
     /// (messages queue until connected); a `host:port` peer once its handshake told its id.
     pub fn add_peer(&self, peer: PeerAddress) {
         let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.peer_queue_capacity);
+        let stop = self.shared.shutdown.child_token();
         if let Some(id) = peer.node_id {
             self.shared.routes_write().insert(id, queue_tx.clone());
+            if let Some(previous) = crate::sync::lock(&self.shared.dialers).insert(id, stop.clone())
+            {
+                previous.cancel();
+            }
         }
-        spawn_guarded(
-            &self.shared,
-            peer::run(self.shared.clone(), peer, queue_tx, queue_rx),
-        );
+        let dialer = peer::run(self.shared.clone(), peer, queue_tx, queue_rx);
+        spawn_guarded(&self.shared, async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = dialer => {}
+            }
+        });
     }
 }
 
@@ -584,6 +595,18 @@ where
                 self.add_peer(PeerAddress::with_id(id, peer.host, peer.port));
             }
             _ => tracing::warn!(%id, address, "a member's address does not parse; not dialing it"),
+        }
+    }
+
+    /// Forgets `id`: messages to it are dropped as to an unknown peer, and its dialer stops
+    /// (closing its connection), so a member removed from the group is not redialed forever.
+    /// A peer configured as a bare `host:port` is known by id only after its handshake and is
+    /// not stopped this way.
+    fn remove_member(&self, id: NodeId) {
+        self.shared.routes_write().remove(&id);
+        if let Some(dialer) = crate::sync::lock(&self.shared.dialers).remove(&id) {
+            tracing::info!(%id, "no longer dialing a member removed from the group");
+            dialer.cancel();
         }
     }
 }

@@ -1297,33 +1297,171 @@ struct ReceivingFile {
 /// (about 64 MiB of 1 MiB chunks), so that a disk slower than the network bounds the memory.
 const RECEIVING_PARTS_QUEUED: usize = 64;
 
-/// The writer syncs the receiving file each time this many bytes were written since the last
-/// sync, so that the disk writes while the rest arrives and the sync at the end has little
-/// left. Without it the kernel starts writing back only when the dirty pages pass its
-/// thresholds (a tenth of memory, or 30 s old), so a 1 GiB snapshot was written to disk
-/// entirely by the final sync: 1 to 2.5 s on this machine's disk after the last byte arrived.
+/// Written through the page cache (where direct I/O is refused), the receiving file is synced
+/// each time this many bytes were written since the last sync, so that the disk writes while
+/// the rest arrives and the sync at the end has little left. Without it the kernel starts
+/// writing back only when the dirty pages pass its thresholds (a tenth of memory, or 30 s
+/// old), so a 1 GiB snapshot was written to disk entirely by the final sync: 1 to 2.5 s on
+/// this machine's disk after the last byte arrived.
 const RECEIVING_SYNC_BYTES: usize = 32 << 20;
+
+/// Direct I/O's alignment of memory, lengths and offsets (the largest logical block size in
+/// common use).
+const DIRECT_ALIGN: usize = 4096;
+
+/// The direct writer's staging buffer: each write to the disk is this many bytes.
+const DIRECT_STAGING: usize = 4 << 20;
+
+/// Writes a received snapshot's parts to its file, in order. Where the file system allows it
+/// (Linux, `O_DIRECT`) the bytes go to the disk without the page cache: a snapshot the size of
+/// the state neither evicts the node's hot pages nor pays for fresh page-cache pages, which on
+/// the VM measured cost more than the disk (writing a GiB into fresh pages: 3.1 s; the state
+/// sync of a GiB took 5.24 s against 5.60 s, and the leader's commit p99 meanwhile was 7-13 ms
+/// against 35-42 ms). Direct writes need aligned memory, lengths and
+/// offsets: parts are gathered in an aligned staging buffer written whole, and the tail is
+/// written padded, then the file is cut back to its size. A file system that refuses direct
+/// I/O, at the start or at a write, gets buffered writes synced every
+/// [`RECEIVING_SYNC_BYTES`].
+struct SnapshotFileWriter {
+    file: std::fs::File,
+    direct: bool,
+    /// `DIRECT_STAGING + DIRECT_ALIGN` bytes, of which `staging[aligned..aligned +
+    /// DIRECT_STAGING]` is aligned (found with `align_offset`, the allocation never moves).
+    staging: Vec<u8>,
+    aligned: usize,
+    /// Bytes in the staging buffer.
+    staged: usize,
+    /// Bytes in the file, from the start.
+    written: u64,
+    /// Buffered bytes written since the last sync.
+    unsynced: usize,
+}
+
+impl SnapshotFileWriter {
+    /// A writer of `file`, asking for direct I/O if `try_direct`.
+    fn new(file: std::fs::File, try_direct: bool) -> Self {
+        let direct = try_direct && Self::ask_for_direct_io(&file);
+        let staging = if direct {
+            vec![0; DIRECT_STAGING + DIRECT_ALIGN]
+        } else {
+            Vec::new()
+        };
+        let aligned = if direct {
+            staging.as_ptr().align_offset(DIRECT_ALIGN)
+        } else {
+            0
+        };
+        SnapshotFileWriter {
+            file,
+            direct: direct && aligned < DIRECT_ALIGN,
+            staging,
+            aligned,
+            staged: 0,
+            written: 0,
+            unsynced: 0,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn ask_for_direct_io(file: &std::fs::File) -> bool {
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        fcntl_getfl(file).is_ok_and(|flags| fcntl_setfl(file, flags | OFlags::DIRECT).is_ok())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn ask_for_direct_io(_: &std::fs::File) -> bool {
+        false
+    }
+
+    /// Back to buffered writes (a direct write was refused).
+    fn give_up_direct_io(&mut self) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+            let flags = fcntl_getfl(&self.file)?;
+            fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+        }
+        self.direct = false;
+        Ok(())
+    }
+
+    fn push(&mut self, mut part: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        while self.direct && !part.is_empty() {
+            let room = DIRECT_STAGING - self.staged;
+            let taken = room.min(part.len());
+            let at = self.aligned + self.staged;
+            self.staging[at..at + taken].copy_from_slice(&part[..taken]);
+            self.staged += taken;
+            part = &part[taken..];
+            if self.staged == DIRECT_STAGING {
+                self.write_staged(DIRECT_STAGING)?;
+            }
+        }
+        if part.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(part)?;
+        self.written += part.len() as u64;
+        self.unsynced += part.len();
+        if self.unsynced >= RECEIVING_SYNC_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes the staged bytes at the end of the file: `length` of them, the staged ones
+    /// padded to a multiple of [`DIRECT_ALIGN`]. A refused direct write is made buffered.
+    fn write_staged(&mut self, length: usize) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        let bytes = &self.staging[self.aligned..self.aligned + length];
+        match self.file.write_all(bytes) {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                tracing::debug!(%error, "direct I/O refused; writing the snapshot through the page cache");
+                self.give_up_direct_io()?;
+                // From where the refused write started, whatever it wrote.
+                self.file.seek(std::io::SeekFrom::Start(self.written))?;
+                let bytes = &self.staging[self.aligned..self.aligned + length];
+                self.file.write_all(bytes)?;
+            }
+            Err(error) => return Err(error),
+        }
+        self.written += self.staged as u64;
+        self.staged = 0;
+        Ok(())
+    }
+
+    /// Writes what is staged and returns the file, at its size.
+    fn finish(mut self) -> std::io::Result<std::fs::File> {
+        if self.staged > 0 {
+            let padded = self.staged.next_multiple_of(DIRECT_ALIGN);
+            let at = self.aligned + self.staged;
+            self.staging[at..self.aligned + padded].fill(0);
+            self.write_staged(padded)?;
+        }
+        // The padding of the last direct write goes (and the position with it: nothing is
+        // written after this).
+        self.file.set_len(self.written)?;
+        Ok(self.file)
+    }
+}
 
 impl ReceivingFile {
     /// Starts the file of the snapshot through `index` and its writer thread.
     fn start(dir: &Path, index: LogIndex) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut file = std::fs::File::create(dir.join(receiving_file_name(index)))?;
+        let file = std::fs::File::create(dir.join(receiving_file_name(index)))?;
         let (parts, queue) = std::sync::mpsc::sync_channel::<bytes::Bytes>(RECEIVING_PARTS_QUEUED);
         let writer = std::thread::Builder::new()
             .name("consensus-snapshot-receive".into())
             .spawn(move || {
-                use std::io::Write;
-                let mut unsynced = 0;
+                let mut writer = SnapshotFileWriter::new(file, true);
                 for part in queue {
-                    file.write_all(&part)?;
-                    unsynced += part.len();
-                    if unsynced >= RECEIVING_SYNC_BYTES {
-                        file.sync_data()?;
-                        unsynced = 0;
-                    }
+                    writer.push(&part)?;
                 }
-                Ok(file)
+                writer.finish()
             })?;
         Ok(ReceivingFile {
             index,
@@ -1398,6 +1536,31 @@ use synced_mark::{JournalCut, SyncedMark};
 
 #[cfg(test)]
 mod tests {
+    /// Parts of odd sizes, across the staging buffer's size and with a tail that is no multiple
+    /// of the alignment, make the same file written directly or through the page cache.
+    #[test]
+    fn the_snapshot_file_writer_keeps_every_byte_direct_or_not() {
+        use super::{DIRECT_STAGING, SnapshotFileWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..2 * DIRECT_STAGING + 12_345)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        for try_direct in [true, false] {
+            let path = dir.path().join(format!("direct-{try_direct}"));
+            let file = std::fs::File::create(&path).unwrap();
+            // Where the file system refuses O_DIRECT both runs are buffered.
+            let mut writer = SnapshotFileWriter::new(file, try_direct);
+            for part in data.chunks(1_000_003) {
+                writer.push(part).unwrap();
+            }
+            drop(writer.finish().unwrap());
+            assert!(
+                std::fs::read(&path).unwrap() == data,
+                "direct: {try_direct}"
+            );
+        }
+    }
+
     use super::*;
 
     fn command(index: LogIndex, term: Term, data: &[u8]) -> Entry {

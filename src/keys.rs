@@ -170,8 +170,12 @@ fn parse_public_key(node: &str, value: &str) -> Result<VerifyingKey, ConfigError
 /// A member's ed25519 public key from 64 hex characters, refused when the bytes are no curve
 /// point or a small-order one; the error says what is wrong.
 pub(crate) fn public_key_from_hex(text: &str) -> Result<VerifyingKey, String> {
-    let bytes = decode_key_hex(text)?;
-    let key = VerifyingKey::from_bytes(&bytes).map_err(|_| {
+    public_key_from_bytes(&decode_key_hex(text)?)
+}
+
+/// A member's ed25519 public key from its 32 bytes, refused as [`public_key_from_hex`] says.
+pub(crate) fn public_key_from_bytes(bytes: &[u8; 32]) -> Result<VerifyingKey, String> {
+    let key = VerifyingKey::from_bytes(bytes).map_err(|_| {
         "not an ed25519 public key: the bytes do not decode to a curve point".to_string()
     })?;
     if key.is_weak() {

@@ -491,12 +491,13 @@ impl ConsensusEngine {
             self.metrics.set_applied_index(snapshot.index);
         }
         let invalid_seen = node.invalid_messages();
+        let start_membership = node.membership();
         let retired_routes = retired_routes::RetiredRoutes::new(
             node.id(),
-            node.membership().as_ref(),
+            start_membership.as_ref(),
             self.config.election.election_timeout * retired_routes::GRACE_ELECTION_TIMEOUTS,
         );
-        let membership = Arc::new(Mutex::new(node.membership()));
+        let membership = Arc::new(Mutex::new(start_membership));
         // A store written before snapshots existed keeps the whole log.
         let snapshots = SnapshotTaker::new(
             if P::COMPACTS_LOG && store.supports_snapshots() {

@@ -124,10 +124,7 @@ pub async fn request_over(
     timeout: Duration,
 ) -> Result<HttpResponse, ClientError> {
     let exchange = async {
-        let mut sender = match https {
-            None => connect(address).await?,
-            Some(https) => connect_tls(address, https).await?,
-        };
+        let mut sender = connect(address, https).await?;
         let mut headers = headers.to_vec();
         headers.push(("connection", "close"));
         send(&mut sender, address, method, path, &headers, body).await
@@ -137,25 +134,21 @@ pub async fn request_over(
         .map_err(|_| ClientError::Timeout(timeout))?
 }
 
-/// Dials `address` and starts hyper's connection task, which ends when the connection closes.
-async fn connect(address: SocketAddr) -> Result<SendRequest<Full<Bytes>>, ClientError> {
-    let stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
-    start_connection(address, stream).await
-}
-
-/// [`connect`], then TLS with the node's certificate checked as `https` says.
-async fn connect_tls(
+/// Dials `address` (then TLS, with the node's certificate checked as `https` says, when given)
+/// and starts hyper's connection task, which ends when the connection closes.
+async fn connect(
     address: SocketAddr,
-    https: &Https,
+    https: Option<&Https>,
 ) -> Result<SendRequest<Full<Bytes>>, ClientError> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    let stream = https
-        .connector
-        .connect(crate::transport::tcp::tls::PeerTls::server_name(), stream)
-        .await?;
-    start_connection(address, stream).await
+    match https {
+        None => start_connection(address, stream).await,
+        Some(https) => {
+            let name = crate::transport::tcp::tls::PeerTls::server_name();
+            start_connection(address, https.connector.connect(name, stream).await?).await
+        }
+    }
 }
 
 /// hyper's handshake on `io` and its connection task.
@@ -253,7 +246,7 @@ impl Connection {
     ) -> Result<HttpResponse, ClientError> {
         // A connection the server closed (`Connection: close`, an idle timeout) is redialed.
         if self.sender.as_ref().is_none_or(|sender| sender.is_closed()) {
-            self.sender = Some(connect(self.address).await?);
+            self.sender = Some(connect(self.address, None).await?);
         }
         let sender = self.sender.as_mut().expect("set just above");
         send(sender, self.address, method, path, &[], body).await

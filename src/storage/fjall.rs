@@ -1340,20 +1340,17 @@ struct SnapshotFileWriter {
 impl SnapshotFileWriter {
     /// A writer of `file`, asking for direct I/O if `try_direct`.
     fn new(file: std::fs::File, try_direct: bool) -> Self {
-        let direct = try_direct && Self::ask_for_direct_io(&file);
-        let staging = if direct {
+        let staging = if try_direct {
             vec![0; DIRECT_STAGING + DIRECT_ALIGN]
         } else {
             Vec::new()
         };
-        let aligned = if direct {
-            staging.as_ptr().align_offset(DIRECT_ALIGN)
-        } else {
-            0
-        };
+        let aligned = staging.as_ptr().align_offset(DIRECT_ALIGN);
+        // The file is switched to direct I/O only once an aligned buffer is there to feed it.
+        let direct = try_direct && aligned < DIRECT_ALIGN && Self::ask_for_direct_io(&file);
         SnapshotFileWriter {
             file,
-            direct: direct && aligned < DIRECT_ALIGN,
+            direct,
             staging,
             aligned,
             staged: 0,

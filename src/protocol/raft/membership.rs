@@ -216,10 +216,10 @@ impl RaftNode {
                 }
                 // The configuration's keys are checked when it is loaded; a key arriving here
                 // (the engine's API, a join) is checked the same way before it enters the log.
-                let usable = |bytes: &[u8; 32]| {
-                    ed25519_dalek::VerifyingKey::from_bytes(bytes).is_ok_and(|k| !k.is_weak())
-                };
-                if key.as_ref().is_some_and(|bytes| !usable(bytes)) {
+                if key
+                    .as_ref()
+                    .is_some_and(|bytes| crate::keys::public_key_from_bytes(bytes).is_err())
+                {
                     return Err(MembershipError::WeakKey(id));
                 }
                 let same_address =

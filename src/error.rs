@@ -166,6 +166,20 @@ pub enum StorageError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A stored record was written in a format this release no longer reads (e.g. a log entry
+    /// from before commands were encoded with postcard). Nothing is lost by refusing it: the
+    /// data directory is untouched, and a release that reads that version can still open it.
+    #[error(
+        "record at {location} is format version {version}, which this release does not read: {reason}"
+    )]
+    UnsupportedVersion {
+        /// Which record (e.g. "log index 17").
+        location: String,
+        /// The version byte it carries.
+        version: u8,
+        /// Why it is not read.
+        reason: &'static str,
+    },
     /// A write would leave a gap or rewrite history below the given index.
     #[error("non-contiguous log write: expected index {expected}, got {got}")]
     NonContiguous {

@@ -8,7 +8,7 @@
 //! Allocation is bounded by construction and asserted on the lengths: every length a decoder
 //! reads from outside (a frame's prefix, a compressed body's size) is compared with its limit
 //! before anything of that size is allocated, and the tests assert that an input declaring more
-//! than the limit gets the length error. Lengths inside bincode and postcard values are checked
+//! than the limit gets the length error. Lengths inside postcard values are checked
 //! against the bytes actually left, and serde caps what a declared collection length
 //! preallocates at 1 MiB. (A probe of every allocation would need a global allocator, which is
 //! `unsafe` code the crate forbids.)

@@ -25,6 +25,7 @@
 pub mod byzantine;
 pub mod client_signature;
 pub mod config;
+mod encoding;
 pub mod engine;
 pub mod error;
 #[cfg(all(test, feature = "gpu", feature = "server"))]

@@ -16,7 +16,9 @@ pub type SnapshotWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Re
 /// and responses on every node, or replicas diverge. It runs on the engine's driver thread, so it
 /// should be quick; long work belongs elsewhere.
 pub trait StateMachine: Send + 'static {
-    /// What clients submit. Encoded into the log with `bincode`.
+    /// What clients submit. Encoded into the log with postcard (a serde format: any
+    /// `Serialize`/`Deserialize` type works, and a command must decode from exactly the bytes
+    /// it encoded to).
     type Command: Serialize + DeserializeOwned + Send + 'static;
     /// What applying a command returns to the client that submitted it.
     type Response: Send + 'static;
@@ -88,7 +90,7 @@ pub(crate) trait ErasedStateMachine: Send {
 
 impl<S: StateMachine> ErasedStateMachine for S {
     fn apply_bytes(&mut self, data: &[u8]) -> Result<Box<dyn std::any::Any + Send>, String> {
-        let command: S::Command = bincode::deserialize(data).map_err(|e| e.to_string())?;
+        let command: S::Command = crate::encoding::decode_whole(data).map_err(|e| e.to_string())?;
         Ok(Box::new(self.apply(command)))
     }
 
@@ -103,5 +105,5 @@ impl<S: StateMachine> ErasedStateMachine for S {
 
 /// Encodes a command the way [`ErasedStateMachine::apply_bytes`] decodes it.
 pub(crate) fn encode_command<C: Serialize>(command: &C) -> Result<Vec<u8>, String> {
-    bincode::serialize(command).map_err(|e| e.to_string())
+    crate::encoding::to_vec(command).map_err(|e| e.to_string())
 }

@@ -453,6 +453,38 @@ fn damaged_records_are_typed_corruption_errors() {
     );
 }
 
+/// A log entry as a release before the postcard change wrote it (record version 1, its
+/// command in bincode) is refused with a typed error naming it, not applied as whatever its
+/// bytes decode to in postcard; other records keep version 1 and still open.
+#[test]
+fn an_entry_of_the_bincode_era_is_refused_as_an_unsupported_version() {
+    let old_entry = recover_after_damage(|log, _| {
+        let value = log.get(key(2)).unwrap().unwrap().to_vec();
+        assert_eq!(value[0], 2, "entries are written as version 2");
+        let body = &value[10..];
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[1, value[1]]);
+        hasher.update(&(body.len() as u32).to_le_bytes());
+        hasher.update(body);
+        let mut resealed = vec![1, value[1]];
+        resealed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        resealed.extend_from_slice(&hasher.finalize().to_le_bytes());
+        resealed.extend_from_slice(body);
+        log.insert(key(2), resealed).unwrap();
+    });
+    match old_entry {
+        Err(StorageError::UnsupportedVersion {
+            location,
+            version: 1,
+            reason,
+        }) => {
+            assert_eq!(location, "log index 2");
+            assert!(reason.contains("bincode"), "{reason}");
+        }
+        other => panic!("expected UnsupportedVersion at log index 2, got {other:?}"),
+    }
+}
+
 // ---- records ------------------------------------------------------------------------------------
 
 type Records = BTreeMap<Vec<u8>, Vec<u8>>;

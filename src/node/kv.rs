@@ -12,7 +12,7 @@ use crate::state_machine::{SnapshotWriter, StateMachine};
 /// The first bytes of a [`KvStore`] snapshot, then its format version.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SKV1";
 
-/// A command of [`KvStore`], replicated through the log (bincode-encoded by the engine).
+/// A command of [`KvStore`], replicated through the log (postcard-encoded by the engine).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {
     /// Sets `key` to `value`.
@@ -291,8 +291,8 @@ mod tests {
         ];
         let (mut one, mut two) = (KvStore::new(), KvStore::new());
         for command in commands {
-            let encoded = bincode::serialize(&command).unwrap();
-            let decoded: KvCommand = bincode::deserialize(&encoded).unwrap();
+            let encoded = crate::encoding::to_vec(&command).unwrap();
+            let decoded: KvCommand = crate::encoding::decode_whole(&encoded).unwrap();
             assert_eq!(one.apply(command), two.apply(decoded));
         }
         assert_eq!(one.data, two.data);

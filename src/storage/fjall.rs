@@ -14,7 +14,10 @@
 //!
 //! # Record format
 //! Every value is a record: a 10-byte header — format version, record kind, body length
-//! (`u32` LE), CRC-32 (`u32` LE) over the version, kind, length and body — then the body. A record
+//! (`u32` LE), CRC-32 (`u32` LE) over the version, kind, length and body — then the body. Log
+//! entries are version 2 (commands in postcard); a version 1 entry (commands in bincode, written
+//! before that change) is refused as [`StorageError::UnsupportedVersion`] rather than applied as
+//! whatever its bytes decode to. Other records are version 1. A record
 //! whose checksum, length, kind or version does not match, or whose body does not decode, is
 //! reported as [`StorageError::Corrupt`] naming the record, and so is a log that is not a
 //! contiguous run of indexes or an entry stored under another index's key. fjall's journal and
@@ -68,8 +71,11 @@ pub const SNAPSHOT_KEY: &[u8] = b"snapshot";
 /// removed after the sync that made it current.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
-/// Version byte of every record this code writes.
+/// Version byte of the records this code writes, by kind (see [`RecordKind::version`]).
 const RECORD_VERSION: u8 = 1;
+/// Version byte of a log entry: 2 since commands are encoded with postcard
+/// ([`crate::encoding`]); the command bytes of a version 1 entry were bincode's.
+const ENTRY_RECORD_VERSION: u8 = 2;
 /// Header bytes before a record's body: version, kind, body length, CRC-32.
 const HEADER_LEN: usize = 1 + 1 + 4 + 4;
 
@@ -82,6 +88,16 @@ enum RecordKind {
     Snapshot = 3,
     /// A value in [`RECORDS_KEYSPACE`]: the body is the core's value, whole.
     CoreRecord = 4,
+}
+
+impl RecordKind {
+    /// The version this code writes and reads for records of this kind.
+    fn version(self) -> u8 {
+        match self {
+            RecordKind::Entry => ENTRY_RECORD_VERSION,
+            RecordKind::HardState | RecordKind::Snapshot | RecordKind::CoreRecord => RECORD_VERSION,
+        }
+    }
 }
 
 /// When the store forces its writes to disk.
@@ -924,7 +940,7 @@ fn decode_key(key: &[u8]) -> Result<LogIndex, StorageError> {
 
 fn record_crc(kind: RecordKind, body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[RECORD_VERSION, kind as u8]);
+    hasher.update(&[kind.version(), kind as u8]);
     // Bodies are far below 4 GiB: fjall refuses values that large before we get here, and a
     // core's record values are bounded by `MAX_RECORD_VALUE_BYTES`.
     hasher.update(&(body.len() as u32).to_le_bytes());
@@ -934,7 +950,7 @@ fn record_crc(kind: RecordKind, body: &[u8]) -> u32 {
 
 fn seal(kind: RecordKind, body: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(HEADER_LEN + body.len());
-    record.push(RECORD_VERSION);
+    record.push(kind.version());
     record.push(kind as u8);
     record.extend_from_slice(&(body.len() as u32).to_le_bytes());
     record.extend_from_slice(&record_crc(kind, body).to_le_bytes());
@@ -957,12 +973,7 @@ fn open_record<'a>(
             ),
         ));
     };
-    if header[0] != RECORD_VERSION {
-        return Err(corrupt(
-            location,
-            format!("unknown record version {}", header[0]),
-        ));
-    }
+    // The kind first: each kind has its own version.
     if header[1] != kind as u8 {
         return Err(corrupt(
             location,
@@ -970,6 +981,19 @@ fn open_record<'a>(
                 "record kind {} where {} was expected",
                 header[1], kind as u8
             ),
+        ));
+    }
+    if header[0] != kind.version() {
+        if kind == RecordKind::Entry && header[0] == 1 {
+            return Err(StorageError::UnsupportedVersion {
+                location: location.to_owned(),
+                version: header[0],
+                reason: "its command is in bincode, from before commands moved to postcard",
+            });
+        }
+        return Err(corrupt(
+            location,
+            format!("unknown record version {}", header[0]),
         ));
     }
     let length = u32::from_le_bytes([header[2], header[3], header[4], header[5]]) as usize;

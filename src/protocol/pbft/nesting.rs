@@ -132,8 +132,6 @@ pub(super) fn in_new_view<'de, D: Deserializer<'de>>(
 
 #[cfg(test)]
 mod tests {
-    use bincode::Options;
-
     use super::super::message::{
         Batch, CheckpointProof, CommittedBatch, Message, NewView, PreparedCertificate,
     };
@@ -157,10 +155,6 @@ mod tests {
                 digest: Digest::of(&[b"a"]),
             })],
         }))
-    }
-
-    fn wire() -> impl Options {
-        bincode::DefaultOptions::new()
     }
 
     #[test]
@@ -210,19 +204,18 @@ mod tests {
             })),
         ];
         for message in messages {
-            let bytes = wire().serialize(&message).unwrap();
-            let decoded: Message = wire().deserialize(&bytes).unwrap();
+            // The same encoding on the wire and on disk.
+            let bytes = crate::encoding::to_vec(&message).unwrap();
+            let decoded: Message = crate::encoding::decode_whole(&bytes).unwrap();
             assert_eq!(decoded, message);
-            let stored = postcard::to_stdvec(&message).unwrap();
-            assert_eq!(postcard::from_bytes::<Message>(&stored).unwrap(), message);
         }
     }
 
     #[test]
     fn a_new_view_inside_a_new_view_does_not_decode() {
         let nested = Message::Signed(new_view(vec![new_view(Vec::new())]));
-        let bytes = wire().serialize(&nested).unwrap();
-        assert!(wire().deserialize::<Message>(&bytes).is_err());
+        let bytes = crate::encoding::to_vec(&nested).unwrap();
+        assert!(crate::encoding::decode_whole::<Message>(&bytes).is_err());
     }
 
     #[test]
@@ -231,8 +224,8 @@ mod tests {
         // level is the same prefix before the inner one and suffix after it.
         let inner = new_view(Vec::new());
         let outer = new_view(vec![inner.clone()]);
-        let inner_bytes = wire().serialize(&inner).unwrap();
-        let outer_bytes = wire().serialize(&outer).unwrap();
+        let inner_bytes = crate::encoding::to_vec(&inner).unwrap();
+        let outer_bytes = crate::encoding::to_vec(&outer).unwrap();
         let at = outer_bytes
             .windows(inner_bytes.len())
             .position(|w| w == inner_bytes.as_slice())
@@ -242,6 +235,6 @@ mod tests {
         let mut bytes = prefix.repeat(depth);
         bytes.extend_from_slice(&inner_bytes);
         bytes.extend_from_slice(&suffix.repeat(depth));
-        assert!(wire().deserialize::<Signed>(&bytes).is_err());
+        assert!(crate::encoding::decode_whole::<Signed>(&bytes).is_err());
     }
 }

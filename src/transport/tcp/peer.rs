@@ -9,7 +9,6 @@ use serde::Serialize;
 use std::future::Future;
 use std::pin::Pin;
 use tarpc::client::RpcError;
-use tarpc::tokio_serde::formats::Bincode;
 use tokio::sync::mpsc;
 use tokio_util::codec::LengthDelimitedCodec;
 
@@ -212,7 +211,7 @@ async fn dial<M>(shared: &Arc<Shared<M>>, address: &PeerAddress) -> Result<Conne
     let framed = LengthDelimitedCodec::builder()
         .max_frame_length(config.max_frame_bytes)
         .new_framed(stream);
-    let transport = tarpc::serde_transport::new(framed, Bincode::default());
+    let transport = tarpc::serde_transport::new(framed, wire::Codec::default());
     let client_config = {
         let mut c = tarpc::client::Config::default();
         // Our own window bounds what is in flight; tarpc's must not be the tighter one.

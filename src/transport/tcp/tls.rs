@@ -526,12 +526,11 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::{Duration, Instant};
 
-    use tarpc::tokio_serde::formats::Bincode;
     use tokio::net::TcpStream;
     use tokio_util::codec::LengthDelimitedCodec;
 
     use super::super::wire::{
-        Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal, encode_message, seal_payload,
+        Codec, Hello, PROTOCOL_VERSION, PeerServiceClient, Refusal, encode_message, seal_payload,
     };
     use super::super::{PeerAddress, TcpTransport, TcpTransportConfig};
     use super::*;
@@ -585,7 +584,7 @@ mod tests {
             }
         };
         let framed = LengthDelimitedCodec::builder().new_framed(stream);
-        let transport = tarpc::serde_transport::new(framed, Bincode::default());
+        let transport = tarpc::serde_transport::new(framed, Codec::default());
         Ok(PeerServiceClient::new(tarpc::client::Config::default(), transport).spawn())
     }
 

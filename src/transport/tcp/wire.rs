@@ -3,7 +3,9 @@
 //!
 //! A batch payload is one flag byte, then the body: `0` = the body as is; `1` = a little-endian
 //! `u32` of the body's length followed by the body compressed as one LZ4 block. The body is a run
-//! of messages, each a little-endian `u32` length and the message in bincode (varint integers).
+//! of messages, each a little-endian `u32` length and the message in postcard
+//! ([`crate::encoding`]). tarpc's envelope around the payload is postcard too ([`Codec`]).
+//! Before protocol version 8 both were bincode 1.3, which is no longer maintained.
 //! A length with its top bit set marks a message that carries a traced proposal: the
 //! [`TraceAttachment`] (41 bytes) comes between the length and the message, and the length
 //! (less that bit) counts the message alone.
@@ -14,13 +16,14 @@
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use bincode::Options;
+use std::marker::PhantomData;
+
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_serde::{Deserializer, Serializer};
 
+use crate::encoding::{self, DecodeError};
 use crate::telemetry::TraceAttachment;
 use crate::types::NodeId;
 
@@ -30,8 +33,8 @@ use crate::types::NodeId;
 /// transfer (`InstallSnapshot`, `InstallSnapshotResponse`). 6: membership entries
 /// (`Payload::Membership`) and the snapshot's membership in `InstallSnapshot`. 7: members'
 /// addresses in memberships, and forwarded membership changes (`ForwardMembership`,
-/// `MembershipAnswer`).
-pub(crate) const PROTOCOL_VERSION: u32 = 7;
+/// `MembershipAnswer`). 8: postcard instead of bincode, for the messages and tarpc's envelope.
+pub(crate) const PROTOCOL_VERSION: u32 = 8;
 
 /// The top bit of a message length: a trace attachment precedes the message.
 const TRACED: u32 = 1 << 31;
@@ -92,22 +95,55 @@ pub(crate) trait PeerService {
     async fn deliver(payload: Bytes) -> Result<(), Refusal>;
 }
 
-fn bincode_options() -> impl Options + Copy {
-    bincode::DefaultOptions::new()
+/// tarpc's frames (requests and responses) in postcard: the codec of a connection's client side,
+/// and of its server side inside [`ServerCodec`]. A frame must decode whole.
+pub(crate) struct Codec<Item, SinkItem> {
+    types: PhantomData<fn(SinkItem) -> Item>,
 }
 
-/// The codec of frames a server reads: tarpc's bincode, after one check of its own. tarpc turns a
+impl<Item, SinkItem> Default for Codec<Item, SinkItem> {
+    fn default() -> Self {
+        Codec { types: PhantomData }
+    }
+}
+
+impl<Item, SinkItem> Deserializer<Item> for Codec<Item, SinkItem>
+where
+    Item: DeserializeOwned,
+{
+    type Error = std::io::Error;
+
+    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, Self::Error> {
+        encoding::decode_whole(src)
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+    }
+}
+
+impl<Item, SinkItem> Serializer<SinkItem> for Codec<Item, SinkItem>
+where
+    SinkItem: Serialize,
+{
+    type Error = std::io::Error;
+
+    fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> Result<Bytes, Self::Error> {
+        encoding::to_vec(item)
+            .map(Bytes::from)
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+    }
+}
+
+/// The codec of frames a server reads: [`Codec`], after one check of its own. tarpc turns a
 /// request's deadline, sent as a duration, into `Instant::now() + duration`, which panics when
 /// the sum overflows: a peer sending a deadline of ~2^64 seconds would panic the task reading its
 /// connection. Such a frame is refused as invalid data instead (the connection then closes).
 pub(crate) struct ServerCodec<Item, SinkItem> {
-    inner: Bincode<Item, SinkItem>,
+    inner: Codec<Item, SinkItem>,
 }
 
 impl<Item, SinkItem> Default for ServerCodec<Item, SinkItem> {
     fn default() -> Self {
         Self {
-            inner: Bincode::default(),
+            inner: Codec::default(),
         }
     }
 }
@@ -115,10 +151,9 @@ impl<Item, SinkItem> Default for ServerCodec<Item, SinkItem> {
 /// Checks the deadline of a tarpc `ClientMessage::Request` (variant 0, whose first field is its
 /// context, whose first field is the deadline) before tarpc adds it to the clock.
 fn check_request_deadline(frame: &[u8]) -> std::io::Result<()> {
-    let prefix: Result<(u32, Duration), _> =
-        bincode_options().allow_trailing_bytes().deserialize(frame);
+    let prefix = postcard::take_from_bytes::<(u32, Duration)>(frame);
     match prefix {
-        Ok((0, deadline)) if Instant::now().checked_add(deadline).is_none() => {
+        Ok(((0, deadline), _)) if Instant::now().checked_add(deadline).is_none() => {
             Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("request deadline {deadline:?} from now is past the clock's range"),
@@ -168,15 +203,21 @@ pub(crate) enum BatchError {
     #[error("LZ4 block does not decompress: {0}")]
     Decompress(String),
     #[error("message {index} does not decode: {source}")]
-    Message {
-        index: usize,
-        source: bincode::Error,
-    },
+    Message { index: usize, source: DecodeError },
 }
 
-/// Serializes one message as it goes into a batch body: length prefix and bincode bytes.
+/// Why a message cannot go into a batch.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EncodeError {
+    #[error(transparent)]
+    Postcard(#[from] postcard::Error),
+    #[error("message of {0} bytes exceeds 2 GiB")]
+    TooLarge(usize),
+}
+
+/// Serializes one message as it goes into a batch body: length prefix and postcard bytes.
 #[cfg(test)]
-pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, bincode::Error> {
+pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
     encode_traced_message(message, None)
 }
 
@@ -185,7 +226,7 @@ pub(crate) fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, binco
 pub(crate) fn encode_traced_message<M: Serialize>(
     message: &M,
     trace: Option<&TraceAttachment>,
-) -> Result<Vec<u8>, bincode::Error> {
+) -> Result<Vec<u8>, EncodeError> {
     let mut builder = PayloadBuilder::new();
     builder.push(message, trace, usize::MAX)?;
     let mut encoded = builder.payload;
@@ -234,17 +275,12 @@ impl PayloadBuilder {
         message: &M,
         trace: Option<&TraceAttachment>,
         max_body: usize,
-    ) -> Result<Pushed, bincode::Error> {
-        let options = bincode_options();
-        let size = options.serialized_size(message)?;
+    ) -> Result<Pushed, EncodeError> {
+        let size = encoding::encoded_len(message)?;
         let size = u32::try_from(size)
             .ok()
             .filter(|&size| size < TRACED)
-            .ok_or_else(|| {
-                Box::new(bincode::ErrorKind::Custom(format!(
-                    "message of {size} bytes exceeds 2 GiB"
-                )))
-            })?;
+            .ok_or(EncodeError::TooLarge(size))?;
         let attachment = trace.map(TraceAttachment::to_bytes);
         let extra = attachment.as_ref().map_or(0, |bytes| bytes.len());
         let encoded = 4 + extra + size as usize;
@@ -265,9 +301,9 @@ impl PayloadBuilder {
         if let Some(bytes) = &attachment {
             self.payload.extend_from_slice(bytes);
         }
-        if let Err(error) = options.serialize_into(&mut self.payload, message) {
+        if let Err(error) = encoding::append(message, &mut self.payload) {
             self.payload.truncate(start);
-            return Err(error);
+            return Err(error.into());
         }
         Ok(Pushed::Added)
     }
@@ -336,7 +372,6 @@ pub(crate) fn open_payload<M: DeserializeOwned>(
         }
         other => return Err(BatchError::UnknownFlag(other)),
     };
-    let options = bincode_options();
     let mut messages = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
@@ -356,12 +391,10 @@ pub(crate) fn open_payload<M: DeserializeOwned>(
         let (encoded, after) = after
             .split_at_checked(length)
             .ok_or(BatchError::Truncated("a message"))?;
-        let message = options
-            .deserialize(encoded)
-            .map_err(|source| BatchError::Message {
-                index: messages.len(),
-                source,
-            })?;
+        let message = encoding::decode_whole(encoded).map_err(|source| BatchError::Message {
+            index: messages.len(),
+            source,
+        })?;
         messages.push((message, trace));
         rest = after;
     }

@@ -1,5 +1,5 @@
 //! Fuzzing what a server reads from a peer: a length-delimited frame (tokio's codec with the
-//! frame limit), tarpc's request in bincode (through [`ServerCodec`]), and the batch payload in a
+//! frame limit), tarpc's request in postcard (through [`ServerCodec`]), and the batch payload in a
 //! delivery ([`open_payload`]) of Raft messages. Inputs are valid frames built from random
 //! messages, then damaged: bytes flipped, cut, inserted, length fields and the deadline
 //! overwritten. Each case must decode or fail with an error, never panic, and a declared length
@@ -105,8 +105,8 @@ enum Damage {
         at: usize,
         len: usize,
     },
-    /// Inserts a bincode varint u64 (0xfd and eight bytes) in place of the byte at `at`: a
-    /// length, count or duration field that claims `value`.
+    /// Inserts a postcard varint u64 (seven bits a byte, low first) in place of the byte at
+    /// `at`: a length, count or duration field that claims `value`.
     Varint {
         at: usize,
         value: u64,
@@ -172,9 +172,7 @@ fn apply(bytes: &mut Vec<u8>, damage: &[Damage]) {
             Damage::Varint { at, value } => {
                 // Mostly near the front, where the envelope's fields are.
                 if *at < bytes.len() {
-                    let mut varint = vec![0xfd];
-                    varint.extend_from_slice(&value.to_le_bytes());
-                    bytes.splice(*at..*at + 1, varint);
+                    bytes.splice(*at..*at + 1, varint(*value));
                 }
             }
             Damage::Saturate { at, len: run } => {
@@ -184,6 +182,20 @@ fn apply(bytes: &mut Vec<u8>, damage: &[Damage]) {
                 }
             }
         }
+    }
+}
+
+/// `value` as postcard writes a u64.
+fn varint(mut value: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    loop {
+        let low = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            bytes.push(low);
+            return bytes;
+        }
+        bytes.push(low | 0x80);
     }
 }
 
@@ -332,11 +344,10 @@ fn a_valid_frame_is_served_and_a_huge_deadline_is_refused_not_a_panic() {
     );
     assert_eq!(serve_bytes(&bytes, 4096), Served::Messages(1));
     // The deadline follows the variant tag (one byte) and is a varint u64 of seconds (one byte
-    // for 10 s): make it 0xfd (a u64 follows) and u64::MAX.
+    // for 10 s): make it u64::MAX (ten bytes).
     let mut request = bytes[4..].to_vec();
-    let mut saturated = vec![request[0], 0xfd];
-    saturated.extend_from_slice(&u64::MAX.to_le_bytes());
-    request.splice(0..2, saturated);
+    assert!(request[1] < 0x80, "the seconds take one byte");
+    request.splice(1..2, varint(u64::MAX));
     let error = check_request_deadline(&request).expect_err("a deadline past the clock");
     assert!(error.to_string().contains("deadline"), "{error}");
     let mut framed = (request.len() as u32).to_be_bytes().to_vec();

@@ -238,7 +238,7 @@ pub(crate) fn decode_validators(
     bytes: &[u8],
 ) -> Result<BTreeMap<NodeId, VerifyingKey>, VerifyLogError> {
     let table: Vec<(NodeId, [u8; 32])> =
-        postcard::from_bytes(bytes).map_err(|_| VerifyLogError::Corrupt("validators"))?;
+        crate::encoding::decode_whole(bytes).map_err(|_| VerifyLogError::Corrupt("validators"))?;
     table
         .into_iter()
         .map(|(id, key)| {

@@ -59,7 +59,7 @@ impl StateMachine for KvStateMachine {
     fn restore(&mut self, snapshot: &mut dyn std::io::Read) -> std::io::Result<()> {
         let mut bytes = Vec::new();
         snapshot.read_to_end(&mut bytes)?;
-        self.values = postcard::from_bytes(&bytes).map_err(std::io::Error::other)?;
+        self.values = crate::encoding::decode_whole(&bytes).map_err(std::io::Error::other)?;
         Ok(())
     }
 }

@@ -15,9 +15,9 @@
 //! # Record format
 //! Every value is a record: a 10-byte header — format version, record kind, body length
 //! (`u32` LE), CRC-32 (`u32` LE) over the version, kind, length and body — then the body. Log
-//! entries are version 2 (commands in postcard); a version 1 entry (commands in bincode, written
-//! before that change) is refused as [`StorageError::UnsupportedVersion`] rather than applied as
-//! whatever its bytes decode to. Other records are version 1. A record
+//! entries are version 2 (commands in postcard); an intact version 1 entry (commands in bincode,
+//! written before that change) is refused as [`StorageError::UnsupportedVersion`] rather than
+//! applied as whatever its bytes decode to. Other records are version 1. A record
 //! whose checksum, length, kind or version does not match, or whose body does not decode, is
 //! reported as [`StorageError::Corrupt`] naming the record, and so is a log that is not a
 //! contiguous run of indexes or an entry stored under another index's key. fjall's journal and
@@ -938,9 +938,11 @@ fn decode_key(key: &[u8]) -> Result<LogIndex, StorageError> {
     Ok(LogIndex::from_be_bytes(bytes))
 }
 
-fn record_crc(kind: RecordKind, body: &[u8]) -> u32 {
+/// The checksum over a record's header fields and body. The version is an argument so that a
+/// record of an older version can be told from a damaged one.
+fn record_crc(version: u8, kind: RecordKind, body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind.version(), kind as u8]);
+    hasher.update(&[version, kind as u8]);
     // Bodies are far below 4 GiB: fjall refuses values that large before we get here, and a
     // core's record values are bounded by `MAX_RECORD_VALUE_BYTES`.
     hasher.update(&(body.len() as u32).to_le_bytes());
@@ -953,7 +955,7 @@ fn seal(kind: RecordKind, body: &[u8]) -> Vec<u8> {
     record.push(kind.version());
     record.push(kind as u8);
     record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    record.extend_from_slice(&record_crc(kind, body).to_le_bytes());
+    record.extend_from_slice(&record_crc(kind.version(), kind, body).to_le_bytes());
     record.extend_from_slice(body);
     record
 }
@@ -983,17 +985,14 @@ fn open_record<'a>(
             ),
         ));
     }
-    if header[0] != kind.version() {
-        if kind == RecordKind::Entry && header[0] == 1 {
-            return Err(StorageError::UnsupportedVersion {
-                location: location.to_owned(),
-                version: header[0],
-                reason: "its command is in bincode, from before commands moved to postcard",
-            });
-        }
+    let version = header[0];
+    // An entry of version 1 holds its command in bincode. It is only called that once its
+    // checksum (which covers the version) holds: a flipped version byte is damage.
+    let bincode_era_entry = kind == RecordKind::Entry && version == 1;
+    if version != kind.version() && !bincode_era_entry {
         return Err(corrupt(
             location,
-            format!("unknown record version {}", header[0]),
+            format!("unknown record version {version}"),
         ));
     }
     let length = u32::from_le_bytes([header[2], header[3], header[4], header[5]]) as usize;
@@ -1007,12 +1006,19 @@ fn open_record<'a>(
         ));
     }
     let stored = u32::from_le_bytes([header[6], header[7], header[8], header[9]]);
-    let computed = record_crc(kind, body);
+    let computed = record_crc(version, kind, body);
     if stored != computed {
         return Err(corrupt(
             location,
             format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"),
         ));
+    }
+    if bincode_era_entry {
+        return Err(StorageError::UnsupportedVersion {
+            location: location.to_owned(),
+            version,
+            reason: "its command is in bincode, from before commands moved to postcard",
+        });
     }
     Ok(body)
 }
@@ -1596,6 +1602,32 @@ mod tests {
                 data: Bytes::copy_from_slice(data),
             },
         }
+    }
+
+    /// Version 1 entries are an older format only when their checksum says so; a version 2
+    /// entry whose version byte was flipped to 1 is damage.
+    #[test]
+    fn a_version_byte_flipped_to_one_is_corruption_not_an_old_entry() {
+        let mut record = encode_entry(&command(4, 2, b"x"));
+        assert_eq!(record[0], ENTRY_RECORD_VERSION);
+        record[0] = 1;
+        match decode_entry(&record, "log index 4") {
+            Err(StorageError::Corrupt { detail, .. }) => {
+                assert!(detail.contains("checksum"), "{detail}")
+            }
+            other => panic!("expected a checksum mismatch, got {other:?}"),
+        }
+        let body = &record[HEADER_LEN..];
+        let old = {
+            let mut old = record[..HEADER_LEN].to_vec();
+            old[6..10].copy_from_slice(&record_crc(1, RecordKind::Entry, body).to_le_bytes());
+            old.extend_from_slice(body);
+            old
+        };
+        assert!(matches!(
+            decode_entry(&old, "log index 4"),
+            Err(StorageError::UnsupportedVersion { version: 1, .. })
+        ));
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub struct CommitCertificate {
 
 /// A certificate as written before memberships changed: no `membership_index` (read as 0).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct CertificateV1 {
     term: Term,
     index: LogIndex,
@@ -156,12 +157,13 @@ pub enum CertificateError {
 
 impl CommitCertificate {
     /// Decodes a stored certificate, in this form or the one written before memberships
-    /// changed; `None` when the bytes are neither (a damaged record).
+    /// changed; `None` when the bytes are neither (a damaged record), or hold more than one
+    /// certificate's worth.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if let Ok(certificate) = postcard::from_bytes::<CommitCertificate>(bytes) {
+        if let Ok(certificate) = crate::encoding::decode_whole::<CommitCertificate>(bytes) {
             return Some(certificate);
         }
-        let old: CertificateV1 = postcard::from_bytes(bytes).ok()?;
+        let old: CertificateV1 = crate::encoding::decode_whole(bytes).ok()?;
         Some(CommitCertificate {
             term: old.term,
             index: old.index,
@@ -344,6 +346,33 @@ mod tests {
             stranger.verify(&validators, &verifier),
             Err(CertificateError::NotAVoter(NodeId(9)))
         );
+    }
+
+    #[test]
+    fn a_stored_certificate_decodes_in_either_form_and_nothing_more() {
+        let mut current = certificate(&[1, 2], &[10, 11]);
+        current.membership_index = 4;
+        let bytes = crate::encoding::to_vec(&current).unwrap();
+        assert_eq!(CommitCertificate::decode(&bytes), Some(current.clone()));
+
+        let old = CertificateV1 {
+            term: current.term,
+            index: current.index,
+            chain: current.chain,
+            path: current.path.clone(),
+            acks: current.acks.clone(),
+        };
+        let old_bytes = crate::encoding::to_vec(&old).unwrap();
+        let upgraded = CommitCertificate::decode(&old_bytes).unwrap();
+        assert_eq!(upgraded.membership_index, 0);
+        assert_eq!(upgraded.acks, current.acks);
+
+        // Bytes past either form are damage, not fields to ignore. (Two of them: one byte
+        // after the old form reads as the current form's membership index.)
+        for mut damaged in [bytes, old_bytes] {
+            damaged.extend_from_slice(&[0, 0]);
+            assert_eq!(CommitCertificate::decode(&damaged), None);
+        }
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl GpuRaftNode {
                 kept_index = kept_index.max(kept.index);
             } else if key.starts_with(EVIDENCE) {
                 let proof: VoteEquivocation =
-                    postcard::from_bytes(value).map_err(|_| corrupt("evidence"))?;
+                    crate::encoding::decode_whole(value).map_err(|_| corrupt("evidence"))?;
                 evidence.insert(proof.offender(), proof);
             }
         }

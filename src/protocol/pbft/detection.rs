@@ -206,7 +206,7 @@ impl PbftNode {
 
     /// Puts back into `seen` and `old_statements` what the store kept of them, and into
     /// `seen` the statements in the recovered slots' certificates.
-    pub(super) fn recover_seen(&mut self) -> Result<(), postcard::Error> {
+    pub(super) fn recover_seen(&mut self) -> Result<(), crate::encoding::DecodeError> {
         let mut statements: Vec<Signed> = Vec::new();
         for (key, bytes) in self.records.range(records::SEEN_PREFIX.to_vec()..) {
             if !key.starts_with(records::SEEN_PREFIX) {

@@ -406,7 +406,9 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("postcard encodes plain derived data")
 }
 
-/// Decodes a value written with [`encode`].
-pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
+/// Decodes a value written with [`encode`], refusing bytes left over after it.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, crate::encoding::DecodeError> {
+    crate::encoding::decode_whole(bytes)
 }

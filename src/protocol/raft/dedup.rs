@@ -158,7 +158,7 @@ impl AppliedProposals {
     /// of order, overlapping or backwards, or more than [`DEDUP_RUNS_PER_PROPOSER`] of them).
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let table: Vec<(NodeId, Vec<(u64, u64)>)> =
-            postcard::from_bytes(bytes).map_err(|e| format!("applied proposals: {e}"))?;
+            crate::encoding::decode_whole(bytes).map_err(|e| format!("applied proposals: {e}"))?;
         let mut per_proposer = BTreeMap::new();
         for (proposer, runs) in table {
             let ordered = runs.iter().all(|&(start, end)| start <= end)

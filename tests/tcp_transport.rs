@@ -1,9 +1,10 @@
 //! The TCP transport on loopback: messages flow both ways between two and three nodes, peers that
 //! start late or restart are reached again (and dialed back at once when they dial in), bad
 //! frames close only their own connection, both compression settings work, and `host:port`
-//! peers are identified by the handshake.
+//! peers are identified by the handshake, and removed members are not redialed.
 //!
-//! Every wait polls with a deadline; nothing sleeps a fixed time to let something happen.
+//! Every wait polls with a deadline; nothing sleeps a fixed time to let something happen (one
+//! test waits a fixed time to show that something does not).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -548,6 +549,53 @@ async fn host_port_peers_learn_their_ids_in_the_handshake() {
     stream_in_order(&b.0, NodeId(11), &mut a.1, 20).await;
     a.0.send(NodeId(99), message(11, 0));
     assert_eq!(a.0.stats().dropped_unknown_peer, 1);
+}
+
+/// A member removed from the group is not redialed, though it was configured as a bare
+/// `host:port` and known by id only from its handshake: when it comes back on its port, a
+/// transport that still has it as a peer reconnects, the one that removed it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_host_port_peer_is_not_redialed() {
+    init_logs();
+    let mut b = start(config(42, loopback()), vec![]).await;
+    let b_address = b.0.local_addr();
+    let removing = start(config(41, loopback()), vec![address_of(&b, false)]).await;
+    let keeping = start(config(43, loopback()), vec![address_of(&b, false)]).await;
+    wait_until("both learned b's id", || {
+        removing.0.known_peers() == vec![NodeId(42)] && keeping.0.known_peers() == vec![NodeId(42)]
+    })
+    .await;
+    stream_in_order(&removing.0, NodeId(42), &mut b.1, 5).await;
+
+    removing.0.remove_member(NodeId(42));
+    assert!(removing.0.known_peers().is_empty());
+    let dialed_by_removing = removing.0.stats().connections_established;
+    let dialed_by_keeping = keeping.0.stats().connections_established;
+    b.0.shutdown().await;
+    let end = Instant::now() + DEADLINE;
+    let b = loop {
+        match TcpTransport::<TestMessage>::start(config(42, b_address), vec![]).await {
+            Ok(node) => break node,
+            Err(TransportError::Bind { .. }) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("restart failed: {e}"),
+        }
+    };
+    wait_until("the transport that kept b dialed it again", || {
+        keeping.0.stats().connections_established > dialed_by_keeping
+    })
+    .await;
+    // Several of the removing transport's backoff periods (at most 100 ms each here): a dialer
+    // still running would have reconnected by now.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        removing.0.stats().connections_established,
+        dialed_by_removing,
+        "the removed peer was dialed again"
+    );
+    assert!(removing.0.known_peers().is_empty());
+    drop(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

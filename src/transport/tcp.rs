@@ -341,6 +341,13 @@ impl<M> InboundSink<M> {
     }
 }
 
+/// What stops one outbound peer's task.
+#[derive(Clone, Debug)]
+pub(crate) struct Dialer {
+    serial: u64,
+    stop: CancellationToken,
+}
+
 /// A queued message and its trace attachment.
 pub(crate) type Outgoing<M> = (M, Option<Box<TraceAttachment>>);
 
@@ -356,8 +363,11 @@ struct Shared<M> {
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     /// Per peer, what wakes its dialer from a backoff wait: a peer that dials this node is up.
     redial: std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Notify>>>,
-    /// Per peer given with its id, what stops its dialer ([`Transport::remove_member`]).
-    dialers: std::sync::Mutex<HashMap<NodeId, CancellationToken>>,
+    /// Per peer id, what stops the dialers that reach it ([`Transport::remove_member`]): the
+    /// one given that id, and any `host:port` dialer whose handshake learned it.
+    dialers: std::sync::Mutex<HashMap<NodeId, Vec<Dialer>>>,
+    /// Numbers the dialers, so that one can take back its own registration.
+    next_dialer: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -382,6 +392,26 @@ impl<M> Shared<M> {
             .entry(peer)
             .or_default()
             .clone()
+    }
+
+    /// Files `dialer` under `peer`, so that forgetting `peer` stops it.
+    fn register_dialer(&self, peer: NodeId, dialer: &Dialer) {
+        crate::sync::lock(&self.dialers)
+            .entry(peer)
+            .or_default()
+            .push(dialer.clone());
+    }
+
+    /// Takes back what [`Shared::register_dialer`] filed (the dialer's peer answered with
+    /// another id).
+    fn unregister_dialer(&self, peer: NodeId, serial: u64) {
+        let mut dialers = crate::sync::lock(&self.dialers);
+        if let Some(filed) = dialers.get_mut(&peer) {
+            filed.retain(|dialer| dialer.serial != serial);
+            if filed.is_empty() {
+                dialers.remove(&peer);
+            }
+        }
     }
 
     /// `peer` dialed this node and introduced itself: it is up, so a dialer waiting out a
@@ -475,6 +505,7 @@ where
             unreachable: std::sync::Mutex::new(None),
             redial: std::sync::Mutex::new(HashMap::new()),
             dialers: std::sync::Mutex::new(HashMap::new()),
+            next_dialer: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime,
@@ -493,14 +524,19 @@ where
     pub fn add_peer(&self, peer: PeerAddress) {
         let (queue_tx, queue_rx) = mpsc::channel(self.shared.config.peer_queue_capacity);
         let stop = self.shared.shutdown.child_token();
+        let dialer = Dialer {
+            serial: self.shared.next_dialer.fetch_add(1, Ordering::Relaxed),
+            stop: stop.clone(),
+        };
         if let Some(id) = peer.node_id {
             self.shared.routes_write().insert(id, queue_tx.clone());
-            if let Some(previous) = crate::sync::lock(&self.shared.dialers).insert(id, stop.clone())
-            {
-                previous.cancel();
+            // This dialer replaces any other that reaches `id`.
+            let replaced = crate::sync::lock(&self.shared.dialers).insert(id, vec![dialer.clone()]);
+            for previous in replaced.into_iter().flatten() {
+                previous.stop.cancel();
             }
         }
-        let dialer = peer::run(self.shared.clone(), peer, queue_tx, queue_rx);
+        let dialer = peer::run(self.shared.clone(), peer, dialer, queue_tx, queue_rx);
         spawn_guarded(&self.shared, async move {
             tokio::select! {
                 () = stop.cancelled() => {}
@@ -598,16 +634,21 @@ where
         }
     }
 
-    /// Forgets `id`: messages to it are dropped as to an unknown peer, and its dialer stops
-    /// (closing its connection), so a member removed from the group is not redialed forever.
-    /// A peer configured as a bare `host:port` is known by id only after its handshake and is
-    /// not stopped this way.
+    /// Forgets `id`: messages to it are dropped as to an unknown peer, and the dialers that
+    /// reach it stop (closing their connections), so a member removed from the group is not
+    /// redialed forever. That covers a peer configured as a bare `host:port` once its
+    /// handshake told its id; before that, the transport cannot know the peer is `id`.
     fn remove_member(&self, id: NodeId) {
         self.shared.routes_write().remove(&id);
-        if let Some(dialer) = crate::sync::lock(&self.shared.dialers).remove(&id) {
-            tracing::info!(%id, "no longer dialing a member removed from the group");
-            dialer.cancel();
+        let stopped = crate::sync::lock(&self.shared.dialers).remove(&id);
+        for dialer in stopped.iter().flatten() {
+            dialer.stop.cancel();
         }
+        if stopped.is_some() {
+            tracing::info!(%id, "no longer dialing a member removed from the group");
+        }
+        // After the dialers stopped, so that none files its wake-up signal again.
+        crate::sync::lock(&self.shared.redial).remove(&id);
     }
 }
 

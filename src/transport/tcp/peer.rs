@@ -15,7 +15,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 use super::wire::{
     self, FRAME_OVERHEAD, Hello, PROTOCOL_VERSION, PeerServiceClient, Pushed, Refusal,
 };
-use super::{Outgoing, PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls};
+use super::{
+    Dialer, Outgoing, PeerAddress, PeerStream, Shared, bump, configure_stream, new_socket, tls,
+};
 use crate::telemetry::latency_probe::{self, Hop};
 use crate::types::NodeId;
 
@@ -94,6 +96,7 @@ enum DialError {
 pub(super) async fn run<M>(
     shared: Arc<Shared<M>>,
     address: PeerAddress,
+    dialer: Dialer,
     queue_tx: mpsc::Sender<Outgoing<M>>,
     mut queue: mpsc::Receiver<Outgoing<M>>,
 ) where
@@ -141,11 +144,19 @@ pub(super) async fn run<M>(
         backoff.reset();
         bump(&shared.counters.connections_established, 1);
         if learned_id != Some(connection.peer_id) {
-            let mut routes = shared.routes_write();
-            if let Some(old) = learned_id {
-                routes.remove(&old);
+            {
+                let mut routes = shared.routes_write();
+                if let Some(old) = learned_id {
+                    routes.remove(&old);
+                }
+                routes.insert(connection.peer_id, queue_tx.clone());
             }
-            routes.insert(connection.peer_id, queue_tx.clone());
+            // Only a `host:port` peer learns its id; a peer given with one answers as it or
+            // is refused.
+            if let Some(old) = learned_id {
+                shared.unregister_dialer(old, dialer.serial);
+            }
+            shared.register_dialer(connection.peer_id, &dialer);
             learned_id = Some(connection.peer_id);
         }
         let peer_id = connection.peer_id;

@@ -23,6 +23,10 @@
 //! fresh cluster whose keys a short unreported write phase filled, and prints a second table
 //! with the ratios to `log`.
 //!
+//! Our nodes run with the engine's and runtime's defaults, as etcd's members run with theirs
+//! (`kv_cluster` gives its nodes a share of the cores instead; see
+//! `consensus::node::write_loopback_cluster`).
+//!
 //! Ours: `PUT /kv/{key}` and `GET /kv/{key}`. etcd: its v3 JSON gateway, `POST /v3/kv/put` and
 //! `POST /v3/kv/range` with base64 keys and values. A request counts when it is answered 200;
 //! anything else is an error and is reported. Without etcd the program runs ours alone and says

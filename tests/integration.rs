@@ -135,6 +135,28 @@ async fn proposals_commit_and_every_state_machine_agrees() {
     );
 }
 
+/// Drivers that park at once when idle (`driver_spin` zero, as a local cluster's nodes run)
+/// lose no wake-up: every command through every node commits and every replica applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drivers_that_never_spin_commit_through_every_node() {
+    let cluster =
+        start_cluster_with(&["a", "b", "c"], |c| c.driver_spin(Some(Duration::ZERO))).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    for i in 0..30 {
+        let engine = &cluster.engines[(leader + i) % 3];
+        let command = KvCommand::Set(format!("k{i}"), format!("v{i}"));
+        assert_eq!(
+            engine.execute_command::<KvStore>(command).await.unwrap(),
+            None
+        );
+    }
+    cluster.wait_applied(30, None).await;
+    for engine in &cluster.engines {
+        let read = engine.execute_command::<KvStore>(KvCommand::Get("k29".into()));
+        assert_eq!(read.await.unwrap(), Some("v29".into()));
+    }
+}
+
 /// Reads through every node, right after a write acknowledged through another: each sees the
 /// write (linearizable), and none writes to the log (the commit index stays where the writes
 /// left it), under ReadIndex and under leases; with `ReadMode::Log` every read is an entry.

@@ -527,11 +527,11 @@ impl ConsensusEngine {
                 request_timeout: self.config.request_timeout,
                 flush_on_drain: self.config.batch_timeout.is_zero() || !self.config.enable_batching,
                 max_inputs_per_round: 4096,
-                spin: if tcp.is_some() {
+                spin: self.config.driver_spin.unwrap_or(if tcp.is_some() {
                     TCP_DRIVER_SPIN
                 } else {
                     DRIVER_SPIN
-                },
+                }),
                 io_on_this_thread: tcp.is_some(),
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config

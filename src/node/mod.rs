@@ -132,6 +132,12 @@ pub struct NodeConfig {
     /// set, are the engine's [`ConsensusConfig::trace_sample_ratio`] and
     /// [`ConsensusConfig::trace_max_per_second`].
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `[runtime] worker_threads`: the threads of the node's tokio runtime, which serves the
+    /// HTTP API (the engine's driver has a thread of its own besides). `None`, the default,
+    /// takes one per core. A node that shares the machine's cores with other nodes does better
+    /// with fewer: each extra idle worker is woken to steal work, and those wake-ups cost more
+    /// than they save when the cores are already busy (see [`write_loopback_cluster`]).
+    pub worker_threads: Option<usize>,
     /// `--join HTTP_ADDR`: join the running Raft cluster of which a member's API listens there
     /// (see `node/join.rs`; over HTTPS when this node serves HTTPS); `bootstrap_peers` must
     /// then be empty.
@@ -142,7 +148,18 @@ pub struct NodeConfig {
 struct HttpDocument {
     http: Option<HttpTable>,
     telemetry: Option<crate::telemetry::TelemetryConfig>,
+    runtime: Option<RuntimeTable>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeTable {
+    worker_threads: Option<usize>,
+}
+
+/// The most `[runtime] worker_threads` accepted (tokio's own bound is 32,768; far past any
+/// useful number for one node).
+const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,7 +183,7 @@ impl NodeConfig {
     pub fn parse(text: &str, http_override: Option<&str>) -> Result<Self, NodeError> {
         let mut consensus = ConsensusConfig::from_toml_str(text)?;
         let document: HttpDocument = toml::from_str(text).map_err(|error| ConfigError::Toml {
-            reason: format!("[http] or [telemetry]: {}", error.message()),
+            reason: format!("[http], [telemetry] or [runtime]: {}", error.message()),
         })?;
         let telemetry = document.telemetry.unwrap_or_default();
         if telemetry.sample_ratio.is_some() {
@@ -174,6 +191,14 @@ impl NodeConfig {
         }
         if let Some(cap) = telemetry.max_traces_per_second {
             consensus.trace_max_per_second = cap;
+        }
+        let worker_threads = document.runtime.and_then(|table| table.worker_threads);
+        if let Some(threads) = worker_threads.filter(|n| !(1..=MAX_WORKER_THREADS).contains(n)) {
+            return Err(NodeError::Config(ConfigError::Invalid {
+                field: "runtime.worker_threads",
+                value: threads.to_string(),
+                reason: "must be within 1..=1024",
+            }));
         }
         let (configured, http_token_file, http_tls) = match document.http {
             Some(table) => (table.address, table.token_file, table.tls.unwrap_or(false)),
@@ -203,6 +228,7 @@ impl NodeConfig {
             http_token_file,
             http_tls,
             telemetry,
+            worker_threads,
             join: None,
         })
     }
@@ -386,7 +412,19 @@ pub struct LoopbackNodeFiles {
 /// Writes the configurations of a cluster on 127.0.0.1 into `dir`: one node per pair of
 /// `ports` (the first half are the peer ports, the second half the HTTP ports), peers named
 /// `node-N@127.0.0.1:PORT`, a 150 ms election timeout, 50 ms heartbeats, a 2 s request deadline
-/// and a fjall data dir `dir/node-N`. Peers talk mutual TLS: a cluster CA and node
+/// and a fjall data dir `dir/node-N`.
+///
+/// The nodes share this machine's cores, so each takes its share of them and no more: a runtime
+/// of `cores / nodes` worker threads (at least one), and a driver that parks at once when idle
+/// (`driver_spin_us = 0`) instead of polling a core that another node or a client needs. On 2
+/// cores under the `kv_cluster` load (clients on every node) these served 1.09× the operations
+/// of the defaults (a worker per core and a 150 µs poll per node); see
+/// `benches/FORWARDING_NOTES.md`.
+///
+/// `[http]` is the file's last table, so that lines appended to it (`tls = true`, a
+/// `token_file`) land there.
+///
+/// Peers talk mutual TLS: a cluster CA and node
 /// certificates are written to `dir/certs` (as `consensus-node gen-certs` would) and named in
 /// each node's `[consensus.tls]`. Used by the `kv_cluster` example and the node tests.
 pub fn write_loopback_cluster(
@@ -411,12 +449,16 @@ pub fn write_loopback_cluster_of(
         algorithm,
         crate::ReadMode::default(),
         ports.len() / 2,
+        true,
     )
 }
 
 /// [`write_loopback_cluster`] with reads served by `read_mode` (see
-/// [`ConsensusConfig::read_mode`](crate::ConsensusConfig::read_mode)): the `kv_vs_etcd`
-/// example compares the modes side by side with it.
+/// [`ConsensusConfig::read_mode`](crate::ConsensusConfig::read_mode)), and the engine's and
+/// runtime's defaults instead of a share of the cores: the `kv_vs_etcd` example compares the
+/// modes side by side with it, and etcd's members beside them run with their defaults too.
+/// (Its phases that load one node gain from the defaults: with the shared-core settings a
+/// leader alone served 0.8× the writes.)
 pub fn write_loopback_cluster_reading(
     dir: &Path,
     ports: &[u16],
@@ -428,6 +470,7 @@ pub fn write_loopback_cluster_reading(
         crate::Algorithm::Raft,
         read_mode,
         ports.len() / 2,
+        false,
     )
 }
 
@@ -442,7 +485,14 @@ pub fn write_loopback_cluster_with_joiners(
     founders: usize,
     algorithm: crate::Algorithm,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
-    write_loopback_files(dir, ports, algorithm, crate::ReadMode::default(), founders)
+    write_loopback_files(
+        dir,
+        ports,
+        algorithm,
+        crate::ReadMode::default(),
+        founders,
+        true,
+    )
 }
 
 fn write_loopback_files(
@@ -451,9 +501,21 @@ fn write_loopback_files(
     algorithm: crate::Algorithm,
     read_mode: crate::ReadMode,
     founders: usize,
+    share_cores: bool,
 ) -> std::io::Result<Vec<LoopbackNodeFiles>> {
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+    // See `write_loopback_cluster` for why nodes that share the cores take these.
+    let share = if share_cores {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let worker_threads = (cores / size.max(1)).max(1);
+        (
+            "driver_spin_us = 0\n",
+            format!("[runtime]\nworker_threads = {worker_threads}\n\n"),
+        )
+    } else {
+        ("", String::new())
+    };
     let certs = dir.join("certs");
     crate::transport::tcp::tls::generate_certificates(&certs, &names)
         .map_err(std::io::Error::other)?;
@@ -504,12 +566,15 @@ fn write_loopback_files(
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 150\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nread_mode = \"{}\"\nstate_dir = \"{}\"\n{signing}{tls}{validators}\n[http]\naddress = \"{http}\"\n",
+             request_timeout_ms = 2000\nread_mode = \"{}\"\nstate_dir = \"{}\"\n{}\
+             {signing}{tls}{validators}\n{}[http]\naddress = \"{http}\"\n",
             algorithm.as_str(),
             ports[i],
             peers.join(", "),
             read_mode.as_str(),
             dir.join(name).display(),
+            share.0,
+            share.1,
         );
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, text)?;
@@ -563,7 +628,14 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             }
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match config.worker_threads {
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("consensus-node: cannot start the runtime: {error}");
@@ -895,6 +967,30 @@ address = "127.0.0.1:8001"
         assert_eq!(config.consensus.node_id, "a");
         let config = NodeConfig::parse(CONFIG, Some("127.0.0.1:9000")).unwrap();
         assert_eq!(config.http_address.port(), 9000);
+    }
+
+    #[test]
+    fn the_runtime_table_sets_the_worker_threads_within_bounds() {
+        assert_eq!(
+            NodeConfig::parse(CONFIG, None).unwrap().worker_threads,
+            None
+        );
+        let two = format!("{CONFIG}\n[runtime]\nworker_threads = 2\n");
+        assert_eq!(
+            NodeConfig::parse(&two, None).unwrap().worker_threads,
+            Some(2)
+        );
+        for bad in ["worker_threads = 0", "worker_threads = 1025", "workers = 2"] {
+            let text = format!("{CONFIG}\n[runtime]\n{bad}\n");
+            let error = NodeConfig::parse(&text, None).unwrap_err();
+            assert_eq!(error.exit_code(), EXIT_CONFIG, "{bad}");
+            let named = if bad.starts_with("workers") {
+                "workers"
+            } else {
+                "worker_threads"
+            };
+            assert!(error.to_string().contains(named), "{bad}: {error}");
+        }
     }
 
     #[test]

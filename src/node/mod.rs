@@ -506,7 +506,7 @@ fn write_loopback_files(
     let size = ports.len() / 2;
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
     // See `write_loopback_cluster` for why nodes that share the cores take these.
-    let share = if share_cores {
+    let (spin_line, runtime_table) = if share_cores {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let worker_threads = (cores / size.max(1)).max(1);
         (
@@ -566,15 +566,13 @@ fn write_loopback_files(
         let text = format!(
             "[consensus]\nalgorithm = \"{}\"\nnode_id = \"{name}\"\nbind_address = \"127.0.0.1:{}\"\n\
              bootstrap_peers = [{}]\nelection_timeout_ms = 150\nheartbeat_interval_ms = 50\n\
-             request_timeout_ms = 2000\nread_mode = \"{}\"\nstate_dir = \"{}\"\n{}\
-             {signing}{tls}{validators}\n{}[http]\naddress = \"{http}\"\n",
+             request_timeout_ms = 2000\nread_mode = \"{}\"\nstate_dir = \"{}\"\n{spin_line}\
+             {signing}{tls}{validators}\n{runtime_table}[http]\naddress = \"{http}\"\n",
             algorithm.as_str(),
             ports[i],
             peers.join(", "),
             read_mode.as_str(),
             dir.join(name).display(),
-            share.0,
-            share.1,
         );
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, text)?;

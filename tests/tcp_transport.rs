@@ -69,6 +69,21 @@ async fn start(config: TcpTransportConfig, peers: Vec<PeerAddress>) -> Node {
         .expect("transport starts")
 }
 
+/// Starts a transport on the port a stopped one held, as a restarted process would: retries
+/// while the port is still being released, failing at the deadline.
+async fn restart(config: TcpTransportConfig, peers: Vec<PeerAddress>) -> Node {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match TcpTransport::start(config.clone(), peers.clone()).await {
+            Ok(node) => return node,
+            Err(TransportError::Bind { .. }) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("restart failed: {e}"),
+        }
+    }
+}
+
 fn address_of(node: &Node, with_id: bool) -> PeerAddress {
     let port = node.0.local_addr().port();
     if with_id {
@@ -382,16 +397,7 @@ async fn a_restarted_peer_is_reached_again() {
 
     // Drop (not shutdown) and start again on the same port, as a restarted process would.
     drop(b);
-    let end = Instant::now() + DEADLINE;
-    let mut b = loop {
-        match TcpTransport::start(config(2, b_address), vec![address_of(&a, true)]).await {
-            Ok(node) => break node,
-            Err(TransportError::Bind { .. }) if Instant::now() < end => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("restart failed: {e}"),
-        }
-    };
+    let mut b = restart(config(2, b_address), vec![address_of(&a, true)]).await;
     send_until_received(&a.0, NodeId(2), &mut b.1).await;
     send_until_received(&b.0, NodeId(1), &mut a.1).await;
     assert!(
@@ -572,16 +578,7 @@ async fn a_removed_host_port_peer_is_not_redialed() {
     let dialed_by_removing = removing.0.stats().connections_established;
     let dialed_by_keeping = keeping.0.stats().connections_established;
     b.0.shutdown().await;
-    let end = Instant::now() + DEADLINE;
-    let b = loop {
-        match TcpTransport::<TestMessage>::start(config(42, b_address), vec![]).await {
-            Ok(node) => break node,
-            Err(TransportError::Bind { .. }) if Instant::now() < end => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("restart failed: {e}"),
-        }
-    };
+    let b = restart(config(42, b_address), vec![]).await;
     wait_until("the transport that kept b dialed it again", || {
         keeping.0.stats().connections_established > dialed_by_keeping
     })

@@ -595,6 +595,45 @@ async fn a_removed_host_port_peer_is_not_redialed() {
     drop(b);
 }
 
+/// A member removed while a bare `host:port` dialer had not reached it yet (so did not know its
+/// id) is not dialed once it comes up: the dialer that learns the removed id in its first
+/// handshake stops instead of routing to it. Adding the member back dials it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_peer_removed_before_its_first_handshake_is_not_dialed() {
+    init_logs();
+    let port = free_port();
+    let bare = PeerAddress::without_id("127.0.0.1", port);
+    let removing = start(config(41, loopback()), vec![bare.clone()]).await;
+    let keeping = start(config(43, loopback()), vec![bare]).await;
+    removing.0.remove_member(NodeId(42));
+    let mut b = restart(config(42, SocketAddr::from(([127, 0, 0, 1], port))), vec![]).await;
+    wait_until("the transport that kept b reached it", || {
+        keeping.0.known_peers() == vec![NodeId(42)]
+    })
+    .await;
+    wait_until("the removing transport shook hands with b once", || {
+        removing.0.stats().connections_established == 1
+    })
+    .await;
+    // Several backoff periods (at most 100 ms each here): a dialer still running would have
+    // filed b's id and reconnected by now.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        removing.0.known_peers().is_empty(),
+        "the removed peer was routed to"
+    );
+    assert_eq!(removing.0.stats().connections_established, 1);
+
+    removing
+        .0
+        .add_member(NodeId(42), &format!("127.0.0.1:{port}"));
+    wait_until("b, added back, is dialed", || {
+        removing.0.known_peers() == vec![NodeId(42)]
+    })
+    .await;
+    stream_in_order(&removing.0, NodeId(42), &mut b.1, 5).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_cluster_or_with_another_id_is_refused() {
     init_logs();

@@ -348,6 +348,28 @@ pub(crate) struct Dialer {
     stop: CancellationToken,
 }
 
+/// The dialers by peer id ([`Transport::remove_member`] stops them): the one given that id,
+/// and any `host:port` dialer whose handshake learned it. With the ids removed from the group
+/// and not added back, so that a `host:port` dialer that learns one of them stops instead of
+/// filing it again.
+#[derive(Default)]
+struct Dialers {
+    by_peer: HashMap<NodeId, Vec<Dialer>>,
+    removed: std::collections::HashSet<NodeId>,
+}
+
+impl Dialers {
+    /// Takes back the filing of dialer `serial` under `peer`.
+    fn unfile(&mut self, peer: NodeId, serial: u64) {
+        if let Some(filed) = self.by_peer.get_mut(&peer) {
+            filed.retain(|dialer| dialer.serial != serial);
+            if filed.is_empty() {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+}
+
 /// A queued message and its trace attachment.
 pub(crate) type Outgoing<M> = (M, Option<Box<TraceAttachment>>);
 
@@ -363,9 +385,9 @@ struct Shared<M> {
     unreachable: std::sync::Mutex<Option<mpsc::Sender<NodeId>>>,
     /// Per peer, what wakes its dialer from a backoff wait: a peer that dials this node is up.
     redial: std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Notify>>>,
-    /// Per peer id, what stops the dialers that reach it ([`Transport::remove_member`]): the
-    /// one given that id, and any `host:port` dialer whose handshake learned it.
-    dialers: std::sync::Mutex<HashMap<NodeId, Vec<Dialer>>>,
+    /// The dialers by the peer id they reach, and the ids removed from the group. Locked before
+    /// `routes` where both are held.
+    dialers: std::sync::Mutex<Dialers>,
     /// Numbers the dialers, so that one can take back its own registration.
     next_dialer: AtomicU64,
     shutdown: CancellationToken,
@@ -394,24 +416,42 @@ impl<M> Shared<M> {
             .clone()
     }
 
-    /// Files `dialer` under `peer`, so that forgetting `peer` stops it.
-    fn register_dialer(&self, peer: NodeId, dialer: &Dialer) {
-        crate::sync::lock(&self.dialers)
+    /// A `host:port` dialer's handshake told it that its peer is `peer` (before: `previous`):
+    /// routes `peer`'s messages to the dialer's queue and files the dialer under `peer`, so that
+    /// removing `peer` stops it. False, changing nothing, when `peer` was removed from the group
+    /// (perhaps while the dialer did not know whom it dialed): the dialer must stop.
+    fn learned_peer_id(
+        &self,
+        previous: Option<NodeId>,
+        peer: NodeId,
+        dialer: &Dialer,
+        queue: &mpsc::Sender<Outgoing<M>>,
+    ) -> bool {
+        let mut dialers = crate::sync::lock(&self.dialers);
+        if dialers.removed.contains(&peer) {
+            return false;
+        }
+        // Under the dialers' lock, so that a removal cannot slip between the check and this.
+        let mut routes = self.routes_write();
+        if let Some(previous) = previous {
+            routes.remove(&previous);
+            dialers.unfile(previous, dialer.serial);
+        }
+        routes.insert(peer, queue.clone());
+        dialers
+            .by_peer
             .entry(peer)
             .or_default()
             .push(dialer.clone());
+        true
     }
 
-    /// Takes back what [`Shared::register_dialer`] filed (the dialer's peer answered with
-    /// another id).
-    fn unregister_dialer(&self, peer: NodeId, serial: u64) {
+    /// A dialer that had learned `peer` stops (its peer now answers as a removed member): its
+    /// route and filing go.
+    fn forget_learned_peer_id(&self, peer: NodeId, serial: u64) {
         let mut dialers = crate::sync::lock(&self.dialers);
-        if let Some(filed) = dialers.get_mut(&peer) {
-            filed.retain(|dialer| dialer.serial != serial);
-            if filed.is_empty() {
-                dialers.remove(&peer);
-            }
-        }
+        self.routes_write().remove(&peer);
+        dialers.unfile(peer, serial);
     }
 
     /// `peer` dialed this node and introduced itself: it is up, so a dialer waiting out a
@@ -504,7 +544,7 @@ where
             inbound,
             unreachable: std::sync::Mutex::new(None),
             redial: std::sync::Mutex::new(HashMap::new()),
-            dialers: std::sync::Mutex::new(HashMap::new()),
+            dialers: std::sync::Mutex::new(Dialers::default()),
             next_dialer: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -529,9 +569,13 @@ where
             stop: stop.clone(),
         };
         if let Some(id) = peer.node_id {
+            let mut dialers = crate::sync::lock(&self.shared.dialers);
+            // Added (back) by name: no longer removed.
+            dialers.removed.remove(&id);
             self.shared.routes_write().insert(id, queue_tx.clone());
             // This dialer replaces any other that reaches `id`.
-            let replaced = crate::sync::lock(&self.shared.dialers).insert(id, vec![dialer.clone()]);
+            let replaced = dialers.by_peer.insert(id, vec![dialer.clone()]);
+            drop(dialers);
             for previous in replaced.into_iter().flatten() {
                 previous.stop.cancel();
             }
@@ -636,11 +680,16 @@ where
 
     /// Forgets `id`: messages to it are dropped as to an unknown peer, and the dialers that
     /// reach it stop (closing their connections), so a member removed from the group is not
-    /// redialed forever. That covers a peer configured as a bare `host:port` once its
-    /// handshake told its id; before that, the transport cannot know the peer is `id`.
+    /// redialed forever. That covers a peer configured as a bare `host:port` whether or not
+    /// its handshake told its id yet: the transport remembers the removal until `id` is added
+    /// again, and a dialer whose handshake learns a removed id stops.
     fn remove_member(&self, id: NodeId) {
-        self.shared.routes_write().remove(&id);
-        let stopped = crate::sync::lock(&self.shared.dialers).remove(&id);
+        let stopped = {
+            let mut dialers = crate::sync::lock(&self.shared.dialers);
+            dialers.removed.insert(id);
+            self.shared.routes_write().remove(&id);
+            dialers.by_peer.remove(&id)
+        };
         for dialer in stopped.iter().flatten() {
             dialer.stop.cancel();
         }

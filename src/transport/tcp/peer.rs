@@ -143,20 +143,17 @@ pub(super) async fn run<M>(
         failures_in_a_row = 0;
         backoff.reset();
         bump(&shared.counters.connections_established, 1);
+        // Only a `host:port` peer learns its id; a peer given with one answers as it or is
+        // refused.
         if learned_id != Some(connection.peer_id) {
-            {
-                let mut routes = shared.routes_write();
+            if !shared.learned_peer_id(learned_id, connection.peer_id, &dialer, &queue_tx) {
+                tracing::info!(peer = %address, id = %connection.peer_id,
+                    "the peer at this address was removed from the group; not dialing it");
                 if let Some(old) = learned_id {
-                    routes.remove(&old);
+                    shared.forget_learned_peer_id(old, dialer.serial);
                 }
-                routes.insert(connection.peer_id, queue_tx.clone());
+                return;
             }
-            // Only a `host:port` peer learns its id; a peer given with one answers as it or
-            // is refused.
-            if let Some(old) = learned_id {
-                shared.unregister_dialer(old, dialer.serial);
-            }
-            shared.register_dialer(connection.peer_id, &dialer);
             learned_id = Some(connection.peer_id);
         }
         let peer_id = connection.peer_id;

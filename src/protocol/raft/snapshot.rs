@@ -97,6 +97,9 @@ pub(crate) struct IncomingSnapshot {
     total: u64,
     checksum: u32,
     data: BytesMut,
+    /// CRC-32 of `data`, combined from the chunks' as they arrive: each byte is hashed once
+    /// (with the chunk's check), not again in a pass over the whole at the end.
+    crc_so_far: crc32fast::Hasher,
     membership: Option<crate::membership::Membership>,
 }
 
@@ -397,6 +400,7 @@ impl RaftNode {
                 // The whole at once (up to a bound: the size is the leader's word), so that
                 // the bytes are copied once, not again at each doubling.
                 data: BytesMut::with_capacity(chunk.total.min(MAX_PREALLOCATED) as usize),
+                crc_so_far: crc32fast::Hasher::new(),
                 membership: chunk.membership.clone(),
             });
         }
@@ -405,11 +409,19 @@ impl RaftNode {
         };
         let held = incoming.data.len() as u64;
         let fits = chunk.offset + chunk.data.len() as u64 <= incoming.total;
-        if chunk.offset != held || !fits || crc32fast::hash(&chunk.data) != chunk.chunk_checksum {
+        let chunk_crc = (chunk.offset == held && fits).then(|| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&chunk.data);
+            crc
+        });
+        let Some(chunk_crc) =
+            chunk_crc.filter(|crc| crc.clone().finalize() == chunk.chunk_checksum)
+        else {
             // Out of order, too long, or damaged: ask again from what is held.
             answer(self, held, out);
             return;
-        }
+        };
+        incoming.crc_so_far.combine(&chunk_crc);
         incoming.data.extend_from_slice(&chunk.data);
         // The store may write it now, so that saving the whole only syncs it.
         out.write.snapshot_parts.push(crate::storage::SnapshotPart {
@@ -426,7 +438,7 @@ impl RaftNode {
             return;
         };
         let data = incoming.data.freeze();
-        if crc32fast::hash(&data) != incoming.checksum {
+        if incoming.crc_so_far.finalize() != incoming.checksum {
             answer(self, 0, out); // every chunk checked out but the whole does not: start over
             return;
         }

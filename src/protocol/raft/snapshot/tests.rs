@@ -372,6 +372,50 @@ fn damaged_chunks_and_a_damaged_whole_are_refused() {
     assert_eq!(follower.log().last_term(), 1);
 }
 
+/// Every chunk matches its own checksum, but the whole the chunks make does not match the
+/// checksum they all declare: refused once the last chunk is in, nothing installed; the same
+/// chunks under the right checksum install.
+#[test]
+fn a_whole_whose_chunks_check_out_but_not_its_checksum_is_refused() {
+    let voters = vec![NodeId(1), NodeId(2)];
+    let mut follower = RaftNode::new(
+        RaftConfig::new(NodeId(2), voters),
+        RecoveredState::default(),
+    )
+    .unwrap();
+    let data = b"three chunks of snapshot".to_vec();
+    let mut deliver = |message: Message| {
+        let mut out = Output::default();
+        let envelope = Envelope {
+            from: NodeId(1),
+            to: NodeId(2),
+            message,
+        };
+        follower.step(Input::Message(envelope), &mut out);
+        out
+    };
+    let declaring = |offset, length, declared: u32| {
+        let mut message = chunk(1, &data, offset, length, 30);
+        if let Message::InstallSnapshot { checksum, .. } = &mut message {
+            *checksum = declared;
+        }
+        message
+    };
+    let wrong = crc32fast::hash(&data) ^ 0x8000_0000;
+    assert_eq!(received(&deliver(declaring(0, 10, wrong))), vec![10]);
+    assert_eq!(received(&deliver(declaring(10, 10, wrong))), vec![20]);
+    let out = deliver(declaring(20, 4, wrong));
+    assert_eq!(received(&out), vec![0], "start again from the beginning");
+    assert!(out.restore.is_none());
+    let right = crc32fast::hash(&data);
+    deliver(declaring(0, 10, right));
+    deliver(declaring(10, 10, right));
+    let out = deliver(declaring(20, 4, right));
+    assert_eq!(received(&out), vec![24]);
+    let restored = out.restore.expect("installed");
+    assert_eq!((restored.index, &restored.data[..]), (30, &data[..]));
+}
+
 #[test]
 fn a_node_restarts_from_its_snapshot_and_the_log_after_it() {
     let entry = |index, term| Entry {

@@ -317,25 +317,33 @@ fn received(out: &Output) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn damaged_chunks_and_a_damaged_whole_are_refused() {
+/// Node 2 of two voters: a follower that has heard from no leader yet.
+fn new_follower() -> RaftNode {
     let voters = vec![NodeId(1), NodeId(2)];
-    let mut follower = RaftNode::new(
+    RaftNode::new(
         RaftConfig::new(NodeId(2), voters),
         RecoveredState::default(),
     )
-    .unwrap();
-    let data = b"0123456789abcdef".to_vec();
-    let mut deliver = |message: Message| {
-        let mut out = Output::default();
-        let envelope = Envelope {
-            from: NodeId(1),
-            to: NodeId(2),
-            message,
-        };
-        follower.step(Input::Message(envelope), &mut out);
-        out
+    .unwrap()
+}
+
+/// Hands `follower` (see [`new_follower`]) one message from node 1; returns what it did.
+fn from_leader(follower: &mut RaftNode, message: Message) -> Output {
+    let mut out = Output::default();
+    let envelope = Envelope {
+        from: NodeId(1),
+        to: NodeId(2),
+        message,
     };
+    follower.step(Input::Message(envelope), &mut out);
+    out
+}
+
+#[test]
+fn damaged_chunks_and_a_damaged_whole_are_refused() {
+    let mut follower = new_follower();
+    let data = b"0123456789abcdef".to_vec();
+    let mut deliver = |message| from_leader(&mut follower, message);
     // A chunk whose bytes do not match its checksum is not kept.
     let mut damaged = chunk(1, &data, 0, 8, 20);
     if let Message::InstallSnapshot { chunk_checksum, .. } = &mut damaged {
@@ -377,23 +385,9 @@ fn damaged_chunks_and_a_damaged_whole_are_refused() {
 /// chunks under the right checksum install.
 #[test]
 fn a_whole_whose_chunks_check_out_but_not_its_checksum_is_refused() {
-    let voters = vec![NodeId(1), NodeId(2)];
-    let mut follower = RaftNode::new(
-        RaftConfig::new(NodeId(2), voters),
-        RecoveredState::default(),
-    )
-    .unwrap();
+    let mut follower = new_follower();
     let data = b"three chunks of snapshot".to_vec();
-    let mut deliver = |message: Message| {
-        let mut out = Output::default();
-        let envelope = Envelope {
-            from: NodeId(1),
-            to: NodeId(2),
-            message,
-        };
-        follower.step(Input::Message(envelope), &mut out);
-        out
-    };
+    let mut deliver = |message| from_leader(&mut follower, message);
     let declaring = |offset, length, declared: u32| {
         let mut message = chunk(1, &data, offset, length, 30);
         if let Message::InstallSnapshot { checksum, .. } = &mut message {

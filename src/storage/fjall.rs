@@ -1588,6 +1588,45 @@ mod tests {
         }
     }
 
+    /// A direct write refused part-way through the file (here: the staging buffer knocked off
+    /// its alignment after the first direct write, which `O_DIRECT` refuses with `EINVAL`)
+    /// turns the writer buffered from where that write started, and the file still holds
+    /// every byte once. Where the file system refuses `O_DIRECT` from the start there is no
+    /// direct write to refuse, and the test says so.
+    #[test]
+    fn a_direct_write_refused_mid_file_is_written_again_through_the_page_cache() {
+        use super::{DIRECT_STAGING, SnapshotFileWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refused");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut writer = SnapshotFileWriter::new(file, true);
+        if !writer.direct {
+            eprintln!(
+                "skipped: {} refuses O_DIRECT, so no direct write can be refused mid-file",
+                dir.path().display()
+            );
+            return;
+        }
+        let data: Vec<u8> = (0..3 * DIRECT_STAGING + 777)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let (first, rest) = data.split_at(DIRECT_STAGING);
+        writer.push(first).unwrap();
+        assert!(writer.direct, "the first staging buffer went out directly");
+        assert_eq!((writer.written, writer.staged), (DIRECT_STAGING as u64, 0));
+        // Nothing is staged, so moving the staging window one byte moves no data.
+        writer.aligned += 1;
+        for part in rest.chunks(999_983) {
+            writer.push(part).unwrap();
+        }
+        assert!(
+            !writer.direct,
+            "the misaligned write was refused and the writer gave up"
+        );
+        drop(writer.finish().unwrap());
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
     use super::*;
 
     fn command(index: LogIndex, term: Term, data: &[u8]) -> Entry {

@@ -1154,12 +1154,19 @@ address = "127.0.0.1:8080"
             parse("driver_spin_us = 0").unwrap().driver_spin,
             Some(Duration::ZERO)
         );
+        let most = MAX_DRIVER_SPIN.as_micros();
         assert_eq!(
-            parse("driver_spin_us = 10000").unwrap().driver_spin,
+            parse(&format!("driver_spin_us = {most}"))
+                .unwrap()
+                .driver_spin,
             Some(MAX_DRIVER_SPIN)
         );
-        let error = parse("driver_spin_us = 10001").unwrap_err().to_string();
+        let error = parse(&format!("driver_spin_us = {}", most + 1))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("driver_spin_us"), "{error}");
+        // The reason is a literal: it must name the bound the check uses.
+        assert!(error.contains(&most.to_string()), "{error}");
         let error = ConsensusConfig::default()
             .driver_spin(Some(Duration::from_secs(1)))
             .validate()

@@ -978,7 +978,13 @@ address = "127.0.0.1:8001"
             NodeConfig::parse(&two, None).unwrap().worker_threads,
             Some(2)
         );
-        for bad in ["worker_threads = 0", "worker_threads = 1025", "workers = 2"] {
+        let most = format!("{CONFIG}\n[runtime]\nworker_threads = {MAX_WORKER_THREADS}\n");
+        assert_eq!(
+            NodeConfig::parse(&most, None).unwrap().worker_threads,
+            Some(MAX_WORKER_THREADS)
+        );
+        let too_many = format!("worker_threads = {}", MAX_WORKER_THREADS + 1);
+        for bad in ["worker_threads = 0", too_many.as_str(), "workers = 2"] {
             let text = format!("{CONFIG}\n[runtime]\n{bad}\n");
             let error = NodeConfig::parse(&text, None).unwrap_err();
             assert_eq!(error.exit_code(), EXIT_CONFIG, "{bad}");
@@ -988,6 +994,11 @@ address = "127.0.0.1:8001"
                 "worker_threads"
             };
             assert!(error.to_string().contains(named), "{bad}: {error}");
+            if named == "worker_threads" {
+                // The reason is a literal: it must name the bound the check uses.
+                let bound = MAX_WORKER_THREADS.to_string();
+                assert!(error.to_string().contains(&bound), "{bad}: {error}");
+            }
         }
     }
 

@@ -84,9 +84,6 @@ fn parse_options() -> Result<Options, String> {
 }
 
 /// One member: its name, addresses and data directory.
-/// The probe's period: see [`probe`].
-const PROBE_PERIOD: Duration = Duration::from_millis(1);
-
 struct Member {
     name: String,
     bind: String,
@@ -256,6 +253,9 @@ async fn bounded_log(options: &Options, dir: &Path) -> Result<(), String> {
         Err(failed.join("; "))
     }
 }
+
+/// The probe's period: see [`probe`].
+const PROBE_PERIOD: Duration = Duration::from_millis(1);
 
 /// Sequential 64-byte puts to `engine` until `stop`, at most one a millisecond, recording each
 /// commit's latency. Paced, so that the probe's own entries stay far below the snapshot

@@ -5,9 +5,11 @@
 //! liveness after healing, the primary's crash included; and proof that the checkers catch
 //! two deliberately injected PBFT bugs.
 //!
-//! - `cargo test --test pbft` runs 1,000 seeds, sized for CI: 5 to 6 minutes of a 2-core
-//!   machine, nearly half of it ed25519 signing and verification, whose curve arithmetic is
-//!   already the optimized AVX2 code (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts at S);
+//! - `cargo test --test pbft` runs 2,000 seeds, as issue 13 asks: 323 s of a 2-core machine
+//!   (2026-12-03). ed25519 signing takes a fifth of that (22 % of a profile's samples; a fifth of
+//!   the signatures cover bytes signed before, too few to be worth a cache), and verification
+//!   is memoized per seed
+//!   (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts at S);
 //! - `SIM_SEED=S cargo test --test pbft -- pbft_seeds --exact --nocapture` replays one seed.
 
 mod common;
@@ -29,7 +31,7 @@ fn pbft_seeds() {
         }
         return;
     }
-    let count = env_u64("SIM_SEEDS").unwrap_or(1_000);
+    let count = env_u64("SIM_SEEDS").unwrap_or(2_000);
     let start = env_u64("SIM_SEED_START").unwrap_or(0);
     let seeds: Vec<u64> = (start..start + count).collect();
     let result = sweep_of::<PbftNode>(&seeds, 2, SimConfig::pbft_chaos);

@@ -810,8 +810,19 @@ impl ConsensusConfig {
     }
 
     /// The TCP transport settings of this node: its id, cluster id, `bind_address`, network
-    /// settings and request timeout.
+    /// settings and request timeout, and its TLS identity read from [`ConsensusConfig::tls`].
     pub fn tcp_transport_config(&self) -> Result<TcpTransportConfig, ConfigError> {
+        self.tcp_transport_config_with(None)
+    }
+
+    /// [`ConsensusConfig::tcp_transport_config`] with a TLS identity already loaded (see
+    /// [`ConsensusEngine::with_peer_tls`](crate::ConsensusEngine::with_peer_tls)): `loaded`
+    /// is used instead of reading [`ConsensusConfig::tls`]'s files, and is checked the same
+    /// way (it must name `node_id`, and contradicts `insecure_plaintext`).
+    pub fn tcp_transport_config_with(
+        &self,
+        loaded: Option<&PeerTls>,
+    ) -> Result<TcpTransportConfig, ConfigError> {
         let bind: SocketAddr = self
             .bind_address
             .parse()
@@ -823,17 +834,26 @@ impl ConsensusConfig {
         let mut transport = TcpTransportConfig::new(self.id(), self.cluster_id.clone(), bind);
         transport.network = self.network_config;
         transport.request_timeout = self.request_timeout;
-        transport.tls = match (&self.tls, self.insecure_plaintext) {
-            (Some(files), _) => Some(files.load().map_err(|error| ConfigError::Tls {
+        transport.tls = match (loaded, &self.tls, self.insecure_plaintext) {
+            (Some(_), _, true) => {
+                return Err(ConfigError::Invalid {
+                    field: "insecure_plaintext",
+                    value: "true".into(),
+                    reason: "contradicts the TLS identity given to the engine (with_peer_tls)",
+                });
+            }
+            (Some(tls), _, false) => Some(tls.clone()),
+            (None, Some(files), _) => Some(files.load().map_err(|error| ConfigError::Tls {
                 problem: error.to_string(),
             })?),
-            (None, true) => None,
-            (None, false) => {
+            (None, None, true) => None,
+            (None, None, false) => {
                 return Err(ConfigError::Invalid {
                     field: "tls",
                     value: String::new(),
                     reason: "peer connections need [consensus.tls] (cert, key, ca; \
-                             `consensus-node gen-certs` writes them) or an explicit \
+                             `consensus-node gen-certs` writes them), a TLS identity given \
+                             to the engine (with_peer_tls) or an explicit \
                              insecure_plaintext = true",
                 });
             }

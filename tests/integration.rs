@@ -625,6 +625,84 @@ async fn tcp_needs_tls_or_an_explicit_insecure_plaintext_and_a_certificate_of_th
     plain.stop().await.unwrap();
 }
 
+/// A TLS identity handed to the engine (here from PEM text in memory, as from a secret store)
+/// secures a cluster whose configurations name no TLS files at all, and is held to the same
+/// checks as files: a certificate of another node, or `insecure_plaintext` beside it, is
+/// refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_identity_given_in_memory_secures_a_cluster_without_tls_files() {
+    use consensus::transport::tcp::PeerTls;
+    let names = ["pem-a", "pem-b", "pem-c"];
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certificates(dir.path(), &names);
+    let identity = |name: &str| {
+        let read = |file: String| std::fs::read(certs.join(file)).unwrap();
+        PeerTls::from_pem(
+            &read(format!("{name}.pem")),
+            &read(format!("{name}.key")),
+            &read("ca.pem".into()),
+        )
+        .unwrap()
+    };
+    let members = ports::loopback_members(&names);
+    let config = |name: &str, member: &ports::LoopbackMember| {
+        ConsensusConfig::default()
+            .node_id(name)
+            .bind_address(member.bind.as_str())
+            .peers(member.peers.clone())
+    };
+    // The files exist, but nothing names them: the engines only have the identities.
+    let starts = names.iter().zip(&members).map(|(name, member)| {
+        let engine = ConsensusEngine::new(config(name, member))
+            .unwrap()
+            .with_peer_tls(identity(name));
+        async move {
+            let mut engine = engine;
+            engine.start().await.unwrap();
+            engine
+        }
+    });
+    let mut engines = futures::future::join_all(starts).await;
+    let any_leader = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
+    wait_until("a leader", Duration::from_secs(10), || {
+        any_leader(&engines).is_some()
+    })
+    .await;
+    let leader = any_leader(&engines).unwrap();
+    let result = engines[leader]
+        .propose(Proposal::new("k", "v"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, ConsensusResult::Committed { .. }),
+        "{result:?}"
+    );
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+
+    let spare = ports::loopback_members(&["pem-a"]).remove(0);
+    let error = ConsensusEngine::new(config("pem-a", &spare))
+        .unwrap()
+        .with_peer_tls(identity("pem-b"))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("tls.cert") && error.contains("\"pem-b\""),
+        "{error}"
+    );
+    let error = ConsensusEngine::new(config("pem-a", &spare).insecure_plaintext(true))
+        .unwrap()
+        .with_peer_tls(identity("pem-a"))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("insecure_plaintext"), "{error}");
+}
+
 /// Outsiders keep dialing a TLS cluster's members as one of them: over plain TCP, and with a
 /// certificate of another CA naming a member. None ever connects, and the cluster commits on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,9 @@ pub struct ConsensusEngine {
     byzantine_config: crate::byzantine::ByzantineConfig,
     /// With `gpu_enabled` under PBFT: the adapter of the GPU verifier, or why there is none.
     gpu_verifier: Option<std::result::Result<String, String>>,
+    /// The peer TLS identity given with [`ConsensusEngine::with_peer_tls`], used instead of
+    /// reading [`ConsensusConfig::tls`].
+    peer_tls: Option<crate::transport::tcp::PeerTls>,
     /// Held until start; behind a mutex only so that the engine is `Sync` (stores and state
     /// machines need only be `Send`), never contended.
     store: Mutex<Option<Box<dyn LogStore>>>,
@@ -189,6 +192,7 @@ impl ConsensusEngine {
             verifier: None,
             votes: None,
             gpu_verifier: None,
+            peer_tls: None,
             byzantine: Default::default(),
             byzantine_config,
             store: Mutex::new(None),
@@ -204,6 +208,19 @@ impl ConsensusEngine {
             trace_sampler,
             running: None,
         })
+    }
+
+    /// Secures the peer connections with `tls`, a TLS identity already loaded, instead of
+    /// reading the files of [`ConsensusConfig::tls`] at start (which are then not read, and
+    /// may be absent): e.g. [`PeerTls::from_pem`](crate::transport::tcp::PeerTls::from_pem)
+    /// over PEM text from a secret store, or the identity a program loaded once for an HTTPS
+    /// listener of its own, as `consensus-node` does. It is checked as the files would be:
+    /// [`ConsensusEngine::start`] refuses a certificate that names another node than
+    /// `node_id`, and a configuration with `insecure_plaintext`. Only the TCP transport reads
+    /// it.
+    pub fn with_peer_tls(mut self, tls: crate::transport::tcp::PeerTls) -> Self {
+        self.peer_tls = Some(tls);
+        self
     }
 
     /// Uses `store` for the log and hard state instead of the one the configuration implies.
@@ -586,7 +603,9 @@ impl ConsensusEngine {
         P::Message: serde::Serialize + serde::de::DeserializeOwned,
     {
         let peers = self.config.peer_addresses()?;
-        let transport_config = self.config.tcp_transport_config()?;
+        let transport_config = self
+            .config
+            .tcp_transport_config_with(self.peer_tls.as_ref())?;
         match &transport_config.tls {
             Some(tls) => tracing::info!(
                 certified_as = tls.node_name(),

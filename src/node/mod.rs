@@ -791,19 +791,24 @@ enum Stop {
 /// the engine stops. A Raft node that a committed membership leaves out stops the same way on
 /// its own (logging that it was removed, and at which index), and `run` returns `Ok`.
 ///
-/// An algorithm that signs its messages first loads this node's signing identity
+/// The TLS files of `[consensus.tls]` are read once, here, and serve both the peer
+/// connections ([`ConsensusEngine::with_peer_tls`]) and, with `tls = true` under `[http]`, the
+/// HTTP listener. An algorithm that signs its messages then loads this node's signing identity
 /// ([`ConsensusConfig::signing_identity`]), so that a missing, unreadable or mismatched key is
-/// the error reported, before anything else is logged or built.
+/// the error reported before anything is logged or the engine is built.
 pub async fn run(
     mut config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let https = match (&config.consensus.tls, config.http_tls) {
-        (Some(files), true) => Some(files.load().map_err(|error| ConfigError::Tls {
+    // Read once: the same identity secures the peer connections and, with `tls = true` under
+    // `[http]`, the HTTP listener.
+    let peer_tls = match &config.consensus.tls {
+        Some(files) => Some(files.load().map_err(|error| ConfigError::Tls {
             problem: error.to_string(),
         })?),
-        _ => None,
+        None => None,
     };
+    let https = peer_tls.clone().filter(|_| config.http_tls);
     let join_over = https.as_ref().map(client::Https::as_peer);
     let joined = match config.join {
         Some(member) => Some((
@@ -831,6 +836,9 @@ pub async fn run(
         None => None,
     };
     let mut engine = ConsensusEngine::new(config.consensus.clone())?;
+    if let Some(tls) = peer_tls {
+        engine = engine.with_peer_tls(tls);
+    }
     if let Some(store) = failpoint_store(&config.consensus)? {
         engine = engine.with_log_store(store);
     }

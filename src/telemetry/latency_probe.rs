@@ -2,7 +2,7 @@
 //! budgets: where a commit's time goes between the client's call and its answer
 //! (`examples/latency_budget.rs` prints the table).
 //!
-//! Compiled in with the `latency-probe` feature only; without it [`stamp`] is an empty inline
+//! Compiled in with the `latency-probe` feature only; without it `stamp` is an empty inline
 //! function and nothing is recorded. While armed, every stamp takes a global lock: the probe is
 //! for one proposal at a time (a single client), not for loaded runs.
 

@@ -146,7 +146,7 @@ pub trait SignatureVerifier: Send + Sync {
     /// `item.public_key`: valid by construction (a key made from a secret is never one that
     /// `verify_strict` refuses). A verifier that remembers verdicts may record it as checked;
     /// the default, which every production backend keeps, ignores it. The simulator's
-    /// [`MemoizingVerifier`](crate::sim::MemoizingVerifier) records it, so a simulated cluster
+    /// `sim::MemoizingVerifier` (feature `sim`) records it, so a simulated cluster
     /// checks by curve arithmetic only what no honest replica signed.
     fn signed_here(&self, item: &SignatureItem<'_>) {
         let _ = item;

@@ -558,26 +558,10 @@ async fn peers_given_as_host_port_are_identified_by_their_certificates() {
         }
     });
     // Each start waits for its unnamed peers' handshakes, so they must start together.
-    let mut engines = futures::future::join_all(starts).await;
-    let any_leader = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
-    wait_until("a leader", Duration::from_secs(10), || {
-        any_leader(&engines).is_some()
-    })
-    .await;
-    let leader = any_leader(&engines).unwrap();
-    let result = engines[leader]
-        .propose(Proposal::new("k", "v"))
-        .await
-        .unwrap();
-    assert!(
-        matches!(result, ConsensusResult::Committed { .. }),
-        "{result:?}"
-    );
+    let engines = futures::future::join_all(starts).await;
+    let leader = commit_once_then_stop(engines).await;
     let expected: Vec<NodeId> = names.iter().map(|n| NodeId::from_name(n)).collect();
-    assert!(expected.contains(&engines[leader].node_id()));
-    for engine in &mut engines {
-        engine.stop().await.unwrap();
-    }
+    assert!(expected.contains(&leader));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -625,6 +609,30 @@ async fn tcp_needs_tls_or_an_explicit_insecure_plaintext_and_a_certificate_of_th
     plain.stop().await.unwrap();
 }
 
+/// Waits for one of `engines` to lead, commits one proposal through it, stops them all and
+/// returns the leader's id.
+async fn commit_once_then_stop(mut engines: Vec<ConsensusEngine>) -> NodeId {
+    let any_leader = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
+    wait_until("a leader", Duration::from_secs(10), || {
+        any_leader(&engines).is_some()
+    })
+    .await;
+    let leader = any_leader(&engines).unwrap();
+    let result = engines[leader]
+        .propose(Proposal::new("k", "v"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, ConsensusResult::Committed { .. }),
+        "{result:?}"
+    );
+    let leader = engines[leader].node_id();
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+    leader
+}
+
 /// A TLS identity handed to the engine (here from PEM text in memory, as from a secret store)
 /// secures a cluster whose configurations name no TLS files at all, and is held to the same
 /// checks as files: a certificate of another node, or `insecure_plaintext` beside it, is
@@ -662,24 +670,7 @@ async fn a_tls_identity_given_in_memory_secures_a_cluster_without_tls_files() {
             engine
         }
     });
-    let mut engines = futures::future::join_all(starts).await;
-    let any_leader = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
-    wait_until("a leader", Duration::from_secs(10), || {
-        any_leader(&engines).is_some()
-    })
-    .await;
-    let leader = any_leader(&engines).unwrap();
-    let result = engines[leader]
-        .propose(Proposal::new("k", "v"))
-        .await
-        .unwrap();
-    assert!(
-        matches!(result, ConsensusResult::Committed { .. }),
-        "{result:?}"
-    );
-    for engine in &mut engines {
-        engine.stop().await.unwrap();
-    }
+    commit_once_then_stop(futures::future::join_all(starts).await).await;
 
     let spare = ports::loopback_members(&["pem-a"]).remove(0);
     let error = ConsensusEngine::new(config("pem-a", &spare))

@@ -5,12 +5,47 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-/// `count` ports free at the time of asking (all held at once, so they differ).
+/// Ports are handed out from here, below Linux's ephemeral range (32768-60999 by default). A
+/// port from that range (what binding port 0 gives) can be taken, between the asking and a
+/// server's bind, as the source port of some connection: another test's, or a dialer's own
+/// connection to that very port while nothing listens there (TCP's self-connect), and a
+/// `restart` onto it then failed with "address already in use" for its whole deadline.
+const RANGE: std::ops::Range<u32> = 15_000..32_000;
+
+/// The next port to try: it starts where the process id puts it, so that two test processes
+/// rarely start on the same ports, and never hands out one port twice in one process.
+static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+fn next_candidate() -> u16 {
+    let span = RANGE.end - RANGE.start;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    (RANGE.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16
+}
+
+/// `count` ports free at the time of asking (all held at once, so they differ), none of them
+/// handed out before by this process.
 pub fn try_free_ports(count: usize) -> std::io::Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
+    let mut listeners = Vec::with_capacity(count);
+    let mut tried = 0;
+    while listeners.len() < count {
+        tried += 1;
+        if tried > RANGE.end - RANGE.start {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "no free loopback port below the ephemeral range",
+            ));
+        }
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", next_candidate())) {
+            listeners.push(listener);
+        }
+    }
     listeners
         .iter()
         .map(|listener| listener.local_addr().map(|address| address.port()))

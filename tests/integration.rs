@@ -526,8 +526,7 @@ async fn a_bad_peer_address_is_a_config_error_naming_it() {
         .bind_address(format!("127.0.0.1:{}", free_port()))
         .peers(vec!["b@nowhere"])
         .insecure_plaintext(true);
-    let mut engine = ConsensusEngine::new(config).unwrap();
-    let error = engine.start().await.unwrap_err().to_string();
+    let error = refusal_at_start(ConsensusEngine::new(config).unwrap()).await;
     assert!(
         error.contains("bootstrap_peers") && error.contains("b@nowhere"),
         "{error}"
@@ -572,32 +571,17 @@ async fn tcp_needs_tls_or_an_explicit_insecure_plaintext_and_a_certificate_of_th
         .node_id("a")
         .bind_address(format!("127.0.0.1:{}", free_port()))
         .peers(vec![format!("b@127.0.0.1:{}", free_port())]);
-    let error = ConsensusEngine::new(base.clone())
-        .unwrap()
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = refusal_at_start(ConsensusEngine::new(base.clone()).unwrap()).await;
     assert!(error.contains("insecure_plaintext"), "{error}");
     // b's certificate on a: refused before anything listens.
     let wrong = base.clone().tls(consensus::TlsFiles::in_dir(&certs, "b"));
-    let error = ConsensusEngine::new(wrong)
-        .unwrap()
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = refusal_at_start(ConsensusEngine::new(wrong).unwrap()).await;
     assert!(
         error.contains("tls.cert") && error.contains("\"b\""),
         "{error}"
     );
     let missing = base.clone().tls(consensus::TlsFiles::in_dir(&certs, "z"));
-    let error = ConsensusEngine::new(missing)
-        .unwrap()
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = refusal_at_start(ConsensusEngine::new(missing).unwrap()).await;
     assert!(error.contains("z.pem"), "{error}");
     let both = base
         .clone()
@@ -607,6 +591,11 @@ async fn tcp_needs_tls_or_an_explicit_insecure_plaintext_and_a_certificate_of_th
     let mut plain = ConsensusEngine::new(base.insecure_plaintext(true)).unwrap();
     plain.start().await.unwrap();
     plain.stop().await.unwrap();
+}
+
+/// Why `engine` refuses to start (it must refuse).
+async fn refusal_at_start(mut engine: ConsensusEngine) -> String {
+    engine.start().await.unwrap_err().to_string()
 }
 
 /// Waits for one of `engines` to lead, commits one proposal through it, stops them all and
@@ -673,24 +662,22 @@ async fn a_tls_identity_given_in_memory_secures_a_cluster_without_tls_files() {
     commit_once_then_stop(futures::future::join_all(starts).await).await;
 
     let spare = ports::loopback_members(&["pem-a"]).remove(0);
-    let error = ConsensusEngine::new(config("pem-a", &spare))
-        .unwrap()
-        .with_peer_tls(identity("pem-b"))
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = refusal_at_start(
+        ConsensusEngine::new(config("pem-a", &spare))
+            .unwrap()
+            .with_peer_tls(identity("pem-b")),
+    )
+    .await;
     assert!(
         error.contains("tls.cert") && error.contains("\"pem-b\""),
         "{error}"
     );
-    let error = ConsensusEngine::new(config("pem-a", &spare).insecure_plaintext(true))
-        .unwrap()
-        .with_peer_tls(identity("pem-a"))
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = refusal_at_start(
+        ConsensusEngine::new(config("pem-a", &spare).insecure_plaintext(true))
+            .unwrap()
+            .with_peer_tls(identity("pem-a")),
+    )
+    .await;
     assert!(error.contains("insecure_plaintext"), "{error}");
 }
 

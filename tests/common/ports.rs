@@ -14,19 +14,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// `restart` onto it then failed with "address already in use" for its whole deadline.
 const RANGE: std::ops::Range<u32> = 15_000..32_000;
 
-/// The next port to try: it starts where the process id puts it, so that two test processes
-/// rarely start on the same ports, and never hands out one port twice in one process.
-static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+/// Candidates this process has tried so far.
+static TRIED: AtomicU32 = AtomicU32::new(0);
 
+/// The next port to try: the walk through [`RANGE`] starts where the process id puts it, so
+/// that two test processes rarely start on the same ports, and never offers one port twice in
+/// one process.
 fn next_candidate() -> u16 {
     let span = RANGE.end - RANGE.start;
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7_919) % span,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    (RANGE.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let step = TRIED.fetch_add(1, Ordering::Relaxed);
+    (RANGE.start + start.wrapping_add(step) % span) as u16
 }
 
 /// `count` ports free at the time of asking (all held at once, so they differ), none of them

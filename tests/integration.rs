@@ -978,3 +978,226 @@ async fn a_removed_member_is_no_longer_dialed_after_the_grace() {
         engine.stop().await.unwrap();
     }
 }
+
+/// A store whose writes wait while its gate is closed: a disk that hangs, on demand.
+struct GatedStore {
+    inner: consensus::storage::MemoryLogStore,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Whether writes wait, and how many are waiting now.
+    state: Mutex<(bool, usize)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn close(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+
+    fn waiting(&self) -> usize {
+        self.state.lock().unwrap().1
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.1 += 1;
+        while state.0 {
+            state = self.changed.wait(state).unwrap();
+        }
+        state.1 -= 1;
+    }
+}
+
+impl consensus::storage::LogStore for GatedStore {
+    fn save_hard_state(
+        &mut self,
+        hard_state: consensus::storage::HardState,
+    ) -> Result<(), consensus::StorageError> {
+        self.inner.save_hard_state(hard_state)
+    }
+
+    fn truncate_from(&mut self, from: u64) -> Result<(), consensus::StorageError> {
+        self.inner.truncate_from(from)
+    }
+
+    fn append(&mut self, entries: &[consensus::Entry]) -> Result<(), consensus::StorageError> {
+        self.inner.append(entries)
+    }
+
+    fn sync(&mut self) -> Result<(), consensus::StorageError> {
+        self.inner.sync()
+    }
+
+    fn recover(&mut self) -> Result<consensus::storage::RecoveredState, consensus::StorageError> {
+        self.inner.recover()
+    }
+
+    fn write_records(
+        &mut self,
+        records: &[consensus::storage::RecordWrite],
+    ) -> Result<(), consensus::StorageError> {
+        self.inner.write_records(records)
+    }
+
+    /// Like a disk: the engine then writes beside its driver.
+    fn waits_for_disk(&self) -> bool {
+        true
+    }
+
+    fn persist(
+        &mut self,
+        write: &consensus::storage::LogWrite,
+    ) -> Result<(), consensus::StorageError> {
+        if !write.is_empty() {
+            self.gate.pass();
+        }
+        self.inner.persist(write)
+    }
+}
+
+/// A leader's followers commit what it is writing while its own fsync runs, and a leader whose
+/// disk hangs is replaced. Its followers' acknowledgements commit the entry it is writing (they
+/// are a quorum without it): they apply it and serve a linearizable read of it while it still
+/// leads. Only its own client waits, since a node applies an entry once it holds it durably.
+/// Past an election timeout the hung leader stops, as a node whose disk hangs must: the others
+/// elect a leader and commit without it. Once its disk answers again it follows, and its client
+/// gets the answer of the entry it proposed. (When the driver waited for each write, the leader
+/// counted no acknowledgement during its own fsync, so nothing was applied anywhere before
+/// another leader took over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_commits_through_its_followers_while_its_disk_works_and_is_replaced_if_it_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = tcp_nodes(dir.path());
+    let mut engines = Vec::new();
+    let mut applied = Vec::new();
+    let mut gates = Vec::new();
+    for node in &nodes {
+        // A long election timeout, so that what happens before it is not a race with it.
+        let election = consensus::ElectionConfig::default()
+            .election_timeout(Duration::from_secs(1))
+            .heartbeat_interval(Duration::from_millis(20));
+        let config = ConsensusConfig::default()
+            .node_id(node.name.as_str())
+            .bind_address(node.bind.as_str())
+            .peers(node.peers.clone())
+            .tls(node.tls.clone())
+            .election(election)
+            .request_timeout(Duration::from_secs(30));
+        let gate = Arc::new(Gate::default());
+        let store = GatedStore {
+            inner: Default::default(),
+            gate: gate.clone(),
+        };
+        let mut engine = ConsensusEngine::new(config).unwrap().with_log_store(store);
+        let state_machine = KvStore::default();
+        applied.push(state_machine.applied.clone());
+        engine.set_state_machine(state_machine).unwrap();
+        engine.start().await.unwrap();
+        engines.push(engine);
+        gates.push(gate);
+    }
+    let leader_of = |engines: &Vec<ConsensusEngine>| engines.iter().position(|e| e.is_leader());
+    wait_until("a leader known to all", Duration::from_secs(20), || {
+        leader_of(&engines).is_some() && engines.iter().all(|e| e.current_leader().is_some())
+    })
+    .await;
+    let leader = leader_of(&engines).unwrap();
+    let set = |key: &str, value: &str| KvCommand::Set(key.into(), value.into());
+    engines[leader]
+        .execute_command::<KvStore>(set("k0", "v0"))
+        .await
+        .unwrap();
+    wait_until("every replica to apply k0", Duration::from_secs(10), || {
+        applied.iter().all(|a| a.lock().unwrap().len() == 1)
+    })
+    .await;
+
+    gates[leader].close();
+    let answer = {
+        let put = engines[leader].execute_command::<KvStore>(set("k1", "v1"));
+        tokio::pin!(put);
+        hang_then_open(&engines, &applied, &gates, leader, put).await
+    };
+    assert_eq!(answer.unwrap(), None, "k1 was new");
+    wait_until(
+        "the old leader to apply k1 and k2",
+        Duration::from_secs(10),
+        || *applied[leader].lock().unwrap() == ["k0=v0", "k1=v1", "k2=v2"],
+    )
+    .await;
+    for engine in &mut engines {
+        engine.stop().await.unwrap();
+    }
+}
+
+/// While `put`, made through `leader`, waits for the leader's hung write: the followers apply
+/// it and serve it to a read while the leader still leads; then one of them takes over and
+/// commits k2. Then opens the gate and returns `put`'s answer.
+async fn hang_then_open(
+    engines: &[ConsensusEngine],
+    applied: &[Arc<Mutex<Vec<String>>>],
+    gates: &[Arc<Gate>],
+    leader: usize,
+    mut put: std::pin::Pin<&mut impl std::future::Future<Output = Result<Option<String>, Error>>>,
+) -> Result<Option<String>, Error> {
+    let leader_id = engines[leader].node_id();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let meanwhile = async {
+        wait_until(
+            "the leader's write to hang",
+            Duration::from_secs(10),
+            || gates[leader].waiting() == 1,
+        )
+        .await;
+        wait_until("the followers to apply k1", Duration::from_secs(10), || {
+            followers
+                .iter()
+                .all(|&i| applied[i].lock().unwrap().last().map(String::as_str) == Some("k1=v1"))
+        })
+        .await;
+        for &i in &followers {
+            let seen = engines[i]
+                .read::<KvStore>(KvCommand::Get("k1".into()))
+                .await
+                .unwrap();
+            assert_eq!(seen.as_deref(), Some("v1"));
+        }
+        // Before any election (a follower waits at least 1 s without heartbeats): under the
+        // hung leader.
+        for engine in engines {
+            assert_eq!(engine.current_leader(), Some(leader_id));
+        }
+        assert_eq!(
+            applied[leader].lock().unwrap().len(),
+            1,
+            "applied before it was durable"
+        );
+
+        wait_until("a follower to take over", Duration::from_secs(20), || {
+            followers.iter().any(|&i| engines[i].is_leader())
+        })
+        .await;
+        let new_leader = *followers.iter().find(|&&i| engines[i].is_leader()).unwrap();
+        let command = KvCommand::Set("k2".into(), "v2".into());
+        engines[new_leader]
+            .execute_command::<KvStore>(command)
+            .await
+            .unwrap();
+        assert_eq!(gates[leader].waiting(), 1, "the write still hangs");
+    };
+    tokio::select! {
+        biased;
+        answer = &mut put => panic!("answered while the leader's write hangs: {answer:?}"),
+        () = meanwhile => {}
+    }
+    gates[leader].open();
+    put.await
+}

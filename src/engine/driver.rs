@@ -13,8 +13,10 @@
 //! message travels between the driver and its sockets without a cross-thread wake-up: measured
 //! with `examples/latency_budget.rs`, the hand-offs between the driver's thread and transport
 //! tasks on the caller's runtime were about half of a commit's time (`benches/LATENCY_NOTES.md`).
-//! The driver yields to the transport's tasks while it polls for input and before each fsync,
-//! so that what it sent leaves while the disk works.
+//! The driver yields to the transport's tasks while it polls for input. A store that waits for
+//! the disk writes on a blocking thread while the driver goes on with its inputs (see
+//! [`Driver::carry_out`]): acknowledgements, commits and reads do not wait for this node's
+//! fsync, and each fsync covers what arrived during the one before.
 
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{Receiver, SendError, SyncSender, TryRecvError, TrySendError};
@@ -388,23 +390,48 @@ pub(crate) struct DriverSettings {
     /// is counted in its ticks and must not outlast real time. `None` steps one tick however
     /// late (a stall then does not count toward anyone's timeouts), as without leases.
     pub(crate) catch_up_ticks: Option<u32>,
+    /// How long a write may be in flight before the driver stops and waits for it (see
+    /// [`Driver::wait`]): the shortest time without word from a leader (or primary) before
+    /// the others replace it.
+    pub(crate) write_stall: Duration,
 }
 
 /// What the driver's wait for work ended with.
 enum Wait<P: Protocol> {
     Input(DriverInput<P>),
     TickDue,
+    /// The write in flight finished (see [`InFlight`]).
+    Persisted(Box<PersistJoin>),
     Disconnected,
+}
+
+/// What the blocking thread hands back: the write (to reuse, and to read what it covered) and
+/// how it went.
+type PersistOutcome = (crate::storage::LogWrite, Result<(), StorageError>);
+type PersistJoin = std::result::Result<PersistOutcome, tokio::task::JoinError>;
+
+/// A write on the blocking thread, with the rest of the output it came in (its messages
+/// already sent), which waits for it: acknowledgements and votes, the committed entries it
+/// holds, the events and the answers.
+pub(crate) struct InFlight<M> {
+    output: Output<M>,
+    started: Instant,
+    handle: tokio::task::JoinHandle<PersistOutcome>,
 }
 
 pub(crate) struct Driver<P: Protocol> {
     pub(crate) node: P,
     /// Shared with the blocking thread that persists when the store waits for the disk (see
-    /// [`Driver::persist`]); only one of them holds it at a time.
+    /// [`Driver::carry_out`]); only one of them holds it at a time.
     pub(crate) store: Arc<Mutex<Box<dyn LogStore>>>,
     /// Whether persists go to a blocking thread: the store waits for the disk and the
     /// transport's tasks run on this thread.
     pub(crate) persist_beside: bool,
+    /// The write on the blocking thread while the driver goes on (only with
+    /// [`Driver::persist_beside`]; see [`Driver::carry_out`]).
+    pub(crate) in_flight: Option<InFlight<P::Message>>,
+    /// An emptied output kept to reuse its allocations for the next write in flight.
+    pub(crate) spare_output: Output<P::Message>,
     pub(crate) transport: Arc<dyn Transport<P::Message>>,
     pub(crate) inputs: DriverReceiver<P>,
     pub(crate) metrics: Arc<Metrics>,
@@ -459,6 +486,17 @@ impl<P: Protocol> Driver<P> {
             let first = match self.wait(next_tick).await {
                 Wait::Input(input) => Some(input),
                 Wait::TickDue => None,
+                Wait::Persisted(joined) => {
+                    // What waited for the write goes on, and the next write starts; after a
+                    // stall (see `wait`), once the ticks it missed are stepped.
+                    if let Some(limit) = self.settings.catch_up_ticks {
+                        next_tick = self.catch_up(Instant::now(), next_tick, limit, &mut out);
+                    }
+                    if let Err(error) = self.complete_persist(*joined, &mut out).await {
+                        return Err(self.store_failed(error));
+                    }
+                    continue;
+                }
                 Wait::Disconnected => break,
             };
             // One clock reading per round: requests received in it share their submit time
@@ -500,20 +538,33 @@ impl<P: Protocol> Driver<P> {
                 self.metrics
                     .set_replication_lag(&self.node.replication_lag());
             }
-            if self.settings.flush_on_drain {
+            if self.settings.flush_on_drain && !self.holds_proposals() {
                 self.node.step(Input::FlushProposals, &mut out);
             }
             self.take_finished_snapshot(&mut out);
-            if let Err(error) = self.carry_out(&mut out).await {
-                tracing::error!(node = %self.node.id(), %error, "log store failed; engine stopping");
-                self.fail_all(&format!("log store failed: {error}"));
-                return Err(error);
+            // While a write is in flight, `out` gathers the rounds' outputs for the next one.
+            let carried = if self.in_flight.is_some() {
+                self.meanwhile(&mut out);
+                Ok(())
+            } else {
+                self.carry_out(&mut out).await
+            };
+            if let Err(error) = carried {
+                return Err(self.store_failed(error));
             }
             if P::COMPACTS_LOG && self.snapshots.due(self.apply.applied_index()) {
                 self.start_snapshot();
             }
             if shutdown {
                 break;
+            }
+        }
+        // What was asked for is written before the engine stops (a write left half done is
+        // safe, but a finished one leaves the store where the core's state says).
+        while let Some(in_flight) = &mut self.in_flight {
+            let joined = (&mut in_flight.handle).await;
+            if let Err(error) = self.complete_persist(joined, &mut out).await {
+                return Err(self.store_failed(error));
             }
         }
         self.fail_all("engine stopped");
@@ -553,7 +604,21 @@ impl<P: Protocol> Driver<P> {
     /// yielding between polls so that what it waits for runs first: the transport's tasks on
     /// this runtime, or the threads that may share its core on a machine with few cores.
     async fn wait(&mut self, next_tick: Instant) -> Wait<P> {
-        if !self.settings.spin.is_zero() {
+        // A write in flight this long is a disk that stalls: the driver then waits for it and
+        // does nothing else, as a node whose disk hangs must. A leader's heartbeats stop, and
+        // the others elect a leader whose disk works rather than follow one that can commit
+        // nothing of its own; its ticks are caught up once the write is done (see
+        // `catch_up_ticks`), so that a lease it held is not stretched by the stall.
+        let stall = self.settings.write_stall;
+        if let Some(in_flight) = &mut self.in_flight
+            && in_flight.started.elapsed() >= stall
+        {
+            return Wait::Persisted(Box::new((&mut in_flight.handle).await));
+        }
+        // Not while a write is in flight: its completion wakes the driver anyway, and polling
+        // then takes the cores from the other work a round needs (measured: PUT through every
+        // node of `kv_vs_etcd` gained from parking, a leader's PUTs lost from polling).
+        if !self.settings.spin.is_zero() && self.in_flight.is_none() {
             let spin_until = Instant::now() + self.settings.spin;
             loop {
                 match self.inputs.queue.try_recv() {
@@ -582,6 +647,13 @@ impl<P: Protocol> Driver<P> {
             rung.as_mut().enable();
             doorbell.waiting.store(true, Ordering::Relaxed);
             fence(Ordering::SeqCst);
+            let in_flight = &mut self.in_flight;
+            let persisted = async move {
+                match in_flight {
+                    Some(in_flight) => (&mut in_flight.handle).await,
+                    None => std::future::pending().await,
+                }
+            };
             let wait = match self.inputs.queue.try_recv() {
                 Ok(input) => Some(Wait::Input(input)),
                 Err(TryRecvError::Disconnected) => Some(Wait::Disconnected),
@@ -589,6 +661,7 @@ impl<P: Protocol> Driver<P> {
                 Err(TryRecvError::Empty) => tokio::select! {
                     biased;
                     () = &mut rung => None, // the ringer cleared `waiting`
+                    joined = persisted => Some(Wait::Persisted(Box::new(joined))),
                     () = tokio::time::sleep_until(next_tick.into()) => Some(Wait::TickDue),
                 },
             };
@@ -704,173 +777,33 @@ impl<P: Protocol> Driver<P> {
     /// committed and already on this node's disk, persist, send what waited for the write, apply
     /// the rest and answer, then tell the core what is durable, and carry out what that step
     /// asked for in turn.
+    ///
+    /// When the store waits for the disk ([`Driver::persist_beside`]) the write goes to a
+    /// blocking thread and the rest of `out` waits for it in [`Driver::in_flight`], while the
+    /// driver goes on with its inputs ([`Driver::meanwhile`]): a follower applies the commits
+    /// its leader announces, and a leader counts its followers' acknowledgements, during its
+    /// own fsync instead of after it. The next write starts when this one is done
+    /// ([`Driver::complete_persist`]), so writes stay in order and each fsync covers what
+    /// arrived during the previous one. Call only with no write in flight.
     async fn carry_out(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
+        debug_assert!(self.in_flight.is_none(), "one write in flight at a time");
         loop {
-            // Transfers first: a snapshot that fits in one chunk starts and is restored in the
-            // same output.
-            for event in &out.events {
-                self.snapshot_spans.transfer(self.node.id(), event);
-            }
-            // A leader's snapshot replaces the applied state before anything after it applies;
-            // it counts as installed once this output's write made it durable too.
-            let restored = out.restore.take();
-            if let Some(snapshot) = &restored {
-                self.restore(snapshot)?;
-            }
-            if !self.traces.is_empty() && !out.write.append.is_empty() {
-                self.traces.appending(&out.write.append);
-            }
-            for event in &out.events {
-                // Before the messages: a leader's first append to a member it just added.
-                if let Event::MembershipChanged { membership, .. } = event {
-                    for (&id, address) in &membership.addresses {
-                        self.transport.add_member(id, address);
-                    }
-                }
-            }
-            let sent = !out.messages.is_empty();
-            for envelope in out.messages.drain(..) {
-                send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
-            }
-            // Under load a round that learns a commit usually also appends newer entries: the
-            // committed ones a previous persist made durable are answered before this one's
-            // fsync rather than after it.
-            let durable_committed = out
-                .committed
-                .partition_point(|entry| entry.index <= self.persisted_through);
-            if durable_committed > 0 {
-                self.apply_committed(out, durable_committed);
-            }
+            self.before_write(out)?;
             let mut write_took = Duration::ZERO;
             if !out.write.is_empty() {
-                if sent && self.settings.io_on_this_thread {
-                    // The transport's tasks write what was just sent before the write blocks
-                    // this thread or is handed to another: replication overlaps the leader's
-                    // own write.
-                    tokio::task::yield_now().await;
+                if self.persist_beside {
+                    self.start_persist(out);
+                    return Ok(());
                 }
                 let started = Instant::now();
-                self.persist(&mut out.write).await?;
+                lock(&self.store).persist(&out.write)?;
                 write_took = started.elapsed();
                 self.metrics.record_fsync(write_took);
             } else if !out.write.snapshot_parts.is_empty() {
                 // Parts of a snapshot still arriving, written ahead and not synced.
                 lock(&self.store).persist(&out.write)?;
             }
-            if let Some(from) = out.write.truncate_from {
-                self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
-            }
-            if let Some(snapshot) = &out.write.snapshot {
-                // What it covers is as durable as the log before it was.
-                self.persisted_through = self.persisted_through.max(snapshot.index);
-            }
-            if let Some(snapshot) = restored {
-                self.metrics.record_snapshot_installed(snapshot.data.len());
-                tracing::info!(
-                    node = %self.node.id(),
-                    index = snapshot.index,
-                    bytes = snapshot.data.len(),
-                    "installed the leader's snapshot"
-                );
-            }
-            let durable = out.write.last_appended();
-            if let Some((index, _)) = durable {
-                self.persisted_through = index;
-                if !self.traces.is_empty() {
-                    self.traces.persisted(index, write_took);
-                }
-            }
-            for envelope in out.messages_after_write.drain(..) {
-                send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
-            }
-            if !self.traces.is_empty() {
-                self.traces.acknowledged();
-            }
-            if !out.committed.is_empty() {
-                let all = out.committed.len();
-                self.apply_committed(out, all);
-            }
-            if !out.reads.is_empty() {
-                self.apply
-                    .reads_ready(out.reads.drain(..), &mut self.answers);
-            }
-            self.apply.reject(out.rejected.drain(..), &mut self.answers);
-            let leader_changed = out
-                .events
-                .iter()
-                .any(|e| matches!(e, Event::LeaderChanged { .. }));
-            for event in &out.events {
-                match *event {
-                    Event::ByzantineDetected { offender, offence } => {
-                        self.metrics.record_byzantine_detection();
-                        lock(&self.byzantine).detected(offender, offence);
-                    }
-                    Event::ElectionRound { round, term } => {
-                        self.elections.round(self.node.id(), round, term);
-                    }
-                    Event::LeaderChanged { term, leader } => {
-                        self.elections.leader_changed(self.node.id(), term, leader);
-                        if leader != Some(self.node.id()) {
-                            self.membership_calls.leadership_lost(leader);
-                        }
-                    }
-                    Event::Prepared {
-                        view,
-                        sequence,
-                        ref proposals,
-                    } => {
-                        if !self.traces.is_empty() {
-                            self.traces.prepared(view, sequence, proposals);
-                        }
-                    }
-                    Event::MembershipChanged {
-                        index,
-                        ref membership,
-                        committed,
-                    } => {
-                        tracing::info!(node = %self.node.id(), index, %membership, committed,
-                            "membership changed");
-                        *lock(&self.membership) = Some(membership.clone());
-                        self.retired_routes
-                            .changed(membership, committed, Instant::now());
-                        if membership.contains(self.node.id()) {
-                            self.removed.send_replace(None); // added (back)
-                        }
-                        self.membership_calls.changed(index, membership, committed);
-                    }
-                    Event::MembershipRefused { ref error } => {
-                        tracing::info!(node = %self.node.id(), %error, "membership change refused");
-                    }
-                    Event::MembershipForwarded { tag, leader } => {
-                        tracing::info!(node = %self.node.id(), tag, %leader,
-                            "membership change forwarded to the leader");
-                    }
-                    Event::MembershipForwardAnswered { tag, ref result } => {
-                        self.membership_calls.answered(tag, result.clone());
-                    }
-                    Event::Removed { index } => {
-                        tracing::warn!(node = %self.node.id(), index,
-                            "removed from the cluster by the membership committed at this index");
-                        self.removed.send_replace(Some(index));
-                    }
-                    Event::SnapshotSendStarted { .. }
-                    | Event::SnapshotSendFinished { .. }
-                    | Event::SnapshotReceiveStarted { .. } => {}
-                }
-            }
-            out.clear();
-            if !self.answers.is_empty() {
-                self.answer(None);
-            }
-            let status = self.node.status();
-            self.metrics.set_term(status.term);
-            self.metrics.set_committed_index(status.commit_index);
-            self.metrics.set_log_entries(status.log_entries);
-            if leader_changed {
-                self.metrics.record_leader_change();
-                self.publish_leader();
-            }
-            match durable {
+            match self.after_write(out, write_took)? {
                 Some((index, term)) => self.node.step(Input::Durable { index, term }, out),
                 None => return Ok(()),
             }
@@ -880,30 +813,272 @@ impl<P: Protocol> Driver<P> {
         }
     }
 
-    /// Persists `write`: on a blocking thread when [`Driver::persist_beside`] (the driver waits
-    /// for it, while the transport's tasks on this runtime go on), else here.
-    async fn persist(&mut self, write: &mut crate::storage::LogWrite) -> Result<(), StorageError> {
-        if !self.persist_beside {
-            return lock(&self.store).persist(write);
+    /// What may happen before `out`'s write is durable: restore a leader's snapshot, let the
+    /// transport know of new members, send the messages that promise nothing, and apply the
+    /// committed entries an earlier write made durable here.
+    fn before_write(&mut self, out: &mut Output<P::Message>) -> Result<(), StorageError> {
+        // Transfers first: a snapshot that fits in one chunk starts and is restored in the
+        // same output.
+        for event in &out.events {
+            self.snapshot_spans.transfer(self.node.id(), event);
         }
-        let store = self.store.clone();
-        let taken = std::mem::take(write);
-        let persisted = tokio::task::spawn_blocking(move || {
-            let result = lock(&store).persist(&taken);
-            (taken, result)
-        })
-        .await;
-        match persisted {
-            Ok((taken, result)) => {
-                *write = taken;
-                result
+        // A leader's snapshot replaces the applied state before anything after it applies;
+        // it counts as installed once this output's write made it durable too.
+        if let Some(snapshot) = &out.restore {
+            self.restore(snapshot)?;
+        }
+        if !self.traces.is_empty() && !out.write.append.is_empty() {
+            self.traces.appending(&out.write.append);
+        }
+        self.add_new_members(out);
+        for envelope in out.messages.drain(..) {
+            send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
+        }
+        // Under load a round that learns a commit usually also appends newer entries: the
+        // committed ones a previous persist made durable are answered before this one's
+        // fsync rather than after it.
+        let durable_through = self.durable_through(out);
+        let durable_committed = out
+            .committed
+            .partition_point(|entry| entry.index <= durable_through);
+        if durable_committed > 0 {
+            self.apply_committed(out, durable_committed);
+        }
+        Ok(())
+    }
+
+    /// Before the messages: a leader's first append to a member it just added.
+    fn add_new_members(&self, out: &Output<P::Message>) {
+        for event in &out.events {
+            if let Event::MembershipChanged { membership, .. } = event {
+                for (&id, address) in &membership.addresses {
+                    self.transport.add_member(id, address);
+                }
             }
+        }
+    }
+
+    /// Hands `out`'s write to a blocking thread; the rest of `out` waits for it.
+    fn start_persist(&mut self, out: &mut Output<P::Message>) {
+        let store = self.store.clone();
+        let write = std::mem::take(&mut out.write);
+        let handle = tokio::task::spawn_blocking(move || {
+            let result = lock(&store).persist(&write);
+            (write, result)
+        });
+        let spare = std::mem::take(&mut self.spare_output);
+        self.in_flight = Some(InFlight {
+            output: std::mem::replace(out, spare),
+            started: Instant::now(),
+            handle,
+        });
+    }
+
+    /// While a write is in flight: what the rounds since asked for that need not wait for it.
+    /// Messages that promise nothing leave (unless a membership change must reach the
+    /// transport first), refusals are answered, reads wait only for their index to apply, and
+    /// committed entries already durable here apply; everything else waits in `out` for the
+    /// next write.
+    fn meanwhile(&mut self, out: &mut Output<P::Message>) {
+        let changes_membership = out
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::MembershipChanged { .. }));
+        if !changes_membership {
+            for envelope in out.messages.drain(..) {
+                send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
+            }
+        }
+        // Entries committed before a snapshot from the leader apply after it is restored.
+        if out.restore.is_none() {
+            let durable_through = self.durable_through(out);
+            let durable_committed = out
+                .committed
+                .partition_point(|entry| entry.index <= durable_through);
+            if durable_committed > 0 {
+                self.apply_committed(out, durable_committed);
+            }
+        }
+        if !out.reads.is_empty() {
+            self.apply
+                .reads_ready(out.reads.drain(..), &mut self.answers);
+        }
+        self.apply.reject(out.rejected.drain(..), &mut self.answers);
+        if !self.answers.is_empty() {
+            self.answer(None);
+        }
+    }
+
+    /// The write in flight finished: carries out what waited for it, tells the core, then
+    /// carries out `out` (what the rounds since gathered, and what that step asked for), which
+    /// starts the next write.
+    async fn complete_persist(
+        &mut self,
+        joined: PersistJoin,
+        out: &mut Output<P::Message>,
+    ) -> Result<(), StorageError> {
+        let Some(InFlight {
+            mut output,
+            started,
+            handle: _,
+        }) = self.in_flight.take()
+        else {
+            return Ok(());
+        };
+        let (write, result) = match joined {
+            Ok(outcome) => outcome,
             Err(error) => match error.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
-                Err(_) => Err(StorageError::Io(std::io::Error::other(
-                    "the runtime shut down during a write",
-                ))),
+                Err(_) => {
+                    return Err(StorageError::Io(std::io::Error::other(
+                        "the runtime shut down during a write",
+                    )));
+                }
             },
+        };
+        output.write = write;
+        result?;
+        let write_took = started.elapsed();
+        self.metrics.record_fsync(write_took);
+        let durable = self.after_write(&mut output, write_took)?;
+        self.spare_output = output;
+        if let Some((index, term)) = durable {
+            self.node.step(Input::Durable { index, term }, out);
+        }
+        if self.settings.flush_on_drain {
+            self.node.step(Input::FlushProposals, out);
+        }
+        self.carry_out(out).await
+    }
+
+    /// What `out` held back until its write was durable: send the acknowledgements and votes,
+    /// apply the committed entries, serve reads, answer, and handle the events. Returns the
+    /// last entry the write appended, for [`Input::Durable`]; leaves `out` empty.
+    fn after_write(
+        &mut self,
+        out: &mut Output<P::Message>,
+        write_took: Duration,
+    ) -> Result<Option<(LogIndex, Term)>, StorageError> {
+        if let Some(from) = out.write.truncate_from {
+            self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
+        }
+        if let Some(snapshot) = &out.write.snapshot {
+            // What it covers is as durable as the log before it was.
+            self.persisted_through = self.persisted_through.max(snapshot.index);
+        }
+        if let Some(snapshot) = out.restore.take() {
+            self.metrics.record_snapshot_installed(snapshot.data.len());
+            tracing::info!(
+                node = %self.node.id(),
+                index = snapshot.index,
+                bytes = snapshot.data.len(),
+                "installed the leader's snapshot"
+            );
+        }
+        let durable = out.write.last_appended();
+        if let Some((index, _)) = durable {
+            self.persisted_through = index;
+            if !self.traces.is_empty() {
+                self.traces.persisted(index, write_took);
+            }
+        }
+        debug_assert!(out.messages.is_empty(), "sent before the write");
+        for envelope in out.messages_after_write.drain(..) {
+            send::<P>(&*self.transport, &self.traces, self.node.id(), envelope);
+        }
+        if !self.traces.is_empty() {
+            self.traces.acknowledged();
+        }
+        if !out.committed.is_empty() {
+            let all = out.committed.len();
+            self.apply_committed(out, all);
+        }
+        if !out.reads.is_empty() {
+            self.apply
+                .reads_ready(out.reads.drain(..), &mut self.answers);
+        }
+        self.apply.reject(out.rejected.drain(..), &mut self.answers);
+        let leader_changed = out
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::LeaderChanged { .. }));
+        self.handle_events(&out.events);
+        out.clear();
+        if !self.answers.is_empty() {
+            self.answer(None);
+        }
+        let status = self.node.status();
+        self.metrics.set_term(status.term);
+        self.metrics.set_committed_index(status.commit_index);
+        self.metrics.set_log_entries(status.log_entries);
+        if leader_changed {
+            self.metrics.record_leader_change();
+            self.publish_leader();
+        }
+        Ok(durable)
+    }
+
+    /// Notes the events of a carried-out output: detections, elections, leader and membership
+    /// changes, and answers to forwarded membership calls.
+    fn handle_events(&mut self, events: &[Event]) {
+        for event in events {
+            match *event {
+                Event::ByzantineDetected { offender, offence } => {
+                    self.metrics.record_byzantine_detection();
+                    lock(&self.byzantine).detected(offender, offence);
+                }
+                Event::ElectionRound { round, term } => {
+                    self.elections.round(self.node.id(), round, term);
+                }
+                Event::LeaderChanged { term, leader } => {
+                    self.elections.leader_changed(self.node.id(), term, leader);
+                    if leader != Some(self.node.id()) {
+                        self.membership_calls.leadership_lost(leader);
+                    }
+                }
+                Event::Prepared {
+                    view,
+                    sequence,
+                    ref proposals,
+                } => {
+                    if !self.traces.is_empty() {
+                        self.traces.prepared(view, sequence, proposals);
+                    }
+                }
+                Event::MembershipChanged {
+                    index,
+                    ref membership,
+                    committed,
+                } => {
+                    tracing::info!(node = %self.node.id(), index, %membership, committed,
+                        "membership changed");
+                    *lock(&self.membership) = Some(membership.clone());
+                    self.retired_routes
+                        .changed(membership, committed, Instant::now());
+                    if membership.contains(self.node.id()) {
+                        self.removed.send_replace(None); // added (back)
+                    }
+                    self.membership_calls.changed(index, membership, committed);
+                }
+                Event::MembershipRefused { ref error } => {
+                    tracing::info!(node = %self.node.id(), %error, "membership change refused");
+                }
+                Event::MembershipForwarded { tag, leader } => {
+                    tracing::info!(node = %self.node.id(), tag, %leader,
+                        "membership change forwarded to the leader");
+                }
+                Event::MembershipForwardAnswered { tag, ref result } => {
+                    self.membership_calls.answered(tag, result.clone());
+                }
+                Event::Removed { index } => {
+                    tracing::warn!(node = %self.node.id(), index,
+                        "removed from the cluster by the membership committed at this index");
+                    self.removed.send_replace(Some(index));
+                }
+                Event::SnapshotSendStarted { .. }
+                | Event::SnapshotSendFinished { .. }
+                | Event::SnapshotReceiveStarted { .. } => {}
+            }
         }
     }
 
@@ -1076,6 +1251,31 @@ impl<P: Protocol> Driver<P> {
             (route, (reply, outcome))
         });
         self.replies.post(deliveries);
+    }
+
+    /// A leader whose write is in flight keeps the proposals that arrive in its batch until
+    /// the write is done, so that the next write (one fsync here and one on each follower)
+    /// carries all of them rather than one append per round: what the driver waiting for its
+    /// fsync did before writes went beside it. Followers forward at once; their own writes do
+    /// not concern the leader's rounds.
+    fn holds_proposals(&self) -> bool {
+        self.in_flight.is_some() && self.node.status().is_leader
+    }
+
+    /// The last index whose entry this node holds durably as `out` stands: a truncation waiting
+    /// in `out` replaces what was durable from there on.
+    fn durable_through(&self, out: &Output<P::Message>) -> LogIndex {
+        match out.write.truncate_from {
+            Some(from) => self.persisted_through.min(from.saturating_sub(1)),
+            None => self.persisted_through,
+        }
+    }
+
+    /// Logs a failure of the store and answers every pending request with it; returns it.
+    fn store_failed(&mut self, error: StorageError) -> StorageError {
+        tracing::error!(node = %self.node.id(), %error, "log store failed; engine stopping");
+        self.fail_all(&format!("log store failed: {error}"));
+        error
     }
 
     fn fail_all(&mut self, reason: &str) {

@@ -532,6 +532,8 @@ impl ConsensusEngine {
             answers: Vec::new(),
             node,
             persist_beside: tcp.is_some() && store.waits_for_disk(),
+            in_flight: None,
+            spare_output: Default::default(),
             store: Arc::new(Mutex::new(store)),
             transport,
             inputs: receiver,
@@ -550,6 +552,10 @@ impl ConsensusEngine {
                     DRIVER_SPIN
                 }),
                 io_on_this_thread: tcp.is_some(),
+                write_stall: match self.config.algorithm {
+                    crate::Algorithm::Pbft => self.config.view_change_timeout,
+                    _ => self.config.election.election_timeout,
+                },
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config
                         .raft_config()

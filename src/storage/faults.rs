@@ -119,6 +119,16 @@ impl<S: LogStore> LogStore for FaultInjectingStore<S> {
         self.inner.supports_snapshots()
     }
 
+    /// The wrapped store's: an engine writes beside its driver for a disk, as it would
+    /// without the faults.
+    fn waits_for_disk(&self) -> bool {
+        self.inner.waits_for_disk()
+    }
+
+    fn snapshot_stager(&self) -> Option<std::sync::Arc<dyn crate::storage::SnapshotStager>> {
+        self.inner.snapshot_stager()
+    }
+
     fn write_snapshot_part(
         &mut self,
         part: &crate::storage::SnapshotPart,

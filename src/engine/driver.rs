@@ -837,6 +837,13 @@ impl<P: Protocol> Driver<P> {
         // Under load a round that learns a commit usually also appends newer entries: the
         // committed ones a previous persist made durable are answered before this one's
         // fsync rather than after it.
+        self.apply_durable_committed(out);
+        Ok(())
+    }
+
+    /// Applies the entries of `out.committed` this node already holds durably (the first ones:
+    /// the rest wait for `out`'s write).
+    fn apply_durable_committed(&mut self, out: &mut Output<P::Message>) {
         let durable_through = self.durable_through(out);
         let durable_committed = out
             .committed
@@ -844,7 +851,6 @@ impl<P: Protocol> Driver<P> {
         if durable_committed > 0 {
             self.apply_committed(out, durable_committed);
         }
-        Ok(())
     }
 
     /// Before the messages: a leader's first append to a member it just added.
@@ -891,13 +897,7 @@ impl<P: Protocol> Driver<P> {
         }
         // Entries committed before a snapshot from the leader apply after it is restored.
         if out.restore.is_none() {
-            let durable_through = self.durable_through(out);
-            let durable_committed = out
-                .committed
-                .partition_point(|entry| entry.index <= durable_through);
-            if durable_committed > 0 {
-                self.apply_committed(out, durable_committed);
-            }
+            self.apply_durable_committed(out);
         }
         if !out.reads.is_empty() {
             self.apply

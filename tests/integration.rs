@@ -396,13 +396,19 @@ struct TcpNode {
 }
 
 impl TcpNode {
-    async fn start(&self) -> (ConsensusEngine, Arc<Mutex<Vec<String>>>) {
-        let config = ConsensusConfig::default()
+    /// This node's name, addresses and TLS files.
+    fn config(&self) -> ConsensusConfig {
+        ConsensusConfig::default()
             .node_id(self.name.as_str())
             .bind_address(self.bind.as_str())
             .peers(self.peers.clone())
-            .persistent_state(&self.dir)
             .tls(self.tls.clone())
+    }
+
+    async fn start(&self) -> (ConsensusEngine, Arc<Mutex<Vec<String>>>) {
+        let config = self
+            .config()
+            .persistent_state(&self.dir)
             .request_timeout(Duration::from_secs(3));
         let mut engine = ConsensusEngine::new(config).unwrap();
         let store = KvStore::default();
@@ -1084,11 +1090,8 @@ async fn a_leader_commits_through_its_followers_while_its_disk_works_and_is_repl
         let election = consensus::ElectionConfig::default()
             .election_timeout(Duration::from_secs(1))
             .heartbeat_interval(Duration::from_millis(20));
-        let config = ConsensusConfig::default()
-            .node_id(node.name.as_str())
-            .bind_address(node.bind.as_str())
-            .peers(node.peers.clone())
-            .tls(node.tls.clone())
+        let config = node
+            .config()
             .election(election)
             .request_timeout(Duration::from_secs(30));
         let gate = Arc::new(Gate::default());

@@ -959,9 +959,7 @@ impl<P: Protocol> Driver<P> {
         out: &mut Output<P::Message>,
         write_took: Duration,
     ) -> Result<Option<(LogIndex, Term)>, StorageError> {
-        if let Some(from) = out.write.truncate_from {
-            self.persisted_through = self.persisted_through.min(from.saturating_sub(1));
-        }
+        self.persisted_through = self.durable_through(out);
         if let Some(snapshot) = &out.write.snapshot {
             // What it covers is as durable as the log before it was.
             self.persisted_through = self.persisted_through.max(snapshot.index);

@@ -213,7 +213,9 @@ pub struct ConsensusConfig {
     /// `disk_reserve_mb`): below it a node refuses writes with
     /// [`StorageError::DiskFull`](crate::StorageError::DiskFull) (HTTP 507) while reads, and
     /// the protocol's own state (votes, replicated entries), go on into the reserve. Writes
-    /// resume when space returns. Zero turns the check off.
+    /// resume when space returns. The free space is read again at least every 10 ms under
+    /// load (and sooner when the writes since could have used up the room it showed), not on
+    /// every write. Zero turns the check off.
     pub disk_reserve_bytes: u64,
     /// Batch proposals at all.
     pub enable_batching: bool,

@@ -247,6 +247,8 @@ fn a_full_disk_refuses_writes_with_507_while_reads_go_on_and_writes_resume_with_
         &filler,
         available_bytes(tmpfs.path()).saturating_sub(4 << 20),
     );
+    // The node reads the free space again at least every 10 ms, not on every write.
+    std::thread::sleep(Duration::from_millis(50));
     let refused = request("PUT", "/kv/new", b"x").expect("the node answers");
     let body = String::from_utf8_lossy(&refused.body).into_owned();
     assert_eq!(refused.status, 507, "{body}");

@@ -17,6 +17,7 @@
 
 pub(crate) mod apply;
 mod core;
+mod disk_space;
 mod driver;
 mod election_traces;
 mod handover;
@@ -146,6 +147,8 @@ pub struct ConsensusEngine {
     retained: RetainedState,
     /// Picks the proposals that are traced.
     trace_sampler: crate::telemetry::TraceSampler,
+    /// Refuses writes while the state directory's filesystem is under its reserve.
+    disk_space: disk_space::DiskSpaceGate,
     running: Option<Running>,
 }
 
@@ -186,6 +189,10 @@ impl ConsensusEngine {
             }
             Algorithm::GpuOptimizedRaft => Some(config.signing_identity()?),
         };
+        let disk_space = disk_space::DiskSpaceGate::new(
+            config.persistent_state.clone(),
+            config.disk_reserve_bytes,
+        );
         Ok(ConsensusEngine {
             config,
             identity,
@@ -206,6 +213,7 @@ impl ConsensusEngine {
             replies: Arc::new(ReplyRouter::default()),
             retained: RetainedState::default(),
             trace_sampler,
+            disk_space,
             running: None,
         })
     }
@@ -756,7 +764,7 @@ impl ConsensusEngine {
 
     /// Replicates `proposal`; answers once it is committed and applied on this node.
     pub async fn propose(&self, proposal: Proposal) -> Result<ConsensusResult> {
-        self.check_disk_space()?;
+        self.disk_space.check(proposal.data.len() as u64)?;
         let data = self.encode_proposal(proposal.data, proposal.signature.as_ref())?;
         match self.submit(data).await {
             Ok(applied) => Ok(ConsensusResult::Committed {
@@ -868,10 +876,10 @@ impl ConsensusEngine {
         command: S::Command,
         signature: Option<&crate::ClientSignature>,
     ) -> Result<S::Response> {
-        if !S::is_read_only(&command) {
-            self.check_disk_space()?;
-        }
         let data = encode_command(&command).map_err(Error::StateMachine)?;
+        if !S::is_read_only(&command) {
+            self.disk_space.check(data.len() as u64)?;
+        }
         let data = self.encode_proposal(Bytes::from(data), signature)?;
         let applied = self.submit(data).await?;
         downcast_response::<S>(applied)
@@ -886,34 +894,6 @@ impl ConsensusEngine {
             route,
         })
         .await
-    }
-
-    /// Refuses a write with [`StorageError::DiskFull`](crate::StorageError::DiskFull) while the
-    /// filesystem of the state directory has less free space than
-    /// [`ConsensusConfig::disk_reserve_bytes`]. Checked on every write (one `statvfs`, far
-    /// cheaper than the write's fsync), so writes resume as soon as space returns. An engine
-    /// without a state directory, or whose filesystem cannot be asked, refuses nothing.
-    fn check_disk_space(&self) -> Result<()> {
-        let (Some(dir), reserve) = (
-            &self.config.persistent_state,
-            self.config.disk_reserve_bytes,
-        ) else {
-            return Ok(());
-        };
-        if reserve == 0 {
-            return Ok(());
-        }
-        let Some(available) = available_bytes(dir) else {
-            return Ok(());
-        };
-        if available < reserve {
-            return Err(Error::Storage(crate::StorageError::DiskFull {
-                path: dir.display().to_string(),
-                available_bytes: available,
-                reserve_bytes: reserve,
-            }));
-        }
-        Ok(())
     }
 
     /// What goes into the log for a command: under GPU-optimized Raft, the command in its frame
@@ -1310,19 +1290,6 @@ impl LeaderElection {
 
 /// Bytes an unprivileged process may still write on the filesystem holding `dir`, or `None`
 /// when it cannot be asked (not Unix, or the directory is missing).
-fn available_bytes(dir: &std::path::Path) -> Option<u64> {
-    #[cfg(unix)]
-    {
-        let stats = rustix::fs::statvfs(dir).ok()?;
-        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        None
-    }
-}
-
 /// Waits for the driver's answer to one request. No timer of our own: the driver answers every
 /// request by its deadline (it checks them each tick), and a driver that stops or panics drops
 /// the reply sender, which ends this wait too. A tokio timer per call was a seventh of the

@@ -27,6 +27,12 @@
 //! (`kv_cluster` gives its nodes a share of the cores instead; see
 //! `consensus::node::write_loopback_cluster`).
 //!
+//! Both clusters secure their peer links alike: mutual TLS with certificates from a cluster CA
+//! (ours: each node's `[consensus.tls]`, as `write_loopback_cluster` writes it; etcd's members:
+//! `--peer-cert-file`, `--peer-key-file`, `--peer-trusted-ca-file` and
+//! `--peer-client-cert-auth`, with certificates from the same generator). The client API is plain
+//! HTTP on both.
+//!
 //! Ours: `PUT /kv/{key}` and `GET /kv/{key}`. etcd: its v3 JSON gateway, `POST /v3/kv/put` and
 //! `POST /v3/kv/range` with base64 keys and values. A request counts when it is answered 200;
 //! anything else is an error and is reported. Without etcd the program runs ours alone and says
@@ -239,7 +245,12 @@ async fn start_etcd(
     processes: &mut Processes,
 ) -> Result<Cluster, String> {
     let ports = free_ports(6)?;
-    let peer = |i: usize| format!("http://127.0.0.1:{}", ports[3 + i]);
+    // Peer links as secure as ours: mutual TLS, certificates from a cluster CA of etcd's own.
+    let names: Vec<String> = (0..3).map(|i| format!("e{i}")).collect();
+    let certs = dir.join("certs");
+    consensus::transport::tcp::tls::generate_certificates(&certs, &names)
+        .map_err(|e| format!("cannot write etcd's peer certificates: {e}"))?;
+    let peer = |i: usize| format!("https://127.0.0.1:{}", ports[3 + i]);
     let initial: Vec<String> = (0..3).map(|i| format!("e{i}={}", peer(i))).collect();
     let clients: Vec<SocketAddr> = (0..3)
         .map(|i| SocketAddr::from(([127, 0, 0, 1], ports[i])))
@@ -247,6 +258,7 @@ async fn start_etcd(
     for (i, client) in clients.iter().enumerate() {
         let log =
             std::fs::File::create(dir.join(format!("e{i}.log"))).map_err(|e| e.to_string())?;
+        let tls = consensus::TlsFiles::in_dir(&certs, &names[i]);
         let child = Command::new(binary)
             .arg(format!("--name=e{i}"))
             .arg(format!(
@@ -260,6 +272,10 @@ async fn start_etcd(
             .arg(format!("--initial-cluster={}", initial.join(",")))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=kv-vs-etcd")
+            .arg(format!("--peer-cert-file={}", tls.cert.display()))
+            .arg(format!("--peer-key-file={}", tls.key.display()))
+            .arg(format!("--peer-trusted-ca-file={}", tls.ca.display()))
+            .arg("--peer-client-cert-auth")
             .arg("--logger=zap")
             .arg("--log-level=error")
             .stdout(Stdio::null())
@@ -451,9 +467,14 @@ async fn run(options: Options) -> Result<(), String> {
             None
         }
     };
+    let peers = if etcd.is_some() {
+        "peer links on mutual TLS in both clusters"
+    } else {
+        "peer links on mutual TLS"
+    };
     println!(
         "{} clients, {} keys, {}-byte values, {} s per phase, each cluster alone on this machine \
-         while it is measured",
+         while it is measured; {peers}",
         options.clients, options.keys, options.value_bytes, options.seconds
     );
     println!(

@@ -845,9 +845,7 @@ impl ConsensusConfig {
                 });
             }
             (Some(tls), _, false) => Some(tls.clone()),
-            (None, Some(files), _) => Some(files.load().map_err(|error| ConfigError::Tls {
-                problem: error.to_string(),
-            })?),
+            (None, Some(files), _) => Some(files.load()?),
             (None, None, true) => None,
             (None, None, false) => {
                 return Err(ConfigError::Invalid {

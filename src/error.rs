@@ -109,6 +109,15 @@ pub enum ConfigError {
     },
 }
 
+/// A TLS identity that cannot be loaded or written is a configuration error, wherever it is read.
+impl From<crate::transport::tcp::TlsError> for ConfigError {
+    fn from(error: crate::transport::tcp::TlsError) -> Self {
+        ConfigError::Tls {
+            problem: error.to_string(),
+        }
+    }
+}
+
 impl ConfigError {
     /// `Err(ConfigError::Invalid { .. })`, the answer of every `validate` in the crate.
     pub(crate) fn invalid<T>(

@@ -374,12 +374,8 @@ fn keygen(path: &Path) -> Result<(), NodeError> {
 ///
 /// [`generate_certificates`]: crate::transport::tcp::tls::generate_certificates
 fn gen_certs(dir: &Path, nodes: &[String]) -> Result<(), NodeError> {
-    let written =
-        crate::transport::tcp::tls::generate_certificates(dir, nodes).map_err(|error| {
-            NodeError::Config(ConfigError::Tls {
-                problem: error.to_string(),
-            })
-        })?;
+    let written = crate::transport::tcp::tls::generate_certificates(dir, nodes)
+        .map_err(|error| NodeError::Config(error.into()))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "cluster CA: {}", dir.join("ca.pem").display())?;
     for files in written {
@@ -803,9 +799,7 @@ pub async fn run(
     // Read once: the same identity secures the peer connections and, with `tls = true` under
     // `[http]`, the HTTP listener.
     let peer_tls = match &config.consensus.tls {
-        Some(files) => Some(files.load().map_err(|error| ConfigError::Tls {
-            problem: error.to_string(),
-        })?),
+        Some(files) => Some(files.load().map_err(ConfigError::from)?),
         None => None,
     };
     let https = peer_tls.clone().filter(|_| config.http_tls);

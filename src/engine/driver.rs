@@ -394,6 +394,10 @@ pub(crate) struct DriverSettings {
     /// [`Driver::wait`]): the shortest time without word from a leader (or primary) before
     /// the others replace it.
     pub(crate) write_stall: Duration,
+    /// How long a leader keeps gathering proposals after a write of several entries (see
+    /// [`ConsensusConfig::leader_linger`](crate::ConsensusConfig::leader_linger)); zero for
+    /// PBFT.
+    pub(crate) linger: Duration,
 }
 
 /// What the driver's wait for work ended with.
@@ -432,6 +436,9 @@ pub(crate) struct Driver<P: Protocol> {
     pub(crate) in_flight: Option<InFlight<P::Message>>,
     /// An emptied output kept to reuse its allocations for the next write in flight.
     pub(crate) spare_output: Output<P::Message>,
+    /// Until when a leader keeps its proposals after its last write (see
+    /// [`DriverSettings::linger`]).
+    pub(crate) linger_until: Option<Instant>,
     pub(crate) transport: Arc<dyn Transport<P::Message>>,
     pub(crate) inputs: DriverReceiver<P>,
     pub(crate) metrics: Arc<Metrics>,
@@ -483,7 +490,11 @@ impl<P: Protocol> Driver<P> {
         let mut next_tick = Instant::now() + self.settings.tick;
         self.publish_leader();
         loop {
-            let first = match self.wait(next_tick).await {
+            // A leader's linger ends a wait early, so that its round then goes out.
+            let wake_by = self
+                .linger_until
+                .map_or(next_tick, |until| until.min(next_tick));
+            let first = match self.wait(wake_by).await {
                 Wait::Input(input) => Some(input),
                 Wait::TickDue => None,
                 Wait::Persisted(joined) => {
@@ -936,6 +947,7 @@ impl<P: Protocol> Driver<P> {
                 }
             },
         };
+        let entries_written = write.append.len();
         output.write = write;
         result?;
         let write_took = started.elapsed();
@@ -946,7 +958,16 @@ impl<P: Protocol> Driver<P> {
             self.node.step(Input::Durable { index, term }, out);
         }
         if self.settings.flush_on_drain {
-            self.node.step(Input::FlushProposals, out);
+            // A write of several entries means several clients: the next round waits a little
+            // to carry more of them. A lone client's write (one entry) never waits.
+            if !self.settings.linger.is_zero()
+                && entries_written >= 2
+                && self.node.status().is_leader
+            {
+                self.linger_until = Some(Instant::now() + self.settings.linger);
+            } else {
+                self.node.step(Input::FlushProposals, out);
+            }
         }
         self.carry_out(out).await
     }
@@ -1254,10 +1275,17 @@ impl<P: Protocol> Driver<P> {
     /// A leader whose write is in flight keeps the proposals that arrive in its batch until
     /// the write is done, so that the next write (one fsync here and one on each follower)
     /// carries all of them rather than one append per round: what the driver waiting for its
-    /// fsync did before writes went beside it. Followers forward at once; their own writes do
+    /// fsync did before writes went beside it; and, with [`DriverSettings::linger`], for that
+    /// long after a write of several entries. Followers forward at once; their own writes do
     /// not concern the leader's rounds.
-    fn holds_proposals(&self) -> bool {
-        self.in_flight.is_some() && self.node.status().is_leader
+    fn holds_proposals(&mut self) -> bool {
+        if self
+            .linger_until
+            .is_some_and(|until| Instant::now() >= until)
+        {
+            self.linger_until = None;
+        }
+        (self.in_flight.is_some() || self.linger_until.is_some()) && self.node.status().is_leader
     }
 
     /// The last index whose entry this node holds durably as `out` stands: a truncation waiting

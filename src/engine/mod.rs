@@ -542,6 +542,7 @@ impl ConsensusEngine {
             persist_beside: tcp.is_some() && store.waits_for_disk(),
             in_flight: None,
             spare_output: Default::default(),
+            linger_until: None,
             store: Arc::new(Mutex::new(store)),
             transport,
             inputs: receiver,
@@ -563,6 +564,10 @@ impl ConsensusEngine {
                 write_stall: match self.config.algorithm {
                     crate::Algorithm::Pbft => self.config.view_change_timeout,
                     _ => self.config.election.election_timeout,
+                },
+                linger: match self.config.algorithm {
+                    crate::Algorithm::Pbft => std::time::Duration::ZERO,
+                    _ => self.config.leader_linger,
                 },
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config

@@ -96,6 +96,8 @@ impl DiskSpaceGate {
     }
 }
 
+/// Bytes an unprivileged process may still write on the filesystem holding `dir`, or `None`
+/// when it cannot be asked (not Unix, or the directory is missing).
 fn available_bytes(dir: &std::path::Path) -> Option<u64> {
     #[cfg(unix)]
     {

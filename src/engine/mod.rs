@@ -1293,8 +1293,6 @@ impl LeaderElection {
     }
 }
 
-/// Bytes an unprivileged process may still write on the filesystem holding `dir`, or `None`
-/// when it cannot be asked (not Unix, or the directory is missing).
 /// Waits for the driver's answer to one request. No timer of our own: the driver answers every
 /// request by its deadline (it checks them each tick), and a driver that stops or panics drops
 /// the reply sender, which ends this wait too. A tokio timer per call was a seventh of the

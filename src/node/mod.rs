@@ -416,8 +416,9 @@ pub struct LoopbackNodeFiles {
 /// cores under the `kv_cluster` load (clients on every node) these served 1.09× the operations
 /// of the defaults (a worker per core and a 150 µs poll per node); see
 /// `benches/FORWARDING_NOTES.md`. For the same reason a leader gathers proposals 200 µs longer
-/// after a write of several entries (`leader_linger_us = 200`: fewer, fuller rounds; 1.02-1.21×
-/// the operations under that load, and a lone client never waits for it).
+/// after a write of several entries (`leader_linger_us = 200`: fewer, fuller rounds; medians
+/// 7-11 % higher under that load, within a wide pairwise spread, and a lone client never waits
+/// for it).
 ///
 /// `[http]` is the file's last table, so that lines appended to it (`tls = true`, a
 /// `token_file`) land there.

@@ -1,7 +1,8 @@
 //! The hash chain over a log: the value a signed acknowledgement names, so that one signature
 //! vouches for the whole log prefix it acknowledges.
 //!
-//! `digest(i) = SHA-256(domain ‖ term ‖ index ‖ payload)` and `chain(i) = SHA-256(chain(i − 1) ‖
+//! `digest(i) = SHA-256(domain ‖ term ‖ index ‖ payload)` (every field of the payload, a
+//! membership's keys and addresses included) and `chain(i) = SHA-256(chain(i − 1) ‖
 //! digest(i))`, with `chain(0)` all zeros. Two logs with one chain value at an index hold the same
 //! entries up to it (short of a SHA-256 collision), which is Raft's log-matching property made
 //! checkable by anyone: a certificate names a chain value, and whoever holds the log recomputes it.
@@ -52,6 +53,19 @@ pub fn entry_digest(entry: &Entry) -> Hash {
                 for (id, key) in &membership.keys {
                     hasher.update(id.0.to_be_bytes());
                     hasher.update(key);
+                }
+            }
+            // The addresses decide where members dial, and a chain value vouches for whole
+            // entries: chained the same way (their own marker, only when there are any). Logs
+            // written before they were chained recompute other values for a membership that
+            // carries addresses; certificates stored over such an entry then no longer match.
+            if !membership.addresses.is_empty() {
+                hasher.update([4u8]);
+                hasher.update((membership.addresses.len() as u64).to_be_bytes());
+                for (id, address) in &membership.addresses {
+                    hasher.update(id.0.to_be_bytes());
+                    hasher.update((address.len() as u64).to_be_bytes());
+                    hasher.update(address.as_bytes());
                 }
             }
         }
@@ -131,6 +145,7 @@ impl LogChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::Membership;
     use crate::types::{NodeId, ProposalTag};
 
     fn command(index: LogIndex, data: &'static [u8]) -> Entry {
@@ -178,6 +193,54 @@ mod tests {
         for (i, a) in digests.iter().enumerate() {
             for b in &digests[i + 1..] {
                 assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn every_field_of_a_membership_changes_its_digest() {
+        let (a, b) = (NodeId(1), NodeId(2));
+        let entry = |membership: Membership| Entry {
+            term: 1,
+            index: 1,
+            payload: Payload::Membership(Box::new(membership)),
+        };
+        let voters = Membership::of_voters([a, b]);
+        let mut joint = voters.clone();
+        joint.outgoing.insert(a);
+        let mut learner = voters.clone();
+        learner.learners.insert(NodeId(3));
+        let mut keyed = voters.clone();
+        keyed.keys.insert(a, [7; 32]);
+        let mut other_key = voters.clone();
+        other_key.keys.insert(a, [8; 32]);
+        let mut addressed = voters.clone();
+        addressed.addresses.insert(b, "n2@127.0.0.1:7001".into());
+        let mut other_address = voters.clone();
+        other_address
+            .addresses
+            .insert(b, "n2@127.0.0.1:7002".into());
+        let mut other_member_address = voters.clone();
+        other_member_address
+            .addresses
+            .insert(a, "n2@127.0.0.1:7001".into());
+        let mut keyed_and_addressed = keyed.clone();
+        keyed_and_addressed.addresses = addressed.addresses.clone();
+        let digests = [
+            voters,
+            joint,
+            learner,
+            keyed,
+            other_key,
+            addressed,
+            other_address,
+            other_member_address,
+            keyed_and_addressed,
+        ]
+        .map(|m| entry_digest(&entry(m)));
+        for (i, x) in digests.iter().enumerate() {
+            for y in &digests[i + 1..] {
+                assert_ne!(x, y);
             }
         }
     }

@@ -374,8 +374,8 @@ fn keygen(path: &Path) -> Result<(), NodeError> {
 ///
 /// [`generate_certificates`]: crate::transport::tcp::tls::generate_certificates
 fn gen_certs(dir: &Path, nodes: &[String]) -> Result<(), NodeError> {
-    let written = crate::transport::tcp::tls::generate_certificates(dir, nodes)
-        .map_err(|error| NodeError::Config(error.into()))?;
+    let written =
+        crate::transport::tcp::tls::generate_certificates(dir, nodes).map_err(ConfigError::from)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "cluster CA: {}", dir.join("ca.pem").display())?;
     for files in written {

@@ -10,7 +10,8 @@
 //! 1), spread over the run, restarting each killed node once a new leader is elected and waiting
 //! for it to rejoin before the next kill; with `--rolling-restart` it instead stops every node in
 //! turn with SIGTERM (a clean stop: a leader hands over first) and restarts it. Then it checks
-//! that every acknowledged write is readable through every node and prints throughput, latency,
+//! that every acknowledged write is readable through every node and prints throughput, latency
+//! (all requests, then reads and writes apart),
 //! the failover percentiles (leader killed → first acknowledged write) or, for the rolling
 //! restart, the failed requests and the longest write stall. It exits non-zero if any check
 //! fails (for the rolling restart: also if any request failed).
@@ -217,6 +218,10 @@ impl KeyState {
 #[derive(Default)]
 struct ClientReport {
     latencies: Latencies,
+    /// The same, split: linearizable reads (`GET`) and writes (puts, compare-and-swaps,
+    /// deletes), whose paths differ (a read takes no log entry).
+    read_latencies: Latencies,
+    write_latencies: Latencies,
     /// Requests without a success answer: an error status, a dropped connection, a timeout.
     failed: usize,
     /// Connections refused (a stopped node): the request went to the next node instead.
@@ -436,9 +441,13 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
             }
         };
         if answered {
-            report.latencies.record(started.elapsed());
+            let took = started.elapsed();
+            report.latencies.record(took);
             if is_write {
+                report.write_latencies.record(took);
                 shared.write_acknowledged(started);
+            } else {
+                report.read_latencies.record(took);
             }
         } else {
             report.failed += 1;
@@ -721,9 +730,12 @@ async fn workload(
         }
     }
 
-    let mut latencies = Latencies::new();
+    let (mut latencies, mut reads, mut writes) =
+        (Latencies::new(), Latencies::new(), Latencies::new());
     for report in &reports {
         latencies.merge(&report.latencies);
+        reads.merge(&report.read_latencies);
+        writes.merge(&report.write_latencies);
     }
     let failed: usize = reports.iter().map(|r| r.failed).sum();
     let refused: usize = reports.iter().map(|r| r.refused).sum();
@@ -753,6 +765,14 @@ async fn workload(
         latencies.quantile(0.99),
         latencies.max()
     );
+    for (name, split) in [("reads", &reads), ("writes", &writes)] {
+        println!(
+            "  {name:<7}    {} acknowledged, p50 {:.2?}  p99 {:.2?}",
+            split.len(),
+            split.quantile(0.50),
+            split.quantile(0.99)
+        );
+    }
     let mut disruption_failed = None;
     match &disruption {
         Disruption::Kills(killed) if !killed.is_empty() => {

@@ -11,10 +11,10 @@
 //! for it to rejoin before the next kill; with `--rolling-restart` it instead stops every node in
 //! turn with SIGTERM (a clean stop: a leader hands over first) and restarts it. Then it checks
 //! that every acknowledged write is readable through every node and prints throughput, latency
-//! (all requests, then reads and writes apart),
-//! the failover percentiles (leader killed → first acknowledged write) or, for the rolling
-//! restart, the failed requests and the longest write stall. It exits non-zero if any check
-//! fails (for the rolling restart: also if any request failed).
+//! (all requests, then reads and writes apart), the failover percentiles (leader killed → first
+//! acknowledged write) or, for the rolling restart, the failed requests and the longest write
+//! stall. It exits non-zero if any check fails (for the rolling restart: also if any request
+//! failed).
 //!
 //! Each client keeps one HTTP connection alive to the node it is using (a new connection per
 //! request cost as much as the request). A request whose connection is refused (its node is

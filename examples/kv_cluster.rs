@@ -217,9 +217,9 @@ impl KeyState {
 /// A client's counters and findings.
 #[derive(Default)]
 struct ClientReport {
-    latencies: Latencies,
-    /// The same, split: linearizable reads (`GET`) and writes (puts, compare-and-swaps,
-    /// deletes), whose paths differ (a read takes no log entry).
+    /// Acknowledged requests' latencies, split: linearizable reads (`GET`) and writes (puts,
+    /// compare-and-swaps, deletes), whose paths differ (a read takes no log entry). The
+    /// summary's overall figures merge the two.
     read_latencies: Latencies,
     write_latencies: Latencies,
     /// Requests without a success answer: an error status, a dropped connection, a timeout.
@@ -442,7 +442,6 @@ async fn run_client(shared: Arc<Shared>, id: usize, keys: usize) -> ClientReport
         };
         if answered {
             let took = started.elapsed();
-            report.latencies.record(took);
             if is_write {
                 report.write_latencies.record(took);
                 shared.write_acknowledged(started);
@@ -733,7 +732,8 @@ async fn workload(
     let (mut latencies, mut reads, mut writes) =
         (Latencies::new(), Latencies::new(), Latencies::new());
     for report in &reports {
-        latencies.merge(&report.latencies);
+        latencies.merge(&report.read_latencies);
+        latencies.merge(&report.write_latencies);
         reads.merge(&report.read_latencies);
         writes.merge(&report.write_latencies);
     }

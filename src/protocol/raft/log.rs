@@ -1,7 +1,7 @@
 //! The core's in-memory view of the log: everything appended, whether or not the driver has made it
 //! durable yet (the driver's contract makes it durable before any message depending on it leaves).
 
-use crate::types::{Entry, LogIndex, Term};
+use crate::types::{Entry, LogIndex, Payload, Term};
 
 /// The log as the core sees it. Index 0 is the empty prefix with term 0. The log may start past
 /// index 1 when the entries before it were compacted into a snapshot: then it knows the index
@@ -12,7 +12,11 @@ pub struct RaftLog {
     offset: LogIndex,
     /// The term of the entry at `offset`, when known (always known at offset 0).
     offset_term: Option<Term>,
+    /// The entries from `offset + 1` on, after `compacted` leading slots that a compaction
+    /// has already released (see [`RaftLog::compact_through`]).
     entries: Vec<Entry>,
+    /// How many slots at the front of `entries` are compacted away and wait to be drained.
+    compacted: usize,
 }
 
 impl RaftLog {
@@ -35,6 +39,7 @@ impl RaftLog {
             offset,
             offset_term: (offset == 0).then_some(0),
             entries,
+            compacted: 0,
         })
     }
 
@@ -50,7 +55,7 @@ impl RaftLog {
         let Some((index, term)) = snapshot else {
             return Ok(log);
         };
-        if log.entries.is_empty() || log.last_index() < index {
+        if log.live().is_empty() || log.last_index() < index {
             log.reset_to(index, term);
             return Ok(log);
         }
@@ -65,6 +70,11 @@ impl RaftLog {
         Ok(log)
     }
 
+    /// The entries held, in index order from `first_index()`.
+    fn live(&self) -> &[Entry] {
+        &self.entries[self.compacted..]
+    }
+
     /// The index of the first entry held (1 for a log never compacted, also when empty).
     pub fn first_index(&self) -> LogIndex {
         self.offset + 1
@@ -72,12 +82,12 @@ impl RaftLog {
 
     /// The index of the last entry (`first_index() - 1` when empty).
     pub fn last_index(&self) -> LogIndex {
-        self.offset + self.entries.len() as LogIndex
+        self.offset + self.live().len() as LogIndex
     }
 
     /// The term of the last entry (0 when the log is empty and never compacted).
     pub fn last_term(&self) -> Term {
-        self.entries
+        self.live()
             .last()
             .map_or(self.offset_term.unwrap_or(0), |e| e.term)
     }
@@ -94,7 +104,7 @@ impl RaftLog {
     /// The entry at `index`.
     pub fn entry(&self, index: LogIndex) -> Option<&Entry> {
         let position = usize::try_from(index.checked_sub(self.offset + 1)?).ok()?;
-        self.entries.get(position)
+        self.live().get(position)
     }
 
     /// Entries with indexes in `from..=to` (clamped to the log).
@@ -104,7 +114,7 @@ impl RaftLog {
         if start >= end {
             &[]
         } else {
-            &self.entries[start..end]
+            &self.live()[start..end]
         }
     }
 
@@ -129,7 +139,7 @@ impl RaftLog {
 
     /// The last index whose entry has term `term`, if the log has any.
     pub fn last_index_of_term(&self, term: Term) -> Option<LogIndex> {
-        self.entries
+        self.live()
             .iter()
             .rev()
             .find(|e| e.term == term)
@@ -137,7 +147,8 @@ impl RaftLog {
     }
 
     /// The entries, given up.
-    pub(crate) fn into_entries(self) -> Vec<Entry> {
+    pub(crate) fn into_entries(mut self) -> Vec<Entry> {
+        self.entries.drain(..self.compacted);
         self.entries
     }
 
@@ -153,8 +164,19 @@ impl RaftLog {
             return;
         }
         debug_assert!(self.term_at(index).is_none_or(|t| t == term));
-        let drop = ((index - self.offset) as usize).min(self.entries.len());
-        self.entries.drain(..drop);
+        let drop = ((index - self.offset) as usize).min(self.live().len());
+        // Draining the front at every compaction moved the whole retained log each time (a
+        // log_retention of entries every eighth of it: 3 % of the in-process bench's cycles).
+        // The compacted slots only give up their payloads now, and are drained once they
+        // outnumber the entries held, so each entry is moved at most once on average.
+        for slot in &mut self.entries[self.compacted..self.compacted + drop] {
+            slot.payload = Payload::Blank;
+        }
+        self.compacted += drop;
+        if self.compacted >= self.live().len() {
+            self.entries.drain(..self.compacted);
+            self.compacted = 0;
+        }
         self.offset = index;
         self.offset_term = Some(term);
     }
@@ -162,6 +184,7 @@ impl RaftLog {
     /// Drops every entry: the log now starts after a snapshot ending at `index` with `term`.
     pub(crate) fn reset_to(&mut self, index: LogIndex, term: Term) {
         self.entries.clear();
+        self.compacted = 0;
         self.offset = index;
         self.offset_term = Some(term);
     }
@@ -170,14 +193,15 @@ impl RaftLog {
     pub(crate) fn truncate_from(&mut self, from: LogIndex) {
         debug_assert!(from > self.offset, "truncating into the compacted prefix");
         self.entries
-            .truncate(from.saturating_sub(self.first_index()) as usize);
+            .truncate(self.compacted + from.saturating_sub(self.first_index()) as usize);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Payload;
+    use crate::types::NodeId;
+    use bytes::Bytes;
 
     fn log_of_terms(terms: &[Term]) -> RaftLog {
         log_from(1, terms)
@@ -249,6 +273,67 @@ mod tests {
             payload: Payload::Blank,
         });
         assert_eq!(log.term_at(103), Some(5));
+    }
+
+    /// Compactions leave their slots to be drained later; a log compacted, grown and cut back
+    /// in any order must still answer every lookup by absolute index, as a plain list does.
+    #[test]
+    fn a_log_compacted_in_steps_answers_like_the_entries_it_holds() {
+        let command = |index: LogIndex| Payload::Command {
+            tag: crate::types::ProposalTag {
+                proposer: NodeId(1),
+                request_id: index,
+            },
+            data: Bytes::from(index.to_le_bytes().to_vec()),
+        };
+        let mut log = RaftLog::default();
+        let mut model: Vec<Entry> = Vec::new(); // what the log must hold, from first_index()
+        let mut first: LogIndex = 1;
+        for round in 0u64..400 {
+            for _ in 0..(round % 7) + 1 {
+                let index = log.last_index() + 1;
+                let entry = Entry {
+                    index,
+                    term: 1 + round / 50,
+                    payload: command(index),
+                };
+                log.push(entry.clone());
+                model.push(entry);
+            }
+            if round % 5 == 0 && model.len() > 2 {
+                let from = log.last_index() - 1; // cut the last two
+                log.truncate_from(from);
+                model.truncate(model.len() - 2);
+            }
+            if round % 3 == 0 && model.len() > 4 {
+                let through = first + (round % 4) + 1;
+                let term = log.term_at(through).unwrap();
+                log.compact_through(through, term);
+                model.drain(..(through + 1 - first) as usize);
+                first = through + 1;
+                assert_eq!(
+                    log.term_at(through),
+                    Some(term),
+                    "the prefix's last term is kept"
+                );
+            }
+            assert_eq!(log.first_index(), first);
+            assert_eq!(log.last_index(), first + model.len() as LogIndex - 1);
+            assert_eq!(log.slice(0, LogIndex::MAX), &model[..]);
+            for entry in &model {
+                assert_eq!(log.entry(entry.index), Some(entry));
+            }
+            assert_eq!(log.entry(first - 1), None);
+            assert_eq!(
+                log.last_term(),
+                model.last().map_or(log.last_term(), |e| e.term)
+            );
+        }
+        assert!(
+            log.entries.len() <= 2 * model.len() + 8,
+            "compacted slots are drained"
+        );
+        assert_eq!(log.into_entries(), model);
     }
 
     #[test]

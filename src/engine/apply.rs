@@ -41,6 +41,17 @@ pub(crate) struct SnapshotCapture {
 }
 
 impl SnapshotCapture {
+    /// A capture of `state` alone (no applied proposals), for the snapshot taker's tests.
+    #[cfg(test)]
+    pub(crate) fn of_state(index: LogIndex, term: Term, state: SnapshotWriter) -> Self {
+        SnapshotCapture {
+            index,
+            term,
+            applied_proposals: Vec::new(),
+            state: Some(state),
+        }
+    }
+
     /// Encodes the snapshot: magic, version, the table's length and bytes, a flag saying
     /// whether a state machine's state follows, then that state.
     pub(crate) fn write(self) -> std::io::Result<Snapshot> {

@@ -134,9 +134,11 @@ pub struct NodeConfig {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// `[runtime] worker_threads`: the threads of the node's tokio runtime, which serves the
     /// HTTP API (the engine's driver has a thread of its own besides). `None`, the default,
-    /// takes one per core. A node that shares the machine's cores with other nodes does better
-    /// with fewer: each extra idle worker is woken to steal work, and those wake-ups cost more
-    /// than they save when the cores are already busy (see [`write_loopback_cluster`]).
+    /// takes one per core but the one the driver keeps busy (see
+    /// [`NodeConfig::runtime_worker_threads`]). A node that shares the machine's cores with
+    /// other nodes does better with fewer still: each extra idle worker is woken to steal
+    /// work, and those wake-ups cost more than they save when the cores are already busy (see
+    /// [`write_loopback_cluster`]).
     pub worker_threads: Option<usize>,
     /// `--join HTTP_ADDR`: join the running Raft cluster of which a member's API listens there
     /// (see `node/join.rs`; over HTTPS when this node serves HTTPS); `bootstrap_peers` must
@@ -169,7 +171,26 @@ struct HttpTable {
     tls: Option<bool>,
 }
 
+/// The default worker threads of a node's runtime on `cores` cores: one per core but one, and
+/// at least one. Under load the engine's driver thread (which polls for its next input while
+/// busy) and its fsyncs occupy about a core, so a worker on every core only adds threads
+/// that wake one another to steal work. On 2 cores, `kv_vs_etcd`'s nodes with one worker
+/// each instead of two served more PUTs through every node in 15 of 19 alternated pairs
+/// (pairwise medians 1.03-1.09) and about 1.1× the reads, and as many through one follower;
+/// see `benches/FORWARDING_NOTES.md`.
+fn default_worker_threads(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
 impl NodeConfig {
+    /// The worker threads the node's runtime starts with: `[runtime] worker_threads` if set,
+    /// else one per core of this machine but one, and at least one.
+    pub fn runtime_worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            default_worker_threads(std::thread::available_parallelism().map_or(1, usize::from))
+        })
+    }
+
     /// Reads `path`; `http_override` (from `--http`) replaces `[http] address`.
     pub fn load(path: &Path, http_override: Option<&str>) -> Result<Self, NodeError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
@@ -414,7 +435,7 @@ pub struct LoopbackNodeFiles {
 /// of `cores / nodes` worker threads (at least one), and a driver that parks at once when idle
 /// (`driver_spin_us = 0`) instead of polling a core that another node or a client needs. On 2
 /// cores under the `kv_cluster` load (clients on every node) these served 1.09× the operations
-/// of the defaults (a worker per core and a 150 µs poll per node); see
+/// of a worker per core and a 150 µs poll per node; see
 /// `benches/FORWARDING_NOTES.md`. For the same reason a leader gathers proposals 200 µs longer
 /// after a write of several entries (`leader_linger_us = 200`: fewer, fuller rounds; medians
 /// 7-11 % higher under that load, within a wide pairwise spread, and a lone client never waits
@@ -625,13 +646,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             }
         }
     };
-    let runtime = match config.worker_threads {
-        Some(threads) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Runtime::new(),
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_worker_threads())
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -970,6 +988,24 @@ address = "127.0.0.1:8001"
         assert_eq!(config.consensus.node_id, "a");
         let config = NodeConfig::parse(CONFIG, Some("127.0.0.1:9000")).unwrap();
         assert_eq!(config.http_address.port(), 9000);
+    }
+
+    #[test]
+    fn the_runtime_takes_a_worker_per_core_but_the_drivers_unless_told() {
+        for (cores, workers) in [(0, 1), (1, 1), (2, 1), (3, 2), (16, 15)] {
+            assert_eq!(default_worker_threads(cores), workers, "{cores} cores");
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let unset = NodeConfig::parse(CONFIG, None).unwrap();
+        assert!(unset.runtime_worker_threads() >= 1);
+        assert!(unset.runtime_worker_threads() <= cores);
+        let four = format!("{CONFIG}\n[runtime]\nworker_threads = 4\n");
+        assert_eq!(
+            NodeConfig::parse(&four, None)
+                .unwrap()
+                .runtime_worker_threads(),
+            4
+        );
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //!
 //! ```text
 //! cargo run --release --example kv_vs_etcd [-- --seconds S --clients C --keys K --value-bytes B
-//!                                               --compare-reads]
+//!                                               --rounds R --compare-reads]
 //! ```
 //!
 //! Each phase runs for S seconds (default 5) with C clients (16), each on one kept-alive HTTP/1
 //! connection (hyper, through `consensus::node::client::Connection`), over K keys (10,000) with
-//! B-byte values (64):
+//! B-byte values (64). With `--rounds R` (default 1) the phases run R times over the same two
+//! clusters, each phase ours and then etcd's, so that a slow spell of the machine falls on both;
+//! a line per round gives its ratios, and the table then gives the medians of the rounds (each
+//! ratio the median of the rounds' ratios). The phases:
 //!
 //! - `PUT → leader`, `PUT → follower`: every client writes through that node;
 //! - `PUT → any node`: client i writes through node i mod 3, as users spread load;
@@ -63,6 +66,7 @@ struct Options {
     keys: usize,
     value_bytes: usize,
     compare_reads: bool,
+    rounds: usize,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -72,6 +76,7 @@ fn parse_options() -> Result<Options, String> {
         keys: 10_000,
         value_bytes: 64,
         compare_reads: false,
+        rounds: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -85,11 +90,12 @@ fn parse_options() -> Result<Options, String> {
             "--clients" => options.clients = number()?.max(1) as usize,
             "--keys" => options.keys = number()?.max(1) as usize,
             "--value-bytes" => options.value_bytes = number()? as usize,
+            "--rounds" => options.rounds = number()?.max(1) as usize,
             "--compare-reads" => options.compare_reads = true,
             other => {
                 return Err(format!(
                     "unexpected argument {other:?}; expected --seconds S --clients C --keys K \
-                     --value-bytes B --compare-reads"
+                     --value-bytes B --rounds R --compare-reads"
                 ));
             }
         }
@@ -448,6 +454,86 @@ fn millis(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1e3)
 }
 
+/// One phase's figures in one round: throughput, and latency p50 and p99 in seconds.
+#[derive(Clone, Copy)]
+struct Figures {
+    per_second: f64,
+    p50: f64,
+    p99: f64,
+}
+
+impl Figures {
+    fn of(outcome: &Outcome) -> Self {
+        Figures {
+            per_second: outcome.per_second,
+            p50: outcome.latencies.quantile(0.5).as_secs_f64(),
+            p99: outcome.latencies.quantile(0.99).as_secs_f64(),
+        }
+    }
+}
+
+/// One round of one phase: ours, then etcd's when it runs.
+#[derive(Clone, Copy)]
+struct Round {
+    ours: Figures,
+    etcd: Option<Figures>,
+}
+
+/// The middle value (the mean of the two middle ones for an even count); zero for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn print_header() {
+    println!(
+        "| load | {} req/s | p50 | p99 | etcd req/s | p50 | p99 | throughput ÷ etcd | p99 ÷ etcd |",
+        System::Ours.name()
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+}
+
+/// A phase's row: the medians of its rounds (one round: its figures), each ratio the median of
+/// the rounds' ratios; etcd's columns hold dashes when etcd did not run.
+fn print_row(name: &str, rounds: &[Round]) {
+    let of = |pick: fn(&Round) -> f64| median(rounds.iter().map(pick).collect());
+    let seconds = |value: f64| millis(Duration::from_secs_f64(value));
+    let ours = format!(
+        "| {name} | {:.0} | {} | {} |",
+        of(|r| r.ours.per_second),
+        seconds(of(|r| r.ours.p50)),
+        seconds(of(|r| r.ours.p99)),
+    );
+    let etcd: Option<Vec<Figures>> = rounds.iter().map(|r| r.etcd).collect();
+    match etcd {
+        Some(etcd) if !etcd.is_empty() => {
+            let pick = |f: fn(&Figures) -> f64| median(etcd.iter().map(f).collect());
+            let ratio = |f: fn(&Figures) -> f64| {
+                median(
+                    rounds
+                        .iter()
+                        .zip(&etcd)
+                        .map(|(r, e)| f(&r.ours) / f(e).max(1e-9))
+                        .collect(),
+                )
+            };
+            println!(
+                "{ours} {:.0} | {} | {} | {:.2}× | {:.2}× |",
+                pick(|f| f.per_second),
+                seconds(pick(|f| f.p50)),
+                seconds(pick(|f| f.p99)),
+                ratio(|f| f.per_second),
+                ratio(|f| f.p99),
+            );
+        }
+        _ => println!("{ours} – | – | – | – | – |"),
+    }
+}
+
 async fn run(options: Options) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut processes = Processes::default();
@@ -477,55 +563,54 @@ async fn run(options: Options) -> Result<(), String> {
          while it is measured; {peers}",
         options.clients, options.keys, options.value_bytes, options.seconds
     );
-    println!(
-        "| load | {} req/s | p50 | p99 | etcd req/s | p50 | p99 | throughput ÷ etcd | p99 ÷ etcd |",
-        System::Ours.name()
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    let ours_phases = phases(&ours);
+    let etcd_phases = etcd.as_ref().map(phases);
+    if options.rounds == 1 {
+        print_header();
+    }
+    // Per phase, each round's figures: ours, and etcd's beside them.
+    let mut measured: Vec<Vec<Round>> = vec![Vec::new(); ours_phases.len()];
     let mut errors = 0;
-    for ((name, targets, write), etcd_phase) in phases(&ours).into_iter().zip(
-        etcd.as_ref()
-            .map(phases)
-            .into_iter()
-            .flatten()
-            .map(Some)
-            .chain(std::iter::repeat_with(|| None)),
-    ) {
-        let mine = run_phase(ours.system, &targets, write, &options).await;
-        errors += mine.errors;
-        let theirs = match &etcd_phase {
-            Some((_, targets, write)) => {
-                let outcome = run_phase(System::Etcd, targets, *write, &options).await;
-                errors += outcome.errors;
-                Some(outcome)
+    for round in 1..=options.rounds {
+        for (index, (name, targets, write)) in ours_phases.iter().enumerate() {
+            let mine = run_phase(ours.system, targets, *write, &options).await;
+            errors += mine.errors;
+            let theirs = match etcd_phases.as_ref().map(|phases| &phases[index]) {
+                Some((_, targets, write)) => {
+                    let outcome = run_phase(System::Etcd, targets, *write, &options).await;
+                    errors += outcome.errors;
+                    Some(Figures::of(&outcome))
+                }
+                None => None,
+            };
+            measured[index].push(Round {
+                ours: Figures::of(&mine),
+                etcd: theirs,
+            });
+            if options.rounds == 1 {
+                print_row(name, &measured[index]);
             }
-            None => None,
-        };
-        let (p50, p99) = (mine.latencies.quantile(0.5), mine.latencies.quantile(0.99));
-        match theirs {
-            Some(theirs) => {
-                let (e50, e99) = (
-                    theirs.latencies.quantile(0.5),
-                    theirs.latencies.quantile(0.99),
-                );
-                println!(
-                    "| {name} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2}× | {:.2}× |",
-                    mine.per_second,
-                    millis(p50),
-                    millis(p99),
-                    theirs.per_second,
-                    millis(e50),
-                    millis(e99),
-                    mine.per_second / theirs.per_second.max(1e-9),
-                    p99.as_secs_f64() / e99.as_secs_f64().max(1e-9),
-                );
-            }
-            None => println!(
-                "| {name} | {:.0} | {} | {} | – | – | – | – | – |",
-                mine.per_second,
-                millis(p50),
-                millis(p99)
-            ),
+        }
+        if options.rounds > 1 {
+            let ratios: Vec<String> = ours_phases
+                .iter()
+                .zip(&measured)
+                .map(|((name, ..), rounds)| match &rounds[round - 1] {
+                    Round {
+                        ours,
+                        etcd: Some(etcd),
+                    } => format!("{name} {:.2}×", ours.per_second / etcd.per_second.max(1e-9)),
+                    Round { ours, etcd: None } => format!("{name} {:.0} req/s", ours.per_second),
+                })
+                .collect();
+            println!("round {round} of {}: {}", options.rounds, ratios.join(", "));
+        }
+    }
+    if options.rounds > 1 {
+        println!("medians of the {} rounds:", options.rounds);
+        print_header();
+        for ((name, ..), rounds) in ours_phases.iter().zip(&measured) {
+            print_row(name, rounds);
         }
     }
     if options.compare_reads {

@@ -182,13 +182,17 @@ fn default_worker_threads(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }
 
+/// The cores this process may run on (one when the platform cannot say).
+fn this_machines_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 impl NodeConfig {
     /// The worker threads the node's runtime starts with: `[runtime] worker_threads` if set,
     /// else one per core of this machine but one, and at least one.
     pub fn runtime_worker_threads(&self) -> usize {
-        self.worker_threads.unwrap_or_else(|| {
-            default_worker_threads(std::thread::available_parallelism().map_or(1, usize::from))
-        })
+        self.worker_threads
+            .unwrap_or_else(|| default_worker_threads(this_machines_cores()))
     }
 
     /// Reads `path`; `http_override` (from `--http`) replaces `[http] address`.
@@ -527,8 +531,7 @@ fn write_loopback_files(
     let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
     // See `write_loopback_cluster` for why nodes that share the cores take these.
     let (spin_line, runtime_table) = if share_cores {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let worker_threads = (cores / size.max(1)).max(1);
+        let worker_threads = (this_machines_cores() / size.max(1)).max(1);
         (
             "driver_spin_us = 0\nleader_linger_us = 200\n",
             format!("[runtime]\nworker_threads = {worker_threads}\n\n"),
@@ -995,10 +998,9 @@ address = "127.0.0.1:8001"
         for (cores, workers) in [(0, 1), (1, 1), (2, 1), (3, 2), (16, 15)] {
             assert_eq!(default_worker_threads(cores), workers, "{cores} cores");
         }
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let unset = NodeConfig::parse(CONFIG, None).unwrap();
         assert!(unset.runtime_worker_threads() >= 1);
-        assert!(unset.runtime_worker_threads() <= cores);
+        assert!(unset.runtime_worker_threads() <= this_machines_cores());
         let four = format!("{CONFIG}\n[runtime]\nworker_threads = 4\n");
         assert_eq!(
             NodeConfig::parse(&four, None)

@@ -479,6 +479,12 @@ struct Round {
     etcd: Option<Figures>,
 }
 
+/// How many times etcd's figure ours is (etcd's floored, so that a phase it failed entirely
+/// still prints).
+fn times(ours: f64, etcd: f64) -> f64 {
+    ours / etcd.max(1e-9)
+}
+
 /// The middle value (the mean of the two middle ones for an even count); zero for none.
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -517,7 +523,7 @@ fn print_row(name: &str, rounds: &[Round]) {
                     rounds
                         .iter()
                         .zip(&etcd)
-                        .map(|(r, e)| f(&r.ours) / f(e).max(1e-9))
+                        .map(|(r, e)| times(f(&r.ours), f(e)))
                         .collect(),
                 )
             };
@@ -599,7 +605,7 @@ async fn run(options: Options) -> Result<(), String> {
                     Round {
                         ours,
                         etcd: Some(etcd),
-                    } => format!("{name} {:.2}×", ours.per_second / etcd.per_second.max(1e-9)),
+                    } => format!("{name} {:.2}×", times(ours.per_second, etcd.per_second)),
                     Round { ours, etcd: None } => format!("{name} {:.0} req/s", ours.per_second),
                 })
                 .collect();

@@ -933,7 +933,7 @@ pub async fn run(
                 .await
         }
         None => {
-            axum::serve(listener, app)
+            axum::serve(without_nagle(listener), app)
                 .with_graceful_shutdown(drained)
                 .await
         }
@@ -961,6 +961,20 @@ pub async fn run(
     stopped?;
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// The plain-HTTP listener: its connections send without Nagle's algorithm, as the HTTPS
+/// listener's do (axum's own leaves it on), so that a response written while the one before
+/// is unacknowledged does not wait for the client's delayed acknowledgement.
+fn without_nagle(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on an HTTP connection");
+        }
+    })
 }
 
 #[cfg(all(test, feature = "gpu", feature = "server"))]
@@ -991,6 +1005,18 @@ address = "127.0.0.1:8001"
         assert_eq!(config.consensus.node_id, "a");
         let config = NodeConfig::parse(CONFIG, Some("127.0.0.1:9000")).unwrap();
         assert_eq!(config.http_address.port(), 9000);
+    }
+
+    #[tokio::test]
+    async fn plain_http_connections_send_without_nagle() {
+        use axum::serve::Listener;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut listener = without_nagle(listener);
+        let client = tokio::net::TcpStream::connect(address);
+        let ((accepted, _), client) = tokio::join!(listener.accept(), client);
+        client.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

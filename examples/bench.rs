@@ -3,7 +3,7 @@
 //! the memory log store, an in-process network (function calls and channels, no sockets), and a
 //! state machine that only counts what it applies. Like the state machine of openraft's
 //! benchmark, it takes snapshots (of its count), so each member's log is compacted behind the
-//! latest one (every `snapshot_interval`, the engine's default of 1,000 entries) instead of
+//! latest one (every `snapshot_interval`, the engine's default of 10,000 entries) instead of
 //! holding the whole run.
 //!
 //! ```text

@@ -50,7 +50,10 @@ pub mod verify;
 
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use client_signature::ClientSignature;
-pub use config::{Algorithm, ConsensusConfig, ElectionConfig, MAX_DRIVER_SPIN, ReadMode, TlsFiles};
+pub use config::{
+    Algorithm, ConsensusConfig, DEFAULT_SNAPSHOT_INTERVAL, ElectionConfig, MAX_DRIVER_SPIN,
+    ReadMode, TlsFiles,
+};
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, PeerEntry, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};
 pub use membership::{Membership, MembershipChange, MembershipError};

@@ -348,9 +348,9 @@ pub const MAX_DRIVER_SPIN: Duration = Duration::from_millis(10);
 /// key-value store of 10,000 keys wrote several times more snapshot than log, thirteen
 /// snapshots a second per node under `kv_vs_etcd`, and PUTs measured 5-19 % slower than with
 /// snapshots ten or a hundred times rarer (alternated pairs, `benches/FORWARDING_NOTES.md`).
-/// At 10,000 the log still holds at most 20,000 entries, which a restart replays in
-/// milliseconds and a lagging follower gets from the log rather than as a snapshot. (etcd
-/// 3.4's `--snapshot-count` is 100,000.)
+/// At 10,000 the log still holds at most 20,000 entries: what a restart replays after its own
+/// snapshot, and what a follower that fell behind by less can still get from the log rather
+/// than as a snapshot. (etcd 3.4's `--snapshot-count` is 100,000.)
 pub const DEFAULT_SNAPSHOT_INTERVAL: u64 = 10_000;
 
 /// The PEM files of [`ConsensusConfig::tls`]. Relative paths are resolved against the working

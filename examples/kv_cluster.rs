@@ -48,6 +48,11 @@ mod ports;
 
 use latency::Latencies;
 
+// The nodes this binary runs (its `node` subcommand) allocate as `consensus-node` does; its load
+// generator shares the allocator.
+#[global_allocator]
+static ALLOCATOR: consensus::node::NodeAllocator = consensus::node::NodeAllocator;
+
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Options {

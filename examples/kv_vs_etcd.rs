@@ -57,6 +57,11 @@ mod latency;
 
 use latency::Latencies;
 
+// The nodes this binary runs (its `node` subcommand) allocate as `consensus-node` does; its load
+// generator shares the allocator, for etcd's phases as for ours.
+#[global_allocator]
+static ALLOCATOR: consensus::node::NodeAllocator = consensus::node::NodeAllocator;
+
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy)]

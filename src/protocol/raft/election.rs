@@ -15,12 +15,17 @@ impl RaftNode {
     /// handler.
     pub(crate) fn receive(&mut self, envelope: Envelope, out: &mut Output) {
         let Envelope { from, to, message } = envelope;
-        // A leader's messages are heeded from any node the transport let through: a follower
-        // behind a membership change may not know its new leader yet. Everything else comes
-        // from members only (a removed node's votes count for nothing).
+        // A leader's messages, and requests for votes, are heeded from any node the transport
+        // let through: a node behind a membership change may not know its new leader or the
+        // new voters yet, and a group can need its vote to elect one. (Safety never rested on
+        // this filter: a candidate counts the votes of its own membership's voters only, and a
+        // removed node's campaign is refused on its log or inside a leader's lease.) Everything
+        // else comes from members only.
         if to != self.config.id
             || from == self.config.id
-            || !(message.is_from_leader() || self.membership().contains(from))
+            || !(message.is_from_leader()
+                || message.asks_for_vote()
+                || self.membership().contains(from))
         {
             return; // misrouted, or from a stranger: nothing in it can be trusted to apply here
         }
@@ -325,6 +330,7 @@ impl RaftNode {
             self.set_leader(None, out);
             self.reset_election_timer();
             self.votes.clear();
+            self.pre_vote_rounds = self.pre_vote_rounds.saturating_add(1);
             let (term, last_log_index, last_log_term) =
                 (self.term + 1, self.log.last_index(), self.log.last_term());
             out.events.push(Event::ElectionRound {
@@ -346,7 +352,8 @@ impl RaftNode {
     }
 
     /// True unless this node is itself a pre-candidate with a better claim than `from`: a longer
-    /// log (by last term, then length) or, with equal logs, a lower id. Two pre-candidates that
+    /// log (by last term, then length) or, with equal logs in its first round since it last
+    /// knew a leader, a lower id. Two pre-candidates that
     /// granted each other would both campaign in the same term, each vote for itself, and split
     /// the vote (a full election timeout lost); with this order exactly one of them yields.
     /// After a leader crash reported by the transport the followers pre-vote nearly together,
@@ -362,7 +369,11 @@ impl RaftNode {
         }
         let theirs = (last_log_term, last_log_index);
         let ours = (self.log.last_term(), self.log.last_index());
-        theirs > ours || (theirs == ours && from < self.config.id)
+        // The order holds for a pre-candidate's first round only. One whose earlier round
+        // elected no one may be unable to win (a voter it needs cannot reach it: one that lacks
+        // the membership entry giving its address), and refusing an equal log then could keep
+        // the group leaderless for good; yielding costs at worst a split vote.
+        theirs > ours || (theirs == ours && (from < self.config.id || self.pre_vote_rounds > 1))
     }
 
     /// A pre-candidate asks the voters that refused or did not answer once more (see

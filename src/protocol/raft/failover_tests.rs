@@ -317,3 +317,80 @@ fn a_proposal_that_left_once_is_never_refused_after_its_proposer_led_and_stepped
         cluster.rejected
     );
 }
+
+/// Two pre-candidates with equal logs: in its first round the one with the lower id keeps its
+/// claim (so that followers starting together do not split the vote), but once a round of its
+/// own elected no one it yields, since it may be unable to win. (Chaos seed 1044623: the lower
+/// one needed the vote of a node that did not know it, and for as long as the run lasted it
+/// refused the higher one, which could have won with its vote.)
+#[test]
+fn a_pre_candidate_whose_round_elected_no_one_yields_to_an_equal_log() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let (lower, higher) = (NodeId(1), NodeId(3));
+    cluster.isolate(lower);
+    let grants_pre_vote = |cluster: &mut Cluster| {
+        let node = cluster.nodes.get_mut(&lower).unwrap();
+        let request = Message::PreVote {
+            term: node.term() + 1,
+            last_log_index: node.log().last_index(),
+            last_log_term: node.log().last_term(),
+        };
+        let mut out = Output::default();
+        node.step(
+            Input::Message(Envelope {
+                from: higher,
+                to: lower,
+                message: request,
+            }),
+            &mut out,
+        );
+        let answers: Vec<bool> = out
+            .messages
+            .iter()
+            .chain(&out.messages_after_write)
+            .filter_map(|envelope| match envelope.message {
+                Message::PreVoteResponse { granted, .. } if envelope.to == higher => Some(granted),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers.len(), 1, "one answer: {out:?}");
+        answers[0]
+    };
+    let rounds = |cluster: &Cluster| {
+        cluster
+            .events
+            .iter()
+            .filter(|(id, event)| {
+                *id == lower
+                    && matches!(
+                        event,
+                        crate::protocol::Event::ElectionRound {
+                            round: crate::protocol::ElectionRound::PreVote,
+                            ..
+                        }
+                    )
+            })
+            .count()
+    };
+    let timeout = cluster.nodes[&lower].config().election_timeout_ticks as usize;
+    for _ in 0..timeout * 2 {
+        if rounds(&cluster) == 1 {
+            break;
+        }
+        cluster.step(lower, Input::Tick);
+    }
+    assert_eq!(rounds(&cluster), 1);
+    assert_eq!(cluster.nodes[&lower].role(), Role::PreCandidate);
+    assert!(
+        !grants_pre_vote(&mut cluster),
+        "first round: the lower id keeps its claim"
+    );
+    for _ in 0..timeout * 2 {
+        if rounds(&cluster) == 2 {
+            break;
+        }
+        cluster.step(lower, Input::Tick);
+    }
+    assert_eq!(rounds(&cluster), 2);
+    assert!(grants_pre_vote(&mut cluster), "second round: it yields");
+}

@@ -263,6 +263,12 @@ impl Message {
         )
     }
 
+    /// True for a candidate's requests for a (pre-)vote, which a voter answers whether or not
+    /// the sender is in the membership it knows (see the term rules in `election.rs`).
+    pub fn asks_for_vote(&self) -> bool {
+        matches!(self, Message::PreVote { .. } | Message::RequestVote { .. })
+    }
+
     /// True for messages that promise nothing about the sender's durable state, so they may
     /// leave before the write of the same output is durable: a leader's appends, heartbeats,
     /// commits, read indexes and hand-over, a follower's forwarded proposals and reads, and a

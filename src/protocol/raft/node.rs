@@ -83,6 +83,9 @@ pub struct RaftNode {
     /// it (see [`RaftNode::on_peer_unreachable`]). Cleared by the leader's next message and by
     /// any change of leader.
     pub(crate) leader_unreachable: bool,
+    /// Pre-vote rounds this node started since it last knew a leader (see
+    /// `pre_candidate_yields_to`).
+    pub(crate) pre_vote_rounds: u32,
     /// This node's own proposals on their way to a leader, by request id (see `forwarding.rs`).
     pub(crate) kept_proposals: BTreeMap<u64, crate::protocol::raft::forwarding::KeptProposal>,
     /// Kept proposals not yet forwarded, sent together at the next flush.
@@ -171,6 +174,7 @@ impl RaftNode {
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             leader_unreachable: false,
+            pre_vote_rounds: 0,
             kept_proposals: BTreeMap::new(),
             forward_batch: Default::default(),
             leaderless_ticks: 0,
@@ -385,6 +389,7 @@ impl RaftNode {
             self.leader = leader;
             self.leader_unreachable = false;
             if let Some(leader) = leader {
+                self.pre_vote_rounds = 0;
                 self.send_kept_proposals(leader, out);
                 self.send_waiting_reads(leader, out);
             }

@@ -15,7 +15,8 @@
 //!   ([`SNAPSHOT_CHUNKS_IN_FLIGHT`]), each with a CRC-32 of its bytes and the CRC-32 of the whole. The
 //!   follower keeps the bytes it received in order and answers each chunk with how many it
 //!   holds ([`Message::InstallSnapshotResponse`]); the leader resumes from there after a lost or
-//!   damaged chunk, a restart of the follower (which starts again from 0), or a silence: a
+//!   damaged chunk, a restart of the follower (which starts again from 0; a late answer from
+//!   before the restart is caught at the next silence), or a silence: a
 //!   heartbeat answer when no chunk was answered for a while (an election timeout at first,
 //!   doubled at each silence; see [`OutgoingSnapshot::patience`]). The transfer keeps the
 //!   snapshot it started with even if the leader takes a newer one meanwhile, so frequent
@@ -68,6 +69,13 @@ pub(crate) struct OutgoingSnapshot {
     /// The offset the leader last went back to after an answer without progress: the other
     /// answers naming it (to chunks sent before it went back) are not news.
     rewound_to: Option<u64>,
+    /// The lowest answer below `acked` (and above 0) since the last progress, set aside as
+    /// stale. Usually it is: it left the follower before the answer that set `acked`. But an
+    /// answer from before a follower's restart can arrive after the restart's own answers and
+    /// set `acked` past what the follower now holds; then every later answer names less and
+    /// looks stale. So when a silence runs out, the leader resumes from the lowest such answer
+    /// instead (see `snapshot_heartbeat`).
+    lowest_set_aside: Option<u64>,
 }
 
 impl OutgoingSnapshot {
@@ -81,6 +89,7 @@ impl OutgoingSnapshot {
             quiet_since: now,
             patience,
             rewound_to: None,
+            lowest_set_aside: None,
         }
     }
 
@@ -310,13 +319,19 @@ impl RaftNode {
             // send the window again and again. An answer below an earlier one is stale (it
             // left before that one), unless the follower lost everything.
             let stale = received < outgoing.acked && received > 0;
-            if stale || outgoing.rewound_to == Some(received) {
+            if stale {
+                let lowest = outgoing.lowest_set_aside.get_or_insert(received);
+                *lowest = (*lowest).min(received);
+                return;
+            }
+            if outgoing.rewound_to == Some(received) {
                 return;
             }
             outgoing.rewound_to = Some(received);
             outgoing.sent = received;
         } else {
             outgoing.rewound_to = None;
+            outgoing.lowest_set_aside = None;
             outgoing.quiet_since = now;
             outgoing.patience = patience;
         }
@@ -328,7 +343,9 @@ impl RaftNode {
     /// A heartbeat answer from a follower receiving a snapshot (so it is there and hears this
     /// leader): if no chunk left and none was answered with progress for its
     /// [`OutgoingSnapshot::patience`], the chunks in flight are presumed lost and sent again
-    /// from what the follower last said it holds, and the patience doubles.
+    /// from what the follower last said it holds (the lowest answer set aside as stale since
+    /// the last progress, if any: a whole silence of such answers means the follower holds
+    /// less than the leader believed), and the patience doubles.
     pub(crate) fn snapshot_heartbeat(&mut self, from: NodeId, out: &mut Output) {
         let now = self.leader_ticks();
         let most = self
@@ -342,6 +359,9 @@ impl RaftNode {
         };
         if now.saturating_sub(outgoing.quiet_since) >= outgoing.patience {
             outgoing.patience = outgoing.patience.saturating_mul(2).min(most);
+            if let Some(lowest) = outgoing.lowest_set_aside.take() {
+                outgoing.acked = outgoing.acked.min(lowest);
+            }
             outgoing.sent = outgoing.acked;
             outgoing.rewound_to = Some(outgoing.acked);
             if outgoing.acked == 0 {

@@ -350,3 +350,53 @@ fn a_membership_replaced_at_the_same_index_is_reported() {
         out.events
     );
 }
+
+/// A voter answers (pre-)vote requests from a node outside the membership it knows: a voter of a
+/// newer membership whose entry has not reached it yet may need its vote. (Chaos seed 1044623:
+/// the pre-candidate of a joint membership that the tie-break favoured needed the vote of a
+/// voter lacking the entry that added it, which ignored its pre-votes as a stranger's, and the
+/// group elected no one.) Whether such a vote counts is the candidate's affair: it counts only
+/// its own membership's voters.
+#[test]
+fn a_voter_answers_vote_requests_from_outside_its_membership() {
+    use crate::protocol::raft::{Envelope, Message, Output};
+    let mut cluster = Cluster::new(3, |_| {});
+    let (voter, stranger) = (NodeId(1), NodeId(9));
+    let requests = [
+        Message::PreVote {
+            term: 1,
+            last_log_index: 0,
+            last_log_term: 0,
+        },
+        Message::RequestVote {
+            term: 1,
+            last_log_index: 0,
+            last_log_term: 0,
+            leadership_transfer: false,
+        },
+    ];
+    for request in requests {
+        let mut out = Output::default();
+        cluster.nodes.get_mut(&voter).unwrap().step(
+            Input::Message(Envelope {
+                from: stranger,
+                to: voter,
+                message: request.clone(),
+            }),
+            &mut out,
+        );
+        let granted = out
+            .messages
+            .iter()
+            .chain(&out.messages_after_write)
+            .any(|envelope| {
+                envelope.to == stranger
+                    && matches!(
+                        envelope.message,
+                        Message::PreVoteResponse { granted: true, .. }
+                            | Message::RequestVoteResponse { granted: true, .. }
+                    )
+            });
+        assert!(granted, "{request:?} unanswered: {out:?}");
+    }
+}

@@ -158,16 +158,21 @@ fn a_follower_behind_the_compacted_log_gets_the_snapshot_in_chunks_then_entries(
     assert_eq!(cluster.nodes[&behind].log().last_index(), leader_log);
 }
 
+/// The offset of the chunk `input` carries, if it carries one.
+fn chunk_offset(input: &Input) -> Option<u64> {
+    match input {
+        Input::Message(Envelope {
+            message: Message::InstallSnapshot { offset, .. },
+            ..
+        }) => Some(*offset),
+        _ => None,
+    }
+}
+
 /// The offsets of the chunks among `held`.
 fn chunks(held: &[(NodeId, Input)]) -> Vec<u64> {
     held.iter()
-        .filter_map(|(_, input)| match input {
-            Input::Message(Envelope {
-                message: Message::InstallSnapshot { offset, .. },
-                ..
-            }) => Some(*offset),
-            _ => None,
-        })
+        .filter_map(|(_, input)| chunk_offset(input))
         .collect()
 }
 
@@ -286,6 +291,84 @@ fn chunks_in_flight_are_sent_again_only_after_a_silence_that_grows() {
     // With the link healed, the transfer completes.
     cluster.slow.clear();
     cluster.tick_all(timeout * 8);
+    let sent = cluster.nodes[&leader].snapshot().cloned().unwrap();
+    assert_eq!(cluster.restored, vec![(behind, sent)]);
+}
+
+/// An answer that left the follower before it restarted (and lost the chunks it held) can
+/// reach the leader after the restart's own answers, naming more than the follower now holds.
+/// The follower's later answers then name less than the leader believes, and look like stale
+/// ones; after a silence the leader must resume from what they name, or the transfer stalls
+/// for good (chaos seed 1103926).
+#[test]
+fn an_answer_from_before_a_restart_does_not_stall_the_transfer() {
+    let (mut cluster, leader, behind, _) = compacted_past_a_follower();
+    let config = cluster.nodes[&leader].config().clone();
+    let timeout = config.election_timeout_ticks as usize;
+    cluster.slow.insert((leader, behind));
+    for _ in 0..20 {
+        cluster.tick_all(1);
+        pass_all_but_chunks(&mut cluster);
+        if !chunks(&cluster.held).is_empty() {
+            break;
+        }
+    }
+    let total = cluster.nodes[&leader].snapshot().unwrap().data.len() as u64;
+    assert!(
+        total > 6 * 16,
+        "the test needs chunks past the stale answer"
+    );
+    // The follower gets the first chunk alone and says it holds 16 bytes.
+    let held = std::mem::take(&mut cluster.held);
+    let (first, rest): (Vec<_>, Vec<_>) = held
+        .into_iter()
+        .partition(|(_, input)| chunk_offset(input) == Some(0));
+    for (to, input) in first {
+        cluster.step(to, input);
+    }
+    pass_all_but_chunks(&mut cluster);
+    // The stale answer: 96 bytes, from before a restart.
+    let (term, index) = (
+        cluster.nodes[&leader].term(),
+        cluster.nodes[&leader].snapshot().unwrap().index,
+    );
+    cluster.step(
+        leader,
+        Input::Message(Envelope {
+            from: behind,
+            to: leader,
+            message: Message::InstallSnapshotResponse {
+                term,
+                index,
+                received: 96,
+            },
+        }),
+    );
+    // The chunks from 96 on reach the follower, which holds 16 and says so each time; the
+    // others are lost.
+    for (to, input) in rest {
+        if chunk_offset(&input).is_some_and(|offset| offset >= 96) {
+            cluster.step(to, input);
+        }
+    }
+    // A silence later the leader resumes from 16, not from 96.
+    let mut resent = Vec::new();
+    for _ in 0..timeout * 3 {
+        cluster.tick_all(1);
+        pass_all_but_chunks(&mut cluster);
+        resent.extend(chunks(&cluster.held));
+        if resent.contains(&16) {
+            break;
+        }
+        // Lost, as in the silence.
+        cluster.held.clear();
+    }
+    assert!(resent.contains(&16), "resent {resent:?}");
+    cluster.slow.clear();
+    for (to, input) in std::mem::take(&mut cluster.held) {
+        cluster.step(to, input);
+    }
+    cluster.tick_all(timeout * 4);
     let sent = cluster.nodes[&leader].snapshot().cloned().unwrap();
     assert_eq!(cluster.restored, vec![(behind, sent)]);
 }

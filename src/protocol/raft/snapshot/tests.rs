@@ -200,18 +200,23 @@ fn pass_all_but_chunks(cluster: &mut Cluster) {
     }
 }
 
-#[test]
-fn a_lost_chunk_is_sent_again_from_what_the_follower_holds() {
-    let (mut cluster, leader, behind, _) = compacted_past_a_follower();
-    cluster.slow.insert((leader, behind));
-    // Ticks until the leader has sent its first window of chunks.
+/// Ticks until the leader has sent its first window of chunks over a slow link (where they
+/// stay held), delivering everything else.
+fn hold_first_window(cluster: &mut Cluster) {
     for _ in 0..20 {
         cluster.tick_all(1);
-        pass_all_but_chunks(&mut cluster);
+        pass_all_but_chunks(cluster);
         if !chunks(&cluster.held).is_empty() {
             break;
         }
     }
+}
+
+#[test]
+fn a_lost_chunk_is_sent_again_from_what_the_follower_holds() {
+    let (mut cluster, leader, behind, _) = compacted_past_a_follower();
+    cluster.slow.insert((leader, behind));
+    hold_first_window(&mut cluster);
     let total = cluster.nodes[&leader].snapshot().unwrap().data.len() as u64;
     let window = (0..total)
         .step_by(16)
@@ -306,13 +311,7 @@ fn an_answer_from_before_a_restart_does_not_stall_the_transfer() {
     let config = cluster.nodes[&leader].config().clone();
     let timeout = config.election_timeout_ticks as usize;
     cluster.slow.insert((leader, behind));
-    for _ in 0..20 {
-        cluster.tick_all(1);
-        pass_all_but_chunks(&mut cluster);
-        if !chunks(&cluster.held).is_empty() {
-            break;
-        }
-    }
+    hold_first_window(&mut cluster);
     let total = cluster.nodes[&leader].snapshot().unwrap().data.len() as u64;
     assert!(
         total > 6 * 16,

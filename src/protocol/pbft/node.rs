@@ -400,7 +400,11 @@ impl PbftNode {
                 self.next_seq = self.next_seq.max(seq + 1);
             }
         }
-        self.next_seq = self.next_seq.max(self.executed + 1);
+        // Nothing at or below the stable checkpoint is proposed again: its slot records are
+        // gone, and a checkpoint learned from others can lie past what this replica executed,
+        // so a primary that restarted would otherwise sign a second pre-prepare for a sequence
+        // number it had already proposed in this view.
+        self.next_seq = self.next_seq.max(self.executed.max(self.stable.seq) + 1);
         self.recover_own_checkpoints();
         self.recover_seen().map_err(|e| corrupt("seen", e))?;
         Ok(())

@@ -562,6 +562,58 @@ fn a_restarted_replica_recovers_its_view_log_and_promises() {
     assert_eq!(cluster.data_applied(3).len(), 3);
 }
 
+/// A primary cut off after proposing learns a stable checkpoint past what it executed (from
+/// the others' checkpoint votes) and restarts: the slot records of its own pre-prepares below
+/// the checkpoint are gone, and it must still never sign a second pre-prepare for one of
+/// those sequence numbers in its view.
+#[test]
+fn a_primary_restarted_past_a_checkpoint_it_never_executed_proposes_above_it() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"a");
+    assert_eq!(cluster.node(1).executed_seq(), 1);
+    cluster.cut_off.insert(NodeId(1));
+    cluster.propose(1, 2, b"b"); // pre-prepared at 2 by the primary alone
+    let checkpoint = Statement::Checkpoint {
+        seq: 8,
+        state: Digest::of(&[b"the others' state at 8"]),
+    };
+    for by in 2..=4 {
+        deliver_to(
+            &mut cluster,
+            1,
+            by,
+            Message::Signed(signed(checkpoint.clone(), by)),
+        );
+    }
+    let node = cluster.nodes[0].take().unwrap();
+    assert_eq!((node.executed_seq(), node.stable_checkpoint()), (1, 8));
+    let restarted = PbftNode::new(config(1, 4), node.into_recovered_state()).unwrap();
+    cluster.nodes[0] = Some(restarted);
+    cluster.in_flight.clear();
+    cluster.step(
+        1,
+        Input::Propose {
+            request_id: 3,
+            data: Bytes::from_static(b"c"),
+        },
+    );
+    cluster.step(1, Input::FlushProposals);
+    let proposed: Vec<Seq> = cluster
+        .in_flight
+        .iter()
+        .filter_map(|envelope| match &envelope.message {
+            Message::PrePrepare { pre_prepare, .. } => pre_prepare.statement.phase(),
+            _ => None,
+        })
+        .map(|(_, seq, _)| seq)
+        .collect();
+    assert!(!proposed.is_empty(), "the primary proposes");
+    assert!(
+        proposed.iter().all(|&seq| seq > 8),
+        "proposed at {proposed:?}, at or below the stable checkpoint"
+    );
+}
+
 fn signed(statement: Statement, by: u64) -> Signed {
     Signed::sign(statement, NodeId(by), &test_signing_key(NodeId(by)))
 }
@@ -866,6 +918,51 @@ fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
         2,
     ));
     let forged = signed(Statement::NewView(body), 2);
+    deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
+    let backup = cluster.node(3);
+    assert_eq!(
+        backup.evidence()[&NodeId(2)].offence(),
+        Offence::UnjustifiedNewView
+    );
+    assert!(backup.excluded().contains(&NodeId(2)));
+}
+
+/// A NEW-VIEW that arrives after its view started, or after the replica moved past it, starts
+/// nothing, but an unjustified one still proves its primary faulty (the others it reached in
+/// time hold that proof, and evidence must reach every honest replica or none); a genuine one
+/// proves nothing, however late.
+#[test]
+fn an_unjustified_new_view_arriving_late_is_still_evidence() {
+    let mut cluster = Cluster::new(4);
+    cluster.propose(1, 1, b"a");
+    cluster.cut_off.insert(NodeId(1));
+    cluster.propose(3, 2, b"b");
+    let genuine = cluster.intercept_new_view_to(3);
+    let Statement::NewView(mut body) = genuine.statement.clone() else {
+        unreachable!()
+    };
+    body.pre_prepares.push(signed(
+        Statement::PrePrepare {
+            view: body.view,
+            seq: 99,
+            digest: Batch::default().digest(),
+        },
+        2,
+    ));
+    let forged = signed(Statement::NewView(body), 2);
+    deliver_to(&mut cluster, 3, 2, Message::Signed(genuine.clone()));
+    assert!(!cluster.node(3).is_changing_view());
+    // The view it started, and then a view past it (its primary cut off too).
+    deliver_to(&mut cluster, 3, 2, Message::Signed(genuine.clone()));
+    cluster.cut_off.insert(NodeId(2));
+    cluster.tick_all(20);
+    let backup = cluster.node(3);
+    assert!(backup.view() > 1 && backup.is_changing_view());
+    deliver_to(&mut cluster, 3, 2, Message::Signed(genuine));
+    assert!(
+        cluster.node(3).evidence().is_empty(),
+        "a genuine new-view accuses no one"
+    );
     deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
     let backup = cluster.node(3);
     assert_eq!(

@@ -279,10 +279,23 @@ impl PbftNode {
             return;
         };
         let view = new_view.view;
-        if view < self.view
-            || (view == self.view && self.view_active)
-            || signed.signer != self.primary_of(view)
-        {
+        if signed.signer != self.primary_of(view) {
+            return;
+        }
+        if view < self.view || (view == self.view && self.view_active) {
+            // Too late to start anything, but still checked: whether a NEW-VIEW follows from
+            // its view-changes depends on the message and the cluster's parameters alone, and
+            // an unjustified one that reached every honest replica after they moved on must
+            // prove its primary faulty to them all the same. (Its signatures were checked with
+            // the round's; this costs a pass over what it carries.)
+            if !self.evidence.contains_key(&signed.signer)
+                && self.new_view.as_ref() != Some(&signed)
+                && self.new_view_plan(&signed).is_none()
+            {
+                tracing::warn!(node = %self.config.id, primary = %signed.signer, view,
+                    "an old new-view's re-proposals do not follow from its view-changes");
+                self.record_evidence(Evidence::UnjustifiedNewView { new_view: signed }, out);
+            }
             return;
         }
         let Some((plan, pre_prepares)) = self.new_view_plan(&signed) else {

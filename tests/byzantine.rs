@@ -21,13 +21,13 @@
 //! - `cargo test --test byzantine` runs 1,000 seeds and 100 twins seeds (`SIM_SEEDS=N`, twins
 //!   N / 10; `SIM_SEED_START=S`; `SIM_BEHAVIOURS=Garbage,Silent` draws from those only);
 //! - `SIM_SEED=S cargo test --test byzantine -- byzantine_seeds --exact --nocapture` (or
-//!   `twins_seeds`) replays one.
+//!   `twins_seeds`) replays one; with `SIM_TRACE=1` it prints every event of the run.
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::scenario::{env_u64, finish, replay_command_in};
+use common::scenario::{env_u64, finish, replay_command_in, traced};
 use consensus::NodeId;
 use consensus::protocol::Protocol;
 use consensus::sim::byzantine::{Actions, Behaviour, Maverick, MaverickSettings};
@@ -91,7 +91,7 @@ fn live(sim: &Sim<Maverick>) -> Vec<&Maverick> {
 }
 
 fn run(config: SimConfig<MaverickSettings>) -> Result<Outcome, SimFailure> {
-    let mut sim: Sim<Maverick> = Sim::new(config)?;
+    let mut sim: Sim<Maverick> = Sim::new(traced(config))?;
     sim.start_clients();
     sim.start_faults();
     let fault_end = sim.config().fault_phase_us;

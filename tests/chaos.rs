@@ -12,7 +12,8 @@
 //!
 //! - `cargo test --test chaos` runs 2,000 seeds (`SIM_SEEDS=N` runs N, `SIM_SEED_START=S` starts
 //!   at S);
-//! - `SIM_SEED=S cargo test --test chaos -- chaos_seeds --exact --nocapture` replays one seed.
+//! - `SIM_SEED=S cargo test --test chaos -- chaos_seeds --exact --nocapture` replays one seed
+//!   (`SIM_TRACE=1` in front prints every event of it).
 
 mod common;
 
@@ -126,8 +127,10 @@ fn seeds_that_found_bugs() {
 
 #[test]
 fn the_same_seed_replays_bit_for_bit() {
-    let run = |seed| {
-        let mut sim: Sim = Sim::new(SimConfig::chaos(seed)).expect("valid settings");
+    let run = |seed, trace| {
+        let mut config = SimConfig::chaos(seed);
+        config.trace = trace;
+        let mut sim: Sim = Sim::new(config).expect("valid settings");
         sim.start_clients();
         sim.start_faults();
         sim.run_until(2_000_000).expect("no violation");
@@ -136,8 +139,9 @@ fn the_same_seed_replays_bit_for_bit() {
             format!("{:?}", sim.report()),
         )
     };
-    assert_eq!(run(11), run(11));
-    assert_ne!(run(11).0, run(12).0);
+    assert_eq!(run(11, false), run(11, false));
+    assert_ne!(run(11, false).0, run(12, false).0);
+    assert_eq!(run(11, false), run(11, true), "tracing changes nothing");
 }
 
 /// A stable cluster with a leader, after `warmup_us`.

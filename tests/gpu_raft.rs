@@ -10,7 +10,8 @@
 //!
 //! - `cargo test --test gpu_raft` runs 2,000 seeds of 3 and 5 voters and 200 seeds of 101
 //!   (`SIM_SEEDS=N` and `SIM_LARGE_SEEDS=N` run N; `SIM_SEED_START=S` starts at S);
-//! - `SIM_SEED=S cargo test --test gpu_raft -- gpu_raft_seeds --exact --nocapture` replays one.
+//! - `SIM_SEED=S cargo test --test gpu_raft -- gpu_raft_seeds --exact --nocapture` replays one
+//!   (`SIM_TRACE=1` in front prints every event of it).
 
 mod common;
 

@@ -10,7 +10,8 @@
 //!   signing takes a fifth of that (22 % of a profile's samples; a fifth of the signatures
 //!   cover bytes signed before, too few to be worth a cache), and verification is memoized
 //!   per seed;
-//! - `SIM_SEED=S cargo test --test pbft -- pbft_seeds --exact --nocapture` replays one seed.
+//! - `SIM_SEED=S cargo test --test pbft -- pbft_seeds --exact --nocapture` replays one seed
+//!   (`SIM_TRACE=1` in front prints every event of it).
 
 mod common;
 

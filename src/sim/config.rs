@@ -206,6 +206,11 @@ pub struct SimConfig<S = RaftConfig> {
     /// Churn: a membership change asked of the leader this often (on average) during the fault
     /// phase, besides those the fault injector picks; 0 for none.
     pub churn_us: u64,
+    /// Writes one line per event to stderr, for whoever replays a failing seed: each message
+    /// delivered (sender, receiver, the message), crash, restart, fault, heal and operator
+    /// request, stamped with the simulated time. Off by default; the suites turn it on with
+    /// `SIM_TRACE=1`. Tracing changes nothing the run does.
+    pub trace: bool,
 }
 
 impl<S> SimConfig<S> {
@@ -256,6 +261,7 @@ impl SimConfig<RaftConfig> {
             snapshot_interval: 0,
             spares: 0,
             churn_us: 0,
+            trace: false,
         }
     }
 
@@ -436,6 +442,7 @@ impl<S> SimConfig<S> {
             snapshot_interval: self.snapshot_interval,
             spares: self.spares,
             churn_us: self.churn_us,
+            trace: self.trace,
         }
     }
 

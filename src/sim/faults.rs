@@ -123,6 +123,15 @@ impl<P: SimProtocol> Sim<P> {
                     ids.swap(i, self.rng.random_range(0..=i));
                 }
                 let cut = self.rng.random_range(1..n);
+                self.trace(|| {
+                    let side = |ids: &[NodeId]| {
+                        ids.iter()
+                            .map(NodeId::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    };
+                    format!("partition {} | {}", side(&ids[..cut]), side(&ids[cut..]))
+                });
                 self.network.partition(&ids[..cut], &ids[cut..]);
                 let at = self.now_us + self.random_duration(f.max_fault_us);
                 self.schedule(at, Action::Heal);
@@ -132,6 +141,7 @@ impl<P: SimProtocol> Sim<P> {
                     let from = NodeId(self.rng.random_range(1..=n as u64));
                     let to = NodeId(self.rng.random_range(1..=n as u64));
                     if from != to {
+                        self.trace(|| format!("block {from} -> {to}"));
                         self.network.block(from, to);
                     }
                 }
@@ -140,6 +150,7 @@ impl<P: SimProtocol> Sim<P> {
             }
             4 => {
                 if let Some(leader) = leader {
+                    self.trace(|| format!("isolate the leader {leader}"));
                     self.network.isolate(leader);
                     let at = self.now_us + self.random_duration(f.max_fault_us);
                     self.schedule(at, Action::Heal);
@@ -152,6 +163,7 @@ impl<P: SimProtocol> Sim<P> {
                 weather.latency.tail_probability = self.rng.random_range(0.0..0.2);
                 weather.latency.tail_max_us =
                     weather.latency.max_us + self.rng.random_range(0..300_000);
+                self.trace(|| format!("bad weather {weather:?}"));
                 if let Err(e) = self.network.set_config(weather) {
                     self.fail(Violation::Scenario {
                         detail: format!("weather: {e}"),
@@ -176,6 +188,7 @@ impl<P: SimProtocol> Sim<P> {
     /// other, the twins themselves still only their own side), the healthy network back, every
     /// crashed node restarted.
     pub fn heal_everything(&mut self) {
+        self.trace(|| "end of the fault phase: heal everything".to_string());
         self.faults_active = false;
         self.sides_joined = true;
         self.agenda.retain(|_, action| {

@@ -545,6 +545,10 @@ impl<P: SimProtocol> Sim<P> {
             } else if next_delivery == Some(at) {
                 if let Some(delivery) = self.network.pop_due(at) {
                     let node = delivery.to.0 as usize - 1;
+                    self.trace(|| {
+                        let message = &delivery.message.message;
+                        format!("{} -> {}: {message:?}", delivery.from, delivery.to)
+                    });
                     let from_proposer = P::carries_proposals(&delivery.message.message);
                     self.step(node, Input::Message(delivery.message));
                     if from_proposer {
@@ -569,14 +573,31 @@ impl<P: SimProtocol> Sim<P> {
         }
     }
 
+    /// One line of the run's trace (see [`SimConfig::trace`]), cut to a readable length.
+    pub(crate) fn trace(&self, line: impl FnOnce() -> String) {
+        const MAX_CHARS: usize = 400;
+        if !self.config.trace {
+            return;
+        }
+        let line = line();
+        match line.char_indices().nth(MAX_CHARS) {
+            Some((cut, _)) => eprintln!("{:>10} us  {}…", self.now_us, &line[..cut]),
+            None => eprintln!("{:>10} us  {line}", self.now_us),
+        }
+    }
+
     fn perform(&mut self, action: Action) {
         match action {
             Action::Invoke { client } => self.invoke(client),
             Action::Retry { client, op } => self.retry(client, op),
             Action::Deadline { client, op } => self.deadline(client, op),
             Action::Restart { node } => self.restart(node),
-            Action::Heal => self.network.heal(),
+            Action::Heal => {
+                self.trace(|| "heal the links".to_string());
+                self.network.heal();
+            }
             Action::RestoreWeather => {
+                self.trace(|| "weather back to healthy".to_string());
                 if let Err(e) = self.network.set_config(self.config.network) {
                     self.fail(Violation::Scenario {
                         detail: format!("network settings: {e}"),
@@ -941,6 +962,7 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         self.crashes += 1;
+        self.trace(|| format!("crash {id}"));
         let node = &mut self.nodes[index];
         node.store.crash();
         node.core = None;
@@ -980,11 +1002,13 @@ impl<P: SimProtocol> Sim<P> {
             return;
         }
         self.nodes[index].incarnation += 1;
+        self.trace(|| format!("restart n{}", index + 1));
         self.start_node(index);
     }
 
     /// Hands the node at address `id` an operator request (e.g. a Raft leadership transfer).
     pub fn control(&mut self, id: NodeId, control: P::Control) {
+        self.trace(|| format!("control at {id}: {control:?}"));
         self.step(id.0 as usize - 1, Input::Control(control));
     }
 

@@ -23,7 +23,7 @@ pub fn run_chaos(config: SimConfig) -> Result<SimReport, SimFailure> {
 pub fn run_chaos_of<P: SimProtocol>(
     config: SimConfig<P::Settings>,
 ) -> Result<SimReport, SimFailure> {
-    let mut sim: Sim<P> = Sim::new(config)?;
+    let mut sim: Sim<P> = Sim::new(traced(config))?;
     sim.start_clients();
     sim.start_faults();
     let fault_end = sim.config().fault_phase_us;
@@ -94,7 +94,7 @@ pub fn measure_failover(
     config.connection_hints = hints;
     config.clients = 2;
     config.think_us = (20_000, 60_000);
-    let mut sim: Sim = Sim::new(config)?;
+    let mut sim: Sim = Sim::new(traced(config))?;
     sim.start_clients();
     for round in 0..crashes as u64 {
         let stable_us = 400_000 + mix(seed, round) % 400_000;
@@ -195,9 +195,17 @@ pub fn replay_command(test: &str, seed: u64) -> String {
     replay_command_in("chaos", test, seed)
 }
 
-/// The command that replays `seed` of `test` in the test suite `suite` exactly.
+/// The command that replays `seed` of `test` in the test suite `suite` exactly (with
+/// `SIM_TRACE=1` in front, it also prints every event of the run).
 pub fn replay_command_in(suite: &str, test: &str, seed: u64) -> String {
     format!("SIM_SEED={seed} cargo test --test {suite} -- {test} --exact --nocapture")
+}
+
+/// `config`, tracing every event to stderr when `SIM_TRACE` is set (to anything but 0): for
+/// replaying one seed, never for a sweep.
+pub fn traced<S>(mut config: SimConfig<S>) -> SimConfig<S> {
+    config.trace = std::env::var("SIM_TRACE").is_ok_and(|value| value.trim() != "0");
+    config
 }
 
 /// Node ids `1..=n`.

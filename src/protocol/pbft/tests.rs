@@ -899,41 +899,10 @@ fn evidence_survives_a_restart() {
     assert!(restarted.excluded().contains(&NodeId(4)));
 }
 
-#[test]
-fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
-    let mut cluster = Cluster::new(4);
-    cluster.propose(1, 1, b"a");
-    cluster.cut_off.insert(NodeId(1));
-    cluster.propose(3, 2, b"b");
-    let genuine = cluster.intercept_new_view_to(3);
-    let Statement::NewView(mut body) = genuine.statement else {
-        unreachable!()
-    };
-    body.pre_prepares.push(signed(
-        Statement::PrePrepare {
-            view: body.view,
-            seq: 99,
-            digest: Batch::default().digest(),
-        },
-        2,
-    ));
-    let forged = signed(Statement::NewView(body), 2);
-    deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
-    let backup = cluster.node(3);
-    assert_eq!(
-        backup.evidence()[&NodeId(2)].offence(),
-        Offence::UnjustifiedNewView
-    );
-    assert!(backup.excluded().contains(&NodeId(2)));
-}
-
-/// A NEW-VIEW that arrives after its view started, or after the replica moved past it, starts
-/// nothing, but an unjustified one still proves its primary faulty (the others it reached in
-/// time hold that proof, and evidence must reach every honest replica or none); a genuine one
-/// proves nothing, however late.
-#[test]
-fn an_unjustified_new_view_arriving_late_is_still_evidence() {
-    let mut cluster = Cluster::new(4);
+/// With replica 1 (the primary of view 0) cut off, replica 2's NEW-VIEW for view 1 as sent to
+/// replica 3 (held back from it), and a copy that re-proposes an extra batch nobody prepared,
+/// signed by replica 2 too.
+fn genuine_and_unjustified_new_views(cluster: &mut Cluster) -> (Signed, Signed) {
     cluster.propose(1, 1, b"a");
     cluster.cut_off.insert(NodeId(1));
     cluster.propose(3, 2, b"b");
@@ -949,7 +918,33 @@ fn an_unjustified_new_view_arriving_late_is_still_evidence() {
         },
         2,
     ));
-    let forged = signed(Statement::NewView(body), 2);
+    (genuine, signed(Statement::NewView(body), 2))
+}
+
+fn assert_proven_unjustified(node: &PbftNode, primary: NodeId) {
+    assert_eq!(
+        node.evidence()[&primary].offence(),
+        Offence::UnjustifiedNewView
+    );
+    assert!(node.excluded().contains(&primary));
+}
+
+#[test]
+fn a_new_view_that_does_not_follow_is_evidence_against_its_primary() {
+    let mut cluster = Cluster::new(4);
+    let (_, forged) = genuine_and_unjustified_new_views(&mut cluster);
+    deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
+    assert_proven_unjustified(cluster.node(3), NodeId(2));
+}
+
+/// A NEW-VIEW that arrives after its view started, or after the replica moved past it, starts
+/// nothing, but an unjustified one still proves its primary faulty (the others it reached in
+/// time hold that proof, and evidence must reach every honest replica or none); a genuine one
+/// proves nothing, however late.
+#[test]
+fn an_unjustified_new_view_arriving_late_is_still_evidence() {
+    let mut cluster = Cluster::new(4);
+    let (genuine, forged) = genuine_and_unjustified_new_views(&mut cluster);
     deliver_to(&mut cluster, 3, 2, Message::Signed(genuine.clone()));
     assert!(!cluster.node(3).is_changing_view());
     // The view it started, and then a view past it (its primary cut off too).
@@ -964,12 +959,7 @@ fn an_unjustified_new_view_arriving_late_is_still_evidence() {
         "a genuine new-view accuses no one"
     );
     deliver_to(&mut cluster, 3, 2, Message::Signed(forged));
-    let backup = cluster.node(3);
-    assert_eq!(
-        backup.evidence()[&NodeId(2)].offence(),
-        Offence::UnjustifiedNewView
-    );
-    assert!(backup.excluded().contains(&NodeId(2)));
+    assert_proven_unjustified(cluster.node(3), NodeId(2));
 }
 
 /// Partitions `left` from `right`, both ways.

@@ -27,7 +27,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::scenario::{env_u64, finish, replay_command_in, traced};
+use common::scenario::{env_u64, fail_with_replay_in, finish, replay_command_in, traced};
 use consensus::NodeId;
 use consensus::protocol::Protocol;
 use consensus::sim::byzantine::{Actions, Behaviour, Maverick, MaverickSettings};
@@ -485,13 +485,9 @@ fn twins_seeds() {
 fn twins_regressions() {
     let seeds = [6, 25, 52, 140, 387, 406, 411, 750];
     let (outcomes, failures) = sweep(&seeds, SimConfig::twins);
-    for failure in &failures {
-        eprintln!(
-            "FAILED {failure}\n  replay: {}",
-            replay_command_in("byzantine", "twins_seeds", failure.seed)
-        );
+    if !failures.is_empty() {
+        fail_with_replay_in("byzantine", "twins_seeds", &failures);
     }
-    assert!(failures.is_empty(), "{} seed(s) failed", failures.len());
     assert_eq!(outcomes.len(), seeds.len());
     let delivered = outcomes
         .iter()
@@ -518,13 +514,9 @@ fn byzantine_regressions() {
     let seeds = [1_001_611, 1_001_651, 1_002_379, 1_002_448, 1_004_430];
     let behaviours = Behaviour::ALL.to_vec();
     let (outcomes, failures) = sweep(&seeds, |seed| SimConfig::byzantine(seed, &behaviours));
-    for failure in &failures {
-        eprintln!(
-            "FAILED {failure}\n  replay: {}",
-            replay_command_in("byzantine", "byzantine_seeds", failure.seed)
-        );
+    if !failures.is_empty() {
+        fail_with_replay_in("byzantine", "byzantine_seeds", &failures);
     }
-    assert!(failures.is_empty(), "{} seed(s) failed", failures.len());
     let late_new_views_proven = outcomes
         .iter()
         .flat_map(|o| o.byzantine.values())

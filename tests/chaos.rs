@@ -112,12 +112,16 @@ fn chaos_seeds() {
 /// - 1014201: the final check ran while a membership change asked late was still joint (the
 ///   harness now gives it the liveness deadline);
 /// - 2029166 (of `SIM_SEED_START=2000000`): the commit checker took an entry that voters had
-///   compacted into their snapshots for one they lacked, when a stale leader committed it.
+///   compacted into their snapshots for one they lacked, when a stale leader committed it;
+/// - 3110783, 3392937 (of `SIM_SEED_START=3100000 SIM_SEEDS=300000`, 2026-12-05): a sole voter
+///   (a membership change left it alone) counted its own vote before the write recording it,
+///   led the new term, and was killed before that write; back in the older term, it voted in
+///   that term for another node, which led it too.
 #[test]
 fn seeds_that_found_bugs() {
     let seeds = [
         1_014_201, 1_025_017, 1_039_971, 1_044_623, 1_092_592, 1_094_115, 1_103_926, 1_137_012,
-        2_029_166,
+        2_029_166, 3_110_783, 3_392_937,
     ];
     let result = sweep(&seeds, 2, SimConfig::chaos);
     if !result.failures.is_empty() {
@@ -618,6 +622,8 @@ fn state_machine_safety_and_leader_completeness_checks_flag_conflicts() {
     let mut out = Output::default();
     for _ in 0..100 {
         leader.step(Input::Tick, &mut out);
+        // Its write is durable at once, as a driver reports after the fsync: its vote counts.
+        consensus::protocol::Durability::of(&out.write).tell(&mut leader, &mut out);
         if leader.is_leader() {
             break;
         }

@@ -34,7 +34,7 @@ use crate::engine::snapshots::{SnapshotSpans, SnapshotTaker};
 use crate::engine::traces::ProposalTraces;
 use crate::error::StorageError;
 use crate::metrics::Metrics;
-use crate::protocol::{Envelope, Event, Input, Output, Protocol};
+use crate::protocol::{Durability, Envelope, Event, Input, Output, Protocol};
 use crate::storage::{LogStore, Snapshot};
 use crate::sync::lock;
 use crate::telemetry::TraceAttachment;
@@ -814,11 +814,8 @@ impl<P: Protocol> Driver<P> {
                 // Parts of a snapshot still arriving, written ahead and not synced.
                 lock(&self.store).persist(&out.write)?;
             }
-            match self.after_write(out, write_took)? {
-                Some((index, term)) => self.node.step(Input::Durable { index, term }, out),
-                None => return Ok(()),
-            }
-            if out.is_empty() {
+            let durable = self.after_write(out, write_took)?;
+            if !durable.tell(&mut self.node, out) || out.is_empty() {
                 return Ok(());
             }
         }
@@ -954,9 +951,7 @@ impl<P: Protocol> Driver<P> {
         self.metrics.record_fsync(write_took);
         let durable = self.after_write(&mut output, write_took)?;
         self.spare_output = output;
-        if let Some((index, term)) = durable {
-            self.node.step(Input::Durable { index, term }, out);
-        }
+        durable.tell(&mut self.node, out);
         if self.settings.flush_on_drain {
             // A write of several entries means several clients: the next round waits a little
             // to carry more of them. A lone client's write (one entry) never waits.
@@ -973,13 +968,13 @@ impl<P: Protocol> Driver<P> {
     }
 
     /// What `out` held back until its write was durable: send the acknowledgements and votes,
-    /// apply the committed entries, serve reads, answer, and handle the events. Returns the
-    /// last entry the write appended, for [`Input::Durable`]; leaves `out` empty.
+    /// apply the committed entries, serve reads, answer, and handle the events. Returns what
+    /// the write made durable, to tell the core; leaves `out` empty.
     fn after_write(
         &mut self,
         out: &mut Output<P::Message>,
         write_took: Duration,
-    ) -> Result<Option<(LogIndex, Term)>, StorageError> {
+    ) -> Result<Durability, StorageError> {
         self.persisted_through = self.durable_through(out);
         if let Some(snapshot) = &out.write.snapshot {
             // What it covers is as durable as the log before it was.
@@ -994,8 +989,8 @@ impl<P: Protocol> Driver<P> {
                 "installed the leader's snapshot"
             );
         }
-        let durable = out.write.last_appended();
-        if let Some((index, _)) = durable {
+        let durable = Durability::of(&out.write);
+        if let Some((index, _)) = durable.last_appended {
             self.persisted_through = index;
             if !self.traces.is_empty() {
                 self.traces.persisted(index, write_took);

@@ -30,11 +30,12 @@
 //!    they are on a quorum's disks and on this node's, and under load the round that learns a
 //!    commit usually also appends newer entries, whose fsync the answers need not wait for;
 //!    serve each read of [`Output::reads`] once everything through its index is applied;
-//! 5. then tell the core what is durable with [`Input::Durable`] (the last entry the write
-//!    appended), and carry out whatever that step outputs the same way.
+//! 5. then tell the core what is durable ([`Durability::tell`]): with
+//!    [`Input::HardStateDurable`] the hard state the write carried, with [`Input::Durable`] the
+//!    last entry it appended; and carry out whatever those steps output the same way.
 //!
-//! The core never counts its own entries toward a quorum before step 5 told it they are on
-//! disk, so a driver that persists asynchronously stays safe.
+//! The core never counts its own entries toward a quorum, nor its own vote toward an election,
+//! before step 5 told it they are on disk, so a driver that persists asynchronously stays safe.
 //!
 //! # Snapshots
 //! A core that compacts its log ([`Protocol::COMPACTS_LOG`]) is told of each snapshot the
@@ -52,7 +53,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use crate::storage::LogWrite;
-use crate::storage::{RecoveredState, Snapshot};
+use crate::storage::{HardState, RecoveredState, Snapshot};
 use crate::types::{Entry, LogIndex, NodeId, ProposalTag, Term};
 
 /// A message with its sender and receiver.
@@ -106,6 +107,14 @@ pub enum Input<M, C> {
         /// The peer whose connections broke.
         peer: NodeId,
     },
+    /// The hard state a write carried is durable (the write's [`LogWrite::hard_state`]; a
+    /// driver steps this after every write that carried one). A Raft candidate counts its own
+    /// vote only then: counted at once, a sole voter would lead the new term before anything
+    /// recorded it, and after a crash before the write it could vote in that term again, for
+    /// another node, which would then lead the same term.
+    ///
+    /// [`LogWrite::hard_state`]: crate::storage::LogWrite::hard_state
+    HardStateDurable(HardState),
     /// The log is durable through `index`, whose entry has `term` (the term guards against an
     /// acknowledgement of entries that a later truncation already replaced).
     Durable {
@@ -332,6 +341,38 @@ pub struct Output<M> {
     pub restore: Option<Snapshot>,
     /// Notifications.
     pub events: Vec<Event>,
+}
+
+/// What a durable write tells its core (step 5 of the driver's contract, see the
+/// [module documentation](self)): the hard state it carried and the last entry it appended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Durability {
+    /// The hard state the write carried, if any.
+    pub hard_state: Option<HardState>,
+    /// The last entry the write appended (index and term), if any.
+    pub last_appended: Option<(LogIndex, Term)>,
+}
+
+impl Durability {
+    /// What `write` makes durable.
+    pub fn of(write: &LogWrite) -> Self {
+        Durability {
+            hard_state: write.hard_state,
+            last_appended: write.last_appended(),
+        }
+    }
+
+    /// Steps `core` with what became durable, hard state first; false when there was nothing
+    /// to tell.
+    pub fn tell<P: Protocol>(self, core: &mut P, out: &mut Output<P::Message>) -> bool {
+        if let Some(hard_state) = self.hard_state {
+            core.step(Input::HardStateDurable(hard_state), out);
+        }
+        if let Some((index, term)) = self.last_appended {
+            core.step(Input::Durable { index, term }, out);
+        }
+        self.hard_state.is_some() || self.last_appended.is_some()
+    }
 }
 
 impl<M> Default for Output<M> {

@@ -707,7 +707,7 @@ impl<P: SimProtocol> Sim<P> {
             self.nodes[index].out = out;
             return;
         }
-        let durable = out.write.last_appended();
+        let durable = crate::protocol::Durability::of(&out.write);
         if status.is_leader {
             self.memberships_committed += out
                 .events
@@ -756,7 +756,10 @@ impl<P: SimProtocol> Sim<P> {
         out.clear();
         self.nodes[index].out = out;
         // 3. Tell the core what is durable.
-        if let Some((index_durable, term)) = durable {
+        if let Some(hard_state) = durable.hard_state {
+            self.step(index, Input::HardStateDurable(hard_state));
+        }
+        if let Some((index_durable, term)) = durable.last_appended {
             self.step(
                 index,
                 Input::Durable {

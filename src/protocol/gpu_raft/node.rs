@@ -271,6 +271,9 @@ impl GpuRaftNode {
             Input::Durable { index, term } => {
                 self.step_inner(raft::Input::Durable { index, term }, out)
             }
+            Input::HardStateDurable(hard_state) => {
+                self.step_inner(raft::Input::HardStateDurable(hard_state), out)
+            }
             Input::PeerUnreachable { peer } => {
                 self.step_inner(raft::Input::PeerUnreachable { peer }, out)
             }

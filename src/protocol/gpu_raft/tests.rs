@@ -56,7 +56,7 @@ impl Cluster {
 
     fn carry(&mut self, index: usize, mut out: Output) {
         loop {
-            let durable = out.write.append.last().map(|e| (e.index, e.term));
+            let durable = crate::protocol::Durability::of(&out.write);
             self.queue.append(&mut out.messages);
             self.queue.append(&mut out.messages_after_write);
             let id = self.nodes[index].id();
@@ -64,17 +64,10 @@ impl Cluster {
                 .entry(id)
                 .or_default()
                 .append(&mut out.committed);
-            let Some((index_durable, term)) = durable else {
-                return;
-            };
             let mut next = Output::default();
-            self.nodes[index].step(
-                Input::Durable {
-                    index: index_durable,
-                    term,
-                },
-                &mut next,
-            );
+            if !durable.tell(&mut self.nodes[index], &mut next) {
+                return;
+            }
             out = next;
         }
     }

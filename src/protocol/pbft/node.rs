@@ -860,7 +860,7 @@ impl Protocol for PbftNode {
             }
             // Nothing waits for a durability acknowledgement: every signed statement leaves
             // only after the write that records it (`messages_after_write`).
-            Input::Durable { .. } => {}
+            Input::Durable { .. } | Input::HardStateDurable(_) => {}
             // A view change needs f + 1 replicas' timeouts, which a hint from one replica's
             // transport cannot stand in for: the primary is replaced on the usual timer.
             Input::PeerUnreachable { .. } => {}

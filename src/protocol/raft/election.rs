@@ -8,6 +8,7 @@ use crate::protocol::raft::node::{LeaderState, ProposalBatch, RaftNode, Role};
 use crate::protocol::raft::progress::Progress;
 use crate::protocol::raft::{Envelope, Output, RejectReason, Rejection};
 use crate::protocol::{ElectionRound, Event};
+use crate::storage::HardState;
 use crate::types::{Entry, NodeId, Payload, Term};
 
 impl RaftNode {
@@ -421,7 +422,24 @@ impl RaftNode {
             };
             self.send(peer, message, out);
         }
-        self.record_vote(self.config.id, true, out);
+        // Its own vote counts once the write recording it is durable
+        // (`on_hard_state_durable`), like anyone else's.
+    }
+
+    /// The driver made `hard_state` durable: a candidate's vote for itself in its term now
+    /// counts. Counted before, a sole voter would lead the term at once, and a crash before the
+    /// write would let it vote in that term again, for another candidate, which would lead the
+    /// same term (two chaos seeds of 300,000, 3110783 and 3392937, each a sole voter left by a
+    /// membership change and killed just after it took the lead). Other voters' grants leave
+    /// only after their own writes, and this candidate's requests only after this one.
+    pub(crate) fn on_hard_state_durable(&mut self, hard_state: HardState, out: &mut Output) {
+        let me = self.config.id;
+        if self.role == Role::Candidate
+            && hard_state.term == self.term
+            && hard_state.voted_for == Some(me)
+        {
+            self.record_vote(me, true, out);
+        }
     }
 
     /// Moves to `term` (when newer) as a follower of `leader`.

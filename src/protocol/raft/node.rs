@@ -216,6 +216,7 @@ impl RaftNode {
                 self.change_membership_asked(change, out);
             }
             Input::FlushProposals => self.flush_proposals(out),
+            Input::HardStateDurable(hard_state) => self.on_hard_state_durable(hard_state, out),
             Input::Durable { index, term } => self.on_durable(index, term, out),
             Input::PeerUnreachable { peer } => self.on_peer_unreachable(peer, out),
             Input::SnapshotTaken(snapshot) => self.on_snapshot_taken(snapshot, out),

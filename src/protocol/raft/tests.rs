@@ -61,9 +61,7 @@ impl Cluster {
             let node = self.nodes.get_mut(&id).unwrap();
             node.step(input, &mut out);
             // The write is durable at once here: acknowledge it, as a driver does after its fsync.
-            if let Some((index, term)) = out.write.last_appended() {
-                node.step(Input::Durable { index, term }, &mut out);
-            }
+            crate::protocol::Durability::of(&out.write).tell(node, &mut out);
             self.committed
                 .entry(id)
                 .or_default()
@@ -502,6 +500,12 @@ fn the_commit_rule_waits_for_an_entry_of_the_current_term() {
         }
     }
     assert_eq!(node.role(), Role::Candidate);
+    // Its vote for itself is on disk, as a driver reports after the write.
+    let hard_state = out
+        .write
+        .hard_state
+        .expect("the candidate records its vote");
+    node.step(Input::HardStateDurable(hard_state), &mut out);
     let term = node.term();
     let vote = Message::RequestVoteResponse {
         term,
@@ -657,6 +661,39 @@ fn a_node_votes_once_per_term() {
 }
 
 #[test]
+fn a_sole_voter_leads_only_once_its_vote_is_durable() {
+    // Led at once, a sole voter killed before its vote reached the disk would come back in the
+    // older term, free to vote in this one for another node, which would lead it too (chaos
+    // seeds 3110783 and 3392937, after membership changes left one voter).
+    let me = NodeId(1);
+    let mut node = RaftNode::new(RaftConfig::new(me, vec![me]), RecoveredState::default()).unwrap();
+    let mut out = Output::default();
+    for _ in 0..100 {
+        node.step(Input::Tick, &mut out);
+        if node.role() == Role::Candidate {
+            break;
+        }
+    }
+    assert_eq!(node.role(), Role::Candidate, "it campaigns alone");
+    let vote = out
+        .write
+        .hard_state
+        .expect("the candidate records its vote");
+    assert_eq!(vote.voted_for, Some(me));
+    assert_eq!(vote.term, node.term());
+    // What an earlier write made durable (its vote in an older term) does not count.
+    let older = crate::storage::HardState {
+        term: vote.term - 1,
+        voted_for: Some(me),
+    };
+    node.step(Input::HardStateDurable(older), &mut out);
+    assert!(!node.is_leader());
+    node.step(Input::HardStateDurable(vote), &mut out);
+    assert!(node.is_leader());
+    assert_eq!(node.term(), vote.term);
+}
+
+#[test]
 fn a_leader_sends_appends_before_its_write_is_durable_but_commits_only_after() {
     let mut node = RaftNode::new(
         RaftConfig::new(NodeId(1), vec![NodeId(1)]),
@@ -664,9 +701,15 @@ fn a_leader_sends_appends_before_its_write_is_durable_but_commits_only_after() {
     )
     .unwrap();
     let mut out = Output::default();
-    while !node.is_leader() {
+    while node.role() != Role::Candidate {
         node.step(Input::Tick, &mut out);
     }
+    let vote = out
+        .write
+        .hard_state
+        .expect("the candidate records its vote");
+    node.step(Input::HardStateDurable(vote), &mut out);
+    assert!(node.is_leader());
     let (blank_index, term) = out.write.last_appended().expect("the leader's blank entry");
     assert_eq!(
         node.commit_index(),

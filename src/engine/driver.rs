@@ -398,6 +398,25 @@ pub(crate) struct DriverSettings {
     /// [`ConsensusConfig::leader_linger`](crate::ConsensusConfig::leader_linger)); zero for
     /// PBFT.
     pub(crate) linger: Duration,
+    /// How the linger scales with the write before it (see
+    /// [`ConsensusConfig::leader_linger_per_entry`](crate::ConsensusConfig::leader_linger_per_entry)).
+    pub(crate) linger_per_entry: Option<Duration>,
+}
+
+/// How long a leader gathers proposals after a write of `entries` entries: nothing after a
+/// lone client's write (one entry), else `linger`, scaled to the write by `per_entry` when
+/// that is set.
+fn linger_after(linger: Duration, per_entry: Option<Duration>, entries: usize) -> Duration {
+    if entries < 2 {
+        return Duration::ZERO;
+    }
+    match per_entry {
+        Some(per_entry) => {
+            let entries = u32::try_from(entries).unwrap_or(u32::MAX);
+            per_entry.saturating_mul(entries).min(linger)
+        }
+        None => linger,
+    }
 }
 
 /// What the driver's wait for work ended with.
@@ -954,12 +973,12 @@ impl<P: Protocol> Driver<P> {
         durable.tell(&mut self.node, out);
         if self.settings.flush_on_drain {
             // A write of several entries means several clients: the next round waits a little
-            // to carry more of them. A lone client's write (one entry) never waits.
-            if !self.settings.linger.is_zero()
-                && entries_written >= 2
-                && self.node.status().is_leader
-            {
-                self.linger_until = Some(Instant::now() + self.settings.linger);
+            // to carry more of them (the more the write carried, the longer, when scaled). A
+            // lone client's write (one entry) never waits.
+            let settings = &self.settings;
+            let linger = linger_after(settings.linger, settings.linger_per_entry, entries_written);
+            if !linger.is_zero() && self.node.status().is_leader {
+                self.linger_until = Some(Instant::now() + linger);
             } else {
                 self.node.step(Input::FlushProposals, out);
             }
@@ -1335,5 +1354,29 @@ fn send<P: Protocol>(
     match attachment {
         Some(attachment) => transport.send_traced(envelope.to, envelope.message, attachment),
         None => transport.send(envelope.to, envelope.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_lingers_after_writes_of_several_entries_scaled_to_them_when_asked() {
+        let micros = Duration::from_micros;
+        // Unscaled: the whole linger after any write of two entries or more.
+        assert_eq!(linger_after(micros(200), None, 1), Duration::ZERO);
+        assert_eq!(linger_after(micros(200), None, 2), micros(200));
+        assert_eq!(linger_after(micros(200), None, 50), micros(200));
+        // Scaled: the write's entries times the step, capped by the linger.
+        let step = Some(micros(70));
+        assert_eq!(linger_after(micros(1000), step, 1), Duration::ZERO);
+        assert_eq!(linger_after(micros(1000), step, 2), micros(140));
+        assert_eq!(linger_after(micros(1000), step, 14), micros(980));
+        assert_eq!(linger_after(micros(1000), step, 15), micros(1000));
+        assert_eq!(linger_after(micros(1000), step, usize::MAX), micros(1000));
+        // No linger configured: none, however large the write.
+        assert_eq!(linger_after(Duration::ZERO, step, 100), Duration::ZERO);
+        assert_eq!(linger_after(Duration::ZERO, None, 100), Duration::ZERO);
     }
 }

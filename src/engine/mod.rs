@@ -569,6 +569,7 @@ impl ConsensusEngine {
                     crate::Algorithm::Pbft => std::time::Duration::ZERO,
                     _ => self.config.leader_linger,
                 },
+                linger_per_entry: self.config.leader_linger_per_entry,
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config
                         .raft_config()

@@ -9,8 +9,10 @@
 //!
 //! The driver's contract is the one of every core, in the [`protocol`](crate::protocol) module:
 //! a leader's appends may leave while its own write is being made durable, votes and
-//! acknowledgements only after, and the leader counts its own entries toward a quorum only once
-//! [`Input::Durable`](crate::protocol::Input::Durable) said they are on disk.
+//! acknowledgements only after, the leader counts its own entries toward a quorum only once
+//! [`Input::Durable`](crate::protocol::Input::Durable) said they are on disk, and a candidate
+//! its own vote only once [`Input::HardStateDurable`](crate::protocol::Input::HardStateDurable)
+//! said so of the write recording it.
 //!
 //! The core implements randomized election timeouts, pre-vote and check-quorum (a node cut off
 //! from the cluster cannot depose a healthy leader when it returns), priority-based elections

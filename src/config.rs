@@ -323,22 +323,30 @@ pub struct ConsensusConfig {
     /// takes about twice as long with zero.
     pub driver_spin: Option<Duration>,
     /// How long a Raft leader (and GPU-optimized Raft's), once a write of several entries is
-    /// done, keeps gathering proposals before its next round (TOML `leader_linger_us`,
-    /// microseconds; at most [`MAX_DRIVER_SPIN`]; default zero: the next round goes at once).
+    /// done, keeps gathering proposals before its next round, at most (TOML
+    /// `leader_linger_us`, microseconds; at most [`MAX_DRIVER_SPIN`]; zero: the next round
+    /// goes at once). `None`, the default: [`DEFAULT_TCP_LEADER_LINGER`] scaled by
+    /// [`DEFAULT_TCP_LEADER_LINGER_PER_ENTRY`] for an engine over TCP, zero for one in
+    /// process (whose rounds cost no network hops and were not measured with it).
     ///
-    /// Every round is an fsync and a message to each follower on every node; when the nodes
-    /// and their clients share a few cores, fewer and fuller rounds leave more of the cores to
-    /// the requests. A leader lingers only after a write that carried two entries or more, so
-    /// a lone client's commit never waits for it. Measured on 2 cores under `kv_cluster` (three
-    /// nodes, 16 clients on every node), 200 µs raised the median operations 7-11 % over
-    /// fourteen pairs alternated with zero, though single pairs ranged 0.80-1.31× (see
-    /// `benches/FORWARDING_NOTES.md`); PBFT ignores it.
-    pub leader_linger: Duration,
+    /// Every round is an fsync and a message to each follower on every node, and a write
+    /// several clients wait on says that more of them are about to send: a short wait then
+    /// turns several rounds into one. A leader lingers only after a write that carried two
+    /// entries or more, so a lone client's commit never waits for it. The wait ends within
+    /// microseconds of its deadline where the driver has an I/O reactor on Linux (a
+    /// `timerfd`; every engine over TCP, and one in process that sets a linger), elsewhere on
+    /// tokio's millisecond timer. Measured on 2 cores with `kv_vs_etcd` (three nodes, 16
+    /// clients, four alternated pairs against no linger; `benches/FORWARDING_NOTES.md`,
+    /// 2026-12-05), the default served PUTs through every node at 1.19× (pairwise median),
+    /// through a follower at 1.18× and through the leader at 1.13×, with PUT p99s of 3.2-8.5 ms
+    /// against 7.7-13.9 ms, and reads at 1.02-1.06×. PBFT ignores it.
+    pub leader_linger: Option<Duration>,
     /// Scales [`ConsensusConfig::leader_linger`] with the load (TOML
     /// `leader_linger_per_entry_us`, microseconds; at most [`MAX_DRIVER_SPIN`]): after a write
     /// of `n` entries a leader gathers for `n` times this, and never longer than
-    /// `leader_linger`. `None` (the default): the whole `leader_linger` after any write of
-    /// several entries.
+    /// `leader_linger`. `None`, the default: [`DEFAULT_TCP_LEADER_LINGER_PER_ENTRY`] with the
+    /// default linger; with a `leader_linger` you set, unscaled (the whole linger after any
+    /// write of several entries).
     ///
     /// A write's size says how many clients are waiting on the leader, so the wait follows
     /// them: a few clients (small writes) wait little, many (full writes) up to the cap, and a
@@ -346,7 +354,8 @@ pub struct ConsensusConfig {
     /// with their clients), 70 µs an entry up to 1 ms served 16 clients like a fixed 700 µs
     /// (12,868 against 13,189 ops/s, medians of five alternated runs; 11,058 with a fixed
     /// 200 µs), while 4 clients served 0.95× what they did with the fixed 200 µs (the fixed
-    /// 700 µs: 0.77×).
+    /// 700 µs: 0.77×). Those lingers ran on tokio's millisecond timer and mostly ended late;
+    /// timed to the microsecond the same setting served 1.01× (pairwise, six alternated runs).
     pub leader_linger_per_entry: Option<Duration>,
 }
 
@@ -354,6 +363,14 @@ pub struct ConsensusConfig {
 /// accepted: past it a spinning driver is a busy loop, and a lingering leader a stalled one, not
 /// a short wait.
 pub const MAX_DRIVER_SPIN: Duration = Duration::from_millis(10);
+
+/// The longest a Raft leader over TCP lingers by default (see
+/// [`ConsensusConfig::leader_linger`]): about three fsyncs on a small virtual machine's disk,
+/// reached after a write of twelve entries at [`DEFAULT_TCP_LEADER_LINGER_PER_ENTRY`].
+pub const DEFAULT_TCP_LEADER_LINGER: Duration = Duration::from_micros(600);
+
+/// How the default linger grows with the write before it: this much per entry.
+pub const DEFAULT_TCP_LEADER_LINGER_PER_ENTRY: Duration = Duration::from_micros(50);
 
 /// The default [`ConsensusConfig::snapshot_interval`]: 10,000 applied entries.
 ///
@@ -436,7 +453,7 @@ impl Default for ConsensusConfig {
             read_mode: ReadMode::ReadIndex,
             max_clock_drift_percent: 5,
             driver_spin: None,
-            leader_linger: Duration::ZERO,
+            leader_linger: None,
             leader_linger_per_entry: None,
         }
     }
@@ -505,7 +522,7 @@ impl ConsensusConfig {
         /// Sets [`ConsensusConfig::driver_spin`].
         driver_spin: Option<Duration>,
         /// Sets [`ConsensusConfig::leader_linger`].
-        leader_linger: Duration,
+        leader_linger: Option<Duration>,
         /// Sets [`ConsensusConfig::leader_linger_per_entry`].
         leader_linger_per_entry: Option<Duration>,
     }
@@ -701,7 +718,7 @@ impl ConsensusConfig {
         // The driver's short waits share one bound: past it a wait is a stall.
         let driver_waits = [
             ("driver_spin_us", self.driver_spin),
-            ("leader_linger_us", Some(self.leader_linger)),
+            ("leader_linger_us", self.leader_linger),
             ("leader_linger_per_entry_us", self.leader_linger_per_entry),
         ];
         for (field, wait) in driver_waits {
@@ -786,6 +803,24 @@ impl ConsensusConfig {
             );
         }
         Ok(())
+    }
+
+    /// The linger a leader of this node takes, at most and per entry (see
+    /// [`ConsensusConfig::leader_linger`]), with its defaults resolved for an engine over TCP
+    /// or in process. PBFT never lingers.
+    pub(crate) fn effective_leader_linger(&self, over_tcp: bool) -> (Duration, Option<Duration>) {
+        match (self.algorithm, self.leader_linger) {
+            (crate::Algorithm::Pbft, _) => (Duration::ZERO, None),
+            (_, Some(linger)) => (linger, self.leader_linger_per_entry),
+            (_, None) if over_tcp => (
+                DEFAULT_TCP_LEADER_LINGER,
+                Some(
+                    self.leader_linger_per_entry
+                        .unwrap_or(DEFAULT_TCP_LEADER_LINGER_PER_ENTRY),
+                ),
+            ),
+            (_, None) => (Duration::ZERO, None),
+        }
     }
 
     /// The core's settings for this node.
@@ -1092,9 +1127,7 @@ impl TomlConsensus {
             .max_clock_drift_percent
             .unwrap_or(config.max_clock_drift_percent);
         config.driver_spin = self.driver_spin_us.map(Duration::from_micros);
-        if let Some(linger) = self.leader_linger_us {
-            config.leader_linger = Duration::from_micros(linger);
-        }
+        config.leader_linger = self.leader_linger_us.map(Duration::from_micros);
         config.leader_linger_per_entry = self.leader_linger_per_entry_us.map(Duration::from_micros);
         config.validate()?;
         Ok(config)
@@ -1256,10 +1289,10 @@ address = "127.0.0.1:8080"
         let parse = |line: &str| {
             ConsensusConfig::from_toml_str(&format!("[consensus]\nnode_id = \"a\"\n{line}\n"))
         };
-        assert_eq!(parse("").unwrap().leader_linger, Duration::ZERO);
+        assert_eq!(parse("").unwrap().leader_linger, None);
         assert_eq!(
             parse("leader_linger_us = 200").unwrap().leader_linger,
-            Duration::from_micros(200)
+            Some(Duration::from_micros(200))
         );
         let most = MAX_DRIVER_SPIN.as_micros();
         let error = parse(&format!("leader_linger_us = {}", most + 1))
@@ -1267,7 +1300,7 @@ address = "127.0.0.1:8080"
             .to_string();
         assert!(error.contains("leader_linger_us"), "{error}");
         let error = ConsensusConfig::default()
-            .leader_linger(Duration::from_secs(1))
+            .leader_linger(Some(Duration::from_secs(1)))
             .validate()
             .unwrap_err()
             .to_string();
@@ -1283,6 +1316,41 @@ address = "127.0.0.1:8080"
             .unwrap_err()
             .to_string();
         assert!(error.contains("leader_linger_per_entry_us"), "{error}");
+    }
+
+    #[test]
+    fn the_default_linger_is_scaled_over_tcp_none_in_process_and_a_set_one_is_kept() {
+        let micros = Duration::from_micros;
+        let default = ConsensusConfig::default();
+        let tcp_default = (
+            DEFAULT_TCP_LEADER_LINGER,
+            Some(DEFAULT_TCP_LEADER_LINGER_PER_ENTRY),
+        );
+        assert_eq!(default.effective_leader_linger(true), tcp_default);
+        assert_eq!(
+            default.effective_leader_linger(false),
+            (Duration::ZERO, None)
+        );
+        // A step alone scales the default cap; a linger set keeps its own meaning.
+        let stepped = default.clone().leader_linger_per_entry(Some(micros(20)));
+        assert_eq!(
+            stepped.effective_leader_linger(true),
+            (DEFAULT_TCP_LEADER_LINGER, Some(micros(20)))
+        );
+        let fixed = default.clone().leader_linger(Some(micros(200)));
+        assert_eq!(fixed.effective_leader_linger(true), (micros(200), None));
+        assert_eq!(fixed.effective_leader_linger(false), (micros(200), None));
+        let off = default.clone().leader_linger(Some(Duration::ZERO));
+        assert_eq!(off.effective_leader_linger(true).0, Duration::ZERO);
+        // PBFT has no leader rounds to gather.
+        let pbft = fixed.algorithm(crate::Algorithm::Pbft);
+        assert_eq!(pbft.effective_leader_linger(true), (Duration::ZERO, None));
+        assert_eq!(
+            ConsensusConfig::default()
+                .algorithm(crate::Algorithm::Pbft)
+                .effective_leader_linger(true),
+            (Duration::ZERO, None)
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::engine::apply::{Answer, ApplyStage, Response, Unanswered};
 use crate::engine::election_traces::ElectionTraces;
+use crate::engine::precise_timer::PreciseTimer;
 use crate::engine::reply::ReplyPoster;
 use crate::engine::retained::RetainedState;
 use crate::engine::snapshots::{SnapshotSpans, SnapshotTaker};
@@ -385,6 +386,9 @@ pub(crate) struct DriverSettings {
     /// Whether the transport's tasks run on the driver's runtime (TCP): the driver then yields
     /// to them while it polls and before an fsync, instead of yielding its thread.
     pub(crate) io_on_this_thread: bool,
+    /// Whether the driver's runtime has an I/O reactor (TCP, or a linger to time): a linger is
+    /// then timed to the microsecond (see [`PreciseTimer`]).
+    pub(crate) reactor_on_this_thread: bool,
     /// Under lease reads, a driver that woke late (a stalled thread, a long fsync) steps the
     /// ticks it missed, up to this many, before it handles the round's inputs: a leader's lease
     /// is counted in its ticks and must not outlast real time. `None` steps one tick however
@@ -416,6 +420,31 @@ fn linger_after(linger: Duration, per_entry: Option<Duration>, entries: usize) -
             per_entry.saturating_mul(entries).min(linger)
         }
         None => linger,
+    }
+}
+
+/// When an idle driver wakes without an input: at the next tick, or earlier when a leader's
+/// linger ends first.
+#[derive(Clone, Copy)]
+enum WakeBy {
+    Tick(Instant),
+    LingerEnds(Instant),
+}
+
+impl WakeBy {
+    fn at(self) -> Instant {
+        match self {
+            WakeBy::Tick(at) | WakeBy::LingerEnds(at) => at,
+        }
+    }
+
+    /// Sleeps until then: a tick on tokio's millisecond timer (ticks are tens of
+    /// milliseconds), a linger on `linger_timer` (it is a fraction of an fsync).
+    async fn sleep(self, linger_timer: &PreciseTimer) {
+        match self {
+            WakeBy::Tick(at) => tokio::time::sleep_until(at.into()).await,
+            WakeBy::LingerEnds(at) => linger_timer.sleep_until(at).await,
+        }
     }
 }
 
@@ -507,13 +536,16 @@ impl<P: Protocol> Driver<P> {
         // A round's peer messages, authenticated together before any is stepped.
         let mut peer_messages: Vec<Envelope<P::Message>> = Vec::new();
         let mut next_tick = Instant::now() + self.settings.tick;
+        // Lingers are fractions of an fsync: tokio's millisecond timer would stretch them.
+        let linger_timer = PreciseTimer::new(self.settings.reactor_on_this_thread);
         self.publish_leader();
         loop {
             // A leader's linger ends a wait early, so that its round then goes out.
-            let wake_by = self
-                .linger_until
-                .map_or(next_tick, |until| until.min(next_tick));
-            let first = match self.wait(wake_by).await {
+            let wake_by = match self.linger_until {
+                Some(until) if until < next_tick => WakeBy::LingerEnds(until),
+                _ => WakeBy::Tick(next_tick),
+            };
+            let first = match self.wait(wake_by, &linger_timer).await {
                 Wait::Input(input) => Some(input),
                 Wait::TickDue => None,
                 Wait::Persisted(joined) => {
@@ -633,7 +665,8 @@ impl<P: Protocol> Driver<P> {
     /// at the next tick). Polls for [`DriverSettings::spin`] before parking (see there why),
     /// yielding between polls so that what it waits for runs first: the transport's tasks on
     /// this runtime, or the threads that may share its core on a machine with few cores.
-    async fn wait(&mut self, next_tick: Instant) -> Wait<P> {
+    async fn wait(&mut self, wake_by: WakeBy, linger_timer: &PreciseTimer) -> Wait<P> {
+        let next_tick = wake_by.at();
         // A write in flight this long is a disk that stalls: the driver then waits for it and
         // does nothing else, as a node whose disk hangs must. A leader's heartbeats stop, and
         // the others elect a leader whose disk works rather than follow one that can commit
@@ -692,7 +725,7 @@ impl<P: Protocol> Driver<P> {
                     biased;
                     () = &mut rung => None, // the ringer cleared `waiting`
                     joined = persisted => Some(Wait::Persisted(Box::new(joined))),
-                    () = tokio::time::sleep_until(next_tick.into()) => Some(Wait::TickDue),
+                    () = wake_by.sleep(linger_timer) => Some(Wait::TickDue),
                 },
             };
             if let Some(wait) = wait {

@@ -24,6 +24,7 @@ mod handover;
 mod local;
 mod membership_calls;
 mod pending;
+mod precise_timer;
 mod reply;
 mod retained;
 mod retired_routes;
@@ -416,10 +417,14 @@ impl ConsensusEngine {
         let inbox = Inbox {
             sender: inputs.clone(),
         };
+        let over_tcp = self.network.is_none();
+        let (linger, linger_per_entry) = self.config.effective_leader_linger(over_tcp);
         // The driver's thread starts first, with its runtime: the TCP transport starts on it.
+        // A reactor also times a linger to the microsecond (see `PreciseTimer`).
+        let reactor = over_tcp || !linger.is_zero();
         let driver_thread = driver::start_thread::<P>(
             format!("consensus-{}", self.config.node_id),
-            self.network.is_none(),
+            reactor,
             self.storage_failed.clone(),
         )
         .await
@@ -561,15 +566,13 @@ impl ConsensusEngine {
                     DRIVER_SPIN
                 }),
                 io_on_this_thread: tcp.is_some(),
+                reactor_on_this_thread: reactor,
                 write_stall: match self.config.algorithm {
                     crate::Algorithm::Pbft => self.config.view_change_timeout,
                     _ => self.config.election.election_timeout,
                 },
-                linger: match self.config.algorithm {
-                    crate::Algorithm::Pbft => std::time::Duration::ZERO,
-                    _ => self.config.leader_linger,
-                },
-                linger_per_entry: self.config.leader_linger_per_entry,
+                linger,
+                linger_per_entry,
                 catch_up_ticks: (self.config.read_mode == crate::ReadMode::Lease).then(|| {
                     self.config
                         .raft_config()

@@ -51,8 +51,8 @@ pub mod verify;
 pub use byzantine::{ByzantineConfig, ByzantineDetector, ByzantineReport, PunishmentPolicy};
 pub use client_signature::ClientSignature;
 pub use config::{
-    Algorithm, ConsensusConfig, DEFAULT_SNAPSHOT_INTERVAL, ElectionConfig, MAX_DRIVER_SPIN,
-    ReadMode, TlsFiles,
+    Algorithm, ConsensusConfig, DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_TCP_LEADER_LINGER,
+    DEFAULT_TCP_LEADER_LINGER_PER_ENTRY, ElectionConfig, MAX_DRIVER_SPIN, ReadMode, TlsFiles,
 };
 pub use engine::{ConsensusEngine, LeaderElection, LocalNetwork, PeerEntry, ProposalTimings};
 pub use error::{ConfigError, Error, Result, StorageError};

@@ -157,6 +157,31 @@ async fn drivers_that_never_spin_commit_through_every_node() {
     }
 }
 
+/// In-process engines that set a leader linger (their driver's runtime then gets a reactor to
+/// time it): concurrent writes through every node make writes of several entries, after which
+/// the leader lingers; every write still commits and every replica applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lingering_leader_in_process_commits_every_concurrent_write() {
+    let cluster = start_cluster_with(&["a", "b", "c"], |c| {
+        c.leader_linger(Some(Duration::from_micros(400)))
+            .leader_linger_per_entry(Some(Duration::from_micros(40)))
+    })
+    .await;
+    let leader = cluster.leader(Duration::from_secs(5)).await;
+    let writes = (0..60).map(|i| {
+        let engine = &cluster.engines[(leader + i) % 3];
+        engine.execute_command::<KvStore>(KvCommand::Set(format!("k{i}"), format!("v{i}")))
+    });
+    for write in futures::future::join_all(writes).await {
+        assert_eq!(write.expect("the write committed"), None);
+    }
+    cluster.wait_applied(60, None).await;
+    for engine in &cluster.engines {
+        let read = engine.execute_command::<KvStore>(KvCommand::Get("k59".into()));
+        assert_eq!(read.await.unwrap(), Some("v59".into()));
+    }
+}
+
 /// Reads through every node, right after a write acknowledged through another: each sees the
 /// write (linearizable), and none writes to the log (the commit index stays where the writes
 /// left it), under ReadIndex and under leases; with `ReadMode::Log` every read is an entry.

@@ -440,7 +440,7 @@ impl WakeBy {
 
     /// Sleeps until then: a tick on tokio's millisecond timer (ticks are tens of
     /// milliseconds), a linger on `linger_timer` (it is a fraction of an fsync).
-    async fn sleep(self, linger_timer: &PreciseTimer) {
+    async fn sleep(self, linger_timer: &mut PreciseTimer) {
         match self {
             WakeBy::Tick(at) => tokio::time::sleep_until(at.into()).await,
             WakeBy::LingerEnds(at) => linger_timer.sleep_until(at).await,
@@ -537,7 +537,7 @@ impl<P: Protocol> Driver<P> {
         let mut peer_messages: Vec<Envelope<P::Message>> = Vec::new();
         let mut next_tick = Instant::now() + self.settings.tick;
         // Lingers are fractions of an fsync: tokio's millisecond timer would stretch them.
-        let linger_timer = PreciseTimer::new(self.settings.reactor_on_this_thread);
+        let mut linger_timer = PreciseTimer::new(self.settings.reactor_on_this_thread);
         self.publish_leader();
         loop {
             // A leader's linger ends a wait early, so that its round then goes out.
@@ -545,7 +545,7 @@ impl<P: Protocol> Driver<P> {
                 Some(until) if until < next_tick => WakeBy::LingerEnds(until),
                 _ => WakeBy::Tick(next_tick),
             };
-            let first = match self.wait(wake_by, &linger_timer).await {
+            let first = match self.wait(wake_by, &mut linger_timer).await {
                 Wait::Input(input) => Some(input),
                 Wait::TickDue => None,
                 Wait::Persisted(joined) => {
@@ -665,7 +665,7 @@ impl<P: Protocol> Driver<P> {
     /// at the next tick). Polls for [`DriverSettings::spin`] before parking (see there why),
     /// yielding between polls so that what it waits for runs first: the transport's tasks on
     /// this runtime, or the threads that may share its core on a machine with few cores.
-    async fn wait(&mut self, wake_by: WakeBy, linger_timer: &PreciseTimer) -> Wait<P> {
+    async fn wait(&mut self, wake_by: WakeBy, linger_timer: &mut PreciseTimer) -> Wait<P> {
         let next_tick = wake_by.at();
         // A write in flight this long is a disk that stalls: the driver then waits for it and
         // does nothing else, as a node whose disk hangs must. A leader's heartbeats stop, and

@@ -54,9 +54,9 @@ impl PreciseTimer {
     }
 
     /// Returns once `deadline` has passed.
-    pub(crate) async fn sleep_until(&self, deadline: Instant) {
+    pub(crate) async fn sleep_until(&mut self, deadline: Instant) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Some(timer) = &self.timer {
+        if let Some(timer) = &mut self.timer {
             match timer.sleep_until(deadline).await {
                 Ok(()) => return,
                 Err(error) => {
@@ -81,7 +81,13 @@ mod linux {
     use tokio::io::Interest;
     use tokio::io::unix::AsyncFd;
 
-    pub(super) struct Timerfd(AsyncFd<OwnedFd>);
+    pub(super) struct Timerfd {
+        fd: AsyncFd<OwnedFd>,
+        /// The deadline the kernel timer is armed for, until a read sees it fire. The driver
+        /// waits again with the same linger deadline after every input that arrives during
+        /// it; the timer then stays armed as it is rather than being set once per input.
+        armed_for: Option<Instant>,
+    }
 
     impl Timerfd {
         pub(super) fn new() -> io::Result<Self> {
@@ -95,16 +101,41 @@ mod linux {
             // of the `unsafe` replacement (this crate forbids `unsafe`).
             #[allow(deprecated)]
             let registered = AsyncFd::with_interest(fd, Interest::READABLE)?;
-            Ok(Timerfd(registered))
+            Ok(Timerfd {
+                fd: registered,
+                armed_for: None,
+            })
         }
 
-        pub(super) async fn sleep_until(&self, deadline: Instant) -> io::Result<()> {
+        pub(super) async fn sleep_until(&mut self, deadline: Instant) -> io::Result<()> {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(()); // a zero `it_value` would disarm the timer, not fire it
             }
-            // Relative to now; arming resets the count of expirations a sleep given up
-            // earlier may have left unread, so a stale one never ends this sleep.
+            if self.armed_for != Some(deadline) {
+                self.arm(left)?;
+                self.armed_for = Some(deadline);
+            }
+            loop {
+                let mut ready = self.fd.readable().await?;
+                let mut expirations = [0u8; 8];
+                match ready.try_io(|fd| {
+                    rustix::io::read(fd.get_ref(), &mut expirations).map_err(io::Error::from)
+                }) {
+                    Ok(Ok(_)) => {
+                        self.armed_for = None;
+                        return Ok(());
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    // Readiness left from an earlier sleep: cleared; wait for this one.
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+
+        /// Arms the timer `left` from now. Arming resets the count of expirations a sleep
+        /// given up earlier may have left unread, so a stale one never ends the next sleep.
+        fn arm(&self, left: std::time::Duration) -> io::Result<()> {
             let value = rustix::time::Timespec {
                 tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
                 tv_nsec: left.subsec_nanos().into(),
@@ -114,25 +145,14 @@ mod linux {
                 tv_nsec: 0,
             };
             timerfd_settime(
-                self.0.get_ref(),
+                self.fd.get_ref(),
                 TimerfdTimerFlags::empty(),
                 &Itimerspec {
                     it_interval: zero,
                     it_value: value,
                 },
             )?;
-            loop {
-                let mut ready = self.0.readable().await?;
-                let mut expirations = [0u8; 8];
-                match ready.try_io(|fd| {
-                    rustix::io::read(fd.get_ref(), &mut expirations).map_err(io::Error::from)
-                }) {
-                    Ok(Ok(_)) => return Ok(()),
-                    Ok(Err(error)) => return Err(error),
-                    // Readiness left from an earlier sleep: cleared; wait for this one.
-                    Err(_would_block) => continue,
-                }
-            }
+            Ok(())
         }
     }
 }
@@ -156,7 +176,7 @@ mod tests {
     fn a_sleep_never_ends_before_its_deadline_with_or_without_a_reactor() {
         for with_io in [true, false] {
             runtime(with_io).block_on(async {
-                let timer = PreciseTimer::new(with_io);
+                let mut timer = PreciseTimer::new(with_io);
                 if cfg!(target_os = "linux") {
                     assert_eq!(timer.is_precise(), with_io);
                 }
@@ -178,6 +198,15 @@ mod tests {
                 assert!(
                     Instant::now() >= deadline,
                     "a stale expiry ended a sleep (io: {with_io})"
+                );
+                // A sleep given up and taken up again with the same deadline (the driver
+                // after an input during a linger) still ends at that deadline, not before.
+                let deadline = Instant::now() + Duration::from_millis(2);
+                let _ = tokio::time::timeout(Duration::ZERO, timer.sleep_until(deadline)).await;
+                timer.sleep_until(deadline).await;
+                assert!(
+                    Instant::now() >= deadline,
+                    "a resumed sleep ended early (io: {with_io})"
                 );
             });
         }
